@@ -1,0 +1,432 @@
+"""Cross-Scale MAE (Tang et al., NeurIPS 2023) and its ablations as one model class.
+
+The paper model is ``cross_scale_mae_vit_{size}`` (= upstream ``mae_vit_{size}_MsLdCeCd``): two scales of
+each image, a reconstruction loss per scale, the cross-scale prediction loss on decoder tokens and the
+cross-scale consistency (contrastive) loss on encoder tokens, summed with weight 1. ``mae_vit_{size}`` is
+the plain MAE baseline. Upstream's other ablation names map to loss weights of the same class.
+
+The encoder is an unmodified timm ``VisionTransformer`` (``self.encoder``); masking wraps it, so its
+state dict exports to timm as is.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from models_vit import ENCODER_PRESETS, NormStyle, block_class, vision_transformer
+from util.pos_embed import get_2d_sincos_pos_embed
+
+LOSS_WEIGHT_KEYS = ("rec", "cross_pred", "cross_cons", "enc_pred", "latent")
+# Which loss weight scales each reported term (the cross-scale terms are named after their weight).
+TERM_WEIGHT = {
+    "rec_orig": "rec",
+    "rec_crop": "rec",
+    "cross_pred": "cross_pred",
+    "cross_cons": "cross_cons",
+    "enc_pred": "enc_pred",
+    "latent": "latent",
+}
+
+DECODER_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
+    "small": dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "base": dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "large": dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "huge": dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+}
+
+# Upstream class-name suffix -> (second scale on, loss weights). Ms = multi-scale, Ld = reconstruction,
+# Cd = cross-scale prediction on decoder tokens, Ce = (with Cd) contrastive consistency on encoder tokens,
+# Ce alone = MLP prediction between encoder tokens, Le = MSE between encoder token sequences.
+UPSTREAM_VARIANTS: dict[str, tuple[bool, dict[str, float]]] = {
+    "": (False, dict(rec=1.0)),
+    "MsLd": (True, dict(rec=1.0)),
+    "MsLdCd": (True, dict(rec=1.0, cross_pred=1.0)),
+    "MsLdCe": (True, dict(rec=1.0, enc_pred=1.0)),
+    "MsLdCeCd": (True, dict(rec=1.0, cross_pred=1.0, cross_cons=1.0)),
+    "MsLdLe": (True, dict(rec=1.0, latent=1.0)),
+    "MsLdLeCd": (True, dict(rec=1.0, cross_pred=1.0, latent=1.0)),
+}
+
+
+def token_mlp(dim: int, num_tokens: int, hidden_dim: int = 2048) -> nn.Sequential:
+    """Upstream's predictor ``Linear -> BatchNorm1d(num_tokens) -> ReLU -> Linear`` on [B, num_tokens, dim].
+
+    BatchNorm1d sees the token axis as channels, so it normalises each token position over
+    (batch x hidden); the module is therefore tied to the token count it was built for.
+    """
+    return nn.Sequential(
+        nn.Linear(dim, hidden_dim), nn.BatchNorm1d(num_tokens), nn.ReLU(inplace=True), nn.Linear(hidden_dim, dim)
+    )
+
+
+def random_masking(
+    x: torch.Tensor, mask_ratio: float, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE per-sample random masking: keep the ``int(L * (1 - mask_ratio))`` lowest-noise tokens.
+
+    Args:
+        x: Tokens [N, L, D].
+        mask_ratio: Fraction of tokens removed.
+        noise: [N, L] scores; lower is kept.
+
+    Returns:
+        Kept tokens [N, K, D], binary mask [N, L] (1 = removed), ids_restore [N, L].
+    """
+    n, length, dim = x.shape
+    len_keep = int(length * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+    mask = torch.ones(n, length, device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return x_kept, mask, ids_restore
+
+
+def cross_scale_contrastive_loss(
+    f1: torch.Tensor,
+    f2: torch.Tensor,
+    temperature: float = 0.5,
+    form: Literal["upstream", "ntxent"] = "upstream",
+) -> torch.Tensor:
+    """Contrastive loss between two views; row i of ``f1`` and of ``f2`` are the positive pair.
+
+    ``upstream``: l_i = -log(s_ip / (sum_{k not in {i, p}} s_ik + 1e-8)), s = exp(cos / T), i.e. the positive
+    is left out of the denominator, as upstream's ``NTXentLoss`` computes. ``ntxent``: SimCLR's NT-Xent
+    (positive in the denominator). Both average over the 2B anchors.
+
+    Args:
+        f1: [B, D] features of view 1.
+        f2: [B, D] features of view 2.
+        temperature: Softmax temperature.
+        form: ``upstream`` or ``ntxent``.
+    """
+    n = f1.shape[0]
+    z = F.normalize(torch.cat([f1, f2]).float(), dim=1)  # [2B, D]
+    sim = z @ z.T / temperature  # [2B, 2B]
+    anchors = torch.arange(2 * n, device=z.device)
+    partner = (anchors + n) % (2 * n)
+    is_self = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    if form == "ntxent":
+        return F.cross_entropy(sim.masked_fill(is_self, float("-inf")), partner)
+    if form != "upstream":
+        raise ValueError(f"contrastive form must be 'upstream' or 'ntxent', got {form!r}")
+    is_negative = ~is_self
+    is_negative[anchors, partner] = False
+    denominator = (sim.exp() * is_negative).sum(dim=1)
+    return (torch.log(denominator + 1e-8) - sim[anchors, partner]).mean()
+
+
+class CrossScaleMAE(nn.Module):
+    """Masked autoencoder with a second, zoomed-in scale and cross-scale losses.
+
+    The forward pass returns a dict with the weighted total ``loss``, each enabled term (``rec_orig``,
+    ``rec_crop``, ``cross_pred``, ``cross_cons``, ``enc_pred``, ``latent``; unweighted), and ``pred`` [B, L,
+    p*p*C] / ``mask`` [B, L] of the original view.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = False,
+        multi_scale: bool = True,
+        loss_weights: Mapping[str, float] | None = None,
+        scale_range: Sequence[float] = (0.25, 0.75),
+        crop_mode: Literal["batch", "sample"] = "batch",
+        contrastive: Literal["upstream", "ntxent"] = "upstream",
+        temperature: float = 0.5,
+        encoder_norm: bool = False,
+        norm_style: NormStyle = "pre",
+        norm_eps: float = 1e-6,
+        predictor_hidden_dim: int = 2048,
+        batched_views: bool = True,
+    ) -> None:
+        """
+        Args:
+            input_size: Image side in pixels.
+            patch_size: Patch side in pixels.
+            in_chans: Image channels.
+            embed_dim: Encoder width.
+            depth: Encoder blocks.
+            num_heads: Encoder heads.
+            decoder_embed_dim: Decoder width.
+            decoder_depth: Decoder blocks.
+            decoder_num_heads: Decoder heads.
+            mask_ratio: Default fraction of patches masked per view.
+            norm_pix_loss: Reconstruct per-patch standardised pixels.
+            multi_scale: Add the zoomed-in second view (False: plain MAE).
+            loss_weights: Weights of ``rec``, ``cross_pred``, ``cross_cons``, ``enc_pred``, ``latent``;
+                a missing or zero weight disables the term (and its predictor).
+            scale_range: Area fraction range of the second view's RandomResizedCrop.
+            crop_mode: ``batch``: one crop box shared by the batch (upstream); ``sample``: one per image.
+            contrastive: ``upstream`` (positive left out of the denominator) or ``ntxent`` (SimCLR).
+            temperature: Contrastive temperature.
+            encoder_norm: Apply the encoder's final LayerNorm in pretraining (upstream discards it).
+            norm_style: ``pre`` (timm blocks) or ``post`` (upstream's xFormers blocks).
+            norm_eps: LayerNorm epsilon.
+            predictor_hidden_dim: Hidden width of the cross-scale predictors.
+            batched_views: Run both views through encoder and decoder in one pass (same numbers as two).
+        """
+        super().__init__()
+        weights = {"rec": 1.0} if loss_weights is None else dict(loss_weights)
+        unknown = set(weights) - set(LOSS_WEIGHT_KEYS)
+        if unknown:
+            raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; known: {', '.join(LOSS_WEIGHT_KEYS)}")
+        if not multi_scale and any(weights.get(k, 0.0) for k in LOSS_WEIGHT_KEYS if k != "rec"):
+            raise ValueError("cross-scale loss terms need multi_scale=True")
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if crop_mode not in ("batch", "sample"):
+            raise ValueError(f"crop_mode must be 'batch' or 'sample', got {crop_mode!r}")
+        self.loss_weights = {k: float(weights.get(k, 0.0)) for k in LOSS_WEIGHT_KEYS}
+        self.multi_scale = multi_scale
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.contrastive = contrastive
+        self.temperature = temperature
+        self.encoder_norm = encoder_norm
+        self.batched_views = batched_views
+        self.crop_mode = crop_mode
+        self.crop_sampler = v2.RandomResizedCrop(input_size, scale=tuple(scale_range), antialias=True)
+
+        self.encoder = vision_transformer(
+            embed_dim, depth, num_heads, img_size=input_size, patch_size=patch_size, in_chans=in_chans,
+            num_classes=0, norm_style=norm_style, norm_eps=norm_eps,
+        )
+        self.encoder.pos_embed.requires_grad_(False)
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        num_patches = self.encoder.patch_embed.num_patches
+        self.num_patches = num_patches
+
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        block = block_class(norm_style)
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(
+            get_2d_sincos_pos_embed(decoder_embed_dim, self.encoder.patch_embed.grid_size), requires_grad=False
+        )
+        self.decoder = nn.Sequential(
+            *[block(decoder_embed_dim, decoder_num_heads, 4.0, qkv_bias=True, norm_layer=norm_layer)
+              for _ in range(decoder_depth)]
+        )
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
+        if self.loss_weights["cross_pred"]:
+            self.predictor = token_mlp(decoder_embed_dim, num_patches, predictor_hidden_dim)
+        if self.loss_weights["enc_pred"]:
+            num_visible = int(num_patches * (1 - mask_ratio))
+            self.encoder_predictor = token_mlp(embed_dim, num_visible, predictor_hidden_dim)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """MAE initialisation: xavier-uniform linears and patch projection, N(0, 0.02) tokens."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        proj = self.encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(proj.data.view(proj.shape[0], -1))
+        nn.init.normal_(self.encoder.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"encoder.cls_token", "encoder.pos_embed", "mask_token", "decoder_pos_embed"}
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        """Names of the terms the forward pass reports, in order."""
+        views = ("rec_orig", "rec_crop") if self.multi_scale else ("rec_orig",)
+        return views + tuple(t for t in LOSS_WEIGHT_KEYS[1:] if self.loss_weights[t])
+
+    @property
+    def has_unused_parameters(self) -> bool:
+        """True when the encoder's final norm gets no gradient (upstream's pretraining path)."""
+        return not self.encoder_norm
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs: [N, C, H, W] -> [N, L, p*p*C], channel-last inside each patch, patches row-major."""
+        p, c = self.patch_size, self.in_chans
+        n, _, height, width = imgs.shape
+        h, w = height // p, width // p
+        x = imgs.reshape(n, c, h, p, w, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(n, h * w, p * p * c)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, L, p*p*C] -> [N, C, H, W] for a square grid."""
+        p, c = self.patch_size, self.in_chans
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def sample_crop_params(self, imgs: torch.Tensor) -> torch.Tensor:
+        """Crop boxes (top, left, height, width) for the second view: [1, 4] (batch mode) or [B, 4]."""
+        count = 1 if self.crop_mode == "batch" else imgs.shape[0]
+        boxes = []
+        for _ in range(count):
+            params = self.crop_sampler.make_params([imgs])
+            boxes.append([params["top"], params["left"], params["height"], params["width"]])
+        return torch.tensor(boxes)
+
+    def crop_view(self, imgs: torch.Tensor, crop_params: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        """Second scale: crop each image and resize it back to the input size (bilinear, antialias).
+
+        Args:
+            imgs: [B, C, H, W].
+            crop_params: (top, left, height, width) shared by the batch, a [B, 4] table, or None to sample.
+        """
+        if crop_params is None:
+            crop_params = self.sample_crop_params(imgs)
+        boxes = torch.as_tensor(crop_params).reshape(-1, 4).tolist()
+        size = list(imgs.shape[-2:])
+        resize = partial(TF.resized_crop, size=size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        if len(boxes) == 1:
+            return resize(imgs, *boxes[0])
+        if len(boxes) != imgs.shape[0]:
+            raise ValueError(f"crop_params has {len(boxes)} boxes for a batch of {imgs.shape[0]}")
+        return torch.stack([resize(img, *box) for img, box in zip(imgs, boxes)])
+
+    def forward_encoder(
+        self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """imgs [N, C, H, W], noise [N, L] -> latent [N, 1+K, D], mask [N, L], ids_restore [N, L]."""
+        vit = self.encoder
+        x = vit.patch_embed(imgs) + vit.pos_embed[:, 1:]  # [N, L, D]
+        x, mask, ids_restore = random_masking(x, mask_ratio, noise)  # [N, K, D]
+        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = vit.blocks(torch.cat([cls, x], dim=1))
+        if self.encoder_norm:
+            x = vit.norm(x)
+        return x, mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent [N, 1+K, D] -> decoder tokens [N, 1+L, Dd] (after decoder_norm), pred [N, L, p*p*C]."""
+        x = self.decoder_embed(latent)  # [N, 1+K, Dd]
+        n, length = ids_restore.shape
+        mask_tokens = self.mask_token.to(x.dtype).expand(n, length + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [N, L, Dd]
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # [N, 1+L, Dd]
+        tokens = self.decoder_norm(self.decoder(x))
+        return tokens, self.decoder_pred(tokens[:, 1:])
+
+    def reconstruction_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over the masked patches; imgs [N, C, H, W], pred [N, L, p*p*C], mask [N, L]."""
+        target = self.patchify(imgs).float()
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [N, L]
+        return (per_patch * mask).sum() / mask.sum()
+
+    def _encode_decode(
+        self, views: list[torch.Tensor], mask_ratio: float, noise: torch.Tensor
+    ) -> list[tuple[torch.Tensor, ...]]:
+        """(latent, mask, decoder tokens, pred) for each view: one batched pass, or one pass per view."""
+        if not self.batched_views:
+            outputs = []
+            for view, view_noise in zip(views, noise):
+                latent, mask, ids_restore = self.forward_encoder(view, mask_ratio, view_noise)
+                outputs.append((latent, mask, *self.forward_decoder(latent, ids_restore)))
+            return outputs
+        latent, mask, ids_restore = self.forward_encoder(torch.cat(views), mask_ratio, noise.flatten(0, 1))
+        tokens, pred = self.forward_decoder(latent, ids_restore)
+        return list(zip(*(t.chunk(len(views)) for t in (latent, mask, tokens, pred))))
+
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float | None = None,
+        noise: torch.Tensor | None = None,
+        crop_params: torch.Tensor | Sequence[int] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            imgs: Normalised images [B, C, H, W].
+            mask_ratio: Fraction of patches masked in each view (default: the model's).
+            noise: [V, B, L] masking scores, view 0 = original, view 1 = crop (V = 1 for plain MAE);
+                the lowest scores are kept. Random when None.
+            crop_params: Second view's crop box (see ``crop_view``); random when None.
+        """
+        mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        views = [imgs, self.crop_view(imgs, crop_params)] if self.multi_scale else [imgs]
+        shape = (len(views), imgs.shape[0], self.num_patches)
+        if noise is None:
+            noise = torch.rand(shape, device=imgs.device)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
+        outputs = self._encode_decode(views, mask_ratio, noise)
+
+        latent, mask, tokens, pred = outputs[0]
+        terms = {"rec_orig": self.reconstruction_loss(imgs, pred, mask)}
+        if self.multi_scale:
+            latent_c, mask_c, tokens_c, pred_c = outputs[1]
+            terms["rec_crop"] = self.reconstruction_loss(views[1], pred_c, mask_c)
+            if self.loss_weights["cross_pred"]:
+                terms["cross_pred"] = F.mse_loss(self.predictor(tokens_c[:, 1:]).float(), tokens[:, 1:].float())
+            if self.loss_weights["cross_cons"]:
+                terms["cross_cons"] = cross_scale_contrastive_loss(
+                    latent[:, 1:].mean(dim=1), latent_c[:, 1:].mean(dim=1), self.temperature, self.contrastive
+                )
+            if self.loss_weights["enc_pred"]:
+                terms["enc_pred"] = F.mse_loss(self.encoder_predictor(latent_c[:, 1:]).float(), latent[:, 1:].float())
+            if self.loss_weights["latent"]:
+                terms["latent"] = F.mse_loss(latent.float(), latent_c.float())
+        loss = sum(self.loss_weights[TERM_WEIGHT[name]] * value for name, value in terms.items())
+        return {"loss": loss, **terms, "pred": pred, "mask": mask}
+
+
+def _make_factory(size: str, multi_scale: bool, variant_weights: Mapping[str, float], name: str):
+    def factory(**kwargs) -> CrossScaleMAE:
+        config = {**ENCODER_PRESETS[size], **DECODER_PRESETS[size], "multi_scale": multi_scale}
+        config.update(kwargs)
+        config["loss_weights"] = {**variant_weights, **(kwargs.get("loss_weights") or {})}
+        return CrossScaleMAE(**config)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"{name}: {size} encoder, loss weights {dict(variant_weights)}, multi_scale={multi_scale}."
+    return factory
+
+
+# Registry name -> (size, multi_scale, loss weights).
+MODEL_VARIANTS: dict[str, tuple[str, bool, dict[str, float]]] = {}
+for _size in ENCODER_PRESETS:
+    for _suffix, (_multi_scale, _weights) in UPSTREAM_VARIANTS.items():
+        MODEL_VARIANTS["_".join(filter(None, ["mae_vit", _size, _suffix]))] = (_size, _multi_scale, _weights)
+    MODEL_VARIANTS[f"cross_scale_mae_vit_{_size}"] = (_size, *UPSTREAM_VARIANTS["MsLdCeCd"])
+for _name, (_size, _multi_scale, _weights) in MODEL_VARIANTS.items():
+    globals()[_name] = _make_factory(_size, _multi_scale, _weights, _name)
+MODEL_NAMES = list(MODEL_VARIANTS)
+
+
+def create_model(name: str, **kwargs) -> CrossScaleMAE:
+    """Build a model by registry name (e.g. ``cross_scale_mae_vit_base``, upstream's ``mae_vit_base_MsLdCeCd``)."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    model = globals()[name](**kwargs)
+    model.model_config = {"name": name, "kwargs": dict(kwargs)}  # what rebuilds it from a checkpoint
+    return model
