@@ -11,6 +11,7 @@ state dict exports to timm as is.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from functools import partial
 from typing import Literal
 
@@ -54,6 +55,11 @@ UPSTREAM_VARIANTS: dict[str, tuple[bool, dict[str, float]]] = {
     "MsLdLe": (True, dict(rec=1.0, latent=1.0)),
     "MsLdLeCd": (True, dict(rec=1.0, cross_pred=1.0, latent=1.0)),
 }
+
+
+def fp32_region(device: torch.device):
+    """Autocast off, so losses are computed in fp32 whatever the autocast dtype (no-op where autocast does not exist)."""
+    return torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else nullcontext()
 
 
 def token_mlp(dim: int, num_tokens: int, hidden_dim: int = 2048) -> nn.Sequential:
@@ -343,7 +349,7 @@ class CrossScaleMAE(nn.Module):
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [N, L]
         return (per_patch * mask).sum() / mask.sum()
 
-    def _encode_decode(
+    def encode_decode(
         self, views: list[torch.Tensor], mask_ratio: float, noise: torch.Tensor
     ) -> list[tuple[torch.Tensor, ...]]:
         """(latent, mask, decoder tokens, pred) for each view: one batched pass, or one pass per view."""
@@ -379,24 +385,31 @@ class CrossScaleMAE(nn.Module):
             noise = torch.rand(shape, device=imgs.device)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
-        outputs = self._encode_decode(views, mask_ratio, noise)
+        outputs = self.encode_decode(views, mask_ratio, noise)
 
         latent, mask, tokens, pred = outputs[0]
-        terms = {"rec_orig": self.reconstruction_loss(imgs, pred, mask)}
+        pairs = {}  # term -> (prediction, target) for the MSE terms between scales
         if self.multi_scale:
             latent_c, mask_c, tokens_c, pred_c = outputs[1]
-            terms["rec_crop"] = self.reconstruction_loss(views[1], pred_c, mask_c)
             if self.loss_weights["cross_pred"]:
-                terms["cross_pred"] = F.mse_loss(self.predictor(tokens_c[:, 1:]).float(), tokens[:, 1:].float())
-            if self.loss_weights["cross_cons"]:
-                terms["cross_cons"] = cross_scale_contrastive_loss(
-                    latent[:, 1:].mean(dim=1), latent_c[:, 1:].mean(dim=1), self.temperature, self.contrastive
-                )
+                pairs["cross_pred"] = (self.predictor(tokens_c[:, 1:]), tokens[:, 1:])
             if self.loss_weights["enc_pred"]:
-                terms["enc_pred"] = F.mse_loss(self.encoder_predictor(latent_c[:, 1:]).float(), latent[:, 1:].float())
+                pairs["enc_pred"] = (self.encoder_predictor(latent_c[:, 1:]), latent[:, 1:])
             if self.loss_weights["latent"]:
-                terms["latent"] = F.mse_loss(latent.float(), latent_c.float())
-        loss = sum(self.loss_weights[TERM_WEIGHT[name]] * value for name, value in terms.items())
+                pairs["latent"] = (latent_c, latent)
+        with fp32_region(imgs.device):
+            terms = {"rec_orig": self.reconstruction_loss(imgs, pred, mask)}
+            if self.multi_scale:
+                terms["rec_crop"] = self.reconstruction_loss(views[1], pred_c, mask_c)
+            for name in LOSS_WEIGHT_KEYS[1:]:
+                if name == "cross_cons" and self.loss_weights[name]:
+                    terms[name] = cross_scale_contrastive_loss(
+                        latent[:, 1:].float().mean(dim=1), latent_c[:, 1:].float().mean(dim=1),
+                        self.temperature, self.contrastive,
+                    )
+                elif name in pairs:
+                    terms[name] = F.mse_loss(pairs[name][0].float(), pairs[name][1].float())
+            loss = sum(self.loss_weights[TERM_WEIGHT[name]] * value for name, value in terms.items())
         return {"loss": loss, **terms, "pred": pred, "mask": mask}
 
 

@@ -24,6 +24,7 @@ from safetensors.torch import save_file as save_safetensors
 
 import models_cross_scale_mae as models_mae
 from models_vit import ENCODER_PRESETS, PostNormBlock
+from util.misc import ReportableError, rng_state
 
 PUBLISHED_MD5 = {
     "0c33995da85c112d9602f89d5b186bbc": "published Cross-Scale MAE ViT-Base (400 epochs)",
@@ -47,7 +48,7 @@ _XFORMERS_BLOCK_NAMES = {
 _XFORMERS_QKV = re.compile(r"wrap_att\.sublayer\.layer\.in_proj_container\.([qkv])_proj\.(weight|bias)$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(ReportableError):
     """A checkpoint that cannot be read, written or used; the message names the file and the reason."""
 
 
@@ -353,3 +354,38 @@ def export_encoder(model: models_mae.CrossScaleMAE, path: str | os.PathLike) -> 
     save_checkpoint(state_dict, pth)
     _write_atomically(safetensors, lambda tmp: save_safetensors(state_dict, tmp, metadata={"format": "pt"}))
     return pth, safetensors
+
+
+def training_state(model: torch.nn.Module, optimizer, scaler, epoch: int, args, **extra: Any) -> dict[str, Any]:
+    """What a resumable checkpoint holds: weights, optimiser and scaler state, epoch, flags as a plain dict,
+    the model's constructor arguments and every RNG state. Tensors and plain types only."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))},
+        "rng": rng_state(),
+        **extra,
+    }
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    if hasattr(model, "model_config"):
+        state["model_config"] = model.model_config
+    return state
+
+
+def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from and its contents.
+
+    ``auto`` tries ``output_dir``'s checkpoints, newest first, and takes the first that reads completely
+    (None when there is none); any other value is a path that must load.
+    """
+    if resume != "auto":
+        return Path(resume), read_checkpoint(resume)
+    candidates = sorted(Path(output_dir).glob("checkpoint-*.pth"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as e:
+            print(f"resume: skipping {e}")
+    return None

@@ -1,0 +1,209 @@
+"""Cross-Scale MAE pretraining on one CPU, one GPU, or many GPUs under torchrun.
+
+    python main_pretrain.py --model cross_scale_mae_vit_base --input_size 128 --train_path train_128.csv
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+
+import models_cross_scale_mae as models_mae
+from engine_pretrain import train_one_epoch
+from util import checkpoint, config, datasets, misc
+from util.visualize import reconstruction_grid, save_png
+
+
+def parse_loss_weights(items: list[str]) -> dict[str, float]:
+    weights = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise misc.UsageError(f"--loss_weights {item}: expected NAME=NUMBER, e.g. cross_cons=0.5") from None
+        if name not in models_mae.LOSS_WEIGHT_KEYS:
+            raise misc.UsageError(f"--loss_weights {item}: unknown term; known: {', '.join(models_mae.LOSS_WEIGHT_KEYS)}")
+    return weights
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Cross-Scale MAE pretraining")
+    config.add_optimisation_args(parser, batch_size=512, epochs=200, blr=5e-5, min_lr=0.0, warmup_epochs=40, weight_decay=0.05)
+    config.add_data_args(parser, input_size=224, train_path=str(datasets.DEFAULT_TRAIN_CSV))
+    config.add_runtime_args(parser, output_dir="./output_dir")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="cross_scale_mae_vit_base", metavar="NAME",
+                       help="cross_scale_mae_vit_{tiny,small,base,large,huge} (paper), mae_vit_{size} (plain MAE), "
+                            "or an upstream ablation name such as mae_vit_base_MsLdCd")
+    group.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches masked per view")
+    group.add_argument("--norm_pix_loss", action="store_true", help="reconstruct per-patch standardised pixels")
+    group.add_argument("--loss_weights", nargs="*", default=[], metavar="TERM=W",
+                       help="override loss weights: rec, cross_pred, cross_cons, enc_pred, latent (0 disables)")
+    group.add_argument("--scale_range", type=float, nargs=2, default=[0.25, 0.75], help="area range of the second scale's crop")
+    group.add_argument("--crop_mode", default="batch", choices=("batch", "sample"),
+                       help="batch: one crop box per batch (upstream); sample: one per image")
+    group.add_argument("--contrastive", default="upstream", choices=("upstream", "ntxent"),
+                       help="upstream: positive left out of the denominator; ntxent: SimCLR NT-Xent")
+    group.add_argument("--temperature", type=float, default=0.5, help="contrastive temperature")
+    group.add_argument("--encoder_norm", action="store_true", help="apply the encoder's final norm in pretraining (upstream does not)")
+    group.add_argument("--norm_style", default="pre", choices=("pre", "post"), help="pre: timm blocks; post: upstream xFormers blocks")
+
+    group = parser.add_argument_group("outputs")
+    group.add_argument("--save_every", type=int, default=25, help="epochs between numbered checkpoints")
+    group.add_argument("--plot_every", type=int, default=25, help="epochs between reconstruction figures")
+
+    group = parser.add_argument_group("upstream flags, accepted so old launchers keep working")
+    group.add_argument("--use_xformers", action="store_true", help="ignored: attention always uses PyTorch SDPA")
+    group.add_argument("--attn_name", default="scaled_dot_product", help="ignored: attention always uses PyTorch SDPA")
+    group.add_argument("--loss", default="mse", choices=("mse",), help="reconstruction loss (only mse, the paper's)")
+    group.add_argument("--wandb_project", default=None, help="ignored: logs go to TensorBoard")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    config.check_common_args(args)
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise misc.UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    if args.model not in models_mae.MODEL_NAMES:
+        raise misc.UsageError(f"--model {args.model}: unknown; e.g. cross_scale_mae_vit_base, mae_vit_base, mae_vit_base_MsLdCeCd")
+    if args.batch_size < 2 and models_mae.MODEL_VARIANTS[args.model][2].get("cross_cons"):
+        raise misc.UsageError("--batch_size must be at least 2 per device: the contrastive loss needs negatives in the batch")
+
+
+def build_model(args: argparse.Namespace) -> models_mae.CrossScaleMAE:
+    options = dict(
+        input_size=args.input_size, patch_size=args.patch_size, in_chans=args.in_chans, mask_ratio=args.mask_ratio,
+        norm_pix_loss=args.norm_pix_loss, scale_range=tuple(args.scale_range), crop_mode=args.crop_mode,
+        contrastive=args.contrastive, temperature=args.temperature, encoder_norm=args.encoder_norm,
+        norm_style=args.norm_style,
+    )
+    weights = parse_loss_weights(args.loss_weights)
+    if weights:
+        options["loss_weights"] = weights
+    return models_mae.create_model(args.model, **options)
+
+
+def main(args: argparse.Namespace) -> None:
+    check_args(args)
+    rank, world_size, local_rank = misc.init_distributed(args.dist_timeout)
+    device = misc.resolve_device(args.device, local_rank)
+    amp_dtype = misc.resolve_amp(args.amp, device)
+    misc.seed_everything(args.seed + rank)
+    output_dir = Path(args.output_dir)
+    if args.use_xformers or args.attn_name != "scaled_dot_product":
+        misc.main_print("note: xFormers is not used; attention runs through torch.nn.functional.scaled_dot_product_attention")
+
+    dataset = datasets.build_dataset(
+        args.train_path, args.dataset_type,
+        datasets.build_transform(True, args.input_size, args.mean, args.std),
+        datasets.draft_size_for(True, args.input_size),
+    )
+    if len(dataset) < args.batch_size * world_size:
+        raise misc.UsageError(f"--batch_size {args.batch_size} x {world_size} process(es) is more than the {len(dataset)} images of {args.train_path}")
+    sampler = datasets.SeededSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(  # its own generator: worker seeds must not draw from the RNG that masks use
+        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    steps_per_epoch = len(loader)
+
+    model = build_model(args).to(device)
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    optimizer = create_optimizer_v2(
+        model, "adamw", lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=device.type == "cuda"
+    )
+    updates_per_epoch = -(-steps_per_epoch // args.accum_iter)
+    warmup_updates = int(args.warmup_epochs * updates_per_epoch)
+    scheduler = CosineLRScheduler(
+        optimizer, t_initial=max(args.epochs * updates_per_epoch - warmup_updates, 1), lr_min=args.min_lr,
+        warmup_t=warmup_updates, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
+    )
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+    start_epoch = args.start_epoch
+    if args.resume:
+        found = checkpoint.find_resume_checkpoint(args.resume, output_dir)
+        if found is None:
+            misc.main_print(f"resume auto: no checkpoint in {output_dir}, starting from scratch")
+        else:
+            path, state = found
+            model.load_state_dict(checkpoint.model_state(state))
+            optimizer.load_state_dict(state["optimizer"])
+            if scaler is not None and "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
+            rng_states = state.get("rng_per_rank", [])
+            if len(rng_states) == world_size:
+                misc.set_rng_state(rng_states[rank])
+            start_epoch = state["epoch"] + 1
+            misc.main_print(f"resumed from {path} (epoch {state['epoch']} done), continuing at epoch {start_epoch}")
+
+    misc.main_print(
+        f"{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, "
+        f"losses {' + '.join(model.loss_names)}\n"
+        f"{len(dataset)} images, {steps_per_epoch} steps/epoch, effective batch {eff_batch}, lr {args.lr:.3e}, "
+        f"device {device}, autocast {amp_dtype or 'off (fp32)'}, {world_size} process(es)"
+    )
+    if misc.is_main_process():
+        config.save_config(args, output_dir / "config.yaml")
+    plot_images = plot_batch(args, device) if misc.is_main_process() else None
+
+    train_model = model
+    if misc.is_distributed():
+        train_model = DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=model.has_unused_parameters,
+        )
+    if args.compile:
+        train_model = torch.compile(train_model)
+    writer = SummaryWriter(args.log_dir or str(output_dir)) if misc.is_main_process() else None
+
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        stats = train_one_epoch(
+            train_model, model.loss_names, loader, optimizer, scheduler, scaler, device, amp_dtype,
+            epoch, steps_per_epoch, args, writer,
+        )
+        rng_states = misc.gather_rng_states()
+        if not misc.is_main_process():
+            continue
+        state = checkpoint.training_state(model, optimizer, scaler, epoch, args, rng_per_rank=rng_states)
+        checkpoint.save_checkpoint(state, output_dir / "checkpoint-last.pth")
+        last = epoch + 1 == args.epochs
+        if (epoch + 1) % args.save_every == 0 or last:
+            checkpoint.save_checkpoint(state, output_dir / f"checkpoint-{epoch}.pth")
+        with open(output_dir / "log.txt", "a") as f:
+            f.write(json.dumps({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}) + "\n")
+        if (epoch + 1) % args.plot_every == 0 or last:
+            figure = reconstruction_grid(model, plot_images, args.mean, args.std)
+            save_png(figure, output_dir / "plots" / f"reconstruction_epoch{epoch:04d}.png")
+            writer.add_image("reconstruction", figure, epoch)
+    misc.main_print(misc.check_replicas_in_sync(model))
+    if writer is not None:
+        writer.close()
+        if args.norm_style == "pre":
+            exported, _ = checkpoint.export_encoder(model, output_dir / "encoder")
+            misc.main_print(f"timm encoder: {exported} (+ .safetensors)")
+        misc.main_print(f"checkpoints: {output_dir}/checkpoint-last.pth\nfigures: {output_dir / 'plots'}\n"
+                        f"logs: tensorboard --logdir {args.log_dir or output_dir}")
+
+
+def plot_batch(args: argparse.Namespace, device: torch.device) -> torch.Tensor:
+    """The first (up to) four training images, centre-cropped: the same images in every figure."""
+    dataset = datasets.build_dataset(args.train_path, args.dataset_type, datasets.build_transform(False, args.input_size, args.mean, args.std))
+    return torch.stack([dataset[i][0] for i in range(min(4, len(dataset)))]).to(device)
+
+
+if __name__ == "__main__":
+    misc.run_entry_point(main, config.parse_args(get_args_parser()))

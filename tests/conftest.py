@@ -1,0 +1,58 @@
+"""Fake datasets generated per test: a few small RGB images with an easy, learnable label."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "fmow_samples"
+
+
+def make_image(label: int, seed: int, size: int = 40) -> Image.Image:
+    """Class 0: bright noisy image, class 1: dark noisy image (separable by mean brightness)."""
+    rng = np.random.default_rng(seed)
+    base = 190 if label == 0 else 60
+    pixels = np.clip(rng.normal(base, 30, size=(size, size, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def write_csv_dataset(root: Path, count: int = 8, name: str = "train.csv", size: int = 40) -> Path:
+    """fMoW-style CSV (label, image_path) with relative paths, alternating labels 0/1."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        label = i % 2
+        path = f"images/{name[:-4]}_{i}.jpg"
+        make_image(label, seed=hash(name) % 1000 + i, size=size).save(root / path, quality=95)
+        rows.append((label, path))
+    csv_path = root / name
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["category", "image_path"])
+        writer.writerows(rows)
+    return csv_path
+
+
+@pytest.fixture
+def csv_dataset(tmp_path: Path) -> Path:
+    return write_csv_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "folder"
+    for label, name in enumerate(["bright", "dark"]):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            make_image(label, seed=i).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def fmow_samples() -> Path:
+    if not SHARED_SAMPLES.is_dir():
+        pytest.skip("../shared/data/fmow_samples is not present")
+    return SHARED_SAMPLES

@@ -1,0 +1,126 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import main_pretrain
+from util import config
+from util.checkpoint import load_mae, read_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RUN = ["--model", "cross_scale_mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4",
+            "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--blr", "1e-3", "--log_every", "1"]
+
+
+def run(argv):
+    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), argv))
+
+
+def test_two_epochs_write_checkpoints_logs_plots_and_export(csv_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    run([*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(out), "--save_every", "1", "--plot_every", "2"])
+    names = {p.name for p in out.iterdir()}
+    assert {"checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth", "config.yaml", "log.txt",
+            "encoder.pth", "encoder.safetensors"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    assert [p.name for p in (out / "plots").iterdir()] == ["reconstruction_epoch0001.png"]
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [0, 1]
+    assert set(log[0]) >= {"train_loss", "train_rec_orig", "train_rec_crop", "train_cross_pred", "train_cross_cons"}
+    state = read_checkpoint(out / "checkpoint-last.pth")
+    assert state["epoch"] == 1 and isinstance(state["args"], dict) and "rng_per_rank" in state
+    model, report = load_mae(out / "checkpoint-last.pth")
+    assert report.model_name == "cross_scale_mae_vit_tiny" and report.layout == "ours"
+    printed = capsys.readouterr().out
+    assert "epoch 1 [2/2] loss" in printed and "img/s" in printed and "eta" in printed
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(csv_dataset, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run([*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(straight)])
+    run([*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(interrupted), "--save_every", "1"])
+    resumed = tmp_path / "resumed"
+    run([*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(resumed),
+         "--resume", str(interrupted / "checkpoint-0.pth")])
+    expected = read_checkpoint(straight / "checkpoint-last.pth")["model"]
+    got = read_checkpoint(resumed / "checkpoint-last.pth")["model"]
+    assert read_checkpoint(resumed / "checkpoint-last.pth")["epoch"] == 1
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_resume_auto_continues_where_the_last_run_stopped(csv_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    run([*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(out), "--epochs", "1"])
+    run([*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(out), "--epochs", "1", "--resume", "auto"])
+    assert "continuing at epoch 1" in capsys.readouterr().out
+    assert read_checkpoint(out / "checkpoint-last.pth")["epoch"] == 0  # nothing left to train
+
+
+def test_config_file_values_are_defaults_that_flags_override(csv_dataset, tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump({"epochs": 1, "batch_size": 8, "mask_ratio": 0.5, "train_path": str(csv_dataset)}))
+    out = tmp_path / "run"
+    args = config.parse_args(main_pretrain.get_args_parser(), [*TINY_RUN, "--config", str(config_file), "--output_dir", str(out)])
+    assert (args.epochs, args.batch_size, args.mask_ratio) == (2, 4, 0.5)
+    main_pretrain.main(args)
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["mask_ratio"] == 0.5 and resolved["batch_size"] == 4 and resolved["lr"] == pytest.approx(1e-3 * 4 / 256)
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("epoch: 3\n")
+    with pytest.raises(SystemExit):
+        config.parse_args(main_pretrain.get_args_parser(), ["--config", str(config_file)])
+    assert "run.yaml: unknown key(s) epoch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--input_size", "30"], "--input_size 30 is not divisible by --patch_size 8"),
+        (["--mask_ratio", "1.0"], "--mask_ratio must be in (0, 1)"),
+        (["--batch_size", "1"], "--batch_size must be at least 2 per device"),
+        (["--accum_iter", "0"], "--accum_iter must be at least 1"),
+        (["--loss_weights", "contrast=1"], "--loss_weights contrast=1: unknown term"),
+        (["--batch_size", "64"], "--batch_size 64 x 1 process(es) is more than the 8 images"),
+    ],
+)
+def test_bad_flags_give_one_line_errors(csv_dataset, tmp_path, flags, message):
+    argv = [*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(tmp_path / "o"), *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        main_pretrain.misc.run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))
+    assert str(exit_info.value) == f"error: {message}" or message in str(exit_info.value)
+    assert "\n" not in str(exit_info.value)
+
+
+def test_nan_loss_stops_with_step_and_term(csv_dataset, tmp_path, monkeypatch):
+    original = main_pretrain.models_mae.cross_scale_contrastive_loss
+
+    def broken(*args, **kwargs):
+        return original(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(main_pretrain.models_mae, "cross_scale_contrastive_loss", broken)
+    argv = [*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=r"error: epoch 0, steps 0-0: loss term\(s\) loss, cross_cons became nan"):
+        main_pretrain.misc.run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))
+
+
+def test_two_process_gloo_run_ends_with_identical_weights(csv_dataset, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "main_pretrain.py", *TINY_RUN, "--batch_size", "2", "--train_path", str(csv_dataset), "--output_dir", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "weights identical on all 2 processes" in result.stdout
+    assert "2 process(es)" in result.stdout and "[2/2]" in result.stdout  # 8 images / (2 x 2) = 2 steps
+    assert len(read_checkpoint(out / "checkpoint-last.pth")["rng_per_rank"]) == 2

@@ -1,0 +1,95 @@
+"""Command-line parsing with ``--config file.yaml`` as the default layer, as timm's train.py does."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from util.datasets import DATASET_TYPES, FMOW_RGB_MEAN, FMOW_RGB_STD
+from util.misc import UsageError
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; values of ``--config FILE`` become defaults, so flags on the command line win.
+
+    Bad configuration exits with a one-line message naming the file and the key.
+    """
+    parser.add_argument("--config", default=None, help="YAML file of flag values (command-line flags win)")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        path = Path(known.config)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            parser.error(f"--config {path}: cannot read ({str(e).splitlines()[0]})")
+        if not isinstance(values, dict):
+            parser.error(f"--config {path}: expected a mapping of flag names to values")
+        flags = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - flags)
+        if unknown:
+            parser.error(f"--config {path}: unknown key(s) {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def save_config(args: argparse.Namespace, path: Path) -> None:
+    """Write the resolved flags as YAML; ``--config`` of this file reproduces the run."""
+    values = {k: v for k, v in vars(args).items() if k != "config"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def add_optimisation_args(parser: argparse.ArgumentParser, **defaults) -> None:
+    """Batch, schedule and optimiser flags; ``defaults`` gives each script's upstream values."""
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--batch_size", type=int, default=defaults["batch_size"], help="images per device per step")
+    group.add_argument("--epochs", type=int, default=defaults["epochs"])
+    group.add_argument("--accum_iter", type=int, default=1, help="steps accumulated per optimiser update")
+    group.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: blr * effective batch / 256)")
+    group.add_argument("--blr", type=float, default=defaults["blr"], help="base learning rate per 256 images")
+    group.add_argument("--min_lr", type=float, default=defaults["min_lr"], help="end of the cosine schedule")
+    group.add_argument("--warmup_epochs", type=float, default=defaults["warmup_epochs"])
+    group.add_argument("--weight_decay", type=float, default=defaults["weight_decay"])
+    group.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this value")
+
+
+def add_data_args(parser: argparse.ArgumentParser, input_size: int, train_path: str | None) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--train_path", default=train_path, help="CSV file (fMoW format), ImageFolder tree or image folder")
+    group.add_argument("--dataset_type", default="auto", choices=DATASET_TYPES, help="auto detects from --train_path")
+    group.add_argument("--input_size", type=int, default=input_size, help="image side in pixels")
+    group.add_argument("--patch_size", type=int, default=16)
+    group.add_argument("--in_chans", type=int, default=3)
+    group.add_argument("--mean", type=float, nargs=3, default=list(FMOW_RGB_MEAN), help="normalisation mean (fMoW-RGB)")
+    group.add_argument("--std", type=float, nargs=3, default=list(FMOW_RGB_STD), help="normalisation std (fMoW-RGB)")
+    group.add_argument("--num_workers", type=int, default=8)
+    group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pinned host memory (CUDA)")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--output_dir", default=output_dir, help="checkpoints, config, logs and plots")
+    group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
+    group.add_argument("--device", default="auto", help="auto (GPU if any, else CPU), cpu, cuda, cuda:N")
+    group.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
+                       help="autocast dtype; auto = bf16 where the device does it natively, else fp32")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--resume", default="", help="checkpoint to continue from, or 'auto' for the newest in --output_dir")
+    group.add_argument("--start_epoch", type=int, default=0, help="first epoch when not resuming")
+    group.add_argument("--log_every", type=int, default=20, help="steps between log lines")
+    group.add_argument("--dist_timeout", type=float, default=30.0, help="minutes before a stuck collective ends the job")
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Refuse flag values that cannot work, naming the flag."""
+    if args.input_size % args.patch_size:
+        raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
+    if args.accum_iter < 1:
+        raise UsageError(f"--accum_iter must be at least 1, got {args.accum_iter}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.epochs < 1 or args.log_every < 1:
+        raise UsageError("--epochs and --log_every must be at least 1")
