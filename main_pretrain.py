@@ -5,20 +5,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 
 import models_cross_scale_mae as models_mae
-from engine_pretrain import train_one_epoch
-from util import checkpoint, config, datasets, misc
-from util.visualize import reconstruction_grid, save_png
+from engine_pretrain import save_reconstruction, train_one_epoch
+from util import checkpoint, config, datasets, engine, misc
 
 
 def parse_loss_weights(items: list[str]) -> dict[str, float]:
@@ -94,11 +87,7 @@ def build_model(args: argparse.Namespace) -> models_mae.CrossScaleMAE:
 
 def main(args: argparse.Namespace) -> None:
     check_args(args)
-    rank, world_size, local_rank = misc.init_distributed(args.dist_timeout)
-    device = misc.resolve_device(args.device, local_rank)
-    amp_dtype = misc.resolve_amp(args.amp, device)
-    misc.seed_everything(args.seed + rank)
-    output_dir = Path(args.output_dir)
+    run = engine.setup_run(args)
     if args.use_xformers or args.attn_name != "scaled_dot_product":
         misc.main_print("note: xFormers is not used; attention runs through torch.nn.functional.scaled_dot_product_attention")
 
@@ -107,96 +96,48 @@ def main(args: argparse.Namespace) -> None:
         datasets.build_transform(True, args.input_size, args.mean, args.std),
         datasets.draft_size_for(True, args.input_size),
     )
-    if len(dataset) < args.batch_size * world_size:
-        raise misc.UsageError(f"--batch_size {args.batch_size} x {world_size} process(es) is more than the {len(dataset)} images of {args.train_path}")
-    sampler = datasets.SeededSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    loader = DataLoader(  # its own generator: worker seeds must not draw from the RNG that masks use
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
+    loader, sampler = engine.train_loader(dataset, args, run)
     steps_per_epoch = len(loader)
 
-    model = build_model(args).to(device)
-    eff_batch = args.batch_size * args.accum_iter * world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
+    model = build_model(args).to(run.device)
     optimizer = create_optimizer_v2(
-        model, "adamw", lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=device.type == "cuda"
+        model, "adamw", lr=engine.resolve_lr(args, run), weight_decay=args.weight_decay, betas=(0.9, 0.95),
+        fused=run.device.type == "cuda",
     )
-    updates_per_epoch = -(-steps_per_epoch // args.accum_iter)
-    warmup_updates = int(args.warmup_epochs * updates_per_epoch)
-    scheduler = CosineLRScheduler(
-        optimizer, t_initial=max(args.epochs * updates_per_epoch - warmup_updates, 1), lr_min=args.min_lr,
-        warmup_t=warmup_updates, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
-    )
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-
-    start_epoch = args.start_epoch
-    if args.resume:
-        found = checkpoint.find_resume_checkpoint(args.resume, output_dir)
-        if found is None:
-            misc.main_print(f"resume auto: no checkpoint in {output_dir}, starting from scratch")
-        else:
-            path, state = found
-            model.load_state_dict(checkpoint.model_state(state))
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and "scaler" in state:
-                scaler.load_state_dict(state["scaler"])
-            rng_states = state.get("rng_per_rank", [])
-            if len(rng_states) == world_size:
-                misc.set_rng_state(rng_states[rank])
-            start_epoch = state["epoch"] + 1
-            misc.main_print(f"resumed from {path} (epoch {state['epoch']} done), continuing at epoch {start_epoch}")
+    scheduler = engine.lr_scheduler(optimizer, args, steps_per_epoch)
+    scaler = engine.grad_scaler(run)
+    start_epoch, _ = engine.resume(args, run, model, optimizer, scaler)
 
     misc.main_print(
         f"{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, "
         f"losses {' + '.join(model.loss_names)}\n"
-        f"{len(dataset)} images, {steps_per_epoch} steps/epoch, effective batch {eff_batch}, lr {args.lr:.3e}, "
-        f"device {device}, autocast {amp_dtype or 'off (fp32)'}, {world_size} process(es)"
+        f"{len(dataset)} images, {steps_per_epoch} steps/epoch, effective batch "
+        f"{args.batch_size * args.accum_iter * run.world_size}, lr {args.lr:.3e}, device {run.device}, "
+        f"autocast {run.amp_dtype or 'off (fp32)'}, {run.world_size} process(es)"
     )
-    if misc.is_main_process():
-        config.save_config(args, output_dir / "config.yaml")
-    plot_images = plot_batch(args, device) if misc.is_main_process() else None
-
-    train_model = model
-    if misc.is_distributed():
-        train_model = DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None,
-            find_unused_parameters=model.has_unused_parameters,
-        )
-    if args.compile:
-        train_model = torch.compile(train_model)
-    writer = SummaryWriter(args.log_dir or str(output_dir)) if misc.is_main_process() else None
+    writer = engine.summary_writer(run, args)
+    plot_images = plot_batch(args, run.device) if run.is_main else None
+    train_model = engine.distribute(model, run, args, find_unused=model.has_unused_parameters)
 
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
-        stats = train_one_epoch(
-            train_model, model.loss_names, loader, optimizer, scheduler, scaler, device, amp_dtype,
-            epoch, steps_per_epoch, args, writer,
-        )
-        rng_states = misc.gather_rng_states()
-        if not misc.is_main_process():
-            continue
-        state = checkpoint.training_state(model, optimizer, scaler, epoch, args, rng_per_rank=rng_states)
-        checkpoint.save_checkpoint(state, output_dir / "checkpoint-last.pth")
+        stats = train_one_epoch(train_model, model, loader, optimizer, scheduler, scaler, run, epoch, steps_per_epoch, args, writer)
         last = epoch + 1 == args.epochs
+        engine.save_epoch(run, "checkpoint-last.pth", model, optimizer, scaler, epoch, args)
         if (epoch + 1) % args.save_every == 0 or last:
-            checkpoint.save_checkpoint(state, output_dir / f"checkpoint-{epoch}.pth")
-        with open(output_dir / "log.txt", "a") as f:
-            f.write(json.dumps({"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}) + "\n")
-        if (epoch + 1) % args.plot_every == 0 or last:
-            figure = reconstruction_grid(model, plot_images, args.mean, args.std)
-            save_png(figure, output_dir / "plots" / f"reconstruction_epoch{epoch:04d}.png")
-            writer.add_image("reconstruction", figure, epoch)
+            engine.save_epoch(run, f"checkpoint-{epoch}.pth", model, optimizer, scaler, epoch, args)
+        engine.append_log(run, {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}})
+        if run.is_main and ((epoch + 1) % args.plot_every == 0 or last):
+            save_reconstruction(model, plot_images, args, run, epoch, writer)
+
     misc.main_print(misc.check_replicas_in_sync(model))
     if writer is not None:
         writer.close()
         if args.norm_style == "pre":
-            exported, _ = checkpoint.export_encoder(model, output_dir / "encoder")
+            exported, _ = checkpoint.export_encoder(model, run.output_dir / "encoder")
             misc.main_print(f"timm encoder: {exported} (+ .safetensors)")
-        misc.main_print(f"checkpoints: {output_dir}/checkpoint-last.pth\nfigures: {output_dir / 'plots'}\n"
-                        f"logs: tensorboard --logdir {args.log_dir or output_dir}")
+        misc.main_print(f"checkpoints: {run.output_dir}/checkpoint-last.pth\nfigures: {run.output_dir / 'plots'}\n"
+                        f"logs: tensorboard --logdir {args.log_dir or run.output_dir}")
 
 
 def plot_batch(args: argparse.Namespace, device: torch.device) -> torch.Tensor:
