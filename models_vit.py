@@ -98,3 +98,57 @@ def vision_transformer(
     vit.pos_embed.data.copy_(get_2d_sincos_pos_embed(embed_dim, grid, cls_token=True))
     return vit
 
+
+
+# Classifier name -> (size preset, default patch size); upstream's models_vit names included.
+CLASSIFIER_PRESETS: dict[str, tuple[str, int]] = {
+    **{f"vit_{size}_patch16": (size, 16) for size in ENCODER_PRESETS},
+    "vit_huge_patch14": ("huge", 14),
+}
+
+
+def create_classifier(
+    name: str,
+    num_classes: int,
+    img_size: int = 224,
+    patch_size: int | None = None,
+    in_chans: int = 3,
+    global_pool: bool = True,
+    drop_path_rate: float = 0.0,
+    norm_style: NormStyle = "pre",
+    norm_eps: float = 1e-6,
+    head_init_std: float = 2e-5,
+) -> VisionTransformer:
+    """A ViT classifier for fine-tuning and linear probing, sized like the pretraining presets.
+
+    Args:
+        name: ``vit_{tiny,small,base,large,huge}_patch16`` or ``vit_huge_patch14``.
+        num_classes: Classes of the head.
+        img_size: Input side in pixels.
+        patch_size: Overrides the name's patch size.
+        in_chans: Input channels.
+        global_pool: Mean of the patch tokens then ``fc_norm`` (MAE fine-tuning); False: cls token after ``norm``.
+        drop_path_rate: Stochastic depth rate.
+        norm_style: ``post`` for weights from upstream's xFormers blocks.
+        norm_eps: LayerNorm epsilon.
+        head_init_std: Std of the head's truncated-normal initialisation (MAE fine-tuning: 2e-5).
+    """
+    if name not in CLASSIFIER_PRESETS:
+        raise ValueError(f"unknown classifier {name!r}; choose one of: {', '.join(CLASSIFIER_PRESETS)}")
+    size, default_patch = CLASSIFIER_PRESETS[name]
+    vit = vision_transformer(
+        **ENCODER_PRESETS[size], img_size=img_size, patch_size=patch_size or default_patch, in_chans=in_chans,
+        num_classes=num_classes, global_pool="avg" if global_pool else "token", drop_path_rate=drop_path_rate,
+        norm_style=norm_style, norm_eps=norm_eps,
+    )
+    trunc_normal_(vit.head.weight, std=head_init_std)
+    nn.init.zeros_(vit.head.bias)
+    return vit
+
+
+def classifier_name_for(embed_dim: int, depth: int, patch_size: int) -> str:
+    """The classifier preset an encoder of this width and depth belongs to."""
+    for size, preset in ENCODER_PRESETS.items():
+        if (preset["embed_dim"], preset["depth"]) == (embed_dim, depth):
+            return "vit_huge_patch14" if size == "huge" and patch_size == 14 else f"vit_{size}_patch16"
+    raise ValueError(f"an encoder of width {embed_dim} and depth {depth} matches no preset ({', '.join(ENCODER_PRESETS)})")

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file as load_safetensors
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from safetensors.torch import save_file as save_safetensors
 
 import models_cross_scale_mae as models_mae
-from models_vit import ENCODER_PRESETS, PostNormBlock
+from models_vit import CLASSIFIER_PRESETS, PostNormBlock, classifier_name_for
 from util.misc import ReportableError, rng_state
 
 PUBLISHED_MD5 = {
@@ -143,7 +144,7 @@ def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return checkpoint
 
 
-def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
+def detect_layout(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
     """Which naming a state dict uses: ours, upstream timm blocks, upstream xFormers blocks, or a timm ViT."""
     keys = state_dict.keys()
     if any(k.startswith("encoder.blocks.") for k in keys):
@@ -154,10 +155,12 @@ def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
         return UPSTREAM_TIMM
     if any(k.startswith("blocks.") for k in keys):
         return TIMM_VIT
-    raise CheckpointError("no transformer blocks found: not a Cross-Scale MAE, MAE or ViT checkpoint")
+    raise CheckpointError(f"{source}: no transformer blocks found: not a Cross-Scale MAE, MAE or ViT checkpoint")
 
 
-def _xformers_blocks_to_timm(state_dict: dict[str, torch.Tensor], prefix: str, new_prefix: str) -> dict[str, torch.Tensor]:
+def _xformers_blocks_to_timm(
+    state_dict: dict[str, torch.Tensor], prefix: str, new_prefix: str, source: str
+) -> dict[str, torch.Tensor]:
     """Rename ``{prefix}{i}.<xFormers names>`` to ``{new_prefix}{i}.<timm Block names>``; q/k/v are concatenated."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -179,21 +182,24 @@ def _xformers_blocks_to_timm(state_dict: dict[str, torch.Tensor], prefix: str, n
             out[key] = value  # unknown sub-key: left as is, so loading reports it
     for (head, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
-            raise CheckpointError(f"{head}attn: incomplete q/k/v projections ({sorted(parts)})")
+            raise CheckpointError(f"{source}: {prefix}{head[len(new_prefix):]}attn has incomplete q/k/v projections ({sorted(parts)})")
         out[f"{head}attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
 
 
-def to_ours(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """Rename any supported layout to this project's ``CrossScaleMAE`` names. Returns (state dict, layout)."""
-    layout = detect_layout(state_dict)
+def to_ours(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
+    """Rename any supported layout to this project's ``CrossScaleMAE`` names. Returns (state dict, layout).
+
+    ``source`` names the file in error messages.
+    """
+    layout = detect_layout(state_dict, source)
     if layout == OURS:
         return dict(state_dict), layout
     if layout == TIMM_VIT:
         return {f"encoder.{k}": v for k, v in state_dict.items()}, layout
     if layout == UPSTREAM_XFORMERS:
-        state_dict = _xformers_blocks_to_timm(state_dict, "encoder.encoders.", "encoder.")
-        state_dict = _xformers_blocks_to_timm(state_dict, "decoder.encoders.", "decoder.")
+        state_dict = _xformers_blocks_to_timm(state_dict, "encoder.encoders.", "encoder.", source)
+        state_dict = _xformers_blocks_to_timm(state_dict, "decoder.encoders.", "decoder.", source)
     renames = {"cls_token": "encoder.cls_token", "encoder_pos_embed": "encoder.pos_embed"}
     out = {}
     for key, value in state_dict.items():
@@ -212,13 +218,6 @@ def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
     return len({m.group(1) for k in state_dict if (m := pattern.match(k))})
 
 
-def _size_for(embed_dim: int, depth: int) -> str | None:
-    for size, preset in ENCODER_PRESETS.items():
-        if preset["embed_dim"] == embed_dim and preset["depth"] == depth:
-            return size
-    return None
-
-
 def infer_model_config(state_dict: dict[str, torch.Tensor], args: dict[str, Any] | None, layout: str) -> tuple[str, dict[str, Any]]:
     """(registry name, constructor kwargs) for weights in our naming, from their shapes and upstream ``args``.
 
@@ -232,10 +231,11 @@ def infer_model_config(state_dict: dict[str, torch.Tensor], args: dict[str, Any]
     except KeyError as e:
         raise CheckpointError(f"missing encoder tensor {e.args[0]}") from e
     depth = _count_blocks(state_dict, "encoder.blocks.")
-    size = _size_for(embed_dim, depth)
-    if size is None:
-        raise CheckpointError(f"encoder of width {embed_dim} and depth {depth} matches no preset ({', '.join(ENCODER_PRESETS)})")
     patch_size = patch_weight.shape[-1]
+    try:
+        size = CLASSIFIER_PRESETS[classifier_name_for(embed_dim, depth, patch_size)][0]
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     grid = round(num_patches**0.5)
     kwargs: dict[str, Any] = dict(input_size=grid * patch_size, patch_size=patch_size, in_chans=patch_weight.shape[1])
     if "mask_token" in state_dict:
@@ -280,7 +280,7 @@ class LoadReport:
         if self.md5_status:
             lines.append(f"  {self.md5_status}")
         if self.missing:
-            lines.append(f"  not in the file: {', '.join(self.missing)}")
+            lines.append(f"  freshly initialised: {', '.join(self.missing)}")
         if self.unexpected:
             lines.append(f"  left out: {', '.join(self.unexpected)}")
         return "\n".join(lines)
@@ -306,12 +306,15 @@ def load_mae(path: str | os.PathLike, **overrides: Any) -> tuple[models_mae.Cros
     """
     md5_status = check_md5(path)
     checkpoint = read_checkpoint(path)
-    state_dict, layout = to_ours(model_state(checkpoint))
+    state_dict, layout = to_ours(model_state(checkpoint), str(path))
     config = checkpoint.get("model_config")
     if layout == OURS and isinstance(config, dict):
         name, kwargs = config["name"], dict(config["kwargs"])
     else:
-        name, kwargs = infer_model_config(state_dict, checkpoint.get("args"), layout)
+        try:
+            name, kwargs = infer_model_config(state_dict, checkpoint.get("args"), layout)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     kwargs.update(overrides)
     model = models_mae.create_model(name, **kwargs)
     _check_shapes(path, model, state_dict)
@@ -389,3 +392,106 @@ def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> tuple[
         except CheckpointError as e:
             print(f"resume: skipping {e}")
     return None
+
+
+@dataclass
+class EncoderWeights:
+    """Encoder tensors of any supported checkpoint, under timm ``VisionTransformer`` names."""
+
+    path: str
+    layout: str
+    state_dict: dict[str, torch.Tensor]
+    norm_style: str
+    left_out: list[str]
+    md5_status: str | None = None
+
+    @property
+    def embed_dim(self) -> int:
+        return self.state_dict["cls_token"].shape[-1]
+
+    @property
+    def depth(self) -> int:
+        return _count_blocks(self.state_dict, "blocks.")
+
+    @property
+    def patch_size(self) -> int:
+        return self.state_dict["patch_embed.proj.weight"].shape[-1]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = round((self.state_dict["pos_embed"].shape[1] - 1) ** 0.5)
+        return side, side
+
+    @property
+    def classifier_name(self) -> str:
+        try:
+            return classifier_name_for(self.embed_dim, self.depth, self.patch_size)
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+
+
+def read_encoder(path: str | os.PathLike) -> EncoderWeights:
+    """The encoder of a pretraining checkpoint (ours or upstream's, either layout), of an exported timm
+    encoder (``.pth``/``.safetensors``) or of a fine-tuned classifier; the classification head is dropped.
+
+    Raises:
+        CheckpointError: unreadable file, wrong md5, or no encoder in it.
+    """
+    md5_status = check_md5(path)
+    checkpoint = read_checkpoint(path)
+    state_dict, layout = to_ours(model_state(checkpoint), str(path))
+    encoder = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.") and not k.startswith("encoder.head.")}
+    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in encoder]
+    if missing:
+        raise CheckpointError(f"{path}: no ViT encoder in it (missing {', '.join(missing)})")
+    config = checkpoint.get("model_config") or {}
+    args = checkpoint.get("args") or {}
+    norm_style = "post" if layout == UPSTREAM_XFORMERS else config.get("kwargs", {}).get("norm_style", args.get("norm_style", "pre"))
+    left_out = [k for k in state_dict if k not in {f"encoder.{name}" for name in encoder}]
+    return EncoderWeights(str(path), layout, encoder, norm_style, left_out, md5_status)
+
+
+def _describe_left_out(keys: list[str]) -> str:
+    pretraining_only = [k for k in keys if not k.startswith("encoder.")]
+    other = [k.removeprefix("encoder.") for k in keys if k.startswith("encoder.")]
+    parts = [f"{len(pretraining_only)} decoder/predictor tensors (pretraining only)"] if pretraining_only else []
+    return ", ".join(parts + other)
+
+
+def load_encoder(model: torch.nn.Module, weights: EncoderWeights) -> LoadReport:
+    """Load encoder weights into a timm ``VisionTransformer`` classifier (fresh head).
+
+    Position embeddings are resampled (bicubic) to the model's grid and the patch projection to its
+    patch size (timm's ``resample_patch_embed``). In global-pool mode the model has ``fc_norm`` instead of
+    ``norm``; ``norm`` is then left out, as MAE does.
+
+    Raises:
+        CheckpointError: an encoder tensor of the model is not in the file, or does not fit.
+    """
+    state_dict = dict(weights.state_dict)
+    left_out = list(weights.left_out)
+    model_keys = model.state_dict()
+    grid = tuple(model.patch_embed.grid_size)
+    if tuple(weights.grid) != grid:
+        state_dict["pos_embed"] = resample_abs_pos_embed(state_dict["pos_embed"], list(grid), list(weights.grid), num_prefix_tokens=1)
+    proj = state_dict["patch_embed.proj.weight"]
+    target = model_keys["patch_embed.proj.weight"]
+    if proj.shape[1] != target.shape[1]:
+        raise CheckpointError(f"{weights.path}: encoder takes {proj.shape[1]} input channels, the model {target.shape[1]} (--in_chans)")
+    if proj.shape[-2:] != target.shape[-2:]:
+        state_dict["patch_embed.proj.weight"] = resample_patch_embed(proj, list(target.shape[-2:]))
+    for key in [k for k in state_dict if k not in model_keys and k.startswith("norm.")]:
+        left_out.append(f"encoder.{key}")
+        del state_dict[key]
+    _check_shapes(weights.path, model, state_dict)
+    result = model.load_state_dict(state_dict, strict=False)
+    not_loaded = [k for k in result.missing_keys if not k.startswith(("head.", "fc_norm."))]
+    if not_loaded or result.unexpected_keys:
+        problems = [f"not in the file: {_summarise(not_loaded)}"] if not_loaded else []
+        problems += [f"not in the model: {_summarise(result.unexpected_keys)}"] if result.unexpected_keys else []
+        raise CheckpointError(f"{weights.path}: encoder does not fit the model ({'; '.join(problems)}); refusing to train from random weights")
+    return LoadReport(
+        weights.path, weights.layout, type(model).__name__, len(state_dict),
+        missing=result.missing_keys, unexpected=[_describe_left_out(left_out)] if left_out else [],
+        md5_status=weights.md5_status,
+    )

@@ -55,12 +55,13 @@ def add_optimisation_args(parser: argparse.ArgumentParser, **defaults) -> None:
     group.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this value")
 
 
-def add_data_args(parser: argparse.ArgumentParser, input_size: int, train_path: str | None) -> None:
+def add_data_args(parser: argparse.ArgumentParser, input_size: int, train_path: str | None, patch_size: int | None = 16) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--train_path", default=train_path, help="CSV file (fMoW format), ImageFolder tree or image folder")
     group.add_argument("--dataset_type", default="auto", choices=DATASET_TYPES, help="auto detects from --train_path")
     group.add_argument("--input_size", type=int, default=input_size, help="image side in pixels")
-    group.add_argument("--patch_size", type=int, default=16)
+    group.add_argument("--patch_size", type=int, default=patch_size,
+                       help="patch side in pixels" + ("" if patch_size else " (default: that of the pretrained weights)"))
     group.add_argument("--in_chans", type=int, default=3)
     group.add_argument("--mean", type=float, nargs=3, default=list(FMOW_RGB_MEAN), help="normalisation mean (fMoW-RGB)")
     group.add_argument("--std", type=float, nargs=3, default=list(FMOW_RGB_STD), help="normalisation std (fMoW-RGB)")
@@ -85,7 +86,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
 
 def check_common_args(args: argparse.Namespace) -> None:
     """Refuse flag values that cannot work, naming the flag."""
-    if args.input_size % args.patch_size:
+    if args.patch_size and args.input_size % args.patch_size:
         raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
     if args.accum_iter < 1:
         raise UsageError(f"--accum_iter must be at least 1, got {args.accum_iter}")

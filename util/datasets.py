@@ -11,7 +11,9 @@ import csv
 import hashlib
 import math
 import os
+import random
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,21 @@ def load_image(path: str, draft_size: int | None = None) -> Image.Image:
         return to_rgb(img)
 
 
+@contextmanager
+def seeded(seed: int):
+    """Seed torch, Python and NumPy (timm's transforms draw from all three), then restore their states."""
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+
+
 class ImageDataset(Dataset):
     """(image path, label) samples with a transform; label -1 for unlabelled images.
 
@@ -94,8 +111,7 @@ class ImageDataset(Dataset):
             return img, label
         if seed is None:
             return self.transform(img), label
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             return self.transform(img), label
 
 

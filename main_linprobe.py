@@ -1,0 +1,47 @@
+"""Linear probing: a BatchNorm + linear head on the frozen pretrained encoder, trained with LARS.
+
+    python main_linprobe.py --finetune weights/cross_scale_mae_base_pretrain.pth --input_size 128 \
+        --train_path train_128.csv --test_path val_128.csv
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch.nn as nn
+
+import engine_finetune
+from util import config, datasets, misc
+from util.lars import LARS
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = engine_finetune.get_args_parser(
+        "Cross-Scale MAE linear probing", global_pool=False, head_init_std=0.01,
+        batch_size=512, epochs=50, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0,
+    )
+    group = parser.add_argument_group("linear probing")
+    group.add_argument("--no_aug", action="store_true",
+                       help="train on centre crops (no augmentation): the frozen features are computed once")
+    group.add_argument("--loss", default="classification_cross", choices=("classification_cross",),
+                       help="upstream flag: cross-entropy")
+    return parser
+
+
+def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> engine_finetune.Setup:
+    """Only the head trains: BatchNorm1d(affine=False) + Linear, with LARS."""
+    model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head).to(model.head.weight.device)
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith("head.")
+    optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    transform = (datasets.build_transform(False, args.input_size, args.mean, args.std) if args.no_aug
+                 else datasets.build_transform(True, args.input_size, args.mean, args.std))
+    return engine_finetune.Setup(model, model.head if args.no_aug else model, optimizer, nn.CrossEntropyLoss(), transform,
+                                 cache_features=args.no_aug)
+
+
+def main(args: argparse.Namespace) -> None:
+    engine_finetune.main(args, setup)
+
+
+if __name__ == "__main__":
+    misc.run_entry_point(main, config.parse_args(get_args_parser()))

@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+from conftest import write_csv_dataset
+
+import main_finetune
+import main_linprobe
+from models_cross_scale_mae import create_model
+from util import checkpoint, config, misc
+
+COMMON = ["--input_size", "32", "--batch_size", "8", "--num_workers", "0", "--log_every", "1", "--warmup_epochs", "1"]
+
+
+@pytest.fixture
+def split(tmp_path):
+    """24 training and 8 evaluation images, bright (0) vs dark (1): easy for any encoder."""
+    return write_csv_dataset(tmp_path / "data", 24, "train.csv"), write_csv_dataset(tmp_path / "data", 8, "val.csv")
+
+
+@pytest.fixture
+def pretrained(tmp_path):
+    torch.manual_seed(0)
+    mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
+    path = tmp_path / "pretrain.pth"
+    checkpoint.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config, "epoch": 0}, path)
+    return path
+
+
+def run(module, argv):
+    module.main(config.parse_args(module.get_args_parser(), argv))
+
+
+def data_flags(split):
+    return ["--train_path", str(split[0]), "--test_path", str(split[1])]
+
+
+def final_accuracy(out):
+    return json.loads((out / "log.txt").read_text().splitlines()[-1])["test_acc1"]
+
+
+def test_short_fine_tune_beats_chance_and_writes_its_outputs(split, pretrained, tmp_path, capsys):
+    out = tmp_path / "ft"
+    run(main_finetune, [*COMMON, *data_flags(split), "--finetune", str(pretrained), "--output_dir", str(out),
+                        "--epochs", "6", "--blr", "5e-3", "--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0"])
+    printed = capsys.readouterr().out
+    assert "loaded 52 tensors" in printed and "freshly initialised: fc_norm.weight, fc_norm.bias, head.weight, head.bias" in printed
+    assert final_accuracy(out) > 75.0
+    assert {"checkpoint-best.pth", "checkpoint-last.pth", "confusion_matrix_best.png", "confusion_matrix_last.png",
+            "config.yaml", "log.txt"} <= {p.name for p in out.iterdir()}
+    log = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert {"test_acc1", "test_macro_f1", "test_loss", "train_loss"} <= set(log) and "test_acc5" not in log
+
+
+def test_fine_tune_with_mixup_randaugment_and_erasing_runs(split, pretrained, tmp_path):
+    out = tmp_path / "ft"
+    run(main_finetune, [*COMMON, *data_flags(split), "--finetune", str(pretrained), "--output_dir", str(out),
+                        "--epochs", "1", "--color_jitter", "0.4"])
+    assert (out / "checkpoint-last.pth").exists()
+
+
+def test_linear_probe_on_cached_features_beats_chance(split, pretrained, tmp_path, capsys):
+    out = tmp_path / "lp"
+    run(main_linprobe, [*COMMON, *data_flags(split), "--finetune", str(pretrained), "--output_dir", str(out),
+                        "--epochs", "20", "--blr", "20", "--no_aug"])
+    assert "computing the frozen encoder's features once" in capsys.readouterr().out
+    assert final_accuracy(out) > 75.0
+    state = checkpoint.read_checkpoint(out / "checkpoint-last.pth")["model"]
+    assert "head.0.running_mean" in state and "head.1.weight" in state  # BatchNorm + Linear head saved with the encoder
+    trained = state["blocks.0.attn.qkv.weight"]
+    original = checkpoint.read_checkpoint(pretrained)["model"]["encoder.blocks.0.attn.qkv.weight"]
+    assert torch.equal(trained, original)  # the encoder stayed frozen
+
+
+def test_eval_reports_the_checkpoints_accuracy(split, pretrained, tmp_path):
+    out = tmp_path / "lp"
+    flags = [*COMMON, *data_flags(split), "--finetune", str(pretrained), "--output_dir", str(out), "--blr", "20"]
+    run(main_linprobe, [*flags, "--epochs", "3", "--no_aug"])
+    best = checkpoint.read_checkpoint(out / "checkpoint-best.pth")["best_acc1"]
+    run(main_linprobe, [*flags, "--eval", "--resume", str(out / "checkpoint-best.pth")])
+    metrics = json.loads((out / "eval_metrics.json").read_text())
+    assert metrics["acc1"] == pytest.approx(best)
+    assert (out / "confusion_matrix_eval.png").exists()
+
+
+def test_resumed_fine_tune_equals_an_uninterrupted_one(split, pretrained, tmp_path):
+    flags = [*COMMON, *data_flags(split), "--finetune", str(pretrained), "--epochs", "2", "--save_every", "1"]
+    run(main_finetune, [*flags, "--output_dir", str(tmp_path / "straight")])
+    run(main_finetune, [*flags, "--output_dir", str(tmp_path / "resumed"), "--resume", str(tmp_path / "straight" / "checkpoint-0.pth")])
+    expected = checkpoint.read_checkpoint(tmp_path / "straight" / "checkpoint-last.pth")["model"]
+    got = checkpoint.read_checkpoint(tmp_path / "resumed" / "checkpoint-last.pth")["model"]
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_weights_that_do_not_fit_stop_the_run(split, tmp_path):
+    saved = {"model": {"encoder.cls_token": torch.zeros(1, 1, 128)}}
+    torch.save(saved, tmp_path / "bad.pth")
+    argv = [*COMMON, *data_flags(split), "--finetune", str(tmp_path / "bad.pth"), "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=r"error: .*bad.pth: no transformer blocks found"):
+        misc.run_entry_point(main_finetune.main, config.parse_args(main_finetune.get_args_parser(), argv))
+    argv = [*COMMON, *data_flags(split), "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="error: give --finetune PATH"):
+        misc.run_entry_point(main_finetune.main, config.parse_args(main_finetune.get_args_parser(), argv))
