@@ -16,7 +16,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import models_vit  # noqa: E402
@@ -92,18 +91,6 @@ class FeatureDataset(torch.utils.data.Dataset):
         return self.features[index], self.labels[index]
 
 
-def gather(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows (ranks hold every world_size-th sample; the order is restored)."""
-    if not misc.is_distributed():
-        return tensor
-    parts: list = [None] * misc.world_size()
-    dist.all_gather_object(parts, tensor.cpu())
-    out = torch.empty((sum(len(p) for p in parts), *tensor.shape[1:]), dtype=tensor.dtype)
-    for rank, part in enumerate(parts):
-        out[rank::misc.world_size()] = part
-    return out
-
-
 @torch.no_grad()
 def extract_features(model: nn.Module, loader, run: engine.Run) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (what the head sees) and labels of every sample, on the CPU, in dataset order."""
@@ -114,7 +101,7 @@ def extract_features(model: nn.Module, loader, run: engine.Run) -> tuple[torch.T
             pooled = model.forward_head(model.forward_features(images.to(run.device, non_blocking=True)), pre_logits=True)
         features.append(pooled.float().cpu())
         labels.append(targets)
-    return gather(torch.cat(features)), gather(torch.cat(labels))
+    return engine.gather(torch.cat(features)), engine.gather(torch.cat(labels))
 
 
 @torch.no_grad()
@@ -130,7 +117,7 @@ def evaluate(model: nn.Module, loader, run: engine.Run, num_classes: int) -> tup
         with misc.autocast(run.device, run.amp_dtype):
             logits.append(model(images.to(run.device, non_blocking=True)).float().cpu())
         labels.append(targets)
-    logits, labels = gather(torch.cat(logits)), gather(torch.cat(labels))
+    logits, labels = engine.gather(torch.cat(logits)), engine.gather(torch.cat(labels))
     confusion = torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).reshape(num_classes, num_classes)
     true_positives = confusion.diagonal().double()
     precision = true_positives / confusion.sum(0).clamp(min=1)

@@ -11,7 +11,7 @@ from timm.optim import create_optimizer_v2
 
 import models_cross_scale_mae as models_mae
 from engine_pretrain import save_reconstruction, train_one_epoch
-from util import checkpoint, config, datasets, engine, misc
+from util import checkpoint, config, datasets, engine, knn, misc
 
 
 def parse_loss_weights(items: list[str]) -> dict[str, float]:
@@ -53,6 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("outputs")
     group.add_argument("--save_every", type=int, default=25, help="epochs between numbered checkpoints")
     group.add_argument("--plot_every", type=int, default=25, help="epochs between reconstruction figures")
+    group.add_argument("--knn_eval_every", type=int, default=0, help="epochs between multi-scale kNN evaluations (0 = never)")
+    group.add_argument("--knn_train_path", default=str(datasets.DEFAULT_TRAIN_CSV), help="labelled kNN memory set")
+    group.add_argument("--knn_test_path", default=str(datasets.DEFAULT_VAL_CSV), help="labelled kNN evaluation set")
 
     group = parser.add_argument_group("upstream flags, accepted so old launchers keep working")
     group.add_argument("--use_xformers", action="store_true", help="ignored: attention always uses PyTorch SDPA")
@@ -119,14 +122,16 @@ def main(args: argparse.Namespace) -> None:
     plot_images = plot_batch(args, run.device) if run.is_main else None
     train_model = engine.distribute(model, run, args, find_unused=model.has_unused_parameters)
 
+    knn_loaders = knn_data(args, run) if args.knn_eval_every else None
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         stats = train_one_epoch(train_model, model, loader, optimizer, scheduler, scaler, run, epoch, steps_per_epoch, args, writer)
+        knn_stats = knn_eval(model, *knn_loaders, run, epoch, writer) if knn_loaders and (epoch + 1) % args.knn_eval_every == 0 else {}
         last = epoch + 1 == args.epochs
         engine.save_epoch(run, "checkpoint-last.pth", model, optimizer, scaler, epoch, args)
         if (epoch + 1) % args.save_every == 0 or last:
             engine.save_epoch(run, f"checkpoint-{epoch}.pth", model, optimizer, scaler, epoch, args)
-        engine.append_log(run, {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}})
+        engine.append_log(run, {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}, **knn_stats})
         if run.is_main and ((epoch + 1) % args.plot_every == 0 or last):
             save_reconstruction(model, plot_images, args, run, epoch, writer)
 
@@ -138,6 +143,27 @@ def main(args: argparse.Namespace) -> None:
             misc.main_print(f"timm encoder: {exported} (+ .safetensors)")
         misc.main_print(f"checkpoints: {run.output_dir}/checkpoint-last.pth\nfigures: {run.output_dir / 'plots'}\n"
                         f"logs: tensorboard --logdir {args.log_dir or run.output_dir}")
+
+
+def knn_data(args: argparse.Namespace, run: engine.Run):
+    """Memory and evaluation loaders of the labelled kNN sets, and their class count."""
+    transform = datasets.build_transform(False, args.input_size, args.mean, args.std)
+    memory = datasets.build_dataset(args.knn_train_path, "auto", transform)
+    queries = datasets.build_dataset(args.knn_test_path, "auto", transform)
+    num_classes = max(max(memory.targets), max(queries.targets)) + 1
+    return engine.eval_loader(memory, args, run), engine.eval_loader(queries, args, run), num_classes
+
+
+def knn_eval(model: models_mae.CrossScaleMAE, memory, queries, num_classes: int, run: engine.Run, epoch: int, writer) -> dict[str, float]:
+    """Multi-scale kNN top-1 of the encoder as it is now (resize mode, cls token); logged and returned."""
+    results = knn.multiscale_accuracies(model.encoder, model.encoder_norm, memory, queries, num_classes, run.device, run.amp_dtype)
+    model.train()
+    stats = {f"knn_{classifier}_{scale:g}": value for (classifier, scale), value in results.items()}
+    misc.main_print(f"epoch {epoch} kNN top-1: " + ", ".join(f"{k[4:]} {v:.1f}%" for k, v in stats.items()))
+    if writer is not None:
+        for name, value in stats.items():
+            writer.add_scalar(f"knn/{name}", value, epoch)
+    return stats
 
 
 def plot_batch(args: argparse.Namespace, device: torch.device) -> torch.Tensor:

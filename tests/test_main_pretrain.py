@@ -23,7 +23,8 @@ def run(argv):
 
 def test_two_epochs_write_checkpoints_logs_plots_and_export(csv_dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    run([*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(out), "--save_every", "1", "--plot_every", "2"])
+    run([*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(out), "--save_every", "1", "--plot_every", "2",
+         "--knn_eval_every", "2", "--knn_train_path", str(csv_dataset), "--knn_test_path", str(csv_dataset)])
     names = {p.name for p in out.iterdir()}
     assert {"checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth", "config.yaml", "log.txt",
             "encoder.pth", "encoder.safetensors"} <= names
@@ -32,12 +33,14 @@ def test_two_epochs_write_checkpoints_logs_plots_and_export(csv_dataset, tmp_pat
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [entry["epoch"] for entry in log] == [0, 1]
     assert set(log[0]) >= {"train_loss", "train_rec_orig", "train_rec_crop", "train_cross_pred", "train_cross_cons"}
+    assert "knn_weighted_0.125" not in log[0] and 0 <= log[1]["knn_majority_1"] <= 100
     state = read_checkpoint(out / "checkpoint-last.pth")
     assert state["epoch"] == 1 and isinstance(state["args"], dict) and "rng_per_rank" in state
     model, report = load_mae(out / "checkpoint-last.pth")
     assert report.model_name == "cross_scale_mae_vit_tiny" and report.layout == "ours"
     printed = capsys.readouterr().out
     assert "epoch 1 [2/2] loss" in printed and "img/s" in printed and "eta" in printed
+    assert "epoch 1 kNN top-1: weighted_0.125" in printed
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(csv_dataset, tmp_path):

@@ -404,6 +404,7 @@ class EncoderWeights:
     norm_style: str
     left_out: list[str]
     md5_status: str | None = None
+    final_norm: bool = True  # whether pretraining applied the encoder's final LayerNorm
 
     @property
     def embed_dim(self) -> int:
@@ -446,9 +447,11 @@ def read_encoder(path: str | os.PathLike) -> EncoderWeights:
         raise CheckpointError(f"{path}: no ViT encoder in it (missing {', '.join(missing)})")
     config = checkpoint.get("model_config") or {}
     args = checkpoint.get("args") or {}
-    norm_style = "post" if layout == UPSTREAM_XFORMERS else config.get("kwargs", {}).get("norm_style", args.get("norm_style", "pre"))
+    kwargs = config.get("kwargs", {})
+    norm_style = "post" if layout == UPSTREAM_XFORMERS else kwargs.get("norm_style", args.get("norm_style", "pre"))
+    final_norm = layout == TIMM_VIT or (layout == OURS and bool(kwargs.get("encoder_norm", False)))
     left_out = [k for k in state_dict if k not in {f"encoder.{name}" for name in encoder}]
-    return EncoderWeights(str(path), layout, encoder, norm_style, left_out, md5_status)
+    return EncoderWeights(str(path), layout, encoder, norm_style, left_out, md5_status, final_norm)
 
 
 def _describe_left_out(keys: list[str]) -> str:

@@ -55,11 +55,12 @@ def add_optimisation_args(parser: argparse.ArgumentParser, **defaults) -> None:
     group.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this value")
 
 
-def add_data_args(parser: argparse.ArgumentParser, input_size: int, train_path: str | None, patch_size: int | None = 16) -> None:
+def add_data_args(parser: argparse.ArgumentParser, input_size: int | None, train_path: str | None, patch_size: int | None = 16) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--train_path", default=train_path, help="CSV file (fMoW format), ImageFolder tree or image folder")
     group.add_argument("--dataset_type", default="auto", choices=DATASET_TYPES, help="auto detects from --train_path")
-    group.add_argument("--input_size", type=int, default=input_size, help="image side in pixels")
+    group.add_argument("--input_size", type=int, default=input_size,
+                       help="image side in pixels" + ("" if input_size else " (default: that of the pretrained weights)"))
     group.add_argument("--patch_size", type=int, default=patch_size,
                        help="patch side in pixels" + ("" if patch_size else " (default: that of the pretrained weights)"))
     group.add_argument("--in_chans", type=int, default=3)
@@ -69,19 +70,21 @@ def add_data_args(parser: argparse.ArgumentParser, input_size: int, train_path: 
     group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pinned host memory (CUDA)")
 
 
-def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
+def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str, training: bool = True) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--output_dir", default=output_dir, help="checkpoints, config, logs and plots")
-    group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
     group.add_argument("--device", default="auto", help="auto (GPU if any, else CPU), cpu, cuda, cuda:N")
     group.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
                        help="autocast dtype; auto = bf16 where the device does it natively, else fp32")
-    group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--dist_timeout", type=float, default=30.0, help="minutes before a stuck collective ends the job")
+    if not training:
+        return
+    group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
     group.add_argument("--resume", default="", help="checkpoint to continue from, or 'auto' for the newest in --output_dir")
     group.add_argument("--start_epoch", type=int, default=0, help="first epoch when not resuming")
     group.add_argument("--log_every", type=int, default=20, help="steps between log lines")
-    group.add_argument("--dist_timeout", type=float, default=30.0, help="minutes before a stuck collective ends the job")
 
 
 def check_common_args(args: argparse.Namespace) -> None:

@@ -237,6 +237,19 @@ def build_dataset(
     return ImageDataset(samples, transform, classes, describe, draft_size)
 
 
+def split_dataset(dataset: ImageDataset, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """A deterministic seeded split into (1 - fraction, fraction) of the samples; the same seed, the same split."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = len(order) - max(1, round(fraction * len(order)))
+    if cut < 1:
+        raise DataError(f"cannot split {len(dataset)} image(s) into two non-empty parts")
+    parts = (sorted(order[:cut]), sorted(order[cut:]))
+    return tuple(
+        ImageDataset([dataset.samples[i] for i in part], dataset.transform, dataset.classes, draft_size=dataset.draft_size)
+        for part in parts
+    )
+
+
 def build_transform(
     is_train: bool,
     input_size: int,
@@ -256,11 +269,15 @@ def build_transform(
             v2.RandomVerticalFlip(),
         ]
     else:
-        resize = input_size if input_size > 224 else math.floor(input_size / 0.875)
-        geometry = [v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(input_size)]
+        geometry = [v2.Resize(eval_resize_size(input_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(input_size)]
     return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+def eval_resize_size(input_size: int) -> int:
+    """Shorter side before the evaluation centre crop: input_size / 0.875 (MAE's crop_pct), none above 224 px."""
+    return input_size if input_size > 224 else math.floor(input_size / 0.875)
 
 
 def draft_size_for(is_train: bool, input_size: int, min_scale: float = 0.25) -> int:
     """Smallest decode size that loses no resolution: a minimum-scale crop must still cover input_size pixels."""
-    return math.ceil(input_size / math.sqrt(min_scale)) if is_train else math.ceil(input_size / 0.875)
+    return math.ceil(input_size / math.sqrt(min_scale)) if is_train else eval_resize_size(input_size)

@@ -73,10 +73,22 @@ def train_loader(dataset: Dataset, args: argparse.Namespace, run: Run) -> tuple[
 def eval_loader(dataset: Dataset, args: argparse.Namespace, run: Run) -> DataLoader:
     """In order; each rank takes every world_size-th sample (no padding, so no sample counts twice)."""
     indices = list(range(run.rank, len(dataset), run.world_size))
-    return DataLoader(
+    return DataLoader(  # a generator of its own, so evaluating leaves the training RNG untouched
         torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size, shuffle=False,
-        num_workers=args.num_workers, pin_memory=args.pin_mem and run.device.type == "cuda",
+        num_workers=args.num_workers, pin_memory=args.pin_mem and run.device.type == "cuda", generator=torch.Generator(),
     )
+
+
+def gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows (ranks hold every world_size-th sample, as ``eval_loader`` shards; the order is restored)."""
+    if not misc.is_distributed():
+        return tensor
+    parts: list = [None] * misc.world_size()
+    dist.all_gather_object(parts, tensor.cpu())
+    out = torch.empty((sum(len(p) for p in parts), *tensor.shape[1:]), dtype=tensor.dtype)
+    for rank, part in enumerate(parts):
+        out[rank::misc.world_size()] = part
+    return out
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int) -> CosineLRScheduler:

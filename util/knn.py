@@ -1,0 +1,149 @@
+"""Multi-scale kNN evaluation of frozen encoders (the Scale-MAE protocol).
+
+Validation images are down-sampled by area interpolation to ratio x input size, then resized back
+(``resize``) or fed at the reduced size with interpolated position embeddings (``native``); the memory
+(training) set stays at full resolution. Two classifiers share the same cosine neighbours:
+
+- weighted kNN (InstDisc, Scale-MAE): k = 20 neighbours vote with weight exp(similarity / T), T = 0.07;
+- majority kNN (torchgeo-bench): k = 5 neighbours, one vote each; ties go to the lowest class index.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from util import misc
+from util.engine import gather
+
+SCALE_MODES = ("resize", "native")
+POOLS = ("cls", "mean")
+
+
+def reduced_size(input_size: int, ratio: float, patch_size: int, scale_mode: str) -> int:
+    """Side of the down-sampled image; in native mode a multiple of the patch size (at least one patch)."""
+    size = max(1, round(input_size * ratio))
+    if scale_mode == "native":
+        size = max(patch_size, size // patch_size * patch_size)
+    return size
+
+
+def rescale(images: torch.Tensor, ratio: float, patch_size: int, scale_mode: str) -> torch.Tensor:
+    """images [B, C, S, S] -> area down-sampled to ratio x S; ``resize`` brings it back to S (bicubic)."""
+    if ratio == 1.0:
+        return images
+    side = images.shape[-1]
+    small = F.interpolate(images, size=reduced_size(side, ratio, patch_size, scale_mode), mode="area")
+    if scale_mode == "native":
+        return small
+    return F.interpolate(small, size=side, mode="bicubic", align_corners=False)
+
+
+def encoder_features(encoder: VisionTransformer, images: torch.Tensor, pool: str, final_norm: bool) -> torch.Tensor:
+    """L2-normalised [B, D] features: the cls token or the mean of the patch tokens of the last block
+    (after the encoder's final LayerNorm when ``final_norm``)."""
+    x = encoder.blocks(encoder.norm_pre(encoder._pos_embed(encoder.patch_embed(images))))  # [B, 1+L, D]
+    if final_norm:
+        x = encoder.norm(x)
+    pooled = x[:, 0] if pool == "cls" else x[:, encoder.num_prefix_tokens:].mean(dim=1)
+    return F.normalize(pooled.float(), dim=1)
+
+
+@torch.no_grad()
+def extract(
+    encoder: VisionTransformer,
+    loader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    pool: str,
+    final_norm: bool,
+    scales: Sequence[float] = (1.0,),
+    scale_mode: str = "resize",
+) -> tuple[dict[float, torch.Tensor], torch.Tensor]:
+    """Features of every sample at every scale (each image is decoded once), and the labels; on the CPU,
+    gathered over ranks in dataset order."""
+    encoder.eval()
+    patch_size = encoder.patch_embed.patch_size[0]
+    features: dict[float, list[torch.Tensor]] = {scale: [] for scale in scales}
+    labels = []
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        for scale in scales:
+            with misc.autocast(device, amp_dtype):
+                features[scale].append(encoder_features(encoder, rescale(images, scale, patch_size, scale_mode), pool, final_norm).cpu())
+        labels.append(targets)
+    return {scale: gather(torch.cat(f)) for scale, f in features.items()}, gather(torch.cat(labels))
+
+
+def topk_cosine(
+    queries: torch.Tensor, memory: torch.Tensor, k: int, query_chunk: int = 4096, memory_chunk: int = 65536
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most similar memory rows of each query (rows L2-normalised), by blocks, so memory use is
+    bounded by query_chunk x (memory_chunk + k) similarities whatever the set sizes.
+
+    Returns:
+        (similarities [Q, k], memory indices [Q, k]), most similar first.
+    """
+    k = min(k, len(memory))
+    best_sims, best_idx = [], []
+    for q in range(0, len(queries), query_chunk):
+        query = queries[q:q + query_chunk]
+        sims = torch.full((len(query), 0), -math.inf, device=query.device)
+        idx = torch.zeros((len(query), 0), dtype=torch.long, device=query.device)
+        for m in range(0, len(memory), memory_chunk):
+            block = query @ memory[m:m + memory_chunk].T  # [q, m]
+            sims = torch.cat([sims, block], dim=1)
+            idx = torch.cat([idx, torch.arange(m, m + block.shape[1], device=query.device).expand(len(query), -1)], dim=1)
+            sims, order = sims.topk(min(k, sims.shape[1]), dim=1)
+            idx = idx.gather(1, order)
+        best_sims.append(sims)
+        best_idx.append(idx)
+    return torch.cat(best_sims), torch.cat(best_idx)
+
+
+def weighted_knn(sims: torch.Tensor, neighbours: torch.Tensor, memory_labels: torch.Tensor, num_classes: int,
+                 temperature: float = 0.07) -> torch.Tensor:
+    """InstDisc vote: each neighbour adds exp(similarity / T) to its class. Returns predictions [Q]."""
+    votes = torch.zeros(len(sims), num_classes, dtype=torch.float64)
+    votes.scatter_add_(1, memory_labels[neighbours], (sims.double() / temperature).exp())
+    return votes.argmax(dim=1)
+
+
+def majority_knn(neighbours: torch.Tensor, memory_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """One vote per neighbour; ties go to the lowest class index. Returns predictions [Q]."""
+    votes = torch.zeros(len(neighbours), num_classes, dtype=torch.long)
+    votes.scatter_add_(1, memory_labels[neighbours], torch.ones_like(neighbours))
+    return votes.argmax(dim=1)
+
+
+def knn_accuracies(
+    memory: torch.Tensor, memory_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+    num_classes: int, k: int = 20, temperature: float = 0.07, majority_k: int = 5,
+) -> dict[str, float]:
+    """Top-1 (%) of the weighted and the majority classifier."""
+    sims, neighbours = topk_cosine(queries, memory, max(k, majority_k))
+    weighted = weighted_knn(sims[:, :k], neighbours[:, :k], memory_labels, num_classes, temperature)
+    majority = majority_knn(neighbours[:, :majority_k], memory_labels, num_classes)
+    return {
+        "weighted": 100.0 * (weighted == query_labels).double().mean().item(),
+        "majority": 100.0 * (majority == query_labels).double().mean().item(),
+    }
+
+
+def multiscale_accuracies(
+    encoder: VisionTransformer, final_norm: bool, memory_loader, query_loader, num_classes: int,
+    device: torch.device, amp_dtype: torch.dtype | None, scales: Sequence[float] = (0.125, 0.25, 0.5, 1.0),
+    pool: str = "cls", scale_mode: str = "resize", k: int = 20, temperature: float = 0.07, majority_k: int = 5,
+) -> dict[tuple[str, float], float]:
+    """Top-1 (%) of both classifiers at every scale, the memory set at full resolution: {(classifier, scale): accuracy}."""
+    memory, memory_labels = extract(encoder, memory_loader, device, amp_dtype, pool, final_norm)
+    queries, query_labels = extract(encoder, query_loader, device, amp_dtype, pool, final_norm, scales, scale_mode)
+    results = {}
+    for scale in scales:
+        accuracies = knn_accuracies(memory[1.0], memory_labels, queries[scale], query_labels, num_classes, k, temperature, majority_k)
+        for classifier, accuracy in accuracies.items():
+            results[classifier, scale] = accuracy
+    return results
