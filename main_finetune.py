@@ -57,7 +57,7 @@ def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> engin
     else:
         criterion = nn.CrossEntropyLoss()
     optimizer = create_optimizer_v2(
-        model, "adamw", lr=args.lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
+        model, "adamw", lr=args.lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay, fused=True,
     )
     transform = create_transform(
         args.input_size, is_training=True, scale=(0.25, 1.0), hflip=0.5, vflip=0.5, interpolation="bicubic",

@@ -166,16 +166,18 @@ def write_outputs(rows: list[dict], protocol: dict, args: argparse.Namespace) ->
 
 
 def plot(table: dict, labels: list[str], scales: list[float], path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4 + 0.25 * len(labels)), sharey=True)
     for ax, classifier in zip(axes, CLASSIFIERS):
         for label in labels:
             ax.plot(scales, [table[label, classifier, s] for s in scales], marker="o", label=label)
-        ax.set(xscale="log", xticks=scales, xlabel="scale (fraction of the input size)", title=f"{classifier} kNN")
-        ax.set_xticklabels([f"{s:g}" for s in scales])
+        ax.set(xscale="log", xlabel="scale (fraction of the input size)", title=f"{classifier} kNN")
+        ax.minorticks_off()
+        ax.set_xticks(scales, [f"{s:g}" for s in scales])
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (%)")
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * len(labels), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -99,13 +99,17 @@ def main(args: argparse.Namespace) -> None:
         datasets.build_transform(True, args.input_size, args.mean, args.std),
         datasets.draft_size_for(True, args.input_size),
     )
+    device_transform = None
+    if isinstance(dataset, datasets.PackedDataset):  # decoded already: augment whole batches on the device
+        dataset.transform = None
+        device_transform = datasets.BatchAugment(args.input_size, args.mean, args.std).to(run.device)
+        misc.main_print(f"packed dataset {dataset.array_path}: crops, flips and normalisation run on {run.device}")
     loader, sampler = engine.train_loader(dataset, args, run)
     steps_per_epoch = len(loader)
 
     model = build_model(args).to(run.device)
     optimizer = create_optimizer_v2(
-        model, "adamw", lr=engine.resolve_lr(args, run), weight_decay=args.weight_decay, betas=(0.9, 0.95),
-        fused=run.device.type == "cuda",
+        model, "adamw", lr=engine.resolve_lr(args, run), weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=True,
     )
     scheduler = engine.lr_scheduler(optimizer, args, steps_per_epoch)
     scaler = engine.grad_scaler(run)
@@ -125,7 +129,8 @@ def main(args: argparse.Namespace) -> None:
     knn_loaders = knn_data(args, run) if args.knn_eval_every else None
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
-        stats = train_one_epoch(train_model, model, loader, optimizer, scheduler, scaler, run, epoch, steps_per_epoch, args, writer)
+        stats = train_one_epoch(train_model, model, loader, optimizer, scheduler, scaler, run, epoch, steps_per_epoch, args, writer,
+                                device_transform=device_transform)
         knn_stats = knn_eval(model, *knn_loaders, run, epoch, writer) if knn_loaders and (epoch + 1) % args.knn_eval_every == 0 else {}
         last = epoch + 1 == args.epochs
         engine.save_epoch(run, "checkpoint-last.pth", model, optimizer, scaler, epoch, args)

@@ -5,6 +5,8 @@ from PIL import Image
 from conftest import make_image
 
 from util import datasets
+from torchvision.transforms import v2
+
 from util.datasets import DataError, build_dataset, build_transform
 
 
@@ -115,3 +117,21 @@ def test_jpeg_draft_decodes_large_images_at_reduced_size(tmp_path):
     make_image(0, seed=1, size=512).save(tmp_path / "big.jpg")
     assert datasets.load_image(str(tmp_path / "big.jpg"), draft_size=100).size == (128, 128)
     assert datasets.load_image(str(tmp_path / "big.jpg")).size == (512, 512)
+
+
+def test_batch_augment_equals_crop_resize_and_flip_of_each_image():
+    augment = datasets.BatchAugment(16, mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))
+    images = torch.randint(0, 256, (6, 3, 32, 40), dtype=torch.uint8)
+    torch.manual_seed(3)
+    out = augment(images)
+    torch.manual_seed(3)
+    boxes = augment.sample_boxes(6, 32, 40)
+    flips = torch.rand(2, 6) < 0.5
+    for i, (left, top, right, bottom) in enumerate(boxes.int().tolist()):
+        expected = v2.functional.resized_crop(images[i].float(), top, left, bottom - top, right - left, [16, 16],
+                                              interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
+        expected = expected.flip(-1) if flips[0, i] else expected
+        expected = expected.flip(-2) if flips[1, i] else expected
+        torch.testing.assert_close(out[i], expected, atol=1e-3, rtol=0)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (32 * 40)
+    assert ((area >= 0.24) & (area <= 1.0)).all() and (boxes[:, 2] <= 40).all() and (boxes[:, 3] <= 32).all()

@@ -82,6 +82,8 @@ def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str, training:
         return
     group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--attention", default="auto", choices=("auto", "sdpa", "math"),
+                       help="auto: scaled_dot_product_attention on GPU, explicit matmul + softmax on CPU (faster there)")
     group.add_argument("--resume", default="", help="checkpoint to continue from, or 'auto' for the newest in --output_dir")
     group.add_argument("--start_epoch", type=int, default=0, help="first epoch when not resuming")
     group.add_argument("--log_every", type=int, default=20, help="steps between log lines")

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, DistributedSampler
 from torchvision.transforms import v2
@@ -28,7 +30,7 @@ from util.misc import ReportableError
 FMOW_RGB_MEAN = (0.43392888, 0.43578541, 0.40744025)
 FMOW_RGB_STD = (0.19828456, 0.19250111, 0.19454683)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
-DATASET_TYPES = ("auto", "fmow_rgb", "csv", "imagefolder", "folder", "coco")
+DATASET_TYPES = ("auto", "fmow_rgb", "csv", "imagefolder", "folder", "coco", "packed")
 DEFAULT_TRAIN_CSV = Path(__file__).resolve().parent.parent / "data" / "sentinel2_rgb" / "train.csv"
 DEFAULT_VAL_CSV = DEFAULT_TRAIN_CSV.with_name("val.csv")
 
@@ -109,9 +111,7 @@ class ImageDataset(Dataset):
             raise DataError(f"{self.describe(index)}: cannot read image ({str(e).splitlines()[0]})") from None
         if self.transform is None:
             return img, label
-        if seed is None:
-            return self.transform(img), label
-        with seeded(seed):
+        with seeded(seed) if seed is not None else nullcontext():
             return self.transform(img), label
 
 
@@ -135,6 +135,95 @@ class SeededSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+class PackedDataset(Dataset):
+    """Pre-decoded uint8 images written by ``tools/preprocess.py --pack``, memory-mapped.
+
+    Items are uint8 [3, S, S] tensors for ``BatchAugment`` to crop, flip and normalise on the device; with a
+    ``transform`` set, each image goes through it as a PIL image instead (the general, slower path).
+    """
+
+    def __init__(self, meta_path: Path, transform: Callable | None = None) -> None:
+        try:
+            meta = json.loads(meta_path.read_text())
+            self.size, count, self.targets = meta["size"], meta["count"], list(meta["labels"])
+            self.array_path = meta_path.parent / meta["array"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{meta_path}: not a packed-dataset description ({e})") from None
+        expected = count * self.size * self.size * 3
+        actual = self.array_path.stat().st_size if self.array_path.is_file() else -1
+        if actual != expected or len(self.targets) != count:
+            raise DataError(f"{self.array_path}: expected {expected} bytes for {count} images of {self.size} px, found {actual}")
+        self.transform = transform
+        self.classes: list[str] = []
+        self.samples = [(f"{self.array_path}[{i}]", label) for i, label in enumerate(self.targets)]
+        self._images: np.ndarray | None = None  # opened lazily, once per worker process
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if self._images is None:
+            self._images = np.memmap(self.array_path, dtype=np.uint8, mode="r").reshape(len(self), self.size, self.size, 3)
+        pixels = np.array(self._images[index])  # [S, S, 3]
+        if self.transform is None:
+            return torch.from_numpy(pixels).permute(2, 0, 1), self.targets[index]
+        with seeded(seed) if seed is not None else nullcontext():
+            return self.transform(Image.fromarray(pixels)), self.targets[index]
+
+
+class BatchAugment(torch.nn.Module):
+    """The training transform on a uint8 batch on the device, in one ``grid_sample``: per-image
+    RandomResizedCrop (torchvision's box sampling, vectorised; bilinear, no antialias), horizontal and
+    vertical flips, normalisation. Boxes and flips draw from the CPU generator, so they are restored with it
+    on resume."""
+
+    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.25,
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.scale = (min_scale, 1.0)
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
+
+    def sample_boxes(self, count: int, height: int, width: int, attempts: int = 10) -> torch.Tensor:
+        """[count, 4] (left, top, right, bottom): the first of ``attempts`` random boxes that fits, else the
+        whole image clipped to the ratio range, as torchvision's RandomResizedCrop."""
+        area = height * width * torch.empty(count, attempts).uniform_(*self.scale)
+        ratio = torch.exp(torch.empty(count, attempts).uniform_(*self.log_ratio))
+        w = torch.sqrt(area * ratio).round()
+        h = torch.sqrt(area / ratio).round()
+        fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+        first = torch.where(fits.any(1), fits.float().argmax(1), -1)
+        pick = first.clamp(min=0).unsqueeze(1)
+        w, h = w.gather(1, pick).squeeze(1), h.gather(1, pick).squeeze(1)
+        aspect = width / height
+        low, high = math.exp(self.log_ratio[0]), math.exp(self.log_ratio[1])
+        fallback_w = float(width if low <= aspect <= high else (round(height * low) if aspect < low else width))
+        fallback_h = float(height if low <= aspect <= high else (height if aspect < low else round(width / high)))
+        w = torch.where(first >= 0, w, torch.full_like(w, fallback_w))
+        h = torch.where(first >= 0, h, torch.full_like(h, fallback_h))
+        top = torch.floor(torch.rand(count) * (height - h + 1))
+        left = torch.floor(torch.rand(count) * (width - w + 1))
+        return torch.stack([left, top, left + w, top + h], dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: uint8 [B, 3, H, W] -> normalised float [B, 3, input_size, input_size]."""
+        count, _, height, width = images.shape
+        left, top, right, bottom = self.sample_boxes(count, height, width).unbind(1)
+        flip = torch.where(torch.rand(2, count) < 0.5, -1.0, 1.0)
+        # output coordinate u in [-1, 1] -> input (align_corners=False): scale = box / side, a flip negates it
+        theta = torch.zeros(count, 2, 3)
+        theta[:, 0, 0] = flip[0] * (right - left) / width
+        theta[:, 0, 2] = (left + right) / width - 1
+        theta[:, 1, 1] = flip[1] * (bottom - top) / height
+        theta[:, 1, 2] = (top + bottom) / height - 1
+        grid = F.affine_grid(theta.to(images.device), [count, 3, self.input_size, self.input_size], align_corners=False)
+        out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return (out - self.mean) / self.std
 
 
 def read_csv_samples(csv_path: Path) -> list[tuple[str, int]]:
@@ -188,7 +277,7 @@ def scan_unlabelled(root: Path) -> list[tuple[str, int]]:
 
 def detect_dataset_type(path: Path) -> str:
     if path.is_file():
-        return "fmow_rgb"
+        return "packed" if path.suffix == ".json" else "fmow_rgb"
     if path.is_dir():
         has_class_dirs = any(d.is_dir() and any(_is_image(p) for p in d.rglob("*")) for d in path.iterdir())
         has_top_images = any(_is_image(p) for p in path.iterdir())
@@ -221,6 +310,8 @@ def build_dataset(
         raise DataError(f"{path}: no such file or folder")
     classes: list[str] = []
     describe = None
+    if kind == "packed":
+        return PackedDataset(path, transform)
     if kind in ("fmow_rgb", "csv"):
         if not path.is_file():
             raise DataError(f"{path}: --dataset_type {kind} needs a CSV file, got a folder")

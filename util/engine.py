@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 
+import models_vit
 from util import checkpoint, config, datasets, misc
 
 # (samples, targets) -> {"loss": total, other reported terms...}
@@ -114,12 +115,18 @@ def grad_scaler(run: Run) -> torch.amp.GradScaler | None:
 
 
 def distribute(model: torch.nn.Module, run: Run, args: argparse.Namespace, find_unused: bool = False) -> torch.nn.Module:
-    """DDP-wrap (under torchrun) and ``torch.compile`` (with ``--compile``) the model that trains."""
+    """Choose the attention path (``--attention``), DDP-wrap (under torchrun) and ``torch.compile`` (with
+    ``--compile``) the model that trains."""
+    models_vit.set_fused_attention(model, use_sdpa(args.attention, run.device))
     if misc.is_distributed():
         model = DistributedDataParallel(
             model, device_ids=[run.local_rank] if run.device.type == "cuda" else None, find_unused_parameters=find_unused
         )
     return torch.compile(model) if args.compile else model
+
+
+def use_sdpa(attention: str, device: torch.device) -> bool:
+    return attention == "sdpa" or (attention == "auto" and device.type != "cpu")
 
 
 def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer, scaler) -> tuple[int, dict]:
@@ -188,8 +195,11 @@ def train_one_epoch(
     args: argparse.Namespace,
     writer: SummaryWriter | None = None,
     start_step: int = 0,
+    device_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train for one epoch (from ``start_step`` when resuming inside it); returns the epoch's mean terms.
+
+    ``device_transform`` augments each batch after it reached the device (packed uint8 datasets).
 
     ``loss_fn(samples, targets)`` runs the model under autocast and returns ``loss`` plus the terms named in
     ``loss_names``. The learning rate is set per optimiser update. Loss values stay on the device between
@@ -210,6 +220,8 @@ def train_one_epoch(
             scheduler.step_update((epoch * steps_per_epoch + step) // args.accum_iter)
         samples = samples.to(run.device, non_blocking=True)
         targets = targets.to(run.device, non_blocking=True)
+        if device_transform is not None:
+            samples = device_transform(samples)
         update = (step + 1) % args.accum_iter == 0 or step + 1 == steps_per_epoch
         with model.no_sync() if is_ddp and not update else nullcontext():
             with misc.autocast(run.device, run.amp_dtype):

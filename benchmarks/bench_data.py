@@ -1,0 +1,79 @@
+"""Images per second of the training data pipeline in one worker (decode + crop + flip + normalise).
+
+    python benchmarks/bench_data.py --input_size 128
+
+Pipelines on the same images: small pre-resized JPEGs (what tools/preprocess.py writes), large original
+JPEGs (decoded with PIL draft), and the packed uint8 array: what a worker does (memory-mapped read), and
+that plus crop/flip/normalise of the batch by ``BatchAugment`` on this CPU (on a GPU that part is the
+device's, not the worker's).
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from util import datasets  # noqa: E402
+
+
+def per_worker_rate(dataset, count: int, batch_transform=None, batch_size: int = 64) -> float:
+    """Images/s of ``dataset[i]`` for ``count`` items in this one process (plus the batch transform)."""
+    start = time.perf_counter()
+    for first in range(0, count, batch_size):
+        items = [dataset[(i % len(dataset), i)][0] for i in range(first, min(first + batch_size, count))]
+        if batch_transform is not None:
+            batch_transform(torch.stack(items))
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=512, help="images decoded per pipeline")
+    parser.add_argument("--input_size", type=int, default=128)
+    parser.add_argument("--large_size", type=int, default=1024, help="side of the 'original' JPEGs")
+    parser.add_argument("--source", type=Path, default=REPO / "data" / "sentinel2_rgb" / "images")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one data-loader worker
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tiles = sorted(args.source.glob("*.jpg"))[:64]
+        (tmp / "large").mkdir()
+        for tile in tiles:  # originals: the same scenes, up-sampled to fMoW-like sizes
+            Image.open(tile).resize((args.large_size, args.large_size), Image.BICUBIC).save(tmp / "large" / tile.name, quality=95)
+        subprocess.run([sys.executable, str(REPO / "tools" / "preprocess.py"), "--input", str(tmp / "large"), "--output", str(tmp / "pre"),
+                        "--size", str(args.input_size), "--split", "small", "--workers", "1", "--pack"], check=True, capture_output=True)
+        transform = datasets.build_transform(True, args.input_size)
+        pipelines = {
+            f"pre-resized JPEG ({args.input_size} px shorter side)": (
+                datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.csv", "auto", transform,
+                                       datasets.draft_size_for(True, args.input_size)), None),
+            f"large JPEG ({args.large_size} px, PIL draft)": (
+                datasets.build_dataset(tmp / "large", "folder", transform, datasets.draft_size_for(True, args.input_size)), None),
+            "packed uint8: worker only (memory-mapped read)": (
+                datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.json"), None),
+            "packed uint8 + BatchAugment on this CPU": (
+                datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.json"),
+                datasets.BatchAugment(args.input_size, datasets.FMOW_RGB_MEAN, datasets.FMOW_RGB_STD)),
+        }
+        rates = {}
+        for name, (dataset, batch_transform) in pipelines.items():
+            per_worker_rate(dataset, min(16, args.images), batch_transform)  # warm-up: page cache, allocator
+            rates[name] = per_worker_rate(dataset, args.images, batch_transform)
+            print(f"{name:48s} {rates[name]:9.1f} img/s per worker", flush=True)
+        small, large, packed, packed_cpu = rates.values()
+        print(f"packed worker / pre-resized JPEG: {packed / small:.1f}x (augmentation on a GPU); "
+              f"with the augmentation on this CPU core: {packed_cpu / small:.1f}x; "
+              f"pre-resized / large JPEG: {small / large:.1f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from conftest import make_image, write_csv_dataset
+from PIL import Image
+
+import main_pretrain
+from util import config, datasets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def preprocess(*args):
+    return subprocess.run([sys.executable, "tools/preprocess.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_preprocessing_resizes_once_and_is_idempotent(tmp_path):
+    source = write_csv_dataset(tmp_path / "raw", 6, "train.csv", size=80)
+    make_image(1, seed=9, size=120).resize((120, 90)).save(tmp_path / "raw" / "images" / "train_5.jpg")
+    out = tmp_path / "preproc"
+    first = preprocess("--input", source, "--output", out, "--size", "32", "--workers", "2")
+    assert first.returncode == 0, first.stderr
+    assert "0 already done, resizing 6" in first.stdout
+    dataset = datasets.build_dataset(out / "train_32.csv", "auto")
+    assert len(dataset) == 6 and dataset.targets == [0, 1, 0, 1, 0, 1]
+    assert sorted(min(dataset[i][0].size) for i in range(6)) == [32] * 6
+    assert dataset[5][0].size == (43, 32)  # aspect ratio kept, shorter side 32
+    csv_text = (out / "train_32.csv").read_text()
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "train_32").iterdir()}
+    second = preprocess("--input", source, "--output", out, "--size", "32", "--workers", "2")
+    assert "6 already done, resizing 0" in second.stdout
+    assert (out / "train_32.csv").read_text() == csv_text
+    assert {p: p.stat().st_mtime_ns for p in (out / "train_32").iterdir()} == mtimes
+
+
+def test_an_interrupted_run_resumes_with_the_missing_images(tmp_path):
+    source = write_csv_dataset(tmp_path / "raw", 4, "val.csv", size=48)
+    out = tmp_path / "preproc"
+    assert preprocess("--input", source, "--output", out, "--size", "32").returncode == 0
+    removed = sorted((out / "val_32").iterdir())[1]
+    removed.unlink()
+    again = preprocess("--input", source, "--output", out, "--size", "32")
+    assert "3 already done, resizing 1" in again.stdout and removed.exists()
+
+
+def test_packed_array_trains_with_augmentation_on_the_device(tmp_path):
+    source = write_csv_dataset(tmp_path / "raw", 8, "train.csv", size=48)
+    out = tmp_path / "preproc"
+    result = preprocess("--input", source, "--output", out, "--size", "40", "--pack")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "train_40.json").read_text())
+    assert meta["count"] == 8 and meta["size"] == 40 and meta["labels"] == [0, 1] * 4
+    packed = datasets.build_dataset(out / "train_40.json")
+    pixels, label = packed[(3, 0)]
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 40, 40) and label == 1
+    jpeg = torch.from_numpy(np.array(Image.open(out / "train_40" / "0000003_train_3.jpg"))).permute(2, 0, 1)
+    assert torch.equal(pixels, jpeg)  # square images: the centre square is the whole resized image
+    augment = datasets.BatchAugment(32, datasets.FMOW_RGB_MEAN, datasets.FMOW_RGB_STD)
+    batch = augment(torch.stack([packed[i][0] for i in range(4)]))
+    assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.float32 and -4 < batch.mean() < 4
+    argv = ["--model", "mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--epochs", "1",
+            "--num_workers", "0", "--train_path", str(out / "train_40.json"), "--output_dir", str(tmp_path / "run")]
+    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), argv))
+    assert (tmp_path / "run" / "checkpoint-last.pth").exists()
+
+
+def test_a_truncated_packed_array_is_named(tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps({"size": 4, "count": 2, "labels": [0, 1], "array": "x.u8"}))
+    (tmp_path / "x.u8").write_bytes(bytes(10))
+    try:
+        datasets.build_dataset(tmp_path / "x.json")
+    except datasets.DataError as e:
+        assert "x.u8: expected 96 bytes for 2 images of 4 px, found 10" in str(e)
+    else:
+        raise AssertionError("no error")

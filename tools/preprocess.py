@@ -1,0 +1,109 @@
+"""Resize a dataset once to the training size, as upstream's launchers expect (``../fmow-rgb-preproc/train_128.csv``).
+
+    python tools/preprocess.py --input ../fmow-rgb/train.csv --output ../fmow-rgb-preproc --size 128 --workers 16
+    python tools/preprocess.py --input ../fmow-rgb/val.csv --output ../fmow-rgb-preproc --size 128 --pack
+
+Reads a fMoW-style CSV or an ImageFolder tree; writes every image with its shorter side resized to
+``--size`` (bicubic, JPEG quality 95) under ``OUTPUT/{split}_{size}/`` and ``OUTPUT/{split}_{size}.csv``
+(label, relative image path), ``split`` being the input's name (``train.csv`` -> ``train``). It runs in
+parallel, each image is written atomically, and a rerun skips the images already done, so an interrupted run
+resumes where it stopped. ``--pack`` also writes ``{split}_{size}.u8`` (the centre ``size`` x ``size`` square
+of every image, uint8 [N, size, size, 3], memory-mapped at training time) and ``{split}_{size}.json``
+(labels and shape): pass the ``.json`` as ``--train_path`` and crops, flips and normalisation run on the batch,
+on the device.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util import datasets  # noqa: E402
+
+
+def resize_one(task: tuple[str, str, int]) -> str | None:
+    """Resize ``source`` to ``target`` (shorter side ``size``); None on success, else the error."""
+    source, target, size = task
+    if os.path.exists(target):
+        return None
+    try:
+        img = datasets.load_image(source, draft_size=size)
+        scale = size / min(img.size)
+        img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC,
+                         reducing_gap=3.0)
+        tmp = f"{target}.tmp{os.getpid()}"
+        img.save(tmp, format="JPEG", quality=95)
+        os.replace(tmp, target)
+    except (OSError, ValueError) as e:
+        return f"{source}: {str(e).splitlines()[0]}"
+    return None
+
+
+def pack(rows: list[tuple[int, str]], root: Path, size: int, stem: Path) -> None:
+    """Centre ``size`` squares of the resized images as one uint8 array + a JSON of labels and shape."""
+    array_path, meta_path = stem.with_suffix(".u8"), stem.with_suffix(".json")
+    tmp = array_path.with_suffix(".u8.tmp")
+    array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(rows), size, size, 3))
+    for i, (_, path) in enumerate(rows):
+        with Image.open(root / path) as img:
+            left, top = (img.width - size) // 2, (img.height - size) // 2
+            array[i] = np.asarray(img.convert("RGB").crop((left, top, left + size, top + size)))
+    array.flush()
+    del array
+    os.replace(tmp, array_path)
+    meta = {"format": "uint8 [count, size, size, 3], row-major", "count": len(rows), "size": size,
+            "array": array_path.name, "labels": [label for label, _ in rows]}
+    meta_path.write_text(json.dumps(meta))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, type=Path, help="fMoW-style CSV or ImageFolder tree")
+    parser.add_argument("--output", required=True, type=Path, help="output folder")
+    parser.add_argument("--size", type=int, default=128, help="shorter side after resizing")
+    parser.add_argument("--split", default=None, help="name of the output split (default: the input's name)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
+    parser.add_argument("--pack", action="store_true", help="also write the pre-decoded uint8 array")
+    args = parser.parse_args()
+
+    try:
+        dataset = datasets.build_dataset(args.input)
+    except datasets.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    split = args.split or args.input.stem
+    folder = f"{split}_{args.size}"
+    (args.output / folder).mkdir(parents=True, exist_ok=True)
+    rows, tasks = [], []
+    for index, (source, label) in enumerate(dataset.samples):
+        relative = f"{folder}/{index:07d}_{Path(source).stem}.jpg"
+        rows.append((label, relative))
+        tasks.append((source, str(args.output / relative), args.size))
+    todo = sum(not os.path.exists(t[1]) for t in tasks)
+    print(f"{len(tasks)} images, {len(tasks) - todo} already done, resizing {todo} with {args.workers} workers", flush=True)
+    with Pool(args.workers) as pool:
+        errors = [e for e in pool.imap(resize_one, tasks, chunksize=64) if e]
+    if errors:
+        raise SystemExit(f"error: {len(errors)} image(s) could not be resized, first {errors[0]}; rerun to retry")
+    stem = args.output / folder
+    tmp = stem.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "image_path"])
+        writer.writerows(rows)
+    os.replace(tmp, stem.with_suffix(".csv"))
+    print(f"wrote {stem.with_suffix('.csv')}", flush=True)
+    if args.pack:
+        pack(rows, args.output, args.size, stem)
+        print(f"wrote {stem.with_suffix('.u8')} and {stem.with_suffix('.json')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
