@@ -181,9 +181,10 @@ def main(args: argparse.Namespace, setup_fn: SetupFn) -> None:
     """Train a classifier head (and, for fine-tuning, the encoder), evaluating every epoch."""
     check_args(args)
     run = engine.setup_run(args)
-    train_set = datasets.build_dataset(args.train_path, args.dataset_type, draft_size=datasets.draft_size_for(True, args.input_size))
+    train_set = datasets.build_dataset(args.train_path, args.dataset_type, draft_size=datasets.draft_size_for(True, args.input_size),
+                                       skip_bad=args.skip_bad_images)
     val_set = datasets.build_dataset(args.test_path, args.dataset_type, datasets.build_transform(False, args.input_size, args.mean, args.std),
-                                     datasets.draft_size_for(False, args.input_size))
+                                     datasets.draft_size_for(False, args.input_size), args.skip_bad_images)
     num_classes = args.nb_classes or max(max(train_set.targets), max(val_set.targets)) + 1
     if min(train_set.targets) < 0 or max(train_set.targets) >= num_classes:
         raise datasets.DataError(f"{args.train_path}: labels must lie in 0..{num_classes - 1} (--nb_classes {num_classes})")
@@ -209,7 +210,7 @@ def main(args: argparse.Namespace, setup_fn: SetupFn) -> None:
 
     scheduler = engine.lr_scheduler(setup.optimizer, args, steps_per_epoch)
     scaler = engine.grad_scaler(run)
-    start_epoch, resumed = engine.resume(args, run, model, setup.optimizer, scaler)
+    start_epoch, start_step, resumed = engine.resume(args, run, model, setup.optimizer, scaler)
     best_acc1 = resumed.get("best_acc1", -1.0)  # below any accuracy: the first epoch writes checkpoint-best
     writer = engine.summary_writer(run, args)
     eval_model = setup.trainable if setup.cache_features else model
@@ -235,9 +236,15 @@ def main(args: argparse.Namespace, setup_fn: SetupFn) -> None:
         return {"loss": setup.criterion(train_model(samples), targets)}
 
     for epoch in range(start_epoch, args.epochs):
+        first_step = start_step if epoch == start_epoch else 0
         sampler.set_epoch(epoch)
-        train_stats = engine.train_one_epoch(train_model, loss_fn, (), train_loader, setup.optimizer, scheduler, scaler,
-                                             run, epoch, steps_per_epoch, args, writer)
+        sampler.set_start(first_step * args.batch_size)
+        try:
+            train_stats = engine.train_one_epoch(train_model, loss_fn, (), train_loader, setup.optimizer, scheduler, scaler,
+                                                 run, epoch, steps_per_epoch, args, writer, first_step)
+        except engine.Preempted as stop:
+            engine.save_preempted(run, stop, model, setup.optimizer, scaler, args, best_acc1=best_acc1)
+            return
         metrics, confusion = evaluate(eval_model, val_loader, run, num_classes)
         improved = metrics["acc1"] > best_acc1
         best_acc1 = max(best_acc1, metrics["acc1"])

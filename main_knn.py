@@ -58,12 +58,12 @@ def check_args(args: argparse.Namespace) -> None:
 def load_datasets(args: argparse.Namespace) -> tuple[datasets.ImageDataset, datasets.ImageDataset, str]:
     transform = datasets.build_transform(False, args.input_size, args.mean, args.std)
     draft = datasets.draft_size_for(False, args.input_size)
-    train = datasets.build_dataset(args.train_path, args.dataset_type, transform, draft)
+    train = datasets.build_dataset(args.train_path, args.dataset_type, transform, draft, args.skip_bad_images)
     if args.test_path == "split":
         train, val = datasets.split_dataset(train, args.val_fraction, args.seed)
         origin = f"seeded split (seed {args.seed}) of {args.train_path}: {args.val_fraction:.0%} evaluated"
     else:
-        val = datasets.build_dataset(args.test_path, args.dataset_type, transform, draft)
+        val = datasets.build_dataset(args.test_path, args.dataset_type, transform, draft, args.skip_bad_images)
         origin = f"train {args.train_path}, evaluation {args.test_path}"
     for name, dataset in (("training", train), ("evaluation", val)):
         if min(dataset.targets) < 0:

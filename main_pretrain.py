@@ -97,7 +97,7 @@ def main(args: argparse.Namespace) -> None:
     dataset = datasets.build_dataset(
         args.train_path, args.dataset_type,
         datasets.build_transform(True, args.input_size, args.mean, args.std),
-        datasets.draft_size_for(True, args.input_size),
+        datasets.draft_size_for(True, args.input_size), args.skip_bad_images,
     )
     device_transform = None
     if isinstance(dataset, datasets.PackedDataset):  # decoded already: augment whole batches on the device
@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> None:
     )
     scheduler = engine.lr_scheduler(optimizer, args, steps_per_epoch)
     scaler = engine.grad_scaler(run)
-    start_epoch, _ = engine.resume(args, run, model, optimizer, scaler)
+    start_epoch, start_step, _ = engine.resume(args, run, model, optimizer, scaler)
 
     misc.main_print(
         f"{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, "
@@ -128,9 +128,15 @@ def main(args: argparse.Namespace) -> None:
 
     knn_loaders = knn_data(args, run) if args.knn_eval_every else None
     for epoch in range(start_epoch, args.epochs):
+        first_step = start_step if epoch == start_epoch else 0
         sampler.set_epoch(epoch)
-        stats = train_one_epoch(train_model, model, loader, optimizer, scheduler, scaler, run, epoch, steps_per_epoch, args, writer,
-                                device_transform=device_transform)
+        sampler.set_start(first_step * args.batch_size)
+        try:
+            stats = train_one_epoch(train_model, model, loader, optimizer, scheduler, scaler, run, epoch, steps_per_epoch,
+                                    args, writer, first_step, device_transform)
+        except engine.Preempted as stop:
+            engine.save_preempted(run, stop, model, optimizer, scaler, args)
+            return
         knn_stats = knn_eval(model, *knn_loaders, run, epoch, writer) if knn_loaders and (epoch + 1) % args.knn_eval_every == 0 else {}
         last = epoch + 1 == args.epochs
         engine.save_epoch(run, "checkpoint-last.pth", model, optimizer, scaler, epoch, args)
@@ -153,8 +159,8 @@ def main(args: argparse.Namespace) -> None:
 def knn_data(args: argparse.Namespace, run: engine.Run):
     """Memory and evaluation loaders of the labelled kNN sets, and their class count."""
     transform = datasets.build_transform(False, args.input_size, args.mean, args.std)
-    memory = datasets.build_dataset(args.knn_train_path, "auto", transform)
-    queries = datasets.build_dataset(args.knn_test_path, "auto", transform)
+    memory = datasets.build_dataset(args.knn_train_path, "auto", transform, skip_bad=args.skip_bad_images)
+    queries = datasets.build_dataset(args.knn_test_path, "auto", transform, skip_bad=args.skip_bad_images)
     num_classes = max(max(memory.targets), max(queries.targets)) + 1
     return engine.eval_loader(memory, args, run), engine.eval_loader(queries, args, run), num_classes
 
@@ -173,7 +179,8 @@ def knn_eval(model: models_mae.CrossScaleMAE, memory, queries, num_classes: int,
 
 def plot_batch(args: argparse.Namespace, device: torch.device) -> torch.Tensor:
     """The first (up to) four training images, centre-cropped: the same images in every figure."""
-    dataset = datasets.build_dataset(args.train_path, args.dataset_type, datasets.build_transform(False, args.input_size, args.mean, args.std))
+    transform = datasets.build_transform(False, args.input_size, args.mean, args.std)
+    dataset = datasets.build_dataset(args.train_path, args.dataset_type, transform, skip_bad=args.skip_bad_images)
     return torch.stack([dataset[i][0] for i in range(min(4, len(dataset)))]).to(device)
 
 

@@ -65,8 +65,11 @@ def measure(model, images, device, amp_dtype, steps: int, warmup: int, compile_m
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95), fused=fused_adamw)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     step_model = torch.compile(model) if compile_model else model
+    fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    set_fused_attention(model, True)  # count model FLOPs the same way whichever attention path runs
     with FlopCounterMode(display=False) as counter:
         train_step(model, optimizer, images, device, amp_dtype, scaler)
+    set_fused_attention(model, all(fused))
     for _ in range(warmup):
         train_step(step_model, optimizer, images, device, amp_dtype, scaler)
     if device.type == "cuda":

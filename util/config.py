@@ -66,6 +66,8 @@ def add_data_args(parser: argparse.ArgumentParser, input_size: int | None, train
     group.add_argument("--in_chans", type=int, default=3)
     group.add_argument("--mean", type=float, nargs=3, default=list(FMOW_RGB_MEAN), help="normalisation mean (fMoW-RGB)")
     group.add_argument("--std", type=float, nargs=3, default=list(FMOW_RGB_STD), help="normalisation std (fMoW-RGB)")
+    group.add_argument("--skip_bad_images", action="store_true",
+                       help="skip unreadable images (each reported with a warning) instead of stopping")
     group.add_argument("--num_workers", type=int, default=8)
     group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pinned host memory (CUDA)")
 

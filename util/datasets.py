@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -82,6 +83,7 @@ class ImageDataset(Dataset):
         classes: Class names, index = label.
         describe: Names a sample in error messages (e.g. its CSV row).
         draft_size: JPEG draft decoding target (smallest side needed by the transform).
+        skip_bad: Replace an unreadable image by the next readable one (with a warning) instead of stopping.
     """
 
     def __init__(
@@ -91,8 +93,11 @@ class ImageDataset(Dataset):
         classes: Sequence[str] = (),
         describe: Callable[[int], str] | None = None,
         draft_size: int | None = None,
+        skip_bad: bool = False,
     ) -> None:
         self.samples = list(samples)
+        self.skip_bad = skip_bad
+        self.skipped = 0  # per process: every DataLoader worker counts its own
         self.targets = [label for _, label in self.samples]
         self.transform = transform
         self.classes = list(classes)
@@ -104,11 +109,20 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        path, label = self.samples[index]
-        try:
-            img = load_image(path, self.draft_size)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            raise DataError(f"{self.describe(index)}: cannot read image ({str(e).splitlines()[0]})") from None
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[index]
+            try:
+                img = load_image(path, self.draft_size)
+                break
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+                problem = f"{self.describe(index)}: cannot read image ({str(e).splitlines()[0]})"
+                if not self.skip_bad:
+                    raise DataError(problem + "; --skip_bad_images skips such files") from None
+                self.skipped += 1
+                print(f"warning: skipped {problem} [{self.skipped} skipped by this process]", file=sys.stderr, flush=True)
+                index = (index + 1) % len(self.samples)
+        else:
+            raise DataError("every image of the dataset is unreadable")
         if self.transform is None:
             return img, label
         with seeded(seed) if seed is not None else nullcontext():
@@ -290,14 +304,16 @@ def build_dataset(
     dataset_type: str = "auto",
     transform: Callable | None = None,
     draft_size: int | None = None,
+    skip_bad: bool = False,
 ) -> ImageDataset:
-    """A dataset from a CSV file, an ImageFolder tree or a folder of images.
+    """A dataset from a CSV file, an ImageFolder tree, a folder of images, or a packed array.
 
     Args:
         path: CSV file or folder.
         dataset_type: ``fmow_rgb``/``csv`` (CSV), ``imagefolder``, ``folder``/``coco`` (unlabelled, recursive) or ``auto``.
         transform: Applied to each RGB PIL image.
         draft_size: Smallest JPEG decode size the transform needs.
+        skip_bad: Skip unreadable images with a warning instead of stopping.
 
     Raises:
         DataError: unknown type, unreadable or malformed CSV, missing images, or no images at all.
@@ -325,7 +341,7 @@ def build_dataset(
         samples = scan_unlabelled(path)
     if not samples:
         raise DataError(f"{path}: no images found ({kind} dataset)")
-    return ImageDataset(samples, transform, classes, describe, draft_size)
+    return ImageDataset(samples, transform, classes, describe, draft_size, skip_bad)
 
 
 def split_dataset(dataset: ImageDataset, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
@@ -336,7 +352,8 @@ def split_dataset(dataset: ImageDataset, fraction: float, seed: int = 0) -> tupl
         raise DataError(f"cannot split {len(dataset)} image(s) into two non-empty parts")
     parts = (sorted(order[:cut]), sorted(order[cut:]))
     return tuple(
-        ImageDataset([dataset.samples[i] for i in part], dataset.transform, dataset.classes, draft_size=dataset.draft_size)
+        ImageDataset([dataset.samples[i] for i in part], dataset.transform, dataset.classes, draft_size=dataset.draft_size,
+                     skip_bad=dataset.skip_bad)
         for part in parts
     )
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
+import threading
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,6 +30,21 @@ class NonFiniteLossError(misc.ReportableError):
     """A loss term became NaN or infinite."""
 
 
+class Preempted(Exception):
+    """SIGTERM arrived: training stopped after the optimiser update that completed ``step`` steps of ``epoch``."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f"stopped at epoch {epoch} step {step}")
+        self.epoch, self.step = epoch, step
+
+
+_STOP = threading.Event()
+
+
+def _request_stop(signum, frame) -> None:
+    _STOP.set()
+
+
 @dataclass
 class Run:
     """Where and how this process trains."""
@@ -38,6 +55,7 @@ class Run:
     device: torch.device
     amp_dtype: torch.dtype | None
     output_dir: Path
+    stop_group: object = None  # gloo group on which ranks agree to stop (host-side: no GPU synchronisation)
 
     @property
     def is_main(self) -> bool:
@@ -45,7 +63,8 @@ class Run:
 
 
 def setup_run(args: argparse.Namespace) -> Run:
-    """Join the process group (if any), choose device and autocast dtype, seed, create the output folder."""
+    """Join the process group (if any), choose device and autocast dtype, seed, create the output folder, and
+    make SIGTERM (what SLURM and Kubernetes send before pre-emption) stop training at the next update."""
     rank, world_size, local_rank = misc.init_distributed(args.dist_timeout)
     device = misc.resolve_device(args.device, local_rank)
     amp_dtype = misc.resolve_amp(args.amp, device)
@@ -53,7 +72,19 @@ def setup_run(args: argparse.Namespace) -> Run:
     output_dir = Path(args.output_dir)
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
-    return Run(rank, world_size, local_rank, device, amp_dtype, output_dir)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _request_stop)
+    stop_group = dist.new_group(backend="gloo") if misc.is_distributed() else None
+    return Run(rank, world_size, local_rank, device, amp_dtype, output_dir, stop_group)
+
+
+def stop_requested(run: Run) -> bool:
+    """Whether any rank received SIGTERM; every rank gets the same answer (one tiny host-side collective)."""
+    if run.stop_group is None:
+        return _STOP.is_set()
+    flag = torch.tensor([float(_STOP.is_set())])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.stop_group)
+    return bool(flag.item())
 
 
 def train_loader(dataset: Dataset, args: argparse.Namespace, run: Run) -> tuple[DataLoader, datasets.SeededSampler]:
@@ -129,33 +160,68 @@ def use_sdpa(attention: str, device: torch.device) -> bool:
     return attention == "sdpa" or (attention == "auto" and device.type != "cpu")
 
 
-def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer, scaler) -> tuple[int, dict]:
-    """Restore model, optimiser, scaler and RNG states from ``--resume``; returns (first epoch, checkpoint)."""
+def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer, scaler) -> tuple[int, int, dict]:
+    """Restore model, optimiser, scaler and RNG states from ``--resume``.
+
+    Returns:
+        (first epoch, steps of it already done, the checkpoint); a pre-empted run continues mid-epoch.
+
+    Raises:
+        CheckpointError: the checkpoint belongs to another model or size.
+    """
     if not args.resume:
-        return args.start_epoch, {}
+        return args.start_epoch, 0, {}
     found = checkpoint.find_resume_checkpoint(args.resume, run.output_dir)
     if found is None:
         misc.main_print(f"resume auto: no checkpoint in {run.output_dir}, starting from scratch")
-        return args.start_epoch, {}
+        return args.start_epoch, 0, {}
     path, state = found
-    model.load_state_dict(checkpoint.model_state(state))
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
+    try:
+        model.load_state_dict(checkpoint.model_state(state))
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise checkpoint.CheckpointError(
+            f"{path}: cannot resume this run from it (another model, size or optimiser?): {str(e).strip().splitlines()[0]}"
+        ) from None
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     rng_states = state.get("rng_per_rank", [])
     if len(rng_states) == run.world_size:
         misc.set_rng_state(rng_states[run.rank])
-    misc.main_print(f"resumed from {path} (epoch {state['epoch']} done), continuing at epoch {state['epoch'] + 1}")
-    return state["epoch"] + 1, state
+    else:
+        misc.main_print(f"note: {path} was written by {len(rng_states)} process(es), this run has {run.world_size}: "
+                        "random streams start afresh")
+    epoch, step = state["epoch"] + 1, state.get("next_step", 0)
+    misc.main_print(f"resumed from {path}, continuing at epoch {epoch}" + (f" step {step}" if step else ""))
+    return epoch, step, state
 
 
-def save_epoch(run: Run, name: str, model: torch.nn.Module, optimizer, scaler, epoch: int, args, **extra) -> None:
-    """Write ``output_dir/name`` atomically with everything a resume needs (collective: call on every rank)."""
+def save_epoch(run: Run, name: str, model: torch.nn.Module, optimizer, scaler, epoch: int, args, **extra) -> bool:
+    """Write ``output_dir/name`` atomically with everything a resume needs (collective: call on every rank).
+
+    A failed write (disk full, permissions) is reported with the path and the reason and training goes on;
+    the previous file stays intact. Returns whether the file was written.
+    """
     rng_states = misc.gather_rng_states()
-    if run.is_main:
-        state = checkpoint.training_state(model, optimizer, scaler, epoch, args, rng_per_rank=rng_states, **extra)
+    if not run.is_main:
+        return True
+    state = checkpoint.training_state(model, optimizer, scaler, epoch, args, rng_per_rank=rng_states, **extra)
+    try:
         checkpoint.save_checkpoint(state, run.output_dir / name)
+    except checkpoint.CheckpointError as e:
+        print(f"warning: {e}", flush=True)
+        return False
+    return True
+
+
+def save_preempted(run: Run, stop: Preempted, model: torch.nn.Module, optimizer, scaler, args, **extra) -> None:
+    """Checkpoint a run stopped by SIGTERM so that ``--resume auto`` continues at the very next step."""
+    saved = save_epoch(run, "checkpoint-last.pth", model, optimizer, scaler, stop.epoch - 1, args, next_step=stop.step, **extra)
+    if run.is_main and not saved:
+        raise checkpoint.CheckpointError(f"SIGTERM at epoch {stop.epoch} step {stop.step}, and the checkpoint could not be written")
+    misc.main_print(f"SIGTERM: stopped at epoch {stop.epoch} step {stop.step}, saved {run.output_dir / 'checkpoint-last.pth'}; "
+                    "continue with --resume auto")
 
 
 def append_log(run: Run, record: dict) -> None:
@@ -238,6 +304,8 @@ def train_one_epoch(
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if stop_requested(run):
+                raise Preempted(epoch, step + 1)
 
         terms = {name: out[name] for name in names}
         interval.update(**terms, grad_norm=grad_norm)
