@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_cross_scale_mae as models_mae  # noqa: E402
 from models_vit import set_fused_attention  # noqa: E402
 from util import misc  # noqa: E402
-from util.engine import use_sdpa  # noqa: E402
+from util.engine import optimizer_step, use_sdpa  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -51,12 +51,7 @@ def train_step(model, optimizer, images, device, amp_dtype, scaler):
     with misc.autocast(device, amp_dtype):
         loss = model(images)["loss"]
     (scaler.scale(loss) if scaler else loss).backward()
-    if scaler:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(optimizer, scaler)
     return loss
 
 

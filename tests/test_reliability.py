@@ -12,7 +12,7 @@ from conftest import write_csv_dataset
 from PIL import Image
 
 import main_pretrain
-from util import checkpoint, config, datasets, misc
+from util import checkpoint, config, misc
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

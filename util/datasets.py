@@ -109,7 +109,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        for attempt in range(len(self.samples)):
+        for _ in range(len(self.samples)):
             path, label = self.samples[index]
             try:
                 img = load_image(path, self.draft_size)

@@ -247,6 +247,16 @@ def reduce_means(logger: misc.MetricLogger) -> dict[str, float]:
     return dict(zip(names, values.tolist()))
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """Step (through the fp16 loss scaler, if any) and clear the gradients."""
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     loss_fn: LossFn,
@@ -298,12 +308,7 @@ def train_one_epoch(
             if scaler:
                 scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad or math.inf)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scaler)
             if stop_requested(run):
                 raise Preempted(epoch, step + 1)
 
