@@ -92,7 +92,8 @@ def main(args: argparse.Namespace) -> None:
     check_args(args)
     run = engine.setup_run(args)
     if args.use_xformers or args.attn_name != "scaled_dot_product":
-        misc.main_print("note: xFormers is not used; attention runs through torch.nn.functional.scaled_dot_product_attention")
+        path = "scaled_dot_product_attention" if engine.use_sdpa(args.attention, run.device) else "explicit matmul + softmax"
+        misc.main_print(f"note: --use_xformers/--attn_name are ignored: xFormers is not used, attention runs through {path} (--attention)")
 
     dataset = datasets.build_dataset(
         args.train_path, args.dataset_type,
@@ -146,7 +147,8 @@ def main(args: argparse.Namespace) -> None:
         if run.is_main and ((epoch + 1) % args.plot_every == 0 or last):
             save_reconstruction(model, plot_images, args, run, epoch, writer)
 
-    misc.main_print(misc.check_replicas_in_sync(model))
+    if misc.is_distributed():
+        misc.main_print(misc.check_replicas_in_sync(model))
     if writer is not None:
         writer.close()
         if args.norm_style == "pre":

@@ -26,6 +26,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
         rank, world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
         local_rank = int(os.environ.get("SLURM_LOCALID", 0))
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+        os.environ.setdefault("MASTER_PORT", "29500")
     else:
         return 0, 1, 0
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -75,10 +76,8 @@ def run_entry_point(main, args) -> None:
 
 
 def check_replicas_in_sync(model: torch.nn.Module) -> str:
-    """Compare per-tensor checksums of the weights across ranks; a one-line verdict, or an error if they differ."""
+    """Compare per-tensor checksums of the weights across ranks (collective); a one-line verdict, or an error."""
     checksums = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
-    if not is_distributed():
-        return "1 process"
     gathered = [torch.zeros_like(checksums) for _ in range(world_size())]
     dist.all_gather_object(gathered, checksums)
     differing = [r for r, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
