@@ -29,6 +29,14 @@ def test_upstream_layouts_load_completely_and_compute_upstreams_encoder(tmp_path
     torch.testing.assert_close(model.predictor[1].running_var, saved["model"]["predictor.1.running_var"])
 
 
+def test_wrapped_model_prefixes_are_removed(tmp_path):
+    saved = upstream_checkpoint("timm")
+    saved["model"] = {f"module.{k}": v for k, v in saved["model"].items()}
+    torch.save(saved, tmp_path / "ddp.pth")
+    _, report = load_mae(tmp_path / "ddp.pth")
+    assert report.layout == "upstream-timm" and report.unexpected == []
+
+
 def test_upstream_xformers_weights_are_wrong_in_pre_norm_blocks(tmp_path):
     """The reason post-norm blocks exist: the same weights in timm's pre-norm blocks compute something else."""
     path = tmp_path / "x.pth"

@@ -137,11 +137,13 @@ def check_md5(path: str | os.PathLike) -> str | None:
 
 
 def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights of a checkpoint dict (``model``/``state_dict`` entry, or the dict itself)."""
-    for key in ("model", "state_dict"):
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    return checkpoint
+    """The weights of a checkpoint dict (``model``/``state_dict`` entry, or the dict itself), without the
+    ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefixes of wrapped models."""
+    state = next((checkpoint[k] for k in ("model", "state_dict") if isinstance(checkpoint.get(k), dict)), checkpoint)
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
 
 
 def detect_layout(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
