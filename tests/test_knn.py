@@ -1,5 +1,9 @@
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,3 +98,18 @@ def test_seeded_split_of_a_single_folder(tmp_path, image_folder):
     protocol = json.loads((out / "protocol.json").read_text())
     assert (protocol["memory_images"], protocol["evaluation_images"]) == (4, 2)
     assert "seeded split (seed 0)" in protocol["data"]
+
+
+def test_two_process_feature_extraction_gives_the_single_process_results(tmp_path):
+    train = write_csv_dataset(tmp_path / "data", 11, "train.csv", size=32)  # odd sizes: uneven shards
+    val = write_csv_dataset(tmp_path / "data", 7, "val.csv", size=32)
+    argv = ["main_knn.py", "--checkpoints", "none", "--model", "vit_tiny_patch16", "--input_size", "32", "--train_path", str(train),
+            "--test_path", str(val), "--num_workers", "0", "--batch_size", "2", "--k", "3", "--majority_k", "3", "--amp", "none"]
+    repo, env = Path(__file__).resolve().parents[1], {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, *argv, "--output_dir", str(tmp_path / "one")], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=300)
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv,
+                             "--output_dir", str(tmp_path / "two")], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0 and double.returncode == 0, double.stderr[-2000:]
+    assert (tmp_path / "one" / "knn_results.csv").read_text() == (tmp_path / "two" / "knn_results.csv").read_text()
+    assert json.loads((tmp_path / "two" / "protocol.json").read_text())["evaluation_images"] == 7
