@@ -196,21 +196,18 @@ def main(args: argparse.Namespace, setup_fn: SetupFn) -> None:
     setup = setup_fn(args, model, num_classes)
     train_set.transform = setup.train_transform
     class_names = class_names_of(val_set, num_classes)
+    scaler = engine.grad_scaler(run)
+    start_epoch, start_step, resumed = engine.resume(args, run, model, setup.optimizer, scaler)
 
-    if setup.cache_features:
-        encoder_eval = datasets.build_transform(False, args.input_size, args.mean, args.std)
-        train_set.transform = encoder_eval
+    if setup.cache_features:  # the encoder is final now (resumed or loaded): its features never change
         misc.main_print("no augmentation: computing the frozen encoder's features once, then training the head on them")
         train_set = FeatureDataset(*extract_features(model, engine.eval_loader(train_set, args, run), run))
         val_set = FeatureDataset(*extract_features(model, engine.eval_loader(val_set, args, run), run))
-        args.num_workers = 0
+        args.num_workers = 0  # features are in memory already
     train_loader, sampler = engine.train_loader(train_set, args, run)
     val_loader = engine.eval_loader(val_set, args, run)
     steps_per_epoch = len(train_loader)
-
     scheduler = engine.lr_scheduler(setup.optimizer, args, steps_per_epoch)
-    scaler = engine.grad_scaler(run)
-    start_epoch, start_step, resumed = engine.resume(args, run, model, setup.optimizer, scaler)
     best_acc1 = resumed.get("best_acc1", -1.0)  # below any accuracy: the first epoch writes checkpoint-best
     writer = engine.summary_writer(run, args)
     eval_model = setup.trainable if setup.cache_features else model

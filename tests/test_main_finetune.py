@@ -81,6 +81,10 @@ def test_eval_reports_the_checkpoints_accuracy(split, pretrained, tmp_path):
     metrics = json.loads((out / "eval_metrics.json").read_text())
     assert metrics["acc1"] == pytest.approx(best)
     assert (out / "confusion_matrix_eval.png").exists()
+    (out / "eval_metrics.json").unlink()
+    without_weights = [*COMMON, *data_flags(split), "--model", "vit_tiny_patch16", "--patch_size", "8", "--output_dir", str(out)]
+    run(main_linprobe, [*without_weights, "--no_aug", "--eval", "--resume", str(out / "checkpoint-best.pth")])
+    assert json.loads((out / "eval_metrics.json").read_text())["acc1"] == pytest.approx(best)  # features of the resumed encoder
 
 
 def test_resumed_fine_tune_equals_an_uninterrupted_one(split, pretrained, tmp_path):
