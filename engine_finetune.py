@@ -91,20 +91,16 @@ class FeatureDataset(torch.utils.data.Dataset):
         return self.features[index], self.labels[index]
 
 
-@torch.no_grad()
 def extract_features(model: nn.Module, loader, run: engine.Run) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (what the head sees) and labels of every sample, on the CPU, in dataset order."""
     model.eval()
-    features, labels = [], []
-    for images, targets in loader:
-        with misc.autocast(run.device, run.amp_dtype):
-            pooled = model.forward_head(model.forward_features(images.to(run.device, non_blocking=True)), pre_logits=True)
-        features.append(pooled.float().cpu())
-        labels.append(targets)
-    return engine.gather(torch.cat(features)), engine.gather(torch.cat(labels))
+    outputs, labels = engine.infer(
+        lambda images: {"features": model.forward_head(model.forward_features(images), pre_logits=True)},
+        loader, run.device, run.amp_dtype,
+    )
+    return outputs["features"], labels
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, run: engine.Run, num_classes: int) -> tuple[dict[str, float], torch.Tensor]:
     """Top-1, top-5 (5+ classes), macro-F1 and mean loss over the whole evaluation set, and its confusion matrix.
 
@@ -112,12 +108,8 @@ def evaluate(model: nn.Module, loader, run: engine.Run, num_classes: int) -> tup
         (metrics, confusion [num_classes, num_classes], rows = true class).
     """
     model.eval()
-    logits, labels = [], []
-    for images, targets in loader:
-        with misc.autocast(run.device, run.amp_dtype):
-            logits.append(model(images.to(run.device, non_blocking=True)).float().cpu())
-        labels.append(targets)
-    logits, labels = engine.gather(torch.cat(logits)), engine.gather(torch.cat(labels))
+    outputs, labels = engine.infer(lambda images: {"logits": model(images)}, loader, run.device, run.amp_dtype)
+    logits = outputs["logits"]
     confusion = torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).reshape(num_classes, num_classes)
     true_positives = confusion.diagonal().double()
     precision = true_positives / confusion.sum(0).clamp(min=1)

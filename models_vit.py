@@ -10,8 +10,7 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-from timm.layers import trunc_normal_
-from timm.layers import Attention
+from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from util.pos_embed import get_2d_sincos_pos_embed
@@ -111,7 +110,6 @@ def vision_transformer(
     return vit
 
 
-
 # Classifier name -> (size preset, default patch size); upstream's models_vit names included.
 CLASSIFIER_PRESETS: dict[str, tuple[str, int]] = {
     **{f"vit_{size}_patch16": (size, 16) for size in ENCODER_PRESETS},
@@ -158,9 +156,15 @@ def create_classifier(
     return vit
 
 
-def classifier_name_for(embed_dim: int, depth: int, patch_size: int) -> str:
-    """The classifier preset an encoder of this width and depth belongs to."""
+def preset_for(embed_dim: int, depth: int) -> str:
+    """The size preset (``tiny`` ... ``huge``) of an encoder of this width and depth."""
     for size, preset in ENCODER_PRESETS.items():
         if (preset["embed_dim"], preset["depth"]) == (embed_dim, depth):
-            return "vit_huge_patch14" if size == "huge" and patch_size == 14 else f"vit_{size}_patch16"
+            return size
     raise ValueError(f"an encoder of width {embed_dim} and depth {depth} matches no preset ({', '.join(ENCODER_PRESETS)})")
+
+
+def classifier_name_for(embed_dim: int, depth: int, patch_size: int) -> str:
+    """The classifier preset an encoder of this width, depth and patch size belongs to."""
+    size = preset_for(embed_dim, depth)
+    return "vit_huge_patch14" if size == "huge" and patch_size == 14 else f"vit_{size}_patch16"

@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file as load_safetensors
-from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from safetensors.torch import save_file as save_safetensors
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 import models_cross_scale_mae as models_mae
-from models_vit import CLASSIFIER_PRESETS, PostNormBlock, classifier_name_for
+from models_vit import PostNormBlock, classifier_name_for, preset_for
 from util.misc import ReportableError, rng_state
 
 PUBLISHED_MD5 = {
@@ -235,7 +235,7 @@ def infer_model_config(state_dict: dict[str, torch.Tensor], args: dict[str, Any]
     depth = _count_blocks(state_dict, "encoder.blocks.")
     patch_size = patch_weight.shape[-1]
     try:
-        size = CLASSIFIER_PRESETS[classifier_name_for(embed_dim, depth, patch_size)][0]
+        size = preset_for(embed_dim, depth)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     grid = round(num_patches**0.5)

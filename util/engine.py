@@ -123,6 +123,25 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@torch.no_grad()
+def infer(
+    fn: Callable[[torch.Tensor], dict], loader, device: torch.device, amp_dtype: torch.dtype | None
+) -> tuple[dict, torch.Tensor]:
+    """Run ``fn(images) -> {name: [B, ...]}`` on every batch under ``no_grad`` and autocast.
+
+    Returns:
+        ({name: outputs of every sample as float32 on the CPU}, labels), gathered over ranks in dataset order.
+    """
+    outputs: dict = {}
+    labels = []
+    for images, targets in loader:
+        with misc.autocast(device, amp_dtype):
+            for name, value in fn(images.to(device, non_blocking=True)).items():
+                outputs.setdefault(name, []).append(value.float().cpu())
+        labels.append(targets)
+    return {name: gather(torch.cat(parts)) for name, parts in outputs.items()}, gather(torch.cat(labels))
+
+
 def lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int) -> CosineLRScheduler:
     """Per-update linear warm-up from 0, then half-cycle cosine to ``--min_lr`` (timm's, honouring ``lr_scale``)."""
     updates_per_epoch = -(-steps_per_epoch // args.accum_iter)

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from util import misc
-from util.engine import gather
+from util.engine import infer
 
 SCALE_MODES = ("resize", "native")
 POOLS = ("cls", "mean")
@@ -52,7 +51,6 @@ def encoder_features(encoder: VisionTransformer, images: torch.Tensor, pool: str
     return F.normalize(pooled.float(), dim=1)
 
 
-@torch.no_grad()
 def extract(
     encoder: VisionTransformer,
     loader,
@@ -67,15 +65,10 @@ def extract(
     gathered over ranks in dataset order."""
     encoder.eval()
     patch_size = encoder.patch_embed.patch_size[0]
-    features: dict[float, list[torch.Tensor]] = {scale: [] for scale in scales}
-    labels = []
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        for scale in scales:
-            with misc.autocast(device, amp_dtype):
-                features[scale].append(encoder_features(encoder, rescale(images, scale, patch_size, scale_mode), pool, final_norm).cpu())
-        labels.append(targets)
-    return {scale: gather(torch.cat(f)) for scale, f in features.items()}, gather(torch.cat(labels))
+    return infer(
+        lambda images: {s: encoder_features(encoder, rescale(images, s, patch_size, scale_mode), pool, final_norm) for s in scales},
+        loader, device, amp_dtype,
+    )
 
 
 def topk_cosine(
