@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -124,7 +125,7 @@ def main(args: argparse.Namespace) -> None:
         f"autocast {run.amp_dtype or 'off (fp32)'}, {run.world_size} process(es)"
     )
     writer = engine.summary_writer(run, args)
-    plot_images = plot_batch(args, run.device) if run.is_main else None
+    plot_images = plot_batch(dataset, args, run.device) if run.is_main else None
     train_model = engine.distribute(model, run, args, find_unused=model.has_unused_parameters)
 
     knn_loaders = knn_data(args, run) if args.knn_eval_every else None
@@ -179,11 +180,11 @@ def knn_eval(model: models_mae.CrossScaleMAE, memory, queries, num_classes: int,
     return stats
 
 
-def plot_batch(args: argparse.Namespace, device: torch.device) -> torch.Tensor:
+def plot_batch(dataset, args: argparse.Namespace, device: torch.device) -> torch.Tensor:
     """The first (up to) four training images, centre-cropped: the same images in every figure."""
-    transform = datasets.build_transform(False, args.input_size, args.mean, args.std)
-    dataset = datasets.build_dataset(args.train_path, args.dataset_type, transform, skip_bad=args.skip_bad_images)
-    return torch.stack([dataset[i][0] for i in range(min(4, len(dataset)))]).to(device)
+    centre_crops = copy.copy(dataset)  # the same samples, without scanning the dataset again
+    centre_crops.transform = datasets.build_transform(False, args.input_size, args.mean, args.std)
+    return torch.stack([centre_crops[i][0] for i in range(min(4, len(dataset)))]).to(device)
 
 
 if __name__ == "__main__":
