@@ -1,33 +1,68 @@
-"""Pretraining epochs and figures; the step loop itself is ``util.engine.train_one_epoch``."""
+"""Pretraining: one epoch of Cross-Scale MAE, the reconstruction figure, and kNN evaluation during training."""
 from __future__ import annotations
 
-import torch
+import argparse
 
-from util import engine
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+import models_cross_scale_mae as models_mae
+from util import knn
+from util.distributed import main_print
+from util.runtime import Run
+from util.training import StepLoop
 from util.visualize import reconstruction_grid, save_png
 
 
-def train_one_epoch(model: torch.nn.Module, mae: torch.nn.Module, loader, optimizer, scheduler, scaler,
-                    run: engine.Run, epoch: int, steps_per_epoch: int, args, writer=None, start_step: int = 0,
-                    device_transform=None) -> dict[str, float]:
-    """One epoch of Cross-Scale MAE pretraining.
+def train_one_epoch(model: torch.nn.Module, loss_names: tuple[str, ...], loader, optimizer: torch.optim.Optimizer,
+                    scheduler, scaler: torch.amp.GradScaler | None, run: Run, epoch: int, steps_per_epoch: int,
+                    args: argparse.Namespace, writer: SummaryWriter | None = None, start_step: int = 0,
+                    device_transform: torch.nn.Module | None = None) -> dict[str, float]:
+    """One epoch of Cross-Scale MAE pretraining; returns the mean of each loss term.
 
     Args:
-        model: What trains (the ``CrossScaleMAE``, possibly DDP-wrapped or compiled).
-        mae: The unwrapped ``CrossScaleMAE`` (for its loss names).
-        loader: Yields (images, labels); labels are ignored.
-        device_transform: Augmentation of each batch on the device (packed uint8 datasets).
+        model: What trains: the ``CrossScaleMAE``, possibly DDP-wrapped or compiled.
+        loss_names: The terms the model reports besides ``loss`` (``CrossScaleMAE.loss_names``).
+        loader: Yields (images [B, C, H, W], labels); labels are ignored.
+        steps_per_epoch: Steps of a whole epoch (a resumed one starts at ``start_step``).
+        device_transform: Augmentation of each batch on the device (packed uint8 datasets), or None.
+
+    Raises:
+        Preempted: SIGTERM arrived; the update of the current step is done.
+        NonFiniteLossError: a loss term became NaN or infinite.
     """
-    def loss_fn(samples: torch.Tensor, _labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return model(samples, mask_ratio=args.mask_ratio)
+    model.train()
+    steps = StepLoop(model, optimizer, scheduler, scaler, run, args, epoch, steps_per_epoch, ("loss", *loss_names),
+                     writer, start_step)
+    for step, (samples, _labels) in enumerate(loader, start=start_step):
+        samples = samples.to(run.device, non_blocking=True)  # [B, C, H, W]
+        if device_transform is not None:
+            samples = device_transform(samples)
+        with steps.accumulate(step):
+            with run.autocast():
+                out = model(samples, mask_ratio=args.mask_ratio)  # loss, each term, pred [B, L, p*p*C], mask [B, L]
+            steps.backward(out["loss"])
+        steps.end_step(step, out, samples.shape[0])
+    return steps.epoch_means()
 
-    return engine.train_one_epoch(model, loss_fn, mae.loss_names, loader, optimizer, scheduler, scaler, run,
-                                  epoch, steps_per_epoch, args, writer, start_step, device_transform)
 
-
-def save_reconstruction(mae, images: torch.Tensor, args, run: engine.Run, epoch: int, writer=None) -> None:
-    """Write ``plots/reconstruction_epochNNNN.png`` (and the same figure to TensorBoard)."""
+def save_reconstruction(mae: models_mae.CrossScaleMAE, images: torch.Tensor, args: argparse.Namespace, run: Run,
+                        epoch: int, writer: SummaryWriter | None = None) -> None:
+    """Write ``plots/reconstruction_epochNNNN.png`` (and the same figure to TensorBoard) for ``images`` [B, C, H, W]."""
     figure = reconstruction_grid(mae, images, args.mean, args.std)
     save_png(figure, run.output_dir / "plots" / f"reconstruction_epoch{epoch:04d}.png")
     if writer is not None:
         writer.add_image("reconstruction", figure, epoch)
+
+
+def knn_evaluate(mae: models_mae.CrossScaleMAE, memory, queries, num_classes: int, run: Run, epoch: int,
+                 writer: SummaryWriter | None) -> dict[str, float]:
+    """Multi-scale kNN top-1 (%) of the encoder as it is now (resize mode, cls token); logged and returned."""
+    results = knn.multiscale_accuracies(mae.encoder, mae.encoder_norm, memory, queries, num_classes, run.device, run.amp_dtype)
+    mae.train()
+    stats = {f"knn_{classifier}_{scale:g}": value for (classifier, scale), value in results.items()}
+    main_print(f"epoch {epoch} kNN top-1: " + ", ".join(f"{k[4:]} {v:.1f}%" for k, v in stats.items()))
+    if writer is not None:
+        for name, value in stats.items():
+            writer.add_scalar(f"knn/{name}", value, epoch)
+    return stats

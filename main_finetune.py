@@ -6,18 +6,24 @@
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
 import engine_finetune
-from util import config, misc
+from model_loading import build_classifier
+from util import checkpoint, config, datasets, distributed, loaders, logger, runtime, schedule, training, transforms, visualize
+from util.errors import UsageError, run_entry_point
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = engine_finetune.get_args_parser(
+    parser = config.classification_parser(
         "Cross-Scale MAE fine-tuning", global_pool=True, head_init_std=2e-5,
         batch_size=512, epochs=100, blr=1e-3, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05,
     )
@@ -41,11 +47,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> engine_finetune.Setup:
+def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> Setup:
     """All parameters train; AdamW with layer-wise LR decay; mixup/cutmix with soft-target cross-entropy."""
     mixing = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     if mixing and args.batch_size % 2:
-        raise misc.UsageError(f"--batch_size {args.batch_size}: mixup/cutmix need an even batch (or --mixup 0 --cutmix 0)")
+        raise UsageError(f"--batch_size {args.batch_size}: mixup/cutmix need an even batch (or --mixup 0 --cutmix 0)")
     mixup = Mixup(
         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing, num_classes=num_classes,
@@ -64,12 +70,121 @@ def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> engin
         auto_augment=None if args.aa == "none" else args.aa, color_jitter=args.color_jitter,
         re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=args.mean, std=args.std,
     )
-    return engine_finetune.Setup(model, model, optimizer, criterion, transform, mixup)
+    return Setup(model, model, optimizer, criterion, transform, mixup)
 
 
 def main(args: argparse.Namespace) -> None:
-    engine_finetune.main(args, setup)
+    run_classification(args, setup)
+
+
+@dataclass
+class Setup:
+    """What a script decides; the rest of the run is shared.
+
+    Attributes:
+        model: The whole classifier (saved in checkpoints, used by ``--eval``).
+        trainable: The module the optimiser updates and DDP wraps (the model, or only its head).
+        optimizer: Over ``trainable``'s parameters.
+        criterion: Loss on (logits, targets); targets may be soft (mixup).
+        train_transform: Transform of training images.
+        mixup: timm ``Mixup`` applied to each training batch, or None.
+        cache_features: Train ``trainable`` (the head) on features of the frozen encoder computed once.
+    """
+
+    model: nn.Module
+    trainable: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    train_transform: Callable
+    mixup: Callable | None = None
+    cache_features: bool = False
+
+
+SetupFn = Callable[[argparse.Namespace, nn.Module, int], Setup]
+
+
+SetupFn = Callable[[argparse.Namespace, nn.Module, int], Setup]
+
+
+def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
+    """Train a classifier head (and, for fine-tuning, the encoder), evaluating every epoch."""
+    config.check_common_args(args)
+    run = runtime.setup_run(args)
+    train_set = datasets.build_dataset(args.train_path, args.dataset_type, draft_size=transforms.draft_size_for(True, args.input_size),
+                                       skip_bad=args.skip_bad_images)
+    val_set = datasets.build_dataset(args.test_path, args.dataset_type, transforms.build_transform(False, args.input_size, args.mean, args.std),
+                                     transforms.draft_size_for(False, args.input_size), args.skip_bad_images)
+    num_classes = args.nb_classes or datasets.num_classes(train_set, val_set)
+    if min(train_set.targets) < 0 or max(train_set.targets) >= num_classes:
+        raise datasets.DataError(f"{args.train_path}: labels must lie in 0..{num_classes - 1} (--nb_classes {num_classes})")
+    args.nb_classes = num_classes
+
+    model, _ = build_classifier(args, num_classes)
+    model.to(run.device)
+    schedule.resolve_lr(args, run.world_size)
+    setup = setup_fn(args, model, num_classes)
+    train_set.transform = setup.train_transform
+    class_names = val_set.classes if len(val_set.classes) == num_classes else [str(i) for i in range(num_classes)]
+    scaler = training.grad_scaler(run)
+    start_epoch, start_step, resumed = checkpoint.resume(args, run, model, setup.optimizer, scaler)
+
+    if setup.cache_features:  # the encoder is final now (resumed or loaded): its features never change
+        distributed.main_print("no augmentation: computing the frozen encoder's features once, then training the head on them")
+        train_set = engine_finetune.FeatureDataset(*engine_finetune.extract_features(model, loaders.eval_loader(train_set, args, run), run))
+        val_set = engine_finetune.FeatureDataset(*engine_finetune.extract_features(model, loaders.eval_loader(val_set, args, run), run))
+        args.num_workers = 0  # features are in memory already
+    train_loader, sampler = loaders.train_loader(train_set, args, run)
+    val_loader = loaders.eval_loader(val_set, args, run)
+    steps_per_epoch = len(train_loader)
+    scheduler = schedule.lr_scheduler(setup.optimizer, args, steps_per_epoch)
+    best_acc1 = resumed.get("best_acc1", -1.0)  # below any accuracy: the first epoch writes checkpoint-best
+    writer = logger.summary_writer(run, args)
+    eval_model = setup.trainable if setup.cache_features else model
+
+    if args.eval:
+        metrics, confusion = engine_finetune.evaluate(eval_model, val_loader, run, num_classes)
+        engine_finetune.report(metrics, len(val_set), "eval")
+        if run.is_main:
+            (run.output_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
+            visualize.save_confusion_png(confusion, class_names, run.output_dir / "confusion_matrix_eval.png", f"top-1 {metrics['acc1']:.1f}%")
+        return
+
+    distributed.main_print(
+        f"{sum(p.numel() for p in setup.trainable.parameters() if p.requires_grad):,} trainable parameters, "
+        f"{len(train_set)} training / {len(val_set)} evaluation images, {num_classes} classes, "
+        f"{steps_per_epoch} steps/epoch, lr {args.lr:.3e}, device {run.device}, autocast {run.amp_dtype or 'off (fp32)'}"
+    )
+    train_model = training.distribute(setup.trainable, run, args)
+
+    try:
+        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step):
+            train_stats = engine_finetune.train_one_epoch(train_model, setup.criterion, train_loader, setup.optimizer, scheduler,
+                                                          scaler, run, epoch, steps_per_epoch, args, writer, first_step, setup.mixup)
+            metrics, confusion = engine_finetune.evaluate(eval_model, val_loader, run, num_classes)
+            improved = metrics["acc1"] > best_acc1
+            best_acc1 = max(best_acc1, metrics["acc1"])
+            engine_finetune.report(metrics, len(val_set), f"epoch {epoch}", best_acc1)
+            checkpoint.save_epoch(run, "checkpoint-last.pth", model, setup.optimizer, scaler, epoch, args, best_acc1=best_acc1)
+            if improved:
+                checkpoint.save_epoch(run, "checkpoint-best.pth", model, setup.optimizer, scaler, epoch, args, best_acc1=best_acc1)
+            if args.save_every and (epoch + 1) % args.save_every == 0:
+                checkpoint.save_epoch(run, f"checkpoint-{epoch}.pth", model, setup.optimizer, scaler, epoch, args, best_acc1=best_acc1)
+            logger.append_log(run, {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                                    **{f"test_{k}": v for k, v in metrics.items()}})
+            if run.is_main:
+                for name, value in metrics.items():
+                    writer.add_scalar(f"test/{name}", value, epoch)
+                title = f"epoch {epoch}: top-1 {metrics['acc1']:.1f}%"
+                visualize.save_confusion_png(confusion, class_names, run.output_dir / "confusion_matrix_last.png", title)
+                if improved:
+                    visualize.save_confusion_png(confusion, class_names, run.output_dir / "confusion_matrix_best.png", title)
+    except runtime.Preempted as stop:
+        checkpoint.save_preempted(run, stop, model, setup.optimizer, scaler, args, best_acc1=best_acc1)
+        return
+    if writer is not None:
+        writer.close()
 
 
 if __name__ == "__main__":
-    misc.run_entry_point(main, config.parse_args(get_args_parser()))
+    run_entry_point(main, config.parse_args(get_args_parser()))
+

@@ -12,14 +12,13 @@ import csv
 import json
 from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-import models_vit  # noqa: E402
-from util import checkpoint, config, datasets, engine, knn, misc  # noqa: E402
+import models_vit
+from model_loading import build_knn_encoder, classifier_name
+from util import config, datasets, distributed, knn, layouts, loaders, runtime, transforms
+from util.errors import UsageError, run_entry_point
+from util.visualize import save_knn_plot
 
 CLASSIFIERS = ("weighted", "majority")
 
@@ -48,16 +47,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     if any(not 0 < s <= 1 for s in args.scales):
-        raise misc.UsageError(f"--scales must lie in (0, 1], got {args.scales}")
+        raise UsageError(f"--scales must lie in (0, 1], got {args.scales}")
     if min(args.k, args.majority_k, args.batch_size) < 1:
-        raise misc.UsageError("--k, --majority_k and --batch_size must be at least 1")
-    if args.model is not None and args.model not in models_vit.CLASSIFIER_PRESETS:
-        raise misc.UsageError(f"--model {args.model}: unknown; choose one of {', '.join(models_vit.CLASSIFIER_PRESETS)}")
+        raise UsageError("--k, --majority_k and --batch_size must be at least 1")
+    if args.model is not None:
+        try:
+            models_vit.classifier_preset(args.model)
+        except ValueError as e:
+            raise UsageError(f"--{e}") from None
 
 
 def load_datasets(args: argparse.Namespace) -> tuple[datasets.ImageDataset, datasets.ImageDataset, str]:
-    transform = datasets.build_transform(False, args.input_size, args.mean, args.std)
-    draft = datasets.draft_size_for(False, args.input_size)
+    transform = transforms.build_transform(False, args.input_size, args.mean, args.std)
+    draft = transforms.draft_size_for(False, args.input_size)
     train = datasets.build_dataset(args.train_path, args.dataset_type, transform, draft, args.skip_bad_images)
     if args.test_path == "split":
         train, val = datasets.split_dataset(train, args.val_fraction, args.seed)
@@ -71,40 +73,26 @@ def load_datasets(args: argparse.Namespace) -> tuple[datasets.ImageDataset, data
     return train, val, origin
 
 
-def build_encoder(spec: str, weights: checkpoint.EncoderWeights | None, model_name: str, args) -> tuple[torch.nn.Module, str, bool]:
-    """(encoder, label, whether its final norm is applied) for a checkpoint or 'none'."""
-    preset = models_vit.CLASSIFIER_PRESETS[model_name][0]
-    patch_size = weights.patch_size if weights else args.patch_size
-    encoder = models_vit.vision_transformer(
-        **models_vit.ENCODER_PRESETS[preset], img_size=args.input_size, patch_size=patch_size, in_chans=args.in_chans,
-        num_classes=0, norm_style=weights.norm_style if weights else "pre", dynamic_img_size=args.scale_mode == "native",
-    )
-    if weights is None:
-        return encoder, f"random init ({model_name})", True
-    misc.main_print(checkpoint.load_encoder(encoder, weights))
-    return encoder, spec, weights.final_norm
-
-
 def main(args: argparse.Namespace) -> None:
     check_args(args)
-    run = engine.setup_run(args)
-    weights = {spec: checkpoint.read_encoder(spec) for spec in args.checkpoints if spec != "none"}
+    run = runtime.setup_run(args)
+    weights = {spec: layouts.read_encoder(spec) for spec in args.checkpoints if spec != "none"}
     reference = next(iter(weights.values()), None)
-    model_name = args.model or (reference.classifier_name if reference else None)
+    model_name = args.model or (classifier_name(reference) if reference else None)
     if model_name is None:
-        raise misc.UsageError("--checkpoints none needs --model (or another checkpoint to take the architecture from)")
+        raise UsageError("--checkpoints none needs --model (or another checkpoint to take the architecture from)")
     if args.input_size is None:
-        args.input_size = reference.grid[0] * reference.patch_size if reference else 224
-    args.patch_size = reference.patch_size if reference else (args.patch_size or models_vit.CLASSIFIER_PRESETS[model_name][1])
+        args.input_size = reference.shape.input_size if reference else 224
+    args.patch_size = reference.shape.patch_size if reference else (args.patch_size or models_vit.classifier_preset(model_name)[1])
     train_set, val_set, origin = load_datasets(args)
-    num_classes = max(max(train_set.targets), max(val_set.targets)) + 1
-    train_loader = engine.eval_loader(train_set, args, run)
-    val_loader = engine.eval_loader(val_set, args, run)
+    num_classes = datasets.num_classes(train_set, val_set)
+    train_loader = loaders.eval_loader(train_set, args, run)
+    val_loader = loaders.eval_loader(val_set, args, run)
 
     rows, final_norms = [], {}
     for spec in args.checkpoints:
         torch.manual_seed(args.seed)  # the random-init encoder is reproducible
-        encoder, label, final_norm = build_encoder(spec, weights.get(spec), model_name, args)
+        encoder, label, final_norm = build_knn_encoder(spec, weights.get(spec), model_name, args)
         encoder.to(run.device)
         final_norms[label] = final_norm
         accuracy = knn.multiscale_accuracies(
@@ -112,7 +100,7 @@ def main(args: argparse.Namespace) -> None:
             args.pool, args.scale_mode, args.k, args.temperature, args.majority_k,
         )
         rows += [{"checkpoint": label, "classifier": c, "scale": s, "top1": accuracy[c, s]} for s in args.scales for c in CLASSIFIERS]
-        misc.main_print(f"{label}: " + ", ".join(
+        distributed.main_print(f"{label}: " + ", ".join(
             f"{r['classifier']} {r['scale']:g} {r['top1']:.1f}%" for r in rows if r["checkpoint"] == label))
     if not run.is_main:
         return
@@ -126,7 +114,7 @@ def describe_protocol(args, train_set, val_set, num_classes: int, origin: str, f
         "data": origin,
         "memory_images": len(train_set), "evaluation_images": len(val_set), "classes": num_classes,
         "input_size": args.input_size,
-        "preprocessing": f"resize shorter side to {datasets.eval_resize_size(args.input_size)} (bicubic, antialias), "
+        "preprocessing": f"resize shorter side to {transforms.eval_resize_size(args.input_size)} (bicubic, antialias), "
                          f"centre crop {args.input_size}, normalise mean {args.mean} std {args.std}",
         "scales": {f"{s:g}": (f"area down-sampling to {sizes[s]} px, bicubic back to {args.input_size} px" if args.scale_mode == "resize"
                               else f"area down-sampling to {sizes[s]} px, fed natively, position embeddings interpolated (bicubic)")
@@ -161,26 +149,9 @@ def write_outputs(rows: list[dict], protocol: dict, args: argparse.Namespace) ->
     protocol_lines = [f"- **{k}**: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in protocol.items()]
     (out / "knn_results.md").write_text("# Multi-scale kNN top-1 (%)\n\n" + markdown + "\n\n## Protocol\n\n" + "\n".join(protocol_lines) + "\n")
     (out / "protocol.json").write_text(json.dumps(protocol, indent=2))
-    plot(table, labels, args.scales, out / "knn_accuracy_vs_scale.png")
+    save_knn_plot(table, labels, args.scales, CLASSIFIERS, out / "knn_accuracy_vs_scale.png")
     print(markdown + f"\n\nresults: {out}/knn_results.md, knn_results.csv, protocol.json, knn_accuracy_vs_scale.png", flush=True)
 
 
-def plot(table: dict, labels: list[str], scales: list[float], path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4 + 0.25 * len(labels)), sharey=True)
-    for ax, classifier in zip(axes, CLASSIFIERS):
-        for label in labels:
-            ax.plot(scales, [table[label, classifier, s] for s in scales], marker="o", label=label)
-        ax.set(xscale="log", xlabel="scale (fraction of the input size)", title=f"{classifier} kNN")
-        ax.minorticks_off()
-        ax.set_xticks(scales, [f"{s:g}" for s in scales])
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("top-1 (%)")
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 * len(labels), 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 if __name__ == "__main__":
-    misc.run_entry_point(main, config.parse_args(get_args_parser()))
+    run_entry_point(main, config.parse_args(get_args_parser()))

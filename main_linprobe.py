@@ -9,13 +9,14 @@ import argparse
 
 import torch.nn as nn
 
-import engine_finetune
-from util import config, datasets, misc
+from main_finetune import Setup, run_classification
+from util import config, transforms
+from util.errors import run_entry_point
 from util.lars import LARS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = engine_finetune.get_args_parser(
+    parser = config.classification_parser(
         "Cross-Scale MAE linear probing", global_pool=False, head_init_std=0.01,
         batch_size=512, epochs=50, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0,
     )
@@ -27,21 +28,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> engine_finetune.Setup:
+def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> Setup:
     """Only the head trains: BatchNorm1d(affine=False) + Linear, with LARS."""
     model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head).to(model.head.weight.device)
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("head.")
     optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    transform = (datasets.build_transform(False, args.input_size, args.mean, args.std) if args.no_aug
-                 else datasets.build_transform(True, args.input_size, args.mean, args.std))
-    return engine_finetune.Setup(model, model.head if args.no_aug else model, optimizer, nn.CrossEntropyLoss(), transform,
+    transform = (transforms.build_transform(False, args.input_size, args.mean, args.std) if args.no_aug
+                 else transforms.build_transform(True, args.input_size, args.mean, args.std))
+    return Setup(model, model.head if args.no_aug else model, optimizer, nn.CrossEntropyLoss(), transform,
                                  cache_features=args.no_aug)
 
 
 def main(args: argparse.Namespace) -> None:
-    engine_finetune.main(args, setup)
+    run_classification(args, setup)
 
 
 if __name__ == "__main__":
-    misc.run_entry_point(main, config.parse_args(get_args_parser()))
+    run_entry_point(main, config.parse_args(get_args_parser()))

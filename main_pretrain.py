@@ -11,20 +11,21 @@ import torch
 from timm.optim import create_optimizer_v2
 
 import models_cross_scale_mae as models_mae
-from engine_pretrain import save_reconstruction, train_one_epoch
-from util import checkpoint, config, datasets, engine, knn, misc
+from engine_pretrain import knn_evaluate, save_reconstruction, train_one_epoch
+from model_loading import export_encoder
+from util import checkpoint, config, datasets, distributed, loaders, logger, runtime, schedule, training, transforms
+from util.errors import UsageError, run_entry_point
 
 
 def parse_loss_weights(items: list[str]) -> dict[str, float]:
+    """``--loss_weights rec=1 cross_cons=0.5`` -> {"rec": 1.0, "cross_cons": 0.5} (the model checks the names)."""
     weights = {}
     for item in items:
         name, _, value = item.partition("=")
         try:
             weights[name] = float(value)
         except ValueError:
-            raise misc.UsageError(f"--loss_weights {item}: expected NAME=NUMBER, e.g. cross_cons=0.5") from None
-        if name not in models_mae.LOSS_WEIGHT_KEYS:
-            raise misc.UsageError(f"--loss_weights {item}: unknown term; known: {', '.join(models_mae.LOSS_WEIGHT_KEYS)}")
+            raise UsageError(f"--loss_weights {item}: expected NAME=NUMBER, e.g. cross_cons=0.5") from None
     return weights
 
 
@@ -66,17 +67,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
-    config.check_common_args(args)
-    if not 0.0 < args.mask_ratio < 1.0:
-        raise misc.UsageError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
-    if args.model not in models_mae.MODEL_NAMES:
-        raise misc.UsageError(f"--model {args.model}: unknown; e.g. cross_scale_mae_vit_base, mae_vit_base, mae_vit_base_MsLdCeCd")
-    if args.batch_size < 2 and models_mae.MODEL_VARIANTS[args.model][2].get("cross_cons"):
-        raise misc.UsageError("--batch_size must be at least 2 per device: the contrastive loss needs negatives in the batch")
-
-
 def build_model(args: argparse.Namespace) -> models_mae.CrossScaleMAE:
+    """The model ``--model`` names with the flags' options.
+
+    Raises:
+        UsageError: naming the flag whose value the model refuses (the model is where values are checked).
+    """
     options = dict(
         input_size=args.input_size, patch_size=args.patch_size, in_chans=args.in_chans, mask_ratio=args.mask_ratio,
         norm_pix_loss=args.norm_pix_loss, scale_range=tuple(args.scale_range), crop_mode=args.crop_mode,
@@ -86,106 +82,97 @@ def build_model(args: argparse.Namespace) -> models_mae.CrossScaleMAE:
     weights = parse_loss_weights(args.loss_weights)
     if weights:
         options["loss_weights"] = weights
-    return models_mae.create_model(args.model, **options)
+    try:
+        model = models_mae.create_model(args.model, **options)
+    except ValueError as e:  # the model's messages start with the argument's name, which is the flag's
+        raise UsageError(f"--{e}") from None
+    if args.batch_size < 2 and model.loss_weights["cross_cons"]:
+        raise UsageError("--batch_size must be at least 2 per device: the contrastive loss needs negatives in the batch")
+    return model
 
 
 def main(args: argparse.Namespace) -> None:
-    check_args(args)
-    run = engine.setup_run(args)
+    config.check_common_args(args)
+    run = runtime.setup_run(args)
+    model = build_model(args).to(run.device)
     if args.use_xformers or args.attn_name != "scaled_dot_product":
-        path = "scaled_dot_product_attention" if engine.use_sdpa(args.attention, run.device) else "explicit matmul + softmax"
-        misc.main_print(f"note: --use_xformers/--attn_name are ignored: xFormers is not used, attention runs through {path} (--attention)")
+        path = "scaled_dot_product_attention" if training.use_sdpa(args.attention, run.device) else "explicit matmul + softmax"
+        distributed.main_print(f"note: --use_xformers/--attn_name are ignored: xFormers is not used, attention runs through {path} (--attention)")
 
     dataset = datasets.build_dataset(
         args.train_path, args.dataset_type,
-        datasets.build_transform(True, args.input_size, args.mean, args.std),
-        datasets.draft_size_for(True, args.input_size), args.skip_bad_images,
+        transforms.build_transform(True, args.input_size, args.mean, args.std),
+        transforms.draft_size_for(True, args.input_size), args.skip_bad_images,
     )
     device_transform = None
     if isinstance(dataset, datasets.PackedDataset):  # decoded already: augment whole batches on the device
         dataset.transform = None
-        device_transform = datasets.BatchAugment(args.input_size, args.mean, args.std).to(run.device)
-        misc.main_print(f"packed dataset {dataset.array_path}: crops, flips and normalisation run on {run.device}")
-    loader, sampler = engine.train_loader(dataset, args, run)
+        device_transform = transforms.BatchAugment(args.input_size, args.mean, args.std).to(run.device)
+        distributed.main_print(f"packed dataset {dataset.array_path}: crops, flips and normalisation run on {run.device}")
+    loader, sampler = loaders.train_loader(dataset, args, run)
     steps_per_epoch = len(loader)
 
-    model = build_model(args).to(run.device)
     optimizer = create_optimizer_v2(
-        model, "adamw", lr=engine.resolve_lr(args, run), weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=True,
+        model, "adamw", lr=schedule.resolve_lr(args, run.world_size), weight_decay=args.weight_decay, betas=(0.9, 0.95),
+        fused=True,
     )
-    scheduler = engine.lr_scheduler(optimizer, args, steps_per_epoch)
-    scaler = engine.grad_scaler(run)
-    start_epoch, start_step, _ = engine.resume(args, run, model, optimizer, scaler)
+    scheduler = schedule.lr_scheduler(optimizer, args, steps_per_epoch)
+    scaler = training.grad_scaler(run)
+    start_epoch, start_step, _ = checkpoint.resume(args, run, model, optimizer, scaler)
 
-    misc.main_print(
+    distributed.main_print(
         f"{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, "
         f"losses {' + '.join(model.loss_names)}\n"
         f"{len(dataset)} images, {steps_per_epoch} steps/epoch, effective batch "
         f"{args.batch_size * args.accum_iter * run.world_size}, lr {args.lr:.3e}, device {run.device}, "
         f"autocast {run.amp_dtype or 'off (fp32)'}, {run.world_size} process(es)"
     )
-    writer = engine.summary_writer(run, args)
+    writer = logger.summary_writer(run, args)
     plot_images = plot_batch(dataset, args, run.device) if run.is_main else None
-    train_model = engine.distribute(model, run, args, find_unused=model.has_unused_parameters)
+    train_model = training.distribute(model, run, args, find_unused=model.has_unused_parameters)
+    knn_sets = knn_data(args, run) if args.knn_eval_every else None
 
-    knn_loaders = knn_data(args, run) if args.knn_eval_every else None
-    for epoch in range(start_epoch, args.epochs):
-        first_step = start_step if epoch == start_epoch else 0
-        sampler.set_epoch(epoch)
-        sampler.set_start(first_step * args.batch_size)
-        try:
-            stats = train_one_epoch(train_model, model, loader, optimizer, scheduler, scaler, run, epoch, steps_per_epoch,
-                                    args, writer, first_step, device_transform)
-        except engine.Preempted as stop:
-            engine.save_preempted(run, stop, model, optimizer, scaler, args)
-            return
-        knn_stats = knn_eval(model, *knn_loaders, run, epoch, writer) if knn_loaders and (epoch + 1) % args.knn_eval_every == 0 else {}
-        last = epoch + 1 == args.epochs
-        engine.save_epoch(run, "checkpoint-last.pth", model, optimizer, scaler, epoch, args)
-        if (epoch + 1) % args.save_every == 0 or last:
-            engine.save_epoch(run, f"checkpoint-{epoch}.pth", model, optimizer, scaler, epoch, args)
-        engine.append_log(run, {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}, **knn_stats})
-        if run.is_main and ((epoch + 1) % args.plot_every == 0 or last):
-            save_reconstruction(model, plot_images, args, run, epoch, writer)
+    try:
+        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step):
+            stats = train_one_epoch(train_model, model.loss_names, loader, optimizer, scheduler, scaler, run, epoch,
+                                    steps_per_epoch, args, writer, first_step, device_transform)
+            knn_stats = knn_evaluate(model, *knn_sets, run, epoch, writer) if knn_sets and (epoch + 1) % args.knn_eval_every == 0 else {}
+            last = epoch + 1 == args.epochs
+            checkpoint.save_epoch(run, "checkpoint-last.pth", model, optimizer, scaler, epoch, args)
+            if (epoch + 1) % args.save_every == 0 or last:
+                checkpoint.save_epoch(run, f"checkpoint-{epoch}.pth", model, optimizer, scaler, epoch, args)
+            logger.append_log(run, {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}, **knn_stats})
+            if run.is_main and ((epoch + 1) % args.plot_every == 0 or last):
+                save_reconstruction(model, plot_images, args, run, epoch, writer)
+    except runtime.Preempted as stop:
+        checkpoint.save_preempted(run, stop, model, optimizer, scaler, args)
+        return
 
-    if misc.is_distributed():
-        misc.main_print(misc.check_replicas_in_sync(model))
+    if distributed.is_distributed():
+        distributed.main_print(distributed.check_replicas_in_sync(model))
     if writer is not None:
         writer.close()
         if args.norm_style == "pre":
-            exported, _ = checkpoint.export_encoder(model, run.output_dir / "encoder")
-            misc.main_print(f"timm encoder: {exported} (+ .safetensors)")
-        misc.main_print(f"checkpoints: {run.output_dir}/checkpoint-last.pth\nfigures: {run.output_dir / 'plots'}\n"
-                        f"logs: tensorboard --logdir {args.log_dir or run.output_dir}")
+            exported, _ = export_encoder(model, run.output_dir / "encoder")
+            distributed.main_print(f"timm encoder: {exported} (+ .safetensors)")
+        distributed.main_print(f"checkpoints: {run.output_dir}/checkpoint-last.pth\nfigures: {run.output_dir / 'plots'}\n"
+                               f"logs: tensorboard --logdir {args.log_dir or run.output_dir}")
 
 
-def knn_data(args: argparse.Namespace, run: engine.Run):
+def knn_data(args: argparse.Namespace, run: runtime.Run):
     """Memory and evaluation loaders of the labelled kNN sets, and their class count."""
-    transform = datasets.build_transform(False, args.input_size, args.mean, args.std)
+    transform = transforms.build_transform(False, args.input_size, args.mean, args.std)
     memory = datasets.build_dataset(args.knn_train_path, "auto", transform, skip_bad=args.skip_bad_images)
     queries = datasets.build_dataset(args.knn_test_path, "auto", transform, skip_bad=args.skip_bad_images)
-    num_classes = max(max(memory.targets), max(queries.targets)) + 1
-    return engine.eval_loader(memory, args, run), engine.eval_loader(queries, args, run), num_classes
-
-
-def knn_eval(model: models_mae.CrossScaleMAE, memory, queries, num_classes: int, run: engine.Run, epoch: int, writer) -> dict[str, float]:
-    """Multi-scale kNN top-1 of the encoder as it is now (resize mode, cls token); logged and returned."""
-    results = knn.multiscale_accuracies(model.encoder, model.encoder_norm, memory, queries, num_classes, run.device, run.amp_dtype)
-    model.train()
-    stats = {f"knn_{classifier}_{scale:g}": value for (classifier, scale), value in results.items()}
-    misc.main_print(f"epoch {epoch} kNN top-1: " + ", ".join(f"{k[4:]} {v:.1f}%" for k, v in stats.items()))
-    if writer is not None:
-        for name, value in stats.items():
-            writer.add_scalar(f"knn/{name}", value, epoch)
-    return stats
+    return loaders.eval_loader(memory, args, run), loaders.eval_loader(queries, args, run), datasets.num_classes(memory, queries)
 
 
 def plot_batch(dataset, args: argparse.Namespace, device: torch.device) -> torch.Tensor:
     """The first (up to) four training images, centre-cropped: the same images in every figure."""
     centre_crops = copy.copy(dataset)  # the same samples, without scanning the dataset again
-    centre_crops.transform = datasets.build_transform(False, args.input_size, args.mean, args.std)
+    centre_crops.transform = transforms.build_transform(False, args.input_size, args.mean, args.std)
     return torch.stack([centre_crops[i][0] for i in range(min(4, len(dataset)))]).to(device)
 
 
 if __name__ == "__main__":
-    misc.run_entry_point(main, config.parse_args(get_args_parser()))
+    run_entry_point(main, config.parse_args(get_args_parser()))

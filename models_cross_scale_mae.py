@@ -10,10 +10,10 @@ state dict exports to timm as is.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from functools import partial
-from typing import Literal
+from functools import partial, wraps
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from models_vit import ENCODER_PRESETS, NormStyle, block_class, vision_transformer
+from models_vit import PRESETS, NormStyle, block_class, vision_transformer
 from util.pos_embed import get_2d_sincos_pos_embed
 
 LOSS_WEIGHT_KEYS = ("rec", "cross_pred", "cross_cons", "enc_pred", "latent")
@@ -33,14 +33,6 @@ TERM_WEIGHT = {
     "cross_cons": "cross_cons",
     "enc_pred": "enc_pred",
     "latent": "latent",
-}
-
-DECODER_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
-    "small": dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "base": dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "large": dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "huge": dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
 }
 
 # Upstream class-name suffix -> (second scale on, loss weights). Ms = multi-scale, Ld = reconstruction,
@@ -55,6 +47,15 @@ UPSTREAM_VARIANTS: dict[str, tuple[bool, dict[str, float]]] = {
     "MsLdLe": (True, dict(rec=1.0, latent=1.0)),
     "MsLdLeCd": (True, dict(rec=1.0, cross_pred=1.0, latent=1.0)),
 }
+
+
+class ViewOutput(NamedTuple):
+    """What encoding and decoding one view gives."""
+
+    latent: torch.Tensor  # encoder tokens [B, 1+K, D] (cls + K visible patches)
+    mask: torch.Tensor  # [B, L], 1 = masked
+    tokens: torch.Tensor  # decoder tokens after decoder_norm [B, 1+L, Dd]
+    pred: torch.Tensor  # predicted patches [B, L, p*p*C]
 
 
 def fp32_region(device: torch.device):
@@ -195,9 +196,9 @@ class CrossScaleMAE(nn.Module):
         weights = {"rec": 1.0} if loss_weights is None else dict(loss_weights)
         unknown = set(weights) - set(LOSS_WEIGHT_KEYS)
         if unknown:
-            raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; known: {', '.join(LOSS_WEIGHT_KEYS)}")
+            raise ValueError(f"loss_weights: unknown term(s) {', '.join(sorted(unknown))}; known: {', '.join(LOSS_WEIGHT_KEYS)}")
         if not multi_scale and any(weights.get(k, 0.0) for k in LOSS_WEIGHT_KEYS if k != "rec"):
-            raise ValueError("cross-scale loss terms need multi_scale=True")
+            raise ValueError("loss_weights: cross-scale loss terms need a multi-scale model (not plain MAE)")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if crop_mode not in ("batch", "sample"):
@@ -340,7 +341,14 @@ class CrossScaleMAE(nn.Module):
         return tokens, self.decoder_pred(tokens[:, 1:])
 
     def reconstruction_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over the masked patches; imgs [N, C, H, W], pred [N, L, p*p*C], mask [N, L]."""
+        """L_re: mean squared error over the masked patches (fp32); imgs [N, C, H, W], pred [N, L, p*p*C], mask [N, L].
+
+        With ``norm_pix_loss`` the target is each patch standardised by its own mean and variance (MAE).
+        """
+        with fp32_region(imgs.device):
+            return self._masked_mse(imgs, pred, mask)
+
+    def _masked_mse(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         target = self.patchify(imgs).float()
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
@@ -349,19 +357,18 @@ class CrossScaleMAE(nn.Module):
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [N, L]
         return (per_patch * mask).sum() / mask.sum()
 
-    def encode_decode(
-        self, views: list[torch.Tensor], mask_ratio: float, noise: torch.Tensor
-    ) -> list[tuple[torch.Tensor, ...]]:
-        """(latent, mask, decoder tokens, pred) for each view: one batched pass, or one pass per view."""
+    def encode_decode(self, views: list[torch.Tensor], mask_ratio: float, noise: torch.Tensor) -> list[ViewOutput]:
+        """Mask, encode and decode each view [B, C, H, W] with its noise [B, L] (``noise`` is [V, B, L]):
+        one batched pass (``batched_views``), or one pass per view as upstream runs it; the same numbers."""
         if not self.batched_views:
             outputs = []
             for view, view_noise in zip(views, noise):
                 latent, mask, ids_restore = self.forward_encoder(view, mask_ratio, view_noise)
-                outputs.append((latent, mask, *self.forward_decoder(latent, ids_restore)))
+                outputs.append(ViewOutput(latent, mask, *self.forward_decoder(latent, ids_restore)))
             return outputs
         latent, mask, ids_restore = self.forward_encoder(torch.cat(views), mask_ratio, noise.flatten(0, 1))
         tokens, pred = self.forward_decoder(latent, ids_restore)
-        return list(zip(*(t.chunk(len(views)) for t in (latent, mask, tokens, pred))))
+        return [ViewOutput(*parts) for parts in zip(*(t.chunk(len(views)) for t in (latent, mask, tokens, pred)))]
 
     def forward(
         self,
@@ -377,69 +384,298 @@ class CrossScaleMAE(nn.Module):
             noise: [V, B, L] masking scores, view 0 = original, view 1 = crop (V = 1 for plain MAE);
                 the lowest scores are kept. Random when None.
             crop_params: Second view's crop box (see ``crop_view``); random when None.
+
+        Raises:
+            ValueError: ``noise`` of the wrong shape.
         """
         mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        views = [imgs, self.crop_view(imgs, crop_params)] if self.multi_scale else [imgs]
-        shape = (len(views), imgs.shape[0], self.num_patches)
-        if noise is None:
-            noise = torch.rand(shape, device=imgs.device)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
-        outputs = self.encode_decode(views, mask_ratio, noise)
+        views = [imgs, self.crop_view(imgs, crop_params)] if self.multi_scale else [imgs]  # x and its zoomed-in view
+        outputs = self.encode_decode(views, mask_ratio, self._masking_noise(len(views), imgs, noise))
+        orig = outputs[0]
 
-        latent, mask, tokens, pred = outputs[0]
-        pairs = {}  # term -> (prediction, target) for the MSE terms between scales
+        terms = {"rec_orig": self.reconstruction_loss(imgs, orig.pred, orig.mask)}  # L_re of the original view
         if self.multi_scale:
-            latent_c, mask_c, tokens_c, pred_c = outputs[1]
-            if self.loss_weights["cross_pred"]:
-                pairs["cross_pred"] = (self.predictor(tokens_c[:, 1:]), tokens[:, 1:])
-            if self.loss_weights["enc_pred"]:
-                pairs["enc_pred"] = (self.encoder_predictor(latent_c[:, 1:]), latent[:, 1:])
-            if self.loss_weights["latent"]:
-                pairs["latent"] = (latent_c, latent)
-        with fp32_region(imgs.device):
-            terms = {"rec_orig": self.reconstruction_loss(imgs, pred, mask)}
-            if self.multi_scale:
-                terms["rec_crop"] = self.reconstruction_loss(views[1], pred_c, mask_c)
-            for name in LOSS_WEIGHT_KEYS[1:]:
-                if name == "cross_cons" and self.loss_weights[name]:
-                    terms[name] = cross_scale_contrastive_loss(
-                        latent[:, 1:].float().mean(dim=1), latent_c[:, 1:].float().mean(dim=1),
-                        self.temperature, self.contrastive,
-                    )
-                elif name in pairs:
-                    terms[name] = F.mse_loss(pairs[name][0].float(), pairs[name][1].float())
-            loss = sum(self.loss_weights[TERM_WEIGHT[name]] * value for name, value in terms.items())
-        return {"loss": loss, **terms, "pred": pred, "mask": mask}
+            crop = outputs[1]
+            terms["rec_crop"] = self.reconstruction_loss(views[1], crop.pred, crop.mask)  # L_re of the zoomed-in view
+            if self.loss_weights["cross_pred"]:  # L_cp: predict the original's decoder tokens from the crop's
+                terms["cross_pred"] = self.mse(self.predictor(crop.tokens[:, 1:]), orig.tokens[:, 1:])
+            if self.loss_weights["cross_cons"]:  # L_cc: the two views' mean encoder tokens are a positive pair
+                terms["cross_cons"] = self.consistency_loss(orig.latent, crop.latent)
+            terms.update(self.ablation_terms(orig, crop))
+        loss = sum(self.loss_weights[TERM_WEIGHT[name]] * value for name, value in terms.items())
+        return {"loss": loss, **terms, "pred": orig.pred, "mask": orig.mask}
+
+    def _masking_noise(self, num_views: int, imgs: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        shape = (num_views, imgs.shape[0], self.num_patches)
+        if noise is None:
+            return torch.rand(shape, device=imgs.device)
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
+        return noise
+
+    @staticmethod
+    def mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean squared error in fp32 whatever the autocast dtype."""
+        with fp32_region(prediction.device):
+            return F.mse_loss(prediction.float(), target.float())
+
+    def consistency_loss(self, latent: torch.Tensor, latent_crop: torch.Tensor) -> torch.Tensor:
+        """L_cc: contrastive loss between the mean patch tokens [B, D] of the two views' latents [B, 1+K, D]."""
+        with fp32_region(latent.device):
+            return cross_scale_contrastive_loss(
+                latent[:, 1:].float().mean(dim=1), latent_crop[:, 1:].float().mean(dim=1), self.temperature, self.contrastive,
+            )
+
+    def ablation_terms(self, orig: ViewOutput, crop: ViewOutput) -> dict[str, torch.Tensor]:
+        """Upstream's ablation-only terms: ``enc_pred`` (MsLdCe: an MLP predicts the original's visible encoder
+        tokens from the crop's) and ``latent`` (MsLdLe: MSE between the two views' encoder token sequences)."""
+        terms = {}
+        if self.loss_weights["enc_pred"]:
+            terms["enc_pred"] = self.mse(self.encoder_predictor(crop.latent[:, 1:]), orig.latent[:, 1:])
+        if self.loss_weights["latent"]:
+            terms["latent"] = self.mse(crop.latent, orig.latent)
+        return terms
 
 
-def _make_factory(size: str, multi_scale: bool, variant_weights: Mapping[str, float], name: str):
-    def factory(**kwargs) -> CrossScaleMAE:
-        config = {**ENCODER_PRESETS[size], **DECODER_PRESETS[size], "multi_scale": multi_scale}
-        config.update(kwargs)
-        config["loss_weights"] = {**variant_weights, **(kwargs.get("loss_weights") or {})}
-        return CrossScaleMAE(**config)
-
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f"{name}: {size} encoder, loss weights {dict(variant_weights)}, multi_scale={multi_scale}."
-    return factory
+# Registry name -> (size preset, upstream variant suffix); filled by ``register_model``.
+MODEL_VARIANTS: dict[str, tuple[str, str]] = {}
 
 
-# Registry name -> (size, multi_scale, loss weights).
-MODEL_VARIANTS: dict[str, tuple[str, bool, dict[str, float]]] = {}
-for _size in ENCODER_PRESETS:
-    for _suffix, (_multi_scale, _weights) in UPSTREAM_VARIANTS.items():
-        MODEL_VARIANTS["_".join(filter(None, ["mae_vit", _size, _suffix]))] = (_size, _multi_scale, _weights)
-    MODEL_VARIANTS[f"cross_scale_mae_vit_{_size}"] = (_size, *UPSTREAM_VARIANTS["MsLdCeCd"])
-for _name, (_size, _multi_scale, _weights) in MODEL_VARIANTS.items():
-    globals()[_name] = _make_factory(_size, _multi_scale, _weights, _name)
+def register_model(size: str, variant: str) -> Callable[[Callable], Callable[..., CrossScaleMAE]]:
+    """Make the decorated (body-less) function build ``CrossScaleMAE`` of ``size`` with the loss terms of upstream's
+    ``variant`` (a key of ``UPSTREAM_VARIANTS``), keyword arguments overriding any constructor argument, and
+    register it under its name, as timm's ``@register_model`` does."""
+    multi_scale, variant_weights = UPSTREAM_VARIANTS[variant]
+
+    def decorate(declaration: Callable) -> Callable[..., CrossScaleMAE]:
+        @wraps(declaration)
+        def factory(**kwargs) -> CrossScaleMAE:
+            config = {**PRESETS[size].encoder(), **PRESETS[size].decoder(), "multi_scale": multi_scale, **kwargs}
+            config["loss_weights"] = {**variant_weights, **(kwargs.get("loss_weights") or {})}
+            return CrossScaleMAE(**config)
+
+        MODEL_VARIANTS[declaration.__name__] = (size, variant)
+        return factory
+
+    return decorate
+
+
+def loss_weights_of(name: str) -> dict[str, float]:
+    """The loss weights a registered model name stands for (before ``loss_weights`` overrides)."""
+    return dict(UPSTREAM_VARIANTS[MODEL_VARIANTS[name][1]][1])
+
+
+@register_model("tiny", "MsLdCeCd")
+def cross_scale_mae_vit_tiny(**kwargs) -> CrossScaleMAE:
+    """Cross-Scale MAE, the paper model (= upstream's ``mae_vit_tiny_MsLdCeCd``), tiny encoder."""
+
+
+@register_model("tiny", "")
+def mae_vit_tiny(**kwargs) -> CrossScaleMAE:
+    """Plain MAE (one scale, reconstruction only), tiny encoder."""
+
+
+@register_model("tiny", "MsLd")
+def mae_vit_tiny_MsLd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction of each, tiny encoder."""
+
+
+@register_model("tiny", "MsLdCd")
+def mae_vit_tiny_MsLdCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction on decoder tokens, tiny encoder."""
+
+
+@register_model("tiny", "MsLdCe")
+def mae_vit_tiny_MsLdCe(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + MLP prediction between encoder tokens, tiny encoder."""
+
+
+@register_model("tiny", "MsLdCeCd")
+def mae_vit_tiny_MsLdCeCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction + contrastive consistency (the paper model), tiny encoder."""
+
+
+@register_model("tiny", "MsLdLe")
+def mae_vit_tiny_MsLdLe(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + MSE between encoder token sequences, tiny encoder."""
+
+
+@register_model("tiny", "MsLdLeCd")
+def mae_vit_tiny_MsLdLeCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction + MSE between encoder tokens, tiny encoder."""
+
+
+@register_model("small", "MsLdCeCd")
+def cross_scale_mae_vit_small(**kwargs) -> CrossScaleMAE:
+    """Cross-Scale MAE, the paper model (= upstream's ``mae_vit_small_MsLdCeCd``), small encoder."""
+
+
+@register_model("small", "")
+def mae_vit_small(**kwargs) -> CrossScaleMAE:
+    """Plain MAE (one scale, reconstruction only), small encoder."""
+
+
+@register_model("small", "MsLd")
+def mae_vit_small_MsLd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction of each, small encoder."""
+
+
+@register_model("small", "MsLdCd")
+def mae_vit_small_MsLdCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction on decoder tokens, small encoder."""
+
+
+@register_model("small", "MsLdCe")
+def mae_vit_small_MsLdCe(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + MLP prediction between encoder tokens, small encoder."""
+
+
+@register_model("small", "MsLdCeCd")
+def mae_vit_small_MsLdCeCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction + contrastive consistency (the paper model), small encoder."""
+
+
+@register_model("small", "MsLdLe")
+def mae_vit_small_MsLdLe(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + MSE between encoder token sequences, small encoder."""
+
+
+@register_model("small", "MsLdLeCd")
+def mae_vit_small_MsLdLeCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction + MSE between encoder tokens, small encoder."""
+
+
+@register_model("base", "MsLdCeCd")
+def cross_scale_mae_vit_base(**kwargs) -> CrossScaleMAE:
+    """Cross-Scale MAE, the paper model (= upstream's ``mae_vit_base_MsLdCeCd``), base encoder."""
+
+
+@register_model("base", "")
+def mae_vit_base(**kwargs) -> CrossScaleMAE:
+    """Plain MAE (one scale, reconstruction only), base encoder."""
+
+
+@register_model("base", "MsLd")
+def mae_vit_base_MsLd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction of each, base encoder."""
+
+
+@register_model("base", "MsLdCd")
+def mae_vit_base_MsLdCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction on decoder tokens, base encoder."""
+
+
+@register_model("base", "MsLdCe")
+def mae_vit_base_MsLdCe(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + MLP prediction between encoder tokens, base encoder."""
+
+
+@register_model("base", "MsLdCeCd")
+def mae_vit_base_MsLdCeCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction + contrastive consistency (the paper model), base encoder."""
+
+
+@register_model("base", "MsLdLe")
+def mae_vit_base_MsLdLe(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + MSE between encoder token sequences, base encoder."""
+
+
+@register_model("base", "MsLdLeCd")
+def mae_vit_base_MsLdLeCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction + MSE between encoder tokens, base encoder."""
+
+
+@register_model("large", "MsLdCeCd")
+def cross_scale_mae_vit_large(**kwargs) -> CrossScaleMAE:
+    """Cross-Scale MAE, the paper model (= upstream's ``mae_vit_large_MsLdCeCd``), large encoder."""
+
+
+@register_model("large", "")
+def mae_vit_large(**kwargs) -> CrossScaleMAE:
+    """Plain MAE (one scale, reconstruction only), large encoder."""
+
+
+@register_model("large", "MsLd")
+def mae_vit_large_MsLd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction of each, large encoder."""
+
+
+@register_model("large", "MsLdCd")
+def mae_vit_large_MsLdCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction on decoder tokens, large encoder."""
+
+
+@register_model("large", "MsLdCe")
+def mae_vit_large_MsLdCe(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + MLP prediction between encoder tokens, large encoder."""
+
+
+@register_model("large", "MsLdCeCd")
+def mae_vit_large_MsLdCeCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction + contrastive consistency (the paper model), large encoder."""
+
+
+@register_model("large", "MsLdLe")
+def mae_vit_large_MsLdLe(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + MSE between encoder token sequences, large encoder."""
+
+
+@register_model("large", "MsLdLeCd")
+def mae_vit_large_MsLdLeCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction + MSE between encoder tokens, large encoder."""
+
+
+@register_model("huge", "MsLdCeCd")
+def cross_scale_mae_vit_huge(**kwargs) -> CrossScaleMAE:
+    """Cross-Scale MAE, the paper model (= upstream's ``mae_vit_huge_MsLdCeCd``), huge encoder."""
+
+
+@register_model("huge", "")
+def mae_vit_huge(**kwargs) -> CrossScaleMAE:
+    """Plain MAE (one scale, reconstruction only), huge encoder."""
+
+
+@register_model("huge", "MsLd")
+def mae_vit_huge_MsLd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction of each, huge encoder."""
+
+
+@register_model("huge", "MsLdCd")
+def mae_vit_huge_MsLdCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction on decoder tokens, huge encoder."""
+
+
+@register_model("huge", "MsLdCe")
+def mae_vit_huge_MsLdCe(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + MLP prediction between encoder tokens, huge encoder."""
+
+
+@register_model("huge", "MsLdCeCd")
+def mae_vit_huge_MsLdCeCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction + contrastive consistency (the paper model), huge encoder."""
+
+
+@register_model("huge", "MsLdLe")
+def mae_vit_huge_MsLdLe(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + MSE between encoder token sequences, huge encoder."""
+
+
+@register_model("huge", "MsLdLeCd")
+def mae_vit_huge_MsLdLeCd(**kwargs) -> CrossScaleMAE:
+    """Two scales, reconstruction + cross-scale prediction + MSE between encoder tokens, huge encoder."""
+
+
 MODEL_NAMES = list(MODEL_VARIANTS)
 
 
 def create_model(name: str, **kwargs) -> CrossScaleMAE:
-    """Build a model by registry name (e.g. ``cross_scale_mae_vit_base``, upstream's ``mae_vit_base_MsLdCeCd``)."""
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    """Build a model by registry name (e.g. ``cross_scale_mae_vit_base``, upstream's ``mae_vit_base_MsLdCeCd``).
+
+    Raises:
+        ValueError: unknown name, or constructor arguments that cannot work (the message starts with the argument).
+    """
+    if name not in MODEL_VARIANTS:
+        raise ValueError(f"model {name!r} is unknown; choose one of: {', '.join(MODEL_NAMES)}")
     model = globals()[name](**kwargs)
     model.model_config = {"name": name, "kwargs": dict(kwargs)}  # what rebuilds it from a checkpoint
     return model

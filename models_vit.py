@@ -5,25 +5,46 @@ classifier, so weights move between them by name and compute the same features.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn as nn
-from timm.layers import Attention, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from util.pos_embed import get_2d_sincos_pos_embed
 
 NormStyle = Literal["pre", "post"]
 
-# Encoder sizes of upstream's models_mae/__init__.py (tiny and small are NOT ViT-Ti/ViT-S).
-ENCODER_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(embed_dim=128, depth=4, num_heads=8),
-    "small": dict(embed_dim=512, depth=8, num_heads=8),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-    "large": dict(embed_dim=1024, depth=24, num_heads=16),
-    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+@dataclass(frozen=True)
+class SizePreset:
+    """Encoder and MAE-decoder sizes of one model size."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    decoder_embed_dim: int
+    decoder_depth: int
+    decoder_num_heads: int
+
+    def encoder(self) -> dict[str, int]:
+        """``embed_dim``, ``depth``, ``num_heads``."""
+        return {k: v for k, v in asdict(self).items() if not k.startswith("decoder_")}
+
+    def decoder(self) -> dict[str, int]:
+        """``decoder_embed_dim``, ``decoder_depth``, ``decoder_num_heads``."""
+        return {k: v for k, v in asdict(self).items() if k.startswith("decoder_")}
+
+
+# The sizes of upstream's models_mae/__init__.py (tiny and small are NOT ViT-Ti / ViT-S).
+PRESETS: dict[str, SizePreset] = {
+    "tiny": SizePreset(128, 4, 8, decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
+    "small": SizePreset(512, 8, 8, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "base": SizePreset(768, 12, 12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "large": SizePreset(1024, 24, 16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "huge": SizePreset(1280, 32, 16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
 }
 
 
@@ -40,18 +61,12 @@ class PostNormBlock(Block):
         return x
 
 
-def set_fused_attention(model: nn.Module, fused: bool) -> None:
-    """Choose timm's attention path: ``scaled_dot_product_attention`` (fused) or explicit matmul + softmax.
-
-    On CPUs the explicit path trains faster for ViT sequence lengths (SDPA's CPU flash backward is slow for
-    short sequences); on GPUs SDPA's flash / memory-efficient kernels win.
-    """
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.fused_attn = fused
-
-
 def block_class(norm_style: NormStyle) -> type[Block]:
+    """timm's pre-norm ``Block`` or upstream's xFormers-style ``PostNormBlock``.
+
+    Raises:
+        ValueError: another ``norm_style``.
+    """
     if norm_style not in ("pre", "post"):
         raise ValueError(f"norm_style must be 'pre' or 'post', got {norm_style!r}")
     return Block if norm_style == "pre" else PostNormBlock
@@ -112,9 +127,20 @@ def vision_transformer(
 
 # Classifier name -> (size preset, default patch size); upstream's models_vit names included.
 CLASSIFIER_PRESETS: dict[str, tuple[str, int]] = {
-    **{f"vit_{size}_patch16": (size, 16) for size in ENCODER_PRESETS},
+    **{f"vit_{size}_patch16": (size, 16) for size in PRESETS},
     "vit_huge_patch14": ("huge", 14),
 }
+
+
+def classifier_preset(name: str) -> tuple[str, int]:
+    """(size preset, default patch size) of a classifier name.
+
+    Raises:
+        ValueError: unknown name (the message starts with ``model``, as the flag that takes it).
+    """
+    if name not in CLASSIFIER_PRESETS:
+        raise ValueError(f"model {name}: unknown; choose one of {', '.join(CLASSIFIER_PRESETS)}")
+    return CLASSIFIER_PRESETS[name]
 
 
 def create_classifier(
@@ -143,11 +169,9 @@ def create_classifier(
         norm_eps: LayerNorm epsilon.
         head_init_std: Std of the head's truncated-normal initialisation (MAE fine-tuning: 2e-5).
     """
-    if name not in CLASSIFIER_PRESETS:
-        raise ValueError(f"unknown classifier {name!r}; choose one of: {', '.join(CLASSIFIER_PRESETS)}")
-    size, default_patch = CLASSIFIER_PRESETS[name]
+    size, default_patch = classifier_preset(name)
     vit = vision_transformer(
-        **ENCODER_PRESETS[size], img_size=img_size, patch_size=patch_size or default_patch, in_chans=in_chans,
+        **PRESETS[size].encoder(), img_size=img_size, patch_size=patch_size or default_patch, in_chans=in_chans,
         num_classes=num_classes, global_pool="avg" if global_pool else "token", drop_path_rate=drop_path_rate,
         norm_style=norm_style, norm_eps=norm_eps,
     )
@@ -158,10 +182,10 @@ def create_classifier(
 
 def preset_for(embed_dim: int, depth: int) -> str:
     """The size preset (``tiny`` ... ``huge``) of an encoder of this width and depth."""
-    for size, preset in ENCODER_PRESETS.items():
-        if (preset["embed_dim"], preset["depth"]) == (embed_dim, depth):
+    for size, preset in PRESETS.items():
+        if (preset.embed_dim, preset.depth) == (embed_dim, depth):
             return size
-    raise ValueError(f"an encoder of width {embed_dim} and depth {depth} matches no preset ({', '.join(ENCODER_PRESETS)})")
+    raise ValueError(f"an encoder of width {embed_dim} and depth {depth} matches no preset ({', '.join(PRESETS)})")
 
 
 def classifier_name_for(embed_dim: int, depth: int, patch_size: int) -> str:

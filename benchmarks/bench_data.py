@@ -21,7 +21,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from util import datasets  # noqa: E402
+from util import datasets, transforms  # noqa: E402
 
 
 def per_worker_rate(dataset, count: int, batch_transform=None, batch_size: int = 64) -> float:
@@ -51,18 +51,18 @@ def main() -> None:
             Image.open(tile).resize((args.large_size, args.large_size), Image.BICUBIC).save(tmp / "large" / tile.name, quality=95)
         subprocess.run([sys.executable, str(REPO / "tools" / "preprocess.py"), "--input", str(tmp / "large"), "--output", str(tmp / "pre"),
                         "--size", str(args.input_size), "--split", "small", "--workers", "1", "--pack"], check=True, capture_output=True)
-        transform = datasets.build_transform(True, args.input_size)
+        transform = transforms.build_transform(True, args.input_size)
         pipelines = {
             f"pre-resized JPEG ({args.input_size} px shorter side)": (
                 datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.csv", "auto", transform,
-                                       datasets.draft_size_for(True, args.input_size)), None),
+                                       transforms.draft_size_for(True, args.input_size)), None),
             f"large JPEG ({args.large_size} px, PIL draft)": (
-                datasets.build_dataset(tmp / "large", "folder", transform, datasets.draft_size_for(True, args.input_size)), None),
+                datasets.build_dataset(tmp / "large", "folder", transform, transforms.draft_size_for(True, args.input_size)), None),
             "packed uint8: worker only (memory-mapped read)": (
                 datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.json"), None),
             "packed uint8 + BatchAugment on this CPU": (
                 datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.json"),
-                datasets.BatchAugment(args.input_size, datasets.FMOW_RGB_MEAN, datasets.FMOW_RGB_STD)),
+                transforms.BatchAugment(args.input_size, transforms.FMOW_RGB_MEAN, transforms.FMOW_RGB_STD)),
         }
         rates = {}
         for name, (dataset, batch_transform) in pipelines.items():

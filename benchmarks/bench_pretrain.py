@@ -22,9 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_cross_scale_mae as models_mae  # noqa: E402
-from models_vit import set_fused_attention  # noqa: E402
-from util import misc  # noqa: E402
-from util.engine import optimizer_step, use_sdpa  # noqa: E402
+from util.runtime import autocast, resolve_amp, resolve_device  # noqa: E402
+from util.training import optimizer_step, set_fused_attention, use_sdpa  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -48,7 +47,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: in
 
 
 def train_step(model, optimizer, images, device, amp_dtype, scaler):
-    with misc.autocast(device, amp_dtype):
+    with autocast(device, amp_dtype):
         loss = model(images)["loss"]
     (scaler.scale(loss) if scaler else loss).backward()
     optimizer_step(optimizer, scaler)
@@ -107,8 +106,8 @@ def main() -> None:
     parser.add_argument("--no_upstream", action="store_true", help="skip the upstream-execution comparison")
     args = parser.parse_args()
 
-    device = misc.resolve_device(args.device)
-    amp_dtype = misc.resolve_amp(args.amp, device)
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
     matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)

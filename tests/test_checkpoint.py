@@ -6,8 +6,9 @@ import torch
 from upstream_layouts import SIZE, upstream_checkpoint, upstream_encoder
 
 from models_cross_scale_mae import create_model
+from model_loading import export_encoder, load_mae
 from util import checkpoint as ckpt
-from util.checkpoint import CheckpointError, load_mae
+from util.errors import CheckpointError
 
 
 @pytest.mark.parametrize("layout", ["timm", "xformers"])
@@ -131,7 +132,7 @@ def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path, monkey
 def test_exported_encoder_loads_strictly_into_timm_and_gives_the_same_features(tmp_path):
     torch.manual_seed(0)
     model = create_model("cross_scale_mae_vit_base", input_size=128, patch_size=16).eval()
-    pth, safetensors = ckpt.export_encoder(model, tmp_path / "encoder")
+    pth, safetensors = export_encoder(model, tmp_path / "encoder")
     vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=128, num_classes=0).eval()
     vit.load_state_dict(torch.load(pth, weights_only=True), strict=True)
     imgs = torch.randn(2, 3, 128, 128)
@@ -144,4 +145,4 @@ def test_exported_encoder_loads_strictly_into_timm_and_gives_the_same_features(t
 def test_post_norm_encoders_are_not_exported_as_timm(tmp_path):
     model = create_model("mae_vit_tiny", input_size=32, patch_size=8, norm_style="post")
     with pytest.raises(CheckpointError, match="post-norm"):
-        ckpt.export_encoder(model, tmp_path / "encoder")
+        export_encoder(model, tmp_path / "encoder")

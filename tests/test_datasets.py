@@ -4,10 +4,12 @@ import torch
 from PIL import Image
 from conftest import make_image
 
-from util import datasets
 from torchvision.transforms import v2
 
-from util.datasets import DataError, build_dataset, build_transform
+from util import datasets, loaders, transforms
+from util.datasets import DataError, build_dataset
+from util.images import load_image
+from util.transforms import build_transform
 
 
 def test_csv_labels_and_relative_paths(csv_dataset):
@@ -47,7 +49,7 @@ def test_grayscale_rgba_and_16_bit_images_become_rgb(tmp_path):
 
 
 def test_real_fmow_jpegs_decode_and_transform(fmow_samples):
-    dataset = build_dataset(fmow_samples, "folder", build_transform(True, 64), datasets.draft_size_for(True, 64))
+    dataset = build_dataset(fmow_samples, "folder", build_transform(True, 64), transforms.draft_size_for(True, 64))
     img, _ = dataset[(0, 1234)]
     assert img.shape == (3, 64, 64) and img.dtype == torch.float32
     assert -3 < img.mean() < 3
@@ -72,7 +74,7 @@ def test_seeded_samples_repeat_their_augmentation(csv_dataset):
 
 def test_sampler_seeds_depend_on_epoch_and_skip_finished_batches(csv_dataset):
     dataset = build_dataset(csv_dataset, "fmow_rgb")
-    sampler = datasets.SeededSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    sampler = loaders.SeededSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
     epoch0 = list(sampler)
     sampler.set_epoch(1)
     epoch1 = list(sampler)
@@ -115,12 +117,12 @@ def test_missing_path_and_unknown_type(tmp_path):
 
 def test_jpeg_draft_decodes_large_images_at_reduced_size(tmp_path):
     make_image(0, seed=1, size=512).save(tmp_path / "big.jpg")
-    assert datasets.load_image(str(tmp_path / "big.jpg"), draft_size=100).size == (128, 128)
-    assert datasets.load_image(str(tmp_path / "big.jpg")).size == (512, 512)
+    assert load_image(str(tmp_path / "big.jpg"), draft_size=100).size == (128, 128)
+    assert load_image(str(tmp_path / "big.jpg")).size == (512, 512)
 
 
 def test_batch_augment_equals_crop_resize_and_flip_of_each_image():
-    augment = datasets.BatchAugment(16, mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))
+    augment = transforms.BatchAugment(16, mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))
     images = torch.randint(0, 256, (6, 3, 32, 40), dtype=torch.uint8)
     torch.manual_seed(3)
     out = augment(images)

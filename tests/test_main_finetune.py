@@ -7,7 +7,8 @@ from conftest import write_csv_dataset
 import main_finetune
 import main_linprobe
 from models_cross_scale_mae import create_model
-from util import checkpoint, config, misc
+from util import checkpoint, config
+from util.errors import run_entry_point
 
 COMMON = ["--input_size", "32", "--batch_size", "8", "--num_workers", "0", "--log_every", "1", "--warmup_epochs", "1"]
 
@@ -102,7 +103,7 @@ def test_weights_that_do_not_fit_stop_the_run(split, tmp_path):
     torch.save(saved, tmp_path / "bad.pth")
     argv = [*COMMON, *data_flags(split), "--finetune", str(tmp_path / "bad.pth"), "--output_dir", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match=r"error: .*bad.pth: no transformer blocks found"):
-        misc.run_entry_point(main_finetune.main, config.parse_args(main_finetune.get_args_parser(), argv))
+        run_entry_point(main_finetune.main, config.parse_args(main_finetune.get_args_parser(), argv))
     argv = [*COMMON, *data_flags(split), "--output_dir", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match="error: give --finetune PATH"):
-        misc.run_entry_point(main_finetune.main, config.parse_args(main_finetune.get_args_parser(), argv))
+        run_entry_point(main_finetune.main, config.parse_args(main_finetune.get_args_parser(), argv))

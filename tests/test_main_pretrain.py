@@ -10,7 +10,9 @@ import yaml
 
 import main_pretrain
 from util import config
-from util.checkpoint import load_mae, read_checkpoint
+from model_loading import load_mae
+from util.checkpoint import read_checkpoint
+from util.errors import run_entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--model", "cross_scale_mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4",
@@ -91,14 +93,14 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
         (["--mask_ratio", "1.0"], "--mask_ratio must be in (0, 1)"),
         (["--batch_size", "1"], "--batch_size must be at least 2 per device"),
         (["--accum_iter", "0"], "--accum_iter must be at least 1"),
-        (["--loss_weights", "contrast=1"], "--loss_weights contrast=1: unknown term"),
+        (["--loss_weights", "contrast=1"], "--loss_weights: unknown term(s) contrast; known: rec, cross_pred"),
         (["--batch_size", "64"], "--batch_size 64 x 1 process(es) is more than the 8 training images"),
     ],
 )
 def test_bad_flags_give_one_line_errors(csv_dataset, tmp_path, flags, message):
     argv = [*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(tmp_path / "o"), *flags]
     with pytest.raises(SystemExit) as exit_info:
-        main_pretrain.misc.run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))
+        run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))
     assert str(exit_info.value).startswith(f"error: {message}")
     assert "\n" not in str(exit_info.value)
 
@@ -112,7 +114,7 @@ def test_nan_loss_stops_with_step_and_term(csv_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(main_pretrain.models_mae, "cross_scale_contrastive_loss", broken)
     argv = [*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match=r"error: epoch 0, steps 0-0: loss term\(s\) loss, cross_cons became nan"):
-        main_pretrain.misc.run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))
+        run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))
 
 
 def test_two_process_gloo_run_ends_with_identical_weights(csv_dataset, tmp_path):

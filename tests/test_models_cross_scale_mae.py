@@ -5,6 +5,7 @@ import torch
 
 import models_cross_scale_mae as models_mae
 from models_cross_scale_mae import cross_scale_contrastive_loss, create_model
+from models_vit import PRESETS
 
 TINY = dict(input_size=32, patch_size=8)
 
@@ -22,9 +23,9 @@ def test_every_preset_has_the_expected_shapes(size):
     assert out["pred"].shape == (2, 4, 16 * 16 * 3)
     assert out["mask"].shape == (2, 4)
     assert set(out) == {"loss", "rec_orig", "rec_crop", "cross_pred", "cross_cons", "pred", "mask"}
-    assert model.encoder.embed_dim == models_mae.ENCODER_PRESETS[size]["embed_dim"]
-    assert len(model.encoder.blocks) == models_mae.ENCODER_PRESETS[size]["depth"]
-    assert len(model.decoder) == models_mae.DECODER_PRESETS[size]["decoder_depth"]
+    assert model.encoder.embed_dim == PRESETS[size].embed_dim
+    assert len(model.encoder.blocks) == PRESETS[size].depth
+    assert len(model.decoder) == PRESETS[size].decoder_depth
 
 
 def test_base_has_upstreams_trainable_parameter_count():
@@ -56,7 +57,7 @@ def test_upstream_names_map_to_loss_terms():
 
 
 def test_unknown_model_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown model 'mae_vit_base_cross'"):
+    with pytest.raises(ValueError, match="model 'mae_vit_base_cross' is unknown"):
         create_model("mae_vit_base_cross")
 
 
@@ -65,7 +66,7 @@ def test_loss_weights_scale_terms_and_reject_unknown_keys():
     out = model(torch.randn(4, 3, 32, 32))
     expected = 2 * (out["rec_orig"] + out["rec_crop"]) + out["cross_pred"] + 0.5 * out["cross_cons"]
     assert torch.isclose(out["loss"], expected)
-    with pytest.raises(ValueError, match="unknown loss weight"):
+    with pytest.raises(ValueError, match="loss_weights: unknown term"):
         tiny_model(loss_weights={"contrast": 1.0})
 
 

@@ -6,15 +6,17 @@ from upstream_layouts import SIZE, upstream_checkpoint, upstream_encoder
 
 import models_vit
 from models_cross_scale_mae import create_model
+from model_loading import classifier_name, export_encoder
 from util import checkpoint
-from util.checkpoint import CheckpointError, load_encoder, read_encoder
+from util.errors import CheckpointError
+from util.layouts import load_encoder, read_encoder
 from util.lars import LARS
 
 
 def classifier_for(weights, global_pool=False, **kwargs):
     return models_vit.create_classifier(
-        weights.classifier_name, num_classes=5, img_size=kwargs.pop("img_size", SIZE),
-        patch_size=kwargs.pop("patch_size", weights.patch_size), global_pool=global_pool,
+        classifier_name(weights), num_classes=5, img_size=kwargs.pop("img_size", SIZE),
+        patch_size=kwargs.pop("patch_size", weights.shape.patch_size), global_pool=global_pool,
         norm_style=weights.norm_style, **kwargs,
     ).eval()
 
@@ -38,7 +40,7 @@ def test_our_checkpoint_and_timm_export_give_the_pretraining_encoders_features(t
     torch.manual_seed(0)
     mae = create_model("cross_scale_mae_vit_tiny", input_size=SIZE, patch_size=8).eval()
     checkpoint.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config}, tmp_path / "ours.pth")
-    _, safetensors = checkpoint.export_encoder(mae, tmp_path / "encoder")
+    _, safetensors = export_encoder(mae, tmp_path / "encoder")
     imgs = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         expected = mae.encoder.forward_features(imgs)
@@ -129,7 +131,7 @@ def test_lars_step_matches_the_formula():
 
 def test_classifier_names_include_upstreams():
     assert {"vit_base_patch16", "vit_large_patch16", "vit_huge_patch14", "vit_tiny_patch16"} <= set(models_vit.CLASSIFIER_PRESETS)
-    with pytest.raises(ValueError, match="unknown classifier 'mae_vit_base'"):
+    with pytest.raises(ValueError, match="model mae_vit_base: unknown"):
         models_vit.create_classifier("mae_vit_base", 10)
     model = models_vit.create_classifier("vit_base_patch16", 10, img_size=128, global_pool=True)
     assert model.global_pool == "avg" and isinstance(model.norm, torch.nn.Identity)

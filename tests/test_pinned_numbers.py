@@ -68,10 +68,8 @@ def classifier_feature_numbers(tmp_path: Path) -> dict[str, float]:
 
 def build_classifier(args):
     """The fine-tuning classifier for ``args`` (4 classes)."""
-    try:
-        from model_loading import build_classifier as build
-    except ImportError:  # before the reorganisation
-        from engine_finetune import build_classifier as build
+    from model_loading import build_classifier as build
+
     return build(args, 4)[0]
 
 
@@ -79,10 +77,8 @@ def schedule_numbers() -> dict[str, float]:
     """LR of every optimiser update: 3 epochs of 5 steps, 1 warm-up epoch, lr 1, min_lr 0.1, accum_iter 1."""
     import argparse
 
-    try:
-        from util.schedule import lr_scheduler
-    except ImportError:  # before the reorganisation
-        from util.engine import lr_scheduler
+    from util.schedule import lr_scheduler
+
     args = argparse.Namespace(epochs=3, warmup_epochs=1.0, min_lr=0.1, accum_iter=1, lr=1.0)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = lr_scheduler(optimizer, args, 5)

@@ -9,7 +9,7 @@ from conftest import make_image, write_csv_dataset
 from PIL import Image
 
 import main_pretrain
-from util import config, datasets
+from util import config, datasets, transforms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_packed_array_trains_with_augmentation_on_the_device(tmp_path):
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 40, 40) and label == 1
     jpeg = torch.from_numpy(np.array(Image.open(out / "train_40" / "0000003_train_3.jpg"))).permute(2, 0, 1)
     assert torch.equal(pixels, jpeg)  # square images: the centre square is the whole resized image
-    augment = datasets.BatchAugment(32, datasets.FMOW_RGB_MEAN, datasets.FMOW_RGB_STD)
+    augment = transforms.BatchAugment(32, transforms.FMOW_RGB_MEAN, transforms.FMOW_RGB_STD)
     batch = augment(torch.stack([packed[i][0] for i in range(4)]))
     assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.float32 and -4 < batch.mean() < 4
     argv = ["--model", "mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--epochs", "1",

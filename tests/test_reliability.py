@@ -12,7 +12,8 @@ from conftest import write_csv_dataset
 from PIL import Image
 
 import main_pretrain
-from util import checkpoint, config, misc
+from util import checkpoint, config
+from util.errors import run_entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -111,7 +112,7 @@ def test_failed_checkpoint_write_is_reported_and_keeps_the_previous_file(csv_dat
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(SystemExit, match=r"error: could not write .*encoder.pth: No space left on device"):
-        misc.run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), [*flags, "--epochs", "2", "--resume", "auto"]))
+        run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), [*flags, "--epochs", "2", "--resume", "auto"]))
     assert "warning: could not write " + str(out / "checkpoint-last.pth") + ": No space left on device" in capsys.readouterr().out
     assert (out / "checkpoint-last.pth").read_bytes() == before
     assert not list(out.glob(".*.tmp"))
@@ -119,7 +120,7 @@ def test_failed_checkpoint_write_is_reported_and_keeps_the_previous_file(csv_dat
 
 def run_expecting_error(argv):
     with pytest.raises(SystemExit) as exit_info:
-        misc.run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))
+        run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))
     message = str(exit_info.value)
     assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
     return message

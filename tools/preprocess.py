@@ -27,6 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from util import datasets  # noqa: E402
+from util.images import load_image  # noqa: E402
 
 
 def resize_one(task: tuple[str, str, int]) -> str | None:
@@ -35,7 +36,7 @@ def resize_one(task: tuple[str, str, int]) -> str | None:
     if os.path.exists(target):
         return None
     try:
-        img = datasets.load_image(source, draft_size=size)
+        img = load_image(source, draft_size=size)
         scale = size / min(img.size)
         img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC,
                          reducing_gap=3.0)

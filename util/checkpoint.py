@@ -1,9 +1,10 @@
-"""Reading, writing and converting checkpoints: ours, both upstream layouts, and timm encoders.
+"""Checkpoint files: safe reading, atomic writing, md5 checks of published weights, and what a resumable
+training checkpoint holds (saving it, finding it, resuming from it).
 
 Every file is read with ``torch.load(weights_only=True)``; the only class allowed besides tensors and
 plain Python types is ``argparse.Namespace``, which upstream pickles into its checkpoints. Files are
 written atomically (temporary file, fsync, ``os.replace``), so a crash never leaves a half-written file
-under the final name.
+under the final name. Key layouts (ours, upstream's, timm's) are ``util.layouts``' business.
 """
 from __future__ import annotations
 
@@ -11,21 +12,18 @@ import argparse
 import hashlib
 import os
 import pickle
-import re
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file as load_safetensors
-from safetensors.torch import save_file as save_safetensors
-from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-import models_cross_scale_mae as models_mae
-from models_vit import PostNormBlock, classifier_name_for, preset_for
-from util.misc import ReportableError, rng_state
+from util import distributed
+from util.errors import CheckpointError
+from util.rng import rng_state, set_rng_state
+from util.runtime import Preempted, Run
 
 PUBLISHED_MD5 = {
     "0c33995da85c112d9602f89d5b186bbc": "published Cross-Scale MAE ViT-Base (400 epochs)",
@@ -36,22 +34,6 @@ PUBLISHED_FILENAMES = {
     "cross_scale_mae_large_pretrain.pth": "e6e4f58c07bbbc4c4dd63fa26c644dd4",
 }
 
-# Layouts of a state dict, detected from its block keys.
-OURS, UPSTREAM_TIMM, UPSTREAM_XFORMERS, TIMM_VIT = "ours", "upstream-timm", "upstream-xformers", "timm-vit"
-
-_XFORMERS_BLOCK_NAMES = {
-    "wrap_att.norm.": "norm1.",
-    "wrap_att.sublayer.layer.proj.": "attn.proj.",
-    "wrap_ff.norm.": "norm2.",
-    "wrap_ff.sublayer.layer.mlp.0.": "mlp.fc1.",
-    "wrap_ff.sublayer.layer.mlp.3.": "mlp.fc2.",
-}
-_XFORMERS_QKV = re.compile(r"wrap_att\.sublayer\.layer\.in_proj_container\.([qkv])_proj\.(weight|bias)$")
-
-
-class CheckpointError(ReportableError):
-    """A checkpoint that cannot be read, written or used; the message names the file and the reason."""
-
 
 def file_md5(path: str | os.PathLike) -> str:
     digest = hashlib.md5()
@@ -61,7 +43,7 @@ def file_md5(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     """Call ``write(tmp_path)``, fsync, then rename over ``path``; on failure ``path`` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -84,7 +66,7 @@ def _write_atomically(path: Path, write) -> None:
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``state`` with ``torch.save`` atomically."""
-    _write_atomically(Path(path), lambda tmp: torch.save(state, tmp))
+    write_atomically(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -146,221 +128,6 @@ def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
-def detect_layout(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> str:
-    """Which naming a state dict uses: ours, upstream timm blocks, upstream xFormers blocks, or a timm ViT."""
-    keys = state_dict.keys()
-    if any(k.startswith("encoder.blocks.") for k in keys):
-        return OURS
-    if any(k.startswith("encoder.encoders.") for k in keys):
-        return UPSTREAM_XFORMERS
-    if any(re.match(r"encoder\.\d+\.", k) for k in keys):
-        return UPSTREAM_TIMM
-    if any(k.startswith("blocks.") for k in keys):
-        return TIMM_VIT
-    raise CheckpointError(f"{source}: no transformer blocks found: not a Cross-Scale MAE, MAE or ViT checkpoint")
-
-
-def _xformers_blocks_to_timm(
-    state_dict: dict[str, torch.Tensor], prefix: str, new_prefix: str, source: str
-) -> dict[str, torch.Tensor]:
-    """Rename ``{prefix}{i}.<xFormers names>`` to ``{new_prefix}{i}.<timm Block names>``; q/k/v are concatenated."""
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        if not key.startswith(prefix):
-            out[key] = value
-            continue
-        index, rest = key[len(prefix):].split(".", 1)
-        head = f"{new_prefix}{index}."
-        match = _XFORMERS_QKV.match(rest)
-        if match:
-            qkv.setdefault((head, match.group(2)), {})[match.group(1)] = value
-            continue
-        for old, new in _XFORMERS_BLOCK_NAMES.items():
-            if rest.startswith(old):
-                out[head + new + rest[len(old):]] = value
-                break
-        else:
-            out[key] = value  # unknown sub-key: left as is, so loading reports it
-    for (head, kind), parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            raise CheckpointError(f"{source}: {prefix}{head[len(new_prefix):]}attn has incomplete q/k/v projections ({sorted(parts)})")
-        out[f"{head}attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    return out
-
-
-def to_ours(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
-    """Rename any supported layout to this project's ``CrossScaleMAE`` names. Returns (state dict, layout).
-
-    ``source`` names the file in error messages.
-    """
-    layout = detect_layout(state_dict, source)
-    if layout == OURS:
-        return dict(state_dict), layout
-    if layout == TIMM_VIT:
-        return {f"encoder.{k}": v for k, v in state_dict.items()}, layout
-    if layout == UPSTREAM_XFORMERS:
-        state_dict = _xformers_blocks_to_timm(state_dict, "encoder.encoders.", "encoder.", source)
-        state_dict = _xformers_blocks_to_timm(state_dict, "decoder.encoders.", "decoder.", source)
-    renames = {"cls_token": "encoder.cls_token", "encoder_pos_embed": "encoder.pos_embed"}
-    out = {}
-    for key, value in state_dict.items():
-        if key in renames:
-            key = renames[key]
-        elif key.startswith(("patch_embed.", "encoder_norm.")):
-            key = "encoder." + key.replace("encoder_norm.", "norm.")
-        elif re.match(r"encoder\.\d+\.", key):
-            key = "encoder.blocks." + key[len("encoder."):]
-        out[key] = value
-    return out, layout
-
-
-def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return len({m.group(1) for k in state_dict if (m := pattern.match(k))})
-
-
-def infer_model_config(state_dict: dict[str, torch.Tensor], args: dict[str, Any] | None, layout: str) -> tuple[str, dict[str, Any]]:
-    """(registry name, constructor kwargs) for weights in our naming, from their shapes and upstream ``args``.
-
-    Shapes are authoritative; ``args`` only chooses among variants with the same tensors.
-    """
-    args = args or {}
-    try:
-        embed_dim = state_dict["encoder.cls_token"].shape[-1]
-        patch_weight = state_dict["encoder.patch_embed.proj.weight"]  # [D, C, p, p]
-        num_patches = state_dict["encoder.pos_embed"].shape[1] - 1
-    except KeyError as e:
-        raise CheckpointError(f"missing encoder tensor {e.args[0]}") from e
-    depth = _count_blocks(state_dict, "encoder.blocks.")
-    patch_size = patch_weight.shape[-1]
-    try:
-        size = preset_for(embed_dim, depth)
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    grid = round(num_patches**0.5)
-    kwargs: dict[str, Any] = dict(input_size=grid * patch_size, patch_size=patch_size, in_chans=patch_weight.shape[1])
-    if "mask_token" in state_dict:
-        decoder_dim = state_dict["mask_token"].shape[-1]
-        preset = models_mae.DECODER_PRESETS[size]
-        kwargs.update(
-            decoder_embed_dim=decoder_dim,
-            decoder_depth=_count_blocks(state_dict, "decoder."),
-            decoder_num_heads=preset["decoder_num_heads"] if decoder_dim == preset["decoder_embed_dim"] else decoder_dim // 32,
-        )
-    for key in ("norm_pix_loss", "mask_ratio"):
-        if key in args:
-            kwargs[key] = args[key]
-    if layout == UPSTREAM_XFORMERS:
-        kwargs["norm_style"] = "post"
-    predictors = ("predictor.0.weight" in state_dict, "encoder_predictor.0.weight" in state_dict)
-    named = args.get("model")
-    if named in models_mae.MODEL_VARIANTS:
-        weights = models_mae.MODEL_VARIANTS[named][2]
-        if (bool(weights.get("cross_pred")), bool(weights.get("enc_pred"))) == predictors:
-            return named, kwargs
-    return (f"cross_scale_mae_vit_{size}" if predictors[0] else f"mae_vit_{size}"), kwargs
-
-
-@dataclass
-class LoadReport:
-    """What a load did: where from, which layout, what was loaded and what was not."""
-
-    path: str
-    layout: str
-    model_name: str
-    loaded: int
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    md5_status: str | None = None
-    epoch: int | None = None
-
-    def __str__(self) -> str:
-        lines = [f"loaded {self.loaded} tensors from {self.path} ({self.layout} layout, model {self.model_name})"]
-        if self.epoch is not None:
-            lines.append(f"  trained for {self.epoch + 1} epochs")
-        if self.md5_status:
-            lines.append(f"  {self.md5_status}")
-        if self.missing:
-            lines.append(f"  freshly initialised: {', '.join(self.missing)}")
-        if self.unexpected:
-            lines.append(f"  left out: {', '.join(self.unexpected)}")
-        return "\n".join(lines)
-
-
-def _summarise(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def load_mae(path: str | os.PathLike, **overrides: Any) -> tuple[models_mae.CrossScaleMAE, LoadReport]:
-    """Build the pretraining model a checkpoint describes and load every tensor into it.
-
-    Accepts this project's checkpoints and both upstream layouts (timm blocks; xFormers blocks, which
-    get post-norm blocks). Published files are md5-verified.
-
-    Args:
-        path: Checkpoint file.
-        **overrides: Constructor arguments that replace the checkpoint's (e.g. ``norm_eps=1e-5``).
-
-    Raises:
-        CheckpointError: unreadable file, wrong md5, or any tensor missing, left over or mis-shaped.
-    """
-    md5_status = check_md5(path)
-    checkpoint = read_checkpoint(path)
-    state_dict, layout = to_ours(model_state(checkpoint), str(path))
-    config = checkpoint.get("model_config")
-    if layout == OURS and isinstance(config, dict):
-        name, kwargs = config["name"], dict(config["kwargs"])
-    else:
-        try:
-            name, kwargs = infer_model_config(state_dict, checkpoint.get("args"), layout)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-    kwargs.update(overrides)
-    model = models_mae.create_model(name, **kwargs)
-    _check_shapes(path, model, state_dict)
-    result = model.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{path}: does not fit {name}: "
-            + "; ".join(
-                f"{what} {_summarise(keys)}"
-                for what, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys))
-                if keys
-            )
-        )
-    epoch = checkpoint.get("epoch")
-    report = LoadReport(str(path), layout, name, len(state_dict), md5_status=md5_status, epoch=epoch if isinstance(epoch, int) else None)
-    return model, report
-
-
-def _check_shapes(path: str | os.PathLike, model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    expected = model.state_dict()
-    wrong = [f"{k} {list(v.shape)} (model has {list(expected[k].shape)})"
-             for k, v in state_dict.items() if k in expected and expected[k].shape != v.shape]
-    if wrong:
-        raise CheckpointError(f"{path}: tensors of another shape: {_summarise(wrong, 3)}")
-
-
-def export_encoder(model: models_mae.CrossScaleMAE, path: str | os.PathLike) -> tuple[Path, Path]:
-    """Write the encoder as a timm ``VisionTransformer`` state dict, as ``.pth`` and ``.safetensors``.
-
-    ``timm.create_model('vit_base_patch16_224', img_size=128, num_classes=0)`` loads the base model's
-    export with ``strict=True``. Post-norm (xFormers-layout) encoders are refused: a standard timm ViT
-    would compute something else with them.
-    """
-    if isinstance(model.encoder.blocks[0], PostNormBlock):
-        raise CheckpointError("post-norm (xFormers-layout) encoders have no standard timm ViT equivalent; "
-                              "load them with models_vit and norm_style='post' instead")
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
-    pth = Path(path).with_suffix(".pth")
-    safetensors = pth.with_suffix(".safetensors")
-    save_checkpoint(state_dict, pth)
-    _write_atomically(safetensors, lambda tmp: save_safetensors(state_dict, tmp, metadata={"format": "pt"}))
-    return pth, safetensors
-
-
 def training_state(model: torch.nn.Module, optimizer, scaler, epoch: int, args, **extra: Any) -> dict[str, Any]:
     """What a resumable checkpoint holds: weights, optimiser and scaler state, epoch, flags as a plain dict,
     the model's constructor arguments and every RNG state. Tensors and plain types only."""
@@ -396,107 +163,65 @@ def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> tuple[
     return None
 
 
-@dataclass
-class EncoderWeights:
-    """Encoder tensors of any supported checkpoint, under timm ``VisionTransformer`` names."""
+def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer, scaler) -> tuple[int, int, dict]:
+    """Restore model, optimiser, scaler and RNG states from ``--resume``.
 
-    path: str
-    layout: str
-    state_dict: dict[str, torch.Tensor]
-    norm_style: str
-    left_out: list[str]
-    md5_status: str | None = None
-    final_norm: bool = True  # whether pretraining applied the encoder's final LayerNorm
-
-    @property
-    def embed_dim(self) -> int:
-        return self.state_dict["cls_token"].shape[-1]
-
-    @property
-    def depth(self) -> int:
-        return _count_blocks(self.state_dict, "blocks.")
-
-    @property
-    def patch_size(self) -> int:
-        return self.state_dict["patch_embed.proj.weight"].shape[-1]
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        side = round((self.state_dict["pos_embed"].shape[1] - 1) ** 0.5)
-        return side, side
-
-    @property
-    def classifier_name(self) -> str:
-        try:
-            return classifier_name_for(self.embed_dim, self.depth, self.patch_size)
-        except ValueError as e:
-            raise CheckpointError(f"{self.path}: {e}") from None
-
-
-def read_encoder(path: str | os.PathLike) -> EncoderWeights:
-    """The encoder of a pretraining checkpoint (ours or upstream's, either layout), of an exported timm
-    encoder (``.pth``/``.safetensors``) or of a fine-tuned classifier; the classification head is dropped.
+    Returns:
+        (first epoch, steps of it already done, the checkpoint); a pre-empted run continues mid-epoch.
 
     Raises:
-        CheckpointError: unreadable file, wrong md5, or no encoder in it.
+        CheckpointError: the checkpoint belongs to another model or size.
     """
-    md5_status = check_md5(path)
-    checkpoint = read_checkpoint(path)
-    state_dict, layout = to_ours(model_state(checkpoint), str(path))
-    encoder = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.") and not k.startswith("encoder.head.")}
-    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in encoder]
-    if missing:
-        raise CheckpointError(f"{path}: no ViT encoder in it (missing {', '.join(missing)})")
-    config = checkpoint.get("model_config") or {}
-    args = checkpoint.get("args") or {}
-    kwargs = config.get("kwargs", {})
-    norm_style = "post" if layout == UPSTREAM_XFORMERS else kwargs.get("norm_style", args.get("norm_style", "pre"))
-    final_norm = layout == TIMM_VIT or (layout == OURS and bool(kwargs.get("encoder_norm", False)))
-    left_out = [k for k in state_dict if k not in {f"encoder.{name}" for name in encoder}]
-    return EncoderWeights(str(path), layout, encoder, norm_style, left_out, md5_status, final_norm)
+    if not args.resume:
+        return args.start_epoch, 0, {}
+    found = find_resume_checkpoint(args.resume, run.output_dir)
+    if found is None:
+        distributed.main_print(f"resume auto: no checkpoint in {run.output_dir}, starting from scratch")
+        return args.start_epoch, 0, {}
+    path, state = found
+    try:
+        model.load_state_dict(model_state(state))
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"{path}: cannot resume this run from it (another model, size or optimiser?): {str(e).strip().splitlines()[0]}"
+        ) from None
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    rng_states = state.get("rng_per_rank", [])
+    if len(rng_states) == run.world_size:
+        set_rng_state(rng_states[run.rank])
+    else:
+        distributed.main_print(f"note: {path} was written by {len(rng_states)} process(es), this run has {run.world_size}: "
+                        "random streams start afresh")
+    epoch, step = state["epoch"] + 1, state.get("next_step", 0)
+    distributed.main_print(f"resumed from {path}, continuing at epoch {epoch}" + (f" step {step}" if step else ""))
+    return epoch, step, state
 
 
-def _describe_left_out(keys: list[str]) -> str:
-    pretraining_only = [k for k in keys if not k.startswith("encoder.")]
-    other = [k.removeprefix("encoder.") for k in keys if k.startswith("encoder.")]
-    parts = [f"{len(pretraining_only)} decoder/predictor tensors (pretraining only)"] if pretraining_only else []
-    return ", ".join(parts + other)
+def save_epoch(run: Run, name: str, model: torch.nn.Module, optimizer, scaler, epoch: int, args, **extra) -> bool:
+    """Write ``output_dir/name`` atomically with everything a resume needs (collective: call on every rank).
 
-
-def load_encoder(model: torch.nn.Module, weights: EncoderWeights) -> LoadReport:
-    """Load encoder weights into a timm ``VisionTransformer`` classifier (fresh head).
-
-    Position embeddings are resampled (bicubic) to the model's grid and the patch projection to its
-    patch size (timm's ``resample_patch_embed``). In global-pool mode the model has ``fc_norm`` instead of
-    ``norm``; ``norm`` is then left out, as MAE does.
-
-    Raises:
-        CheckpointError: an encoder tensor of the model is not in the file, or does not fit.
+    A failed write (disk full, permissions) is reported with the path and the reason and training goes on;
+    the previous file stays intact. Returns whether the file was written.
     """
-    state_dict = dict(weights.state_dict)
-    left_out = list(weights.left_out)
-    model_keys = model.state_dict()
-    grid = tuple(model.patch_embed.grid_size)
-    if tuple(weights.grid) != grid:
-        state_dict["pos_embed"] = resample_abs_pos_embed(state_dict["pos_embed"], list(grid), list(weights.grid), num_prefix_tokens=1)
-    proj = state_dict["patch_embed.proj.weight"]
-    target = model_keys["patch_embed.proj.weight"]
-    if proj.shape[1] != target.shape[1]:
-        raise CheckpointError(f"{weights.path}: encoder takes {proj.shape[1]} input channels, the model {target.shape[1]} (--in_chans)")
-    if proj.shape[-2:] != target.shape[-2:]:
-        state_dict["patch_embed.proj.weight"] = resample_patch_embed(proj, list(target.shape[-2:]))
-    for key in [k for k in state_dict if k not in model_keys and k.startswith("norm.")]:
-        left_out.append(f"encoder.{key}")
-        del state_dict[key]
-    _check_shapes(weights.path, model, state_dict)
-    result = model.load_state_dict(state_dict, strict=False)
-    not_loaded = [k for k in result.missing_keys if not k.startswith(("head.", "fc_norm."))]
-    if not_loaded or result.unexpected_keys:
-        problems = [f"not in the file: {_summarise(not_loaded)}"] if not_loaded else []
-        problems += [f"not in the model: {_summarise(result.unexpected_keys)}"] if result.unexpected_keys else []
-        raise CheckpointError(f"{weights.path}: encoder does not fit the model ({'; '.join(problems)}); refusing to train from random weights")
-    return LoadReport(
-        weights.path, weights.layout, type(model).__name__, len(state_dict),
-        missing=result.missing_keys, unexpected=[_describe_left_out(left_out)] if left_out else [],
-        md5_status=weights.md5_status,
-    )
+    rng_states = distributed.gather_rng_states()
+    if not run.is_main:
+        return True
+    state = training_state(model, optimizer, scaler, epoch, args, rng_per_rank=rng_states, **extra)
+    try:
+        save_checkpoint(state, run.output_dir / name)
+    except CheckpointError as e:
+        print(f"warning: {e}", flush=True)
+        return False
+    return True
+
+
+def save_preempted(run: Run, stop: Preempted, model: torch.nn.Module, optimizer, scaler, args, **extra) -> None:
+    """Checkpoint a run stopped by SIGTERM so that ``--resume auto`` continues at the very next step."""
+    saved = save_epoch(run, "checkpoint-last.pth", model, optimizer, scaler, stop.epoch - 1, args, next_step=stop.step, **extra)
+    if run.is_main and not saved:
+        raise CheckpointError(f"SIGTERM at epoch {stop.epoch} step {stop.step}, and the checkpoint could not be written")
+    distributed.main_print(f"SIGTERM: stopped at epoch {stop.epoch} step {stop.step}, saved {run.output_dir / 'checkpoint-last.pth'}; "
+                    "continue with --resume auto")

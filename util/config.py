@@ -7,8 +7,9 @@ from typing import Sequence
 
 import yaml
 
-from util.datasets import DATASET_TYPES, FMOW_RGB_MEAN, FMOW_RGB_STD
-from util.misc import UsageError
+from util.datasets import DATASET_TYPES, DEFAULT_TRAIN_CSV, DEFAULT_VAL_CSV
+from util.errors import UsageError
+from util.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -89,6 +90,29 @@ def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str, training:
     group.add_argument("--resume", default="", help="checkpoint to continue from, or 'auto' for the newest in --output_dir")
     group.add_argument("--start_epoch", type=int, default=0, help="first epoch when not resuming")
     group.add_argument("--log_every", type=int, default=20, help="steps between log lines")
+
+
+def classification_parser(description: str, *, global_pool: bool, head_init_std: float, **defaults) -> argparse.ArgumentParser:
+    """The flags of fine-tuning and linear probing; ``defaults`` are each script's upstream values."""
+    parser = argparse.ArgumentParser(description)
+    add_optimisation_args(parser, **defaults)
+    add_data_args(parser, input_size=224, train_path=str(DEFAULT_TRAIN_CSV), patch_size=None)
+    add_runtime_args(parser, output_dir="./output_dir")
+    group = parser.add_argument_group("classification")
+    group.add_argument("--finetune", default="", metavar="PATH",
+                       help="pretrained weights: our or upstream's pretraining checkpoint (either layout), or a timm encoder export")
+    group.add_argument("--model", default=None, help="vit_{tiny,small,base,large,huge}_patch16 or vit_huge_patch14 "
+                                                     "(default: the architecture of --finetune)")
+    group.add_argument("--test_path", default=str(DEFAULT_VAL_CSV), help="evaluation data (CSV, ImageFolder)")
+    group.add_argument("--nb_classes", type=int, default=None, help="classes (default: from the training labels)")
+    group.add_argument("--global_pool", dest="global_pool", action="store_true", default=global_pool,
+                       help="mean of the patch tokens + fc_norm")
+    group.add_argument("--cls_token", dest="global_pool", action="store_false", help="the cls token after norm")
+    group.add_argument("--head_init_std", type=float, default=head_init_std, help="std of the fresh head's initialisation")
+    group.add_argument("--eval", action="store_true", help="only evaluate (--resume or --finetune weights) and exit")
+    group.add_argument("--save_every", type=int, default=0, help="also keep checkpoint-{epoch}.pth every N epochs")
+    group.add_argument("--wandb_project", default=None, help="ignored (upstream flag): logs go to TensorBoard")
+    return parser
 
 
 def check_common_args(args: argparse.Namespace) -> None:

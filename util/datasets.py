@@ -1,36 +1,29 @@
-"""Datasets and transforms: fMoW-style CSV, ImageFolder trees, unlabelled image folders.
+"""Datasets: fMoW-style CSV, ImageFolder trees, unlabelled image folders, and packed uint8 arrays.
 
-Every sample is decoded to 8-bit RGB (grayscale replicated, alpha dropped, 16-bit stretched), cropped
-and flipped, then normalised. Randomness per sample comes from a seed the sampler hands over, so the
+Every sample is decoded to 8-bit RGB (``util.images``), then transformed (``util.transforms``).
+Randomness per sample comes from a seed the sampler hands over (``util.loaders.SeededSampler``), so the
 augmentations of an epoch are the same whatever the number of workers, and a resumed run sees
 exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
-import math
 import os
-import random
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, DistributedSampler
-from torchvision.transforms import v2
+from torch.utils.data import Dataset
 
-from util.misc import ReportableError
+from util.errors import ReportableError
+from util.images import is_image, load_image
+from util.rng import seeded
 
-# fMoW-RGB statistics used by upstream ("UPDATED" constants of its util/datasets.py).
-FMOW_RGB_MEAN = (0.43392888, 0.43578541, 0.40744025)
-FMOW_RGB_STD = (0.19828456, 0.19250111, 0.19454683)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 DATASET_TYPES = ("auto", "fmow_rgb", "csv", "imagefolder", "folder", "coco", "packed")
 DEFAULT_TRAIN_CSV = Path(__file__).resolve().parent.parent / "data" / "sentinel2_rgb" / "train.csv"
 DEFAULT_VAL_CSV = DEFAULT_TRAIN_CSV.with_name("val.csv")
@@ -38,40 +31,6 @@ DEFAULT_VAL_CSV = DEFAULT_TRAIN_CSV.with_name("val.csv")
 
 class DataError(ReportableError):
     """Bad dataset input; the message names the file (and CSV row) and what is wrong."""
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode; 16-bit and float images are stretched from their 1st to 99th percentile."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(img, dtype=np.float32)
-        low, high = np.percentile(values, [1, 99])
-        values = np.clip((values - low) / max(high - low, 1e-6), 0, 1) * 255
-        img = Image.fromarray(values.round().astype(np.uint8))
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def load_image(path: str, draft_size: int | None = None) -> Image.Image:
-    """Decode ``path`` to RGB. JPEGs larger than ``draft_size`` are decoded at a reduced scale (PIL draft)."""
-    with Image.open(path) as img:
-        if draft_size and img.format == "JPEG":
-            img.draft("RGB", (draft_size, draft_size))
-        img.load()
-        return to_rgb(img)
-
-
-@contextmanager
-def seeded(seed: int):
-    """Seed torch, Python and NumPy (timm's transforms draw from all three), then restore their states."""
-    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        yield
-    finally:
-        torch.set_rng_state(states[0])
-        random.setstate(states[1])
-        np.random.set_state(states[2])
 
 
 class ImageDataset(Dataset):
@@ -129,28 +88,6 @@ class ImageDataset(Dataset):
             return self.transform(img), label
 
 
-class SeededSampler(DistributedSampler):
-    """``DistributedSampler`` that yields (index, seed) so each sample's augmentation depends only on
-    (seed, epoch, index); ``set_start`` skips the samples of batches already trained in this epoch.
-    """
-
-    def __init__(self, dataset: Dataset, *args, **kwargs) -> None:
-        super().__init__(dataset, *args, **kwargs)
-        self.start = 0
-
-    def set_start(self, start: int) -> None:
-        self.start = start
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.start:]
-        for index in indices:
-            digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{index}".encode(), digest_size=8).digest()
-            yield index, int.from_bytes(digest, "little") >> 1
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
 class PackedDataset(Dataset):
     """Pre-decoded uint8 images written by ``tools/preprocess.py --pack``, memory-mapped.
 
@@ -188,58 +125,6 @@ class PackedDataset(Dataset):
             return self.transform(Image.fromarray(pixels)), self.targets[index]
 
 
-class BatchAugment(torch.nn.Module):
-    """The training transform on a uint8 batch on the device, in one ``grid_sample``: per-image
-    RandomResizedCrop (torchvision's box sampling, vectorised; bilinear, no antialias), horizontal and
-    vertical flips, normalisation. Boxes and flips draw from the CPU generator, so they are restored with it
-    on resume."""
-
-    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.25,
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
-        super().__init__()
-        self.input_size = input_size
-        self.scale = (min_scale, 1.0)
-        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
-
-    def sample_boxes(self, count: int, height: int, width: int, attempts: int = 10) -> torch.Tensor:
-        """[count, 4] (left, top, right, bottom): the first of ``attempts`` random boxes that fits, else the
-        whole image clipped to the ratio range, as torchvision's RandomResizedCrop."""
-        area = height * width * torch.empty(count, attempts).uniform_(*self.scale)
-        ratio = torch.exp(torch.empty(count, attempts).uniform_(*self.log_ratio))
-        w = torch.sqrt(area * ratio).round()
-        h = torch.sqrt(area / ratio).round()
-        fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
-        first = torch.where(fits.any(1), fits.float().argmax(1), -1)
-        pick = first.clamp(min=0).unsqueeze(1)
-        w, h = w.gather(1, pick).squeeze(1), h.gather(1, pick).squeeze(1)
-        aspect = width / height
-        low, high = math.exp(self.log_ratio[0]), math.exp(self.log_ratio[1])
-        fallback_w = float(width if low <= aspect <= high else (round(height * low) if aspect < low else width))
-        fallback_h = float(height if low <= aspect <= high else (height if aspect < low else round(width / high)))
-        w = torch.where(first >= 0, w, torch.full_like(w, fallback_w))
-        h = torch.where(first >= 0, h, torch.full_like(h, fallback_h))
-        top = torch.floor(torch.rand(count) * (height - h + 1))
-        left = torch.floor(torch.rand(count) * (width - w + 1))
-        return torch.stack([left, top, left + w, top + h], dim=1)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: uint8 [B, 3, H, W] -> normalised float [B, 3, input_size, input_size]."""
-        count, _, height, width = images.shape
-        left, top, right, bottom = self.sample_boxes(count, height, width).unbind(1)
-        flip = torch.where(torch.rand(2, count) < 0.5, -1.0, 1.0)
-        # output coordinate u in [-1, 1] -> input (align_corners=False): scale = box / side, a flip negates it
-        theta = torch.zeros(count, 2, 3)
-        theta[:, 0, 0] = flip[0] * (right - left) / width
-        theta[:, 0, 2] = (left + right) / width - 1
-        theta[:, 1, 1] = flip[1] * (bottom - top) / height
-        theta[:, 1, 2] = (top + bottom) / height - 1
-        grid = F.affine_grid(theta.to(images.device), [count, 3, self.input_size, self.input_size], align_corners=False)
-        out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return (out - self.mean) / self.std
-
-
 def read_csv_samples(csv_path: Path) -> list[tuple[str, int]]:
     """fMoW-RGB CSV: a header row, column 0 = integer label, column 1 = image path (relative to the CSV)."""
     try:
@@ -269,10 +154,6 @@ def read_csv_samples(csv_path: Path) -> list[tuple[str, int]]:
     return samples
 
 
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-
-
 def scan_image_folder(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
     """ImageFolder layout (root/class_name/*.jpg, as RESISC45, UC Merced, EuroSAT): samples and class names."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -280,21 +161,21 @@ def scan_image_folder(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
         (str(p), label)
         for label, name in enumerate(classes)
         for p in sorted((root / name).rglob("*"))
-        if _is_image(p)
+        if is_image(p)
     ]
     return samples, classes
 
 
 def scan_unlabelled(root: Path) -> list[tuple[str, int]]:
-    return [(str(p), -1) for p in sorted(root.rglob("*")) if _is_image(p)]
+    return [(str(p), -1) for p in sorted(root.rglob("*")) if is_image(p)]
 
 
 def detect_dataset_type(path: Path) -> str:
     if path.is_file():
         return "packed" if path.suffix == ".json" else "fmow_rgb"
     if path.is_dir():
-        has_class_dirs = any(d.is_dir() and any(_is_image(p) for p in d.rglob("*")) for d in path.iterdir())
-        has_top_images = any(_is_image(p) for p in path.iterdir())
+        has_class_dirs = any(d.is_dir() and any(is_image(p) for p in d.rglob("*")) for d in path.iterdir())
+        has_top_images = any(is_image(p) for p in path.iterdir())
         return "imagefolder" if has_class_dirs and not has_top_images else "folder"
     raise DataError(f"{path}: no such file or folder")
 
@@ -344,6 +225,11 @@ def build_dataset(
     return ImageDataset(samples, transform, classes, describe, draft_size, skip_bad)
 
 
+def num_classes(*splits: ImageDataset) -> int:
+    """Classes of labelled datasets: the highest label of any split + 1."""
+    return max(max(split.targets) for split in splits) + 1
+
+
 def split_dataset(dataset: ImageDataset, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
     """A deterministic seeded split into (1 - fraction, fraction) of the samples; the same seed, the same split."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -356,36 +242,3 @@ def split_dataset(dataset: ImageDataset, fraction: float, seed: int = 0) -> tupl
                      skip_bad=dataset.skip_bad)
         for part in parts
     )
-
-
-def build_transform(
-    is_train: bool,
-    input_size: int,
-    mean: Sequence[float] = FMOW_RGB_MEAN,
-    std: Sequence[float] = FMOW_RGB_STD,
-    min_scale: float = 0.25,
-) -> v2.Compose:
-    """Upstream's transforms, cropping before normalising.
-
-    Train: RandomResizedCrop(input_size, scale=(min_scale, 1), bicubic) + horizontal and vertical flips.
-    Eval: resize the shorter side to input_size / 0.875 (bicubic; no enlargement above 224 px) + centre crop.
-    """
-    if is_train:
-        geometry = [
-            v2.RandomResizedCrop(input_size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(),
-        ]
-    else:
-        geometry = [v2.Resize(eval_resize_size(input_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(input_size)]
-    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
-
-
-def eval_resize_size(input_size: int) -> int:
-    """Shorter side before the evaluation centre crop: input_size / 0.875 (MAE's crop_pct), none above 224 px."""
-    return input_size if input_size > 224 else math.floor(input_size / 0.875)
-
-
-def draft_size_for(is_train: bool, input_size: int, min_scale: float = 0.25) -> int:
-    """Smallest decode size that loses no resolution: a minimum-scale crop must still cover input_size pixels."""
-    return math.ceil(input_size / math.sqrt(min_scale)) if is_train else eval_resize_size(input_size)

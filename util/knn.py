@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from util.engine import infer
+from util.inference import infer
 
 SCALE_MODES = ("resize", "native")
 POOLS = ("cls", "mean")

@@ -1,0 +1,170 @@
+"""Building models from checkpoints: the pretraining model a checkpoint describes, the classifier or
+frozen encoder that evaluation builds around a checkpoint's encoder, and the timm export of an encoder.
+
+This needs both the model files and ``util/`` (which never imports the model files), so it lives beside
+the models.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file as save_safetensors
+from timm.models.vision_transformer import VisionTransformer
+
+import models_cross_scale_mae as models_mae
+import models_vit
+from models_vit import PRESETS, PostNormBlock, classifier_name_for, preset_for
+from util import checkpoint as checkpoint_io
+from util import layouts
+from util.distributed import main_print
+from util.errors import CheckpointError, UsageError
+
+
+def classifier_name(weights: layouts.EncoderWeights) -> str:
+    """The classifier preset (``vit_{size}_patch16`` / ``vit_huge_patch14``) an encoder's tensors belong to.
+
+    Raises:
+        CheckpointError: width and depth match no preset.
+    """
+    shape = weights.shape
+    try:
+        return classifier_name_for(shape.embed_dim, shape.depth, shape.patch_size)
+    except ValueError as e:
+        raise CheckpointError(f"{weights.path}: {e}") from None
+
+
+def infer_model_config(state_dict: dict[str, torch.Tensor], args: dict[str, Any] | None, layout: str) -> tuple[str, dict[str, Any]]:
+    """(registry name, constructor kwargs) for weights in our naming, from their shapes and upstream ``args``.
+
+    Shapes are authoritative; ``args`` only chooses among variants with the same tensors.
+    """
+    args = args or {}
+    shape = layouts.encoder_shape({k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")})
+    try:
+        size = preset_for(shape.embed_dim, shape.depth)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    kwargs: dict[str, Any] = dict(input_size=shape.input_size, patch_size=shape.patch_size, in_chans=shape.in_chans)
+    if "mask_token" in state_dict:
+        decoder_dim = state_dict["mask_token"].shape[-1]
+        preset = PRESETS[size]
+        kwargs.update(
+            decoder_embed_dim=decoder_dim,
+            decoder_depth=layouts.count_blocks(state_dict, "decoder."),
+            decoder_num_heads=preset.decoder_num_heads if decoder_dim == preset.decoder_embed_dim else decoder_dim // 32,
+        )
+    for key in ("norm_pix_loss", "mask_ratio"):
+        if key in args:
+            kwargs[key] = args[key]
+    if layout == layouts.UPSTREAM_XFORMERS:
+        kwargs["norm_style"] = "post"
+    predictors = ("predictor.0.weight" in state_dict, "encoder_predictor.0.weight" in state_dict)
+    named = args.get("model")
+    if named in models_mae.MODEL_VARIANTS:
+        weights = models_mae.loss_weights_of(named)
+        if (bool(weights.get("cross_pred")), bool(weights.get("enc_pred"))) == predictors:
+            return named, kwargs
+    return (f"cross_scale_mae_vit_{size}" if predictors[0] else f"mae_vit_{size}"), kwargs
+
+
+def load_mae(path: str | os.PathLike, **overrides: Any) -> tuple[models_mae.CrossScaleMAE, layouts.LoadReport]:
+    """Build the pretraining model a checkpoint describes and load every tensor into it.
+
+    Accepts this project's checkpoints and both upstream layouts (timm blocks; xFormers blocks, which
+    get post-norm blocks). Published files are md5-verified.
+
+    Args:
+        path: Checkpoint file.
+        **overrides: Constructor arguments that replace the checkpoint's (e.g. ``norm_eps=1e-5``).
+
+    Raises:
+        CheckpointError: unreadable file, wrong md5, or any tensor missing, left over or mis-shaped.
+    """
+    md5_status = checkpoint_io.check_md5(path)
+    checkpoint = checkpoint_io.read_checkpoint(path)
+    state_dict, layout = layouts.to_ours(checkpoint_io.model_state(checkpoint), str(path))
+    config = checkpoint.get("model_config")
+    if layout == layouts.OURS and isinstance(config, dict):
+        name, kwargs = config["name"], dict(config["kwargs"])
+    else:
+        try:
+            name, kwargs = infer_model_config(state_dict, checkpoint.get("args"), layout)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    kwargs.update(overrides)
+    model = models_mae.create_model(name, **kwargs)
+    layouts.check_shapes(path, model, state_dict)
+    result = model.load_state_dict(state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: does not fit {name}: "
+            + "; ".join(
+                f"{what} {layouts.summarise(keys)}"
+                for what, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys))
+                if keys
+            )
+        )
+    epoch = checkpoint.get("epoch")
+    report = layouts.LoadReport(str(path), layout, name, len(state_dict), md5_status=md5_status, epoch=epoch if isinstance(epoch, int) else None)
+    return model, report
+
+
+def export_encoder(model: models_mae.CrossScaleMAE, path: str | os.PathLike) -> tuple[Path, Path]:
+    """Write the encoder as a timm ``VisionTransformer`` state dict, as ``.pth`` and ``.safetensors``.
+
+    ``timm.create_model('vit_base_patch16_224', img_size=128, num_classes=0)`` loads the base model's
+    export with ``strict=True``. Post-norm (xFormers-layout) encoders are refused: a standard timm ViT
+    would compute something else with them.
+    """
+    if isinstance(model.encoder.blocks[0], PostNormBlock):
+        raise CheckpointError("post-norm (xFormers-layout) encoders have no standard timm ViT equivalent; "
+                              "load them with models_vit and norm_style='post' instead")
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
+    pth = Path(path).with_suffix(".pth")
+    safetensors = pth.with_suffix(".safetensors")
+    checkpoint_io.save_checkpoint(state_dict, pth)
+    checkpoint_io.write_atomically(safetensors, lambda tmp: save_safetensors(state_dict, tmp, metadata={"format": "pt"}))
+    return pth, safetensors
+
+
+def build_classifier(args: argparse.Namespace, num_classes: int) -> tuple[VisionTransformer, layouts.EncoderWeights | None]:
+    """The classifier with ``--finetune``'s encoder loaded (every encoder tensor, or an error)."""
+    weights = layouts.read_encoder(args.finetune) if args.finetune else None
+    name = args.model or (classifier_name(weights) if weights else None)
+    if name is None:
+        raise UsageError("give --finetune PATH (pretrained weights) or --model NAME (random initialisation)")
+    try:
+        default_patch = models_vit.classifier_preset(name)[1]
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+    args.patch_size = args.patch_size or (weights.shape.patch_size if weights else default_patch)
+    if args.input_size % args.patch_size:
+        raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
+    model = models_vit.create_classifier(
+        name, num_classes, img_size=args.input_size, patch_size=args.patch_size, in_chans=args.in_chans,
+        global_pool=args.global_pool, drop_path_rate=getattr(args, "drop_path", 0.0),
+        norm_style=weights.norm_style if weights else "pre", head_init_std=args.head_init_std,
+    )
+    if weights is None:
+        main_print(f"no --finetune: {name} starts from random initialisation")
+    else:
+        main_print(layouts.load_encoder(model, weights))
+    return model, weights
+
+
+def build_knn_encoder(spec: str, weights: layouts.EncoderWeights | None, model_name: str, args) -> tuple[torch.nn.Module, str, bool]:
+    """(encoder, label, whether its final norm is applied) for a checkpoint or 'none'."""
+    preset = models_vit.classifier_preset(model_name)[0]
+    patch_size = weights.shape.patch_size if weights else args.patch_size
+    encoder = models_vit.vision_transformer(
+        **models_vit.PRESETS[preset].encoder(), img_size=args.input_size, patch_size=patch_size, in_chans=args.in_chans,
+        num_classes=0, norm_style=weights.norm_style if weights else "pre", dynamic_img_size=args.scale_mode == "native",
+    )
+    if weights is None:
+        return encoder, f"random init ({model_name})", True
+    main_print(layouts.load_encoder(encoder, weights))
+    return encoder, spec, weights.final_norm

@@ -1,0 +1,119 @@
+"""Process set-up: where and how this process runs (device, autocast dtype, seed, output folder), and the
+signals that stop a run cleanly."""
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from util import distributed
+from util.errors import UsageError
+from util.rng import seed_everything
+
+_STOP = threading.Event()
+
+
+class Preempted(Exception):
+    """SIGTERM arrived: training stopped after the optimiser update that completed ``step`` steps of ``epoch``."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f"stopped at epoch {epoch} step {step}")
+        self.epoch, self.step = epoch, step
+
+
+def _request_stop(signum, frame) -> None:
+    _STOP.set()
+
+
+@dataclass
+class Run:
+    """Where and how this process trains."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    output_dir: Path
+    stop_group: object = None  # gloo group on which ranks agree to stop (host-side: no GPU synchronisation)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """Autocast to ``amp_dtype`` on this run's device (a no-op for fp32 runs)."""
+        return autocast(self.device, self.amp_dtype)
+
+
+def setup_run(args: argparse.Namespace) -> Run:
+    """Join the process group (if any), choose device and autocast dtype, seed, create the output folder, and
+    make SIGTERM (what SLURM and Kubernetes send before pre-emption) stop training at the next update."""
+    rank, world_size, local_rank = distributed.init_distributed(args.dist_timeout)
+    device = resolve_device(args.device, local_rank)
+    amp_dtype = resolve_amp(args.amp, device)
+    seed_everything(args.seed + rank)
+    output_dir = Path(args.output_dir)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _request_stop)
+    stop_group = dist.new_group(backend="gloo") if distributed.is_distributed() else None
+    return Run(rank, world_size, local_rank, device, amp_dtype, output_dir, stop_group)
+
+
+def stop_requested(run: Run) -> bool:
+    """Whether any rank received SIGTERM; every rank gets the same answer (one tiny host-side collective)."""
+    if run.stop_group is None:
+        return _STOP.is_set()
+    flag = torch.tensor([float(_STOP.is_set())])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.stop_group)
+    return bool(flag.item())
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this process's GPU where CUDA exists, else the CPU; anything else is used as given.
+
+    Raises:
+        UsageError: not a device name, or CUDA asked for where there is none.
+    """
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``--amp``: ``auto`` = bf16 where the device computes it natively, else fp32 (None).
+
+    Raises:
+        UsageError: fp16 on a CPU (about 100x slower there than fp32).
+    """
+    if mode == "none":
+        return None
+    if mode == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native_bf16 = device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
+        return torch.bfloat16 if native_bf16 else None
+    if mode == "fp16" and device.type == "cpu":
+        raise UsageError("--amp fp16: fp16 is emulated and very slow on CPUs; use --amp bf16 or none")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype``, or a no-op context for fp32 (``dtype`` None)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()

@@ -1,0 +1,26 @@
+"""Learning-rate schedule: per-update linear warm-up, then half-cycle cosine (MAE's ``util/lr_sched.py``,
+computed by timm's ``CosineLRScheduler``), and the linear scaling rule for the base learning rate."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from timm.scheduler import CosineLRScheduler
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int) -> CosineLRScheduler:
+    """Per-update linear warm-up from 0 over ``--warmup_epochs``, then half-cycle cosine to ``--min_lr``
+    (timm's, honouring each parameter group's ``lr_scale``). Call ``step_update(update_index)`` before each update."""
+    updates_per_epoch = -(-steps_per_epoch // args.accum_iter)
+    warmup = int(args.warmup_epochs * updates_per_epoch)
+    return CosineLRScheduler(
+        optimizer, t_initial=max(args.epochs * updates_per_epoch - warmup, 1), lr_min=args.min_lr,
+        warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
+    )
+
+
+def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
+    """``--lr``, or the linear scaling rule ``--blr`` x effective batch / 256 (MAE, Goyal et al. 2017)."""
+    if args.lr is None:
+        args.lr = args.blr * args.batch_size * args.accum_iter * world_size / 256
+    return args.lr

@@ -1,0 +1,197 @@
+"""What every training task shares around its own step: the epochs of a (possibly resumed) run, and per step
+the accumulate / optimiser-update / SIGTERM / log mechanics (``StepLoop``); plus DDP / compile wrapping.
+
+A task's epoch stays a loop a reader can hold in their head (``engine_pretrain.train_one_epoch``)::
+
+    steps = StepLoop(...)
+    for step, (samples, targets) in enumerate(loader, start=start_step):
+        with steps.accumulate(step):
+            with run.autocast():
+                out = model(samples)
+            steps.backward(out["loss"])
+        steps.end_step(step, out, len(samples))
+    return steps.epoch_means()
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from timm.layers import Attention
+from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
+
+from util import distributed
+from util.errors import ReportableError
+from util.logger import MetricLogger, Throughput
+from util.runtime import Preempted, Run, stop_requested
+
+
+class NonFiniteLossError(ReportableError):
+    """A loss term became NaN or infinite."""
+
+
+def epochs(args: argparse.Namespace, sampler, start_epoch: int, start_step: int) -> Iterator[tuple[int, int]]:
+    """(epoch, first step) of every epoch still to train; a resumed run starts mid-epoch at ``start_step``.
+
+    Positions ``sampler`` (a ``util.loaders.SeededSampler``) so that the epoch's batches are the ones an
+    uninterrupted run would see.
+    """
+    for epoch in range(start_epoch, args.epochs):
+        first_step = start_step if epoch == start_epoch else 0
+        sampler.set_epoch(epoch)
+        sampler.set_start(first_step * args.batch_size)
+        yield epoch, first_step
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """Step (through the fp16 loss scaler, if any) and clear the gradients."""
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _ddp_module(model: torch.nn.Module) -> DistributedDataParallel | None:
+    """The DDP wrapper of ``model``, also when ``torch.compile`` wrapped it (``_orig_mod``)."""
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, DistributedDataParallel) else None
+
+
+class StepLoop:
+    """Gradient accumulation, optimiser updates, the SIGTERM check and log lines of one epoch.
+
+    Args:
+        model: What trains (possibly DDP-wrapped or compiled).
+        optimizer: Its optimiser.
+        scheduler: Sets the LR before each optimiser update (``util.schedule.lr_scheduler``).
+        scaler: fp16 loss scaler, or None.
+        run: This process's ``Run``.
+        args: Needs ``accum_iter``, ``clip_grad``, ``log_every``.
+        epoch: Epoch index.
+        steps_per_epoch: Steps of a whole epoch.
+        names: Terms of each step's output to log; ``loss`` first.
+        writer: TensorBoard writer (rank 0) or None.
+        start_step: First step (a resumed run continues mid-epoch).
+
+    The LR is set per optimiser update. Loss values stay on the device between log lines, so the loop does not
+    wait for the GPU at every step.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: CosineLRScheduler,
+                 scaler: torch.amp.GradScaler | None, run: Run, args: argparse.Namespace, epoch: int,
+                 steps_per_epoch: int, names: Iterable[str], writer: SummaryWriter | None = None, start_step: int = 0) -> None:
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.run, self.args, self.epoch, self.steps_per_epoch = run, args, epoch, steps_per_epoch
+        self.names, self.writer = tuple(names), writer
+        self.interval, self.whole_epoch = MetricLogger(), MetricLogger()
+        self.throughput = Throughput(steps_per_epoch - start_step)
+        self.start_step = self.first_logged_step = start_step
+        self.interval_images = 0
+        self.grad_norm = torch.zeros(())
+        self.ddp = _ddp_module(model)
+        self.updates_now = False
+
+    @contextmanager
+    def accumulate(self, step: int):
+        """Around the forward and backward pass of ``step``: sets the LR at the start of an accumulation group,
+        and skips DDP's gradient all-reduce on steps that end no group."""
+        accum = self.args.accum_iter
+        if step % accum == 0:
+            self.scheduler.step_update((self.epoch * self.steps_per_epoch + step) // accum)
+        self.updates_now = (step + 1) % accum == 0 or step + 1 == self.steps_per_epoch
+        with self.ddp.no_sync() if self.ddp is not None and not self.updates_now else nullcontext():
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate ``loss`` / ``accum_iter`` (scaled for fp16)."""
+        loss = loss / self.args.accum_iter
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def end_step(self, step: int, terms: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Update the weights at the end of an accumulation group (clipping with ``--clip_grad``), then record
+        ``terms`` and print a log line every ``--log_every`` steps.
+
+        Raises:
+            Preempted: a rank received SIGTERM; the update of this step is done.
+            NonFiniteLossError: naming the term and the steps where the loss became NaN/inf.
+        """
+        if self.updates_now:
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad or math.inf)
+            optimizer_step(self.optimizer, self.scaler)
+            if stop_requested(self.run):
+                raise Preempted(self.epoch, step + 1)
+        logged = {name: terms[name] for name in self.names}
+        self.interval.update(**logged, grad_norm=self.grad_norm)
+        self.whole_epoch.update(**logged)
+        self.interval_images += batch_size * self.run.world_size
+        if (step + 1) % self.args.log_every == 0 or step + 1 == self.steps_per_epoch:
+            self._log(step)
+
+    def _log(self, step: int) -> None:
+        means = distributed.mean_over_ranks(self.interval.local_means())
+        bad = [name for name in self.names if not math.isfinite(means[name])]
+        if bad:
+            raise NonFiniteLossError(
+                f"epoch {self.epoch}, steps {self.first_logged_step}-{step}: loss term(s) {', '.join(bad)} became "
+                f"{means[bad[-1]]} (lower --blr, try --amp none or --clip_grad, or resume from the last checkpoint)"
+            )
+        lr = max(group["lr"] for group in self.optimizer.param_groups)
+        images_per_s, eta = self.throughput.tick(step + 1 - self.start_step, self.interval_images)
+        distributed.main_print(
+            f"epoch {self.epoch} [{step + 1}/{self.steps_per_epoch}] "
+            + " ".join(f"{name} {means[name]:.4f}" for name in self.names)
+            + f" lr {lr:.3e} grad_norm {means['grad_norm']:.3f} {images_per_s:.1f} img/s eta {eta}"
+        )
+        if self.writer is not None:
+            x = int((self.epoch + (step + 1) / self.steps_per_epoch) * 1000)  # epoch_1000x: comparable across batch sizes
+            for name, value in means.items():
+                self.writer.add_scalar(f"train/{name}", value, x)
+            self.writer.add_scalar("train/lr", lr, x)
+            self.writer.add_scalar("train/images_per_s", images_per_s, x)
+        self.interval.reset()
+        self.interval_images, self.first_logged_step = 0, step + 1
+
+    def epoch_means(self) -> dict[str, float]:
+        """Mean of each logged term over the epoch's steps (of this run), averaged over ranks."""
+        return distributed.mean_over_ranks(self.whole_epoch.local_means())
+
+
+def set_fused_attention(model: torch.nn.Module, fused: bool) -> None:
+    """Choose timm's attention path: ``scaled_dot_product_attention`` (fused) or explicit matmul + softmax.
+
+    On CPUs the explicit path trains faster for ViT sequence lengths (SDPA's CPU flash backward is slow for
+    short sequences); on GPUs SDPA's flash / memory-efficient kernels win.
+    """
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fused_attn = fused
+
+
+def use_sdpa(attention: str, device: torch.device) -> bool:
+    """``--attention``: ``sdpa``, ``math``, or ``auto`` (SDPA everywhere but on the CPU)."""
+    return attention == "sdpa" or (attention == "auto" and device.type != "cpu")
+
+
+def grad_scaler(run: Run) -> torch.amp.GradScaler | None:
+    """A loss scaler for fp16 autocast only; bf16 and fp32 need none."""
+    return torch.amp.GradScaler(run.device.type) if run.amp_dtype == torch.float16 else None
+
+
+def distribute(model: torch.nn.Module, run: Run, args: argparse.Namespace, find_unused: bool = False) -> torch.nn.Module:
+    """Choose the attention path (``--attention``), DDP-wrap (under torchrun) and ``torch.compile`` (with
+    ``--compile``) the model that trains."""
+    set_fused_attention(model, use_sdpa(args.attention, run.device))
+    if distributed.is_distributed():
+        model = DistributedDataParallel(
+            model, device_ids=[run.local_rank] if run.device.type == "cuda" else None, find_unused_parameters=find_unused
+        )
+    return torch.compile(model) if args.compile else model

@@ -1,0 +1,99 @@
+"""Image transforms: upstream's per-image training / evaluation transforms, and the same training
+augmentation applied to a whole uint8 batch on the device (packed datasets)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+# fMoW-RGB statistics used by upstream ("UPDATED" constants of its util/datasets.py).
+FMOW_RGB_MEAN = (0.43392888, 0.43578541, 0.40744025)
+FMOW_RGB_STD = (0.19828456, 0.19250111, 0.19454683)
+
+
+def build_transform(
+    is_train: bool,
+    input_size: int,
+    mean: Sequence[float] = FMOW_RGB_MEAN,
+    std: Sequence[float] = FMOW_RGB_STD,
+    min_scale: float = 0.25,
+) -> v2.Compose:
+    """Upstream's transforms, cropping before normalising.
+
+    Train: RandomResizedCrop(input_size, scale=(min_scale, 1), bicubic) + horizontal and vertical flips.
+    Eval: resize the shorter side to input_size / 0.875 (bicubic; no enlargement above 224 px) + centre crop.
+    """
+    if is_train:
+        geometry = [
+            v2.RandomResizedCrop(input_size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+        ]
+    else:
+        geometry = [v2.Resize(eval_resize_size(input_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(input_size)]
+    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+def eval_resize_size(input_size: int) -> int:
+    """Shorter side before the evaluation centre crop: input_size / 0.875 (MAE's crop_pct), none above 224 px."""
+    return input_size if input_size > 224 else math.floor(input_size / 0.875)
+
+
+def draft_size_for(is_train: bool, input_size: int, min_scale: float = 0.25) -> int:
+    """Smallest decode size that loses no resolution: a minimum-scale crop must still cover input_size pixels."""
+    return math.ceil(input_size / math.sqrt(min_scale)) if is_train else eval_resize_size(input_size)
+
+
+class BatchAugment(torch.nn.Module):
+    """The training transform on a uint8 batch on the device, in one ``grid_sample``: per-image
+    RandomResizedCrop (torchvision's box sampling, vectorised; bilinear, no antialias), horizontal and
+    vertical flips, normalisation. Boxes and flips draw from the CPU generator, so they are restored with it
+    on resume."""
+
+    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.25,
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.scale = (min_scale, 1.0)
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
+
+    def sample_boxes(self, count: int, height: int, width: int, attempts: int = 10) -> torch.Tensor:
+        """[count, 4] (left, top, right, bottom): the first of ``attempts`` random boxes that fits, else the
+        whole image clipped to the ratio range, as torchvision's RandomResizedCrop."""
+        area = height * width * torch.empty(count, attempts).uniform_(*self.scale)
+        ratio = torch.exp(torch.empty(count, attempts).uniform_(*self.log_ratio))
+        w = torch.sqrt(area * ratio).round()
+        h = torch.sqrt(area / ratio).round()
+        fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+        first = torch.where(fits.any(1), fits.float().argmax(1), -1)
+        pick = first.clamp(min=0).unsqueeze(1)
+        w, h = w.gather(1, pick).squeeze(1), h.gather(1, pick).squeeze(1)
+        aspect = width / height
+        low, high = math.exp(self.log_ratio[0]), math.exp(self.log_ratio[1])
+        fallback_w = float(width if low <= aspect <= high else (round(height * low) if aspect < low else width))
+        fallback_h = float(height if low <= aspect <= high else (height if aspect < low else round(width / high)))
+        w = torch.where(first >= 0, w, torch.full_like(w, fallback_w))
+        h = torch.where(first >= 0, h, torch.full_like(h, fallback_h))
+        top = torch.floor(torch.rand(count) * (height - h + 1))
+        left = torch.floor(torch.rand(count) * (width - w + 1))
+        return torch.stack([left, top, left + w, top + h], dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: uint8 [B, 3, H, W] -> normalised float [B, 3, input_size, input_size]."""
+        count, _, height, width = images.shape
+        left, top, right, bottom = self.sample_boxes(count, height, width).unbind(1)
+        flip = torch.where(torch.rand(2, count) < 0.5, -1.0, 1.0)
+        # output coordinate u in [-1, 1] -> input (align_corners=False): scale = box / side, a flip negates it
+        theta = torch.zeros(count, 2, 3)
+        theta[:, 0, 0] = flip[0] * (right - left) / width
+        theta[:, 0, 2] = (left + right) / width - 1
+        theta[:, 1, 1] = flip[1] * (bottom - top) / height
+        theta[:, 1, 2] = (top + bottom) / height - 1
+        grid = F.affine_grid(theta.to(images.device), [count, 3, self.input_size, self.input_size], align_corners=False)
+        out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return (out - self.mean) / self.std
