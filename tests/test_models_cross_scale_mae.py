@@ -120,7 +120,7 @@ def test_crop_view_is_the_box_resized_back_to_the_input_size():
 
 
 def direct_upstream_contrastive(f1, f2, temperature):
-    """Per-anchor formula of method.md section 3 step 7, written out with Python loops."""
+    """The per-anchor formula in the docstring of models_cross_scale_mae.cross_scale_contrastive_loss, with Python loops."""
     z = torch.nn.functional.normalize(torch.cat([f1, f2]), dim=1).tolist()
     n = len(z) // 2
     total = 0.0

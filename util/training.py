@@ -48,6 +48,12 @@ def epochs(args: argparse.Namespace, sampler, start_epoch: int, start_step: int)
         yield epoch, first_step
 
 
+def update_index(epoch: int, step: int, steps_per_epoch: int, accum_iter: int) -> int:
+    """Index of the optimiser update that ``step`` of ``epoch`` belongs to, counting every epoch's
+    ceil(steps_per_epoch / accum_iter) updates (the last group of an epoch may be shorter)."""
+    return epoch * -(-steps_per_epoch // accum_iter) + step // accum_iter
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
     """Step (through the fp16 loss scaler, if any) and clear the gradients."""
     if scaler:
@@ -97,21 +103,25 @@ class StepLoop:
         self.grad_norm = torch.zeros(())
         self.ddp = _ddp_module(model)
         self.updates_now = False
+        self.group_size = args.accum_iter
 
     @contextmanager
     def accumulate(self, step: int):
         """Around the forward and backward pass of ``step``: sets the LR at the start of an accumulation group,
         and skips DDP's gradient all-reduce on steps that end no group."""
         accum = self.args.accum_iter
-        if step % accum == 0:
-            self.scheduler.step_update((self.epoch * self.steps_per_epoch + step) // accum)
-        self.updates_now = (step + 1) % accum == 0 or step + 1 == self.steps_per_epoch
+        group_start = step - step % accum
+        if step == group_start:
+            self.scheduler.step_update(update_index(self.epoch, step, self.steps_per_epoch, accum))
+        self.group_size = min(accum, self.steps_per_epoch - group_start)  # the epoch's last group may be shorter
+        self.updates_now = step + 1 == group_start + self.group_size
         with self.ddp.no_sync() if self.ddp is not None and not self.updates_now else nullcontext():
             yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Back-propagate ``loss`` / ``accum_iter`` (scaled for fp16)."""
-        loss = loss / self.args.accum_iter
+        """Back-propagate ``loss`` / the size of this accumulation group (scaled for fp16), so that every update
+        follows the mean gradient of its steps."""
+        loss = loss / self.group_size
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def end_step(self, step: int, terms: dict[str, torch.Tensor], batch_size: int) -> None:

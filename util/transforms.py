@@ -12,6 +12,9 @@ from torchvision.transforms import v2
 # fMoW-RGB statistics used by upstream ("UPDATED" constants of its util/datasets.py).
 FMOW_RGB_MEAN = (0.43392888, 0.43578541, 0.40744025)
 FMOW_RGB_STD = (0.19828456, 0.19250111, 0.19454683)
+# Training crops: RandomResizedCrop area range (upstream's main_pretrain.py) and torchvision's default aspect-ratio range.
+CROP_SCALE = (0.25, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
 
 
 def build_transform(
@@ -19,16 +22,15 @@ def build_transform(
     input_size: int,
     mean: Sequence[float] = FMOW_RGB_MEAN,
     std: Sequence[float] = FMOW_RGB_STD,
-    min_scale: float = 0.25,
 ) -> v2.Compose:
     """Upstream's transforms, cropping before normalising.
 
-    Train: RandomResizedCrop(input_size, scale=(min_scale, 1), bicubic) + horizontal and vertical flips.
+    Train: RandomResizedCrop(input_size, scale=CROP_SCALE, bicubic) + horizontal and vertical flips.
     Eval: resize the shorter side to input_size / 0.875 (bicubic; no enlargement above 224 px) + centre crop.
     """
     if is_train:
         geometry = [
-            v2.RandomResizedCrop(input_size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomResizedCrop(input_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
         ]
@@ -42,9 +44,9 @@ def eval_resize_size(input_size: int) -> int:
     return input_size if input_size > 224 else math.floor(input_size / 0.875)
 
 
-def draft_size_for(is_train: bool, input_size: int, min_scale: float = 0.25) -> int:
+def draft_size_for(is_train: bool, input_size: int) -> int:
     """Smallest decode size that loses no resolution: a minimum-scale crop must still cover input_size pixels."""
-    return math.ceil(input_size / math.sqrt(min_scale)) if is_train else eval_resize_size(input_size)
+    return math.ceil(input_size / math.sqrt(CROP_SCALE[0])) if is_train else eval_resize_size(input_size)
 
 
 class BatchAugment(torch.nn.Module):
@@ -53,12 +55,11 @@ class BatchAugment(torch.nn.Module):
     vertical flips, normalisation. Boxes and flips draw from the CPU generator, so they are restored with it
     on resume."""
 
-    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.25,
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.input_size = input_size
-        self.scale = (min_scale, 1.0)
-        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.scale = CROP_SCALE
+        self.log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
 

@@ -1,0 +1,25 @@
+"""util/images.py: decoding any image file to 8-bit RGB."""
+import numpy as np
+from conftest import make_image
+from PIL import Image
+
+from util.images import load_image
+
+
+def test_grayscale_rgba_and_16_bit_images_become_rgb(tmp_path):
+    Image.new("L", (20, 20), 100).save(tmp_path / "gray.png")
+    Image.new("RGBA", (20, 20), (10, 20, 30, 0)).save(tmp_path / "rgba.png")
+    ramp = (np.arange(400, dtype=np.uint16).reshape(20, 20) * 150)
+    Image.fromarray(ramp).save(tmp_path / "sixteen.png")
+    images = {path.name: load_image(str(path)) for path in tmp_path.iterdir()}
+    assert all(img.mode == "RGB" for img in images.values())
+    assert images["gray.png"].getpixel((0, 0)) == (100, 100, 100)
+    assert images["rgba.png"].getpixel((0, 0)) == (10, 20, 30)
+    sixteen = np.asarray(images["sixteen.png"])
+    assert sixteen.min() == 0 and sixteen.max() == 255
+
+
+def test_jpeg_draft_decodes_large_images_at_reduced_size(tmp_path):
+    make_image(0, seed=1, size=512).save(tmp_path / "big.jpg")
+    assert load_image(str(tmp_path / "big.jpg"), draft_size=100).size == (128, 128)
+    assert load_image(str(tmp_path / "big.jpg")).size == (512, 512)

@@ -1,0 +1,28 @@
+"""util/loaders.py: seeded, resumable sampling."""
+import torch
+
+from util import loaders
+from util.datasets import build_dataset
+from util.transforms import build_transform
+
+
+def test_seeded_samples_repeat_their_augmentation(csv_dataset):
+    dataset = build_dataset(csv_dataset, "fmow_rgb", build_transform(True, 32))
+    torch.manual_seed(0)
+    first = dataset[(3, 42)][0]
+    torch.manual_seed(1)
+    again = dataset[(3, 42)][0]
+    other = dataset[(3, 43)][0]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_sampler_seeds_depend_on_epoch_and_skip_finished_batches(csv_dataset):
+    dataset = build_dataset(csv_dataset, "fmow_rgb")
+    sampler = loaders.SeededSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert sorted(i for i, _ in epoch0) == list(range(8)) and epoch0 != epoch1
+    sampler.set_epoch(0)
+    sampler.set_start(4)
+    assert list(sampler) == epoch0[4:] and len(sampler) == 4

@@ -1,0 +1,116 @@
+"""util/training.py: the accumulate / update / stop / log mechanics of one epoch, on a linear model."""
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from util import runtime
+from util.runtime import Preempted, Run
+from util.schedule import lr_scheduler
+from util.training import NonFiniteLossError, StepLoop, epochs
+
+FEATURES, BATCH = 3, 2
+
+
+def cpu_run() -> Run:
+    return Run(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), amp_dtype=None, output_dir=Path("."))
+
+
+def train_epoch(model, batches, accum_iter, clip_grad=None, lr=0.1, log_every=100):
+    """One epoch of plain SGD on squared error, through StepLoop as the engines use it; returns its means."""
+    args = argparse.Namespace(accum_iter=accum_iter, clip_grad=clip_grad, log_every=log_every, epochs=1,
+                              warmup_epochs=0, min_lr=lr, lr=lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    steps = StepLoop(model, optimizer, lr_scheduler(optimizer, args, len(batches)), None, cpu_run(), args, 0,
+                     len(batches), ("loss",))
+    for step, (x, y) in enumerate(batches):
+        with steps.accumulate(step):
+            loss = ((model(x) - y) ** 2).mean()
+            steps.backward(loss)
+        steps.end_step(step, {"loss": loss}, len(x))
+    return steps.epoch_means()
+
+
+def data(count: int):
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(BATCH, FEATURES, generator=generator), torch.randn(BATCH, 1, generator=generator))
+            for _ in range(count)]
+
+
+def linear() -> torch.nn.Linear:
+    torch.manual_seed(0)
+    return torch.nn.Linear(FEATURES, 1)
+
+
+def reference_sgd(batches, groups, lr=0.1):
+    """SGD on the mean loss of each group of batches (what accumulation must compute)."""
+    model = linear()
+    for group in groups:
+        model.zero_grad()
+        sum(((model(x) - y) ** 2).mean() for x, y in (batches[i] for i in group)).div(len(group)).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * p.grad
+    return model
+
+
+def test_accumulated_updates_follow_the_mean_gradient_of_each_group_including_a_shorter_last_one():
+    batches = data(5)
+    model = linear()
+    train_epoch(model, batches, accum_iter=2)
+    expected = reference_sgd(batches, [[0, 1], [2, 3], [4]])  # 5 steps, accum 2: the last group has one step
+    for got, want in zip(model.parameters(), expected.parameters()):
+        torch.testing.assert_close(got, want)
+
+
+def test_clipping_bounds_the_gradient_norm():
+    batches = [(x * 1000, y) for x, y in data(1)]
+    model = linear()
+    before = [p.detach().clone() for p in model.parameters()]
+    train_epoch(model, batches, accum_iter=1, clip_grad=0.5, lr=1.0)
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert step.norm().item() == pytest.approx(0.5, rel=1e-5)
+
+
+def test_a_stop_request_ends_the_epoch_after_the_update(monkeypatch):
+    monkeypatch.setattr(runtime._STOP, "is_set", lambda: True)
+    with pytest.raises(Preempted) as stop:
+        train_epoch(linear(), data(4), accum_iter=2)
+    assert (stop.value.epoch, stop.value.step) == (0, 2)  # the first update (2 steps) completed
+
+
+def test_a_nan_loss_names_the_steps():
+    batches = data(3)
+    batches[1] = (batches[1][0] * float("nan"), batches[1][1])
+    with pytest.raises(NonFiniteLossError, match=r"epoch 0, steps 0-1: loss term\(s\) loss became nan"):
+        train_epoch(linear(), batches, accum_iter=1, log_every=2)
+
+
+def test_epoch_means_average_every_step():
+    batches = data(4)
+    model = linear()
+    with torch.no_grad():
+        expected = [((model(x) - y) ** 2).mean().item() for x, y in batches]
+    means = train_epoch(model, batches, accum_iter=4, lr=0.0)  # lr 0: the model never changes
+    assert means["loss"] == pytest.approx(sum(expected) / len(expected), rel=1e-6)
+
+
+class Positions:
+    def __init__(self):
+        self.epoch, self.start = None, None
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def set_start(self, start):
+        self.start = start
+
+
+def test_a_resumed_run_starts_mid_epoch_once():
+    sampler = Positions()
+    args = argparse.Namespace(epochs=4, batch_size=8)
+    seen = []
+    for epoch, first_step in epochs(args, sampler, start_epoch=2, start_step=3):
+        seen.append((epoch, first_step, sampler.epoch, sampler.start))
+    assert seen == [(2, 3, 2, 24), (3, 0, 3, 0)]
