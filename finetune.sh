@@ -3,36 +3,68 @@
 #
 #   bash finetune.sh                                   # WEIGHTS from train.sh, embedded Sentinel-2 sample, ~1 min on 2 CPU cores
 #   WEIGHTS=weights/cross_scale_mae_base_pretrain.pth bash finetune.sh --epochs 5
+#   bash finetune.sh --finetune weights/mine.pth --epochs 1     # flags win over the variables below
 #   bash finetune.sh vit_large_patch16 weights/cross_scale_mae_large_pretrain.pth --nb_classes 62   # upstream's <model> [weights] form
 #
 # Real runs (upstream's fMoW-RGB setting): WEIGHTS=weights/cross_scale_mae_base_pretrain.pth INPUT_SIZE=128
 #   EPOCHS=100 WARMUP_EPOCHS=5 BATCH_SIZE=512 BLR=1e-3 TRAIN_PATH=../fmow-rgb-preproc/train_128.csv
 #   TEST_PATH=../fmow-rgb-preproc/val_128.csv OUTPUT_DIR=output/finetune_base
-# linprobe.sh runs this script with main_linprobe.py and its own defaults. Extra flags pass through.
+# Extra flags pass through to Python and win over the variables (precedence: tools/launcher_lib.sh); --finetune
+# replaces WEIGHTS (--finetune "" with --model NAME: random initialisation). train_distributed.sh runs this script
+# under torchrun (LAUNCHER=finetune.sh). linprobe.sh runs it with SCRIPT=main_linprobe.py and its own defaults
+# (DEFAULT_EPOCHS, DEFAULT_WARMUP_EPOCHS, DEFAULT_BLR, DEFAULT_OUTPUT_DIR).
 set -euo pipefail
 cd "$(dirname "$0")"
+source tools/launcher_lib.sh
 
 SCRIPT=${SCRIPT:-main_finetune.py}
-WEIGHTS=${WEIGHTS:-output/pretrain_tiny/checkpoint-last.pth}
-MODEL=${MODEL:-}                        # empty: the architecture of WEIGHTS
-INPUT_SIZE=${INPUT_SIZE:-128}
-EPOCHS=${EPOCHS:-30}
-WARMUP_EPOCHS=${WARMUP_EPOCHS:-3}
-BATCH_SIZE=${BATCH_SIZE:-32}            # per device
-BLR=${BLR:-1e-3}
-TRAIN_PATH=${TRAIN_PATH:-data/sentinel2_rgb/train.csv}
-TEST_PATH=${TEST_PATH:-data/sentinel2_rgb/val.csv}
-OUTPUT_DIR=${OUTPUT_DIR:-output/finetune_tiny}
-NUM_WORKERS=${NUM_WORKERS:-2}
+setvar WEIGHTS output/pretrain_tiny/checkpoint-last.pth
+setvar MODEL ""                         # empty: the architecture of WEIGHTS
+setvar INPUT_SIZE 128
+setvar EPOCHS "${DEFAULT_EPOCHS:-30}"
+setvar WARMUP_EPOCHS "${DEFAULT_WARMUP_EPOCHS:-3}"
+setvar BATCH_SIZE 32                    # per device
+setvar BLR "${DEFAULT_BLR:-1e-3}"
+setvar TRAIN_PATH data/sentinel2_rgb/train.csv
+setvar TEST_PATH data/sentinel2_rgb/val.csv
+setvar OUTPUT_DIR "${DEFAULT_OUTPUT_DIR:-output/finetune_tiny}"
+setvar NUM_WORKERS 2
 PYTHON=${PYTHON:-python}
+LAUNCH=${LAUNCH:-$PYTHON}               # train_distributed.sh sets this to torchrun
 
-if [[ $# -ge 1 && $1 != -* ]]; then MODEL=$1; shift; fi
-if [[ $# -ge 1 && $1 != -* ]]; then WEIGHTS=$1; shift; fi
-if [[ ! -f $WEIGHTS ]]; then
-  echo "error: no weights at $WEIGHTS: run 'bash train.sh' first, or set WEIGHTS=weights/cross_scale_mae_base_pretrain.pth (see weights/README.md)" >&2
-  exit 1
+WEIGHTS_FROM=WEIGHTS
+is_explicit WEIGHTS || WEIGHTS_FROM=
+# upstream's positional form: <model> [weights] [flags]
+if [[ $# -ge 1 && $1 != -* ]]; then MODEL=$1; mark_explicit MODEL; shift; fi
+if [[ $# -ge 1 && $1 != -* ]]; then WEIGHTS=$1; mark_explicit WEIGHTS; WEIGHTS_FROM="the <weights> argument"; shift; fi
+USER_ARGS=("$@")
+
+# the weights Python will read: --finetune on the command line, else WEIGHTS (unless --config decides)
+if user_flag finetune; then
+  WEIGHTS=${FLAG_VALUES[0]-}
+  WEIGHTS_FROM=--finetune
+elif launcher_value WEIGHTS; then
+  PY_ARGS+=(--finetune "$WEIGHTS")
+else
+  WEIGHTS=
+fi
+if [[ -n $WEIGHTS && ! -f $WEIGHTS ]]; then
+  if [[ -z $WEIGHTS_FROM ]]; then
+    die "no weights at $WEIGHTS: run 'bash train.sh' first, or give --finetune PATH / set WEIGHTS (published weights: weights/README.md)"
+  fi
+  die "no weights at $WEIGHTS (from $WEIGHTS_FROM)"
 fi
 
-$PYTHON "$SCRIPT" --finetune "$WEIGHTS" ${MODEL:+--model "$MODEL"} --input_size "$INPUT_SIZE" \
-  --epochs "$EPOCHS" --warmup_epochs "$WARMUP_EPOCHS" --batch_size "$BATCH_SIZE" --blr "$BLR" \
-  --train_path "$TRAIN_PATH" --test_path "$TEST_PATH" --output_dir "$OUTPUT_DIR" --num_workers "$NUM_WORKERS" "$@"
+if [[ -n $MODEL ]]; then pass_var model MODEL; fi
+pass_var input_size INPUT_SIZE
+pass_var epochs EPOCHS
+pass_var warmup_epochs WARMUP_EPOCHS
+pass_var batch_size BATCH_SIZE
+pass_var blr BLR
+pass_var train_path TRAIN_PATH
+pass_var test_path TEST_PATH
+pass_var output_dir OUTPUT_DIR
+pass_var num_workers NUM_WORKERS
+
+# shellcheck disable=SC2086  # LAUNCH is a command line (python, or torchrun and its flags); exec: signals reach it
+exec $LAUNCH "$SCRIPT" "${PY_ARGS[@]}" "$@"

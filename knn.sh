@@ -4,30 +4,60 @@
 #   bash knn.sh                                     # random init vs the train.sh checkpoint on the embedded sample
 #   CHECKPOINTS="none weights/cross_scale_mae_base_pretrain.pth" bash knn.sh --pool mean
 #   bash knn.sh weights/cross_scale_mae_large_pretrain.pth output/pretrain_tiny/checkpoint-last.pth   # positional checkpoints
+#   bash knn.sh --checkpoints none weights/mine.pth  # the flag replaces CHECKPOINTS and positional checkpoints
 #
 # Real runs: TRAIN_PATH / TEST_PATH of a labelled CSV or ImageFolder (RESISC45, UC Merced, WHU-RS19, EuroSAT-RGB);
-# TEST_PATH=split evaluates a seeded 20 % of TRAIN_PATH. Extra flags pass through (--scale_mode native, --pool mean, ...).
+# TEST_PATH=split evaluates a seeded 20 % of TRAIN_PATH. Extra flags pass through and win over the variables
+# (--scale_mode native, --pool mean, ...; precedence: tools/launcher_lib.sh). train_distributed.sh runs this
+# script under torchrun (LAUNCHER=knn.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
+source tools/launcher_lib.sh
 
-CHECKPOINTS=${CHECKPOINTS:-"none output/pretrain_tiny/checkpoint-last.pth"}
-TRAIN_PATH=${TRAIN_PATH:-data/sentinel2_rgb/train.csv}
-TEST_PATH=${TEST_PATH:-data/sentinel2_rgb/val.csv}
-OUTPUT_DIR=${OUTPUT_DIR:-output/knn}
-BATCH_SIZE=${BATCH_SIZE:-64}
-NUM_WORKERS=${NUM_WORKERS:-2}
+setvar CHECKPOINTS "none output/pretrain_tiny/checkpoint-last.pth"   # space-separated; 'none' is random initialisation
+setvar TRAIN_PATH data/sentinel2_rgb/train.csv
+setvar TEST_PATH data/sentinel2_rgb/val.csv
+setvar OUTPUT_DIR output/knn
+setvar BATCH_SIZE 64
+setvar NUM_WORKERS 2
 PYTHON=${PYTHON:-python}
+LAUNCH=${LAUNCH:-$PYTHON}               # train_distributed.sh sets this to torchrun
 
-POSITIONAL=()
-while [[ $# -ge 1 && $1 != -* ]]; do POSITIONAL+=("$1"); shift; done
-if [[ ${#POSITIONAL[@]} -gt 0 ]]; then CHECKPOINTS="${POSITIONAL[*]}"; fi
-for checkpoint in $CHECKPOINTS; do
+CHECKPOINTS_FROM=CHECKPOINTS
+is_explicit CHECKPOINTS || CHECKPOINTS_FROM=
+read -ra CHECKPOINT_LIST <<<"$CHECKPOINTS"
+# positional checkpoints: <checkpoint>... [flags]
+if [[ $# -ge 1 && $1 != -* ]]; then
+  CHECKPOINT_LIST=()
+  while [[ $# -ge 1 && $1 != -* ]]; do CHECKPOINT_LIST+=("$1"); shift; done
+  mark_explicit CHECKPOINTS
+  CHECKPOINTS_FROM="the <checkpoint> arguments"
+fi
+USER_ARGS=("$@")
+
+# the checkpoints Python will read: --checkpoints on the command line (then the only list passed), else the above
+if user_flag checkpoints many; then
+  CHECKPOINT_LIST=(${FLAG_VALUES[@]+"${FLAG_VALUES[@]}"})
+  CHECKPOINTS_FROM=--checkpoints
+elif launcher_value CHECKPOINTS; then
+  PY_ARGS+=(--checkpoints "${CHECKPOINT_LIST[@]}")
+else
+  CHECKPOINT_LIST=()
+fi
+for checkpoint in ${CHECKPOINT_LIST[@]+"${CHECKPOINT_LIST[@]}"}; do
   if [[ $checkpoint != none && ! -f $checkpoint ]]; then
-    echo "error: no checkpoint at $checkpoint: run 'bash train.sh' first, or set CHECKPOINTS (see weights/README.md)" >&2
-    exit 1
+    if [[ -z $CHECKPOINTS_FROM ]]; then
+      die "no checkpoint at $checkpoint: run 'bash train.sh' first, or give --checkpoints PATH... / set CHECKPOINTS (published weights: weights/README.md)"
+    fi
+    die "no checkpoint at $checkpoint (from $CHECKPOINTS_FROM)"
   fi
 done
 
-# shellcheck disable=SC2086  # CHECKPOINTS is a list of paths
-$PYTHON main_knn.py --checkpoints $CHECKPOINTS --train_path "$TRAIN_PATH" --test_path "$TEST_PATH" \
-  --output_dir "$OUTPUT_DIR" --batch_size "$BATCH_SIZE" --num_workers "$NUM_WORKERS" "$@"
+pass_var train_path TRAIN_PATH
+pass_var test_path TEST_PATH
+pass_var output_dir OUTPUT_DIR
+pass_var batch_size BATCH_SIZE
+pass_var num_workers NUM_WORKERS
+
+# shellcheck disable=SC2086  # LAUNCH is a command line (python, or torchrun and its flags); exec: signals reach it
+exec $LAUNCH main_knn.py "${PY_ARGS[@]}" "$@"

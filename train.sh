@@ -2,7 +2,8 @@
 # Pretrain Cross-Scale MAE on one device: the GPU if there is one, else the CPU.
 #
 #   bash train.sh                                  # tiny paper model, embedded Sentinel-2 sample, < 3 min on 2 CPU cores
-#   bash train.sh --epochs 1 --output_dir X        # extra flags pass through to main_pretrain.py
+#   bash train.sh --epochs 1 --output_dir X        # extra flags pass through to main_pretrain.py, and win over
+#                                                  # the variables below (precedence: tools/launcher_lib.sh)
 #   bash train.sh mae_vit_base_MsLdCeCd scaled_dot_product mse --epochs 400   # upstream's form: <model> <attention> <loss>
 #
 # For the paper's run, set the variables below (or export them) to:
@@ -12,33 +13,44 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-MODEL=${MODEL:-cross_scale_mae_vit_tiny}
-INPUT_SIZE=${INPUT_SIZE:-128}
-PATCH_SIZE=${PATCH_SIZE:-16}
-EPOCHS=${EPOCHS:-40}
-WARMUP_EPOCHS=${WARMUP_EPOCHS:-4}
-BATCH_SIZE=${BATCH_SIZE:-32}           # per device
-BLR=${BLR:-1e-3}                       # the paper's 5e-5 is for batch 4096 and 400 epochs; a short tiny run needs more
-TRAIN_PATH=${TRAIN_PATH:-data/sentinel2_rgb/train.csv}
-OUTPUT_DIR=${OUTPUT_DIR:-output/pretrain_tiny}
-NUM_WORKERS=${NUM_WORKERS:-2}
-SAVE_EVERY=${SAVE_EVERY:-10}
-PLOT_EVERY=${PLOT_EVERY:-5}
+source tools/launcher_lib.sh
+
+setvar MODEL cross_scale_mae_vit_tiny
+setvar INPUT_SIZE 128
+setvar PATCH_SIZE 16
+setvar EPOCHS 40
+setvar WARMUP_EPOCHS 4
+setvar BATCH_SIZE 32                   # per device
+setvar BLR 1e-3                        # the paper's 5e-5 is for batch 4096 and 400 epochs; a short tiny run needs more
+setvar TRAIN_PATH data/sentinel2_rgb/train.csv
+setvar OUTPUT_DIR output/pretrain_tiny
+setvar NUM_WORKERS 2
+setvar SAVE_EVERY 10
+setvar PLOT_EVERY 5
 PYTHON=${PYTHON:-python}
 LAUNCH=${LAUNCH:-$PYTHON}              # train_distributed.sh sets this to torchrun
 
 # upstream's positional form: <model> <attention> <loss> [flags]
-UPSTREAM=()
-if [[ $# -ge 1 && $1 != -* ]]; then
-  MODEL=$1
-  [[ $# -ge 2 && $2 != -* ]] && UPSTREAM+=(--attn_name "$2")
-  [[ $# -ge 3 && $3 != -* ]] && UPSTREAM+=(--loss "$3")
-  shift $((1 + ${#UPSTREAM[@]} / 2))
-fi
+ATTN_NAME= LOSS=
+if [[ $# -ge 1 && $1 != -* ]]; then MODEL=$1; mark_explicit MODEL; shift; fi
+if [[ $# -ge 1 && $1 != -* ]]; then ATTN_NAME=$1; mark_explicit ATTN_NAME; shift; fi
+if [[ $# -ge 1 && $1 != -* ]]; then LOSS=$1; mark_explicit LOSS; shift; fi
+USER_ARGS=("$@")
 
-$LAUNCH main_pretrain.py \
-  --model "$MODEL" --input_size "$INPUT_SIZE" --patch_size "$PATCH_SIZE" \
-  --epochs "$EPOCHS" --warmup_epochs "$WARMUP_EPOCHS" --batch_size "$BATCH_SIZE" --blr "$BLR" \
-  --train_path "$TRAIN_PATH" --output_dir "$OUTPUT_DIR" --num_workers "$NUM_WORKERS" \
-  --save_every "$SAVE_EVERY" --plot_every "$PLOT_EVERY" \
-  ${UPSTREAM[@]+"${UPSTREAM[@]}"} "$@"
+pass_var model MODEL
+pass_var input_size INPUT_SIZE
+pass_var patch_size PATCH_SIZE
+pass_var epochs EPOCHS
+pass_var warmup_epochs WARMUP_EPOCHS
+pass_var batch_size BATCH_SIZE
+pass_var blr BLR
+pass_var train_path TRAIN_PATH
+pass_var output_dir OUTPUT_DIR
+pass_var num_workers NUM_WORKERS
+pass_var save_every SAVE_EVERY
+pass_var plot_every PLOT_EVERY
+if [[ -n ${ATTN_NAME:-} ]]; then pass_var attn_name ATTN_NAME; fi
+if [[ -n ${LOSS:-} ]]; then pass_var loss LOSS; fi
+
+# shellcheck disable=SC2086  # LAUNCH is a command line (python, or torchrun and its flags); exec: signals reach it
+exec $LAUNCH main_pretrain.py "${PY_ARGS[@]}" "$@"

@@ -1,12 +1,26 @@
 #!/usr/bin/env bash
-# Pretrain with DDP under torchrun: every visible GPU (NCCL), or CPU processes (gloo) where there is none.
-# Takes the same variables and arguments as train.sh, which it runs.
+# Run a launcher with DDP under torchrun: every visible GPU (NCCL), or CPU processes (gloo) where there is none.
+# LAUNCHER chooses which: train.sh (default: pretraining), finetune.sh, linprobe.sh or knn.sh; this script takes
+# that launcher's variables and arguments and runs it with LAUNCH set to torchrun.
 #
-#   bash train_distributed.sh                            # all GPUs of this node
+#   bash train_distributed.sh                            # pretrain on all GPUs of this node
 #   NUM_GPUS=2 bash train_distributed.sh --epochs 1      # 2 processes (on a CPU-only machine: 2 gloo processes)
+#   LAUNCHER=finetune.sh WEIGHTS=weights/cross_scale_mae_base_pretrain.pth bash train_distributed.sh --epochs 100
+#   LAUNCHER=knn.sh bash train_distributed.sh none weights/cross_scale_mae_base_pretrain.pth
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash train_distributed.sh   # on node0; NODE_RANK=1 on the other
 #
-# Under SLURM (one task per node), NNODES, NODE_RANK and MASTER_ADDR come from the job's environment.
+# Under SLURM (one task per node), NNODES, NODE_RANK and MASTER_ADDR come from the job's environment, and
+# MASTER_PORT (when not set) from the job id: 20000 + SLURM_JOB_ID % 20000, so jobs sharing a node do not both
+# take torchrun's 29500. Outside SLURM the default is 29500.
+# Ask SLURM for an early pre-emption warning in the batch script:
+#   #SBATCH --signal=B:USR1@120
+#   exec bash train_distributed.sh --resume auto         # one node; several: exec srun bash train_distributed.sh ...
+# (SIGUSR1 to the batch shell 120 s before the time limit). Schedulers send SIGKILL about 30 s after SIGTERM,
+# too little to write a ViT-L checkpoint; the Python side treats USR1 like SIGTERM (save, then exit).
+# B: signals only the batch shell, hence the exec: the launchers exec in turn, so the signal reaches torchrun
+# (srun relays the signals it receives to its tasks). torchrun forwards USR1 to the workers
+# (PET_SIGNALS_TO_HANDLE below) and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (here 120, torch's 30) for them
+# to save before it kills them.
 # The batch size is per GPU: the effective batch is BATCH_SIZE x NUM_GPUS x NNODES (x --accum_iter).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -29,8 +43,17 @@ NUM_GPUS=${NUM_GPUS:-$(visible_gpus)}
 NNODES=${NNODES:-${SLURM_NNODES:-1}}
 NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
 MASTER_ADDR=${MASTER_ADDR:-$(slurm_master || echo 127.0.0.1)}
-MASTER_PORT=${MASTER_PORT:-29500}
+if [[ -z ${MASTER_PORT:-} ]]; then
+  if [[ ${SLURM_JOB_ID:-} =~ ^[0-9]+$ ]]; then MASTER_PORT=$((20000 + 10#$SLURM_JOB_ID % 20000)); else MASTER_PORT=29500; fi
+fi
 PYTHON=${PYTHON:-python}
+LAUNCHER=${LAUNCHER:-train.sh}
+case $LAUNCHER in
+  train.sh | finetune.sh | linprobe.sh | knn.sh) ;;
+  *) echo "error: LAUNCHER=$LAUNCHER: expected train.sh, finetune.sh, linprobe.sh or knn.sh" >&2; exit 1 ;;
+esac
 
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}  # torchrun --signals_to_handle
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 export LAUNCH="$PYTHON -m torch.distributed.run --nnodes $NNODES --node_rank $NODE_RANK --nproc_per_node $NUM_GPUS --master_addr $MASTER_ADDR --master_port $MASTER_PORT"
-exec bash train.sh "$@"
+exec bash "$LAUNCHER" "$@"

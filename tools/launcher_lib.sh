@@ -1,0 +1,67 @@
+# Helpers shared by train.sh, finetune.sh, linprobe.sh, knn.sh and train_distributed.sh (sourced, not run).
+#
+# Precedence of a value, highest first:
+#   1. a flag on the command line (--epochs 1, --epochs=1, or an abbreviation argparse accepts: --epo 1)
+#   2. a positional argument of upstream's forms (train.sh <model> <attention> <loss>, finetune.sh <model> [weights],
+#      knn.sh <checkpoint>...)
+#   3. a variable set in the environment (EPOCHS=1 bash train.sh)
+#   4. the values in --config FILE, when given
+#   5. the launcher's default (the top of each launcher)
+# A launcher passes a flag to Python only when that flag is not on the command line (so each flag reaches Python
+# once, and list flags such as --checkpoints are never given twice), and checks a file only when that file is the
+# one Python will read. With --config, the launcher's defaults are not passed (the file's values would lose to them);
+# variables set in the environment and positional arguments still are.
+
+EXPLICIT=" "      # names of the variables the user set (environment or positional argument), space separated
+USER_ARGS=()      # the flags passed through to Python; set by the launcher after it has taken its positional arguments
+PY_ARGS=()        # the launcher's own flags, built by pass_var
+FLAG_VALUES=()    # the values of the last occurrence of the flag user_flag found
+
+die() { echo "error: $*" >&2; exit 1; }
+
+# setvar NAME DEFAULT: keep NAME when the environment sets it (non-empty; recorded as the user's), else DEFAULT.
+setvar() {
+  if [[ -n ${!1:-} ]]; then mark_explicit "$1"; else printf -v "$1" '%s' "$2"; fi
+}
+mark_explicit() { EXPLICIT+="$1 "; }
+is_explicit() { [[ $EXPLICIT == *" $1 "* ]]; }
+
+# user_flag NAME [many]: whether USER_ARGS gives --NAME; FLAG_VALUES gets the values of its last occurrence
+# (one value; with "many", every following argument up to the next flag, as argparse's nargs="+").
+user_flag() {
+  local name=$1 many=${2:-} i key found=1
+  FLAG_VALUES=()
+  for ((i = 0; i < ${#USER_ARGS[@]}; i++)); do
+    local arg=${USER_ARGS[i]}
+    [[ $arg == -- ]] && break
+    [[ $arg == --?* ]] || continue
+    key=${arg%%=*}
+    key=${key#--}
+    [[ -n $key && $name == "$key"* ]] || continue   # exact name or an abbreviation (argparse's allow_abbrev)
+    found=0
+    FLAG_VALUES=()
+    if [[ $arg == *=* ]]; then
+      FLAG_VALUES=("${arg#*=}")
+    elif [[ -n $many ]]; then
+      while ((i + 1 < ${#USER_ARGS[@]})) && [[ ${USER_ARGS[i + 1]} != -* ]]; do
+        FLAG_VALUES+=("${USER_ARGS[i + 1]}")
+        i=$((i + 1))
+      done
+    elif ((i + 1 < ${#USER_ARGS[@]})); then
+      FLAG_VALUES=("${USER_ARGS[i + 1]}")
+      i=$((i + 1))
+    fi
+  done
+  return $found
+}
+
+# launcher_value NAME: whether the launcher, not the user, decides the flag of variable NAME
+# (false when --config is on the command line and the user did not set NAME).
+launcher_value() { is_explicit "$1" || ! user_flag config; }
+
+# pass_var FLAG NAME: add --FLAG "$NAME" to PY_ARGS unless the command line gives --FLAG, or --config decides it.
+pass_var() {
+  user_flag "$1" && return 0
+  launcher_value "$2" || return 0
+  PY_ARGS+=("--$1" "${!2}")
+}
