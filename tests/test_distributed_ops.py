@@ -1,0 +1,356 @@
+"""util.distributed_ops: gathered contrastive negatives, SyncBatchNorm1d and device-correct collectives.
+
+One 2-process gloo job (module fixture) runs every distributed case and saves each rank's results; the
+tests compare them with one process on the union batch A ∪ B (rank 0 holds A, rank 1 holds B).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from strict_collectives import WrongDeviceError, run_allowing_meta_readback, strict_collectives
+
+from util import distributed_ops as ops
+
+WORLD = 2
+B, D_IN, D = 6, 5, 4  # contrastive: per-rank batch, input width, feature width
+N_BN, TOKENS, HIDDEN = 4, 7, 6  # SyncBatchNorm: per-rank batch, channels (= tokens), length (= hidden)
+SGD_STEPS = 2
+
+
+# ---------------------------------------------------------------- the data (same on every process)
+
+def contrastive_data():
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(WORLD * B, D_IN, generator=g), torch.randn(WORLD * B, D_IN, generator=g)
+    return x1, x2
+
+
+def feature_layer() -> nn.Linear:
+    torch.manual_seed(2)
+    return nn.Linear(D_IN, D)
+
+
+def bn_data():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(WORLD * N_BN, TOKENS, HIDDEN, generator=g) * 3 + 5  # a large mean: cancellation-prone
+    weights = torch.randn(WORLD * N_BN, TOKENS, HIDDEN, generator=g)
+    x2d = torch.randn(WORLD * N_BN, TOKENS, generator=g) * 2 - 1
+    return x, weights, x2d
+
+
+def predictor(bn: type[nn.Module] = nn.BatchNorm1d, momentum: float | None = 0.1) -> nn.Sequential:
+    """The model's token predictor (Linear -> BatchNorm1d(num_tokens) -> ReLU -> Linear) at toy size."""
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(HIDDEN, 16), bn(TOKENS, momentum=momentum), nn.ReLU(inplace=True), nn.Linear(16, HIDDEN))
+
+
+def predictor_data():
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(SGD_STEPS, WORLD * N_BN, TOKENS, HIDDEN, generator=g), torch.randn(SGD_STEPS, WORLD * N_BN, TOKENS, HIDDEN, generator=g)
+
+
+def bn_params(module: nn.Module):
+    torch.manual_seed(6)
+    with torch.no_grad():
+        module.weight.copy_(torch.rand(TOKENS) + 0.5)
+        module.bias.copy_(torch.randn(TOKENS))
+    return module
+
+
+# ---------------------------------------------------------------- the 2-process job
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.save(_distributed_cases(rank), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _distributed_cases(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    mine = slice(rank * B, (rank + 1) * B)
+    results: dict = {}
+    x1, x2 = contrastive_data()
+    for form in ("upstream", "ntxent"):
+        for gather in (True, False):
+            layer = DDP(feature_layer())
+            loss = ops.contrastive_loss(layer(x1[mine]), layer(x2[mine]), 0.5, form, gather_negatives=gather)
+            loss.backward()  # DDP averages the gradients over ranks
+            results[f"contrastive/{form}/{gather}"] = (loss.detach(), layer.module.weight.grad.clone(), layer.module.bias.grad.clone())
+
+    gathered = ops.gather_with_grad(torch.full((2, 3), float(rank), requires_grad=True))
+    results["gather/value"] = gathered.detach()
+    leaf = torch.full((2, 3), float(rank), requires_grad=True)
+    (ops.gather_with_grad(leaf) * torch.arange(WORLD * 2.0).view(-1, 1)).sum().backward()
+    results["gather/grad"] = leaf.grad
+
+    x, weights, x2d = bn_data()
+    rows = slice(rank * N_BN, (rank + 1) * N_BN)
+    for name, data, momentum in (("3d", x, 0.1), ("2d", x2d, None)):
+        bn = bn_params(ops.SyncBatchNorm1d(TOKENS, momentum=momentum))
+        local = data[rows].clone().requires_grad_(True)
+        for _ in range(2):  # two updates of the running statistics
+            y = bn(local)
+        w = weights[rows] if data.dim() == 3 else weights[rows, :, 0]
+        (y * w).mean().backward()
+        grads = [p.grad.clone() for p in (bn.weight, bn.bias)]
+        for grad in grads:  # what DDP does
+            dist.all_reduce(grad)
+            grad /= WORLD
+        results[f"bn/{name}"] = (y.detach(), local.grad, *grads, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+        bn.eval()
+        results[f"bn/{name}/eval"] = bn(data[rows]).detach()
+
+    model = DDP(ops.convert_sync_batchnorm(predictor()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs, targets = predictor_data()
+    losses = []
+    for step in range(SGD_STEPS):
+        loss = nn.functional.mse_loss(model(inputs[step, rows]), targets[step, rows])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    results["predictor"] = (torch.stack(losses), {k: v.clone() for k, v in model.module.state_dict().items()})
+
+    results["reduce_mean"] = ops.all_reduce_mean({"a": float(rank), "b": torch.tensor(10.0 * rank + 1), "c": 2}, "cpu")
+    return results
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-6) -> None:
+    """Relative error of the whole tensor (norm of the difference over the norm of the reference)."""
+    got, expected = got.double(), expected.double()
+    assert got.shape == expected.shape
+    error = (got - expected).norm() / max(expected.norm().item(), 1e-12)
+    assert error <= rtol, f"relative error {error:.2e} > {rtol:.0e}"
+
+
+# ---------------------------------------------------------------- contrastive loss
+
+def reference_loss(f1: torch.Tensor, f2: torch.Tensor, temperature: float, form: str) -> torch.Tensor:
+    """The formula written out, one anchor at a time, in float64."""
+    z = nn.functional.normalize(torch.cat([f1, f2]).double(), dim=1)
+    n = f1.shape[0]
+    s = (z @ z.T / temperature).exp()
+    losses = []
+    for i in range(2 * n):
+        p = (i + n) % (2 * n)
+        others = [k for k in range(2 * n) if k != i and (form == "ntxent" or k != p)]
+        denominator = s[i, others].sum() + (1e-8 if form == "upstream" else 0.0)
+        losses.append(-torch.log(s[i, p] / denominator))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("form", ["upstream", "ntxent"])
+def test_single_process_loss_matches_the_formula(form):
+    g = torch.Generator().manual_seed(0)
+    for b, d, t in ((2, 3, 0.5), (5, 8, 0.1), (9, 4, 1.0)):
+        f1, f2 = torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
+        got = ops.contrastive_loss(f1, f2, t, form)
+        assert got.dtype == torch.float32
+        assert_close(got, reference_loss(f1, f2, t, form))
+        assert torch.equal(ops.contrastive_loss(f1, f2, t, form, gather_negatives=True), got)  # one process: no gathering
+
+
+@pytest.mark.parametrize("form", ["upstream", "ntxent"])
+def test_single_process_loss_is_bit_identical_to_the_model_function(form):
+    models = pytest.importorskip("models_cross_scale_mae")
+    if not hasattr(models, "cross_scale_contrastive_loss"):
+        pytest.skip("models_cross_scale_mae.cross_scale_contrastive_loss was replaced by util.distributed_ops.contrastive_loss")
+    g = torch.Generator().manual_seed(7)
+    for b in (2, 6, 32):
+        f1 = torch.randn(b, 16, generator=g, requires_grad=True)
+        f2 = torch.randn(b, 16, generator=g, requires_grad=True)
+        ours = ops.contrastive_loss(f1, f2, 0.5, form)
+        theirs = models.cross_scale_contrastive_loss(f1, f2, 0.5, form)
+        assert torch.equal(ours, theirs)
+        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(ours, (f1, f2)), torch.autograd.grad(theirs, (f1, f2))))
+
+
+def test_bad_form_is_refused():
+    with pytest.raises(ValueError, match="upstream"):
+        ops.contrastive_loss(torch.randn(2, 3), torch.randn(2, 3), form="simclr")
+
+
+@pytest.mark.parametrize("form", ["upstream", "ntxent"])
+def test_gathered_negatives_on_two_processes_equal_one_process_on_the_union(ranks, form):
+    x1, x2 = contrastive_data()
+    layer = feature_layer()
+    loss = ops.contrastive_loss(layer(x1), layer(x2), 0.5, form)  # one process, batch A ∪ B
+    loss.backward()
+    assert_close(torch.stack([r[f"contrastive/{form}/True"][0] for r in ranks]).mean(), loss.detach())
+    for r in ranks:  # after DDP's averaging every rank holds the union batch's gradient
+        _, weight_grad, bias_grad = r[f"contrastive/{form}/True"]
+        assert_close(weight_grad, layer.weight.grad)
+        assert_close(bias_grad, layer.bias.grad)
+    # and the gathered loss really differs from the per-device one
+    assert not torch.allclose(ranks[0][f"contrastive/{form}/True"][0], ranks[0][f"contrastive/{form}/False"][0])
+
+
+@pytest.mark.parametrize("form", ["upstream", "ntxent"])
+def test_per_device_negatives_on_two_processes_are_the_mean_of_local_losses(ranks, form):
+    x1, x2 = contrastive_data()
+    layer = feature_layer()
+    local = [ops.contrastive_loss(layer(x1[r * B:(r + 1) * B]), layer(x2[r * B:(r + 1) * B]), 0.5, form) for r in range(WORLD)]
+    for r in range(WORLD):
+        assert_close(ranks[r][f"contrastive/{form}/False"][0], local[r].detach())
+    torch.stack(local).mean().backward()
+    for r in ranks:
+        assert_close(r[f"contrastive/{form}/False"][1], layer.weight.grad)
+        assert_close(r[f"contrastive/{form}/False"][2], layer.bias.grad)
+
+
+def test_gather_with_grad_concatenates_in_rank_order_and_returns_each_slice_its_gradient(ranks):
+    expected = torch.cat([torch.full((2, 3), float(r)) for r in range(WORLD)])
+    weight = torch.arange(WORLD * 2.0).view(-1, 1)
+    for r, result in enumerate(ranks):
+        assert torch.equal(result["gather/value"], expected)
+        # every rank's loss is sum(gathered * weight): rank r's slice receives WORLD x its weights
+        assert torch.equal(result["gather/grad"], (WORLD * weight[2 * r:2 * r + 2]).expand(2, 3))
+    x = torch.randn(3, 2)
+    assert ops.gather_with_grad(x) is x  # not distributed
+
+
+# ---------------------------------------------------------------- SyncBatchNorm1d
+
+@pytest.mark.parametrize("name", ["3d", "2d"])
+def test_sync_batchnorm_on_two_processes_equals_batchnorm_on_the_union(ranks, name):
+    x, weights, x2d = bn_data()
+    data, momentum = (x, 0.1) if name == "3d" else (x2d, None)
+    w = weights if name == "3d" else weights[:, :, 0]
+    bn = bn_params(nn.BatchNorm1d(TOKENS, momentum=momentum))
+    union = data.clone().requires_grad_(True)
+    for _ in range(2):
+        y = bn(union)
+    loss = (y * w).mean()  # = the mean of the two ranks' losses
+    loss.backward()
+    for r, result in enumerate(ranks):
+        out, x_grad, weight_grad, bias_grad, running_mean, running_var, tracked = result[f"bn/{name}"]
+        rows = slice(r * N_BN, (r + 1) * N_BN)
+        assert_close(out, y[rows].detach())
+        assert_close(x_grad, WORLD * union.grad[rows])  # the sum over ranks of d(rank loss)/d(input), as nn.SyncBatchNorm
+        assert_close(weight_grad, bn.weight.grad)
+        assert_close(bias_grad, bn.bias.grad)
+        assert_close(running_mean, bn.running_mean)
+        assert_close(running_var, bn.running_var)
+        assert torch.equal(tracked, bn.num_batches_tracked)
+        bn.eval()
+        assert_close(result[f"bn/{name}/eval"], bn(data[rows]).detach())
+        bn.train()
+
+
+def test_synced_predictor_trains_like_one_process_on_the_union(ranks):
+    model = predictor()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs, targets = predictor_data()
+    union_losses = []
+    for step in range(SGD_STEPS):
+        loss = nn.functional.mse_loss(model(inputs[step]), targets[step])  # = the mean of the ranks' losses
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        union_losses.append(loss.detach())
+    expected = model.state_dict()
+    for result in ranks:
+        losses, state = result["predictor"]
+        assert_close(torch.stack([r["predictor"][0] for r in ranks]).mean(0), torch.stack(union_losses))
+        assert state.keys() == expected.keys()  # nn.BatchNorm1d's keys
+        for key, value in expected.items():
+            if value.is_floating_point():
+                assert_close(state[key], value, rtol=2e-6)
+            else:
+                assert torch.equal(state[key], value), key
+
+
+def test_convert_sync_batchnorm_keeps_the_state_dict_and_single_process_behaviour():
+    plain = predictor()
+    plain[1].running_mean.uniform_()
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    weight = plain[1].weight
+    converted = ops.convert_sync_batchnorm(plain)
+    assert converted is plain and type(plain[1]) is ops.SyncBatchNorm1d and plain[1].weight is weight
+    assert plain.state_dict().keys() == before.keys()
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in before.items())
+    reference = predictor()
+    reference.load_state_dict(before)
+    x = torch.randn(3, TOKENS, HIDDEN)
+    for mode in (True, False):
+        plain.train(mode), reference.train(mode)
+        assert torch.equal(plain(x), reference(x))
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in reference.state_dict().items())
+    bn = nn.BatchNorm1d(3)
+    assert type(ops.convert_sync_batchnorm(bn)) is ops.SyncBatchNorm1d
+    with pytest.raises(ValueError, match="expected 2D or 3D"):
+        bn(torch.randn(2, 3, 4, 5))
+
+
+# ---------------------------------------------------------------- collectives on the right device
+
+def test_all_reduce_mean_averages_over_ranks_in_one_collective(ranks):
+    expected = {"a": 0.5, "b": 6.0, "c": 2.0}
+    for result in ranks:
+        assert result["reduce_mean"] == expected and list(result["reduce_mean"]) == ["a", "b", "c"]
+    assert ops.all_reduce_mean({"x": torch.tensor(1.5), "y": 3}, "cpu") == {"x": 1.5, "y": 3.0}
+    assert ops.all_reduce_mean({}, "cpu") == {}
+
+
+def todays_reduce_means(values: dict[str, float]) -> dict[str, float]:
+    """util.engine.reduce_means as of this commit: the collective's tensor is created on the CPU."""
+    names = sorted(values)
+    tensor = torch.tensor([float(values[n]) for n in names], dtype=torch.float64)
+    if ops.is_distributed():
+        dist.all_reduce(tensor)
+        tensor /= ops.world_size()
+    return dict(zip(names, tensor.tolist()))
+
+
+def test_strict_collectives_catch_a_cpu_tensor_where_training_runs_elsewhere():
+    with strict_collectives("meta", world_size=2):
+        with pytest.raises(WrongDeviceError, match="got a tensor on cpu while training runs on meta"):
+            todays_reduce_means({"loss": 1.0})
+    with strict_collectives("cuda:0", world_size=2):  # no GPU needed: only the device is compared
+        with pytest.raises(WrongDeviceError, match="on cpu while training runs on cuda:0"):
+            dist.all_reduce(torch.zeros(2))
+    with strict_collectives("cpu") as log:  # on the CPU the same code is right (and really communicates)
+        assert todays_reduce_means({"loss": 1.0}) == {"loss": 1.0}
+    assert log.calls == [("all_reduce", ("cpu",))]
+    assert not dist.is_initialized()
+
+
+def test_every_collective_of_the_module_runs_on_the_training_device():
+    device = torch.device("meta")
+    with strict_collectives(device, world_size=2) as log:
+        run_allowing_meta_readback(lambda: ops.all_reduce_mean({"loss": torch.ones((), device=device), "n": 3}, device), log)
+        assert log.calls[-1] == ("all_reduce", ("meta",))
+        f1 = torch.randn(4, 8, device=device, requires_grad=True)
+        loss = ops.contrastive_loss(f1, f1 * 2, gather_negatives=True)
+        assert loss.device == device and log.calls[-1][0] == "all_gather"
+        bn = ops.SyncBatchNorm1d(TOKENS, device=device)
+        assert bn(torch.randn(3, TOKENS, HIDDEN, device=device)).device == device
+        assert log.calls[-1][0] == "all_gather"
+        assert all(set(devices) == {"meta"} for _, devices in log.calls)
