@@ -49,6 +49,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--contrastive", default="upstream", choices=("upstream", "ntxent"),
                        help="upstream: positive left out of the denominator; ntxent: SimCLR NT-Xent")
     group.add_argument("--temperature", type=float, default=0.5, help="contrastive temperature")
+    group.add_argument("--gather_negatives", action="store_true",
+                       help="under DDP, contrast each anchor with every process's batch (the global batch's objective); "
+                            "default: the local batch only, as upstream and the published weights")
+    group.add_argument("--sync_bn", action="store_true",
+                       help="under DDP, the cross-scale predictor's BatchNorm uses the statistics of every process's batch "
+                            "(default: per device, as upstream)")
     group.add_argument("--encoder_norm", action="store_true", help="apply the encoder's final norm in pretraining (upstream does not)")
     group.add_argument("--norm_style", default="pre", choices=("pre", "post"), help="pre: timm blocks; post: upstream xFormers blocks")
 
@@ -76,7 +82,8 @@ def build_model(args: argparse.Namespace) -> models_mae.CrossScaleMAE:
     options = dict(
         input_size=args.input_size, patch_size=args.patch_size, in_chans=args.in_chans, mask_ratio=args.mask_ratio,
         norm_pix_loss=args.norm_pix_loss, scale_range=tuple(args.scale_range), crop_mode=args.crop_mode,
-        contrastive=args.contrastive, temperature=args.temperature, encoder_norm=args.encoder_norm,
+        contrastive=args.contrastive, temperature=args.temperature, gather_negatives=args.gather_negatives,
+        encoder_norm=args.encoder_norm,
         norm_style=args.norm_style,
     )
     weights = parse_loss_weights(args.loss_weights)
@@ -129,6 +136,8 @@ def main(args: argparse.Namespace) -> None:
     )
     writer = logger.summary_writer(run, args)
     plot_images = plot_batch(dataset, args, run.device) if run.is_main else None
+    if args.sync_bn:
+        distributed.convert_sync_batchnorm(model)  # works on gloo too, unlike nn.SyncBatchNorm; same state-dict keys
     train_model = training.distribute(model, run, args, find_unused=model.has_unused_parameters)
     knn_sets = knn_data(args, run) if args.knn_eval_every else None
 

@@ -22,6 +22,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from models_vit import PRESETS, NormStyle, block_class, vision_transformer
+from util import distributed
 from util.pos_embed import get_2d_sincos_pos_embed
 
 LOSS_WEIGHT_KEYS = ("rec", "cross_pred", "cross_cons", "enc_pred", "latent")
@@ -104,29 +105,50 @@ def cross_scale_contrastive_loss(
     f2: torch.Tensor,
     temperature: float = 0.5,
     form: Literal["upstream", "ntxent"] = "upstream",
+    gather_negatives: bool = False,
 ) -> torch.Tensor:
     """Contrastive loss between two views; row i of ``f1`` and of ``f2`` are the positive pair.
 
     ``upstream``: l_i = -log(s_ip / (sum_{k not in {i, p}} s_ik + 1e-8)), s = exp(cos / T), i.e. the positive
     is left out of the denominator, as upstream's ``NTXentLoss`` computes. ``ntxent``: SimCLR's NT-Xent
-    (positive in the denominator). Both average over the 2B anchors.
+    (positive in the denominator). Both average over this rank's 2B anchors.
+
+    ``gather_negatives=True`` (on W processes): each rank's 2B anchors are contrasted against all 2WB
+    features (gathered with gradient, ``gather_with_grad``). The similarity matrix is [2B, 2WB] with
+    columns in **per-rank blocks**: columns r*2B : (r+1)*2B hold rank r's ``[f1_r; f2_r]``. Local anchor j
+    (row j of ``[f1; f2]``) is therefore column ``rank*2B + j`` (itself, excluded) and its partner is
+    column ``rank*2B + (j + B) % 2B``. The loss is a mean over anchors of a sum over all other columns,
+    which does not depend on the column order, so the mean of the W ranks' losses equals the loss of one
+    process on the union batch (whose layout is [f1 of all; f2 of all]), and so does every gradient once
+    DDP averaged it over ranks. All ranks must pass the same B.
+
+    Without gathering (or on one process) this is upstream's per-device loss (2B - 2 negatives per anchor),
+    whose rank average is the mean of each rank's local loss.
 
     Args:
         f1: [B, D] features of view 1.
         f2: [B, D] features of view 2.
         temperature: Softmax temperature.
         form: ``upstream`` or ``ntxent``.
+        gather_negatives: Contrast against the features of every rank.
     """
+    if form not in ("upstream", "ntxent"):
+        raise ValueError(f"contrastive form must be 'upstream' or 'ntxent', got {form!r}")
     n = f1.shape[0]
     z = F.normalize(torch.cat([f1, f2]).float(), dim=1)  # [2B, D]
-    sim = z @ z.T / temperature  # [2B, 2B]
     anchors = torch.arange(2 * n, device=z.device)
     partner = (anchors + n) % (2 * n)
-    is_self = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    if not gather_negatives or distributed.world_size() == 1:
+        sim = z @ z.T / temperature  # [2B, 2B]
+        is_self = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    else:
+        offset = distributed.rank() * 2 * n
+        sim = z @ distributed.gather_with_grad(z).T / temperature  # [2B, 2WB], columns in per-rank blocks
+        is_self = torch.zeros_like(sim, dtype=torch.bool)
+        is_self[anchors, anchors + offset] = True
+        partner = partner + offset
     if form == "ntxent":
         return F.cross_entropy(sim.masked_fill(is_self, float("-inf")), partner)
-    if form != "upstream":
-        raise ValueError(f"contrastive form must be 'upstream' or 'ntxent', got {form!r}")
     is_negative = ~is_self
     is_negative[anchors, partner] = False
     denominator = (sim.exp() * is_negative).sum(dim=1)
@@ -160,6 +182,7 @@ class CrossScaleMAE(nn.Module):
         crop_mode: Literal["batch", "sample"] = "batch",
         contrastive: Literal["upstream", "ntxent"] = "upstream",
         temperature: float = 0.5,
+        gather_negatives: bool = False,
         encoder_norm: bool = False,
         norm_style: NormStyle = "pre",
         norm_eps: float = 1e-6,
@@ -186,6 +209,8 @@ class CrossScaleMAE(nn.Module):
             crop_mode: ``batch``: one crop box shared by the batch (upstream); ``sample``: one per image.
             contrastive: ``upstream`` (positive left out of the denominator) or ``ntxent`` (SimCLR).
             temperature: Contrastive temperature.
+            gather_negatives: Contrast each anchor with the features of every process's batch (the objective of
+                one process on the global batch) instead of the local batch only (upstream).
             encoder_norm: Apply the encoder's final LayerNorm in pretraining (upstream discards it).
             norm_style: ``pre`` (timm blocks) or ``post`` (upstream's xFormers blocks).
             norm_eps: LayerNorm epsilon.
@@ -209,6 +234,7 @@ class CrossScaleMAE(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.contrastive = contrastive
         self.temperature = temperature
+        self.gather_negatives = gather_negatives
         self.encoder_norm = encoder_norm
         self.batched_views = batched_views
         self.crop_mode = crop_mode
@@ -298,6 +324,7 @@ class CrossScaleMAE(nn.Module):
             boxes.append([params["top"], params["left"], params["height"], params["width"]])
         return torch.tensor(boxes)
 
+    @torch.compiler.disable  # data-dependent boxes: run eagerly instead of recompiling the model for each box
     def crop_view(self, imgs: torch.Tensor, crop_params: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """Second scale: crop each image and resize it back to the input size (bilinear, antialias).
 
@@ -424,6 +451,7 @@ class CrossScaleMAE(nn.Module):
         with fp32_region(latent.device):
             return cross_scale_contrastive_loss(
                 latent[:, 1:].float().mean(dim=1), latent_crop[:, 1:].float().mean(dim=1), self.temperature, self.contrastive,
+                self.gather_negatives,
             )
 
     def ablation_terms(self, orig: ViewOutput, crop: ViewOutput) -> dict[str, torch.Tensor]:

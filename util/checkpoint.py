@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file as load_safetensors
 
 from util import distributed
@@ -69,7 +70,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
     write_atomically(Path(path), lambda tmp: torch.save(state, tmp))
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint dict safely. ``.safetensors`` files come back as ``{"model": state_dict}``.
 
     Raises:
@@ -85,7 +86,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused to load: it holds Python objects other than tensors and plain types, "
@@ -146,21 +147,41 @@ def training_state(model: torch.nn.Module, optimizer, scaler, epoch: int, args, 
     return state
 
 
+def training_position(state: dict[str, Any]) -> tuple[int, int] | None:
+    """(epoch, step) where training continues from a checkpoint: after epoch ``epoch``, or inside the next one
+    at ``next_step`` (pre-emption); None when the file holds no valid position."""
+    epoch, step = state.get("epoch"), state.get("next_step", 0)  # epoch -1: pre-empted inside epoch 0
+    if type(epoch) is not int or type(step) is not int or epoch < -1 or step < 0 or (epoch == -1 and step == 0):
+        return None
+    return (epoch + 1, step)
+
+
 def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from and its contents.
 
-    ``auto`` tries ``output_dir``'s checkpoints, newest first, and takes the first that reads completely
-    (None when there is none); any other value is a path that must load.
+    ``auto`` reads every ``checkpoint-*.pth`` of ``output_dir`` (memory-mapped: only what a resume uses is
+    read) and takes the one furthest into training by what it holds (epoch, then step inside the next epoch;
+    ``checkpoint-last.pth`` on a tie), never by file times, which copying or restoring a run reorders. Unreadable
+    files and files without a valid position are skipped with a message. None when no file qualifies. Any
+    other value is a path that must load.
     """
     if resume != "auto":
         return Path(resume), read_checkpoint(resume)
-    candidates = sorted(Path(output_dir).glob("checkpoint-*.pth"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
+    best = None
+    for path in sorted(Path(output_dir).glob("checkpoint-*.pth")):
         try:
-            return path, read_checkpoint(path)
+            state = read_checkpoint(path, mmap=True)
         except CheckpointError as e:
-            print(f"resume: skipping {e}")
-    return None
+            print(f"resume: skipping {e}", flush=True)
+            continue
+        position = training_position(state)
+        if position is None:
+            print(f"resume: skipping {path}: no valid epoch / next_step in it", flush=True)
+            continue
+        key = (position, path.name == "checkpoint-last.pth")
+        if best is None or key > best[0]:
+            best = (key, path, state)
+    return None if best is None else best[1:]
 
 
 def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer, scaler) -> tuple[int, int, dict]:
@@ -174,7 +195,12 @@ def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer
     """
     if not args.resume:
         return args.start_epoch, 0, {}
-    found = find_resume_checkpoint(args.resume, run.output_dir)
+    found = find_resume_checkpoint(args.resume, run.output_dir) if run.is_main or args.resume != "auto" else None
+    if args.resume == "auto" and distributed.is_distributed():  # rank 0 chooses: node-local folders may differ
+        chosen = [str(found[0]) if found else None]
+        dist.broadcast_object_list(chosen, src=0)
+        if not run.is_main and chosen[0] is not None:
+            found = Path(chosen[0]), read_checkpoint(chosen[0])
     if found is None:
         distributed.main_print(f"resume auto: no checkpoint in {run.output_dir}, starting from scratch")
         return args.start_epoch, 0, {}
@@ -195,7 +221,10 @@ def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer
     else:
         distributed.main_print(f"note: {path} was written by {len(rng_states)} process(es), this run has {run.world_size}: "
                         "random streams start afresh")
-    epoch, step = state["epoch"] + 1, state.get("next_step", 0)
+    position = training_position(state)
+    if position is None:
+        raise CheckpointError(f"{path}: no valid training position (epoch {state.get('epoch')!r}, next_step {state.get('next_step')!r})")
+    epoch, step = position
     distributed.main_print(f"resumed from {path}, continuing at epoch {epoch}" + (f" step {step}" if step else ""))
     return epoch, step, state
 

@@ -1,14 +1,22 @@
-"""Process group membership and the collectives the training and evaluation loops use.
+"""Process group membership and the collectives the training and evaluation loops use, on gloo (CPU) and
+NCCL (CUDA) alike: every tensor a collective sees lives on the training device (NCCL takes CUDA tensors only).
 
 Every function works unchanged in a single process (no process group): collectives become identities.
+
+The autograd collectives of ``torch.distributed.nn.functional`` refuse to be traced by ``torch.compile``; the
+functions that use them are excluded from compilation (``torch.compiler.disable``: a compiled model
+graph-breaks around them and they run eagerly).
 """
 from __future__ import annotations
 
 import datetime
 import os
+import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from util.errors import ReportableError
 from util.rng import rng_state
@@ -23,18 +31,30 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "MASTER_ADDR" in os.environ:
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_STEP_ID", "batch") not in ("batch", "extern"):
+        if "MASTER_ADDR" not in os.environ:  # otherwise every task would train alone as rank 0 into one folder
+            raise ReportableError(
+                f"SLURM step with {os.environ['SLURM_NTASKS']} tasks but no MASTER_ADDR: export MASTER_ADDR (the first node "
+                "of the job, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)) or launch one task per node "
+                "with train_distributed.sh, which runs torchrun"
+            )
         rank, world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
         local_rank = int(os.environ.get("SLURM_LOCALID", 0))
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
-        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("MASTER_PORT", str(slurm_port(os.environ.get("SLURM_JOB_ID"))))
     else:
         return 0, 1, 0
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world_size, local_rank
+
+
+def slurm_port(job_id: str | None) -> int:
+    """Rendezvous port of a SLURM job: 20000 + job id mod 20000 (jobs sharing a node do not collide; the same
+    rule as train_distributed.sh); 29500 (torchrun's) without a job id."""
+    return 20000 + int(job_id) % 20000 if job_id and job_id.isdigit() else 29500
 
 
 def is_distributed() -> bool:
@@ -55,26 +75,27 @@ def main_print(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def mean_over_ranks(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
-    """Average each value over ranks: one collective for all of them, and every rank sees a bad value."""
-    names = sorted(values)
-    stacked = torch.tensor([float(values[n]) for n in names], dtype=torch.float64)
-    if is_distributed():
-        dist.all_reduce(stacked)
-        stacked /= world_size()
-    return dict(zip(names, stacked.tolist()))
+def gather_rows(tensor: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Concatenate every rank's rows on the CPU; rank r holds rows r, r + W, r + 2W, ... (as
+    ``util.loaders.eval_loader`` shards), and that order is restored.
 
-
-def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows; ranks hold every world_size-th sample (as ``util.loaders.eval_loader``
-    shards), and the dataset order is restored."""
+    The collective runs on ``device`` (default: the tensor's; the training device under NCCL), each rank's rows
+    padded to the longest rank's count; only the result comes back to host memory.
+    """
     if not is_distributed():
-        return tensor
-    parts: list = [None] * world_size()
-    dist.all_gather_object(parts, tensor.cpu())
-    out = torch.empty((sum(len(p) for p in parts), *tensor.shape[1:]), dtype=tensor.dtype)
-    for index, part in enumerate(parts):
-        out[index::world_size()] = part
+        return tensor.cpu()
+    device = tensor.device if device is None else torch.device(device)
+    local = tensor.to(device)
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([len(local)], device=device))
+    counts = [int(c.item()) for c in counts]
+    padded = torch.zeros((max(counts), *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    out = torch.empty((sum(counts), *local.shape[1:]), dtype=local.dtype)
+    for index, (part, count) in enumerate(zip(parts, counts)):
+        out[index::world_size()] = part[:count].cpu()
     return out
 
 
@@ -96,3 +117,136 @@ def check_replicas_in_sync(model: torch.nn.Module) -> str:
     if differing:
         raise ReportableError(f"weights of rank(s) {differing} differ from rank 0 after training")
     return f"weights identical on all {world_size()} processes"
+
+
+def _autograd_all_gather(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    from torch.distributed.nn import functional as dist_nn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "deprecated, use _functional_collectives" (no autograd on gloo)
+        return dist_nn.all_gather(x)
+
+
+@torch.compiler.disable
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along dim 0: [W * B, ...] in rank order (rank r's rows at r*B:(r+1)*B).
+
+    The gradient of the result flows back to each rank's own slice: rank r receives the sum over all ranks
+    of d(their loss)/d(rows of r) (the backward pass is a reduce-scatter). With DDP averaging the parameter
+    gradients over ranks afterwards, the gradient equals that of the rank-averaged loss.
+
+    Every rank must pass a tensor of the same shape and dtype (the collective does not pad). Identity when
+    not distributed (or a single process).
+    """
+    if world_size() == 1:
+        return x
+    return torch.cat(_autograd_all_gather(x), dim=0)
+
+
+class SyncBatchNorm1d(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` whose training-mode statistics cover every rank's batch, on any backend.
+
+    Inputs are [N, C] or [N, C, L]; statistics are per channel C over (N, L) of all ranks together (the
+    token predictor's ``BatchNorm1d(num_tokens)`` on [B, num_tokens, hidden] normalises each token position
+    over every rank's batch x hidden). Each rank computes its count, mean and centred sum of squares (M2) per
+    channel in fp32, all ranks' triples are gathered with autograd (one collective) and combined with Chan's
+    parallel formula (no E[x^2] - E[x]^2 cancellation). The output uses the global mean and biased
+    variance; ``running_mean`` / ``running_var`` are updated with the global mean and the *unbiased* global
+    variance (x n / (n - 1), n = global count) and the momentum (or cumulative average when ``momentum`` is
+    None, counted by ``num_batches_tracked``) exactly as ``nn.BatchNorm1d`` does.
+
+    Gradients: rank r's input receives the sum over ranks of d(their loss)/d(its input), as with
+    ``nn.SyncBatchNorm``; parameter gradients after DDP's averaging equal those of the rank-averaged loss
+    computed on the union batch by ``nn.BatchNorm1d``.
+
+    In eval mode, or when not distributed (or on one process), it is ``nn.BatchNorm1d``. The state dict
+    (weight, bias, running_mean, running_var, num_batches_tracked) is that of ``nn.BatchNorm1d``.
+    """
+
+    process_group = None  # None: the default group
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not self.training or not is_distributed() or dist.get_world_size(self.process_group) == 1:
+            return super().forward(input)
+        return self._sync_forward(input)
+
+    @torch.compiler.disable
+    def _sync_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn import functional as dist_nn
+
+        dims = [0, 2] if x.dim() == 3 else [0]
+        xf = x.float()
+        count = xf.numel() // xf.shape[1]
+        local_mean = xf.mean(dim=dims)
+        local_m2 = ((xf - _channel_view(local_mean, x.dim())) ** 2).sum(dim=dims)
+        counts = torch.full_like(local_mean, float(count))
+        stats = torch.stack([counts, local_mean, local_m2])  # [3, C]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            gathered = torch.stack(dist_nn.all_gather(stats, group=self.process_group or dist.group.WORLD))  # [W, 3, C]
+        n_r, mean_r, m2_r = gathered.unbind(1)  # each [W, C]
+        n = n_r.sum(0)
+        mean = (n_r * mean_r).sum(0) / n
+        m2 = (m2_r + n_r * (mean_r - mean) ** 2).sum(0)
+        var = m2 / n  # biased, for normalising
+
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    factor = 1.0 / float(self.num_batches_tracked)
+                else:
+                    factor = self.momentum
+                unbiased = m2 / (n - 1).clamp(min=1)  # on the device: no host synchronisation
+                self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+
+        scale = torch.rsqrt(var + self.eps)
+        y = (xf - _channel_view(mean, x.dim())) * _channel_view(scale, x.dim())
+        if self.affine:
+            y = y * _channel_view(self.weight.float(), x.dim()) + _channel_view(self.bias.float(), x.dim())
+        return y.to(x.dtype)
+
+
+def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v.view(1, -1, 1) if ndim == 3 else v.view(1, -1)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Turn every ``nn.BatchNorm1d`` in ``module`` (itself included) into a ``SyncBatchNorm1d`` in place.
+
+    The objects keep their parameters and buffers (only their class changes), so state-dict keys and
+    values, optimiser references and checkpoints are unaffected. Other BatchNorm types are left alone.
+    Returns ``module``.
+    """
+    for child in module.modules():
+        if type(child) is nn.BatchNorm1d:
+            child.__class__ = SyncBatchNorm1d
+            if process_group is not None:
+                child.process_group = process_group
+    return module
+
+
+def all_reduce_mean(values: Mapping[str, float | torch.Tensor], device: torch.device | str) -> dict[str, float]:
+    """Average scalars over ranks with one collective; returns {name: float} in the order given.
+
+    The values (Python numbers or scalar tensors, on any device) are stacked into one float64 tensor
+    created **on** ``device`` (NCCL accepts only CUDA tensors; gloo takes CPU ones), all-reduced once,
+    divided by the world size and read back with a single host synchronisation. ``device`` should be the
+    training device (``run.device``); float32 is used only where float64 does not exist (MPS).
+    """
+    device = torch.device(device)
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    names = list(values)
+    if not names:
+        return {}
+    stacked = torch.stack([
+        v.detach().to(device=device, dtype=dtype).reshape(()) if torch.is_tensor(v)
+        else torch.tensor(float(v), dtype=dtype, device=device)
+        for v in values.values()
+    ])
+    if world_size() > 1:
+        dist.all_reduce(stacked)
+        stacked = stacked / world_size()
+    return dict(zip(names, stacked.tolist()))

@@ -1,6 +1,8 @@
 """Errors a user can fix, and the entry-point wrapper that prints them as one line."""
 from __future__ import annotations
 
+import torch.distributed as dist
+
 
 class ReportableError(Exception):
     """An error whose message alone tells the user what is wrong; entry points print it without a traceback."""
@@ -23,3 +25,6 @@ def run_entry_point(main, args) -> None:
         message = str(e).strip().splitlines()[-1]  # a worker's error arrives with its traceback in front
         message = message.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
         raise SystemExit(f"error: {message}") from None
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -25,4 +25,5 @@ def infer(
             for name, value in fn(images.to(device, non_blocking=True)).items():
                 outputs.setdefault(name, []).append(value.float().cpu())
         labels.append(targets)
-    return {name: gather_rows(torch.cat(parts)) for name, parts in outputs.items()}, gather_rows(torch.cat(labels))
+    return ({name: gather_rows(torch.cat(parts), device) for name, parts in outputs.items()},
+            gather_rows(torch.cat(labels), device))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from util.distributed import gather_rows, rank, world_size
 from util.inference import infer
 
 SCALE_MODES = ("resize", "native")
@@ -114,10 +115,16 @@ def majority_knn(neighbours: torch.Tensor, memory_labels: torch.Tensor, num_clas
 
 def knn_accuracies(
     memory: torch.Tensor, memory_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-    num_classes: int, k: int = 20, temperature: float = 0.07, majority_k: int = 5,
+    num_classes: int, k: int = 20, temperature: float = 0.07, majority_k: int = 5, device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Top-1 (%) of the weighted and the majority classifier."""
-    sims, neighbours = topk_cosine(queries, memory, max(k, majority_k))
+    """Top-1 (%) of the weighted and the majority classifier.
+
+    The neighbour search runs on ``device``; under DDP each rank searches for every world_size-th query and the
+    neighbours are gathered, so every rank returns the same accuracies.
+    """
+    shard = queries[rank()::world_size()].to(device)
+    sims, neighbours = topk_cosine(shard, memory.to(device), max(k, majority_k))
+    sims, neighbours = gather_rows(sims, device), gather_rows(neighbours, device)  # [Q, k] on the CPU
     weighted = weighted_knn(sims[:, :k], neighbours[:, :k], memory_labels, num_classes, temperature)
     majority = majority_knn(neighbours[:, :majority_k], memory_labels, num_classes)
     return {
@@ -136,7 +143,8 @@ def multiscale_accuracies(
     queries, query_labels = extract(encoder, query_loader, device, amp_dtype, pool, final_norm, scales, scale_mode)
     results = {}
     for scale in scales:
-        accuracies = knn_accuracies(memory[1.0], memory_labels, queries[scale], query_labels, num_classes, k, temperature, majority_k)
+        accuracies = knn_accuracies(memory[1.0], memory_labels, queries[scale], query_labels, num_classes, k, temperature,
+                                    majority_k, device)
         for classifier, accuracy in accuracies.items():
             results[classifier, scale] = accuracy
     return results

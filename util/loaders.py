@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from util.errors import UsageError
-from util.runtime import Run
+from util.runtime import Run, ignore_stop_signals
 
 
 class SeededSampler(DistributedSampler):
@@ -49,6 +49,7 @@ def train_loader(dataset: Dataset, args: argparse.Namespace, run: Run) -> tuple[
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
         pin_memory=args.pin_mem and run.device.type == "cuda", drop_last=True,
         persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed),
+        worker_init_fn=ignore_stop_signals,
     )
     return loader, sampler
 
@@ -59,4 +60,5 @@ def eval_loader(dataset: Dataset, args: argparse.Namespace, run: Run) -> DataLoa
     return DataLoader(  # a generator of its own, so evaluating leaves the training RNG untouched
         torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size, shuffle=False,
         num_workers=args.num_workers, pin_memory=args.pin_mem and run.device.type == "cuda", generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
     )

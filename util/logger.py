@@ -26,9 +26,9 @@ class MetricLogger:
             self.sums[name] = self.sums[name] + (value.detach() if torch.is_tensor(value) else value)
             self.counts[name] += 1
 
-    def local_means(self) -> dict[str, float]:
-        """Mean of each name over the updates since the last reset, in this process (reads the device once per name)."""
-        return {name: float(total) / self.counts[name] for name, total in self.sums.items()}
+    def local_means(self) -> dict[str, torch.Tensor | float]:
+        """Mean of each name over the updates since the last reset, in this process (tensors stay on the device)."""
+        return {name: total / self.counts[name] for name, total in self.sums.items()}
 
     def reset(self) -> None:
         self.sums.clear()

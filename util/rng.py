@@ -19,7 +19,7 @@ def seed_everything(seed: int) -> None:
 def seeded(seed: int):
     """Seed torch, Python and NumPy (timm's transforms draw from all three), then restore their states."""
     states = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    torch.manual_seed(seed)
+    torch.random.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed would reseed CUDA's too
     random.seed(seed)
     np.random.seed(seed % 2**32)
     try:
@@ -38,8 +38,8 @@ def rng_state() -> dict:
         "python": random.getstate(),
         "numpy": (kind, keys.tolist(), position, has_gauss, cached),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this process's own GPU (see util.runtime.cuda_index)
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -50,5 +50,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     kind, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if torch.is_tensor(cuda) and torch.cuda.is_available():  # a list: an older checkpoint's every-GPU states, not restored
+        torch.cuda.set_rng_state(cuda, torch.cuda.current_device())

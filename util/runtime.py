@@ -3,6 +3,7 @@ signals that stop a run cleanly."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import signal
 import threading
 from contextlib import nullcontext
@@ -15,8 +16,12 @@ import torch.distributed as dist
 from util import distributed
 from util.errors import UsageError
 from util.rng import seed_everything
+from util.threads import configure_threads
 
 _STOP = threading.Event()
+# What schedulers send before they kill a job: SIGTERM (SLURM, Kubernetes), SIGUSR1 (SLURM's early warning,
+# ``#SBATCH --signal=B:USR1@120``). DataLoader workers ignore them (``ignore_stop_signals``).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preempted(Exception):
@@ -29,6 +34,13 @@ class Preempted(Exception):
 
 def _request_stop(signum, frame) -> None:
     _STOP.set()
+
+
+def _interrupt(signum, frame) -> None:
+    """First Ctrl-C: stop like SIGTERM (checkpoint at the next update); a second one aborts at once."""
+    _STOP.set()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    print("Ctrl-C: stopping after the current step with a checkpoint (Ctrl-C again aborts at once)", flush=True)
 
 
 @dataclass
@@ -54,7 +66,8 @@ class Run:
 
 def setup_run(args: argparse.Namespace) -> Run:
     """Join the process group (if any), choose device and autocast dtype, seed, create the output folder, and
-    make SIGTERM (what SLURM and Kubernetes send before pre-emption) stop training at the next update."""
+    make SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before pre-emption) stop training at the next update.
+    The CPU thread count is chosen from the CPUs this process may use (``util.threads``) and printed once."""
     rank, world_size, local_rank = distributed.init_distributed(args.dist_timeout)
     device = resolve_device(args.device, local_rank)
     amp_dtype = resolve_amp(args.amp, device)
@@ -63,9 +76,24 @@ def setup_run(args: argparse.Namespace) -> Run:
     if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _request_stop)
-    stop_group = dist.new_group(backend="gloo") if distributed.is_distributed() else None
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, _request_stop)
+        signal.signal(signal.SIGINT, _interrupt)
+    stop_group = None
+    if distributed.is_distributed():  # host-side agreement, so checking it never waits for the GPU
+        stop_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=args.dist_timeout))
+    if rank == 0:
+        print(configure_threads(), flush=True)
+    else:
+        configure_threads()
     return Run(rank, world_size, local_rank, device, amp_dtype, output_dir, stop_group)
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore the stop signals and Ctrl-C, which the main process handles
+    (SLURM signals every process of the job step; a worker killed first would end the run without a checkpoint)."""
+    for stop_signal in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(stop_signal, signal.SIG_IGN)
 
 
 def stop_requested(run: Run) -> bool:
@@ -84,7 +112,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         UsageError: not a device name, or CUDA asked for where there is none.
     """
     if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", cuda_index(local_rank)) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -92,8 +120,14 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", cuda_index(local_rank))
     return device
+
+
+def cuda_index(local_rank: int) -> int:
+    """This process's GPU among the visible ones: ``local_rank % device_count()`` (one GPU bound per task, as
+    SLURM's ``--gpus-per-task`` does, leaves each process a single visible device 0)."""
+    return local_rank % torch.cuda.device_count()
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
@@ -105,8 +139,8 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "none":
         return None
     if mode == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":  # emulated bf16 (e.g. V100, sm70) is several times slower than fp16 + scaler
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         native_bf16 = device.type == "cpu" and torch.cpu._is_avx512_bf16_supported()
         return torch.bfloat16 if native_bf16 else None
     if mode == "fp16" and device.type == "cpu":

@@ -147,7 +147,7 @@ class StepLoop:
             self._log(step)
 
     def _log(self, step: int) -> None:
-        means = distributed.mean_over_ranks(self.interval.local_means())
+        means = distributed.all_reduce_mean(self.interval.local_means(), self.run.device)
         bad = [name for name in self.names if not math.isfinite(means[name])]
         if bad:
             raise NonFiniteLossError(
@@ -172,7 +172,7 @@ class StepLoop:
 
     def epoch_means(self) -> dict[str, float]:
         """Mean of each logged term over the epoch's steps (of this run), averaged over ranks."""
-        return distributed.mean_over_ranks(self.whole_epoch.local_means())
+        return distributed.all_reduce_mean(self.whole_epoch.local_means(), self.run.device)
 
 
 def set_fused_attention(model: torch.nn.Module, fused: bool) -> None:
@@ -202,6 +202,6 @@ def distribute(model: torch.nn.Module, run: Run, args: argparse.Namespace, find_
     set_fused_attention(model, use_sdpa(args.attention, run.device))
     if distributed.is_distributed():
         model = DistributedDataParallel(
-            model, device_ids=[run.local_rank] if run.device.type == "cuda" else None, find_unused_parameters=find_unused
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None, find_unused_parameters=find_unused
         )
     return torch.compile(model) if args.compile else model

@@ -95,6 +95,8 @@ class BatchAugment(torch.nn.Module):
         theta[:, 0, 2] = (left + right) / width - 1
         theta[:, 1, 1] = flip[1] * (bottom - top) / height
         theta[:, 1, 2] = (top + bottom) / height - 1
+        if images.device.type == "cuda":  # no stream synchronisation: copy from pinned memory, asynchronously
+            theta = theta.pin_memory().to(images.device, non_blocking=True)
         grid = F.affine_grid(theta.to(images.device), [count, 3, self.input_size, self.input_size], align_corners=False)
         out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
         return (out - self.mean) / self.std

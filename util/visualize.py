@@ -34,7 +34,7 @@ def reconstruction_grid(model, imgs: torch.Tensor, mean: Sequence[float], std: S
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would reseed the CUDA generators
         views = [imgs, model.crop_view(imgs)] if model.multi_scale else [imgs]
         noise = torch.rand(len(views), imgs.shape[0], model.num_patches).to(imgs.device)
     outputs = model.encode_decode(views, model.mask_ratio, noise)

@@ -1,4 +1,4 @@
-"""util.distributed_ops: gathered contrastive negatives, SyncBatchNorm1d and device-correct collectives.
+"""util/distributed.py and the gathered contrastive loss: cross-rank negatives, SyncBatchNorm1d, collectives on the training device.
 
 One 2-process gloo job (module fixture) runs every distributed case and saves each rank's results; the
 tests compare them with one process on the union batch A ∪ B (rank 0 holds A, rank 1 holds B).
@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from strict_collectives import WrongDeviceError, run_allowing_meta_readback, strict_collectives
 
-from util import distributed_ops as ops
+from models_cross_scale_mae import cross_scale_contrastive_loss
+from util import distributed as ops
 
 WORLD = 2
 B, D_IN, D = 6, 5, 4  # contrastive: per-rank batch, input width, feature width
@@ -85,7 +86,7 @@ def _distributed_cases(rank: int) -> dict:
     for form in ("upstream", "ntxent"):
         for gather in (True, False):
             layer = DDP(feature_layer())
-            loss = ops.contrastive_loss(layer(x1[mine]), layer(x2[mine]), 0.5, form, gather_negatives=gather)
+            loss = cross_scale_contrastive_loss(layer(x1[mine]), layer(x2[mine]), 0.5, form, gather_negatives=gather)
             loss.backward()  # DDP averages the gradients over ranks
             results[f"contrastive/{form}/{gather}"] = (loss.detach(), layer.module.weight.grad.clone(), layer.module.bias.grad.clone())
 
@@ -171,37 +172,22 @@ def test_single_process_loss_matches_the_formula(form):
     g = torch.Generator().manual_seed(0)
     for b, d, t in ((2, 3, 0.5), (5, 8, 0.1), (9, 4, 1.0)):
         f1, f2 = torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
-        got = ops.contrastive_loss(f1, f2, t, form)
+        got = cross_scale_contrastive_loss(f1, f2, t, form)
         assert got.dtype == torch.float32
         assert_close(got, reference_loss(f1, f2, t, form))
-        assert torch.equal(ops.contrastive_loss(f1, f2, t, form, gather_negatives=True), got)  # one process: no gathering
-
-
-@pytest.mark.parametrize("form", ["upstream", "ntxent"])
-def test_single_process_loss_is_bit_identical_to_the_model_function(form):
-    models = pytest.importorskip("models_cross_scale_mae")
-    if not hasattr(models, "cross_scale_contrastive_loss"):
-        pytest.skip("models_cross_scale_mae.cross_scale_contrastive_loss was replaced by util.distributed_ops.contrastive_loss")
-    g = torch.Generator().manual_seed(7)
-    for b in (2, 6, 32):
-        f1 = torch.randn(b, 16, generator=g, requires_grad=True)
-        f2 = torch.randn(b, 16, generator=g, requires_grad=True)
-        ours = ops.contrastive_loss(f1, f2, 0.5, form)
-        theirs = models.cross_scale_contrastive_loss(f1, f2, 0.5, form)
-        assert torch.equal(ours, theirs)
-        assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(ours, (f1, f2)), torch.autograd.grad(theirs, (f1, f2))))
+        assert torch.equal(cross_scale_contrastive_loss(f1, f2, t, form, gather_negatives=True), got)  # one process: no gathering
 
 
 def test_bad_form_is_refused():
     with pytest.raises(ValueError, match="upstream"):
-        ops.contrastive_loss(torch.randn(2, 3), torch.randn(2, 3), form="simclr")
+        cross_scale_contrastive_loss(torch.randn(2, 3), torch.randn(2, 3), form="simclr")
 
 
 @pytest.mark.parametrize("form", ["upstream", "ntxent"])
 def test_gathered_negatives_on_two_processes_equal_one_process_on_the_union(ranks, form):
     x1, x2 = contrastive_data()
     layer = feature_layer()
-    loss = ops.contrastive_loss(layer(x1), layer(x2), 0.5, form)  # one process, batch A ∪ B
+    loss = cross_scale_contrastive_loss(layer(x1), layer(x2), 0.5, form)  # one process, batch A ∪ B
     loss.backward()
     assert_close(torch.stack([r[f"contrastive/{form}/True"][0] for r in ranks]).mean(), loss.detach())
     for r in ranks:  # after DDP's averaging every rank holds the union batch's gradient
@@ -216,7 +202,7 @@ def test_gathered_negatives_on_two_processes_equal_one_process_on_the_union(rank
 def test_per_device_negatives_on_two_processes_are_the_mean_of_local_losses(ranks, form):
     x1, x2 = contrastive_data()
     layer = feature_layer()
-    local = [ops.contrastive_loss(layer(x1[r * B:(r + 1) * B]), layer(x2[r * B:(r + 1) * B]), 0.5, form) for r in range(WORLD)]
+    local = [cross_scale_contrastive_loss(layer(x1[r * B:(r + 1) * B]), layer(x2[r * B:(r + 1) * B]), 0.5, form) for r in range(WORLD)]
     for r in range(WORLD):
         assert_close(ranks[r][f"contrastive/{form}/False"][0], local[r].detach())
     torch.stack(local).mean().backward()
@@ -320,7 +306,7 @@ def test_all_reduce_mean_averages_over_ranks_in_one_collective(ranks):
 
 
 def todays_reduce_means(values: dict[str, float]) -> dict[str, float]:
-    """util.engine.reduce_means as of this commit: the collective's tensor is created on the CPU."""
+    """The former reduce_means (the NCCL bug): the collective's tensor is created on the CPU whatever the device."""
     names = sorted(values)
     tensor = torch.tensor([float(values[n]) for n in names], dtype=torch.float64)
     if ops.is_distributed():
@@ -348,7 +334,7 @@ def test_every_collective_of_the_module_runs_on_the_training_device():
         run_allowing_meta_readback(lambda: ops.all_reduce_mean({"loss": torch.ones((), device=device), "n": 3}, device), log)
         assert log.calls[-1] == ("all_reduce", ("meta",))
         f1 = torch.randn(4, 8, device=device, requires_grad=True)
-        loss = ops.contrastive_loss(f1, f1 * 2, gather_negatives=True)
+        loss = cross_scale_contrastive_loss(f1, f1 * 2, gather_negatives=True)
         assert loss.device == device and log.calls[-1][0] == "all_gather"
         bn = ops.SyncBatchNorm1d(TOKENS, device=device)
         assert bn(torch.randn(3, TOKENS, HIDDEN, device=device)).device == device
