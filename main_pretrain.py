@@ -138,7 +138,7 @@ def main(args: argparse.Namespace) -> None:
     plot_images = plot_batch(dataset, args, run.device) if run.is_main else None
     if args.sync_bn:
         distributed.convert_sync_batchnorm(model)  # works on gloo too, unlike nn.SyncBatchNorm; same state-dict keys
-    train_model = training.distribute(model, run, args, find_unused=model.has_unused_parameters)
+    train_model = training.distribute(model, run, args, unused=model.unused_parameters)
     knn_sets = knn_data(args, run) if args.knn_eval_every else None
 
     try:

@@ -296,9 +296,11 @@ class CrossScaleMAE(nn.Module):
         return views + tuple(t for t in LOSS_WEIGHT_KEYS[1:] if self.loss_weights[t])
 
     @property
-    def has_unused_parameters(self) -> bool:
-        """True when the encoder's final norm gets no gradient (upstream's pretraining path)."""
-        return not self.encoder_norm
+    def unused_parameters(self) -> list[str]:
+        """Parameters the forward pass never uses: the encoder's final norm unless ``encoder_norm`` (upstream's
+        pretraining path discards it). They keep ``requires_grad`` so optimiser states stay as upstream's and
+        earlier checkpoints'; DDP is told to ignore them instead of searching the graph every step."""
+        return [] if self.encoder_norm else [f"encoder.norm.{name}" for name, _ in self.encoder.norm.named_parameters()]
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs: [N, C, H, W] -> [N, L, p*p*C], channel-last inside each patch, patches row-major."""

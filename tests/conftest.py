@@ -36,6 +36,16 @@ def write_csv_dataset(root: Path, count: int = 8, name: str = "train.csv", size:
     return csv_path
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip where there is no GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 @pytest.fixture
 def csv_dataset(tmp_path: Path) -> Path:
     return write_csv_dataset(tmp_path / "data")

@@ -62,3 +62,27 @@ def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]
 
 
+
+
+def test_resume_auto_chooses_by_what_the_files_hold_not_their_times(tmp_path):
+    """A finished run's files copied one at a time, newest epoch first (so the oldest epoch has the newest mtime)."""
+    run = tmp_path / "restored"
+    run.mkdir()
+    positions = {"checkpoint-last.pth": (5, 0), "checkpoint-5.pth": (5, 0), "checkpoint-3.pth": (3, 0), "checkpoint-1.pth": (1, 0)}
+    for name, (epoch, _) in positions.items():
+        ckpt.save_checkpoint({"epoch": epoch, "model": {}}, run / name)
+    ckpt.save_checkpoint({"epoch": 4, "next_step": 7, "model": {}}, run / "checkpoint-pre.pth")  # pre-empted inside epoch 5
+    path, state = ckpt.find_resume_checkpoint("auto", run)
+    assert path.name == "checkpoint-last.pth" and state["epoch"] == 5
+    (run / "checkpoint-last.pth").unlink()
+    assert ckpt.find_resume_checkpoint("auto", run)[0].name == "checkpoint-5.pth"
+    ckpt.save_checkpoint({"epoch": "3", "model": {}}, run / "checkpoint-9.pth")  # a malformed epoch is skipped
+    assert ckpt.find_resume_checkpoint("auto", run)[0].name == "checkpoint-5.pth"
+
+
+def test_training_position_of_complete_and_preempted_epochs():
+    assert ckpt.training_position({"epoch": 2}) == (3, 0)
+    assert ckpt.training_position({"epoch": 2, "next_step": 4}) == (3, 4)
+    assert ckpt.training_position({"epoch": -1, "next_step": 4}) == (0, 4)  # pre-empted inside the first epoch
+    for bad in ({}, {"epoch": "3"}, {"epoch": 1, "next_step": -3}, {"epoch": -1}, {"epoch": 1.5}):
+        assert ckpt.training_position(bad) is None, bad

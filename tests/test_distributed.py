@@ -340,3 +340,35 @@ def test_every_collective_of_the_module_runs_on_the_training_device():
         assert bn(torch.randn(3, TOKENS, HIDDEN, device=device)).device == device
         assert log.calls[-1][0] == "all_gather"
         assert all(set(devices) == {"meta"} for _, devices in log.calls)
+
+
+def test_gathers_for_evaluation_and_knn_run_on_the_training_device():
+    from util.knn import knn_accuracies
+
+    device = torch.device("meta")
+    with strict_collectives(device, world_size=2) as log:
+        run_allowing_meta_readback(lambda: ops.gather_rows(torch.zeros(3, 4, device=device), device), log)
+        assert {name for name, _ in log.calls} == {"all_gather"}
+        queries, memory = torch.zeros(5, 4), torch.zeros(7, 4)  # features arrive on the CPU from inference
+        run_allowing_meta_readback(
+            lambda: knn_accuracies(memory, torch.zeros(7, dtype=torch.long), queries, torch.zeros(5, dtype=torch.long), 2,
+                                   k=3, majority_k=3, device=device), log)
+        assert all(set(devices) == {"meta"} for _, devices in log.calls)
+
+
+def test_a_multi_task_slurm_step_without_rendezvous_address_is_refused(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    with pytest.raises(ops.ReportableError, match="SLURM step with 4 tasks but no MASTER_ADDR"):
+        ops.init_distributed()
+    monkeypatch.setenv("SLURM_STEP_ID", "batch")  # the batch script itself is one process
+    assert ops.init_distributed() == (0, 1, 0)
+
+
+def test_slurm_jobs_get_their_own_port():
+    assert ops.slurm_port("123456") == 20000 + 123456 % 20000
+    assert ops.slurm_port("7") != ops.slurm_port("8")
+    assert ops.slurm_port(None) == 29500

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("pytest_cuda", "bench_pretrain", "bench_pretrain_compile", "bench_data", "torchrun_resume")
+STAGES = ("pytest_cuda", "bench_pretrain", "bench_pretrain_compile", "cuda_paths", "bench_data", "torchrun_resume")
 
 
 def test_gpu_check_dry_run_passes_every_stage(tmp_path):
@@ -23,5 +23,5 @@ def test_gpu_check_dry_run_passes_every_stage(tmp_path):
         assert status == "PASS", (stage, description, out[-4000:])
         assert description and int(seconds) >= 0
     assert "MFU" in rows["bench_pretrain"][2] and "speed-up over upstream" in rows["bench_pretrain"][2]
-    assert "img/s" in rows["bench_data"][2]
+    assert "img/s" in rows["bench_data"][2] and "on-device data path" in rows["cuda_paths"][2]
     assert "resumed: continuing at epoch" in rows["torchrun_resume"][2]

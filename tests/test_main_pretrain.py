@@ -122,10 +122,22 @@ def test_two_process_gloo_run_ends_with_identical_weights(csv_dataset, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "main_pretrain.py", *TINY_RUN, "--batch_size", "2", "--train_path", str(csv_dataset), "--output_dir", str(out)],
+         "main_pretrain.py", *TINY_RUN, "--batch_size", "2", "--train_path", str(csv_dataset), "--output_dir", str(out),
+         "--gather_negatives", "--sync_bn", "--accum_iter", "2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "weights identical on all 2 processes" in result.stdout
     assert "2 process(es)" in result.stdout and "[2/2]" in result.stdout  # 8 images / (2 x 2) = 2 steps
+    assert "effective batch 8" in result.stdout  # 2 per process x 2 processes x --accum_iter 2
     assert len(read_checkpoint(out / "checkpoint-last.pth")["rng_per_rank"]) == 2
+
+
+@pytest.mark.cuda
+def test_one_epoch_on_the_gpu_with_bf16_autocast(csv_dataset, tmp_path, capsys):
+    run([*TINY_RUN, "--epochs", "1", "--device", "cuda", "--amp", "bf16", "--train_path", str(csv_dataset),
+         "--output_dir", str(tmp_path / "gpu")])
+    printed = capsys.readouterr().out
+    assert "device cuda:0" in printed and "autocast torch.bfloat16" in printed
+    state = read_checkpoint(tmp_path / "gpu" / "checkpoint-last.pth")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

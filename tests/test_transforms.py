@@ -1,4 +1,5 @@
 """util/transforms.py: the per-image transforms and their on-device batch version."""
+import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -38,3 +39,14 @@ def test_batch_augment_equals_crop_resize_and_flip_of_each_image():
         torch.testing.assert_close(out[i], expected, atol=1e-3, rtol=0)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (32 * 40)
     assert ((area >= 0.24) & (area <= 1.0)).all() and (boxes[:, 2] <= 40).all() and (boxes[:, 3] <= 32).all()
+
+
+@pytest.mark.cuda
+def test_batch_augment_on_the_gpu_equals_the_cpu_result():
+    images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
+    augment = transforms.BatchAugment(32, transforms.FMOW_RGB_MEAN, transforms.FMOW_RGB_STD)
+    torch.manual_seed(3)
+    on_cpu = augment(images)
+    torch.manual_seed(3)  # boxes and flips come from the CPU generator either way
+    on_gpu = augment.to("cuda")(images.pin_memory().to("cuda", non_blocking=True))
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)

@@ -196,12 +196,15 @@ def grad_scaler(run: Run) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler(run.device.type) if run.amp_dtype == torch.float16 else None
 
 
-def distribute(model: torch.nn.Module, run: Run, args: argparse.Namespace, find_unused: bool = False) -> torch.nn.Module:
+def distribute(model: torch.nn.Module, run: Run, args: argparse.Namespace, unused: Iterable[str] = ()) -> torch.nn.Module:
     """Choose the attention path (``--attention``), DDP-wrap (under torchrun) and ``torch.compile`` (with
-    ``--compile``) the model that trains."""
+    ``--compile``) the model that trains.
+
+    ``unused`` names parameters that never get a gradient; DDP ignores them (no ``find_unused_parameters``
+    graph search every step, which also breaks ``torch.compile``'s DDP optimiser).
+    """
     set_fused_attention(model, use_sdpa(args.attention, run.device))
     if distributed.is_distributed():
-        model = DistributedDataParallel(
-            model, device_ids=[run.device.index] if run.device.type == "cuda" else None, find_unused_parameters=find_unused
-        )
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(unused))
+        model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     return torch.compile(model) if args.compile else model

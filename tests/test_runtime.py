@@ -1,0 +1,44 @@
+"""util/runtime.py: device and autocast choice, and the signals that stop a run."""
+import signal
+
+import pytest
+import torch
+
+from util import runtime
+from util.errors import UsageError
+
+
+def test_auto_amp_takes_bf16_on_gpus_only_where_it_is_native(monkeypatch):
+    asked = {}
+
+    def bf16_supported(including_emulation=True):
+        asked["including_emulation"] = including_emulation
+        return including_emulation  # a V100: bf16 only emulated
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    assert runtime.resolve_amp("auto", torch.device("cuda", 0)) == torch.float16
+    assert asked == {"including_emulation": False}
+
+
+def test_fp16_on_the_cpu_is_refused():
+    with pytest.raises(UsageError, match="--amp fp16: fp16 is emulated and very slow on CPUs"):
+        runtime.resolve_amp("fp16", torch.device("cpu"))
+
+
+def test_each_process_takes_its_gpu_modulo_the_visible_ones(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU bound per SLURM task
+    assert [runtime.cuda_index(local_rank) for local_rank in range(4)] == [0, 0, 0, 0]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [runtime.cuda_index(local_rank) for local_rank in range(6)] == [0, 1, 2, 3, 0, 1]
+
+
+def test_workers_ignore_what_the_main_process_handles():
+    watched = (*runtime.STOP_SIGNALS, signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in watched}
+    try:
+        runtime.ignore_stop_signals(0)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in watched)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert signal.SIGUSR1 in runtime.STOP_SIGNALS and signal.SIGTERM in runtime.STOP_SIGNALS
