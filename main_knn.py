@@ -50,6 +50,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--scales must lie in (0, 1], got {args.scales}")
     if min(args.k, args.majority_k, args.batch_size) < 1:
         raise UsageError("--k, --majority_k and --batch_size must be at least 1")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     if args.model is not None:
         try:
             models_vit.classifier_preset(args.model)

@@ -13,6 +13,7 @@ from conftest import write_csv_dataset
 import main_knn
 from models_cross_scale_mae import create_model
 from util import checkpoint, config, knn
+from util.errors import run_entry_point
 
 
 def test_weighted_knn_known_answer():
@@ -113,3 +114,24 @@ def test_two_process_feature_extraction_gives_the_single_process_results(tmp_pat
     assert single.returncode == 0 and double.returncode == 0, double.stderr[-2000:]
     assert (tmp_path / "one" / "knn_results.csv").read_text() == (tmp_path / "two" / "knn_results.csv").read_text()
     assert json.loads((tmp_path / "two" / "protocol.json").read_text())["evaluation_images"] == 7
+
+
+@pytest.mark.parametrize("temperature, expected", [(1e-5, 0), (1e-3, 0), (0.07, 1), (1.0, 1), (1e3, 1)])
+def test_weighted_knn_is_stable_over_the_whole_temperature_range(temperature, expected):
+    # exp(0.99 / 1e-5) overflows float64 (inf votes, argmax by accident); votes relative to each query's top
+    # similarity do not overflow and keep the argmax of the textbook formula wherever that one is finite
+    sims = torch.tensor([[0.99, 0.98, 0.97], [0.5, 0.49, 0.2]])
+    neighbours = torch.tensor([[0, 1, 2], [2, 0, 1]])
+    labels = torch.tensor([0, 1, 1])
+    predicted = knn.weighted_knn(sims, neighbours, labels, 2, temperature)
+    assert predicted.tolist() == [expected, 1]
+    textbook = torch.zeros(2, 2, dtype=torch.float64).scatter_add_(1, labels[neighbours], (sims.double() / temperature).exp())
+    if textbook.isfinite().all():
+        assert predicted.tolist() == textbook.argmax(1).tolist()
+
+
+@pytest.mark.parametrize("temperature", ["0", "-0.07", "nan"])
+def test_knn_temperature_must_be_positive(tmp_path, temperature):
+    argv = ["--checkpoints", "none", "--model", "vit_tiny_patch16", "--output_dir", str(tmp_path / "o"), "--temperature", temperature]
+    with pytest.raises(SystemExit, match=r"^error: --temperature must be > 0, got"):
+        run_entry_point(main_knn.main, config.parse_args(main_knn.get_args_parser(), argv))

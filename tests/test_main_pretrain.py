@@ -95,6 +95,8 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
         (["--accum_iter", "0"], "--accum_iter must be at least 1"),
         (["--loss_weights", "contrast=1"], "--loss_weights: unknown term(s) contrast; known: rec, cross_pred"),
         (["--batch_size", "64"], "--batch_size 64 x 1 process(es) is more than the 8 training images"),
+        (["--clip_grad", "-1"], "--clip_grad must be > 0 (or left out: no clipping), got -1.0"),
+        (["--clip_grad", "0"], "--clip_grad must be > 0 (or left out: no clipping), got 0.0"),
     ],
 )
 def test_bad_flags_give_one_line_errors(csv_dataset, tmp_path, flags, message):

@@ -125,3 +125,5 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.epochs < 1 or args.log_every < 1:
         raise UsageError("--epochs and --log_every must be at least 1")
+    if args.clip_grad is not None and not args.clip_grad > 0:  # also NaN; a negative norm would reverse the gradient
+        raise UsageError(f"--clip_grad must be > 0 (or left out: no clipping), got {args.clip_grad}")

@@ -99,9 +99,17 @@ def topk_cosine(
 
 def weighted_knn(sims: torch.Tensor, neighbours: torch.Tensor, memory_labels: torch.Tensor, num_classes: int,
                  temperature: float = 0.07) -> torch.Tensor:
-    """InstDisc vote: each neighbour adds exp(similarity / T) to its class. Returns predictions [Q]."""
+    """InstDisc vote: each neighbour adds exp(similarity / T) to its class. Returns predictions [Q].
+
+    The votes of a query are computed as exp((similarity - its highest similarity) / T): the same ratios, hence the
+    same argmax, without overflow to inf for any T > 0.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     votes = torch.zeros(len(sims), num_classes, dtype=torch.float64)
-    votes.scatter_add_(1, memory_labels[neighbours], (sims.double() / temperature).exp())
+    sims = sims.double()
+    top = sims.max(dim=1, keepdim=True).values if sims.numel() else sims
+    votes.scatter_add_(1, memory_labels[neighbours], ((sims - top) / temperature).exp())
     return votes.argmax(dim=1)
 
 
