@@ -20,6 +20,7 @@ from util.inference import infer
 
 SCALE_MODES = ("resize", "native")
 POOLS = ("cls", "mean")
+CLASSIFIER_POOL = "classifier"  # a trained classifier's own pooling, the features its head sees (pre-logits)
 
 
 def reduced_size(input_size: int, ratio: float, patch_size: int, scale_mode: str) -> int:
@@ -43,7 +44,10 @@ def rescale(images: torch.Tensor, ratio: float, patch_size: int, scale_mode: str
 
 def encoder_features(encoder: VisionTransformer, images: torch.Tensor, pool: str, final_norm: bool) -> torch.Tensor:
     """L2-normalised [B, D] features: the cls token or the mean of the patch tokens of the last block
-    (after the encoder's final LayerNorm when ``final_norm``)."""
+    (after the encoder's final LayerNorm when ``final_norm``); ``pool="classifier"``: what a trained classifier's
+    head sees (its pooling and norm, timm ``forward_head(pre_logits=True)``)."""
+    if pool == CLASSIFIER_POOL:
+        return F.normalize(encoder.forward_head(encoder.forward_features(images), pre_logits=True).float(), dim=1)
     x = encoder.blocks(encoder.norm_pre(encoder._pos_embed(encoder.patch_embed(images))))  # [B, 1+L, D]
     if final_norm:
         x = encoder.norm(x)
