@@ -255,7 +255,7 @@ def build_dataset(
         classes = []
     elif kind == "imagefolder":
         samples, classes = scan_image_folder(path, classes)
-        names = {label: classes[label] for label in sorted({label for _, label in samples})}
+        names = dict(enumerate(classes))
     else:
         samples, classes = scan_unlabelled(path), []
     if not samples:
@@ -292,6 +292,11 @@ def check_labels(train: ImageDataset, evaluation: Sequence[ImageDataset], nb_cla
     for split in splits:
         if not split.targets or min(split.targets) < 0:
             raise DataError(f"{split.source or 'dataset'}: unlabelled images: a {what} needs a labelled CSV or ImageFolder tree")
+    if train is not None:
+        train_labels = sorted(set(train.targets))
+        if len(train_labels) < 2:
+            raise DataError(f"{train.source}: only 1 class ({train.label_names.get(train_labels[0], train_labels[0])}) in the "
+                            f"training set; a {what} needs at least 2 (a wrapper folder around the class folders?)")
     names: dict[int, str] = dict(enumerate(known_names)) if known_names else {}
     for split in splits:
         for label, name in split.label_names.items():
@@ -301,10 +306,6 @@ def check_labels(train: ImageDataset, evaluation: Sequence[ImageDataset], nb_cla
             if label not in names or names[label] == str(label):
                 names[label] = name
     if train is not None:
-        train_labels = sorted(set(train.targets))
-        if len(train_labels) < 2:
-            raise DataError(f"{train.source}: only 1 class ({train.label_names.get(train_labels[0], train_labels[0])}) in the "
-                            f"training set; a {what} needs at least 2 (a wrapper folder around the class folders?)")
         count = nb_classes or train_labels[-1] + 1
         if nb_classes is None and count > max(MAX_SPARSE_CLASSES, 10 * len(train_labels)):
             raise DataError(f"{train.source}: highest label {train_labels[-1]} but only {len(train_labels)} distinct labels; "
