@@ -193,3 +193,29 @@ def test_resume_with_changed_flags_is_refused_unless_allowed(split, pretrained, 
     assert starts[1]["resumed_from"] in (str(out / "checkpoint-last.pth"), str(out / "checkpoint-best.pth"))  # both epoch 0
     assert [entry.get("epoch") for entry in log if "epoch" in entry] == [0, 1]
     run(main_finetune, [*flags, "--epochs", "1", "--overwrite"])  # a fresh run replacing the old one, on request
+
+
+@pytest.mark.parametrize("label, message", [("5", "label 5 outside 0..3 (--nb_classes 4)"), ("-1", "unlabelled images")])
+def test_bad_evaluation_labels_stop_the_run_at_start_up(split, pretrained, tmp_path, label, message):
+    rows = split[1].read_text().splitlines()
+    rows[2] = f"{label}," + rows[2].split(",", 1)[1]
+    split[1].write_text("\n".join(rows) + "\n")
+    out = tmp_path / "o"
+    text = fails(main_finetune, [*COMMON, *data_flags(split), "--finetune", str(pretrained), "--output_dir", str(out),
+                                 "--nb_classes", "4", *NO_MIXING], message)
+    assert "val.csv" in text and not any(out.glob("checkpoint-*.pth"))  # before any training
+
+
+def test_image_folder_class_names_travel_from_training_to_eval(pretrained, tmp_path, capsys):
+    from test_datasets import make_tree
+    train = make_tree(tmp_path / "train", ["beach", "forest"], per_class=8)
+    val = make_tree(tmp_path / "val", ["forest"], per_class=2)  # lacks beach/
+    out = tmp_path / "ft"
+    run(main_finetune, [*COMMON, "--train_path", str(train), "--test_path", str(val), "--finetune", str(pretrained),
+                        "--output_dir", str(out), "--epochs", "1", *NO_MIXING])
+    assert checkpoint.read_checkpoint(out / "checkpoint-last.pth")["class_names"] == ["beach", "forest"]
+    run(main_finetune, ["--test_path", str(val), "--num_workers", "0", "--output_dir", str(out), "--eval", "--resume", "auto",
+                        "--train_path", "unused"])
+    metrics = json.loads((out / "eval" / "eval_metrics.json").read_text())
+    assert metrics["class_names"] == ["beach", "forest"] and metrics["images"] == 2
+    assert "no images of class(es) beach" in capsys.readouterr().out
