@@ -164,8 +164,10 @@ def test_knn_of_a_fine_tuned_classifier_uses_its_pre_logits_features(tmp_path):
     torch.manual_seed(0)
     classifier = models_vit.create_classifier("vit_tiny_patch16", 2, img_size=32, patch_size=8, global_pool=True)
     checkpoint.save_checkpoint({"model": classifier.state_dict()}, tmp_path / "ft.pth")
+    (tmp_path / "knn").mkdir()
+    (tmp_path / "knn" / "checkpoint-last.pth").write_bytes(b"a training run's")  # --output_dir of a training run
     main_knn.main(config.parse_args(main_knn.get_args_parser(), knn_argv(tmp_path, train, val, str(tmp_path / "ft.pth"))))
-    protocol = json.loads((tmp_path / "knn" / "protocol.json").read_text())
+    protocol = json.loads((tmp_path / "knn" / "knn" / "protocol.json").read_text())  # its knn/ subfolder
     assert "mean of the patch tokens + fc_norm" in protocol["features_per_checkpoint"][str(tmp_path / "ft.pth")]
     # the same features, by hand: the classifier's forward_head(pre_logits=True)
     encoder, _, _ = main_knn.build_knn_encoder(str(tmp_path / "ft.pth"), layouts.read_encoder(tmp_path / "ft.pth"), "vit_tiny_patch16",
