@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
 from util.distributed import main_print
-from util.errors import ReportableError
+from util.errors import NonFiniteError
 from util.inference import infer
 from util.runtime import Run
 from util.training import StepLoop
@@ -71,7 +71,7 @@ def extract_features(model: nn.Module, loader, run: Run) -> tuple[torch.Tensor, 
     return outputs["features"], labels
 
 
-class NonFiniteOutputError(ReportableError):
+class NonFiniteOutputError(NonFiniteError):
     """The model's outputs are NaN or infinite: no accuracy can be computed from them."""
 
 

@@ -252,6 +252,10 @@ def evaluate_checkpoint(args: argparse.Namespace, setup_fn: SetupFn) -> None:
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
+        if ("head.1.weight" in weights) != ("head.1.weight" in model.state_dict()):
+            script = "main_linprobe.py" if "head.1.weight" in weights else "main_finetune.py"
+            raise CheckpointError(f"{path}: its head is another script's (BatchNorm + linear head: linear probing); "
+                                  f"evaluate it with {script}") from None
         raise CheckpointError(f"{path}: does not fit {args.model} at {args.input_size} px "
                               f"({str(e).strip().splitlines()[-1].strip()})") from None
     model.to(run.device)

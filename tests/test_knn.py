@@ -191,3 +191,15 @@ def test_every_checkpoint_is_checked_before_the_first_is_scored(tmp_path, capsys
         run_entry_point(main_knn.main, config.parse_args(main_knn.get_args_parser(),
                                                           knn_argv(tmp_path, train, val, str(tmp_path / "mae.pth"), str(tmp_path / "small.pth"))))
     assert "%" not in capsys.readouterr().out  # nothing was scored (and lost) before the bad one was found
+
+
+def test_non_finite_features_are_refused_not_scored(tmp_path):
+    train = write_csv_dataset(tmp_path / "data", 8, "train.csv", size=32)
+    val = write_csv_dataset(tmp_path / "data", 4, "val.csv", size=32)
+    torch.manual_seed(0)
+    mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
+    state = mae.state_dict()
+    state["encoder.blocks.0.mlp.fc1.bias"][:] = float("inf")
+    checkpoint.save_checkpoint({"model": state, "model_config": mae.model_config}, tmp_path / "inf.pth")
+    with pytest.raises(SystemExit, match=r"^error: kNN: the encoder's features are NaN/inf for 8 of 8 images"):
+        run_entry_point(main_knn.main, config.parse_args(main_knn.get_args_parser(), knn_argv(tmp_path, train, val, str(tmp_path / "inf.pth"))))

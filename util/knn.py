@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from util.errors import NonFiniteError
 from util.inference import infer
 
 SCALE_MODES = ("resize", "native")
@@ -69,10 +70,16 @@ def extract(
     gathered over ranks in dataset order."""
     encoder.eval()
     patch_size = encoder.patch_embed.patch_size[0]
-    return infer(
+    features, labels = infer(
         lambda images: {s: encoder_features(encoder, rescale(images, s, patch_size, scale_mode), pool, final_norm) for s in scales},
         loader, device, amp_dtype,
     )
+    for scale, values in features.items():
+        if not torch.isfinite(values).all():
+            bad = (~torch.isfinite(values)).any(1).nonzero()[:, 0]
+            raise NonFiniteError(f"kNN: the encoder's features are NaN/inf for {len(bad)} of {len(values)} images at scale {scale:g} "
+                                 f"(first: image {bad[0].item()}); refusing to report an accuracy")
+    return features, labels
 
 
 def topk_cosine(
