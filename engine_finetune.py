@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
 from util.distributed import main_print
+from util.errors import NonFiniteError
 from util.inference import infer
 from util.runtime import Run
 from util.training import StepLoop
@@ -70,6 +71,10 @@ def extract_features(model: nn.Module, loader, run: Run) -> tuple[torch.Tensor, 
     return outputs["features"], labels
 
 
+class NonFiniteOutputError(NonFiniteError):
+    """The model's outputs are NaN or infinite: no accuracy can be computed from them."""
+
+
 def evaluate(model: nn.Module, loader, run: Run, num_classes: int) -> tuple[dict[str, float], torch.Tensor]:
     """Top-1, top-5 (5+ classes), macro-F1 (over the classes present in the evaluation set) and mean loss over
     the whole evaluation set, and its confusion matrix.
@@ -80,6 +85,10 @@ def evaluate(model: nn.Module, loader, run: Run, num_classes: int) -> tuple[dict
     model.eval()
     outputs, labels = infer(lambda images: {"logits": model(images)}, loader, run.device, run.amp_dtype)
     logits = outputs["logits"]
+    if not torch.isfinite(logits).all():
+        bad = (~torch.isfinite(logits)).any(1).nonzero()[:, 0]
+        raise NonFiniteOutputError(f"evaluation: the model's logits are NaN/inf for {len(bad)} of {len(labels)} images "
+                                   f"(first: image {bad[0].item()} of the evaluation set); refusing to report an accuracy")
     confusion = torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).reshape(num_classes, num_classes)
     true_positives = confusion.diagonal().double()
     precision = true_positives / confusion.sum(0).clamp(min=1)

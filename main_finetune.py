@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -17,9 +19,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 
 import engine_finetune
-from model_loading import build_classifier
-from util import checkpoint, config, datasets, distributed, loaders, logger, runtime, schedule, training, transforms, visualize
-from util.errors import UsageError, run_entry_point
+from model_loading import build_classifier, classifier_name
+from util import checkpoint, layouts, config, datasets, distributed, loaders, logger, runtime, schedule, training, transforms, visualize
+from util.errors import CheckpointError, UsageError, run_entry_point
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -103,30 +105,33 @@ class Setup:
 SetupFn = Callable[[argparse.Namespace, nn.Module, int], Setup]
 
 
-SetupFn = Callable[[argparse.Namespace, nn.Module, int], Setup]
-
-
 def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
-    """Train a classifier head (and, for fine-tuning, the encoder), evaluating every epoch."""
+    """Train a classifier head (and, for fine-tuning, the encoder), evaluating every epoch; with ``--eval``,
+    evaluate the classifier a checkpoint holds (``evaluate_checkpoint``)."""
     config.check_common_args(args)
+    if args.eval:
+        evaluate_checkpoint(args, setup_fn)
+        return
+    if args.input_size is None:
+        args.input_size = DEFAULT_INPUT_SIZE
+    checkpoint.check_output_dir(args)
     run = runtime.setup_run(args)
     train_set = datasets.build_dataset(args.train_path, args.dataset_type, draft_size=transforms.draft_size_for(True, args.input_size),
                                        skip_bad=args.skip_bad_images)
     val_set = datasets.build_dataset(args.test_path, args.dataset_type, transforms.build_transform(False, args.input_size, args.mean, args.std),
-                                     transforms.draft_size_for(False, args.input_size), args.skip_bad_images)
-    num_classes = args.nb_classes or datasets.num_classes(train_set, val_set)
-    if min(train_set.targets) < 0 or max(train_set.targets) >= num_classes:
-        raise datasets.DataError(f"{args.train_path}: labels must lie in 0..{num_classes - 1} (--nb_classes {num_classes})")
-    args.nb_classes = num_classes
+                                     transforms.draft_size_for(False, args.input_size), args.skip_bad_images, classes=train_set.classes or None)
+    class_names = datasets.check_labels(train_set, [val_set], args.nb_classes)
+    num_classes = args.nb_classes = len(class_names)
 
     model, _ = build_classifier(args, num_classes)
     model.to(run.device)
     schedule.resolve_lr(args, run.world_size)
     setup = setup_fn(args, model, num_classes)
     train_set.transform = setup.train_transform
-    class_names = val_set.classes if len(val_set.classes) == num_classes else [str(i) for i in range(num_classes)]
     scaler = training.grad_scaler(run)
     start_epoch, start_step, resumed = checkpoint.resume(args, run, model, setup.optimizer, scaler)
+    logger.append_log(run, {"run_start": datetime.datetime.now().isoformat(timespec="seconds"),
+                            "resumed_from": str(resumed.get("path")) if resumed else None, "start_epoch": start_epoch})
 
     if setup.cache_features:  # the encoder is final now (resumed or loaded): its features never change
         distributed.main_print("no augmentation: computing the frozen encoder's features once, then training the head on them")
@@ -140,14 +145,7 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
     best_acc1 = resumed.get("best_acc1", -1.0)  # below any accuracy: the first epoch writes checkpoint-best
     writer = logger.summary_writer(run, args)
     eval_model = setup.trainable if setup.cache_features else model
-
-    if args.eval:
-        metrics, confusion = engine_finetune.evaluate(eval_model, val_loader, run, num_classes)
-        engine_finetune.report(metrics, len(val_set), "eval")
-        if run.is_main:
-            (run.output_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
-            visualize.save_confusion_png(confusion, class_names, run.output_dir / "confusion_matrix_eval.png", f"top-1 {metrics['acc1']:.1f}%")
-        return
+    extra = {"class_names": class_names}
 
     distributed.main_print(
         f"{sum(p.numel() for p in setup.trainable.parameters() if p.requires_grad):,} trainable parameters, "
@@ -164,11 +162,11 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
             improved = metrics["acc1"] > best_acc1
             best_acc1 = max(best_acc1, metrics["acc1"])
             engine_finetune.report(metrics, len(val_set), f"epoch {epoch}", best_acc1)
-            checkpoint.save_epoch(run, "checkpoint-last.pth", model, setup.optimizer, scaler, epoch, args, best_acc1=best_acc1)
+            checkpoint.save_epoch(run, "checkpoint-last.pth", model, setup.optimizer, scaler, epoch, args, best_acc1=best_acc1, **extra)
             if improved:
-                checkpoint.save_epoch(run, "checkpoint-best.pth", model, setup.optimizer, scaler, epoch, args, best_acc1=best_acc1)
+                checkpoint.save_epoch(run, "checkpoint-best.pth", model, setup.optimizer, scaler, epoch, args, best_acc1=best_acc1, **extra)
             if args.save_every and (epoch + 1) % args.save_every == 0:
-                checkpoint.save_epoch(run, f"checkpoint-{epoch}.pth", model, setup.optimizer, scaler, epoch, args, best_acc1=best_acc1)
+                checkpoint.save_epoch(run, f"checkpoint-{epoch}.pth", model, setup.optimizer, scaler, epoch, args, best_acc1=best_acc1, **extra)
             logger.append_log(run, {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                                     **{f"test_{k}": v for k, v in metrics.items()}})
             if run.is_main:
@@ -179,10 +177,99 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
                 if improved:
                     visualize.save_confusion_png(confusion, class_names, run.output_dir / "confusion_matrix_best.png", title)
     except runtime.Preempted as stop:
-        checkpoint.save_preempted(run, stop, model, setup.optimizer, scaler, args, best_acc1=best_acc1)
+        checkpoint.save_preempted(run, stop, model, setup.optimizer, scaler, args, best_acc1=best_acc1, **extra)
         return
     if writer is not None:
         writer.close()
+
+
+DEFAULT_INPUT_SIZE = 224
+
+
+def evaluate_checkpoint(args: argparse.Namespace, setup_fn: SetupFn) -> None:
+    """``--eval``: the accuracy of the classifier a checkpoint holds, head included.
+
+    The checkpoint is ``--resume`` (a path, or ``auto``: the newest in ``--output_dir``) or ``--finetune``.
+    Architecture, patch size, pooling, class count and class names come from it; ``--input_size`` too unless
+    given. Outputs go to ``--output_dir/eval/``, never over a training run's files. Only the evaluation set
+    is read, so ``--batch_size`` need not fit the training set.
+
+    Raises:
+        UsageError: no checkpoint given, or ``--resume auto`` found none.
+        CheckpointError: no classification head in it (a freshly initialised head would report chance
+            accuracy), non-finite weights, or weights that do not fit.
+    """
+    if args.resume == "auto":
+        found = checkpoint.find_resume_checkpoint("auto", args.output_dir)
+        if found is None:
+            raise UsageError(f"--eval --resume auto: no checkpoint in {args.output_dir}; refusing to evaluate random weights")
+        path, state = found
+    elif args.resume or args.finetune:
+        path = Path(args.resume or args.finetune)
+        state = checkpoint.read_checkpoint(path)
+    else:
+        raise UsageError("--eval needs the classifier to evaluate: --resume PATH (or auto), or --finetune PATH")
+    weights = checkpoint.model_state(state)
+    head = next((weights[k] for k in ("head.weight", "head.1.weight") if k in weights), None)
+    if head is None or head.ndim != 2:
+        raise CheckpointError(f"{path}: holds no classification head (a pretraining checkpoint or an encoder export?); "
+                              "--eval would report the accuracy of a freshly initialised head: fine-tune or linear-probe it first")
+    non_finite = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        raise CheckpointError(f"{path}: non-finite values (NaN/inf) in {layouts.summarise(non_finite, 3)}; refusing to evaluate it")
+    saved = state.get("args") or {}
+    num_classes = head.shape[0]
+    if args.nb_classes is not None and args.nb_classes != num_classes:
+        raise UsageError(f"--nb_classes {args.nb_classes}: {path} holds a head of {num_classes} classes")
+    args.nb_classes = num_classes
+    encoder = layouts.read_encoder(path)
+    args.global_pool = "fc_norm.weight" in weights
+    args.input_size = args.input_size or saved.get("input_size") or encoder.shape.input_size
+    args.model = args.model or saved.get("model") or classifier_name(encoder)
+    args.drop_path = 0.0
+    for flag in ("mixup", "cutmix"):  # the training batch's mixing is irrelevant here (and needs an even batch)
+        if hasattr(args, flag):
+            setattr(args, flag, 0.0)
+    if hasattr(args, "cutmix_minmax"):
+        args.cutmix_minmax = None
+    args.output_dir = str(Path(args.output_dir) / "eval")
+    run = runtime.setup_run(args)
+    known_names = state.get("class_names")
+    if known_names is not None and len(known_names) != num_classes:
+        raise CheckpointError(f"{path}: {len(known_names)} class names for a head of {num_classes} classes")
+    if known_names is None and args.train_path and Path(args.train_path).is_dir():  # older checkpoints: the training tree's folders
+        known_names = datasets.scan_image_folder(Path(args.train_path))[1]
+    val_set = datasets.build_dataset(args.test_path, args.dataset_type, transforms.build_transform(False, args.input_size, args.mean, args.std),
+                                     transforms.draft_size_for(False, args.input_size), args.skip_bad_images, classes=known_names)
+    if isinstance(val_set, datasets.ImageDataset) and val_set.classes and known_names is None:
+        raise CheckpointError(f"{path}: holds no class names, so the folders of {args.test_path} cannot be matched to its head; "
+                              "give --train_path (the training tree)")
+    class_names = datasets.check_labels(None, [val_set], num_classes, known_names)
+
+    model, _ = build_classifier(args, num_classes, encoder, load=False)
+    schedule.resolve_lr(args, run.world_size)
+    model = setup_fn(args, model, num_classes).model  # the head the script builds (linear probing: BatchNorm + linear)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        if ("head.1.weight" in weights) != ("head.1.weight" in model.state_dict()):
+            script = "main_linprobe.py" if "head.1.weight" in weights else "main_finetune.py"
+            raise CheckpointError(f"{path}: its head is another script's (BatchNorm + linear head: linear probing); "
+                                  f"evaluate it with {script}") from None
+        raise CheckpointError(f"{path}: does not fit {args.model} at {args.input_size} px "
+                              f"({str(e).strip().splitlines()[-1].strip()})") from None
+    model.to(run.device)
+    epoch = state.get("epoch")
+    distributed.main_print(f"eval: the whole classifier from {path} ({args.model}, {num_classes} classes, head included, "
+                           f"input {args.input_size} px" + (f", {epoch + 1} epochs trained" if isinstance(epoch, int) else "") + ")")
+    metrics, confusion = engine_finetune.evaluate(model, loaders.eval_loader(val_set, args, run), run, num_classes)
+    engine_finetune.report(metrics, len(val_set), "eval")
+    if run.is_main:
+        result = {**metrics, "checkpoint": str(path), "test_path": str(args.test_path), "images": len(val_set),
+                  "input_size": args.input_size, "class_names": class_names}
+        (run.output_dir / "eval_metrics.json").write_text(json.dumps(result, indent=2))
+        visualize.save_confusion_png(confusion, class_names, run.output_dir / "confusion_matrix_eval.png", f"top-1 {metrics['acc1']:.1f}%")
+        distributed.main_print(f"eval outputs: {run.output_dir}")
 
 
 if __name__ == "__main__":

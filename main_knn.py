@@ -50,6 +50,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--scales must lie in (0, 1], got {args.scales}")
     if min(args.k, args.majority_k, args.batch_size) < 1:
         raise UsageError("--k, --majority_k and --batch_size must be at least 1")
+    if not args.temperature > 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     if args.model is not None:
         try:
             models_vit.classifier_preset(args.model)
@@ -65,16 +67,15 @@ def load_datasets(args: argparse.Namespace) -> tuple[datasets.ImageDataset, data
         train, val = datasets.split_dataset(train, args.val_fraction, args.seed)
         origin = f"seeded split (seed {args.seed}) of {args.train_path}: {args.val_fraction:.0%} evaluated"
     else:
-        val = datasets.build_dataset(args.test_path, args.dataset_type, transform, draft, args.skip_bad_images)
+        val = datasets.build_dataset(args.test_path, args.dataset_type, transform, draft, args.skip_bad_images, classes=train.classes or None)
         origin = f"train {args.train_path}, evaluation {args.test_path}"
-    for name, dataset in (("training", train), ("evaluation", val)):
-        if min(dataset.targets) < 0:
-            raise datasets.DataError(f"the {name} images are unlabelled: kNN needs a labelled CSV or ImageFolder")
     return train, val, origin
 
 
 def main(args: argparse.Namespace) -> None:
     check_args(args)
+    if any(Path(args.output_dir).glob("checkpoint-*.pth")):  # a training run's folder: never write over its files
+        args.output_dir = str(Path(args.output_dir) / "knn")
     run = runtime.setup_run(args)
     weights = {spec: layouts.read_encoder(spec) for spec in args.checkpoints if spec != "none"}
     reference = next(iter(weights.values()), None)
@@ -84,27 +85,40 @@ def main(args: argparse.Namespace) -> None:
     if args.input_size is None:
         args.input_size = reference.shape.input_size if reference else 224
     args.patch_size = reference.shape.patch_size if reference else (args.patch_size or models_vit.classifier_preset(model_name)[1])
+    encoders = {}
+    for spec in args.checkpoints:  # every checkpoint is built (and checked) before the first is scored
+        torch.manual_seed(args.seed)  # the random-init encoder is reproducible
+        encoders[spec] = build_knn_encoder(spec, weights.get(spec), model_name, args)
     train_set, val_set, origin = load_datasets(args)
-    num_classes = datasets.num_classes(train_set, val_set)
+    class_names = datasets.check_labels(train_set, [val_set], what="kNN classifier")
+    num_classes = len(class_names)
     train_loader = loaders.eval_loader(train_set, args, run)
     val_loader = loaders.eval_loader(val_set, args, run)
 
-    rows, final_norms = [], {}
+    rows, final_norms, features = [], {}, {}
     for spec in args.checkpoints:
-        torch.manual_seed(args.seed)  # the random-init encoder is reproducible
-        encoder, label, final_norm = build_knn_encoder(spec, weights.get(spec), model_name, args)
+        encoder, label, final_norm = encoders.pop(spec)
+        classifier_pool = weights[spec].classifier_pool if spec in weights else None
+        pool = knn.CLASSIFIER_POOL if classifier_pool else args.pool
+        features[label] = (f"the features the classifier's head sees ({'mean of the patch tokens + fc_norm' if classifier_pool == 'avg' else 'cls token after the final norm'}), L2-normalised; --pool ignored"
+                           if classifier_pool else None)
+        if classifier_pool:
+            distributed.main_print(f"{label}: a trained classifier: {features[label]}")
         encoder.to(run.device)
         final_norms[label] = final_norm
         accuracy = knn.multiscale_accuracies(
             encoder, final_norm, train_loader, val_loader, num_classes, run.device, run.amp_dtype, args.scales,
-            args.pool, args.scale_mode, args.k, args.temperature, args.majority_k,
+            pool, args.scale_mode, args.k, args.temperature, args.majority_k,
         )
+        encoder.cpu()
         rows += [{"checkpoint": label, "classifier": c, "scale": s, "top1": accuracy[c, s]} for s in args.scales for c in CLASSIFIERS]
         distributed.main_print(f"{label}: " + ", ".join(
             f"{r['classifier']} {r['scale']:g} {r['top1']:.1f}%" for r in rows if r["checkpoint"] == label))
     if not run.is_main:
         return
     protocol = describe_protocol(args, train_set, val_set, num_classes, origin, final_norms)
+    protocol["class_names"] = class_names
+    protocol["features_per_checkpoint"] = {label: text for label, text in features.items() if text}
     write_outputs(rows, protocol, args)
 
 

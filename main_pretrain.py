@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -100,6 +101,7 @@ def build_model(args: argparse.Namespace) -> models_mae.CrossScaleMAE:
 
 def main(args: argparse.Namespace) -> None:
     config.check_common_args(args)
+    checkpoint.check_output_dir(args)
     run = runtime.setup_run(args)
     model = build_model(args).to(run.device)
     if args.use_xformers or args.attn_name != "scaled_dot_product":
@@ -125,7 +127,9 @@ def main(args: argparse.Namespace) -> None:
     )
     scheduler = schedule.lr_scheduler(optimizer, args, steps_per_epoch)
     scaler = training.grad_scaler(run)
-    start_epoch, start_step, _ = checkpoint.resume(args, run, model, optimizer, scaler)
+    start_epoch, start_step, resumed = checkpoint.resume(args, run, model, optimizer, scaler)
+    logger.append_log(run, {"run_start": datetime.datetime.now().isoformat(timespec="seconds"),
+                            "resumed_from": resumed.get("path"), "start_epoch": start_epoch})
 
     distributed.main_print(
         f"{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, "
@@ -169,11 +173,13 @@ def main(args: argparse.Namespace) -> None:
 
 
 def knn_data(args: argparse.Namespace, run: runtime.Run):
-    """Memory and evaluation loaders of the labelled kNN sets, and their class count."""
+    """Memory and evaluation loaders of the labelled kNN sets, and their class count (labels checked by
+    ``datasets.check_labels``, ImageFolder trees matched by class name)."""
     transform = transforms.build_transform(False, args.input_size, args.mean, args.std)
     memory = datasets.build_dataset(args.knn_train_path, "auto", transform, skip_bad=args.skip_bad_images)
-    queries = datasets.build_dataset(args.knn_test_path, "auto", transform, skip_bad=args.skip_bad_images)
-    return loaders.eval_loader(memory, args, run), loaders.eval_loader(queries, args, run), datasets.num_classes(memory, queries)
+    queries = datasets.build_dataset(args.knn_test_path, "auto", transform, skip_bad=args.skip_bad_images, classes=memory.classes or None)
+    num_classes = len(datasets.check_labels(memory, [queries], what="kNN classifier"))
+    return loaders.eval_loader(memory, args, run), loaders.eval_loader(queries, args, run), num_classes
 
 
 def plot_batch(dataset, args: argparse.Namespace, device: torch.device) -> torch.Tensor:

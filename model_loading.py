@@ -131,9 +131,15 @@ def export_encoder(model: models_mae.CrossScaleMAE, path: str | os.PathLike) -> 
     return pth, safetensors
 
 
-def build_classifier(args: argparse.Namespace, num_classes: int) -> tuple[VisionTransformer, layouts.EncoderWeights | None]:
-    """The classifier with ``--finetune``'s encoder loaded (every encoder tensor, or an error)."""
-    weights = layouts.read_encoder(args.finetune) if args.finetune else None
+def build_classifier(args: argparse.Namespace, num_classes: int, weights: layouts.EncoderWeights | None = None,
+                     load: bool = True) -> tuple[VisionTransformer, layouts.EncoderWeights | None]:
+    """The classifier with ``--finetune``'s encoder (or ``weights``) loaded (every encoder tensor, or an error).
+
+    With ``load=False`` the architecture comes from ``weights`` but nothing is loaded (the caller loads a whole
+    classifier, head included).
+    """
+    if weights is None:
+        weights = layouts.read_encoder(args.finetune) if args.finetune else None
     name = args.model or (classifier_name(weights) if weights else None)
     if name is None:
         raise UsageError("give --finetune PATH (pretrained weights) or --model NAME (random initialisation)")
@@ -151,18 +157,25 @@ def build_classifier(args: argparse.Namespace, num_classes: int) -> tuple[Vision
     )
     if weights is None:
         main_print(f"no --finetune: {name} starts from random initialisation")
-    else:
+    elif load:
         main_print(layouts.load_encoder(model, weights))
     return model, weights
 
 
 def build_knn_encoder(spec: str, weights: layouts.EncoderWeights | None, model_name: str, args) -> tuple[torch.nn.Module, str, bool]:
-    """(encoder, label, whether its final norm is applied) for a checkpoint or 'none'."""
+    """(encoder, label, whether its final norm is applied) for a checkpoint or 'none'.
+
+    A fine-tuned or linear-probed classifier keeps its pooling (``weights.classifier_pool``: patch mean + fc_norm,
+    or the cls token after norm); its head is left out. ``knn.encoder_features`` with ``pool="classifier"`` then
+    gives the features the classifier pools before its head.
+    """
     preset = models_vit.classifier_preset(model_name)[0]
     patch_size = weights.shape.patch_size if weights else args.patch_size
+    pooling = {"global_pool": weights.classifier_pool} if weights is not None and weights.classifier_pool else {}
     encoder = models_vit.vision_transformer(
         **models_vit.PRESETS[preset].encoder(), img_size=args.input_size, patch_size=patch_size, in_chans=args.in_chans,
         num_classes=0, norm_style=weights.norm_style if weights else "pre", dynamic_img_size=args.scale_mode == "native",
+        **pooling,
     )
     if weights is None:
         return encoder, f"random init ({model_name})", True

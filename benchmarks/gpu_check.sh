@@ -150,7 +150,7 @@ stage_torchrun_resume() {
   if [[ "$DEVICE" == cuda ]]; then grep -q "device cuda" "$first" || fail "pretraining did not run on cuda"; fi
   local epoch step
   read -r epoch step <<< "$(sed -E 's/.*epoch ([0-9]+) step ([0-9]+)/\1 \2/' <<< "$stopped")"
-  timeout --kill-after=15 "$STAGE_TIMEOUT" "${cmd[@]}" --epochs $((epoch + 1)) --warmup_epochs 1 --resume auto > "$second" 2>&1 \
+  timeout --kill-after=15 "$STAGE_TIMEOUT" "${cmd[@]}" --epochs $((epoch + 1)) --warmup_epochs 1 --resume auto --allow_changed_flags > "$second" 2>&1 \
     || { cat "$second"; fail "the resumed run failed"; }
   cat "$second"
   grep -q "resumed from .*checkpoint-last.pth, continuing at epoch $epoch" "$second" || fail "no resume message"

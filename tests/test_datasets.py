@@ -59,3 +59,83 @@ def test_missing_path_and_unknown_type(tmp_path):
         build_dataset(tmp_path, "naip")
 
 
+
+
+def make_tree(root, classes, per_class=3):
+    from conftest import make_image
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            make_image(label % 2, seed=10 * label + i, size=32).save(root / name / f"{i}.png")
+    return root
+
+
+def write_labels_csv(path, rows, header=("label", "image_path")):
+    import csv as csv_module
+    from conftest import make_image
+    (path.parent / "images").mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv_module.writer(f)
+        writer.writerow(header)
+        for i, row in enumerate(rows):
+            image = f"images/{path.stem}_{i}.png"
+            make_image(i % 2, seed=i, size=32).save(path.parent / image)
+            writer.writerow([row[0], image, *row[1:]])
+    return path
+
+
+def test_image_folder_splits_are_matched_by_class_name(tmp_path, capsys):
+    train = build_dataset(make_tree(tmp_path / "train", ["beach", "forest", "river"]))
+    val = build_dataset(make_tree(tmp_path / "val", ["forest"]), classes=train.classes)  # val lacks beach/ and river/
+    assert set(val.targets) == {1}  # forest is label 1 in every split (it was 0 in val before)
+    assert datasets.check_labels(train, [val]) == ["beach", "forest", "river"]
+    assert "no images of class(es) beach, river" in capsys.readouterr().out
+
+
+def test_a_class_only_in_evaluation_and_a_single_class_training_set_are_refused(tmp_path):
+    train = build_dataset(make_tree(tmp_path / "train", ["beach", "forest"]))
+    with pytest.raises(DataError, match="class folder.s. glacier are not among the training classes .beach, forest."):
+        build_dataset(make_tree(tmp_path / "val", ["forest", "glacier"]), classes=train.classes)
+    make_tree(tmp_path / "wrapped" / "EuroSAT", ["beach", "forest"])
+    wrapped = build_dataset(tmp_path / "wrapped")
+    with pytest.raises(DataError, match=r"wrapped: only 1 class \(EuroSAT\) in the training set.*wrapper folder"):
+        datasets.check_labels(wrapped, [train])
+    csv_train = build_dataset(write_labels_csv(tmp_path / "c" / "train.csv", [(0,), (0,), (1,)]))
+    csv_val = build_dataset(write_labels_csv(tmp_path / "c" / "val.csv", [(0,), (2,)]))
+    with pytest.raises(DataError, match=r"row 3 of .*val.csv\): class 2 is in the evaluation set but not in the training set"):
+        datasets.check_labels(csv_train, [csv_val], nb_classes=3)
+
+
+@pytest.mark.parametrize("label, message", [("5", r"row 3 of .*val.csv\): label 5 outside 0..3 \(--nb_classes 4\)"),
+                                            ("-1", r"val.csv: unlabelled images")])
+def test_evaluation_labels_are_range_checked_at_start_up(tmp_path, label, message):
+    train = build_dataset(write_labels_csv(tmp_path / "train.csv", [(0,), (1,), (2,), (3,)]))
+    val = build_dataset(write_labels_csv(tmp_path / "val.csv", [(1,), (label,)]))
+    with pytest.raises(DataError, match=message):
+        datasets.check_labels(train, [val], nb_classes=4)
+
+
+def test_a_huge_csv_label_builds_no_huge_class_list(tmp_path):
+    path = write_labels_csv(tmp_path / "train.csv", [(0,), (1_000_000_000,)])
+    dataset = build_dataset(path)  # used to build [str(i) for i in range(10**9 + 1)]: out of memory
+    assert dataset.label_names == {0: "0", 1_000_000_000: "1000000000"}
+    with pytest.raises(DataError, match="highest label 1000000000 but only 2 distinct labels"):
+        datasets.check_labels(dataset, [dataset])
+
+
+def test_csv_class_name_column_travels_and_must_agree(tmp_path):
+    header = ("label", "image_path", "class_name")
+    train = build_dataset(write_labels_csv(tmp_path / "train.csv", [(0, "water"), (1, "forest")], header))
+    val = build_dataset(write_labels_csv(tmp_path / "val.csv", [(1, "forest")], header))
+    assert datasets.check_labels(train, [val]) == ["water", "forest"]
+    wrong = build_dataset(write_labels_csv(tmp_path / "wrong.csv", [(1, "water")], header))
+    with pytest.raises(DataError, match="label 1 is class 'water' here but 'forest'"):
+        datasets.check_labels(train, [wrong])
+    with pytest.raises(DataError, match=r"row 3: label 0 is named 'forest' here, 'water' in an earlier row"):
+        build_dataset(write_labels_csv(tmp_path / "clash.csv", [(0, "water"), (0, "forest")], header))
+
+
+def test_the_shipped_sentinel2_csvs_carry_class_names():
+    train, val = build_dataset(datasets.DEFAULT_TRAIN_CSV), build_dataset(datasets.DEFAULT_VAL_CSV)
+    names = datasets.check_labels(train, [val])
+    assert "dense_vegetation" in names and all(not name.isdigit() for name in names)

@@ -12,7 +12,8 @@ from conftest import write_csv_dataset
 
 import main_knn
 from models_cross_scale_mae import create_model
-from util import checkpoint, config, knn
+from util import checkpoint, config, knn, layouts
+from util.errors import run_entry_point
 
 
 def test_weighted_knn_known_answer():
@@ -113,3 +114,92 @@ def test_two_process_feature_extraction_gives_the_single_process_results(tmp_pat
     assert single.returncode == 0 and double.returncode == 0, double.stderr[-2000:]
     assert (tmp_path / "one" / "knn_results.csv").read_text() == (tmp_path / "two" / "knn_results.csv").read_text()
     assert json.loads((tmp_path / "two" / "protocol.json").read_text())["evaluation_images"] == 7
+
+
+@pytest.mark.parametrize("temperature, expected", [(1e-5, 0), (1e-3, 0), (0.07, 1), (1.0, 1), (1e3, 1)])
+def test_weighted_knn_is_stable_over_the_whole_temperature_range(temperature, expected):
+    # exp(0.99 / 1e-5) overflows float64 (inf votes, argmax by accident); votes relative to each query's top
+    # similarity do not overflow and keep the argmax of the textbook formula wherever that one is finite
+    sims = torch.tensor([[0.99, 0.98, 0.97], [0.5, 0.49, 0.2]])
+    neighbours = torch.tensor([[0, 1, 2], [2, 0, 1]])
+    labels = torch.tensor([0, 1, 1])
+    predicted = knn.weighted_knn(sims, neighbours, labels, 2, temperature)
+    assert predicted.tolist() == [expected, 1]
+    textbook = torch.zeros(2, 2, dtype=torch.float64).scatter_add_(1, labels[neighbours], (sims.double() / temperature).exp())
+    if textbook.isfinite().all():
+        assert predicted.tolist() == textbook.argmax(1).tolist()
+
+
+@pytest.mark.parametrize("temperature", ["0", "-0.07", "nan"])
+def test_knn_temperature_must_be_positive(tmp_path, temperature):
+    argv = ["--checkpoints", "none", "--model", "vit_tiny_patch16", "--output_dir", str(tmp_path / "o"), "--temperature", temperature]
+    with pytest.raises(SystemExit, match=r"^error: --temperature must be > 0, got"):
+        run_entry_point(main_knn.main, config.parse_args(main_knn.get_args_parser(), argv))
+
+
+def knn_argv(tmp_path, train, val, *checkpoints):
+    return ["--checkpoints", *checkpoints, "--train_path", str(train), "--test_path", str(val), "--output_dir", str(tmp_path / "knn"),
+            "--num_workers", "0", "--batch_size", "4", "--k", "3", "--majority_k", "3", "--scales", "1"]
+
+
+def test_image_folder_evaluation_tree_lacking_a_class_is_scored_by_class_name(tmp_path):
+    from test_datasets import make_tree
+    train = make_tree(tmp_path / "train", ["beach", "forest"], per_class=4)  # beach bright, forest dark
+    val = make_tree(tmp_path / "val", ["forest"], per_class=4)  # no beach/: forest was label 0 here
+    for i in range(4):  # val's forest images must be dark: the class they belong to in training
+        from conftest import make_image
+        make_image(1, seed=100 + i, size=32).save(val / "forest" / f"{i}.png")
+    main_knn.main(config.parse_args(main_knn.get_args_parser(), [*knn_argv(tmp_path, train, val, "none"), "--model", "vit_tiny_patch16",
+                                                                  "--patch_size", "8", "--input_size", "32"]))
+    with open(tmp_path / "knn" / "knn_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {float(r["top1"]) for r in rows} == {100.0}
+    assert json.loads((tmp_path / "knn" / "protocol.json").read_text())["class_names"] == ["beach", "forest"]
+
+
+def test_knn_of_a_fine_tuned_classifier_uses_its_pre_logits_features(tmp_path):
+    import models_vit
+    train = write_csv_dataset(tmp_path / "data", 8, "train.csv", size=32)
+    val = write_csv_dataset(tmp_path / "data", 4, "val.csv", size=32)
+    torch.manual_seed(0)
+    classifier = models_vit.create_classifier("vit_tiny_patch16", 2, img_size=32, patch_size=8, global_pool=True)
+    checkpoint.save_checkpoint({"model": classifier.state_dict()}, tmp_path / "ft.pth")
+    (tmp_path / "knn").mkdir()
+    (tmp_path / "knn" / "checkpoint-last.pth").write_bytes(b"a training run's")  # --output_dir of a training run
+    main_knn.main(config.parse_args(main_knn.get_args_parser(), knn_argv(tmp_path, train, val, str(tmp_path / "ft.pth"))))
+    protocol = json.loads((tmp_path / "knn" / "knn" / "protocol.json").read_text())  # its knn/ subfolder
+    assert "mean of the patch tokens + fc_norm" in protocol["features_per_checkpoint"][str(tmp_path / "ft.pth")]
+    # the same features, by hand: the classifier's forward_head(pre_logits=True)
+    encoder, _, _ = main_knn.build_knn_encoder(str(tmp_path / "ft.pth"), layouts.read_encoder(tmp_path / "ft.pth"), "vit_tiny_patch16",
+                                               config.parse_args(main_knn.get_args_parser(), knn_argv(tmp_path, train, val, "none")
+                                                                 + ["--input_size", "32"]))
+    images = torch.randn(2, 3, 32, 32)
+    classifier.eval(), encoder.eval()
+    expected = F.normalize(classifier.forward_head(classifier.forward_features(images), pre_logits=True), dim=1)
+    assert torch.allclose(knn.encoder_features(encoder, images, knn.CLASSIFIER_POOL, True), expected, atol=1e-5)
+
+
+def test_every_checkpoint_is_checked_before_the_first_is_scored(tmp_path, capsys):
+    train = write_csv_dataset(tmp_path / "data", 8, "train.csv", size=32)
+    val = write_csv_dataset(tmp_path / "data", 4, "val.csv", size=32)
+    torch.manual_seed(0)
+    mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
+    checkpoint.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config}, tmp_path / "mae.pth")
+    small = create_model("cross_scale_mae_vit_small", input_size=32, patch_size=8)
+    checkpoint.save_checkpoint({"model": small.state_dict(), "model_config": small.model_config}, tmp_path / "small.pth")
+    with pytest.raises(SystemExit, match=r"^error: .*small.pth"):
+        run_entry_point(main_knn.main, config.parse_args(main_knn.get_args_parser(),
+                                                          knn_argv(tmp_path, train, val, str(tmp_path / "mae.pth"), str(tmp_path / "small.pth"))))
+    assert "%" not in capsys.readouterr().out  # nothing was scored (and lost) before the bad one was found
+
+
+def test_non_finite_features_are_refused_not_scored(tmp_path):
+    train = write_csv_dataset(tmp_path / "data", 8, "train.csv", size=32)
+    val = write_csv_dataset(tmp_path / "data", 4, "val.csv", size=32)
+    torch.manual_seed(0)
+    mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
+    state = mae.state_dict()
+    state["encoder.blocks.0.mlp.fc1.bias"][:] = float("inf")
+    checkpoint.save_checkpoint({"model": state, "model_config": mae.model_config}, tmp_path / "inf.pth")
+    with pytest.raises(SystemExit, match=r"^error: kNN: the encoder's features are NaN/inf for 8 of 8 images"):
+        run_entry_point(main_knn.main, config.parse_args(main_knn.get_args_parser(), knn_argv(tmp_path, train, val, str(tmp_path / "inf.pth"))))

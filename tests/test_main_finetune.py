@@ -7,7 +7,9 @@ from conftest import write_csv_dataset
 import main_finetune
 import main_linprobe
 from models_cross_scale_mae import create_model
-from util import checkpoint, config
+import engine_finetune
+import models_vit
+from util import checkpoint, config, runtime
 from util.errors import run_entry_point
 
 COMMON = ["--input_size", "32", "--batch_size", "8", "--num_workers", "0", "--log_every", "1", "--warmup_epochs", "1"]
@@ -79,13 +81,13 @@ def test_eval_reports_the_checkpoints_accuracy(split, pretrained, tmp_path):
     run(main_linprobe, [*flags, "--epochs", "3", "--no_aug"])
     best = checkpoint.read_checkpoint(out / "checkpoint-best.pth")["best_acc1"]
     run(main_linprobe, [*flags, "--eval", "--resume", str(out / "checkpoint-best.pth")])
-    metrics = json.loads((out / "eval_metrics.json").read_text())
+    metrics = json.loads((out / "eval" / "eval_metrics.json").read_text())  # eval/: never over the training run's files
     assert metrics["acc1"] == pytest.approx(best)
-    assert (out / "confusion_matrix_eval.png").exists()
-    (out / "eval_metrics.json").unlink()
+    assert (out / "eval" / "confusion_matrix_eval.png").exists()
+    (out / "eval" / "eval_metrics.json").unlink()
     without_weights = [*COMMON, *data_flags(split), "--model", "vit_tiny_patch16", "--patch_size", "8", "--output_dir", str(out)]
     run(main_linprobe, [*without_weights, "--no_aug", "--eval", "--resume", str(out / "checkpoint-best.pth")])
-    assert json.loads((out / "eval_metrics.json").read_text())["acc1"] == pytest.approx(best)  # features of the resumed encoder
+    assert json.loads((out / "eval" / "eval_metrics.json").read_text())["acc1"] == pytest.approx(best)  # features of the resumed encoder
 
 
 def test_resumed_fine_tune_equals_an_uninterrupted_one(split, pretrained, tmp_path):
@@ -107,3 +109,113 @@ def test_weights_that_do_not_fit_stop_the_run(split, tmp_path):
     argv = [*COMMON, *data_flags(split), "--output_dir", str(tmp_path / "o")]
     with pytest.raises(SystemExit, match="error: give --finetune PATH"):
         run_entry_point(main_finetune.main, config.parse_args(main_finetune.get_args_parser(), argv))
+
+
+def fails(module, argv, message):
+    """Runs ``module`` as its entry point does and checks the one-line error."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_entry_point(module.main, config.parse_args(module.get_args_parser(), argv))
+    text = str(exit_info.value)
+    assert text.startswith("error: ") and "\n" not in text, text
+    assert message in text, text
+    return text
+
+
+NO_MIXING = ["--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0"]
+
+
+@pytest.fixture
+def fine_tuned(split, pretrained, tmp_path):
+    """A fine-tuned classifier (head trained) and the best accuracy it recorded."""
+    out = tmp_path / "ft"
+    run(main_finetune, [*COMMON, *data_flags(split), "--finetune", str(pretrained), "--output_dir", str(out),
+                        "--epochs", "4", "--blr", "5e-3", *NO_MIXING])
+    best = checkpoint.read_checkpoint(out / "checkpoint-best.pth")
+    return out, best
+
+
+def test_eval_of_a_fine_tuned_checkpoint_uses_its_head(split, fine_tuned, tmp_path, capsys):
+    out, best = fine_tuned
+    assert best["class_names"] == ["0", "1"]  # class names travel with the checkpoint
+    # no --input_size, no --model, a --batch_size larger than the training set: all from the checkpoint / not needed
+    eval_flags = ["--test_path", str(split[1]), "--batch_size", "64", "--num_workers", "0", "--output_dir", str(tmp_path / "e")]
+    for source in (["--finetune", str(out / "checkpoint-best.pth")], ["--resume", str(out / "checkpoint-best.pth")],
+                   ["--resume", str(out / "checkpoint-best.pth"), "--model", "vit_tiny_patch16"]):
+        run(main_finetune, [*eval_flags, "--eval", *source])
+        metrics = json.loads((tmp_path / "e" / "eval" / "eval_metrics.json").read_text())
+        assert metrics["acc1"] == pytest.approx(best["best_acc1"]) and metrics["input_size"] == 32
+        assert metrics["class_names"] == ["0", "1"]
+    printed = capsys.readouterr().out
+    assert "head included" in printed and "freshly initialised" not in printed.split("eval:")[-1]
+
+
+def test_eval_refuses_a_freshly_initialised_head_and_random_weights(split, pretrained, tmp_path):
+    eval_flags = ["--test_path", str(split[1]), "--num_workers", "0", "--output_dir", str(tmp_path / "e"), "--eval"]
+    fails(main_finetune, [*eval_flags, "--finetune", str(pretrained)], "holds no classification head")
+    fails(main_finetune, [*eval_flags, "--resume", "auto"], "--eval --resume auto: no checkpoint in")
+    assert not (tmp_path / "e" / "eval" / "eval_metrics.json").exists()
+    fails(main_finetune, eval_flags, "--eval needs the classifier to evaluate")
+
+
+def test_eval_refuses_non_finite_weights_and_logits(split, tmp_path):
+    torch.manual_seed(0)
+    model = models_vit.create_classifier("vit_tiny_patch16", 2, img_size=32, patch_size=8)
+    state = model.state_dict()
+    state["blocks.0.mlp.fc1.weight"][0, 0] = float("nan")
+    checkpoint.save_checkpoint({"model": state}, tmp_path / "nan.pth")
+    fails(main_finetune, ["--test_path", str(split[1]), "--num_workers", "0", "--output_dir", str(tmp_path / "e"), "--eval",
+                          "--finetune", str(tmp_path / "nan.pth")], "non-finite values (NaN/inf) in blocks.0.mlp.fc1.weight")
+
+    class Broken(torch.nn.Module):
+        def forward(self, images):
+            return torch.full((len(images), 2), float("inf"))
+
+    loader = [(torch.zeros(3, 3, 4, 4), torch.tensor([0, 1, 0]))]
+    run_ = runtime.Run(0, 1, 0, torch.device("cpu"), None, tmp_path)
+    with pytest.raises(engine_finetune.NonFiniteOutputError, match="NaN/inf for 3 of 3 images"):
+        engine_finetune.evaluate(Broken(), loader, run_, 2)
+
+
+def test_resume_with_changed_flags_is_refused_unless_allowed(split, pretrained, tmp_path, capsys):
+    out = tmp_path / "ft"
+    flags = [*COMMON, *data_flags(split), "--finetune", str(pretrained), "--output_dir", str(out), *NO_MIXING]
+    run(main_finetune, [*flags, "--epochs", "1"])
+    assert __import__("yaml").safe_load((out / "config.yaml").read_text())["lr"] is None  # derived from --blr: not frozen
+    fails(main_finetune, [*flags, "--epochs", "1"], "holds another run's checkpoints")
+    text = fails(main_finetune, [*flags, "--epochs", "2", "--resume", "auto"], "--epochs 2 (checkpoint: 1)")
+    assert "--allow_changed_flags" in text
+    fails(main_finetune, [*flags, "--epochs", "1", "--batch_size", "4", "--resume", "auto"], "--batch_size 4 (checkpoint: 8)")
+    run(main_finetune, [*flags, "--epochs", "2", "--resume", "auto", "--allow_changed_flags"])
+    assert "resuming" in (printed := capsys.readouterr().out) and "--epochs 2 (checkpoint: 1)" in printed
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    starts = [entry for entry in log if "run_start" in entry]
+    assert starts[0]["resumed_from"] is None and len(starts) == 2
+    assert starts[1]["resumed_from"] in (str(out / "checkpoint-last.pth"), str(out / "checkpoint-best.pth"))  # both epoch 0
+    assert [entry.get("epoch") for entry in log if "epoch" in entry] == [0, 1]
+    run(main_finetune, [*flags, "--epochs", "1", "--overwrite"])  # a fresh run replacing the old one, on request
+
+
+@pytest.mark.parametrize("label, message", [("5", "label 5 outside 0..3 (--nb_classes 4)"), ("-1", "unlabelled images")])
+def test_bad_evaluation_labels_stop_the_run_at_start_up(split, pretrained, tmp_path, label, message):
+    rows = split[1].read_text().splitlines()
+    rows[2] = f"{label}," + rows[2].split(",", 1)[1]
+    split[1].write_text("\n".join(rows) + "\n")
+    out = tmp_path / "o"
+    text = fails(main_finetune, [*COMMON, *data_flags(split), "--finetune", str(pretrained), "--output_dir", str(out),
+                                 "--nb_classes", "4", *NO_MIXING], message)
+    assert "val.csv" in text and not any(out.glob("checkpoint-*.pth"))  # before any training
+
+
+def test_image_folder_class_names_travel_from_training_to_eval(pretrained, tmp_path, capsys):
+    from test_datasets import make_tree
+    train = make_tree(tmp_path / "train", ["beach", "forest"], per_class=8)
+    val = make_tree(tmp_path / "val", ["forest"], per_class=2)  # lacks beach/
+    out = tmp_path / "ft"
+    run(main_finetune, [*COMMON, "--train_path", str(train), "--test_path", str(val), "--finetune", str(pretrained),
+                        "--output_dir", str(out), "--epochs", "1", *NO_MIXING])
+    assert checkpoint.read_checkpoint(out / "checkpoint-last.pth")["class_names"] == ["beach", "forest"]
+    run(main_finetune, ["--test_path", str(val), "--num_workers", "0", "--output_dir", str(out), "--eval", "--resume", "auto",
+                        "--train_path", "unused"])
+    metrics = json.loads((out / "eval" / "eval_metrics.json").read_text())
+    assert metrics["class_names"] == ["beach", "forest"] and metrics["images"] == 2
+    assert "no images of class(es) beach" in capsys.readouterr().out

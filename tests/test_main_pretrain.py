@@ -9,7 +9,7 @@ import torch
 import yaml
 
 import main_pretrain
-from util import config
+from util import config, schedule
 from model_loading import load_mae
 from util.checkpoint import read_checkpoint
 from util.errors import run_entry_point
@@ -33,6 +33,8 @@ def test_two_epochs_write_checkpoints_logs_plots_and_export(csv_dataset, tmp_pat
     assert any(n.startswith("events.out.tfevents") for n in names)
     assert [p.name for p in (out / "plots").iterdir()] == ["reconstruction_epoch0001.png"]
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert "run_start" in log[0] and log[0]["resumed_from"] is None  # run boundaries are marked
+    log = log[1:]
     assert [entry["epoch"] for entry in log] == [0, 1]
     assert set(log[0]) >= {"train_loss", "train_rec_orig", "train_rec_crop", "train_cross_pred", "train_cross_cons"}
     assert "knn_weighted_0.125" not in log[0] and 0 <= log[1]["knn_majority_1"] <= 100
@@ -75,7 +77,10 @@ def test_config_file_values_are_defaults_that_flags_override(csv_dataset, tmp_pa
     assert (args.epochs, args.batch_size, args.mask_ratio) == (2, 4, 0.5)
     main_pretrain.main(args)
     resolved = yaml.safe_load((out / "config.yaml").read_text())
-    assert resolved["mask_ratio"] == 0.5 and resolved["batch_size"] == 4 and resolved["lr"] == pytest.approx(1e-3 * 4 / 256)
+    assert resolved["mask_ratio"] == 0.5 and resolved["batch_size"] == 4
+    assert resolved["lr"] is None  # derived from --blr: what the user gave, so the linear scaling rule keeps applying
+    again = config.parse_args(main_pretrain.get_args_parser(), ["--config", str(out / "config.yaml"), "--batch_size", "8"])
+    assert schedule.resolve_lr(again, 1) == pytest.approx(1e-3 * 8 / 256)
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys):
@@ -95,6 +100,8 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
         (["--accum_iter", "0"], "--accum_iter must be at least 1"),
         (["--loss_weights", "contrast=1"], "--loss_weights: unknown term(s) contrast; known: rec, cross_pred"),
         (["--batch_size", "64"], "--batch_size 64 x 1 process(es) is more than the 8 training images"),
+        (["--clip_grad", "-1"], "--clip_grad must be > 0 (or left out: no clipping), got -1.0"),
+        (["--clip_grad", "0"], "--clip_grad must be > 0 (or left out: no clipping), got 0.0"),
     ],
 )
 def test_bad_flags_give_one_line_errors(csv_dataset, tmp_path, flags, message):

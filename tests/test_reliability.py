@@ -112,7 +112,8 @@ def test_failed_checkpoint_write_is_reported_and_keeps_the_previous_file(csv_dat
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(SystemExit, match=r"error: could not write .*encoder.pth: No space left on device"):
-        run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), [*flags, "--epochs", "2", "--resume", "auto"]))
+        run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), [*flags, "--epochs", "2", "--resume", "auto",
+                                                                                           "--allow_changed_flags"]))
     assert "warning: could not write " + str(out / "checkpoint-last.pth") + ": No space left on device" in capsys.readouterr().out
     assert (out / "checkpoint-last.pth").read_bytes() == before
     assert not list(out.glob(".*.tmp"))

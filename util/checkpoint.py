@@ -22,7 +22,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file as load_safetensors
 
 from util import distributed
-from util.errors import CheckpointError
+from util.errors import CheckpointError, UsageError
 from util.rng import rng_state, set_rng_state
 from util.runtime import Preempted, Run
 
@@ -184,6 +184,43 @@ def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> tuple[
     return None if best is None else best[1:]
 
 
+def check_output_dir(args: argparse.Namespace) -> None:
+    """Refuse a fresh run (no ``--resume``) into a folder that holds another run's checkpoints, unless ``--overwrite``.
+
+    Raises:
+        UsageError: checkpoints found and neither ``--resume`` nor ``--overwrite`` given.
+    """
+    if args.resume or getattr(args, "overwrite", False):
+        return
+    found = sorted(p.name for p in Path(args.output_dir).glob("checkpoint-*.pth"))
+    if found:
+        raise UsageError(f"--output_dir {args.output_dir} holds another run's checkpoints ({', '.join(found[:3])}"
+                         f"{', ...' if len(found) > 3 else ''}): continue it with --resume auto, replace it with --overwrite, "
+                         "or choose another --output_dir")
+
+
+# Flags a resumed run must share with the checkpoint's: they define the schedule and the step numbering.
+RUN_DEFINING_FLAGS = ("epochs", "batch_size", "accum_iter", "world_size", "lr", "blr", "min_lr", "warmup_epochs")
+
+
+def changed_flags(saved: dict[str, Any], args: argparse.Namespace, world_size: int) -> list[str]:
+    """``--flag now (checkpoint: then)`` for each run-defining flag that differs from the checkpoint's ``args``.
+
+    ``lr`` is compared as the user gave it (None: derived from ``blr``); flags the checkpoint does not record are
+    not compared.
+    """
+    current = {**vars(args), "world_size": world_size, "lr": getattr(args, "lr_given", args.lr)}
+    saved = {**saved, "lr": saved.get("lr_given", saved.get("lr"))}
+    if "lr_given" not in saved and current["lr"] is None:
+        saved.pop("lr", None)  # an older checkpoint stored only the resolved lr: blr, batch and world size decide it
+    changes = []
+    for flag in RUN_DEFINING_FLAGS:
+        if flag in saved and flag in current and saved[flag] != current[flag]:
+            name = "world size" if flag == "world_size" else f"--{flag}"
+            changes.append(f"{name} {current[flag]} (checkpoint: {saved[flag]})")
+    return changes
+
+
 def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer, scaler) -> tuple[int, int, dict]:
     """Restore model, optimiser, scaler and RNG states from ``--resume``.
 
@@ -205,6 +242,13 @@ def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer
         distributed.main_print(f"resume auto: no checkpoint in {run.output_dir}, starting from scratch")
         return args.start_epoch, 0, {}
     path, state = found
+    changes = changed_flags(state.get("args") or {}, args, run.world_size)
+    if changes and not getattr(args, "allow_changed_flags", False):
+        raise UsageError(f"{path}: this run's flags differ from the checkpoint's: {'; '.join(changes)}; "
+                         "resume with the same flags, or give --allow_changed_flags")
+    if changes:
+        distributed.main_print(f"note: --allow_changed_flags: resuming {path} with {'; '.join(changes)} "
+                               "(the LR schedule and step positions follow the new values)")
     try:
         model.load_state_dict(model_state(state))
         if "optimizer" in state:
@@ -226,7 +270,7 @@ def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer
         raise CheckpointError(f"{path}: no valid training position (epoch {state.get('epoch')!r}, next_step {state.get('next_step')!r})")
     epoch, step = position
     distributed.main_print(f"resumed from {path}, continuing at epoch {epoch}" + (f" step {step}" if step else ""))
-    return epoch, step, state
+    return epoch, step, {**state, "path": str(path)}
 
 
 def save_epoch(run: Run, name: str, model: torch.nn.Module, optimizer, scaler, epoch: int, args, **extra) -> bool:
@@ -239,6 +283,7 @@ def save_epoch(run: Run, name: str, model: torch.nn.Module, optimizer, scaler, e
     if not run.is_main:
         return True
     state = training_state(model, optimizer, scaler, epoch, args, rng_per_rank=rng_states, **extra)
+    state["args"]["world_size"] = run.world_size
     try:
         save_checkpoint(state, run.output_dir / name)
     except CheckpointError as e:

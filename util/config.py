@@ -37,7 +37,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 
 def save_config(args: argparse.Namespace, path: Path) -> None:
     """Write the resolved flags as YAML; ``--config`` of this file reproduces the run."""
-    values = {k: v for k, v in vars(args).items() if k != "config"}
+    values = {k: v for k, v in vars(args).items() if k not in ("config", "lr_given", "world_size")}
+    if "lr_given" in vars(args):  # the lr the user gave, not the one derived from --blr: the linear scaling rule keeps applying
+        values["lr"] = args.lr_given
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(values, sort_keys=False))
 
@@ -89,6 +91,10 @@ def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str, training:
                        help="auto: scaled_dot_product_attention on GPU, explicit matmul + softmax on CPU (faster there)")
     group.add_argument("--resume", default="", help="checkpoint to continue from, or 'auto' for the newest in --output_dir")
     group.add_argument("--start_epoch", type=int, default=0, help="first epoch when not resuming")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start a fresh run in an --output_dir that holds another run's checkpoints (they get replaced)")
+    group.add_argument("--allow_changed_flags", action="store_true",
+                       help="resume although --epochs, --batch_size, LR or schedule flags differ from the checkpoint's run")
     group.add_argument("--log_every", type=int, default=20, help="steps between log lines")
 
 
@@ -96,7 +102,7 @@ def classification_parser(description: str, *, global_pool: bool, head_init_std:
     """The flags of fine-tuning and linear probing; ``defaults`` are each script's upstream values."""
     parser = argparse.ArgumentParser(description)
     add_optimisation_args(parser, **defaults)
-    add_data_args(parser, input_size=224, train_path=str(DEFAULT_TRAIN_CSV), patch_size=None)
+    add_data_args(parser, input_size=None, train_path=str(DEFAULT_TRAIN_CSV), patch_size=None)
     add_runtime_args(parser, output_dir="./output_dir")
     group = parser.add_argument_group("classification")
     group.add_argument("--finetune", default="", metavar="PATH",
@@ -117,7 +123,7 @@ def classification_parser(description: str, *, global_pool: bool, head_init_std:
 
 def check_common_args(args: argparse.Namespace) -> None:
     """Refuse flag values that cannot work, naming the flag."""
-    if args.patch_size and args.input_size % args.patch_size:
+    if args.patch_size and args.input_size and args.input_size % args.patch_size:
         raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
     if args.accum_iter < 1:
         raise UsageError(f"--accum_iter must be at least 1, got {args.accum_iter}")
@@ -125,3 +131,5 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.epochs < 1 or args.log_every < 1:
         raise UsageError("--epochs and --log_every must be at least 1")
+    if args.clip_grad is not None and not args.clip_grad > 0:  # also NaN; a negative norm would reverse the gradient
+        raise UsageError(f"--clip_grad must be > 0 (or left out: no clipping), got {args.clip_grad}")

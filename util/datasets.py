@@ -39,7 +39,9 @@ class ImageDataset(Dataset):
     Args:
         samples: (path, label) pairs.
         transform: Applied to the decoded RGB PIL image.
-        classes: Class names, index = label.
+        classes: Class names, index = label (ImageFolder trees).
+        label_names: Names of the labels present, label -> name (sparse: a CSV's labels need not be dense);
+            defaults to ``classes``.
         describe: Names a sample in error messages (e.g. its CSV row).
         draft_size: JPEG draft decoding target (smallest side needed by the transform).
         skip_bad: Replace an unreadable image by the next readable one (with a warning) instead of stopping.
@@ -53,6 +55,7 @@ class ImageDataset(Dataset):
         describe: Callable[[int], str] | None = None,
         draft_size: int | None = None,
         skip_bad: bool = False,
+        label_names: dict[int, str] | None = None,
     ) -> None:
         self.samples = list(samples)
         self.skip_bad = skip_bad
@@ -60,6 +63,8 @@ class ImageDataset(Dataset):
         self.targets = [label for _, label in self.samples]
         self.transform = transform
         self.classes = list(classes)
+        self.label_names = dict(label_names) if label_names is not None else dict(enumerate(self.classes))
+        self.source = ""  # the file or folder it was read from (set by build_dataset)
         self.describe = describe or (lambda index: self.samples[index][0])
         self.draft_size = draft_size
 
@@ -108,6 +113,8 @@ class PackedDataset(Dataset):
             raise DataError(f"{self.array_path}: expected {expected} bytes for {count} images of {self.size} px, found {actual}")
         self.transform = transform
         self.classes: list[str] = []
+        self.label_names = {label: str(label) for label in sorted(set(self.targets))}
+        self.source = str(meta_path)
         self.samples = [(f"{self.array_path}[{i}]", label) for i, label in enumerate(self.targets)]
         self._images: np.ndarray | None = None  # opened lazily, once per worker process
 
@@ -124,9 +131,13 @@ class PackedDataset(Dataset):
         with seeded(seed) if seed is not None else nullcontext():
             return self.transform(Image.fromarray(pixels)), self.targets[index]
 
+    def describe(self, index: int) -> str:
+        return self.samples[index][0]
 
-def read_csv_samples(csv_path: Path) -> list[tuple[str, int]]:
-    """fMoW-RGB CSV: a header row, column 0 = integer label, column 1 = image path (relative to the CSV)."""
+
+def read_csv_samples(csv_path: Path, names: dict[int, str] | None = None) -> list[tuple[str, int]]:
+    """fMoW-RGB CSV: a header row, column 0 = integer label, column 1 = image path (relative to the CSV), and an
+    optional column headed ``class_name``; each label's name goes into ``names`` (one name per label)."""
     try:
         with open(csv_path, newline="") as f:
             rows = list(csv.reader(f))
@@ -135,6 +146,8 @@ def read_csv_samples(csv_path: Path) -> list[tuple[str, int]]:
     except (csv.Error, UnicodeDecodeError) as e:
         raise DataError(f"{csv_path}: not a CSV file ({e})") from None
     samples, missing = [], []
+    header = [cell.strip().lower() for cell in rows[0]] if rows else []
+    name_column = header.index("class_name") if "class_name" in header[2:] else None
     for line, row in enumerate(rows[1:], start=2):
         if not row or not "".join(row).strip():
             continue
@@ -144,6 +157,10 @@ def read_csv_samples(csv_path: Path) -> list[tuple[str, int]]:
             label = int(row[0])
         except ValueError:
             raise DataError(f"{csv_path} row {line}: label {row[0]!r} in column 0 is not an integer") from None
+        if names is not None and name_column is not None and name_column < len(row) and row[name_column].strip():
+            name = row[name_column].strip()
+            if names.setdefault(label, name) != name:
+                raise DataError(f"{csv_path} row {line}: label {label} is named {name!r} here, {names[label]!r} in an earlier row")
         path = Path(row[1])
         path = path if path.is_absolute() else csv_path.parent / path
         if not path.is_file():
@@ -154,16 +171,31 @@ def read_csv_samples(csv_path: Path) -> list[tuple[str, int]]:
     return samples
 
 
-def scan_image_folder(root: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    """ImageFolder layout (root/class_name/*.jpg, as RESISC45, UC Merced, EuroSAT): samples and class names."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+def scan_image_folder(root: Path, classes: Sequence[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """ImageFolder layout (root/class_name/*.jpg, as RESISC45, UC Merced, EuroSAT): samples and class names.
+
+    Args:
+        classes: The class names of the training split, index = label: the folders are matched to them by NAME
+            (an evaluation tree may lack some of them); None: the sorted folder names of ``root``.
+
+    Raises:
+        DataError: a class folder whose name is not in ``classes``.
+    """
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes is None:
+        classes = found
+    index = {name: label for label, name in enumerate(classes)}
+    unknown = [name for name in found if name not in index and any(is_image(p) for p in (root / name).rglob("*"))]
+    if unknown:
+        raise DataError(f"{root}: class folder(s) {', '.join(unknown)} are not among the training classes "
+                        f"({', '.join(classes)}): a class present only in evaluation cannot be predicted")
     samples = [
-        (str(p), label)
-        for label, name in enumerate(classes)
+        (str(p), index[name])
+        for name in found if name in index
         for p in sorted((root / name).rglob("*"))
         if is_image(p)
     ]
-    return samples, classes
+    return samples, list(classes)
 
 
 def scan_unlabelled(root: Path) -> list[tuple[str, int]]:
@@ -186,6 +218,7 @@ def build_dataset(
     transform: Callable | None = None,
     draft_size: int | None = None,
     skip_bad: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> ImageDataset:
     """A dataset from a CSV file, an ImageFolder tree, a folder of images, or a packed array.
 
@@ -195,6 +228,8 @@ def build_dataset(
         transform: Applied to each RGB PIL image.
         draft_size: Smallest JPEG decode size the transform needs.
         skip_bad: Skip unreadable images with a warning instead of stopping.
+        classes: Class names of the training split (index = label): an ImageFolder tree's folders are matched
+            to them by name (see ``check_labels``).
 
     Raises:
         DataError: unknown type, unreadable or malformed CSV, missing images, or no images at all.
@@ -205,29 +240,95 @@ def build_dataset(
     kind = detect_dataset_type(path) if dataset_type == "auto" else dataset_type
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
-    classes: list[str] = []
+    names: dict[int, str] | None = None
     describe = None
     if kind == "packed":
         return PackedDataset(path, transform)
     if kind in ("fmow_rgb", "csv"):
         if not path.is_file():
             raise DataError(f"{path}: --dataset_type {kind} needs a CSV file, got a folder")
-        samples = read_csv_samples(path)
+        given: dict[int, str] = {}
+        samples = read_csv_samples(path, given)
         describe = lambda index: f"{samples[index][0]} (row {index + 2} of {path})"  # noqa: E731
-        labels = sorted({label for _, label in samples})
-        classes = [str(label) for label in range(labels[-1] + 1)] if labels else []
+        # only the labels present, never range(max + 1): a label of 10**9 must not build 10**9 names
+        names = {label: given.get(label, str(label)) for label in sorted({label for _, label in samples})}
+        classes = []
     elif kind == "imagefolder":
-        samples, classes = scan_image_folder(path)
+        samples, classes = scan_image_folder(path, classes)
+        names = dict(enumerate(classes))
     else:
-        samples = scan_unlabelled(path)
+        samples, classes = scan_unlabelled(path), []
     if not samples:
         raise DataError(f"{path}: no images found ({kind} dataset)")
-    return ImageDataset(samples, transform, classes, describe, draft_size, skip_bad)
+    dataset = ImageDataset(samples, transform, classes or (), describe, draft_size, skip_bad, label_names=names)
+    dataset.source = str(path)
+    return dataset
 
 
-def num_classes(*splits: ImageDataset) -> int:
-    """Classes of labelled datasets: the highest label of any split + 1."""
-    return max(max(split.targets) for split in splits) + 1
+MAX_SPARSE_CLASSES = 1000  # a head / vote table larger than this needs labels that are (mostly) used
+
+
+def check_labels(train: ImageDataset, evaluation: Sequence[ImageDataset], nb_classes: int | None = None,
+                 known_names: Sequence[str] | None = None, what: str = "classifier") -> list[str]:
+    """The one place where the labels of every split are checked; returns the class names (index = label).
+
+    Training and evaluation splits share one numbering: ImageFolder trees are matched by class NAME when built
+    (``build_dataset(classes=...)``), CSV labels are the integers of column 0 (their ``class_name`` column, if
+    any, must agree across splits). A class missing from an evaluation split is reported; a class present only
+    in evaluation, a label outside 0..nb_classes-1, an unlabelled split and a training set of fewer than 2
+    classes are refused, naming the file (and row).
+
+    Args:
+        train: The training (kNN: memory) split; None when only evaluating a checkpoint.
+        evaluation: The evaluation splits.
+        nb_classes: ``--nb_classes`` (or the checkpoint's head); None: the highest training label + 1.
+        known_names: Class names the checkpoint holds (``--eval``); labels are checked against them.
+        what: Names the consumer in messages.
+
+    Raises:
+        DataError: as above.
+    """
+    splits = ([train] if train is not None else []) + list(evaluation)
+    for split in splits:
+        if not split.targets or min(split.targets) < 0:
+            raise DataError(f"{split.source or 'dataset'}: unlabelled images: a {what} needs a labelled CSV or ImageFolder tree")
+    if train is not None:
+        train_labels = sorted(set(train.targets))
+        if len(train_labels) < 2:
+            raise DataError(f"{train.source}: only 1 class ({train.label_names.get(train_labels[0], train_labels[0])}) in the "
+                            f"training set; a {what} needs at least 2 (a wrapper folder around the class folders?)")
+    names: dict[int, str] = dict(enumerate(known_names)) if known_names else {}
+    for split in splits:
+        for label, name in split.label_names.items():
+            if label in names and name != names[label] and name != str(label) and names[label] != str(label):
+                raise DataError(f"{split.source}: label {label} is class {name!r} here but {names[label]!r} "
+                                f"{'in the checkpoint' if known_names else 'in ' + splits[0].source}")
+            if label not in names or names[label] == str(label):
+                names[label] = name
+    if train is not None:
+        count = nb_classes or train_labels[-1] + 1
+        if nb_classes is None and count > max(MAX_SPARSE_CLASSES, 10 * len(train_labels)):
+            raise DataError(f"{train.source}: highest label {train_labels[-1]} but only {len(train_labels)} distinct labels; "
+                            "labels must be class indices 0..K-1 (renumber them, or give --nb_classes)")
+        trained = set(train_labels)
+    else:
+        count = nb_classes if nb_classes is not None else len(names)
+        trained = set(range(count))
+    for split in splits:
+        bad = next((i for i, label in enumerate(split.targets) if not 0 <= label < count), None)
+        if bad is not None:
+            raise DataError(f"{split.describe(bad)}: label {split.targets[bad]} outside 0..{count - 1} (--nb_classes {count})")
+    for split in evaluation:
+        present = set(split.targets)
+        unseen = sorted(present - trained)
+        if unseen:
+            row = split.targets.index(unseen[0])
+            raise DataError(f"{split.describe(row)}: class {names.get(unseen[0], unseen[0])} is in the evaluation set "
+                            f"but not in the training set {train.source if train is not None else ''}".rstrip())
+        absent = [names.get(label, str(label)) for label in sorted(trained - present)]
+        if absent:
+            print(f"note: {split.source}: no images of class(es) {', '.join(absent)} (evaluated on the others)", flush=True)
+    return [names.get(label, str(label)) for label in range(count)]
 
 
 def split_dataset(dataset: ImageDataset, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
@@ -238,7 +339,12 @@ def split_dataset(dataset: ImageDataset, fraction: float, seed: int = 0) -> tupl
         raise DataError(f"cannot split {len(dataset)} image(s) into two non-empty parts")
     parts = (sorted(order[:cut]), sorted(order[cut:]))
     return tuple(
-        ImageDataset([dataset.samples[i] for i in part], dataset.transform, dataset.classes, draft_size=dataset.draft_size,
-                     skip_bad=dataset.skip_bad)
-        for part in parts
+        _with_source(ImageDataset([dataset.samples[i] for i in part], dataset.transform, dataset.classes, draft_size=dataset.draft_size,
+                                  skip_bad=dataset.skip_bad, label_names=dataset.label_names), f"{dataset.source} ({which} part)")
+        for part, which in zip(parts, ("memory", "held-out"))
     )
+
+
+def _with_source(dataset: ImageDataset, source: str) -> ImageDataset:
+    dataset.source = source
+    return dataset

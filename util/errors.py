@@ -16,6 +16,10 @@ class CheckpointError(ReportableError):
     """A checkpoint that cannot be read, written or used; the message names the file and the reason."""
 
 
+class NonFiniteError(ReportableError):
+    """Weights, features or outputs that are NaN or infinite: no accuracy can be computed from them."""
+
+
 def run_entry_point(main, args) -> None:
     """Call ``main(args)``; a ``ReportableError`` (also one re-raised from a DataLoader worker) exits with
     ``error: <message>`` on one line and exit status 1."""

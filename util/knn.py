@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from util.distributed import gather_rows, rank, world_size
+from util.errors import NonFiniteError
 from util.inference import infer
 
 SCALE_MODES = ("resize", "native")
 POOLS = ("cls", "mean")
+CLASSIFIER_POOL = "classifier"  # a trained classifier's own pooling, the features its head sees (pre-logits)
 
 
 def reduced_size(input_size: int, ratio: float, patch_size: int, scale_mode: str) -> int:
@@ -44,7 +46,10 @@ def rescale(images: torch.Tensor, ratio: float, patch_size: int, scale_mode: str
 
 def encoder_features(encoder: VisionTransformer, images: torch.Tensor, pool: str, final_norm: bool) -> torch.Tensor:
     """L2-normalised [B, D] features: the cls token or the mean of the patch tokens of the last block
-    (after the encoder's final LayerNorm when ``final_norm``)."""
+    (after the encoder's final LayerNorm when ``final_norm``); ``pool="classifier"``: what a trained classifier's
+    head sees (its pooling and norm, timm ``forward_head(pre_logits=True)``)."""
+    if pool == CLASSIFIER_POOL:
+        return F.normalize(encoder.forward_head(encoder.forward_features(images), pre_logits=True).float(), dim=1)
     x = encoder.blocks(encoder.norm_pre(encoder._pos_embed(encoder.patch_embed(images))))  # [B, 1+L, D]
     if final_norm:
         x = encoder.norm(x)
@@ -66,10 +71,16 @@ def extract(
     gathered over ranks in dataset order."""
     encoder.eval()
     patch_size = encoder.patch_embed.patch_size[0]
-    return infer(
+    features, labels = infer(
         lambda images: {s: encoder_features(encoder, rescale(images, s, patch_size, scale_mode), pool, final_norm) for s in scales},
         loader, device, amp_dtype,
     )
+    for scale, values in features.items():
+        if not torch.isfinite(values).all():
+            bad = (~torch.isfinite(values)).any(1).nonzero()[:, 0]
+            raise NonFiniteError(f"kNN: the encoder's features are NaN/inf for {len(bad)} of {len(values)} images at scale {scale:g} "
+                                 f"(first: image {bad[0].item()}); refusing to report an accuracy")
+    return features, labels
 
 
 def topk_cosine(
@@ -100,9 +111,17 @@ def topk_cosine(
 
 def weighted_knn(sims: torch.Tensor, neighbours: torch.Tensor, memory_labels: torch.Tensor, num_classes: int,
                  temperature: float = 0.07) -> torch.Tensor:
-    """InstDisc vote: each neighbour adds exp(similarity / T) to its class. Returns predictions [Q]."""
+    """InstDisc vote: each neighbour adds exp(similarity / T) to its class. Returns predictions [Q].
+
+    The votes of a query are computed as exp((similarity - its highest similarity) / T): the same ratios, hence the
+    same argmax, without overflow to inf for any T > 0.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     votes = torch.zeros(len(sims), num_classes, dtype=torch.float64)
-    votes.scatter_add_(1, memory_labels[neighbours], (sims.double() / temperature).exp())
+    sims = sims.double()
+    top = sims.max(dim=1, keepdim=True).values if sims.numel() else sims
+    votes.scatter_add_(1, memory_labels[neighbours], ((sims - top) / temperature).exp())
     return votes.argmax(dim=1)
 
 

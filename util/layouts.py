@@ -182,6 +182,7 @@ class EncoderWeights:
     left_out: list[str]
     md5_status: str | None = None
     final_norm: bool = True  # whether pretraining applied the encoder's final LayerNorm
+    classifier_pool: str | None = None  # a trained classifier's pooling ("avg": patch mean + fc_norm, "token"); None: no head
 
     @property
     def shape(self) -> "EncoderShape":
@@ -208,7 +209,9 @@ def read_encoder(path: str | os.PathLike) -> EncoderWeights:
     norm_style = "post" if layout == UPSTREAM_XFORMERS else kwargs.get("norm_style", args.get("norm_style", "pre"))
     final_norm = layout == TIMM_VIT or (layout == OURS and bool(kwargs.get("encoder_norm", False)))
     left_out = [k for k in state_dict if k not in {f"encoder.{name}" for name in encoder}]
-    return EncoderWeights(str(path), layout, encoder, norm_style, left_out, md5_status, final_norm)
+    has_head = any(k.startswith("encoder.head.") and k.endswith("weight") for k in state_dict)
+    classifier_pool = ("avg" if "fc_norm.weight" in encoder else "token") if has_head else None
+    return EncoderWeights(str(path), layout, encoder, norm_style, left_out, md5_status, final_norm, classifier_pool)
 
 
 def _describe_left_out(keys: list[str]) -> str:

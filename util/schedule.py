@@ -27,6 +27,8 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, ste
 
 def resolve_lr(args: argparse.Namespace, world_size: int) -> float:
     """``--lr``, or the linear scaling rule ``--blr`` x effective batch / 256 (MAE, Goyal et al. 2017)."""
+    if not hasattr(args, "lr_given"):  # what the user gave (None: derived), for config.yaml and resume checks
+        args.lr_given = args.lr
     if args.lr is None:
         args.lr = args.blr * args.batch_size * args.accum_iter * world_size / 256
     return args.lr
