@@ -16,7 +16,7 @@ import torch
 
 import models_vit
 from model_loading import build_knn_encoder, classifier_name
-from util import config, datasets, distributed, knn, layouts, loaders, runtime, transforms
+from util import config, datasets, distributed, images, knn, layouts, loaders, runtime, transforms
 from util.errors import UsageError, run_entry_point
 from util.visualize import save_knn_plot
 
@@ -46,6 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    config.check_ranges(args)
+    images.set_max_image_pixels(args.max_image_pixels)
     if any(not 0 < s <= 1 for s in args.scales):
         raise UsageError(f"--scales must lie in (0, 1], got {args.scales}")
     if min(args.k, args.majority_k, args.batch_size) < 1:
@@ -85,6 +87,9 @@ def main(args: argparse.Namespace) -> None:
     if args.input_size is None:
         args.input_size = reference.shape.input_size if reference else 224
     args.patch_size = reference.shape.patch_size if reference else (args.patch_size or models_vit.classifier_preset(model_name)[1])
+    config.check_ranges(args)
+    if args.input_size % args.patch_size:
+        raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
     encoders = {}
     for spec in args.checkpoints:  # every checkpoint is built (and checked) before the first is scored
         torch.manual_seed(args.seed)  # the random-init encoder is reproducible
