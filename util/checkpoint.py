@@ -98,6 +98,9 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     if isinstance(state.get("args"), argparse.Namespace):
         state["args"] = vars(state["args"])
+    for key in ("args", "model_config"):
+        if key in state and not isinstance(state[key], dict):
+            raise CheckpointError(f"{path}: field {key!r} must be a mapping, found {type(state[key]).__name__}")
     return state
 
 
@@ -260,8 +263,13 @@ def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     rng_states = state.get("rng_per_rank", [])
+    if not isinstance(rng_states, list):
+        raise CheckpointError(f"{path}: field 'rng_per_rank' must be a list, found {type(rng_states).__name__}")
     if len(rng_states) == run.world_size:
-        set_rng_state(rng_states[run.rank])
+        try:
+            set_rng_state(rng_states[run.rank])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"{path}: field 'rng_per_rank' holds no valid RNG state ({type(e).__name__}: {first_line(e)})") from None
     else:
         distributed.main_print(f"note: {path} was written by {len(rng_states)} process(es), this run has {run.world_size}: "
                         "random streams start afresh")
