@@ -40,12 +40,12 @@ def expect_error(module, argv, status=1, capsys=None):
 
 
 FLAG_CASES = [
-    (["--lr", "-1"], "--lr must be greater than 0, got -1.0"),
+    (["--lr", "-1"], "--lr must be > 0, got -1.0"),
     (["--num_workers", "-1"], "--num_workers must be at least 0, got -1"),
     (["--input_size", "0"], "--input_size must be at least 1, got 0"),
     (["--input_size", "-16"], "--input_size must be at least 1, got -16"),
     (["--patch_size", "0"], "--patch_size must be at least 1, got 0"),
-    (["--std", "0", "0", "0"], "--std must be greater than 0, got 0.0 0.0 0.0"),
+    (["--std", "0", "0", "0"], "--std must be > 0, got 0.0 0.0 0.0"),
     (["--device", "mps"], "--device mps: Apple MPS is not available"),
     (["--mask_ratio", "0.95", "--input_size", "32", "--patch_size", "8"], "--mask_ratio 0.95 leaves no visible patch of the 16 patches"),
     (["--max_image_pixels", "0"], "--max_image_pixels must be at least 1"),
@@ -285,3 +285,21 @@ def test_preprocess_flags(data, tmp_path, flags, expected):
     with pytest.raises(SystemExit) as info:
         preprocess.main(["--input", str(data), "--output", str(tmp_path), *flags])
     assert str(info.value) == f"error: {expected}"
+
+
+def test_sigterm_during_an_epochs_last_step_completes_that_epochs_record(data, tmp_path, monkeypatch):
+    from util import training
+    calls = []
+
+    def stop_after_first_check(run):  # the stop arrives after the check of step 0: during the last step (1 of 2)
+        calls.append(1)
+        return len(calls) > 1
+    monkeypatch.setattr(training, "stop_requested", stop_after_first_check)
+    out = tmp_path / "o"
+    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(),
+                                         [*TINY, "--epochs", "2", "--train_path", str(data), "--output_dir", str(out)]))
+    records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    epochs = [r for r in records if "epoch" in r]
+    assert len(epochs) == 1 and epochs[0]["epoch"] == 0 and "train_loss" in epochs[0], records
+    state = checkpoint.read_checkpoint(out / "checkpoint-last.pth")
+    assert checkpoint.training_position(state) == (1, 0)

@@ -192,7 +192,7 @@ RANGES = {
 
 def describe_range(low: float, high: float, inclusive: bool) -> str:
     if high == INF:
-        return f"{'at least' if inclusive else 'greater than'} {low:g}" if low != -INF else "finite"
+        return (f"at least {low:g}" if inclusive else f"> {low:g}") if low != -INF else "finite"
     return f"in [{low:g}, {high:g}]" if inclusive else f"in ({low:g}, {high:g})"
 
 
