@@ -303,3 +303,49 @@ def test_sigterm_during_an_epochs_last_step_completes_that_epochs_record(data, t
     assert len(epochs) == 1 and epochs[0]["epoch"] == 0 and "train_loss" in epochs[0], records
     state = checkpoint.read_checkpoint(out / "checkpoint-last.pth")
     assert checkpoint.training_position(state) == (1, 0)
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda c: setattr(c["args"], "norm_style", "banana"), "field 'norm_style' must be 'pre' or 'post', found 'banana'"),
+    (lambda c: c["model"].__setitem__("cls_token", torch.tensor(0.5)), "field 'cls_token' must be a 3-d tensor, found ()"),
+])
+def test_upstream_checkpoint_with_odd_fields_read_as_encoder(tmp_path, edit, expected):
+    from upstream_layouts import upstream_checkpoint
+
+    from util import layouts
+    state = upstream_checkpoint("timm")
+    edit(state)
+    path = tmp_path / "up.pth"
+    torch.save(state, path)
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        layouts.read_encoder(path)
+    assert str(path) in str(info.value) and expected in str(info.value)
+
+
+def test_odd_norm_style_in_upstream_args_is_ignored_and_in_model_config_named(data, tmp_path):
+    from upstream_layouts import upstream_checkpoint
+
+    import model_loading
+    state = upstream_checkpoint("timm")
+    state["args"].norm_style = "banana"
+    path = tmp_path / "up.pth"
+    torch.save(state, path)
+    model_loading.load_mae(path)  # upstream args only choose among variants; the layout decides the norm style
+    out = tmp_path / "o"
+    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [*TINY, "--train_path", str(data), "--output_dir", str(out)]))
+    ours = checkpoint.read_checkpoint(out / "checkpoint-last.pth")
+    ours["model_config"]["kwargs"]["norm_style"] = "banana"
+    torch.save(ours, path)
+    with pytest.raises(checkpoint.CheckpointError, match="its model_config / args describe no model this code builds"):
+        model_loading.load_mae(path)
+
+
+def test_bad_rng_state_in_a_resumed_checkpoint_is_named(data, tmp_path):
+    out = tmp_path / "o"
+    argv = [*TINY, "--train_path", str(data), "--output_dir", str(out)]
+    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), argv))
+    state = checkpoint.read_checkpoint(out / "checkpoint-last.pth")
+    state["rng_per_rank"] = [{}]
+    torch.save(state, out / "checkpoint-last.pth")
+    message = expect_error(main_pretrain, [*argv, "--resume", str(out / "checkpoint-last.pth")])
+    assert "checkpoint-last.pth: field 'rng_per_rank' holds no valid RNG state" in message
