@@ -173,9 +173,9 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
                 for name, value in metrics.items():
                     writer.add_scalar(f"test/{name}", value, epoch)
                 title = f"epoch {epoch}: top-1 {metrics['acc1']:.1f}%"
-                visualize.save_confusion_png(confusion, class_names, run.output_dir / "confusion_matrix_last.png", title)
-                if improved:
-                    visualize.save_confusion_png(confusion, class_names, run.output_dir / "confusion_matrix_best.png", title)
+                for name in ("last", "best") if improved else ("last",):
+                    path = run.output_dir / f"confusion_matrix_{name}.png"
+                    best_effort(path, lambda: visualize.save_confusion_png(confusion, class_names, path, title))
     except runtime.Preempted as stop:
         checkpoint.save_preempted(run, stop, model, setup.optimizer, scaler, args, best_acc1=best_acc1, **extra)
         return
@@ -268,7 +268,8 @@ def evaluate_checkpoint(args: argparse.Namespace, setup_fn: SetupFn) -> None:
         result = {**metrics, "checkpoint": str(path), "test_path": str(args.test_path), "images": len(val_set),
                   "input_size": args.input_size, "class_names": class_names}
         best_effort(run.output_dir / "eval_metrics.json", lambda: (run.output_dir / "eval_metrics.json").write_text(json.dumps(result, indent=2)))
-        visualize.save_confusion_png(confusion, class_names, run.output_dir / "confusion_matrix_eval.png", f"top-1 {metrics['acc1']:.1f}%")
+        best_effort(run.output_dir / "confusion_matrix_eval.png", lambda: visualize.save_confusion_png(
+            confusion, class_names, run.output_dir / "confusion_matrix_eval.png", f"top-1 {metrics['acc1']:.1f}%"))
         distributed.main_print(f"eval outputs: {run.output_dir}")
 
 

@@ -158,11 +158,14 @@ def test_full_disk_on_log_and_config_warns_and_continues(data, tmp_path, monkeyp
         return real_open(path, *a, **k)
     monkeypatch.setattr("builtins.open", full)
     monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    import engine_pretrain
+    monkeypatch.setattr(engine_pretrain, "save_png", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     out = tmp_path / "o"
     main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [*TINY, "--train_path", str(data), "--output_dir", str(out)]))
     err = capfd.readouterr().err
     assert f"warning: could not write {out / 'log.txt'}: No space left on device; continuing" in err
     assert f"warning: could not write {out / 'config.yaml'}: No space left on device" in err
+    assert f"warning: could not write {out / 'plots' / 'reconstruction_epoch0000.png'}: No space left on device" in err
     assert (out / "checkpoint-last.pth").exists()
 
 
@@ -349,3 +352,24 @@ def test_bad_rng_state_in_a_resumed_checkpoint_is_named(data, tmp_path):
     torch.save(state, out / "checkpoint-last.pth")
     message = expect_error(main_pretrain, [*argv, "--resume", str(out / "checkpoint-last.pth")])
     assert "checkpoint-last.pth: field 'rng_per_rank' holds no valid RNG state" in message
+
+
+def test_full_disk_on_knn_outputs_warns_and_prints_the_table(data, tmp_path, monkeypatch, capfd):
+    real_open = open
+
+    def full(path, *a, **k):
+        if str(path).endswith("knn_results.csv"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *a, **k)
+    monkeypatch.setattr("builtins.open", full)
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(main_knn, "save_knn_plot", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    out = tmp_path / "k"
+    main_knn.main(config.parse_args(main_knn.get_args_parser(), [
+        "--checkpoints", "none", "--model", "vit_tiny_patch16", "--input_size", "32", "--patch_size", "8", "--scales", "1",
+        "--k", "2", "--majority_k", "1", "--num_workers", "0", "--amp", "none", "--train_path", str(data),
+        "--test_path", str(data), "--output_dir", str(out)]))
+    captured = capfd.readouterr()
+    for name in ("knn_results.csv", "knn_results.md", "protocol.json", "knn_accuracy_vs_scale.png"):
+        assert f"warning: could not write {out / name}: No space left on device; continuing" in captured.err
+    assert "| checkpoint | classifier |" in captured.out
