@@ -9,6 +9,7 @@ from torch.utils.tensorboard import SummaryWriter
 import models_cross_scale_mae as models_mae
 from util import knn
 from util.distributed import main_print
+from util.errors import best_effort
 from util.runtime import Run
 from util.training import StepLoop
 from util.visualize import reconstruction_grid, save_png
@@ -50,7 +51,8 @@ def save_reconstruction(mae: models_mae.CrossScaleMAE, images: torch.Tensor, arg
                         epoch: int, writer: SummaryWriter | None = None) -> None:
     """Write ``plots/reconstruction_epochNNNN.png`` (and the same figure to TensorBoard) for ``images`` [B, C, H, W]."""
     figure = reconstruction_grid(mae, images, args.mean, args.std)
-    save_png(figure, run.output_dir / "plots" / f"reconstruction_epoch{epoch:04d}.png")
+    path = run.output_dir / "plots" / f"reconstruction_epoch{epoch:04d}.png"
+    best_effort(path, lambda: save_png(figure, path))
     if writer is not None:
         writer.add_image("reconstruction", figure, epoch)
 

@@ -21,7 +21,7 @@ from timm.optim import create_optimizer_v2
 import engine_finetune
 from model_loading import build_classifier, classifier_name
 from util import checkpoint, layouts, config, datasets, distributed, loaders, logger, runtime, schedule, training, transforms, visualize
-from util.errors import CheckpointError, UsageError, run_entry_point
+from util.errors import CheckpointError, UsageError, best_effort, first_line, run_entry_point
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -155,7 +155,7 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
     train_model = training.distribute(setup.trainable, run, args)
 
     try:
-        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step):
+        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step, run):
             train_stats = engine_finetune.train_one_epoch(train_model, setup.criterion, train_loader, setup.optimizer, scheduler,
                                                           scaler, run, epoch, steps_per_epoch, args, writer, first_step, setup.mixup)
             metrics, confusion = engine_finetune.evaluate(eval_model, val_loader, run, num_classes)
@@ -173,9 +173,9 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
                 for name, value in metrics.items():
                     writer.add_scalar(f"test/{name}", value, epoch)
                 title = f"epoch {epoch}: top-1 {metrics['acc1']:.1f}%"
-                visualize.save_confusion_png(confusion, class_names, run.output_dir / "confusion_matrix_last.png", title)
-                if improved:
-                    visualize.save_confusion_png(confusion, class_names, run.output_dir / "confusion_matrix_best.png", title)
+                for name in ("last", "best") if improved else ("last",):
+                    path = run.output_dir / f"confusion_matrix_{name}.png"
+                    best_effort(path, lambda: visualize.save_confusion_png(confusion, class_names, path, title))
     except runtime.Preempted as stop:
         checkpoint.save_preempted(run, stop, model, setup.optimizer, scaler, args, best_acc1=best_acc1, **extra)
         return
@@ -257,7 +257,7 @@ def evaluate_checkpoint(args: argparse.Namespace, setup_fn: SetupFn) -> None:
             raise CheckpointError(f"{path}: its head is another script's (BatchNorm + linear head: linear probing); "
                                   f"evaluate it with {script}") from None
         raise CheckpointError(f"{path}: does not fit {args.model} at {args.input_size} px "
-                              f"({str(e).strip().splitlines()[-1].strip()})") from None
+                              f"({first_line(e, last=True)})") from None
     model.to(run.device)
     epoch = state.get("epoch")
     distributed.main_print(f"eval: the whole classifier from {path} ({args.model}, {num_classes} classes, head included, "
@@ -267,8 +267,9 @@ def evaluate_checkpoint(args: argparse.Namespace, setup_fn: SetupFn) -> None:
     if run.is_main:
         result = {**metrics, "checkpoint": str(path), "test_path": str(args.test_path), "images": len(val_set),
                   "input_size": args.input_size, "class_names": class_names}
-        (run.output_dir / "eval_metrics.json").write_text(json.dumps(result, indent=2))
-        visualize.save_confusion_png(confusion, class_names, run.output_dir / "confusion_matrix_eval.png", f"top-1 {metrics['acc1']:.1f}%")
+        best_effort(run.output_dir / "eval_metrics.json", lambda: (run.output_dir / "eval_metrics.json").write_text(json.dumps(result, indent=2)))
+        best_effort(run.output_dir / "confusion_matrix_eval.png", lambda: visualize.save_confusion_png(
+            confusion, class_names, run.output_dir / "confusion_matrix_eval.png", f"top-1 {metrics['acc1']:.1f}%"))
         distributed.main_print(f"eval outputs: {run.output_dir}")
 
 

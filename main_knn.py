@@ -16,8 +16,8 @@ import torch
 
 import models_vit
 from model_loading import build_knn_encoder, classifier_name
-from util import config, datasets, distributed, knn, layouts, loaders, runtime, transforms
-from util.errors import UsageError, run_entry_point
+from util import config, datasets, distributed, images, knn, layouts, loaders, runtime, transforms
+from util.errors import UsageError, best_effort, run_entry_point
 from util.visualize import save_knn_plot
 
 CLASSIFIERS = ("weighted", "majority")
@@ -46,6 +46,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    config.check_ranges(args)
+    images.set_max_image_pixels(args.max_image_pixels)
     if any(not 0 < s <= 1 for s in args.scales):
         raise UsageError(f"--scales must lie in (0, 1], got {args.scales}")
     if min(args.k, args.majority_k, args.batch_size) < 1:
@@ -85,6 +87,9 @@ def main(args: argparse.Namespace) -> None:
     if args.input_size is None:
         args.input_size = reference.shape.input_size if reference else 224
     args.patch_size = reference.shape.patch_size if reference else (args.patch_size or models_vit.classifier_preset(model_name)[1])
+    config.check_ranges(args)
+    if args.input_size % args.patch_size:
+        raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
     encoders = {}
     for spec in args.checkpoints:  # every checkpoint is built (and checked) before the first is scored
         torch.manual_seed(args.seed)  # the random-init encoder is reproducible
@@ -145,14 +150,17 @@ def write_outputs(rows: list[dict], protocol: dict, args: argparse.Namespace) ->
     out = Path(args.output_dir)
     labels = list(dict.fromkeys(r["checkpoint"] for r in rows))
     table = {(r["checkpoint"], r["classifier"], r["scale"]): r["top1"] for r in rows}
-    with open(out / "knn_results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["checkpoint", "classifier", "scale", "top1"])
-        writer.writeheader()
-        writer.writerows(rows)
-        for label in labels:
-            for c in CLASSIFIERS:
-                writer.writerow({"checkpoint": label, "classifier": c, "scale": "mean",
-                                 "top1": sum(table[label, c, s] for s in args.scales) / len(args.scales)})
+    def write_csv():
+        with open(out / "knn_results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["checkpoint", "classifier", "scale", "top1"])
+            writer.writeheader()
+            writer.writerows(rows)
+            for label in labels:
+                for c in CLASSIFIERS:
+                    writer.writerow({"checkpoint": label, "classifier": c, "scale": "mean",
+                                     "top1": sum(table[label, c, s] for s in args.scales) / len(args.scales)})
+
+    best_effort(out / "knn_results.csv", write_csv)  # a full disk: a warning, and the table still printed below
     header = "| checkpoint | classifier | " + " | ".join(f"{s:g}" for s in args.scales) + " | mean |"
     lines = [header, "|" + "---|" * (len(args.scales) + 3)]
     for label in labels:
@@ -161,9 +169,10 @@ def write_outputs(rows: list[dict], protocol: dict, args: argparse.Namespace) ->
             lines.append(f"| {label} | {c} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {sum(values) / len(values):.1f} |")
     markdown = "\n".join(lines)
     protocol_lines = [f"- **{k}**: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in protocol.items()]
-    (out / "knn_results.md").write_text("# Multi-scale kNN top-1 (%)\n\n" + markdown + "\n\n## Protocol\n\n" + "\n".join(protocol_lines) + "\n")
-    (out / "protocol.json").write_text(json.dumps(protocol, indent=2))
-    save_knn_plot(table, labels, args.scales, CLASSIFIERS, out / "knn_accuracy_vs_scale.png")
+    best_effort(out / "knn_results.md", lambda: (out / "knn_results.md").write_text(
+        "# Multi-scale kNN top-1 (%)\n\n" + markdown + "\n\n## Protocol\n\n" + "\n".join(protocol_lines) + "\n"))
+    best_effort(out / "protocol.json", lambda: (out / "protocol.json").write_text(json.dumps(protocol, indent=2)))
+    best_effort(out / "knn_accuracy_vs_scale.png", lambda: save_knn_plot(table, labels, args.scales, CLASSIFIERS, out / "knn_accuracy_vs_scale.png"))
     print(markdown + f"\n\nresults: {out}/knn_results.md, knn_results.csv, protocol.json, knn_accuracy_vs_scale.png", flush=True)
 
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from main_finetune import Setup, run_classification
 from util import config, transforms
-from util.errors import run_entry_point
+from util.errors import UsageError, run_entry_point
 from util.lars import LARS
 
 
@@ -41,6 +41,8 @@ def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> Setup
 
 
 def main(args: argparse.Namespace) -> None:
+    if not args.eval and args.batch_size < 2:  # BatchNorm1d in training mode needs two values per channel
+        raise UsageError(f"--batch_size must be at least 2 per device for linear probing (its head's BatchNorm), got {args.batch_size}")
     run_classification(args, setup)
 
 

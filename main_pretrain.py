@@ -94,6 +94,10 @@ def build_model(args: argparse.Namespace) -> models_mae.CrossScaleMAE:
         model = models_mae.create_model(args.model, **options)
     except ValueError as e:  # the model's messages start with the argument's name, which is the flag's
         raise UsageError(f"--{e}") from None
+    patches = (args.input_size // args.patch_size) ** 2
+    if int(patches * (1 - args.mask_ratio)) < 1:
+        raise UsageError(f"--mask_ratio {args.mask_ratio} leaves no visible patch of the {patches} patches of a "
+                         f"{args.input_size} px image (--patch_size {args.patch_size}): at most {1 - 1 / patches:.3f}")
     if args.batch_size < 2 and model.loss_weights["cross_cons"]:
         raise UsageError("--batch_size must be at least 2 per device: the contrastive loss needs negatives in the batch")
     return model
@@ -146,16 +150,16 @@ def main(args: argparse.Namespace) -> None:
     knn_sets = knn_data(args, run) if args.knn_eval_every else None
 
     try:
-        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step):
+        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step, run):
             stats = train_one_epoch(train_model, model.loss_names, loader, optimizer, scheduler, scaler, run, epoch,
                                     steps_per_epoch, args, writer, first_step, device_transform)
             knn_stats = knn_evaluate(model, *knn_sets, run, epoch, writer) if knn_sets and (epoch + 1) % args.knn_eval_every == 0 else {}
             last = epoch + 1 == args.epochs
             checkpoint.save_epoch(run, "checkpoint-last.pth", model, optimizer, scaler, epoch, args)
-            if (epoch + 1) % args.save_every == 0 or last:
+            if (args.save_every and (epoch + 1) % args.save_every == 0) or last:  # 0: only the last epoch's
                 checkpoint.save_epoch(run, f"checkpoint-{epoch}.pth", model, optimizer, scaler, epoch, args)
             logger.append_log(run, {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}, **knn_stats})
-            if run.is_main and ((epoch + 1) % args.plot_every == 0 or last):
+            if run.is_main and ((args.plot_every and (epoch + 1) % args.plot_every == 0) or last):
                 save_reconstruction(model, plot_images, args, run, epoch, writer)
     except runtime.Preempted as stop:
         checkpoint.save_preempted(run, stop, model, optimizer, scaler, args)

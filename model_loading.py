@@ -21,7 +21,7 @@ from models_vit import PRESETS, PostNormBlock, classifier_name_for, preset_for
 from util import checkpoint as checkpoint_io
 from util import layouts
 from util.distributed import main_print
-from util.errors import CheckpointError, UsageError
+from util.errors import CheckpointError, UsageError, first_line
 
 
 def classifier_name(weights: layouts.EncoderWeights) -> str:
@@ -89,6 +89,8 @@ def load_mae(path: str | os.PathLike, **overrides: Any) -> tuple[models_mae.Cros
     state_dict, layout = layouts.to_ours(checkpoint_io.model_state(checkpoint), str(path))
     config = checkpoint.get("model_config")
     if layout == layouts.OURS and isinstance(config, dict):
+        if not isinstance(config.get("name"), str) or not isinstance(config.get("kwargs"), dict):
+            raise CheckpointError(f"{path}: field 'model_config' must hold 'name' (text) and 'kwargs' (a mapping)")
         name, kwargs = config["name"], dict(config["kwargs"])
     else:
         try:
@@ -96,7 +98,11 @@ def load_mae(path: str | os.PathLike, **overrides: Any) -> tuple[models_mae.Cros
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
     kwargs.update(overrides)
-    model = models_mae.create_model(name, **kwargs)
+    try:
+        model = models_mae.create_model(name, **kwargs)
+    except (ValueError, TypeError, KeyError) as e:  # a hand-edited or foreign model_config / args
+        raise CheckpointError(f"{path}: its model_config / args describe no model this code builds "
+                              f"({type(e).__name__}: {first_line(e)})") from None
     layouts.check_shapes(path, model, state_dict)
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:

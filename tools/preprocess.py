@@ -26,8 +26,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from util import datasets  # noqa: E402
-from util.images import load_image  # noqa: E402
+from util import config, datasets  # noqa: E402
+from util.errors import first_line  # noqa: E402
+from util.images import BadImageError, load_image, set_max_image_pixels  # noqa: E402
 
 
 def resize_one(task: tuple[str, str, int]) -> str | None:
@@ -43,8 +44,10 @@ def resize_one(task: tuple[str, str, int]) -> str | None:
         tmp = f"{target}.tmp{os.getpid()}"
         img.save(tmp, format="JPEG", quality=95)
         os.replace(tmp, target)
+    except BadImageError as e:
+        return f"{source}: {e.reason}"
     except (OSError, ValueError) as e:
-        return f"{source}: {str(e).splitlines()[0]}"
+        return f"{source}: {first_line(e)}"
     return None
 
 
@@ -65,7 +68,7 @@ def pack(rows: list[tuple[int, str]], root: Path, size: int, stem: Path) -> None
     meta_path.write_text(json.dumps(meta))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True, type=Path, help="fMoW-style CSV or ImageFolder tree")
     parser.add_argument("--output", required=True, type=Path, help="output folder")
@@ -73,11 +76,15 @@ def main() -> None:
     parser.add_argument("--split", default=None, help="name of the output split (default: the input's name)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
     parser.add_argument("--pack", action="store_true", help="also write the pre-decoded uint8 array")
-    args = parser.parse_args()
+    parser.add_argument("--max_image_pixels", type=float, default=2.5e8,
+                        help="refuse images declaring more pixels (decompression bombs)")
+    args = parser.parse_args(argv)
 
     try:
+        config.check_ranges(args)
+        set_max_image_pixels(args.max_image_pixels)
         dataset = datasets.build_dataset(args.input)
-    except datasets.DataError as e:
+    except (datasets.DataError, config.UsageError) as e:
         raise SystemExit(f"error: {e}") from None
     split = args.split or args.input.stem
     folder = f"{split}_{args.size}"
@@ -89,7 +96,7 @@ def main() -> None:
         tasks.append((source, str(args.output / relative), args.size))
     todo = sum(not os.path.exists(t[1]) for t in tasks)
     print(f"{len(tasks)} images, {len(tasks) - todo} already done, resizing {todo} with {args.workers} workers", flush=True)
-    with Pool(args.workers) as pool:
+    with Pool(args.workers, initializer=set_max_image_pixels, initargs=(args.max_image_pixels,)) as pool:
         errors = [e for e in pool.imap(resize_one, tasks, chunksize=64) if e]
     if errors:
         raise SystemExit(f"error: {len(errors)} image(s) could not be resized, first {errors[0]}; rerun to retry")

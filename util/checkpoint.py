@@ -22,7 +22,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file as load_safetensors
 
 from util import distributed
-from util.errors import CheckpointError, UsageError
+from util.errors import CheckpointError, UsageError, first_line
 from util.rng import rng_state, set_rng_state
 from util.runtime import Preempted, Run
 
@@ -56,7 +56,7 @@ def write_atomically(path: Path, write) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         Path(tmp).unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
         raise CheckpointError(f"could not write {path}: {reason}; the previous file, if any, is intact") from e
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -83,21 +83,24 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
         try:
             return {"model": load_safetensors(str(path))}
         except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from e
+            raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from e
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused to load: it holds Python objects other than tensors and plain types, "
-            f"which could run code ({str(e).splitlines()[-1].strip()})"
+            f"which could run code ({first_line(e, last=True)})"
         ) from e
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({str(e).splitlines()[0]})") from e
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first_line(e)})") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     if isinstance(state.get("args"), argparse.Namespace):
         state["args"] = vars(state["args"])
+    for key in ("args", "model_config"):
+        if key in state and not isinstance(state[key], dict):
+            raise CheckpointError(f"{path}: field {key!r} must be a mapping, found {type(state[key]).__name__}")
     return state
 
 
@@ -255,13 +258,18 @@ def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer
             optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(
-            f"{path}: cannot resume this run from it (another model, size or optimiser?): {str(e).strip().splitlines()[0]}"
+            f"{path}: cannot resume this run from it (another model, size or optimiser?): {first_line(e)}"
         ) from None
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     rng_states = state.get("rng_per_rank", [])
+    if not isinstance(rng_states, list):
+        raise CheckpointError(f"{path}: field 'rng_per_rank' must be a list, found {type(rng_states).__name__}")
     if len(rng_states) == run.world_size:
-        set_rng_state(rng_states[run.rank])
+        try:
+            set_rng_state(rng_states[run.rank])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"{path}: field 'rng_per_rank' holds no valid RNG state ({type(e).__name__}: {first_line(e)})") from None
     else:
         distributed.main_print(f"note: {path} was written by {len(rng_states)} process(es), this run has {run.world_size}: "
                         "random streams start afresh")

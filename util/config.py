@@ -8,7 +8,8 @@ from typing import Sequence
 import yaml
 
 from util.datasets import DATASET_TYPES, DEFAULT_TRAIN_CSV, DEFAULT_VAL_CSV
-from util.errors import UsageError
+from util import images
+from util.errors import UsageError, first_line
 from util.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD
 
 
@@ -24,15 +25,61 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            parser.error(f"--config {path}: cannot read ({str(e).splitlines()[0]})")
+            parser.error(f"--config {path}: cannot read ({first_line(e)})")
         if not isinstance(values, dict):
             parser.error(f"--config {path}: expected a mapping of flag names to values")
         flags = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - flags)
         if unknown:
             parser.error(f"--config {path}: unknown key(s) {', '.join(unknown)}")
+        actions = {action.dest: action for action in parser._actions}
+        for key, value in values.items():
+            try:
+                values[key] = config_value(actions[key], value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+                parser.error(f"--config {path}: {key}: {first_line(e)}")
         parser.set_defaults(**values)
     return parser.parse_args(argv)
+
+
+def config_value(action: argparse.Action, value):
+    """A ``--config`` value checked and converted as the flag's command-line text would be: the flag's ``type``,
+    ``nargs`` and ``choices`` (argparse applies them only to strings, so a YAML ``epochs: [1]`` would pass).
+
+    Raises:
+        ValueError: naming what the flag expects.
+    """
+    if value is None:
+        if action.default is None:
+            return None
+        raise ValueError(f"null, but the flag needs a value (default {action.default!r})")
+    if action.nargs == 0:  # store_true / store_false / BooleanOptionalAction
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    convert = action.type or str
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if many:
+        if not isinstance(value, list):
+            raise ValueError("expected a list" + (f" of {action.nargs} values" if isinstance(action.nargs, int) else "")
+                             + f", got {value!r}")
+        if isinstance(action.nargs, int) and len(value) != action.nargs or action.nargs == "+" and not value:
+            raise ValueError(f"expected {action.nargs} value(s), got {len(value)}")
+        items = value
+    else:
+        items = [value]
+    converted = []
+    for item in items:
+        if isinstance(item, (list, dict, bool)) and convert is not bool:
+            raise ValueError(f"expected a single {getattr(convert, '__name__', 'value')}, got {item!r}")
+        try:
+            item = convert(str(item))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise ValueError(f"{item!r} is not a valid {getattr(convert, '__name__', 'value')} ({first_line(e)})") from None
+        if action.choices is not None and item not in action.choices:
+            raise ValueError(f"{item!r} is not one of {', '.join(map(str, action.choices))}")
+        converted.append(item)
+    return converted if many else converted[0]
 
 
 def save_config(args: argparse.Namespace, path: Path) -> None:
@@ -69,6 +116,9 @@ def add_data_args(parser: argparse.ArgumentParser, input_size: int | None, train
     group.add_argument("--in_chans", type=int, default=3)
     group.add_argument("--mean", type=float, nargs=3, default=list(FMOW_RGB_MEAN), help="normalisation mean (fMoW-RGB)")
     group.add_argument("--std", type=float, nargs=3, default=list(FMOW_RGB_STD), help="normalisation std (fMoW-RGB)")
+    group.add_argument("--max_image_pixels", type=float, default=2.5e8,
+                       help="refuse images declaring more pixels (decompression bombs); the default admits a full "
+                            "Sentinel-2 tile (~120 Mpx)")
     group.add_argument("--skip_bad_images", action="store_true",
                        help="skip unreadable images (each reported with a warning) instead of stopping")
     group.add_argument("--num_workers", type=int, default=8)
@@ -121,8 +171,55 @@ def classification_parser(description: str, *, global_pool: bool, head_init_std:
     return parser
 
 
+# The valid range of every numeric flag of every entry point (absent or None flags are not checked):
+# flag -> (lowest, highest, whether the ends are included). NaN is outside every range.
+INF = float("inf")
+RANGES = {
+    "lr": (0, INF, False), "blr": (0, INF, False), "min_lr": (0, INF, True), "warmup_epochs": (0, INF, True),
+    "weight_decay": (0, INF, True), "num_workers": (0, INF, True), "input_size": (1, INF, True),
+    "patch_size": (1, INF, True), "in_chans": (1, INF, True), "std": (0, INF, False), "mean": (-INF, INF, True),
+    "seed": (0, 2**32 - 1, True), "dist_timeout": (0, INF, False), "start_epoch": (0, INF, True),
+    "save_every": (0, INF, True), "plot_every": (0, INF, True), "knn_eval_every": (0, INF, True),
+    "log_every": (1, INF, True), "epochs": (1, INF, True), "accum_iter": (1, INF, True), "batch_size": (1, INF, True),
+    "temperature": (0, INF, False), "head_init_std": (0, INF, True), "nb_classes": (1, INF, True),
+    "layer_decay": (0, 1, True), "drop_path": (0, 1, True), "smoothing": (0, 1, True), "reprob": (0, 1, True),
+    "recount": (0, INF, True), "mixup": (0, INF, True), "cutmix": (0, INF, True), "mixup_prob": (0, 1, True),
+    "mixup_switch_prob": (0, 1, True), "scale_range": (0, 1, True), "val_fraction": (0, 1, False),
+    "k": (1, INF, True), "majority_k": (1, INF, True), "max_image_pixels": (1, INF, True),
+    "workers": (1, INF, True), "size": (1, INF, True), "color_jitter": (0, INF, True),
+}
+
+
+def describe_range(low: float, high: float, inclusive: bool) -> str:
+    if high == INF:
+        return (f"at least {low:g}" if inclusive else f"> {low:g}") if low != -INF else "finite"
+    return f"in [{low:g}, {high:g}]" if inclusive else f"in ({low:g}, {high:g})"
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Refuse a numeric flag outside its range in ``RANGES`` (the one table every entry point checks).
+
+    Raises:
+        UsageError: ``--flag must be RANGE, got VALUE``.
+    """
+    for flag, (low, high, inclusive) in RANGES.items():
+        value = getattr(args, flag, None)
+        if value is None or isinstance(value, (str, bool)):
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(item, (int, float)):
+                continue
+            inside = (low <= item <= high) if inclusive else (low < item < high)
+            if not inside or item != item:
+                shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+                raise UsageError(f"--{flag} must be {describe_range(low, high, inclusive)}, got {shown}")
+
+
 def check_common_args(args: argparse.Namespace) -> None:
-    """Refuse flag values that cannot work, naming the flag."""
+    """Refuse flag values that cannot work, naming the flag; apply ``--max_image_pixels``."""
+    check_ranges(args)
+    if getattr(args, "max_image_pixels", None):
+        images.set_max_image_pixels(args.max_image_pixels)
     if args.patch_size and args.input_size and args.input_size % args.patch_size:
         raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
     if args.accum_iter < 1:

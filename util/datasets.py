@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
-from util.errors import ReportableError
-from util.images import is_image, load_image
+from util import errors
+from util.errors import first_line
+from util.images import BadImageError, is_image, load_image, max_image_pixels
 from util.rng import seeded
 
 DATASET_TYPES = ("auto", "fmow_rgb", "csv", "imagefolder", "folder", "coco", "packed")
@@ -29,8 +30,7 @@ DEFAULT_TRAIN_CSV = Path(__file__).resolve().parent.parent / "data" / "sentinel2
 DEFAULT_VAL_CSV = DEFAULT_TRAIN_CSV.with_name("val.csv")
 
 
-class DataError(ReportableError):
-    """Bad dataset input; the message names the file (and CSV row) and what is wrong."""
+DataError = errors.DataError  # bad dataset input; the message names the file (and CSV row) and what is wrong
 
 
 class ImageDataset(Dataset):
@@ -67,6 +67,7 @@ class ImageDataset(Dataset):
         self.source = ""  # the file or folder it was read from (set by build_dataset)
         self.describe = describe or (lambda index: self.samples[index][0])
         self.draft_size = draft_size
+        self.max_pixels = max_image_pixels()  # --max_image_pixels travels into DataLoader workers with the dataset
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -76,10 +77,10 @@ class ImageDataset(Dataset):
         for _ in range(len(self.samples)):
             path, label = self.samples[index]
             try:
-                img = load_image(path, self.draft_size)
+                img = load_image(path, self.draft_size, getattr(self, "max_pixels", None))
                 break
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-                problem = f"{self.describe(index)}: cannot read image ({str(e).splitlines()[0]})"
+            except BadImageError as e:
+                problem = f"{self.describe(index)}: cannot read image ({e.reason})"
                 if not self.skip_bad:
                     raise DataError(problem + "; --skip_bad_images skips such files") from None
                 self.skipped += 1
@@ -106,7 +107,15 @@ class PackedDataset(Dataset):
             self.size, count, self.targets = meta["size"], meta["count"], list(meta["labels"])
             self.array_path = meta_path.parent / meta["array"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{meta_path}: not a packed-dataset description ({e})") from None
+            raise DataError(f"{meta_path}: not a packed-dataset description ({type(e).__name__}: {first_line(e)})") from None
+        for key, value in (("size", self.size), ("count", count)):
+            if type(value) is not int or value < 1:
+                raise DataError(f"{meta_path}: key {key!r} must be a positive integer, got {value!r}")
+        bad = next((label for label in self.targets if type(label) is not int or label < -1), None)
+        if bad is not None:
+            raise DataError(f"{meta_path}: key 'labels' must hold integer class indices (or -1), found {bad!r}")
+        if not isinstance(meta["array"], str) or Path(meta["array"]).name != meta["array"]:
+            raise DataError(f"{meta_path}: key 'array' must be a file name next to it, got {meta['array']!r}")
         expected = count * self.size * self.size * 3
         actual = self.array_path.stat().st_size if self.array_path.is_file() else -1
         if actual != expected or len(self.targets) != count:
@@ -181,7 +190,9 @@ def scan_image_folder(root: Path, classes: Sequence[str] | None = None) -> tuple
     Raises:
         DataError: a class folder whose name is not in ``classes``.
     """
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    found = sorted(d.name for d in _list_folder(root) if d.is_dir() and not d.name.startswith("."))
+    for name in found:
+        _list_folder(root / name)  # an unreadable class folder is an error, not silently fewer images
     if classes is None:
         classes = found
     index = {name: label for label, name in enumerate(classes)}
@@ -196,6 +207,19 @@ def scan_image_folder(root: Path, classes: Sequence[str] | None = None) -> tuple
         if is_image(p)
     ]
     return samples, list(classes)
+
+
+def _list_folder(folder: Path) -> list[Path]:
+    """The entries of ``folder``.
+
+    Raises:
+        DataError: the folder cannot be listed (permissions, I/O error), naming it and the reason.
+    """
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        raise DataError(f"{folder}: cannot list the folder ({e.strerror or first_line(e)}); "
+                        "its images would be left out of the dataset") from None
 
 
 def scan_unlabelled(root: Path) -> list[tuple[str, int]]:

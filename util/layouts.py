@@ -203,10 +203,18 @@ def read_encoder(path: str | os.PathLike) -> EncoderWeights:
     missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in encoder]
     if missing:
         raise CheckpointError(f"{path}: no ViT encoder in it (missing {', '.join(missing)})")
+    for key, ndim in (("cls_token", 3), ("pos_embed", 3), ("patch_embed.proj.weight", 4)):
+        if not isinstance(encoder[key], torch.Tensor) or encoder[key].ndim != ndim:
+            raise CheckpointError(f"{path}: field {key!r} must be a {ndim}-d tensor, found "
+                                  f"{tuple(encoder[key].shape) if isinstance(encoder[key], torch.Tensor) else type(encoder[key]).__name__}")
     config = checkpoint.get("model_config") or {}
     args = checkpoint.get("args") or {}
     kwargs = config.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{path}: field 'model_config.kwargs' must be a mapping, found {type(kwargs).__name__}")
     norm_style = "post" if layout == UPSTREAM_XFORMERS else kwargs.get("norm_style", args.get("norm_style", "pre"))
+    if norm_style not in ("pre", "post"):
+        raise CheckpointError(f"{path}: field 'norm_style' must be 'pre' or 'post', found {norm_style!r}")
     final_norm = layout == TIMM_VIT or (layout == OURS and bool(kwargs.get("encoder_norm", False)))
     left_out = [k for k in state_dict if k not in {f"encoder.{name}" for name in encoder}]
     has_head = any(k.startswith("encoder.head.") and k.endswith("weight") for k in state_dict)

@@ -11,6 +11,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from util import config
+from util.errors import best_effort
 from util.runtime import Run
 
 
@@ -55,13 +56,18 @@ class Throughput:
 def append_log(run: Run, record: dict) -> None:
     """Append one JSON line to ``output_dir/log.txt`` (rank 0)."""
     if run.is_main:
-        with open(run.output_dir / "log.txt", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = run.output_dir / "log.txt"
+
+        def write():
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+        best_effort(path, write)
 
 
 def summary_writer(run: Run, args: argparse.Namespace) -> SummaryWriter | None:
     """Rank 0: write ``config.yaml`` and open the TensorBoard writer (``--log_dir`` or the output folder)."""
     if not run.is_main:
         return None
-    config.save_config(args, run.output_dir / "config.yaml")
+    best_effort(run.output_dir / "config.yaml", lambda: config.save_config(args, run.output_dir / "config.yaml"))
     return SummaryWriter(args.log_dir or str(run.output_dir))

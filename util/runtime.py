@@ -74,7 +74,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     seed_everything(args.seed + rank)
     output_dir = Path(args.output_dir)
     if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(output_dir)
     if threading.current_thread() is threading.main_thread():
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, _request_stop)
@@ -87,6 +87,81 @@ def setup_run(args: argparse.Namespace) -> Run:
     else:
         configure_threads()
     return Run(rank, world_size, local_rank, device, amp_dtype, output_dir, stop_group)
+
+
+_LOCKS: dict[Path, object] = {}  # open lock files of this process: the lock lives as long as the file is open
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Rank 0: create ``output_dir``, take its lock (one live run per folder), and remove the temporary files a
+    killed run left there.
+
+    The lock is ``fcntl.flock`` on ``output_dir/.lock`` (non-blocking), holding this run's pid, host and start
+    time; the OS releases it when the process ends, however it ends (SIGKILL included).
+
+    Raises:
+        UsageError: the folder cannot be created or written (an existing file, read-only), or another live run
+            holds its lock.
+    """
+    import fcntl
+    import os
+    import socket
+
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = output_dir / ".lock"
+        lock = open(lock_path, "a+")
+    except OSError as e:
+        raise UsageError(f"--output_dir {output_dir}: cannot create or write it ({e.strerror or e})") from None
+    key = output_dir.resolve()
+    if key in _LOCKS:  # this process holds it already (an in-process second entry point call)
+        lock.close()
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown process"
+        lock.close()
+        raise UsageError(f"--output_dir {output_dir} is in use by another run ({holder}); wait for it to end, "
+                         "or choose another --output_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.datetime.now().isoformat(timespec='seconds')}")
+    lock.flush()
+    _LOCKS[key] = lock
+    removed = remove_stale_temporaries(output_dir)
+    if removed:
+        print(f"note: removed {removed[0]} temporary file(s) ({removed[1] / 2**20:.1f} MiB) left by a killed run in "
+              f"{output_dir}", flush=True)
+
+
+def release_output_dir(output_dir: Path) -> None:
+    """Release the lock ``prepare_output_dir`` took (the OS releases it anyway when the process ends)."""
+    lock = _LOCKS.pop(Path(output_dir).resolve(), None)
+    if lock is not None:
+        lock.close()
+
+
+def release_output_dirs() -> None:
+    """Release every ``--output_dir`` lock this process holds (entry points, on every exit path)."""
+    for key in list(_LOCKS):
+        release_output_dir(key)
+
+
+def remove_stale_temporaries(output_dir: Path) -> tuple[int, int] | None:
+    """Delete ``.NAME.XXXX.tmp`` files (``util.checkpoint.write_atomically``'s temporaries) of ``output_dir``;
+    call only while holding its lock, so that no live writer's file is removed. Returns (count, bytes) or None."""
+    count = size = 0
+    for path in output_dir.glob(".*.tmp"):
+        try:
+            if path.is_file():
+                size += path.stat().st_size
+                path.unlink()
+                count += 1
+        except OSError:
+            continue
+    return (count, size) if count else None
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
@@ -117,6 +192,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: Apple MPS is not available on this machine (use --device cpu or auto)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: not supported (auto, cpu, cuda, cuda:N, mps)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
     if device.type == "cuda" and device.index is None:

@@ -35,13 +35,18 @@ class NonFiniteLossError(ReportableError):
     """A loss term became NaN or infinite."""
 
 
-def epochs(args: argparse.Namespace, sampler, start_epoch: int, start_step: int) -> Iterator[tuple[int, int]]:
+def epochs(args: argparse.Namespace, sampler, start_epoch: int, start_step: int, run: Run | None = None) -> Iterator[tuple[int, int]]:
     """(epoch, first step) of every epoch still to train; a resumed run starts mid-epoch at ``start_step``.
+
+    A stop (SIGTERM) that arrived during an epoch's last step lets that epoch complete (its evaluation,
+    checkpoint and ``log.txt`` record) and raises ``Preempted(next epoch, 0)`` here, before the next one.
 
     Positions ``sampler`` (a ``util.loaders.SeededSampler``) so that the epoch's batches are the ones an
     uninterrupted run would see.
     """
     for epoch in range(start_epoch, args.epochs):
+        if run is not None and epoch > start_epoch and stop_requested(run):
+            raise Preempted(epoch, 0)
         first_step = start_step if epoch == start_epoch else 0
         sampler.set_epoch(epoch)
         sampler.set_start(first_step * args.batch_size)
@@ -137,7 +142,8 @@ class StepLoop:
                 self.scaler.unscale_(self.optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad or math.inf)
             optimizer_step(self.optimizer, self.scaler)
-            if stop_requested(self.run):
+            # the epoch's last step: the epoch completes (log record with its losses) and training.epochs stops
+            if step + 1 < self.steps_per_epoch and stop_requested(self.run):
                 raise Preempted(self.epoch, step + 1)
         logged = {name: terms[name] for name in self.names}
         self.interval.update(**logged, grad_norm=self.grad_norm)
