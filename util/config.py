@@ -16,7 +16,7 @@ from util.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse ``argv``; values of ``--config FILE`` become defaults, so flags on the command line win.
 
-    Bad configuration exits with a one-line message naming the file and the key.
+    Bad configuration exits with status 1 and one line ``error: --config FILE: …`` naming the file and the key.
     """
     parser.add_argument("--config", default=None, help="YAML file of flag values (command-line flags win)")
     known, _ = parser.parse_known_args(argv)
@@ -25,19 +25,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            parser.error(f"--config {path}: cannot read ({first_line(e)})")
+            raise SystemExit(f"error: --config {path}: cannot read ({first_line(e)})") from None
         if not isinstance(values, dict):
-            parser.error(f"--config {path}: expected a mapping of flag names to values")
+            raise SystemExit(f"error: --config {path}: expected a mapping of flag names to values")
         flags = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - flags)
         if unknown:
-            parser.error(f"--config {path}: unknown key(s) {', '.join(unknown)}")
+            raise SystemExit(f"error: --config {path}: unknown key(s) {', '.join(unknown)}")
         actions = {action.dest: action for action in parser._actions}
         for key, value in values.items():
             try:
                 values[key] = config_value(actions[key], value)
             except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-                parser.error(f"--config {path}: {key}: {first_line(e)}")
+                raise SystemExit(f"error: --config {path}: {key}: {first_line(e)}") from None
         parser.set_defaults(**values)
     return parser.parse_args(argv)
 
