@@ -155,7 +155,7 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
     train_model = training.distribute(setup.trainable, run, args)
 
     try:
-        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step):
+        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step, steps_per_epoch):
             train_stats = engine_finetune.train_one_epoch(train_model, setup.criterion, train_loader, setup.optimizer, scheduler,
                                                           scaler, run, epoch, steps_per_epoch, args, writer, first_step, setup.mixup)
             metrics, confusion = engine_finetune.evaluate(eval_model, val_loader, run, num_classes)

@@ -146,7 +146,7 @@ def main(args: argparse.Namespace) -> None:
     knn_sets = knn_data(args, run) if args.knn_eval_every else None
 
     try:
-        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step):
+        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step, steps_per_epoch):
             stats = train_one_epoch(train_model, model.loss_names, loader, optimizer, scheduler, scaler, run, epoch,
                                     steps_per_epoch, args, writer, first_step, device_transform)
             knn_stats = knn_evaluate(model, *knn_sets, run, epoch, writer) if knn_sets and (epoch + 1) % args.knn_eval_every == 0 else {}
