@@ -7,12 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch.nn as nn
-
-from main_finetune import Setup, run_classification
-from util import config, transforms
-from util.errors import run_entry_point
-from util.lars import LARS
+from util import config
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -26,6 +21,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--loss", default="classification_cross", choices=("classification_cross",),
                        help="upstream flag: cross-entropy")
     return parser
+
+
+if __name__ == "__main__":  # --help and flag errors answer here, before torch and timm load (~5 s)
+    config.parse_args(get_args_parser())
+
+
+import torch.nn as nn  # noqa: E402
+
+from main_finetune import Setup, run_classification  # noqa: E402
+from util import config, transforms  # noqa: E402
+from util.errors import run_entry_point  # noqa: E402
+from util.lars import LARS  # noqa: E402
 
 
 def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> Setup:

@@ -1,8 +1,6 @@
 """Errors a user can fix, and the entry-point wrapper that prints them as one line."""
 from __future__ import annotations
 
-import torch.distributed as dist
-
 
 class ReportableError(Exception):
     """An error whose message alone tells the user what is wrong; entry points print it without a traceback."""
@@ -30,5 +28,7 @@ def run_entry_point(main, args) -> None:
         message = message.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
         raise SystemExit(f"error: {message}") from None
     finally:
+        import torch.distributed as dist  # here, not at the top: the flags' module imports this one before torch loads
+
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,18 @@
+"""Values the command lines show in ``--help`` (choices, default paths, normalisation statistics), in a module
+that imports no torch, so that ``--help`` and flag errors answer before torch, timm and matplotlib load.
+
+``util.datasets``, ``util.transforms`` and ``util.knn`` re-export them under their usual names.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+DATASET_TYPES = ("auto", "fmow_rgb", "csv", "imagefolder", "folder", "coco", "packed")
+DEFAULT_TRAIN_CSV = Path(__file__).resolve().parent.parent / "data" / "sentinel2_rgb" / "train.csv"
+DEFAULT_VAL_CSV = DEFAULT_TRAIN_CSV.with_name("val.csv")
+
+FMOW_RGB_MEAN = (0.43392888, 0.43578541, 0.40744025)
+FMOW_RGB_STD = (0.19828456, 0.19250111, 0.19454683)
+
+KNN_SCALE_MODES = ("resize", "native")
+KNN_POOLS = ("cls", "mean")
