@@ -28,6 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from util import datasets  # noqa: E402
+from util.config import HelpFormatter  # noqa: E402
 from util.images import load_image  # noqa: E402
 from util.logger import progress  # noqa: E402
 
@@ -73,12 +74,12 @@ def pack(rows: list[tuple[int, str]], root: Path, size: int, stem: Path, classes
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--input", required=True, type=Path, help="fMoW-style CSV or ImageFolder tree")
     parser.add_argument("--output", required=True, type=Path, help="output folder")
-    parser.add_argument("--size", type=int, default=128, help="shorter side after resizing")
+    parser.add_argument("--size", type=int, default=128, help="shorter side after resizing, in pixels")
     parser.add_argument("--split", default=None, help="name of the output split (default: the input's name)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes (default: the CPU count)")
     parser.add_argument("--pack", action="store_true", help="also write the pre-decoded uint8 array")
     args = parser.parse_args()
 

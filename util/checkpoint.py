@@ -51,9 +51,9 @@ def write_atomically(path: Path, write) -> None:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the mode open() would give it
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 (and some writers recreate the file): the mode open() would give
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
