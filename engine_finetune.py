@@ -66,7 +66,7 @@ def extract_features(model: nn.Module, loader, run: Run) -> tuple[torch.Tensor, 
     model.eval()
     outputs, labels = infer(
         lambda images: {"features": model.forward_head(model.forward_features(images), pre_logits=True)},
-        loader, run.device, run.amp_dtype,
+        loader, run.device, run.amp_dtype, "frozen features",
     )
     return outputs["features"], labels
 
@@ -83,7 +83,7 @@ def evaluate(model: nn.Module, loader, run: Run, num_classes: int) -> tuple[dict
         (metrics in % (loss: nats), confusion [num_classes, num_classes], rows = true class).
     """
     model.eval()
-    outputs, labels = infer(lambda images: {"logits": model(images)}, loader, run.device, run.amp_dtype)
+    outputs, labels = infer(lambda images: {"logits": model(images)}, loader, run.device, run.amp_dtype, "evaluation")
     logits = outputs["logits"]
     if not torch.isfinite(logits).all():
         bad = (~torch.isfinite(logits)).any(1).nonzero()[:, 0]

@@ -12,7 +12,7 @@ from util.distributed import main_print
 from util.errors import best_effort
 from util.runtime import Run
 from util.training import StepLoop
-from util.visualize import reconstruction_grid, save_png
+from util.visualize import grid_image, reconstruction_columns, save_reconstruction_png
 
 
 def train_one_epoch(model: torch.nn.Module, loss_names: tuple[str, ...], loader, optimizer: torch.optim.Optimizer,
@@ -49,12 +49,14 @@ def train_one_epoch(model: torch.nn.Module, loss_names: tuple[str, ...], loader,
 
 def save_reconstruction(mae: models_mae.CrossScaleMAE, images: torch.Tensor, args: argparse.Namespace, run: Run,
                         epoch: int, writer: SummaryWriter | None = None) -> None:
-    """Write ``plots/reconstruction_epochNNNN.png`` (and the same figure to TensorBoard) for ``images`` [B, C, H, W]."""
-    figure = reconstruction_grid(mae, images, args.mean, args.std)
+    """Write ``plots/reconstruction_epochNNNN.png`` (a titled matplotlib figure: a column per original / masked /
+    reconstruction of each scale, model and epoch above) and the plain grid to TensorBoard, for ``images`` [B, C, H, W]."""
+    columns, names = reconstruction_columns(mae, images, args.mean, args.std)
+    title = f"{args.model} ({args.input_size} px, patch {args.patch_size}): epoch {epoch}"
     path = run.output_dir / "plots" / f"reconstruction_epoch{epoch:04d}.png"
-    best_effort(path, lambda: save_png(figure, path))
+    best_effort(path, lambda: save_reconstruction_png(columns, names, path, title))
     if writer is not None:
-        writer.add_image("reconstruction", figure, epoch)
+        writer.add_image("reconstruction", grid_image(columns), epoch)
 
 
 def knn_evaluate(mae: models_mae.CrossScaleMAE, memory, queries, num_classes: int, run: Run, epoch: int,

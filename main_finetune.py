@@ -6,22 +6,8 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-import torch.nn as nn
-from timm.data import Mixup, create_transform
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-
-import engine_finetune
-from model_loading import build_classifier, classifier_name
-from util import checkpoint, layouts, config, datasets, distributed, loaders, logger, runtime, schedule, training, transforms, visualize
-from util.errors import CheckpointError, UsageError, best_effort, first_line, run_entry_point
+from util import config
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,6 +33,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--mixup_switch_prob", type=float, default=0.5)
     group.add_argument("--mixup_mode", default="batch", choices=("batch", "pair", "elem"))
     return parser
+
+
+if __name__ == "__main__":  # --help and flag errors answer here, before torch and timm load (~5 s)
+    config.parse_args(get_args_parser())
+
+import datetime  # noqa: E402
+import json  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from timm.data import Mixup, create_transform  # noqa: E402
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
+from timm.optim import create_optimizer_v2  # noqa: E402
+
+import engine_finetune  # noqa: E402
+from model_loading import build_classifier, classifier_name  # noqa: E402
+from util import checkpoint, layouts, config, datasets, distributed, loaders, logger, runtime, schedule, training, transforms, visualize  # noqa: E402
+from util.errors import CheckpointError, UsageError, best_effort, first_line, run_entry_point  # noqa: E402
 
 
 def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> Setup:
@@ -155,7 +162,7 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
     train_model = training.distribute(setup.trainable, run, args)
 
     try:
-        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step, run):
+        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step, run, steps_per_epoch):
             train_stats = engine_finetune.train_one_epoch(train_model, setup.criterion, train_loader, setup.optimizer, scheduler,
                                                           scaler, run, epoch, steps_per_epoch, args, writer, first_step, setup.mixup)
             metrics, confusion = engine_finetune.evaluate(eval_model, val_loader, run, num_classes)
@@ -172,7 +179,7 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
             if run.is_main:
                 for name, value in metrics.items():
                     writer.add_scalar(f"test/{name}", value, epoch)
-                title = f"epoch {epoch}: top-1 {metrics['acc1']:.1f}%"
+                title = f"epoch {epoch}: top-1 {metrics['acc1']:.1f}% on {len(val_set)} images of {Path(args.test_path).name}"
                 for name in ("last", "best") if improved else ("last",):
                     path = run.output_dir / f"confusion_matrix_{name}.png"
                     best_effort(path, lambda: visualize.save_confusion_png(confusion, class_names, path, title))
@@ -183,7 +190,7 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
         writer.close()
 
 
-DEFAULT_INPUT_SIZE = 224
+DEFAULT_INPUT_SIZE = config.DEFAULT_INPUT_SIZE
 
 
 def evaluate_checkpoint(args: argparse.Namespace, setup_fn: SetupFn) -> None:
@@ -268,8 +275,9 @@ def evaluate_checkpoint(args: argparse.Namespace, setup_fn: SetupFn) -> None:
         result = {**metrics, "checkpoint": str(path), "test_path": str(args.test_path), "images": len(val_set),
                   "input_size": args.input_size, "class_names": class_names}
         best_effort(run.output_dir / "eval_metrics.json", lambda: (run.output_dir / "eval_metrics.json").write_text(json.dumps(result, indent=2)))
+        title = f"{args.model}: top-1 {metrics['acc1']:.1f}% on {len(val_set)} images of {Path(args.test_path).name}"
         best_effort(run.output_dir / "confusion_matrix_eval.png", lambda: visualize.save_confusion_png(
-            confusion, class_names, run.output_dir / "confusion_matrix_eval.png", f"top-1 {metrics['acc1']:.1f}%"))
+            confusion, class_names, run.output_dir / "confusion_matrix_eval.png", title))
         distributed.main_print(f"eval outputs: {run.output_dir}")
 
 

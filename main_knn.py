@@ -8,41 +8,55 @@ Writes ``knn_results.csv``, ``knn_results.md`` (table + protocol), ``protocol.js
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-from pathlib import Path
 
-import torch
-
-import models_vit
-from model_loading import build_knn_encoder, classifier_name
-from util import config, datasets, distributed, images, knn, layouts, loaders, runtime, transforms
-from util.errors import UsageError, best_effort, run_entry_point
-from util.visualize import save_knn_plot
+from util import config, defaults
 
 CLASSIFIERS = ("weighted", "majority")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Multi-scale kNN evaluation")
-    parser.add_argument("--checkpoints", nargs="+", required=True, metavar="PATH",
-                        help="checkpoints (any kind --finetune accepts), or 'none' for a random-init encoder of --model")
-    parser.add_argument("--model", default=None, help="architecture of 'none' (default: that of the other checkpoints)")
-    config.add_data_args(parser, input_size=None, train_path=str(datasets.DEFAULT_TRAIN_CSV), patch_size=None)
-    config.add_runtime_args(parser, output_dir="output/knn", training=False)
-    parser.add_argument("--test_path", default=str(datasets.DEFAULT_VAL_CSV),
-                        help="evaluation images; 'split' takes --val_fraction of --train_path instead")
-    parser.add_argument("--val_fraction", type=float, default=0.2, help="share of --train_path evaluated with --test_path split")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser = config.new_parser("Multi-scale kNN evaluation")
+    group = parser.add_argument_group("encoders")
+    group.add_argument("--checkpoints", nargs="+", required=True, metavar="PATH",
+                       help="checkpoints (any kind --finetune accepts), or 'none' for a random-init encoder of --model")
+    group.add_argument("--model", default=None, help="architecture of 'none' (default: that of the other checkpoints)")
+    config.add_data_args(parser, input_size=None, train_path=str(defaults.DEFAULT_TRAIN_CSV), patch_size=None)
+    parser._option_string_actions["--train_path"].help = "memory (labelled reference) set: CSV, ImageFolder tree or packed .json"
+    parser._option_string_actions["--input_size"].help = "image side in pixels (default: that of the first checkpoint, else 224)"
+    group = parser._option_string_actions["--train_path"].container  # the data group
+    group.add_argument("--test_path", default=str(defaults.DEFAULT_VAL_CSV),
+                       help="evaluation images; 'split' takes --val_fraction of --train_path instead")
+    group.add_argument("--val_fraction", type=float, default=0.2, help="share of --train_path evaluated with --test_path split")
+    group.add_argument("--batch_size", type=int, default=64, help="images per device per inference batch")
+    config.add_runtime_args(
+        parser, output_dir="output/knn", training=False,
+        output_help="folder of knn_results.csv/.md, protocol.json and knn_accuracy_vs_scale.png; a training run's folder "
+                    "(one holding checkpoint-*.pth) gets them in its knn/ subfolder, never over its files")
     group = parser.add_argument_group("protocol")
-    group.add_argument("--scales", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0], help="ratios of the input size")
-    group.add_argument("--scale_mode", default="resize", choices=knn.SCALE_MODES,
+    group.add_argument("--scales", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0], help="fractions of the input side the evaluation images are down-sampled to")
+    group.add_argument("--scale_mode", default="resize", choices=defaults.KNN_SCALE_MODES,
                        help="resize: down-sample then resize back; native: feed the small image, interpolating position embeddings")
-    group.add_argument("--pool", default="cls", choices=knn.POOLS, help="cls token or mean of the patch tokens")
-    group.add_argument("--k", type=int, default=20, help="neighbours of the weighted classifier")
+    group.add_argument("--pool", default="cls", choices=defaults.KNN_POOLS, help="cls token or mean of the patch tokens")
+    group.add_argument("--k", type=int, default=20, help="neighbours (k) of the weighted classifier")
     group.add_argument("--temperature", type=float, default=0.07, help="temperature of the weighted classifier")
-    group.add_argument("--majority_k", type=int, default=5, help="neighbours of the majority classifier")
+    group.add_argument("--majority_k", type=int, default=5, help="neighbours (k) of the majority classifier")
     return parser
+
+
+if __name__ == "__main__":  # --help and flag errors answer here, before torch and timm load (~5 s)
+    config.parse_args(get_args_parser())
+
+import csv  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+import models_vit  # noqa: E402
+from model_loading import build_knn_encoder, classifier_name  # noqa: E402
+from util import config, datasets, distributed, images, knn, layouts, loaders, runtime, transforms  # noqa: E402
+from util.errors import UsageError, best_effort, run_entry_point  # noqa: E402
+from util.visualize import save_knn_plot  # noqa: E402
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -131,6 +145,8 @@ def describe_protocol(args, train_set, val_set, num_classes: int, origin: str, f
     sizes = {s: knn.reduced_size(args.input_size, s, args.patch_size, args.scale_mode) for s in args.scales}
     return {
         "data": origin,
+        "evaluation_set": (f"{args.val_fraction:.0%} split of {Path(args.train_path).name}" if args.test_path == "split"
+                           else Path(args.test_path).name),
         "memory_images": len(train_set), "evaluation_images": len(val_set), "classes": num_classes,
         "input_size": args.input_size,
         "preprocessing": f"resize shorter side to {transforms.eval_resize_size(args.input_size)} (bicubic, antialias), "
@@ -172,7 +188,9 @@ def write_outputs(rows: list[dict], protocol: dict, args: argparse.Namespace) ->
     best_effort(out / "knn_results.md", lambda: (out / "knn_results.md").write_text(
         "# Multi-scale kNN top-1 (%)\n\n" + markdown + "\n\n## Protocol\n\n" + "\n".join(protocol_lines) + "\n"))
     best_effort(out / "protocol.json", lambda: (out / "protocol.json").write_text(json.dumps(protocol, indent=2)))
-    best_effort(out / "knn_accuracy_vs_scale.png", lambda: save_knn_plot(table, labels, args.scales, CLASSIFIERS, out / "knn_accuracy_vs_scale.png"))
+    best_effort(out / "knn_accuracy_vs_scale.png", lambda: save_knn_plot(
+        table, labels, args.scales, CLASSIFIERS, out / "knn_accuracy_vs_scale.png",
+        evaluation=protocol.get("evaluation_set", ""), images=protocol.get("evaluation_images")))
     print(markdown + f"\n\nresults: {out}/knn_results.md, knn_results.csv, protocol.json, knn_accuracy_vs_scale.png", flush=True)
 
 

@@ -7,12 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch.nn as nn
-
-from main_finetune import Setup, run_classification
-from util import config, transforms
-from util.errors import UsageError, run_entry_point
-from util.lars import LARS
+from util import config
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -28,6 +23,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+if __name__ == "__main__":  # --help and flag errors answer here, before torch and timm load (~5 s)
+    config.parse_args(get_args_parser())
+
+
+import torch.nn as nn  # noqa: E402
+
+from main_finetune import Setup, run_classification  # noqa: E402
+from util import config, transforms  # noqa: E402
+from util.errors import UsageError, run_entry_point  # noqa: E402
+from util.lars import LARS  # noqa: E402
+
+
 def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> Setup:
     """Only the head trains: BatchNorm1d(affine=False) + Linear, with LARS."""
     model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head).to(model.head.weight.device)
@@ -37,7 +44,7 @@ def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> Setup
     transform = (transforms.build_transform(False, args.input_size, args.mean, args.std) if args.no_aug
                  else transforms.build_transform(True, args.input_size, args.mean, args.std))
     return Setup(model, model.head if args.no_aug else model, optimizer, nn.CrossEntropyLoss(), transform,
-                                 cache_features=args.no_aug)
+                 cache_features=args.no_aug)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -5,17 +5,9 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime
 
-import torch
-from timm.optim import create_optimizer_v2
-
-import models_cross_scale_mae as models_mae
-from engine_pretrain import knn_evaluate, save_reconstruction, train_one_epoch
-from model_loading import export_encoder
-from util import checkpoint, config, datasets, distributed, loaders, logger, runtime, schedule, training, transforms
-from util.errors import UsageError, run_entry_point
+from util import config, defaults
+from util.errors import UsageError
 
 
 def parse_loss_weights(items: list[str]) -> dict[str, float]:
@@ -31,9 +23,9 @@ def parse_loss_weights(items: list[str]) -> dict[str, float]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Cross-Scale MAE pretraining")
+    parser = config.new_parser("Cross-Scale MAE pretraining")
     config.add_optimisation_args(parser, batch_size=512, epochs=200, blr=5e-5, min_lr=0.0, warmup_epochs=40, weight_decay=0.05)
-    config.add_data_args(parser, input_size=224, train_path=str(datasets.DEFAULT_TRAIN_CSV))
+    config.add_data_args(parser, input_size=224, train_path=str(defaults.DEFAULT_TRAIN_CSV))
     config.add_runtime_args(parser, output_dir="./output_dir")
 
     group = parser.add_argument_group("model")
@@ -44,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--norm_pix_loss", action="store_true", help="reconstruct per-patch standardised pixels")
     group.add_argument("--loss_weights", nargs="*", default=[], metavar="TERM=W",
                        help="override loss weights: rec, cross_pred, cross_cons, enc_pred, latent (0 disables)")
-    group.add_argument("--scale_range", type=float, nargs=2, default=[0.25, 0.75], help="area range of the second scale's crop")
+    group.add_argument("--scale_range", type=float, nargs=2, default=[0.25, 0.75], help="area of the second scale's crop, as a range of fractions of the image area")
     group.add_argument("--crop_mode", default="batch", choices=("batch", "sample"),
                        help="batch: one crop box per batch (upstream); sample: one per image")
     group.add_argument("--contrastive", default="upstream", choices=("upstream", "ntxent"),
@@ -63,8 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--save_every", type=int, default=25, help="epochs between numbered checkpoints")
     group.add_argument("--plot_every", type=int, default=25, help="epochs between reconstruction figures")
     group.add_argument("--knn_eval_every", type=int, default=0, help="epochs between multi-scale kNN evaluations (0 = never)")
-    group.add_argument("--knn_train_path", default=str(datasets.DEFAULT_TRAIN_CSV), help="labelled kNN memory set")
-    group.add_argument("--knn_test_path", default=str(datasets.DEFAULT_VAL_CSV), help="labelled kNN evaluation set")
+    group.add_argument("--knn_train_path", default=str(defaults.DEFAULT_TRAIN_CSV), help="labelled kNN memory set")
+    group.add_argument("--knn_test_path", default=str(defaults.DEFAULT_VAL_CSV), help="labelled kNN evaluation set")
 
     group = parser.add_argument_group("upstream flags, accepted so old launchers keep working")
     group.add_argument("--use_xformers", action="store_true", help="ignored: attention always uses PyTorch SDPA")
@@ -72,6 +64,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--loss", default="mse", choices=("mse",), help="reconstruction loss (only mse, the paper's)")
     group.add_argument("--wandb_project", default=None, help="ignored: logs go to TensorBoard")
     return parser
+
+
+if __name__ == "__main__":  # --help and flag errors answer here, before torch and timm load (~5 s)
+    config.parse_args(get_args_parser())
+
+import copy  # noqa: E402
+import datetime  # noqa: E402
+
+import torch  # noqa: E402
+from timm.optim import create_optimizer_v2  # noqa: E402
+
+import models_cross_scale_mae as models_mae  # noqa: E402
+from engine_pretrain import knn_evaluate, save_reconstruction, train_one_epoch  # noqa: E402
+from model_loading import export_encoder  # noqa: E402
+from util import checkpoint, config, datasets, distributed, loaders, logger, runtime, schedule, training, transforms  # noqa: E402
+from util.errors import run_entry_point  # noqa: E402
 
 
 def build_model(args: argparse.Namespace) -> models_mae.CrossScaleMAE:
@@ -150,7 +158,7 @@ def main(args: argparse.Namespace) -> None:
     knn_sets = knn_data(args, run) if args.knn_eval_every else None
 
     try:
-        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step, run):
+        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step, run, steps_per_epoch):
             stats = train_one_epoch(train_model, model.loss_names, loader, optimizer, scheduler, scaler, run, epoch,
                                     steps_per_epoch, args, writer, first_step, device_transform)
             knn_stats = knn_evaluate(model, *knn_sets, run, epoch, writer) if knn_sets and (epoch + 1) % args.knn_eval_every == 0 else {}

@@ -7,6 +7,7 @@ the models.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,8 @@ def load_mae(path: str | os.PathLike, **overrides: Any) -> tuple[models_mae.Cros
 
 
 def export_encoder(model: models_mae.CrossScaleMAE, path: str | os.PathLike) -> tuple[Path, Path]:
-    """Write the encoder as a timm ``VisionTransformer`` state dict, as ``.pth`` and ``.safetensors``.
+    """Write the encoder as a timm ``VisionTransformer`` state dict, as ``.pth`` and ``.safetensors``, and its timm
+    constructor arguments as ``.json`` (``timm_config``).
 
     ``timm.create_model('vit_base_patch16_224', img_size=128, num_classes=0)`` loads the base model's
     export with ``strict=True``. Post-norm (xFormers-layout) encoders are refused: a standard timm ViT
@@ -134,7 +136,32 @@ def export_encoder(model: models_mae.CrossScaleMAE, path: str | os.PathLike) -> 
     safetensors = pth.with_suffix(".safetensors")
     checkpoint_io.save_checkpoint(state_dict, pth)
     checkpoint_io.write_atomically(safetensors, lambda tmp: save_safetensors(state_dict, tmp, metadata={"format": "pt"}))
+    config = timm_config(model.encoder, pth.name)
+    checkpoint_io.write_atomically(pth.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return pth, safetensors
+
+
+TIMM_ARCHITECTURE = "vit_base_patch16_224"  # any timm ViT name works: the kwargs below replace its width, depth, ...
+
+
+def timm_config(encoder: VisionTransformer, weights_file: str = "encoder.pth") -> dict[str, Any]:
+    """What ``timm.create_model`` needs to rebuild ``encoder`` (written beside every export as ``encoder.json``):
+    the architecture name, the keyword arguments that override its shape, and a one-line snippet."""
+    eps = encoder.norm.eps if isinstance(encoder.norm, torch.nn.LayerNorm) else 1e-6
+    kwargs = {
+        "img_size": encoder.patch_embed.img_size[0], "patch_size": encoder.patch_embed.patch_size[0],
+        "in_chans": encoder.patch_embed.proj.in_channels, "embed_dim": encoder.embed_dim, "depth": len(encoder.blocks),
+        "num_heads": encoder.blocks[0].attn.num_heads, "mlp_ratio": encoder.blocks[0].mlp.fc1.out_features / encoder.embed_dim,
+        "qkv_bias": encoder.blocks[0].attn.qkv.bias is not None, "global_pool": encoder.global_pool, "num_classes": 0,
+    }
+    return {
+        "architecture": TIMM_ARCHITECTURE,
+        "timm_kwargs": kwargs,
+        "norm_layer": f"LayerNorm(eps={eps:g}) (timm's ViT default)",
+        "python": (f"import json, timm, torch; c = json.load(open('{Path(weights_file).with_suffix('.json')}')); "
+                   "vit = timm.create_model(c['architecture'], pretrained=False, **c['timm_kwargs']); "
+                   f"vit.load_state_dict(torch.load('{weights_file}', weights_only=True), strict=True)"),
+    }
 
 
 def build_classifier(args: argparse.Namespace, num_classes: int, weights: layouts.EncoderWeights | None = None,

@@ -86,3 +86,17 @@ def test_training_position_of_complete_and_preempted_epochs():
     assert ckpt.training_position({"epoch": -1, "next_step": 4}) == (0, 4)  # pre-empted inside the first epoch
     for bad in ({}, {"epoch": "3"}, {"epoch": 1, "next_step": -3}, {"epoch": -1}, {"epoch": 1.5}):
         assert ckpt.training_position(bad) is None, bad
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_checkpoint_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    from model_loading import export_encoder
+    from models_cross_scale_mae import create_model
+    old = os.umask(umask)
+    try:
+        ckpt.save_checkpoint({"x": torch.zeros(1)}, tmp_path / "checkpoint-last.pth")
+        export_encoder(create_model("mae_vit_tiny", input_size=16, patch_size=8), tmp_path / "encoder")
+    finally:
+        os.umask(old)
+    for name in ("checkpoint-last.pth", "encoder.pth", "encoder.safetensors", "encoder.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name

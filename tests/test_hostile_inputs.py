@@ -156,9 +156,15 @@ def test_full_disk_on_log_and_config_warns_and_continues(data, tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, *a, **k)
     monkeypatch.setattr("builtins.open", full)
-    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    real_write_text = Path.write_text
+
+    def full_for_config(self, *a, **k):
+        if self.name == "config.yaml":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, *a, **k)
+    monkeypatch.setattr(Path, "write_text", full_for_config)
     import engine_pretrain
-    monkeypatch.setattr(engine_pretrain, "save_png", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(engine_pretrain, "save_reconstruction_png", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     out = tmp_path / "o"
     main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [*TINY, "--train_path", str(data), "--output_dir", str(out)]))
     err = capfd.readouterr().err
@@ -362,7 +368,7 @@ def test_full_disk_on_knn_outputs_warns_and_prints_the_table(data, tmp_path, mon
         return real_open(path, *a, **k)
     monkeypatch.setattr("builtins.open", full)
     monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
-    monkeypatch.setattr(main_knn, "save_knn_plot", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(main_knn, "save_knn_plot", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     out = tmp_path / "k"
     main_knn.main(config.parse_args(main_knn.get_args_parser(), [
         "--checkpoints", "none", "--model", "vit_tiny_patch16", "--input_size", "32", "--patch_size", "8", "--scales", "1",

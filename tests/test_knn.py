@@ -86,6 +86,7 @@ def test_main_writes_csv_markdown_plot_and_protocol(tmp_path):
     assert "| checkpoint | classifier | 0.125 | 0.25 | 0.5 | 1 | mean |" in markdown and "## Protocol" in markdown
     protocol = json.loads((out / "protocol.json").read_text())
     assert protocol["memory_images"] == 12 and protocol["evaluation_images"] == 6 and protocol["input_size"] == 32
+    assert protocol["evaluation_set"] == "val.csv"  # with evaluation_images, the plot's title
     assert protocol["final_layernorm"][str(tmp_path / "mae.pth")] == "not applied (as in pretraining)"
     assert (out / "knn_accuracy_vs_scale.png").stat().st_size > 1000
 

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -48,6 +49,9 @@ def test_short_fine_tune_beats_chance_and_writes_its_outputs(split, pretrained, 
                         "--epochs", "6", "--blr", "5e-3", "--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0"])
     printed = capsys.readouterr().out
     assert "loaded 52 tensors" in printed and "freshly initialised: fc_norm.weight, fc_norm.bias, head.weight, head.bias" in printed
+    assert re.search(r"^epoch 0 done in \d:\d\d:\d\d\.\d .*; run eta \d:\d\d:\d\d\.\d \(5 of 6 epochs left\)$", printed, re.M)
+    assert re.search(r"^training time \d:\d\d:\d\d\.\d \(6 epoch\(s\) in this run\)$", printed, re.M)
+    assert re.search(r"^evaluation: 0/1 batches$", printed, re.M) and re.search(r"^evaluation: 1/1 done in ", printed, re.M)
     assert final_accuracy(out) > 75.0
     assert {"checkpoint-best.pth", "checkpoint-last.pth", "confusion_matrix_best.png", "confusion_matrix_last.png",
             "config.yaml", "log.txt"} <= {p.name for p in out.iterdir()}
@@ -66,7 +70,9 @@ def test_linear_probe_on_cached_features_beats_chance(split, pretrained, tmp_pat
     out = tmp_path / "lp"
     run(main_linprobe, [*COMMON, *data_flags(split), "--finetune", str(pretrained), "--output_dir", str(out),
                         "--epochs", "20", "--blr", "20", "--no_aug"])
-    assert "computing the frozen encoder's features once" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "computing the frozen encoder's features once" in printed
+    assert "frozen features: 0/3 batches" in printed and "frozen features: 3/3 done in" in printed  # not a terminal: plain lines
     assert final_accuracy(out) > 75.0
     state = checkpoint.read_checkpoint(out / "checkpoint-last.pth")["model"]
     assert "head.0.running_mean" in state and "head.1.weight" in state  # BatchNorm + Linear head saved with the encoder

@@ -1,4 +1,5 @@
 """model_loading.py: the pretraining model a checkpoint describes (ours and both upstream layouts), and the timm export."""
+import json
 import timm
 import pytest
 import torch
@@ -83,6 +84,20 @@ def test_exported_encoder_loads_strictly_into_timm_and_gives_the_same_features(t
         torch.testing.assert_close(vit.forward_features(imgs), model.encoder.forward_features(imgs))
     from_safetensors = ckpt.read_checkpoint(safetensors)["model"]
     assert from_safetensors.keys() == vit.state_dict().keys()
+
+
+def test_export_writes_the_timm_arguments_that_rebuild_the_encoder_strictly(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8).eval()  # 128 wide, 4 deep, 8 heads
+    pth, _ = export_encoder(model, tmp_path / "encoder")
+    config = json.loads((tmp_path / "encoder.json").read_text())
+    assert config["timm_kwargs"] | {"embed_dim": 128, "depth": 4, "num_heads": 8, "img_size": 32, "patch_size": 8} == config["timm_kwargs"]
+    assert "eps=1e-06" in config["norm_layer"] and "encoder.pth" in config["python"]
+    vit = timm.create_model(config["architecture"], pretrained=False, **config["timm_kwargs"]).eval()
+    vit.load_state_dict(torch.load(pth, weights_only=True), strict=True)
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(vit.forward_features(imgs), model.encoder.forward_features(imgs))
 
 
 def test_post_norm_encoders_are_not_exported_as_timm(tmp_path):

@@ -78,3 +78,23 @@ def test_a_truncated_packed_array_is_named(tmp_path):
         assert "x.u8: expected 96 bytes for 2 images of 4 px, found 10" in str(e)
     else:
         raise AssertionError("no error")
+
+
+def test_image_folder_class_names_are_kept_in_the_csv_and_the_packed_json(tmp_path):
+    from test_datasets import make_tree
+    tree = make_tree(tmp_path / "train", ["beach", "forest", "river"], per_class=2)
+    out = tmp_path / "preproc"
+    result = preprocess("--input", tree, "--output", out, "--size", "24", "--pack", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    assert "resizing: 6/6 images done in" in result.stdout or "resizing: 6/6 done in" in result.stdout  # plain lines: no terminal
+    header, first = (out / "train_24.csv").read_text().splitlines()[:2]
+    assert header == "label,image_path,class_name" and first.endswith(",beach")
+    dataset = datasets.build_dataset(out / "train_24.csv")
+    assert dataset.label_names == {0: "beach", 1: "forest", 2: "river"}
+    assert json.loads((out / "train_24.json").read_text())["classes"] == ["beach", "forest", "river"]
+
+
+def test_a_csv_without_class_names_gets_no_class_name_column(tmp_path):
+    source = write_csv_dataset(tmp_path / "raw", 2, "train.csv", size=32)
+    assert preprocess("--input", source, "--output", tmp_path / "out", "--size", "24").returncode == 0
+    assert (tmp_path / "out" / "train_24.csv").read_text().splitlines()[0] == "label,image_path"

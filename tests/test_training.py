@@ -114,3 +114,39 @@ def test_a_resumed_run_starts_mid_epoch_once():
     for epoch, first_step in epochs(args, sampler, start_epoch=2, start_step=3):
         seen.append((epoch, first_step, sampler.epoch, sampler.start))
     assert seen == [(2, 3, 2, 24), (3, 0, 3, 0)]
+
+
+def _clock_lines(capsys, monkeypatch, args, start_epoch, start_step, steps_per_epoch, seconds_per_step=2.0):
+    """Run ``epochs`` with a fake clock advancing ``seconds_per_step`` per trained step; the printed lines."""
+    now = [0.0]
+    monkeypatch.setattr("util.logger.time.perf_counter", lambda: now[0])
+    for epoch, first_step in epochs(args, Positions(), start_epoch, start_step, steps_per_epoch=steps_per_epoch):
+        now[0] += seconds_per_step * (steps_per_epoch - first_step)
+    return capsys.readouterr().out.splitlines()
+
+
+def test_each_epoch_prints_its_time_and_the_whole_runs_eta_and_the_end_the_total(capsys, monkeypatch):
+    lines = _clock_lines(capsys, monkeypatch, argparse.Namespace(epochs=2, batch_size=8), 0, 0, steps_per_epoch=5)
+    assert lines[0] == "epoch 0 done in 0:00:10.0 (2.000 s/step over 5 steps); run eta 0:00:10.0 (1 of 2 epochs left)"
+    assert lines[1].startswith("epoch 1 done in 0:00:10.0") and "run eta 0:00:00.0 (0 of 2 epochs left)" in lines[1]
+    assert lines[2] == "training time 0:00:20.0 (2 epoch(s) in this run)"
+
+
+def test_a_resumed_run_measures_only_the_steps_it_trained(capsys, monkeypatch):
+    lines = _clock_lines(capsys, monkeypatch, argparse.Namespace(epochs=5, batch_size=8), 2, 3, steps_per_epoch=4)
+    # epoch 2 trains 1 step (from step 3) in 2 s: 2 s/step, 2 epochs x 4 steps left -> 16 s
+    assert lines[0] == "epoch 2 done in 0:00:02.0 (2.000 s/step over 1 steps); run eta 0:00:16.0 (2 of 5 epochs left)"
+    assert lines[1].endswith("run eta 0:00:08.0 (1 of 5 epochs left)")
+    assert lines[-1] == "training time 0:00:18.0 (3 epoch(s) in this run)"
+
+
+def test_non_training_work_reports_plain_progress_lines_without_a_terminal(capsys, monkeypatch):
+    from util import logger
+
+    monkeypatch.setattr(logger, "PLAIN_PROGRESS_EVERY_S", 0.0)
+    assert list(logger.progress(range(3), "evaluation")) == [0, 1, 2]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "evaluation: 0/3 batches" and lines[1].startswith("evaluation: 1/3 (")
+    assert lines[-1].startswith("evaluation: 3/3 done in ")
+    assert list(logger.progress(range(3), "evaluation", enabled=False)) == [0, 1, 2]
+    assert capsys.readouterr().out == ""

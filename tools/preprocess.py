@@ -5,11 +5,12 @@
 
 Reads a fMoW-style CSV or an ImageFolder tree; writes every image with its shorter side resized to
 ``--size`` (bicubic, JPEG quality 95) under ``OUTPUT/{split}_{size}/`` and ``OUTPUT/{split}_{size}.csv``
-(label, relative image path), ``split`` being the input's name (``train.csv`` -> ``train``). It runs in
+(label, relative image path, and the class name where the input names its classes: an ImageFolder tree's
+folders, a CSV's ``class_name`` column), ``split`` being the input's name (``train.csv`` -> ``train``). It runs in
 parallel, each image is written atomically, and a rerun skips the images already done, so an interrupted run
 resumes where it stopped. ``--pack`` also writes ``{split}_{size}.u8`` (the centre ``size`` x ``size`` square
 of every image, uint8 [N, size, size, 3], memory-mapped at training time) and ``{split}_{size}.json``
-(labels and shape): pass the ``.json`` as ``--train_path`` and crops, flips and normalisation run on the batch,
+(labels, class names and shape): pass the ``.json`` as ``--train_path`` and crops, flips and normalisation run on the batch,
 on the device.
 """
 from __future__ import annotations
@@ -27,8 +28,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from util import config, datasets  # noqa: E402
+from util.config import HelpFormatter  # noqa: E402
+from util.defaults import MAX_IMAGE_PIXELS  # noqa: E402
 from util.errors import first_line  # noqa: E402
 from util.images import BadImageError, load_image, set_max_image_pixels  # noqa: E402
+from util.logger import progress  # noqa: E402
 
 
 def resize_one(task: tuple[str, str, int]) -> str | None:
@@ -51,12 +55,13 @@ def resize_one(task: tuple[str, str, int]) -> str | None:
     return None
 
 
-def pack(rows: list[tuple[int, str]], root: Path, size: int, stem: Path) -> None:
+def pack(rows: list[tuple[int, str]], root: Path, size: int, stem: Path, classes: list[str] | None = None,
+         names: dict[int, str] | None = None) -> None:
     """Centre ``size`` squares of the resized images as one uint8 array + a JSON of labels and shape."""
     array_path, meta_path = stem.with_suffix(".u8"), stem.with_suffix(".json")
     tmp = array_path.with_suffix(".u8.tmp")
     array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(rows), size, size, 3))
-    for i, (_, path) in enumerate(rows):
+    for i, (_, path) in enumerate(progress(rows, "packing", unit="image")):
         with Image.open(root / path) as img:
             left, top = (img.width - size) // 2, (img.height - size) // 2
             array[i] = np.asarray(img.convert("RGB").crop((left, top, left + size, top + size)))
@@ -65,18 +70,22 @@ def pack(rows: list[tuple[int, str]], root: Path, size: int, stem: Path) -> None
     os.replace(tmp, array_path)
     meta = {"format": "uint8 [count, size, size, 3], row-major", "count": len(rows), "size": size,
             "array": array_path.name, "labels": [label for label, _ in rows]}
+    if classes:
+        meta["classes"] = classes  # index = label
+    elif names:
+        meta["class_names"] = {str(label): name for label, name in sorted(names.items())}
     meta_path.write_text(json.dumps(meta))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--input", required=True, type=Path, help="fMoW-style CSV or ImageFolder tree")
     parser.add_argument("--output", required=True, type=Path, help="output folder")
-    parser.add_argument("--size", type=int, default=128, help="shorter side after resizing")
+    parser.add_argument("--size", type=int, default=128, help="shorter side after resizing, in pixels")
     parser.add_argument("--split", default=None, help="name of the output split (default: the input's name)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes (default: the CPU count)")
     parser.add_argument("--pack", action="store_true", help="also write the pre-decoded uint8 array")
-    parser.add_argument("--max_image_pixels", type=float, default=2.5e8,
+    parser.add_argument("--max_image_pixels", type=float, default=float(MAX_IMAGE_PIXELS),
                         help="refuse images declaring more pixels (decompression bombs)")
     args = parser.parse_args(argv)
 
@@ -86,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
         dataset = datasets.build_dataset(args.input)
     except (datasets.DataError, config.UsageError) as e:
         raise SystemExit(f"error: {e}") from None
+    names = dict(getattr(dataset, "label_names", {}))  # label -> class name; a CSV without names gives str(label)
+    if all(name == str(label) for label, name in names.items()):
+        names = {}
+    classes = list(dataset.classes) or None  # an ImageFolder tree's folders, index = label
     split = args.split or args.input.stem
     folder = f"{split}_{args.size}"
     (args.output / folder).mkdir(parents=True, exist_ok=True)
@@ -97,19 +110,23 @@ def main(argv: list[str] | None = None) -> None:
     todo = sum(not os.path.exists(t[1]) for t in tasks)
     print(f"{len(tasks)} images, {len(tasks) - todo} already done, resizing {todo} with {args.workers} workers", flush=True)
     with Pool(args.workers, initializer=set_max_image_pixels, initargs=(args.max_image_pixels,)) as pool:
-        errors = [e for e in pool.imap(resize_one, tasks, chunksize=64) if e]
+        errors = [e for e in progress(pool.imap(resize_one, tasks, chunksize=64), "resizing", len(tasks), "image") if e]
     if errors:
         raise SystemExit(f"error: {len(errors)} image(s) could not be resized, first {errors[0]}; rerun to retry")
     stem = args.output / folder
     tmp = stem.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["label", "image_path"])
-        writer.writerows(rows)
+        if names:  # ImageFolder folders (or a CSV's class_name column): kept, read back by util.datasets
+            writer.writerow(["label", "image_path", "class_name"])
+            writer.writerows((label, path, names[label]) for label, path in rows)
+        else:
+            writer.writerow(["label", "image_path"])
+            writer.writerows(rows)
     os.replace(tmp, stem.with_suffix(".csv"))
     print(f"wrote {stem.with_suffix('.csv')}", flush=True)
     if args.pack:
-        pack(rows, args.output, args.size, stem)
+        pack(rows, args.output, args.size, stem, classes, names)
         print(f"wrote {stem.with_suffix('.u8')} and {stem.with_suffix('.json')}", flush=True)
 
 

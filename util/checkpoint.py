@@ -49,8 +49,11 @@ def write_atomically(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 (and some writers recreate the file): the mode open() would give
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

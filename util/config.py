@@ -7,10 +7,23 @@ from typing import Sequence
 
 import yaml
 
-from util.datasets import DATASET_TYPES, DEFAULT_TRAIN_CSV, DEFAULT_VAL_CSV
-from util import images
+from util.defaults import DATASET_TYPES, DEFAULT_TRAIN_CSV, DEFAULT_VAL_CSV, FMOW_RGB_MEAN, FMOW_RGB_STD, MAX_IMAGE_PIXELS
 from util.errors import UsageError, first_line
-from util.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every flag's default (unless its help text already says what the default is)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or "%(default)" in text or action.required or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+def new_parser(description: str) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` whose ``--help`` shows the defaults (``HelpFormatter``)."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -18,7 +31,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 
     Bad configuration exits with status 1 and one line ``error: --config FILE: …`` naming the file and the key.
     """
-    parser.add_argument("--config", default=None, help="YAML file of flag values (command-line flags win)")
+    parser.add_argument("--config", default=None, help="YAML file of flag values (command-line flags win; a run's config.yaml reproduces it)")
     known, _ = parser.parse_known_args(argv)
     if known.config:
         path = Path(known.config)
@@ -94,15 +107,15 @@ def save_config(args: argparse.Namespace, path: Path) -> None:
 def add_optimisation_args(parser: argparse.ArgumentParser, **defaults) -> None:
     """Batch, schedule and optimiser flags; ``defaults`` gives each script's upstream values."""
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--batch_size", type=int, default=defaults["batch_size"], help="images per device per step")
-    group.add_argument("--epochs", type=int, default=defaults["epochs"])
+    group.add_argument("--batch_size", type=int, default=defaults["batch_size"], help="images per device per step (effective batch: x --accum_iter x GPUs)")
+    group.add_argument("--epochs", type=int, default=defaults["epochs"], help="epochs of the whole run (a resume continues to it)")
     group.add_argument("--accum_iter", type=int, default=1, help="steps accumulated per optimiser update")
-    group.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: blr * effective batch / 256)")
+    group.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: --blr x effective batch / 256)")
     group.add_argument("--blr", type=float, default=defaults["blr"], help="base learning rate per 256 images")
-    group.add_argument("--min_lr", type=float, default=defaults["min_lr"], help="end of the cosine schedule")
-    group.add_argument("--warmup_epochs", type=float, default=defaults["warmup_epochs"])
-    group.add_argument("--weight_decay", type=float, default=defaults["weight_decay"])
-    group.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this value")
+    group.add_argument("--min_lr", type=float, default=defaults["min_lr"], help="learning rate at the end of the cosine schedule")
+    group.add_argument("--warmup_epochs", type=float, default=defaults["warmup_epochs"], help="epochs of linear LR warm-up (fractions allowed)")
+    group.add_argument("--weight_decay", type=float, default=defaults["weight_decay"], help="AdamW / LARS weight decay")
+    group.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this value (default: no clipping)")
 
 
 def add_data_args(parser: argparse.ArgumentParser, input_size: int | None, train_path: str | None, patch_size: int | None = 16) -> None:
@@ -113,26 +126,27 @@ def add_data_args(parser: argparse.ArgumentParser, input_size: int | None, train
                        help="image side in pixels" + ("" if input_size else " (default: that of the pretrained weights)"))
     group.add_argument("--patch_size", type=int, default=patch_size,
                        help="patch side in pixels" + ("" if patch_size else " (default: that of the pretrained weights)"))
-    group.add_argument("--in_chans", type=int, default=3)
+    group.add_argument("--in_chans", type=int, default=3, help="input channels")
     group.add_argument("--mean", type=float, nargs=3, default=list(FMOW_RGB_MEAN), help="normalisation mean (fMoW-RGB)")
     group.add_argument("--std", type=float, nargs=3, default=list(FMOW_RGB_STD), help="normalisation std (fMoW-RGB)")
-    group.add_argument("--max_image_pixels", type=float, default=2.5e8,
+    group.add_argument("--max_image_pixels", type=float, default=float(MAX_IMAGE_PIXELS),
                        help="refuse images declaring more pixels (decompression bombs); the default admits a full "
                             "Sentinel-2 tile (~120 Mpx)")
     group.add_argument("--skip_bad_images", action="store_true",
                        help="skip unreadable images (each reported with a warning) instead of stopping")
-    group.add_argument("--num_workers", type=int, default=8)
+    group.add_argument("--num_workers", type=int, default=8, help="DataLoader worker processes per GPU / process")
     group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pinned host memory (CUDA)")
 
 
-def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str, training: bool = True) -> None:
+def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str, training: bool = True,
+                     output_help: str = "folder of checkpoints, config.yaml, log.txt, TensorBoard events and figures") -> None:
     group = parser.add_argument_group("run")
-    group.add_argument("--output_dir", default=output_dir, help="checkpoints, config, logs and plots")
+    group.add_argument("--output_dir", default=output_dir, help=output_help)
     group.add_argument("--device", default="auto", help="auto (GPU if any, else CPU), cpu, cuda, cuda:N")
     group.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
                        help="autocast dtype; auto = bf16 where the device does it natively, else fp32")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--dist_timeout", type=float, default=30.0, help="minutes before a stuck collective ends the job")
+    group.add_argument("--seed", type=int, default=0, help="random seed (data order, masks, initialisation)")
+    group.add_argument("--dist_timeout", type=float, default=30.0, help="time before a stuck collective ends the job, in minutes")
     if not training:
         return
     group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
@@ -140,33 +154,38 @@ def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str, training:
     group.add_argument("--attention", default="auto", choices=("auto", "sdpa", "math"),
                        help="auto: scaled_dot_product_attention on GPU, explicit matmul + softmax on CPU (faster there)")
     group.add_argument("--resume", default="", help="checkpoint to continue from, or 'auto' for the newest in --output_dir")
-    group.add_argument("--start_epoch", type=int, default=0, help="first epoch when not resuming")
+    group.add_argument("--start_epoch", type=int, default=0, help="first epoch (index) when not resuming")
     group.add_argument("--overwrite", action="store_true",
                        help="start a fresh run in an --output_dir that holds another run's checkpoints (they get replaced)")
     group.add_argument("--allow_changed_flags", action="store_true",
                        help="resume although --epochs, --batch_size, LR or schedule flags differ from the checkpoint's run")
-    group.add_argument("--log_every", type=int, default=20, help="steps between log lines")
+    group.add_argument("--log_every", type=int, default=20, help="steps between log lines (each epoch also ends with a line: its time, the run's ETA)")
+
+
+DEFAULT_INPUT_SIZE = 224  # classification's --input_size when not given (main_finetune.DEFAULT_INPUT_SIZE)
 
 
 def classification_parser(description: str, *, global_pool: bool, head_init_std: float, **defaults) -> argparse.ArgumentParser:
     """The flags of fine-tuning and linear probing; ``defaults`` are each script's upstream values."""
-    parser = argparse.ArgumentParser(description)
+    parser = new_parser(description)
     add_optimisation_args(parser, **defaults)
     add_data_args(parser, input_size=None, train_path=str(DEFAULT_TRAIN_CSV), patch_size=None)
     add_runtime_args(parser, output_dir="./output_dir")
+    parser._option_string_actions["--input_size"].help = (
+        f"image side in pixels (default: {DEFAULT_INPUT_SIZE}; with --eval: the checkpoint's)")
     group = parser.add_argument_group("classification")
     group.add_argument("--finetune", default="", metavar="PATH",
                        help="pretrained weights: our or upstream's pretraining checkpoint (either layout), or a timm encoder export")
     group.add_argument("--model", default=None, help="vit_{tiny,small,base,large,huge}_patch16 or vit_huge_patch14 "
                                                      "(default: the architecture of --finetune)")
     group.add_argument("--test_path", default=str(DEFAULT_VAL_CSV), help="evaluation data (CSV, ImageFolder)")
-    group.add_argument("--nb_classes", type=int, default=None, help="classes (default: from the training labels)")
+    group.add_argument("--nb_classes", type=int, default=None, help="number of classes (default: from the training labels)")
     group.add_argument("--global_pool", dest="global_pool", action="store_true", default=global_pool,
                        help="mean of the patch tokens + fc_norm")
     group.add_argument("--cls_token", dest="global_pool", action="store_false", help="the cls token after norm")
     group.add_argument("--head_init_std", type=float, default=head_init_std, help="std of the fresh head's initialisation")
     group.add_argument("--eval", action="store_true", help="only evaluate (--resume or --finetune weights) and exit")
-    group.add_argument("--save_every", type=int, default=0, help="also keep checkpoint-{epoch}.pth every N epochs")
+    group.add_argument("--save_every", type=int, default=0, help="also keep checkpoint-{epoch}.pth every N epochs (0 = never)")
     group.add_argument("--wandb_project", default=None, help="ignored (upstream flag): logs go to TensorBoard")
     return parser
 
@@ -219,6 +238,8 @@ def check_common_args(args: argparse.Namespace) -> None:
     """Refuse flag values that cannot work, naming the flag; apply ``--max_image_pixels``."""
     check_ranges(args)
     if getattr(args, "max_image_pixels", None):
+        from util import images  # here: PIL and NumPy need not load for --help
+
         images.set_max_image_pixels(args.max_image_pixels)
     if args.patch_size and args.input_size and args.input_size % args.patch_size:
         raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")

@@ -25,9 +25,7 @@ from util.errors import first_line
 from util.images import BadImageError, is_image, load_image, max_image_pixels
 from util.rng import seeded
 
-DATASET_TYPES = ("auto", "fmow_rgb", "csv", "imagefolder", "folder", "coco", "packed")
-DEFAULT_TRAIN_CSV = Path(__file__).resolve().parent.parent / "data" / "sentinel2_rgb" / "train.csv"
-DEFAULT_VAL_CSV = DEFAULT_TRAIN_CSV.with_name("val.csv")
+from util.defaults import DATASET_TYPES, DEFAULT_TRAIN_CSV, DEFAULT_VAL_CSV  # noqa: E402, F401 (torch-free, for --help)
 
 
 DataError = errors.DataError  # bad dataset input; the message names the file (and CSV row) and what is wrong

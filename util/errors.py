@@ -1,8 +1,6 @@
 """Errors a user can fix, and the entry-point wrapper that prints them as one line."""
 from __future__ import annotations
 
-import torch.distributed as dist
-
 
 class ReportableError(Exception):
     """An error whose message alone tells the user what is wrong; entry points print it without a traceback."""
@@ -56,6 +54,7 @@ def run_entry_point(main, args) -> None:
         raise SystemExit(f"error: {message}") from None
     finally:
         from util.runtime import release_output_dirs  # here: util.runtime imports this module
+        import torch.distributed as dist  # here, not at the top: the flags' module imports this one before torch loads
 
         release_output_dirs()
         if dist.is_available() and dist.is_initialized():

@@ -7,13 +7,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from util.defaults import MAX_IMAGE_PIXELS
 from util.errors import DataError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
-# Images declaring more pixels are refused (``--max_image_pixels``): a tiny PNG can declare 10^10 pixels and
-# exhaust memory when decoded. The default admits a full Sentinel-2 tile (10980^2 ~ 120 Mpx).
-DEFAULT_MAX_IMAGE_PIXELS = 250_000_000
-_max_pixels = DEFAULT_MAX_IMAGE_PIXELS
+_max_pixels = MAX_IMAGE_PIXELS
 # Our own check below refuses what PIL would only warn about (between 1x and 2x its limit)
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
@@ -30,7 +28,7 @@ def set_max_image_pixels(limit: float | None) -> None:
     """The pixel limit of ``load_image`` in this process (``Image.MAX_IMAGE_PIXELS`` too); datasets carry it into
     DataLoader workers (``max_image_pixels``)."""
     global _max_pixels
-    _max_pixels = int(limit) if limit else DEFAULT_MAX_IMAGE_PIXELS
+    _max_pixels = int(limit) if limit else MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = _max_pixels
 
 
@@ -38,7 +36,7 @@ def max_image_pixels() -> int:
     return _max_pixels
 
 
-Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
 def is_image(path: Path) -> bool:

@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from util import defaults
 from util.distributed import gather_rows, rank, world_size
 from util.errors import NonFiniteError
 from util.inference import infer
 
-SCALE_MODES = ("resize", "native")
-POOLS = ("cls", "mean")
+SCALE_MODES = defaults.KNN_SCALE_MODES
+POOLS = defaults.KNN_POOLS
 CLASSIFIER_POOL = "classifier"  # a trained classifier's own pooling, the features its head sees (pre-logits)
 
 
@@ -66,6 +67,7 @@ def extract(
     final_norm: bool,
     scales: Sequence[float] = (1.0,),
     scale_mode: str = "resize",
+    desc: str = "kNN features",
 ) -> tuple[dict[float, torch.Tensor], torch.Tensor]:
     """Features of every sample at every scale (each image is decoded once), and the labels; on the CPU,
     gathered over ranks in dataset order."""
@@ -73,7 +75,7 @@ def extract(
     patch_size = encoder.patch_embed.patch_size[0]
     features, labels = infer(
         lambda images: {s: encoder_features(encoder, rescale(images, s, patch_size, scale_mode), pool, final_norm) for s in scales},
-        loader, device, amp_dtype,
+        loader, device, amp_dtype, desc,
     )
     for scale, values in features.items():
         if not torch.isfinite(values).all():
@@ -158,8 +160,9 @@ def multiscale_accuracies(
     pool: str = "cls", scale_mode: str = "resize", k: int = 20, temperature: float = 0.07, majority_k: int = 5,
 ) -> dict[tuple[str, float], float]:
     """Top-1 (%) of both classifiers at every scale, the memory set at full resolution: {(classifier, scale): accuracy}."""
-    memory, memory_labels = extract(encoder, memory_loader, device, amp_dtype, pool, final_norm)
-    queries, query_labels = extract(encoder, query_loader, device, amp_dtype, pool, final_norm, scales, scale_mode)
+    memory, memory_labels = extract(encoder, memory_loader, device, amp_dtype, pool, final_norm, desc="kNN memory features")
+    queries, query_labels = extract(encoder, query_loader, device, amp_dtype, pool, final_norm, scales, scale_mode,
+                                    desc="kNN evaluation features")
     results = {}
     for scale in scales:
         accuracies = knn_accuracies(memory[1.0], memory_labels, queries[scale], query_labels, num_classes, k, temperature,

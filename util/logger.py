@@ -1,16 +1,19 @@
-"""What a run writes as it goes: running means of the loss terms, throughput, ``log.txt`` and TensorBoard."""
+"""What a run writes as it goes: running means of the loss terms, throughput, the run's clock (epoch times,
+whole-run ETA), progress of long non-training work, ``log.txt`` and TensorBoard."""
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from util import config
+from util import config, distributed
 from util.errors import best_effort
 from util.runtime import Run
 
@@ -42,15 +45,94 @@ class Throughput:
     def __init__(self, total_steps: int) -> None:
         self.total_steps = total_steps
         self.start = self.last = time.perf_counter()
+        self.per_step = 0.0
 
     def tick(self, step: int, images: int) -> tuple[float, str]:
         """``step`` steps done so far, ``images`` since the last call -> (images/s, time left as H:MM:SS)."""
         now = time.perf_counter()
         rate = images / max(now - self.last, 1e-9)
         self.last = now
-        per_step = (now - self.start) / max(step, 1)
+        per_step = self.per_step = (now - self.start) / max(step, 1)
         eta = datetime.timedelta(seconds=int(per_step * (self.total_steps - step)))
         return rate, str(eta)
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS.s (tenths, so that short test runs read non-zero)."""
+    tenths = max(0, round(seconds * 10))
+    hours, rest = divmod(tenths, 36000)
+    minutes, rest = divmod(rest, 600)
+    return f"{hours}:{minutes:02d}:{rest // 10:02d}.{rest % 10}"
+
+
+class RunClock:
+    """Epoch times and the whole run's ETA: time per step measured so far in this process x steps left in the
+    run (a resumed run counts only the steps it trained itself, from its mid-epoch start)."""
+
+    def __init__(self, steps_per_epoch: int, epochs: int, start_epoch: int, start_step: int) -> None:
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.start_epoch, self.start_step = start_epoch, start_step
+        self.start = self.epoch_start = time.perf_counter()
+
+    def steps_done(self, epoch: int) -> int:
+        """Steps this process trained up to the end of ``epoch``."""
+        return (epoch + 1 - self.start_epoch) * self.steps_per_epoch - self.start_step
+
+    def end_epoch(self, epoch: int) -> str:
+        """The line for the end of ``epoch``: its time and the ETA of the whole run."""
+        now = time.perf_counter()
+        took, self.epoch_start = now - self.epoch_start, now
+        done = max(self.steps_done(epoch), 1)
+        per_step = (now - self.start) / done
+        left = (self.epochs - epoch - 1) * self.steps_per_epoch
+        return (f"epoch {epoch} done in {format_duration(took)} ({per_step:.3f} s/step over {done} steps); "
+                f"run eta {format_duration(per_step * left)} ({self.epochs - epoch - 1} of {self.epochs} epochs left)")
+
+    def total(self, last_epoch: int) -> str:
+        """The line at the end of the run."""
+        epochs = last_epoch + 1 - self.start_epoch
+        return f"training time {format_duration(time.perf_counter() - self.start)} ({epochs} epoch(s) in this run)"
+
+
+PLAIN_PROGRESS_EVERY_S = 30.0  # without a terminal (SLURM logs): one line this often, and one at the end
+
+
+def progress(items: Iterable, desc: str, total: int | None = None, unit: str = "batch", enabled: bool | None = None) -> Iterator:
+    """``items``, reporting progress of long non-training work (inference, feature caching, preprocessing).
+
+    A tqdm bar on stderr when it is a terminal; otherwise plain lines on stdout (start, every
+    ``PLAIN_PROGRESS_EVERY_S`` seconds, end), which read well in a log file. Only rank 0 reports (``enabled``
+    defaults to that).
+    """
+    if enabled is None:
+        enabled = distributed.rank() == 0
+    if total is None:
+        total = len(items) if hasattr(items, "__len__") else None
+    if not enabled:
+        yield from items
+        return
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(items, desc=desc, total=total, unit=unit, dynamic_ncols=True, mininterval=1.0)
+        return
+    yield from _plain_progress(items, desc, total, unit)
+
+
+def _plain_progress(items: Iterable, desc: str, total: int | None, unit: str) -> Iterator:
+    start = last = time.perf_counter()
+    of = f"/{total}" if total is not None else ""
+    print(f"{desc}: 0{of} {unit}es" if unit.endswith("ch") else f"{desc}: 0{of} {unit}s", flush=True)
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.perf_counter()
+        if now - last >= PLAIN_PROGRESS_EVERY_S:
+            last = now
+            eta = f", eta {format_duration((now - start) / done * (total - done))}" if total else ""
+            print(f"{desc}: {done}{of} ({format_duration(now - start)}{eta})", flush=True)
+    print(f"{desc}: {done}{of} done in {format_duration(time.perf_counter() - start)}", flush=True)
 
 
 def append_log(run: Run, record: dict) -> None:

@@ -25,7 +25,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from util import distributed
+from util import distributed, logger
 from util.errors import ReportableError
 from util.logger import MetricLogger, Throughput
 from util.runtime import Preempted, Run, stop_requested
@@ -35,15 +35,20 @@ class NonFiniteLossError(ReportableError):
     """A loss term became NaN or infinite."""
 
 
-def epochs(args: argparse.Namespace, sampler, start_epoch: int, start_step: int, run: Run | None = None) -> Iterator[tuple[int, int]]:
+def epochs(args: argparse.Namespace, sampler, start_epoch: int, start_step: int, run: Run | None = None,
+           steps_per_epoch: int | None = None) -> Iterator[tuple[int, int]]:
     """(epoch, first step) of every epoch still to train; a resumed run starts mid-epoch at ``start_step``.
 
     A stop (SIGTERM) that arrived during an epoch's last step lets that epoch complete (its evaluation,
     checkpoint and ``log.txt`` record) and raises ``Preempted(next epoch, 0)`` here, before the next one.
 
     Positions ``sampler`` (a ``util.loaders.SeededSampler``) so that the epoch's batches are the ones an
-    uninterrupted run would see.
+    uninterrupted run would see. With ``steps_per_epoch``, prints after each epoch (its body included:
+    evaluation, checkpoints, figures) its time and the whole run's ETA, and the total time at the end
+    (``logger.RunClock``).
     """
+    clock = logger.RunClock(steps_per_epoch, args.epochs, start_epoch, start_step) if steps_per_epoch else None
+    epoch = start_epoch - 1
     for epoch in range(start_epoch, args.epochs):
         if run is not None and epoch > start_epoch and stop_requested(run):
             raise Preempted(epoch, 0)
@@ -51,6 +56,10 @@ def epochs(args: argparse.Namespace, sampler, start_epoch: int, start_step: int,
         sampler.set_epoch(epoch)
         sampler.set_start(first_step * args.batch_size)
         yield epoch, first_step
+        if clock:
+            distributed.main_print(clock.end_epoch(epoch))
+    if clock and epoch >= start_epoch:
+        distributed.main_print(clock.total(epoch))
 
 
 def update_index(epoch: int, step: int, steps_per_epoch: int, accum_iter: int) -> int:
@@ -162,10 +171,12 @@ class StepLoop:
             )
         lr = max(group["lr"] for group in self.optimizer.param_groups)
         images_per_s, eta = self.throughput.tick(step + 1 - self.start_step, self.interval_images)
+        steps_left = self.steps_per_epoch - step - 1 + (self.args.epochs - self.epoch - 1) * self.steps_per_epoch
+        run_eta = logger.format_duration(self.throughput.per_step * steps_left)  # this epoch's pace x the whole run's steps left
         distributed.main_print(
             f"epoch {self.epoch} [{step + 1}/{self.steps_per_epoch}] "
             + " ".join(f"{name} {means[name]:.4f}" for name in self.names)
-            + f" lr {lr:.3e} grad_norm {means['grad_norm']:.3f} {images_per_s:.1f} img/s eta {eta}"
+            + f" lr {lr:.3e} grad_norm {means['grad_norm']:.3f} {images_per_s:.1f} img/s eta {eta} (run {run_eta})"
         )
         if self.writer is not None:
             x = int((self.epoch + (step + 1) / self.steps_per_epoch) * 1000)  # epoch_1000x: comparable across batch sizes

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 # fMoW-RGB statistics used by upstream ("UPDATED" constants of its util/datasets.py).
-FMOW_RGB_MEAN = (0.43392888, 0.43578541, 0.40744025)
-FMOW_RGB_STD = (0.19828456, 0.19250111, 0.19454683)
+from util.defaults import FMOW_RGB_MEAN, FMOW_RGB_STD  # noqa: E402, F401 (torch-free, for --help)
 # Training crops: RandomResizedCrop area range (upstream's main_pretrain.py) and torchvision's default aspect-ratio range.
 CROP_SCALE = (0.25, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)

@@ -15,8 +15,9 @@ from torchvision.utils import make_grid  # noqa: E402
 
 
 @torch.no_grad()
-def reconstruction_grid(model, imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float], seed: int = 1234) -> torch.Tensor:
-    """One row per image: original, masked, reconstruction (visible patches pasted back), for each scale.
+def reconstruction_columns(model, imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                           seed: int = 1234) -> tuple[torch.Tensor, list[str]]:
+    """Per image: original, masked, reconstruction (visible patches pasted back), for each scale.
 
     Masks and the crop box come from a private generator seeded with ``seed``, so figures of different
     epochs show the same patches and the training RNG is untouched.
@@ -29,7 +30,7 @@ def reconstruction_grid(model, imgs: torch.Tensor, mean: Sequence[float], std: S
         seed: Seed of the masks and the crop box.
 
     Returns:
-        uint8 image [3, H', W'].
+        (images in [0, 1], float [B, 3 x scales, C, H, W] on the CPU, the column titles).
     """
     was_training = model.training
     model.eval()
@@ -42,8 +43,8 @@ def reconstruction_grid(model, imgs: torch.Tensor, mean: Sequence[float], std: S
 
     mean_t = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
-    columns = []
-    for view, (_, mask, _, pred) in zip(views, outputs):  # ViewOutput(latent, mask, tokens, pred)
+    columns, names = [], []
+    for number, (view, (_, mask, _, pred)) in enumerate(zip(views, outputs), start=1):  # ViewOutput(latent, mask, tokens, pred)
         pred = pred.float()
         if model.norm_pix_loss:  # predictions are standardised patches: undo with the target's statistics
             target = model.patchify(view.float())
@@ -51,10 +52,47 @@ def reconstruction_grid(model, imgs: torch.Tensor, mean: Sequence[float], std: S
         patch_mask = model.unpatchify(mask.unsqueeze(-1).expand_as(pred))  # 1 = masked
         recon = model.unpatchify(pred)
         columns += [view, view * (1 - patch_mask), view * (1 - patch_mask) + recon * patch_mask]
-    rows = torch.stack(columns, dim=1).flatten(0, 1).float()  # [B * 3V, C, H, W]
-    rows = (rows * std_t + mean_t).clamp(0, 1)
-    grid = make_grid(rows, nrow=len(columns), padding=2, pad_value=1.0)
-    return (grid * 255).round().to(torch.uint8).cpu()
+        scale = f"scale {number}" + (" (crop)" if number > 1 else " (full)") if len(views) > 1 else "full image"
+        names += [f"original\n{scale}", f"masked {model.mask_ratio:.0%}\n{scale}", f"reconstruction\n{scale}"]
+    images = torch.stack([(c.float() * std_t + mean_t).clamp(0, 1) for c in columns], dim=1)  # [B, 3V, C, H, W]
+    return images.cpu(), names
+
+
+def reconstruction_grid(model, imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float], seed: int = 1234) -> torch.Tensor:
+    """``reconstruction_columns`` as one uint8 image [3, H', W'] (one row per image; TensorBoard)."""
+    return grid_image(reconstruction_columns(model, imgs, mean, std, seed)[0])
+
+
+def grid_image(images: torch.Tensor) -> torch.Tensor:
+    """Images [B, K, C, H, W] in [0, 1] -> one uint8 image [3, H', W'], one row per image (TensorBoard)."""
+    grid = make_grid(images.flatten(0, 1), nrow=images.shape[1], padding=2, pad_value=1.0)
+    return (grid * 255).round().to(torch.uint8)
+
+
+MIN_CELL_PX = 160  # each image is drawn at least this wide (nearest-neighbour upscaling: pixels stay visible as pixels)
+
+
+def save_reconstruction_png(images: torch.Tensor, names: Sequence[str], path: Path, title: str, dpi: int = 100) -> tuple[int, int]:
+    """``reconstruction_columns``' images [B, K, C, H, W] as a titled figure: column titles, ``title`` above,
+    every image at least ``MIN_CELL_PX`` wide (upscaled by nearest neighbour). Returns (width, height) in pixels."""
+    rows, cols, _, height, width = images.shape
+    cell = max(MIN_CELL_PX, width) / dpi  # inches
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell * height / width + 0.9), dpi=dpi, squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.imshow(images[r, c].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(names[c], fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.9 / fig.get_figheight(), wspace=0.04, hspace=0.04)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    size = fig.canvas.get_width_height()
+    plt.close(fig)
+    return size
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -65,11 +103,13 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 def save_confusion_png(confusion: torch.Tensor, class_names: list[str], path: Path, title: str) -> None:
     """Confusion matrix [K, K] (rows = true class) as a PNG with class names and counts (counts up to 30 classes)."""
-    size = max(4.0, 0.45 * len(class_names) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
+    label_inches = 0.075 * max(map(len, class_names), default=1)  # room for the longest name beside and below the matrix
+    size = max(3.0, 0.45 * len(class_names)) + label_inches + 1.2
+    fig, ax = plt.subplots(figsize=(size, size + 0.3))
     ax.imshow(confusion.numpy(), cmap="Blues")
-    ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)), xlabel="predicted", ylabel="true", title=title)
-    ax.set_xticklabels(class_names, rotation=90)
+    ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)), xlabel="predicted", ylabel="true")
+    ax.set_title(title, fontsize=10)
+    ax.set_xticklabels(class_names, rotation=45, ha="right", rotation_mode="anchor")
     ax.set_yticklabels(class_names)
     if len(class_names) <= 30:
         threshold = confusion.max().item() / 2
@@ -81,17 +121,46 @@ def save_confusion_png(confusion: torch.Tensor, class_names: list[str], path: Pa
     plt.close(fig)
 
 
-def save_knn_plot(table: dict, labels: list[str], scales: list[float], classifiers: Sequence[str], path: Path) -> None:
-    """Top-1 against scale, one line per checkpoint, one panel per kNN classifier; ``table[label, classifier, scale]``."""
-    fig, axes = plt.subplots(1, len(classifiers), figsize=(10, 4 + 0.25 * len(labels)), sharey=True)
+def wilson_interval(percent: float, count: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval (%) of an accuracy of ``percent`` % measured on ``count`` images."""
+    if count <= 0:
+        return 0.0, 100.0
+    p = percent / 100
+    centre = (p + z * z / (2 * count)) / (1 + z * z / count)
+    half = z / (1 + z * z / count) * (p * (1 - p) / count + z * z / (4 * count * count)) ** 0.5
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+def save_knn_plot(table: dict, labels: list[str], scales: list[float], classifiers: Sequence[str], path: Path,
+                  evaluation: str = "", images: int | None = None) -> None:
+    """Top-1 against scale, one line per checkpoint, one panel per kNN classifier; ``table[label, classifier, scale]``.
+
+    ``evaluation`` (what was evaluated) and ``images`` (how many) go into the title; with ``images``, each line
+    gets its 95 % Wilson interval as a band, so that a difference of one image does not read as a large one.
+    """
+    fig, axes = plt.subplots(1, len(classifiers), figsize=(10, 4.4 + 0.25 * len(labels)), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, classifier in zip(axes, classifiers):
         for label in labels:
-            ax.plot(scales, [table[label, classifier, s] for s in scales], marker="o", label=label)
+            values = [table[label, classifier, s] for s in scales]
+            line, = ax.plot(scales, values, marker="o", label=label)
+            if images:
+                low, high = zip(*(wilson_interval(v, images) for v in values))
+                ax.fill_between(scales, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set(xscale="log", xlabel="scale (fraction of the input size)", title=f"{classifier} kNN")
         ax.minorticks_off()
         ax.set_xticks(scales, [f"{s:g}" for s in scales])
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("top-1 (%)")
+    axes[0].set_ylabel("top-1 (%)" + (" with 95 % Wilson interval" if images else ""))
+    if images:
+        bottom, top = axes[0].get_ylim()
+        if top - bottom < 10:  # never zoom in so far that noise looks like a trend
+            middle = (top + bottom) / 2
+            axes[0].set_ylim(max(0, middle - 5), min(100, middle + 5))
+    heading = "Multi-scale kNN top-1"
+    if evaluation or images:
+        heading += ": " + ", ".join(part for part in (evaluation, f"{images} evaluation images" if images else "") if part)
+    fig.suptitle(heading, fontsize=10)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 * len(labels), 1, 1))
