@@ -253,6 +253,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     except RuntimeError as e:
         raise CheckpointError(f"{path}: does not fit the segmenter it describes ({str(e).strip().splitlines()[-1].strip()})") from None
     model.to(run.device)
+    training.set_fused_attention(model, training.use_sdpa(args.attention, run.device))  # the attention path training used
     distributed.main_print(f"eval: the segmenter of {path} ({args.model or 'its encoder'}, {args.head} head, {len(class_names)} classes, "
                            f"crop {args.input_size} px)")
     final_evaluation(model, val_set, args, run, class_names, palette_used or decode, run.output_dir, f"eval of {path.name}")
