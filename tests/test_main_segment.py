@@ -102,3 +102,22 @@ def test_bad_inputs_are_refused_with_the_flag(split, pretrained, tmp_path):
         run([*flags(split, pretrained, tmp_path / "x"), "--class_weights", "1.0"])
     with pytest.raises(UsageError, match="give the classes"):
         run([*flags(split, pretrained, tmp_path / "x"), "--class_names", "only"])
+
+
+def test_segment_sh_passes_the_sample_defaults_and_lets_flags_win(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "echo", "WEIGHTS": str(weights)}
+    out = subprocess.run(["bash", str(repo / "segment.sh"), "--epochs", "1", "--scales", "0.5", "1.0"], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "main_segment.py" and out[out.index("--finetune") + 1] == str(weights)
+    assert out[out.index("--train_path") + 1] == "data/sentinel2_rgb/seg_train.csv"
+    assert out.count("--epochs") == 1 and out[out.index("--epochs") + 1] == "1"
+    assert out.count("--scales") == 1 and out[-3:] == ["--scales", "0.5", "1.0"]
+    missing = subprocess.run(["bash", str(repo / "segment.sh")], env={**env, "WEIGHTS": str(tmp_path / "none.pth")},
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and "no weights at" in missing.stderr

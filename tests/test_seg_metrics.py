@@ -76,3 +76,40 @@ def test_degrade_keeps_the_size_and_removes_detail():
     half = seg_metrics.degrade(image, 0.5)
     assert half.shape == image.shape and torch.allclose(half, torch.full_like(image, 0.5))  # area averaging
     assert torch.allclose(seg_metrics.degrade(torch.full((1, 3, 20, 20), 0.3), 0.125), torch.full((1, 3, 20, 20), 0.3))
+
+
+def _rank_confusion(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        pred, target = _whole_set()
+        half = slice(rank * 3, (rank + 1) * 3)  # rank 0: images 0-2, rank 1: images 3-5
+        local = seg_metrics.confusion_matrix(pred[half], target[half], 4)
+        torch.save({"local": local, "summed": seg_metrics.all_reduce_confusion(local)}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _whole_set():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 4, (6, 9, 7), generator=g)
+    target[target == 3] = 255  # class 3 only ever ignored
+    return torch.randint(0, 4, (6, 9, 7), generator=g), target
+
+
+def test_two_process_confusion_matrix_equals_one_process_on_the_whole_set(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_confusion, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    pred, target = _whole_set()
+    whole = seg_metrics.confusion_matrix(pred, target, 4)
+    assert not torch.equal(ranks[0]["local"], whole)
+    assert torch.equal(ranks[0]["summed"], whole) and torch.equal(ranks[1]["summed"], whole)
+    assert whole.sum() == (target != 255).sum()
