@@ -54,7 +54,7 @@ class NonFiniteOutputError(NonFiniteError):
 def evaluate(model: nn.Module, loader, run: Run, num_classes: int, crop: int, scales: Sequence[float] = (1.0,),
              overlap: float = 1 / 3, ignore_index: int = 255, keep: int = 0) -> tuple[dict[float, torch.Tensor], list]:
     """Confusion matrix [K, K] per scale over the whole evaluation set (all ranks summed), and up to ``keep``
-    (image, ground truth, prediction at scale 1) triples of this rank for figures.
+    (image, ground truth, prediction at the largest scale) triples of this rank for figures, spread over its images.
 
     Each image goes through ``seg_metrics.degrade`` (down-sample by the scale, up-sample back) and sliding-window
     inference at the crop size. ``loader`` yields single images (any size) with their masks.
@@ -65,6 +65,7 @@ def evaluate(model: nn.Module, loader, run: Run, num_classes: int, crop: int, sc
     model.eval()
     confusions = {s: torch.zeros(num_classes, num_classes, dtype=torch.long, device=run.device) for s in scales}
     examples = []
+    every = max(len(loader) // keep, 1) if keep else 1  # figure examples spread over the set
     for index, (image, mask) in enumerate(loader):
         image = image.to(run.device, non_blocking=True)
         mask = mask.to(run.device, non_blocking=True)
@@ -76,7 +77,7 @@ def evaluate(model: nn.Module, loader, run: Run, num_classes: int, crop: int, sc
                                            "refusing to report an mIoU")
             pred = probs.argmax(1)
             confusions[scale] += seg_metrics.confusion_matrix(pred, mask, num_classes, ignore_index)
-            if scale == 1.0 and len(examples) < keep:
+            if scale == max(scales) and len(examples) < keep and index % every == 0:
                 examples += [(image[i].cpu(), mask[i].cpu(), pred[i].cpu()) for i in range(min(len(image), keep - len(examples)))]
     return {s: seg_metrics.all_reduce_confusion(c).cpu() for s, c in confusions.items()}, examples
 

@@ -78,7 +78,7 @@ def save_miou_vs_scale(rows: list[dict], path: Path, label: str = "") -> None:
     scales = [row["scale"] for row in rows]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(scales, [row["mIoU"] for row in rows], marker="o", label=label or None)
-    ax.set(xscale="log", xlabel="scale (evaluation images down-sampled, then up-sampled back)", ylabel="mIoU (%)",
+    ax.set(xscale="log", xlabel="scale (down-sampled, then up-sampled back)", ylabel="mIoU (%)",
            title="mIoU against scale")
     ax.minorticks_off()
     ax.set_xticks(scales, [f"{s:g}" for s in scales])
