@@ -214,3 +214,39 @@ def build_knn_encoder(spec: str, weights: layouts.EncoderWeights | None, model_n
         return encoder, f"random init ({model_name})", True
     main_print(layouts.load_encoder(encoder, weights))
     return encoder, spec, weights.final_norm
+
+
+def build_segmenter(args: argparse.Namespace, num_classes: int, weights: layouts.EncoderWeights | None = None,
+                    load: bool = True):
+    """A ``models_segmentation.Segmenter`` around ``--finetune``'s encoder (or ``weights``): any checkpoint kind
+    ``build_classifier`` accepts (ours, upstream's two layouts, timm exports, fine-tuned classifiers, segmenters),
+    position embeddings resampled to ``--input_size`` (the crop). ``load=False``: architecture only.
+
+    Uses ``args``: finetune, model, patch_size, input_size, in_chans, drop_path, head, freeze_encoder,
+    decoder_channels. Returns (segmenter, weights).
+    """
+    import models_segmentation  # here, so the classification scripts never import segmentation_models_pytorch
+
+    if weights is None:
+        weights = layouts.read_encoder(args.finetune) if args.finetune else None
+    name = args.model or (classifier_name(weights) if weights else None)
+    if name is None:
+        raise UsageError("give --finetune PATH (pretrained weights) or --model NAME (random initialisation)")
+    try:
+        size, default_patch = models_vit.classifier_preset(name)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+    args.patch_size = args.patch_size or (weights.shape.patch_size if weights else default_patch)
+    if args.input_size % args.patch_size:
+        raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
+    encoder = models_vit.vision_transformer(
+        **PRESETS[size].encoder(), img_size=args.input_size, patch_size=args.patch_size, in_chans=args.in_chans,
+        num_classes=0, drop_path_rate=0.0 if args.freeze_encoder else getattr(args, "drop_path", 0.0),
+        norm_style=weights.norm_style if weights else "pre",
+    )
+    if weights is None:
+        main_print(f"no --finetune: {name} starts from random initialisation")
+    elif load:
+        main_print(layouts.load_encoder(encoder, weights))
+    model = models_segmentation.Segmenter(encoder, num_classes, args.head, args.freeze_encoder, args.decoder_channels)
+    return model, weights

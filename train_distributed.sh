@@ -49,8 +49,8 @@ fi
 PYTHON=${PYTHON:-python}
 LAUNCHER=${LAUNCHER:-train.sh}
 case $LAUNCHER in
-  train.sh | finetune.sh | linprobe.sh | knn.sh) ;;
-  *) echo "error: LAUNCHER=$LAUNCHER: expected train.sh, finetune.sh, linprobe.sh or knn.sh" >&2; exit 1 ;;
+  train.sh | finetune.sh | linprobe.sh | knn.sh | segment.sh) ;;
+  *) echo "error: LAUNCHER=$LAUNCHER: expected train.sh, finetune.sh, linprobe.sh, knn.sh or segment.sh" >&2; exit 1 ;;
 esac
 
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}  # torchrun --signals_to_handle

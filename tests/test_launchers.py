@@ -216,7 +216,7 @@ def test_distributed_runs_chosen_launcher(clone, stub, weights):
 def test_distributed_unknown_launcher(clone, stub):
     result = run(clone, stub, "train_distributed.sh", LAUNCHER="eval.sh")
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr == "error: LAUNCHER=eval.sh: expected train.sh, finetune.sh, linprobe.sh or knn.sh\n"
+    assert result.stderr == "error: LAUNCHER=eval.sh: expected train.sh, finetune.sh, linprobe.sh, knn.sh or segment.sh\n"
 
 
 def test_distributed_master_port_from_slurm(clone, stub):

@@ -1,0 +1,125 @@
+"""Segmentation: one training epoch (``util.training.StepLoop``), evaluation over the whole evaluation set
+(sliding window, one confusion matrix per scale summed over ranks), and the result tables."""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.tensorboard import SummaryWriter
+
+from util import seg_metrics
+from util.distributed import main_print
+from util.errors import NonFiniteError
+from util.runtime import Run
+from util.training import StepLoop
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler,
+                    scaler: torch.amp.GradScaler | None, run: Run, epoch: int, steps_per_epoch: int,
+                    args: argparse.Namespace, writer: SummaryWriter | None = None, start_step: int = 0) -> dict[str, float]:
+    """One epoch of segmentation training; returns the mean loss.
+
+    Args:
+        model: The ``Segmenter``, possibly DDP-wrapped or compiled.
+        criterion: Per-pixel loss on (logits [B, K, H, W], masks [B, H, W]) that skips ``ignore_index``.
+        loader: Yields (images [B, C, H, W], masks [B, H, W] int64).
+
+    Raises:
+        Preempted: SIGTERM arrived; the update of the current step is done.
+        NonFiniteLossError: the loss became NaN or infinite.
+    """
+    model.train()
+    steps = StepLoop(model, optimizer, scheduler, scaler, run, args, epoch, steps_per_epoch, ("loss",), writer, start_step)
+    for step, (images, masks) in enumerate(loader, start=start_step):
+        images = images.to(run.device, non_blocking=True)
+        masks = masks.to(run.device, non_blocking=True)
+        with steps.accumulate(step):
+            with run.autocast():
+                loss = criterion(model(images).float(), masks)
+            steps.backward(loss)
+        steps.end_step(step, {"loss": loss}, images.shape[0])
+    return steps.epoch_means()
+
+
+class NonFiniteOutputError(NonFiniteError):
+    """The model's outputs are NaN or infinite: no mIoU can be computed from them."""
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, run: Run, num_classes: int, crop: int, scales: Sequence[float] = (1.0,),
+             overlap: float = 1 / 3, ignore_index: int = 255, keep: int = 0) -> tuple[dict[float, torch.Tensor], list]:
+    """Confusion matrix [K, K] per scale over the whole evaluation set (all ranks summed), and up to ``keep``
+    (image, ground truth, prediction at the largest scale) triples of this rank for figures, spread over its images.
+
+    Each image goes through ``seg_metrics.degrade`` (down-sample by the scale, up-sample back) and sliding-window
+    inference at the crop size. ``loader`` yields single images (any size) with their masks.
+
+    Raises:
+        NonFiniteOutputError: NaN / inf scores.
+    """
+    model.eval()
+    confusions = {s: torch.zeros(num_classes, num_classes, dtype=torch.long, device=run.device) for s in scales}
+    examples = []
+    every = max(len(loader) // keep, 1) if keep else 1  # figure examples spread over the set
+    for index, (image, mask) in enumerate(loader):
+        image = image.to(run.device, non_blocking=True)
+        mask = mask.to(run.device, non_blocking=True)
+        for scale in scales:
+            with run.autocast():
+                probs = seg_metrics.sliding_window(model, seg_metrics.degrade(image, scale), num_classes, crop, overlap)
+            if not torch.isfinite(probs).all():
+                raise NonFiniteOutputError(f"evaluation: NaN/inf class scores at scale {scale:g} (image {index} of this rank); "
+                                           "refusing to report an mIoU")
+            pred = probs.argmax(1)
+            confusions[scale] += seg_metrics.confusion_matrix(pred, mask, num_classes, ignore_index)
+            if scale == max(scales) and len(examples) < keep and index % every == 0:
+                examples += [(image[i].cpu(), mask[i].cpu(), pred[i].cpu()) for i in range(min(len(image), keep - len(examples)))]
+    return {s: seg_metrics.all_reduce_confusion(c).cpu() for s, c in confusions.items()}, examples
+
+
+def results_table(confusions: dict[float, torch.Tensor], class_names: Sequence[str], exclude: Sequence[int] = ()) -> list[dict]:
+    """One row per scale: scale, mIoU, mF1, OA and each class's IoU (%; NaN: class absent from both)."""
+    rows = []
+    for scale, confusion in sorted(confusions.items()):
+        s = seg_metrics.scores(confusion, exclude)
+        rows.append({"scale": scale, "mIoU": s["mIoU"], "mF1": s["mF1"], "OA": s["OA"], "pixels": int(confusion.sum()),
+                     **{f"IoU_{name}": v for name, v in zip(class_names, s["IoU"])}})
+    return rows
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.2f}"
+    return str(value)
+
+
+def write_tables(rows: list[dict], directory: Path, note: str = "") -> tuple[Path, Path]:
+    """``seg_results.csv`` and ``seg_results.md`` (one row per scale); the Markdown also goes to stdout."""
+    directory.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0])
+    csv_path, md_path = directory / "seg_results.csv", directory / "seg_results.md"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row[c]) if c != "scale" else f"{row[c]:g}" for c in columns) + " |" for row in rows]
+    text = "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
+    md_path.write_text(text)
+    main_print(text)
+    return csv_path, md_path
+
+
+def report(rows: list[dict], count: int, what: str, best: float | None = None) -> None:
+    """One line per scale (rank 0)."""
+    for row in rows:
+        line = (f"{what}: {count} images, scale {row['scale']:g}: mIoU {_fmt(row['mIoU'])}%, mF1 {_fmt(row['mF1'])}%, "
+                f"OA {_fmt(row['OA'])}%")
+        if best is not None and row["scale"] == 1.0:
+            line += f" (best mIoU {best:.2f}%)"
+        main_print(line)

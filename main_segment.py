@@ -1,0 +1,263 @@
+"""Semantic segmentation with a pretrained Cross-Scale MAE encoder: UperNet (MAE / BEiT recipe) or a per-patch
+linear probe, fine-tuned or on a frozen encoder; mIoU, mF1 and overall accuracy with sliding-window inference,
+and mIoU against the resolution of the evaluation images.
+
+    python main_segment.py --finetune output/pretrain_tiny/checkpoint-last.pth          # the embedded sample
+    python main_segment.py --finetune weights/cross_scale_mae_base_pretrain.pth --palette isprs --input_size 512 \
+        --train_path potsdam/train --test_path potsdam/val --exclude_classes 5          # ISPRS, clutter left out of the means
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from timm.optim import create_optimizer_v2
+
+import engine_segment
+from model_loading import build_segmenter
+from util import checkpoint, config, distributed, layouts, loaders, logger, runtime, schedule, seg_data, seg_figures, training
+from util.errors import CheckpointError, UsageError, run_entry_point
+from util.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD
+
+SAMPLE = Path(__file__).resolve().parent / "data" / "sentinel2_rgb"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Cross-Scale MAE semantic segmentation")
+    config.add_optimisation_args(parser, batch_size=8, epochs=20, blr=1.6e-3, min_lr=1e-6, warmup_epochs=2, weight_decay=0.05)
+    group = parser.add_argument_group("data (image / mask pairs)")
+    group.add_argument("--train_path", default=str(SAMPLE / "seg_train.csv"),
+                       help="CSV of (image path, mask path), or a folder holding images/ and masks/ (matched by file stem)")
+    group.add_argument("--test_path", default=str(SAMPLE / "seg_val.csv"), help="evaluation pairs, as --train_path")
+    group.add_argument("--input_size", type=int, default=128, help="crop side in pixels (training crops, sliding window)")
+    group.add_argument("--patch_size", type=int, default=None, help="patch side (default: that of the pretrained weights)")
+    group.add_argument("--in_chans", type=int, default=3)
+    group.add_argument("--mean", type=float, nargs=3, default=list(FMOW_RGB_MEAN), help="normalisation mean (fMoW-RGB)")
+    group.add_argument("--std", type=float, nargs=3, default=list(FMOW_RGB_STD), help="normalisation std (fMoW-RGB)")
+    group.add_argument("--palette", default=str(SAMPLE / "seg_palette.json"),
+                       help="class names and colours: 'isprs' (6 classes), a JSON list of {name, color}, or 'none'; "
+                            "RGB masks are decoded through it, index masks only take its names and colours")
+    group.add_argument("--class_names", nargs="+", default=None, help="class names (instead of the palette's)")
+    group.add_argument("--nb_classes", type=int, default=None, help="classes (default: from the palette or --class_names)")
+    group.add_argument("--reduce_zero_label", action="store_true", help="LoveDA: mask 0 (no data) -> ignore, k -> k-1")
+    group.add_argument("--ignore_index", type=int, default=seg_data.IGNORE_INDEX, help="mask value left out of loss and metrics")
+    group.add_argument("--crop_scale", type=float, nargs=2, default=[0.25, 1.0], help="RandomResizedCrop area range")
+    group.add_argument("--num_workers", type=int, default=8)
+    group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pinned host memory (CUDA)")
+    config.add_runtime_args(parser, output_dir="./output_segment")
+    group = parser.add_argument_group("segmentation")
+    group.add_argument("--finetune", default="", metavar="PATH",
+                       help="pretrained weights: any checkpoint main_finetune.py accepts (ours, upstream's, timm export, classifier)")
+    group.add_argument("--model", default=None, help="vit_{tiny,small,base,large,huge}_patch16 (default: the architecture of --finetune)")
+    group.add_argument("--head", default="upernet", choices=("upernet", "linear"),
+                       help="upernet: 4-level pyramid + UperNet; linear: per-patch linear probe upsampled to pixels")
+    group.add_argument("--freeze_encoder", action="store_true", help="train only neck and head (PANGAEA's frozen-encoder protocol)")
+    group.add_argument("--decoder_channels", type=int, default=512, help="UperNet width")
+    group.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise LR decay (timm)")
+    group.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate of the encoder")
+    group.add_argument("--class_weights", type=float, nargs="+", default=None, help="cross-entropy weight of each class")
+    group.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                       help="final evaluation at each scale: images down-sampled (area) by it and up-sampled back, e.g. 0.125 0.25 0.5 1.0")
+    group.add_argument("--overlap", type=float, default=1 / 3, help="sliding-window overlap, fraction of the crop")
+    group.add_argument("--exclude_classes", type=int, nargs="*", default=[],
+                       help="classes left out of mIoU / mF1 (ISPRS protocol: 5 = clutter)")
+    group.add_argument("--examples", type=int, default=4, help="evaluation images in the prediction figure")
+    group.add_argument("--eval", action="store_true", help="only evaluate the segmenter of --resume (or --finetune) and exit")
+    group.add_argument("--save_every", type=int, default=0, help="also keep checkpoint-{epoch}.pth every N epochs")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    config.check_common_args(args)
+    if not 0 <= args.overlap < 1:
+        raise UsageError(f"--overlap must be in [0, 1), got {args.overlap}")
+    if any(not 0 < s <= 1 for s in args.scales):
+        raise UsageError(f"--scales must be in (0, 1], got {args.scales}")
+    if not 0 <= args.ignore_index <= 255:
+        raise UsageError(f"--ignore_index must be in 0..255 (masks are 8-bit), got {args.ignore_index}")
+
+
+def classes_of(args: argparse.Namespace) -> tuple[list[str], seg_data.Palette | None]:
+    """Class names (index = class) and the palette, from --palette, --class_names and --nb_classes."""
+    palette = None if str(args.palette).lower() in ("", "none") else seg_data.load_palette(args.palette)
+    names = list(args.class_names or (palette.names if palette else []))
+    if not names and args.nb_classes:
+        names = [f"class_{k}" for k in range(args.nb_classes)]
+    if args.nb_classes is not None and args.nb_classes != len(names):
+        raise UsageError(f"--nb_classes {args.nb_classes}: {len(names)} class names given (palette or --class_names)")
+    if len(names) < 2:
+        raise UsageError("give the classes: --palette (isprs or JSON), --class_names, or --nb_classes (at least 2)")
+    if args.class_weights is not None and len(args.class_weights) != len(names):
+        raise UsageError(f"--class_weights: {len(args.class_weights)} weights for {len(names)} classes")
+    if any(not 0 <= k < len(names) for k in args.exclude_classes):
+        raise UsageError(f"--exclude_classes {args.exclude_classes}: classes are 0..{len(names) - 1}")
+    return names, palette
+
+
+def datasets_of(args: argparse.Namespace, num_classes: int, palette, train: bool = True):
+    mask_kwargs = dict(num_classes=num_classes, palette=palette, ignore_index=args.ignore_index, zero_is_nodata=args.reduce_zero_label)
+    val_set = seg_data.SegDataset(seg_data.find_pairs(args.test_path), seg_data.eval_transform(args.mean, args.std), **mask_kwargs)
+    if not train:
+        return None, val_set
+    transform = seg_data.train_transform(args.input_size, args.mean, args.std, args.ignore_index, tuple(args.crop_scale))
+    return seg_data.SegDataset(seg_data.find_pairs(args.train_path), transform, **mask_kwargs), val_set
+
+
+def single_image_loader(dataset, args: argparse.Namespace, run: runtime.Run):
+    """Evaluation loader of one image per batch (images may differ in size), sharded over ranks."""
+    one = copy.copy(args)
+    one.batch_size = 1
+    return loaders.eval_loader(dataset, one, run)
+
+
+def main(args: argparse.Namespace) -> None:
+    check_args(args)
+    if args.eval:
+        evaluate_checkpoint(args)
+        return
+    class_names, palette = classes_of(args)
+    num_classes = args.nb_classes = len(class_names)
+    checkpoint.check_output_dir(args)
+    run = runtime.setup_run(args)
+    train_set, val_set = datasets_of(args, num_classes, palette)
+
+    model, _ = build_segmenter(args, num_classes)
+    if distributed.is_distributed() and run.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(run.device)
+    schedule.resolve_lr(args, run.world_size)
+    optimizer = create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
+                                    fused=run.device.type == "cuda")
+    weight = torch.tensor(args.class_weights, device=run.device) if args.class_weights else None
+    criterion = nn.CrossEntropyLoss(weight=weight, ignore_index=args.ignore_index)
+    scaler = training.grad_scaler(run)
+    start_epoch, start_step, resumed = checkpoint.resume(args, run, model, optimizer, scaler)
+    logger.append_log(run, {"run_start": datetime.datetime.now().isoformat(timespec="seconds"),
+                            "resumed_from": str(resumed.get("path")) if resumed else None, "start_epoch": start_epoch})
+    train_loader, sampler = loaders.train_loader(train_set, args, run)
+    val_loader = single_image_loader(val_set, args, run)
+    steps_per_epoch = len(train_loader)
+    scheduler = schedule.lr_scheduler(optimizer, args, steps_per_epoch)
+    best_miou = resumed.get("best_miou", -1.0)
+    writer = logger.summary_writer(run, args)
+    extra = {"class_names": class_names, "palette": [list(c) for c in palette.colors] if palette else None}
+    distributed.main_print(
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters "
+        f"({'frozen encoder, ' if args.freeze_encoder else ''}{args.head} head, blocks {list(model.blocks)}), "
+        f"{len(train_set)} training / {len(val_set)} evaluation images, {num_classes} classes, {steps_per_epoch} steps/epoch, "
+        f"lr {args.lr:.3e}, device {run.device}, autocast {run.amp_dtype or 'off (fp32)'}"
+    )
+    train_model = training.distribute(model, run, args, unused=model.unused_parameters)
+    evaluation = dict(num_classes=num_classes, crop=args.input_size, overlap=args.overlap, ignore_index=args.ignore_index)
+    try:
+        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step):
+            train_stats = engine_segment.train_one_epoch(train_model, criterion, train_loader, optimizer, scheduler, scaler,
+                                                         run, epoch, steps_per_epoch, args, writer, first_step)
+            confusions, _ = engine_segment.evaluate(model, val_loader, run, **evaluation)
+            row = engine_segment.results_table(confusions, class_names, args.exclude_classes)[0]
+            improved = row["mIoU"] > best_miou
+            best_miou = max(best_miou, row["mIoU"])
+            engine_segment.report([row], len(val_set), f"epoch {epoch}", best_miou)
+            checkpoint.save_epoch(run, "checkpoint-last.pth", model, optimizer, scaler, epoch, args, best_miou=best_miou, **extra)
+            if improved:
+                checkpoint.save_epoch(run, "checkpoint-best.pth", model, optimizer, scaler, epoch, args, best_miou=best_miou, **extra)
+            if args.save_every and (epoch + 1) % args.save_every == 0:
+                checkpoint.save_epoch(run, f"checkpoint-{epoch}.pth", model, optimizer, scaler, epoch, args, best_miou=best_miou, **extra)
+            logger.append_log(run, {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                                    **{f"test_{k}": row[k] for k in ("mIoU", "mF1", "OA")}})
+            if writer is not None:
+                for name in ("mIoU", "mF1", "OA"):
+                    writer.add_scalar(f"test/{name}", row[name], epoch)
+    except runtime.Preempted as stop:
+        checkpoint.save_preempted(run, stop, model, optimizer, scaler, args, best_miou=best_miou, **extra)
+        return
+    if writer is not None:
+        writer.close()
+    final_evaluation(model, val_set, args, run, class_names, palette, run.output_dir, "last epoch")
+
+
+def final_evaluation(model: nn.Module, val_set, args: argparse.Namespace, run: runtime.Run, class_names: list[str],
+                     palette, directory: Path, what: str) -> list[dict]:
+    """Evaluate at every ``--scales``; rank 0 writes seg_results.csv / .md, mIoU against scale, per-class IoU and
+    the prediction figure into ``directory``."""
+    confusions, examples = engine_segment.evaluate(
+        model, single_image_loader(val_set, args, run), run, len(class_names), args.input_size, sorted(args.scales),
+        args.overlap, args.ignore_index, keep=args.examples if run.is_main else 0)
+    rows = engine_segment.results_table(confusions, class_names, args.exclude_classes)
+    engine_segment.report(rows, len(val_set), what)
+    if run.is_main:
+        excluded = ", ".join(class_names[k] for k in args.exclude_classes)
+        note = ("IoU in %; means over the classes present in ground truth or predictions"
+                + (f", without {excluded}" if excluded else "") + "; n/a: class absent from both.")
+        engine_segment.write_tables(rows, directory, note)
+        (directory / "seg_confusion.json").write_text(json.dumps(
+            {f"{s:g}": c.tolist() for s, c in confusions.items()} | {"class_names": class_names}))
+        one = next(row for row in rows if row["scale"] == max(args.scales))
+        seg_figures.save_per_class_iou(one, class_names, directory / "per_class_iou.png",
+                                       f"per-class IoU ({what}, scale {one['scale']:g}): mIoU {one['mIoU']:.1f}%")
+        if len(rows) > 1:
+            seg_figures.save_miou_vs_scale(rows, directory / "miou_vs_scale.png", what)
+        if examples:
+            shown = palette if palette is not None and list(palette.names) == class_names else seg_figures.default_palette(class_names)
+            seg_figures.save_examples(examples, shown, args.mean, args.std, directory / "seg_examples.png",
+                                      f"{what}: mIoU {one['mIoU']:.1f}% at scale {one['scale']:g}")
+        distributed.main_print(f"segmentation outputs: {directory}")
+    return rows
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> None:
+    """``--eval``: the segmenter a checkpoint of this script holds (``--resume PATH|auto`` or ``--finetune``), at
+    every ``--scales``; outputs go to ``--output_dir/eval/``. Head, architecture, crop and classes come from it.
+
+    Raises:
+        UsageError: no checkpoint given.
+        CheckpointError: not a segmentation checkpoint, or weights that do not fit.
+    """
+    if args.resume == "auto":
+        found = checkpoint.find_resume_checkpoint("auto", args.output_dir)
+        if found is None:
+            raise UsageError(f"--eval --resume auto: no checkpoint in {args.output_dir}")
+        path, state = found
+    elif args.resume or args.finetune:
+        path = Path(args.resume or args.finetune)
+        state = checkpoint.read_checkpoint(path)
+    else:
+        raise UsageError("--eval needs the segmenter to evaluate: --resume PATH (or auto), or --finetune PATH")
+    weights = checkpoint.model_state(state)
+    saved = state.get("args") or {}
+    if "class_names" not in state or not any(k.startswith("head.") for k in weights):
+        raise CheckpointError(f"{path}: not a segmentation checkpoint of main_segment.py (no head / class names)")
+    class_names = list(state["class_names"])
+    for key in ("head", "decoder_channels", "input_size", "patch_size", "model"):
+        if saved.get(key) is not None:
+            setattr(args, key, saved[key])
+    args.freeze_encoder, args.nb_classes, args.class_names = False, len(class_names), class_names
+    if state.get("palette"):
+        palette_used = seg_data.Palette(tuple(class_names), tuple(tuple(c) for c in state["palette"]))
+    else:
+        palette_used = None
+    args.output_dir = str(Path(args.output_dir) / "eval")
+    run = runtime.setup_run(args)
+    decode = seg_data.load_palette(args.palette) if str(args.palette).lower() not in ("", "none") else palette_used
+    if decode is not None and len(decode.colors) != len(class_names):
+        decode = palette_used
+    _, val_set = datasets_of(args, len(class_names), decode, train=False)
+    model, _ = build_segmenter(args, len(class_names), layouts.read_encoder(path), load=False)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: does not fit the segmenter it describes ({str(e).strip().splitlines()[-1].strip()})") from None
+    model.to(run.device)
+    training.set_fused_attention(model, training.use_sdpa(args.attention, run.device))  # the attention path training used
+    distributed.main_print(f"eval: the segmenter of {path} ({args.model or 'its encoder'}, {args.head} head, {len(class_names)} classes, "
+                           f"crop {args.input_size} px)")
+    final_evaluation(model, val_set, args, run, class_names, palette_used or decode, run.output_dir, f"eval of {path.name}")
+
+
+if __name__ == "__main__":
+    run_entry_point(main, config.parse_args(get_args_parser()))

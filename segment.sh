@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Semantic segmentation with a pretrained encoder: UperNet on a 4-level ViT pyramid (GPU if there is one, else CPU).
+#
+#   bash segment.sh                                    # WEIGHTS from train.sh, embedded Sentinel-2 masks, a few min on 2 CPU cores
+#   bash segment.sh --freeze_encoder                   # PANGAEA's frozen-encoder protocol
+#   bash segment.sh --head linear --freeze_encoder     # per-patch linear probe
+#   WEIGHTS=weights/cross_scale_mae_base_pretrain.pth bash segment.sh --epochs 5
+#
+# ISPRS Potsdam / Vaihingen (512 px crops, batch 8 per GPU, mIoU / mF1 over the five classes without clutter;
+# tiles cut beforehand into images/ + masks/ folders, labels as the RGB colour images ISPRS ships):
+#   WEIGHTS=weights/cross_scale_mae_base_pretrain.pth INPUT_SIZE=512 BATCH_SIZE=8 EPOCHS=50 WARMUP_EPOCHS=2 BLR=1.6e-3
+#   TRAIN_PATH=../potsdam/train TEST_PATH=../potsdam/val PALETTE=isprs OUTPUT_DIR=output/segment_potsdam
+#   bash segment.sh --exclude_classes 5 --scales 0.125 0.25 0.5 1.0
+# LoveDA: PALETTE=none and --class_names background building road water barren forest agriculture --reduce_zero_label.
+# Extra flags pass through to Python and win over the variables (precedence: tools/launcher_lib.sh); --finetune
+# replaces WEIGHTS (--finetune "" with --model NAME: random initialisation). train_distributed.sh runs it under
+# torchrun with LAUNCHER=segment.sh.
+set -euo pipefail
+cd "$(dirname "$0")"
+source tools/launcher_lib.sh
+
+SCRIPT=${SCRIPT:-main_segment.py}
+setvar WEIGHTS output/pretrain_tiny/checkpoint-last.pth
+setvar MODEL ""                         # empty: the architecture of WEIGHTS
+setvar INPUT_SIZE 128                   # crop side (Potsdam / Vaihingen: 512)
+setvar EPOCHS 8
+setvar WARMUP_EPOCHS 1
+setvar BATCH_SIZE 16                    # per device (Potsdam / Vaihingen: 8)
+setvar BLR 1.6e-3                       # lr 1e-4 at batch 16 (MAE / BEiT UperNet recipe)
+setvar TRAIN_PATH data/sentinel2_rgb/seg_train.csv
+setvar TEST_PATH data/sentinel2_rgb/seg_val.csv
+setvar PALETTE data/sentinel2_rgb/seg_palette.json   # isprs for Potsdam / Vaihingen
+setvar SCALES "0.125 0.25 0.5 1.0"
+setvar DECODER_CHANNELS 128             # the literature: 512 (ViT-B) or 768
+setvar OUTPUT_DIR output/segment_tiny
+setvar NUM_WORKERS 2
+PYTHON=${PYTHON:-python}
+LAUNCH=${LAUNCH:-$PYTHON}               # train_distributed.sh sets this to torchrun
+
+WEIGHTS_FROM=WEIGHTS
+is_explicit WEIGHTS || WEIGHTS_FROM=
+USER_ARGS=("$@")
+if user_flag finetune; then
+  WEIGHTS=${FLAG_VALUES[0]-}
+  WEIGHTS_FROM=--finetune
+elif launcher_value WEIGHTS; then
+  PY_ARGS+=(--finetune "$WEIGHTS")
+else
+  WEIGHTS=
+fi
+if [[ -n $WEIGHTS && ! -f $WEIGHTS ]]; then
+  if [[ -z $WEIGHTS_FROM ]]; then
+    die "no weights at $WEIGHTS: run 'bash train.sh' first (tiny pretraining on the sample, < 3 min on 2 CPU cores), or give --finetune PATH / set WEIGHTS (published weights: weights/README.md)"
+  fi
+  die "no weights at $WEIGHTS (from $WEIGHTS_FROM)"
+fi
+
+if [[ -n $MODEL ]]; then pass_var model MODEL; fi
+pass_var input_size INPUT_SIZE
+pass_var epochs EPOCHS
+pass_var warmup_epochs WARMUP_EPOCHS
+pass_var batch_size BATCH_SIZE
+pass_var blr BLR
+pass_var train_path TRAIN_PATH
+pass_var test_path TEST_PATH
+pass_var palette PALETTE
+pass_var decoder_channels DECODER_CHANNELS
+pass_var output_dir OUTPUT_DIR
+pass_var num_workers NUM_WORKERS
+if ! user_flag scales && launcher_value SCALES; then
+  read -r -a SCALE_LIST <<< "$SCALES"
+  PY_ARGS+=(--scales "${SCALE_LIST[@]}")
+fi
+
+# shellcheck disable=SC2086  # LAUNCH is a command line (python, or torchrun and its flags); exec: signals reach it
+exec $LAUNCH "$SCRIPT" "${PY_ARGS[@]}" "$@"

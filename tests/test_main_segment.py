@@ -1,0 +1,123 @@
+"""main_segment.py / engine_segment.py end to end on an easy synthetic task: left of a random column class 0
+(reddish), right of it class 1 (bluish); a short run must beat chance by far and write its outputs."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main_segment
+from models_cross_scale_mae import create_model
+from util import checkpoint, config, seg_data
+
+COMMON = ["--input_size", "32", "--batch_size", "8", "--num_workers", "0", "--log_every", "2", "--warmup_epochs", "1",
+          "--palette", "none", "--class_names", "left", "right", "--decoder_channels", "32", "--drop_path", "0"]
+
+
+def write_split(root, count, seed):
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        column = int(rng.integers(8, 25))
+        mask = np.zeros((32, 32), dtype=np.uint8)
+        mask[:, column:] = 1
+        mask[0, :4] = 255  # a few ignored pixels
+        image = np.where(mask[..., None] == 1, [60, 80, 200], [200, 70, 60]) + rng.normal(0, 20, (32, 32, 3))
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"{i:03d}.png")
+        seg_data.write_mask(root / "masks" / f"{i:03d}.png", mask)
+    return root
+
+
+@pytest.fixture
+def split(tmp_path):
+    return write_split(tmp_path / "train", 24, 0), write_split(tmp_path / "val", 8, 1)
+
+
+@pytest.fixture
+def pretrained(tmp_path):
+    torch.manual_seed(0)
+    mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
+    path = tmp_path / "pretrain.pth"
+    checkpoint.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config, "epoch": 0}, path)
+    return path
+
+
+def run(argv):
+    main_segment.main(config.parse_args(main_segment.get_args_parser(), argv))
+
+
+def flags(split, pretrained, out):
+    return [*COMMON, "--train_path", str(split[0]), "--test_path", str(split[1]), "--finetune", str(pretrained), "--output_dir", str(out)]
+
+
+def last_log(out):
+    return json.loads((out / "log.txt").read_text().splitlines()[-1])
+
+
+def test_short_upernet_run_beats_chance_and_writes_tables_and_figures(split, pretrained, tmp_path, capsys):
+    out = tmp_path / "seg"
+    run([*flags(split, pretrained, out), "--epochs", "4", "--blr", "1e-2", "--scales", "0.25", "1.0"])
+    printed = capsys.readouterr().out
+    assert "blocks [0, 1, 2, 3]" in printed and "loaded 54 tensors" in printed
+    assert last_log(out)["test_mIoU"] > 80.0  # chance: about 33 (one class everywhere) to 50
+    with open(out / "seg_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["scale"]) for r in rows] == [0.25, 1.0]
+    assert float(rows[1]["mIoU"]) == pytest.approx(last_log(out)["test_mIoU"], abs=0.01)
+    assert int(rows[1]["pixels"]) == 8 * (32 * 32 - 4)  # ignored pixels are not counted
+    assert {"checkpoint-best.pth", "checkpoint-last.pth", "seg_results.md", "seg_examples.png", "per_class_iou.png",
+            "miou_vs_scale.png", "seg_confusion.json", "config.yaml"} <= {p.name for p in out.iterdir()}
+    assert "| scale | mIoU | mF1 | OA | pixels | IoU_left | IoU_right |" in (out / "seg_results.md").read_text()
+
+    run([*flags(split, pretrained, out), "--eval", "--resume", str(out / "checkpoint-last.pth")])  # --eval reproduces it
+    with open(out / "eval" / "seg_results.csv") as f:
+        assert float(next(csv.DictReader(f))["mIoU"]) == pytest.approx(float(rows[1]["mIoU"]), abs=0.01)
+
+
+def test_frozen_encoder_linear_probe_trains_only_its_head_and_beats_chance(split, pretrained, tmp_path):
+    out = tmp_path / "lin"
+    run([*flags(split, pretrained, out), "--epochs", "5", "--blr", "5e-2", "--head", "linear", "--freeze_encoder"])
+    assert last_log(out)["test_mIoU"] > 60.0
+    state = checkpoint.read_checkpoint(out / "checkpoint-last.pth")["model"]
+    original = checkpoint.read_checkpoint(pretrained)["model"]["encoder.blocks.0.attn.qkv.weight"]
+    assert torch.equal(state["encoder.blocks.0.attn.qkv.weight"], original)
+
+
+def test_resume_continues_where_the_first_run_stopped(split, pretrained, tmp_path, capsys):
+    out = tmp_path / "seg"
+    run([*flags(split, pretrained, out), "--epochs", "1"])
+    run([*flags(split, pretrained, out), "--epochs", "2", "--resume", "auto", "--allow_changed_flags"])
+    assert "continuing at epoch 1" in capsys.readouterr().out
+    assert last_log(out)["epoch"] == 1
+
+
+def test_bad_inputs_are_refused_with_the_flag(split, pretrained, tmp_path):
+    from util.errors import UsageError
+
+    with pytest.raises(UsageError, match="--class_weights: 1 weights for 2 classes"):
+        run([*flags(split, pretrained, tmp_path / "x"), "--class_weights", "1.0"])
+    with pytest.raises(UsageError, match="give the classes"):
+        run([*flags(split, pretrained, tmp_path / "x"), "--class_names", "only"])
+
+
+def test_segment_sh_passes_the_sample_defaults_and_lets_flags_win(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "echo", "WEIGHTS": str(weights)}
+    out = subprocess.run(["bash", str(repo / "segment.sh"), "--epochs", "1", "--scales", "0.5", "1.0"], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "main_segment.py" and out[out.index("--finetune") + 1] == str(weights)
+    assert out[out.index("--train_path") + 1] == "data/sentinel2_rgb/seg_train.csv"
+    assert out.count("--epochs") == 1 and out[out.index("--epochs") + 1] == "1"
+    assert out.count("--scales") == 1 and out[-3:] == ["--scales", "0.5", "1.0"]
+    missing = subprocess.run(["bash", str(repo / "segment.sh")], env={**env, "WEIGHTS": str(tmp_path / "none.pth")},
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and "no weights at" in missing.stderr

@@ -1,0 +1,115 @@
+"""util/seg_metrics.py: IoU / F1 / OA on hand-made confusion matrices, ignored pixels, absent classes, sliding
+window, and the resolution-degradation protocol."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from util import seg_metrics
+
+
+def test_scores_on_a_hand_made_confusion_matrix_leave_out_a_class_absent_from_both():
+    confusion = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])  # rows: truth; class 2 never occurs nor is predicted
+    s = seg_metrics.scores(confusion)
+    assert s["IoU"][0] == pytest.approx(75.0) and s["IoU"][1] == pytest.approx(200 / 3) and math.isnan(s["IoU"][2])
+    assert s["mIoU"] == pytest.approx((75.0 + 200 / 3) / 2)
+    assert s["F1"][0] == pytest.approx(600 / 7) and s["F1"][1] == pytest.approx(80.0)
+    assert s["mF1"] == pytest.approx((600 / 7 + 80.0) / 2)
+    assert s["OA"] == pytest.approx(500 / 6) and s["classes_counted"] == 2
+
+
+def test_a_class_predicted_but_absent_from_the_ground_truth_counts_with_iou_zero():
+    s = seg_metrics.scores(torch.tensor([[2, 1], [0, 0]]))
+    assert s["IoU"] == pytest.approx([200 / 3, 0.0]) and s["mIoU"] == pytest.approx(100 / 3)
+
+
+def test_excluded_classes_leave_the_means_but_keep_their_iou():
+    confusion = torch.tensor([[4, 0, 0], [0, 1, 1], [0, 1, 1]])
+    s = seg_metrics.scores(confusion, exclude=[2])
+    assert s["mIoU"] == pytest.approx((100.0 + 100 / 3) / 2) and s["IoU"][2] == pytest.approx(100 / 3)
+    assert s["OA"] == pytest.approx(600 / 8)  # overall accuracy counts every pixel
+
+
+def test_confusion_matrix_skips_ignored_pixels():
+    target = torch.tensor([[0, 1, 255], [2, 255, 1]])
+    pred = torch.tensor([[0, 2, 1], [2, 0, 1]])
+    confusion = seg_metrics.confusion_matrix(pred, target, 3, ignore_index=255)
+    assert confusion.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 1]] and confusion.sum() == 4
+
+
+def test_window_starts_cover_the_side_and_end_flush():
+    assert seg_metrics.window_starts(100, 32, 21) == [0, 21, 42, 63, 68]
+    assert seg_metrics.window_starts(32, 32, 21) == [0] and seg_metrics.window_starts(20, 32, 21) == [0]
+
+
+def test_sliding_window_equals_whole_image_inference_when_the_image_is_the_window():
+    from models_segmentation import Segmenter
+    import models_vit
+
+    torch.manual_seed(0)
+    encoder = models_vit.vision_transformer(**models_vit.PRESETS["tiny"].encoder(), img_size=32, patch_size=8)
+    model = Segmenter(encoder, 3, decoder_channels=16).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        whole = model(images).softmax(1)
+    torch.testing.assert_close(seg_metrics.sliding_window(model, images, 3, crop=32), whole)
+
+
+def test_sliding_window_of_a_pointwise_model_equals_the_model_on_any_size():
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 1)  # translation-equivariant per pixel: every window agrees wherever they overlap
+    for h, w in [(100, 70), (20, 45)]:  # larger than the crop; smaller on one side (padded)
+        images = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            expected = model(images).softmax(1)
+        got = seg_metrics.sliding_window(model, images, 4, crop=32, overlap=0.5, batch=3)
+        assert got.shape == (2, 4, h, w)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_degrade_keeps_the_size_and_removes_detail():
+    image = torch.zeros(1, 1, 16, 16)
+    image[..., ::2, :] = 1.0  # one-pixel stripes
+    assert torch.equal(seg_metrics.degrade(image, 1.0), image)
+    half = seg_metrics.degrade(image, 0.5)
+    assert half.shape == image.shape and torch.allclose(half, torch.full_like(image, 0.5))  # area averaging
+    assert torch.allclose(seg_metrics.degrade(torch.full((1, 3, 20, 20), 0.3), 0.125), torch.full((1, 3, 20, 20), 0.3))
+
+
+def _rank_confusion(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        pred, target = _whole_set()
+        half = slice(rank * 3, (rank + 1) * 3)  # rank 0: images 0-2, rank 1: images 3-5
+        local = seg_metrics.confusion_matrix(pred[half], target[half], 4)
+        torch.save({"local": local, "summed": seg_metrics.all_reduce_confusion(local)}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _whole_set():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 4, (6, 9, 7), generator=g)
+    target[target == 3] = 255  # class 3 only ever ignored
+    return torch.randint(0, 4, (6, 9, 7), generator=g), target
+
+
+def test_two_process_confusion_matrix_equals_one_process_on_the_whole_set(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_confusion, args=(port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    pred, target = _whole_set()
+    whole = seg_metrics.confusion_matrix(pred, target, 4)
+    assert not torch.equal(ranks[0]["local"], whole)
+    assert torch.equal(ranks[0]["summed"], whole) and torch.equal(ranks[1]["summed"], whole)
+    assert whole.sum() == (target != 255).sum()
