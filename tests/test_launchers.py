@@ -43,7 +43,8 @@ def weights(tmp_path: Path) -> Path:
 
 def run(clone: Path, stub: Path, launcher: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     """bash <launcher> args with a minimal environment (none of the launchers' variables unless given)."""
-    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "PYTHON": str(stub), "NUM_GPUS": "2"}
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "PYTHON": str(stub), "NUM_GPUS": "2",
+            "SAMPLE_EVAL": "0"}  # train.sh's closing evaluation is a second command; tested on its own
     return subprocess.run(["bash", str(clone / launcher), *args], cwd=REPO, env={**base, **env},
                           capture_output=True, text=True, timeout=30)
 
@@ -178,6 +179,16 @@ def test_knn_missing_checkpoints(clone, stub, weights, tmp_path):
 
 
 # train.sh
+
+
+def test_the_quick_start_ends_with_the_sample_evaluation(clone, stub):
+    lines = argv(run(clone, stub, "train.sh", SAMPLE_EVAL="1"))
+    assert lines[0] == "main_pretrain.py" and "--norm_pix_loss" in lines
+    evaluation = lines[lines.index("tools/sample_eval.py"):]
+    assert evaluation == ["tools/sample_eval.py", "output/pretrain_tiny/checkpoint-last.pth"]
+    other_data = argv(run(clone, stub, "train.sh", "--train_path", "elsewhere.csv", SAMPLE_EVAL="1"))
+    assert "tools/sample_eval.py" not in other_data  # only the embedded sample has the evaluation's blocks
+    assert "--norm_pix_loss" not in argv(run(clone, stub, "train.sh", NORM_PIX_LOSS="0"))
 
 
 def test_train_upstream_positional_form(clone, stub):
