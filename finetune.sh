@@ -20,7 +20,7 @@ source tools/launcher_lib.sh
 SCRIPT=${SCRIPT:-main_finetune.py}
 setvar WEIGHTS output/pretrain_tiny/checkpoint-last.pth
 setvar MODEL ""                         # empty: the architecture of WEIGHTS
-setvar INPUT_SIZE 128
+setvar INPUT_SIZE 64                    # train.sh pretrains at 64 px
 setvar EPOCHS "${DEFAULT_EPOCHS:-30}"
 setvar WARMUP_EPOCHS "${DEFAULT_WARMUP_EPOCHS:-3}"
 setvar BATCH_SIZE 32                    # per device
