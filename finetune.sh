@@ -39,21 +39,7 @@ if [[ $# -ge 1 && $1 != -* ]]; then MODEL=$1; mark_explicit MODEL; shift; fi
 if [[ $# -ge 1 && $1 != -* ]]; then WEIGHTS=$1; mark_explicit WEIGHTS; WEIGHTS_FROM="the <weights> argument"; shift; fi
 USER_ARGS=("$@")
 
-# the weights Python will read: --finetune on the command line, else WEIGHTS (unless --config decides)
-if user_flag finetune; then
-  WEIGHTS=${FLAG_VALUES[0]-}
-  WEIGHTS_FROM=--finetune
-elif launcher_value WEIGHTS; then
-  PY_ARGS+=(--finetune "$WEIGHTS")
-else
-  WEIGHTS=
-fi
-if [[ -n $WEIGHTS && ! -f $WEIGHTS ]]; then
-  if [[ -z $WEIGHTS_FROM ]]; then
-    die "no weights at $WEIGHTS: run 'bash train.sh' first, or give --finetune PATH / set WEIGHTS (published weights: weights/README.md)"
-  fi
-  die "no weights at $WEIGHTS (from $WEIGHTS_FROM)"
-fi
+pass_weights  # --finetune on the command line, else WEIGHTS (unless --config decides); checked
 
 if [[ -n $MODEL ]]; then pass_var model MODEL; fi
 pass_var input_size INPUT_SIZE

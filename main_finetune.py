@@ -206,16 +206,7 @@ def evaluate_checkpoint(args: argparse.Namespace, setup_fn: SetupFn) -> None:
         CheckpointError: no classification head in it (a freshly initialised head would report chance
             accuracy), non-finite weights, or weights that do not fit.
     """
-    if args.resume == "auto":
-        found = checkpoint.find_resume_checkpoint("auto", args.output_dir)
-        if found is None:
-            raise UsageError(f"--eval --resume auto: no checkpoint in {args.output_dir}; refusing to evaluate random weights")
-        path, state = found
-    elif args.resume or args.finetune:
-        path = Path(args.resume or args.finetune)
-        state = checkpoint.read_checkpoint(path)
-    else:
-        raise UsageError("--eval needs the classifier to evaluate: --resume PATH (or auto), or --finetune PATH")
+    path, state = checkpoint.checkpoint_to_evaluate(args, "classifier")
     weights = checkpoint.model_state(state)
     head = next((weights[k] for k in ("head.weight", "head.1.weight") if k in weights), None)
     if head is None or head.ndim != 2:

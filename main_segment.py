@@ -218,16 +218,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
         UsageError: no checkpoint given.
         CheckpointError: not a segmentation checkpoint, or weights that do not fit.
     """
-    if args.resume == "auto":
-        found = checkpoint.find_resume_checkpoint("auto", args.output_dir)
-        if found is None:
-            raise UsageError(f"--eval --resume auto: no checkpoint in {args.output_dir}")
-        path, state = found
-    elif args.resume or args.finetune:
-        path = Path(args.resume or args.finetune)
-        state = checkpoint.read_checkpoint(path)
-    else:
-        raise UsageError("--eval needs the segmenter to evaluate: --resume PATH (or auto), or --finetune PATH")
+    path, state = checkpoint.checkpoint_to_evaluate(args, "segmenter")
     weights = checkpoint.model_state(state)
     saved = state.get("args") or {}
     if "class_names" not in state or not any(k.startswith("head.") for k in weights):

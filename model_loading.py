@@ -164,12 +164,12 @@ def timm_config(encoder: VisionTransformer, weights_file: str = "encoder.pth") -
     }
 
 
-def build_classifier(args: argparse.Namespace, num_classes: int, weights: layouts.EncoderWeights | None = None,
-                     load: bool = True) -> tuple[VisionTransformer, layouts.EncoderWeights | None]:
-    """The classifier with ``--finetune``'s encoder (or ``weights``) loaded (every encoder tensor, or an error).
+def _architecture(args: argparse.Namespace, weights: layouts.EncoderWeights | None
+                  ) -> tuple[layouts.EncoderWeights | None, str, str, int]:
+    """(weights, classifier name, size preset, default patch size) from ``--model`` or ``--finetune``'s tensors.
 
-    With ``load=False`` the architecture comes from ``weights`` but nothing is loaded (the caller loads a whole
-    classifier, head included).
+    Raises:
+        UsageError: neither given, or an unknown ``--model``.
     """
     if weights is None:
         weights = layouts.read_encoder(args.finetune) if args.finetune else None
@@ -177,9 +177,20 @@ def build_classifier(args: argparse.Namespace, num_classes: int, weights: layout
     if name is None:
         raise UsageError("give --finetune PATH (pretrained weights) or --model NAME (random initialisation)")
     try:
-        default_patch = models_vit.classifier_preset(name)[1]
+        size, default_patch = models_vit.classifier_preset(name)
     except ValueError as e:
         raise UsageError(f"--{e}") from None
+    return weights, name, size, default_patch
+
+
+def build_classifier(args: argparse.Namespace, num_classes: int, weights: layouts.EncoderWeights | None = None,
+                     load: bool = True) -> tuple[VisionTransformer, layouts.EncoderWeights | None]:
+    """The classifier with ``--finetune``'s encoder (or ``weights``) loaded (every encoder tensor, or an error).
+
+    With ``load=False`` the architecture comes from ``weights`` but nothing is loaded (the caller loads a whole
+    classifier, head included).
+    """
+    weights, name, _, default_patch = _architecture(args, weights)
     args.patch_size = args.patch_size or (weights.shape.patch_size if weights else default_patch)
     if args.input_size % args.patch_size:
         raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
@@ -227,15 +238,7 @@ def build_segmenter(args: argparse.Namespace, num_classes: int, weights: layouts
     """
     import models_segmentation  # here, so the classification scripts never import segmentation_models_pytorch
 
-    if weights is None:
-        weights = layouts.read_encoder(args.finetune) if args.finetune else None
-    name = args.model or (classifier_name(weights) if weights else None)
-    if name is None:
-        raise UsageError("give --finetune PATH (pretrained weights) or --model NAME (random initialisation)")
-    try:
-        size, default_patch = models_vit.classifier_preset(name)
-    except ValueError as e:
-        raise UsageError(f"--{e}") from None
+    weights, name, size, default_patch = _architecture(args, weights)
     args.patch_size = args.patch_size or (weights.shape.patch_size if weights else default_patch)
     if args.input_size % args.patch_size:
         raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")

@@ -40,20 +40,7 @@ LAUNCH=${LAUNCH:-$PYTHON}               # train_distributed.sh sets this to torc
 WEIGHTS_FROM=WEIGHTS
 is_explicit WEIGHTS || WEIGHTS_FROM=
 USER_ARGS=("$@")
-if user_flag finetune; then
-  WEIGHTS=${FLAG_VALUES[0]-}
-  WEIGHTS_FROM=--finetune
-elif launcher_value WEIGHTS; then
-  PY_ARGS+=(--finetune "$WEIGHTS")
-else
-  WEIGHTS=
-fi
-if [[ -n $WEIGHTS && ! -f $WEIGHTS ]]; then
-  if [[ -z $WEIGHTS_FROM ]]; then
-    die "no weights at $WEIGHTS: run 'bash train.sh' first (tiny pretraining on the sample, < 3 min on 2 CPU cores), or give --finetune PATH / set WEIGHTS (published weights: weights/README.md)"
-  fi
-  die "no weights at $WEIGHTS (from $WEIGHTS_FROM)"
-fi
+pass_weights  # --finetune on the command line, else WEIGHTS (unless --config decides); checked
 
 if [[ -n $MODEL ]]; then pass_var model MODEL; fi
 pass_var input_size INPUT_SIZE

@@ -66,3 +66,24 @@ def fmow_samples() -> Path:
     if not SHARED_SAMPLES.is_dir():
         pytest.skip("../shared/data/fmow_samples is not present")
     return SHARED_SAMPLES
+
+
+@pytest.fixture
+def tiny_mae():
+    """The tiny paper model at 32 px, patch 8, seeded: the pretraining model the downstream tests start from."""
+    import torch
+
+    from models_cross_scale_mae import create_model
+
+    torch.manual_seed(0)
+    return create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
+
+
+@pytest.fixture
+def pretrained(tiny_mae, tmp_path) -> Path:
+    """``tiny_mae`` saved as a pretraining checkpoint (epoch 0)."""
+    from util import checkpoint
+
+    path = tmp_path / "pretrain.pth"
+    checkpoint.save_checkpoint({"model": tiny_mae.state_dict(), "model_config": tiny_mae.model_config, "epoch": 0}, path)
+    return path

@@ -104,7 +104,7 @@ def test_finetune_user_weights_missing(clone, stub, tmp_path, how):
 
 def test_finetune_variables_and_defaults(clone, stub, weights):
     args = argv(run(clone, stub, "finetune.sh", "--blr", "2e-3", WEIGHTS=str(weights), EPOCHS="7"))
-    assert args == ["main_finetune.py", "--finetune", str(weights), "--input_size", "128", "--epochs", "7",
+    assert args == ["main_finetune.py", "--finetune", str(weights), "--input_size", "64", "--epochs", "7",
                     "--warmup_epochs", "3", "--batch_size", "32", "--train_path", "data/sentinel2_rgb/train.csv",
                     "--test_path", "data/sentinel2_rgb/val.csv", "--output_dir", "output/finetune_tiny",
                     "--num_workers", "2", "--blr", "2e-3"]

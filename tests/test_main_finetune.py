@@ -7,7 +7,6 @@ from conftest import write_csv_dataset
 
 import main_finetune
 import main_linprobe
-from models_cross_scale_mae import create_model
 import engine_finetune
 import models_vit
 from util import checkpoint, config, runtime
@@ -20,15 +19,6 @@ COMMON = ["--input_size", "32", "--batch_size", "8", "--num_workers", "0", "--lo
 def split(tmp_path):
     """24 training and 8 evaluation images, bright (0) vs dark (1): easy for any encoder."""
     return write_csv_dataset(tmp_path / "data", 24, "train.csv"), write_csv_dataset(tmp_path / "data", 8, "val.csv")
-
-
-@pytest.fixture
-def pretrained(tmp_path):
-    torch.manual_seed(0)
-    mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
-    path = tmp_path / "pretrain.pth"
-    checkpoint.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config, "epoch": 0}, path)
-    return path
 
 
 def run(module, argv):

@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 import main_segment
-from models_cross_scale_mae import create_model
 from util import checkpoint, config, seg_data
 
 COMMON = ["--input_size", "32", "--batch_size", "8", "--num_workers", "0", "--log_every", "2", "--warmup_epochs", "1",
@@ -35,15 +34,6 @@ def write_split(root, count, seed):
 @pytest.fixture
 def split(tmp_path):
     return write_split(tmp_path / "train", 24, 0), write_split(tmp_path / "val", 8, 1)
-
-
-@pytest.fixture
-def pretrained(tmp_path):
-    torch.manual_seed(0)
-    mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
-    path = tmp_path / "pretrain.pth"
-    checkpoint.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config, "epoch": 0}, path)
-    return path
 
 
 def run(argv):

@@ -9,7 +9,6 @@ import torch
 
 import models_vit
 from model_loading import build_segmenter, export_encoder
-from models_cross_scale_mae import create_model
 from models_segmentation import Segmenter, feature_blocks
 from util import checkpoint
 
@@ -111,17 +110,8 @@ def seg_args(path, input_size=64, **kw) -> argparse.Namespace:
     return argparse.Namespace(**{**values, **kw})
 
 
-@pytest.fixture
-def pretrained(tmp_path):
-    torch.manual_seed(0)
-    mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
-    path = tmp_path / "pretrain.pth"
-    checkpoint.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config, "epoch": 0}, path)
-    return mae, path
-
-
-def test_every_checkpoint_kind_loads_with_position_embeddings_for_the_crop(pretrained, tmp_path):
-    mae, path = pretrained
+def test_every_checkpoint_kind_loads_with_position_embeddings_for_the_crop(tiny_mae, pretrained, tmp_path):
+    mae, path = tiny_mae, pretrained
     pth, safetensors = export_encoder(mae, tmp_path / "export")
     expected = mae.encoder.blocks[2].mlp.fc1.weight
     for source in (path, pth, safetensors):

@@ -65,3 +65,23 @@ pass_var() {
   launcher_value "$2" || return 0
   PY_ARGS+=("--$1" "${!2}")
 }
+
+
+# pass_weights: the weights Python will read are --finetune on the command line, else WEIGHTS (passed unless
+# --config decides); a missing file stops here, naming where it came from (WEIGHTS_FROM: empty = the default).
+pass_weights() {
+  if user_flag finetune; then
+    WEIGHTS=${FLAG_VALUES[0]-}
+    WEIGHTS_FROM=--finetune
+  elif launcher_value WEIGHTS; then
+    PY_ARGS+=(--finetune "$WEIGHTS")
+  else
+    WEIGHTS=
+  fi
+  if [[ -n $WEIGHTS && ! -f $WEIGHTS ]]; then
+    if [[ -z $WEIGHTS_FROM ]]; then
+      die "no weights at $WEIGHTS: run 'bash train.sh' first, or give --finetune PATH / set WEIGHTS (published weights: weights/README.md)"
+    fi
+    die "no weights at $WEIGHTS (from $WEIGHTS_FROM)"
+  fi
+}

@@ -227,6 +227,25 @@ def changed_flags(saved: dict[str, Any], args: argparse.Namespace, world_size: i
     return changes
 
 
+def checkpoint_to_evaluate(args: argparse.Namespace, what: str) -> tuple[Path, dict[str, Any]]:
+    """``--eval``'s checkpoint and its contents: ``--resume PATH``, ``--resume auto`` (the furthest-trained in
+    ``--output_dir``) or ``--finetune PATH``.
+
+    Raises:
+        UsageError: none given, or ``auto`` found none (never evaluate random weights).
+        CheckpointError: unreadable file.
+    """
+    if args.resume == "auto":
+        found = find_resume_checkpoint("auto", args.output_dir)
+        if found is None:
+            raise UsageError(f"--eval --resume auto: no checkpoint in {args.output_dir}; refusing to evaluate random weights")
+        return found
+    if args.resume or args.finetune:
+        path = Path(args.resume or args.finetune)
+        return path, read_checkpoint(path)
+    raise UsageError(f"--eval needs the {what} to evaluate: --resume PATH (or auto), or --finetune PATH")
+
+
 def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer, scaler) -> tuple[int, int, dict]:
     """Restore model, optimiser, scaler and RNG states from ``--resume``.
 
