@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fine-tune a pretrained encoder for classification (GPU if there is one, else CPU).
 #
-#   bash finetune.sh                                   # WEIGHTS from train.sh, embedded Sentinel-2 sample, ~1 min on 2 CPU cores
+#   bash finetune.sh                                   # WEIGHTS from train.sh, embedded Sentinel-2 sample (times: README quick start)
 #   WEIGHTS=weights/cross_scale_mae_base_pretrain.pth bash finetune.sh --epochs 5
 #   bash finetune.sh --finetune weights/mine.pth --epochs 1     # flags win over the variables below
 #   bash finetune.sh vit_large_patch16 weights/cross_scale_mae_large_pretrain.pth --nb_classes 62   # upstream's <model> [weights] form

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Linear probing of a frozen pretrained encoder (BatchNorm + linear head, LARS). Same arguments and variables as finetune.sh:
 #
-#   bash linprobe.sh                                   # WEIGHTS from train.sh, embedded sample, seconds on a CPU
+#   bash linprobe.sh                                   # WEIGHTS from train.sh, embedded sample (times: README quick start)
 #   bash linprobe.sh vit_base_patch16 weights/cross_scale_mae_base_pretrain.pth --global_pool
 #   bash linprobe.sh --finetune weights/mine.pth --epochs 10    # flags win over the variables
 #

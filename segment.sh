@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Semantic segmentation with a pretrained encoder: UperNet on a 4-level ViT pyramid (GPU if there is one, else CPU).
 #
-#   bash segment.sh                                    # WEIGHTS from train.sh, embedded Sentinel-2 masks, a few min on 2 CPU cores
+#   bash segment.sh                                    # WEIGHTS from train.sh, embedded Sentinel-2 masks (times: README quick start)
 #   bash segment.sh --freeze_encoder                   # PANGAEA's frozen-encoder protocol
 #   bash segment.sh --head linear --freeze_encoder     # per-patch linear probe
 #   WEIGHTS=weights/cross_scale_mae_base_pretrain.pth bash segment.sh --epochs 5
