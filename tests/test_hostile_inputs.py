@@ -391,3 +391,16 @@ def test_a_real_process_exits_1_with_one_line(tmp_path, script, argv, expected):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().startswith(expected) and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_full_disk_on_tensorboard_events_warns_once_and_training_goes_on(data, tmp_path, monkeypatch, capfd):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    out = tmp_path / "o"
+    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [*TINY, "--train_path", str(data), "--output_dir", str(out)]))
+    err = capfd.readouterr().err
+    assert err.count(f"warning: could not write TensorBoard events in {out} (add_scalar): No space left on device; continuing") == 1
+    assert (out / "checkpoint-last.pth").exists() and (out / "encoder.pth").exists()

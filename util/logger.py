@@ -147,9 +147,32 @@ def append_log(run: Run, record: dict) -> None:
         best_effort(path, write)
 
 
-def summary_writer(run: Run, args: argparse.Namespace) -> SummaryWriter | None:
+class EventWriter:
+    """A TensorBoard ``SummaryWriter`` whose write failures (disk full, permissions; the event file is written by
+    a background thread and its error surfaces at a later call) are reported once with the folder and the reason,
+    after which events are dropped and training goes on."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = log_dir
+        self.writer: SummaryWriter | None = None
+        self._call("open", lambda: setattr(self, "writer", SummaryWriter(log_dir)))
+
+    def _call(self, what: str, fn) -> None:
+        ok = best_effort(f"TensorBoard events in {self.log_dir} ({what})", fn)
+        if not ok:
+            self.writer = None  # stop writing: every later event would fail the same way
+
+    def __getattr__(self, name: str):
+        """``add_scalar``, ``add_image``, ``flush``, ``close``…: forwarded while the writer works, no-ops after."""
+        def call(*args, **kwargs) -> None:
+            if self.writer is not None:
+                self._call(name, lambda: getattr(self.writer, name)(*args, **kwargs))
+        return call
+
+
+def summary_writer(run: Run, args: argparse.Namespace) -> EventWriter | None:
     """Rank 0: write ``config.yaml`` and open the TensorBoard writer (``--log_dir`` or the output folder)."""
     if not run.is_main:
         return None
     best_effort(run.output_dir / "config.yaml", lambda: config.save_config(args, run.output_dir / "config.yaml"))
-    return SummaryWriter(args.log_dir or str(run.output_dir))
+    return EventWriter(args.log_dir or str(run.output_dir))
