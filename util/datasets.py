@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from util import errors
 from util.errors import first_line
-from util.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, BadImageError, is_image, load_image, max_image_pixels, read_raster
+from util.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, BadImageError, NotEightBitError, is_image, load_image, max_image_pixels, read_raster
 from util.rng import seeded
 
 from util.defaults import DATASET_TYPES, DEFAULT_TRAIN_CSV, DEFAULT_VAL_CSV  # noqa: E402, F401 (torch-free, for --help)
@@ -83,6 +83,8 @@ class ImageDataset(Dataset):
                 img = (self.raster.load(path, self.describe(index), getattr(self, "max_pixels", None)) if raster
                        else load_image(path, self.draft_size, getattr(self, "max_pixels", None)))
                 break
+            except NotEightBitError:
+                raise
             except BadImageError as e:
                 problem = f"{self.describe(index)}: cannot read image ({e.reason})"
                 if not self.skip_bad:

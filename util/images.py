@@ -48,7 +48,7 @@ HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 
 
 def not_eight_bit(path, what: str) -> NotEightBitError:
-    return NotEightBitError(f"{path}: {what}: not 8-bit RGB data; give per-band statistics (--band_stats FILE.json from "
+    return NotEightBitError(path, f"{what}: not 8-bit RGB data; give per-band statistics (--band_stats FILE.json from "
                             f"{STATS_TOOL}, with --in_chans / --bands) or --stretch (1-99 percentile stretch to 8 bit)")
 
 
@@ -129,8 +129,13 @@ STATS_TOOL = "tools/band_stats.py"
 _stretch = False
 
 
-class NotEightBitError(DataError):
-    """An image that is not 8-bit (or has a band count PIL cannot show as RGB) on the 8-bit RGB path."""
+class NotEightBitError(BadImageError):
+    """An image that is not 8-bit (or has a band count PIL cannot show as RGB) on the 8-bit RGB path; never skipped
+    by --skip_bad_images (the data needs --band_stats or --stretch, not fewer files)."""
+
+    def __init__(self, path, reason: str) -> None:
+        DataError.__init__(self, f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
 
 
 def set_stretch(enabled: bool) -> None:
