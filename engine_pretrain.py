@@ -51,7 +51,9 @@ def save_reconstruction(mae: models_mae.CrossScaleMAE, images: torch.Tensor, arg
                         epoch: int, writer: SummaryWriter | None = None) -> None:
     """Write ``plots/reconstruction_epochNNNN.png`` (a titled matplotlib figure: a column per original / masked /
     reconstruction of each scale, model and epoch above) and the plain grid to TensorBoard, for ``images`` [B, C, H, W]."""
-    columns, names = reconstruction_columns(mae, images, args.mean, args.std)
+    raster = getattr(args, "raster", False)  # multispectral / 16-bit: bands shown at +-2 std, --rgb_bands as R G B
+    columns, names = reconstruction_columns(mae, images, None if raster else args.mean, None if raster else args.std,
+                                            rgb_bands=getattr(args, "rgb_bands", None))
     title = f"{args.model} ({args.input_size} px, patch {args.patch_size}): epoch {epoch}"
     path = run.output_dir / "plots" / f"reconstruction_epoch{epoch:04d}.png"
     best_effort(path, lambda: save_reconstruction_png(columns, names, path, title))

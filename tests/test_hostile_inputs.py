@@ -85,7 +85,7 @@ CONFIG_CASES = [
     ("epochs: [1]", "epochs: expected a single int"),
     ("epochs: 1.7", "epochs: 1.7 is not a valid int"),
     ("batch_size: null", "batch_size: null, but the flag needs a value"),
-    ("mean: 0.5", "mean: expected a list of 3 values"),
+    ("mean: 0.5", "mean: expected a list, got 0.5"),
     ("amp: fp8", "amp: 'fp8' is not one of auto, bf16, fp16, none"),
     ("skip_bad_images: 3", "skip_bad_images: expected true or false"),
 ]

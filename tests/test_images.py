@@ -3,10 +3,14 @@ import numpy as np
 from conftest import make_image
 from PIL import Image
 
-from util.images import load_image
+import pytest
+
+from util import images as images_module
+from util.images import NotEightBitError, load_image
 
 
-def test_grayscale_rgba_and_16_bit_images_become_rgb(tmp_path):
+def test_grayscale_rgba_and_16_bit_images_become_rgb(tmp_path, monkeypatch):
+    monkeypatch.setattr(images_module, "_stretch", True)  # --stretch: 16-bit images are stretched only when asked
     Image.new("L", (20, 20), 100).save(tmp_path / "gray.png")
     Image.new("RGBA", (20, 20), (10, 20, 30, 0)).save(tmp_path / "rgba.png")
     ramp = (np.arange(400, dtype=np.uint16).reshape(20, 20) * 150)
@@ -23,3 +27,9 @@ def test_jpeg_draft_decodes_large_images_at_reduced_size(tmp_path):
     make_image(0, seed=1, size=512).save(tmp_path / "big.jpg")
     assert load_image(str(tmp_path / "big.jpg"), draft_size=100).size == (128, 128)
     assert load_image(str(tmp_path / "big.jpg")).size == (512, 512)
+
+
+def test_16_bit_images_are_refused_without_stretch_naming_the_tool(tmp_path):
+    Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(tmp_path / "sixteen.png")
+    with pytest.raises(NotEightBitError, match="tools/band_stats.py"):
+        load_image(str(tmp_path / "sixteen.png"))

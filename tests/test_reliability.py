@@ -157,7 +157,7 @@ def test_small_grayscale_rgba_and_16_bit_images_train(tmp_path):
     Image.fromarray((torch.arange(48 * 48).reshape(48, 48) * 20).numpy().astype("uint16")).save(folder / "sixteen.png")
     Image.new("RGB", (10, 30), (200, 10, 10)).save(folder / "tiny.jpg")
     main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(),
-                                         [*TINY, "--num_workers", "0", "--train_path", str(folder), "--output_dir", str(tmp_path / "o")]))
+                                         [*TINY, "--num_workers", "0", "--stretch", "--train_path", str(folder), "--output_dir", str(tmp_path / "o")]))
     assert (tmp_path / "o" / "checkpoint-last.pth").exists()
 
 

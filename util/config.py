@@ -10,6 +10,8 @@ import yaml
 from util.defaults import DATASET_TYPES, DEFAULT_TRAIN_CSV, DEFAULT_VAL_CSV, FMOW_RGB_MEAN, FMOW_RGB_STD, MAX_IMAGE_PIXELS
 from util.errors import UsageError, first_line
 
+STATS_TOOL = "tools/band_stats.py"
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` with every flag's default (unless its help text already says what the default is)."""
@@ -97,7 +99,7 @@ def config_value(action: argparse.Action, value):
 
 def save_config(args: argparse.Namespace, path: Path) -> None:
     """Write the resolved flags as YAML; ``--config`` of this file reproduces the run."""
-    values = {k: v for k, v in vars(args).items() if k not in ("config", "lr_given", "world_size")}
+    values = {k: v for k, v in vars(args).items() if k not in ("config", "lr_given", "world_size", "raster")}
     if "lr_given" in vars(args):  # the lr the user gave, not the one derived from --blr: the linear scaling rule keeps applying
         values["lr"] = args.lr_given
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,8 +129,21 @@ def add_data_args(parser: argparse.ArgumentParser, input_size: int | None, train
     group.add_argument("--patch_size", type=int, default=patch_size,
                        help="patch side in pixels" + ("" if patch_size else " (default: that of the pretrained weights)"))
     group.add_argument("--in_chans", type=int, default=3, help="input channels")
-    group.add_argument("--mean", type=float, nargs=3, default=list(FMOW_RGB_MEAN), help="normalisation mean (fMoW-RGB)")
-    group.add_argument("--std", type=float, nargs=3, default=list(FMOW_RGB_STD), help="normalisation std (fMoW-RGB)")
+    group.add_argument("--mean", type=float, nargs="+", default=list(FMOW_RGB_MEAN),
+                       help="normalisation mean, one per band (8-bit RGB: fMoW-RGB in [0, 1]; multispectral: in the file's units)")
+    group.add_argument("--std", type=float, nargs="+", default=list(FMOW_RGB_STD), help="normalisation std, one per band")
+    group.add_argument("--bands", type=int, nargs="+", default=None, metavar="I",
+                       help="0-based band indices to read, in order (multispectral; pretraining only; default: all)")
+    group.add_argument("--band_stats", default=None, metavar="FILE.json",
+                       help=f"per-band mean / std written by {STATS_TOOL} (multispectral and 16-bit data; pretraining only)")
+    group.add_argument("--nodata", type=float, default=None,
+                       help="no-data value (default: a TIFF's GDAL_NODATA tag); such pixels are filled with the band mean")
+    group.add_argument("--rgb_bands", type=int, nargs="+", default=None, metavar="I",
+                       help="bands (indices into the bands read) shown as R G B in reconstruction figures "
+                            "(default: the first three; one band: grey)")
+    group.add_argument("--stretch", action="store_true",
+                       help="8-bit RGB path: stretch 16-bit / float images from their 1st to 99th percentile per band "
+                            "(default: refuse them: give --band_stats instead)")
     group.add_argument("--max_image_pixels", type=float, default=float(MAX_IMAGE_PIXELS),
                        help="refuse images declaring more pixels (decompression bombs); the default admits a full "
                             "Sentinel-2 tile (~120 Mpx)")
@@ -234,13 +249,88 @@ def check_ranges(args: argparse.Namespace) -> None:
                 raise UsageError(f"--{flag} must be {describe_range(low, high, inclusive)}, got {shown}")
 
 
-def check_common_args(args: argparse.Namespace) -> None:
-    """Refuse flag values that cannot work, naming the flag; apply ``--max_image_pixels``."""
+def is_raster_run(args: argparse.Namespace) -> bool:
+    """Whether the data goes through ``images.read_raster`` (any band count, the file's units) rather than the
+    8-bit RGB path: --in_chans other than 3, or any of --bands, --band_stats, --nodata."""
+    return (getattr(args, "in_chans", 3) != 3 or bool(getattr(args, "bands", None)) or bool(getattr(args, "band_stats", None))
+            or getattr(args, "nodata", None) is not None)
+
+
+def resolve_band_args(args: argparse.Namespace, raster: bool) -> None:
+    """Check --bands / --mean / --std / --band_stats / --rgb_bands against --in_chans; set ``args.raster`` and, from
+    --band_stats, ``args.mean`` / ``args.std``.
+
+    Raises:
+        UsageError: one line naming the flag (and the statistics tool where statistics are missing).
+    """
+    args.raster = is_raster_run(args)
+    if args.raster and not raster:
+        raise UsageError("--in_chans other than 3, --bands, --band_stats and --nodata are supported by main_pretrain.py only")
+    count = args.in_chans
+    if getattr(args, "bands", None) and len(args.bands) != count:
+        raise UsageError(f"--bands names {len(args.bands)} band(s) but --in_chans is {count}")
+    if getattr(args, "bands", None) and min(args.bands) < 0:
+        raise UsageError(f"--bands are 0-based indices, got {' '.join(map(str, args.bands))}")
+    default = list(args.mean) == list(FMOW_RGB_MEAN) and list(args.std) == list(FMOW_RGB_STD)
+    if getattr(args, "band_stats", None):
+        if not default:
+            raise UsageError("--band_stats and --mean / --std both give statistics: give one of them")
+        args.mean, args.std = read_band_stats(args.band_stats, args.bands, count)
+    elif args.raster and default:
+        raise UsageError(f"{count}-band / non-8-bit data needs per-band statistics: run {STATS_TOOL} on the training data "
+                         "and pass --band_stats FILE.json (or --mean / --std, one per band, in the file's units)")
+    for flag in ("mean", "std"):
+        if len(getattr(args, flag)) != count:
+            raise UsageError(f"--{flag} has {len(getattr(args, flag))} value(s) but --in_chans is {count}: one per band")
+    rgb = getattr(args, "rgb_bands", None)
+    if rgb is not None and (len(rgb) not in (1, 3) or not all(0 <= b < count for b in rgb)):
+        raise UsageError(f"--rgb_bands needs 1 or 3 indices in 0..{count - 1} (of the bands read), got {' '.join(map(str, rgb))}")
+
+
+def read_band_stats(path: str, bands: list[int] | None, count: int) -> tuple[list[float], list[float]]:
+    """Mean and std from a ``tools/band_stats.py`` JSON file, for ``bands`` (indices of the file's bands; None: all).
+
+    Raises:
+        UsageError: unreadable file, missing keys, bands it lacks, or a length other than ``count``.
+    """
+    import json
+
+    try:
+        stats = json.loads(Path(path).read_text())
+        mean, std = [float(v) for v in stats["mean"]], [float(v) for v in stats["std"]]
+        have = [int(b) for b in stats.get("bands", range(len(mean)))]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--band_stats {path}: not a {STATS_TOOL} file ({type(e).__name__}: {first_line(e)})") from None
+    if bands:
+        missing = [b for b in bands if b not in have]
+        if missing:
+            raise UsageError(f"--band_stats {path}: no statistics for band(s) {' '.join(map(str, missing))} "
+                             f"(it has {' '.join(map(str, have))})")
+        mean, std = [mean[have.index(b)] for b in bands], [std[have.index(b)] for b in bands]
+    if len(mean) != count or len(std) != count:
+        raise UsageError(f"--band_stats {path}: {len(mean)} band(s) of statistics but --in_chans is {count}")
+    if not all(s > 0 for s in std):
+        raise UsageError(f"--band_stats {path}: std must be > 0 in every band, got {std}")
+    return mean, std
+
+
+def check_common_args(args: argparse.Namespace, raster: bool = False) -> None:
+    """Refuse flag values that cannot work, naming the flag; apply ``--max_image_pixels`` and ``--stretch``.
+
+    Args:
+        raster: the entry point reads multispectral / high-bit-depth data (``resolve_band_args``).
+    """
     check_ranges(args)
     if getattr(args, "max_image_pixels", None):
         from util import images  # here: PIL and NumPy need not load for --help
 
         images.set_max_image_pixels(args.max_image_pixels)
+    if hasattr(args, "stretch"):
+        from util import images
+
+        images.set_stretch(args.stretch)
+    if hasattr(args, "mean") and hasattr(args, "in_chans"):
+        resolve_band_args(args, raster)
     if args.patch_size and args.input_size and args.input_size % args.patch_size:
         raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
     if args.accum_iter < 1:

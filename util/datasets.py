@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from util import errors
 from util.errors import first_line
-from util.images import BadImageError, is_image, load_image, max_image_pixels
+from util.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, BadImageError, NotEightBitError, is_image, load_image, max_image_pixels, read_raster
 from util.rng import seeded
 
 from util.defaults import DATASET_TYPES, DEFAULT_TRAIN_CSV, DEFAULT_VAL_CSV  # noqa: E402, F401 (torch-free, for --help)
@@ -43,6 +43,8 @@ class ImageDataset(Dataset):
         describe: Names a sample in error messages (e.g. its CSV row).
         draft_size: JPEG draft decoding target (smallest side needed by the transform).
         skip_bad: Replace an unreadable image by the next readable one (with a warning) instead of stopping.
+        raster: Multispectral / high-bit-depth reading (``RasterOptions``): samples are float32 [C, H, W] tensors in
+            the file's units, no-data pixels filled with the band mean, given to ``transform`` as tensors.
     """
 
     def __init__(
@@ -54,7 +56,9 @@ class ImageDataset(Dataset):
         draft_size: int | None = None,
         skip_bad: bool = False,
         label_names: dict[int, str] | None = None,
+        raster: RasterOptions | None = None,
     ) -> None:
+        self.raster = raster
         self.samples = list(samples)
         self.skip_bad = skip_bad
         self.skipped = 0  # per process: every DataLoader worker counts its own
@@ -75,8 +79,12 @@ class ImageDataset(Dataset):
         for _ in range(len(self.samples)):
             path, label = self.samples[index]
             try:
-                img = load_image(path, self.draft_size, getattr(self, "max_pixels", None))
+                raster = getattr(self, "raster", None)
+                img = (self.raster.load(path, self.describe(index), getattr(self, "max_pixels", None)) if raster
+                       else load_image(path, self.draft_size, getattr(self, "max_pixels", None)))
                 break
+            except NotEightBitError:
+                raise
             except BadImageError as e:
                 problem = f"{self.describe(index)}: cannot read image ({e.reason})"
                 if not self.skip_bad:
@@ -90,6 +98,37 @@ class ImageDataset(Dataset):
             return img, label
         with seeded(seed) if seed is not None else nullcontext():
             return self.transform(img), label
+
+
+class RasterOptions:
+    """How ``ImageDataset`` reads multispectral / high-bit-depth files (``images.read_raster``).
+
+    Args:
+        in_chans: Bands every sample must have (after ``bands``).
+        bands: 0-based band indices to read (None: all).
+        nodata: No-data value (None: the TIFF's GDAL_NODATA tag, if any).
+        fill: Per-band value for no-data pixels (the normalisation mean: 0 after normalisation).
+    """
+
+    def __init__(self, in_chans: int, bands: Sequence[int] | None, nodata: float | None, fill: Sequence[float]) -> None:
+        self.in_chans, self.bands, self.nodata = in_chans, list(bands) if bands else None, nodata
+        self.fill = np.asarray(fill, dtype=np.float32)
+
+    def load(self, path: str, name: str, max_pixels: int | None) -> torch.Tensor:
+        """float32 [C, H, W] in the file's units, no-data filled.
+
+        Raises:
+            BadImageError: the decoder fails; DataError: wrong band count, bad --bands, a tile of no-data only.
+        """
+        raster = read_raster(path, self.bands, self.nodata, max_pixels)
+        data = raster.data
+        if data.shape[0] != self.in_chans:
+            raise DataError(f"{name}: {data.shape[0]} band(s) but --in_chans is {self.in_chans} (choose bands with --bands)")
+        if raster.mask is not None:
+            if raster.mask.all():
+                raise DataError(f"{name}: every pixel is no-data; remove the tile from the dataset")
+            data[:, raster.mask] = self.fill[:, None]
+        return torch.from_numpy(data)
 
 
 class PackedDataset(Dataset):
@@ -178,7 +217,8 @@ def read_csv_samples(csv_path: Path, names: dict[int, str] | None = None) -> lis
     return samples
 
 
-def scan_image_folder(root: Path, classes: Sequence[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
+def scan_image_folder(root: Path, classes: Sequence[str] | None = None,
+                      extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> tuple[list[tuple[str, int]], list[str]]:
     """ImageFolder layout (root/class_name/*.jpg, as RESISC45, UC Merced, EuroSAT): samples and class names.
 
     Args:
@@ -194,7 +234,7 @@ def scan_image_folder(root: Path, classes: Sequence[str] | None = None) -> tuple
     if classes is None:
         classes = found
     index = {name: label for label, name in enumerate(classes)}
-    unknown = [name for name in found if name not in index and any(is_image(p) for p in (root / name).rglob("*"))]
+    unknown = [name for name in found if name not in index and any(is_image(p, extensions) for p in (root / name).rglob("*"))]
     if unknown:
         raise DataError(f"{root}: class folder(s) {', '.join(unknown)} are not among the training classes "
                         f"({', '.join(classes)}): a class present only in evaluation cannot be predicted")
@@ -202,7 +242,7 @@ def scan_image_folder(root: Path, classes: Sequence[str] | None = None) -> tuple
         (str(p), index[name])
         for name in found if name in index
         for p in sorted((root / name).rglob("*"))
-        if is_image(p)
+        if is_image(p, extensions)
     ]
     return samples, list(classes)
 
@@ -220,8 +260,8 @@ def _list_folder(folder: Path) -> list[Path]:
                         "its images would be left out of the dataset") from None
 
 
-def scan_unlabelled(root: Path) -> list[tuple[str, int]]:
-    return [(str(p), -1) for p in sorted(root.rglob("*")) if is_image(p)]
+def scan_unlabelled(root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[tuple[str, int]]:
+    return [(str(p), -1) for p in sorted(root.rglob("*")) if is_image(p, extensions)]
 
 
 def detect_dataset_type(path: Path) -> str:
@@ -241,6 +281,7 @@ def build_dataset(
     draft_size: int | None = None,
     skip_bad: bool = False,
     classes: Sequence[str] | None = None,
+    raster: RasterOptions | None = None,
 ) -> ImageDataset:
     """A dataset from a CSV file, an ImageFolder tree, a folder of images, or a packed array.
 
@@ -252,6 +293,7 @@ def build_dataset(
         skip_bad: Skip unreadable images with a warning instead of stopping.
         classes: Class names of the training split (index = label): an ImageFolder tree's folders are matched
             to them by name (see ``check_labels``).
+        raster: Read files as multispectral / high-bit-depth rasters (``RasterOptions``; ``.npy`` files too).
 
     Raises:
         DataError: unknown type, unreadable or malformed CSV, missing images, or no images at all.
@@ -264,7 +306,10 @@ def build_dataset(
         raise DataError(f"{path}: no such file or folder")
     names: dict[int, str] | None = None
     describe = None
+    extensions = RASTER_EXTENSIONS if raster else IMAGE_EXTENSIONS
     if kind == "packed":
+        if raster:
+            raise DataError(f"{path}: packed datasets are 8-bit RGB; multispectral data is read from image files")
         return PackedDataset(path, transform)
     if kind in ("fmow_rgb", "csv"):
         if not path.is_file():
@@ -276,13 +321,13 @@ def build_dataset(
         names = {label: given.get(label, str(label)) for label in sorted({label for _, label in samples})}
         classes = []
     elif kind == "imagefolder":
-        samples, classes = scan_image_folder(path, classes)
+        samples, classes = scan_image_folder(path, classes, extensions)
         names = dict(enumerate(classes))
     else:
-        samples, classes = scan_unlabelled(path), []
+        samples, classes = scan_unlabelled(path, extensions), []
     if not samples:
         raise DataError(f"{path}: no images found ({kind} dataset)")
-    dataset = ImageDataset(samples, transform, classes or (), describe, draft_size, skip_bad, label_names=names)
+    dataset = ImageDataset(samples, transform, classes or (), describe, draft_size, skip_bad, label_names=names, raster=raster)
     dataset.source = str(path)
     return dataset
 
@@ -362,7 +407,7 @@ def split_dataset(dataset: ImageDataset, fraction: float, seed: int = 0) -> tupl
     parts = (sorted(order[:cut]), sorted(order[cut:]))
     return tuple(
         _with_source(ImageDataset([dataset.samples[i] for i in part], dataset.transform, dataset.classes, draft_size=dataset.draft_size,
-                                  skip_bad=dataset.skip_bad, label_names=dataset.label_names), f"{dataset.source} ({which} part)")
+                                  skip_bad=dataset.skip_bad, label_names=dataset.label_names, raster=getattr(dataset, "raster", None)), f"{dataset.source} ({which} part)")
         for part, which in zip(parts, ("memory", "held-out"))
     )
 

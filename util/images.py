@@ -1,4 +1,4 @@
-"""Decoding image files to 8-bit RGB."""
+"""Decoding image files: to 8-bit RGB (PIL, ``load_image``), or any band count and dtype to float32 (``read_raster``)."""
 from __future__ import annotations
 
 import warnings
@@ -39,19 +39,54 @@ def max_image_pixels() -> int:
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
-def is_image(path: Path) -> bool:
-    """A file whose extension is one of ``IMAGE_EXTENSIONS`` (case-insensitive)."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+def is_image(path: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> bool:
+    """A file whose extension is one of ``extensions`` (case-insensitive)."""
+    return path.suffix.lower() in extensions and path.is_file()
+
+
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def not_eight_bit(path, what: str) -> NotEightBitError:
+    return NotEightBitError(path, f"{what}: not 8-bit RGB data; give per-band statistics (--band_stats FILE.json from "
+                            f"{STATS_TOOL}, with --in_chans / --bands) or --stretch (1-99 percentile stretch to 8 bit)")
+
+
+def stretch_to_rgb(data: np.ndarray) -> Image.Image:
+    """[C, H, W] of any dtype -> 8-bit RGB (first three bands, or grey), each band stretched from its 1st to 99th percentile."""
+    data = data[:3] if data.shape[0] >= 3 else data[:1].repeat(3, 0)
+    low, high = np.percentile(data, [1, 99], axis=(1, 2), keepdims=True)
+    values = np.clip((data - low) / np.maximum(high - low, 1e-6), 0, 1) * 255
+    return Image.fromarray(np.moveaxis(values.round().astype(np.uint8), 0, -1))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB from any PIL mode; 16-bit and float images are stretched from their 1st to 99th percentile."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in HIGH_BIT_MODES:
         values = np.asarray(img, dtype=np.float32)
         low, high = np.percentile(values, [1, 99])
         values = np.clip((values - low) / max(high - low, 1e-6), 0, 1) * 255
         img = Image.fromarray(values.round().astype(np.uint8))
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _tiff_stretched(path, limit: int) -> Image.Image | None:
+    """None for an 8-bit TIFF of 1, 3 or 4 bands (PIL decodes it); any other TIFF (PIL would misread it) is refused,
+    or with --stretch decoded by tifffile and stretched to 8-bit RGB."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            dtype, axes, shape = series.dtype, series.axes, series.shape
+        bands = 1 if len(shape) == 2 else shape[-1] if axes.endswith("S") else shape[0]
+    except Exception:
+        return None  # PIL reports the failure
+    if dtype == np.uint8 and bands in (1, 3, 4):
+        return None
+    if not _stretch:
+        raise not_eight_bit(path, f"{bands} band(s) of {dtype}")
+    return stretch_to_rgb(read_raster(path, max_pixels=limit).data)
 
 
 def load_image(path: str, draft_size: int | None = None, max_pixels: int | None = None) -> Image.Image:
@@ -64,8 +99,14 @@ def load_image(path: str, draft_size: int | None = None, max_pixels: int | None 
     limit = max_pixels or _max_pixels
     if Image.MAX_IMAGE_PIXELS != limit:
         Image.MAX_IMAGE_PIXELS = limit
+    if Path(path).suffix.lower() in (".tif", ".tiff"):
+        stretched = _tiff_stretched(path, limit)
+        if stretched is not None:
+            return stretched
     try:
         with Image.open(path) as img:
+            if img.mode in HIGH_BIT_MODES and not _stretch:
+                raise not_eight_bit(path, f"PIL mode {img.mode}")
             if img.width * img.height > limit:
                 raise BadImageError(path, f"it declares {img.width} x {img.height} pixels, more than --max_image_pixels "
                                           f"{limit}: a decompression bomb?")
@@ -73,9 +114,136 @@ def load_image(path: str, draft_size: int | None = None, max_pixels: int | None 
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
             return to_rgb(img)
-    except BadImageError:
+    except (BadImageError, NotEightBitError):
         raise
     except MemoryError:
         raise BadImageError(path, "out of memory while decoding") from None
     except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, IndexError, ...
         raise BadImageError(path, f"{type(e).__name__}: {first_line(e)}" if not isinstance(e, OSError) else first_line(e)) from None
+
+
+# --- Multispectral / high-bit-depth rasters -------------------------------------------------------------------------
+
+RASTER_EXTENSIONS = IMAGE_EXTENSIONS + (".npy",)
+STATS_TOOL = "tools/band_stats.py"
+_stretch = False
+
+
+class NotEightBitError(BadImageError):
+    """An image that is not 8-bit (or has a band count PIL cannot show as RGB) on the 8-bit RGB path; never skipped
+    by --skip_bad_images (the data needs --band_stats or --stretch, not fewer files)."""
+
+    def __init__(self, path, reason: str) -> None:
+        DataError.__init__(self, f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def set_stretch(enabled: bool) -> None:
+    """``--stretch``: the 8-bit RGB path stretches 16-bit / float images from their 1st to 99th percentile per band
+    instead of refusing them."""
+    global _stretch
+    _stretch = bool(enabled)
+
+
+def stretch_enabled() -> bool:
+    return _stretch
+
+
+class Raster:
+    """A decoded raster: ``data`` float32 [C, H, W] in the file's own units, ``dtype`` the file's sample type, and
+    ``mask`` bool [H, W] (True = no-data in any band) or None."""
+
+    def __init__(self, data: np.ndarray, dtype: str, mask: np.ndarray | None = None) -> None:
+        self.data, self.dtype, self.mask = data, dtype, mask
+
+
+def _tiff_array(path, limit: int) -> tuple[np.ndarray, float | None]:
+    import tifffile  # only for rasters: the 8-bit RGB path does not need it
+
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        if page.imagewidth * page.imagelength > limit:
+            raise BadImageError(path, f"it declares {page.imagewidth} x {page.imagelength} pixels, more than "
+                                      f"--max_image_pixels {limit}: a decompression bomb?")
+        nodata = None
+        tag = page.tags.get(42113)  # GDAL_NODATA (ASCII)
+        if tag is not None:
+            try:
+                nodata = float(str(tag.value).strip().strip("\x00"))
+            except ValueError:
+                nodata = None
+        series = tif.series[0]
+        array, axes = series.asarray(), series.axes
+    return _bands_first(path, array, axes), nodata
+
+
+def _bands_first(path, array: np.ndarray, axes: str) -> np.ndarray:
+    """A TIFF series as [C, H, W]: interleaved samples (YXS) move to the front; planar (SYX) or one page per band
+    (QYX, IYX, CYX) stay."""
+    if array.ndim == 2:
+        return array[None]
+    if array.ndim == 3 and axes.endswith("S"):
+        return np.moveaxis(array, -1, 0)
+    if array.ndim == 3:
+        return array
+    raise BadImageError(path, f"unsupported TIFF layout {axes} {array.shape}")
+
+
+def _file_array(path, limit: int) -> tuple[np.ndarray, float | None]:
+    """[C, H, W] in the file's dtype, and the file's own no-data value (TIFF GDAL_NODATA) or None."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        return _tiff_array(path, limit)
+    if suffix == ".npy":
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        if array.ndim == 2:
+            array = array[None]
+        if array.ndim != 3:
+            raise BadImageError(path, f"expected a [C, H, W] or [H, W] array, got shape {array.shape}")
+        if array.shape[1] * array.shape[2] > limit:
+            raise BadImageError(path, f"it declares {array.shape[2]} x {array.shape[1]} pixels, more than --max_image_pixels {limit}")
+        return np.asarray(array), None
+    with Image.open(path) as img:
+        if img.width * img.height > limit:
+            raise BadImageError(path, f"it declares {img.width} x {img.height} pixels, more than --max_image_pixels {limit}: "
+                                      "a decompression bomb?")
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        array = np.asarray(img)
+    return (array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)), None
+
+
+def read_raster(path, bands: list[int] | None = None, nodata: float | None = None, max_pixels: int | None = None) -> Raster:
+    """Decode a GeoTIFF / TIFF (tifffile), ``.npy`` ([C, H, W] or [H, W]) or PNG / JPEG (Pillow) file of any band
+    count and of dtype uint8 / uint16 / int16 / float32 (others too) into a ``Raster``.
+
+    Args:
+        bands: 0-based band indices to keep, in that order (None: all).
+        nodata: The no-data value (default: the TIFF's GDAL_NODATA tag, if any); its pixels form ``mask``.
+
+    Raises:
+        BadImageError: the decoder fails (the message names the file).
+        DataError: a band index outside the file's bands.
+    """
+    limit = max_pixels or _max_pixels
+    try:
+        array, file_nodata = _file_array(path, limit)
+    except (BadImageError, DataError):
+        raise
+    except MemoryError:
+        raise BadImageError(path, "out of memory while decoding") from None
+    except Exception as e:  # tifffile / numpy / PIL decoder failures
+        raise BadImageError(path, f"{type(e).__name__}: {first_line(e)}" if not isinstance(e, OSError) else first_line(e)) from None
+    if bands is not None:
+        bad = [b for b in bands if not 0 <= b < array.shape[0]]
+        if bad:
+            raise DataError(f"{path}: --bands {' '.join(map(str, bad))} out of range: the file has {array.shape[0]} "
+                            f"band(s) (0-based indices 0..{array.shape[0] - 1})")
+        array = array[list(bands)]
+    dtype = str(array.dtype)
+    nodata = file_nodata if nodata is None else nodata
+    mask = None
+    if nodata is not None:
+        hit = np.isnan(array).any(0) if nodata != nodata else (array == nodata).any(0)
+        mask = hit if hit.any() else None
+    return Raster(np.ascontiguousarray(array, dtype=np.float32), dtype, mask)

@@ -38,6 +38,20 @@ def build_transform(
     return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
 
 
+def build_raster_transform(is_train: bool, input_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """``build_transform`` for float32 [C, H, W] tensors of any band count in the file's units (multispectral,
+    16-bit): the same geometry (bilinear: bicubic overshoots on unbounded data), then per-band normalisation."""
+    if is_train:
+        geometry = [
+            v2.RandomResizedCrop(input_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+        ]
+    else:
+        geometry = [v2.Resize(eval_resize_size(input_size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True), v2.CenterCrop(input_size)]
+    return v2.Compose([*geometry, v2.Normalize(list(mean), list(std))])
+
+
 def eval_resize_size(input_size: int) -> int:
     """Shorter side before the evaluation centre crop: input_size / 0.875 (MAE's crop_pct), none above 224 px."""
     return input_size if input_size > 224 else math.floor(input_size / 0.875)

@@ -15,8 +15,8 @@ from torchvision.utils import make_grid  # noqa: E402
 
 
 @torch.no_grad()
-def reconstruction_columns(model, imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                           seed: int = 1234) -> tuple[torch.Tensor, list[str]]:
+def reconstruction_columns(model, imgs: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None,
+                           seed: int = 1234, rgb_bands: Sequence[int] | None = None) -> tuple[torch.Tensor, list[str]]:
     """Per image: original, masked, reconstruction (visible patches pasted back), for each scale.
 
     Masks and the crop box come from a private generator seeded with ``seed``, so figures of different
@@ -25,12 +25,14 @@ def reconstruction_columns(model, imgs: torch.Tensor, mean: Sequence[float], std
     Args:
         model: A ``CrossScaleMAE`` (unwrapped).
         imgs: Normalised images [B, C, H, W].
-        mean: Normalisation mean per channel.
-        std: Normalisation std per channel.
+        mean: Normalisation mean per channel (8-bit data in [0, 1]); None (multispectral, 16-bit): each band is
+            shown from -2 to +2 of its standard deviations.
+        std: Normalisation std per channel (None with ``mean``).
         seed: Seed of the masks and the crop box.
+        rgb_bands: Bands shown as R, G, B (one: grey); default: the first three bands, or grey for fewer.
 
     Returns:
-        (images in [0, 1], float [B, 3 x scales, C, H, W] on the CPU, the column titles).
+        (images in [0, 1], float [B, 3 x scales, 3, H, W] on the CPU, the column titles).
     """
     was_training = model.training
     model.eval()
@@ -41,8 +43,12 @@ def reconstruction_columns(model, imgs: torch.Tensor, mean: Sequence[float], std
     outputs = model.encode_decode(views, model.mask_ratio, noise)
     model.train(was_training)
 
+    if mean is None:  # +-2 standard deviations of each band
+        mean, std = [0.5] * imgs.shape[1], [0.25] * imgs.shape[1]
     mean_t = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
+    shown = list(rgb_bands) if rgb_bands else list(range(3)) if imgs.shape[1] >= 3 else [0]
+    shown = shown * 3 if len(shown) == 1 else shown
     columns, names = [], []
     for number, (view, (_, mask, _, pred)) in enumerate(zip(views, outputs), start=1):  # ViewOutput(latent, mask, tokens, pred)
         pred = pred.float()
@@ -54,7 +60,7 @@ def reconstruction_columns(model, imgs: torch.Tensor, mean: Sequence[float], std
         columns += [view, view * (1 - patch_mask), view * (1 - patch_mask) + recon * patch_mask]
         scale = f"scale {number}" + (" (crop)" if number > 1 else " (full)") if len(views) > 1 else "full image"
         names += [f"original\n{scale}", f"masked {model.mask_ratio:.0%}\n{scale}", f"reconstruction\n{scale}"]
-    images = torch.stack([(c.float() * std_t + mean_t).clamp(0, 1) for c in columns], dim=1)  # [B, 3V, C, H, W]
+    images = torch.stack([(c.float() * std_t + mean_t).clamp(0, 1)[:, shown] for c in columns], dim=1)  # [B, 3V, 3, H, W]
     return images.cpu(), names
 
 

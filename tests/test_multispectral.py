@@ -1,0 +1,165 @@
+"""Multispectral and 16-bit imagery: readers, band statistics, normalisation, pretraining with --in_chans 4 / 13."""
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+import main_pretrain
+from util import config
+from util.datasets import DataError, RasterOptions
+from util.errors import run_entry_point
+from util.images import NotEightBitError, load_image, read_raster
+from util.transforms import build_raster_transform
+
+TINY = ["--model", "mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--epochs", "1",
+        "--num_workers", "0", "--amp", "none"]
+
+
+def raster(bands: int, dtype=np.uint16, size: int = 40, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "f":
+        return rng.normal(0.1, 0.05, (bands, size, size)).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(max(info.min, -3000), min(info.max, 5000), (bands, size, size)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float32])
+@pytest.mark.parametrize("bands", [1, 3, 13])
+def test_tiff_and_npy_round_trip_every_dtype(tmp_path, dtype, bands):
+    data = raster(bands, dtype)
+    tifffile.imwrite(tmp_path / "a.tif", data, photometric="minisblack")
+    np.save(tmp_path / "a.npy", data)
+    for name in ("a.tif", "a.npy"):
+        result = read_raster(tmp_path / name)
+        assert result.data.dtype == np.float32 and result.dtype == np.dtype(dtype).name and result.mask is None
+        np.testing.assert_array_equal(result.data, data.astype(np.float32))
+
+
+def test_interleaved_tiff_and_png_jpeg_read_band_first(tmp_path):
+    data = raster(4, np.uint16)
+    tifffile.imwrite(tmp_path / "rgbn.tif", np.moveaxis(data, 0, -1), photometric="minisblack", planarconfig="contig")
+    np.testing.assert_array_equal(read_raster(tmp_path / "rgbn.tif").data, data)
+    rgb = raster(3, np.uint8)
+    Image.fromarray(np.moveaxis(rgb, 0, -1)).save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(read_raster(tmp_path / "rgb.png").data, rgb)
+    Image.fromarray(np.moveaxis(rgb, 0, -1)).save(tmp_path / "rgb.jpg")
+    jpeg = read_raster(tmp_path / "rgb.jpg")
+    assert jpeg.data.shape == (3, 40, 40) and jpeg.dtype == "uint8"
+    sixteen = raster(1, np.uint16)[0]
+    Image.fromarray(sixteen).save(tmp_path / "grey16.png")
+    np.testing.assert_array_equal(read_raster(tmp_path / "grey16.png").data[0], sixteen)
+
+
+def test_nodata_from_flag_and_gdal_tag_is_masked(tmp_path):
+    data = raster(3, np.uint16) + 1  # no zero but those set below
+    data[:, :5, :5] = 0
+    data[1, 10, 10] = 0  # one band enough
+    tifffile.imwrite(tmp_path / "tagged.tif", data, photometric="minisblack", extratags=[(42113, "s", 0, "0", True)])
+    np.save(tmp_path / "plain.npy", data)
+    for result in (read_raster(tmp_path / "tagged.tif"), read_raster(tmp_path / "plain.npy", nodata=0)):
+        assert result.mask.sum() == 26 and result.mask[:5, :5].all() and result.mask[10, 10]
+    assert read_raster(tmp_path / "plain.npy").mask is None
+
+
+def test_band_selection_and_bad_index_is_one_line(tmp_path):
+    data = raster(13, np.uint16)
+    tifffile.imwrite(tmp_path / "s2.tif", data, photometric="minisblack")
+    np.testing.assert_array_equal(read_raster(tmp_path / "s2.tif", bands=[3, 2, 1, 7]).data, data[[3, 2, 1, 7]])
+    with pytest.raises(DataError) as info:
+        read_raster(tmp_path / "s2.tif", bands=[3, 13])
+    assert "s2.tif" in str(info.value) and "13 band(s)" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_band_stats_equals_numpy(tmp_path):
+    from tools.band_stats import main as band_stats_main
+
+    tiles = [raster(4, np.uint16, seed=s) + 30000 for s in range(3)]
+    tiles[1][:, :7, :] = 7
+    for i, tile in enumerate(tiles):
+        tifffile.imwrite(tmp_path / f"t{i}.tif", tile, photometric="minisblack")
+    band_stats_main(["--train_path", str(tmp_path), "--nodata", "7", "--bands", "2", "0", "--out", str(tmp_path / "s.json")])
+    stats = json.loads((tmp_path / "s.json").read_text())
+    values = np.concatenate([t[[2, 0]].reshape(2, -1).astype(np.float64) for t in tiles], 1)
+    values = values[:, (values != 7).all(0)]
+    assert stats["bands"] == [2, 0] and stats["dtype"] == "uint16"
+    np.testing.assert_allclose(stats["mean"], values.mean(1), rtol=1e-10)
+    np.testing.assert_allclose(stats["std"], values.std(1), rtol=1e-7)
+
+
+def test_one_band_and_three_band_uint16_follow_the_same_rule(tmp_path):
+    three = raster(3, np.uint16)
+    tifffile.imwrite(tmp_path / "three.tif", three, photometric="minisblack")
+    Image.fromarray(three[0]).save(tmp_path / "one.png")
+    for name in ("three.tif", "one.png"):  # the 8-bit path: refused alike, naming the tool
+        with pytest.raises(NotEightBitError, match="tools/band_stats.py"):
+            load_image(str(tmp_path / name))
+    outputs = {}
+    for name, bands in (("three.tif", 3), ("one.png", 1)):  # the raster path: (x - mean) / std in the file's units
+        tensor = RasterOptions(bands, None, None, [1000.0] * bands).load(str(tmp_path / name), name, None)
+        torch.testing.assert_close(tensor, torch.from_numpy(three[:bands].astype(np.float32)))
+        outputs[name] = build_raster_transform(False, 32, [1000.0] * bands, [500.0] * bands)(tensor)
+    torch.testing.assert_close(outputs["one.png"][0], outputs["three.tif"][0])
+    assert abs(outputs["one.png"].mean().item() - (three[0].mean() - 1000) / 500) < 0.2  # not stretched, not near 0
+
+
+def run_expecting_error(argv):
+    with pytest.raises(SystemExit) as info:
+        run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))
+    message = str(info.value)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
+    return message
+
+
+def write_tiles(folder, bands, count=4, nodata_corner=False):
+    folder.mkdir()
+    for i in range(count):
+        tile = raster(bands, np.uint16, seed=i)
+        if nodata_corner:
+            tile[:, :4, :4] = 0
+        tifffile.imwrite(folder / f"tile{i}.tif", tile, photometric="minisblack")
+    return folder
+
+
+@pytest.mark.parametrize("bands", [4, 13])
+def test_pretrain_one_epoch_on_multispectral_tiffs(tmp_path, bands):
+    tiles = write_tiles(tmp_path / "tiles", bands, nodata_corner=True)
+    from tools.band_stats import main as band_stats_main
+
+    band_stats_main(["--train_path", str(tiles), "--nodata", "0", "--out", str(tmp_path / "stats.json")])
+    out = tmp_path / "out"
+    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [
+        *TINY, "--in_chans", str(bands), "--band_stats", str(tmp_path / "stats.json"), "--nodata", "0",
+        "--train_path", str(tiles), "--output_dir", str(out)]))
+    assert (out / "checkpoint-last.pth").exists()
+    assert (out / "plots" / "reconstruction_epoch0000.png").exists()
+
+
+def test_pretrain_with_selected_bands(tmp_path):
+    tiles = write_tiles(tmp_path / "tiles", 13)
+    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [
+        *TINY, "--in_chans", "1", "--bands", "7", "--mean", "1000", "--std", "500", "--train_path", str(tiles),
+        "--output_dir", str(tmp_path / "out")]))
+    assert (tmp_path / "out" / "checkpoint-last.pth").exists()
+
+
+def test_one_line_errors(tmp_path):
+    tiles = write_tiles(tmp_path / "tiles", 4)
+    base = [*TINY, "--train_path", str(tiles), "--output_dir", str(tmp_path / "out")]
+    assert "tools/band_stats.py" in run_expecting_error([*base, "--in_chans", "4"])
+    assert "--mean has 3 value(s) but --in_chans is 4" in run_expecting_error(
+        [*base, "--in_chans", "4", "--mean", "1", "2", "3", "--std", "1", "1", "1", "1"])
+    (tmp_path / "s.json").write_text(json.dumps({"bands": [0, 1], "mean": [1, 2], "std": [1, 1], "dtype": "uint16"}))
+    assert "--band_stats" in run_expecting_error([*base, "--in_chans", "4", "--band_stats", str(tmp_path / "s.json")])
+    message = run_expecting_error([*base, "--in_chans", "2", "--bands", "1", "9", "--mean", "1", "1", "--std", "1", "1"])
+    assert "tile0.tif" in message and "4 band(s)" in message
+    assert "tools/band_stats.py" in run_expecting_error(base)  # 16-bit on the 8-bit path
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tifffile.imwrite(empty / "void.tif", np.zeros((4, 40, 40), np.uint16), photometric="minisblack")
+    tifffile.imwrite(empty / "ok.tif", raster(4, np.uint16), photometric="minisblack")
+    assert "every pixel is no-data" in run_expecting_error(
+        [*TINY, "--batch_size", "2", "--train_path", str(empty), "--output_dir", str(tmp_path / "o2"), "--in_chans", "4",
+         "--nodata", "0", "--mean", "1", "1", "1", "1", "--std", "1", "1", "1", "1"])
