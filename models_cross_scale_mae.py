@@ -224,6 +224,12 @@ class CrossScaleMAE(nn.Module):
             raise ValueError(f"loss_weights: unknown term(s) {', '.join(sorted(unknown))}; known: {', '.join(LOSS_WEIGHT_KEYS)}")
         if not multi_scale and any(weights.get(k, 0.0) for k in LOSS_WEIGHT_KEYS if k != "rec"):
             raise ValueError("loss_weights: cross-scale loss terms need a multi-scale model (not plain MAE)")
+        bad_weights = [f"{k}={v}" for k, v in weights.items() if not (0.0 <= float(v) < float("inf"))]
+        if bad_weights:
+            raise ValueError(f"loss_weights: weights must be finite and at least 0, got {', '.join(bad_weights)}")
+        low, high = (float(v) for v in scale_range)
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"scale_range must satisfy 0 < min <= max <= 1 (area fractions of the crop), got {low} {high}")
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if crop_mode not in ("batch", "sample"):

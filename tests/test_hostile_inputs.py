@@ -40,6 +40,9 @@ def expect_error(module, argv):
 
 FLAG_CASES = [
     (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["--scale_range", "0", "0"], "--scale_range must satisfy 0 < min <= max <= 1 (area fractions of the crop), got 0.0 0.0"),
+    (["--scale_range", "0.8", "0.2"], "--scale_range must satisfy 0 < min <= max <= 1"),
+    (["--loss_weights", "rec=nan"], "--loss_weights: weights must be finite and at least 0, got rec=nan"),
     (["--num_workers", "-1"], "--num_workers must be at least 0, got -1"),
     (["--input_size", "0"], "--input_size must be at least 1, got 0"),
     (["--input_size", "-16"], "--input_size must be at least 1, got -16"),
@@ -404,3 +407,36 @@ def test_full_disk_on_tensorboard_events_warns_once_and_training_goes_on(data, t
     err = capfd.readouterr().err
     assert err.count(f"warning: could not write TensorBoard events in {out} (add_scalar): No space left on device; continuing") == 1
     assert (out / "checkpoint-last.pth").exists() and (out / "encoder.pth").exists()
+
+
+@pytest.mark.parametrize("content", [b"hello", bytes(random.Random(0).randrange(256) for _ in range(300))], ids=["text", "random"])
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such(data, tmp_path, content):
+    path = tmp_path / "not_a_checkpoint.pth"
+    path.write_bytes(content)
+    message = expect_error(main_pretrain, [*TINY, "--train_path", str(data), "--output_dir", str(tmp_path / "o"), "--resume", str(path)])
+    assert message.startswith(f"error: {path}: not a readable PyTorch checkpoint, truncated or corrupt")
+
+
+def test_preprocess_output_that_is_a_file(data, tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    import preprocess
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as info:
+        preprocess.main(["--input", str(data), "--output", str(afile), "--size", "32"])
+    assert str(info.value).startswith(f"error: --output {afile}: cannot create")
+
+
+def test_the_stop_message_names_the_signal_received(monkeypatch):
+    import signal as signals
+
+    from util import runtime
+    monkeypatch.setattr(runtime, "_STOP_REASON", [])
+    monkeypatch.setattr(runtime._STOP, "set", lambda: None)
+    assert runtime.stop_reason() == "a stop signal on another process"
+    monkeypatch.setattr(signals, "signal", lambda *a: None)
+    runtime._interrupt(signals.SIGINT, None)
+    assert runtime.stop_reason() == "Ctrl-C (SIGINT)"
+    monkeypatch.setattr(runtime, "_STOP_REASON", [])
+    runtime._request_stop(signals.SIGUSR1, None)
+    assert runtime.stop_reason() == "SIGUSR1"

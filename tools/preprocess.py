@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     classes = list(dataset.classes) or None  # an ImageFolder tree's folders, index = label
     split = args.split or args.input.stem
     folder = f"{split}_{args.size}"
-    (args.output / folder).mkdir(parents=True, exist_ok=True)
+    try:
+        (args.output / folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --output {args.output}: cannot create {args.output / folder} ({e.strerror or first_line(e)})") from None
     rows, tasks = [], []
     for index, (source, label) in enumerate(dataset.samples):
         relative = f"{folder}/{index:07d}_{Path(source).stem}.jpg"

@@ -13,7 +13,6 @@ import hashlib
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from safetensors.torch import load_file as load_safetensors
 from util import distributed
 from util.errors import CheckpointError, UsageError, first_line
 from util.rng import rng_state, set_rng_state
-from util.runtime import Preempted, Run
+from util.runtime import Preempted, Run, stop_reason
 
 PUBLISHED_MD5 = {
     "0c33995da85c112d9602f89d5b186bbc": "published Cross-Scale MAE ViT-Base (400 epochs)",
@@ -91,11 +90,13 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: refused to load: it holds Python objects other than tensors and plain types, "
-            f"which could run code ({first_line(e, last=True)})"
-        ) from e
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        if "GLOBAL" in str(e):  # the unpickler met a class or function it may not load: it could run code
+            raise CheckpointError(
+                f"{path}: refused to load: it holds Python objects other than tensors and plain types, "
+                f"which could run code ({first_line(e, last=True)})"
+            ) from e
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt (bad pickle data)") from e
+    except Exception as e:  # noqa: BLE001 - any failure to decode an untrusted file means it is not a checkpoint
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first_line(e)})") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
@@ -323,9 +324,9 @@ def save_epoch(run: Run, name: str, model: torch.nn.Module, optimizer, scaler, e
 
 
 def save_preempted(run: Run, stop: Preempted, model: torch.nn.Module, optimizer, scaler, args, **extra) -> None:
-    """Checkpoint a run stopped by SIGTERM so that ``--resume auto`` continues at the very next step."""
+    """Checkpoint a run stopped by SIGTERM, SIGUSR1 or Ctrl-C so that ``--resume auto`` continues at the very next step."""
     saved = save_epoch(run, "checkpoint-last.pth", model, optimizer, scaler, stop.epoch - 1, args, next_step=stop.step, **extra)
     if run.is_main and not saved:
-        raise CheckpointError(f"SIGTERM at epoch {stop.epoch} step {stop.step}, and the checkpoint could not be written")
-    distributed.main_print(f"SIGTERM: stopped at epoch {stop.epoch} step {stop.step}, saved {run.output_dir / 'checkpoint-last.pth'}; "
+        raise CheckpointError(f"{stop_reason()} at epoch {stop.epoch} step {stop.step}, and the checkpoint could not be written")
+    distributed.main_print(f"{stop_reason()}: stopped at epoch {stop.epoch} step {stop.step}, saved {run.output_dir / 'checkpoint-last.pth'}; "
                     "continue with --resume auto")

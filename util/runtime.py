@@ -32,12 +32,22 @@ class Preempted(Exception):
         self.epoch, self.step = epoch, step
 
 
+_STOP_REASON: list[str] = []  # the signal this process received, for the closing message
+
+
 def _request_stop(signum, frame) -> None:
+    _STOP_REASON.append(signal.Signals(signum).name)
     _STOP.set()
+
+
+def stop_reason() -> str:
+    """What stopped the run: the signal this process received, or another process's (under DDP)."""
+    return _STOP_REASON[0] if _STOP_REASON else "a stop signal on another process"
 
 
 def _interrupt(signum, frame) -> None:
     """First Ctrl-C: stop like SIGTERM (checkpoint at the next update); a second one aborts at once."""
+    _STOP_REASON.append("Ctrl-C (SIGINT)")
     _STOP.set()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     print("Ctrl-C: stopping after the current step with a checkpoint (Ctrl-C again aborts at once)", flush=True)

@@ -3,9 +3,14 @@ computed by timm's ``CosineLRScheduler``), and the linear scaling rule for the b
 from __future__ import annotations
 
 import argparse
+import logging
 
 import torch
 from timm.scheduler import CosineLRScheduler
+
+
+# timm warns that a cosine of one update "will have no effect"; our warm-up + cosine says what it does itself
+logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int) -> CosineLRScheduler:
