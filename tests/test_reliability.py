@@ -213,3 +213,17 @@ def test_two_process_run_resumed_from_a_checkpoint_continues_identically(tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "continuing at epoch 1" in resumed.stdout
     assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight"))
+
+
+def test_sigterm_to_the_whole_process_group_with_workers_checkpoints_and_resumes(slow_data, tmp_path):
+    """What SLURM does: every process of the job step, DataLoader workers included, gets SIGTERM."""
+    argv = [*SLOW_RUN, "--train_path", str(slow_data), "--num_workers", "2"]
+    process = subprocess.Popen([sys.executable, *argv, "--output_dir", str(tmp_path)], cwd=REPO, env=ENV, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = wait_for(process, "epoch 0 [3/16]")
+    os.killpg(process.pid, signal.SIGTERM)
+    output = seen + process.stdout.read()
+    assert process.wait(timeout=60) == 0, output[-2000:]
+    assert "SIGTERM: stopped at epoch 0 step" in output and "Traceback" not in output
+    resumed = finish([*argv, "--resume", "auto", "--epochs", "1", "--allow_changed_flags"], tmp_path)
+    assert "continuing at epoch 0 step" in resumed
