@@ -20,12 +20,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: t
                     scaler: torch.amp.GradScaler | None, run: Run, epoch: int, steps_per_epoch: int,
                     args: argparse.Namespace, writer: SummaryWriter | None = None, start_step: int = 0,
                     mixup: Callable | None = None) -> dict[str, float]:
-    """One epoch of classification training; returns the mean loss.
+    """One epoch of classification training (also per-pixel: segmentation); returns the mean loss.
 
     Args:
-        model: What trains (the classifier, or only its head on cached features), possibly DDP-wrapped.
-        criterion: Loss on (logits [B, K], targets [B] or soft [B, K]).
-        loader: Yields (images [B, C, H, W] or features [B, D], labels [B]).
+        model: What trains (the classifier, only its head on cached features, or a segmenter), possibly DDP-wrapped.
+        criterion: Loss on (logits [B, K], targets [B] or soft [B, K]); for segmentation (logits [B, K, H, W],
+            masks [B, H, W]).
+        loader: Yields (images [B, C, H, W] or features [B, D], labels [B] or masks [B, H, W]).
         mixup: timm ``Mixup`` applied to each batch, or None.
 
     Raises:

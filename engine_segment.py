@@ -1,8 +1,8 @@
-"""Segmentation: one training epoch (``util.training.StepLoop``), evaluation over the whole evaluation set
-(sliding window, one confusion matrix per scale summed over ranks), and the result tables."""
+"""Segmentation: evaluation over the whole evaluation set (sliding window, one confusion matrix per scale summed
+over ranks) and the result tables. Training epochs are ``engine_finetune.train_one_epoch``'s: per-pixel
+classification is classification with a [B, K, H, W] output."""
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 from collections.abc import Sequence
@@ -10,40 +10,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.tensorboard import SummaryWriter
 
 from util import seg_metrics
 from util.distributed import main_print
 from util.errors import NonFiniteError
 from util.runtime import Run
-from util.training import StepLoop
-
-
-def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler,
-                    scaler: torch.amp.GradScaler | None, run: Run, epoch: int, steps_per_epoch: int,
-                    args: argparse.Namespace, writer: SummaryWriter | None = None, start_step: int = 0) -> dict[str, float]:
-    """One epoch of segmentation training; returns the mean loss.
-
-    Args:
-        model: The ``Segmenter``, possibly DDP-wrapped or compiled.
-        criterion: Per-pixel loss on (logits [B, K, H, W], masks [B, H, W]) that skips ``ignore_index``.
-        loader: Yields (images [B, C, H, W], masks [B, H, W] int64).
-
-    Raises:
-        Preempted: SIGTERM arrived; the update of the current step is done.
-        NonFiniteLossError: the loss became NaN or infinite.
-    """
-    model.train()
-    steps = StepLoop(model, optimizer, scheduler, scaler, run, args, epoch, steps_per_epoch, ("loss",), writer, start_step)
-    for step, (images, masks) in enumerate(loader, start=start_step):
-        images = images.to(run.device, non_blocking=True)
-        masks = masks.to(run.device, non_blocking=True)
-        with steps.accumulate(step):
-            with run.autocast():
-                loss = criterion(model(images).float(), masks)
-            steps.backward(loss)
-        steps.end_step(step, {"loss": loss}, images.shape[0])
-    return steps.epoch_means()
 
 
 class NonFiniteOutputError(NonFiniteError):

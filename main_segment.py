@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
 
+import engine_finetune
 import engine_segment
 from model_loading import build_segmenter
 from util import checkpoint, config, distributed, layouts, loaders, logger, runtime, schedule, seg_data, seg_figures, training
@@ -134,7 +135,10 @@ def main(args: argparse.Namespace) -> None:
     optimizer = create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay,
                                     fused=run.device.type == "cuda")
     weight = torch.tensor(args.class_weights, device=run.device) if args.class_weights else None
-    criterion = nn.CrossEntropyLoss(weight=weight, ignore_index=args.ignore_index)
+    cross_entropy = nn.CrossEntropyLoss(weight=weight, ignore_index=args.ignore_index)
+
+    def criterion(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:  # [B, K, H, W], [B, H, W]; fp32 loss
+        return cross_entropy(logits.float(), masks)
     scaler = training.grad_scaler(run)
     start_epoch, start_step, resumed = checkpoint.resume(args, run, model, optimizer, scaler)
     logger.append_log(run, {"run_start": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -156,7 +160,7 @@ def main(args: argparse.Namespace) -> None:
     evaluation = dict(num_classes=num_classes, crop=args.input_size, overlap=args.overlap, ignore_index=args.ignore_index)
     try:
         for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step):
-            train_stats = engine_segment.train_one_epoch(train_model, criterion, train_loader, optimizer, scheduler, scaler,
+            train_stats = engine_finetune.train_one_epoch(train_model, criterion, train_loader, optimizer, scheduler, scaler,
                                                          run, epoch, steps_per_epoch, args, writer, first_step)
             confusions, _ = engine_segment.evaluate(model, val_loader, run, **evaluation)
             row = engine_segment.results_table(confusions, class_names, args.exclude_classes)[0]

@@ -27,28 +27,26 @@ def build_transform(
     Train: RandomResizedCrop(input_size, scale=CROP_SCALE, bicubic) + horizontal and vertical flips.
     Eval: resize the shorter side to input_size / 0.875 (bicubic; no enlargement above 224 px) + centre crop.
     """
+    geometry = _geometry(is_train, input_size, v2.InterpolationMode.BICUBIC)
+    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+def _geometry(is_train: bool, input_size: int, interpolation: v2.InterpolationMode) -> list:
+    """Train: RandomResizedCrop(CROP_SCALE, CROP_RATIO) + horizontal and vertical flips; eval: resize the shorter
+    side to ``eval_resize_size`` + centre crop."""
     if is_train:
-        geometry = [
-            v2.RandomResizedCrop(input_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        return [
+            v2.RandomResizedCrop(input_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=interpolation, antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
         ]
-    else:
-        geometry = [v2.Resize(eval_resize_size(input_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(input_size)]
-    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    return [v2.Resize(eval_resize_size(input_size), interpolation=interpolation, antialias=True), v2.CenterCrop(input_size)]
 
 
 def build_raster_transform(is_train: bool, input_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """``build_transform`` for float32 [C, H, W] tensors of any band count in the file's units (multispectral,
     16-bit): the same geometry (bilinear: bicubic overshoots on unbounded data), then per-band normalisation."""
-    if is_train:
-        geometry = [
-            v2.RandomResizedCrop(input_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(),
-        ]
-    else:
-        geometry = [v2.Resize(eval_resize_size(input_size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True), v2.CenterCrop(input_size)]
+    geometry = _geometry(is_train, input_size, v2.InterpolationMode.BILINEAR)
     return v2.Compose([*geometry, v2.Normalize(list(mean), list(std))])
 
 
