@@ -20,7 +20,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
     group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     group = parser.add_argument_group("augmentation (timm create_transform; upstream parsed these but never applied them)")
-    group.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="RandAugment policy, or 'none'")
+    group.add_argument("--aa", default=None, help="RandAugment policy, or 'none' (default: rand-m9-mstd0.5-inc1 for 8-bit RGB, "
+                                                  "none for other band counts / bit depths: RGB-only)")
     group.add_argument("--color_jitter", type=float, default=None, help="colour jitter (used when --aa is none)")
     group.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     group.add_argument("--remode", default="pixel", help="random erasing mode")
@@ -47,6 +48,8 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from timm.data import Mixup, create_transform  # noqa: E402
+from timm.data.random_erasing import RandomErasing  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 
@@ -74,12 +77,34 @@ def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> Setup
     optimizer = create_optimizer_v2(
         model, "adamw", lr=args.lr, weight_decay=args.weight_decay, layer_decay=args.layer_decay, fused=True,
     )
-    transform = create_transform(
-        args.input_size, is_training=True, scale=(0.25, 1.0), hflip=0.5, vflip=0.5, interpolation="bicubic",
-        auto_augment=None if args.aa == "none" else args.aa, color_jitter=args.color_jitter,
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=args.mean, std=args.std,
-    )
-    return Setup(model, model, optimizer, criterion, transform, mixup)
+    return Setup(model, model, optimizer, criterion, train_transform(args), mixup)
+
+
+def train_transform(args: argparse.Namespace) -> Callable:
+    """8-bit RGB: timm's ``create_transform`` (RandomResizedCrop scale 0.25-1, flips, RandAugment ``--aa`` or colour
+    jitter, random erasing), as upstream's flags describe. Other band counts / bit depths (``args.raster``): RandAugment
+    and colour jitter are RGB-only operations (hue, solarize, PIL colour enhancement), so they are off: the raster
+    crop + flips (``transforms.build_raster_transform``), then timm's random erasing, which works on any band count.
+
+    Raises:
+        UsageError: ``--aa`` (other than none) or ``--color_jitter`` given for raster data.
+    """
+    if args.aa is None:  # the default depends on the data: upstream's policy for RGB, none otherwise
+        args.aa = "none" if args.raster else "rand-m9-mstd0.5-inc1"
+    if not args.raster:
+        return create_transform(
+            args.input_size, is_training=True, scale=(0.25, 1.0), hflip=0.5, vflip=0.5, interpolation="bicubic",
+            auto_augment=None if args.aa == "none" else args.aa, color_jitter=args.color_jitter,
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=args.mean, std=args.std,
+        )
+    for flag, value in (("aa", None if args.aa == "none" else args.aa), ("color_jitter", args.color_jitter)):
+        if value is not None:
+            raise UsageError(f"--{flag} {value}: RandAugment and colour jitter are RGB-only; leave them out for "
+                             f"{args.in_chans}-band / non-8-bit data (crops, flips, random erasing, mixup and cutmix still apply)")
+    distributed.main_print(f"{args.in_chans}-band data: RandAugment and colour jitter off (RGB-only); crops, flips, "
+                           f"random erasing (p {args.reprob}), mixup / cutmix as set")
+    erase = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device="cpu")
+    return v2.Compose([transforms.build_raster_transform(True, args.input_size, args.mean, args.std), erase])
 
 
 def main(args: argparse.Namespace) -> None:
@@ -123,10 +148,12 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
         args.input_size = DEFAULT_INPUT_SIZE
     checkpoint.check_output_dir(args)
     run = runtime.setup_run(args)
+    raster = datasets.raster_options(args)
     train_set = datasets.build_dataset(args.train_path, args.dataset_type, draft_size=transforms.draft_size_for(True, args.input_size),
-                                       skip_bad=args.skip_bad_images)
-    val_set = datasets.build_dataset(args.test_path, args.dataset_type, transforms.build_transform(False, args.input_size, args.mean, args.std),
-                                     transforms.draft_size_for(False, args.input_size), args.skip_bad_images, classes=train_set.classes or None)
+                                       skip_bad=args.skip_bad_images, raster=raster)
+    val_set = datasets.build_dataset(args.test_path, args.dataset_type, transforms.image_transform(args, False),
+                                     transforms.draft_size_for(False, args.input_size), args.skip_bad_images,
+                                     classes=train_set.classes or None, raster=raster)
     class_names = datasets.check_labels(train_set, [val_set], args.nb_classes)
     num_classes = args.nb_classes = len(class_names)
 
@@ -237,8 +264,9 @@ def evaluate_checkpoint(args: argparse.Namespace, setup_fn: SetupFn) -> None:
         raise CheckpointError(f"{path}: {len(known_names)} class names for a head of {num_classes} classes")
     if known_names is None and args.train_path and Path(args.train_path).is_dir():  # older checkpoints: the training tree's folders
         known_names = datasets.scan_image_folder(Path(args.train_path))[1]
-    val_set = datasets.build_dataset(args.test_path, args.dataset_type, transforms.build_transform(False, args.input_size, args.mean, args.std),
-                                     transforms.draft_size_for(False, args.input_size), args.skip_bad_images, classes=known_names)
+    val_set = datasets.build_dataset(args.test_path, args.dataset_type, transforms.image_transform(args, False),
+                                     transforms.draft_size_for(False, args.input_size), args.skip_bad_images, classes=known_names,
+                                     raster=datasets.raster_options(args))
     if isinstance(val_set, datasets.ImageDataset) and val_set.classes and known_names is None:
         raise CheckpointError(f"{path}: holds no class names, so the folders of {args.test_path} cannot be matched to its head; "
                               "give --train_path (the training tree)")

@@ -62,6 +62,8 @@ from util.visualize import save_knn_plot  # noqa: E402
 def check_args(args: argparse.Namespace) -> None:
     config.check_ranges(args)
     images.set_max_image_pixels(args.max_image_pixels)
+    images.set_stretch(args.stretch)
+    config.resolve_band_args(args)
     if any(not 0 < s <= 1 for s in args.scales):
         raise UsageError(f"--scales must lie in (0, 1], got {args.scales}")
     if min(args.k, args.majority_k, args.batch_size) < 1:
@@ -76,14 +78,15 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def load_datasets(args: argparse.Namespace) -> tuple[datasets.ImageDataset, datasets.ImageDataset, str]:
-    transform = transforms.build_transform(False, args.input_size, args.mean, args.std)
+    transform, raster = transforms.image_transform(args, False), datasets.raster_options(args)
     draft = transforms.draft_size_for(False, args.input_size)
-    train = datasets.build_dataset(args.train_path, args.dataset_type, transform, draft, args.skip_bad_images)
+    train = datasets.build_dataset(args.train_path, args.dataset_type, transform, draft, args.skip_bad_images, raster=raster)
     if args.test_path == "split":
         train, val = datasets.split_dataset(train, args.val_fraction, args.seed)
         origin = f"seeded split (seed {args.seed}) of {args.train_path}: {args.val_fraction:.0%} evaluated"
     else:
-        val = datasets.build_dataset(args.test_path, args.dataset_type, transform, draft, args.skip_bad_images, classes=train.classes or None)
+        val = datasets.build_dataset(args.test_path, args.dataset_type, transform, draft, args.skip_bad_images,
+                                     classes=train.classes or None, raster=raster)
         origin = f"train {args.train_path}, evaluation {args.test_path}"
     return train, val, origin
 
@@ -149,7 +152,8 @@ def describe_protocol(args, train_set, val_set, num_classes: int, origin: str, f
                            else Path(args.test_path).name),
         "memory_images": len(train_set), "evaluation_images": len(val_set), "classes": num_classes,
         "input_size": args.input_size,
-        "preprocessing": f"resize shorter side to {transforms.eval_resize_size(args.input_size)} (bicubic, antialias), "
+        "preprocessing": f"resize shorter side to {transforms.eval_resize_size(args.input_size)} "
+                         f"({'bilinear' if args.raster else 'bicubic'}, antialias), "
                          f"centre crop {args.input_size}, normalise mean {args.mean} std {args.std}",
         "scales": {f"{s:g}": (f"area down-sampling to {sizes[s]} px, bicubic back to {args.input_size} px" if args.scale_mode == "resize"
                               else f"area down-sampling to {sizes[s]} px, fed natively, position embeddings interpolated (bicubic)")

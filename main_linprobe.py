@@ -41,8 +41,7 @@ def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> Setup
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("head.")
     optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    transform = (transforms.build_transform(False, args.input_size, args.mean, args.std) if args.no_aug
-                 else transforms.build_transform(True, args.input_size, args.mean, args.std))
+    transform = transforms.image_transform(args, is_train=not args.no_aug)
     return Setup(model, model.head if args.no_aug else model, optimizer, nn.CrossEntropyLoss(), transform,
                  cache_features=args.no_aug)
 

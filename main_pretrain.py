@@ -112,9 +112,7 @@ def build_model(args: argparse.Namespace) -> models_mae.CrossScaleMAE:
 
 
 def main(args: argparse.Namespace) -> None:
-    config.check_common_args(args, raster=True)
-    if args.raster and args.knn_eval_every:
-        raise UsageError("--knn_eval_every: kNN evaluation reads 8-bit RGB only; leave it out with --in_chans / --bands / --band_stats")
+    config.check_common_args(args)
     checkpoint.check_output_dir(args)
     run = runtime.setup_run(args)
     model = build_model(args).to(run.device)
@@ -123,8 +121,8 @@ def main(args: argparse.Namespace) -> None:
         distributed.main_print(f"note: --use_xformers/--attn_name are ignored: xFormers is not used, attention runs through {path} (--attention)")
 
     dataset = datasets.build_dataset(
-        args.train_path, args.dataset_type, data_transform(args, True),
-        transforms.draft_size_for(True, args.input_size), args.skip_bad_images, raster=raster_options(args),
+        args.train_path, args.dataset_type, transforms.image_transform(args, True),
+        transforms.draft_size_for(True, args.input_size), args.skip_bad_images, raster=datasets.raster_options(args),
     )
     device_transform = None
     if isinstance(dataset, datasets.PackedDataset):  # decoded already: augment whole batches on the device
@@ -188,28 +186,18 @@ def main(args: argparse.Namespace) -> None:
 def knn_data(args: argparse.Namespace, run: runtime.Run):
     """Memory and evaluation loaders of the labelled kNN sets, and their class count (labels checked by
     ``datasets.check_labels``, ImageFolder trees matched by class name)."""
-    transform = transforms.build_transform(False, args.input_size, args.mean, args.std)
-    memory = datasets.build_dataset(args.knn_train_path, "auto", transform, skip_bad=args.skip_bad_images)
-    queries = datasets.build_dataset(args.knn_test_path, "auto", transform, skip_bad=args.skip_bad_images, classes=memory.classes or None)
+    transform, raster = transforms.image_transform(args, False), datasets.raster_options(args)
+    memory = datasets.build_dataset(args.knn_train_path, "auto", transform, skip_bad=args.skip_bad_images, raster=raster)
+    queries = datasets.build_dataset(args.knn_test_path, "auto", transform, skip_bad=args.skip_bad_images,
+                                     classes=memory.classes or None, raster=raster)
     num_classes = len(datasets.check_labels(memory, [queries], what="kNN classifier"))
     return loaders.eval_loader(memory, args, run), loaders.eval_loader(queries, args, run), num_classes
-
-
-def raster_options(args: argparse.Namespace) -> datasets.RasterOptions | None:
-    """Multispectral / high-bit-depth reading (``config.is_raster_run``), or None for the 8-bit RGB path."""
-    return datasets.RasterOptions(args.in_chans, args.bands, args.nodata, args.mean) if getattr(args, "raster", False) else None
-
-
-def data_transform(args: argparse.Namespace, is_train: bool):
-    """The per-image transform: PIL 8-bit RGB, or float tensors of any band count (``args.raster``)."""
-    build = transforms.build_raster_transform if getattr(args, "raster", False) else transforms.build_transform
-    return build(is_train, args.input_size, args.mean, args.std)
 
 
 def plot_batch(dataset, args: argparse.Namespace, device: torch.device) -> torch.Tensor:
     """The first (up to) four training images, centre-cropped: the same images in every figure."""
     centre_crops = copy.copy(dataset)  # the same samples, without scanning the dataset again
-    centre_crops.transform = data_transform(args, False)
+    centre_crops.transform = transforms.image_transform(args, False)
     return torch.stack([centre_crops[i][0] for i in range(min(4, len(dataset)))]).to(device)
 
 

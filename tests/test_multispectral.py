@@ -163,3 +163,57 @@ def test_one_line_errors(tmp_path):
     assert "every pixel is no-data" in run_expecting_error(
         [*TINY, "--batch_size", "2", "--train_path", str(empty), "--output_dir", str(tmp_path / "o2"), "--in_chans", "4",
          "--nodata", "0", "--mean", "1", "1", "1", "1", "--std", "1", "1", "1", "1"])
+
+
+def labelled_tiles(root, bands, per_class=4):
+    """An ImageFolder tree of two classes of uint16 tiles that differ in brightness (a learnable task)."""
+    for label, name in enumerate(("dark", "bright")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            tile = raster(bands, np.uint16, seed=10 * label + i) // (4 - 3 * label)
+            tifffile.imwrite(root / name / f"t{i}.tif", tile, photometric="minisblack")
+    return root
+
+
+@pytest.mark.parametrize("bands", [4, 13])
+def test_finetune_linprobe_and_knn_on_multispectral_tiffs(tmp_path, bands):
+    """--in_chans C through every downstream entry point: one epoch each from a C-band pretraining checkpoint."""
+    import main_finetune
+    import main_knn
+    import main_linprobe
+
+    tiles = labelled_tiles(tmp_path / "tiles", bands)
+    stats = [*["--mean"] + ["1000"] * bands, *["--std"] + ["800"] * bands]
+    pretrain = tmp_path / "pretrain"
+    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [
+        *TINY, "--in_chans", str(bands), *stats, "--train_path", str(tiles), "--output_dir", str(pretrain)]))
+    checkpoint = str(pretrain / "checkpoint-last.pth")
+    common = ["--finetune", checkpoint, "--input_size", "32", "--batch_size", "4", "--epochs", "1", "--num_workers", "0",
+              "--amp", "none", "--in_chans", str(bands), *stats, "--train_path", str(tiles), "--test_path", str(tiles)]
+    for module, extra in ((main_finetune, ["--mixup", "0", "--cutmix", "0"]), (main_linprobe, [])):
+        out = tmp_path / module.__name__
+        module.main(config.parse_args(module.get_args_parser(), [*common, *extra, "--output_dir", str(out)]))
+        log = (out / "log.txt").read_text()
+        assert '"test_acc1"' in log
+    main_knn.main(config.parse_args(main_knn.get_args_parser(), [
+        "--checkpoints", checkpoint, "--in_chans", str(bands), *stats, "--train_path", str(tiles), "--test_path", str(tiles),
+        "--batch_size", "4", "--num_workers", "0", "--amp", "none", "--scales", "0.5", "1.0", "--output_dir", str(tmp_path / "knn")]))
+    rows = (tmp_path / "knn" / "knn_results.csv").read_text().splitlines()
+    full = [r for r in rows if ",1.0," in r]
+    assert len(full) == 2  # weighted and majority at scale 1
+    # kNN with the memory set as queries: every tile finds itself, so full resolution is exact
+    assert all(float(r.split(",")[-1]) == 100.0 for r in full)
+
+
+def test_rgb_only_augmentations_are_refused_for_multispectral_data(tmp_path):
+    import main_finetune
+
+    tiles = labelled_tiles(tmp_path / "tiles", 4)
+    argv = ["--model", "vit_tiny_patch16", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--epochs", "1",
+            "--num_workers", "0", "--in_chans", "4", "--mean", "1", "1", "1", "1", "--std", "1", "1", "1", "1",
+            "--train_path", str(tiles), "--test_path", str(tiles), "--output_dir", str(tmp_path / "out")]
+    for flag in (["--aa", "rand-m9-mstd0.5"], ["--color_jitter", "0.4"]):
+        with pytest.raises(SystemExit) as info:
+            run_entry_point(main_finetune.main, config.parse_args(main_finetune.get_args_parser(), [*argv, *flag]))
+        message = str(info.value)
+        assert message.startswith(f"error: {flag[0]}") and "RGB-only" in message and "\n" not in message

@@ -133,9 +133,9 @@ def add_data_args(parser: argparse.ArgumentParser, input_size: int | None, train
                        help="normalisation mean, one per band (8-bit RGB: fMoW-RGB in [0, 1]; multispectral: in the file's units)")
     group.add_argument("--std", type=float, nargs="+", default=list(FMOW_RGB_STD), help="normalisation std, one per band")
     group.add_argument("--bands", type=int, nargs="+", default=None, metavar="I",
-                       help="0-based band indices to read, in order (multispectral; pretraining only; default: all)")
+                       help="0-based band indices to read, in order (multispectral; default: all)")
     group.add_argument("--band_stats", default=None, metavar="FILE.json",
-                       help=f"per-band mean / std written by {STATS_TOOL} (multispectral and 16-bit data; pretraining only)")
+                       help=f"per-band mean / std written by {STATS_TOOL} (multispectral and 16-bit data)")
     group.add_argument("--nodata", type=float, default=None,
                        help="no-data value (default: a TIFF's GDAL_NODATA tag); such pixels are filled with the band mean")
     group.add_argument("--rgb_bands", type=int, nargs="+", default=None, metavar="I",
@@ -256,7 +256,7 @@ def is_raster_run(args: argparse.Namespace) -> bool:
             or getattr(args, "nodata", None) is not None)
 
 
-def resolve_band_args(args: argparse.Namespace, raster: bool) -> None:
+def resolve_band_args(args: argparse.Namespace) -> None:
     """Check --bands / --mean / --std / --band_stats / --rgb_bands against --in_chans; set ``args.raster`` and, from
     --band_stats, ``args.mean`` / ``args.std``.
 
@@ -264,8 +264,6 @@ def resolve_band_args(args: argparse.Namespace, raster: bool) -> None:
         UsageError: one line naming the flag (and the statistics tool where statistics are missing).
     """
     args.raster = is_raster_run(args)
-    if args.raster and not raster:
-        raise UsageError("--in_chans other than 3, --bands, --band_stats and --nodata are supported by main_pretrain.py only")
     count = args.in_chans
     if getattr(args, "bands", None) and len(args.bands) != count:
         raise UsageError(f"--bands names {len(args.bands)} band(s) but --in_chans is {count}")
@@ -314,12 +312,9 @@ def read_band_stats(path: str, bands: list[int] | None, count: int) -> tuple[lis
     return mean, std
 
 
-def check_common_args(args: argparse.Namespace, raster: bool = False) -> None:
-    """Refuse flag values that cannot work, naming the flag; apply ``--max_image_pixels`` and ``--stretch``.
-
-    Args:
-        raster: the entry point reads multispectral / high-bit-depth data (``resolve_band_args``).
-    """
+def check_common_args(args: argparse.Namespace) -> None:
+    """Refuse flag values that cannot work, naming the flag; apply ``--max_image_pixels`` and ``--stretch``; resolve
+    the band flags (``resolve_band_args``)."""
     check_ranges(args)
     if getattr(args, "max_image_pixels", None):
         from util import images  # here: PIL and NumPy need not load for --help
@@ -330,7 +325,7 @@ def check_common_args(args: argparse.Namespace, raster: bool = False) -> None:
 
         images.set_stretch(args.stretch)
     if hasattr(args, "mean") and hasattr(args, "in_chans"):
-        resolve_band_args(args, raster)
+        resolve_band_args(args)
     if args.patch_size and args.input_size and args.input_size % args.patch_size:
         raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
     if args.accum_iter < 1:

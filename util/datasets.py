@@ -131,6 +131,12 @@ class RasterOptions:
         return torch.from_numpy(data)
 
 
+def raster_options(args) -> RasterOptions | None:
+    """Multispectral / high-bit-depth reading for an entry point's ``args`` (``config.resolve_band_args`` set
+    ``args.raster``), or None for the 8-bit RGB path. No-data pixels are filled with the band mean (``args.mean``)."""
+    return RasterOptions(args.in_chans, args.bands, args.nodata, args.mean) if getattr(args, "raster", False) else None
+
+
 class PackedDataset(Dataset):
     """Pre-decoded uint8 images written by ``tools/preprocess.py --pack``, memory-mapped.
 

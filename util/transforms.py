@@ -50,6 +50,14 @@ def build_raster_transform(is_train: bool, input_size: int, mean: Sequence[float
     return v2.Compose([*geometry, v2.Normalize(list(mean), list(std))])
 
 
+def image_transform(args, is_train: bool) -> v2.Compose:
+    """The per-image transform of an entry point's data: ``build_transform`` for 8-bit RGB (PIL images), or
+    ``build_raster_transform`` for float [C, H, W] tensors of any band count (``args.raster``: multispectral, 16-bit).
+    Uses ``args``: raster, input_size, mean, std."""
+    build = build_raster_transform if getattr(args, "raster", False) else build_transform
+    return build(is_train, args.input_size, args.mean, args.std)
+
+
 def eval_resize_size(input_size: int) -> int:
     """Shorter side before the evaluation centre crop: input_size / 0.875 (MAE's crop_pct), none above 224 px."""
     return input_size if input_size > 224 else math.floor(input_size / 0.875)
