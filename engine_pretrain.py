@@ -8,6 +8,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import models_cross_scale_mae as models_mae
 from util import knn
+from util.datasets import split_valid
 from util.distributed import main_print
 from util.errors import best_effort
 from util.runtime import Run
@@ -24,7 +25,8 @@ def train_one_epoch(model: torch.nn.Module, loss_names: tuple[str, ...], loader,
     Args:
         model: What trains: the ``CrossScaleMAE``, possibly DDP-wrapped or compiled.
         loss_names: The terms the model reports besides ``loss`` (``CrossScaleMAE.loss_names``).
-        loader: Yields (images [B, C, H, W], labels); labels are ignored.
+        loader: Yields (images [B, C, H, W], labels); labels are ignored. Rasters carry a validity band last
+            ([B, C + 1, H, W], ``datasets.split_valid``): no-data pixels are left out of the reconstruction loss.
         steps_per_epoch: Steps of a whole epoch (a resumed one starts at ``start_step``).
         device_transform: Augmentation of each batch on the device (packed uint8 datasets), or None.
 
@@ -39,9 +41,10 @@ def train_one_epoch(model: torch.nn.Module, loss_names: tuple[str, ...], loader,
         samples = samples.to(run.device, non_blocking=True)  # [B, C, H, W]
         if device_transform is not None:
             samples = device_transform(samples)
+        samples, valid = split_valid(samples, args.in_chans)  # valid [B, 1, H, W]: rasters' no-data weights, or None
         with steps.accumulate(step):
             with run.autocast():
-                out = model(samples, mask_ratio=args.mask_ratio)  # loss, each term, pred [B, L, p*p*C], mask [B, L]
+                out = model(samples, mask_ratio=args.mask_ratio, valid=valid)  # loss, terms, pred [B, L, p*p*C], mask [B, L]
             steps.backward(out["loss"])
         steps.end_step(step, out, samples.shape[0])
     return steps.epoch_means()

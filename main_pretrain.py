@@ -121,8 +121,8 @@ def main(args: argparse.Namespace) -> None:
         distributed.main_print(f"note: --use_xformers/--attn_name are ignored: xFormers is not used, attention runs through {path} (--attention)")
 
     dataset = datasets.build_dataset(
-        args.train_path, args.dataset_type, transforms.image_transform(args, True),
-        transforms.draft_size_for(True, args.input_size), args.skip_bad_images, raster=datasets.raster_options(args),
+        args.train_path, args.dataset_type, transforms.image_transform(args, True, valid_channel=True),
+        transforms.draft_size_for(True, args.input_size), args.skip_bad_images, raster=datasets.raster_options(args, valid_channel=True),
     )
     device_transform = None
     if isinstance(dataset, datasets.PackedDataset):  # decoded already: augment whole batches on the device
@@ -197,8 +197,9 @@ def knn_data(args: argparse.Namespace, run: runtime.Run):
 def plot_batch(dataset, args: argparse.Namespace, device: torch.device) -> torch.Tensor:
     """The first (up to) four training images, centre-cropped: the same images in every figure."""
     centre_crops = copy.copy(dataset)  # the same samples, without scanning the dataset again
-    centre_crops.transform = transforms.image_transform(args, False)
-    return torch.stack([centre_crops[i][0] for i in range(min(4, len(dataset)))]).to(device)
+    centre_crops.transform = transforms.image_transform(args, False, valid_channel=True)
+    images = torch.stack([centre_crops[i][0] for i in range(min(4, len(dataset)))])
+    return datasets.split_valid(images, args.in_chans)[0].to(device)
 
 
 if __name__ == "__main__":

@@ -375,13 +375,20 @@ class CrossScaleMAE(nn.Module):
         tokens = self.decoder_norm(self.decoder(x))
         return tokens, self.decoder_pred(tokens[:, 1:])
 
-    def reconstruction_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def reconstruction_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                            valid: torch.Tensor | None = None) -> torch.Tensor:
         """L_re: mean squared error over the masked patches (fp32); imgs [N, C, H, W], pred [N, L, p*p*C], mask [N, L].
 
         With ``norm_pix_loss`` the target is each patch standardised by its own mean and variance (MAE).
+        ``valid`` [N, 1, H, W] in [0, 1] (1 = data, 0 = no-data; fractions where resampling mixed them) weights each
+        pixel: the loss is then the weighted mean over the masked patches' pixels, so no-data pixels (filled with the
+        band mean) are never reconstruction targets, and ``norm_pix_loss`` uses weighted patch statistics. All-ones
+        ``valid`` gives the unweighted loss.
         """
         with fp32_region(imgs.device):
-            return self._masked_mse(imgs, pred, mask)
+            if valid is None:
+                return self._masked_mse(imgs, pred, mask)
+            return self._weighted_masked_mse(imgs, pred, mask, valid)
 
     def _masked_mse(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         target = self.patchify(imgs).float()
@@ -391,6 +398,18 @@ class CrossScaleMAE(nn.Module):
             target = (target - mean) / (var + 1e-6) ** 0.5
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [N, L]
         return (per_patch * mask).sum() / mask.sum()
+
+    def _weighted_masked_mse(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        target = self.patchify(imgs).float()
+        weight = self.patchify(valid.float().expand_as(imgs))  # [N, L, p*p*C]
+        total = weight.sum(dim=-1, keepdim=True)  # [N, L, 1]
+        if self.norm_pix_loss:  # weighted mean and (unbiased) variance: equal to MAE's where every pixel is valid
+            mean = (weight * target).sum(dim=-1, keepdim=True) / total.clamp(min=1e-6)
+            var = (weight * (target - mean) ** 2).sum(dim=-1, keepdim=True) / (total - 1).clamp(min=1e-6)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        squared = (weight * (pred.float() - target) ** 2).sum(dim=-1)  # [N, L]
+        # a batch whose masked patches hold no data at all contributes 0 (and no gradient), not NaN
+        return (squared * mask).sum() / (total.squeeze(-1) * mask).sum().clamp(min=1e-6)
 
     def encode_decode(self, views: list[torch.Tensor], mask_ratio: float, noise: torch.Tensor) -> list[ViewOutput]:
         """Mask, encode and decode each view [B, C, H, W] with its noise [B, L] (``noise`` is [V, B, L]):
@@ -411,10 +430,13 @@ class CrossScaleMAE(nn.Module):
         mask_ratio: float | None = None,
         noise: torch.Tensor | None = None,
         crop_params: torch.Tensor | Sequence[int] | None = None,
+        valid: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         Args:
             imgs: Normalised images [B, C, H, W].
+            valid: [B, 1, H, W] pixel weights of the reconstruction loss (1 = data, 0 = no-data), cropped with the
+                second view; None: every pixel counts (``reconstruction_loss``).
             mask_ratio: Fraction of patches masked in each view (default: the model's).
             noise: [V, B, L] masking scores, view 0 = original, view 1 = crop (V = 1 for plain MAE);
                 the lowest scores are kept. Random when None.
@@ -424,14 +446,19 @@ class CrossScaleMAE(nn.Module):
             ValueError: ``noise`` of the wrong shape.
         """
         mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        views = [imgs, self.crop_view(imgs, crop_params)] if self.multi_scale else [imgs]  # x and its zoomed-in view
+        valids = [valid]
+        if self.multi_scale and valid is not None:  # one crop of pixels and weights together
+            zoomed = self.crop_view(torch.cat([imgs, valid.to(imgs.dtype)], dim=1), crop_params)
+            views, valids = [imgs, zoomed[:, :-1]], [valid, zoomed[:, -1:]]
+        else:
+            views = [imgs, self.crop_view(imgs, crop_params)] if self.multi_scale else [imgs]  # x and its zoomed-in view
         outputs = self.encode_decode(views, mask_ratio, self._masking_noise(len(views), imgs, noise))
         orig = outputs[0]
 
-        terms = {"rec_orig": self.reconstruction_loss(imgs, orig.pred, orig.mask)}  # L_re of the original view
+        terms = {"rec_orig": self.reconstruction_loss(imgs, orig.pred, orig.mask, valids[0])}  # L_re of the original view
         if self.multi_scale:
             crop = outputs[1]
-            terms["rec_crop"] = self.reconstruction_loss(views[1], crop.pred, crop.mask)  # L_re of the zoomed-in view
+            terms["rec_crop"] = self.reconstruction_loss(views[1], crop.pred, crop.mask, valids[-1])  # L_re of the zoomed-in view
             if self.loss_weights["cross_pred"]:  # L_cp: predict the original's decoder tokens from the crop's
                 terms["cross_pred"] = self.mse(self.predictor(crop.tokens[:, 1:]), orig.tokens[:, 1:])
             if self.loss_weights["cross_cons"]:  # L_cc: the two views' mean encoder tokens are a positive pair

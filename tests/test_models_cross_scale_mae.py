@@ -193,3 +193,36 @@ def test_invalid_arguments_are_refused():
         create_model("mae_vit_tiny", input_size=30, patch_size=8)
     with pytest.raises(ValueError, match="noise must have shape"):
         tiny_model()(torch.randn(2, 3, 32, 32), noise=torch.rand(2, 16))
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_all_valid_weights_give_the_unweighted_loss(norm_pix_loss):
+    torch.manual_seed(0)
+    model = tiny_model(in_chans=4, norm_pix_loss=norm_pix_loss).eval()
+    imgs = torch.randn(2, 4, 32, 32)
+    noise = torch.rand(2, 2, model.num_patches)
+    plain = model(imgs, noise=noise, crop_params=[4, 4, 20, 20])
+    weighted = model(imgs, noise=noise, crop_params=[4, 4, 20, 20], valid=torch.ones(2, 1, 32, 32))
+    for name in ("rec_orig", "rec_crop", "loss"):
+        torch.testing.assert_close(weighted[name], plain[name], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_nodata_pixels_are_no_reconstruction_target(norm_pix_loss):
+    """Whatever the no-data pixels hold, the reconstruction loss is unchanged, and the prediction of those pixels gets
+    no gradient; a patch that is half no-data is standardised (norm_pix_loss) by its valid pixels only."""
+    model = tiny_model(in_chans=4, norm_pix_loss=norm_pix_loss)
+    valid = torch.ones(2, 1, 32, 32)
+    valid[:, :, :12, :12] = 0  # one whole patch and parts of three others
+    imgs = torch.randn(2, 4, 32, 32)
+    other = imgs.clone()
+    other[:, :, :12, :12] = 100.0
+    mask = torch.ones(2, model.num_patches)
+    pred = torch.randn(2, model.num_patches, 8 * 8 * 4, requires_grad=True)
+    losses = [model.reconstruction_loss(x, pred, mask, valid) for x in (imgs, other)]
+    torch.testing.assert_close(losses[0], losses[1])
+    unweighted = model.reconstruction_loss(other, pred, mask)  # the 100s would count (and skew the patch statistics)
+    assert abs(unweighted - losses[1]) > 0.01 * losses[1]
+    losses[0].backward()
+    grad = model.unpatchify(pred.grad)  # [2, 4, 32, 32]
+    assert grad[:, :, :12, :12].abs().max() == 0 and grad[:, :, 12:, 12:].abs().min() > 0

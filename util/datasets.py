@@ -108,14 +108,18 @@ class RasterOptions:
         bands: 0-based band indices to read (None: all).
         nodata: No-data value (None: the TIFF's GDAL_NODATA tag, if any).
         fill: Per-band value for no-data pixels (the normalisation mean: 0 after normalisation).
+        valid_channel: Append the validity of each pixel (1 = data, 0 = no-data) as band C, so that it is cropped and
+            resampled with the image and reaches the reconstruction loss (pretraining; ``split_valid``).
     """
 
-    def __init__(self, in_chans: int, bands: Sequence[int] | None, nodata: float | None, fill: Sequence[float]) -> None:
+    def __init__(self, in_chans: int, bands: Sequence[int] | None, nodata: float | None, fill: Sequence[float],
+                 valid_channel: bool = False) -> None:
         self.in_chans, self.bands, self.nodata = in_chans, list(bands) if bands else None, nodata
         self.fill = np.asarray(fill, dtype=np.float32)
+        self.valid_channel = valid_channel
 
     def load(self, path: str, name: str, max_pixels: int | None) -> torch.Tensor:
-        """float32 [C, H, W] in the file's units, no-data filled.
+        """float32 [C, H, W] (or [C + 1, H, W] with ``valid_channel``) in the file's units, no-data filled.
 
         Raises:
             BadImageError: the decoder fails; DataError: wrong band count, bad --bands, a tile of no-data only.
@@ -128,13 +132,27 @@ class RasterOptions:
             if raster.mask.all():
                 raise DataError(f"{name}: every pixel is no-data; remove the tile from the dataset")
             data[:, raster.mask] = self.fill[:, None]
+        if getattr(self, "valid_channel", False):
+            valid = np.ones((1, *data.shape[1:]), np.float32) if raster.mask is None else (~raster.mask)[None].astype(np.float32)
+            data = np.concatenate([data, valid])
         return torch.from_numpy(data)
 
 
-def raster_options(args) -> RasterOptions | None:
+def split_valid(images: torch.Tensor, in_chans: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B, C (+1), H, W] -> (images [B, C, H, W], validity [B, 1, H, W] or None): the band ``RasterOptions(valid_channel=
+    True)`` or ``BatchAugment`` (packed arrays with a no-data value) appended, if any."""
+    if images.shape[1] == in_chans + 1:
+        return images[:, :in_chans], images[:, in_chans:]
+    return images, None
+
+
+def raster_options(args, valid_channel: bool = False) -> RasterOptions | None:
     """Multispectral / high-bit-depth reading for an entry point's ``args`` (``config.resolve_band_args`` set
-    ``args.raster``), or None for the 8-bit RGB path. No-data pixels are filled with the band mean (``args.mean``)."""
-    return RasterOptions(args.in_chans, args.bands, args.nodata, args.mean) if getattr(args, "raster", False) else None
+    ``args.raster``), or None for the 8-bit RGB path. No-data pixels are filled with the band mean (``args.mean``);
+    ``valid_channel``: see ``RasterOptions``."""
+    if not getattr(args, "raster", False):
+        return None
+    return RasterOptions(args.in_chans, args.bands, args.nodata, args.mean, valid_channel)
 
 
 class PackedDataset(Dataset):

@@ -50,12 +50,15 @@ def build_raster_transform(is_train: bool, input_size: int, mean: Sequence[float
     return v2.Compose([*geometry, v2.Normalize(list(mean), list(std))])
 
 
-def image_transform(args, is_train: bool) -> v2.Compose:
+def image_transform(args, is_train: bool, valid_channel: bool = False) -> v2.Compose:
     """The per-image transform of an entry point's data: ``build_transform`` for 8-bit RGB (PIL images), or
     ``build_raster_transform`` for float [C, H, W] tensors of any band count (``args.raster``: multispectral, 16-bit).
-    Uses ``args``: raster, input_size, mean, std."""
-    build = build_raster_transform if getattr(args, "raster", False) else build_transform
-    return build(is_train, args.input_size, args.mean, args.std)
+    Uses ``args``: raster, input_size, mean, std. ``valid_channel``: the rasters carry a validity band last
+    (``datasets.RasterOptions``), resampled with the image (bilinear) and left unnormalised (mean 0, std 1)."""
+    if not getattr(args, "raster", False):
+        return build_transform(is_train, args.input_size, args.mean, args.std)
+    extra = 1 if valid_channel else 0
+    return build_raster_transform(is_train, args.input_size, [*args.mean, *[0.0] * extra], [*args.std, *[1.0] * extra])
 
 
 def eval_resize_size(input_size: int) -> int:
