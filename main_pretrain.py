@@ -127,7 +127,8 @@ def main(args: argparse.Namespace) -> None:
     device_transform = None
     if isinstance(dataset, datasets.PackedDataset):  # decoded already: augment whole batches on the device
         dataset.transform = None
-        device_transform = transforms.BatchAugment(args.input_size, args.mean, args.std).to(run.device)
+        device_transform = transforms.BatchAugment(args.input_size, args.mean, args.std, value_scale=1.0 if args.raster else 255.0,
+                                                   nodata=dataset.nodata).to(run.device)
         distributed.main_print(f"packed dataset {dataset.array_path}: crops, flips and normalisation run on {run.device}")
     loader, sampler = loaders.train_loader(dataset, args, run)
     steps_per_epoch = len(loader)

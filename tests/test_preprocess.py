@@ -75,7 +75,7 @@ def test_a_truncated_packed_array_is_named(tmp_path):
     try:
         datasets.build_dataset(tmp_path / "x.json")
     except datasets.DataError as e:
-        assert "x.u8: expected 96 bytes for 2 images of 4 px, found 10" in str(e)
+        assert "x.u8: expected 96 bytes for 2 images of 4 px x 3 band(s) of uint8, found 10" in str(e)
     else:
         raise AssertionError("no error")
 
@@ -98,3 +98,85 @@ def test_a_csv_without_class_names_gets_no_class_name_column(tmp_path):
     source = write_csv_dataset(tmp_path / "raw", 2, "train.csv", size=32)
     assert preprocess("--input", source, "--output", tmp_path / "out", "--size", "24").returncode == 0
     assert (tmp_path / "out" / "train_24.csv").read_text().splitlines()[0] == "label,image_path"
+
+
+def write_uint16_tiles(folder, count=4, bands=13, size=40, nodata_corner=True):
+    """An ImageFolder tree of ``count`` uint16 [bands, size, size] TIFFs, two classes, a no-data (0) corner each."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    tiles = []
+    for i in range(count):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        tile = rng.integers(300, 60000, (bands, size, size)).astype(np.uint16)
+        if nodata_corner:
+            tile[:, :8, :8] = 0
+        tifffile.imwrite(folder / f"c{i % 2}" / f"t{i}.tif", tile, photometric="minisblack")
+        tiles.append(tile)
+    return tiles
+
+
+def test_raster_preprocessing_is_lossless_and_packs_uint16_of_every_band(tmp_path):
+    tiles = write_uint16_tiles(tmp_path / "raw")
+    out = tmp_path / "pre"
+    result = preprocess("--input", tmp_path / "raw", "--output", out, "--size", "40", "--raster", "--nodata", "0", "--pack",
+                        "--split", "train")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "train_40.json").read_text())
+    assert (meta["dtype"], meta["bands"], meta["nodata"], meta["array"]) == ("uint16", 13, 0.0, "train_40.u16")
+    written = sorted((out / "train_40").iterdir())
+    assert [p.suffix for p in written] == [".tif"] * 4
+    from util.images import read_raster
+
+    order = [0, 2, 1, 3]  # ImageFolder order: class c0 (tiles 0, 2), then c1
+    for path, i in zip(written, order):  # no resizing at 40 px: values and the no-data tag survive exactly
+        raster = read_raster(path)
+        assert raster.dtype == "uint16" and raster.nodata == 0 and np.array_equal(raster.data, tiles[i].astype(np.float32))
+    packed = datasets.PackedDataset(out / "train_40.json", raster=datasets.RasterOptions(13, None, None, [1.0] * 13))
+    for index, i in enumerate(order):
+        pixels, label = packed[index]
+        assert pixels.dtype == torch.uint16 and np.array_equal(pixels.numpy(), tiles[i]) and label == i % 2
+    message = None
+    try:
+        datasets.build_dataset(out / "train_40.json")
+    except datasets.DataError as e:
+        message = str(e)
+    assert message and "13 band(s) of uint16" in message and "--in_chans 13" in message
+
+
+def test_raster_resizing_leaves_nodata_out_of_the_interpolation(tmp_path):
+    import tifffile
+
+    from util.images import read_raster
+
+    (tmp_path / "raw").mkdir()
+    tile = np.full((2, 64, 64), 1000, np.uint16)
+    tile[:, :32, :32] = 0
+    tifffile.imwrite(tmp_path / "raw" / "a.tif", tile, photometric="minisblack")
+    result = preprocess("--input", tmp_path / "raw", "--output", tmp_path / "pre", "--size", "16", "--raster", "--nodata", "0")
+    assert result.returncode == 0, result.stderr
+    raster = read_raster(next((tmp_path / "pre" / "raw_16").iterdir()))
+    assert raster.data.shape == (2, 16, 16) and raster.mask is not None
+    assert raster.mask[:8, :8].all() and not raster.mask[8:, :].any()
+    assert (raster.data[:, ~raster.mask] == 1000).all()  # the zeros never bled into the data
+
+
+def test_packed_uint16_with_nodata_pretrains_with_the_validity_band(tmp_path):
+    write_uint16_tiles(tmp_path / "raw", count=8, bands=4)
+    out = tmp_path / "pre"
+    assert preprocess("--input", tmp_path / "raw", "--output", out, "--size", "40", "--raster", "--nodata", "0", "--pack",
+                      "--split", "train").returncode == 0
+    packed = datasets.build_dataset(out / "train_40.json", raster=datasets.RasterOptions(4, None, None, [30000.0] * 4))
+    augment = transforms.BatchAugment(40, [30000.0] * 4, [17000.0] * 4, value_scale=1.0, nodata=packed.nodata)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        batch = augment(torch.stack([packed[i][0] for i in range(4)]))
+    images, valid = datasets.split_valid(batch, 4)
+    assert images.shape == (4, 4, 40, 40) and valid.shape == (4, 1, 40, 40)
+    assert 0 < valid.mean() < 1 and valid.min() >= 0 and valid.max() <= 1
+    assert images[valid.expand_as(images) == 0].abs().max() < 1e-4  # no-data filled with the mean: 0 once normalised
+    argv = ["--model", "mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--epochs", "1",
+            "--num_workers", "0", "--in_chans", "4", "--mean", *["30000"] * 4, "--std", *["17000"] * 4,
+            "--train_path", str(out / "train_40.json"), "--output_dir", str(tmp_path / "run")]
+    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), argv))
+    assert (tmp_path / "run" / "checkpoint-last.pth").exists()

@@ -1,6 +1,7 @@
-"""Datasets: fMoW-style CSV, ImageFolder trees, unlabelled image folders, and packed uint8 arrays.
+"""Datasets: fMoW-style CSV, ImageFolder trees, unlabelled image folders, and packed uint8 / uint16 arrays.
 
-Every sample is decoded to 8-bit RGB (``util.images``), then transformed (``util.transforms``).
+Every sample is decoded to 8-bit RGB, or with ``RasterOptions`` to float32 bands of any count in the file's units
+(``util.images``), then transformed (``util.transforms``).
 Randomness per sample comes from a seed the sampler hands over (``util.loaders.SeededSampler``), so the
 augmentations of an epoch are the same whatever the number of workers, and a resumed run sees
 exactly the batches an uninterrupted one would.
@@ -125,15 +126,23 @@ class RasterOptions:
             BadImageError: the decoder fails; DataError: wrong band count, bad --bands, a tile of no-data only.
         """
         raster = read_raster(path, self.bands, self.nodata, max_pixels)
-        data = raster.data
-        if data.shape[0] != self.in_chans:
-            raise DataError(f"{name}: {data.shape[0]} band(s) but --in_chans is {self.in_chans} (choose bands with --bands)")
-        if raster.mask is not None:
-            if raster.mask.all():
+        if raster.data.shape[0] != self.in_chans:
+            raise DataError(f"{name}: {raster.data.shape[0]} band(s) but --in_chans is {self.in_chans} (choose bands with --bands)")
+        return self.finish(raster.data, raster.mask, name)
+
+    def finish(self, data: np.ndarray, mask: np.ndarray | None, name: str) -> torch.Tensor:
+        """float32 [C, H, W] (modified in place) and its no-data mask [H, W] -> the sample: no-data filled with
+        ``fill``, the validity band appended with ``valid_channel``.
+
+        Raises:
+            DataError: every pixel is no-data.
+        """
+        if mask is not None and mask.any():
+            if mask.all():
                 raise DataError(f"{name}: every pixel is no-data; remove the tile from the dataset")
-            data[:, raster.mask] = self.fill[:, None]
+            data[:, mask] = self.fill[:, None]
         if getattr(self, "valid_channel", False):
-            valid = np.ones((1, *data.shape[1:]), np.float32) if raster.mask is None else (~raster.mask)[None].astype(np.float32)
+            valid = np.ones((1, *data.shape[1:]), np.float32) if mask is None else (~mask)[None].astype(np.float32)
             data = np.concatenate([data, valid])
         return torch.from_numpy(data)
 
@@ -155,32 +164,56 @@ def raster_options(args, valid_channel: bool = False) -> RasterOptions | None:
     return RasterOptions(args.in_chans, args.bands, args.nodata, args.mean, valid_channel)
 
 
-class PackedDataset(Dataset):
-    """Pre-decoded uint8 images written by ``tools/preprocess.py --pack``, memory-mapped.
+PACKED_DTYPES = {"uint8": ".u8", "uint16": ".u16"}  # sample type -> array file suffix
 
-    Items are uint8 [3, S, S] tensors for ``BatchAugment`` to crop, flip and normalise on the device; with a
-    ``transform`` set, each image goes through it as a PIL image instead (the general, slower path).
+
+class PackedDataset(Dataset):
+    """Pre-decoded images written by ``tools/preprocess.py --pack``, memory-mapped: uint8 or uint16, any band count
+    (the JSON's ``dtype`` / ``bands``; older files: uint8 RGB), stored [N, S, S, C].
+
+    Items are uint8 / uint16 tensors [C, S, S] for ``BatchAugment`` to crop, flip and normalise on the device; with a
+    ``transform`` set, each image goes through it instead (the general, slower path): as a PIL image for 8-bit RGB,
+    as a float32 [C, S, S] tensor (no-data filled, ``RasterOptions.finish``) with ``raster`` options.
+
+    Raises:
+        DataError: a malformed JSON, an array of the wrong size, or bands / sample type the run's flags do not fit
+            (multispectral or 16-bit arrays need ``raster`` options: --in_chans / --band_stats).
     """
 
-    def __init__(self, meta_path: Path, transform: Callable | None = None) -> None:
+    def __init__(self, meta_path: Path, transform: Callable | None = None, raster: RasterOptions | None = None) -> None:
         try:
             meta = json.loads(meta_path.read_text())
             self.size, count, self.targets = meta["size"], meta["count"], list(meta["labels"])
             self.array_path = meta_path.parent / meta["array"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.dtype, self.bands, self.nodata = meta.get("dtype", "uint8"), meta.get("bands", 3), meta.get("nodata")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{meta_path}: not a packed-dataset description ({type(e).__name__}: {first_line(e)})") from None
-        for key, value in (("size", self.size), ("count", count)):
+        for key, value in (("size", self.size), ("count", count), ("bands", self.bands)):
             if type(value) is not int or value < 1:
                 raise DataError(f"{meta_path}: key {key!r} must be a positive integer, got {value!r}")
+        if self.dtype not in PACKED_DTYPES:
+            raise DataError(f"{meta_path}: key 'dtype' must be one of {', '.join(PACKED_DTYPES)}, got {self.dtype!r}")
+        if self.nodata is not None and type(self.nodata) not in (int, float):
+            raise DataError(f"{meta_path}: key 'nodata' must be a number or null, got {self.nodata!r}")
         bad = next((label for label in self.targets if type(label) is not int or label < -1), None)
         if bad is not None:
             raise DataError(f"{meta_path}: key 'labels' must hold integer class indices (or -1), found {bad!r}")
         if not isinstance(meta["array"], str) or Path(meta["array"]).name != meta["array"]:
             raise DataError(f"{meta_path}: key 'array' must be a file name next to it, got {meta['array']!r}")
-        expected = count * self.size * self.size * 3
+        expected = count * self.size * self.size * self.bands * np.dtype(self.dtype).itemsize
         actual = self.array_path.stat().st_size if self.array_path.is_file() else -1
         if actual != expected or len(self.targets) != count:
-            raise DataError(f"{self.array_path}: expected {expected} bytes for {count} images of {self.size} px, found {actual}")
+            raise DataError(f"{self.array_path}: expected {expected} bytes for {count} images of {self.size} px x "
+                            f"{self.bands} band(s) of {self.dtype}, found {actual}")
+        rgb = self.dtype == "uint8" and self.bands == 3 and self.nodata is None
+        if raster is None and not rgb:
+            raise DataError(f"{meta_path}: {self.bands} band(s) of {self.dtype}" + (f" with no-data {self.nodata:g}" if self.nodata is not None else "")
+                            + f": give --in_chans {self.bands} and per-band statistics (--band_stats)")
+        if raster is not None and (raster.bands or raster.in_chans != self.bands):
+            raise DataError(f"{meta_path}: {self.bands} band(s) were packed" + (
+                "; --bands applies when packing (tools/preprocess.py --bands), not to a packed array" if raster.bands
+                else f" but --in_chans is {raster.in_chans}"))
+        self.raster = raster
         self.transform = transform
         self.classes: list[str] = []
         self.label_names = {label: str(label) for label in sorted(set(self.targets))}
@@ -194,12 +227,18 @@ class PackedDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         if self._images is None:
-            self._images = np.memmap(self.array_path, dtype=np.uint8, mode="r").reshape(len(self), self.size, self.size, 3)
-        pixels = np.array(self._images[index])  # [S, S, 3]
+            self._images = np.memmap(self.array_path, dtype=self.dtype, mode="r").reshape(len(self), self.size, self.size, self.bands)
+        pixels = np.array(self._images[index])  # [S, S, C]
         if self.transform is None:
             return torch.from_numpy(pixels).permute(2, 0, 1), self.targets[index]
+        if self.raster is not None:
+            data = np.ascontiguousarray(np.moveaxis(pixels, -1, 0), dtype=np.float32)
+            mask = (data == self.nodata).any(0) if self.nodata is not None else None
+            image = self.raster.finish(data, mask, self.describe(index))
+        else:
+            image = Image.fromarray(pixels)
         with seeded(seed) if seed is not None else nullcontext():
-            return self.transform(Image.fromarray(pixels)), self.targets[index]
+            return self.transform(image), self.targets[index]
 
     def describe(self, index: int) -> str:
         return self.samples[index][0]
@@ -332,9 +371,7 @@ def build_dataset(
     describe = None
     extensions = RASTER_EXTENSIONS if raster else IMAGE_EXTENSIONS
     if kind == "packed":
-        if raster:
-            raise DataError(f"{path}: packed datasets are 8-bit RGB; multispectral data is read from image files")
-        return PackedDataset(path, transform)
+        return PackedDataset(path, transform, raster)
     if kind in ("fmow_rgb", "csv"):
         if not path.is_file():
             raise DataError(f"{path}: --dataset_type {kind} needs a CSV file, got a folder")

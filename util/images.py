@@ -150,11 +150,12 @@ def stretch_enabled() -> bool:
 
 
 class Raster:
-    """A decoded raster: ``data`` float32 [C, H, W] in the file's own units, ``dtype`` the file's sample type, and
-    ``mask`` bool [H, W] (True = no-data in any band) or None."""
+    """A decoded raster: ``data`` float32 [C, H, W] in the file's own units, ``dtype`` the file's sample type,
+    ``mask`` bool [H, W] (True = no-data in any band) or None, and ``nodata`` the no-data value in force (given, or the
+    file's tag) or None."""
 
-    def __init__(self, data: np.ndarray, dtype: str, mask: np.ndarray | None = None) -> None:
-        self.data, self.dtype, self.mask = data, dtype, mask
+    def __init__(self, data: np.ndarray, dtype: str, mask: np.ndarray | None = None, nodata: float | None = None) -> None:
+        self.data, self.dtype, self.mask, self.nodata = data, dtype, mask, nodata
 
 
 def _tiff_array(path, limit: int) -> tuple[np.ndarray, float | None]:
@@ -246,4 +247,4 @@ def read_raster(path, bands: list[int] | None = None, nodata: float | None = Non
     if nodata is not None:
         hit = np.isnan(array).any(0) if nodata != nodata else (array == nodata).any(0)
         mask = hit if hit.any() else None
-    return Raster(np.ascontiguousarray(array, dtype=np.float32), dtype, mask)
+    return Raster(np.ascontiguousarray(array, dtype=np.float32), dtype, mask, nodata)

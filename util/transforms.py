@@ -1,5 +1,5 @@
 """Image transforms: upstream's per-image training / evaluation transforms, and the same training
-augmentation applied to a whole uint8 batch on the device (packed datasets)."""
+augmentation applied to a whole uint8 / uint16 batch on the device (packed datasets)."""
 from __future__ import annotations
 
 import math
@@ -72,18 +72,29 @@ def draft_size_for(is_train: bool, input_size: int) -> int:
 
 
 class BatchAugment(torch.nn.Module):
-    """The training transform on a uint8 batch on the device, in one ``grid_sample``: per-image
+    """The training transform on a uint8 / uint16 batch on the device, in one ``grid_sample``: per-image
     RandomResizedCrop (torchvision's box sampling, vectorised; bilinear, no antialias), horizontal and
     vertical flips, normalisation. Boxes and flips draw from the CPU generator, so they are restored with it
-    on resume."""
+    on resume.
 
-    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    Args:
+        input_size: Output side in pixels.
+        mean, std: Per band, in units of ``value_scale`` (8-bit RGB: fMoW statistics in [0, 1], ``value_scale`` 255;
+            multispectral / 16-bit: the file's units, ``value_scale`` 1).
+        nodata: The packed array's no-data value, or None. Such pixels (no-data in any band) are filled with the band
+            mean before resampling, and the output gains a validity band ([B, C + 1, S, S], ``datasets.split_valid``)
+            so that they stay out of the reconstruction loss.
+    """
+
+    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float], value_scale: float = 255.0,
+                 nodata: float | None = None) -> None:
         super().__init__()
         self.input_size = input_size
         self.scale = CROP_SCALE
         self.log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * 255, persistent=False)
+        self.nodata = nodata
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1) * value_scale, persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1) * value_scale, persistent=False)
 
     def sample_boxes(self, count: int, height: int, width: int, attempts: int = 10) -> torch.Tensor:
         """[count, 4] (left, top, right, bottom): the first of ``attempts`` random boxes that fits, else the
@@ -107,8 +118,9 @@ class BatchAugment(torch.nn.Module):
         return torch.stack([left, top, left + w, top + h], dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: uint8 [B, 3, H, W] -> normalised float [B, 3, input_size, input_size]."""
-        count, _, height, width = images.shape
+        """images: uint8 / uint16 [B, C, H, W] -> normalised float [B, C, input_size, input_size] (+ the validity band
+        with ``nodata``)."""
+        count, channels, height, width = images.shape
         left, top, right, bottom = self.sample_boxes(count, height, width).unbind(1)
         flip = torch.where(torch.rand(2, count) < 0.5, -1.0, 1.0)
         # output coordinate u in [-1, 1] -> input (align_corners=False): scale = box / side, a flip negates it
@@ -119,6 +131,12 @@ class BatchAugment(torch.nn.Module):
         theta[:, 1, 2] = (top + bottom) / height - 1
         if images.device.type == "cuda":  # no stream synchronisation: copy from pinned memory, asynchronously
             theta = theta.pin_memory().to(images.device, non_blocking=True)
-        grid = F.affine_grid(theta.to(images.device), [count, 3, self.input_size, self.input_size], align_corners=False)
-        out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        grid = F.affine_grid(theta.to(images.device), [count, channels, self.input_size, self.input_size], align_corners=False)
+        pixels = images.float()
+        if self.nodata is not None:
+            valid = (images != self.nodata).all(1, keepdim=True)
+            pixels = torch.cat([torch.where(valid, pixels, self.mean), valid.float()], dim=1)
+        out = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if self.nodata is not None:
+            return torch.cat([(out[:, :-1] - self.mean) / self.std, out[:, -1:]], dim=1)
         return (out - self.mean) / self.std
