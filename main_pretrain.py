@@ -50,6 +50,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "(default: per device, as upstream)")
     group.add_argument("--encoder_norm", action="store_true", help="apply the encoder's final norm in pretraining (upstream does not)")
     group.add_argument("--norm_style", default="pre", choices=("pre", "post"), help="pre: timm blocks; post: upstream xFormers blocks")
+    group.add_argument("--init", default="", metavar="PATH",
+                       help="start from the weights of this pretraining checkpoint (ours or upstream's, e.g. the published "
+                            "ViT-B / ViT-L) of --model's width and depth; RGB weights into --in_chans C are adapted by "
+                            "--rgb_bands, multispectral ones into 3 bands by --checkpoint_rgb_bands. Only weights: optimiser, "
+                            "epochs and LR schedule start afresh. A checkpoint that --resume finds wins (--init is then ignored)")
 
     group = parser.add_argument_group("outputs")
     group.add_argument("--save_every", type=int, default=25, help="epochs between numbered checkpoints")
@@ -77,8 +82,8 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 
 import models_cross_scale_mae as models_mae  # noqa: E402
 from engine_pretrain import knn_evaluate, save_reconstruction, train_one_epoch  # noqa: E402
-from model_loading import export_encoder  # noqa: E402
-from util import checkpoint, config, datasets, distributed, loaders, logger, runtime, schedule, training, transforms  # noqa: E402
+from model_loading import export_encoder, init_mae  # noqa: E402
+from util import checkpoint, config, datasets, distributed, layouts, loaders, logger, runtime, schedule, training, transforms  # noqa: E402
 from util.errors import run_entry_point  # noqa: E402
 
 
@@ -140,8 +145,13 @@ def main(args: argparse.Namespace) -> None:
     scheduler = schedule.lr_scheduler(optimizer, args, steps_per_epoch)
     scaler = training.grad_scaler(run)
     start_epoch, start_step, resumed = checkpoint.resume(args, run, model, optimizer, scaler)
+    if args.init and resumed:  # a relaunched run (--resume auto) continues its own weights, not --init's again
+        distributed.main_print(f"note: --init {args.init} ignored: resumed from {resumed['path']}")
+    elif args.init:
+        distributed.main_print(init_mae(model, args.init, layouts.BandAdaptation.from_args(args), args.model))
     logger.append_log(run, {"run_start": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "resumed_from": resumed.get("path"), "start_epoch": start_epoch})
+                            "resumed_from": resumed.get("path"), "initialised_from": None if resumed else args.init or None,
+                            "start_epoch": start_epoch})
 
     distributed.main_print(
         f"{args.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, "

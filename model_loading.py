@@ -120,6 +120,67 @@ def load_mae(path: str | os.PathLike, **overrides: Any) -> tuple[models_mae.Cros
     return model, report
 
 
+# Modules that only some loss variants (--model) have: --init leaves them freshly initialised when the checkpoint's
+# variant has none, and leaves the checkpoint's out when the model has none; every other tensor must be in both.
+VARIANT_MODULES = ("predictor.", "encoder_predictor.")
+
+
+def init_mae(model: models_mae.CrossScaleMAE, path: str | os.PathLike, bands: layouts.BandAdaptation,
+             model_name: str) -> layouts.LoadReport:
+    """Initialise a pretraining model with the weights of a pretraining checkpoint (``main_pretrain.py --init``):
+    ours or upstream's (either layout, as ``load_mae`` reads them; published files md5-verified).
+
+    A checkpoint of another band count gets ``patch_embed.proj`` and ``decoder_pred`` adapted by ``bands``
+    (``layouts.BandAdaptation``); the report's ``adapted`` says how. Predictor modules of another loss variant are
+    left fresh or left out (``VARIANT_MODULES``). Only weights are taken: no optimiser state, epoch or schedule.
+
+    Args:
+        model: The model ``--model`` built, with ``--in_chans`` bands.
+        path: Pretraining checkpoint.
+        bands: Which bands are R, G, B (``--rgb_bands`` / ``--checkpoint_rgb_bands``).
+        model_name: ``--model``, for messages.
+
+    Raises:
+        CheckpointError: unreadable file, wrong md5, no decoder in it, other width / depth than ``model``, or a
+            band count the rule does not adapt (one line naming the file and the flag).
+        UsageError: another image or patch size or block style than ``--input_size`` / ``--patch_size`` /
+            ``--norm_style``.
+    """
+    md5_status = checkpoint_io.check_md5(path)
+    checkpoint = checkpoint_io.read_checkpoint(path)
+    state_dict, layout = layouts.to_ours(checkpoint_io.model_state(checkpoint), str(path))
+    if "decoder_pred.weight" not in state_dict or "encoder.patch_embed.proj.weight" not in state_dict:
+        raise CheckpointError(f"{path}: not a pretraining checkpoint (no encoder-decoder in it); --init needs one")
+    shape = layouts.encoder_shape({k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}, str(path))
+    size = model.encoder.patch_embed.img_size[0]
+    if (shape.input_size, shape.patch_size) != (size, model.patch_size):
+        raise UsageError(f"--init {path} was pretrained on {shape.input_size} px images in {shape.patch_size} px patches, this "
+                         f"run has --input_size {size} --patch_size {model.patch_size}: give those of the checkpoint")
+    style = "post" if isinstance(model.encoder.blocks[0], PostNormBlock) else "pre"
+    checkpoint_style = layouts.norm_style_of(checkpoint, layout, path)
+    if checkpoint_style != style:
+        raise UsageError(f"--init {path}: its blocks are {checkpoint_style}-norm, this run's {style}-norm: give --norm_style {checkpoint_style}")
+    adapted = layouts.adapt_bands(state_dict, model.in_chans, bands, str(path), prefix="encoder.")
+    model_keys = model.state_dict().keys()
+    missing = [k for k in model_keys if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in model_keys]
+    problems = [f"{what} {layouts.summarise(wrong)}" for what, keys in (("missing", missing), ("unexpected", unexpected))
+                if (wrong := [k for k in keys if not k.startswith(VARIANT_MODULES)])]
+    if problems:
+        raise CheckpointError(f"{path}: does not fit --model {model_name} (another depth?): {'; '.join(problems)}")
+    try:
+        layouts.check_shapes(path, model, state_dict)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; --model is {model_name}") from None
+    for key in unexpected:
+        del state_dict[key]
+    model.load_state_dict(state_dict, strict=False)
+    epoch = checkpoint.get("epoch")
+    return layouts.LoadReport(str(path), layout, model_name, len(state_dict), missing=missing,
+                              unexpected=[layouts.summarise(unexpected)] if unexpected else [], md5_status=md5_status,
+                              epoch=epoch if isinstance(epoch, int) else None, adapted=adapted)
+
+
 def export_encoder(model: models_mae.CrossScaleMAE, path: str | os.PathLike) -> tuple[Path, Path]:
     """Write the encoder as a timm ``VisionTransformer`` state dict, as ``.pth`` and ``.safetensors``, and its timm
     constructor arguments as ``.json`` (``timm_config``).
@@ -202,7 +263,7 @@ def build_classifier(args: argparse.Namespace, num_classes: int, weights: layout
     if weights is None:
         main_print(f"no --finetune: {name} starts from random initialisation")
     elif load:
-        main_print(layouts.load_encoder(model, weights))
+        main_print(layouts.load_encoder(model, weights, layouts.BandAdaptation.from_args(args)))
     return model, weights
 
 
@@ -223,7 +284,7 @@ def build_knn_encoder(spec: str, weights: layouts.EncoderWeights | None, model_n
     )
     if weights is None:
         return encoder, f"random init ({model_name})", True
-    main_print(layouts.load_encoder(encoder, weights))
+    main_print(layouts.load_encoder(encoder, weights, layouts.BandAdaptation.from_args(args)))
     return encoder, spec, weights.final_norm
 
 
@@ -250,6 +311,6 @@ def build_segmenter(args: argparse.Namespace, num_classes: int, weights: layouts
     if weights is None:
         main_print(f"no --finetune: {name} starts from random initialisation")
     elif load:
-        main_print(layouts.load_encoder(encoder, weights))
+        main_print(layouts.load_encoder(encoder, weights, layouts.BandAdaptation.from_args(args)))
     model = models_segmentation.Segmenter(encoder, num_classes, args.head, args.freeze_encoder, args.decoder_channels)
     return model, weights

@@ -13,6 +13,8 @@ import yaml
 import main_pretrain
 from util import config, schedule
 from model_loading import load_mae
+from models_cross_scale_mae import create_model
+from util.checkpoint import save_checkpoint
 from util.checkpoint import read_checkpoint
 from util.visualize import MIN_CELL_PX
 from util.errors import run_entry_point
@@ -76,6 +78,40 @@ def test_resume_auto_continues_where_the_last_run_stopped(csv_dataset, tmp_path,
     run([*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(out), "--epochs", "1", "--resume", "auto"])
     assert "continuing at epoch 1" in capsys.readouterr().out
     assert read_checkpoint(out / "checkpoint-last.pth")["epoch"] == 0  # nothing left to train
+
+
+def test_init_from_an_rgb_checkpoint_pretrains_a_four_band_model_from_epoch_0(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+
+    torch.manual_seed(0)
+    rgb = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
+    save_checkpoint({"model": rgb.state_dict(), "model_config": rgb.model_config, "epoch": 399}, tmp_path / "rgb.pth")
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        tifffile.imwrite(tiles / f"t{i}.tif", rng.integers(0, 3000, (4, 40, 40)).astype(np.uint16), photometric="minisblack")
+    out = tmp_path / "out"
+    argv = [*TINY_RUN, "--epochs", "1", "--in_chans", "4", "--mean", *["1500"] * 4, "--std", *["900"] * 4,
+            "--train_path", str(tiles), "--output_dir", str(out), "--init", str(tmp_path / "rgb.pth")]
+    with pytest.raises(SystemExit) as info:
+        run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))
+    assert str(info.value).startswith(f"error: {tmp_path / 'rgb.pth'}: the checkpoint takes 3 input bands, the model 4")
+    assert "--rgb_bands" in str(info.value) and "\n" not in str(info.value)
+
+    run([*argv, "--rgb_bands", "2", "1", "0"])
+    printed = capsys.readouterr().out
+    assert "adapted patch_embed.proj: 3 RGB filters -> bands 2 1 0 of 4, other 1 band zero" in printed
+    assert "adapted decoder_pred: 3 RGB outputs -> bands 2 1 0 of 4, other 1 band zero" in printed
+    state = read_checkpoint(out / "checkpoint-last.pth")
+    assert state["epoch"] == 0  # initialisation, not a resume of the checkpoint's 400 epochs
+    assert state["model"]["encoder.patch_embed.proj.weight"].shape == (128, 4, 8, 8)
+    log = json.loads((out / "log.txt").read_text().splitlines()[0])
+    assert log["initialised_from"] == str(tmp_path / "rgb.pth") and log["start_epoch"] == 0
+
+    run([*argv, "--rgb_bands", "2", "1", "0", "--resume", "auto"])  # a relaunch continues its own weights
+    assert f"note: --init {tmp_path / 'rgb.pth'} ignored: resumed from {out / 'checkpoint-last.pth'}" in capsys.readouterr().out
 
 
 def test_config_file_values_are_defaults_that_flags_override(csv_dataset, tmp_path):

@@ -1,14 +1,16 @@
 """model_loading.py: the pretraining model a checkpoint describes (ours and both upstream layouts), and the timm export."""
+import argparse
 import json
 import timm
 import pytest
 import torch
 from upstream_layouts import SIZE, upstream_checkpoint, upstream_encoder
 
-from model_loading import export_encoder, load_mae
+from model_loading import build_classifier, build_knn_encoder, export_encoder, init_mae, load_mae
 from models_cross_scale_mae import create_model
 from util import checkpoint as ckpt
-from util.errors import CheckpointError
+from util.errors import CheckpointError, UsageError
+from util.layouts import BandAdaptation
 
 
 @pytest.mark.parametrize("layout", ["timm", "xformers"])
@@ -104,3 +106,74 @@ def test_post_norm_encoders_are_not_exported_as_timm(tmp_path):
     model = create_model("mae_vit_tiny", input_size=32, patch_size=8, norm_style="post")
     with pytest.raises(CheckpointError, match="post-norm"):
         export_encoder(model, tmp_path / "encoder")
+
+
+def saved_mae(tmp_path, name="cross_scale_mae_vit_tiny", in_chans=3, file="ours.pth"):
+    torch.manual_seed(0)
+    model = create_model(name, input_size=SIZE, patch_size=8, in_chans=in_chans).eval()
+    ckpt.save_checkpoint({"model": model.state_dict(), "model_config": model.model_config, "epoch": 9}, tmp_path / file)
+    return model, tmp_path / file
+
+
+def test_init_adapts_patch_embedding_and_decoder_pred_so_the_named_bands_are_predicted_as_by_the_rgb_model(tmp_path):
+    rgb, path = saved_mae(tmp_path)
+    model = create_model("cross_scale_mae_vit_tiny", input_size=SIZE, patch_size=8, in_chans=13).eval()
+    report = init_mae(model, path, BandAdaptation(model_rgb=(3, 2, 1)), "cross_scale_mae_vit_tiny")
+
+    assert report.adapted == ["patch_embed.proj: 3 RGB filters -> bands 3 2 1 of 13, other 10 bands zero",
+                              "decoder_pred: 3 RGB outputs -> bands 3 2 1 of 13, other 10 bands zero"]
+    assert report.missing == [] and report.unexpected == [] and report.epoch == 9
+    imgs, noise = torch.randn(2, 13, SIZE, SIZE), torch.rand(2, 16)
+    with torch.no_grad():
+        latent, mask, ids = model.forward_encoder(imgs, 0.75, noise)
+        rgb_latent, rgb_mask, rgb_ids = rgb.forward_encoder(imgs[:, [3, 2, 1]], 0.75, noise)
+        torch.testing.assert_close(latent, rgb_latent)
+        pred = model.forward_decoder(latent, ids)[1].reshape(2, 16, 64, 13)  # band-last inside each patch
+        rgb_pred = rgb.forward_decoder(rgb_latent, rgb_ids)[1].reshape(2, 16, 64, 3)
+    torch.testing.assert_close(pred[..., [3, 2, 1]], rgb_pred)
+    assert not pred[..., [0, *range(4, 13)]].any()
+
+
+def test_init_takes_a_multispectral_checkpoint_into_an_rgb_model_and_fills_another_variants_predictor(tmp_path):
+    source, path = saved_mae(tmp_path, "mae_vit_tiny", in_chans=13)
+    model = create_model("cross_scale_mae_vit_tiny", input_size=SIZE, patch_size=8)
+    with pytest.raises(CheckpointError, match="give --checkpoint_rgb_bands"):
+        init_mae(model, path, BandAdaptation(), "cross_scale_mae_vit_tiny")
+    report = init_mae(model, path, BandAdaptation(checkpoint_rgb=(3, 2, 1)), "cross_scale_mae_vit_tiny")
+    assert report.adapted[1] == "decoder_pred: outputs of bands 3 2 1 of 13 -> RGB, other 10 bands dropped"
+    assert {k.split(".")[0] for k in report.missing} == {"predictor"}  # mae_vit_tiny has no cross-scale predictor
+    rows = source.decoder_pred.weight.detach().reshape(64, 13, -1)[:, [3, 2, 1]].reshape(64 * 3, -1)
+    torch.testing.assert_close(model.decoder_pred.weight.detach(), rows, rtol=0, atol=0)
+
+
+def test_init_refuses_another_architecture_and_size_in_one_line(tmp_path):
+    _, path = saved_mae(tmp_path)
+    small = create_model("cross_scale_mae_vit_small", input_size=SIZE, patch_size=8)
+    with pytest.raises(CheckpointError, match=r"ours\.pth: does not fit --model cross_scale_mae_vit_small \(another depth\?\): "
+                                              r"missing encoder\.blocks\.4\.norm1\.weight"):
+        init_mae(small, path, BandAdaptation(), "cross_scale_mae_vit_small")
+    saved = ckpt.read_checkpoint(path)
+    saved["model"]["decoder_embed.weight"] = torch.zeros(256, 64)
+    ckpt.save_checkpoint(saved, tmp_path / "narrow.pth")
+    tiny = create_model("cross_scale_mae_vit_tiny", input_size=SIZE, patch_size=8)
+    with pytest.raises(CheckpointError, match=r"narrow\.pth: tensors of another shape: decoder_embed\.weight \[256, 64\] "
+                                              r"\(model has \[256, 128\]\); --model is cross_scale_mae_vit_tiny$"):
+        init_mae(tiny, tmp_path / "narrow.pth", BandAdaptation(), "cross_scale_mae_vit_tiny")
+    bigger = create_model("cross_scale_mae_vit_tiny", input_size=48, patch_size=8)
+    with pytest.raises(UsageError, match=r"pretrained on 32 px images in 8 px patches, this run has --input_size 48 --patch_size 8"):
+        init_mae(bigger, path, BandAdaptation(), "cross_scale_mae_vit_tiny")
+    torch.save(upstream_checkpoint("xformers"), tmp_path / "x.pth")
+    with pytest.raises(UsageError, match="its blocks are post-norm, this run's pre-norm: give --norm_style post"):
+        init_mae(create_model("mae_vit_tiny", input_size=SIZE, patch_size=8), tmp_path / "x.pth", BandAdaptation(), "mae_vit_tiny")
+
+
+def test_evaluation_loaders_pass_the_band_flags_to_the_encoder_load(tmp_path, capsys):
+    source, path = saved_mae(tmp_path, "mae_vit_tiny", in_chans=13)
+    args = argparse.Namespace(finetune=str(path), model=None, patch_size=None, input_size=SIZE, in_chans=3, global_pool=False,
+                              head_init_std=2e-5, scale_mode="resize", rgb_bands=None, checkpoint_rgb_bands=[3, 2, 1])
+    classifier, weights = build_classifier(args, 5)
+    encoder, _, _ = build_knn_encoder(str(path), weights, "vit_tiny_patch16", args)
+    expected = source.encoder.patch_embed.proj.weight.detach()[:, [3, 2, 1]]
+    for model in (classifier, encoder):
+        torch.testing.assert_close(model.patch_embed.proj.weight.detach(), expected, rtol=0, atol=0)
+    assert capsys.readouterr().out.count("adapted patch_embed.proj: filters of bands 3 2 1 of 13 -> RGB, other 10 bands dropped") == 2

@@ -140,7 +140,11 @@ def add_data_args(parser: argparse.ArgumentParser, input_size: int | None, train
                        help="no-data value (default: a TIFF's GDAL_NODATA tag); such pixels are filled with the band mean")
     group.add_argument("--rgb_bands", type=int, nargs="+", default=None, metavar="I",
                        help="bands (indices into the bands read) shown as R G B in reconstruction figures "
-                            "(default: the first three; one band: grey)")
+                            "(default: the first three; one band: grey); loading RGB weights into a model of more "
+                            "bands: the bands that get the RGB filters (the others start at zero)")
+    group.add_argument("--checkpoint_rgb_bands", type=int, nargs=3, default=None, metavar="I",
+                       help="loading multispectral weights into a 3-band (RGB) model: the checkpoint's bands whose "
+                            "filters become R G B (the others are dropped)")
     group.add_argument("--stretch", action="store_true",
                        help="8-bit RGB path: stretch 16-bit / float images from their 1st to 99th percentile per band "
                             "(default: refuse them: give --band_stats instead)")
