@@ -3,6 +3,7 @@
 #
 #   bash finetune.sh                                   # WEIGHTS from train.sh, embedded Sentinel-2 sample (times: README quick start)
 #   WEIGHTS=weights/cross_scale_mae_base_pretrain.pth bash finetune.sh --epochs 5
+#   DATA=sentinel2_ms bash finetune.sh               # the 13-band sample and DATA=sentinel2_ms bash train.sh's weights
 #   bash finetune.sh --finetune weights/mine.pth --epochs 1     # flags win over the variables below
 #   bash finetune.sh vit_large_patch16 weights/cross_scale_mae_large_pretrain.pth --nb_classes 62   # upstream's <model> [weights] form
 #
@@ -18,16 +19,17 @@ cd "$(dirname "$0")"
 source tools/launcher_lib.sh
 
 SCRIPT=${SCRIPT:-main_finetune.py}
-setvar WEIGHTS output/pretrain_tiny/checkpoint-last.pth
+select_data                             # DATA: sentinel2_rgb (default) or sentinel2_ms (tools/launcher_lib.sh)
+setvar WEIGHTS "output/pretrain_tiny$DATA_SUFFIX/checkpoint-last.pth"
 setvar MODEL ""                         # empty: the architecture of WEIGHTS
 setvar INPUT_SIZE 64                    # train.sh pretrains at 64 px
 setvar EPOCHS "${DEFAULT_EPOCHS:-30}"
 setvar WARMUP_EPOCHS "${DEFAULT_WARMUP_EPOCHS:-3}"
 setvar BATCH_SIZE 32                    # per device
 setvar BLR "${DEFAULT_BLR:-1e-3}"
-setvar TRAIN_PATH data/sentinel2_rgb/train.csv
-setvar TEST_PATH data/sentinel2_rgb/val.csv
-setvar OUTPUT_DIR "${DEFAULT_OUTPUT_DIR:-output/finetune_tiny}"
+setdata TRAIN_PATH "data/$DATA/train.csv"
+setdata TEST_PATH "data/$DATA/val.csv"
+setdata OUTPUT_DIR "${DEFAULT_OUTPUT_DIR:-output/finetune_tiny}$DATA_SUFFIX"
 setvar NUM_WORKERS 2
 PYTHON=${PYTHON:-python}
 LAUNCH=${LAUNCH:-$PYTHON}               # train_distributed.sh sets this to torchrun
@@ -51,6 +53,7 @@ pass_var train_path TRAIN_PATH
 pass_var test_path TEST_PATH
 pass_var output_dir OUTPUT_DIR
 pass_var num_workers NUM_WORKERS
+pass_bands
 
 # shellcheck disable=SC2086  # LAUNCH is a command line (python, or torchrun and its flags); exec: signals reach it
 exec $LAUNCH "$SCRIPT" "${PY_ARGS[@]}" "$@"

@@ -2,6 +2,7 @@
 # Multi-scale kNN evaluation of frozen encoders (top-1 at 12.5 / 25 / 50 / 100 % of the input size).
 #
 #   bash knn.sh                                     # random init vs the train.sh checkpoint on the embedded sample
+#   DATA=sentinel2_ms bash knn.sh                   # the same on the 13-band sample (output/pretrain_tiny_ms)
 #   CHECKPOINTS="none weights/cross_scale_mae_base_pretrain.pth" bash knn.sh --pool mean
 #   bash knn.sh weights/cross_scale_mae_large_pretrain.pth output/pretrain_tiny/checkpoint-last.pth   # positional checkpoints
 #   bash knn.sh --checkpoints none weights/mine.pth  # the flag replaces CHECKPOINTS and positional checkpoints
@@ -14,10 +15,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source tools/launcher_lib.sh
 
-setvar CHECKPOINTS "none output/pretrain_tiny/checkpoint-last.pth"   # space-separated; 'none' is random initialisation
-setvar TRAIN_PATH data/sentinel2_rgb/train.csv
-setvar TEST_PATH data/sentinel2_rgb/val.csv
-setvar OUTPUT_DIR output/knn
+select_data                              # DATA: sentinel2_rgb (default) or sentinel2_ms (tools/launcher_lib.sh)
+setvar CHECKPOINTS "none output/pretrain_tiny$DATA_SUFFIX/checkpoint-last.pth"   # space-separated; 'none' is random initialisation
+setdata TRAIN_PATH "data/$DATA/train.csv"
+setdata TEST_PATH "data/$DATA/val.csv"
+setdata OUTPUT_DIR "output/knn$DATA_SUFFIX"
 setvar BATCH_SIZE 64
 setvar NUM_WORKERS 2
 PYTHON=${PYTHON:-python}
@@ -47,7 +49,7 @@ fi
 for checkpoint in ${CHECKPOINT_LIST[@]+"${CHECKPOINT_LIST[@]}"}; do
   if [[ $checkpoint != none && ! -f $checkpoint ]]; then
     if [[ -z $CHECKPOINTS_FROM ]]; then
-      die "no checkpoint at $checkpoint: run 'bash train.sh' first, or give --checkpoints PATH... / set CHECKPOINTS (published weights: weights/README.md)"
+      die "no checkpoint at $checkpoint: run '$TRAIN_SH' first, or give --checkpoints PATH... / set CHECKPOINTS (published weights: weights/README.md)"
     fi
     die "no checkpoint at $checkpoint (from $CHECKPOINTS_FROM)"
   fi
@@ -58,6 +60,7 @@ pass_var test_path TEST_PATH
 pass_var output_dir OUTPUT_DIR
 pass_var batch_size BATCH_SIZE
 pass_var num_workers NUM_WORKERS
+pass_bands
 
 # shellcheck disable=SC2086  # LAUNCH is a command line (python, or torchrun and its flags); exec: signals reach it
 exec $LAUNCH main_knn.py "${PY_ARGS[@]}" "$@"

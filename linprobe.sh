@@ -2,6 +2,7 @@
 # Linear probing of a frozen pretrained encoder (BatchNorm + linear head, LARS). Same arguments and variables as finetune.sh:
 #
 #   bash linprobe.sh                                   # WEIGHTS from train.sh, embedded sample (times: README quick start)
+#   DATA=sentinel2_ms bash linprobe.sh                 # the 13-band sample and DATA=sentinel2_ms bash train.sh's weights
 #   bash linprobe.sh vit_base_patch16 weights/cross_scale_mae_base_pretrain.pth --global_pool
 #   bash linprobe.sh --finetune weights/mine.pth --epochs 10    # flags win over the variables
 #

@@ -6,6 +6,8 @@
 #   bash train.sh --epochs 1 --output_dir X        # extra flags pass through to main_pretrain.py, and win over
 #                                                  # the variables below (precedence: tools/launcher_lib.sh)
 #   bash train.sh mae_vit_base_MsLdCeCd scaled_dot_product mse --epochs 400   # upstream's form: <model> <attention> <loss>
+#   DATA=sentinel2_ms bash train.sh                # the same on the 13-band sample (data/sentinel2_ms, 64 px at 20 m),
+#                                                  # into output/pretrain_tiny_ms (DATA: tools/launcher_lib.sh)
 #
 # For the paper's run, set the variables below (or export them) to:
 #   MODEL=cross_scale_mae_vit_base INPUT_SIZE=128 PATCH_SIZE=16 EPOCHS=400 WARMUP_EPOCHS=40 BATCH_SIZE=512
@@ -16,6 +18,7 @@ cd "$(dirname "$0")"
 
 source tools/launcher_lib.sh
 
+select_data                            # DATA: sentinel2_rgb (default) or sentinel2_ms
 setvar MODEL cross_scale_mae_vit_tiny
 setvar INPUT_SIZE 64                   # the quick start: 64 px tiles, patch 8 (64 patches), as measured in the README
 setvar PATCH_SIZE 8
@@ -25,8 +28,9 @@ setvar BATCH_SIZE 32                   # per device
 setvar BLR 1e-2                        # the paper's 5e-5 is for batch 4096 and 400 epochs; a short tiny run needs more
 setvar NORM_PIX_LOSS 1                 # 1: reconstruct per-patch standardised pixels (--norm_pix_loss); 0: raw pixels
 setvar SAMPLE_EVAL 1                   # 1: on the embedded sample, end with tools/sample_eval.py (pretrained vs random init)
-setvar TRAIN_PATH data/sentinel2_rgb/train.csv
-setvar OUTPUT_DIR output/pretrain_tiny
+setdata TRAIN_PATH "data/$DATA/train.csv"
+setdata OUTPUT_DIR "output/pretrain_tiny$DATA_SUFFIX"
+setdata RGB_BANDS "$([[ $DATA == sentinel2_ms ]] && echo 3 2 1)"   # bands shown as R G B in the figures (B04 B03 B02)
 setvar NUM_WORKERS 2
 setvar SAVE_EVERY 10
 setvar PLOT_EVERY 20
@@ -52,15 +56,17 @@ pass_var output_dir OUTPUT_DIR
 pass_var num_workers NUM_WORKERS
 pass_var save_every SAVE_EVERY
 pass_var plot_every PLOT_EVERY
+pass_bands
+if [[ -n $RGB_BANDS ]] && ! user_flag rgb_bands && launcher_value RGB_BANDS; then read -ra BANDS <<<"$RGB_BANDS"; PY_ARGS+=(--rgb_bands "${BANDS[@]}"); fi
 if [[ -n ${ATTN_NAME:-} ]]; then pass_var attn_name ATTN_NAME; fi
 if [[ -n ${LOSS:-} ]]; then pass_var loss LOSS; fi
 if [[ $NORM_PIX_LOSS == 1 ]] && launcher_value NORM_PIX_LOSS && ! user_flag norm_pix_loss; then PY_ARGS+=(--norm_pix_loss); fi
 
 # The quick start (the embedded sample, one process, no --config) ends with the evidence that pretraining helped.
-if [[ $SAMPLE_EVAL == 1 && $TRAIN_PATH == data/sentinel2_rgb/train.csv && $LAUNCH == "$PYTHON" ]] \
+if [[ $SAMPLE_EVAL == 1 && $TRAIN_PATH == "data/$DATA/train.csv" && $LAUNCH == "$PYTHON" ]] \
    && ! user_flag config && ! user_flag train_path && ! user_flag output_dir; then
   $LAUNCH main_pretrain.py "${PY_ARGS[@]}" "$@"
-  exec $PYTHON tools/sample_eval.py "$OUTPUT_DIR/checkpoint-last.pth"
+  exec $PYTHON tools/sample_eval.py "$OUTPUT_DIR/checkpoint-last.pth" --sample "data/$DATA"
 fi
 # shellcheck disable=SC2086  # LAUNCH is a command line (python, or torchrun and its flags); exec: signals reach it
 exec $LAUNCH main_pretrain.py "${PY_ARGS[@]}" "$@"

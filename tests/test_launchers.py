@@ -185,7 +185,7 @@ def test_the_quick_start_ends_with_the_sample_evaluation(clone, stub):
     lines = argv(run(clone, stub, "train.sh", SAMPLE_EVAL="1"))
     assert lines[0] == "main_pretrain.py" and "--norm_pix_loss" in lines
     evaluation = lines[lines.index("tools/sample_eval.py"):]
-    assert evaluation == ["tools/sample_eval.py", "output/pretrain_tiny/checkpoint-last.pth"]
+    assert evaluation == ["tools/sample_eval.py", "output/pretrain_tiny/checkpoint-last.pth", "--sample", "data/sentinel2_rgb"]
     other_data = argv(run(clone, stub, "train.sh", "--train_path", "elsewhere.csv", SAMPLE_EVAL="1"))
     assert "tools/sample_eval.py" not in other_data  # only the embedded sample has the evaluation's blocks
     assert "--norm_pix_loss" not in argv(run(clone, stub, "train.sh", NORM_PIX_LOSS="0"))
@@ -203,6 +203,61 @@ def test_train_flag_beats_variable(clone, stub):
     assert "--epochs" not in args and args.count("--epochs=1") == 1
     assert values(args, "--output_dir") == [["X"]]
     assert values(argv(run(clone, stub, "train.sh", EPOCHS="9")), "--epochs") == [["9"]]
+
+
+# DATA=sentinel2_ms: the 13-band sample, one variable for the four launchers
+
+MS_BANDS = ["--in_chans", "13", "--band_stats", "data/sentinel2_ms/band_stats.json"]
+
+
+def test_train_on_the_multispectral_sample(clone, stub):
+    lines = argv(run(clone, stub, "train.sh", DATA="sentinel2_ms", SAMPLE_EVAL="1"))
+    args = lines[:lines.index("tools/sample_eval.py")]
+    assert values(args, "--train_path") == [["data/sentinel2_ms/train.csv"]]
+    assert values(args, "--output_dir") == [["output/pretrain_tiny_ms"]]  # never the RGB run's folder
+    assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
+    assert values(args, "--rgb_bands") == [["3", "2", "1"]]
+    assert values(args, "--input_size") == [["64"]] and values(args, "--patch_size") == [["8"]]
+    assert lines[lines.index("tools/sample_eval.py"):] == [
+        "tools/sample_eval.py", "output/pretrain_tiny_ms/checkpoint-last.pth", "--sample", "data/sentinel2_ms"]
+    rgb = argv(run(clone, stub, "train.sh"))
+    assert "--in_chans" not in rgb and "--band_stats" not in rgb and "--rgb_bands" not in rgb
+    flags_win = argv(run(clone, stub, "train.sh", "--rgb_bands", "7", "--output_dir", "X", DATA="sentinel2_ms"))
+    assert values(flags_win, "--rgb_bands") == [["7"]] and values(flags_win, "--output_dir") == [["X"]]
+    with_config = argv(run(clone, stub, "train.sh", "--config", "c.yaml", DATA="sentinel2_ms"))
+    assert values(with_config, "--in_chans") == [["13"]] and "--epochs" not in with_config  # DATA is the user's
+
+
+@pytest.mark.parametrize("launcher, output", [("finetune.sh", "output/finetune_tiny_ms"),
+                                              ("linprobe.sh", "output/linprobe_tiny_ms")])
+def test_finetune_and_linprobe_on_the_multispectral_sample(clone, stub, launcher, output, tmp_path):
+    missing = run(clone, stub, launcher, DATA="sentinel2_ms")
+    assert missing.returncode == 1 and missing.stderr.startswith(
+        "error: no weights at output/pretrain_tiny_ms/checkpoint-last.pth: run 'DATA=sentinel2_ms bash train.sh' first")
+    (clone / "output" / "pretrain_tiny_ms").mkdir(parents=True)
+    (clone / "output" / "pretrain_tiny_ms" / "checkpoint-last.pth").write_bytes(b"")
+    result = subprocess.run(["bash", launcher], cwd=clone, capture_output=True, text=True, timeout=30,
+                            env={"PATH": os.environ["PATH"], "PYTHON": str(stub), "DATA": "sentinel2_ms"})
+    args = argv(result)
+    assert values(args, "--finetune") == [["output/pretrain_tiny_ms/checkpoint-last.pth"]]
+    assert values(args, "--train_path") == [["data/sentinel2_ms/train.csv"]]
+    assert values(args, "--test_path") == [["data/sentinel2_ms/val.csv"]]
+    assert values(args, "--output_dir") == [[output]] and values(args, "--input_size") == [["64"]]
+    assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
+
+
+def test_knn_on_the_multispectral_sample(clone, stub, weights):
+    args = argv(run(clone, stub, "knn.sh", "--checkpoints", "none", str(weights), DATA="sentinel2_ms"))
+    assert values(args, "--train_path") == [["data/sentinel2_ms/train.csv"]] and values(args, "--output_dir") == [["output/knn_ms"]]
+    assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
+    missing = run(clone, stub, "knn.sh", DATA="sentinel2_ms")
+    assert "no checkpoint at output/pretrain_tiny_ms/checkpoint-last.pth: run 'DATA=sentinel2_ms bash train.sh' first" in missing.stderr
+
+
+def test_an_unknown_sample_is_a_one_line_error(clone, stub):
+    result = run(clone, stub, "train.sh", DATA="sentinel2")
+    assert result.returncode == 1 and result.stderr == (
+        "error: DATA=sentinel2: the embedded samples are sentinel2_rgb and sentinel2_ms (other data: set TRAIN_PATH)\n")
 
 
 # train_distributed.sh

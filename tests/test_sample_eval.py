@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import sample_eval  # noqa: E402
@@ -38,3 +39,78 @@ def test_main_writes_the_table_for_a_checkpoint_and_its_random_init(pretrained, 
     results = json.loads((tmp_path / "sample_eval.json").read_text())
     assert set(results["reconstruction"]) == {str(pretrained), "random init"}
     assert 0 <= results["accuracy"]["majority class"][0] <= 100
+
+
+def write_raster_sample(folder: Path, bands: int = 4, side: int = 9, size: int = 32) -> Path:
+    """A labelled sample of ``side`` x ``side`` uint16 tiles rRR_cCC.tif (3 x 3-tile blocks, all five folds) with
+    train.csv / val.csv split as tools/make_sample_data.py splits and a band_stats.json."""
+    import tifffile
+
+    from tools.band_stats import band_stats
+
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = {"train": [], "val": []}
+    for row in range(side):
+        for col in range(side):
+            label = (row + col) % 3
+            tile = rng.integers(1000, 1500, (bands, size, size)) + 500 * label * np.arange(1, bands + 1)[:, None, None]
+            name = f"images/r{row:02d}_c{col:02d}.tif"
+            tifffile.imwrite(folder / name, tile.astype(np.uint16), photometric="minisblack", planarconfig="separate")
+            rows["val" if sample_eval.fold_of((row // 3) * 100 + col // 3) == 0 else "train"].append(f"{label},{name}")
+    for split, lines in rows.items():
+        (folder / f"{split}.csv").write_text("label,image_path\n" + "\n".join(lines) + "\n")
+    paths = [folder / line.split(",")[1] for line in rows["train"]]
+    (folder / "band_stats.json").write_text(json.dumps(band_stats(paths)))
+    return folder
+
+
+def raster_checkpoint(path: Path, in_chans: int) -> Path:
+    import torch
+
+    from models_cross_scale_mae import create_model
+    from util import checkpoint
+
+    torch.manual_seed(0)
+    mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8, in_chans=in_chans)
+    checkpoint.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config, "epoch": 0}, path)
+    return path
+
+
+def test_multispectral_checkpoints_on_a_raster_sample(tmp_path):
+    sample = write_raster_sample(tmp_path / "ms")
+    four = raster_checkpoint(tmp_path / "four.pth", 4)
+    sample_eval.main(sample_eval.get_args_parser().parse_args([str(four), "--sample", str(sample), "--output_dir", str(tmp_path / "a")]))
+    results = json.loads((tmp_path / "a" / "sample_eval.json").read_text())
+    assert results["sample"] == str(sample) and set(results["reconstruction"]) == {str(four), "random init"}
+    assert f"on {sample} (81 tiles, 9 blocks" in (tmp_path / "a" / "sample_eval.md").read_text()
+    three = raster_checkpoint(tmp_path / "three.pth", 3)  # an RGB-only model on three of the bands
+    sample_eval.main(sample_eval.get_args_parser().parse_args(
+        [str(three), "--sample", str(sample), "--bands", "2", "1", "0", "--output_dir", str(tmp_path / "b")]))
+    assert json.loads((tmp_path / "b" / "sample_eval.json").read_text())["bands"] == [2, 1, 0]
+
+
+def test_raster_tiles_are_normalised_by_the_sample_band_statistics(tmp_path):
+    import tifffile
+
+    stats = {"bands": [0, 1, 2, 3], "mean": [100.0, 200.0, 300.0, 400.0], "std": [10.0, 20.0, 30.0, 40.0]}
+    (tmp_path / "band_stats.json").write_text(json.dumps(stats))
+    tile = np.array([130, 180, 300, 480], np.uint16)[:, None, None] * np.ones((4, 40, 40), np.uint16)
+    tifffile.imwrite(tmp_path / "r00_c00.tif", tile, photometric="minisblack", planarconfig="separate")
+    (tmp_path / "train.csv").write_text("label,image_path\n0,r00_c00.tif\n")
+    args = sample_eval.get_args_parser().parse_args(["x.pth", "--sample", str(tmp_path), "--bands", "3", "1", "0"])
+    image = build_dataset(tmp_path / "train.csv", "auto", **sample_eval.sample_reading(args, 32, 3))[0][0]
+    assert image.shape == (3, 32, 32)
+    np.testing.assert_allclose(image.mean((1, 2)).numpy(), [2.0, -1.0, 3.0], rtol=1e-6)  # (value - mean) / std, bands 3 1 0
+
+
+def test_band_mismatches_are_one_line_errors(tmp_path):
+    from util.errors import run_entry_point
+
+    sample = write_raster_sample(tmp_path / "ms", side=6)
+    four = raster_checkpoint(tmp_path / "four.pth", 4)
+    for argv, expected in (([str(four), "--sample", str(sample), "--bands", "2", "1", "0"], "3 band(s) of statistics but --in_chans is 4"),
+                           ([str(four)], "has no band_stats.json: 8-bit RGB only, but the checkpoints take 4 band(s)")):
+        with pytest.raises(SystemExit) as info:
+            run_entry_point(sample_eval.main, sample_eval.get_args_parser().parse_args(argv + ["--output_dir", str(tmp_path)]))
+        assert str(info.value).startswith("error: ") and expected in str(info.value) and "\n" not in str(info.value)

@@ -67,6 +67,36 @@ pass_var() {
 }
 
 
+# select_data: DATA, the embedded sample a launcher runs on (set it in the environment; the one variable to switch):
+#   sentinel2_rgb  data/sentinel2_rgb/, 8-bit RGB JPEG tiles (the default)
+#   sentinel2_ms   data/sentinel2_ms/, the same tiles as 13-band uint16 GeoTIFFs at 20 m: adds --in_chans 13
+#                  --band_stats data/sentinel2_ms/band_stats.json (and in train.sh --rgb_bands 3 2 1), and output
+#                  folders ending in _ms, so RGB and multispectral runs never share one
+# Sets DATA_SUFFIX ("" or _ms), IN_CHANS / BAND_STATS (empty for RGB: not passed) and TRAIN_SH, the command that
+# makes this sample's pretraining checkpoint (for error messages).
+select_data() {
+  setvar DATA sentinel2_rgb
+  case $DATA in
+    sentinel2_rgb) DATA_SUFFIX= ; setdata IN_CHANS "" ; setdata BAND_STATS "" ; TRAIN_SH="bash train.sh" ;;
+    sentinel2_ms) DATA_SUFFIX=_ms ; setdata IN_CHANS 13 ; setdata BAND_STATS data/sentinel2_ms/band_stats.json
+                  TRAIN_SH="DATA=$DATA bash train.sh" ;;
+    *) die "DATA=$DATA: the embedded samples are sentinel2_rgb and sentinel2_ms (other data: set TRAIN_PATH)" ;;
+  esac
+}
+
+# setdata NAME DEFAULT: setvar for a variable whose default follows DATA; a DATA the user set counts as setting it
+# (so with --config, DATA=sentinel2_ms still passes its paths and band flags).
+setdata() {
+  setvar "$1" "$2"
+  if is_explicit DATA; then mark_explicit "$1"; fi
+}
+
+# pass_bands: --in_chans / --band_stats of the sample (select_data), where it has them.
+pass_bands() {
+  if [[ -n $IN_CHANS ]]; then pass_var in_chans IN_CHANS; fi
+  if [[ -n $BAND_STATS ]]; then pass_var band_stats BAND_STATS; fi
+}
+
 # pass_weights: the weights Python will read are --finetune on the command line, else WEIGHTS (passed unless
 # --config decides); a missing file stops here, naming where it came from (WEIGHTS_FROM: empty = the default).
 pass_weights() {
@@ -80,7 +110,7 @@ pass_weights() {
   fi
   if [[ -n $WEIGHTS && ! -f $WEIGHTS ]]; then
     if [[ -z $WEIGHTS_FROM ]]; then
-      die "no weights at $WEIGHTS: run 'bash train.sh' first, or give --finetune PATH / set WEIGHTS (published weights: weights/README.md)"
+      die "no weights at $WEIGHTS: run '$TRAIN_SH' first, or give --finetune PATH / set WEIGHTS (published weights: weights/README.md)"
     fi
     die "no weights at $WEIGHTS (from $WEIGHTS_FROM)"
   fi

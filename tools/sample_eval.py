@@ -1,11 +1,17 @@
 """Does pretraining help? Evaluate pretraining checkpoints against random init on the embedded sample.
 
     python tools/sample_eval.py output/pretrain_tiny/checkpoint-last.pth
+    python tools/sample_eval.py output/pretrain_tiny_ms/checkpoint-last.pth --sample data/sentinel2_ms
+    python tools/sample_eval.py output/pretrain_tiny_ms_rgb/checkpoint-last.pth --sample data/sentinel2_ms --bands 3 2 1
 
 Protocol (fixed before looking at any checkpoint; the same for every model):
 
-- **Data**: the 225 labelled tiles of ``data/sentinel2_rgb`` (train.csv + val.csv), at the checkpoint's input
-  size through the evaluation transform (resize the shorter side to input / 0.875, centre crop).
+- **Data**: the 225 labelled tiles of ``--sample`` (train.csv + val.csv; default ``data/sentinel2_rgb``), at the
+  checkpoint's input size through the evaluation transform (resize the shorter side to input / 0.875, centre crop).
+  A sample with a ``band_stats.json`` (``data/sentinel2_ms``: 13 bands at 20 m) is read by ``util.images.read_raster``
+  in the files' units and normalised per band by that file (bilinear resizing, as in raster pretraining); ``--bands``
+  picks the bands the checkpoints take (e.g. ``3 2 1``: RGB of the 13-band sample). Otherwise 8-bit RGB, normalised
+  with the fMoW-RGB mean and std.
 - **Spatial cross-validation**: the scene is cut into 25 blocks of 3 x 3 tiles; fold f holds out the blocks with
   (block_row + 2 x block_col) mod 5 == f (fold 0 is the shipped val.csv). Every tile is evaluated exactly once,
   by a classifier that saw no tile of its block.
@@ -37,9 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_cross_scale_mae as models_mae  # noqa: E402
 from model_loading import load_mae  # noqa: E402
 from util import knn  # noqa: E402
-from util.datasets import DEFAULT_TRAIN_CSV, build_dataset  # noqa: E402
+from util.config import read_band_stats  # noqa: E402
+from util.datasets import DEFAULT_TRAIN_CSV, RasterOptions, build_dataset  # noqa: E402
 from util.errors import UsageError, run_entry_point  # noqa: E402
-from util.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD, build_transform, draft_size_for  # noqa: E402
+from util.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD, build_raster_transform, build_transform, draft_size_for  # noqa: E402
 
 BLOCK = 3  # tiles per block side (tools/make_sample_data.py)
 FOLDS = 5
@@ -121,6 +128,25 @@ def reconstruction_ratio(mae: models_mae.CrossScaleMAE, images: torch.Tensor, ma
     return float(torch.stack(errors).mean()), float(torch.stack(baseline).mean())
 
 
+def sample_reading(args: argparse.Namespace, size: int, in_chans: int) -> dict:
+    """``build_dataset``'s transform, draft size and raster options: rasters normalised by the sample's
+    ``band_stats.json`` where it has one (``--bands`` of its bands), else 8-bit RGB with the fMoW-RGB statistics.
+
+    Raises:
+        UsageError: --bands without band statistics, or bands (or RGB) other than the checkpoints' input channels.
+    """
+    stats = Path(args.sample) / "band_stats.json"
+    if not stats.exists():
+        if args.bands or in_chans != 3:
+            raise UsageError(f"--sample {args.sample} has no band_stats.json: 8-bit RGB only, but the checkpoints take "
+                             f"{in_chans} band(s)" + (" and --bands was given" if args.bands else ""))
+        return {"transform": build_transform(False, size, FMOW_RGB_MEAN, FMOW_RGB_STD), "draft_size": draft_size_for(False, size)}
+    if args.bands and min(args.bands) < 0:
+        raise UsageError(f"--bands are 0-based indices, got {' '.join(map(str, args.bands))}")
+    mean, std = read_band_stats(str(stats), args.bands, in_chans)  # UsageError naming the file when counts differ
+    return {"transform": build_raster_transform(False, size, mean, std), "raster": RasterOptions(in_chans, args.bands, None, mean)}
+
+
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     models = {}
@@ -136,8 +162,7 @@ def main(args: argparse.Namespace) -> None:
         raise UsageError(f"the checkpoints differ in input size or bands ({sorted(sizes)}); evaluate them separately")
     size = first.encoder.patch_embed.img_size[0]
 
-    transform = build_transform(False, size, FMOW_RGB_MEAN, FMOW_RGB_STD)
-    tiles = [build_dataset(DEFAULT_TRAIN_CSV.parent / name, "auto", transform, draft_size_for(False, size))
+    tiles = [build_dataset(Path(args.sample) / name, "auto", **sample_reading(args, size, first.in_chans))
              for name in ("train.csv", "val.csv")]
     paths = [p for dataset in tiles for p, _ in dataset.samples]
     labels = np.array([label for dataset in tiles for label in dataset.targets])
@@ -160,7 +185,8 @@ def main(args: argparse.Namespace) -> None:
              for name in trained for c in ("kNN", "linear probe")}
     stats = bootstrap({**correct, **gains}, blocks)
 
-    lines = [f"# Pretrained vs random init on the embedded sample ({len(labels)} tiles, {len(np.unique(blocks))} blocks, "
+    bands = f", bands {' '.join(map(str, args.bands))}" if args.bands else ""
+    lines = [f"# Pretrained vs random init on {args.sample}{bands} ({len(labels)} tiles, {len(np.unique(blocks))} blocks, "
              f"{FOLDS}-fold spatial CV, 95 % block-bootstrap intervals)", "",
              "| model | kNN top-1 (%) | linear probe top-1 (%) | masked-patch MSE / baseline |", "|---|---|---|---|"]
     fmt = lambda s: f"{s[0]:.1f} [{s[1]:.1f}, {s[2]:.1f}]"  # noqa: E731
@@ -181,7 +207,7 @@ def main(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sample_eval.md").write_text(table + "\n")
     (out / "sample_eval.json").write_text(json.dumps(
-        {"accuracy": {k: list(v) for k, v in stats.items()},
+        {"sample": str(args.sample), "bands": args.bands, "accuracy": {k: list(v) for k, v in stats.items()},
          "reconstruction": {k: {"mse": e, "baseline": b, "ratio": e / b} for k, (e, b) in recon.items()}}, indent=1))
     print(f"\nwritten: {out / 'sample_eval.md'}, {out / 'sample_eval.json'}", flush=True)
 
@@ -191,6 +217,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoints", nargs="+", help="pretraining checkpoints of one architecture and input size")
     parser.add_argument("--output_dir", default=None, help="default: the folder of the first checkpoint")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-init encoder")
+    parser.add_argument("--sample", default=str(DEFAULT_TRAIN_CSV.parent),
+                        help="folder of the labelled sample (train.csv, val.csv, tiles named rRR_cCC; band_stats.json: rasters)")
+    parser.add_argument("--bands", type=int, nargs="+", default=None, metavar="I",
+                        help="0-based bands of a raster sample the checkpoints take (default: all)")
     return parser
 
 

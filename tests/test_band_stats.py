@@ -1,0 +1,146 @@
+"""tools/band_stats.py: statistics equal numpy's, whatever the worker count, and an interrupted run resumes exactly."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from tools import band_stats as bs
+from util.errors import run_entry_point
+
+REPO = Path(__file__).resolve().parents[1]
+NODATA = 7
+
+
+def write_tiles(folder: Path, dtype, count: int = 6, bands: int = 3) -> list[Path]:
+    """``count`` [bands, 16, 16] tiles of ``dtype`` with offsets (large for uint16) and a no-data corner in two."""
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        if dtype == np.uint16:
+            tile = rng.integers(20000, 20000 + 3000 * (i + 1), (bands, 16, 16)).astype(np.uint16)
+        else:
+            tile = (rng.normal(0.2, 0.05 * (i + 1), (bands, 16, 16)) + 1000).astype(np.float32)
+        if i % 3 == 1:
+            tile[:, :5, :4] = NODATA
+            tile[1, 10, 10] = NODATA  # no-data in one band drops the pixel in every band
+        paths.append(folder / f"t{i}.tif")
+        tifffile.imwrite(paths[-1], tile, photometric="minisblack")
+    return paths
+
+
+def numpy_values(paths: list[Path]) -> np.ndarray:
+    values = np.concatenate([tifffile.imread(p).reshape(3, -1).astype(np.float64) for p in paths], 1)
+    return values[:, (values != NODATA).all(0)]
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_statistics_equal_numpy_with_nodata_masked(tmp_path, dtype):
+    paths = write_tiles(tmp_path / "tiles", dtype)
+    stats = bs.band_stats(paths, nodata=NODATA, chunk=4)
+    values = numpy_values(paths)
+    assert stats["pixels"] == values.shape[1] < 6 * 256 and stats["dtype"] == np.dtype(dtype).name
+    np.testing.assert_allclose(stats["mean"], values.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(stats["std"], values.std(1), rtol=1e-9)
+    np.testing.assert_array_equal(stats["min"], values.min(1))
+    for p in bs.PERCENTILES:
+        expected = np.percentile(values, p, axis=1)
+        if dtype == np.uint16:  # exact (but for the rounding of the interpolation between two ranks)
+            np.testing.assert_allclose(stats["percentiles"][f"{p:g}"], expected, rtol=1e-14)
+        else:  # within one bin of the documented histogram
+            width = (values.max(1) - values.min(1)) / bs.FLOAT_BINS
+            assert (np.abs(np.array(stats["percentiles"][f"{p:g}"]) - expected) <= width).all()
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_two_workers_give_the_same_numbers_as_one(tmp_path, dtype):
+    paths = write_tiles(tmp_path / "tiles", dtype, count=7)
+    assert bs.band_stats(paths, nodata=NODATA, workers=2, chunk=2) == bs.band_stats(paths, nodata=NODATA, workers=1, chunk=2)
+
+
+def counting_reader(monkeypatch, stop_at: int | None = None) -> list:
+    """Replace band_stats' reader by one that records each read and raises KeyboardInterrupt at read ``stop_at``."""
+    reads, real = [], bs.read_raster
+
+    def read(path, *args):
+        reads.append(path)
+        if len(reads) == stop_at:
+            raise KeyboardInterrupt
+        return real(path, *args)
+
+    monkeypatch.setattr(bs, "read_raster", read)
+    return reads
+
+
+@pytest.mark.parametrize("dtype, stop_at, resumed_reads", [
+    (np.uint16, 5, 4),  # 8 files in chunks of 2: two chunks saved, four files left
+    (np.float32, 5, 4 + 8),  # in the first pass; then the whole histogram pass
+    (np.float32, 11, 6),  # in the histogram pass, whose first chunk was saved: the first pass is not redone
+])
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, dtype, stop_at, resumed_reads):
+    paths = write_tiles(tmp_path / "tiles", dtype, count=8)
+    expected = bs.band_stats(paths, nodata=NODATA, chunk=2)
+    state = tmp_path / "stats.json.partial.npz"
+    counting_reader(monkeypatch, stop_at)
+    with pytest.raises(KeyboardInterrupt):
+        bs.band_stats(paths, nodata=NODATA, chunk=2, state_path=state)
+    assert state.exists()
+    reads = counting_reader(monkeypatch)
+    assert bs.band_stats(paths, nodata=NODATA, chunk=2, state_path=state) == expected
+    assert len(reads) == resumed_reads and not state.exists()
+
+
+def test_a_state_of_other_inputs_is_not_resumed(tmp_path, monkeypatch):
+    paths = write_tiles(tmp_path / "tiles", np.uint16, count=6)
+    state = tmp_path / "stats.json.partial.npz"
+    counting_reader(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        bs.band_stats(paths, nodata=NODATA, chunk=2, state_path=state)
+    tifffile.imwrite(paths[0], np.full((3, 16, 16), 60000, np.uint16), photometric="minisblack")  # a file already read
+    reads = counting_reader(monkeypatch)
+    assert bs.band_stats(paths, nodata=NODATA, chunk=2, state_path=state) == bs.band_stats(paths, nodata=NODATA, chunk=2)
+    assert len(reads) == 2 * 6  # the interrupted run's state was dropped: all six files read, twice
+    counting_reader(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        bs.band_stats(paths, nodata=NODATA, chunk=2, state_path=state)
+    reads = counting_reader(monkeypatch)
+    bs.band_stats(paths, nodata=NODATA + 1, chunk=2, state_path=state)  # other flags
+    assert len(reads) == 6
+
+
+def test_a_nodata_only_dataset_is_a_one_line_error(tmp_path):
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for i in range(2):
+        tifffile.imwrite(folder / f"t{i}.tif", np.full((2, 8, 8), NODATA, np.uint16), photometric="minisblack")
+    with pytest.raises(SystemExit) as info:
+        run_entry_point(bs.main, ["--train_path", str(folder), "--nodata", str(NODATA), "--out", str(tmp_path / "s.json"), "--workers", "2"])
+    assert str(info.value) == "error: every pixel of the 2 image(s) is no-data: no statistics"
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_the_command_line_writes_the_json_and_removes_its_state(tmp_path):
+    paths = write_tiles(tmp_path / "tiles", np.uint16, count=3)
+    bs.main(["--train_path", str(tmp_path / "tiles"), "--nodata", str(NODATA), "--percentiles", "5", "95", "--chunk", "1",
+             "--out", str(tmp_path / "s.json")])
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert set(stats) >= {"bands", "mean", "std", "dtype", "pixels", "percentiles"} and set(stats["percentiles"]) == {"5", "95"}
+    np.testing.assert_allclose(stats["percentiles"]["95"], np.percentile(numpy_values(paths), 95, axis=1), rtol=1e-14)
+    assert not (tmp_path / "s.json.partial.npz").exists()
+
+
+def test_the_committed_multispectral_sample():
+    """data/sentinel2_ms: 225 tiles of 13 x 64 x 64 uint16 (headers only), the RGB sample's tiles and labels."""
+    ms, rgb = REPO / "data" / "sentinel2_ms", REPO / "data" / "sentinel2_rgb"
+    tiles = sorted((ms / "images").glob("*.tif"))
+    assert len(tiles) == 225
+    for path in tiles:
+        with tifffile.TiffFile(path) as tif:
+            assert tif.series[0].shape == (13, 64, 64) and tif.series[0].dtype == np.uint16
+    for split in ("train", "val"):
+        table = [[(row[0], Path(row[1]).stem) for row in csv.reader(open(folder / f"{split}.csv"))] for folder in (ms, rgb)]
+        assert table[0] == table[1]
+    assert len(json.loads((ms / "band_stats.json").read_text())["mean"]) == 13
