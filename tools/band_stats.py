@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import sys
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -181,7 +181,8 @@ def run_pass(paths: list, bands, nodata, edges, workers: int, chunk: int, name: 
     if done:
         print(f"resuming the {name} pass after {done} of {len(paths)} file(s) ({state_path})", flush=True)
     tasks = [(paths[i:i + chunk], bands, nodata, edges) for i in range(done, len(paths), chunk)]
-    pool = Pool(workers) if workers > 1 and len(tasks) > 1 else None
+    # spawn, not fork: a fork of a process whose PyTorch / OpenMP threads hold locks can hang in its workers
+    pool = get_context("spawn").Pool(workers) if workers > 1 and len(tasks) > 1 else None
     try:
         for result in (pool.imap(chunk_stats, tasks) if pool else map(chunk_stats, tasks)):
             if total is None:
