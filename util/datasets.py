@@ -1,4 +1,4 @@
-"""Datasets: fMoW-style CSV, ImageFolder trees, unlabelled image folders, and packed uint8 arrays.
+"""Datasets: fMoW-style CSV, ImageFolder trees, unlabelled image folders, packed uint8 arrays and shards (``util.shards``).
 
 Every sample is decoded to 8-bit RGB (``util.images``), then transformed (``util.transforms``).
 Randomness per sample comes from a seed the sampler hands over (``util.loaders.SeededSampler``), so the
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from util import errors
+from util import errors, shards
 from util.errors import first_line
 from util.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, BadImageError, NotEightBitError, is_image, load_image, max_image_pixels, read_raster
 from util.rng import seeded
@@ -137,6 +137,8 @@ class PackedDataset(Dataset):
     Items are uint8 [3, S, S] tensors for ``BatchAugment`` to crop, flip and normalise on the device; with a
     ``transform`` set, each image goes through it as a PIL image instead (the general, slower path).
     """
+
+    predecoded = True  # items are whole uint8 images: training augments the batch on the device (main_pretrain)
 
     def __init__(self, meta_path: Path, transform: Callable | None = None) -> None:
         try:
@@ -266,6 +268,8 @@ def scan_unlabelled(root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) 
 
 def detect_dataset_type(path: Path) -> str:
     if path.is_file():
+        if path.name.endswith(shards.MANIFEST_SUFFIX):
+            return "shards"
         return "packed" if path.suffix == ".json" else "fmow_rgb"
     if path.is_dir():
         has_class_dirs = any(d.is_dir() and any(is_image(p) for p in d.rglob("*")) for d in path.iterdir())
@@ -286,8 +290,9 @@ def build_dataset(
     """A dataset from a CSV file, an ImageFolder tree, a folder of images, or a packed array.
 
     Args:
-        path: CSV file or folder.
-        dataset_type: ``fmow_rgb``/``csv`` (CSV), ``imagefolder``, ``folder``/``coco`` (unlabelled, recursive) or ``auto``.
+        path: CSV file, folder, packed ``.json`` or shard manifest (``NAME.shards.json``).
+        dataset_type: ``fmow_rgb``/``csv`` (CSV), ``imagefolder``, ``folder``/``coco`` (unlabelled, recursive),
+            ``packed``, ``shards`` or ``auto``.
         transform: Applied to each RGB PIL image.
         draft_size: Smallest JPEG decode size the transform needs.
         skip_bad: Skip unreadable images with a warning instead of stopping.
@@ -311,6 +316,8 @@ def build_dataset(
         if raster:
             raise DataError(f"{path}: packed datasets are 8-bit RGB; multispectral data is read from image files")
         return PackedDataset(path, transform)
+    if kind == "shards":
+        return _shard_dataset(path, transform, raster)
     if kind in ("fmow_rgb", "csv"):
         if not path.is_file():
             raise DataError(f"{path}: --dataset_type {kind} needs a CSV file, got a folder")
@@ -329,6 +336,23 @@ def build_dataset(
         raise DataError(f"{path}: no images found ({kind} dataset)")
     dataset = ImageDataset(samples, transform, classes or (), describe, draft_size, skip_bad, label_names=names, raster=raster)
     dataset.source = str(path)
+    return dataset
+
+
+def _shard_dataset(path: Path, transform: Callable | None, raster: RasterOptions | None) -> shards.ShardDataset:
+    """A ``ShardDataset`` whose bands match the run's: 3-band uint8 on the RGB path, ``--in_chans`` bands otherwise.
+
+    Raises:
+        DataError: the band count or dtype needs other flags, or ``--bands`` (shards hold the bands chosen when written).
+    """
+    dataset = shards.ShardDataset(path, transform)
+    if raster is None and (dataset.bands != 3 or dataset.dtype != "uint8"):
+        raise DataError(f"{path}: shards of {dataset.bands} band(s) of {dataset.dtype}: give --in_chans {dataset.bands} "
+                        "and --band_stats (per-band statistics in the file's units)")
+    if raster is not None and raster.bands:
+        raise DataError(f"{path}: --bands cannot choose bands of shards: they hold the bands chosen when they were written")
+    if raster is not None and raster.in_chans != dataset.bands:
+        raise DataError(f"{path}: {dataset.bands} band(s) but --in_chans is {raster.in_chans}")
     return dataset
 
 
