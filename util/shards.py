@@ -170,6 +170,7 @@ class ShardDataset(Dataset):
             self.label_names = {label: names.get(str(label), str(label)) for label in sorted(set(self.targets))}
         self._offsets: dict[int, list[tuple[int, int]]] = {}  # per process: shard -> (data offset, size) per sample
         self._files: OrderedDict[int, int] = OrderedDict()  # per process: shard -> open file descriptor
+        self._header: bytes | None = None  # the .npy header of every sample, built on first use
 
     def __getstate__(self) -> dict:  # DataLoader workers (spawn) open their own files
         return {**self.__dict__, "_offsets": {}, "_files": OrderedDict()}
@@ -223,18 +224,31 @@ class ShardDataset(Dataset):
         if shard not in self._offsets:
             self._offsets[shard] = self._read_offsets(shard)
         offset, size = self._offsets[shard][position]
-        data = os.pread(self._file(shard), size, offset)
+        data = bytearray(size)  # writable: torch.from_numpy shares it without a copy
+        read = os.preadv(self._file(shard), [data], offset)
         path = self.shard_paths[shard]
-        if len(data) != size:
-            raise DataError(f"{path}: truncated shard: sample {position} needs {size} bytes at {offset}, found {len(data)}")
-        try:
-            array = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise DataError(f"{path}: sample {position} is not a .npy array ({first_line(e)})") from None
+        if read != size:
+            raise DataError(f"{path}: truncated shard: sample {position} needs {size} bytes at {offset}, found {read}")
+        header = self._npy_header()
+        if data[:len(header)] == header:  # the header np.save writes for the manifest's dtype and shape: skip parsing it
+            array = np.frombuffer(data, self.dtype, offset=len(header)).reshape(self.bands, self.size, self.size)
+        else:
+            try:
+                array = np.load(io.BytesIO(data), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise DataError(f"{path}: sample {position} is not a .npy array ({first_line(e)})") from None
         if str(array.dtype) != self.dtype or array.shape != (self.bands, self.size, self.size):
             raise DataError(f"{path}: sample {position} is {array.dtype} {list(array.shape)}, the manifest says "
                             f"{self.dtype} {[self.bands, self.size, self.size]}")
         return array
+
+    def _npy_header(self) -> bytes:
+        if self._header is None:
+            buffer = io.BytesIO()
+            np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(self.dtype)),
+                                                          "fortran_order": False, "shape": (self.bands, self.size, self.size)})
+            self._header = buffer.getvalue()
+        return self._header
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor | Image.Image, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
