@@ -127,7 +127,7 @@ def main() -> None:
             finally:
                 server.kill()
                 server.wait()
-        small, large, packed, packed_cpu, sharded, sharded_cpu = list(rates.values())[:6]
+        small, large, packed, packed_cpu, sharded = list(rates.values())[:5]
         print(f"packed worker / pre-resized JPEG: {packed / small:.1f}x (augmentation on a GPU); "
               f"with the augmentation on this CPU core: {packed_cpu / small:.1f}x; "
               f"pre-resized / large JPEG: {small / large:.1f}x; shards / packed worker: {sharded / packed:.2f}x", flush=True)

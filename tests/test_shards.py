@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_csv_dataset
-from PIL import Image
 
 import main_pretrain
 from util import checkpoint, config, datasets, loaders, runtime, shards, training
-from util.errors import UsageError, run_entry_point
+from util.errors import run_entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,7 +198,7 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_one(
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
 
-    rewritten, _ = make_shards(tmp_path / "data", 26, per_shard=4, size=40)  # other shards: another order
+    make_shards(tmp_path / "data", 26, per_shard=4, size=40)  # other shards: another order
     with pytest.raises(SystemExit) as exit_info:
         run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), [
             *flags, "--output_dir", str(tmp_path / "straight"), "--resume", "auto", "--epochs", "3"]))

@@ -86,7 +86,7 @@ def write_shards(arrays: Iterable[tuple[str, np.ndarray, int]], count: int, mani
                 raise DataError(f"{key}: {array.dtype} {list(array.shape)}, but the first sample is {dtype} {list(shape)}: "
                                 "every sample of a dataset needs the same bands and size")
 
-        def write(tmp: str) -> None:
+        def write(tmp: str, batch: list = batch) -> None:
             with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
                 for key, array, label in batch:
                     buffer = io.BytesIO()
