@@ -130,11 +130,13 @@ def main(args: argparse.Namespace) -> None:
         transforms.draft_size_for(True, args.input_size), args.skip_bad_images, raster=datasets.raster_options(args, valid_channel=True),
     )
     device_transform = None
-    if isinstance(dataset, datasets.PackedDataset):  # decoded already: augment whole batches on the device
+    if getattr(dataset, "predecoded", False):  # packed array or shards, decoded already: augment whole batches on the device
         dataset.transform = None
         device_transform = transforms.BatchAugment(args.input_size, args.mean, args.std, value_scale=1.0 if args.raster else 255.0,
                                                    nodata=dataset.nodata).to(run.device)
-        distributed.main_print(f"packed dataset {dataset.array_path}: crops, flips and normalisation run on {run.device}")
+        distributed.main_print(f"pre-decoded dataset {dataset.source}: crops, flips and normalisation run on {run.device}")
+    if hasattr(dataset, "digest"):  # shards: a resume must read the same shards in the same order (checkpoint.changed_flags)
+        args.shard_manifest = dataset.digest
     loader, sampler = loaders.train_loader(dataset, args, run)
     steps_per_epoch = len(loader)
 

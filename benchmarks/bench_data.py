@@ -3,13 +3,17 @@
     python benchmarks/bench_data.py --input_size 128
 
 Pipelines on the same images: small pre-resized JPEGs (what tools/preprocess.py writes), large original
-JPEGs (decoded with PIL draft), and the packed uint8 array: what a worker does (memory-mapped read), and
-that plus crop/flip/normalise of the batch by ``BatchAugment`` on this CPU (on a GPU that part is the
-device's, not the worker's).
+JPEGs (decoded with PIL draft), the packed uint8 array and the WebDataset shards (``util.shards``): what a
+worker does (memory-mapped read; one ``pread`` + ``.npy`` parse per sample), and that plus crop/flip/normalise
+of the batch by ``BatchAugment`` on this CPU (on a GPU that part is the device's, not the worker's). The shards
+are also streamed whole by ``webdataset.WebDataset`` (if installed) from local disk and from a throwaway
+``python -m http.server`` on 127.0.0.1, to show what reading them as a stream costs.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +26,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from util import datasets, transforms  # noqa: E402
+from util.shards import MANIFEST_SUFFIX  # noqa: E402
 
 
 def per_worker_rate(dataset, count: int, batch_transform=None, batch_size: int = 64) -> float:
@@ -32,6 +37,37 @@ def per_worker_rate(dataset, count: int, batch_transform=None, batch_size: int =
         if batch_transform is not None:
             batch_transform(torch.stack(items))
     return count / (time.perf_counter() - start)
+
+
+def stream_rate(urls: list[str], count: int) -> float:
+    """Images/s of ``webdataset.WebDataset`` streaming ``urls`` (cycled) and decoding ``count`` ``.npy`` samples."""
+    import webdataset as wds
+
+    start, seen = time.perf_counter(), 0
+    while seen < count:
+        for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+            sample["npy"], seen = torch.from_numpy(sample["npy"]), seen + 1
+            if seen == count:
+                break
+    return count / (time.perf_counter() - start)
+
+
+def http_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    """``python -m http.server`` serving ``folder`` on a free 127.0.0.1 port, once it answers; (process, base URL)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    raise RuntimeError("http.server did not start")
 
 
 def main() -> None:
@@ -50,7 +86,9 @@ def main() -> None:
         for tile in tiles:  # originals: the same scenes, up-sampled to fMoW-like sizes
             Image.open(tile).resize((args.large_size, args.large_size), Image.BICUBIC).save(tmp / "large" / tile.name, quality=95)
         subprocess.run([sys.executable, str(REPO / "tools" / "preprocess.py"), "--input", str(tmp / "large"), "--output", str(tmp / "pre"),
-                        "--size", str(args.input_size), "--split", "small", "--workers", "1", "--pack"], check=True, capture_output=True)
+                        "--size", str(args.input_size), "--split", "small", "--workers", "1", "--pack", "--shards",
+                        "--shard_samples", "16"], check=True, capture_output=True)
+        manifest = tmp / "pre" / f"small_{args.input_size}{MANIFEST_SUFFIX}"
         transform = transforms.build_transform(True, args.input_size)
         pipelines = {
             f"pre-resized JPEG ({args.input_size} px shorter side)": (
@@ -63,16 +101,36 @@ def main() -> None:
             "packed uint8 + BatchAugment on this CPU": (
                 datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.json"),
                 transforms.BatchAugment(args.input_size, transforms.FMOW_RGB_MEAN, transforms.FMOW_RGB_STD)),
+            "shards: worker only (pread + .npy parse)": (datasets.build_dataset(manifest), None),
+            "shards + BatchAugment on this CPU": (
+                datasets.build_dataset(manifest),
+                transforms.BatchAugment(args.input_size, transforms.FMOW_RGB_MEAN, transforms.FMOW_RGB_STD)),
         }
         rates = {}
         for name, (dataset, batch_transform) in pipelines.items():
             per_worker_rate(dataset, min(16, args.images), batch_transform)  # warm-up: page cache, allocator
             rates[name] = per_worker_rate(dataset, args.images, batch_transform)
             print(f"{name:48s} {rates[name]:9.1f} img/s per worker", flush=True)
-        small, large, packed, packed_cpu = rates.values()
+        try:
+            import webdataset  # noqa: F401
+        except ImportError:
+            print("webdataset is not installed: streaming rates left out", flush=True)
+        else:
+            names = [shard["name"] for shard in json.loads(manifest.read_text())["shards"]]
+            server, base = http_server(tmp / "pre")
+            try:
+                for name, urls in (("shards streamed by webdataset, local disk", [str(tmp / "pre" / n) for n in names]),
+                                   ("shards streamed by webdataset, http://127.0.0.1", [f"{base}/{n}" for n in names])):
+                    stream_rate(urls, min(16, args.images))
+                    rates[name] = stream_rate(urls, args.images)
+                    print(f"{name:48s} {rates[name]:9.1f} img/s per worker", flush=True)
+            finally:
+                server.kill()
+                server.wait()
+        small, large, packed, packed_cpu, sharded = list(rates.values())[:5]
         print(f"packed worker / pre-resized JPEG: {packed / small:.1f}x (augmentation on a GPU); "
               f"with the augmentation on this CPU core: {packed_cpu / small:.1f}x; "
-              f"pre-resized / large JPEG: {small / large:.1f}x", flush=True)
+              f"pre-resized / large JPEG: {small / large:.1f}x; shards / packed worker: {sharded / packed:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ def test_data_benchmark_reports_each_pipeline():
     result = subprocess.run([sys.executable, "benchmarks/bench_data.py", "--images", "8", "--input_size", "32"],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for pipeline in ("pre-resized JPEG", "large JPEG", "packed uint8"):
+    for pipeline in ("pre-resized JPEG", "large JPEG", "packed uint8", "shards: worker only", "shards + BatchAugment",
+                     "shards streamed by webdataset, local disk", "shards streamed by webdataset, http://127.0.0.1"):
         assert pipeline in result.stdout
     assert "img/s per worker" in result.stdout

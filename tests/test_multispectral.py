@@ -217,3 +217,13 @@ def test_rgb_only_augmentations_are_refused_for_multispectral_data(tmp_path):
             run_entry_point(main_finetune.main, config.parse_args(main_finetune.get_args_parser(), [*argv, *flag]))
         message = str(info.value)
         assert message.startswith(f"error: {flag[0]}") and "RGB-only" in message and "\n" not in message
+
+
+def test_float32_npy_with_nodata_is_filled_not_written_into_the_file(tmp_path):
+    """A float32 .npy is memory-mapped read-only: filling its no-data pixels must work on a copy."""
+    data = raster(2, np.float32)
+    data[:, :3, :3] = -9999
+    np.save(tmp_path / "a.npy", data)
+    tensor = RasterOptions(2, None, -9999, [0.5, 0.5]).load(str(tmp_path / "a.npy"), "a.npy", None)
+    assert (tensor[:, :3, :3] == 0.5).all() and torch.equal(tensor[:, 3:, 3:], torch.from_numpy(data[:, 3:, 3:]))
+    assert (np.load(tmp_path / "a.npy")[:, :3, :3] == -9999).all()

@@ -16,13 +16,21 @@ on the device.
 ``--raster`` keeps every band and the sample type (multispectral, 16-bit, float; ``--bands`` selects, 0-based): images
 are read by ``util.images.read_raster``, resized with antialiased bilinear interpolation (no-data pixels, from
 ``--nodata`` or the file's GDAL_NODATA tag, are left out of the interpolation: a pixel is no-data in the output where
-less than half of its footprint had data) and written as lossless TIFFs (zlib, horizontal predictor) with the no-data
-tag; ``--pack`` then writes ``{split}_{size}.u8`` or ``.u16`` (uint8 / uint16 [N, size, size, C]).
+less than half of its footprint had data; an image already ``--size`` is kept bit for bit) and written as lossless
+TIFFs (zlib, horizontal predictor) with the no-data tag; ``--pack`` then writes ``{split}_{size}.u8`` or ``.u16``
+(uint8 / uint16 [N, size, size, C]).
+
+``--shards`` also writes WebDataset shards (``util.shards``: tar files of ``.npy`` arrays [C, size, size] + labels, about
+256 MB each, in a seeded random order) of the same centre squares to ``{split}_{size}_shards/`` and their manifest
+``{split}_{size}.shards.json``: pass the manifest as ``--train_path`` (data beyond one disk, object storage)::
+
+    python tools/preprocess.py --input ssl4eo/train.csv --output ssl4eo-shards --size 224 --raster --shards
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import sys
@@ -37,12 +45,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from util import config, datasets  # noqa: E402
+
+from util import config, datasets, shards  # noqa: E402
 from util.config import HelpFormatter  # noqa: E402
 from util.defaults import MAX_IMAGE_PIXELS  # noqa: E402
-from util.errors import first_line  # noqa: E402
 from util.checkpoint import write_atomically  # noqa: E402
 from util.datasets import PACKED_DTYPES, DataError  # noqa: E402
+from util.errors import ReportableError, first_line  # noqa: E402
 from util.images import BadImageError, NotEightBitError, Raster, load_image, read_raster, set_max_image_pixels  # noqa: E402
 from util.logger import progress  # noqa: E402
 
@@ -95,6 +104,8 @@ def resize_raster(raster: Raster, size: int) -> tuple[np.ndarray, float | None]:
     data = torch.from_numpy(raster.data)[None]  # [1, C, H, W]
     shape = resized_shape(data.shape[-2], data.shape[-1], size)
     resize = partial(F.interpolate, size=shape, mode="bilinear", antialias=True, align_corners=False)
+    if shape == tuple(data.shape[-2:]):  # already the size: kept bit for bit
+        return raster.data.astype(dtype), raster.nodata
     if raster.mask is None:
         out = resize(data)[0].numpy()
     else:
@@ -119,34 +130,69 @@ def write_raster(path: str, array: np.ndarray, nodata: float | None) -> None:
                      extratags=tags)
 
 
-def pack(rows: list[tuple[int, str]], root: Path, size: int, stem: Path, classes: list[str] | None = None,
-         names: dict[int, str] | None = None, raster: bool = False) -> None:
-    """Centre ``size`` squares of the resized images as one uint8 (RGB) or, with ``raster``, uint8 / uint16 array of
-    every band + a JSON of labels, shape, sample type and no-data value (``util.datasets.PackedDataset``).
+def centre_square(task: tuple[str, int, bool]) -> tuple[np.ndarray | None, float | None, str | None]:
+    """The centre ``size`` square of a resized image, as the packed array and the shards store it: uint8 [3, S, S]
+    from an 8-bit RGB file, or with ``raster`` every band in the file's own type [C, S, S] and its no-data value;
+    else (None, None, the error in one line).
+
+    Only uint8 and uint16 rasters are kept: both formats store integers (``datasets.PACKED_DTYPES``), and a float or
+    signed raster has no lossless place there (train from the TIFFs instead).
+    """
+    path, size, raster = task
+    try:
+        if not raster:
+            with Image.open(path) as img:
+                left, top = (img.width - size) // 2, (img.height - size) // 2
+                return np.asarray(img.convert("RGB").crop((left, top, left + size, top + size))).transpose(2, 0, 1), None, None
+        image = read_raster(path)
+    except BadImageError as e:
+        return None, None, f"{path}: {e.reason}"
+    except (ReportableError, OSError, ValueError) as e:
+        return None, None, f"{path}: {first_line(e)}"
+    if image.dtype not in PACKED_DTYPES:
+        return None, None, (f"{path}: {image.dtype} samples; packed arrays and shards hold {' or '.join(PACKED_DTYPES)} "
+                            "(train from the TIFFs instead)")
+    top, left = (image.data.shape[1] - size) // 2, (image.data.shape[2] - size) // 2
+    return image.data[:, top:top + size, left:left + size].astype(image.dtype), image.nodata, None
+
+
+def squares(rows: list[tuple[int, str]], root: Path, size: int, raster: bool, imap=map):
+    """(index, array [C, S, S], label, no-data value) of every row in order (``centre_square``, through ``imap``: a
+    pool's, or ``map``), checked to share one band count, sample type and no-data value.
 
     Raises:
-        SystemExit: images of another sample type (int16, float: not packable) or band count than the first one.
+        DataError: a file that cannot be read, or a format other than the first file's.
     """
-    first = read_raster(root / rows[0][1]) if raster else None
-    dtype, bands, nodata = (first.dtype, first.data.shape[0], first.nodata) if raster else ("uint8", 3, None)
-    if dtype not in PACKED_DTYPES:
-        raise SystemExit(f"error: {root / rows[0][1]}: {dtype} samples; packed arrays hold {' or '.join(PACKED_DTYPES)} "
-                         "(train from the TIFFs instead)")
-    array_path, meta_path = stem.with_suffix(PACKED_DTYPES[dtype]), stem.with_suffix(".json")
-    tmp = array_path.with_suffix(array_path.suffix + ".tmp")
-    array = np.memmap(tmp, dtype=dtype, mode="w+", shape=(len(rows), size, size, bands))
-    for i, (_, path) in enumerate(progress(rows, "packing", unit="image")):
-        if raster:
-            image = read_raster(root / path)
-            if image.dtype != dtype or image.data.shape[0] != bands or image.nodata != nodata:
-                raise SystemExit(f"error: {root / path}: {image.data.shape[0]} band(s) of {image.dtype}, but {rows[0][1]} has "
-                                 f"{bands} of {dtype} (and the same no-data value): one array needs one format")
-            top, left = (image.data.shape[1] - size) // 2, (image.data.shape[2] - size) // 2
-            array[i] = np.moveaxis(image.data[:, top:top + size, left:left + size], 0, -1).astype(dtype)
-        else:
-            with Image.open(root / path) as img:
-                left, top = (img.width - size) // 2, (img.height - size) // 2
-                array[i] = np.asarray(img.convert("RGB").crop((left, top, left + size, top + size)))
+    first = None
+    for index, (array, nodata, error) in enumerate(imap(centre_square, [(str(root / path), size, raster) for _, path in rows])):
+        if error:
+            raise DataError(error)
+        if first is None:
+            first = (array.shape[0], array.dtype, nodata)
+        elif (array.shape[0], array.dtype, nodata) != first:
+            raise DataError(f"{root / rows[index][1]}: {array.shape[0]} band(s) of {array.dtype}, no-data {nodata}, but "
+                            f"{rows[0][1]} has {first[0]} of {first[1]}, no-data {first[2]}: one dataset needs one format")
+        yield index, array, rows[index][0], nodata
+
+
+def pack(rows: list[tuple[int, str]], root: Path, size: int, stem: Path, classes: list[str] | None = None,
+         names: dict[int, str] | None = None, raster: bool = False) -> None:
+    """Centre ``size`` squares of the resized images (``centre_square``) as one memory-mapped array [N, S, S, C]
+    (uint8 RGB, or with ``raster`` uint8 / uint16 of every band) + a JSON of labels, shape, sample type and no-data
+    value (``util.datasets.PackedDataset``).
+
+    Raises:
+        DataError: as ``squares``.
+    """
+    array = tmp = array_path = None
+    nodata = None
+    for i, square, _, nodata in progress(squares(rows, root, size, raster), "packing", len(rows), "image"):
+        if array is None:
+            dtype, bands = str(square.dtype), square.shape[0]
+            array_path = stem.with_suffix(PACKED_DTYPES[dtype])
+            tmp = array_path.with_suffix(array_path.suffix + ".tmp")
+            array = np.memmap(tmp, dtype=dtype, mode="w+", shape=(len(rows), size, size, bands))
+        array[i] = np.moveaxis(square, 0, -1)
     array.flush()
     del array
     os.replace(tmp, array_path)
@@ -156,8 +202,31 @@ def pack(rows: list[tuple[int, str]], root: Path, size: int, stem: Path, classes
         meta["classes"] = classes  # index = label
     elif names:
         meta["class_names"] = {str(label): name for label, name in sorted(names.items())}
-    write_atomically(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta)))
+    write_atomically(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta)))
 
+
+SHARD_ORDER_SEED = 0  # samples go into the shards in a random order: a shard is a random subset, not a class or a region
+
+
+def write_shard_files(rows: list[tuple[int, str]], root: Path, size: int, raster: bool, manifest_path: Path, workers: int,
+                      per_shard: int | None, classes: list[str] | None, names: dict[int, str] | None) -> dict:
+    """The centre squares of every row (``squares``, decoded in ``workers`` processes), in a seeded random order, as
+    shards + manifest (``util.shards.write_shards``).
+
+    Raises:
+        DataError: as ``squares``.
+    """
+    order = np.random.default_rng(SHARD_ORDER_SEED).permutation(len(rows)).tolist()
+    shuffled = [rows[i] for i in order]
+    with Pool(workers) as pool:
+        stream = progress(squares(shuffled, root, size, raster, partial(pool.imap, chunksize=8)), "sharding", len(rows), "image")
+        first = next(stream, None)
+        if first is None:
+            raise DataError("no images to write")
+        nodata = first[3]
+        samples = ((f"{order[i]:07d}", array, label) for i, array, label, _ in itertools.chain([first], stream))
+        return shards.write_shards(samples, len(rows), manifest_path, per_shard or shards.samples_per_shard(first[1].nbytes),
+                                   classes, names, nodata)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,6 +237,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default=None, help="name of the output split (default: the input's name)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes (default: the CPU count)")
     parser.add_argument("--pack", action="store_true", help="also write the pre-decoded uint8 (--raster: uint8 / uint16) array")
+    parser.add_argument("--shards", action="store_true",
+                        help="also write WebDataset shards + NAME.shards.json (data beyond one disk; see util/shards.py)")
+    parser.add_argument("--shard_samples", type=int, default=None,
+                        help="samples per shard (default: about 256 MB of pixels per shard)")
     parser.add_argument("--raster", action="store_true",
                         help="keep every band and the sample type (multispectral, 16-bit): lossless TIFF output")
     parser.add_argument("--bands", type=int, nargs="+", default=None, metavar="I", help="--raster: 0-based bands to keep (default: all)")
@@ -182,8 +255,10 @@ def main(argv: list[str] | None = None) -> None:
             raise config.UsageError("--bands and --nodata need --raster")
         if args.bands and min(args.bands) < 0:
             raise config.UsageError(f"--bands are 0-based indices, got {' '.join(map(str, args.bands))}")
+        if args.shard_samples is not None and args.shard_samples < 1:
+            raise config.UsageError(f"--shard_samples must be at least 1, got {args.shard_samples}")
         set_max_image_pixels(args.max_image_pixels)
-        dataset = datasets.build_dataset(args.input, raster=args.raster)
+        dataset = datasets.build_dataset(args.input, raster=args.raster)  # --raster: .npy files are images too
     except (datasets.DataError, config.UsageError) as e:
         raise SystemExit(f"error: {e}") from None
     names = dict(getattr(dataset, "label_names", {}))  # label -> class name; a CSV without names gives str(label)
@@ -220,8 +295,22 @@ def main(argv: list[str] | None = None) -> None:
     os.replace(tmp, stem.with_suffix(".csv"))
     print(f"wrote {stem.with_suffix('.csv')}", flush=True)
     if args.pack:
-        pack(rows, args.output, args.size, stem, classes, names, args.raster)
+        report(lambda: pack(rows, args.output, args.size, stem, classes, names, args.raster))
         print(f"wrote the packed array and {stem.with_suffix('.json')}", flush=True)
+    if args.shards:
+        manifest_path = args.output / f"{folder}{shards.MANIFEST_SUFFIX}"
+        manifest = report(lambda: write_shard_files(rows, args.output, args.size, args.raster, manifest_path, args.workers,
+                                                    args.shard_samples, classes, names))
+        print(f"wrote {len(manifest['shards'])} shard(s) of {manifest['bands']} band(s) of {manifest['dtype']} and {manifest_path}",
+              flush=True)
+
+
+def report(write):
+    """``write()``; a failure (unreadable file, mixed formats, full disk) exits with one ``error:`` line."""
+    try:
+        return write()
+    except (ReportableError, OSError) as e:
+        raise SystemExit(f"error: {first_line(e)}") from None
 
 
 if __name__ == "__main__":

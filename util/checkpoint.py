@@ -207,7 +207,10 @@ def check_output_dir(args: argparse.Namespace) -> None:
 
 
 # Flags a resumed run must share with the checkpoint's: they define the schedule and the step numbering.
-RUN_DEFINING_FLAGS = ("epochs", "batch_size", "accum_iter", "world_size", "lr", "blr", "min_lr", "warmup_epochs")
+# ``shard_manifest``: the sha256 of a shard manifest (util.shards), which with the world size decides the sample order.
+RUN_DEFINING_FLAGS = ("epochs", "batch_size", "accum_iter", "world_size", "lr", "blr", "min_lr", "warmup_epochs",
+                      "shard_manifest")
+FLAG_NAMES = {"world_size": "world size", "shard_manifest": "shard manifest sha256"}
 
 
 def changed_flags(saved: dict[str, Any], args: argparse.Namespace, world_size: int) -> list[str]:
@@ -223,7 +226,7 @@ def changed_flags(saved: dict[str, Any], args: argparse.Namespace, world_size: i
     changes = []
     for flag in RUN_DEFINING_FLAGS:
         if flag in saved and flag in current and saved[flag] != current[flag]:
-            name = "world size" if flag == "world_size" else f"--{flag}"
+            name = FLAG_NAMES.get(flag, f"--{flag}")
             changes.append(f"{name} {current[flag]} (checkpoint: {saved[flag]})")
     return changes
 

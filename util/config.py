@@ -99,7 +99,7 @@ def config_value(action: argparse.Action, value):
 
 def save_config(args: argparse.Namespace, path: Path) -> None:
     """Write the resolved flags as YAML; ``--config`` of this file reproduces the run."""
-    values = {k: v for k, v in vars(args).items() if k not in ("config", "lr_given", "world_size", "raster")}
+    values = {k: v for k, v in vars(args).items() if k not in ("config", "lr_given", "world_size", "raster", "shard_manifest")}
     if "lr_given" in vars(args):  # the lr the user gave, not the one derived from --blr: the linear scaling rule keeps applying
         values["lr"] = args.lr_given
     path.parent.mkdir(parents=True, exist_ok=True)

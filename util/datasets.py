@@ -1,4 +1,5 @@
-"""Datasets: fMoW-style CSV, ImageFolder trees, unlabelled image folders, and packed uint8 / uint16 arrays.
+"""Datasets: fMoW-style CSV, ImageFolder trees, unlabelled image folders, packed uint8 / uint16 arrays and shards
+(``util.shards``).
 
 Every sample is decoded to 8-bit RGB, or with ``RasterOptions`` to float32 bands of any count in the file's units
 (``util.images``), then transformed (``util.transforms``).
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from util import errors
+from util import errors, shards
 from util.errors import first_line
 from util.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, BadImageError, NotEightBitError, is_image, load_image, max_image_pixels, read_raster
 from util.rng import seeded
@@ -167,6 +168,32 @@ def raster_options(args, valid_channel: bool = False) -> RasterOptions | None:
 PACKED_DTYPES = {"uint8": ".u8", "uint16": ".u16"}  # sample type -> array file suffix
 
 
+def check_predecoded(source, bands: int, dtype: str, nodata: float | None, raster: RasterOptions | None) -> None:
+    """Whether a pre-decoded dataset (packed array, shards) fits the run's flags: 8-bit RGB without no-data on the RGB
+    path; ``--in_chans`` bands (chosen when it was written: no ``--bands``) with ``raster`` options.
+
+    Raises:
+        DataError: naming ``source``, what it holds and the flags it needs.
+    """
+    if raster is None and (dtype != "uint8" or bands != 3 or nodata is not None):
+        raise DataError(f"{source}: {bands} band(s) of {dtype}" + (f" with no-data {nodata:g}" if nodata is not None else "")
+                        + f": give --in_chans {bands} and per-band statistics (--band_stats)")
+    if raster is not None and raster.bands:
+        raise DataError(f"{source}: --bands cannot choose its bands: they were chosen when it was written "
+                        "(tools/preprocess.py --raster --bands)")
+    if raster is not None and raster.in_chans != bands:
+        raise DataError(f"{source}: {bands} band(s) but --in_chans is {raster.in_chans}")
+
+
+def predecoded_image(pixels: np.ndarray, raster: RasterOptions | None, nodata: float | None, name: str):
+    """A pre-decoded sample [C, S, S] (uint8 / uint16) as the per-image transform takes it: a PIL image on the 8-bit
+    RGB path, else float32 [C (+1), S, S] with no-data filled (``RasterOptions.finish``)."""
+    if raster is None:
+        return Image.fromarray(np.ascontiguousarray(np.moveaxis(pixels, 0, -1)))
+    data = np.ascontiguousarray(pixels, dtype=np.float32)
+    return raster.finish(data, (data == nodata).any(0) if nodata is not None else None, name)
+
+
 class PackedDataset(Dataset):
     """Pre-decoded images written by ``tools/preprocess.py --pack``, memory-mapped: uint8 or uint16, any band count
     (the JSON's ``dtype`` / ``bands``; older files: uint8 RGB), stored [N, S, S, C].
@@ -179,6 +206,8 @@ class PackedDataset(Dataset):
         DataError: a malformed JSON, an array of the wrong size, or bands / sample type the run's flags do not fit
             (multispectral or 16-bit arrays need ``raster`` options: --in_chans / --band_stats).
     """
+
+    predecoded = True  # items are whole uint8 / uint16 images: training augments the batch on the device (main_pretrain)
 
     def __init__(self, meta_path: Path, transform: Callable | None = None, raster: RasterOptions | None = None) -> None:
         try:
@@ -205,14 +234,7 @@ class PackedDataset(Dataset):
         if actual != expected or len(self.targets) != count:
             raise DataError(f"{self.array_path}: expected {expected} bytes for {count} images of {self.size} px x "
                             f"{self.bands} band(s) of {self.dtype}, found {actual}")
-        rgb = self.dtype == "uint8" and self.bands == 3 and self.nodata is None
-        if raster is None and not rgb:
-            raise DataError(f"{meta_path}: {self.bands} band(s) of {self.dtype}" + (f" with no-data {self.nodata:g}" if self.nodata is not None else "")
-                            + f": give --in_chans {self.bands} and per-band statistics (--band_stats)")
-        if raster is not None and (raster.bands or raster.in_chans != self.bands):
-            raise DataError(f"{meta_path}: {self.bands} band(s) were packed" + (
-                "; --bands applies when packing (tools/preprocess.py --bands), not to a packed array" if raster.bands
-                else f" but --in_chans is {raster.in_chans}"))
+        check_predecoded(meta_path, self.bands, self.dtype, self.nodata, raster)
         self.raster = raster
         self.transform = transform
         self.classes: list[str] = []
@@ -231,12 +253,7 @@ class PackedDataset(Dataset):
         pixels = np.array(self._images[index])  # [S, S, C]
         if self.transform is None:
             return torch.from_numpy(pixels).permute(2, 0, 1), self.targets[index]
-        if self.raster is not None:
-            data = np.ascontiguousarray(np.moveaxis(pixels, -1, 0), dtype=np.float32)
-            mask = (data == self.nodata).any(0) if self.nodata is not None else None
-            image = self.raster.finish(data, mask, self.describe(index))
-        else:
-            image = Image.fromarray(pixels)
+        image = predecoded_image(np.moveaxis(pixels, -1, 0), self.raster, self.nodata, self.describe(index))
         with seeded(seed) if seed is not None else nullcontext():
             return self.transform(image), self.targets[index]
 
@@ -329,6 +346,8 @@ def scan_unlabelled(root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) 
 
 def detect_dataset_type(path: Path) -> str:
     if path.is_file():
+        if path.name.endswith(shards.MANIFEST_SUFFIX):
+            return "shards"
         return "packed" if path.suffix == ".json" else "fmow_rgb"
     if path.is_dir():
         has_class_dirs = any(d.is_dir() and any(is_image(p) for p in d.rglob("*")) for d in path.iterdir())
@@ -349,8 +368,9 @@ def build_dataset(
     """A dataset from a CSV file, an ImageFolder tree, a folder of images, or a packed array.
 
     Args:
-        path: CSV file or folder.
-        dataset_type: ``fmow_rgb``/``csv`` (CSV), ``imagefolder``, ``folder``/``coco`` (unlabelled, recursive) or ``auto``.
+        path: CSV file, folder, packed ``.json`` or shard manifest (``NAME.shards.json``).
+        dataset_type: ``fmow_rgb``/``csv`` (CSV), ``imagefolder``, ``folder``/``coco`` (unlabelled, recursive),
+            ``packed``, ``shards`` or ``auto``.
         transform: Applied to each RGB PIL image.
         draft_size: Smallest JPEG decode size the transform needs.
         skip_bad: Skip unreadable images with a warning instead of stopping.
@@ -372,6 +392,8 @@ def build_dataset(
     extensions = RASTER_EXTENSIONS if raster else IMAGE_EXTENSIONS
     if kind == "packed":
         return PackedDataset(path, transform, raster)
+    if kind == "shards":
+        return shards.ShardDataset(path, transform, raster)
     if kind in ("fmow_rgb", "csv"):
         if not path.is_file():
             raise DataError(f"{path}: --dataset_type {kind} needs a CSV file, got a folder")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DATASET_TYPES = ("auto", "fmow_rgb", "csv", "imagefolder", "folder", "coco", "packed")
+DATASET_TYPES = ("auto", "fmow_rgb", "csv", "imagefolder", "folder", "coco", "packed", "shards")
 DEFAULT_TRAIN_CSV = Path(__file__).resolve().parent.parent / "data" / "sentinel2_rgb" / "train.csv"
 DEFAULT_VAL_CSV = DEFAULT_TRAIN_CSV.with_name("val.csv")
 

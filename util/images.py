@@ -247,4 +247,5 @@ def read_raster(path, bands: list[int] | None = None, nodata: float | None = Non
     if nodata is not None:
         hit = np.isnan(array).any(0) if nodata != nodata else (array == nodata).any(0)
         mask = hit if hit.any() else None
-    return Raster(np.ascontiguousarray(array, dtype=np.float32), dtype, mask, nodata)
+    # a copy: a float32 .npy would otherwise stay a read-only memory map (no-data filling writes into it)
+    return Raster(np.array(array, dtype=np.float32, order="C"), dtype, mask, nodata)

@@ -12,9 +12,16 @@ from util.errors import UsageError
 from util.runtime import Run, ignore_stop_signals
 
 
+def derived_seed(*parts) -> int:
+    """A 63-bit seed from ``parts`` (e.g. seed, epoch, index): blake2b of their text, the same on every machine."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class SeededSampler(DistributedSampler):
     """``DistributedSampler`` that yields (index, seed) so each sample's augmentation depends only on
     (seed, epoch, index); ``set_start`` skips the samples of batches already trained in this epoch.
+    Subclasses change the order by overriding ``order`` (``util.shards.ShardSampler``).
     """
 
     def __init__(self, dataset: Dataset, *args, **kwargs) -> None:
@@ -24,11 +31,13 @@ class SeededSampler(DistributedSampler):
     def set_start(self, start: int) -> None:
         self.start = start
 
+    def order(self) -> list[int]:
+        """This rank's sample indices of the epoch (``set_epoch``), in training order."""
+        return list(super().__iter__())
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.start:]
-        for index in indices:
-            digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{index}".encode(), digest_size=8).digest()
-            yield index, int.from_bytes(digest, "little") >> 1
+        for index in self.order()[self.start:]:
+            yield index, derived_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -44,7 +53,10 @@ def train_loader(dataset: Dataset, args: argparse.Namespace, run: Run) -> tuple[
         raise UsageError(
             f"--batch_size {args.batch_size} x {run.world_size} process(es) is more than the {len(dataset)} training images"
         )
-    sampler = SeededSampler(dataset, num_replicas=run.world_size, rank=run.rank, shuffle=True, seed=args.seed)
+    if hasattr(dataset, "make_sampler"):  # an order of its own (util.shards: shards read in runs)
+        sampler = dataset.make_sampler(run.world_size, run.rank, args.seed)
+    else:
+        sampler = SeededSampler(dataset, num_replicas=run.world_size, rank=run.rank, shuffle=True, seed=args.seed)
     loader = DataLoader(  # its own generator: worker seeds must not draw from the RNG that masks use
         dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
         pin_memory=args.pin_mem and run.device.type == "cuda", drop_last=True,
