@@ -61,7 +61,7 @@ def test_short_upernet_run_beats_chance_and_writes_tables_and_figures(split, pre
     assert int(rows[1]["pixels"]) == 8 * (32 * 32 - 4)  # ignored pixels are not counted
     assert {"checkpoint-best.pth", "checkpoint-last.pth", "seg_results.md", "seg_examples.png", "per_class_iou.png",
             "miou_vs_scale.png", "seg_confusion.json", "config.yaml"} <= {p.name for p in out.iterdir()}
-    assert "| scale | mIoU | mF1 | OA | pixels | IoU_left | IoU_right |" in (out / "seg_results.md").read_text()
+    assert "| scale | mIoU | mIoU_low | mIoU_high | mF1 | OA | pixels | IoU_left | IoU_right |" in (out / "seg_results.md").read_text()
 
     run([*flags(split, pretrained, out), "--eval", "--resume", str(out / "checkpoint-last.pth")])  # --eval reproduces it
     with open(out / "eval" / "seg_results.csv") as f:
