@@ -142,3 +142,33 @@ def test_two_process_evaluation_equals_one_process_exactly(split, pretrained, tm
     assert confusion_2 == confusion_1 and table_2 == table_1
     assert confusion_1["images"] == [f"{n}.png" for n in names] and len(set(confusion_1["blocks"])) == 4
     assert len(confusion_1["per_image"]["1"]) == 5 and "mIoU_low" in table_1
+
+
+def test_four_band_uint16_rasters_train_one_epoch_with_band_statistics(tmp_path):
+    """Multispectral input: 4-band uint16 .npy images [C, H, W] (values in the thousands), per-band statistics from
+    a band_stats file, joint float augmentation; class 1 where band 3 is bright."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 3)):
+        for i in range(count):
+            mask = np.zeros((32, 32), dtype=np.uint8)
+            mask[:, int(rng.integers(8, 25)):] = 1
+            bands = rng.normal(3000, 300, (4, 32, 32))
+            bands[3] += 4000.0 * mask
+            (tmp_path / split / "images").mkdir(parents=True, exist_ok=True)
+            np.save(tmp_path / split / "images" / f"r00_c{i:02d}.npy", bands.clip(0, 65535).astype(np.uint16))
+            seg_data.write_mask(tmp_path / split / "masks" / f"r00_c{i:02d}.png", mask)
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"mean": [3000, 3000, 3000, 5000], "std": [300, 300, 300, 2000], "bands": [0, 1, 2, 3]}))
+    out = tmp_path / "seg"
+    run([*COMMON, "--train_path", str(tmp_path / "train"), "--test_path", str(tmp_path / "val"), "--finetune", "",
+         "--model", "vit_tiny_patch16", "--patch_size", "8", "--in_chans", "4", "--band_stats", str(stats),
+         "--epochs", "1", "--output_dir", str(out)])
+    with open(out / "seg_results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert int(row["pixels"]) == 3 * (32 * 32)
+    assert {"seg_examples.png", "checkpoint-last.pth"} <= {p.name for p in out.iterdir()}
+    state = checkpoint.read_checkpoint(out / "checkpoint-last.pth")
+    assert state["model"]["encoder.patch_embed.proj.weight"].shape[1] == 4
+    with pytest.raises(config.UsageError, match="per-band statistics"):  # uint16 without statistics: refused, not scaled as 8-bit
+        run([*COMMON, "--train_path", str(tmp_path / "train"), "--test_path", str(tmp_path / "val"), "--finetune", "",
+             "--model", "vit_tiny_patch16", "--in_chans", "4", "--output_dir", str(tmp_path / "x")])
