@@ -61,11 +61,12 @@ def scores(confusion: torch.Tensor, exclude: Sequence[int] = ()) -> dict:
     }
 
 
-def block_bootstrap_miou(per_image: torch.Tensor, image_block: np.ndarray, exclude: Sequence[int] = (),
-                         resamples: int = blocks.BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile interval (%) of the mIoU over location blocks: each resample draws the B blocks with
-    replacement (``util.blocks.block_counts``), sums the confusion matrices of their images and takes the mIoU
-    of the sum (``scores``; the statistic the point estimate is).
+def block_bootstrap_mious(per_image: torch.Tensor, image_block: np.ndarray, exclude: Sequence[int] = (),
+                          resamples: int = blocks.BOOTSTRAP, seed: int = 0) -> np.ndarray:
+    """[R] mIoU (%) of each bootstrap resample over location blocks: each resample draws the B blocks with
+    replacement (``util.blocks.block_counts``), sums the confusion matrices of their images and takes the mIoU of
+    the sum (``scores``: the statistic the point estimate is). Seeded: two evaluations of the same images and
+    blocks get the same resamples, so their difference per resample is a paired bootstrap.
 
     Args:
         per_image: [N, K, K] confusion matrices, one per evaluation image.
@@ -74,7 +75,13 @@ def block_bootstrap_miou(per_image: torch.Tensor, image_block: np.ndarray, exclu
     flat = per_image.reshape(len(per_image), -1).double()  # counts < 2**53: exact in float64
     counts = torch.from_numpy(np.stack(list(blocks.block_counts(image_block, resamples, seed)))).double()  # [R, N]
     summed = (counts @ flat).reshape(resamples, *per_image.shape[1:])  # [R, K, K]
-    return blocks.percentile_interval([scores(c, exclude)["mIoU"] for c in summed])
+    return np.array([scores(c, exclude)["mIoU"] for c in summed])
+
+
+def block_bootstrap_miou(per_image: torch.Tensor, image_block: np.ndarray, exclude: Sequence[int] = (),
+                         resamples: int = blocks.BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval (%) of the mIoU over location blocks (``block_bootstrap_mious``)."""
+    return blocks.percentile_interval(block_bootstrap_mious(per_image, image_block, exclude, resamples, seed))
 
 
 def ignore_boundaries(mask: torch.Tensor, radius: int, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
