@@ -1,6 +1,7 @@
-"""Segmentation metrics and inference: a confusion matrix accumulated over the whole evaluation set (and summed
-over ranks, on the device), IoU / F1 / overall accuracy from it, sliding-window inference for images larger than
-the crop, and the resolution-degradation protocol (down-sample, up-sample back) for mIoU against scale.
+"""Segmentation metrics and inference: confusion matrices per image (gathered over ranks, on the device) summed
+over the whole evaluation set, IoU / F1 / overall accuracy from them, the mIoU's interval from a bootstrap over
+location blocks, ISPRS's eroded-boundary evaluation, sliding-window inference for images larger than the crop,
+and the resolution-degradation protocol (down-sample, up-sample back) for mIoU against scale.
 
 Means over classes (mIoU, mean F1) leave out a class absent from both the ground truth and the predictions of
 the whole set (its IoU is 0 / 0: undefined, reported as NaN) and the classes given in ``exclude`` (e.g. ISPRS
