@@ -1,6 +1,6 @@
-"""Segmentation: evaluation over the whole evaluation set (sliding window, one confusion matrix per scale summed
-over ranks) and the result tables. Training epochs are ``engine_finetune.train_one_epoch``'s: per-pixel
-classification is classification with a [B, K, H, W] output."""
+"""Segmentation: evaluation over the whole evaluation set (sliding window, one confusion matrix per image and
+scale, gathered over ranks), intervals over location blocks, and the result tables. Training epochs are
+``engine_finetune.train_one_epoch``'s: per-pixel classification is classification with a [B, K, H, W] output."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -23,23 +24,28 @@ class NonFiniteOutputError(NonFiniteError):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, run: Run, num_classes: int, crop: int, scales: Sequence[float] = (1.0,),
-             overlap: float = 1 / 3, ignore_index: int = 255, keep: int = 0) -> tuple[dict[float, torch.Tensor], list]:
-    """Confusion matrix [K, K] per scale over the whole evaluation set (all ranks summed), and up to ``keep``
-    (image, ground truth, prediction at the largest scale) triples of this rank for figures, spread over its images.
+             overlap: float = 1 / 3, ignore_index: int = 255, keep: int = 0,
+             ignore_boundary: int = 0) -> tuple[dict[float, torch.Tensor], list]:
+    """Per-image confusion matrices [N, K, K] per scale over the whole evaluation set (gathered from every rank,
+    in dataset order), and up to ``keep`` (image, ground truth, prediction at the largest scale) triples of this
+    rank for figures, spread over its images. Sum over the images for the set's confusion matrix; keep them apart
+    for intervals over location blocks (``seg_metrics.block_bootstrap_miou``).
 
     Each image goes through ``seg_metrics.degrade`` (down-sample by the scale, up-sample back) and sliding-window
-    inference at the crop size. ``loader`` yields single images (any size) with their masks.
+    inference at the crop size. ``loader`` yields images (any size) with their masks, sharded over ranks as
+    ``util.loaders.eval_loader`` does (rank r: images r, r + W, ...). ``ignore_boundary`` > 0: ground-truth pixels
+    within that many px of another class are not counted (``seg_metrics.ignore_boundaries``; ISPRS: 3).
 
     Raises:
         NonFiniteOutputError: NaN / inf scores.
     """
     model.eval()
-    confusions = {s: torch.zeros(num_classes, num_classes, dtype=torch.long, device=run.device) for s in scales}
+    per_image = {s: [] for s in scales}
     examples = []
     every = max(len(loader) // keep, 1) if keep else 1  # figure examples spread over the set
     for index, (image, mask) in enumerate(loader):
         image = image.to(run.device, non_blocking=True)
-        mask = mask.to(run.device, non_blocking=True)
+        mask = seg_metrics.ignore_boundaries(mask.to(run.device, non_blocking=True), ignore_boundary, num_classes, ignore_index)
         for scale in scales:
             with run.autocast():
                 probs = seg_metrics.sliding_window(model, seg_metrics.degrade(image, scale), num_classes, crop, overlap)
@@ -47,18 +53,27 @@ def evaluate(model: nn.Module, loader, run: Run, num_classes: int, crop: int, sc
                 raise NonFiniteOutputError(f"evaluation: NaN/inf class scores at scale {scale:g} (image {index} of this rank); "
                                            "refusing to report an mIoU")
             pred = probs.argmax(1)
-            confusions[scale] += seg_metrics.confusion_matrix(pred, mask, num_classes, ignore_index)
+            per_image[scale] += [seg_metrics.confusion_matrix(p, m, num_classes, ignore_index) for p, m in zip(pred, mask)]
             if scale == max(scales) and len(examples) < keep and index % every == 0:
                 examples += [(image[i].cpu(), mask[i].cpu(), pred[i].cpu()) for i in range(min(len(image), keep - len(examples)))]
-    return {s: seg_metrics.all_reduce_confusion(c).cpu() for s, c in confusions.items()}, examples
+    empty = torch.zeros(0, num_classes, num_classes, dtype=torch.long, device=run.device)  # a rank without images
+    return {s: seg_metrics.gather_confusions(torch.stack(c) if c else empty) for s, c in per_image.items()}, examples
 
 
-def results_table(confusions: dict[float, torch.Tensor], class_names: Sequence[str], exclude: Sequence[int] = ()) -> list[dict]:
-    """One row per scale: scale, mIoU, mF1, OA and each class's IoU (%; NaN: class absent from both)."""
+def results_table(confusions: dict[float, torch.Tensor], class_names: Sequence[str], exclude: Sequence[int] = (),
+                  image_block: np.ndarray | None = None, resamples: int = 0) -> list[dict]:
+    """One row per scale: scale, mIoU, mF1, OA, pixels counted and each class's IoU (%; NaN: class absent from
+    both) of the set (its images' confusions [N, K, K] summed). With ``image_block`` ([N] block of each image) and
+    ``resamples`` > 0, also mIoU_low / mIoU_high: the 95 % block-bootstrap interval (``seg_metrics.block_bootstrap_miou``)."""
     rows = []
-    for scale, confusion in sorted(confusions.items()):
+    for scale, per_image in sorted(confusions.items()):
+        confusion = per_image.sum(0)
         s = seg_metrics.scores(confusion, exclude)
-        rows.append({"scale": scale, "mIoU": s["mIoU"], "mF1": s["mF1"], "OA": s["OA"], "pixels": int(confusion.sum()),
+        interval = {}
+        if image_block is not None and resamples:
+            low, high = seg_metrics.block_bootstrap_miou(per_image, image_block, exclude, resamples)
+            interval = {"mIoU_low": low, "mIoU_high": high}
+        rows.append({"scale": scale, "mIoU": s["mIoU"], **interval, "mF1": s["mF1"], "OA": s["OA"], "pixels": int(confusion.sum()),
                      **{f"IoU_{name}": v for name, v in zip(class_names, s["IoU"])}})
     return rows
 
@@ -87,9 +102,10 @@ def write_tables(rows: list[dict], directory: Path, note: str = "") -> tuple[Pat
 
 
 def report(rows: list[dict], count: int, what: str, best: float | None = None) -> None:
-    """One line per scale (rank 0)."""
+    """One line per scale (rank 0); the block-bootstrap interval in brackets when the rows have one."""
     for row in rows:
-        line = (f"{what}: {count} images, scale {row['scale']:g}: mIoU {_fmt(row['mIoU'])}%, mF1 {_fmt(row['mF1'])}%, "
+        interval = f" [{_fmt(row['mIoU_low'])}, {_fmt(row['mIoU_high'])}]" if "mIoU_low" in row else ""
+        line = (f"{what}: {count} images, scale {row['scale']:g}: mIoU {_fmt(row['mIoU'])}%{interval}, mF1 {_fmt(row['mF1'])}%, "
                 f"OA {_fmt(row['OA'])}%")
         if best is not None and row["scale"] == 1.0:
             line += f" (best mIoU {best:.2f}%)"

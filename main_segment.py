@@ -14,6 +14,7 @@ import datetime
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from timm.optim import create_optimizer_v2
@@ -21,25 +22,31 @@ from timm.optim import create_optimizer_v2
 import engine_finetune
 import engine_segment
 from model_loading import build_segmenter
-from util import checkpoint, config, distributed, layouts, loaders, logger, runtime, schedule, seg_data, seg_figures, training
+from util import blocks, checkpoint, config, datasets, distributed, layouts, loaders, logger, runtime, schedule, seg_data, seg_figures, training
 from util.errors import CheckpointError, UsageError, run_entry_point
 from util.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "sentinel2_rgb"
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Cross-Scale MAE semantic segmentation")
-    config.add_optimisation_args(parser, batch_size=8, epochs=20, blr=1.6e-3, min_lr=1e-6, warmup_epochs=2, weight_decay=0.05)
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Image / mask pairs, classes and band reading: shared with ``tools/seg_baseline.py``."""
     group = parser.add_argument_group("data (image / mask pairs)")
     group.add_argument("--train_path", default=str(SAMPLE / "seg_train.csv"),
                        help="CSV of (image path, mask path), or a folder holding images/ and masks/ (matched by file stem)")
     group.add_argument("--test_path", default=str(SAMPLE / "seg_val.csv"), help="evaluation pairs, as --train_path")
     group.add_argument("--input_size", type=int, default=128, help="crop side in pixels (training crops, sliding window)")
-    group.add_argument("--patch_size", type=int, default=None, help="patch side (default: that of the pretrained weights)")
-    group.add_argument("--in_chans", type=int, default=3)
-    group.add_argument("--mean", type=float, nargs=3, default=list(FMOW_RGB_MEAN), help="normalisation mean (fMoW-RGB)")
-    group.add_argument("--std", type=float, nargs=3, default=list(FMOW_RGB_STD), help="normalisation std (fMoW-RGB)")
+    group.add_argument("--in_chans", type=int, default=3,
+                       help="bands; other than 3 (or with --bands / --band_stats / --nodata): images are read as rasters "
+                            "(TIFF, .npy, any dtype) in the file's units")
+    group.add_argument("--mean", type=float, nargs="+", default=list(FMOW_RGB_MEAN),
+                       help="normalisation mean, one per band (8-bit RGB: fMoW-RGB in [0, 1]; rasters: in the file's units)")
+    group.add_argument("--std", type=float, nargs="+", default=list(FMOW_RGB_STD), help="normalisation std, one per band")
+    group.add_argument("--bands", type=int, nargs="+", default=None, metavar="I", help="0-based band indices to read, in order (default: all)")
+    group.add_argument("--band_stats", default=None, metavar="FILE.json",
+                       help=f"per-band mean / std written by {config.STATS_TOOL} (instead of --mean / --std)")
+    group.add_argument("--nodata", type=float, default=None,
+                       help="no-data value of rasters (default: a TIFF's GDAL_NODATA tag); such pixels get the band mean")
     group.add_argument("--palette", default=str(SAMPLE / "seg_palette.json"),
                        help="class names and colours: 'isprs' (6 classes), a JSON list of {name, color}, or 'none'; "
                             "RGB masks are decoded through it, index masks only take its names and colours")
@@ -47,14 +54,44 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--nb_classes", type=int, default=None, help="classes (default: from the palette or --class_names)")
     group.add_argument("--reduce_zero_label", action="store_true", help="LoveDA: mask 0 (no data) -> ignore, k -> k-1")
     group.add_argument("--ignore_index", type=int, default=seg_data.IGNORE_INDEX, help="mask value left out of loss and metrics")
-    group.add_argument("--crop_scale", type=float, nargs=2, default=[0.25, 1.0], help="RandomResizedCrop area range")
     group.add_argument("--num_workers", type=int, default=8)
     group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pinned host memory (CUDA)")
+
+
+def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
+    """The evaluation protocol: scales, sliding window, classes counted, boundary erosion, location blocks.
+    Shared with ``tools/seg_baseline.py``."""
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                       help="final evaluation at each scale: images down-sampled (area) by it and up-sampled back, e.g. 0.125 0.25 0.5 1.0")
+    group.add_argument("--overlap", type=float, default=1 / 3, help="sliding-window overlap, fraction of the crop")
+    group.add_argument("--exclude_classes", type=int, nargs="*", default=[],
+                       help="classes left out of mIoU / mF1 (ISPRS protocol: 5 = clutter)")
+    group.add_argument("--eval_ignore_boundary", type=int, default=0, metavar="PX",
+                       help="evaluation only: ground-truth pixels within PX of another class are not counted (ISPRS's "
+                            "eroded-boundary reference: 3; 0: every pixel)")
+    group.add_argument("--block_pattern", default=blocks.TILE_PATTERN,
+                       help="regular expression on each evaluation image's file stem naming its location block (groups "
+                            "row and col: tiles grouped --block_size per side; other groups: their text; no match: the "
+                            "image alone; '': every image alone); mIoU intervals resample blocks (util/blocks.py)")
+    group.add_argument("--block_size", type=int, default=blocks.BLOCK_TILES, help="tiles per block side (with groups row, col)")
+    group.add_argument("--bootstrap", type=int, default=blocks.BOOTSTRAP,
+                       help="block-bootstrap resamples of the final evaluation's 95 %% mIoU interval (0: no interval)")
+    group.add_argument("--examples", type=int, default=4, help="evaluation images in the prediction figure")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Cross-Scale MAE semantic segmentation")
+    config.add_optimisation_args(parser, batch_size=8, epochs=20, blr=1.6e-3, min_lr=1e-6, warmup_epochs=2, weight_decay=0.05)
+    add_data_args(parser)
+    group = parser.add_argument_group("augmentation")
+    group.add_argument("--crop_scale", type=float, nargs=2, default=[0.25, 1.0], help="RandomResizedCrop area range")
     config.add_runtime_args(parser, output_dir="./output_segment")
     group = parser.add_argument_group("segmentation")
     group.add_argument("--finetune", default="", metavar="PATH",
                        help="pretrained weights: any checkpoint main_finetune.py accepts (ours, upstream's, timm export, classifier)")
     group.add_argument("--model", default=None, help="vit_{tiny,small,base,large,huge}_patch16 (default: the architecture of --finetune)")
+    group.add_argument("--patch_size", type=int, default=None, help="patch side (default: that of the pretrained weights)")
     group.add_argument("--head", default="upernet", choices=("upernet", "linear"),
                        help="upernet: 4-level pyramid + UperNet; linear: per-patch linear probe upsampled to pixels")
     group.add_argument("--freeze_encoder", action="store_true", help="train only neck and head (PANGAEA's frozen-encoder protocol)")
@@ -62,25 +99,33 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise LR decay (timm)")
     group.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate of the encoder")
     group.add_argument("--class_weights", type=float, nargs="+", default=None, help="cross-entropy weight of each class")
-    group.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                       help="final evaluation at each scale: images down-sampled (area) by it and up-sampled back, e.g. 0.125 0.25 0.5 1.0")
-    group.add_argument("--overlap", type=float, default=1 / 3, help="sliding-window overlap, fraction of the crop")
-    group.add_argument("--exclude_classes", type=int, nargs="*", default=[],
-                       help="classes left out of mIoU / mF1 (ISPRS protocol: 5 = clutter)")
-    group.add_argument("--examples", type=int, default=4, help="evaluation images in the prediction figure")
+    add_evaluation_args(parser)
+    group = parser.add_argument_group("run mode")
     group.add_argument("--eval", action="store_true", help="only evaluate the segmenter of --resume (or --finetune) and exit")
     group.add_argument("--save_every", type=int, default=0, help="also keep checkpoint-{epoch}.pth every N epochs")
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
-    config.check_common_args(args)
+def check_evaluation_args(args: argparse.Namespace) -> None:
+    """Refuse evaluation flags that cannot work (``add_evaluation_args``), naming the flag.
+
+    Raises:
+        UsageError: one line.
+    """
     if not 0 <= args.overlap < 1:
         raise UsageError(f"--overlap must be in [0, 1), got {args.overlap}")
     if any(not 0 < s <= 1 for s in args.scales):
         raise UsageError(f"--scales must be in (0, 1], got {args.scales}")
     if not 0 <= args.ignore_index <= 255:
         raise UsageError(f"--ignore_index must be in 0..255 (masks are 8-bit), got {args.ignore_index}")
+    if args.eval_ignore_boundary < 0 or args.bootstrap < 0:
+        raise UsageError("--eval_ignore_boundary and --bootstrap must be >= 0")
+    blocks.block_ids([], args.block_pattern, args.block_size)  # checks the pattern and the size
+
+
+def check_args(args: argparse.Namespace) -> None:
+    config.check_common_args(args)
+    check_evaluation_args(args)
 
 
 def classes_of(args: argparse.Namespace) -> tuple[list[str], seg_data.Palette | None]:
@@ -93,20 +138,28 @@ def classes_of(args: argparse.Namespace) -> tuple[list[str], seg_data.Palette | 
         raise UsageError(f"--nb_classes {args.nb_classes}: {len(names)} class names given (palette or --class_names)")
     if len(names) < 2:
         raise UsageError("give the classes: --palette (isprs or JSON), --class_names, or --nb_classes (at least 2)")
-    if args.class_weights is not None and len(args.class_weights) != len(names):
+    if getattr(args, "class_weights", None) is not None and len(args.class_weights) != len(names):
         raise UsageError(f"--class_weights: {len(args.class_weights)} weights for {len(names)} classes")
     if any(not 0 <= k < len(names) for k in args.exclude_classes):
         raise UsageError(f"--exclude_classes {args.exclude_classes}: classes are 0..{len(names) - 1}")
     return names, palette
 
 
+def dataset_of(args: argparse.Namespace, path: str, transform, num_classes: int, palette) -> seg_data.SegDataset:
+    """The image / mask pairs of ``path`` as ``--in_chans`` / ``--bands`` / ``--nodata`` and the masks' flags say
+    (``args.raster``, set by ``config.resolve_band_args``: multispectral / high-bit-depth rasters, else 8-bit RGB)."""
+    raster = datasets.raster_options(args)
+    return seg_data.SegDataset(seg_data.find_pairs(path, raster=args.raster), transform, num_classes, palette,
+                               args.ignore_index, args.reduce_zero_label, raster)
+
+
 def datasets_of(args: argparse.Namespace, num_classes: int, palette, train: bool = True):
-    mask_kwargs = dict(num_classes=num_classes, palette=palette, ignore_index=args.ignore_index, zero_is_nodata=args.reduce_zero_label)
-    val_set = seg_data.SegDataset(seg_data.find_pairs(args.test_path), seg_data.eval_transform(args.mean, args.std), **mask_kwargs)
+    """(training set with the joint augmentation or None, evaluation set)."""
+    val_set = dataset_of(args, args.test_path, seg_data.eval_transform(args.mean, args.std), num_classes, palette)
     if not train:
         return None, val_set
     transform = seg_data.train_transform(args.input_size, args.mean, args.std, args.ignore_index, tuple(args.crop_scale))
-    return seg_data.SegDataset(seg_data.find_pairs(args.train_path), transform, **mask_kwargs), val_set
+    return dataset_of(args, args.train_path, transform, num_classes, palette), val_set
 
 
 def single_image_loader(dataset, args: argparse.Namespace, run: runtime.Run):
@@ -187,20 +240,30 @@ def main(args: argparse.Namespace) -> None:
 
 def final_evaluation(model: nn.Module, val_set, args: argparse.Namespace, run: runtime.Run, class_names: list[str],
                      palette, directory: Path, what: str) -> list[dict]:
-    """Evaluate at every ``--scales``; rank 0 writes seg_results.csv / .md, mIoU against scale, per-class IoU and
-    the prediction figure into ``directory``."""
+    """Evaluate at every ``--scales``, with the mIoU's 95 % block-bootstrap interval (``--block_pattern``,
+    ``--bootstrap``); rank 0 writes seg_results.csv / .md, seg_confusion.json (per scale: the set's and each
+    image's confusion matrix, with the images' names and blocks), mIoU against scale, per-class IoU and the
+    prediction figure into ``directory``. Used by ``tools/seg_baseline.py`` too."""
     confusions, examples = engine_segment.evaluate(
         model, single_image_loader(val_set, args, run), run, len(class_names), args.input_size, sorted(args.scales),
-        args.overlap, args.ignore_index, keep=args.examples if run.is_main else 0)
-    rows = engine_segment.results_table(confusions, class_names, args.exclude_classes)
+        args.overlap, args.ignore_index, keep=args.examples if run.is_main else 0, ignore_boundary=args.eval_ignore_boundary)
+    names = [Path(image).name for image, _ in val_set.pairs]
+    image_block = blocks.block_ids(names, args.block_pattern, args.block_size)
+    rows = engine_segment.results_table(confusions, class_names, args.exclude_classes, image_block, args.bootstrap)
     engine_segment.report(rows, len(val_set), what)
     if run.is_main:
         excluded = ", ".join(class_names[k] for k in args.exclude_classes)
         note = ("IoU in %; means over the classes present in ground truth or predictions"
-                + (f", without {excluded}" if excluded else "") + "; n/a: class absent from both.")
+                + (f", without {excluded}" if excluded else "") + "; n/a: class absent from both"
+                + (f"; pixels within {args.eval_ignore_boundary} px of another class not counted" if args.eval_ignore_boundary else "")
+                + (f". mIoU_low / mIoU_high: 95 % percentile interval of {args.bootstrap} bootstrap resamples of the "
+                   f"{len(np.unique(image_block))} location blocks of the {len(names)} images (--block_pattern '"
+                   f"{args.block_pattern}', --block_size {args.block_size}; seed 0)" if args.bootstrap else "") + ".")
         engine_segment.write_tables(rows, directory, note)
         (directory / "seg_confusion.json").write_text(json.dumps(
-            {f"{s:g}": c.tolist() for s, c in confusions.items()} | {"class_names": class_names}))
+            {f"{s:g}": c.sum(0).tolist() for s, c in confusions.items()}
+            | {"class_names": class_names, "images": names, "blocks": image_block.tolist(),
+               "per_image": {f"{s:g}": c.tolist() for s, c in confusions.items()}}))
         one = next(row for row in rows if row["scale"] == max(args.scales))
         seg_figures.save_per_class_iou(one, class_names, directory / "per_class_iou.png",
                                        f"per-class IoU ({what}, scale {one['scale']:g}): mIoU {one['mIoU']:.1f}%")
@@ -209,7 +272,7 @@ def final_evaluation(model: nn.Module, val_set, args: argparse.Namespace, run: r
         if examples:
             shown = palette if palette is not None and list(palette.names) == class_names else seg_figures.default_palette(class_names)
             seg_figures.save_examples(examples, shown, args.mean, args.std, directory / "seg_examples.png",
-                                      f"{what}: mIoU {one['mIoU']:.1f}% at scale {one['scale']:g}")
+                                      f"{what}: mIoU {one['mIoU']:.1f}% at scale {one['scale']:g}", stretch=args.raster)
         distributed.main_print(f"segmentation outputs: {directory}")
     return rows
 
@@ -231,6 +294,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     for key in ("head", "decoder_channels", "input_size", "patch_size", "model"):
         if saved.get(key) is not None:
             setattr(args, key, saved[key])
+    if saved.get("in_chans", 3) != args.in_chans:
+        raise UsageError(f"{path}: the segmenter reads {saved['in_chans']} band(s): give --in_chans {saved['in_chans']} "
+                         "and the --bands / --band_stats (or --mean / --std) it was trained with")
     args.freeze_encoder, args.nb_classes, args.class_names = False, len(class_names), class_names
     if state.get("palette"):
         palette_used = seg_data.Palette(tuple(class_names), tuple(tuple(c) for c in state["palette"]))

@@ -17,17 +17,18 @@ COMMON = ["--input_size", "32", "--batch_size", "8", "--num_workers", "0", "--lo
           "--palette", "none", "--class_names", "left", "right", "--decoder_channels", "32", "--drop_path", "0"]
 
 
-def write_split(root, count, seed):
+def write_split(root, count, seed, names=None):
+    """``count`` image / mask pairs named 000.png, ... (or ``names``)."""
     rng = np.random.default_rng(seed)
-    for i in range(count):
+    for i, name in enumerate(names or [f"{i:03d}" for i in range(count)]):
         column = int(rng.integers(8, 25))
         mask = np.zeros((32, 32), dtype=np.uint8)
         mask[:, column:] = 1
         mask[0, :4] = 255  # a few ignored pixels
         image = np.where(mask[..., None] == 1, [60, 80, 200], [200, 70, 60]) + rng.normal(0, 20, (32, 32, 3))
         (root / "images").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"{i:03d}.png")
-        seg_data.write_mask(root / "masks" / f"{i:03d}.png", mask)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"{name}.png")
+        seg_data.write_mask(root / "masks" / f"{name}.png", mask)
     return root
 
 
@@ -61,7 +62,7 @@ def test_short_upernet_run_beats_chance_and_writes_tables_and_figures(split, pre
     assert int(rows[1]["pixels"]) == 8 * (32 * 32 - 4)  # ignored pixels are not counted
     assert {"checkpoint-best.pth", "checkpoint-last.pth", "seg_results.md", "seg_examples.png", "per_class_iou.png",
             "miou_vs_scale.png", "seg_confusion.json", "config.yaml"} <= {p.name for p in out.iterdir()}
-    assert "| scale | mIoU | mF1 | OA | pixels | IoU_left | IoU_right |" in (out / "seg_results.md").read_text()
+    assert "| scale | mIoU | mIoU_low | mIoU_high | mF1 | OA | pixels | IoU_left | IoU_right |" in (out / "seg_results.md").read_text()
 
     run([*flags(split, pretrained, out), "--eval", "--resume", str(out / "checkpoint-last.pth")])  # --eval reproduces it
     with open(out / "eval" / "seg_results.csv") as f:
@@ -111,3 +112,63 @@ def test_segment_sh_passes_the_sample_defaults_and_lets_flags_win(tmp_path):
     missing = subprocess.run(["bash", str(repo / "segment.sh")], env={**env, "WEIGHTS": str(tmp_path / "none.pth")},
                              capture_output=True, text=True)
     assert missing.returncode == 1 and "no weights at" in missing.stderr
+
+
+def test_two_process_evaluation_equals_one_process_exactly(split, pretrained, tmp_path):
+    """torchrun, 2 processes (gloo): 5 evaluation tiles in 3 location blocks, so the ranks get 3 and 2 images;
+    the per-image and summed confusion matrices and the block-bootstrap interval equal one process's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    names = ["r00_c00", "r00_c01", "r02_c05", "r03_c00", "r05_c05"]  # 3 x 3-tile blocks (0, 0) twice, (0, 1), (1, 0), (1, 1)
+    val = write_split(tmp_path / "tiles", len(names), 2, names)
+    out = tmp_path / "seg"
+    run([*flags(split, pretrained, out), "--epochs", "1"])
+    repo = Path(__file__).resolve().parents[1]
+    argv = ["main_segment.py", *COMMON, "--test_path", str(val), "--eval", "--resume", str(out / "checkpoint-last.pth"),
+            "--scales", "0.5", "1.0", "--bootstrap", "300", "--examples", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    results = {}
+    for procs in (1, 2):
+        launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if procs == 2 else [])
+        done = subprocess.run([*launch, *argv, "--output_dir", str(tmp_path / f"p{procs}")], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        folder = tmp_path / f"p{procs}" / "eval"
+        results[procs] = json.loads((folder / "seg_confusion.json").read_text()), (folder / "seg_results.csv").read_text()
+    (confusion_1, table_1), (confusion_2, table_2) = results[1], results[2]
+    assert confusion_2 == confusion_1 and table_2 == table_1
+    assert confusion_1["images"] == [f"{n}.png" for n in names] and len(set(confusion_1["blocks"])) == 4
+    assert len(confusion_1["per_image"]["1"]) == 5 and "mIoU_low" in table_1
+
+
+def test_four_band_uint16_rasters_train_one_epoch_with_band_statistics(tmp_path):
+    """Multispectral input: 4-band uint16 .npy images [C, H, W] (values in the thousands), per-band statistics from
+    a band_stats file, joint float augmentation; class 1 where band 3 is bright."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 3)):
+        for i in range(count):
+            mask = np.zeros((32, 32), dtype=np.uint8)
+            mask[:, int(rng.integers(8, 25)):] = 1
+            bands = rng.normal(3000, 300, (4, 32, 32))
+            bands[3] += 4000.0 * mask
+            (tmp_path / split / "images").mkdir(parents=True, exist_ok=True)
+            np.save(tmp_path / split / "images" / f"r00_c{i:02d}.npy", bands.clip(0, 65535).astype(np.uint16))
+            seg_data.write_mask(tmp_path / split / "masks" / f"r00_c{i:02d}.png", mask)
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"mean": [3000, 3000, 3000, 5000], "std": [300, 300, 300, 2000], "bands": [0, 1, 2, 3]}))
+    out = tmp_path / "seg"
+    run([*COMMON, "--train_path", str(tmp_path / "train"), "--test_path", str(tmp_path / "val"), "--finetune", "",
+         "--model", "vit_tiny_patch16", "--patch_size", "8", "--in_chans", "4", "--band_stats", str(stats),
+         "--epochs", "1", "--output_dir", str(out)])
+    with open(out / "seg_results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert int(row["pixels"]) == 3 * (32 * 32)
+    assert {"seg_examples.png", "checkpoint-last.pth"} <= {p.name for p in out.iterdir()}
+    state = checkpoint.read_checkpoint(out / "checkpoint-last.pth")
+    assert state["model"]["encoder.patch_embed.proj.weight"].shape[1] == 4
+    with pytest.raises(config.UsageError, match="per-band statistics"):  # uint16 without statistics: refused, not scaled as 8-bit
+        run([*COMMON, "--train_path", str(tmp_path / "train"), "--test_path", str(tmp_path / "val"), "--finetune", "",
+             "--model", "vit_tiny_patch16", "--in_chans", "4", "--output_dir", str(tmp_path / "x")])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,21 +85,21 @@ def _rank_confusion(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         pred, target = _whole_set()
-        half = slice(rank * 3, (rank + 1) * 3)  # rank 0: images 0-2, rank 1: images 3-5
-        local = seg_metrics.confusion_matrix(pred[half], target[half], 4)
-        torch.save({"local": local, "summed": seg_metrics.all_reduce_confusion(local)}, f"{out}/rank{rank}.pt")
+        mine = range(rank, len(pred), 2)  # util.loaders.eval_loader's shards: rank 0 images 0, 2, 4; rank 1: 1, 3 (unequal)
+        local = torch.stack([seg_metrics.confusion_matrix(pred[i], target[i], 4) for i in mine])
+        torch.save({"local": local, "gathered": seg_metrics.gather_confusions(local)}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def _whole_set():
     g = torch.Generator().manual_seed(0)
-    target = torch.randint(0, 4, (6, 9, 7), generator=g)
+    target = torch.randint(0, 4, (5, 9, 7), generator=g)
     target[target == 3] = 255  # class 3 only ever ignored
-    return torch.randint(0, 4, (6, 9, 7), generator=g), target
+    return torch.randint(0, 4, (5, 9, 7), generator=g), target
 
 
-def test_two_process_confusion_matrix_equals_one_process_on_the_whole_set(tmp_path):
+def test_two_process_per_image_confusions_equal_one_process_on_the_whole_set(tmp_path):
     import socket
 
     import torch.multiprocessing as mp
@@ -109,7 +110,32 @@ def test_two_process_confusion_matrix_equals_one_process_on_the_whole_set(tmp_pa
     mp.spawn(_rank_confusion, args=(port, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     pred, target = _whole_set()
-    whole = seg_metrics.confusion_matrix(pred, target, 4)
-    assert not torch.equal(ranks[0]["local"], whole)
-    assert torch.equal(ranks[0]["summed"], whole) and torch.equal(ranks[1]["summed"], whole)
-    assert whole.sum() == (target != 255).sum()
+    per_image = torch.stack([seg_metrics.confusion_matrix(p, t, 4) for p, t in zip(pred, target)])
+    assert len(ranks[0]["local"]) == 3 and len(ranks[1]["local"]) == 2
+    assert torch.equal(ranks[0]["gathered"], per_image) and torch.equal(ranks[1]["gathered"], per_image)  # in dataset order
+    assert torch.equal(per_image.sum(0), seg_metrics.confusion_matrix(pred, target, 4))
+    assert per_image.sum() == (target != 255).sum()
+
+
+def test_ignore_boundaries_erodes_a_disc_around_class_changes_only():
+    mask = torch.zeros(1, 15, 15, dtype=torch.long)
+    mask[0, 7, 7] = 1  # one pixel of class 1 in class 0
+    mask[0, 0, :] = 255  # ignored row: no class, erodes nothing
+    out = seg_metrics.ignore_boundaries(mask, 2, 2)
+    ys, xs = torch.nonzero(out[0] == 255, as_tuple=True)
+    inside = {(y, x) for y, x in zip(ys.tolist(), xs.tolist()) if y > 0}
+    assert inside == {(y, x) for y in range(15) for x in range(15) if (y - 7) ** 2 + (x - 7) ** 2 <= 4}  # a disc, r = 2
+    assert (out[0, 0] == 255).all() and (out[0, 1] == 0).all()  # the row next to the ignored one stays
+    assert torch.equal(seg_metrics.ignore_boundaries(mask, 0, 2), mask)
+    assert (seg_metrics.ignore_boundaries(torch.ones(1, 5, 5, dtype=torch.long), 3, 2) == 1).all()  # image edges: no boundary
+
+
+def test_block_bootstrap_interval_is_seeded_and_collapses_without_variation():
+    same = torch.tensor([[8, 2], [1, 9]]).expand(6, 2, 2)
+    low, high = seg_metrics.block_bootstrap_miou(same, np.array([0, 0, 1, 1, 2, 2]), resamples=50)
+    assert low == pytest.approx(seg_metrics.scores(same[0])["mIoU"]) and high == pytest.approx(low)
+    varied = torch.randint(0, 20, (6, 3, 3), generator=torch.Generator().manual_seed(0))
+    blocks = np.array([0, 0, 1, 1, 2, 2])
+    first = seg_metrics.block_bootstrap_miou(varied, blocks, resamples=100)
+    assert first == seg_metrics.block_bootstrap_miou(varied, blocks, resamples=100) and first[0] < first[1]
+    assert first != seg_metrics.block_bootstrap_miou(varied, blocks, resamples=100, seed=1)

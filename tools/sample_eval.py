@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -42,24 +41,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_cross_scale_mae as models_mae  # noqa: E402
 from model_loading import load_mae  # noqa: E402
-from util import knn  # noqa: E402
+from util import blocks, knn  # noqa: E402
 from util.config import read_band_stats  # noqa: E402
 from util.datasets import DEFAULT_TRAIN_CSV, RasterOptions, build_dataset  # noqa: E402
 from util.errors import UsageError, run_entry_point  # noqa: E402
 from util.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD, build_raster_transform, build_transform, draft_size_for  # noqa: E402
 
-BLOCK = 3  # tiles per block side (tools/make_sample_data.py)
 FOLDS = 5
-BOOTSTRAP = 2000
+BOOTSTRAP = blocks.BOOTSTRAP
 
 
 def tile_blocks(paths: list[str]) -> np.ndarray:
-    """Block index (0..24) of each tile ``r{row}_c{col}.jpg``; blocks are 3 x 3 tiles."""
-    blocks = []
-    for path in paths:
-        row, col = map(int, re.search(r"r(\d+)_c(\d+)", Path(path).name).groups())
-        blocks.append((row // BLOCK) * 100 + col // BLOCK)
-    return np.array(blocks)
+    """Block code (row block x 100 + column block) of each tile ``r{row}_c{col}.jpg``; blocks are 3 x 3 tiles
+    (``util.blocks``)."""
+    pattern = blocks.compile_pattern(blocks.TILE_PATTERN)
+    return np.array([100 * row + col for _, row, col in (blocks.block_of(p, pattern) for p in paths)])
 
 
 def fold_of(block: int) -> int:
@@ -90,17 +86,14 @@ def cross_validated_predictions(features: np.ndarray, labels: np.ndarray, folds:
     return predictions
 
 
-def bootstrap(correct: dict[str, np.ndarray], blocks: np.ndarray, seed: int = 0) -> dict[str, tuple[float, float, float]]:
-    """(accuracy %, 2.5th, 97.5th percentile) of each entry, resampling blocks with replacement (same resamples)."""
-    ids = np.unique(blocks)
-    members = [np.flatnonzero(blocks == b) for b in ids]
-    rng = np.random.default_rng(seed)
+def bootstrap(correct: dict[str, np.ndarray], tile_block: np.ndarray, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """(accuracy %, 2.5th, 97.5th percentile) of each entry, resampling blocks with replacement (the same
+    resamples for every entry: ``util.blocks.resample_blocks``)."""
     samples = {name: [] for name in correct}
-    for _ in range(BOOTSTRAP):
-        chosen = np.concatenate([members[i] for i in rng.integers(0, len(ids), len(ids))])
+    for chosen in blocks.resample_blocks(tile_block, BOOTSTRAP, seed):
         for name, values in correct.items():
             samples[name].append(100.0 * values[chosen].mean())
-    return {name: (100.0 * correct[name].mean(), *np.percentile(samples[name], [2.5, 97.5])) for name in correct}
+    return {name: (100.0 * correct[name].mean(), *blocks.percentile_interval(samples[name])) for name in correct}
 
 
 @torch.no_grad()
@@ -168,8 +161,8 @@ def main(args: argparse.Namespace) -> None:
     labels = np.array([label for dataset in tiles for label in dataset.targets])
     images = torch.stack([dataset[i][0] for dataset in tiles for i in range(len(dataset))])
     held_out = torch.arange(len(tiles[0]), len(paths))  # val.csv: never seen in train.sh's pretraining
-    blocks = tile_blocks(paths)
-    folds = np.array([fold_of(b) for b in blocks])
+    tile_block = tile_blocks(paths)
+    folds = np.array([fold_of(b) for b in tile_block])
     classes = int(labels.max()) + 1
 
     correct, recon = {}, {}
@@ -183,10 +176,10 @@ def main(args: argparse.Namespace) -> None:
     trained = [name for name in models if name != "random init"]
     gains = {f"{name} | {c} (gain)": correct[f"{name} | {c}"].astype(float) - correct[f"random init | {c}"]
              for name in trained for c in ("kNN", "linear probe")}
-    stats = bootstrap({**correct, **gains}, blocks)
+    stats = bootstrap({**correct, **gains}, tile_block)
 
     bands = f", bands {' '.join(map(str, args.bands))}" if args.bands else ""
-    lines = [f"# Pretrained vs random init on {args.sample}{bands} ({len(labels)} tiles, {len(np.unique(blocks))} blocks, "
+    lines = [f"# Pretrained vs random init on {args.sample}{bands} ({len(labels)} tiles, {len(np.unique(tile_block))} blocks, "
              f"{FOLDS}-fold spatial CV, 95 % block-bootstrap intervals)", "",
              "| model | kNN top-1 (%) | linear probe top-1 (%) | masked-patch MSE / baseline |", "|---|---|---|---|"]
     fmt = lambda s: f"{s[0]:.1f} [{s[1]:.1f}, {s[2]:.1f}]"  # noqa: E731

@@ -22,8 +22,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from util.datasets import DataError
-from util.images import is_image, load_image
+from util.datasets import DataError, RasterOptions
+from util.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, is_image, load_image
 from util.rng import seeded
 
 IGNORE_INDEX = 255
@@ -152,22 +152,24 @@ def write_mask(path: str | os.PathLike, mask: np.ndarray, palette: Palette | Non
     img.save(path, optimize=True)
 
 
-def pairs_from_folders(root: Path) -> list[tuple[str, str]]:
-    """``root/images/*`` matched to ``root/masks/*`` by file stem (``a.jpg`` <-> ``a.png``).
+def pairs_from_folders(root: Path, image_extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[tuple[str, str]]:
+    """``root/images/*`` matched to ``root/masks/*`` by file stem (``a.jpg`` <-> ``a.png``; multispectral:
+    ``image_extensions`` = ``RASTER_EXTENSIONS``, ``a.tif`` / ``a.npy`` <-> ``a.png``).
 
     Raises:
         DataError: an image without a mask, a mask without an image, or two files of one stem.
     """
-    def by_stem(folder: Path) -> dict[str, Path]:
+    def by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
         found: dict[str, Path] = {}
         for p in sorted(folder.iterdir()):
-            if is_image(p):
+            if is_image(p, extensions):
                 if p.stem in found:
                     raise DataError(f"{folder}: two files named {p.stem}.* ({found[p.stem].name}, {p.name})")
                 found[p.stem] = p
         return found
 
-    images, masks = by_stem(root / "images"), by_stem(root / "masks")
+    # masks of every image suffix, JPEG too: find_pairs then refuses a JPEG mask by name rather than miss it
+    images, masks = by_stem(root / "images", image_extensions), by_stem(root / "masks", IMAGE_EXTENSIONS)
     no_mask, no_image = sorted(set(images) - set(masks)), sorted(set(masks) - set(images))
     if no_mask or no_image:
         problems = ([f"{len(no_mask)} image(s) without a mask (first: {no_mask[0]})"] if no_mask else []) + \
@@ -201,8 +203,9 @@ def pairs_from_csv(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def find_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """Image / mask pairs from a CSV file or an ``images/`` + ``masks/`` folder; JPEG masks refused.
+def find_pairs(path: str | os.PathLike, raster: bool = False) -> list[tuple[str, str]]:
+    """Image / mask pairs from a CSV file or an ``images/`` + ``masks/`` folder (``raster``: image files of
+    ``RASTER_EXTENSIONS``, ``.npy`` included); JPEG masks refused.
 
     Raises:
         DataError: neither form, no pairs, or a JPEG mask.
@@ -211,7 +214,7 @@ def find_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
     if path.is_file():
         pairs = pairs_from_csv(path)
     elif (path / "images").is_dir() and (path / "masks").is_dir():
-        pairs = pairs_from_folders(path)
+        pairs = pairs_from_folders(path, RASTER_EXTENSIONS if raster else IMAGE_EXTENSIONS)
     else:
         raise DataError(f"{path}: neither a CSV of (image, mask) paths nor a folder holding images/ and masks/")
     if not pairs:
@@ -226,7 +229,9 @@ def train_transform(crop: int, mean: Sequence[float], std: Sequence[float], igno
     """Joint training augmentation of (``tv_tensors.Image``, ``tv_tensors.Mask``): pad to the crop if smaller
     (image 0, mask ``ignore_index``), RandomResizedCrop (image bilinear with antialias; the mask ALWAYS nearest
     neighbour: torchvision v2 resamples ``Mask`` with NEAREST whatever the interpolation asked), horizontal and
-    vertical flips, then the image to float and normalised (the mask stays integer)."""
+    vertical flips, then the image to float and normalised (the mask stays integer). Images are uint8 [3, H, W]
+    (scaled to [0, 1]) or float32 [C, H, W] in the file's units (multispectral: kept as they are, then
+    normalised per band with ``mean`` / ``std`` in those units)."""
     return v2.Compose([
         PadTo(crop, ignore_index),
         v2.RandomResizedCrop(crop, scale=scale, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
@@ -238,7 +243,7 @@ def train_transform(crop: int, mean: Sequence[float], std: Sequence[float], igno
 
 
 def eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """The whole image, normalised (sliding-window inference handles any size)."""
+    """The whole image, normalised (sliding-window inference handles any size); uint8 or float, as ``train_transform``."""
     return v2.Compose([v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(list(mean), list(std))])
 
 
@@ -259,7 +264,7 @@ class PadTo(torch.nn.Module):
 
 
 class SegDataset(Dataset):
-    """(image, mask) pairs -> (normalised float image [3, H, W], int64 mask [H, W]).
+    """(image, mask) pairs -> (normalised float image [C, H, W], int64 mask [H, W]).
 
     Args:
         pairs: (image path, mask path).
@@ -267,12 +272,16 @@ class SegDataset(Dataset):
         num_classes: Mask values must be in 0..num_classes-1 or ``ignore_index`` (checked per image).
         palette: Decodes RGB masks.
         zero_is_nodata: ``--reduce_zero_label``.
+        raster: Multispectral / high-bit-depth images (``util.datasets.RasterOptions``: any band count and dtype,
+            ``.npy`` too) as float32 [C, H, W] in the file's units, no-data filled; None: 8-bit RGB (uint8 [3, H, W]).
     """
 
     def __init__(self, pairs: Sequence[tuple[str, str]], transform: Callable | None, num_classes: int,
-                 palette: Palette | None = None, ignore_index: int = IGNORE_INDEX, zero_is_nodata: bool = False) -> None:
+                 palette: Palette | None = None, ignore_index: int = IGNORE_INDEX, zero_is_nodata: bool = False,
+                 raster: RasterOptions | None = None) -> None:
         self.pairs, self.transform, self.num_classes = list(pairs), transform, num_classes
         self.palette, self.ignore_index, self.zero_is_nodata = palette, ignore_index, zero_is_nodata
+        self.raster = raster
         self.source = ""
 
     def __len__(self) -> int:
@@ -280,18 +289,22 @@ class SegDataset(Dataset):
 
     def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         image_path, mask_path = self.pairs[index]
-        try:
-            image = load_image(image_path)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            raise DataError(f"{image_path}: cannot read image ({str(e).splitlines()[0]})") from None
+        if self.raster is not None:
+            image = self.raster.load(image_path, image_path, None)  # BadImageError / DataError name the file
+        else:
+            try:
+                image = torch.from_numpy(np.asarray(load_image(image_path)).copy()).permute(2, 0, 1)
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+                raise DataError(f"{image_path}: cannot read image ({str(e).splitlines()[0]})") from None
         mask = read_mask(mask_path, self.palette, self.ignore_index, self.zero_is_nodata)
-        if mask.shape != (image.height, image.width):
-            raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} px, its image {image.width}x{image.height}")
+        height, width = image.shape[-2:]
+        if mask.shape != (height, width):
+            raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} px, its image {width}x{height}")
         bad = (mask >= self.num_classes) & (mask != self.ignore_index) | (mask < 0)
         if bad.any():
             raise DataError(f"{mask_path}: label(s) {sorted(np.unique(mask[bad]).tolist())[:5]} outside 0..{self.num_classes - 1} "
                             f"and not --ignore_index {self.ignore_index}")
-        return tv_tensors.Image(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)), tv_tensors.Mask(torch.from_numpy(mask))
+        return tv_tensors.Image(image), tv_tensors.Mask(torch.from_numpy(mask))
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, None)

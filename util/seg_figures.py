@@ -28,15 +28,26 @@ def default_palette(class_names: Sequence[str]) -> Palette:
     return Palette(tuple(class_names), colors)
 
 
+def display_rgb(image: torch.Tensor, mean: Sequence[float], std: Sequence[float], stretch: bool = False) -> np.ndarray:
+    """Normalised image [C, H, W] -> [H, W, 3] in [0, 1] for display: its first three bands as R, G, B (fewer
+    bands: the first as grey). ``stretch`` (rasters in the file's units): each band from its 1st to its 99th percentile."""
+    image = image.float() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    bands = image[:3] if len(image) >= 3 else image[:1].expand(3, -1, -1)
+    if stretch:
+        flat = bands.flatten(1)[:, ::max(1, bands[0].numel() // 1_000_000)]  # torch.quantile takes at most 16M values
+        low, high = flat.quantile(0.01, dim=1).view(3, 1, 1), flat.quantile(0.99, dim=1).view(3, 1, 1)
+        bands = (bands - low) / (high - low).clamp(min=1e-12)
+    return bands.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
 def save_examples(examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], palette: Palette,
-                  mean: Sequence[float], std: Sequence[float], path: Path, title: str = "") -> None:
-    """One row per (normalised image [3, H, W], ground truth [H, W], prediction [H, W]); a legend names each
-    colour's class (black: ignored pixels)."""
+                  mean: Sequence[float], std: Sequence[float], path: Path, title: str = "", stretch: bool = False) -> None:
+    """One row per (normalised image [C, H, W], ground truth [H, W], prediction [H, W]); a legend names each
+    colour's class (black: ignored pixels). The image is shown by ``display_rgb`` (``stretch``: rasters)."""
     rows = len(examples)
     fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows + 0.9), squeeze=False)
-    mean_t, std_t = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
     for r, (image, truth, pred) in enumerate(examples):
-        rgb = (image.float() * std_t + mean_t).clamp(0, 1).permute(1, 2, 0).numpy()
+        rgb = display_rgb(image, mean, std, stretch)
         panels = (rgb, index_to_rgb(truth.numpy(), palette, IGNORE_COLOR), index_to_rgb(pred.numpy(), palette, IGNORE_COLOR))
         for c, (panel, name) in enumerate(zip(panels, ("image", "ground truth", "prediction"))):
             axes[r, c].imshow(panel, interpolation="nearest")

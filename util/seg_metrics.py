@@ -1,6 +1,7 @@
-"""Segmentation metrics and inference: a confusion matrix accumulated over the whole evaluation set (and summed
-over ranks, on the device), IoU / F1 / overall accuracy from it, sliding-window inference for images larger than
-the crop, and the resolution-degradation protocol (down-sample, up-sample back) for mIoU against scale.
+"""Segmentation metrics and inference: confusion matrices per image (gathered over ranks, on the device) summed
+over the whole evaluation set, IoU / F1 / overall accuracy from them, the mIoU's interval from a bootstrap over
+location blocks, ISPRS's eroded-boundary evaluation, sliding-window inference for images larger than the crop,
+and the resolution-degradation protocol (down-sample, up-sample back) for mIoU against scale.
 
 Means over classes (mIoU, mean F1) leave out a class absent from both the ground truth and the predictions of
 the whole set (its IoU is 0 / 0: undefined, reported as NaN) and the classes given in ``exclude`` (e.g. ISPRS
@@ -12,11 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from util import distributed
+from util import blocks, distributed
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
@@ -26,12 +27,11 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     return torch.bincount(index.flatten(), minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def all_reduce_confusion(confusion: torch.Tensor) -> torch.Tensor:
-    """Sum of every rank's confusion matrix (a tensor on the training device: NCCL or gloo)."""
-    if distributed.is_distributed() and distributed.world_size() > 1:
-        confusion = confusion.clone()
-        dist.all_reduce(confusion)
-    return confusion
+def gather_confusions(local: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Every rank's per-image confusion matrices [n_r, K, K] -> [N, K, K] on the CPU, in dataset order when rank r
+    holds images r, r + W, r + 2W, ... (``util.loaders.eval_loader``'s shards; ``distributed.gather_rows``).
+    Integer counts: the gathered result, and any sum of it, is exact and the same on every rank."""
+    return distributed.gather_rows(local, device)
 
 
 def scores(confusion: torch.Tensor, exclude: Sequence[int] = ()) -> dict:
@@ -60,6 +60,50 @@ def scores(confusion: torch.Tensor, exclude: Sequence[int] = ()) -> dict:
         "F1": (100 * f1).tolist(),
         "classes_counted": int(counted.sum()),
     }
+
+
+def block_bootstrap_mious(per_image: torch.Tensor, image_block: np.ndarray, exclude: Sequence[int] = (),
+                          resamples: int = blocks.BOOTSTRAP, seed: int = 0) -> np.ndarray:
+    """[R] mIoU (%) of each bootstrap resample over location blocks: each resample draws the B blocks with
+    replacement (``util.blocks.block_counts``), sums the confusion matrices of their images and takes the mIoU of
+    the sum (``scores``: the statistic the point estimate is). Seeded: two evaluations of the same images and
+    blocks get the same resamples, so their difference per resample is a paired bootstrap.
+
+    Args:
+        per_image: [N, K, K] confusion matrices, one per evaluation image.
+        image_block: [N] block index of each image (``util.blocks.block_ids``).
+    """
+    flat = per_image.reshape(len(per_image), -1).double()  # counts < 2**53: exact in float64
+    counts = torch.from_numpy(np.stack(list(blocks.block_counts(image_block, resamples, seed)))).double()  # [R, N]
+    summed = (counts @ flat).reshape(resamples, *per_image.shape[1:])  # [R, K, K]
+    return np.array([scores(c, exclude)["mIoU"] for c in summed])
+
+
+def block_bootstrap_miou(per_image: torch.Tensor, image_block: np.ndarray, exclude: Sequence[int] = (),
+                         resamples: int = blocks.BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval (%) of the mIoU over location blocks (``block_bootstrap_mious``)."""
+    return blocks.percentile_interval(block_bootstrap_mious(per_image, image_block, exclude, resamples, seed))
+
+
+def ignore_boundaries(mask: torch.Tensor, radius: int, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """[B, H, W] labels with every pixel within ``radius`` px (Euclidean: a disc) of a pixel of another class set
+    to ``ignore_index``: the ISPRS benchmark's "eroded boundary" reference, whose object boundaries are eroded by
+    a circular disc of 3 px radius so that evaluation forgives the uncertain outlines. Ignored pixels are no
+    class (they erode nothing) and the image border is no boundary. Evaluation only: training keeps every pixel.
+
+    Cost: a [B, K, H, W] float map and one (2 radius + 1)^2 grouped convolution.
+    """
+    if radius <= 0:
+        return mask
+    offsets = torch.arange(-radius, radius + 1, device=mask.device)
+    disc = ((offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius ** 2).float()  # [2r+1, 2r+1]
+    valid = mask != ignore_index
+    labels = torch.where(valid, mask, 0)
+    onehot = F.one_hot(labels, num_classes).permute(0, 3, 1, 2).float() * valid[:, None]  # [B, K, H, W]
+    near = F.conv2d(onehot, disc.expand(num_classes, 1, *disc.shape), padding=radius, groups=num_classes)  # per-class counts
+    own = near.gather(1, labels[:, None])[:, 0]  # pixels of the pixel's own class within the disc
+    boundary = valid & (own < near.sum(1))  # exact: integer counts in float32
+    return torch.where(boundary, torch.full_like(mask, ignore_index), mask)
 
 
 def window_starts(size: int, crop: int, stride: int) -> list[int]:
