@@ -43,17 +43,7 @@ USER_ARGS=("$@")
 
 pass_weights  # --finetune on the command line, else WEIGHTS (unless --config decides); checked
 
-if [[ -n $MODEL ]]; then pass_var model MODEL; fi
-pass_var input_size INPUT_SIZE
-pass_var epochs EPOCHS
-pass_var warmup_epochs WARMUP_EPOCHS
-pass_var batch_size BATCH_SIZE
-pass_var blr BLR
-pass_var train_path TRAIN_PATH
-pass_var test_path TEST_PATH
-pass_var output_dir OUTPUT_DIR
-pass_var num_workers NUM_WORKERS
-pass_bands
+pass_training_vars
 
 # shellcheck disable=SC2086  # LAUNCH is a command line (python, or torchrun and its flags); exec: signals reach it
 exec $LAUNCH "$SCRIPT" "${PY_ARGS[@]}" "$@"

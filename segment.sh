@@ -4,6 +4,7 @@
 #   bash segment.sh                                    # WEIGHTS from train.sh, embedded Sentinel-2 masks (times: README quick start)
 #   bash segment.sh --freeze_encoder                   # PANGAEA's frozen-encoder protocol
 #   bash segment.sh --head linear --freeze_encoder     # per-patch linear probe
+#   DATA=sentinel2_ms bash segment.sh                  # the 13-band sample's masks, from DATA=sentinel2_ms bash train.sh
 #   WEIGHTS=weights/cross_scale_mae_base_pretrain.pth bash segment.sh --epochs 5
 #
 # ISPRS Potsdam / Vaihingen (512 px crops, batch 8 per GPU, mIoU / mF1 over the five classes without clutter;
@@ -25,19 +26,20 @@ cd "$(dirname "$0")"
 source tools/launcher_lib.sh
 
 SCRIPT=${SCRIPT:-main_segment.py}
-setvar WEIGHTS output/pretrain_tiny/checkpoint-last.pth
+select_data                             # DATA: sentinel2_rgb (default) or sentinel2_ms (tools/launcher_lib.sh)
+setvar WEIGHTS "output/pretrain_tiny$DATA_SUFFIX/checkpoint-last.pth"
 setvar MODEL ""                         # empty: the architecture of WEIGHTS
-setvar INPUT_SIZE 128                   # crop side (Potsdam / Vaihingen: 512)
+setdata INPUT_SIZE "$TILE_SIZE"         # crop side: the sample's tiles, 128 px (13-band: 64) (Potsdam / Vaihingen: 512)
 setvar EPOCHS 8
 setvar WARMUP_EPOCHS 1
 setvar BATCH_SIZE 16                    # per device (Potsdam / Vaihingen: 8)
 setvar BLR 1.6e-3                       # lr 1e-4 at batch 16 (MAE / BEiT UperNet recipe)
-setvar TRAIN_PATH data/sentinel2_rgb/seg_train.csv
-setvar TEST_PATH data/sentinel2_rgb/seg_val.csv
-setvar PALETTE data/sentinel2_rgb/seg_palette.json   # isprs for Potsdam / Vaihingen
+setdata TRAIN_PATH "data/$DATA/seg_train.csv"
+setdata TEST_PATH "data/$DATA/seg_val.csv"
+setdata PALETTE "data/$DATA/seg_palette.json"   # isprs for Potsdam / Vaihingen
 setvar SCALES "0.125 0.25 0.5 1.0"
 setvar DECODER_CHANNELS 128             # the literature: 512 (ViT-B) or 768
-setvar OUTPUT_DIR output/segment_tiny
+setdata OUTPUT_DIR "output/segment_tiny$DATA_SUFFIX"
 setvar NUM_WORKERS 2
 PYTHON=${PYTHON:-python}
 LAUNCH=${LAUNCH:-$PYTHON}               # train_distributed.sh sets this to torchrun
@@ -47,18 +49,9 @@ is_explicit WEIGHTS || WEIGHTS_FROM=
 USER_ARGS=("$@")
 pass_weights  # --finetune on the command line, else WEIGHTS (unless --config decides); checked
 
-if [[ -n $MODEL ]]; then pass_var model MODEL; fi
-pass_var input_size INPUT_SIZE
-pass_var epochs EPOCHS
-pass_var warmup_epochs WARMUP_EPOCHS
-pass_var batch_size BATCH_SIZE
-pass_var blr BLR
-pass_var train_path TRAIN_PATH
-pass_var test_path TEST_PATH
+pass_training_vars
 pass_var palette PALETTE
 pass_var decoder_channels DECODER_CHANNELS
-pass_var output_dir OUTPUT_DIR
-pass_var num_workers NUM_WORKERS
 if ! user_flag scales && launcher_value SCALES; then
   read -r -a SCALE_LIST <<< "$SCALES"
   PY_ARGS+=(--scales "${SCALE_LIST[@]}")

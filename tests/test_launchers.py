@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAUNCHERS = ["train.sh", "finetune.sh", "linprobe.sh", "knn.sh", "train_distributed.sh", "tools/launcher_lib.sh"]
+LAUNCHERS = ["train.sh", "finetune.sh", "linprobe.sh", "knn.sh", "segment.sh", "train_distributed.sh", "tools/launcher_lib.sh"]
 TORCHRUN = ["-m", "torch.distributed.run"]
 
 
@@ -244,6 +244,19 @@ def test_finetune_and_linprobe_on_the_multispectral_sample(clone, stub, launcher
     assert values(args, "--test_path") == [["data/sentinel2_ms/val.csv"]]
     assert values(args, "--output_dir") == [[output]] and values(args, "--input_size") == [["64"]]
     assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
+
+
+def test_segment_on_the_multispectral_sample(clone, stub):
+    (clone / "output" / "pretrain_tiny_ms").mkdir(parents=True)
+    (clone / "output" / "pretrain_tiny_ms" / "checkpoint-last.pth").write_bytes(b"")
+    args = argv(run(clone, stub, "segment.sh", DATA="sentinel2_ms"))
+    assert values(args, "--finetune") == [["output/pretrain_tiny_ms/checkpoint-last.pth"]]
+    assert values(args, "--train_path") == [["data/sentinel2_ms/seg_train.csv"]]
+    assert values(args, "--palette") == [["data/sentinel2_ms/seg_palette.json"]]
+    assert values(args, "--input_size") == [["64"]] and values(args, "--output_dir") == [["output/segment_tiny_ms"]]
+    assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
+    rgb = argv(run(clone, stub, "segment.sh", "--finetune", "output/pretrain_tiny_ms/checkpoint-last.pth"))
+    assert values(rgb, "--input_size") == [["128"]] and "--in_chans" not in rgb
 
 
 def test_knn_on_the_multispectral_sample(clone, stub, weights):

@@ -72,13 +72,14 @@ pass_var() {
 #   sentinel2_ms   data/sentinel2_ms/, the same tiles as 13-band uint16 GeoTIFFs at 20 m: adds --in_chans 13
 #                  --band_stats data/sentinel2_ms/band_stats.json (and in train.sh --rgb_bands 3 2 1), and output
 #                  folders ending in _ms, so RGB and multispectral runs never share one
-# Sets DATA_SUFFIX ("" or _ms), IN_CHANS / BAND_STATS (empty for RGB: not passed) and TRAIN_SH, the command that
+# Sets DATA_SUFFIX ("" or _ms), TILE_SIZE (the sample's tile side in pixels), IN_CHANS / BAND_STATS (empty for RGB:
+# not passed) and TRAIN_SH, the command that
 # makes this sample's pretraining checkpoint (for error messages).
 select_data() {
   setvar DATA sentinel2_rgb
   case $DATA in
-    sentinel2_rgb) DATA_SUFFIX= ; setdata IN_CHANS "" ; setdata BAND_STATS "" ; TRAIN_SH="bash train.sh" ;;
-    sentinel2_ms) DATA_SUFFIX=_ms ; setdata IN_CHANS 13 ; setdata BAND_STATS data/sentinel2_ms/band_stats.json
+    sentinel2_rgb) DATA_SUFFIX= ; TILE_SIZE=128 ; setdata IN_CHANS "" ; setdata BAND_STATS "" ; TRAIN_SH="bash train.sh" ;;
+    sentinel2_ms) DATA_SUFFIX=_ms ; TILE_SIZE=64 ; setdata IN_CHANS 13 ; setdata BAND_STATS data/sentinel2_ms/band_stats.json
                   TRAIN_SH="DATA=$DATA bash train.sh" ;;
     *) die "DATA=$DATA: the embedded samples are sentinel2_rgb and sentinel2_ms (other data: set TRAIN_PATH)" ;;
   esac
@@ -89,6 +90,21 @@ select_data() {
 setdata() {
   setvar "$1" "$2"
   if is_explicit DATA; then mark_explicit "$1"; fi
+}
+
+# pass_training_vars: the variables finetune.sh (linprobe.sh) and segment.sh share, as flags (each unless given).
+pass_training_vars() {
+  if [[ -n $MODEL ]]; then pass_var model MODEL; fi
+  pass_var input_size INPUT_SIZE
+  pass_var epochs EPOCHS
+  pass_var warmup_epochs WARMUP_EPOCHS
+  pass_var batch_size BATCH_SIZE
+  pass_var blr BLR
+  pass_var train_path TRAIN_PATH
+  pass_var test_path TEST_PATH
+  pass_var output_dir OUTPUT_DIR
+  pass_var num_workers NUM_WORKERS
+  pass_bands
 }
 
 # pass_bands: --in_chans / --band_stats of the sample (select_data), where it has them.
