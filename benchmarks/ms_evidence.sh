@@ -10,7 +10,7 @@
 #   bash benchmarks/ms_evidence.sh          # 4 train.sh runs (~2.5 + 2.5 + 1.3 + 1.3 min on 2 free cores) + evaluation
 #   OUT=output/ms_smoke PRETRAIN_ARGS="--epochs 2" bash benchmarks/ms_evidence.sh   # a smoke run (numbers mean nothing)
 #
-# Variables: OUT (a run whose checkpoint-last.pth exists is not repeated), PRETRAIN_ARGS (extra flags of every
+# Variables: OUT (a finished run, one with encoder.pth, is not repeated), PRETRAIN_ARGS (extra flags of every
 # train.sh run; the adapted run's halves are --epochs 30 each unless HALF is set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,8 @@ read -r -a PRE <<< "${PRETRAIN_ARGS:-}"
 pretrain() {  # pretrain NAME FLAGS...: train.sh on the 13-band sample into $OUT/NAME, unless done before
   local name=$1
   shift
-  if [[ -f $OUT/$name/checkpoint-last.pth ]]; then echo "== $name: done before ($OUT/$name)"; return; fi
+  # encoder.pth is written when a run ends (checkpoint-last.pth after every epoch: an interrupted run has one)
+  if [[ -f $OUT/$name/encoder.pth ]]; then echo "== $name: done before ($OUT/$name)"; return; fi
   echo "== $name"
   DATA=sentinel2_ms SAMPLE_EVAL=0 OUTPUT_DIR=$OUT/$name bash train.sh "$@" "${PRE[@]}"
 }

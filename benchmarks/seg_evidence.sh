@@ -26,7 +26,8 @@ read -r -a PRE <<< "${PRETRAIN_ARGS:-}"
 read -r -a SCALE_LIST <<< "$SCALES"
 
 pretrain() {  # pretrain MODEL CHECKPOINT: train.sh with its own budget unless CHECKPOINT exists
-  if [[ -f $2 ]]; then echo "== $1: using $2"; return; fi
+  # a finished train.sh run has written its timm export beside the checkpoint (an interrupted one has not)
+  if [[ -f $2 && -f $(dirname "$2")/encoder.pth ]]; then echo "== $1: using $2"; return; fi
   echo "== $1: pretraining into $(dirname "$2")"
   MODEL=$1 OUTPUT_DIR=$(dirname "$2") SAMPLE_EVAL=0 bash train.sh "${PRE[@]}"
 }
