@@ -38,6 +38,21 @@ def test_tiff_and_npy_round_trip_every_dtype(tmp_path, dtype, bands):
         np.testing.assert_array_equal(result.data, data.astype(np.float32))
 
 
+def test_jpeg2000_round_trips_16_bit_and_8_bit_rgb(tmp_path):
+    """JPEG 2000 (Pillow / OpenJPEG, lossless by default): a 16-bit band keeps its values on the raster path and is
+    refused on the 8-bit RGB path; 8-bit RGB reads band-first."""
+    grey = raster(1, np.uint16)[0]
+    Image.fromarray(grey).save(tmp_path / "b08.jp2")
+    result = read_raster(tmp_path / "b08.jp2")
+    assert result.dtype == "uint16" and result.data.shape == (1, 40, 40)
+    np.testing.assert_array_equal(result.data[0], grey.astype(np.float32))
+    with pytest.raises(NotEightBitError):
+        load_image(str(tmp_path / "b08.jp2"))
+    rgb = raster(3, np.uint8)
+    Image.fromarray(np.moveaxis(rgb, 0, -1)).save(tmp_path / "rgb.jp2")
+    np.testing.assert_array_equal(read_raster(tmp_path / "rgb.jp2").data, rgb.astype(np.float32))
+
+
 def test_interleaved_tiff_and_png_jpeg_read_band_first(tmp_path):
     data = raster(4, np.uint16)
     tifffile.imwrite(tmp_path / "rgbn.tif", np.moveaxis(data, 0, -1), photometric="minisblack", planarconfig="contig")

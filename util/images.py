@@ -10,7 +10,7 @@ from PIL import Image
 from util.defaults import MAX_IMAGE_PIXELS
 from util.errors import DataError, first_line
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".jp2", ".j2k", ".bmp", ".webp")
 _max_pixels = MAX_IMAGE_PIXELS
 # Our own check below refuses what PIL would only warn about (between 1x and 2x its limit)
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -215,7 +215,7 @@ def _file_array(path, limit: int) -> tuple[np.ndarray, float | None]:
 
 
 def read_raster(path, bands: list[int] | None = None, nodata: float | None = None, max_pixels: int | None = None) -> Raster:
-    """Decode a GeoTIFF / TIFF (tifffile), ``.npy`` ([C, H, W] or [H, W]) or PNG / JPEG (Pillow) file of any band
+    """Decode a GeoTIFF / TIFF (tifffile), ``.npy`` ([C, H, W] or [H, W]) or JPEG 2000 / PNG / JPEG (Pillow) file of any band
     count and of dtype uint8 / uint16 / int16 / float32 (others too) into a ``Raster``.
 
     Args:
