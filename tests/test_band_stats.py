@@ -144,3 +144,16 @@ def test_the_committed_multispectral_sample():
         table = [[(row[0], Path(row[1]).stem) for row in csv.reader(open(folder / f"{split}.csv"))] for folder in (ms, rgb)]
         assert table[0] == table[1]
     assert len(json.loads((ms / "band_stats.json").read_text())["mean"]) == 13
+
+
+def test_nan_pixels_give_an_error_not_nan_statistics_and_nodata_nan_excludes_them(tmp_path):
+    data = np.random.default_rng(0).normal(0, 1, (2, 8, 8)).astype(np.float32)
+    data[:, 1, 1] = np.nan
+    tifffile.imwrite(tmp_path / "a.tif", data, photometric="minisblack")
+    with pytest.raises(SystemExit, match=r"a.tif: 1 pixel\(s\) with NaN"):
+        run_entry_point(bs.main, ["--train_path", str(tmp_path), "--out", str(tmp_path / "s.json")])
+    run_entry_point(bs.main, ["--train_path", str(tmp_path), "--out", str(tmp_path / "s.json"), "--nodata", "nan"])
+    stats = json.loads((tmp_path / "s.json").read_text())
+    valid = data.reshape(2, -1)[:, ~np.isnan(data[0]).ravel()]
+    np.testing.assert_allclose(stats["mean"], valid.mean(1), rtol=1e-6)
+    assert stats["pixels"] == 63

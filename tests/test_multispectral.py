@@ -227,3 +227,32 @@ def test_float32_npy_with_nodata_is_filled_not_written_into_the_file(tmp_path):
     tensor = RasterOptions(2, None, -9999, [0.5, 0.5]).load(str(tmp_path / "a.npy"), "a.npy", None)
     assert (tensor[:, :3, :3] == 0.5).all() and torch.equal(tensor[:, 3:, 3:], torch.from_numpy(data[:, 3:, 3:]))
     assert (np.load(tmp_path / "a.npy")[:, :3, :3] == -9999).all()
+
+
+def test_nan_or_inf_pixels_are_refused_naming_the_file_unless_nodata(tmp_path):
+    data = raster(3, np.float32)
+    data[:, 2, 5] = np.nan
+    data[1, 7, 7] = np.inf
+    tifffile.imwrite(tmp_path / "f.tif", data, photometric="minisblack")
+    with pytest.raises(DataError) as info:
+        read_raster(tmp_path / "f.tif")
+    assert "f.tif: 2 pixel(s)" in str(info.value) and "--nodata nan" in str(info.value)
+    with pytest.raises(DataError, match="1 pixel"):  # the infinite one is not no-data
+        read_raster(tmp_path / "f.tif", nodata=float("nan"))
+    data[1, 7, 7] = 0
+    tifffile.imwrite(tmp_path / "f.tif", data, photometric="minisblack")
+    assert read_raster(tmp_path / "f.tif", nodata=float("nan")).mask.sum() == 1
+
+
+@pytest.mark.parametrize("stats", ['{"mean": [NaN, 1], "std": [1, 1]}', '{"mean": [1, 1], "std": [1, Infinity]}',
+                                   '{"mean": [1, -Infinity], "std": [1, 1]}', '{"mean": [1, 1], "std": [1, NaN]}'])
+def test_band_stats_file_of_non_finite_statistics_is_refused(tmp_path, stats):
+    (tmp_path / "s.json").write_text(stats)
+    with pytest.raises(config.UsageError, match="s.json: mean must be finite"):
+        config.read_band_stats(str(tmp_path / "s.json"), None, 2)
+
+
+def test_infinite_mean_flag_is_refused():
+    args = config.argparse.Namespace(mean=[0.0, float("inf")], std=[1.0, 1.0])
+    with pytest.raises(config.UsageError, match="--mean must be finite"):
+        config.check_ranges(args)

@@ -215,7 +215,7 @@ INF = float("inf")
 RANGES = {
     "lr": (0, INF, False), "blr": (0, INF, False), "min_lr": (0, INF, True), "warmup_epochs": (0, INF, True),
     "weight_decay": (0, INF, True), "num_workers": (0, INF, True), "input_size": (1, INF, True),
-    "patch_size": (1, INF, True), "in_chans": (1, INF, True), "std": (0, INF, False), "mean": (-INF, INF, True),
+    "patch_size": (1, INF, True), "in_chans": (1, INF, True), "std": (0, INF, False), "mean": (-INF, INF, False),
     "seed": (0, 2**32 - 1, True), "dist_timeout": (0, INF, False), "start_epoch": (0, INF, True),
     "save_every": (0, INF, True), "plot_every": (0, INF, True), "knn_eval_every": (0, INF, True),
     "log_every": (1, INF, True), "epochs": (1, INF, True), "accum_iter": (1, INF, True), "batch_size": (1, INF, True),
@@ -311,8 +311,9 @@ def read_band_stats(path: str, bands: list[int] | None, count: int) -> tuple[lis
         mean, std = [mean[have.index(b)] for b in bands], [std[have.index(b)] for b in bands]
     if len(mean) != count or len(std) != count:
         raise UsageError(f"--band_stats {path}: {len(mean)} band(s) of statistics but --in_chans is {count}")
-    if not all(s > 0 for s in std):
-        raise UsageError(f"--band_stats {path}: std must be > 0 in every band, got {std}")
+    if not all(s > 0 and s != INF for s in std) or not all(abs(m) != INF and m == m for m in mean):
+        raise UsageError(f"--band_stats {path}: mean must be finite and std finite and > 0 in every band, got mean "
+                         f"{mean}, std {std}")
     return mean, std
 
 

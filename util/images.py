@@ -247,5 +247,12 @@ def read_raster(path, bands: list[int] | None = None, nodata: float | None = Non
     if nodata is not None:
         hit = np.isnan(array).any(0) if nodata != nodata else (array == nodata).any(0)
         mask = hit if hit.any() else None
+    if array.dtype.kind in "fc":  # NaN / inf would become NaN losses or statistics (or, cropped away, pass unseen)
+        bad = ~np.isfinite(array).all(0)
+        if mask is not None:
+            bad &= ~mask
+        if bad.any():
+            raise DataError(f"{path}: {int(bad.sum())} pixel(s) with NaN or infinite values (first at row, column "
+                            f"{', '.join(map(str, np.argwhere(bad)[0]))}); if NaN marks no-data, give --nodata nan")
     # a copy: a float32 .npy would otherwise stay a read-only memory map (no-data filling writes into it)
     return Raster(np.array(array, dtype=np.float32, order="C"), dtype, mask, nodata)
