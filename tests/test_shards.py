@@ -206,3 +206,22 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_one(
             *flags, "--output_dir", str(tmp_path / "straight"), "--resume", "auto", "--epochs", "3"]))
     message = str(exit_info.value)
     assert message.startswith("error: ") and "\n" not in message and "shard manifest sha256" in message
+
+
+@pytest.mark.parametrize("name", ["../x.tar", "/abs/x.tar", "train_8_shards/../../x.tar", ""])
+def test_a_shard_name_outside_the_manifest_folder_is_refused(tmp_path, name):
+    manifest, _ = make_shards(tmp_path, 6, per_shard=2)
+    meta = json.loads(manifest.read_text())
+    meta["shards"][0]["name"] = name
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(datasets.DataError, match="points outside its folder"):
+        datasets.build_dataset(manifest)
+
+
+def test_a_shard_listed_twice_is_refused(tmp_path):
+    manifest, _ = make_shards(tmp_path, 6, per_shard=2)
+    meta = json.loads(manifest.read_text())
+    meta["shards"][1] = dict(meta["shards"][0], name="train_8_shards/./000000.tar")
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(datasets.DataError, match="listed more than once"):
+        datasets.build_dataset(manifest)
