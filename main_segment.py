@@ -297,6 +297,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     if saved.get("in_chans", 3) != args.in_chans:
         raise UsageError(f"{path}: the segmenter reads {saved['in_chans']} band(s): give --in_chans {saved['in_chans']} "
                          "and the --bands / --band_stats (or --mean / --std) it was trained with")
+    checkpoint.check_band_flags(saved, args, path)
     args.freeze_encoder, args.nb_classes, args.class_names = False, len(class_names), class_names
     if state.get("palette"):
         palette_used = seg_data.Palette(tuple(class_names), tuple(tuple(c) for c in state["palette"]))
