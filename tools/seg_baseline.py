@@ -121,6 +121,7 @@ def main(args: argparse.Namespace) -> None:
     transform = seg_data.eval_transform(args.mean, args.std)
     train_set = main_segment.dataset_of(args, args.train_path, transform, len(class_names), palette)
     _, val_set = main_segment.datasets_of(args, len(class_names), palette, train=False)
+    main_segment.evaluation_blocks(val_set, args)  # before fitting
     features, labels = training_pixels(train_set, args.pixels, args.seed)
     fitted = fit(features, labels, args.C, args.max_iter)
     counts = np.bincount(labels, minlength=len(class_names))
