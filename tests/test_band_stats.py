@@ -157,3 +157,45 @@ def test_nan_pixels_give_an_error_not_nan_statistics_and_nodata_nan_excludes_the
     valid = data.reshape(2, -1)[:, ~np.isnan(data[0]).ravel()]
     np.testing.assert_allclose(stats["mean"], valid.mean(1), rtol=1e-6)
     assert stats["pixels"] == 63
+
+
+def corrupt_done(state: Path) -> None:
+    with np.load(state) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    arrays["moments.done"] = np.array(99)  # more files than there are: would skip the rest
+    np.savez(state, **arrays)
+
+
+def corrupt_count(state: Path) -> None:
+    with np.load(state) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    arrays["moments.count"] = np.array(-5)
+    np.savez(state, **arrays)
+
+
+def corrupt_hist(state: Path) -> None:
+    with np.load(state) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    arrays["moments.hist"] = np.zeros((3, 7), np.int64)
+    np.savez(state, **arrays)
+
+
+def flip_a_byte(state: Path) -> None:
+    data = bytearray(state.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # the zip's CRC no longer matches
+    state.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_done, corrupt_count, corrupt_hist, flip_a_byte,
+                                     lambda state: state.write_bytes(state.read_bytes()[:200])])
+def test_a_damaged_state_starts_over_instead_of_resuming_to_wrong_numbers(tmp_path, monkeypatch, capsys, corrupt):
+    paths = write_tiles(tmp_path / "tiles", np.uint16, count=6)
+    expected = bs.band_stats(paths, nodata=NODATA, chunk=2)
+    state = tmp_path / "stats.json.partial.npz"
+    counting_reader(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        bs.band_stats(paths, nodata=NODATA, chunk=2, state_path=state)
+    corrupt(state)
+    reads = counting_reader(monkeypatch)
+    assert bs.band_stats(paths, nodata=NODATA, chunk=2, state_path=state) == expected
+    assert len(reads) == 6 and "starting over" in capsys.readouterr().out
