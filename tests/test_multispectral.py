@@ -256,3 +256,43 @@ def test_infinite_mean_flag_is_refused():
     args = config.argparse.Namespace(mean=[0.0, float("inf")], std=[1.0, 1.0])
     with pytest.raises(config.UsageError, match="--mean must be finite"):
         config.check_ranges(args)
+
+
+def stats_args(stats_path, **flags):
+    values = dict(in_chans=2, bands=None, band_stats=str(stats_path), nodata=None, mean=list(config.FMOW_RGB_MEAN),
+                  std=list(config.FMOW_RGB_STD), rgb_bands=None)
+    values.update(flags)
+    args = config.argparse.Namespace(**values)
+    config.resolve_band_args(args)
+    return args
+
+
+def test_files_of_another_sample_type_than_the_band_stats_are_refused(tmp_path):
+    from util.datasets import raster_options
+
+    np.save(tmp_path / "u16.npy", raster(2, np.uint16))
+    np.save(tmp_path / "f32.npy", raster(2, np.float32))
+    stats = tmp_path / "s.json"
+    stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], "dtype": "uint16", "nodata": None}))
+    options = raster_options(stats_args(stats))
+    assert options.load(str(tmp_path / "u16.npy"), "u16.npy", None).shape == (2, 40, 40)
+    with pytest.raises(DataError, match="f32.npy: float32 samples, but --band_stats .*s.json was computed on uint16 data"):
+        options.load(str(tmp_path / "f32.npy"), "f32.npy", None)
+
+
+def test_a_nodata_value_other_than_the_band_stats_one_is_refused(tmp_path):
+    from util.datasets import raster_options
+
+    np.save(tmp_path / "a.npy", raster(2, np.uint16) + 1)
+    stats = tmp_path / "s.json"
+    stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], "dtype": "uint16", "nodata": 0}))
+    with pytest.raises(config.UsageError, match="computed with --nodata 0, this run has --nodata 5"):
+        stats_args(stats, nodata=5.0)
+    with pytest.raises(DataError, match="a.npy: no-data None in force, but .* computed with --nodata 0: give --nodata 0"):
+        raster_options(stats_args(stats)).load(str(tmp_path / "a.npy"), "a.npy", None)
+    raster_options(stats_args(stats, nodata=0.0)).load(str(tmp_path / "a.npy"), "a.npy", None)
+    stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], "dtype": "uint16", "nodata": None}))
+    with pytest.raises(config.UsageError, match="computed with no --nodata"):
+        stats_args(stats, nodata=0.0)
+    stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], "nodata": float("nan")}))
+    stats_args(stats, nodata=float("nan"))  # NaN equals NaN

@@ -281,7 +281,7 @@ def band_stats(paths, bands: list[int] | None = None, nodata: float | None = Non
     values = percentile_values(total.hist, percentiles, starts, widths, is_exact(total.dtype))
     if state_path is not None:
         Path(state_path).unlink(missing_ok=True)
-    return {"bands": list(bands) if bands else list(range(channels)), "mean": total.mean.tolist(),
+    return {"bands": list(bands) if bands else list(range(channels)), "nodata": nodata, "mean": total.mean.tolist(),
             "std": np.sqrt(total.m2 / total.count).tolist(), "dtype": total.dtype, "pixels": total.count,
             "min": total.low.tolist(), "max": total.high.tolist(),
             "percentiles": {f"{p:g}": values[i].tolist() for i, p in enumerate(percentiles)}, "percentile_method": method}

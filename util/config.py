@@ -278,6 +278,13 @@ def resolve_band_args(args: argparse.Namespace) -> None:
         if not default:
             raise UsageError("--band_stats and --mean / --std both give statistics: give one of them")
         args.mean, args.std = read_band_stats(args.band_stats, args.bands, count)
+        # ...: an older file, which does not say; a run without --nodata is checked per file (datasets.RasterOptions)
+        given = band_stats_source(args.band_stats).get("nodata", ...)
+        nodata = getattr(args, "nodata", None)
+        if given is not ... and nodata is not None and not (given == nodata or given != given and nodata != nodata):
+            raise UsageError(f"--band_stats {args.band_stats} was computed with " + (f"--nodata {given:g}" if given is not None
+                             else "no --nodata (the files' GDAL_NODATA tags, if any)") + f", this run has --nodata {nodata:g}: "
+                             "give the same no-data value (statistics and inputs would count other pixels as data)")
     elif args.raster and default:
         raise UsageError(f"{count}-band / non-8-bit data needs per-band statistics: run {STATS_TOOL} on the training data "
                          "and pass --band_stats FILE.json (or --mean / --std, one per band, in the file's units)")
@@ -287,6 +294,25 @@ def resolve_band_args(args: argparse.Namespace) -> None:
     rgb = getattr(args, "rgb_bands", None)
     if rgb is not None and (len(rgb) not in (1, 3) or not all(0 <= b < count for b in rgb)):
         raise UsageError(f"--rgb_bands needs 1 or 3 indices in 0..{count - 1} (of the bands read), got {' '.join(map(str, rgb))}")
+
+
+def band_stats_source(path: str) -> dict:
+    """What a ``tools/band_stats.py`` file says of the data it was computed on: ``dtype`` (sample type) and ``nodata``
+    (the --nodata given to it, or None), where it records them ({} if unreadable: ``read_band_stats`` reports that)."""
+    import json
+
+    try:
+        stats = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stats, dict):
+        return {}
+    found = {key: stats[key] for key in ("dtype", "nodata") if key in stats}
+    if not isinstance(found.get("dtype", ""), str):
+        found.pop("dtype")
+    if "nodata" in found and not (found["nodata"] is None or isinstance(found["nodata"], (int, float))):
+        found.pop("nodata")
+    return found
 
 
 def read_band_stats(path: str, bands: list[int] | None, count: int) -> tuple[list[float], list[float]]:
