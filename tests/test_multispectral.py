@@ -296,3 +296,13 @@ def test_a_nodata_value_other_than_the_band_stats_one_is_refused(tmp_path):
         stats_args(stats, nodata=0.0)
     stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], "nodata": float("nan")}))
     stats_args(stats, nodata=float("nan"))  # NaN equals NaN
+
+
+@pytest.mark.parametrize("stats", [{"mean": [1, 2], "std": [1, 1], "bands": [0, 1, 2, 3]},
+                                   {"mean": [1, 2], "std": [1], "bands": [0, 1]},
+                                   {"mean": [1, 2], "std": [1, 1], "bands": [0, 0]}])
+def test_band_stats_file_whose_bands_and_statistics_disagree_is_refused(tmp_path, stats):
+    (tmp_path / "s.json").write_text(json.dumps(stats))
+    for bands in ([1, 0], None):
+        with pytest.raises(config.UsageError, match="s.json: bands .* need as many means and stds"):
+            config.read_band_stats(str(tmp_path / "s.json"), bands, 2)

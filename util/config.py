@@ -329,6 +329,9 @@ def read_band_stats(path: str, bands: list[int] | None, count: int) -> tuple[lis
         have = [int(b) for b in stats.get("bands", range(len(mean)))]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--band_stats {path}: not a {STATS_TOOL} file ({type(e).__name__}: {first_line(e)})") from None
+    if not len(have) == len(mean) == len(std) or len(set(have)) != len(have):
+        raise UsageError(f"--band_stats {path}: bands {' '.join(map(str, have))} (each once) need as many means and stds, "
+                         f"found {len(mean)} and {len(std)}")
     if bands:
         missing = [b for b in bands if b not in have]
         if missing:
