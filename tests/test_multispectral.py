@@ -306,3 +306,16 @@ def test_band_stats_file_whose_bands_and_statistics_disagree_is_refused(tmp_path
     for bands in ([1, 0], None):
         with pytest.raises(config.UsageError, match="s.json: bands .* need as many means and stds"):
             config.read_band_stats(str(tmp_path / "s.json"), bands, 2)
+
+
+def test_complex_or_text_samples_and_float64_beyond_float32_are_refused(tmp_path):
+    from util.images import BadImageError
+
+    np.save(tmp_path / "c.npy", np.ones((2, 8, 8), np.complex64))
+    np.save(tmp_path / "s.npy", np.full((2, 8, 8), "ab"))
+    np.save(tmp_path / "big.npy", np.full((2, 8, 8), 1e300))
+    for name in ("c.npy", "s.npy"):
+        with pytest.raises(BadImageError, match=f"{name}: cannot read image \\(samples of type .*: not real numbers"):
+            read_raster(tmp_path / name)
+    with pytest.raises(DataError, match="big.npy: 64 pixel.*beyond float32's range"):
+        read_raster(tmp_path / "big.npy")

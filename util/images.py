@@ -235,6 +235,8 @@ def read_raster(path, bands: list[int] | None = None, nodata: float | None = Non
         raise BadImageError(path, "out of memory while decoding") from None
     except Exception as e:  # tifffile / numpy / PIL decoder failures
         raise BadImageError(path, f"{type(e).__name__}: {first_line(e)}" if not isinstance(e, OSError) else first_line(e)) from None
+    if array.dtype.kind not in "buif":
+        raise BadImageError(path, f"samples of type {array.dtype}: not real numbers (integers or floats)")
     if bands is not None:
         bad = [b for b in bands if not 0 <= b < array.shape[0]]
         if bad:
@@ -247,12 +249,14 @@ def read_raster(path, bands: list[int] | None = None, nodata: float | None = Non
     if nodata is not None:
         hit = np.isnan(array).any(0) if nodata != nodata else (array == nodata).any(0)
         mask = hit if hit.any() else None
-    if array.dtype.kind in "fc":  # NaN / inf would become NaN losses or statistics (or, cropped away, pass unseen)
-        bad = ~np.isfinite(array).all(0)
+    # a copy: a float32 .npy would otherwise stay a read-only memory map (no-data filling writes into it)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused below
+        data = np.array(array, dtype=np.float32, order="C")
+    if array.dtype.kind == "f":  # NaN / inf (or float64 beyond float32) would become NaN losses or statistics
+        bad = ~np.isfinite(data).all(0)
         if mask is not None:
             bad &= ~mask
         if bad.any():
-            raise DataError(f"{path}: {int(bad.sum())} pixel(s) with NaN or infinite values (first at row, column "
+            raise DataError(f"{path}: {int(bad.sum())} pixel(s) with NaN or infinite values (or beyond float32's range; first at row, column "
                             f"{', '.join(map(str, np.argwhere(bad)[0]))}); if NaN marks no-data, give --nodata nan")
-    # a copy: a float32 .npy would otherwise stay a read-only memory map (no-data filling writes into it)
-    return Raster(np.array(array, dtype=np.float32, order="C"), dtype, mask, nodata)
+    return Raster(data, dtype, mask, nodata)
