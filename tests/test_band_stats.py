@@ -199,3 +199,27 @@ def test_a_damaged_state_starts_over_instead_of_resuming_to_wrong_numbers(tmp_pa
     reads = counting_reader(monkeypatch)
     assert bs.band_stats(paths, nodata=NODATA, chunk=2, state_path=state) == expected
     assert len(reads) == 6 and "starting over" in capsys.readouterr().out
+
+
+def test_an_unreadable_file_read_by_a_worker_process_is_a_one_line_error_not_a_hang(tmp_path):
+    import subprocess
+    import sys
+
+    paths = write_tiles(tmp_path / "tiles", np.uint16, count=4)
+    paths[2].write_bytes(b"II*\x00garbage")  # a TIFF header and nothing else
+    # the worker's error could not be unpickled in the parent, whose pool then waited forever
+    done = subprocess.run([sys.executable, "tools/band_stats.py", "--train_path", str(tmp_path / "tiles"), "--out",
+                           str(tmp_path / "s.json"), "--workers", "2", "--chunk", "1"],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and "t2.tif: cannot read image" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_image_errors_survive_pickling():
+    import pickle
+
+    from util.images import BadImageError, NotEightBitError
+
+    for error in (BadImageError("a.tif", "truncated"), NotEightBitError("b.png", "PIL mode I;16")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error) and (copy.path, copy.reason) == (error.path, error.reason)

@@ -1,6 +1,7 @@
 """Decoding image files: to 8-bit RGB (PIL, ``load_image``), or any band count and dtype to float32 (``read_raster``)."""
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,9 @@ class BadImageError(DataError):
     def __init__(self, path, reason: str) -> None:
         super().__init__(f"{path}: cannot read image ({reason})")
         self.path, self.reason = str(path), reason
+
+    def __reduce__(self):  # picklable (a worker process's error reaches the parent): the default would call __init__(message)
+        return type(self), (self.path, self.reason)
 
 
 def set_max_image_pixels(limit: float | None) -> None:
@@ -76,6 +80,7 @@ def _tiff_stretched(path, limit: int) -> Image.Image | None:
     try:
         import tifffile
 
+        logging.getLogger("tifffile").setLevel(logging.ERROR)  # PIL then reports the failure, in one line
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             dtype, axes, shape = series.dtype, series.axes, series.shape
@@ -160,6 +165,8 @@ class Raster:
 
 def _tiff_array(path, limit: int) -> tuple[np.ndarray, float | None]:
     import tifffile  # only for rasters: the 8-bit RGB path does not need it
+
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its warnings on a damaged file: the error we raise says it
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
