@@ -112,6 +112,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
+    config.check_ranges(args)  # the one table of every entry point: --std > 0, finite --mean, --input_size >= 1, ...
     config.resolve_band_args(args)
     main_segment.check_evaluation_args(args)
     if args.pixels < 1 or not args.C > 0:
