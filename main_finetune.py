@@ -243,6 +243,7 @@ def evaluate_checkpoint(args: argparse.Namespace, setup_fn: SetupFn) -> None:
     if non_finite:
         raise CheckpointError(f"{path}: non-finite values (NaN/inf) in {layouts.summarise(non_finite, 3)}; refusing to evaluate it")
     saved = state.get("args") or {}
+    checkpoint.check_band_flags(saved, args, path)
     num_classes = head.shape[0]
     if args.nb_classes is not None and args.nb_classes != num_classes:
         raise UsageError(f"--nb_classes {args.nb_classes}: {path} holds a head of {num_classes} classes")

@@ -162,6 +162,27 @@ def datasets_of(args: argparse.Namespace, num_classes: int, palette, train: bool
     return dataset_of(args, args.train_path, transform, num_classes, palette), val_set
 
 
+def evaluation_blocks(val_set, args: argparse.Namespace) -> tuple[list[str], np.ndarray]:
+    """The evaluation images' file names and location blocks (``--block_pattern``, ``--block_size``).
+
+    Raises:
+        UsageError: a pattern whose row / col groups match no integer.
+    """
+    names = [Path(image).name for image, _ in val_set.pairs]
+    return names, blocks.block_ids(names, args.block_pattern, args.block_size)
+
+
+def bootstrap_resamples(args: argparse.Namespace, image_block: np.ndarray) -> int:
+    """``--bootstrap``, or 0 (no interval, with a note) where the images form fewer than 2 location blocks: every
+    resample would be the whole set, an interval of width 0 that would claim a certainty the data cannot give."""
+    if args.bootstrap and len(np.unique(image_block)) < 2:
+        distributed.main_print(f"note: --block_pattern {args.block_pattern!r} (--block_size {args.block_size}) puts the "
+                               f"{len(image_block)} evaluation image(s) of {args.test_path} into 1 location block: no "
+                               "bootstrap interval (it needs at least 2 blocks)")
+        return 0
+    return args.bootstrap
+
+
 def single_image_loader(dataset, args: argparse.Namespace, run: runtime.Run):
     """Evaluation loader of one image per batch (images may differ in size), sharded over ranks."""
     one = copy.copy(args)
@@ -179,6 +200,7 @@ def main(args: argparse.Namespace) -> None:
     checkpoint.check_output_dir(args)
     run = runtime.setup_run(args)
     train_set, val_set = datasets_of(args, num_classes, palette)
+    evaluation_blocks(val_set, args)  # before training: a pattern that cannot work is found now, not after it
 
     model, _ = build_segmenter(args, num_classes)
     if distributed.is_distributed() and run.device.type == "cuda":
@@ -247,18 +269,18 @@ def final_evaluation(model: nn.Module, val_set, args: argparse.Namespace, run: r
     confusions, examples = engine_segment.evaluate(
         model, single_image_loader(val_set, args, run), run, len(class_names), args.input_size, sorted(args.scales),
         args.overlap, args.ignore_index, keep=args.examples if run.is_main else 0, ignore_boundary=args.eval_ignore_boundary)
-    names = [Path(image).name for image, _ in val_set.pairs]
-    image_block = blocks.block_ids(names, args.block_pattern, args.block_size)
-    rows = engine_segment.results_table(confusions, class_names, args.exclude_classes, image_block, args.bootstrap)
+    names, image_block = evaluation_blocks(val_set, args)
+    resamples = bootstrap_resamples(args, image_block)
+    rows = engine_segment.results_table(confusions, class_names, args.exclude_classes, image_block, resamples)
     engine_segment.report(rows, len(val_set), what)
     if run.is_main:
         excluded = ", ".join(class_names[k] for k in args.exclude_classes)
         note = ("IoU in %; means over the classes present in ground truth or predictions"
                 + (f", without {excluded}" if excluded else "") + "; n/a: class absent from both"
                 + (f"; pixels within {args.eval_ignore_boundary} px of another class not counted" if args.eval_ignore_boundary else "")
-                + (f". mIoU_low / mIoU_high: 95 % percentile interval of {args.bootstrap} bootstrap resamples of the "
+                + (f". mIoU_low / mIoU_high: 95 % percentile interval of {resamples} bootstrap resamples of the "
                    f"{len(np.unique(image_block))} location blocks of the {len(names)} images (--block_pattern '"
-                   f"{args.block_pattern}', --block_size {args.block_size}; seed 0)" if args.bootstrap else "") + ".")
+                   f"{args.block_pattern}', --block_size {args.block_size}; seed 0)" if resamples else "") + ".")
         engine_segment.write_tables(rows, directory, note)
         (directory / "seg_confusion.json").write_text(json.dumps(
             {f"{s:g}": c.sum(0).tolist() for s, c in confusions.items()}
@@ -297,6 +319,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     if saved.get("in_chans", 3) != args.in_chans:
         raise UsageError(f"{path}: the segmenter reads {saved['in_chans']} band(s): give --in_chans {saved['in_chans']} "
                          "and the --bands / --band_stats (or --mean / --std) it was trained with")
+    checkpoint.check_band_flags(saved, args, path)
     args.freeze_encoder, args.nb_classes, args.class_names = False, len(class_names), class_names
     if state.get("palette"):
         palette_used = seg_data.Palette(tuple(class_names), tuple(tuple(c) for c in state["palette"]))
@@ -308,6 +331,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     if decode is not None and len(decode.colors) != len(class_names):
         decode = palette_used
     _, val_set = datasets_of(args, len(class_names), decode, train=False)
+    evaluation_blocks(val_set, args)
     model, _ = build_segmenter(args, len(class_names), layouts.read_encoder(path), load=False)
     try:
         model.load_state_dict(weights)

@@ -151,6 +151,7 @@ def init_mae(model: models_mae.CrossScaleMAE, path: str | os.PathLike, bands: la
     state_dict, layout = layouts.to_ours(checkpoint_io.model_state(checkpoint), str(path))
     if "decoder_pred.weight" not in state_dict or "encoder.patch_embed.proj.weight" not in state_dict:
         raise CheckpointError(f"{path}: not a pretraining checkpoint (no encoder-decoder in it); --init needs one")
+    layouts.check_finite(state_dict, path)
     shape = layouts.encoder_shape({k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}, str(path))
     size = model.encoder.patch_embed.img_size[0]
     if (shape.input_size, shape.patch_size) != (size, model.patch_size):

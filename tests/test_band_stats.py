@@ -144,3 +144,82 @@ def test_the_committed_multispectral_sample():
         table = [[(row[0], Path(row[1]).stem) for row in csv.reader(open(folder / f"{split}.csv"))] for folder in (ms, rgb)]
         assert table[0] == table[1]
     assert len(json.loads((ms / "band_stats.json").read_text())["mean"]) == 13
+
+
+def test_nan_pixels_give_an_error_not_nan_statistics_and_nodata_nan_excludes_them(tmp_path):
+    data = np.random.default_rng(0).normal(0, 1, (2, 8, 8)).astype(np.float32)
+    data[:, 1, 1] = np.nan
+    tifffile.imwrite(tmp_path / "a.tif", data, photometric="minisblack")
+    with pytest.raises(SystemExit, match=r"a.tif: 1 pixel\(s\) with NaN"):
+        run_entry_point(bs.main, ["--train_path", str(tmp_path), "--out", str(tmp_path / "s.json")])
+    run_entry_point(bs.main, ["--train_path", str(tmp_path), "--out", str(tmp_path / "s.json"), "--nodata", "nan"])
+    stats = json.loads((tmp_path / "s.json").read_text())
+    valid = data.reshape(2, -1)[:, ~np.isnan(data[0]).ravel()]
+    np.testing.assert_allclose(stats["mean"], valid.mean(1), rtol=1e-6)
+    assert stats["pixels"] == 63
+
+
+def corrupt_done(state: Path) -> None:
+    with np.load(state) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    arrays["moments.done"] = np.array(99)  # more files than there are: would skip the rest
+    np.savez(state, **arrays)
+
+
+def corrupt_count(state: Path) -> None:
+    with np.load(state) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    arrays["moments.count"] = np.array(-5)
+    np.savez(state, **arrays)
+
+
+def corrupt_hist(state: Path) -> None:
+    with np.load(state) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    arrays["moments.hist"] = np.zeros((3, 7), np.int64)
+    np.savez(state, **arrays)
+
+
+def flip_a_byte(state: Path) -> None:
+    data = bytearray(state.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # the zip's CRC no longer matches
+    state.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_done, corrupt_count, corrupt_hist, flip_a_byte,
+                                     lambda state: state.write_bytes(state.read_bytes()[:200])])
+def test_a_damaged_state_starts_over_instead_of_resuming_to_wrong_numbers(tmp_path, monkeypatch, capsys, corrupt):
+    paths = write_tiles(tmp_path / "tiles", np.uint16, count=6)
+    expected = bs.band_stats(paths, nodata=NODATA, chunk=2)
+    state = tmp_path / "stats.json.partial.npz"
+    counting_reader(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        bs.band_stats(paths, nodata=NODATA, chunk=2, state_path=state)
+    corrupt(state)
+    reads = counting_reader(monkeypatch)
+    assert bs.band_stats(paths, nodata=NODATA, chunk=2, state_path=state) == expected
+    assert len(reads) == 6 and "starting over" in capsys.readouterr().out
+
+
+def test_an_unreadable_file_read_by_a_worker_process_is_a_one_line_error_not_a_hang(tmp_path):
+    import subprocess
+    import sys
+
+    paths = write_tiles(tmp_path / "tiles", np.uint16, count=4)
+    paths[2].write_bytes(b"II*\x00garbage")  # a TIFF header and nothing else
+    # the worker's error could not be unpickled in the parent, whose pool then waited forever
+    done = subprocess.run([sys.executable, "tools/band_stats.py", "--train_path", str(tmp_path / "tiles"), "--out",
+                           str(tmp_path / "s.json"), "--workers", "2", "--chunk", "1"],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and "t2.tif: cannot read image" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_image_errors_survive_pickling():
+    import pickle
+
+    from util.images import BadImageError, NotEightBitError
+
+    for error in (BadImageError("a.tif", "truncated"), NotEightBitError("b.png", "PIL mode I;16")):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error) and (copy.path, copy.reason) == (error.path, error.reason)

@@ -35,3 +35,9 @@ def test_resamples_draw_whole_blocks_with_replacement_and_are_seeded():
         assert counts[[0, 3, 4]].sum() == 3  # three blocks drawn
     assert all((a == b).all() for a, b in zip(draws, blocks.resample_blocks(image_block, 50, seed=3)))
     assert [np.bincount(c, minlength=6).tolist() for c in draws] == [c.tolist() for c in blocks.block_counts(image_block, 50, seed=3)]
+
+
+@pytest.mark.parametrize("pattern", [r"(?P<row>\w+)_(?P<col>\w+)", r"(?P<row>\d+)?x?(?P<col>\d+)?"])
+def test_row_col_groups_matching_no_integer_are_a_one_line_usage_error(pattern):
+    with pytest.raises(UsageError, match=r"in 'r00_c01' the groups row and col match"):
+        blocks.block_ids(["a/r00_c01.png"], pattern)

@@ -100,3 +100,19 @@ def test_checkpoint_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
         os.umask(old)
     for name in ("checkpoint-last.pth", "encoder.pth", "encoder.safetensors", "encoder.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_band_flags_compare_nan_nodata_and_default_bands_as_equal():
+    import argparse
+
+    from util.errors import UsageError
+
+    saved = {"in_chans": 4, "bands": None, "mean": [1.0] * 4, "std": [2.0] * 4, "nodata": float("nan")}
+    same = argparse.Namespace(in_chans=4, bands=[0, 1, 2, 3], mean=[1.0] * 4, std=[2.0] * 4, nodata=float("nan"), lr=None)
+    ckpt.check_band_flags(saved, same, "c.pth")
+    assert not ckpt.changed_flags(saved, same, 1)
+    for flag, value in (("bands", [3, 2, 1, 0]), ("mean", [0.0] * 4), ("nodata", 0.0), ("nodata", None)):
+        other = argparse.Namespace(**{**vars(same), flag: value})
+        with pytest.raises(UsageError, match=f"c.pth: was trained with other band flags: --{flag} "):
+            ckpt.check_band_flags(saved, other, "c.pth")
+        assert ckpt.changed_flags(saved, other, 1)[0].startswith(f"--{flag} ")

@@ -215,3 +215,15 @@ def test_image_folder_class_names_travel_from_training_to_eval(pretrained, tmp_p
     metrics = json.loads((out / "eval" / "eval_metrics.json").read_text())
     assert metrics["class_names"] == ["beach", "forest"] and metrics["images"] == 2
     assert "no images of class(es) beach" in capsys.readouterr().out
+
+
+def test_eval_or_resume_with_other_normalisation_than_the_checkpoint_is_refused(split, pretrained, tmp_path):
+    out = tmp_path / "ft"
+    flags = [*COMMON, *data_flags(split), "--finetune", str(pretrained), "--output_dir", str(out), *NO_MIXING]
+    run(main_finetune, [*flags, "--epochs", "1"])
+    other = ["--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0.2", "0.2"]
+    text = fails(main_finetune, [*COMMON, "--test_path", str(split[1]), "--output_dir", str(out), "--eval", "--resume",
+                                 "auto", *other], "was trained with other band flags: --mean 0.5 0.5 0.5 (checkpoint: ")
+    assert "--std 0.2 0.2 0.2" in text
+    fails(main_finetune, [*flags, "--epochs", "1", "--resume", "auto", *other], "--mean [0.5, 0.5, 0.5] (checkpoint: ")
+    run(main_finetune, [*COMMON, "--test_path", str(split[1]), "--output_dir", str(out), "--eval", "--resume", "auto"])

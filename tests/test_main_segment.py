@@ -172,3 +172,21 @@ def test_four_band_uint16_rasters_train_one_epoch_with_band_statistics(tmp_path)
     with pytest.raises(config.UsageError, match="per-band statistics"):  # uint16 without statistics: refused, not scaled as 8-bit
         run([*COMMON, "--train_path", str(tmp_path / "train"), "--test_path", str(tmp_path / "val"), "--finetune", "",
              "--model", "vit_tiny_patch16", "--in_chans", "4", "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(config.UsageError, match="was trained with other band flags: --bands 3 2 1 0 \\(checkpoint: None\\)"):
+        run([*COMMON, "--test_path", str(tmp_path / "val"), "--eval", "--resume", str(out / "checkpoint-last.pth"),
+             "--in_chans", "4", "--bands", "3", "2", "1", "0", "--band_stats", str(stats), "--output_dir", str(tmp_path / "e")])
+
+
+def test_block_pattern_problems_are_found_before_training(split, pretrained, tmp_path):
+    out = tmp_path / "x"
+    with pytest.raises(config.UsageError, match="not integers"):
+        run([*flags(split, pretrained, out), "--block_pattern", r"(?P<row>\d)(?P<col>\D*)"])
+    assert not (out / "log.txt").exists()
+
+
+def test_one_location_block_gives_no_zero_width_interval(split, pretrained, tmp_path, capsys):
+    out = tmp_path / "x"
+    run([*flags(split, pretrained, out), "--block_pattern", "z*", "--epochs", "1", "--bootstrap", "50"])
+    assert "into 1 location block: no bootstrap interval" in capsys.readouterr().out
+    with open(out / "seg_results.csv") as f:
+        assert "mIoU_low" not in next(csv.DictReader(f))

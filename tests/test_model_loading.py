@@ -177,3 +177,17 @@ def test_evaluation_loaders_pass_the_band_flags_to_the_encoder_load(tmp_path, ca
     for model in (classifier, encoder):
         torch.testing.assert_close(model.patch_embed.proj.weight.detach(), expected, rtol=0, atol=0)
     assert capsys.readouterr().out.count("adapted patch_embed.proj: filters of bands 3 2 1 of 13 -> RGB, other 10 bands dropped") == 2
+
+
+def test_non_finite_weights_are_refused_by_init_and_by_every_encoder_load(tmp_path):
+    from util.layouts import read_encoder
+
+    _, path = saved_mae(tmp_path)
+    state = ckpt.read_checkpoint(path)
+    state["model"]["encoder.blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+    ckpt.save_checkpoint(state, path)
+    with pytest.raises(CheckpointError, match=r"ours.pth: non-finite values \(NaN/inf\) in encoder.blocks.0.attn.qkv.weight"):
+        init_mae(create_model("cross_scale_mae_vit_tiny", input_size=SIZE, patch_size=8), path, BandAdaptation(),
+                 "mae_vit_tiny")
+    with pytest.raises(CheckpointError, match=r"ours.pth: non-finite values \(NaN/inf\) in blocks.0.attn.qkv.weight"):
+        read_encoder(path)

@@ -242,3 +242,95 @@ def test_float32_npy_with_nodata_is_filled_not_written_into_the_file(tmp_path):
     tensor = RasterOptions(2, None, -9999, [0.5, 0.5]).load(str(tmp_path / "a.npy"), "a.npy", None)
     assert (tensor[:, :3, :3] == 0.5).all() and torch.equal(tensor[:, 3:, 3:], torch.from_numpy(data[:, 3:, 3:]))
     assert (np.load(tmp_path / "a.npy")[:, :3, :3] == -9999).all()
+
+
+def test_nan_or_inf_pixels_are_refused_naming_the_file_unless_nodata(tmp_path):
+    data = raster(3, np.float32)
+    data[:, 2, 5] = np.nan
+    data[1, 7, 7] = np.inf
+    tifffile.imwrite(tmp_path / "f.tif", data, photometric="minisblack")
+    with pytest.raises(DataError) as info:
+        read_raster(tmp_path / "f.tif")
+    assert "f.tif: 2 pixel(s)" in str(info.value) and "--nodata nan" in str(info.value)
+    with pytest.raises(DataError, match="1 pixel"):  # the infinite one is not no-data
+        read_raster(tmp_path / "f.tif", nodata=float("nan"))
+    data[1, 7, 7] = 0
+    tifffile.imwrite(tmp_path / "f.tif", data, photometric="minisblack")
+    assert read_raster(tmp_path / "f.tif", nodata=float("nan")).mask.sum() == 1
+
+
+@pytest.mark.parametrize("stats", ['{"mean": [NaN, 1], "std": [1, 1]}', '{"mean": [1, 1], "std": [1, Infinity]}',
+                                   '{"mean": [1, -Infinity], "std": [1, 1]}', '{"mean": [1, 1], "std": [1, NaN]}'])
+def test_band_stats_file_of_non_finite_statistics_is_refused(tmp_path, stats):
+    (tmp_path / "s.json").write_text(stats)
+    with pytest.raises(config.UsageError, match="s.json: mean must be finite"):
+        config.read_band_stats(str(tmp_path / "s.json"), None, 2)
+
+
+def test_infinite_mean_flag_is_refused():
+    args = config.argparse.Namespace(mean=[0.0, float("inf")], std=[1.0, 1.0])
+    with pytest.raises(config.UsageError, match="--mean must be finite"):
+        config.check_ranges(args)
+
+
+def stats_args(stats_path, **flags):
+    values = dict(in_chans=2, bands=None, band_stats=str(stats_path), nodata=None, mean=list(config.FMOW_RGB_MEAN),
+                  std=list(config.FMOW_RGB_STD), rgb_bands=None)
+    values.update(flags)
+    args = config.argparse.Namespace(**values)
+    config.resolve_band_args(args)
+    return args
+
+
+def test_files_of_another_sample_type_than_the_band_stats_are_refused(tmp_path):
+    from util.datasets import raster_options
+
+    np.save(tmp_path / "u16.npy", raster(2, np.uint16))
+    np.save(tmp_path / "f32.npy", raster(2, np.float32))
+    stats = tmp_path / "s.json"
+    stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], "dtype": "uint16", "nodata": None}))
+    options = raster_options(stats_args(stats))
+    assert options.load(str(tmp_path / "u16.npy"), "u16.npy", None).shape == (2, 40, 40)
+    with pytest.raises(DataError, match="f32.npy: float32 samples, but --band_stats .*s.json was computed on uint16 data"):
+        options.load(str(tmp_path / "f32.npy"), "f32.npy", None)
+
+
+def test_a_nodata_value_other_than_the_band_stats_one_is_refused(tmp_path):
+    from util.datasets import raster_options
+
+    np.save(tmp_path / "a.npy", raster(2, np.uint16) + 1)
+    stats = tmp_path / "s.json"
+    stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], "dtype": "uint16", "nodata": 0}))
+    with pytest.raises(config.UsageError, match="computed with --nodata 0, this run has --nodata 5"):
+        stats_args(stats, nodata=5.0)
+    with pytest.raises(DataError, match="a.npy: no-data None in force, but .* computed with --nodata 0: give --nodata 0"):
+        raster_options(stats_args(stats)).load(str(tmp_path / "a.npy"), "a.npy", None)
+    raster_options(stats_args(stats, nodata=0.0)).load(str(tmp_path / "a.npy"), "a.npy", None)
+    stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], "dtype": "uint16", "nodata": None}))
+    with pytest.raises(config.UsageError, match="computed with no --nodata"):
+        stats_args(stats, nodata=0.0)
+    stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], "nodata": float("nan")}))
+    stats_args(stats, nodata=float("nan"))  # NaN equals NaN
+
+
+@pytest.mark.parametrize("stats", [{"mean": [1, 2], "std": [1, 1], "bands": [0, 1, 2, 3]},
+                                   {"mean": [1, 2], "std": [1], "bands": [0, 1]},
+                                   {"mean": [1, 2], "std": [1, 1], "bands": [0, 0]}])
+def test_band_stats_file_whose_bands_and_statistics_disagree_is_refused(tmp_path, stats):
+    (tmp_path / "s.json").write_text(json.dumps(stats))
+    for bands in ([1, 0], None):
+        with pytest.raises(config.UsageError, match="s.json: bands .* need as many means and stds"):
+            config.read_band_stats(str(tmp_path / "s.json"), bands, 2)
+
+
+def test_complex_or_text_samples_and_float64_beyond_float32_are_refused(tmp_path):
+    from util.images import BadImageError
+
+    np.save(tmp_path / "c.npy", np.ones((2, 8, 8), np.complex64))
+    np.save(tmp_path / "s.npy", np.full((2, 8, 8), "ab"))
+    np.save(tmp_path / "big.npy", np.full((2, 8, 8), 1e300))
+    for name in ("c.npy", "s.npy"):
+        with pytest.raises(BadImageError, match=f"{name}: cannot read image \\(samples of type .*: not real numbers"):
+            read_raster(tmp_path / name)
+    with pytest.raises(DataError, match="big.npy: 64 pixel.*beyond float32's range"):
+        read_raster(tmp_path / "big.npy")

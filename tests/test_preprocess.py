@@ -180,3 +180,19 @@ def test_packed_uint16_with_nodata_pretrains_with_the_validity_band(tmp_path):
             "--train_path", str(out / "train_40.json"), "--output_dir", str(tmp_path / "run")]
     main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), argv))
     assert (tmp_path / "run" / "checkpoint-last.pth").exists()
+
+
+def test_nan_nodata_does_not_spread_into_valid_pixels_when_resized(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from preprocess import resize_raster
+
+    from util.images import read_raster
+
+    data = np.random.default_rng(0).normal(0.1, 0.05, (2, 40, 40)).astype(np.float32)
+    data[:, 10:14, 10:14] = np.nan
+    np.save(tmp_path / "nan.npy", data)
+    np.save(tmp_path / "fill.npy", np.where(np.isnan(data), -9999, data).astype(np.float32))
+    with_nan, _ = resize_raster(read_raster(tmp_path / "nan.npy", nodata=float("nan")), 16)
+    with_fill, _ = resize_raster(read_raster(tmp_path / "fill.npy", nodata=-9999), 16)
+    np.testing.assert_array_equal(np.where(np.isnan(with_nan), -9999, with_nan), with_fill)
+    assert 0 < np.isnan(with_nan).sum() <= 8

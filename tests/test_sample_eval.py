@@ -114,3 +114,18 @@ def test_band_mismatches_are_one_line_errors(tmp_path):
         with pytest.raises(SystemExit) as info:
             run_entry_point(sample_eval.main, sample_eval.get_args_parser().parse_args(argv + ["--output_dir", str(tmp_path)]))
         assert str(info.value).startswith("error: ") and expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_sample_band_statistics_no_data_value_is_applied(tmp_path):
+    import tifffile
+
+    stats = {"bands": [0, 1], "mean": [100.0, 200.0], "std": [10.0, 20.0], "dtype": "uint16", "nodata": 0}
+    (tmp_path / "band_stats.json").write_text(json.dumps(stats))
+    tile = np.array([130, 180], np.uint16)[:, None, None] * np.ones((2, 40, 40), np.uint16)
+    tile[:, :20] = 0  # no-data: filled with the band mean, 0 after normalisation
+    tifffile.imwrite(tmp_path / "r00_c00.tif", tile, photometric="minisblack", planarconfig="separate")
+    (tmp_path / "train.csv").write_text("label,image_path\n0,r00_c00.tif\n")
+    args = sample_eval.get_args_parser().parse_args(["x.pth", "--sample", str(tmp_path)])
+    image = build_dataset(tmp_path / "train.csv", "auto", **sample_eval.sample_reading(args, 40, 2))[0][0]
+    np.testing.assert_allclose(image[:, :15].abs().max().item(), 0.0, atol=1e-6)
+    np.testing.assert_allclose(image[:, 25:].mean((1, 2)).numpy(), [3.0, -1.0], rtol=1e-6)

@@ -69,3 +69,13 @@ def test_main_fits_the_colours_and_writes_the_interval(tmp_path):
     assert float(rows[1]["mIoU_low"]) <= float(rows[1]["mIoU"]) <= float(rows[1]["mIoU_high"])
     assert "4 location blocks of the 5 images" in (out / "seg_results.md").read_text()
     assert json.loads((out / "seg_baseline.json").read_text())["pixels"] == 3000
+
+
+@pytest.mark.parametrize("flags, message", [(["--std", "0", "1", "1"], "--std must be > 0"),
+                                            (["--mean", "nan", "0", "0"], "--mean must be finite"),
+                                            (["--input_size", "0"], "--input_size must be at least 1"),
+                                            (["--seed", "-1"], "--seed must be in")])
+def test_out_of_range_flags_are_usage_errors_before_any_reading(tmp_path, flags, message):
+    argv = ["--train_path", str(tmp_path / "none"), "--test_path", str(tmp_path / "none"), *flags]
+    with pytest.raises(config.UsageError, match=message):
+        seg_baseline.main(config.parse_args(seg_baseline.get_args_parser(), argv))

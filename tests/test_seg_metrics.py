@@ -139,3 +139,12 @@ def test_block_bootstrap_interval_is_seeded_and_collapses_without_variation():
     first = seg_metrics.block_bootstrap_miou(varied, blocks, resamples=100)
     assert first == seg_metrics.block_bootstrap_miou(varied, blocks, resamples=100) and first[0] < first[1]
     assert first != seg_metrics.block_bootstrap_miou(varied, blocks, resamples=100, seed=1)
+
+
+def test_a_boundary_radius_beyond_the_image_diagonal_erodes_as_the_diagonal_without_a_huge_kernel():
+    mask = torch.zeros(2, 20, 30, dtype=torch.long)
+    mask[:, :, 17:] = 1
+    mask[1, 0, 0] = 255
+    eroded = seg_metrics.ignore_boundaries(mask, 36, 2)
+    assert torch.equal(seg_metrics.ignore_boundaries(mask, 10**6, 2), eroded)  # 10**6: a (2e6 + 1)^2 kernel before
+    assert (eroded == 255).all()

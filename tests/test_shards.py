@@ -206,3 +206,39 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_one(
             *flags, "--output_dir", str(tmp_path / "straight"), "--resume", "auto", "--epochs", "3"]))
     message = str(exit_info.value)
     assert message.startswith("error: ") and "\n" not in message and "shard manifest sha256" in message
+
+
+@pytest.mark.parametrize("name", ["../x.tar", "/abs/x.tar", "train_8_shards/../../x.tar", ""])
+def test_a_shard_name_outside_the_manifest_folder_is_refused(tmp_path, name):
+    manifest, _ = make_shards(tmp_path, 6, per_shard=2)
+    meta = json.loads(manifest.read_text())
+    meta["shards"][0]["name"] = name
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(datasets.DataError, match="points outside its folder"):
+        datasets.build_dataset(manifest)
+
+
+def test_a_shard_listed_twice_is_refused(tmp_path):
+    manifest, _ = make_shards(tmp_path, 6, per_shard=2)
+    meta = json.loads(manifest.read_text())
+    meta["shards"][1] = dict(meta["shards"][0], name="train_8_shards/./000000.tar")
+    manifest.write_text(json.dumps(meta))
+    with pytest.raises(datasets.DataError, match="listed more than once"):
+        datasets.build_dataset(manifest)
+
+
+def test_shards_of_another_nodata_or_sample_type_than_the_band_stats_are_refused(tmp_path):
+    manifest, _ = make_shards(tmp_path, 4, per_shard=2, bands=2, dtype=np.uint16)
+    stats = tmp_path / "s.json"
+    for recorded, message in (({"dtype": "uint16", "nodata": 0}, "no-data None, but --band_stats"),
+                              ({"dtype": "float32", "nodata": None}, "uint16 samples, but --band_stats")):
+        stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], **recorded}))
+        args = config.argparse.Namespace(in_chans=2, bands=None, band_stats=str(stats), nodata=None, mean=[0.0], std=[1.0])
+        args.mean, args.std = config.read_band_stats(str(stats), None, 2)
+        with pytest.raises(datasets.DataError, match=message):
+            datasets.build_dataset(manifest, raster=datasets.raster_options(argparse_raster(args)))
+
+
+def argparse_raster(args):
+    args.raster = True
+    return args

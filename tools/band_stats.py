@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import sys
+import zipfile
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -135,8 +136,9 @@ def percentile_values(hist: np.ndarray, percentiles, start: np.ndarray, width: n
 FIELDS = ("count", "mean", "m2", "low", "high", "hist")
 
 
-def load_state(path: Path | None, key: str) -> dict[str, tuple[int, Partial]]:
-    """The passes saved in ``path`` (name -> (files done, Partial)) when its key matches, else none."""
+def load_state(path: Path | None, key: str, files: int | None = None) -> dict[str, tuple[int, Partial]]:
+    """The passes saved in ``path`` (name -> (files done, Partial)) when its key matches and it is consistent (of
+    ``files`` files at most), else none: a damaged state starts over, never resumes to wrong statistics."""
     if path is None or not path.exists():
         return {}
     try:
@@ -152,10 +154,35 @@ def load_state(path: Path | None, key: str) -> dict[str, tuple[int, Partial]]:
                 partial.count = int(partial.count)
                 partial.hist = partial.hist if partial.hist.size else None
                 passes[name] = int(saved[f"{name}.done"]), partial
+                problem = state_problem(name, passes[name][0], partial, files)
+                if problem:
+                    print(f"{path}: inconsistent ({problem}); starting over", flush=True)
+                    return {}
             return passes
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
         print(f"{path}: unreadable ({type(e).__name__}); starting over", flush=True)
         return {}
+
+
+def state_problem(name: str, done: int, partial: Partial, files: int | None) -> str | None:
+    """What is wrong with a saved pass, or None."""
+    channels = len(partial.mean)
+    if name not in ("moments", "histogram"):
+        return f"unknown pass {name!r}"
+    if not 0 < done <= (files if files is not None else done) or partial.count < 0:
+        return f"{name}: {done} file(s) done of {files}, {partial.count} pixels"
+    if any(np.shape(getattr(partial, field)) != (channels,) for field in ("mean", "m2", "low", "high")):
+        return f"{name}: statistics of different band counts"
+    if partial.count and not (np.isfinite(partial.mean).all() and np.isfinite(partial.m2).all() and (partial.m2 >= 0).all()):
+        return f"{name}: non-finite or negative moments"
+    try:
+        bins = FLOAT_BINS if name == "histogram" else value_range(partial.dtype)[1] if is_exact(partial.dtype) else None
+    except TypeError:
+        return f"sample type {partial.dtype!r}"
+    shape = None if partial.hist is None else partial.hist.shape
+    if shape != (None if bins is None else (channels, bins)) or partial.hist is not None and (partial.hist < 0).any():
+        return f"{name}: histogram of shape {shape}"
+    return None
 
 
 def save_state(path: Path, key: str, passes: dict[str, tuple[int, Partial]]) -> None:
@@ -236,7 +263,7 @@ def band_stats(paths, bands: list[int] | None = None, nodata: float | None = Non
     if not paths:
         raise DataError("no images")
     key = inputs_key(paths, bands, nodata, percentiles, chunk)
-    passes = load_state(state_path, key)
+    passes = load_state(state_path, key, len(paths))
     total = run_pass(paths, bands, nodata, None, workers, chunk, "moments", passes, state_path, key)
     if total.count == 0:
         raise DataError(f"every pixel of the {len(paths)} image(s) is no-data: no statistics")
@@ -254,7 +281,7 @@ def band_stats(paths, bands: list[int] | None = None, nodata: float | None = Non
     values = percentile_values(total.hist, percentiles, starts, widths, is_exact(total.dtype))
     if state_path is not None:
         Path(state_path).unlink(missing_ok=True)
-    return {"bands": list(bands) if bands else list(range(channels)), "mean": total.mean.tolist(),
+    return {"bands": list(bands) if bands else list(range(channels)), "nodata": nodata, "mean": total.mean.tolist(),
             "std": np.sqrt(total.m2 / total.count).tolist(), "dtype": total.dtype, "pixels": total.count,
             "min": total.low.tolist(), "max": total.high.tolist(),
             "percentiles": {f"{p:g}": values[i].tolist() for i, p in enumerate(percentiles)}, "percentile_method": method}

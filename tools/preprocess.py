@@ -111,7 +111,7 @@ def resize_raster(raster: Raster, size: int) -> tuple[np.ndarray, float | None]:
     else:
         valid = torch.from_numpy(~raster.mask)[None, None].float()
         weight = resize(valid)[0, 0].numpy()
-        out = resize(data * valid)[0].numpy() / np.maximum(weight, 1e-6)
+        out = resize(torch.where(valid.bool(), data, 0.0))[0].numpy() / np.maximum(weight, 1e-6)  # not data * valid: NaN * 0 is NaN
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
         out = np.clip(np.rint(out), info.min, info.max)

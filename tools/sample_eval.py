@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_cross_scale_mae as models_mae  # noqa: E402
 from model_loading import load_mae  # noqa: E402
 from util import blocks, knn  # noqa: E402
-from util.config import read_band_stats  # noqa: E402
+from util.config import band_stats_source, read_band_stats  # noqa: E402
 from util.datasets import DEFAULT_TRAIN_CSV, RasterOptions, build_dataset  # noqa: E402
 from util.errors import UsageError, run_entry_point  # noqa: E402
 from util.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD, build_raster_transform, build_transform, draft_size_for  # noqa: E402
@@ -137,7 +137,10 @@ def sample_reading(args: argparse.Namespace, size: int, in_chans: int) -> dict:
     if args.bands and min(args.bands) < 0:
         raise UsageError(f"--bands are 0-based indices, got {' '.join(map(str, args.bands))}")
     mean, std = read_band_stats(str(stats), args.bands, in_chans)  # UsageError naming the file when counts differ
-    return {"transform": build_raster_transform(False, size, mean, std), "raster": RasterOptions(in_chans, args.bands, None, mean)}
+    source = band_stats_source(str(stats))  # the no-data value and sample type the statistics were computed with
+    nodata = source.get("nodata")
+    return {"transform": build_raster_transform(False, size, mean, std),
+            "raster": RasterOptions(in_chans, args.bands, nodata, mean, False, source.get("dtype"), str(stats), nodata)}
 
 
 def main(args: argparse.Namespace) -> None:

@@ -112,6 +112,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
+    config.check_ranges(args)  # the one table of every entry point: --std > 0, finite --mean, --input_size >= 1, ...
     config.resolve_band_args(args)
     main_segment.check_evaluation_args(args)
     if args.pixels < 1 or not args.C > 0:
@@ -121,6 +122,7 @@ def main(args: argparse.Namespace) -> None:
     transform = seg_data.eval_transform(args.mean, args.std)
     train_set = main_segment.dataset_of(args, args.train_path, transform, len(class_names), palette)
     _, val_set = main_segment.datasets_of(args, len(class_names), palette, train=False)
+    main_segment.evaluation_blocks(val_set, args)  # before fitting
     features, labels = training_pixels(train_set, args.pixels, args.seed)
     fitted = fit(features, labels, args.C, args.max_iter)
     counts = np.bincount(labels, minlength=len(class_names))

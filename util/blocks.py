@@ -53,7 +53,11 @@ def block_of(name: str, pattern: re.Pattern | None, size: int = BLOCK_TILES) -> 
     if found is None:
         return ("image", stem)
     if "row" in pattern.groupindex:
-        return ("grid", int(found["row"]) // size, int(found["col"]) // size)
+        try:
+            return ("grid", int(found["row"]) // size, int(found["col"]) // size)
+        except (TypeError, ValueError):
+            raise UsageError(f"--block_pattern {pattern.pattern!r}: in {stem!r} the groups row and col match "
+                             f"{found['row']!r} and {found['col']!r}, not integers") from None
     return ("group", found.groups() or (found.group(0),))
 
 

@@ -208,8 +208,42 @@ def check_output_dir(args: argparse.Namespace) -> None:
 
 # Flags a resumed run must share with the checkpoint's: they define the schedule and the step numbering.
 # ``shard_manifest``: the sha256 of a shard manifest (util.shards), which with the world size decides the sample order.
+# The band flags too: resuming with other bands or statistics would train on differently normalised inputs.
 RUN_DEFINING_FLAGS = ("epochs", "batch_size", "accum_iter", "world_size", "lr", "blr", "min_lr", "warmup_epochs",
-                      "shard_manifest")
+                      "shard_manifest", "in_chans", "bands", "mean", "std", "nodata")
+# What turns a file's pixels into a model's input: evaluating a checkpoint needs those it was trained with.
+BAND_FLAGS = ("in_chans", "bands", "mean", "std", "nodata")
+
+
+def same_flag_value(flag: str, then: Any, now: Any, in_chans: int | None = None) -> bool:
+    """Whether a flag's value equals the checkpoint's: NaN equals NaN (--nodata nan), and --bands left out equals
+    --bands 0 1 .. C-1."""
+    if flag == "bands" and in_chans:
+        then, now = then or list(range(in_chans)), now or list(range(in_chans))
+    if isinstance(then, (list, tuple)) and isinstance(now, (list, tuple)):
+        return len(then) == len(now) and all(same_flag_value(flag, a, b) for a, b in zip(then, now))
+    if isinstance(then, float) and isinstance(now, float) and then != then and now != now:
+        return True
+    return then == now
+
+
+def check_band_flags(saved: dict[str, Any], args: argparse.Namespace, path) -> None:
+    """Refuse to evaluate a checkpoint with other --in_chans / --bands / statistics / --nodata than it was trained
+    with (the numbers would be silently wrong); flags the checkpoint does not record are not compared.
+
+    Raises:
+        UsageError: naming each differing flag, its value and the checkpoint's.
+    """
+    in_chans = saved.get("in_chans", getattr(args, "in_chans", None))
+    changes = [f"--{flag} {_shown(getattr(args, flag))} (checkpoint: {_shown(saved[flag])})" for flag in BAND_FLAGS
+               if flag in saved and hasattr(args, flag) and not same_flag_value(flag, saved[flag], getattr(args, flag), in_chans)]
+    if changes:
+        raise UsageError(f"{path}: was trained with other band flags: {'; '.join(changes)}; give the ones it was trained "
+                         "with (the --band_stats of its training data)")
+
+
+def _shown(value: Any) -> str:
+    return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 FLAG_NAMES = {"world_size": "world size", "shard_manifest": "shard manifest sha256"}
 
 
@@ -225,7 +259,7 @@ def changed_flags(saved: dict[str, Any], args: argparse.Namespace, world_size: i
         saved.pop("lr", None)  # an older checkpoint stored only the resolved lr: blr, batch and world size decide it
     changes = []
     for flag in RUN_DEFINING_FLAGS:
-        if flag in saved and flag in current and saved[flag] != current[flag]:
+        if flag in saved and flag in current and not same_flag_value(flag, saved[flag], current[flag], current.get("in_chans")):
             name = FLAG_NAMES.get(flag, f"--{flag}")
             changes.append(f"{name} {current[flag]} (checkpoint: {saved[flag]})")
     return changes

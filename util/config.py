@@ -215,7 +215,7 @@ INF = float("inf")
 RANGES = {
     "lr": (0, INF, False), "blr": (0, INF, False), "min_lr": (0, INF, True), "warmup_epochs": (0, INF, True),
     "weight_decay": (0, INF, True), "num_workers": (0, INF, True), "input_size": (1, INF, True),
-    "patch_size": (1, INF, True), "in_chans": (1, INF, True), "std": (0, INF, False), "mean": (-INF, INF, True),
+    "patch_size": (1, INF, True), "in_chans": (1, INF, True), "std": (0, INF, False), "mean": (-INF, INF, False),
     "seed": (0, 2**32 - 1, True), "dist_timeout": (0, INF, False), "start_epoch": (0, INF, True),
     "save_every": (0, INF, True), "plot_every": (0, INF, True), "knn_eval_every": (0, INF, True),
     "log_every": (1, INF, True), "epochs": (1, INF, True), "accum_iter": (1, INF, True), "batch_size": (1, INF, True),
@@ -278,6 +278,13 @@ def resolve_band_args(args: argparse.Namespace) -> None:
         if not default:
             raise UsageError("--band_stats and --mean / --std both give statistics: give one of them")
         args.mean, args.std = read_band_stats(args.band_stats, args.bands, count)
+        # ...: an older file, which does not say; a run without --nodata is checked per file (datasets.RasterOptions)
+        given = band_stats_source(args.band_stats).get("nodata", ...)
+        nodata = getattr(args, "nodata", None)
+        if given is not ... and nodata is not None and not (given == nodata or given != given and nodata != nodata):
+            raise UsageError(f"--band_stats {args.band_stats} was computed with " + (f"--nodata {given:g}" if given is not None
+                             else "no --nodata (the files' GDAL_NODATA tags, if any)") + f", this run has --nodata {nodata:g}: "
+                             "give the same no-data value (statistics and inputs would count other pixels as data)")
     elif args.raster and default:
         raise UsageError(f"{count}-band / non-8-bit data needs per-band statistics: run {STATS_TOOL} on the training data "
                          "and pass --band_stats FILE.json (or --mean / --std, one per band, in the file's units)")
@@ -287,6 +294,25 @@ def resolve_band_args(args: argparse.Namespace) -> None:
     rgb = getattr(args, "rgb_bands", None)
     if rgb is not None and (len(rgb) not in (1, 3) or not all(0 <= b < count for b in rgb)):
         raise UsageError(f"--rgb_bands needs 1 or 3 indices in 0..{count - 1} (of the bands read), got {' '.join(map(str, rgb))}")
+
+
+def band_stats_source(path: str) -> dict:
+    """What a ``tools/band_stats.py`` file says of the data it was computed on: ``dtype`` (sample type) and ``nodata``
+    (the --nodata given to it, or None), where it records them ({} if unreadable: ``read_band_stats`` reports that)."""
+    import json
+
+    try:
+        stats = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(stats, dict):
+        return {}
+    found = {key: stats[key] for key in ("dtype", "nodata") if key in stats}
+    if not isinstance(found.get("dtype", ""), str):
+        found.pop("dtype")
+    if "nodata" in found and not (found["nodata"] is None or isinstance(found["nodata"], (int, float))):
+        found.pop("nodata")
+    return found
 
 
 def read_band_stats(path: str, bands: list[int] | None, count: int) -> tuple[list[float], list[float]]:
@@ -303,6 +329,9 @@ def read_band_stats(path: str, bands: list[int] | None, count: int) -> tuple[lis
         have = [int(b) for b in stats.get("bands", range(len(mean)))]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--band_stats {path}: not a {STATS_TOOL} file ({type(e).__name__}: {first_line(e)})") from None
+    if not len(have) == len(mean) == len(std) or len(set(have)) != len(have):
+        raise UsageError(f"--band_stats {path}: bands {' '.join(map(str, have))} (each once) need as many means and stds, "
+                         f"found {len(mean)} and {len(std)}")
     if bands:
         missing = [b for b in bands if b not in have]
         if missing:
@@ -311,8 +340,9 @@ def read_band_stats(path: str, bands: list[int] | None, count: int) -> tuple[lis
         mean, std = [mean[have.index(b)] for b in bands], [std[have.index(b)] for b in bands]
     if len(mean) != count or len(std) != count:
         raise UsageError(f"--band_stats {path}: {len(mean)} band(s) of statistics but --in_chans is {count}")
-    if not all(s > 0 for s in std):
-        raise UsageError(f"--band_stats {path}: std must be > 0 in every band, got {std}")
+    if not all(s > 0 and s != INF for s in std) or not all(abs(m) != INF and m == m for m in mean):
+        raise UsageError(f"--band_stats {path}: mean must be finite and std finite and > 0 in every band, got mean "
+                         f"{mean}, std {std}")
     return mean, std
 
 

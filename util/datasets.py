@@ -115,10 +115,13 @@ class RasterOptions:
     """
 
     def __init__(self, in_chans: int, bands: Sequence[int] | None, nodata: float | None, fill: Sequence[float],
-                 valid_channel: bool = False) -> None:
+                 valid_channel: bool = False, dtype: str | None = None, stats: str | None = None,
+                 stats_nodata: float | None = None) -> None:
         self.in_chans, self.bands, self.nodata = in_chans, list(bands) if bands else None, nodata
         self.fill = np.asarray(fill, dtype=np.float32)
         self.valid_channel = valid_channel
+        self.dtype, self.stats = dtype, stats  # the sample type the statistics (file ``stats``) were computed on, if known
+        self.stats_nodata = stats_nodata  # the --nodata they were computed with, if any
 
     def load(self, path: str, name: str, max_pixels: int | None) -> torch.Tensor:
         """float32 [C, H, W] (or [C + 1, H, W] with ``valid_channel``) in the file's units, no-data filled.
@@ -129,6 +132,12 @@ class RasterOptions:
         raster = read_raster(path, self.bands, self.nodata, max_pixels)
         if raster.data.shape[0] != self.in_chans:
             raise DataError(f"{name}: {raster.data.shape[0]} band(s) but --in_chans is {self.in_chans} (choose bands with --bands)")
+        if getattr(self, "dtype", None) and raster.dtype != self.dtype:
+            raise DataError(f"{name}: {raster.dtype} samples, but --band_stats {self.stats} was computed on {self.dtype} data "
+                            "(other units: one dataset needs one sample type)")
+        if not same_nodata(raster.nodata, getattr(self, "stats_nodata", None)):
+            raise DataError(f"{name}: no-data {raster.nodata} in force, but --band_stats {self.stats} was computed with "
+                            f"--nodata {self.stats_nodata:g}: give --nodata {self.stats_nodata:g}")
         return self.finish(raster.data, raster.mask, name)
 
     def finish(self, data: np.ndarray, mask: np.ndarray | None, name: str) -> torch.Tensor:
@@ -148,6 +157,13 @@ class RasterOptions:
         return torch.from_numpy(data)
 
 
+def same_nodata(in_force: float | None, stats_nodata: float | None) -> bool:
+    """Whether data whose no-data value is ``in_force`` fits statistics computed with --nodata ``stats_nodata``
+    (None: without --nodata, nothing to compare); NaN equals NaN."""
+    return stats_nodata is None or in_force == stats_nodata or (in_force is not None and in_force != in_force
+                                                                and stats_nodata != stats_nodata)
+
+
 def split_valid(images: torch.Tensor, in_chans: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[B, C (+1), H, W] -> (images [B, C, H, W], validity [B, 1, H, W] or None): the band ``RasterOptions(valid_channel=
     True)`` or ``BatchAugment`` (packed arrays with a no-data value) appended, if any."""
@@ -162,7 +178,12 @@ def raster_options(args, valid_channel: bool = False) -> RasterOptions | None:
     ``valid_channel``: see ``RasterOptions``."""
     if not getattr(args, "raster", False):
         return None
-    return RasterOptions(args.in_chans, args.bands, args.nodata, args.mean, valid_channel)
+    from util.config import band_stats_source
+
+    stats = getattr(args, "band_stats", None)
+    source = band_stats_source(stats) if stats else {}
+    return RasterOptions(args.in_chans, args.bands, args.nodata, args.mean, valid_channel, source.get("dtype"), stats,
+                         source.get("nodata"))
 
 
 PACKED_DTYPES = {"uint8": ".u8", "uint16": ".u16"}  # sample type -> array file suffix
@@ -183,6 +204,11 @@ def check_predecoded(source, bands: int, dtype: str, nodata: float | None, raste
                         "(tools/preprocess.py --raster --bands)")
     if raster is not None and raster.in_chans != bands:
         raise DataError(f"{source}: {bands} band(s) but --in_chans is {raster.in_chans}")
+    if raster is not None and getattr(raster, "dtype", None) and raster.dtype != dtype:
+        raise DataError(f"{source}: {dtype} samples, but --band_stats {raster.stats} was computed on {raster.dtype} data")
+    if raster is not None and not same_nodata(nodata, getattr(raster, "stats_nodata", None)):
+        raise DataError(f"{source}: no-data {nodata}, but --band_stats {raster.stats} was computed with --nodata "
+                        f"{raster.stats_nodata:g}")
 
 
 def predecoded_image(pixels: np.ndarray, raster: RasterOptions | None, nodata: float | None, name: str):

@@ -1,6 +1,7 @@
 """Decoding image files: to 8-bit RGB (PIL, ``load_image``), or any band count and dtype to float32 (``read_raster``)."""
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,9 @@ class BadImageError(DataError):
     def __init__(self, path, reason: str) -> None:
         super().__init__(f"{path}: cannot read image ({reason})")
         self.path, self.reason = str(path), reason
+
+    def __reduce__(self):  # picklable (a worker process's error reaches the parent): the default would call __init__(message)
+        return type(self), (self.path, self.reason)
 
 
 def set_max_image_pixels(limit: float | None) -> None:
@@ -76,6 +80,7 @@ def _tiff_stretched(path, limit: int) -> Image.Image | None:
     try:
         import tifffile
 
+        logging.getLogger("tifffile").setLevel(logging.ERROR)  # PIL then reports the failure, in one line
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             dtype, axes, shape = series.dtype, series.axes, series.shape
@@ -161,6 +166,8 @@ class Raster:
 def _tiff_array(path, limit: int) -> tuple[np.ndarray, float | None]:
     import tifffile  # only for rasters: the 8-bit RGB path does not need it
 
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its warnings on a damaged file: the error we raise says it
+
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         if page.imagewidth * page.imagelength > limit:
@@ -235,6 +242,8 @@ def read_raster(path, bands: list[int] | None = None, nodata: float | None = Non
         raise BadImageError(path, "out of memory while decoding") from None
     except Exception as e:  # tifffile / numpy / PIL decoder failures
         raise BadImageError(path, f"{type(e).__name__}: {first_line(e)}" if not isinstance(e, OSError) else first_line(e)) from None
+    if array.dtype.kind not in "buif":
+        raise BadImageError(path, f"samples of type {array.dtype}: not real numbers (integers or floats)")
     if bands is not None:
         bad = [b for b in bands if not 0 <= b < array.shape[0]]
         if bad:
@@ -248,4 +257,13 @@ def read_raster(path, bands: list[int] | None = None, nodata: float | None = Non
         hit = np.isnan(array).any(0) if nodata != nodata else (array == nodata).any(0)
         mask = hit if hit.any() else None
     # a copy: a float32 .npy would otherwise stay a read-only memory map (no-data filling writes into it)
-    return Raster(np.array(array, dtype=np.float32, order="C"), dtype, mask, nodata)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused below
+        data = np.array(array, dtype=np.float32, order="C")
+    if array.dtype.kind == "f":  # NaN / inf (or float64 beyond float32) would become NaN losses or statistics
+        bad = ~np.isfinite(data).all(0)
+        if mask is not None:
+            bad &= ~mask
+        if bad.any():
+            raise DataError(f"{path}: {int(bad.sum())} pixel(s) with NaN or infinite values (or beyond float32's range; first at row, column "
+                            f"{', '.join(map(str, np.argwhere(bad)[0]))}); if NaN marks no-data, give --nodata nan")
+    return Raster(data, dtype, mask, nodata)

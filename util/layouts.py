@@ -311,6 +311,18 @@ def norm_style_of(checkpoint: dict, layout: str, path: str | os.PathLike) -> str
     return norm_style
 
 
+def check_finite(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse weights with NaN / inf values: training from them ends in a NaN loss that blames the learning rate, and
+    features from them give no accuracy.
+
+    Raises:
+        CheckpointError: naming the file and the tensors.
+    """
+    bad = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: non-finite values (NaN/inf) in {summarise(bad, 3)}; these weights cannot be used")
+
+
 def read_encoder(path: str | os.PathLike) -> EncoderWeights:
     """The encoder of a pretraining checkpoint (ours or upstream's, either layout), of an exported timm
     encoder (``.pth``/``.safetensors``) or of a fine-tuned classifier; the classification head is dropped.
@@ -329,6 +341,7 @@ def read_encoder(path: str | os.PathLike) -> EncoderWeights:
         if not isinstance(encoder[key], torch.Tensor) or encoder[key].ndim != ndim:
             raise CheckpointError(f"{path}: field {key!r} must be a {ndim}-d tensor, found "
                                   f"{tuple(encoder[key].shape) if isinstance(encoder[key], torch.Tensor) else type(encoder[key]).__name__}")
+    check_finite(encoder, path)
     norm_style = norm_style_of(checkpoint, layout, path)
     kwargs = (checkpoint.get("model_config") or {}).get("kwargs", {})
     final_norm = layout == TIMM_VIT or (layout == OURS and bool(kwargs.get("encoder_norm", False)))

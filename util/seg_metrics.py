@@ -95,6 +95,8 @@ def ignore_boundaries(mask: torch.Tensor, radius: int, num_classes: int, ignore_
     """
     if radius <= 0:
         return mask
+    # no two pixels are farther apart than the diagonal: a larger radius erodes the same pixels (at a huge kernel's cost)
+    radius = min(radius, math.ceil(math.hypot(mask.shape[-2], mask.shape[-1])))
     offsets = torch.arange(-radius, radius + 1, device=mask.device)
     disc = ((offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius ** 2).float()  # [2r+1, 2r+1]
     valid = mask != ignore_index

@@ -151,7 +151,15 @@ class ShardDataset(Dataset):
         counts = [count for _, count, _ in shards]
         if sum(counts) != len(self.targets) or min(counts) < 1:
             raise DataError(f"{manifest_path}: the shards hold {sum(counts)} samples but it lists {len(self.targets)} labels")
-        self.shard_paths = [manifest_path.parent / name for name, _, _ in shards]
+        names = [name for name, _, _ in shards]
+        outside = next((name for name in names if Path(name).is_absolute() or ".." in Path(name).parts or not name), None)
+        if outside is not None:
+            raise DataError(f"{manifest_path}: shard name {outside!r} points outside its folder: names are paths "
+                            "relative to the manifest, without '..'")
+        twice = next((name for i, name in enumerate(names) if os.path.normpath(name) in map(os.path.normpath, names[:i])), None)
+        if twice is not None:
+            raise DataError(f"{manifest_path}: shard {twice!r} is listed more than once (its samples would be seen twice)")
+        self.shard_paths = [manifest_path.parent / name for name in names]
         for path, (_, _, expected) in zip(self.shard_paths, shards):
             try:
                 actual = path.stat().st_size
