@@ -7,7 +7,8 @@ JPEGs (decoded with PIL draft), the packed uint8 array and the WebDataset shards
 worker does (memory-mapped read; one ``pread`` + ``.npy`` parse per sample), and that plus crop/flip/normalise
 of the batch by ``BatchAugment`` on this CPU (on a GPU that part is the device's, not the worker's). The shards
 are also streamed whole by ``webdataset.WebDataset`` (if installed) from local disk and from a throwaway
-``python -m http.server`` on 127.0.0.1, to show what reading them as a stream costs.
+``python -m http.server`` on 127.0.0.1, to show what reading them as a stream costs, and, if LitData is installed,
+the same samples in LitData's format (``litdata.optimize``), read by random access and as a stream.
 """
 from __future__ import annotations
 
@@ -50,6 +51,44 @@ def stream_rate(urls: list[str], count: int) -> float:
             if seen == count:
                 break
     return count / (time.perf_counter() - start)
+
+
+def litdata_item(meta_path: str, index: int) -> dict:
+    """One packed sample as LitData's ``optimize`` stores it: uint8 [3, S, S] array + label (top level: picklable)."""
+    pixels, label = datasets.build_dataset(Path(meta_path))[index]
+    return {"image": pixels.numpy(), "label": label}
+
+
+def litdata_rates(meta_path: Path, folder: Path, count: int) -> dict[str, float]:
+    """Images/s of LitData (if installed) on the packed samples, written by ``litdata.optimize`` (chunks of ~16
+    samples, as our shards): ``StreamingDataset[i]`` random access (what a map-style worker does) and iterating it
+    as a stream. Empty without LitData: it is measured to compare formats, not a dependency."""
+    try:
+        import litdata
+    except ImportError:
+        print("litdata is not installed: its rates left out", flush=True)
+        return {}
+    from functools import partial
+
+    total = datasets.build_dataset(meta_path).__len__()
+    sample_bytes = datasets.build_dataset(meta_path)[0][0].numel()
+    litdata.optimize(fn=partial(litdata_item, str(meta_path)), inputs=list(range(total)), output_dir=str(folder),
+                     chunk_bytes=16 * sample_bytes, num_workers=1, mode="overwrite")
+    stream = litdata.StreamingDataset(str(folder))
+    rates = {}
+    start = time.perf_counter()
+    for i in range(count):
+        torch.as_tensor(stream[i % len(stream)]["image"])
+    rates["litdata StreamingDataset[i], local disk"] = count / (time.perf_counter() - start)
+    start, seen = time.perf_counter(), 0
+    while seen < count:
+        for sample in litdata.StreamingDataset(str(folder)):
+            torch.as_tensor(sample["image"])
+            seen += 1
+            if seen == count:
+                break
+    rates["litdata streamed (iteration), local disk"] = count / (time.perf_counter() - start)
+    return rates
 
 
 def http_server(folder: Path) -> tuple[subprocess.Popen, str]:
@@ -127,6 +166,9 @@ def main() -> None:
             finally:
                 server.kill()
                 server.wait()
+        for name, rate in litdata_rates(tmp / "pre" / f"small_{args.input_size}.json", tmp / "litdata", args.images).items():
+            rates[name] = rate
+            print(f"{name:48s} {rate:9.1f} img/s per worker", flush=True)
         small, large, packed, packed_cpu, sharded = list(rates.values())[:5]
         print(f"packed worker / pre-resized JPEG: {packed / small:.1f}x (augmentation on a GPU); "
               f"with the augmentation on this CPU core: {packed_cpu / small:.1f}x; "
