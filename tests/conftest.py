@@ -87,3 +87,16 @@ def pretrained(tiny_mae, tmp_path) -> Path:
     path = tmp_path / "pretrain.pth"
     checkpoint.save_checkpoint({"model": tiny_mae.state_dict(), "model_config": tiny_mae.model_config, "epoch": 0}, path)
     return path
+
+
+def run_expecting_error(argv: list[str]) -> str:
+    """Run main_pretrain.py's entry point with ``argv`` and return its error, asserted to be one ``error:`` line."""
+    import main_pretrain
+    from util import config
+    from util.errors import run_entry_point
+
+    with pytest.raises(SystemExit) as info:
+        run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))
+    message = str(info.value)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
+    return message

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import main_pretrain
+from conftest import run_expecting_error
 from util import config
 from util.datasets import DataError, RasterOptions
 from util.errors import run_entry_point
@@ -118,14 +119,6 @@ def test_one_band_and_three_band_uint16_follow_the_same_rule(tmp_path):
         outputs[name] = build_raster_transform(False, 32, [1000.0] * bands, [500.0] * bands)(tensor)
     torch.testing.assert_close(outputs["one.png"][0], outputs["three.tif"][0])
     assert abs(outputs["one.png"].mean().item() - (three[0].mean() - 1000) / 500) < 0.2  # not stretched, not near 0
-
-
-def run_expecting_error(argv):
-    with pytest.raises(SystemExit) as info:
-        run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))
-    message = str(info.value)
-    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
-    return message
 
 
 def write_tiles(folder, bands, count=4, nodata_corner=False):

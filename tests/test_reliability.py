@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_csv_dataset
+from conftest import run_expecting_error, write_csv_dataset
 from PIL import Image
 
 import main_pretrain
@@ -117,14 +117,6 @@ def test_failed_checkpoint_write_is_reported_and_keeps_the_previous_file(csv_dat
     assert "warning: could not write " + str(out / "checkpoint-last.pth") + ": No space left on device" in capsys.readouterr().out
     assert (out / "checkpoint-last.pth").read_bytes() == before
     assert not list(out.glob(".*.tmp"))
-
-
-def run_expecting_error(argv):
-    with pytest.raises(SystemExit) as exit_info:
-        run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))
-    message = str(exit_info.value)
-    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
-    return message
 
 
 TINY = ["--model", "mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--epochs", "1"]
