@@ -132,9 +132,9 @@ class BatchAugment(torch.nn.Module):
         if images.device.type == "cuda":  # no stream synchronisation: copy from pinned memory, asynchronously
             theta = theta.pin_memory().to(images.device, non_blocking=True)
         grid = F.affine_grid(theta.to(images.device), [count, channels, self.input_size, self.input_size], align_corners=False)
-        pixels = images.float()
+        pixels = images.float()  # exact for uint8 / uint16; compared as floats: CUDA has few uint16 kernels
         if self.nodata is not None:
-            valid = (images != self.nodata).all(1, keepdim=True)
+            valid = (pixels != self.nodata).all(1, keepdim=True)
             pixels = torch.cat([torch.where(valid, pixels, self.mean), valid.float()], dim=1)
         out = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
         if self.nodata is not None:
