@@ -33,3 +33,26 @@ def test_16_bit_images_are_refused_without_stretch_naming_the_tool(tmp_path):
     Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(tmp_path / "sixteen.png")
     with pytest.raises(NotEightBitError, match="tools/band_stats.py"):
         load_image(str(tmp_path / "sixteen.png"))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_image_error_in_a_dataloader_worker_is_still_one_line(tmp_path, num_workers):
+    """PyTorch re-raises a worker's exception as ``type(error)(message)``: the image errors must accept that (a
+    RuntimeError and a 40-line traceback otherwise), and ``run_entry_point`` reduces it to the original line."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from util.datasets import build_dataset
+    from util.errors import run_entry_point
+
+    (tmp_path / "tiles").mkdir()
+    Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(tmp_path / "tiles" / "a.png")
+    dataset = build_dataset(tmp_path / "tiles", "folder")
+
+    def main(_):
+        next(iter(DataLoader(dataset, num_workers=num_workers, collate_fn=lambda batch: torch.zeros(1))))
+
+    with pytest.raises(SystemExit) as info:
+        run_entry_point(main, None)
+    message = str(info.value)
+    assert message.startswith("error: ") and "\n" not in message and "a.png" in message and "not 8-bit" in message

@@ -42,3 +42,34 @@ def test_workers_ignore_what_the_main_process_handles():
         for s, handler in before.items():
             signal.signal(s, handler)
     assert signal.SIGUSR1 in runtime.STOP_SIGNALS and signal.SIGTERM in runtime.STOP_SIGNALS
+
+
+LEFT_BEHIND = """
+import sys
+import torch
+from torch.utils.data import DataLoader
+from util.errors import run_entry_point
+from util.runtime import ignore_stop_signals
+
+def main(_):
+    batches = iter(DataLoader(list(range(64)), batch_size=2, num_workers=2, worker_init_fn=ignore_stop_signals))
+    next(batches)
+    raise RuntimeError("a bug, mid-iteration")  # unhandled: sys.last_traceback keeps the iterator and its workers alive
+
+run_entry_point(main, None)
+"""
+
+
+def test_a_crash_mid_iteration_exits_instead_of_waiting_for_workers_that_ignore_sigterm(tmp_path):
+    """The interpreter's exit terminates (SIGTERM) and joins DataLoader workers; ours ignore SIGTERM, and an
+    unhandled exception keeps the iterator alive, so without ``stop_worker_processes`` the process hangs after
+    printing its traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "left_behind.py"
+    script.write_text(LEFT_BEHIND)
+    result = subprocess.run([sys.executable, str(script)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                            text=True, timeout=60, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1 and result.stderr.strip().endswith("RuntimeError: a bug, mid-iteration")

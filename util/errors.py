@@ -53,9 +53,10 @@ def run_entry_point(main, args) -> None:
         message = message.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
         raise SystemExit(f"error: {message}") from None
     finally:
-        from util.runtime import release_output_dirs  # here: util.runtime imports this module
+        from util.runtime import release_output_dirs, stop_worker_processes  # here: util.runtime imports this module
         import torch.distributed as dist  # here, not at the top: the flags' module imports this one before torch loads
 
+        stop_worker_processes()
         release_output_dirs()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -20,7 +20,11 @@ warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 class BadImageError(DataError):
     """An image file that cannot be decoded (any decoder failure); ``reason`` is the decoder's one-line message."""
 
-    def __init__(self, path, reason: str) -> None:
+    def __init__(self, path, reason: str | None = None) -> None:
+        if reason is None:  # one ready message: PyTorch re-raises a DataLoader worker's error as type(error)(message)
+            super().__init__(str(path))
+            self.path, self.reason = "", str(path)
+            return
         super().__init__(f"{path}: cannot read image ({reason})")
         self.path, self.reason = str(path), reason
 
@@ -138,9 +142,9 @@ class NotEightBitError(BadImageError):
     """An image that is not 8-bit (or has a band count PIL cannot show as RGB) on the 8-bit RGB path; never skipped
     by --skip_bad_images (the data needs --band_stats or --stretch, not fewer files)."""
 
-    def __init__(self, path, reason: str) -> None:
-        DataError.__init__(self, f"{path}: {reason}")
-        self.path, self.reason = str(path), reason
+    def __init__(self, path, reason: str | None = None) -> None:
+        DataError.__init__(self, str(path) if reason is None else f"{path}: {reason}")  # None: as BadImageError
+        self.path, self.reason = ("", str(path)) if reason is None else (str(path), reason)
 
 
 def set_stretch(enabled: bool) -> None:

@@ -181,6 +181,23 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
         signal.signal(stop_signal, signal.SIG_IGN)
 
 
+def stop_worker_processes() -> None:
+    """Kill this process's remaining multiprocessing children: DataLoader workers of an iterator that an error left
+    unfinished (its traceback keeps it alive). They ignore SIGTERM (``ignore_stop_signals``), and the interpreter's
+    exit terminates, then joins them: it would wait forever. Called when an entry point ends, however it ends."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    if threading.current_thread() is threading.main_thread():  # PyTorch's SIGCHLD handler raises on a killed worker
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
+
+
 def stop_requested(run: Run) -> bool:
     """Whether any rank received SIGTERM; every rank gets the same answer (one tiny host-side collective)."""
     if run.stop_group is None:
