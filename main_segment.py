@@ -24,7 +24,6 @@ import engine_segment
 from model_loading import build_segmenter
 from util import blocks, checkpoint, config, datasets, distributed, layouts, loaders, logger, runtime, schedule, seg_data, seg_figures, training
 from util.errors import CheckpointError, UsageError, run_entry_point
-from util.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "sentinel2_rgb"
 
@@ -36,17 +35,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="CSV of (image path, mask path), or a folder holding images/ and masks/ (matched by file stem)")
     group.add_argument("--test_path", default=str(SAMPLE / "seg_val.csv"), help="evaluation pairs, as --train_path")
     group.add_argument("--input_size", type=int, default=128, help="crop side in pixels (training crops, sliding window)")
-    group.add_argument("--in_chans", type=int, default=3,
-                       help="bands; other than 3 (or with --bands / --band_stats / --nodata): images are read as rasters "
-                            "(TIFF, .npy, any dtype) in the file's units")
-    group.add_argument("--mean", type=float, nargs="+", default=list(FMOW_RGB_MEAN),
-                       help="normalisation mean, one per band (8-bit RGB: fMoW-RGB in [0, 1]; rasters: in the file's units)")
-    group.add_argument("--std", type=float, nargs="+", default=list(FMOW_RGB_STD), help="normalisation std, one per band")
-    group.add_argument("--bands", type=int, nargs="+", default=None, metavar="I", help="0-based band indices to read, in order (default: all)")
-    group.add_argument("--band_stats", default=None, metavar="FILE.json",
-                       help=f"per-band mean / std written by {config.STATS_TOOL} (instead of --mean / --std)")
-    group.add_argument("--nodata", type=float, default=None,
-                       help="no-data value of rasters (default: a TIFF's GDAL_NODATA tag); such pixels get the band mean")
+    config.add_band_args(group)
     group.add_argument("--palette", default=str(SAMPLE / "seg_palette.json"),
                        help="class names and colours: 'isprs' (6 classes), a JSON list of {name, color}, or 'none'; "
                             "RGB masks are decoded through it, index masks only take its names and colours")
@@ -294,7 +283,8 @@ def final_evaluation(model: nn.Module, val_set, args: argparse.Namespace, run: r
         if examples:
             shown = palette if palette is not None and list(palette.names) == class_names else seg_figures.default_palette(class_names)
             seg_figures.save_examples(examples, shown, args.mean, args.std, directory / "seg_examples.png",
-                                      f"{what}: mIoU {one['mIoU']:.1f}% at scale {one['scale']:g}", stretch=args.raster)
+                                      f"{what}: mIoU {one['mIoU']:.1f}% at scale {one['scale']:g}", stretch=args.raster,
+                                      rgb_bands=args.rgb_bands)
         distributed.main_print(f"segmentation outputs: {directory}")
     return rows
 

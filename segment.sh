@@ -52,6 +52,7 @@ pass_weights  # --finetune on the command line, else WEIGHTS (unless --config de
 pass_training_vars
 pass_var palette PALETTE
 pass_var decoder_channels DECODER_CHANNELS
+pass_rgb_bands
 if ! user_flag scales && launcher_value SCALES; then
   read -r -a SCALE_LIST <<< "$SCALES"
   PY_ARGS+=(--scales "${SCALE_LIST[@]}")

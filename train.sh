@@ -30,7 +30,6 @@ setvar NORM_PIX_LOSS 1                 # 1: reconstruct per-patch standardised p
 setvar SAMPLE_EVAL 1                   # 1: on the embedded sample, end with tools/sample_eval.py (pretrained vs random init)
 setdata TRAIN_PATH "data/$DATA/train.csv"
 setdata OUTPUT_DIR "output/pretrain_tiny$DATA_SUFFIX"
-setdata RGB_BANDS "$([[ $DATA == sentinel2_ms ]] && echo 3 2 1)"   # bands shown as R G B in the figures (B04 B03 B02)
 setvar NUM_WORKERS 2
 setvar SAVE_EVERY 10
 setvar PLOT_EVERY 20
@@ -57,7 +56,7 @@ pass_var num_workers NUM_WORKERS
 pass_var save_every SAVE_EVERY
 pass_var plot_every PLOT_EVERY
 pass_bands
-if [[ -n $RGB_BANDS ]] && ! user_flag rgb_bands && launcher_value RGB_BANDS; then read -ra BANDS <<<"$RGB_BANDS"; PY_ARGS+=(--rgb_bands "${BANDS[@]}"); fi
+pass_rgb_bands
 if [[ -n ${ATTN_NAME:-} ]]; then pass_var attn_name ATTN_NAME; fi
 if [[ -n ${LOSS:-} ]]; then pass_var loss LOSS; fi
 if [[ $NORM_PIX_LOSS == 1 ]] && launcher_value NORM_PIX_LOSS && ! user_flag norm_pix_loss; then PY_ARGS+=(--norm_pix_loss); fi

@@ -255,8 +255,9 @@ def test_segment_on_the_multispectral_sample(clone, stub):
     assert values(args, "--palette") == [["data/sentinel2_ms/seg_palette.json"]]
     assert values(args, "--input_size") == [["64"]] and values(args, "--output_dir") == [["output/segment_tiny_ms"]]
     assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
+    assert values(args, "--rgb_bands") == [["3", "2", "1"]]  # the figures in true colour (B04 B03 B02)
     rgb = argv(run(clone, stub, "segment.sh", "--finetune", "output/pretrain_tiny_ms/checkpoint-last.pth"))
-    assert values(rgb, "--input_size") == [["128"]] and "--in_chans" not in rgb
+    assert values(rgb, "--input_size") == [["128"]] and "--in_chans" not in rgb and "--rgb_bands" not in rgb
 
 
 def test_knn_on_the_multispectral_sample(clone, stub, weights):

@@ -70,16 +70,18 @@ pass_var() {
 # select_data: DATA, the embedded sample a launcher runs on (set it in the environment; the one variable to switch):
 #   sentinel2_rgb  data/sentinel2_rgb/, 8-bit RGB JPEG tiles (the default)
 #   sentinel2_ms   data/sentinel2_ms/, the same tiles as 13-band uint16 GeoTIFFs at 20 m: adds --in_chans 13
-#                  --band_stats data/sentinel2_ms/band_stats.json (and in train.sh --rgb_bands 3 2 1), and output
+#                  --band_stats data/sentinel2_ms/band_stats.json (and in train.sh / segment.sh --rgb_bands 3 2 1), and output
 #                  folders ending in _ms, so RGB and multispectral runs never share one
-# Sets DATA_SUFFIX ("" or _ms), TILE_SIZE (the sample's tile side in pixels), IN_CHANS / BAND_STATS (empty for RGB:
-# not passed) and TRAIN_SH, the command that
+# Sets DATA_SUFFIX ("" or _ms), TILE_SIZE (the sample's tile side in pixels), IN_CHANS / BAND_STATS / RGB_BANDS
+# (empty for RGB: not passed) and TRAIN_SH, the command that
 # makes this sample's pretraining checkpoint (for error messages).
 select_data() {
   setvar DATA sentinel2_rgb
   case $DATA in
-    sentinel2_rgb) DATA_SUFFIX= ; TILE_SIZE=128 ; setdata IN_CHANS "" ; setdata BAND_STATS "" ; TRAIN_SH="bash train.sh" ;;
+    sentinel2_rgb) DATA_SUFFIX= ; TILE_SIZE=128 ; setdata IN_CHANS "" ; setdata BAND_STATS "" ; setdata RGB_BANDS ""
+                   TRAIN_SH="bash train.sh" ;;
     sentinel2_ms) DATA_SUFFIX=_ms ; TILE_SIZE=64 ; setdata IN_CHANS 13 ; setdata BAND_STATS data/sentinel2_ms/band_stats.json
+                  setdata RGB_BANDS "3 2 1"  # B04 B03 B02: the figures of train.sh and segment.sh in true colour
                   TRAIN_SH="DATA=$DATA bash train.sh" ;;
     *) die "DATA=$DATA: the embedded samples are sentinel2_rgb and sentinel2_ms (other data: set TRAIN_PATH)" ;;
   esac
@@ -105,6 +107,14 @@ pass_training_vars() {
   pass_var output_dir OUTPUT_DIR
   pass_var num_workers NUM_WORKERS
   pass_bands
+}
+
+# pass_rgb_bands: --rgb_bands RGB_BANDS (the bands figures show as R G B), where it is set (train.sh, segment.sh).
+pass_rgb_bands() {
+  if [[ -n $RGB_BANDS ]] && ! user_flag rgb_bands && launcher_value RGB_BANDS; then
+    read -ra BANDS <<<"$RGB_BANDS"
+    PY_ARGS+=(--rgb_bands "${BANDS[@]}")
+  fi
 }
 
 # pass_bands: --in_chans / --band_stats of the sample (select_data), where it has them.

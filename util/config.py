@@ -120,14 +120,9 @@ def add_optimisation_args(parser: argparse.ArgumentParser, **defaults) -> None:
     group.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this value (default: no clipping)")
 
 
-def add_data_args(parser: argparse.ArgumentParser, input_size: int | None, train_path: str | None, patch_size: int | None = 16) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--train_path", default=train_path, help="CSV file (fMoW format), ImageFolder tree or image folder")
-    group.add_argument("--dataset_type", default="auto", choices=DATASET_TYPES, help="auto detects from --train_path")
-    group.add_argument("--input_size", type=int, default=input_size,
-                       help="image side in pixels" + ("" if input_size else " (default: that of the pretrained weights)"))
-    group.add_argument("--patch_size", type=int, default=patch_size,
-                       help="patch side in pixels" + ("" if patch_size else " (default: that of the pretrained weights)"))
+def add_band_args(group) -> None:
+    """The band flags every entry point reads (multispectral / high-bit-depth data, ``resolve_band_args``):
+    --in_chans, --mean, --std, --bands, --band_stats, --nodata, --rgb_bands, --checkpoint_rgb_bands, --stretch."""
     group.add_argument("--in_chans", type=int, default=3, help="input channels")
     group.add_argument("--mean", type=float, nargs="+", default=list(FMOW_RGB_MEAN),
                        help="normalisation mean, one per band (8-bit RGB: fMoW-RGB in [0, 1]; multispectral: in the file's units)")
@@ -148,6 +143,17 @@ def add_data_args(parser: argparse.ArgumentParser, input_size: int | None, train
     group.add_argument("--stretch", action="store_true",
                        help="8-bit RGB path: stretch 16-bit / float images from their 1st to 99th percentile per band "
                             "(default: refuse them: give --band_stats instead)")
+
+
+def add_data_args(parser: argparse.ArgumentParser, input_size: int | None, train_path: str | None, patch_size: int | None = 16) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--train_path", default=train_path, help="CSV file (fMoW format), ImageFolder tree or image folder")
+    group.add_argument("--dataset_type", default="auto", choices=DATASET_TYPES, help="auto detects from --train_path")
+    group.add_argument("--input_size", type=int, default=input_size,
+                       help="image side in pixels" + ("" if input_size else " (default: that of the pretrained weights)"))
+    group.add_argument("--patch_size", type=int, default=patch_size,
+                       help="patch side in pixels" + ("" if patch_size else " (default: that of the pretrained weights)"))
+    add_band_args(group)
     group.add_argument("--max_image_pixels", type=float, default=float(MAX_IMAGE_PIXELS),
                        help="refuse images declaring more pixels (decompression bombs); the default admits a full "
                             "Sentinel-2 tile (~120 Mpx)")

@@ -28,11 +28,14 @@ def default_palette(class_names: Sequence[str]) -> Palette:
     return Palette(tuple(class_names), colors)
 
 
-def display_rgb(image: torch.Tensor, mean: Sequence[float], std: Sequence[float], stretch: bool = False) -> np.ndarray:
-    """Normalised image [C, H, W] -> [H, W, 3] in [0, 1] for display: its first three bands as R, G, B (fewer
-    bands: the first as grey). ``stretch`` (rasters in the file's units): each band from its 1st to its 99th percentile."""
+def display_rgb(image: torch.Tensor, mean: Sequence[float], std: Sequence[float], stretch: bool = False,
+                rgb_bands: Sequence[int] | None = None) -> np.ndarray:
+    """Normalised image [C, H, W] -> [H, W, 3] in [0, 1] for display: bands ``rgb_bands`` (``--rgb_bands``; default:
+    the first three) as R, G, B (one band, or fewer than three: grey). ``stretch`` (rasters in the file's units):
+    each band from its 1st to its 99th percentile."""
     image = image.float() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
-    bands = image[:3] if len(image) >= 3 else image[:1].expand(3, -1, -1)
+    shown = list(rgb_bands) if rgb_bands else list(range(3)) if len(image) >= 3 else [0]
+    bands = image[shown] if len(shown) == 3 else image[shown[:1]].expand(3, -1, -1)
     if stretch:
         flat = bands.flatten(1)[:, ::max(1, bands[0].numel() // 1_000_000)]  # torch.quantile takes at most 16M values
         low, high = flat.quantile(0.01, dim=1).view(3, 1, 1), flat.quantile(0.99, dim=1).view(3, 1, 1)
@@ -41,13 +44,14 @@ def display_rgb(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]
 
 
 def save_examples(examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], palette: Palette,
-                  mean: Sequence[float], std: Sequence[float], path: Path, title: str = "", stretch: bool = False) -> None:
+                  mean: Sequence[float], std: Sequence[float], path: Path, title: str = "", stretch: bool = False,
+                  rgb_bands: Sequence[int] | None = None) -> None:
     """One row per (normalised image [C, H, W], ground truth [H, W], prediction [H, W]); a legend names each
-    colour's class (black: ignored pixels). The image is shown by ``display_rgb`` (``stretch``: rasters)."""
+    colour's class (black: ignored pixels). The image is shown by ``display_rgb`` (``stretch``: rasters; ``rgb_bands``)."""
     rows = len(examples)
     fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows + 0.9), squeeze=False)
     for r, (image, truth, pred) in enumerate(examples):
-        rgb = display_rgb(image, mean, std, stretch)
+        rgb = display_rgb(image, mean, std, stretch, rgb_bands)
         panels = (rgb, index_to_rgb(truth.numpy(), palette, IGNORE_COLOR), index_to_rgb(pred.numpy(), palette, IGNORE_COLOR))
         for c, (panel, name) in enumerate(zip(panels, ("image", "ground truth", "prediction"))):
             axes[r, c].imshow(panel, interpolation="nearest")
