@@ -161,6 +161,13 @@ def init_mae(model: models_mae.CrossScaleMAE, path: str | os.PathLike, bands: la
     checkpoint_style = layouts.norm_style_of(checkpoint, layout, path)
     if checkpoint_style != style:
         raise UsageError(f"--init {path}: its blocks are {checkpoint_style}-norm, this run's {style}-norm: give --norm_style {checkpoint_style}")
+    trained_norm_pix = ((checkpoint.get("model_config") or {}).get("kwargs") or {}).get(
+        "norm_pix_loss", (checkpoint.get("args") or {}).get("norm_pix_loss"))
+    if isinstance(trained_norm_pix, bool) and trained_norm_pix != model.norm_pix_loss:  # a choice, but rarely a wanted one
+        main_print(f"note: --init {path} was pretrained with norm_pix_loss {trained_norm_pix}, this run has "
+                   f"{model.norm_pix_loss}: its decoder learnt to predict {'standardised patches' if trained_norm_pix else 'raw pixels'}, "
+                   f"this run trains it towards {'raw pixels' if trained_norm_pix else 'standardised patches'}"
+                   + (" (give --norm_pix_loss to keep its target)" if trained_norm_pix else ""))
     adapted = layouts.adapt_bands(state_dict, model.in_chans, bands, str(path), prefix="encoder.")
     model_keys = model.state_dict().keys()
     missing = [k for k in model_keys if k not in state_dict]

@@ -146,6 +146,17 @@ def test_init_takes_a_multispectral_checkpoint_into_an_rgb_model_and_fills_anoth
     torch.testing.assert_close(model.decoder_pred.weight.detach(), rows, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("trained, now, noted", [(True, False, True), (False, True, True), (True, True, False)])
+def test_init_notes_a_change_of_norm_pix_loss(tmp_path, capsys, trained, now, noted):
+    torch.manual_seed(0)
+    source = create_model("mae_vit_tiny", input_size=SIZE, patch_size=8, norm_pix_loss=trained)
+    ckpt.save_checkpoint({"model": source.state_dict(), "model_config": source.model_config}, tmp_path / "src.pth")
+    model = create_model("mae_vit_tiny", input_size=SIZE, patch_size=8, norm_pix_loss=now)
+    init_mae(model, tmp_path / "src.pth", BandAdaptation(), "mae_vit_tiny")
+    out = capsys.readouterr().out
+    assert (f"pretrained with norm_pix_loss {trained}, this run has {now}" in out) == noted
+
+
 def test_init_refuses_another_architecture_and_size_in_one_line(tmp_path):
     _, path = saved_mae(tmp_path)
     small = create_model("cross_scale_mae_vit_small", input_size=SIZE, patch_size=8)
