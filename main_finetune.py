@@ -215,6 +215,7 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
         return
     if writer is not None:
         writer.close()
+    distributed.main_print(f"outputs: {run.output_dir} (checkpoint-best.pth, checkpoint-last.pth, log.txt, confusion matrices)")
 
 
 DEFAULT_INPUT_SIZE = config.DEFAULT_INPUT_SIZE

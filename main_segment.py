@@ -70,7 +70,7 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Cross-Scale MAE semantic segmentation")
+    parser = config.new_parser("Cross-Scale MAE semantic segmentation")
     config.add_optimisation_args(parser, batch_size=8, epochs=20, blr=1.6e-3, min_lr=1e-6, warmup_epochs=2, weight_decay=0.05)
     add_data_args(parser)
     group = parser.add_argument_group("augmentation")
