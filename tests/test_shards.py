@@ -230,7 +230,7 @@ def test_a_shard_listed_twice_is_refused(tmp_path):
 def test_shards_of_another_nodata_or_sample_type_than_the_band_stats_are_refused(tmp_path):
     manifest, _ = make_shards(tmp_path, 4, per_shard=2, bands=2, dtype=np.uint16)
     stats = tmp_path / "s.json"
-    for recorded, message in (({"dtype": "uint16", "nodata": 0}, "no-data None, but --band_stats"),
+    for recorded, message in (({"dtype": "uint16", "nodata": 0}, "no-data None in force, but --band_stats .* give --nodata 0"),
                               ({"dtype": "float32", "nodata": None}, "uint16 samples, but --band_stats")):
         stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], **recorded}))
         args = config.argparse.Namespace(in_chans=2, bands=None, band_stats=str(stats), nodata=None, mean=[0.0], std=[1.0])

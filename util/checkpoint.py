@@ -21,6 +21,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file as load_safetensors
 
 from util import distributed
+from util.config import same_value
 from util.errors import CheckpointError, UsageError, first_line
 from util.rng import rng_state, set_rng_state
 from util.runtime import Preempted, Run, stop_reason
@@ -222,9 +223,7 @@ def same_flag_value(flag: str, then: Any, now: Any, in_chans: int | None = None)
         then, now = then or list(range(in_chans)), now or list(range(in_chans))
     if isinstance(then, (list, tuple)) and isinstance(now, (list, tuple)):
         return len(then) == len(now) and all(same_flag_value(flag, a, b) for a, b in zip(then, now))
-    if isinstance(then, float) and isinstance(now, float) and then != then and now != now:
-        return True
-    return then == now
+    return same_value(then, now)
 
 
 def check_band_flags(saved: dict[str, Any], args: argparse.Namespace, path) -> None:

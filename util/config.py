@@ -266,6 +266,11 @@ def is_raster_run(args: argparse.Namespace) -> bool:
             or getattr(args, "nodata", None) is not None)
 
 
+def same_value(a, b) -> bool:
+    """``a == b``, with NaN equal to NaN (``--nodata nan``)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+
+
 def resolve_band_args(args: argparse.Namespace) -> None:
     """Check --bands / --mean / --std / --band_stats / --rgb_bands against --in_chans; set ``args.raster`` and, from
     --band_stats, ``args.mean`` / ``args.std``.
@@ -287,7 +292,7 @@ def resolve_band_args(args: argparse.Namespace) -> None:
         # ...: an older file, which does not say; a run without --nodata is checked per file (datasets.RasterOptions)
         given = band_stats_source(args.band_stats).get("nodata", ...)
         nodata = getattr(args, "nodata", None)
-        if given is not ... and nodata is not None and not (given == nodata or given != given and nodata != nodata):
+        if given is not ... and nodata is not None and not same_value(given, nodata):
             raise UsageError(f"--band_stats {args.band_stats} was computed with " + (f"--nodata {given:g}" if given is not None
                              else "no --nodata (the files' GDAL_NODATA tags, if any)") + f", this run has --nodata {nodata:g}: "
                              "give the same no-data value (statistics and inputs would count other pixels as data)")

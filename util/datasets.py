@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from util import errors, shards
+from util.config import band_stats_source, same_value
 from util.errors import first_line
 from util.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, BadImageError, NotEightBitError, is_image, load_image, max_image_pixels, read_raster
 from util.rng import seeded
@@ -132,13 +133,24 @@ class RasterOptions:
         raster = read_raster(path, self.bands, self.nodata, max_pixels)
         if raster.data.shape[0] != self.in_chans:
             raise DataError(f"{name}: {raster.data.shape[0]} band(s) but --in_chans is {self.in_chans} (choose bands with --bands)")
-        if getattr(self, "dtype", None) and raster.dtype != self.dtype:
-            raise DataError(f"{name}: {raster.dtype} samples, but --band_stats {self.stats} was computed on {self.dtype} data "
-                            "(other units: one dataset needs one sample type)")
-        if not same_nodata(raster.nodata, getattr(self, "stats_nodata", None)):
-            raise DataError(f"{name}: no-data {raster.nodata} in force, but --band_stats {self.stats} was computed with "
-                            f"--nodata {self.stats_nodata:g}: give --nodata {self.stats_nodata:g}")
+        self.check_source(name, raster.dtype, raster.nodata)
         return self.finish(raster.data, raster.mask, name)
+
+    def check_source(self, name: str, dtype: str, nodata: float | None) -> None:
+        """Data of sample type ``dtype`` with the no-data value ``nodata`` in force (a file, a packed array, shards)
+        must be what ``--band_stats`` was computed on, where the statistics file says (other units, or other pixels
+        counted as data, would be normalised wrongly).
+
+        Raises:
+            DataError: naming ``name`` and the flag to give.
+        """
+        if getattr(self, "dtype", None) and dtype != self.dtype:
+            raise DataError(f"{name}: {dtype} samples, but --band_stats {self.stats} was computed on {self.dtype} data "
+                            "(other units: one dataset needs one sample type)")
+        stats_nodata = getattr(self, "stats_nodata", None)  # None: computed without --nodata, nothing to compare
+        if stats_nodata is not None and not same_value(nodata, stats_nodata):
+            raise DataError(f"{name}: no-data {nodata} in force, but --band_stats {self.stats} was computed with "
+                            f"--nodata {stats_nodata:g}: give --nodata {stats_nodata:g}")
 
     def finish(self, data: np.ndarray, mask: np.ndarray | None, name: str) -> torch.Tensor:
         """float32 [C, H, W] (modified in place) and its no-data mask [H, W] -> the sample: no-data filled with
@@ -157,13 +169,6 @@ class RasterOptions:
         return torch.from_numpy(data)
 
 
-def same_nodata(in_force: float | None, stats_nodata: float | None) -> bool:
-    """Whether data whose no-data value is ``in_force`` fits statistics computed with --nodata ``stats_nodata``
-    (None: without --nodata, nothing to compare); NaN equals NaN."""
-    return stats_nodata is None or in_force == stats_nodata or (in_force is not None and in_force != in_force
-                                                                and stats_nodata != stats_nodata)
-
-
 def split_valid(images: torch.Tensor, in_chans: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[B, C (+1), H, W] -> (images [B, C, H, W], validity [B, 1, H, W] or None): the band ``RasterOptions(valid_channel=
     True)`` or ``BatchAugment`` (packed arrays with a no-data value) appended, if any."""
@@ -178,8 +183,6 @@ def raster_options(args, valid_channel: bool = False) -> RasterOptions | None:
     ``valid_channel``: see ``RasterOptions``."""
     if not getattr(args, "raster", False):
         return None
-    from util.config import band_stats_source
-
     stats = getattr(args, "band_stats", None)
     source = band_stats_source(stats) if stats else {}
     return RasterOptions(args.in_chans, args.bands, args.nodata, args.mean, valid_channel, source.get("dtype"), stats,
@@ -204,11 +207,8 @@ def check_predecoded(source, bands: int, dtype: str, nodata: float | None, raste
                         "(tools/preprocess.py --raster --bands)")
     if raster is not None and raster.in_chans != bands:
         raise DataError(f"{source}: {bands} band(s) but --in_chans is {raster.in_chans}")
-    if raster is not None and getattr(raster, "dtype", None) and raster.dtype != dtype:
-        raise DataError(f"{source}: {dtype} samples, but --band_stats {raster.stats} was computed on {raster.dtype} data")
-    if raster is not None and not same_nodata(nodata, getattr(raster, "stats_nodata", None)):
-        raise DataError(f"{source}: no-data {nodata}, but --band_stats {raster.stats} was computed with --nodata "
-                        f"{raster.stats_nodata:g}")
+    if raster is not None:
+        raster.check_source(str(source), dtype, nodata)
 
 
 def predecoded_image(pixels: np.ndarray, raster: RasterOptions | None, nodata: float | None, name: str):
