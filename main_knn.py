@@ -54,16 +54,13 @@ import torch  # noqa: E402
 
 import models_vit  # noqa: E402
 from model_loading import build_knn_encoder, classifier_name  # noqa: E402
-from util import config, datasets, distributed, images, knn, layouts, loaders, runtime, transforms  # noqa: E402
+from util import config, datasets, distributed, knn, layouts, loaders, runtime, transforms  # noqa: E402
 from util.errors import UsageError, best_effort, run_entry_point  # noqa: E402
 from util.visualize import save_knn_plot  # noqa: E402
 
 
 def check_args(args: argparse.Namespace) -> None:
-    config.check_ranges(args)
-    images.set_max_image_pixels(args.max_image_pixels)
-    images.set_stretch(args.stretch)
-    config.resolve_band_args(args)
+    config.check_data_args(args)
     if any(not 0 < s <= 1 for s in args.scales):
         raise UsageError(f"--scales must lie in (0, 1], got {args.scales}")
     if min(args.k, args.majority_k, args.batch_size) < 1:

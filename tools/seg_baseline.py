@@ -112,8 +112,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    config.check_ranges(args)  # the one table of every entry point: --std > 0, finite --mean, --input_size >= 1, ...
-    config.resolve_band_args(args)
+    config.check_data_args(args)  # the checks of every entry point: ranges, --max_image_pixels, --stretch, band flags
     main_segment.check_evaluation_args(args)
     if args.pixels < 1 or not args.C > 0:
         raise UsageError("--pixels must be at least 1 and --C > 0")

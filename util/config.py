@@ -357,9 +357,13 @@ def read_band_stats(path: str, bands: list[int] | None, count: int) -> tuple[lis
     return mean, std
 
 
-def check_common_args(args: argparse.Namespace) -> None:
-    """Refuse flag values that cannot work, naming the flag; apply ``--max_image_pixels`` and ``--stretch``; resolve
-    the band flags (``resolve_band_args``)."""
+def check_data_args(args: argparse.Namespace) -> None:
+    """The flag checks of every entry point that reads images: ranges (``check_ranges``), ``--max_image_pixels`` and
+    ``--stretch`` applied, the band flags resolved (``resolve_band_args``).
+
+    Raises:
+        UsageError: naming the flag.
+    """
     check_ranges(args)
     if getattr(args, "max_image_pixels", None):
         from util import images  # here: PIL and NumPy need not load for --help
@@ -371,6 +375,11 @@ def check_common_args(args: argparse.Namespace) -> None:
         images.set_stretch(args.stretch)
     if hasattr(args, "mean") and hasattr(args, "in_chans"):
         resolve_band_args(args)
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Refuse flag values that cannot work, naming the flag (``check_data_args``, then the training flags)."""
+    check_data_args(args)
     if args.patch_size and args.input_size and args.input_size % args.patch_size:
         raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
     if args.accum_iter < 1:
