@@ -223,3 +223,18 @@ def test_image_errors_survive_pickling():
     for error in (BadImageError("a.tif", "truncated"), NotEightBitError("b.png", "PIL mode I;16")):
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and str(copy) == str(error) and (copy.path, copy.reason) == (error.path, error.reason)
+
+
+def test_a_packed_array_or_shard_manifest_is_refused_in_one_line(tmp_path):
+    """band_stats.py (and preprocess.py --raster) read image files: a pre-decoded dataset is named, not a traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "x.json").write_text(json.dumps({"size": 4, "count": 1, "labels": [0], "array": "x.u8"}))
+    (tmp_path / "x.u8").write_bytes(bytes(48))
+    for tool in (["tools/band_stats.py", "--train_path", str(tmp_path / "x.json"), "--out", str(tmp_path / "s.json")],
+                 ["tools/preprocess.py", "--input", str(tmp_path / "x.json"), "--output", str(tmp_path / "o"), "--raster"]):
+        result = subprocess.run([sys.executable, *tool], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 1 and result.stderr.startswith(f"error: {tmp_path / 'x.json'}: a pre-decoded dataset")
+        assert result.stderr.count("\n") == 1

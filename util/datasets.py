@@ -402,7 +402,8 @@ def build_dataset(
         skip_bad: Skip unreadable images with a warning instead of stopping.
         classes: Class names of the training split (index = label): an ImageFolder tree's folders are matched
             to them by name (see ``check_labels``).
-        raster: Read files as multispectral / high-bit-depth rasters (``RasterOptions``; ``.npy`` files too).
+        raster: Read files as multispectral / high-bit-depth rasters (``RasterOptions``; ``.npy`` files too); True:
+            only list raster files (tools that read the files themselves: ``band_stats.py``, ``preprocess.py --raster``).
 
     Raises:
         DataError: unknown type, unreadable or malformed CSV, missing images, or no images at all.
@@ -416,6 +417,9 @@ def build_dataset(
     names: dict[int, str] | None = None
     describe = None
     extensions = RASTER_EXTENSIONS if raster else IMAGE_EXTENSIONS
+    if kind in ("packed", "shards") and raster is True:
+        raise DataError(f"{path}: a pre-decoded dataset (packed array or shards); this tool reads image files: give "
+                        "the CSV or folder they were made from")
     if kind == "packed":
         return PackedDataset(path, transform, raster)
     if kind == "shards":
