@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
-from util.distributed import main_print
+from util.run.distributed import main_print
 from util.errors import NonFiniteError
-from util.inference import infer
-from util.runtime import Run
-from util.training import StepLoop
+from util.eval.inference import infer
+from util.run.process import Run
+from util.run.loop import StepLoop
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler,

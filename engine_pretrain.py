@@ -7,13 +7,13 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 import models_cross_scale_mae as models_mae
-from util import knn
-from util.datasets import split_valid
-from util.distributed import main_print
-from util.errors import best_effort
-from util.runtime import Run
-from util.training import StepLoop
-from util.visualize import grid_image, reconstruction_columns, save_reconstruction_png
+from util.eval import knn
+from util.data.raster_options import split_valid
+from util.run.distributed import main_print
+from util.files import best_effort
+from util.run.process import Run
+from util.run.loop import StepLoop
+from util.eval.figures import grid_image, reconstruction_columns, save_reconstruction_png
 
 
 def train_one_epoch(model: torch.nn.Module, loss_names: tuple[str, ...], loader, optimizer: torch.optim.Optimizer,
@@ -26,7 +26,7 @@ def train_one_epoch(model: torch.nn.Module, loss_names: tuple[str, ...], loader,
         model: What trains: the ``CrossScaleMAE``, possibly DDP-wrapped or compiled.
         loss_names: The terms the model reports besides ``loss`` (``CrossScaleMAE.loss_names``).
         loader: Yields (images [B, C, H, W], labels); labels are ignored. Rasters carry a validity band last
-            ([B, C + 1, H, W], ``datasets.split_valid``): no-data pixels are left out of the reconstruction loss.
+            ([B, C + 1, H, W], ``raster_options.split_valid``): no-data pixels are left out of the reconstruction loss.
         steps_per_epoch: Steps of a whole epoch (a resumed one starts at ``start_step``).
         device_transform: Augmentation of each batch on the device (packed uint8 datasets), or None.
 

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from util import seg_metrics
-from util.distributed import main_print
+from util.eval import inference, iou
+from util.run.distributed import main_print
 from util.errors import NonFiniteError
-from util.runtime import Run
+from util.run.process import Run
 
 
 class NonFiniteOutputError(NonFiniteError):
@@ -29,12 +29,12 @@ def evaluate(model: nn.Module, loader, run: Run, num_classes: int, crop: int, sc
     """Per-image confusion matrices [N, K, K] per scale over the whole evaluation set (gathered from every rank,
     in dataset order), and up to ``keep`` (image, ground truth, prediction at the largest scale) triples of this
     rank for figures, spread over its images. Sum over the images for the set's confusion matrix; keep them apart
-    for intervals over location blocks (``seg_metrics.block_bootstrap_miou``).
+    for intervals over location blocks (``iou.block_bootstrap_miou``).
 
-    Each image goes through ``seg_metrics.degrade`` (down-sample by the scale, up-sample back) and sliding-window
+    Each image goes through ``inference.degrade`` (down-sample by the scale, up-sample back) and sliding-window
     inference at the crop size. ``loader`` yields images (any size) with their masks, sharded over ranks as
-    ``util.loaders.eval_loader`` does (rank r: images r, r + W, ...). ``ignore_boundary`` > 0: ground-truth pixels
-    within that many px of another class are not counted (``seg_metrics.ignore_boundaries``; ISPRS: 3).
+    ``util.data.loaders.eval_loader`` does (rank r: images r, r + W, ...). ``ignore_boundary`` > 0: ground-truth pixels
+    within that many px of another class are not counted (``iou.ignore_boundaries``; ISPRS: 3).
 
     Raises:
         NonFiniteOutputError: NaN / inf scores.
@@ -45,33 +45,33 @@ def evaluate(model: nn.Module, loader, run: Run, num_classes: int, crop: int, sc
     every = max(len(loader) // keep, 1) if keep else 1  # figure examples spread over the set
     for index, (image, mask) in enumerate(loader):
         image = image.to(run.device, non_blocking=True)
-        mask = seg_metrics.ignore_boundaries(mask.to(run.device, non_blocking=True), ignore_boundary, num_classes, ignore_index)
+        mask = iou.ignore_boundaries(mask.to(run.device, non_blocking=True), ignore_boundary, num_classes, ignore_index)
         for scale in scales:
             with run.autocast():
-                probs = seg_metrics.sliding_window(model, seg_metrics.degrade(image, scale), num_classes, crop, overlap)
+                probs = inference.sliding_window(model, inference.degrade(image, scale), num_classes, crop, overlap)
             if not torch.isfinite(probs).all():
                 raise NonFiniteOutputError(f"evaluation: NaN/inf class scores at scale {scale:g} (image {index} of this rank); "
                                            "refusing to report an mIoU")
             pred = probs.argmax(1)
-            per_image[scale] += [seg_metrics.confusion_matrix(p, m, num_classes, ignore_index) for p, m in zip(pred, mask)]
+            per_image[scale] += [iou.confusion_matrix(p, m, num_classes, ignore_index) for p, m in zip(pred, mask)]
             if scale == max(scales) and len(examples) < keep and index % every == 0:
                 examples += [(image[i].cpu(), mask[i].cpu(), pred[i].cpu()) for i in range(min(len(image), keep - len(examples)))]
     empty = torch.zeros(0, num_classes, num_classes, dtype=torch.long, device=run.device)  # a rank without images
-    return {s: seg_metrics.gather_confusions(torch.stack(c) if c else empty) for s, c in per_image.items()}, examples
+    return {s: iou.gather_confusions(torch.stack(c) if c else empty) for s, c in per_image.items()}, examples
 
 
 def results_table(confusions: dict[float, torch.Tensor], class_names: Sequence[str], exclude: Sequence[int] = (),
                   image_block: np.ndarray | None = None, resamples: int = 0) -> list[dict]:
     """One row per scale: scale, mIoU, mF1, OA, pixels counted and each class's IoU (%; NaN: class absent from
     both) of the set (its images' confusions [N, K, K] summed). With ``image_block`` ([N] block of each image) and
-    ``resamples`` > 0, also mIoU_low / mIoU_high: the 95 % block-bootstrap interval (``seg_metrics.block_bootstrap_miou``)."""
+    ``resamples`` > 0, also mIoU_low / mIoU_high: the 95 % block-bootstrap interval (``iou.block_bootstrap_miou``)."""
     rows = []
     for scale, per_image in sorted(confusions.items()):
         confusion = per_image.sum(0)
-        s = seg_metrics.scores(confusion, exclude)
+        s = iou.scores(confusion, exclude)
         interval = {}
         if image_block is not None and resamples:
-            low, high = seg_metrics.block_bootstrap_miou(per_image, image_block, exclude, resamples)
+            low, high = iou.block_bootstrap_miou(per_image, image_block, exclude, resamples)
             interval = {"mIoU_low": low, "mIoU_high": high}
         rows.append({"scale": scale, "mIoU": s["mIoU"], **interval, "mF1": s["mF1"], "OA": s["OA"], "pixels": int(confusion.sum()),
                      **{f"IoU_{name}": v for name, v in zip(class_names, s["IoU"])}})

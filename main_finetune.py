@@ -55,8 +55,14 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 
 import engine_finetune  # noqa: E402
 from model_loading import build_classifier, classifier_name  # noqa: E402
-from util import checkpoint, layouts, config, datasets, distributed, loaders, logger, runtime, schedule, training, transforms, visualize  # noqa: E402
-from util.errors import CheckpointError, UsageError, best_effort, first_line, run_entry_point  # noqa: E402
+from util import config  # noqa: E402
+from util.data import datasets, loaders, raster_options, transforms
+from util.eval import figures
+from util.run import checkpoint, distributed, logger, loop, process, schedule
+from util.weights import layouts
+from util.errors import CheckpointError, UsageError, first_line  # noqa: E402
+from util.files import best_effort
+from util.run.process import run_entry_point
 
 
 def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> Setup:
@@ -147,8 +153,8 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
     if args.input_size is None:
         args.input_size = DEFAULT_INPUT_SIZE
     checkpoint.check_output_dir(args)
-    run = runtime.setup_run(args)
-    raster = datasets.raster_options(args)
+    run = process.setup_run(args)
+    raster = raster_options.raster_options(args)
     train_set = datasets.build_dataset(args.train_path, args.dataset_type, draft_size=transforms.draft_size_for(True, args.input_size),
                                        skip_bad=args.skip_bad_images, raster=raster)
     val_set = datasets.build_dataset(args.test_path, args.dataset_type, transforms.image_transform(args, False),
@@ -162,7 +168,7 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
     schedule.resolve_lr(args, run.world_size)
     setup = setup_fn(args, model, num_classes)
     train_set.transform = setup.train_transform
-    scaler = training.grad_scaler(run)
+    scaler = loop.grad_scaler(run)
     start_epoch, start_step, resumed = checkpoint.resume(args, run, model, setup.optimizer, scaler)
     logger.append_log(run, {"run_start": datetime.datetime.now().isoformat(timespec="seconds"),
                             "resumed_from": str(resumed.get("path")) if resumed else None, "start_epoch": start_epoch})
@@ -186,10 +192,10 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
         f"{len(train_set)} training / {len(val_set)} evaluation images, {num_classes} classes, "
         f"{steps_per_epoch} steps/epoch, lr {args.lr:.3e}, device {run.device}, autocast {run.amp_dtype or 'off (fp32)'}"
     )
-    train_model = training.distribute(setup.trainable, run, args)
+    train_model = loop.distribute(setup.trainable, run, args)
 
     try:
-        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step, run, steps_per_epoch):
+        for epoch, first_step in loop.epochs(args, sampler, start_epoch, start_step, run, steps_per_epoch):
             train_stats = engine_finetune.train_one_epoch(train_model, setup.criterion, train_loader, setup.optimizer, scheduler,
                                                           scaler, run, epoch, steps_per_epoch, args, writer, first_step, setup.mixup)
             metrics, confusion = engine_finetune.evaluate(eval_model, val_loader, run, num_classes)
@@ -209,8 +215,8 @@ def run_classification(args: argparse.Namespace, setup_fn: SetupFn) -> None:
                 title = f"epoch {epoch}: top-1 {metrics['acc1']:.1f}% on {len(val_set)} images of {Path(args.test_path).name}"
                 for name in ("last", "best") if improved else ("last",):
                     path = run.output_dir / f"confusion_matrix_{name}.png"
-                    best_effort(path, lambda: visualize.save_confusion_png(confusion, class_names, path, title))
-    except runtime.Preempted as stop:
+                    best_effort(path, lambda: figures.save_confusion_png(confusion, class_names, path, title))
+    except process.Preempted as stop:
         checkpoint.save_preempted(run, stop, model, setup.optimizer, scaler, args, best_acc1=best_acc1, **extra)
         return
     if writer is not None:
@@ -260,7 +266,7 @@ def evaluate_checkpoint(args: argparse.Namespace, setup_fn: SetupFn) -> None:
     if hasattr(args, "cutmix_minmax"):
         args.cutmix_minmax = None
     args.output_dir = str(Path(args.output_dir) / "eval")
-    run = runtime.setup_run(args)
+    run = process.setup_run(args)
     known_names = state.get("class_names")
     if known_names is not None and len(known_names) != num_classes:
         raise CheckpointError(f"{path}: {len(known_names)} class names for a head of {num_classes} classes")
@@ -268,7 +274,7 @@ def evaluate_checkpoint(args: argparse.Namespace, setup_fn: SetupFn) -> None:
         known_names = datasets.scan_image_folder(Path(args.train_path))[1]
     val_set = datasets.build_dataset(args.test_path, args.dataset_type, transforms.image_transform(args, False),
                                      transforms.draft_size_for(False, args.input_size), args.skip_bad_images, classes=known_names,
-                                     raster=datasets.raster_options(args))
+                                     raster=raster_options.raster_options(args))
     if isinstance(val_set, datasets.ImageDataset) and val_set.classes and known_names is None:
         raise CheckpointError(f"{path}: holds no class names, so the folders of {args.test_path} cannot be matched to its head; "
                               "give --train_path (the training tree)")
@@ -297,11 +303,10 @@ def evaluate_checkpoint(args: argparse.Namespace, setup_fn: SetupFn) -> None:
                   "input_size": args.input_size, "class_names": class_names}
         best_effort(run.output_dir / "eval_metrics.json", lambda: (run.output_dir / "eval_metrics.json").write_text(json.dumps(result, indent=2)))
         title = f"{args.model}: top-1 {metrics['acc1']:.1f}% on {len(val_set)} images of {Path(args.test_path).name}"
-        best_effort(run.output_dir / "confusion_matrix_eval.png", lambda: visualize.save_confusion_png(
+        best_effort(run.output_dir / "confusion_matrix_eval.png", lambda: figures.save_confusion_png(
             confusion, class_names, run.output_dir / "confusion_matrix_eval.png", title))
         distributed.main_print(f"eval outputs: {run.output_dir}")
 
 
 if __name__ == "__main__":
     run_entry_point(main, config.parse_args(get_args_parser()))
-

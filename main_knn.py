@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from util import config, defaults
+from util import config
 
 CLASSIFIERS = ("weighted", "majority")
 
@@ -20,11 +20,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--checkpoints", nargs="+", required=True, metavar="PATH",
                        help="checkpoints (any kind --finetune accepts), or 'none' for a random-init encoder of --model")
     group.add_argument("--model", default=None, help="architecture of 'none' (default: that of the other checkpoints)")
-    config.add_data_args(parser, input_size=None, train_path=str(defaults.DEFAULT_TRAIN_CSV), patch_size=None)
+    config.add_data_args(parser, input_size=None, train_path=str(config.DEFAULT_TRAIN_CSV), patch_size=None)
     parser._option_string_actions["--train_path"].help = "memory (labelled reference) set: CSV, ImageFolder tree or packed .json"
     parser._option_string_actions["--input_size"].help = "image side in pixels (default: that of the first checkpoint, else 224)"
     group = parser._option_string_actions["--train_path"].container  # the data group
-    group.add_argument("--test_path", default=str(defaults.DEFAULT_VAL_CSV),
+    group.add_argument("--test_path", default=str(config.DEFAULT_VAL_CSV),
                        help="evaluation images; 'split' takes --val_fraction of --train_path instead")
     group.add_argument("--val_fraction", type=float, default=0.2, help="share of --train_path evaluated with --test_path split")
     group.add_argument("--batch_size", type=int, default=64, help="images per device per inference batch")
@@ -34,9 +34,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                     "(one holding checkpoint-*.pth) gets them in its knn/ subfolder, never over its files")
     group = parser.add_argument_group("protocol")
     group.add_argument("--scales", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0], help="fractions of the input side the evaluation images are down-sampled to")
-    group.add_argument("--scale_mode", default="resize", choices=defaults.KNN_SCALE_MODES,
+    group.add_argument("--scale_mode", default="resize", choices=config.KNN_SCALE_MODES,
                        help="resize: down-sample then resize back; native: feed the small image, interpolating position embeddings")
-    group.add_argument("--pool", default="cls", choices=defaults.KNN_POOLS, help="cls token or mean of the patch tokens")
+    group.add_argument("--pool", default="cls", choices=config.KNN_POOLS, help="cls token or mean of the patch tokens")
     group.add_argument("--k", type=int, default=20, help="neighbours (k) of the weighted classifier")
     group.add_argument("--temperature", type=float, default=0.07, help="temperature of the weighted classifier")
     group.add_argument("--majority_k", type=int, default=5, help="neighbours (k) of the majority classifier")
@@ -54,9 +54,15 @@ import torch  # noqa: E402
 
 import models_vit  # noqa: E402
 from model_loading import build_knn_encoder, classifier_name  # noqa: E402
-from util import config, datasets, distributed, knn, layouts, loaders, runtime, transforms  # noqa: E402
-from util.errors import UsageError, best_effort, run_entry_point  # noqa: E402
-from util.visualize import save_knn_plot  # noqa: E402
+from util import config  # noqa: E402
+from util.data import datasets, loaders, raster_options, transforms
+from util.eval import knn
+from util.run import distributed, process
+from util.weights import layouts
+from util.errors import UsageError  # noqa: E402
+from util.files import best_effort
+from util.run.process import run_entry_point
+from util.eval.figures import save_knn_plot  # noqa: E402
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -75,7 +81,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def load_datasets(args: argparse.Namespace) -> tuple[datasets.ImageDataset, datasets.ImageDataset, str]:
-    transform, raster = transforms.image_transform(args, False), datasets.raster_options(args)
+    transform, raster = transforms.image_transform(args, False), raster_options.raster_options(args)
     draft = transforms.draft_size_for(False, args.input_size)
     train = datasets.build_dataset(args.train_path, args.dataset_type, transform, draft, args.skip_bad_images, raster=raster)
     if args.test_path == "split":
@@ -92,7 +98,7 @@ def main(args: argparse.Namespace) -> None:
     check_args(args)
     if any(Path(args.output_dir).glob("checkpoint-*.pth")):  # a training run's folder: never write over its files
         args.output_dir = str(Path(args.output_dir) / "knn")
-    run = runtime.setup_run(args)
+    run = process.setup_run(args)
     weights = {spec: layouts.read_encoder(spec) for spec in args.checkpoints if spec != "none"}
     reference = next(iter(weights.values()), None)
     model_name = args.model or (classifier_name(reference) if reference else None)

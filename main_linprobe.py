@@ -30,9 +30,11 @@ if __name__ == "__main__":  # --help and flag errors answer here, before torch a
 import torch.nn as nn  # noqa: E402
 
 from main_finetune import Setup, run_classification  # noqa: E402
-from util import config, transforms  # noqa: E402
-from util.errors import UsageError, run_entry_point  # noqa: E402
-from util.lars import LARS  # noqa: E402
+from util import config  # noqa: E402
+from util.data import transforms
+from util.errors import UsageError  # noqa: E402
+from util.run.process import run_entry_point
+from util.run.lars import LARS  # noqa: E402
 
 
 def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> Setup:

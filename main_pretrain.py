@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from util import config, defaults
+from util import config
 from util.errors import UsageError
 
 
@@ -25,7 +25,7 @@ def parse_loss_weights(items: list[str]) -> dict[str, float]:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = config.new_parser("Cross-Scale MAE pretraining")
     config.add_optimisation_args(parser, batch_size=512, epochs=200, blr=5e-5, min_lr=0.0, warmup_epochs=40, weight_decay=0.05)
-    config.add_data_args(parser, input_size=224, train_path=str(defaults.DEFAULT_TRAIN_CSV))
+    config.add_data_args(parser, input_size=224, train_path=str(config.DEFAULT_TRAIN_CSV))
     config.add_runtime_args(parser, output_dir="./output_dir")
 
     group = parser.add_argument_group("model")
@@ -60,8 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--save_every", type=int, default=25, help="epochs between numbered checkpoints")
     group.add_argument("--plot_every", type=int, default=25, help="epochs between reconstruction figures")
     group.add_argument("--knn_eval_every", type=int, default=0, help="epochs between multi-scale kNN evaluations (0 = never)")
-    group.add_argument("--knn_train_path", default=str(defaults.DEFAULT_TRAIN_CSV), help="labelled kNN memory set")
-    group.add_argument("--knn_test_path", default=str(defaults.DEFAULT_VAL_CSV), help="labelled kNN evaluation set")
+    group.add_argument("--knn_train_path", default=str(config.DEFAULT_TRAIN_CSV), help="labelled kNN memory set")
+    group.add_argument("--knn_test_path", default=str(config.DEFAULT_VAL_CSV), help="labelled kNN evaluation set")
 
     group = parser.add_argument_group("upstream flags, accepted so old launchers keep working")
     group.add_argument("--use_xformers", action="store_true", help="ignored: attention always uses PyTorch SDPA")
@@ -83,8 +83,11 @@ from timm.optim import create_optimizer_v2  # noqa: E402
 import models_cross_scale_mae as models_mae  # noqa: E402
 from engine_pretrain import knn_evaluate, save_reconstruction, train_one_epoch  # noqa: E402
 from model_loading import export_encoder, init_mae  # noqa: E402
-from util import checkpoint, config, datasets, distributed, layouts, loaders, logger, runtime, schedule, training, transforms  # noqa: E402
-from util.errors import run_entry_point  # noqa: E402
+from util import config  # noqa: E402
+from util.data import datasets, loaders, raster_options, transforms
+from util.run import checkpoint, distributed, logger, loop, process, schedule
+from util.weights import band_adaptation
+from util.run.process import run_entry_point  # noqa: E402
 
 
 def build_model(args: argparse.Namespace) -> models_mae.CrossScaleMAE:
@@ -119,15 +122,15 @@ def build_model(args: argparse.Namespace) -> models_mae.CrossScaleMAE:
 def main(args: argparse.Namespace) -> None:
     config.check_common_args(args)
     checkpoint.check_output_dir(args)
-    run = runtime.setup_run(args)
+    run = process.setup_run(args)
     model = build_model(args).to(run.device)
     if args.use_xformers or args.attn_name != "scaled_dot_product":
-        path = "scaled_dot_product_attention" if training.use_sdpa(args.attention, run.device) else "explicit matmul + softmax"
+        path = "scaled_dot_product_attention" if loop.use_sdpa(args.attention, run.device) else "explicit matmul + softmax"
         distributed.main_print(f"note: --use_xformers/--attn_name are ignored: xFormers is not used, attention runs through {path} (--attention)")
 
     dataset = datasets.build_dataset(
         args.train_path, args.dataset_type, transforms.image_transform(args, True, valid_channel=True),
-        transforms.draft_size_for(True, args.input_size), args.skip_bad_images, raster=datasets.raster_options(args, valid_channel=True),
+        transforms.draft_size_for(True, args.input_size), args.skip_bad_images, raster=raster_options.raster_options(args, valid_channel=True),
     )
     device_transform = None
     if getattr(dataset, "predecoded", False):  # packed array or shards, decoded already: augment whole batches on the device
@@ -145,12 +148,12 @@ def main(args: argparse.Namespace) -> None:
         fused=True,
     )
     scheduler = schedule.lr_scheduler(optimizer, args, steps_per_epoch)
-    scaler = training.grad_scaler(run)
+    scaler = loop.grad_scaler(run)
     start_epoch, start_step, resumed = checkpoint.resume(args, run, model, optimizer, scaler)
     if args.init and resumed:  # a relaunched run (--resume auto) continues its own weights, not --init's again
         distributed.main_print(f"note: --init {args.init} ignored: resumed from {resumed['path']}")
     elif args.init:
-        distributed.main_print(init_mae(model, args.init, layouts.BandAdaptation.from_args(args), args.model))
+        distributed.main_print(init_mae(model, args.init, band_adaptation.BandAdaptation.from_args(args), args.model))
     logger.append_log(run, {"run_start": datetime.datetime.now().isoformat(timespec="seconds"),
                             "resumed_from": resumed.get("path"), "initialised_from": None if resumed else args.init or None,
                             "start_epoch": start_epoch})
@@ -166,11 +169,11 @@ def main(args: argparse.Namespace) -> None:
     plot_images = plot_batch(dataset, args, run.device) if run.is_main else None
     if args.sync_bn:
         distributed.convert_sync_batchnorm(model)  # works on gloo too, unlike nn.SyncBatchNorm; same state-dict keys
-    train_model = training.distribute(model, run, args, unused=model.unused_parameters)
+    train_model = loop.distribute(model, run, args, unused=model.unused_parameters)
     knn_sets = knn_data(args, run) if args.knn_eval_every else None
 
     try:
-        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step, run, steps_per_epoch):
+        for epoch, first_step in loop.epochs(args, sampler, start_epoch, start_step, run, steps_per_epoch):
             stats = train_one_epoch(train_model, model.loss_names, loader, optimizer, scheduler, scaler, run, epoch,
                                     steps_per_epoch, args, writer, first_step, device_transform)
             knn_stats = knn_evaluate(model, *knn_sets, run, epoch, writer) if knn_sets and (epoch + 1) % args.knn_eval_every == 0 else {}
@@ -181,7 +184,7 @@ def main(args: argparse.Namespace) -> None:
             logger.append_log(run, {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}, **knn_stats})
             if run.is_main and ((args.plot_every and (epoch + 1) % args.plot_every == 0) or last):
                 save_reconstruction(model, plot_images, args, run, epoch, writer)
-    except runtime.Preempted as stop:
+    except process.Preempted as stop:
         checkpoint.save_preempted(run, stop, model, optimizer, scaler, args)
         return
 
@@ -196,10 +199,10 @@ def main(args: argparse.Namespace) -> None:
                                f"logs: tensorboard --logdir {args.log_dir or run.output_dir}")
 
 
-def knn_data(args: argparse.Namespace, run: runtime.Run):
+def knn_data(args: argparse.Namespace, run: process.Run):
     """Memory and evaluation loaders of the labelled kNN sets, and their class count (labels checked by
     ``datasets.check_labels``, ImageFolder trees matched by class name)."""
-    transform, raster = transforms.image_transform(args, False), datasets.raster_options(args)
+    transform, raster = transforms.image_transform(args, False), raster_options.raster_options(args)
     memory = datasets.build_dataset(args.knn_train_path, "auto", transform, skip_bad=args.skip_bad_images, raster=raster)
     queries = datasets.build_dataset(args.knn_test_path, "auto", transform, skip_bad=args.skip_bad_images,
                                      classes=memory.classes or None, raster=raster)
@@ -212,8 +215,9 @@ def plot_batch(dataset, args: argparse.Namespace, device: torch.device) -> torch
     centre_crops = copy.copy(dataset)  # the same samples, without scanning the dataset again
     centre_crops.transform = transforms.image_transform(args, False, valid_channel=True)
     images = torch.stack([centre_crops[i][0] for i in range(min(4, len(dataset)))])
-    return datasets.split_valid(images, args.in_chans)[0].to(device)
+    return raster_options.split_valid(images, args.in_chans)[0].to(device)
 
 
 if __name__ == "__main__":
     run_entry_point(main, config.parse_args(get_args_parser()))
+

@@ -22,8 +22,13 @@ from timm.optim import create_optimizer_v2
 import engine_finetune
 import engine_segment
 from model_loading import build_segmenter
-from util import blocks, checkpoint, config, datasets, distributed, layouts, loaders, logger, runtime, schedule, seg_data, seg_figures, training
-from util.errors import CheckpointError, UsageError, run_entry_point
+from util import config
+from util.data import loaders, raster_options, segmentation
+from util.eval import figures, location_blocks
+from util.run import checkpoint, distributed, logger, loop, process, schedule
+from util.weights import layouts
+from util.errors import CheckpointError, UsageError
+from util.run.process import run_entry_point
 
 SAMPLE = Path(__file__).resolve().parent / "data" / "sentinel2_rgb"
 
@@ -42,7 +47,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--class_names", nargs="+", default=None, help="class names (instead of the palette's)")
     group.add_argument("--nb_classes", type=int, default=None, help="classes (default: from the palette or --class_names)")
     group.add_argument("--reduce_zero_label", action="store_true", help="LoveDA: mask 0 (no data) -> ignore, k -> k-1")
-    group.add_argument("--ignore_index", type=int, default=seg_data.IGNORE_INDEX, help="mask value left out of loss and metrics")
+    group.add_argument("--ignore_index", type=int, default=segmentation.IGNORE_INDEX, help="mask value left out of loss and metrics")
     group.add_argument("--num_workers", type=int, default=8)
     group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pinned host memory (CUDA)")
 
@@ -59,12 +64,12 @@ def add_evaluation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval_ignore_boundary", type=int, default=0, metavar="PX",
                        help="evaluation only: ground-truth pixels within PX of another class are not counted (ISPRS's "
                             "eroded-boundary reference: 3; 0: every pixel)")
-    group.add_argument("--block_pattern", default=blocks.TILE_PATTERN,
+    group.add_argument("--block_pattern", default=location_blocks.TILE_PATTERN,
                        help="regular expression on each evaluation image's file stem naming its location block (groups "
                             "row and col: tiles grouped --block_size per side; other groups: their text; no match: the "
-                            "image alone; '': every image alone); mIoU intervals resample blocks (util/blocks.py)")
-    group.add_argument("--block_size", type=int, default=blocks.BLOCK_TILES, help="tiles per block side (with groups row, col)")
-    group.add_argument("--bootstrap", type=int, default=blocks.BOOTSTRAP,
+                            "image alone; '': every image alone); mIoU intervals resample blocks (util/eval/location_blocks.py)")
+    group.add_argument("--block_size", type=int, default=location_blocks.BLOCK_TILES, help="tiles per block side (with groups row, col)")
+    group.add_argument("--bootstrap", type=int, default=location_blocks.BOOTSTRAP,
                        help="block-bootstrap resamples of the final evaluation's 95 %% mIoU interval (0: no interval)")
     group.add_argument("--examples", type=int, default=4, help="evaluation images in the prediction figure")
 
@@ -109,7 +114,7 @@ def check_evaluation_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--ignore_index must be in 0..255 (masks are 8-bit), got {args.ignore_index}")
     if args.eval_ignore_boundary < 0 or args.bootstrap < 0:
         raise UsageError("--eval_ignore_boundary and --bootstrap must be >= 0")
-    blocks.block_ids([], args.block_pattern, args.block_size)  # checks the pattern and the size
+    location_blocks.block_ids([], args.block_pattern, args.block_size)  # checks the pattern and the size
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -117,9 +122,9 @@ def check_args(args: argparse.Namespace) -> None:
     check_evaluation_args(args)
 
 
-def classes_of(args: argparse.Namespace) -> tuple[list[str], seg_data.Palette | None]:
+def classes_of(args: argparse.Namespace) -> tuple[list[str], segmentation.Palette | None]:
     """Class names (index = class) and the palette, from --palette, --class_names and --nb_classes."""
-    palette = None if str(args.palette).lower() in ("", "none") else seg_data.load_palette(args.palette)
+    palette = None if str(args.palette).lower() in ("", "none") else segmentation.load_palette(args.palette)
     names = list(args.class_names or (palette.names if palette else []))
     if not names and args.nb_classes:
         names = [f"class_{k}" for k in range(args.nb_classes)]
@@ -134,20 +139,20 @@ def classes_of(args: argparse.Namespace) -> tuple[list[str], seg_data.Palette | 
     return names, palette
 
 
-def dataset_of(args: argparse.Namespace, path: str, transform, num_classes: int, palette) -> seg_data.SegDataset:
+def dataset_of(args: argparse.Namespace, path: str, transform, num_classes: int, palette) -> segmentation.SegDataset:
     """The image / mask pairs of ``path`` as ``--in_chans`` / ``--bands`` / ``--nodata`` and the masks' flags say
     (``args.raster``, set by ``config.resolve_band_args``: multispectral / high-bit-depth rasters, else 8-bit RGB)."""
-    raster = datasets.raster_options(args)
-    return seg_data.SegDataset(seg_data.find_pairs(path, raster=args.raster), transform, num_classes, palette,
+    raster = raster_options.raster_options(args)
+    return segmentation.SegDataset(segmentation.find_pairs(path, raster=args.raster), transform, num_classes, palette,
                                args.ignore_index, args.reduce_zero_label, raster)
 
 
 def datasets_of(args: argparse.Namespace, num_classes: int, palette, train: bool = True):
     """(training set with the joint augmentation or None, evaluation set)."""
-    val_set = dataset_of(args, args.test_path, seg_data.eval_transform(args.mean, args.std), num_classes, palette)
+    val_set = dataset_of(args, args.test_path, segmentation.eval_transform(args.mean, args.std), num_classes, palette)
     if not train:
         return None, val_set
-    transform = seg_data.train_transform(args.input_size, args.mean, args.std, args.ignore_index, tuple(args.crop_scale))
+    transform = segmentation.train_transform(args.input_size, args.mean, args.std, args.ignore_index, tuple(args.crop_scale))
     return dataset_of(args, args.train_path, transform, num_classes, palette), val_set
 
 
@@ -158,7 +163,7 @@ def evaluation_blocks(val_set, args: argparse.Namespace) -> tuple[list[str], np.
         UsageError: a pattern whose row / col groups match no integer.
     """
     names = [Path(image).name for image, _ in val_set.pairs]
-    return names, blocks.block_ids(names, args.block_pattern, args.block_size)
+    return names, location_blocks.block_ids(names, args.block_pattern, args.block_size)
 
 
 def bootstrap_resamples(args: argparse.Namespace, image_block: np.ndarray) -> int:
@@ -172,7 +177,7 @@ def bootstrap_resamples(args: argparse.Namespace, image_block: np.ndarray) -> in
     return args.bootstrap
 
 
-def single_image_loader(dataset, args: argparse.Namespace, run: runtime.Run):
+def single_image_loader(dataset, args: argparse.Namespace, run: process.Run):
     """Evaluation loader of one image per batch (images may differ in size), sharded over ranks."""
     one = copy.copy(args)
     one.batch_size = 1
@@ -187,7 +192,7 @@ def main(args: argparse.Namespace) -> None:
     class_names, palette = classes_of(args)
     num_classes = args.nb_classes = len(class_names)
     checkpoint.check_output_dir(args)
-    run = runtime.setup_run(args)
+    run = process.setup_run(args)
     train_set, val_set = datasets_of(args, num_classes, palette)
     evaluation_blocks(val_set, args)  # before training: a pattern that cannot work is found now, not after it
 
@@ -203,7 +208,7 @@ def main(args: argparse.Namespace) -> None:
 
     def criterion(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:  # [B, K, H, W], [B, H, W]; fp32 loss
         return cross_entropy(logits.float(), masks)
-    scaler = training.grad_scaler(run)
+    scaler = loop.grad_scaler(run)
     start_epoch, start_step, resumed = checkpoint.resume(args, run, model, optimizer, scaler)
     logger.append_log(run, {"run_start": datetime.datetime.now().isoformat(timespec="seconds"),
                             "resumed_from": str(resumed.get("path")) if resumed else None, "start_epoch": start_epoch})
@@ -220,10 +225,10 @@ def main(args: argparse.Namespace) -> None:
         f"{len(train_set)} training / {len(val_set)} evaluation images, {num_classes} classes, {steps_per_epoch} steps/epoch, "
         f"lr {args.lr:.3e}, device {run.device}, autocast {run.amp_dtype or 'off (fp32)'}"
     )
-    train_model = training.distribute(model, run, args, unused=model.unused_parameters)
+    train_model = loop.distribute(model, run, args, unused=model.unused_parameters)
     evaluation = dict(num_classes=num_classes, crop=args.input_size, overlap=args.overlap, ignore_index=args.ignore_index)
     try:
-        for epoch, first_step in training.epochs(args, sampler, start_epoch, start_step):
+        for epoch, first_step in loop.epochs(args, sampler, start_epoch, start_step):
             train_stats = engine_finetune.train_one_epoch(train_model, criterion, train_loader, optimizer, scheduler, scaler,
                                                          run, epoch, steps_per_epoch, args, writer, first_step)
             confusions, _ = engine_segment.evaluate(model, val_loader, run, **evaluation)
@@ -241,7 +246,7 @@ def main(args: argparse.Namespace) -> None:
             if writer is not None:
                 for name in ("mIoU", "mF1", "OA"):
                     writer.add_scalar(f"test/{name}", row[name], epoch)
-    except runtime.Preempted as stop:
+    except process.Preempted as stop:
         checkpoint.save_preempted(run, stop, model, optimizer, scaler, args, best_miou=best_miou, **extra)
         return
     if writer is not None:
@@ -249,7 +254,7 @@ def main(args: argparse.Namespace) -> None:
     final_evaluation(model, val_set, args, run, class_names, palette, run.output_dir, "last epoch")
 
 
-def final_evaluation(model: nn.Module, val_set, args: argparse.Namespace, run: runtime.Run, class_names: list[str],
+def final_evaluation(model: nn.Module, val_set, args: argparse.Namespace, run: process.Run, class_names: list[str],
                      palette, directory: Path, what: str) -> list[dict]:
     """Evaluate at every ``--scales``, with the mIoU's 95 % block-bootstrap interval (``--block_pattern``,
     ``--bootstrap``); rank 0 writes seg_results.csv / .md, seg_confusion.json (per scale: the set's and each
@@ -276,13 +281,13 @@ def final_evaluation(model: nn.Module, val_set, args: argparse.Namespace, run: r
             | {"class_names": class_names, "images": names, "blocks": image_block.tolist(),
                "per_image": {f"{s:g}": c.tolist() for s, c in confusions.items()}}))
         one = next(row for row in rows if row["scale"] == max(args.scales))
-        seg_figures.save_per_class_iou(one, class_names, directory / "per_class_iou.png",
+        figures.save_per_class_iou(one, class_names, directory / "per_class_iou.png",
                                        f"per-class IoU ({what}, scale {one['scale']:g}): mIoU {one['mIoU']:.1f}%")
         if len(rows) > 1:
-            seg_figures.save_miou_vs_scale(rows, directory / "miou_vs_scale.png", what)
+            figures.save_miou_vs_scale(rows, directory / "miou_vs_scale.png", what)
         if examples:
-            shown = palette if palette is not None and list(palette.names) == class_names else seg_figures.default_palette(class_names)
-            seg_figures.save_examples(examples, shown, args.mean, args.std, directory / "seg_examples.png",
+            shown = palette if palette is not None and list(palette.names) == class_names else figures.default_palette(class_names)
+            figures.save_examples(examples, shown, args.mean, args.std, directory / "seg_examples.png",
                                       f"{what}: mIoU {one['mIoU']:.1f}% at scale {one['scale']:g}", stretch=args.raster,
                                       rgb_bands=args.rgb_bands)
         distributed.main_print(f"segmentation outputs: {directory}")
@@ -312,12 +317,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     checkpoint.check_band_flags(saved, args, path)
     args.freeze_encoder, args.nb_classes, args.class_names = False, len(class_names), class_names
     if state.get("palette"):
-        palette_used = seg_data.Palette(tuple(class_names), tuple(tuple(c) for c in state["palette"]))
+        palette_used = segmentation.Palette(tuple(class_names), tuple(tuple(c) for c in state["palette"]))
     else:
         palette_used = None
     args.output_dir = str(Path(args.output_dir) / "eval")
-    run = runtime.setup_run(args)
-    decode = seg_data.load_palette(args.palette) if str(args.palette).lower() not in ("", "none") else palette_used
+    run = process.setup_run(args)
+    decode = segmentation.load_palette(args.palette) if str(args.palette).lower() not in ("", "none") else palette_used
     if decode is not None and len(decode.colors) != len(class_names):
         decode = palette_used
     _, val_set = datasets_of(args, len(class_names), decode, train=False)
@@ -328,7 +333,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     except RuntimeError as e:
         raise CheckpointError(f"{path}: does not fit the segmenter it describes ({str(e).strip().splitlines()[-1].strip()})") from None
     model.to(run.device)
-    training.set_fused_attention(model, training.use_sdpa(args.attention, run.device))  # the attention path training used
+    loop.set_fused_attention(model, loop.use_sdpa(args.attention, run.device))  # the attention path training used
     distributed.main_print(f"eval: the segmenter of {path} ({args.model or 'its encoder'}, {args.head} head, {len(class_names)} classes, "
                            f"crop {args.input_size} px)")
     final_evaluation(model, val_set, args, run, class_names, palette_used or decode, run.output_dir, f"eval of {path.name}")

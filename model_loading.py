@@ -19,10 +19,11 @@ from timm.models.vision_transformer import VisionTransformer
 import models_cross_scale_mae as models_mae
 import models_vit
 from models_vit import PRESETS, PostNormBlock, classifier_name_for, preset_for
-from util import checkpoint as checkpoint_io
-from util import layouts
-from util.distributed import main_print
+from util.run import checkpoint as checkpoint_io
+from util.weights import band_adaptation, layouts
+from util.run.distributed import main_print
 from util.errors import CheckpointError, UsageError, first_line
+from util.files import write_atomically
 
 
 def classifier_name(weights: layouts.EncoderWeights) -> str:
@@ -125,13 +126,13 @@ def load_mae(path: str | os.PathLike, **overrides: Any) -> tuple[models_mae.Cros
 VARIANT_MODULES = ("predictor.", "encoder_predictor.")
 
 
-def init_mae(model: models_mae.CrossScaleMAE, path: str | os.PathLike, bands: layouts.BandAdaptation,
+def init_mae(model: models_mae.CrossScaleMAE, path: str | os.PathLike, bands: band_adaptation.BandAdaptation,
              model_name: str) -> layouts.LoadReport:
     """Initialise a pretraining model with the weights of a pretraining checkpoint (``main_pretrain.py --init``):
     ours or upstream's (either layout, as ``load_mae`` reads them; published files md5-verified).
 
     A checkpoint of another band count gets ``patch_embed.proj`` and ``decoder_pred`` adapted by ``bands``
-    (``layouts.BandAdaptation``); the report's ``adapted`` says how. Predictor modules of another loss variant are
+    (``band_adaptation.BandAdaptation``); the report's ``adapted`` says how. Predictor modules of another loss variant are
     left fresh or left out (``VARIANT_MODULES``). Only weights are taken: no optimiser state, epoch or schedule.
 
     Args:
@@ -168,7 +169,7 @@ def init_mae(model: models_mae.CrossScaleMAE, path: str | os.PathLike, bands: la
                    f"{model.norm_pix_loss}: its decoder learnt to predict {'standardised patches' if trained_norm_pix else 'raw pixels'}, "
                    f"this run trains it towards {'raw pixels' if trained_norm_pix else 'standardised patches'}"
                    + (" (give --norm_pix_loss to keep its target)" if trained_norm_pix else ""))
-    adapted = layouts.adapt_bands(state_dict, model.in_chans, bands, str(path), prefix="encoder.")
+    adapted = band_adaptation.adapt_bands(state_dict, model.in_chans, bands, str(path), prefix="encoder.")
     model_keys = model.state_dict().keys()
     missing = [k for k in model_keys if k not in state_dict]
     unexpected = [k for k in state_dict if k not in model_keys]
@@ -204,9 +205,9 @@ def export_encoder(model: models_mae.CrossScaleMAE, path: str | os.PathLike) -> 
     pth = Path(path).with_suffix(".pth")
     safetensors = pth.with_suffix(".safetensors")
     checkpoint_io.save_checkpoint(state_dict, pth)
-    checkpoint_io.write_atomically(safetensors, lambda tmp: save_safetensors(state_dict, tmp, metadata={"format": "pt"}))
+    write_atomically(safetensors, lambda tmp: save_safetensors(state_dict, tmp, metadata={"format": "pt"}))
     config = timm_config(model.encoder, pth.name)
-    checkpoint_io.write_atomically(pth.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomically(pth.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return pth, safetensors
 
 
@@ -271,7 +272,7 @@ def build_classifier(args: argparse.Namespace, num_classes: int, weights: layout
     if weights is None:
         main_print(f"no --finetune: {name} starts from random initialisation")
     elif load:
-        main_print(layouts.load_encoder(model, weights, layouts.BandAdaptation.from_args(args)))
+        main_print(layouts.load_encoder(model, weights, band_adaptation.BandAdaptation.from_args(args)))
     return model, weights
 
 
@@ -292,7 +293,7 @@ def build_knn_encoder(spec: str, weights: layouts.EncoderWeights | None, model_n
     )
     if weights is None:
         return encoder, f"random init ({model_name})", True
-    main_print(layouts.load_encoder(encoder, weights, layouts.BandAdaptation.from_args(args)))
+    main_print(layouts.load_encoder(encoder, weights, band_adaptation.BandAdaptation.from_args(args)))
     return encoder, spec, weights.final_norm
 
 
@@ -319,6 +320,6 @@ def build_segmenter(args: argparse.Namespace, num_classes: int, weights: layouts
     if weights is None:
         main_print(f"no --finetune: {name} starts from random initialisation")
     elif load:
-        main_print(layouts.load_encoder(encoder, weights, layouts.BandAdaptation.from_args(args)))
+        main_print(layouts.load_encoder(encoder, weights, band_adaptation.BandAdaptation.from_args(args)))
     model = models_segmentation.Segmenter(encoder, num_classes, args.head, args.freeze_encoder, args.decoder_channels)
     return model, weights

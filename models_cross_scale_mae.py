@@ -22,8 +22,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from models_vit import PRESETS, NormStyle, block_class, vision_transformer
-from util import distributed
-from util.pos_embed import get_2d_sincos_pos_embed
+from util.run import distributed
+from util.weights.pos_embed import get_2d_sincos_pos_embed
 
 LOSS_WEIGHT_KEYS = ("rec", "cross_pred", "cross_cons", "enc_pred", "latent")
 # Which loss weight scales each reported term (the cross-scale terms are named after their weight).

@@ -14,7 +14,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from util.pos_embed import get_2d_sincos_pos_embed
+from util.weights.pos_embed import get_2d_sincos_pos_embed
 
 NormStyle = Literal["pre", "post"]
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_data.py --input_size 128
 
 Pipelines on the same images: small pre-resized JPEGs (what tools/preprocess.py writes), large original
-JPEGs (decoded with PIL draft), the packed uint8 array and the WebDataset shards (``util.shards``): what a
+JPEGs (decoded with PIL draft), the packed uint8 array and the WebDataset shards (``util.data.shards``): what a
 worker does (memory-mapped read; one ``pread`` + ``.npy`` parse per sample), and that plus crop/flip/normalise
 of the batch by ``BatchAugment`` on this CPU (on a GPU that part is the device's, not the worker's). The shards
 are also streamed whole by ``webdataset.WebDataset`` (if installed) from local disk and from a throwaway
@@ -26,8 +26,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from util import datasets, transforms  # noqa: E402
-from util.shards import MANIFEST_SUFFIX  # noqa: E402
+from util.data import datasets, transforms  # noqa: E402
+from util.data.shards import MANIFEST_SUFFIX  # noqa: E402
 
 
 def per_worker_rate(dataset, count: int, batch_transform=None, batch_size: int = 64) -> float:

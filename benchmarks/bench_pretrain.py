@@ -22,8 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_cross_scale_mae as models_mae  # noqa: E402
-from util.runtime import autocast, resolve_amp, resolve_device  # noqa: E402
-from util.training import optimizer_step, set_fused_attention, use_sdpa  # noqa: E402
+from util.run.process import autocast, resolve_amp, resolve_device  # noqa: E402
+from util.run.loop import optimizer_step, set_fused_attention, use_sdpa  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:

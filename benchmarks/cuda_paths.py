@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from util.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD, BatchAugment  # noqa: E402
+from util.data.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD, BatchAugment  # noqa: E402
 
 
 def check_flash_attention(device: torch.device, heads: int, head_dim: int, tokens: int, batch: int) -> str:

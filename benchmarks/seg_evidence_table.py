@@ -6,7 +6,7 @@ protocol), bootstrapped paired over the same resampled location blocks.
 
 Every run folder holds ``seg_results.csv`` and ``seg_confusion.json`` (per-image confusion matrices, the images'
 names and blocks) written by ``main_segment.final_evaluation``; the intervals here are recomputed from those with
-``util.seg_metrics.block_bootstrap_mious`` (seed 0), so they equal the runs' own.
+``util.eval.iou.block_bootstrap_mious`` (seed 0), so they equal the runs' own.
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from util import blocks, seg_metrics  # noqa: E402
-from util.errors import DataError, run_entry_point  # noqa: E402
+from util.eval import iou, location_blocks  # noqa: E402
+from util.errors import DataError  # noqa: E402
+from util.run.process import run_entry_point
 
 # (folder, row label); the order of the table
 RUNS = (
@@ -55,7 +56,7 @@ def fmt(value: float, low: float, high: float) -> str:
     return f"{value:.1f} [{low:.1f}, {high:.1f}]"
 
 
-def table(root: Path, resamples: int = blocks.BOOTSTRAP) -> str:
+def table(root: Path, resamples: int = location_blocks.BOOTSTRAP) -> str:
     """The Markdown text. Runs whose folder is missing are left out; runs must share their evaluation images."""
     found = {name: load(root / name) for name, _ in RUNS if (root / name).is_dir()}
     if not found:
@@ -80,14 +81,14 @@ def table(root: Path, resamples: int = blocks.BOOTSTRAP) -> str:
         cells = []
         for row in rows:
             per_image = torch.tensor(confusion["per_image"][f"{float(row['scale']):g}"])
-            samples[name, row["scale"]] = seg_metrics.block_bootstrap_mious(per_image, image_block, resamples=resamples)
-            cells.append(fmt(float(row["mIoU"]), *blocks.percentile_interval(samples[name, row["scale"]])))
+            samples[name, row["scale"]] = iou.block_bootstrap_mious(per_image, image_block, resamples=resamples)
+            cells.append(fmt(float(row["mIoU"]), *location_blocks.percentile_interval(samples[name, row["scale"]])))
         gain = ""
         base = BASELINE_OF.get(name)
         if base in found:
             last = rows[-1]["scale"]
             difference = float(rows[-1]["mIoU"]) - float(found[base][0][-1]["mIoU"])
-            gain = fmt(difference, *blocks.percentile_interval(samples[name, last] - samples[base, last]))
+            gain = fmt(difference, *location_blocks.percentile_interval(samples[name, last] - samples[base, last]))
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {gain} |")
     return "\n".join(lines) + "\n"
 
@@ -102,7 +103,7 @@ def main(args: argparse.Namespace) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", help="the OUT folder of benchmarks/seg_evidence.sh (one sub-folder per run)")
-    parser.add_argument("--bootstrap", type=int, default=blocks.BOOTSTRAP, help="resamples (the runs used 2000)")
+    parser.add_argument("--bootstrap", type=int, default=location_blocks.BOOTSTRAP, help="resamples (the runs used 2000)")
     return parser
 
 

@@ -82,7 +82,7 @@ def tiny_mae():
 @pytest.fixture
 def pretrained(tiny_mae, tmp_path) -> Path:
     """``tiny_mae`` saved as a pretraining checkpoint (epoch 0)."""
-    from util import checkpoint
+    from util.run import checkpoint
 
     path = tmp_path / "pretrain.pth"
     checkpoint.save_checkpoint({"model": tiny_mae.state_dict(), "model_config": tiny_mae.model_config, "epoch": 0}, path)
@@ -93,7 +93,7 @@ def run_expecting_error(argv: list[str]) -> str:
     """Run main_pretrain.py's entry point with ``argv`` and return its error, asserted to be one ``error:`` line."""
     import main_pretrain
     from util import config
-    from util.errors import run_entry_point
+    from util.run.process import run_entry_point
 
     with pytest.raises(SystemExit) as info:
         run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))

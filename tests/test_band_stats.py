@@ -8,7 +8,7 @@ import pytest
 import tifffile
 
 from tools import band_stats as bs
-from util.errors import run_entry_point
+from util.run.process import run_entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 NODATA = 7
@@ -218,7 +218,7 @@ def test_an_unreadable_file_read_by_a_worker_process_is_a_one_line_error_not_a_h
 def test_image_errors_survive_pickling():
     import pickle
 
-    from util.images import BadImageError, NotEightBitError
+    from util.data.images import BadImageError, NotEightBitError
 
     for error in (BadImageError("a.tif", "truncated"), NotEightBitError("b.png", "PIL mode I;16")):
         copy = pickle.loads(pickle.dumps(error))

@@ -5,8 +5,9 @@ import torch
 from upstream_layouts import upstream_checkpoint
 
 from model_loading import load_mae
-from util import checkpoint as ckpt
+from util.run import checkpoint as ckpt
 from util.errors import CheckpointError
+from util.files import file_md5
 
 
 def test_truncated_and_missing_files_give_one_line_errors(tmp_path):
@@ -39,8 +40,8 @@ def test_published_names_are_md5_checked(tmp_path, monkeypatch):
     torch.save(upstream_checkpoint("timm"), path)
     with pytest.raises(CheckpointError, match="md5 .* does not match the published 0c33995da85c112d9602f89d5b186bbc"):
         load_mae(path)
-    monkeypatch.setitem(ckpt.PUBLISHED_FILENAMES, path.name, ckpt.file_md5(path))
-    monkeypatch.setitem(ckpt.PUBLISHED_MD5, ckpt.file_md5(path), "published test file")
+    monkeypatch.setitem(ckpt.PUBLISHED_FILENAMES, path.name, file_md5(path))
+    monkeypatch.setitem(ckpt.PUBLISHED_MD5, file_md5(path), "published test file")
     _, report = load_mae(path)
     assert report.md5_status.endswith("verified: published test file")
 

@@ -1,9 +1,9 @@
 import pytest
 
 
-from util import datasets
-from util.datasets import DataError, build_dataset
-from util.transforms import build_transform
+from util.data import datasets
+from util.data.datasets import DataError, build_dataset
+from util.data.transforms import build_transform
 
 
 def test_csv_labels_and_relative_paths(csv_dataset):

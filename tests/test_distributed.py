@@ -1,4 +1,4 @@
-"""util/distributed.py and the gathered contrastive loss: cross-rank negatives, SyncBatchNorm1d, collectives on the training device.
+"""util/run/distributed.py and the gathered contrastive loss: cross-rank negatives, SyncBatchNorm1d, collectives on the training device.
 
 One 2-process gloo job (module fixture) runs every distributed case and saves each rank's results; the
 tests compare them with one process on the union batch A ∪ B (rank 0 holds A, rank 1 holds B).
@@ -17,7 +17,7 @@ import torch.nn as nn
 from strict_collectives import WrongDeviceError, run_allowing_meta_readback, strict_collectives
 
 from models_cross_scale_mae import cross_scale_contrastive_loss
-from util import distributed as ops
+from util.run import distributed as ops
 
 WORLD = 2
 B, D_IN, D = 6, 5, 4  # contrastive: per-rank batch, input width, feature width
@@ -343,7 +343,7 @@ def test_every_collective_of_the_module_runs_on_the_training_device():
 
 
 def test_gathers_for_evaluation_and_knn_run_on_the_training_device():
-    from util.knn import knn_accuracies
+    from util.eval.knn import knn_accuracies
 
     device = torch.device("meta")
     with strict_collectives(device, world_size=2) as log:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import engine_segment
-from util import runtime
+from util.run import process
 
 
 def test_results_table_and_files_report_each_scale_and_mark_absent_classes(tmp_path, capsys):
@@ -50,7 +50,7 @@ class Constant(torch.nn.Module):
 
 
 def test_evaluate_counts_every_non_ignored_pixel_once_per_scale():
-    run = runtime.Run(0, 1, 0, torch.device("cpu"), None, None)
+    run = process.Run(0, 1, 0, torch.device("cpu"), None, None)
     masks = [torch.zeros(1, 40, 50, dtype=torch.long), torch.ones(1, 20, 20, dtype=torch.long)]
     masks[0][0, :5] = 255
     loader = [(torch.randn(1, 3, *m.shape[-2:]), m) for m in masks]
@@ -61,7 +61,7 @@ def test_evaluate_counts_every_non_ignored_pixel_once_per_scale():
 
 
 def test_evaluate_leaves_out_ground_truth_near_class_boundaries_when_asked():
-    run = runtime.Run(0, 1, 0, torch.device("cpu"), None, None)
+    run = process.Run(0, 1, 0, torch.device("cpu"), None, None)
     mask = torch.zeros(1, 20, 20, dtype=torch.long)
     mask[:, :, 10:] = 1  # one vertical boundary between columns 9 and 10
     confusions, _ = engine_segment.evaluate(Constant(), [(torch.randn(1, 3, 20, 20), mask)], run, 2, crop=20, ignore_boundary=3)

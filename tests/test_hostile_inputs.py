@@ -15,8 +15,11 @@ from PIL import Image
 import main_knn
 import main_linprobe
 import main_pretrain
-from util import checkpoint, config, datasets, images, runtime
-from util.errors import DataError, run_entry_point
+from util import config
+from util.data import datasets, images, packed
+from util.run import checkpoint, process
+from util.errors import DataError
+from util.run.process import run_entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--epochs", "1",
@@ -120,16 +123,16 @@ def test_second_live_run_in_the_same_folder_is_refused(data, tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    runtime.prepare_output_dir(tmp_path)  # the dead holder's lock is gone
+    process.prepare_output_dir(tmp_path)  # the dead holder's lock is gone
     assert "pid" in (tmp_path / ".lock").read_text()
-    runtime.release_output_dirs()
+    process.release_output_dirs()
 
 
 def test_stale_temporaries_are_removed_at_start(tmp_path, capsys):
     (tmp_path / ".checkpoint-last.pth.abcd1234.tmp").write_bytes(b"x" * 2048)
     (tmp_path / "keep.txt").write_text("mine")
-    runtime.prepare_output_dir(tmp_path)
-    runtime.release_output_dirs()
+    process.prepare_output_dir(tmp_path)
+    process.release_output_dirs()
     assert not list(tmp_path.glob(".*.tmp")) and (tmp_path / "keep.txt").exists()
     assert "removed 1 temporary file(s)" in capsys.readouterr().out
 
@@ -284,7 +287,7 @@ def test_hand_edited_packed_description(tmp_path, meta, expected):
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"size": 32, "count": 1, "array": "p.u8", "labels": [0], **meta}))
     with pytest.raises(DataError) as info:
-        datasets.PackedDataset(path)
+        packed.PackedDataset(path)
     assert str(path) in str(info.value) and expected in str(info.value)
 
 
@@ -299,13 +302,13 @@ def test_preprocess_flags(data, tmp_path, flags, expected):
 
 
 def test_sigterm_during_an_epochs_last_step_completes_that_epochs_record(data, tmp_path, monkeypatch):
-    from util import training
+    from util.run import loop
     calls = []
 
     def stop_after_first_check(run):  # the stop arrives after the check of step 0: during the last step (1 of 2)
         calls.append(1)
         return len(calls) > 1
-    monkeypatch.setattr(training, "stop_requested", stop_after_first_check)
+    monkeypatch.setattr(loop, "stop_requested", stop_after_first_check)
     out = tmp_path / "o"
     main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(),
                                          [*TINY, "--epochs", "2", "--train_path", str(data), "--output_dir", str(out)]))
@@ -323,7 +326,7 @@ def test_sigterm_during_an_epochs_last_step_completes_that_epochs_record(data, t
 def test_upstream_checkpoint_with_odd_fields_read_as_encoder(tmp_path, edit, expected):
     from upstream_layouts import upstream_checkpoint
 
-    from util import layouts
+    from util.weights import layouts
     state = upstream_checkpoint("timm")
     edit(state)
     path = tmp_path / "up.pth"
@@ -430,13 +433,13 @@ def test_preprocess_output_that_is_a_file(data, tmp_path):
 def test_the_stop_message_names_the_signal_received(monkeypatch):
     import signal as signals
 
-    from util import runtime
-    monkeypatch.setattr(runtime, "_STOP_REASON", [])
-    monkeypatch.setattr(runtime._STOP, "set", lambda: None)
-    assert runtime.stop_reason() == "a stop signal on another process"
+    from util.run import process
+    monkeypatch.setattr(process, "_STOP_REASON", [])
+    monkeypatch.setattr(process._STOP, "set", lambda: None)
+    assert process.stop_reason() == "a stop signal on another process"
     monkeypatch.setattr(signals, "signal", lambda *a: None)
-    runtime._interrupt(signals.SIGINT, None)
-    assert runtime.stop_reason() == "Ctrl-C (SIGINT)"
-    monkeypatch.setattr(runtime, "_STOP_REASON", [])
-    runtime._request_stop(signals.SIGUSR1, None)
-    assert runtime.stop_reason() == "SIGUSR1"
+    process._interrupt(signals.SIGINT, None)
+    assert process.stop_reason() == "Ctrl-C (SIGINT)"
+    monkeypatch.setattr(process, "_STOP_REASON", [])
+    process._request_stop(signals.SIGUSR1, None)
+    assert process.stop_reason() == "SIGUSR1"

@@ -1,12 +1,12 @@
-"""util/images.py: decoding any image file to 8-bit RGB."""
+"""util/data/images.py: decoding any image file to 8-bit RGB."""
 import numpy as np
 from conftest import make_image
 from PIL import Image
 
 import pytest
 
-from util import images as images_module
-from util.images import NotEightBitError, load_image
+from util.data import images as images_module
+from util.data.images import NotEightBitError, load_image
 
 
 def test_grayscale_rgba_and_16_bit_images_become_rgb(tmp_path, monkeypatch):
@@ -42,8 +42,8 @@ def test_an_image_error_in_a_dataloader_worker_is_still_one_line(tmp_path, num_w
     import torch
     from torch.utils.data import DataLoader
 
-    from util.datasets import build_dataset
-    from util.errors import run_entry_point
+    from util.data.datasets import build_dataset
+    from util.run.process import run_entry_point
 
     (tmp_path / "tiles").mkdir()
     Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(tmp_path / "tiles" / "a.png")

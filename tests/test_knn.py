@@ -12,8 +12,11 @@ from conftest import write_csv_dataset
 
 import main_knn
 from models_cross_scale_mae import create_model
-from util import checkpoint, config, knn, layouts
-from util.errors import run_entry_point
+from util import config
+from util.eval import knn
+from util.run import checkpoint
+from util.weights import layouts
+from util.run.process import run_entry_point
 
 
 def test_weighted_knn_known_answer():

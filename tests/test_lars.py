@@ -1,7 +1,7 @@
-"""util/lars.py: the LARS update."""
+"""util/run/lars.py: the LARS update."""
 import torch
 
-from util.lars import LARS
+from util.run.lars import LARS
 
 
 def test_lars_step_matches_the_formula():

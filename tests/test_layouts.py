@@ -1,4 +1,4 @@
-"""util/layouts.py: reading the encoder out of any checkpoint layout and loading it into a timm ViT classifier."""
+"""util/weights/layouts.py: reading the encoder out of any checkpoint layout and loading it into a timm ViT classifier."""
 import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -7,9 +7,10 @@ from upstream_layouts import SIZE, upstream_checkpoint, upstream_encoder
 import models_vit
 from model_loading import classifier_name, export_encoder
 from models_cross_scale_mae import create_model
-from util import checkpoint
+from util.run import checkpoint
 from util.errors import CheckpointError, UsageError
-from util.layouts import BandAdaptation, load_encoder, read_encoder
+from util.weights.layouts import load_encoder, read_encoder
+from util.weights.band_adaptation import BandAdaptation
 
 
 def classifier_for(weights, global_pool=False, **kwargs):

@@ -1,9 +1,9 @@
-"""util/loaders.py: seeded, resumable sampling."""
+"""util/data/loaders.py: seeded, resumable sampling."""
 import torch
 
-from util import loaders
-from util.datasets import build_dataset
-from util.transforms import build_transform
+from util.data import loaders
+from util.data.datasets import build_dataset
+from util.data.transforms import build_transform
 
 
 def test_seeded_samples_repeat_their_augmentation(csv_dataset):

@@ -9,8 +9,9 @@ import main_finetune
 import main_linprobe
 import engine_finetune
 import models_vit
-from util import checkpoint, config, runtime
-from util.errors import run_entry_point
+from util import config
+from util.run import checkpoint, process
+from util.run.process import run_entry_point
 
 COMMON = ["--input_size", "32", "--batch_size", "8", "--num_workers", "0", "--log_every", "1", "--warmup_epochs", "1"]
 
@@ -167,7 +168,7 @@ def test_eval_refuses_non_finite_weights_and_logits(split, tmp_path):
             return torch.full((len(images), 2), float("inf"))
 
     loader = [(torch.zeros(3, 3, 4, 4), torch.tensor([0, 1, 0]))]
-    run_ = runtime.Run(0, 1, 0, torch.device("cpu"), None, tmp_path)
+    run_ = process.Run(0, 1, 0, torch.device("cpu"), None, tmp_path)
     with pytest.raises(engine_finetune.NonFiniteOutputError, match="NaN/inf for 3 of 3 images"):
         engine_finetune.evaluate(Broken(), loader, run_, 2)
 

@@ -11,13 +11,14 @@ from PIL import Image
 import yaml
 
 import main_pretrain
-from util import config, schedule
+from util import config
+from util.run import schedule
 from model_loading import load_mae
 from models_cross_scale_mae import create_model
-from util.checkpoint import save_checkpoint
-from util.checkpoint import read_checkpoint
-from util.visualize import MIN_CELL_PX
-from util.errors import run_entry_point
+from util.run.checkpoint import save_checkpoint
+from util.run.checkpoint import read_checkpoint
+from util.eval.figures import MIN_CELL_PX
+from util.run.process import run_entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--model", "cross_scale_mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4",

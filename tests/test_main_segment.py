@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 import main_segment
-from util import checkpoint, config, seg_data
+from util import config
+from util.data import segmentation
+from util.run import checkpoint
 
 COMMON = ["--input_size", "32", "--batch_size", "8", "--num_workers", "0", "--log_every", "2", "--warmup_epochs", "1",
           "--palette", "none", "--class_names", "left", "right", "--decoder_channels", "32", "--drop_path", "0"]
@@ -28,7 +30,7 @@ def write_split(root, count, seed, names=None):
         image = np.where(mask[..., None] == 1, [60, 80, 200], [200, 70, 60]) + rng.normal(0, 20, (32, 32, 3))
         (root / "images").mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"{name}.png")
-        seg_data.write_mask(root / "masks" / f"{name}.png", mask)
+        segmentation.write_mask(root / "masks" / f"{name}.png", mask)
     return root
 
 
@@ -156,7 +158,7 @@ def test_four_band_uint16_rasters_train_one_epoch_with_band_statistics(tmp_path)
             bands[3] += 4000.0 * mask
             (tmp_path / split / "images").mkdir(parents=True, exist_ok=True)
             np.save(tmp_path / split / "images" / f"r00_c{i:02d}.npy", bands.clip(0, 65535).astype(np.uint16))
-            seg_data.write_mask(tmp_path / split / "masks" / f"r00_c{i:02d}.png", mask)
+            segmentation.write_mask(tmp_path / split / "masks" / f"r00_c{i:02d}.png", mask)
     stats = tmp_path / "stats.json"
     stats.write_text(json.dumps({"mean": [3000, 3000, 3000, 5000], "std": [300, 300, 300, 2000], "bands": [0, 1, 2, 3]}))
     out = tmp_path / "seg"

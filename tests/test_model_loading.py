@@ -8,9 +8,9 @@ from upstream_layouts import SIZE, upstream_checkpoint, upstream_encoder
 
 from model_loading import build_classifier, build_knn_encoder, export_encoder, init_mae, load_mae
 from models_cross_scale_mae import create_model
-from util import checkpoint as ckpt
+from util.run import checkpoint as ckpt
 from util.errors import CheckpointError, UsageError
-from util.layouts import BandAdaptation
+from util.weights.band_adaptation import BandAdaptation
 
 
 @pytest.mark.parametrize("layout", ["timm", "xformers"])
@@ -191,7 +191,7 @@ def test_evaluation_loaders_pass_the_band_flags_to_the_encoder_load(tmp_path, ca
 
 
 def test_non_finite_weights_are_refused_by_init_and_by_every_encoder_load(tmp_path):
-    from util.layouts import read_encoder
+    from util.weights.layouts import read_encoder
 
     _, path = saved_mae(tmp_path)
     state = ckpt.read_checkpoint(path)

@@ -10,7 +10,7 @@ import torch
 import models_vit
 from model_loading import build_segmenter, export_encoder
 from models_segmentation import Segmenter, feature_blocks
-from util import checkpoint
+from util.run import checkpoint
 
 
 def segmenter(size: str, input_size: int, num_classes: int = 5, head: str = "upernet", patch: int = 16, **kwargs) -> Segmenter:

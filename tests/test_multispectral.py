@@ -10,10 +10,11 @@ from PIL import Image
 import main_pretrain
 from conftest import run_expecting_error
 from util import config
-from util.datasets import DataError, RasterOptions
-from util.errors import run_entry_point
-from util.images import NotEightBitError, load_image, read_raster
-from util.transforms import build_raster_transform
+from util.data.datasets import DataError
+from util.data.raster_options import RasterOptions
+from util.run.process import run_entry_point
+from util.data.images import NotEightBitError, load_image, read_raster
+from util.data.transforms import build_raster_transform
 
 TINY = ["--model", "mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--epochs", "1",
         "--num_workers", "0", "--amp", "none"]
@@ -276,7 +277,7 @@ def stats_args(stats_path, **flags):
 
 
 def test_files_of_another_sample_type_than_the_band_stats_are_refused(tmp_path):
-    from util.datasets import raster_options
+    from util.data.raster_options import raster_options
 
     np.save(tmp_path / "u16.npy", raster(2, np.uint16))
     np.save(tmp_path / "f32.npy", raster(2, np.float32))
@@ -289,7 +290,7 @@ def test_files_of_another_sample_type_than_the_band_stats_are_refused(tmp_path):
 
 
 def test_a_nodata_value_other_than_the_band_stats_one_is_refused(tmp_path):
-    from util.datasets import raster_options
+    from util.data.raster_options import raster_options
 
     np.save(tmp_path / "a.npy", raster(2, np.uint16) + 1)
     stats = tmp_path / "s.json"
@@ -317,7 +318,7 @@ def test_band_stats_file_whose_bands_and_statistics_disagree_is_refused(tmp_path
 
 
 def test_complex_or_text_samples_and_float64_beyond_float32_are_refused(tmp_path):
-    from util.images import BadImageError
+    from util.data.images import BadImageError
 
     np.save(tmp_path / "c.npy", np.ones((2, 8, 8), np.complex64))
     np.save(tmp_path / "s.npy", np.full((2, 8, 8), "ab"))

@@ -94,7 +94,7 @@ def schedule_numbers() -> dict[str, float]:
     """LR of every optimiser update: 3 epochs of 5 steps, 1 warm-up epoch, lr 1, min_lr 0.1, accum_iter 1."""
     import argparse
 
-    from util.schedule import lr_scheduler
+    from util.run.schedule import lr_scheduler
 
     args = argparse.Namespace(epochs=3, warmup_epochs=1.0, min_lr=0.1, accum_iter=1, lr=1.0)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -9,7 +9,8 @@ from conftest import make_image, write_csv_dataset
 from PIL import Image
 
 import main_pretrain
-from util import config, datasets, transforms
+from util import config
+from util.data import datasets, packed, raster_options, transforms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,15 +127,15 @@ def test_raster_preprocessing_is_lossless_and_packs_uint16_of_every_band(tmp_pat
     assert (meta["dtype"], meta["bands"], meta["nodata"], meta["array"]) == ("uint16", 13, 0.0, "train_40.u16")
     written = sorted((out / "train_40").iterdir())
     assert [p.suffix for p in written] == [".tif"] * 4
-    from util.images import read_raster
+    from util.data.images import read_raster
 
     order = [0, 2, 1, 3]  # ImageFolder order: class c0 (tiles 0, 2), then c1
     for path, i in zip(written, order):  # no resizing at 40 px: values and the no-data tag survive exactly
         raster = read_raster(path)
         assert raster.dtype == "uint16" and raster.nodata == 0 and np.array_equal(raster.data, tiles[i].astype(np.float32))
-    packed = datasets.PackedDataset(out / "train_40.json", raster=datasets.RasterOptions(13, None, None, [1.0] * 13))
+    dataset = packed.PackedDataset(out / "train_40.json", raster=raster_options.RasterOptions(13, None, None, [1.0] * 13))
     for index, i in enumerate(order):
-        pixels, label = packed[index]
+        pixels, label = dataset[index]
         assert pixels.dtype == torch.uint16 and np.array_equal(pixels.numpy(), tiles[i]) and label == i % 2
     message = None
     try:
@@ -147,7 +148,7 @@ def test_raster_preprocessing_is_lossless_and_packs_uint16_of_every_band(tmp_pat
 def test_raster_resizing_leaves_nodata_out_of_the_interpolation(tmp_path):
     import tifffile
 
-    from util.images import read_raster
+    from util.data.images import read_raster
 
     (tmp_path / "raw").mkdir()
     tile = np.full((2, 64, 64), 1000, np.uint16)
@@ -166,12 +167,12 @@ def test_packed_uint16_with_nodata_pretrains_with_the_validity_band(tmp_path):
     out = tmp_path / "pre"
     assert preprocess("--input", tmp_path / "raw", "--output", out, "--size", "40", "--raster", "--nodata", "0", "--pack",
                       "--split", "train").returncode == 0
-    packed = datasets.build_dataset(out / "train_40.json", raster=datasets.RasterOptions(4, None, None, [30000.0] * 4))
+    packed = datasets.build_dataset(out / "train_40.json", raster=raster_options.RasterOptions(4, None, None, [30000.0] * 4))
     augment = transforms.BatchAugment(40, [30000.0] * 4, [17000.0] * 4, value_scale=1.0, nodata=packed.nodata)
     torch.manual_seed(0)
     with torch.no_grad():
         batch = augment(torch.stack([packed[i][0] for i in range(4)]))
-    images, valid = datasets.split_valid(batch, 4)
+    images, valid = raster_options.split_valid(batch, 4)
     assert images.shape == (4, 4, 40, 40) and valid.shape == (4, 1, 40, 40)
     assert 0 < valid.mean() < 1 and valid.min() >= 0 and valid.max() <= 1
     assert images[valid.expand_as(images) == 0].abs().max() < 1e-4  # no-data filled with the mean: 0 once normalised
@@ -186,7 +187,7 @@ def test_nan_nodata_does_not_spread_into_valid_pixels_when_resized(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
     from preprocess import resize_raster
 
-    from util.images import read_raster
+    from util.data.images import read_raster
 
     data = np.random.default_rng(0).normal(0.1, 0.05, (2, 40, 40)).astype(np.float32)
     data[:, 10:14, 10:14] = np.nan
@@ -196,3 +197,5 @@ def test_nan_nodata_does_not_spread_into_valid_pixels_when_resized(tmp_path):
     with_fill, _ = resize_raster(read_raster(tmp_path / "fill.npy", nodata=-9999), 16)
     np.testing.assert_array_equal(np.where(np.isnan(with_nan), -9999, with_nan), with_fill)
     assert 0 < np.isnan(with_nan).sum() <= 8
+
+

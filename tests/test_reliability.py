@@ -12,8 +12,9 @@ from conftest import run_expecting_error, write_csv_dataset
 from PIL import Image
 
 import main_pretrain
-from util import checkpoint, config
-from util.errors import run_entry_point
+from util import config
+from util.run import checkpoint
+from util.run.process import run_entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -1,11 +1,11 @@
-"""util/rng.py: seeding per sample leaves every other generator alone; states round-trip."""
+"""util/run/rng.py: seeding per sample leaves every other generator alone; states round-trip."""
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from util.rng import rng_state, seeded, set_rng_state
+from util.run.rng import rng_state, seeded, set_rng_state
 
 
 def test_per_sample_seeding_restores_the_cpu_streams_and_never_reseeds_cuda(monkeypatch):
@@ -24,7 +24,7 @@ def test_per_sample_seeding_restores_the_cpu_streams_and_never_reseeds_cuda(monk
 
 def test_reconstruction_figures_do_not_reseed_cuda(monkeypatch):
     from models_cross_scale_mae import create_model
-    from util.visualize import reconstruction_grid
+    from util.eval.figures import reconstruction_grid
 
     torch.manual_seed(0)
     model = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)

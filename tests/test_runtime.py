@@ -1,10 +1,10 @@
-"""util/runtime.py: device and autocast choice, and the signals that stop a run."""
+"""util/run/process.py: device and autocast choice, and the signals that stop a run."""
 import signal
 
 import pytest
 import torch
 
-from util import runtime
+from util.run import process
 from util.errors import UsageError
 
 
@@ -16,40 +16,40 @@ def test_auto_amp_takes_bf16_on_gpus_only_where_it_is_native(monkeypatch):
         return including_emulation  # a V100: bf16 only emulated
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
-    assert runtime.resolve_amp("auto", torch.device("cuda", 0)) == torch.float16
+    assert process.resolve_amp("auto", torch.device("cuda", 0)) == torch.float16
     assert asked == {"including_emulation": False}
 
 
 def test_fp16_on_the_cpu_is_refused():
     with pytest.raises(UsageError, match="--amp fp16: fp16 is emulated and very slow on CPUs"):
-        runtime.resolve_amp("fp16", torch.device("cpu"))
+        process.resolve_amp("fp16", torch.device("cpu"))
 
 
 def test_each_process_takes_its_gpu_modulo_the_visible_ones(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU bound per SLURM task
-    assert [runtime.cuda_index(local_rank) for local_rank in range(4)] == [0, 0, 0, 0]
+    assert [process.cuda_index(local_rank) for local_rank in range(4)] == [0, 0, 0, 0]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert [runtime.cuda_index(local_rank) for local_rank in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert [process.cuda_index(local_rank) for local_rank in range(6)] == [0, 1, 2, 3, 0, 1]
 
 
 def test_workers_ignore_what_the_main_process_handles():
-    watched = (*runtime.STOP_SIGNALS, signal.SIGINT)
+    watched = (*process.STOP_SIGNALS, signal.SIGINT)
     before = {s: signal.getsignal(s) for s in watched}
     try:
-        runtime.ignore_stop_signals(0)
+        process.ignore_stop_signals(0)
         assert all(signal.getsignal(s) is signal.SIG_IGN for s in watched)
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
-    assert signal.SIGUSR1 in runtime.STOP_SIGNALS and signal.SIGTERM in runtime.STOP_SIGNALS
+    assert signal.SIGUSR1 in process.STOP_SIGNALS and signal.SIGTERM in process.STOP_SIGNALS
 
 
 LEFT_BEHIND = """
 import sys
 import torch
 from torch.utils.data import DataLoader
-from util.errors import run_entry_point
-from util.runtime import ignore_stop_signals
+from util.run.process import run_entry_point
+from util.run.process import ignore_stop_signals
 
 def main(_):
     batches = iter(DataLoader(list(range(64)), batch_size=2, num_workers=2, worker_init_fn=ignore_stop_signals))

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import sample_eval  # noqa: E402
 
-from util.datasets import DEFAULT_TRAIN_CSV, build_dataset  # noqa: E402
+from util.data.datasets import DEFAULT_TRAIN_CSV, build_dataset  # noqa: E402
 
 BLOCKS, FOLDS = 25, 5  # 15 x 15 tiles in blocks of 3 x 3; tools/make_sample_data.py's split
 
@@ -69,7 +69,7 @@ def raster_checkpoint(path: Path, in_chans: int) -> Path:
     import torch
 
     from models_cross_scale_mae import create_model
-    from util import checkpoint
+    from util.run import checkpoint
 
     torch.manual_seed(0)
     mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8, in_chans=in_chans)
@@ -105,7 +105,7 @@ def test_raster_tiles_are_normalised_by_the_sample_band_statistics(tmp_path):
 
 
 def test_band_mismatches_are_one_line_errors(tmp_path):
-    from util.errors import run_entry_point
+    from util.run.process import run_entry_point
 
     sample = write_raster_sample(tmp_path / "ms", side=6)
     four = raster_checkpoint(tmp_path / "four.pth", 4)

@@ -1,12 +1,12 @@
-"""util/schedule.py: the LR of every optimiser update against the closed form, for any steps / accum / warm-up."""
+"""util/run/schedule.py: the LR of every optimiser update against the closed form, for any steps / accum / warm-up."""
 import argparse
 import math
 
 import pytest
 import torch
 
-from util.schedule import lr_scheduler, resolve_lr
-from util.training import update_index
+from util.run.schedule import lr_scheduler, resolve_lr
+from util.run.loop import update_index
 
 
 def closed_form(update: int, updates: int, warmup: int, lr: float, min_lr: float) -> float:

@@ -1,4 +1,4 @@
-"""util/seg_data.py: palettes both ways, lossless masks (JPEG refused), LoveDA's reduce_zero_label, pairs from
+"""util/data/segmentation.py: palettes both ways, lossless masks (JPEG refused), LoveDA's reduce_zero_label, pairs from
 folders and CSVs, joint transforms that keep labels (nearest only, ignore preserved)."""
 from __future__ import annotations
 
@@ -8,29 +8,29 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from util import seg_data
-from util.datasets import DataError
-from util.seg_data import ISPRS, Palette
+from util.data import segmentation
+from util.data.datasets import DataError
+from util.data.segmentation import ISPRS, Palette
 
 
 def test_isprs_palette_converts_colours_to_indices_and_back():
     colours = np.array([[[255, 255, 255], [0, 0, 255], [0, 255, 255]],
                         [[0, 255, 0], [255, 255, 0], [255, 0, 0]],
                         [[12, 34, 56], [0, 0, 254], [255, 255, 255]]], dtype=np.uint8)
-    index = seg_data.rgb_to_index(colours, ISPRS)
+    index = segmentation.rgb_to_index(colours, ISPRS)
     assert index.tolist() == [[0, 1, 2], [3, 4, 5], [255, 255, 0]]  # colours not in the palette -> ignore
-    back = seg_data.index_to_rgb(index, ISPRS, ignore_color=(0, 0, 0))
+    back = segmentation.index_to_rgb(index, ISPRS, ignore_color=(0, 0, 0))
     assert np.array_equal(back[:2], colours[:2]) and back[2, 0].tolist() == [0, 0, 0]
 
 
 def test_palette_json_round_trip_and_errors(tmp_path):
     palette = Palette(("water", "land"), ((0, 0, 255), (200, 180, 120)))
-    seg_data.save_palette(palette, tmp_path / "p.json")
-    assert seg_data.load_palette(tmp_path / "p.json") == palette
-    assert seg_data.load_palette("ISPRS") is ISPRS
+    segmentation.save_palette(palette, tmp_path / "p.json")
+    assert segmentation.load_palette(tmp_path / "p.json") == palette
+    assert segmentation.load_palette("ISPRS") is ISPRS
     (tmp_path / "bad.json").write_text('[{"name": "a", "color": [0, 0, 300]}]')
     with pytest.raises(DataError, match="0..255"):
-        seg_data.load_palette(tmp_path / "bad.json")
+        segmentation.load_palette(tmp_path / "bad.json")
     with pytest.raises(DataError, match="share a colour"):
         Palette(("a", "b"), ((1, 2, 3), (1, 2, 3)))
 
@@ -40,61 +40,61 @@ def test_rgb_mask_file_is_decoded_through_the_palette(tmp_path):
     rgb[:, :3] = (0, 0, 255)  # building
     rgb[:, 3:] = (255, 255, 0)  # car
     Image.fromarray(rgb).save(tmp_path / "label.png")
-    assert seg_data.read_mask(tmp_path / "label.png", ISPRS).tolist() == [[1, 1, 1, 4, 4, 4]] * 4
+    assert segmentation.read_mask(tmp_path / "label.png", ISPRS).tolist() == [[1, 1, 1, 4, 4, 4]] * 4
     with pytest.raises(DataError, match="needs --palette"):
-        seg_data.read_mask(tmp_path / "label.png")
+        segmentation.read_mask(tmp_path / "label.png")
 
 
 def test_palette_png_is_written_and_read_losslessly(tmp_path):
     mask = np.random.default_rng(0).integers(0, 6, size=(17, 23))
     mask[0, :5] = 255
-    seg_data.write_mask(tmp_path / "m.png", mask, ISPRS)
+    segmentation.write_mask(tmp_path / "m.png", mask, ISPRS)
     with Image.open(tmp_path / "m.png") as img:
         assert img.mode == "P" and img.getpalette()[3:6] == [0, 0, 255]  # coloured for viewers
-    assert np.array_equal(seg_data.read_mask(tmp_path / "m.png"), mask)  # pixel values are the indices
+    assert np.array_equal(segmentation.read_mask(tmp_path / "m.png"), mask)  # pixel values are the indices
     with pytest.raises(DataError, match="PNG only"):
-        seg_data.write_mask(tmp_path / "m.jpg", mask)
+        segmentation.write_mask(tmp_path / "m.jpg", mask)
 
 
 def test_jpeg_masks_are_refused_in_one_line(tmp_path):
     Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "m.jpg")
     with pytest.raises(DataError) as e:
-        seg_data.read_mask(tmp_path / "m.jpg")
+        segmentation.read_mask(tmp_path / "m.jpg")
     assert "JPEG masks are refused" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_reduce_zero_label_maps_nodata_to_ignore_and_shifts_the_rest():
     loveda = np.array([[0, 1, 2], [7, 255, 3]])
-    assert seg_data.reduce_zero_label(loveda).tolist() == [[255, 0, 1], [6, 255, 2]]
+    assert segmentation.reduce_zero_label(loveda).tolist() == [[255, 0, 1], [6, 255, 2]]
 
 
 def write_pair(root, stem, label, size=(8, 8), image_suffix=".jpg"):
     (root / "images").mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((*size, 3), 40 * label, dtype=np.uint8)).save(root / "images" / f"{stem}{image_suffix}")
-    seg_data.write_mask(root / "masks" / f"{stem}.png", np.full(size, label))
+    segmentation.write_mask(root / "masks" / f"{stem}.png", np.full(size, label))
 
 
 def test_folders_are_matched_by_stem_and_a_csv_lists_pairs(tmp_path):
     for i, stem in enumerate(["b", "a", "c"]):
         write_pair(tmp_path / "set", stem, i)
-    pairs = seg_data.find_pairs(tmp_path / "set")
+    pairs = segmentation.find_pairs(tmp_path / "set")
     assert [(p.split("/")[-1], m.split("/")[-1]) for p, m in pairs] == [("a.jpg", "a.png"), ("b.jpg", "b.png"), ("c.jpg", "c.png")]
     (tmp_path / "set" / "pairs.csv").write_text("image,mask\nimages/a.jpg,masks/a.png\nimages/c.jpg,masks/c.png\n")
-    assert [p[1].split("/")[-1] for p in seg_data.find_pairs(tmp_path / "set" / "pairs.csv")] == ["a.png", "c.png"]
+    assert [p[1].split("/")[-1] for p in segmentation.find_pairs(tmp_path / "set" / "pairs.csv")] == ["a.png", "c.png"]
     (tmp_path / "set" / "masks" / "c.png").unlink()
     with pytest.raises(DataError, match="1 image.s. without a mask .first: c"):
-        seg_data.find_pairs(tmp_path / "set")
+        segmentation.find_pairs(tmp_path / "set")
 
 
 def test_dataset_returns_normalised_image_and_int64_mask_and_checks_labels(tmp_path):
     write_pair(tmp_path / "set", "a", 2)
-    dataset = seg_data.SegDataset(seg_data.find_pairs(tmp_path / "set"), seg_data.eval_transform((0, 0, 0), (1, 1, 1)), num_classes=3)
+    dataset = segmentation.SegDataset(segmentation.find_pairs(tmp_path / "set"), segmentation.eval_transform((0, 0, 0), (1, 1, 1)), num_classes=3)
     image, mask = dataset[0]
     assert image.dtype == torch.float32 and image.shape == (3, 8, 8) and abs(image.max().item() - 80 / 255) < 0.02
     assert mask.dtype == torch.int64 and mask.unique().tolist() == [2]
     assert dataset.class_pixel_counts().tolist() == [0, 0, 64]
     with pytest.raises(DataError, match=r"label\(s\) \[2\] outside 0..1"):
-        seg_data.SegDataset(dataset.pairs, None, num_classes=2)[0]
+        segmentation.SegDataset(dataset.pairs, None, num_classes=2)[0]
 
 
 def quadrants(size=64):
@@ -112,7 +112,7 @@ def quadrants(size=64):
 @pytest.mark.parametrize("seed", range(6))
 def test_joint_training_transform_keeps_labels_with_the_pixels(seed):
     image, mask, colours = quadrants()
-    transform = seg_data.train_transform(48, (0, 0, 0), (1, 1, 1), scale=(0.1, 1.0))
+    transform = segmentation.train_transform(48, (0, 0, 0), (1, 1, 1), scale=(0.1, 1.0))
     torch.manual_seed(seed)
     out_image, out_mask = transform(image, mask)
     assert out_image.shape == (3, 48, 48) and out_mask.shape == (48, 48) and out_mask.dtype == torch.int64
@@ -129,7 +129,7 @@ def test_joint_training_transform_keeps_labels_with_the_pixels(seed):
 def test_padding_gives_the_mask_ignore_and_the_image_zeros():
     image = tv_tensors.Image(torch.full((3, 10, 12), 7, dtype=torch.uint8))
     mask = tv_tensors.Mask(torch.ones(10, 12, dtype=torch.int64))
-    padded_image, padded_mask = seg_data.PadTo(16, ignore_index=255)(image, mask)
+    padded_image, padded_mask = segmentation.PadTo(16, ignore_index=255)(image, mask)
     assert padded_mask.shape == (16, 16) and padded_image.shape == (3, 16, 16)
     assert (padded_mask[:10, :12] == 1).all() and (padded_mask[10:] == 255).all() and (padded_mask[:, 12:] == 255).all()
     assert (padded_image[:, 10:] == 0).all() and (padded_image[:, :10, :12] == 7).all()

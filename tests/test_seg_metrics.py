@@ -1,4 +1,4 @@
-"""util/seg_metrics.py: IoU / F1 / OA on hand-made confusion matrices, ignored pixels, absent classes, sliding
+"""util/eval/iou.py: IoU / F1 / OA on hand-made confusion matrices, ignored pixels, absent classes, sliding
 window, and the resolution-degradation protocol."""
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from util import seg_metrics
+from util.eval import inference, iou
 
 
 def test_scores_on_a_hand_made_confusion_matrix_leave_out_a_class_absent_from_both():
     confusion = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])  # rows: truth; class 2 never occurs nor is predicted
-    s = seg_metrics.scores(confusion)
+    s = iou.scores(confusion)
     assert s["IoU"][0] == pytest.approx(75.0) and s["IoU"][1] == pytest.approx(200 / 3) and math.isnan(s["IoU"][2])
     assert s["mIoU"] == pytest.approx((75.0 + 200 / 3) / 2)
     assert s["F1"][0] == pytest.approx(600 / 7) and s["F1"][1] == pytest.approx(80.0)
@@ -22,13 +22,13 @@ def test_scores_on_a_hand_made_confusion_matrix_leave_out_a_class_absent_from_bo
 
 
 def test_a_class_predicted_but_absent_from_the_ground_truth_counts_with_iou_zero():
-    s = seg_metrics.scores(torch.tensor([[2, 1], [0, 0]]))
+    s = iou.scores(torch.tensor([[2, 1], [0, 0]]))
     assert s["IoU"] == pytest.approx([200 / 3, 0.0]) and s["mIoU"] == pytest.approx(100 / 3)
 
 
 def test_excluded_classes_leave_the_means_but_keep_their_iou():
     confusion = torch.tensor([[4, 0, 0], [0, 1, 1], [0, 1, 1]])
-    s = seg_metrics.scores(confusion, exclude=[2])
+    s = iou.scores(confusion, exclude=[2])
     assert s["mIoU"] == pytest.approx((100.0 + 100 / 3) / 2) and s["IoU"][2] == pytest.approx(100 / 3)
     assert s["OA"] == pytest.approx(600 / 8)  # overall accuracy counts every pixel
 
@@ -36,13 +36,13 @@ def test_excluded_classes_leave_the_means_but_keep_their_iou():
 def test_confusion_matrix_skips_ignored_pixels():
     target = torch.tensor([[0, 1, 255], [2, 255, 1]])
     pred = torch.tensor([[0, 2, 1], [2, 0, 1]])
-    confusion = seg_metrics.confusion_matrix(pred, target, 3, ignore_index=255)
+    confusion = iou.confusion_matrix(pred, target, 3, ignore_index=255)
     assert confusion.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 1]] and confusion.sum() == 4
 
 
 def test_window_starts_cover_the_side_and_end_flush():
-    assert seg_metrics.window_starts(100, 32, 21) == [0, 21, 42, 63, 68]
-    assert seg_metrics.window_starts(32, 32, 21) == [0] and seg_metrics.window_starts(20, 32, 21) == [0]
+    assert inference.window_starts(100, 32, 21) == [0, 21, 42, 63, 68]
+    assert inference.window_starts(32, 32, 21) == [0] and inference.window_starts(20, 32, 21) == [0]
 
 
 def test_sliding_window_equals_whole_image_inference_when_the_image_is_the_window():
@@ -55,7 +55,7 @@ def test_sliding_window_equals_whole_image_inference_when_the_image_is_the_windo
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         whole = model(images).softmax(1)
-    torch.testing.assert_close(seg_metrics.sliding_window(model, images, 3, crop=32), whole)
+    torch.testing.assert_close(inference.sliding_window(model, images, 3, crop=32), whole)
 
 
 def test_sliding_window_of_a_pointwise_model_equals_the_model_on_any_size():
@@ -65,7 +65,7 @@ def test_sliding_window_of_a_pointwise_model_equals_the_model_on_any_size():
         images = torch.randn(2, 3, h, w)
         with torch.no_grad():
             expected = model(images).softmax(1)
-        got = seg_metrics.sliding_window(model, images, 4, crop=32, overlap=0.5, batch=3)
+        got = inference.sliding_window(model, images, 4, crop=32, overlap=0.5, batch=3)
         assert got.shape == (2, 4, h, w)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -73,10 +73,10 @@ def test_sliding_window_of_a_pointwise_model_equals_the_model_on_any_size():
 def test_degrade_keeps_the_size_and_removes_detail():
     image = torch.zeros(1, 1, 16, 16)
     image[..., ::2, :] = 1.0  # one-pixel stripes
-    assert torch.equal(seg_metrics.degrade(image, 1.0), image)
-    half = seg_metrics.degrade(image, 0.5)
+    assert torch.equal(inference.degrade(image, 1.0), image)
+    half = inference.degrade(image, 0.5)
     assert half.shape == image.shape and torch.allclose(half, torch.full_like(image, 0.5))  # area averaging
-    assert torch.allclose(seg_metrics.degrade(torch.full((1, 3, 20, 20), 0.3), 0.125), torch.full((1, 3, 20, 20), 0.3))
+    assert torch.allclose(inference.degrade(torch.full((1, 3, 20, 20), 0.3), 0.125), torch.full((1, 3, 20, 20), 0.3))
 
 
 def _rank_confusion(rank: int, port: int, out: str) -> None:
@@ -85,9 +85,9 @@ def _rank_confusion(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         pred, target = _whole_set()
-        mine = range(rank, len(pred), 2)  # util.loaders.eval_loader's shards: rank 0 images 0, 2, 4; rank 1: 1, 3 (unequal)
-        local = torch.stack([seg_metrics.confusion_matrix(pred[i], target[i], 4) for i in mine])
-        torch.save({"local": local, "gathered": seg_metrics.gather_confusions(local)}, f"{out}/rank{rank}.pt")
+        mine = range(rank, len(pred), 2)  # util.data.loaders.eval_loader's shards: rank 0 images 0, 2, 4; rank 1: 1, 3 (unequal)
+        local = torch.stack([iou.confusion_matrix(pred[i], target[i], 4) for i in mine])
+        torch.save({"local": local, "gathered": iou.gather_confusions(local)}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -110,10 +110,10 @@ def test_two_process_per_image_confusions_equal_one_process_on_the_whole_set(tmp
     mp.spawn(_rank_confusion, args=(port, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     pred, target = _whole_set()
-    per_image = torch.stack([seg_metrics.confusion_matrix(p, t, 4) for p, t in zip(pred, target)])
+    per_image = torch.stack([iou.confusion_matrix(p, t, 4) for p, t in zip(pred, target)])
     assert len(ranks[0]["local"]) == 3 and len(ranks[1]["local"]) == 2
     assert torch.equal(ranks[0]["gathered"], per_image) and torch.equal(ranks[1]["gathered"], per_image)  # in dataset order
-    assert torch.equal(per_image.sum(0), seg_metrics.confusion_matrix(pred, target, 4))
+    assert torch.equal(per_image.sum(0), iou.confusion_matrix(pred, target, 4))
     assert per_image.sum() == (target != 255).sum()
 
 
@@ -121,30 +121,30 @@ def test_ignore_boundaries_erodes_a_disc_around_class_changes_only():
     mask = torch.zeros(1, 15, 15, dtype=torch.long)
     mask[0, 7, 7] = 1  # one pixel of class 1 in class 0
     mask[0, 0, :] = 255  # ignored row: no class, erodes nothing
-    out = seg_metrics.ignore_boundaries(mask, 2, 2)
+    out = iou.ignore_boundaries(mask, 2, 2)
     ys, xs = torch.nonzero(out[0] == 255, as_tuple=True)
     inside = {(y, x) for y, x in zip(ys.tolist(), xs.tolist()) if y > 0}
     assert inside == {(y, x) for y in range(15) for x in range(15) if (y - 7) ** 2 + (x - 7) ** 2 <= 4}  # a disc, r = 2
     assert (out[0, 0] == 255).all() and (out[0, 1] == 0).all()  # the row next to the ignored one stays
-    assert torch.equal(seg_metrics.ignore_boundaries(mask, 0, 2), mask)
-    assert (seg_metrics.ignore_boundaries(torch.ones(1, 5, 5, dtype=torch.long), 3, 2) == 1).all()  # image edges: no boundary
+    assert torch.equal(iou.ignore_boundaries(mask, 0, 2), mask)
+    assert (iou.ignore_boundaries(torch.ones(1, 5, 5, dtype=torch.long), 3, 2) == 1).all()  # image edges: no boundary
 
 
 def test_block_bootstrap_interval_is_seeded_and_collapses_without_variation():
     same = torch.tensor([[8, 2], [1, 9]]).expand(6, 2, 2)
-    low, high = seg_metrics.block_bootstrap_miou(same, np.array([0, 0, 1, 1, 2, 2]), resamples=50)
-    assert low == pytest.approx(seg_metrics.scores(same[0])["mIoU"]) and high == pytest.approx(low)
+    low, high = iou.block_bootstrap_miou(same, np.array([0, 0, 1, 1, 2, 2]), resamples=50)
+    assert low == pytest.approx(iou.scores(same[0])["mIoU"]) and high == pytest.approx(low)
     varied = torch.randint(0, 20, (6, 3, 3), generator=torch.Generator().manual_seed(0))
     blocks = np.array([0, 0, 1, 1, 2, 2])
-    first = seg_metrics.block_bootstrap_miou(varied, blocks, resamples=100)
-    assert first == seg_metrics.block_bootstrap_miou(varied, blocks, resamples=100) and first[0] < first[1]
-    assert first != seg_metrics.block_bootstrap_miou(varied, blocks, resamples=100, seed=1)
+    first = iou.block_bootstrap_miou(varied, blocks, resamples=100)
+    assert first == iou.block_bootstrap_miou(varied, blocks, resamples=100) and first[0] < first[1]
+    assert first != iou.block_bootstrap_miou(varied, blocks, resamples=100, seed=1)
 
 
 def test_a_boundary_radius_beyond_the_image_diagonal_erodes_as_the_diagonal_without_a_huge_kernel():
     mask = torch.zeros(2, 20, 30, dtype=torch.long)
     mask[:, :, 17:] = 1
     mask[1, 0, 0] = 255
-    eroded = seg_metrics.ignore_boundaries(mask, 36, 2)
-    assert torch.equal(seg_metrics.ignore_boundaries(mask, 10**6, 2), eroded)  # 10**6: a (2e6 + 1)^2 kernel before
+    eroded = iou.ignore_boundaries(mask, 36, 2)
+    assert torch.equal(iou.ignore_boundaries(mask, 10**6, 2), eroded)  # 10**6: a (2e6 + 1)^2 kernel before
     assert (eroded == 255).all()

@@ -1,4 +1,4 @@
-"""util/shards.py and tools/preprocess.py --shards: round trips, per-rank order, exact resume, damaged shards."""
+"""util/data/shards.py and tools/preprocess.py --shards: round trips, per-rank order, exact resume, damaged shards."""
 import json
 import subprocess
 import sys
@@ -10,8 +10,10 @@ import torch
 from conftest import write_csv_dataset
 
 import main_pretrain
-from util import checkpoint, config, datasets, loaders, runtime, shards, training
-from util.errors import run_entry_point
+from util import config
+from util.data import datasets, loaders, raster_options, shards
+from util.run import checkpoint, loop, process
+from util.run.process import run_entry_point
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +36,7 @@ def make_shards(folder: Path, count: int, per_shard: int, bands: int = 3, dtype=
 
 def test_uint16_13_band_shards_round_trip_bytes_and_labels(tmp_path):
     manifest, arrays = make_shards(tmp_path, 7, per_shard=3, bands=13, dtype=np.uint16)
-    dataset = datasets.build_dataset(manifest, raster=datasets.RasterOptions(13, None, None, [0.0] * 13))
+    dataset = datasets.build_dataset(manifest, raster=raster_options.RasterOptions(13, None, None, [0.0] * 13))
     assert len(dataset) == 7 and dataset.shard_counts == [3, 3, 1] and dataset.targets == [i % 3 for i in range(7)]
     assert dataset.label_names == {0: "a", 1: "b", 2: "c"} and dataset.predecoded
     for i, array in enumerate(arrays):
@@ -84,7 +86,7 @@ def test_preprocess_raster_shards_keep_uint16_and_refuse_float(tmp_path):
     assert result.returncode == 0, result.stderr
     with pytest.raises(datasets.DataError, match="13 band.s. of uint16: give --in_chans 13"):  # not on the RGB path
         shards.ShardDataset(tmp_path / "out" / "train_16.shards.json")
-    dataset = shards.ShardDataset(tmp_path / "out" / "train_16.shards.json", raster=datasets.RasterOptions(13, None, None, [0.0] * 13))
+    dataset = shards.ShardDataset(tmp_path / "out" / "train_16.shards.json", raster=raster_options.RasterOptions(13, None, None, [0.0] * 13))
     assert dataset.dtype == "uint16" and dataset.bands == 13 and dataset.shard_counts == [2, 2, 1]
     got = {dataset[i][0].numpy().tobytes(): dataset.targets[i] for i in range(5)}
     assert got == {array.tobytes(): i % 2 for i, array in enumerate(arrays)}
@@ -134,7 +136,7 @@ def test_each_rank_reads_runs_of_shards_and_set_start_skips_finished_batches(tmp
 def test_workers_do_not_change_the_batches(tmp_path):
     manifest, _ = make_shards(tmp_path, 16, per_shard=3)
     dataset = shards.ShardDataset(manifest)
-    run = runtime.Run.__new__(runtime.Run)
+    run = process.Run.__new__(process.Run)
     run.world_size, run.rank, run.device = 1, 0, torch.device("cpu")
     batches = []
     for workers in (0, 2):
@@ -186,12 +188,12 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_one(
         calls.append(1)
         return len(calls) == 6 + 3
 
-    monkeypatch.setattr(training, "stop_requested", stop_at_epoch_1_step_3)
+    monkeypatch.setattr(loop, "stop_requested", stop_at_epoch_1_step_3)
     out = tmp_path / "interrupted"
     pretrain([*flags, "--output_dir", str(out)])
     state = checkpoint.read_checkpoint(out / "checkpoint-last.pth")
     assert (state["epoch"], state["next_step"]) == (0, 3) and len(state["args"]["shard_manifest"]) == 64
-    monkeypatch.setattr(training, "stop_requested", lambda run: False)
+    monkeypatch.setattr(loop, "stop_requested", lambda run: False)
     pretrain([*flags, "--output_dir", str(out), "--resume", "auto"])
     assert "continuing at epoch 1 step 3" in capsys.readouterr().out
     expected = checkpoint.read_checkpoint(tmp_path / "straight" / "checkpoint-last.pth")["model"]
@@ -236,9 +238,10 @@ def test_shards_of_another_nodata_or_sample_type_than_the_band_stats_are_refused
         args = config.argparse.Namespace(in_chans=2, bands=None, band_stats=str(stats), nodata=None, mean=[0.0], std=[1.0])
         args.mean, args.std = config.read_band_stats(str(stats), None, 2)
         with pytest.raises(datasets.DataError, match=message):
-            datasets.build_dataset(manifest, raster=datasets.raster_options(argparse_raster(args)))
+            datasets.build_dataset(manifest, raster=raster_options.raster_options(argparse_raster(args)))
 
 
 def argparse_raster(args):
     args.raster = True
     return args
+

@@ -1,4 +1,4 @@
-"""util.threads: the thread count from affinity, the cgroup CPU quota, OMP_NUM_THREADS and the local world size."""
+"""util.run.threads: the thread count from affinity, the cgroup CPU quota, OMP_NUM_THREADS and the local world size."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from util import threads
+from util.run import threads
 
 
 @pytest.fixture(autouse=True)

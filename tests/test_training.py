@@ -1,14 +1,14 @@
-"""util/training.py: the accumulate / update / stop / log mechanics of one epoch, on a linear model."""
+"""util/run/loop.py: the accumulate / update / stop / log mechanics of one epoch, on a linear model."""
 import argparse
 from pathlib import Path
 
 import pytest
 import torch
 
-from util import runtime
-from util.runtime import Preempted, Run
-from util.schedule import lr_scheduler
-from util.training import NonFiniteLossError, StepLoop, epochs
+from util.run import process
+from util.run.process import Preempted, Run
+from util.run.schedule import lr_scheduler
+from util.run.loop import NonFiniteLossError, StepLoop, epochs
 
 FEATURES, BATCH = 3, 2
 
@@ -74,7 +74,7 @@ def test_clipping_bounds_the_gradient_norm():
 
 
 def test_a_stop_request_ends_the_epoch_after_the_update(monkeypatch):
-    monkeypatch.setattr(runtime._STOP, "is_set", lambda: True)
+    monkeypatch.setattr(process._STOP, "is_set", lambda: True)
     with pytest.raises(Preempted) as stop:
         train_epoch(linear(), data(4), accum_iter=2)
     assert (stop.value.epoch, stop.value.step) == (0, 2)  # the first update (2 steps) completed
@@ -119,7 +119,7 @@ def test_a_resumed_run_starts_mid_epoch_once():
 def _clock_lines(capsys, monkeypatch, args, start_epoch, start_step, steps_per_epoch, seconds_per_step=2.0):
     """Run ``epochs`` with a fake clock advancing ``seconds_per_step`` per trained step; the printed lines."""
     now = [0.0]
-    monkeypatch.setattr("util.logger.time.perf_counter", lambda: now[0])
+    monkeypatch.setattr("util.run.logger.time.perf_counter", lambda: now[0])
     for epoch, first_step in epochs(args, Positions(), start_epoch, start_step, steps_per_epoch=steps_per_epoch):
         now[0] += seconds_per_step * (steps_per_epoch - first_step)
     return capsys.readouterr().out.splitlines()
@@ -141,7 +141,7 @@ def test_a_resumed_run_measures_only_the_steps_it_trained(capsys, monkeypatch):
 
 
 def test_non_training_work_reports_plain_progress_lines_without_a_terminal(capsys, monkeypatch):
-    from util import logger
+    from util.run import logger
 
     monkeypatch.setattr(logger, "PLAIN_PROGRESS_EVERY_S", 0.0)
     assert list(logger.progress(range(3), "evaluation")) == [0, 1, 2]

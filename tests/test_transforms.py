@@ -1,12 +1,12 @@
-"""util/transforms.py: the per-image transforms and their on-device batch version."""
+"""util/data/transforms.py: the per-image transforms and their on-device batch version."""
 import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from util import transforms
-from util.datasets import build_dataset
-from util.transforms import build_transform
+from util.data import transforms
+from util.data.datasets import build_dataset
+from util.data.transforms import build_transform
 
 
 def test_real_fmow_jpegs_decode_and_transform(fmow_samples):

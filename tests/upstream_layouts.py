@@ -1,4 +1,4 @@
-"""Upstream checkpoints in both layouts util/layouts.py reads (timm blocks; xFormers blocks), and upstream's encoder math.
+"""Upstream checkpoints in both layouts util/weights/layouts.py reads (timm blocks; xFormers blocks), and upstream's encoder math.
 
 Shared by the checkpoint tests of the model and of fine-tuning.
 """

@@ -26,10 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from util.checkpoint import write_atomically  # noqa: E402
-from util.datasets import build_dataset  # noqa: E402
-from util.errors import DataError, UsageError, run_entry_point  # noqa: E402
-from util.images import read_raster  # noqa: E402
+from util.files import write_atomically  # noqa: E402
+from util.data.datasets import build_dataset  # noqa: E402
+from util.errors import DataError, UsageError  # noqa: E402
+from util.run.process import run_entry_point
+from util.data.images import read_raster  # noqa: E402
 
 PERCENTILES = (1.0, 2.0, 50.0, 98.0, 99.0)  # the 1-99 / 2-98 stretches of visualisation, and the median
 FLOAT_BINS = 65536  # histogram bins of non-16-bit data (see band_stats)

@@ -14,13 +14,13 @@ of every image, uint8 [N, size, size, 3], memory-mapped at training time) and ``
 on the device.
 
 ``--raster`` keeps every band and the sample type (multispectral, 16-bit, float; ``--bands`` selects, 0-based): images
-are read by ``util.images.read_raster``, resized with antialiased bilinear interpolation (no-data pixels, from
+are read by ``util.data.images.read_raster``, resized with antialiased bilinear interpolation (no-data pixels, from
 ``--nodata`` or the file's GDAL_NODATA tag, are left out of the interpolation: a pixel is no-data in the output where
 less than half of its footprint had data; an image already ``--size`` is kept bit for bit) and written as lossless
 TIFFs (zlib, horizontal predictor) with the no-data tag; ``--pack`` then writes ``{split}_{size}.u8`` or ``.u16``
 (uint8 / uint16 [N, size, size, C]).
 
-``--shards`` also writes WebDataset shards (``util.shards``: tar files of ``.npy`` arrays [C, size, size] + labels, about
+``--shards`` also writes WebDataset shards (``util.data.shards``: tar files of ``.npy`` arrays [C, size, size] + labels, about
 256 MB each, in a seeded random order) of the same centre squares to ``{split}_{size}_shards/`` and their manifest
 ``{split}_{size}.shards.json``: pass the manifest as ``--train_path`` (data beyond one disk, object storage)::
 
@@ -46,14 +46,16 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util import config, datasets, shards  # noqa: E402
+from util import config  # noqa: E402
+from util.data import datasets, shards
 from util.config import HelpFormatter  # noqa: E402
-from util.defaults import MAX_IMAGE_PIXELS  # noqa: E402
-from util.checkpoint import write_atomically  # noqa: E402
-from util.datasets import PACKED_DTYPES, DataError  # noqa: E402
+from util.config import MAX_IMAGE_PIXELS  # noqa: E402
+from util.files import write_atomically  # noqa: E402
+from util.data.datasets import DataError  # noqa: E402
+from util.data.raster_options import PACKED_DTYPES
 from util.errors import ReportableError, first_line  # noqa: E402
-from util.images import BadImageError, NotEightBitError, Raster, load_image, read_raster, set_max_image_pixels  # noqa: E402
-from util.logger import progress  # noqa: E402
+from util.data.images import BadImageError, NotEightBitError, Raster, load_image, read_raster, set_max_image_pixels  # noqa: E402
+from util.run.logger import progress  # noqa: E402
 
 
 def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -135,7 +137,7 @@ def centre_square(task: tuple[str, int, bool]) -> tuple[np.ndarray | None, float
     from an 8-bit RGB file, or with ``raster`` every band in the file's own type [C, S, S] and its no-data value;
     else (None, None, the error in one line).
 
-    Only uint8 and uint16 rasters are kept: both formats store integers (``datasets.PACKED_DTYPES``), and a float or
+    Only uint8 and uint16 rasters are kept: both formats store integers (``raster_options.PACKED_DTYPES``), and a float or
     signed raster has no lossless place there (train from the TIFFs instead).
     """
     path, size, raster = task
@@ -179,7 +181,7 @@ def pack(rows: list[tuple[int, str]], root: Path, size: int, stem: Path, classes
          names: dict[int, str] | None = None, raster: bool = False) -> None:
     """Centre ``size`` squares of the resized images (``centre_square``) as one memory-mapped array [N, S, S, C]
     (uint8 RGB, or with ``raster`` uint8 / uint16 of every band) + a JSON of labels, shape, sample type and no-data
-    value (``util.datasets.PackedDataset``).
+    value (``util.data.datasets.PackedDataset``).
 
     Raises:
         DataError: as ``squares``.
@@ -211,7 +213,7 @@ SHARD_ORDER_SEED = 0  # samples go into the shards in a random order: a shard is
 def write_shard_files(rows: list[tuple[int, str]], root: Path, size: int, raster: bool, manifest_path: Path, workers: int,
                       per_shard: int | None, classes: list[str] | None, names: dict[int, str] | None) -> dict:
     """The centre squares of every row (``squares``, decoded in ``workers`` processes), in a seeded random order, as
-    shards + manifest (``util.shards.write_shards``).
+    shards + manifest (``util.data.shards.write_shards``).
 
     Raises:
         DataError: as ``squares``.
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes (default: the CPU count)")
     parser.add_argument("--pack", action="store_true", help="also write the pre-decoded uint8 (--raster: uint8 / uint16) array")
     parser.add_argument("--shards", action="store_true",
-                        help="also write WebDataset shards + NAME.shards.json (data beyond one disk; see util/shards.py)")
+                        help="also write WebDataset shards + NAME.shards.json (data beyond one disk; see util/data/shards.py)")
     parser.add_argument("--shard_samples", type=int, default=None,
                         help="samples per shard (default: about 256 MB of pixels per shard)")
     parser.add_argument("--raster", action="store_true",
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     tmp = stem.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        if names:  # ImageFolder folders (or a CSV's class_name column): kept, read back by util.datasets
+        if names:  # ImageFolder folders (or a CSV's class_name column): kept, read back by util.data.datasets
             writer.writerow(["label", "image_path", "class_name"])
             writer.writerows((label, path, names[label]) for label, path in rows)
         else:

@@ -8,7 +8,7 @@ Protocol (fixed before looking at any checkpoint; the same for every model):
 
 - **Data**: the 225 labelled tiles of ``--sample`` (train.csv + val.csv; default ``data/sentinel2_rgb``), at the
   checkpoint's input size through the evaluation transform (resize the shorter side to input / 0.875, centre crop).
-  A sample with a ``band_stats.json`` (``data/sentinel2_ms``: 13 bands at 20 m) is read by ``util.images.read_raster``
+  A sample with a ``band_stats.json`` (``data/sentinel2_ms``: 13 bands at 20 m) is read by ``util.data.images.read_raster``
   in the files' units and normalised per band by that file (bilinear resizing, as in raster pretraining); ``--bands``
   picks the bands the checkpoints take (e.g. ``3 2 1``: RGB of the 13-band sample). Otherwise 8-bit RGB, normalised
   with the fMoW-RGB mean and std.
@@ -16,7 +16,7 @@ Protocol (fixed before looking at any checkpoint; the same for every model):
   (block_row + 2 x block_col) mod 5 == f (fold 0 is the shipped val.csv). Every tile is evaluated exactly once,
   by a classifier that saw no tile of its block.
 - **Classifiers** on frozen features (cls token of the last block, the encoder's final norm as in pretraining):
-  weighted kNN (k = 20, T = 0.07, cosine; ``util/knn.py``) and a linear probe (scikit-learn multinomial logistic
+  weighted kNN (k = 20, T = 0.07, cosine; ``util/eval/knn.py``) and a linear probe (scikit-learn multinomial logistic
   regression on standardised features, C = 1).
 - **Uncertainty**: neighbouring tiles are correlated, so accuracies get a 95 % interval from 2000 bootstrap
   resamples of the 25 blocks (not of the tiles); the gain over random init is bootstrapped paired, on the same
@@ -41,21 +41,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_cross_scale_mae as models_mae  # noqa: E402
 from model_loading import load_mae  # noqa: E402
-from util import blocks, knn  # noqa: E402
+from util.eval import knn, location_blocks  # noqa: E402
 from util.config import band_stats_source, read_band_stats  # noqa: E402
-from util.datasets import DEFAULT_TRAIN_CSV, RasterOptions, build_dataset  # noqa: E402
-from util.errors import UsageError, run_entry_point  # noqa: E402
-from util.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD, build_raster_transform, build_transform, draft_size_for  # noqa: E402
+from util.data.datasets import DEFAULT_TRAIN_CSV, build_dataset  # noqa: E402
+from util.data.raster_options import RasterOptions
+from util.errors import UsageError  # noqa: E402
+from util.run.process import run_entry_point
+from util.data.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD, build_raster_transform, build_transform, draft_size_for  # noqa: E402
 
 FOLDS = 5
-BOOTSTRAP = blocks.BOOTSTRAP
+BOOTSTRAP = location_blocks.BOOTSTRAP
 
 
 def tile_blocks(paths: list[str]) -> np.ndarray:
     """Block code (row block x 100 + column block) of each tile ``r{row}_c{col}.jpg``; blocks are 3 x 3 tiles
-    (``util.blocks``)."""
-    pattern = blocks.compile_pattern(blocks.TILE_PATTERN)
-    return np.array([100 * row + col for _, row, col in (blocks.block_of(p, pattern) for p in paths)])
+    (``util.eval.location_blocks``)."""
+    pattern = location_blocks.compile_pattern(location_blocks.TILE_PATTERN)
+    return np.array([100 * row + col for _, row, col in (location_blocks.block_of(p, pattern) for p in paths)])
 
 
 def fold_of(block: int) -> int:
@@ -88,12 +90,12 @@ def cross_validated_predictions(features: np.ndarray, labels: np.ndarray, folds:
 
 def bootstrap(correct: dict[str, np.ndarray], tile_block: np.ndarray, seed: int = 0) -> dict[str, tuple[float, float, float]]:
     """(accuracy %, 2.5th, 97.5th percentile) of each entry, resampling blocks with replacement (the same
-    resamples for every entry: ``util.blocks.resample_blocks``)."""
+    resamples for every entry: ``util.eval.location_blocks.resample_blocks``)."""
     samples = {name: [] for name in correct}
-    for chosen in blocks.resample_blocks(tile_block, BOOTSTRAP, seed):
+    for chosen in location_blocks.resample_blocks(tile_block, BOOTSTRAP, seed):
         for name, values in correct.items():
             samples[name].append(100.0 * values[chosen].mean())
-    return {name: (100.0 * correct[name].mean(), *blocks.percentile_interval(samples[name])) for name in correct}
+    return {name: (100.0 * correct[name].mean(), *location_blocks.percentile_interval(samples[name])) for name in correct}
 
 
 @torch.no_grad()

@@ -33,9 +33,12 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import main_segment  # noqa: E402
-from util import config, runtime, seg_data  # noqa: E402
-from util.errors import DataError, UsageError, run_entry_point  # noqa: E402
-from util.threads import configure_threads  # noqa: E402
+from util import config  # noqa: E402
+from util.data import segmentation
+from util.run import process
+from util.errors import DataError, UsageError  # noqa: E402
+from util.run.process import run_entry_point
+from util.run.threads import configure_threads  # noqa: E402
 
 
 class PixelLogistic(nn.Module):
@@ -63,7 +66,7 @@ class PixelLogistic(nn.Module):
         return self.conv(x)
 
 
-def training_pixels(dataset: seg_data.SegDataset, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def training_pixels(dataset: segmentation.SegDataset, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """([P, C] float32 normalised band values, [P] int64 classes) of at most ``budget`` non-ignored pixels, drawn
     without replacement; each image gives an equal share (budget / images, or all its pixels when it has fewer).
 
@@ -118,7 +121,7 @@ def main(args: argparse.Namespace) -> None:
         raise UsageError("--pixels must be at least 1 and --C > 0")
     print(configure_threads(), flush=True)
     class_names, palette = main_segment.classes_of(args)
-    transform = seg_data.eval_transform(args.mean, args.std)
+    transform = segmentation.eval_transform(args.mean, args.std)
     train_set = main_segment.dataset_of(args, args.train_path, transform, len(class_names), palette)
     _, val_set = main_segment.datasets_of(args, len(class_names), palette, train=False)
     main_segment.evaluation_blocks(val_set, args)  # before fitting
@@ -129,7 +132,7 @@ def main(args: argparse.Namespace) -> None:
           f"{features.shape[1]} features; training accuracy {100 * fitted.score(features, labels):.2f}%", flush=True)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = runtime.Run(0, 1, 0, torch.device("cpu"), None, out)
+    run = process.Run(0, 1, 0, torch.device("cpu"), None, out)
     model = PixelLogistic(fitted, len(class_names))
     main_segment.final_evaluation(model, val_set, args, run, class_names, palette, out, "per-pixel logistic regression")
     (out / "seg_baseline.json").write_text(json.dumps(

@@ -7,10 +7,25 @@ from typing import Sequence
 
 import yaml
 
-from util.defaults import DATASET_TYPES, DEFAULT_TRAIN_CSV, DEFAULT_VAL_CSV, FMOW_RGB_MEAN, FMOW_RGB_STD, MAX_IMAGE_PIXELS
 from util.errors import UsageError, first_line
 
 STATS_TOOL = "tools/band_stats.py"
+
+# Values --help shows (choices, default paths, normalisation statistics): this module imports no torch, so that
+# --help and flag errors answer before torch, timm and matplotlib load.
+DATASET_TYPES = ("auto", "fmow_rgb", "csv", "imagefolder", "folder", "coco", "packed", "shards")
+DEFAULT_TRAIN_CSV = Path(__file__).resolve().parent.parent / "data" / "sentinel2_rgb" / "train.csv"
+DEFAULT_VAL_CSV = DEFAULT_TRAIN_CSV.with_name("val.csv")
+
+FMOW_RGB_MEAN = (0.43392888, 0.43578541, 0.40744025)
+FMOW_RGB_STD = (0.19828456, 0.19250111, 0.19454683)
+
+# Images declaring more pixels are refused (``--max_image_pixels``): a tiny PNG can declare 10^10 pixels and
+# exhaust memory when decoded. The default admits a full Sentinel-2 tile (10980^2 ~ 120 Mpx).
+MAX_IMAGE_PIXELS = 250_000_000
+
+KNN_SCALE_MODES = ("resize", "native")
+KNN_POOLS = ("cls", "mean")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -289,7 +304,7 @@ def resolve_band_args(args: argparse.Namespace) -> None:
         if not default:
             raise UsageError("--band_stats and --mean / --std both give statistics: give one of them")
         args.mean, args.std = read_band_stats(args.band_stats, args.bands, count)
-        # ...: an older file, which does not say; a run without --nodata is checked per file (datasets.RasterOptions)
+        # ...: an older file, which does not say; a run without --nodata is checked per file (util.data.raster_options.RasterOptions)
         given = band_stats_source(args.band_stats).get("nodata", ...)
         nodata = getattr(args, "nodata", None)
         if given is not ... and nodata is not None and not same_value(given, nodata):
@@ -366,11 +381,11 @@ def check_data_args(args: argparse.Namespace) -> None:
     """
     check_ranges(args)
     if getattr(args, "max_image_pixels", None):
-        from util import images  # here: PIL and NumPy need not load for --help
+        from util.data import images  # here: PIL and NumPy need not load for --help
 
         images.set_max_image_pixels(args.max_image_pixels)
     if hasattr(args, "stretch"):
-        from util import images
+        from util.data import images
 
         images.set_stretch(args.stretch)
     if hasattr(args, "mean") and hasattr(args, "in_chans"):

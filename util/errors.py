@@ -1,4 +1,5 @@
-"""Errors a user can fix, and the entry-point wrapper that prints them as one line."""
+"""Errors a user can fix: each message alone tells what is wrong, so entry points print it as one line
+(``util.run.process.run_entry_point``). A leaf module: it imports nothing of the project."""
 from __future__ import annotations
 
 
@@ -27,36 +28,3 @@ class CheckpointError(ReportableError):
 
 class NonFiniteError(ReportableError):
     """Weights, features or outputs that are NaN or infinite: no accuracy can be computed from them."""
-
-
-def best_effort(path, write) -> bool:
-    """Call ``write()``, which writes the small output file ``path`` (log, config, metrics, figure); an OSError
-    (disk full, permissions) becomes ``warning: could not write PATH: REASON; continuing`` and False: a run that
-    can continue, continues."""
-    import sys
-
-    try:
-        write()
-        return True
-    except OSError as e:
-        print(f"warning: could not write {path}: {e.strerror or first_line(e)}; continuing", file=sys.stderr, flush=True)
-        return False
-
-
-def run_entry_point(main, args) -> None:
-    """Call ``main(args)``; a ``ReportableError`` (also one re-raised from a DataLoader worker) exits with
-    ``error: <message>`` on one line and exit status 1."""
-    try:
-        main(args)
-    except ReportableError as e:
-        message = first_line(e, last=True)  # a worker's error arrives with its traceback in front
-        message = message.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
-        raise SystemExit(f"error: {message}") from None
-    finally:
-        from util.runtime import release_output_dirs, stop_worker_processes  # here: util.runtime imports this module
-        import torch.distributed as dist  # here, not at the top: the flags' module imports this one before torch loads
-
-        stop_worker_processes()
-        release_output_dirs()
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from util.errors import ReportableError
-from util.rng import rng_state
+from util.run.rng import rng_state
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
@@ -77,7 +77,7 @@ def main_print(*args, **kwargs) -> None:
 
 def gather_rows(tensor: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """Concatenate every rank's rows on the CPU; rank r holds rows r, r + W, r + 2W, ... (as
-    ``util.loaders.eval_loader`` shards), and that order is restored.
+    ``util.data.loaders.eval_loader`` shards), and that order is restored.
 
     The collective runs on ``device`` (default: the tensor's; the training device under NCCL), each rank's rows
     padded to the longest rank's count; only the result comes back to host memory.

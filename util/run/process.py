@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from util import distributed
-from util.errors import UsageError
-from util.rng import seed_everything
-from util.threads import configure_threads
+from util.run import distributed
+from util.errors import ReportableError, UsageError, first_line
+from util.run.rng import seed_everything
+from util.run.threads import configure_threads
 
 _STOP = threading.Event()
 # What schedulers send before they kill a job: SIGTERM (SLURM, Kubernetes), SIGUSR1 (SLURM's early warning,
@@ -77,7 +77,7 @@ class Run:
 def setup_run(args: argparse.Namespace) -> Run:
     """Join the process group (if any), choose device and autocast dtype, seed, create the output folder, and
     make SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before pre-emption) stop training at the next update.
-    The CPU thread count is chosen from the CPUs this process may use (``util.threads``) and printed once."""
+    The CPU thread count is chosen from the CPUs this process may use (``util.run.threads``) and printed once."""
     rank, world_size, local_rank = distributed.init_distributed(args.dist_timeout)
     device = resolve_device(args.device, local_rank)
     amp_dtype = resolve_amp(args.amp, device)
@@ -160,7 +160,7 @@ def release_output_dirs() -> None:
 
 
 def remove_stale_temporaries(output_dir: Path) -> tuple[int, int] | None:
-    """Delete ``.NAME.XXXX.tmp`` files (``util.checkpoint.write_atomically``'s temporaries) of ``output_dir``;
+    """Delete ``.NAME.XXXX.tmp`` files (``util.files.write_atomically``'s temporaries) of ``output_dir``;
     call only while holding its lock, so that no live writer's file is removed. Returns (count, bytes) or None."""
     count = size = 0
     for path in output_dir.glob(".*.tmp"):
@@ -257,3 +257,19 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """``torch.autocast`` to ``dtype``, or a no-op context for fp32 (``dtype`` None)."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def run_entry_point(main, args) -> None:
+    """Call ``main(args)``; a ``ReportableError`` (also one re-raised from a DataLoader worker) exits with
+    ``error: <message>`` on one line and exit status 1."""
+    try:
+        main(args)
+    except ReportableError as e:
+        message = first_line(e, last=True)  # a worker's error arrives with its traceback in front
+        message = message.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
+        raise SystemExit(f"error: {message}") from None
+    finally:
+        stop_worker_processes()
+        release_output_dirs()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from util.errors import UsageError
-from util.runtime import Run, ignore_stop_signals
+from util.run.process import Run, ignore_stop_signals
 
 
 def derived_seed(*parts) -> int:
@@ -21,7 +21,7 @@ def derived_seed(*parts) -> int:
 class SeededSampler(DistributedSampler):
     """``DistributedSampler`` that yields (index, seed) so each sample's augmentation depends only on
     (seed, epoch, index); ``set_start`` skips the samples of batches already trained in this epoch.
-    Subclasses change the order by overriding ``order`` (``util.shards.ShardSampler``).
+    Subclasses change the order by overriding ``order`` (``util.data.shards.ShardSampler``).
     """
 
     def __init__(self, dataset: Dataset, *args, **kwargs) -> None:
@@ -53,7 +53,7 @@ def train_loader(dataset: Dataset, args: argparse.Namespace, run: Run) -> tuple[
         raise UsageError(
             f"--batch_size {args.batch_size} x {run.world_size} process(es) is more than the {len(dataset)} training images"
         )
-    if hasattr(dataset, "make_sampler"):  # an order of its own (util.shards: shards read in runs)
+    if hasattr(dataset, "make_sampler"):  # an order of its own (util.data.shards: shards read in runs)
         sampler = dataset.make_sampler(run.world_size, run.rank, args.seed)
     else:
         sampler = SeededSampler(dataset, num_replicas=run.world_size, rank=run.rank, shuffle=True, seed=args.seed)

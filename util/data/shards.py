@@ -30,11 +30,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from util import datasets  # (a module: util.datasets imports this one too)
-from util.checkpoint import write_atomically
+from util.data import raster_options
+from util.files import write_atomically
 from util.errors import DataError, first_line
-from util.loaders import SeededSampler, derived_seed
-from util.rng import seeded
+from util.data.loaders import SeededSampler, derived_seed
+from util.run.rng import seeded
 
 MANIFEST_SUFFIX = ".shards.json"
 FORMAT = "webdataset shards of pre-decoded arrays, v1"
@@ -117,9 +117,9 @@ class ShardDataset(Dataset):
 
     Items are (pixels, label): pixels uint8 or uint16 [bands, size, size] tensors, as ``PackedDataset`` gives,
     for ``BatchAugment`` to crop, flip and normalise on the device (``predecoded``); with a ``transform`` set,
-    each image goes through it instead (``datasets.predecoded_image``: a PIL image on the 8-bit RGB path, float32
+    each image goes through it instead (``raster_options.predecoded_image``: a PIL image on the 8-bit RGB path, float32
     with no-data filled with ``raster`` options). ``raster``: the run's band flags, checked against the shards
-    (``datasets.check_predecoded``). Keys are ``index`` or (index, seed), as ``SeededSampler`` yields them.
+    (``raster_options.check_predecoded``). Keys are ``index`` or (index, seed), as ``SeededSampler`` yields them.
 
     Every shard is checked to exist with the byte size the manifest records when the dataset is built; a
     worker reads each shard's tar headers once (its sample offsets), then one ``pread`` per sample.
@@ -132,7 +132,7 @@ class ShardDataset(Dataset):
     predecoded = True  # items are whole uint8 / uint16 images: training augments the batch on the device
 
     def __init__(self, manifest_path: str | os.PathLike, transform: Callable | None = None,
-                 raster: datasets.RasterOptions | None = None) -> None:
+                 raster: raster_options.RasterOptions | None = None) -> None:
         manifest_path = Path(manifest_path)
         try:
             raw = manifest_path.read_bytes()
@@ -172,7 +172,7 @@ class ShardDataset(Dataset):
                                 f"{manifest_path.name} says {expected}; rewrite it with tools/preprocess.py --shards")
         if self.nodata is not None and type(self.nodata) not in (int, float):
             raise DataError(f"{manifest_path}: key 'nodata' must be a number or null, got {self.nodata!r}")
-        datasets.check_predecoded(manifest_path, self.bands, self.dtype, self.nodata, raster)
+        raster_options.check_predecoded(manifest_path, self.bands, self.dtype, self.nodata, raster)
         self.raster = raster
         self.shard_counts = counts
         self.shard_starts = np.cumsum([0, *counts[:-1]]).tolist()
@@ -206,7 +206,7 @@ class ShardDataset(Dataset):
         return f"{self.shard_paths[shard]} sample {position}"
 
     def make_sampler(self, num_replicas: int, rank: int, seed: int) -> ShardSampler:
-        """The training sampler ``util.loaders.train_loader`` uses for this dataset."""
+        """The training sampler ``util.data.loaders.train_loader`` uses for this dataset."""
         return ShardSampler(self, num_replicas=num_replicas, rank=rank, seed=seed)
 
     def _read_offsets(self, shard: int) -> list[tuple[int, int]]:
@@ -273,7 +273,7 @@ class ShardDataset(Dataset):
         pixels = self.read(index)
         if self.transform is None:
             return torch.from_numpy(pixels), self.targets[index]
-        image = datasets.predecoded_image(pixels, self.raster, self.nodata, self.describe(index))
+        image = raster_options.predecoded_image(pixels, self.raster, self.nodata, self.describe(index))
         with seeded(seed) if seed is not None else nullcontext():
             return self.transform(image), self.targets[index]
 
@@ -310,3 +310,5 @@ class ShardSampler(SeededSampler):
         for first in range(0, len(mine), self.buffer):
             rng.shuffle(mine[first:first + self.buffer])  # a view: shuffles the block in place
         return mine.tolist()
+
+

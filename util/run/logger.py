@@ -13,9 +13,10 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from util import config, distributed
-from util.errors import best_effort
-from util.runtime import Run
+from util import config
+from util.run import distributed
+from util.files import best_effort
+from util.run.process import Run
 
 
 class MetricLogger:

@@ -22,9 +22,10 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from util.datasets import DataError, RasterOptions
-from util.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, is_image, load_image
-from util.rng import seeded
+from util.data.datasets import DataError
+from util.data.raster_options import RasterOptions
+from util.data.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, is_image, load_image
+from util.run.rng import seeded
 
 IGNORE_INDEX = 255
 LOSSY_MASK_SUFFIXES = (".jpg", ".jpeg", ".jfif")
@@ -272,7 +273,7 @@ class SegDataset(Dataset):
         num_classes: Mask values must be in 0..num_classes-1 or ``ignore_index`` (checked per image).
         palette: Decodes RGB masks.
         zero_is_nodata: ``--reduce_zero_label``.
-        raster: Multispectral / high-bit-depth images (``util.datasets.RasterOptions``: any band count and dtype,
+        raster: Multispectral / high-bit-depth images (``util.data.datasets.RasterOptions``: any band count and dtype,
             ``.npy`` too) as float32 [C, H, W] in the file's units, no-data filled; None: 8-bit RGB (uint8 [3, H, W]).
     """
 

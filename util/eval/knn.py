@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from util import defaults
-from util.distributed import gather_rows, rank, world_size
+from util import config
+from util.run.distributed import gather_rows, rank, world_size
 from util.errors import NonFiniteError
-from util.inference import infer
+from util.eval.inference import infer
 
-SCALE_MODES = defaults.KNN_SCALE_MODES
-POOLS = defaults.KNN_POOLS
+SCALE_MODES = config.KNN_SCALE_MODES
+POOLS = config.KNN_POOLS
 CLASSIFIER_POOL = "classifier"  # a trained classifier's own pooling, the features its head sees (pre-logits)
 
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-# fMoW-RGB statistics used by upstream ("UPDATED" constants of its util/datasets.py).
-from util.defaults import FMOW_RGB_MEAN, FMOW_RGB_STD  # noqa: E402, F401 (torch-free, for --help)
+# fMoW-RGB statistics used by upstream ("UPDATED" constants of its util/data/datasets.py).
+from util.config import FMOW_RGB_MEAN, FMOW_RGB_STD  # noqa: E402, F401 (torch-free, for --help)
 # Training crops: RandomResizedCrop area range (upstream's main_pretrain.py) and torchvision's default aspect-ratio range.
 CROP_SCALE = (0.25, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -54,7 +54,7 @@ def image_transform(args, is_train: bool, valid_channel: bool = False) -> v2.Com
     """The per-image transform of an entry point's data: ``build_transform`` for 8-bit RGB (PIL images), or
     ``build_raster_transform`` for float [C, H, W] tensors of any band count (``args.raster``: multispectral, 16-bit).
     Uses ``args``: raster, input_size, mean, std. ``valid_channel``: the rasters carry a validity band last
-    (``datasets.RasterOptions``), resampled with the image (bilinear) and left unnormalised (mean 0, std 1)."""
+    (``raster_options.RasterOptions``), resampled with the image (bilinear) and left unnormalised (mean 0, std 1)."""
     if not getattr(args, "raster", False):
         return build_transform(is_train, args.input_size, args.mean, args.std)
     extra = 1 if valid_channel else 0
@@ -82,7 +82,7 @@ class BatchAugment(torch.nn.Module):
         mean, std: Per band, in units of ``value_scale`` (8-bit RGB: fMoW statistics in [0, 1], ``value_scale`` 255;
             multispectral / 16-bit: the file's units, ``value_scale`` 1).
         nodata: The packed array's no-data value, or None. Such pixels (no-data in any band) are filled with the band
-            mean before resampling, and the output gains a validity band ([B, C + 1, S, S], ``datasets.split_valid``)
+            mean before resampling, and the output gains a validity band ([B, C + 1, S, S], ``raster_options.split_valid``)
             so that they stay out of the reconstruction loss.
     """
 
@@ -140,3 +140,4 @@ class BatchAugment(torch.nn.Module):
         if self.nodata is not None:
             return torch.cat([(out[:, :-1] - self.mean) / self.std, out[:, -1:]], dim=1)
         return (out - self.mean) / self.std
+

@@ -25,10 +25,10 @@ from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from util import distributed, logger
+from util.run import distributed, logger
 from util.errors import ReportableError
-from util.logger import MetricLogger, Throughput
-from util.runtime import Preempted, Run, stop_requested
+from util.run.logger import MetricLogger, Throughput
+from util.run.process import Preempted, Run, stop_requested
 
 
 class NonFiniteLossError(ReportableError):
@@ -42,7 +42,7 @@ def epochs(args: argparse.Namespace, sampler, start_epoch: int, start_step: int,
     A stop (SIGTERM) that arrived during an epoch's last step lets that epoch complete (its evaluation,
     checkpoint and ``log.txt`` record) and raises ``Preempted(next epoch, 0)`` here, before the next one.
 
-    Positions ``sampler`` (a ``util.loaders.SeededSampler``) so that the epoch's batches are the ones an
+    Positions ``sampler`` (a ``util.data.loaders.SeededSampler``) so that the epoch's batches are the ones an
     uninterrupted run would see. With ``steps_per_epoch``, prints after each epoch (its body included:
     evaluation, checkpoints, figures) its time and the whole run's ETA, and the total time at the end
     (``logger.RunClock``).
@@ -90,7 +90,7 @@ class StepLoop:
     Args:
         model: What trains (possibly DDP-wrapped or compiled).
         optimizer: Its optimiser.
-        scheduler: Sets the LR before each optimiser update (``util.schedule.lr_scheduler``).
+        scheduler: Sets the LR before each optimiser update (``util.run.schedule.lr_scheduler``).
         scaler: fp16 loss scaler, or None.
         run: This process's ``Run``.
         args: Needs ``accum_iter``, ``clip_grad``, ``log_every``.

@@ -38,7 +38,7 @@ def rng_state() -> dict:
         "python": random.getstate(),
         "numpy": (kind, keys.tolist(), position, has_gauss, cached),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this process's own GPU (see util.runtime.cuda_index)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this process's own GPU (see util.run.process.cuda_index)
         state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 

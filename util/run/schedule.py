@@ -16,7 +16,7 @@ logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)
 def lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int) -> CosineLRScheduler:
     """Per-update linear warm-up from 0 over ``--warmup_epochs``, then half-cycle cosine to ``--min_lr``
     (timm's, honouring each parameter group's ``lr_scale``). Call ``step_update(u)`` before update u
-    (``util.training.update_index``).
+    (``util.run.loop.update_index``).
 
     With U = epochs x ceil(steps_per_epoch / accum_iter) updates and W = int(warmup_epochs x updates per epoch),
     update u gets ``lr * u / W`` for u < W, else ``min_lr + (lr - min_lr) * (1 + cos(pi * (u - W) / (U - W))) / 2``

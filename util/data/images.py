@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from util.defaults import MAX_IMAGE_PIXELS
+from util.config import MAX_IMAGE_PIXELS
 from util.errors import DataError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".jp2", ".j2k", ".bmp", ".webp")

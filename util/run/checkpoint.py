@@ -4,15 +4,13 @@ training checkpoint holds (saving it, finding it, resuming from it).
 Every file is read with ``torch.load(weights_only=True)``; the only class allowed besides tensors and
 plain Python types is ``argparse.Namespace``, which upstream pickles into its checkpoints. Files are
 written atomically (temporary file, fsync, ``os.replace``), so a crash never leaves a half-written file
-under the final name. Key layouts (ours, upstream's, timm's) are ``util.layouts``' business.
+under the final name. Key layouts (ours, upstream's, timm's) are ``util.weights.layouts``' business.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +18,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file as load_safetensors
 
-from util import distributed
+from util.run import distributed
 from util.config import same_value
 from util.errors import CheckpointError, UsageError, first_line
-from util.rng import rng_state, set_rng_state
-from util.runtime import Preempted, Run, stop_reason
+from util.files import file_md5, write_atomically
+from util.run.rng import rng_state, set_rng_state
+from util.run.process import Preempted, Run, stop_reason
 
 PUBLISHED_MD5 = {
     "0c33995da85c112d9602f89d5b186bbc": "published Cross-Scale MAE ViT-Base (400 epochs)",
@@ -34,38 +33,6 @@ PUBLISHED_FILENAMES = {
     "cross_scale_mae_base_pretrain.pth": "0c33995da85c112d9602f89d5b186bbc",
     "cross_scale_mae_large_pretrain.pth": "e6e4f58c07bbbc4c4dd63fa26c644dd4",
 }
-
-
-def file_md5(path: str | os.PathLike) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_atomically(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``; on failure ``path`` is untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 (and some writers recreate the file): the mode open() would give
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        Path(tmp).unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
-        raise CheckpointError(f"could not write {path}: {reason}; the previous file, if any, is intact") from e
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
@@ -208,7 +175,7 @@ def check_output_dir(args: argparse.Namespace) -> None:
 
 
 # Flags a resumed run must share with the checkpoint's: they define the schedule and the step numbering.
-# ``shard_manifest``: the sha256 of a shard manifest (util.shards), which with the world size decides the sample order.
+# ``shard_manifest``: the sha256 of a shard manifest (util.data.shards), which with the world size decides the sample order.
 # The band flags too: resuming with other bands or statistics would train on differently normalised inputs.
 RUN_DEFINING_FLAGS = ("epochs", "batch_size", "accum_iter", "world_size", "lr", "blr", "min_lr", "warmup_epochs",
                       "shard_manifest", "in_chans", "bands", "mean", "std", "nodata")

@@ -1,7 +1,7 @@
-"""Segmentation metrics and inference: confusion matrices per image (gathered over ranks, on the device) summed
-over the whole evaluation set, IoU / F1 / overall accuracy from them, the mIoU's interval from a bootstrap over
-location blocks, ISPRS's eroded-boundary evaluation, sliding-window inference for images larger than the crop,
-and the resolution-degradation protocol (down-sample, up-sample back) for mIoU against scale.
+"""Segmentation metrics: confusion matrices per image (gathered over ranks, on the device) summed over the whole
+evaluation set, IoU / F1 / overall accuracy from them, the mIoU's interval from a bootstrap over location blocks,
+and ISPRS's eroded-boundary evaluation. (Sliding-window inference and the degradation protocol for mIoU against
+scale are ``util.eval.inference``'s.)
 
 Means over classes (mIoU, mean F1) leave out a class absent from both the ground truth and the predictions of
 the whole set (its IoU is 0 / 0: undefined, reported as NaN) and the classes given in ``exclude`` (e.g. ISPRS
@@ -11,13 +11,14 @@ predicted but absent from the ground truth.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from util import blocks, distributed
+from util.eval import location_blocks
+from util.run import distributed
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
@@ -29,7 +30,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 def gather_confusions(local: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
     """Every rank's per-image confusion matrices [n_r, K, K] -> [N, K, K] on the CPU, in dataset order when rank r
-    holds images r, r + W, r + 2W, ... (``util.loaders.eval_loader``'s shards; ``distributed.gather_rows``).
+    holds images r, r + W, r + 2W, ... (``util.data.loaders.eval_loader``'s shards; ``distributed.gather_rows``).
     Integer counts: the gathered result, and any sum of it, is exact and the same on every rank."""
     return distributed.gather_rows(local, device)
 
@@ -63,26 +64,26 @@ def scores(confusion: torch.Tensor, exclude: Sequence[int] = ()) -> dict:
 
 
 def block_bootstrap_mious(per_image: torch.Tensor, image_block: np.ndarray, exclude: Sequence[int] = (),
-                          resamples: int = blocks.BOOTSTRAP, seed: int = 0) -> np.ndarray:
+                          resamples: int = location_blocks.BOOTSTRAP, seed: int = 0) -> np.ndarray:
     """[R] mIoU (%) of each bootstrap resample over location blocks: each resample draws the B blocks with
-    replacement (``util.blocks.block_counts``), sums the confusion matrices of their images and takes the mIoU of
+    replacement (``util.eval.location_blocks.block_counts``), sums the confusion matrices of their images and takes the mIoU of
     the sum (``scores``: the statistic the point estimate is). Seeded: two evaluations of the same images and
     blocks get the same resamples, so their difference per resample is a paired bootstrap.
 
     Args:
         per_image: [N, K, K] confusion matrices, one per evaluation image.
-        image_block: [N] block index of each image (``util.blocks.block_ids``).
+        image_block: [N] block index of each image (``util.eval.location_blocks.block_ids``).
     """
     flat = per_image.reshape(len(per_image), -1).double()  # counts < 2**53: exact in float64
-    counts = torch.from_numpy(np.stack(list(blocks.block_counts(image_block, resamples, seed)))).double()  # [R, N]
+    counts = torch.from_numpy(np.stack(list(location_blocks.block_counts(image_block, resamples, seed)))).double()  # [R, N]
     summed = (counts @ flat).reshape(resamples, *per_image.shape[1:])  # [R, K, K]
     return np.array([scores(c, exclude)["mIoU"] for c in summed])
 
 
 def block_bootstrap_miou(per_image: torch.Tensor, image_block: np.ndarray, exclude: Sequence[int] = (),
-                         resamples: int = blocks.BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+                         resamples: int = location_blocks.BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
     """95 % percentile interval (%) of the mIoU over location blocks (``block_bootstrap_mious``)."""
-    return blocks.percentile_interval(block_bootstrap_mious(per_image, image_block, exclude, resamples, seed))
+    return location_blocks.percentile_interval(block_bootstrap_mious(per_image, image_block, exclude, resamples, seed))
 
 
 def ignore_boundaries(mask: torch.Tensor, radius: int, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
@@ -106,49 +107,3 @@ def ignore_boundaries(mask: torch.Tensor, radius: int, num_classes: int, ignore_
     own = near.gather(1, labels[:, None])[:, 0]  # pixels of the pixel's own class within the disc
     boundary = valid & (own < near.sum(1))  # exact: integer counts in float32
     return torch.where(boundary, torch.full_like(mask, ignore_index), mask)
-
-
-def window_starts(size: int, crop: int, stride: int) -> list[int]:
-    """Window origins along one side: every ``stride`` px, the last one flush with the end (no window overhangs)."""
-    if size <= crop:
-        return [0]
-    starts = list(range(0, size - crop, stride))
-    return starts + [size - crop]
-
-
-@torch.no_grad()
-def sliding_window(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, num_classes: int, crop: int,
-                   overlap: float = 1 / 3, batch: int = 8) -> torch.Tensor:
-    """Class scores [B, K, H, W] (float32, mean softmax of the windows covering each pixel) of images [B, C, H, W].
-
-    Windows of ``crop`` px with ``overlap`` (fraction of the crop) between neighbours; an image smaller than the
-    crop on a side is padded with zeros (the padded region's scores are dropped). With H = W = crop this is one
-    forward pass of the whole image.
-    """
-    b, _, h, w = image.shape
-    pad_h, pad_w = max(crop - h, 0), max(crop - w, 0)
-    if pad_h or pad_w:
-        image = F.pad(image, (0, pad_w, 0, pad_h))
-    H, W = image.shape[-2:]
-    stride = max(int(crop * (1 - overlap)), 1)
-    boxes = [(y, x) for y in window_starts(H, crop, stride) for x in window_starts(W, crop, stride)]
-    scores_sum = torch.zeros(b, num_classes, H, W, device=image.device)
-    counts = torch.zeros(1, 1, H, W, device=image.device)
-    for first in range(0, len(boxes), batch):
-        chunk = boxes[first:first + batch]
-        windows = torch.cat([image[..., y:y + crop, x:x + crop] for y, x in chunk])
-        probs = model(windows).float().softmax(1)
-        for i, (y, x) in enumerate(chunk):
-            scores_sum[..., y:y + crop, x:x + crop] += probs[i * b:(i + 1) * b]
-            counts[..., y:y + crop, x:x + crop] += 1
-    return (scores_sum / counts)[..., :h, :w]
-
-
-def degrade(image: torch.Tensor, scale: float) -> torch.Tensor:
-    """Down-sample [B, C, H, W] by ``scale`` (area averaging), then up-sample back to H x W (bilinear): the same
-    scene at a coarser ground sampling distance. Scale 1 returns the image unchanged."""
-    if scale == 1.0:
-        return image
-    h, w = image.shape[-2:]
-    small = F.interpolate(image, size=(max(round(h * scale), 1), max(round(w * scale), 1)), mode="area")
-    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
