@@ -2,15 +2,17 @@
 
     python main_linprobe.py --finetune weights/cross_scale_mae_base_pretrain.pth --input_size 128 \
         --train_path train_128.csv --test_path val_128.csv
+
+The flags become a run here; the run is ``engine_finetune.train_classifier`` with ``engine_finetune.linprobe_recipe``
+(``--eval``: ``engine_finetune.evaluate_classifier``).
 """
 from __future__ import annotations
 
-import argparse
-
 from util import config
+from util.errors import UsageError
 
 
-def get_args_parser() -> argparse.ArgumentParser:
+def get_args_parser() -> config.Parser:
     parser = config.classification_parser(
         "Cross-Scale MAE linear probing", global_pool=False, head_init_std=0.01,
         batch_size=512, epochs=50, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0,
@@ -23,36 +25,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-if __name__ == "__main__":  # --help and flag errors answer here, before torch and timm load (~5 s)
-    config.parse_args(get_args_parser())
+def main(flags: config.Flags) -> None:
+    """Check the flags (before torch loads: errors answer at once), then probe or, with ``--eval``, evaluate."""
+    config.check_training_flags(flags)
+    bands = config.resolve_bands(flags)
+    if not flags.eval and flags.batch_size < 2:  # BatchNorm1d in training mode needs two values per channel
+        raise UsageError(f"--batch_size must be at least 2 per device for linear probing (its head's BatchNorm), got {flags.batch_size}")
+    import engine_finetune  # torch and timm load here, after the flags are known to work
 
-
-import torch.nn as nn  # noqa: E402
-
-from main_finetune import Setup, run_classification  # noqa: E402
-from util import config  # noqa: E402
-from util.data import transforms
-from util.errors import UsageError  # noqa: E402
-from util.run.process import run_entry_point
-from util.run.lars import LARS  # noqa: E402
-
-
-def setup(args: argparse.Namespace, model: nn.Module, num_classes: int) -> Setup:
-    """Only the head trains: BatchNorm1d(affine=False) + Linear, with LARS."""
-    model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head).to(model.head.weight.device)
-    for name, param in model.named_parameters():
-        param.requires_grad = name.startswith("head.")
-    optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    transform = transforms.image_transform(args, is_train=not args.no_aug)
-    return Setup(model, model.head if args.no_aug else model, optimizer, nn.CrossEntropyLoss(), transform,
-                 cache_features=args.no_aug)
-
-
-def main(args: argparse.Namespace) -> None:
-    if not args.eval and args.batch_size < 2:  # BatchNorm1d in training mode needs two values per channel
-        raise UsageError(f"--batch_size must be at least 2 per device for linear probing (its head's BatchNorm), got {args.batch_size}")
-    run_classification(args, setup)
+    if flags.eval:
+        engine_finetune.evaluate_classifier(flags, bands, engine_finetune.linprobe_head)
+    else:
+        engine_finetune.train_classifier(flags, bands, engine_finetune.linprobe_recipe)
 
 
 if __name__ == "__main__":
-    run_entry_point(main, config.parse_args(get_args_parser()))
+    flags = config.parse_args(get_args_parser())  # --help and flag errors answer here, before torch loads
+    from util.run.process import run_entry_point
+
+    run_entry_point(main, flags)

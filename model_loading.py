@@ -6,7 +6,6 @@ the models.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -20,7 +19,9 @@ import models_cross_scale_mae as models_mae
 import models_vit
 from models_vit import PRESETS, PostNormBlock, classifier_name_for, preset_for
 from util.run import checkpoint as checkpoint_io
-from util.weights import band_adaptation, layouts
+from util.config import Bands
+from util.weights import layouts
+from util.weights.band_adaptation import BandAdaptation, adapt_bands
 from util.run.distributed import main_print
 from util.errors import CheckpointError, UsageError, first_line
 from util.files import write_atomically
@@ -126,19 +127,19 @@ def load_mae(path: str | os.PathLike, **overrides: Any) -> tuple[models_mae.Cros
 VARIANT_MODULES = ("predictor.", "encoder_predictor.")
 
 
-def init_mae(model: models_mae.CrossScaleMAE, path: str | os.PathLike, bands: band_adaptation.BandAdaptation,
+def init_mae(model: models_mae.CrossScaleMAE, path: str | os.PathLike, adaptation: BandAdaptation,
              model_name: str) -> layouts.LoadReport:
     """Initialise a pretraining model with the weights of a pretraining checkpoint (``main_pretrain.py --init``):
     ours or upstream's (either layout, as ``load_mae`` reads them; published files md5-verified).
 
-    A checkpoint of another band count gets ``patch_embed.proj`` and ``decoder_pred`` adapted by ``bands``
-    (``band_adaptation.BandAdaptation``); the report's ``adapted`` says how. Predictor modules of another loss variant are
+    A checkpoint of another band count gets ``patch_embed.proj`` and ``decoder_pred`` adapted by ``adaptation``
+    (``BandAdaptation``); the report's ``adapted`` says how. Predictor modules of another loss variant are
     left fresh or left out (``VARIANT_MODULES``). Only weights are taken: no optimiser state, epoch or schedule.
 
     Args:
         model: The model ``--model`` built, with ``--in_chans`` bands.
         path: Pretraining checkpoint.
-        bands: Which bands are R, G, B (``--rgb_bands`` / ``--checkpoint_rgb_bands``).
+        adaptation: Which bands are R, G, B (``--rgb_bands`` / ``--checkpoint_rgb_bands``).
         model_name: ``--model``, for messages.
 
     Raises:
@@ -169,7 +170,7 @@ def init_mae(model: models_mae.CrossScaleMAE, path: str | os.PathLike, bands: ba
                    f"{model.norm_pix_loss}: its decoder learnt to predict {'standardised patches' if trained_norm_pix else 'raw pixels'}, "
                    f"this run trains it towards {'raw pixels' if trained_norm_pix else 'standardised patches'}"
                    + (" (give --norm_pix_loss to keep its target)" if trained_norm_pix else ""))
-    adapted = band_adaptation.adapt_bands(state_dict, model.in_chans, bands, str(path), prefix="encoder.")
+    adapted = adapt_bands(state_dict, model.in_chans, adaptation, str(path), prefix="encoder.")
     model_keys = model.state_dict().keys()
     missing = [k for k in model_keys if k not in state_dict]
     unexpected = [k for k in state_dict if k not in model_keys]
@@ -234,7 +235,7 @@ def timm_config(encoder: VisionTransformer, weights_file: str = "encoder.pth") -
     }
 
 
-def _architecture(args: argparse.Namespace, weights: layouts.EncoderWeights | None
+def _architecture(model: str | None, finetune: str, weights: layouts.EncoderWeights | None
                   ) -> tuple[layouts.EncoderWeights | None, str, str, int]:
     """(weights, classifier name, size preset, default patch size) from ``--model`` or ``--finetune``'s tensors.
 
@@ -242,8 +243,8 @@ def _architecture(args: argparse.Namespace, weights: layouts.EncoderWeights | No
         UsageError: neither given, or an unknown ``--model``.
     """
     if weights is None:
-        weights = layouts.read_encoder(args.finetune) if args.finetune else None
-    name = args.model or (classifier_name(weights) if weights else None)
+        weights = layouts.read_encoder(finetune) if finetune else None
+    name = model or (classifier_name(weights) if weights else None)
     if name is None:
         raise UsageError("give --finetune PATH (pretrained weights) or --model NAME (random initialisation)")
     try:
@@ -253,73 +254,102 @@ def _architecture(args: argparse.Namespace, weights: layouts.EncoderWeights | No
     return weights, name, size, default_patch
 
 
-def build_classifier(args: argparse.Namespace, num_classes: int, weights: layouts.EncoderWeights | None = None,
-                     load: bool = True) -> tuple[VisionTransformer, layouts.EncoderWeights | None]:
-    """The classifier with ``--finetune``'s encoder (or ``weights``) loaded (every encoder tensor, or an error).
+def _patch_size(patch_size: int | None, weights: layouts.EncoderWeights | None, default: int, input_size: int) -> int:
+    """``--patch_size``, else the weights', else the preset's; it must divide ``--input_size``.
 
-    With ``load=False`` the architecture comes from ``weights`` but nothing is loaded (the caller loads a whole
-    classifier, head included).
+    Raises:
+        UsageError: it does not divide the input size.
     """
-    weights, name, _, default_patch = _architecture(args, weights)
-    args.patch_size = args.patch_size or (weights.shape.patch_size if weights else default_patch)
-    if args.input_size % args.patch_size:
-        raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
-    model = models_vit.create_classifier(
-        name, num_classes, img_size=args.input_size, patch_size=args.patch_size, in_chans=args.in_chans,
-        global_pool=args.global_pool, drop_path_rate=getattr(args, "drop_path", 0.0),
-        norm_style=weights.norm_style if weights else "pre", head_init_std=args.head_init_std,
+    patch_size = patch_size or (weights.shape.patch_size if weights else default)
+    if input_size % patch_size:
+        raise UsageError(f"--input_size {input_size} is not divisible by --patch_size {patch_size}")
+    return patch_size
+
+
+def build_classifier(num_classes: int, *, finetune: str, model: str | None, input_size: int, patch_size: int | None,
+                     bands: Bands, global_pool: bool, head_init_std: float, drop_path: float = 0.0,
+                     weights: layouts.EncoderWeights | None = None, load: bool = True
+                     ) -> tuple[VisionTransformer, layouts.EncoderWeights | None]:
+    """A ``models_vit`` classifier of ``num_classes`` with ``finetune``'s encoder (or ``weights``) loaded: every
+    encoder tensor, or an error; RGB <-> multispectral weights adapted by ``--rgb_bands`` /
+    ``--checkpoint_rgb_bands`` (``BandAdaptation``).
+
+    Args:
+        model: ``--model`` (default: the architecture of the weights).
+        patch_size: ``--patch_size`` (default: the weights', else the preset's).
+        bands: How files become inputs: ``in_chans`` and the band adaptation.
+        global_pool: Mean of the patch tokens + fc_norm (True) or the cls token after norm.
+        load: False: the architecture comes from ``weights`` but nothing is loaded (the caller loads a whole
+            classifier, head included).
+
+    Raises:
+        UsageError: no weights and no ``--model``; a patch size that does not divide the input size.
+        CheckpointError: weights that do not fit.
+    """
+    weights, name, _, default_patch = _architecture(model, finetune, weights)
+    classifier = models_vit.create_classifier(
+        name, num_classes, img_size=input_size, patch_size=_patch_size(patch_size, weights, default_patch, input_size),
+        in_chans=bands.in_chans, global_pool=global_pool, drop_path_rate=drop_path,
+        norm_style=weights.norm_style if weights else "pre", head_init_std=head_init_std,
     )
     if weights is None:
         main_print(f"no --finetune: {name} starts from random initialisation")
     elif load:
-        main_print(layouts.load_encoder(model, weights, band_adaptation.BandAdaptation.from_args(args)))
-    return model, weights
+        main_print(layouts.load_encoder(classifier, weights, BandAdaptation.of(bands)))
+    return classifier, weights
 
 
-def build_knn_encoder(spec: str, weights: layouts.EncoderWeights | None, model_name: str, args) -> tuple[torch.nn.Module, str, bool]:
-    """(encoder, label, whether its final norm is applied) for a checkpoint or 'none'.
+def build_knn_encoder(spec: str, weights: layouts.EncoderWeights | None, model_name: str, *, input_size: int,
+                      patch_size: int, bands: Bands, native: bool = False) -> tuple[torch.nn.Module, str, bool]:
+    """(encoder, label, whether its final norm is applied) for a checkpoint or 'none' (random init).
 
     A fine-tuned or linear-probed classifier keeps its pooling (``weights.classifier_pool``: patch mean + fc_norm,
     or the cls token after norm); its head is left out. ``knn.encoder_features`` with ``pool="classifier"`` then
-    gives the features the classifier pools before its head.
+    gives the features the classifier pools before its head. ``native``: the encoder takes smaller images
+    (``--scale_mode native``: position embeddings interpolated).
     """
     preset = models_vit.classifier_preset(model_name)[0]
-    patch_size = weights.shape.patch_size if weights else args.patch_size
+    patch_size = weights.shape.patch_size if weights else patch_size
     pooling = {"global_pool": weights.classifier_pool} if weights is not None and weights.classifier_pool else {}
     encoder = models_vit.vision_transformer(
-        **models_vit.PRESETS[preset].encoder(), img_size=args.input_size, patch_size=patch_size, in_chans=args.in_chans,
-        num_classes=0, norm_style=weights.norm_style if weights else "pre", dynamic_img_size=args.scale_mode == "native",
-        **pooling,
+        **models_vit.PRESETS[preset].encoder(), img_size=input_size, patch_size=patch_size, in_chans=bands.in_chans,
+        num_classes=0, norm_style=weights.norm_style if weights else "pre", dynamic_img_size=native, **pooling,
     )
     if weights is None:
         return encoder, f"random init ({model_name})", True
-    main_print(layouts.load_encoder(encoder, weights, band_adaptation.BandAdaptation.from_args(args)))
+    main_print(layouts.load_encoder(encoder, weights, BandAdaptation.of(bands)))
     return encoder, spec, weights.final_norm
 
 
-def build_segmenter(args: argparse.Namespace, num_classes: int, weights: layouts.EncoderWeights | None = None,
-                    load: bool = True):
-    """A ``models_segmentation.Segmenter`` around ``--finetune``'s encoder (or ``weights``): any checkpoint kind
+def build_segmenter(num_classes: int, *, finetune: str, model: str | None, input_size: int, patch_size: int | None,
+                    bands: Bands, head: str, freeze_encoder: bool, decoder_channels: int, drop_path: float = 0.0,
+                    weights: layouts.EncoderWeights | None = None, load: bool = True):
+    """A ``models_segmentation.Segmenter`` around ``finetune``'s encoder (or ``weights``): any checkpoint kind
     ``build_classifier`` accepts (ours, upstream's two layouts, timm exports, fine-tuned classifiers, segmenters),
-    position embeddings resampled to ``--input_size`` (the crop). ``load=False``: architecture only.
+    position embeddings resampled to ``input_size`` (the crop). ``load=False``: architecture only.
 
-    Uses ``args``: finetune, model, patch_size, input_size, in_chans, drop_path, head, freeze_encoder,
-    decoder_channels. Returns (segmenter, weights).
+    Args:
+        head: ``upernet`` or ``linear`` (``models_segmentation.Segmenter``).
+        freeze_encoder: Train only neck and head (the encoder's drop path is then 0).
+        decoder_channels: UperNet width.
+
+    Returns:
+        (segmenter, weights).
+
+    Raises:
+        UsageError, CheckpointError: as ``build_classifier``.
     """
     import models_segmentation  # here, so the classification scripts never import segmentation_models_pytorch
 
-    weights, name, size, default_patch = _architecture(args, weights)
-    args.patch_size = args.patch_size or (weights.shape.patch_size if weights else default_patch)
-    if args.input_size % args.patch_size:
-        raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
+    weights, name, size, default_patch = _architecture(model, finetune, weights)
     encoder = models_vit.vision_transformer(
-        **PRESETS[size].encoder(), img_size=args.input_size, patch_size=args.patch_size, in_chans=args.in_chans,
-        num_classes=0, drop_path_rate=0.0 if args.freeze_encoder else getattr(args, "drop_path", 0.0),
+        **PRESETS[size].encoder(), img_size=input_size, patch_size=_patch_size(patch_size, weights, default_patch, input_size),
+        in_chans=bands.in_chans, num_classes=0, drop_path_rate=0.0 if freeze_encoder else drop_path,
         norm_style=weights.norm_style if weights else "pre",
     )
     if weights is None:
         main_print(f"no --finetune: {name} starts from random initialisation")
     elif load:
-        main_print(layouts.load_encoder(encoder, weights, band_adaptation.BandAdaptation.from_args(args)))
-    model = models_segmentation.Segmenter(encoder, num_classes, args.head, args.freeze_encoder, args.decoder_channels)
-    return model, weights
+        main_print(layouts.load_encoder(encoder, weights, BandAdaptation.of(bands)))
+    segmenter = models_segmentation.Segmenter(encoder, num_classes, head, freeze_encoder, decoder_channels)
+    return segmenter, weights

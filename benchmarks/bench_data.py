@@ -132,9 +132,10 @@ def main() -> None:
         pipelines = {
             f"pre-resized JPEG ({args.input_size} px shorter side)": (
                 datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.csv", "auto", transform,
-                                       transforms.draft_size_for(True, args.input_size)), None),
+                                       draft_size=transforms.draft_size_for(True, args.input_size)), None),
             f"large JPEG ({args.large_size} px, PIL draft)": (
-                datasets.build_dataset(tmp / "large", "folder", transform, transforms.draft_size_for(True, args.input_size)), None),
+                datasets.build_dataset(tmp / "large", "folder", transform,
+                                       draft_size=transforms.draft_size_for(True, args.input_size)), None),
             "packed uint8: worker only (memory-mapped read)": (
                 datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.json"), None),
             "packed uint8 + BatchAugment on this CPU": (

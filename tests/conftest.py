@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+REPO = Path(__file__).resolve().parents[1]  # the repository root
 SHARED_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "fmow_samples"
 
 
@@ -100,3 +101,29 @@ def run_expecting_error(argv: list[str]) -> str:
     message = str(info.value)
     assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message
     return message
+
+
+def make_tree(root, classes, per_class=3):
+    """An ImageFolder tree ``root/<class>/<i>.png`` of 32 px images, ``per_class`` per class."""
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            make_image(label % 2, seed=10 * label + i, size=32).save(root / name / f"{i}.png")
+    return root
+
+
+def band_flags(**values):
+    """The band flags every image-reading entry point has (``config.add_band_args``, at their defaults), with
+    ``values`` changed: what ``config.resolve_bands`` takes."""
+    from util import config
+
+    parser = config.new_parser("band flags")
+    config.add_band_args(parser.add_argument_group("bands"))
+    return config.flags(**{**vars(parser.parse_args([])), **values})
+
+
+def bands_of(**values):
+    """``config.resolve_bands`` of ``band_flags(**values)``."""
+    from util import config
+
+    return config.resolve_bands(band_flags(**values))

@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers < 1 or args.chunk < 1:
         raise UsageError("--workers and --chunk must be >= 1")
     out = Path(args.out)
-    dataset = build_dataset(args.train_path, "auto", raster=True)
+    dataset = build_dataset(args.train_path, "auto", list_rasters=True)
     stats = band_stats([path for path, _ in dataset.samples], args.bands, args.nodata, args.percentiles, args.workers,
                        out.with_name(out.name + ".partial.npz"), args.chunk)
     write_atomically(out, lambda tmp: Path(tmp).write_text(json.dumps(stats, indent=1) + "\n"))

@@ -51,10 +51,10 @@ from util.data import datasets, shards
 from util.config import HelpFormatter  # noqa: E402
 from util.config import MAX_IMAGE_PIXELS  # noqa: E402
 from util.files import write_atomically  # noqa: E402
-from util.data.datasets import DataError  # noqa: E402
+from util.errors import DataError  # noqa: E402
 from util.data.raster_options import PACKED_DTYPES
 from util.errors import ReportableError, first_line  # noqa: E402
-from util.data.images import BadImageError, NotEightBitError, Raster, load_image, read_raster, set_max_image_pixels  # noqa: E402
+from util.data.images import BadImageError, NotEightBitError, Raster, load_image, read_raster  # noqa: E402
 from util.run.logger import progress  # noqa: E402
 
 
@@ -71,17 +71,18 @@ class RasterTask(NamedTuple):
     nodata: float | None
 
 
-def resize_one(task: tuple[str, str, int, RasterTask | None]) -> str | None:
-    """Resize ``source`` to ``target`` (shorter side ``size``); None on success, else the error."""
-    source, target, size, raster = task
+def resize_one(task: tuple[str, str, int, RasterTask | None, int]) -> str | None:
+    """Resize ``source`` to ``target`` (shorter side ``size``; images declaring more than ``max_pixels`` pixels are
+    refused); None on success, else the error."""
+    source, target, size, raster, max_pixels = task
     if os.path.exists(target):
         return None
     tmp = f"{target}.tmp{os.getpid()}"
     try:
         if raster is not None:
-            write_raster(tmp, *resize_raster(read_raster(source, raster.bands, raster.nodata), size))
+            write_raster(tmp, *resize_raster(read_raster(source, raster.bands, raster.nodata, max_pixels), size))
         else:
-            img = load_image(source, draft_size=size)
+            img = load_image(source, draft_size=size, max_pixels=max_pixels)
             height, width = resized_shape(img.height, img.width, size)
             img = img.resize((width, height), Image.BICUBIC, reducing_gap=3.0)
             img.save(tmp, format="JPEG", quality=95)
@@ -259,11 +260,10 @@ def main(argv: list[str] | None = None) -> None:
             raise config.UsageError(f"--bands are 0-based indices, got {' '.join(map(str, args.bands))}")
         if args.shard_samples is not None and args.shard_samples < 1:
             raise config.UsageError(f"--shard_samples must be at least 1, got {args.shard_samples}")
-        set_max_image_pixels(args.max_image_pixels)
-        dataset = datasets.build_dataset(args.input, raster=args.raster)  # --raster: .npy files are images too
-    except (datasets.DataError, config.UsageError) as e:
+        dataset = datasets.build_dataset(args.input, list_rasters=args.raster)  # --raster: .npy files are images too
+    except (DataError, config.UsageError) as e:
         raise SystemExit(f"error: {e}") from None
-    names = dict(getattr(dataset, "label_names", {}))  # label -> class name; a CSV without names gives str(label)
+    names = dict(dataset.label_names)  # label -> class name; a CSV without names gives str(label)
     if all(name == str(label) for label, name in names.items()):
         names = {}
     classes = list(dataset.classes) or None  # an ImageFolder tree's folders, index = label
@@ -277,10 +277,11 @@ def main(argv: list[str] | None = None) -> None:
     for index, (source, label) in enumerate(dataset.samples):
         relative = f"{folder}/{index:07d}_{Path(source).stem}.{'tif' if args.raster else 'jpg'}"
         rows.append((label, relative))
-        tasks.append((source, str(args.output / relative), args.size, RasterTask(args.bands, args.nodata) if args.raster else None))
+        tasks.append((source, str(args.output / relative), args.size, RasterTask(args.bands, args.nodata) if args.raster else None,
+                      int(args.max_image_pixels)))
     todo = sum(not os.path.exists(t[1]) for t in tasks)
     print(f"{len(tasks)} images, {len(tasks) - todo} already done, resizing {todo} with {args.workers} workers", flush=True)
-    with Pool(args.workers, initializer=set_max_image_pixels, initargs=(args.max_image_pixels,)) as pool:
+    with Pool(args.workers) as pool:
         errors = [e for e in progress(pool.imap(resize_one, tasks, chunksize=64), "resizing", len(tasks), "image") if e]
     if errors:
         raise SystemExit(f"error: {len(errors)} image(s) could not be resized, first {errors[0]}; rerun to retry")

@@ -42,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_cross_scale_mae as models_mae  # noqa: E402
 from model_loading import load_mae  # noqa: E402
 from util.eval import knn, location_blocks  # noqa: E402
-from util.config import band_stats_source, read_band_stats  # noqa: E402
-from util.data.datasets import DEFAULT_TRAIN_CSV, build_dataset  # noqa: E402
-from util.data.raster_options import RasterOptions
+from util import config  # noqa: E402
+from util.config import DEFAULT_TRAIN_CSV, FMOW_RGB_MEAN, FMOW_RGB_STD  # noqa: E402
+from util.data.datasets import build_dataset  # noqa: E402
+from util.data.transforms import build_raster_transform, build_transform, draft_size_for  # noqa: E402
 from util.errors import UsageError  # noqa: E402
-from util.run.process import run_entry_point
-from util.data.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD, build_raster_transform, build_transform, draft_size_for  # noqa: E402
+from util.run.process import run_entry_point  # noqa: E402
 
 FOLDS = 5
 BOOTSTRAP = location_blocks.BOOTSTRAP
@@ -124,7 +124,7 @@ def reconstruction_ratio(mae: models_mae.CrossScaleMAE, images: torch.Tensor, ma
 
 
 def sample_reading(args: argparse.Namespace, size: int, in_chans: int) -> dict:
-    """``build_dataset``'s transform, draft size and raster options: rasters normalised by the sample's
+    """``build_dataset``'s transform, draft size and band reading: rasters normalised by the sample's
     ``band_stats.json`` where it has one (``--bands`` of its bands), else 8-bit RGB with the fMoW-RGB statistics.
 
     Raises:
@@ -136,13 +136,11 @@ def sample_reading(args: argparse.Namespace, size: int, in_chans: int) -> dict:
             raise UsageError(f"--sample {args.sample} has no band_stats.json: 8-bit RGB only, but the checkpoints take "
                              f"{in_chans} band(s)" + (" and --bands was given" if args.bands else ""))
         return {"transform": build_transform(False, size, FMOW_RGB_MEAN, FMOW_RGB_STD), "draft_size": draft_size_for(False, size)}
-    if args.bands and min(args.bands) < 0:
-        raise UsageError(f"--bands are 0-based indices, got {' '.join(map(str, args.bands))}")
-    mean, std = read_band_stats(str(stats), args.bands, in_chans)  # UsageError naming the file when counts differ
-    source = band_stats_source(str(stats))  # the no-data value and sample type the statistics were computed with
-    nodata = source.get("nodata")
-    return {"transform": build_raster_transform(False, size, mean, std),
-            "raster": RasterOptions(in_chans, args.bands, nodata, mean, False, source.get("dtype"), str(stats), nodata)}
+    bands = config.resolve_bands(config.flags(
+        in_chans=in_chans, bands=args.bands, mean=list(FMOW_RGB_MEAN), std=list(FMOW_RGB_STD), band_stats=str(stats),
+        nodata=config.band_stats_source(str(stats)).get("nodata"), rgb_bands=None, checkpoint_rgb_bands=None,
+        stretch=False, max_image_pixels=config.MAX_IMAGE_PIXELS))  # UsageError naming the file when counts differ
+    return {"transform": build_raster_transform(False, size, bands.mean, bands.std), "bands": bands}
 
 
 def main(args: argparse.Namespace) -> None:
@@ -152,9 +150,9 @@ def main(args: argparse.Namespace) -> None:
         mae, _ = load_mae(path)
         models[path] = mae
     first = models[args.checkpoints[0]]
-    config = first.model_config
+    model_config = first.model_config
     torch.manual_seed(args.seed)
-    models["random init"] = models_mae.create_model(config["name"], **config["kwargs"])
+    models["random init"] = models_mae.create_model(model_config["name"], **model_config["kwargs"])
     sizes = {(m.encoder.patch_embed.img_size[0], m.in_chans) for m in models.values()}
     if len(sizes) != 1:
         raise UsageError(f"the checkpoints differ in input size or bands ({sorted(sizes)}); evaluate them separately")

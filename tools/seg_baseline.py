@@ -4,8 +4,8 @@
     python tools/seg_baseline.py --train_path potsdam/train --test_path potsdam/val --palette isprs --exclude_classes 5
     python tools/seg_baseline.py --in_chans 4 --band_stats stats.json --train_path s2/train --test_path s2/val
 
-Protocol (the one ``main_segment.py`` evaluates with; the flags are its own, ``add_data_args`` /
-``add_evaluation_args``):
+Protocol (the one ``main_segment.py`` evaluates with; the flags are its own, ``config.add_segmentation_data_args`` /
+``config.add_segmentation_evaluation_args``):
 
 - **Features**: each pixel's band values after the same reading and normalisation as ``main_segment.py`` (8-bit
   RGB: [0, 1] then fMoW-RGB mean / std; rasters: ``--band_stats`` or ``--mean`` / ``--std`` in the file's units);
@@ -13,7 +13,7 @@ Protocol (the one ``main_segment.py`` evaluates with; the flags are its own, ``a
 - **Training**: ``--pixels`` pixels drawn without replacement from the non-ignored pixels of the training images,
   as evenly over the images as they allow (``--seed``); scikit-learn's multinomial ``LogisticRegression`` (lbfgs,
   L2, ``--C``). Training images are used at full resolution, as the segmenters are.
-- **Evaluation**: ``main_segment.final_evaluation``: every ``--scales`` value (down-sample by area, up-sample back),
+- **Evaluation**: ``engine_segment.final_evaluation``: every ``--scales`` value (down-sample by area, up-sample back),
   the same classes counted (``--exclude_classes``, ``--eval_ignore_boundary``) and the mIoU's 95 % interval from a
   bootstrap over location blocks (``--block_pattern``). A class never seen in training is never predicted.
 
@@ -21,7 +21,6 @@ Writes seg_results.csv / .md, seg_confusion.json and the figures into ``--output
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -32,12 +31,13 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import main_segment  # noqa: E402
+import engine_segment  # noqa: E402
 from util import config  # noqa: E402
-from util.data import segmentation
-from util.run import process
+from util.data import segmentation  # noqa: E402
 from util.errors import DataError, UsageError  # noqa: E402
-from util.run.process import run_entry_point
+from util.eval import location_blocks  # noqa: E402
+from util.run import process  # noqa: E402
+from util.run.process import run_entry_point  # noqa: E402
 from util.run.threads import configure_threads  # noqa: E402
 
 
@@ -101,10 +101,10 @@ def fit(features: np.ndarray, labels: np.ndarray, C: float, max_iter: int):
     return LogisticRegression(C=C, max_iter=max_iter).fit(features, labels)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=config.HelpFormatter)
-    main_segment.add_data_args(parser)
-    main_segment.add_evaluation_args(parser)
+def get_args_parser() -> config.Parser:
+    parser = config.new_parser(__doc__.splitlines()[0])
+    config.add_segmentation_data_args(parser)
+    config.add_segmentation_evaluation_args(parser)
     group = parser.add_argument_group("logistic regression")
     group.add_argument("--pixels", type=int, default=200_000, help="training pixels drawn (spread evenly over the images)")
     group.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (scikit-learn's C)")
@@ -114,29 +114,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(args: argparse.Namespace) -> None:
-    config.check_data_args(args)  # the checks of every entry point: ranges, --max_image_pixels, --stretch, band flags
-    main_segment.check_evaluation_args(args)
-    if args.pixels < 1 or not args.C > 0:
+def main(flags: config.Flags) -> None:
+    config.check_segmentation_evaluation_flags(flags)
+    bands = config.resolve_bands(flags)
+    location_blocks.block_ids([], flags.block_pattern, flags.block_size)  # checks the pattern and the size
+    if flags.pixels < 1 or not flags.C > 0:
         raise UsageError("--pixels must be at least 1 and --C > 0")
     print(configure_threads(), flush=True)
-    class_names, palette = main_segment.classes_of(args)
-    transform = segmentation.eval_transform(args.mean, args.std)
-    train_set = main_segment.dataset_of(args, args.train_path, transform, len(class_names), palette)
-    _, val_set = main_segment.datasets_of(args, len(class_names), palette, train=False)
-    main_segment.evaluation_blocks(val_set, args)  # before fitting
-    features, labels = training_pixels(train_set, args.pixels, args.seed)
-    fitted = fit(features, labels, args.C, args.max_iter)
+    class_names, palette = engine_segment.classes_of(flags)
+    transform = segmentation.eval_transform(bands.mean, bands.std)
+    train_set = engine_segment.dataset_of(flags.train_path, transform, bands, flags, len(class_names), palette)
+    val_set = engine_segment.dataset_of(flags.test_path, transform, bands, flags, len(class_names), palette)
+    evaluation = engine_segment.protocol(flags)
+    engine_segment.evaluation_blocks(val_set, evaluation)  # before fitting
+    features, labels = training_pixels(train_set, flags.pixels, flags.seed)
+    fitted = fit(features, labels, flags.C, flags.max_iter)
     counts = np.bincount(labels, minlength=len(class_names))
     print(f"fitted on {len(labels):,} pixels of {len(train_set)} images ({', '.join(f'{n} {c:,}' for n, c in zip(class_names, counts))}), "
           f"{features.shape[1]} features; training accuracy {100 * fitted.score(features, labels):.2f}%", flush=True)
-    out = Path(args.output_dir)
+    out = Path(flags.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = process.Run(0, 1, 0, torch.device("cpu"), None, out)
     model = PixelLogistic(fitted, len(class_names))
-    main_segment.final_evaluation(model, val_set, args, run, class_names, palette, out, "per-pixel logistic regression")
+    engine_segment.final_evaluation(model, val_set, evaluation, bands, run, class_names, palette, out,
+                                    "per-pixel logistic regression", flags.num_workers)
     (out / "seg_baseline.json").write_text(json.dumps(
-        {"pixels": int(len(labels)), "class_pixels": counts.tolist(), "C": args.C, "seed": args.seed,
+        {"pixels": int(len(labels)), "class_pixels": counts.tolist(), "C": flags.C, "seed": flags.seed,
          "coef": np.asarray(fitted.coef_).tolist(), "intercept": np.asarray(fitted.intercept_).tolist(),
          "classes": np.asarray(fitted.classes_).tolist()}, indent=1))
 

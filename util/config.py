@@ -1,9 +1,19 @@
-"""Command-line parsing with ``--config file.yaml`` as the default layer, as timm's train.py does."""
+"""The command line: flag groups, ``--config file.yaml`` as the default layer (as timm's train.py does), the range of
+every numeric flag, and the small typed configs the flags become (``Bands``, ``Schedule``, ``Loading``).
+
+A leaf module: it imports no torch and nothing of the project but its error classes, so that ``--help`` and flag
+errors answer before torch, timm and matplotlib load. Parsed flags are read-only (``Flags``): an entry script turns
+them into what it needs once, and values derived from them (the learning rate of the linear scaling rule, statistics
+read from ``--band_stats``, the checkpoint's input size) live in those configs or in the run's record
+(``run_record``), never in the flags.
+"""
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import yaml
 
@@ -11,8 +21,7 @@ from util.errors import UsageError, first_line
 
 STATS_TOOL = "tools/band_stats.py"
 
-# Values --help shows (choices, default paths, normalisation statistics): this module imports no torch, so that
-# --help and flag errors answer before torch, timm and matplotlib load.
+# Values --help shows (choices, default paths, normalisation statistics).
 DATASET_TYPES = ("auto", "fmow_rgb", "csv", "imagefolder", "folder", "coco", "packed", "shards")
 DEFAULT_TRAIN_CSV = Path(__file__).resolve().parent.parent / "data" / "sentinel2_rgb" / "train.csv"
 DEFAULT_VAL_CSV = DEFAULT_TRAIN_CSV.with_name("val.csv")
@@ -26,6 +35,14 @@ MAX_IMAGE_PIXELS = 250_000_000
 
 KNN_SCALE_MODES = ("resize", "native")
 KNN_POOLS = ("cls", "mean")
+DEFAULT_INPUT_SIZE = 224  # classification's --input_size when neither given nor taken from a checkpoint
+SEGMENTATION_SAMPLE = DEFAULT_TRAIN_CSV.parent  # seg_train.csv, seg_val.csv, seg_palette.json of the embedded sample
+IGNORE_INDEX = 255  # mask value left out of loss and metrics (mmsegmentation's and torchgeo's default)
+# Location blocks of the bootstrap (``util.eval.location_blocks``): the embedded sample's tiles are ``r{row}_c{col}``
+# in blocks of 3 x 3 tiles; 2000 resamples.
+TILE_PATTERN = r"r(?P<row>\d+)_c(?P<col>\d+)"
+BLOCK_TILES = 3
+BOOTSTRAP = 2000
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -38,17 +55,78 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
-def new_parser(description: str) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` whose ``--help`` shows the defaults (``HelpFormatter``)."""
-    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that keeps every flag it defines, in groups or not (``flags``: destination -> action), so
+    that ``--config`` values are checked against them; ``--help`` shows the defaults (``HelpFormatter``)."""
+
+    def __init__(self, description: str) -> None:
+        self.flags: dict[str, argparse.Action] = {}
+        self.groups_keep_flags = False  # argparse's own groups (positionals, options), made by __init__, stay plain
+        super().__init__(description=description, formatter_class=HelpFormatter)
+        self.groups_keep_flags = True
+
+    def add_argument(self, *names: str, **options: Any) -> argparse.Action:
+        action = super().add_argument(*names, **options)
+        self.flags.setdefault(action.dest, action)
+        return action
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> Any:
+        group = super().add_argument_group(*args, **kwargs)
+        return FlagGroup(self, group) if self.groups_keep_flags else group
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv``; values of ``--config FILE`` become defaults, so flags on the command line win.
+class FlagGroup:
+    """A group of ``Parser`` whose flags the parser keeps too."""
+
+    def __init__(self, parser: Parser, group: Any) -> None:
+        self.parser, self.group = parser, group
+
+    def add_argument(self, *names: str, **options: Any) -> argparse.Action:
+        action = self.group.add_argument(*names, **options)
+        self.parser.flags.setdefault(action.dest, action)
+        return action
+
+
+def new_parser(description: str) -> Parser:
+    """A ``Parser`` whose ``--help`` shows the defaults."""
+    return Parser(description)
+
+
+class Flags(argparse.Namespace):
+    """Parsed flags, read-only once parsed: assigning to one raises ``AttributeError``. Derived values go into the
+    configs an entry script builds from the flags (``resolve_bands``, ``training_schedule``, ``loading``) or into the
+    run's record (``run_record``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_parsed"):
+            raise AttributeError(f"flags are read-only once parsed (--{name}): derive values outside them")
+        super().__setattr__(name, value)
+
+    def freeze(self) -> Flags:
+        object.__setattr__(self, "_parsed", True)
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every flag and its value (``vars`` without the read-only marker)."""
+        return {name: value for name, value in vars(self).items() if not name.startswith("_")}
+
+
+def flags(**values: Any) -> Flags:
+    """Read-only ``Flags`` holding ``values`` (what parsing would give; for tools and tests)."""
+    parsed = Flags()
+    for name, value in values.items():
+        setattr(parsed, name, value)
+    return parsed.freeze()
+
+
+def parse_args(parser: Parser, argv: Sequence[str] | None = None) -> Flags:
+    """Parse ``argv`` into read-only ``Flags``; values of ``--config FILE`` become defaults, so flags on the command
+    line win.
 
     Bad configuration exits with status 1 and one line ``error: --config FILE: …`` naming the file and the key.
     """
-    parser.add_argument("--config", default=None, help="YAML file of flag values (command-line flags win; a run's config.yaml reproduces it)")
+    parser.add_argument("--config", default=None,
+                        help="YAML file of flag values (command-line flags win; a run's config.yaml reproduces it)")
     known, _ = parser.parse_known_args(argv)
     if known.config:
         path = Path(known.config)
@@ -58,18 +136,17 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
             raise SystemExit(f"error: --config {path}: cannot read ({first_line(e)})") from None
         if not isinstance(values, dict):
             raise SystemExit(f"error: --config {path}: expected a mapping of flag names to values")
-        flags = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - flags)
+        actions = {dest: action for dest, action in parser.flags.items() if dest not in ("help", "config")}
+        unknown = sorted(set(values) - set(actions))
         if unknown:
-            raise SystemExit(f"error: --config {path}: unknown key(s) {', '.join(unknown)}")
-        actions = {action.dest: action for action in parser._actions}
+            raise SystemExit(f"error: --config {path}: unknown key(s) {', '.join(map(str, unknown))}")
         for key, value in values.items():
             try:
                 values[key] = config_value(actions[key], value)
             except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
                 raise SystemExit(f"error: --config {path}: {key}: {first_line(e)}") from None
         parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    return parser.parse_args(argv, namespace=Flags()).freeze()
 
 
 def config_value(action: argparse.Action, value):
@@ -112,32 +189,43 @@ def config_value(action: argparse.Action, value):
     return converted if many else converted[0]
 
 
-def save_config(args: argparse.Namespace, path: Path) -> None:
-    """Write the resolved flags as YAML; ``--config`` of this file reproduces the run."""
-    values = {k: v for k, v in vars(args).items() if k not in ("config", "lr_given", "world_size", "raster", "shard_manifest")}
-    if "lr_given" in vars(args):  # the lr the user gave, not the one derived from --blr: the linear scaling rule keeps applying
-        values["lr"] = args.lr_given
+def save_config(flags: Flags, path: Path) -> None:
+    """Write the flags as given (``--lr`` None where the linear scaling rule derives it) as YAML; ``--config`` of this
+    file reproduces the run."""
+    values = {name: value for name, value in flags.as_dict().items() if name != "config"}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(values, sort_keys=False))
 
 
-def add_optimisation_args(parser: argparse.ArgumentParser, **defaults) -> None:
+def run_record(flags: Flags, **derived: Any) -> dict[str, Any]:
+    """What a checkpoint records of its run (its ``args``): every flag as given, then the values derived from them
+    (``lr``: the learning rate used, ``lr_given``: ``--lr`` as given; ``world_size``; ``mean`` / ``std`` as read from
+    ``--band_stats``; ...), plain types only. ``--eval`` and ``--resume`` compare the next run's record with it."""
+    record = {**flags.as_dict(), **derived}
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in record.items()
+            if isinstance(value, (int, float, str, bool, list, tuple, type(None)))}
+
+
+def add_optimisation_args(parser: Parser, **defaults: float) -> None:
     """Batch, schedule and optimiser flags; ``defaults`` gives each script's upstream values."""
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--batch_size", type=int, default=defaults["batch_size"], help="images per device per step (effective batch: x --accum_iter x GPUs)")
+    group.add_argument("--batch_size", type=int, default=defaults["batch_size"],
+                       help="images per device per step (effective batch: x --accum_iter x GPUs)")
     group.add_argument("--epochs", type=int, default=defaults["epochs"], help="epochs of the whole run (a resume continues to it)")
     group.add_argument("--accum_iter", type=int, default=1, help="steps accumulated per optimiser update")
     group.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: --blr x effective batch / 256)")
     group.add_argument("--blr", type=float, default=defaults["blr"], help="base learning rate per 256 images")
     group.add_argument("--min_lr", type=float, default=defaults["min_lr"], help="learning rate at the end of the cosine schedule")
-    group.add_argument("--warmup_epochs", type=float, default=defaults["warmup_epochs"], help="epochs of linear LR warm-up (fractions allowed)")
+    group.add_argument("--warmup_epochs", type=float, default=defaults["warmup_epochs"],
+                       help="epochs of linear LR warm-up (fractions allowed)")
     group.add_argument("--weight_decay", type=float, default=defaults["weight_decay"], help="AdamW / LARS weight decay")
     group.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this value (default: no clipping)")
 
 
-def add_band_args(group) -> None:
-    """The band flags every entry point reads (multispectral / high-bit-depth data, ``resolve_band_args``):
-    --in_chans, --mean, --std, --bands, --band_stats, --nodata, --rgb_bands, --checkpoint_rgb_bands, --stretch."""
+def add_band_args(group: FlagGroup) -> None:
+    """The flags of how image files become model inputs, for every entry point that reads images (``resolve_bands``):
+    --in_chans, --mean, --std, --bands, --band_stats, --nodata, --rgb_bands, --checkpoint_rgb_bands, --stretch,
+    --max_image_pixels."""
     group.add_argument("--in_chans", type=int, default=3, help="input channels")
     group.add_argument("--mean", type=float, nargs="+", default=list(FMOW_RGB_MEAN),
                        help="normalisation mean, one per band (8-bit RGB: fMoW-RGB in [0, 1]; multispectral: in the file's units)")
@@ -149,36 +237,44 @@ def add_band_args(group) -> None:
     group.add_argument("--nodata", type=float, default=None,
                        help="no-data value (default: a TIFF's GDAL_NODATA tag); such pixels are filled with the band mean")
     group.add_argument("--rgb_bands", type=int, nargs="+", default=None, metavar="I",
-                       help="bands (indices into the bands read) shown as R G B in reconstruction figures "
-                            "(default: the first three; one band: grey); loading RGB weights into a model of more "
-                            "bands: the bands that get the RGB filters (the others start at zero)")
+                       help="bands (indices into the bands read) shown as R G B in figures (default: the first three; "
+                            "one band: grey); loading RGB weights into a model of more bands: the bands that get the RGB "
+                            "filters (the others start at zero)")
     group.add_argument("--checkpoint_rgb_bands", type=int, nargs=3, default=None, metavar="I",
                        help="loading multispectral weights into a 3-band (RGB) model: the checkpoint's bands whose "
                             "filters become R G B (the others are dropped)")
     group.add_argument("--stretch", action="store_true",
                        help="8-bit RGB path: stretch 16-bit / float images from their 1st to 99th percentile per band "
                             "(default: refuse them: give --band_stats instead)")
-
-
-def add_data_args(parser: argparse.ArgumentParser, input_size: int | None, train_path: str | None, patch_size: int | None = 16) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--train_path", default=train_path, help="CSV file (fMoW format), ImageFolder tree or image folder")
-    group.add_argument("--dataset_type", default="auto", choices=DATASET_TYPES, help="auto detects from --train_path")
-    group.add_argument("--input_size", type=int, default=input_size,
-                       help="image side in pixels" + ("" if input_size else " (default: that of the pretrained weights)"))
-    group.add_argument("--patch_size", type=int, default=patch_size,
-                       help="patch side in pixels" + ("" if patch_size else " (default: that of the pretrained weights)"))
-    add_band_args(group)
     group.add_argument("--max_image_pixels", type=float, default=float(MAX_IMAGE_PIXELS),
                        help="refuse images declaring more pixels (decompression bombs); the default admits a full "
                             "Sentinel-2 tile (~120 Mpx)")
+
+
+def add_data_args(parser: Parser, input_size: int | None, train_path: str | None, patch_size: int | None = 16,
+                  train_help: str = "CSV file (fMoW format), ImageFolder tree or image folder",
+                  input_help: str = "image side in pixels") -> FlagGroup:
+    """The data flags of the image-level tasks (pretraining, classification, kNN); returns the group."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--train_path", default=train_path, help=train_help)
+    group.add_argument("--dataset_type", default="auto", choices=DATASET_TYPES, help="auto detects from --train_path")
+    group.add_argument("--input_size", type=int, default=input_size,
+                       help=input_help + ("" if input_size or "default" in input_help else " (default: that of the pretrained weights)"))
+    group.add_argument("--patch_size", type=int, default=patch_size,
+                       help="patch side in pixels" + ("" if patch_size else " (default: that of the pretrained weights)"))
+    add_band_args(group)
     group.add_argument("--skip_bad_images", action="store_true",
                        help="skip unreadable images (each reported with a warning) instead of stopping")
+    add_loader_args(group)
+    return group
+
+
+def add_loader_args(group: FlagGroup) -> None:
     group.add_argument("--num_workers", type=int, default=8, help="DataLoader worker processes per GPU / process")
     group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pinned host memory (CUDA)")
 
 
-def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str, training: bool = True,
+def add_runtime_args(parser: Parser, output_dir: str, training: bool = True,
                      output_help: str = "folder of checkpoints, config.yaml, log.txt, TensorBoard events and figures") -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--output_dir", default=output_dir, help=output_help)
@@ -199,20 +295,17 @@ def add_runtime_args(parser: argparse.ArgumentParser, output_dir: str, training:
                        help="start a fresh run in an --output_dir that holds another run's checkpoints (they get replaced)")
     group.add_argument("--allow_changed_flags", action="store_true",
                        help="resume although --epochs, --batch_size, LR or schedule flags differ from the checkpoint's run")
-    group.add_argument("--log_every", type=int, default=20, help="steps between log lines (each epoch also ends with a line: its time, the run's ETA)")
+    group.add_argument("--log_every", type=int, default=20,
+                       help="steps between log lines (each epoch also ends with a line: its time, the run's ETA)")
 
 
-DEFAULT_INPUT_SIZE = 224  # classification's --input_size when not given (main_finetune.DEFAULT_INPUT_SIZE)
-
-
-def classification_parser(description: str, *, global_pool: bool, head_init_std: float, **defaults) -> argparse.ArgumentParser:
+def classification_parser(description: str, *, global_pool: bool, head_init_std: float, **defaults: float) -> Parser:
     """The flags of fine-tuning and linear probing; ``defaults`` are each script's upstream values."""
     parser = new_parser(description)
     add_optimisation_args(parser, **defaults)
-    add_data_args(parser, input_size=None, train_path=str(DEFAULT_TRAIN_CSV), patch_size=None)
+    add_data_args(parser, input_size=None, train_path=str(DEFAULT_TRAIN_CSV), patch_size=None,
+                  input_help=f"image side in pixels (default: {DEFAULT_INPUT_SIZE}; with --eval: the checkpoint's)")
     add_runtime_args(parser, output_dir="./output_dir")
-    parser._option_string_actions["--input_size"].help = (
-        f"image side in pixels (default: {DEFAULT_INPUT_SIZE}; with --eval: the checkpoint's)")
     group = parser.add_argument_group("classification")
     group.add_argument("--finetune", default="", metavar="PATH",
                        help="pretrained weights: our or upstream's pretraining checkpoint (either layout), or a timm encoder export")
@@ -228,6 +321,64 @@ def classification_parser(description: str, *, global_pool: bool, head_init_std:
     group.add_argument("--save_every", type=int, default=0, help="also keep checkpoint-{epoch}.pth every N epochs (0 = never)")
     group.add_argument("--wandb_project", default=None, help="ignored (upstream flag): logs go to TensorBoard")
     return parser
+
+
+def add_segmentation_data_args(parser: Parser) -> None:
+    """Image / mask pairs, classes and band reading of ``main_segment.py`` and ``tools/seg_baseline.py``."""
+    group = parser.add_argument_group("data (image / mask pairs)")
+    group.add_argument("--train_path", default=str(SEGMENTATION_SAMPLE / "seg_train.csv"),
+                       help="CSV of (image path, mask path), or a folder holding images/ and masks/ (matched by file stem)")
+    group.add_argument("--test_path", default=str(SEGMENTATION_SAMPLE / "seg_val.csv"), help="evaluation pairs, as --train_path")
+    group.add_argument("--input_size", type=int, default=128, help="crop side in pixels (training crops, sliding window)")
+    add_band_args(group)
+    group.add_argument("--palette", default=str(SEGMENTATION_SAMPLE / "seg_palette.json"),
+                       help="class names and colours: 'isprs' (6 classes), a JSON list of {name, color}, or 'none'; "
+                            "RGB masks are decoded through it, index masks only take its names and colours")
+    group.add_argument("--class_names", nargs="+", default=None, help="class names (instead of the palette's)")
+    group.add_argument("--nb_classes", type=int, default=None, help="classes (default: from the palette or --class_names)")
+    group.add_argument("--reduce_zero_label", action="store_true", help="LoveDA: mask 0 (no data) -> ignore, k -> k-1")
+    group.add_argument("--ignore_index", type=int, default=IGNORE_INDEX, help="mask value left out of loss and metrics")
+    add_loader_args(group)
+
+
+def add_segmentation_evaluation_args(parser: Parser) -> None:
+    """The evaluation protocol of ``main_segment.py`` and ``tools/seg_baseline.py``: scales, sliding window, classes
+    counted, boundary erosion, location blocks."""
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                       help="final evaluation at each scale: images down-sampled (area) by it and up-sampled back, e.g. 0.125 0.25 0.5 1.0")
+    group.add_argument("--overlap", type=float, default=1 / 3, help="sliding-window overlap, fraction of the crop")
+    group.add_argument("--exclude_classes", type=int, nargs="*", default=[],
+                       help="classes left out of mIoU / mF1 (ISPRS protocol: 5 = clutter)")
+    group.add_argument("--eval_ignore_boundary", type=int, default=0, metavar="PX",
+                       help="evaluation only: ground-truth pixels within PX of another class are not counted (ISPRS's "
+                            "eroded-boundary reference: 3; 0: every pixel)")
+    group.add_argument("--block_pattern", default=TILE_PATTERN,
+                       help="regular expression on each evaluation image's file stem naming its location block (groups "
+                            "row and col: tiles grouped --block_size per side; other groups: their text; no match: the "
+                            "image alone; '': every image alone); mIoU intervals resample blocks (util/eval/location_blocks.py)")
+    group.add_argument("--block_size", type=int, default=BLOCK_TILES, help="tiles per block side (with groups row, col)")
+    group.add_argument("--bootstrap", type=int, default=BOOTSTRAP,
+                       help="block-bootstrap resamples of the final evaluation's 95 %% mIoU interval (0: no interval)")
+    group.add_argument("--examples", type=int, default=4, help="evaluation images in the prediction figure")
+
+
+def check_segmentation_evaluation_flags(flags: Flags) -> None:
+    """Refuse evaluation flags that cannot work (``add_segmentation_evaluation_args``), naming the flag; the block
+    pattern is checked by ``util.eval.location_blocks.compile_pattern``.
+
+    Raises:
+        UsageError: one line.
+    """
+    check_ranges(flags)
+    if not 0 <= flags.overlap < 1:
+        raise UsageError(f"--overlap must be in [0, 1), got {flags.overlap}")
+    if any(not 0 < s <= 1 for s in flags.scales):
+        raise UsageError(f"--scales must be in (0, 1], got {flags.scales}")
+    if not 0 <= flags.ignore_index <= 255:
+        raise UsageError(f"--ignore_index must be in 0..255 (masks are 8-bit), got {flags.ignore_index}")
+    if flags.eval_ignore_boundary < 0 or flags.bootstrap < 0:
+        raise UsageError("--eval_ignore_boundary and --bootstrap must be >= 0")
 
 
 # The valid range of every numeric flag of every entry point (absent or None flags are not checked):
@@ -255,16 +406,18 @@ def describe_range(low: float, high: float, inclusive: bool) -> str:
     return f"in [{low:g}, {high:g}]" if inclusive else f"in ({low:g}, {high:g})"
 
 
-def check_ranges(args: argparse.Namespace) -> None:
-    """Refuse a numeric flag outside its range in ``RANGES`` (the one table every entry point checks).
+def check_ranges(values: argparse.Namespace | dict[str, Any]) -> None:
+    """Refuse a numeric flag outside its range in ``RANGES`` (the one table every entry point and tool checks);
+    flags that are absent, None or not numbers are not checked.
 
     Raises:
         UsageError: ``--flag must be RANGE, got VALUE``.
     """
-    for flag, (low, high, inclusive) in RANGES.items():
-        value = getattr(args, flag, None)
-        if value is None or isinstance(value, (str, bool)):
+    values = values if isinstance(values, dict) else vars(values)
+    for flag, value in values.items():
+        if flag not in RANGES or value is None or isinstance(value, (str, bool)):
             continue
+        low, high, inclusive = RANGES[flag]
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if not isinstance(item, (int, float)):
                 continue
@@ -274,59 +427,99 @@ def check_ranges(args: argparse.Namespace) -> None:
                 raise UsageError(f"--{flag} must be {describe_range(low, high, inclusive)}, got {shown}")
 
 
-def is_raster_run(args: argparse.Namespace) -> bool:
-    """Whether the data goes through ``images.read_raster`` (any band count, the file's units) rather than the
-    8-bit RGB path: --in_chans other than 3, or any of --bands, --band_stats, --nodata."""
-    return (getattr(args, "in_chans", 3) != 3 or bool(getattr(args, "bands", None)) or bool(getattr(args, "band_stats", None))
-            or getattr(args, "nodata", None) is not None)
-
-
-def same_value(a, b) -> bool:
+def same_value(a: Any, b: Any) -> bool:
     """``a == b``, with NaN equal to NaN (``--nodata nan``)."""
     return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
 
 
-def resolve_band_args(args: argparse.Namespace) -> None:
-    """Check --bands / --mean / --std / --band_stats / --rgb_bands against --in_chans; set ``args.raster`` and, from
-    --band_stats, ``args.mean`` / ``args.std``.
+@dataclass(frozen=True)
+class Bands:
+    """How image files become model inputs (the flags of ``add_band_args``, resolved by ``resolve_bands``).
+
+    Attributes:
+        in_chans: Bands per image after ``bands``.
+        mean, std: Normalisation per band: for 8-bit RGB in [0, 1] units (fMoW-RGB's by default), else in the
+            file's units (from ``--band_stats`` or given).
+        bands: 0-based band indices read from each file, in order (None: all).
+        nodata: The no-data value given (None: a TIFF's GDAL_NODATA tag, if any).
+        band_stats: The statistics file, if any; ``stats_dtype`` / ``stats_nodata``: the sample type and the
+            ``--nodata`` it was computed with, where it records them (None: not recorded, or no ``--nodata``).
+        rgb_bands, checkpoint_rgb_bands: ``--rgb_bands`` / ``--checkpoint_rgb_bands``.
+        stretch: ``--stretch``: the 8-bit RGB path stretches 16-bit / float images instead of refusing them.
+        max_pixels: ``--max_image_pixels``: images declaring more pixels are refused.
+    """
+
+    in_chans: int = 3
+    mean: tuple[float, ...] = FMOW_RGB_MEAN
+    std: tuple[float, ...] = FMOW_RGB_STD
+    bands: tuple[int, ...] | None = None
+    nodata: float | None = None
+    band_stats: str | None = None
+    stats_dtype: str | None = None
+    stats_nodata: float | None = None
+    rgb_bands: tuple[int, ...] | None = None
+    checkpoint_rgb_bands: tuple[int, ...] | None = None
+    stretch: bool = False
+    max_pixels: int = MAX_IMAGE_PIXELS
+
+    @property
+    def raster(self) -> bool:
+        """Whether files go through ``images.read_raster`` (any band count, the file's units) rather than the 8-bit
+        RGB path: --in_chans other than 3, or any of --bands, --band_stats, --nodata."""
+        return self.in_chans != 3 or bool(self.bands) or bool(self.band_stats) or self.nodata is not None
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint records of them (``run_record``), and ``--eval`` / ``--resume`` compare."""
+        return {"in_chans": self.in_chans, "bands": list(self.bands) if self.bands else None, "mean": list(self.mean),
+                "std": list(self.std), "nodata": self.nodata, "raster": self.raster}
+
+
+def resolve_bands(flags: Flags) -> Bands:
+    """The ``Bands`` of an entry point's band flags: --bands / --mean / --std / --band_stats / --rgb_bands checked
+    against --in_chans, statistics read from --band_stats.
 
     Raises:
         UsageError: one line naming the flag (and the statistics tool where statistics are missing).
     """
-    args.raster = is_raster_run(args)
-    count = args.in_chans
-    if getattr(args, "bands", None) and len(args.bands) != count:
-        raise UsageError(f"--bands names {len(args.bands)} band(s) but --in_chans is {count}")
-    if getattr(args, "bands", None) and min(args.bands) < 0:
-        raise UsageError(f"--bands are 0-based indices, got {' '.join(map(str, args.bands))}")
-    default = list(args.mean) == list(FMOW_RGB_MEAN) and list(args.std) == list(FMOW_RGB_STD)
-    if getattr(args, "band_stats", None):
+    count, bands = flags.in_chans, tuple(flags.bands) if flags.bands else None
+    if bands and len(bands) != count:
+        raise UsageError(f"--bands names {len(bands)} band(s) but --in_chans is {count}")
+    if bands and min(bands) < 0:
+        raise UsageError(f"--bands are 0-based indices, got {' '.join(map(str, bands))}")
+    mean, std = tuple(flags.mean), tuple(flags.std)
+    default = mean == FMOW_RGB_MEAN and std == FMOW_RGB_STD
+    source: dict[str, Any] = {}
+    if flags.band_stats:
         if not default:
             raise UsageError("--band_stats and --mean / --std both give statistics: give one of them")
-        args.mean, args.std = read_band_stats(args.band_stats, args.bands, count)
-        # ...: an older file, which does not say; a run without --nodata is checked per file (util.data.raster_options.RasterOptions)
-        given = band_stats_source(args.band_stats).get("nodata", ...)
-        nodata = getattr(args, "nodata", None)
-        if given is not ... and nodata is not None and not same_value(given, nodata):
-            raise UsageError(f"--band_stats {args.band_stats} was computed with " + (f"--nodata {given:g}" if given is not None
-                             else "no --nodata (the files' GDAL_NODATA tags, if any)") + f", this run has --nodata {nodata:g}: "
-                             "give the same no-data value (statistics and inputs would count other pixels as data)")
-    elif args.raster and default:
+        mean, std = (tuple(v) for v in read_band_stats(flags.band_stats, list(bands) if bands else None, count))
+        source = band_stats_source(flags.band_stats)
+        given = source.get("nodata", ...)  # ...: an older file, which does not say; then checked per file
+        if given is not ... and flags.nodata is not None and not same_value(given, flags.nodata):
+            raise UsageError(f"--band_stats {flags.band_stats} was computed with "
+                             + (f"--nodata {given:g}" if given is not None else "no --nodata (the files' GDAL_NODATA tags, if any)")
+                             + f", this run has --nodata {flags.nodata:g}: give the same no-data value (statistics and "
+                             "inputs would count other pixels as data)")
+    resolved = Bands(count, mean, std, bands, flags.nodata, flags.band_stats, source.get("dtype"),
+                     source.get("nodata"),
+                     tuple(flags.rgb_bands) if flags.rgb_bands else None,
+                     tuple(flags.checkpoint_rgb_bands) if flags.checkpoint_rgb_bands else None,
+                     flags.stretch, int(flags.max_image_pixels))
+    if resolved.raster and default and not flags.band_stats:
         raise UsageError(f"{count}-band / non-8-bit data needs per-band statistics: run {STATS_TOOL} on the training data "
                          "and pass --band_stats FILE.json (or --mean / --std, one per band, in the file's units)")
-    for flag in ("mean", "std"):
-        if len(getattr(args, flag)) != count:
-            raise UsageError(f"--{flag} has {len(getattr(args, flag))} value(s) but --in_chans is {count}: one per band")
-    rgb = getattr(args, "rgb_bands", None)
+    for flag, values in (("mean", mean), ("std", std)):
+        if len(values) != count:
+            raise UsageError(f"--{flag} has {len(values)} value(s) but --in_chans is {count}: one per band")
+    rgb = flags.rgb_bands
     if rgb is not None and (len(rgb) not in (1, 3) or not all(0 <= b < count for b in rgb)):
         raise UsageError(f"--rgb_bands needs 1 or 3 indices in 0..{count - 1} (of the bands read), got {' '.join(map(str, rgb))}")
+    return resolved
 
 
-def band_stats_source(path: str) -> dict:
+def band_stats_source(path: str) -> dict[str, Any]:
     """What a ``tools/band_stats.py`` file says of the data it was computed on: ``dtype`` (sample type) and ``nodata``
     (the --nodata given to it, or None), where it records them ({} if unreadable: ``read_band_stats`` reports that)."""
-    import json
-
     try:
         stats = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -347,8 +540,6 @@ def read_band_stats(path: str, bands: list[int] | None, count: int) -> tuple[lis
     Raises:
         UsageError: unreadable file, missing keys, bands it lacks, or a length other than ``count``.
     """
-    import json
-
     try:
         stats = json.loads(Path(path).read_text())
         mean, std = [float(v) for v in stats["mean"]], [float(v) for v in stats["std"]]
@@ -372,36 +563,62 @@ def read_band_stats(path: str, bands: list[int] | None, count: int) -> tuple[lis
     return mean, std
 
 
-def check_data_args(args: argparse.Namespace) -> None:
-    """The flag checks of every entry point that reads images: ranges (``check_ranges``), ``--max_image_pixels`` and
-    ``--stretch`` applied, the band flags resolved (``resolve_band_args``).
+@dataclass(frozen=True)
+class Schedule:
+    """The training schedule of a run (``training_schedule``).
+
+    Attributes:
+        epochs: Epochs of the whole run.
+        batch_size: Images per device per step.
+        accum_iter: Steps accumulated per optimiser update.
+        lr: Peak learning rate: ``--lr``, or ``--blr`` x effective batch / 256 (the linear scaling rule of MAE,
+            Goyal et al. 2017).
+        min_lr: Learning rate at the end of the cosine.
+        warmup_epochs: Epochs of linear warm-up (fractions allowed).
+        clip_grad: Gradient-norm clipping (None: none).
+        log_every: Steps between log lines.
+    """
+
+    epochs: int
+    batch_size: int
+    accum_iter: int
+    lr: float
+    min_lr: float
+    warmup_epochs: float
+    clip_grad: float | None = None
+    log_every: int = 20
+
+
+def training_schedule(flags: Flags, world_size: int) -> Schedule:
+    """The ``Schedule`` of the optimisation flags for ``world_size`` processes."""
+    lr = flags.lr if flags.lr is not None else flags.blr * flags.batch_size * flags.accum_iter * world_size / 256
+    return Schedule(flags.epochs, flags.batch_size, flags.accum_iter, lr, flags.min_lr, flags.warmup_epochs,
+                    flags.clip_grad, flags.log_every)
+
+
+@dataclass(frozen=True)
+class Loading:
+    """How a DataLoader feeds this process: images per batch, worker processes, pinned memory, the data-order seed."""
+
+    batch_size: int
+    num_workers: int = 0
+    pin_mem: bool = True
+    seed: int = 0
+
+
+def loading(flags: Flags, batch_size: int | None = None) -> Loading:
+    """The ``Loading`` of --batch_size (or ``batch_size``), --num_workers, --pin_mem and --seed."""
+    return Loading(batch_size or flags.batch_size, flags.num_workers, flags.pin_mem, flags.seed)
+
+
+def check_training_flags(flags: Flags) -> None:
+    """Refuse training flags that cannot work, naming the flag (ranges: ``check_ranges``).
 
     Raises:
-        UsageError: naming the flag.
+        UsageError: one line.
     """
-    check_ranges(args)
-    if getattr(args, "max_image_pixels", None):
-        from util.data import images  # here: PIL and NumPy need not load for --help
-
-        images.set_max_image_pixels(args.max_image_pixels)
-    if hasattr(args, "stretch"):
-        from util.data import images
-
-        images.set_stretch(args.stretch)
-    if hasattr(args, "mean") and hasattr(args, "in_chans"):
-        resolve_band_args(args)
-
-
-def check_common_args(args: argparse.Namespace) -> None:
-    """Refuse flag values that cannot work, naming the flag (``check_data_args``, then the training flags)."""
-    check_data_args(args)
-    if args.patch_size and args.input_size and args.input_size % args.patch_size:
-        raise UsageError(f"--input_size {args.input_size} is not divisible by --patch_size {args.patch_size}")
-    if args.accum_iter < 1:
-        raise UsageError(f"--accum_iter must be at least 1, got {args.accum_iter}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.epochs < 1 or args.log_every < 1:
-        raise UsageError("--epochs and --log_every must be at least 1")
-    if args.clip_grad is not None and not args.clip_grad > 0:  # also NaN; a negative norm would reverse the gradient
-        raise UsageError(f"--clip_grad must be > 0 (or left out: no clipping), got {args.clip_grad}")
+    check_ranges(flags)
+    if flags.patch_size and flags.input_size and flags.input_size % flags.patch_size:
+        raise UsageError(f"--input_size {flags.input_size} is not divisible by --patch_size {flags.patch_size}")
+    if flags.clip_grad is not None and not flags.clip_grad > 0:  # also NaN; a negative norm would reverse the gradient
+        raise UsageError(f"--clip_grad must be > 0 (or left out: no clipping), got {flags.clip_grad}")

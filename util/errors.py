@@ -28,3 +28,7 @@ class CheckpointError(ReportableError):
 
 class NonFiniteError(ReportableError):
     """Weights, features or outputs that are NaN or infinite: no accuracy can be computed from them."""
+
+
+class NonFiniteOutputError(NonFiniteError):
+    """A model's outputs (logits, class scores) are NaN or infinite: no accuracy or mIoU can be computed from them."""

@@ -17,23 +17,18 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
-from util import errors
+from util.config import DATASET_TYPES, MAX_IMAGE_PIXELS, Bands
 from util.data import shards
+from util.data.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, BadImageError, NotEightBitError, is_image, load_image
+from util.data.loaders import SampleDataset
 from util.data.packed import PackedDataset
-from util.data.raster_options import RasterOptions
-from util.errors import first_line
-from util.data.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, BadImageError, NotEightBitError, is_image, load_image, max_image_pixels
+from util.data.raster_options import RasterOptions, raster_options
+from util.errors import DataError, first_line
 from util.run.rng import seeded
 
-from util.config import DATASET_TYPES, DEFAULT_TRAIN_CSV, DEFAULT_VAL_CSV  # noqa: E402, F401 (torch-free, for --help)
 
-
-DataError = errors.DataError  # bad dataset input; the message names the file (and CSV row) and what is wrong
-
-
-class ImageDataset(Dataset):
+class ImageDataset(SampleDataset):
     """(image path, label) samples with a transform; label -1 for unlabelled images.
 
     Args:
@@ -47,6 +42,8 @@ class ImageDataset(Dataset):
         skip_bad: Replace an unreadable image by the next readable one (with a warning) instead of stopping.
         raster: Multispectral / high-bit-depth reading (``RasterOptions``): samples are float32 [C, H, W] tensors in
             the file's units, no-data pixels filled with the band mean, given to ``transform`` as tensors.
+        max_pixels: ``--max_image_pixels`` of the 8-bit RGB path (rasters: ``raster.max_pixels``).
+        stretch: ``--stretch``: the 8-bit RGB path stretches 16-bit / float images instead of refusing them.
     """
 
     def __init__(
@@ -59,6 +56,8 @@ class ImageDataset(Dataset):
         skip_bad: bool = False,
         label_names: dict[int, str] | None = None,
         raster: RasterOptions | None = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+        stretch: bool = False,
     ) -> None:
         self.raster = raster
         self.samples = list(samples)
@@ -71,7 +70,7 @@ class ImageDataset(Dataset):
         self.source = ""  # the file or folder it was read from (set by build_dataset)
         self.describe = describe or (lambda index: self.samples[index][0])
         self.draft_size = draft_size
-        self.max_pixels = max_image_pixels()  # --max_image_pixels travels into DataLoader workers with the dataset
+        self.max_pixels, self.stretch = max_pixels, stretch  # they travel into DataLoader workers with the dataset
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -81,9 +80,8 @@ class ImageDataset(Dataset):
         for _ in range(len(self.samples)):
             path, label = self.samples[index]
             try:
-                raster = getattr(self, "raster", None)
-                img = (self.raster.load(path, self.describe(index), getattr(self, "max_pixels", None)) if raster
-                       else load_image(path, self.draft_size, getattr(self, "max_pixels", None)))
+                img = (self.raster.load(path, self.describe(index)) if self.raster is not None
+                       else load_image(path, self.draft_size, self.max_pixels, self.stretch))
                 break
             except NotEightBitError:
                 raise
@@ -201,24 +199,30 @@ def build_dataset(
     path: str | os.PathLike,
     dataset_type: str = "auto",
     transform: Callable | None = None,
+    *,
+    bands: Bands | None = None,
+    valid_channel: bool = False,
     draft_size: int | None = None,
     skip_bad: bool = False,
     classes: Sequence[str] | None = None,
-    raster: RasterOptions | None = None,
-) -> ImageDataset:
-    """A dataset from a CSV file, an ImageFolder tree, a folder of images, or a packed array.
+    list_rasters: bool = False,
+) -> SampleDataset:
+    """A dataset from a CSV file, an ImageFolder tree, a folder of images, a packed array or shards.
 
     Args:
         path: CSV file, folder, packed ``.json`` or shard manifest (``NAME.shards.json``).
         dataset_type: ``fmow_rgb``/``csv`` (CSV), ``imagefolder``, ``folder``/``coco`` (unlabelled, recursive),
             ``packed``, ``shards`` or ``auto``.
-        transform: Applied to each RGB PIL image.
+        transform: Applied to each decoded image (a PIL image on the 8-bit RGB path, else a float32 tensor).
+        bands: How files become inputs (``util.config.Bands``: raster reading of multispectral / high-bit-depth
+            files, ``.npy`` too; ``--stretch``, ``--max_image_pixels``); None: 8-bit RGB with the defaults.
+        valid_channel: Rasters carry each pixel's validity as a last band (``RasterOptions``; pretraining).
         draft_size: Smallest JPEG decode size the transform needs.
         skip_bad: Skip unreadable images with a warning instead of stopping.
         classes: Class names of the training split (index = label): an ImageFolder tree's folders are matched
             to them by name (see ``check_labels``).
-        raster: Read files as multispectral / high-bit-depth rasters (``RasterOptions``; ``.npy`` files too); True:
-            only list raster files (tools that read the files themselves: ``band_stats.py``, ``preprocess.py --raster``).
+        list_rasters: Only list raster files (tools that read the files themselves: ``band_stats.py``,
+            ``preprocess.py --raster``); pre-decoded data is refused.
 
     Raises:
         DataError: unknown type, unreadable or malformed CSV, missing images, or no images at all.
@@ -229,10 +233,12 @@ def build_dataset(
     kind = detect_dataset_type(path) if dataset_type == "auto" else dataset_type
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
+    bands = bands or Bands()
+    raster = raster_options(bands, valid_channel)
     names: dict[int, str] | None = None
     describe = None
-    extensions = RASTER_EXTENSIONS if raster else IMAGE_EXTENSIONS
-    if kind in ("packed", "shards") and raster is True:
+    extensions = RASTER_EXTENSIONS if raster or list_rasters else IMAGE_EXTENSIONS
+    if kind in ("packed", "shards") and list_rasters:
         raise DataError(f"{path}: a pre-decoded dataset (packed array or shards); this tool reads image files: give "
                         "the CSV or folder they were made from")
     if kind == "packed":
@@ -255,7 +261,8 @@ def build_dataset(
         samples, classes = scan_unlabelled(path, extensions), []
     if not samples:
         raise DataError(f"{path}: no images found ({kind} dataset)")
-    dataset = ImageDataset(samples, transform, classes or (), describe, draft_size, skip_bad, label_names=names, raster=raster)
+    dataset = ImageDataset(samples, transform, classes or (), describe, draft_size, skip_bad, label_names=names,
+                           raster=raster, max_pixels=bands.max_pixels, stretch=bands.stretch)
     dataset.source = str(path)
     return dataset
 
@@ -263,7 +270,7 @@ def build_dataset(
 MAX_SPARSE_CLASSES = 1000  # a head / vote table larger than this needs labels that are (mostly) used
 
 
-def check_labels(train: ImageDataset, evaluation: Sequence[ImageDataset], nb_classes: int | None = None,
+def check_labels(train: SampleDataset | None, evaluation: Sequence[SampleDataset], nb_classes: int | None = None,
                  known_names: Sequence[str] | None = None, what: str = "classifier") -> list[str]:
     """The one place where the labels of every split are checked; returns the class names (index = label).
 
@@ -335,7 +342,8 @@ def split_dataset(dataset: ImageDataset, fraction: float, seed: int = 0) -> tupl
     parts = (sorted(order[:cut]), sorted(order[cut:]))
     return tuple(
         _with_source(ImageDataset([dataset.samples[i] for i in part], dataset.transform, dataset.classes, draft_size=dataset.draft_size,
-                                  skip_bad=dataset.skip_bad, label_names=dataset.label_names, raster=getattr(dataset, "raster", None)), f"{dataset.source} ({which} part)")
+                                  skip_bad=dataset.skip_bad, label_names=dataset.label_names, raster=dataset.raster,
+                                  max_pixels=dataset.max_pixels, stretch=dataset.stretch), f"{dataset.source} ({which} part)")
         for part, which in zip(parts, ("memory", "held-out"))
     )
 

@@ -12,7 +12,6 @@ from util.config import MAX_IMAGE_PIXELS
 from util.errors import DataError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".jp2", ".j2k", ".bmp", ".webp")
-_max_pixels = MAX_IMAGE_PIXELS
 # Our own check below refuses what PIL would only warn about (between 1x and 2x its limit)
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
@@ -30,18 +29,6 @@ class BadImageError(DataError):
 
     def __reduce__(self):  # picklable (a worker process's error reaches the parent): the default would call __init__(message)
         return type(self), (self.path, self.reason)
-
-
-def set_max_image_pixels(limit: float | None) -> None:
-    """The pixel limit of ``load_image`` in this process (``Image.MAX_IMAGE_PIXELS`` too); datasets carry it into
-    DataLoader workers (``max_image_pixels``)."""
-    global _max_pixels
-    _max_pixels = int(limit) if limit else MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = _max_pixels
-
-
-def max_image_pixels() -> int:
-    return _max_pixels
 
 
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
@@ -78,7 +65,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _tiff_stretched(path, limit: int) -> Image.Image | None:
+def _tiff_stretched(path, limit: int, stretch: bool) -> Image.Image | None:
     """None for an 8-bit TIFF of 1, 3 or 4 bands (PIL decodes it); any other TIFF (PIL would misread it) is refused,
     or with --stretch decoded by tifffile and stretched to 8-bit RGB."""
     try:
@@ -93,28 +80,35 @@ def _tiff_stretched(path, limit: int) -> Image.Image | None:
         return None  # PIL reports the failure
     if dtype == np.uint8 and bands in (1, 3, 4):
         return None
-    if not _stretch:
+    if not stretch:
         raise not_eight_bit(path, f"{bands} band(s) of {dtype}")
     return stretch_to_rgb(read_raster(path, max_pixels=limit).data)
 
 
-def load_image(path: str, draft_size: int | None = None, max_pixels: int | None = None) -> Image.Image:
-    """Decode ``path`` to RGB. JPEGs larger than ``draft_size`` are decoded at a reduced scale (PIL draft).
+def load_image(path: str, draft_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+               stretch: bool = False) -> Image.Image:
+    """Decode ``path`` to 8-bit RGB. JPEGs larger than ``draft_size`` are decoded at a reduced scale (PIL draft).
+
+    Args:
+        max_pixels: ``--max_image_pixels``: an image declaring more pixels is refused before decoding.
+        stretch: ``--stretch``: 16-bit / float images are stretched from their 1st to 99th percentile per band
+            instead of refused.
 
     Raises:
+        NotEightBitError: not 8-bit data, without ``stretch``.
         BadImageError: for any failure of the decoder (corrupt, truncated, not an image, declaring more than
-            ``max_pixels`` (default: ``--max_image_pixels``) pixels), with the file and the decoder's reason.
+            ``max_pixels`` pixels), with the file and the decoder's reason.
     """
-    limit = max_pixels or _max_pixels
+    limit = int(max_pixels)
     if Image.MAX_IMAGE_PIXELS != limit:
         Image.MAX_IMAGE_PIXELS = limit
     if Path(path).suffix.lower() in (".tif", ".tiff"):
-        stretched = _tiff_stretched(path, limit)
+        stretched = _tiff_stretched(path, limit, stretch)
         if stretched is not None:
             return stretched
     try:
         with Image.open(path) as img:
-            if img.mode in HIGH_BIT_MODES and not _stretch:
+            if img.mode in HIGH_BIT_MODES and not stretch:
                 raise not_eight_bit(path, f"PIL mode {img.mode}")
             if img.width * img.height > limit:
                 raise BadImageError(path, f"it declares {img.width} x {img.height} pixels, more than --max_image_pixels "
@@ -135,7 +129,6 @@ def load_image(path: str, draft_size: int | None = None, max_pixels: int | None 
 
 RASTER_EXTENSIONS = IMAGE_EXTENSIONS + (".npy",)
 STATS_TOOL = "tools/band_stats.py"
-_stretch = False
 
 
 class NotEightBitError(BadImageError):
@@ -145,17 +138,6 @@ class NotEightBitError(BadImageError):
     def __init__(self, path, reason: str | None = None) -> None:
         DataError.__init__(self, str(path) if reason is None else f"{path}: {reason}")  # None: as BadImageError
         self.path, self.reason = ("", str(path)) if reason is None else (str(path), reason)
-
-
-def set_stretch(enabled: bool) -> None:
-    """``--stretch``: the 8-bit RGB path stretches 16-bit / float images from their 1st to 99th percentile per band
-    instead of refusing them."""
-    global _stretch
-    _stretch = bool(enabled)
-
-
-def stretch_enabled() -> bool:
-    return _stretch
 
 
 class Raster:
@@ -225,7 +207,8 @@ def _file_array(path, limit: int) -> tuple[np.ndarray, float | None]:
     return (array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)), None
 
 
-def read_raster(path, bands: list[int] | None = None, nodata: float | None = None, max_pixels: int | None = None) -> Raster:
+def read_raster(path, bands: list[int] | None = None, nodata: float | None = None,
+                max_pixels: int = MAX_IMAGE_PIXELS) -> Raster:
     """Decode a GeoTIFF / TIFF (tifffile), ``.npy`` ([C, H, W] or [H, W]) or JPEG 2000 / PNG / JPEG (Pillow) file of any band
     count and of dtype uint8 / uint16 / int16 / float32 (others too) into a ``Raster``.
 
@@ -237,7 +220,7 @@ def read_raster(path, bands: list[int] | None = None, nodata: float | None = Non
         BadImageError: the decoder fails (the message names the file).
         DataError: a band index outside the file's bands.
     """
-    limit = max_pixels or _max_pixels
+    limit = int(max_pixels)
     try:
         array, file_nodata = _file_array(path, limit)
     except (BadImageError, DataError):

@@ -1,15 +1,52 @@
-"""Data loaders: seeded, sharded and resumable for training; in order and without padding for evaluation."""
+"""Data loaders: seeded, sharded and resumable for training; in order and without padding for evaluation; and the
+interface every dataset offers them (``SampleDataset``)."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from util.config import Loading
 from util.errors import UsageError
 from util.run.process import Run, ignore_stop_signals
+
+
+class SampleDataset(Dataset):
+    """What the loaders and the entry points rely on, for every dataset of images (files, packed arrays, shards) and
+    of cached features. Items are (sample, label) for an index, or for the (index, seed) keys of ``SeededSampler``.
+
+    Attributes (class defaults; subclasses set them):
+        targets: Label of every sample, -1 for unlabelled images.
+        classes: Class names, index = label (ImageFolder trees); empty when the labels are CSV integers.
+        label_names: Name of each label present (label -> name).
+        source: The file or folder the samples were read from (messages).
+        transform: Applied per sample; None for pre-decoded datasets augmented as whole batches.
+        predecoded: Items are whole uint8 / uint16 images [C, S, S]: training crops, flips and normalises them as
+            batches on the device (``util.data.transforms.BatchAugment``).
+        nodata: The no-data value of pre-decoded pixels (None: none).
+        digest: A fingerprint of the data's order-defining content (shards: the manifest's sha256), recorded in
+            checkpoints so that a resume reads the same samples in the same order; None where the file list is the
+            order.
+    """
+
+    targets: list[int] = []
+    classes: list[str] = []
+    label_names: dict[int, str] = {}
+    source: str = ""
+    transform = None
+    predecoded: bool = False
+    nodata: float | None = None
+    digest: str | None = None
+
+    def describe(self, index: int) -> str:
+        """Names sample ``index`` in error messages (a file, a CSV row, an array element)."""
+        return f"{self.source or 'dataset'}[{index}]"
+
+    def make_sampler(self, num_replicas: int, rank: int, seed: int) -> SeededSampler:
+        """The training sampler: a seeded shuffle of every sample, sharded over ranks (``SeededSampler``)."""
+        return SeededSampler(self, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
 
 
 def derived_seed(*parts) -> int:
@@ -43,34 +80,32 @@ class SeededSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def train_loader(dataset: Dataset, args: argparse.Namespace, run: Run) -> tuple[DataLoader, SeededSampler]:
-    """Shuffled, seeded, sharded across ranks; incomplete last batches are dropped.
+def train_loader(dataset: SampleDataset, loading: Loading, run: Run) -> tuple[DataLoader, SeededSampler]:
+    """Shuffled, seeded (``loading.seed``), sharded across ranks in the dataset's own order (``make_sampler``);
+    incomplete last batches are dropped.
 
     Raises:
         UsageError: fewer images than one global batch.
     """
-    if len(dataset) < args.batch_size * run.world_size:
+    if len(dataset) < loading.batch_size * run.world_size:
         raise UsageError(
-            f"--batch_size {args.batch_size} x {run.world_size} process(es) is more than the {len(dataset)} training images"
+            f"--batch_size {loading.batch_size} x {run.world_size} process(es) is more than the {len(dataset)} training images"
         )
-    if hasattr(dataset, "make_sampler"):  # an order of its own (util.data.shards: shards read in runs)
-        sampler = dataset.make_sampler(run.world_size, run.rank, args.seed)
-    else:
-        sampler = SeededSampler(dataset, num_replicas=run.world_size, rank=run.rank, shuffle=True, seed=args.seed)
+    sampler = dataset.make_sampler(run.world_size, run.rank, loading.seed)
     loader = DataLoader(  # its own generator: worker seeds must not draw from the RNG that masks use
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and run.device.type == "cuda", drop_last=True,
-        persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(args.seed),
+        dataset, batch_size=loading.batch_size, sampler=sampler, num_workers=loading.num_workers,
+        pin_memory=loading.pin_mem and run.device.type == "cuda", drop_last=True,
+        persistent_workers=loading.num_workers > 0, generator=torch.Generator().manual_seed(loading.seed),
         worker_init_fn=ignore_stop_signals,
     )
     return loader, sampler
 
 
-def eval_loader(dataset: Dataset, args: argparse.Namespace, run: Run) -> DataLoader:
+def eval_loader(dataset: Dataset, loading: Loading, run: Run) -> DataLoader:
     """In order; each rank takes every world_size-th sample (no padding, so no sample counts twice)."""
     indices = list(range(run.rank, len(dataset), run.world_size))
     return DataLoader(  # a generator of its own, so evaluating leaves the training RNG untouched
-        torch.utils.data.Subset(dataset, indices), batch_size=args.batch_size, shuffle=False,
-        num_workers=args.num_workers, pin_memory=args.pin_mem and run.device.type == "cuda", generator=torch.Generator(),
-        worker_init_fn=ignore_stop_signals,
+        torch.utils.data.Subset(dataset, indices), batch_size=loading.batch_size, shuffle=False,
+        num_workers=loading.num_workers, pin_memory=loading.pin_mem and run.device.type == "cuda",
+        generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
     )

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from util.data.loaders import SampleDataset
 from util.data.raster_options import PACKED_DTYPES, RasterOptions, check_predecoded, predecoded_image
 from util.errors import DataError, first_line
 from util.run.rng import seeded
 
 
-class PackedDataset(Dataset):
+class PackedDataset(SampleDataset):
     """Pre-decoded images written by ``tools/preprocess.py --pack``, memory-mapped: uint8 or uint16, any band count
     (the JSON's ``dtype`` / ``bands``; older files: uint8 RGB), stored [N, S, S, C].
 
@@ -28,7 +28,7 @@ class PackedDataset(Dataset):
             (multispectral or 16-bit arrays need ``raster`` options: --in_chans / --band_stats).
     """
 
-    predecoded = True  # items are whole uint8 / uint16 images: training augments the batch on the device (main_pretrain)
+    predecoded = True
 
     def __init__(self, meta_path: Path, transform: Callable | None = None, raster: RasterOptions | None = None) -> None:
         try:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from util.config import band_stats_source, same_value
+from util.config import MAX_IMAGE_PIXELS, Bands, same_value
 from util.data.images import read_raster
 from util.errors import DataError
 
@@ -23,24 +23,27 @@ class RasterOptions:
         fill: Per-band value for no-data pixels (the normalisation mean: 0 after normalisation).
         valid_channel: Append the validity of each pixel (1 = data, 0 = no-data) as band C, so that it is cropped and
             resampled with the image and reaches the reconstruction loss (pretraining; ``split_valid``).
+        dtype, stats, stats_nodata: The sample type and the ``--nodata`` the statistics (file ``stats``) were
+            computed with, where it records them (None: not known, not compared).
+        max_pixels: ``--max_image_pixels``: files declaring more pixels are refused.
     """
 
     def __init__(self, in_chans: int, bands: Sequence[int] | None, nodata: float | None, fill: Sequence[float],
                  valid_channel: bool = False, dtype: str | None = None, stats: str | None = None,
-                 stats_nodata: float | None = None) -> None:
+                 stats_nodata: float | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
         self.in_chans, self.bands, self.nodata = in_chans, list(bands) if bands else None, nodata
         self.fill = np.asarray(fill, dtype=np.float32)
         self.valid_channel = valid_channel
-        self.dtype, self.stats = dtype, stats  # the sample type the statistics (file ``stats``) were computed on, if known
-        self.stats_nodata = stats_nodata  # the --nodata they were computed with, if any
+        self.dtype, self.stats, self.stats_nodata = dtype, stats, stats_nodata
+        self.max_pixels = max_pixels
 
-    def load(self, path: str, name: str, max_pixels: int | None) -> torch.Tensor:
+    def load(self, path: str, name: str) -> torch.Tensor:
         """float32 [C, H, W] (or [C + 1, H, W] with ``valid_channel``) in the file's units, no-data filled.
 
         Raises:
             BadImageError: the decoder fails; DataError: wrong band count, bad --bands, a tile of no-data only.
         """
-        raster = read_raster(path, self.bands, self.nodata, max_pixels)
+        raster = read_raster(path, self.bands, self.nodata, self.max_pixels)
         if raster.data.shape[0] != self.in_chans:
             raise DataError(f"{name}: {raster.data.shape[0]} band(s) but --in_chans is {self.in_chans} (choose bands with --bands)")
         self.check_source(name, raster.dtype, raster.nodata)
@@ -54,13 +57,12 @@ class RasterOptions:
         Raises:
             DataError: naming ``name`` and the flag to give.
         """
-        if getattr(self, "dtype", None) and dtype != self.dtype:
+        if self.dtype and dtype != self.dtype:
             raise DataError(f"{name}: {dtype} samples, but --band_stats {self.stats} was computed on {self.dtype} data "
                             "(other units: one dataset needs one sample type)")
-        stats_nodata = getattr(self, "stats_nodata", None)  # None: computed without --nodata, nothing to compare
-        if stats_nodata is not None and not same_value(nodata, stats_nodata):
+        if self.stats_nodata is not None and not same_value(nodata, self.stats_nodata):
             raise DataError(f"{name}: no-data {nodata} in force, but --band_stats {self.stats} was computed with "
-                            f"--nodata {stats_nodata:g}: give --nodata {stats_nodata:g}")
+                            f"--nodata {self.stats_nodata:g}: give --nodata {self.stats_nodata:g}")
 
     def finish(self, data: np.ndarray, mask: np.ndarray | None, name: str) -> torch.Tensor:
         """float32 [C, H, W] (modified in place) and its no-data mask [H, W] -> the sample: no-data filled with
@@ -73,7 +75,7 @@ class RasterOptions:
             if mask.all():
                 raise DataError(f"{name}: every pixel is no-data; remove the tile from the dataset")
             data[:, mask] = self.fill[:, None]
-        if getattr(self, "valid_channel", False):
+        if self.valid_channel:
             valid = np.ones((1, *data.shape[1:]), np.float32) if mask is None else (~mask)[None].astype(np.float32)
             data = np.concatenate([data, valid])
         return torch.from_numpy(data)
@@ -87,16 +89,13 @@ def split_valid(images: torch.Tensor, in_chans: int) -> tuple[torch.Tensor, torc
     return images, None
 
 
-def raster_options(args, valid_channel: bool = False) -> RasterOptions | None:
-    """Multispectral / high-bit-depth reading for an entry point's ``args`` (``config.resolve_band_args`` set
-    ``args.raster``), or None for the 8-bit RGB path. No-data pixels are filled with the band mean (``args.mean``);
-    ``valid_channel``: see ``RasterOptions``."""
-    if not getattr(args, "raster", False):
+def raster_options(bands: Bands, valid_channel: bool = False) -> RasterOptions | None:
+    """Multispectral / high-bit-depth reading of ``bands`` (``Bands.raster``), or None for the 8-bit RGB path.
+    No-data pixels are filled with the band mean (``bands.mean``); ``valid_channel``: see ``RasterOptions``."""
+    if not bands.raster:
         return None
-    stats = getattr(args, "band_stats", None)
-    source = band_stats_source(stats) if stats else {}
-    return RasterOptions(args.in_chans, args.bands, args.nodata, args.mean, valid_channel, source.get("dtype"), stats,
-                         source.get("nodata"))
+    return RasterOptions(bands.in_chans, bands.bands, bands.nodata, bands.mean, valid_channel, bands.stats_dtype,
+                         bands.band_stats, bands.stats_nodata, bands.max_pixels)
 
 
 PACKED_DTYPES = {"uint8": ".u8", "uint16": ".u16"}  # sample type -> array file suffix

@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from util.data.datasets import DataError
-from util.data.raster_options import RasterOptions
+from util.config import IGNORE_INDEX, Bands
+from util.data.loaders import SampleDataset
+from util.data.raster_options import raster_options
 from util.data.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, is_image, load_image
+from util.errors import DataError
 from util.run.rng import seeded
 
-IGNORE_INDEX = 255
 LOSSY_MASK_SUFFIXES = (".jpg", ".jpeg", ".jfif")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 
@@ -264,7 +264,7 @@ class PadTo(torch.nn.Module):
                 v2.functional.pad(mask, padding, fill=self.ignore_index))
 
 
-class SegDataset(Dataset):
+class SegDataset(SampleDataset):
     """(image, mask) pairs -> (normalised float image [C, H, W], int64 mask [H, W]).
 
     Args:
@@ -273,16 +273,18 @@ class SegDataset(Dataset):
         num_classes: Mask values must be in 0..num_classes-1 or ``ignore_index`` (checked per image).
         palette: Decodes RGB masks.
         zero_is_nodata: ``--reduce_zero_label``.
-        raster: Multispectral / high-bit-depth images (``util.data.datasets.RasterOptions``: any band count and dtype,
-            ``.npy`` too) as float32 [C, H, W] in the file's units, no-data filled; None: 8-bit RGB (uint8 [3, H, W]).
+        bands: How images are read (``util.config.Bands``): multispectral / high-bit-depth rasters (any band count and
+            dtype, ``.npy`` too) as float32 [C, H, W] in the file's units, no-data filled; else 8-bit RGB (uint8
+            [3, H, W]); ``--stretch`` and ``--max_image_pixels`` apply.
     """
 
     def __init__(self, pairs: Sequence[tuple[str, str]], transform: Callable | None, num_classes: int,
                  palette: Palette | None = None, ignore_index: int = IGNORE_INDEX, zero_is_nodata: bool = False,
-                 raster: RasterOptions | None = None) -> None:
+                 bands: Bands | None = None) -> None:
         self.pairs, self.transform, self.num_classes = list(pairs), transform, num_classes
         self.palette, self.ignore_index, self.zero_is_nodata = palette, ignore_index, zero_is_nodata
-        self.raster = raster
+        self.bands = bands or Bands()
+        self.raster = raster_options(self.bands)
         self.source = ""
 
     def __len__(self) -> int:
@@ -291,10 +293,11 @@ class SegDataset(Dataset):
     def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         image_path, mask_path = self.pairs[index]
         if self.raster is not None:
-            image = self.raster.load(image_path, image_path, None)  # BadImageError / DataError name the file
+            image = self.raster.load(image_path, image_path)  # BadImageError / DataError name the file
         else:
             try:
-                image = torch.from_numpy(np.asarray(load_image(image_path)).copy()).permute(2, 0, 1)
+                pixels = load_image(image_path, max_pixels=self.bands.max_pixels, stretch=self.bands.stretch)
+                image = torch.from_numpy(np.asarray(pixels).copy()).permute(2, 0, 1)
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
                 raise DataError(f"{image_path}: cannot read image ({str(e).splitlines()[0]})") from None
         mask = read_mask(mask_path, self.palette, self.ignore_index, self.zero_is_nodata)

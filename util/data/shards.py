@@ -28,12 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from util.data import raster_options
 from util.files import write_atomically
 from util.errors import DataError, first_line
-from util.data.loaders import SeededSampler, derived_seed
+from util.data.loaders import SampleDataset, SeededSampler, derived_seed
 from util.run.rng import seeded
 
 MANIFEST_SUFFIX = ".shards.json"
@@ -111,7 +110,7 @@ def write_shards(arrays: Iterable[tuple[str, np.ndarray, int]], count: int, mani
     return manifest
 
 
-class ShardDataset(Dataset):
+class ShardDataset(SampleDataset):
     """The samples of a shard manifest (``NAME.shards.json``), global index = position across the shards in
     manifest order.
 
@@ -129,7 +128,7 @@ class ShardDataset(Dataset):
             a sample that does not decode to the manifest's dtype and shape.
     """
 
-    predecoded = True  # items are whole uint8 / uint16 images: training augments the batch on the device
+    predecoded = True
 
     def __init__(self, manifest_path: str | os.PathLike, transform: Callable | None = None,
                  raster: raster_options.RasterOptions | None = None) -> None:

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-# fMoW-RGB statistics used by upstream ("UPDATED" constants of its util/data/datasets.py).
-from util.config import FMOW_RGB_MEAN, FMOW_RGB_STD  # noqa: E402, F401 (torch-free, for --help)
+from util.config import FMOW_RGB_MEAN, FMOW_RGB_STD, Bands  # fMoW-RGB statistics: upstream's "UPDATED" constants
+
 # Training crops: RandomResizedCrop area range (upstream's main_pretrain.py) and torchvision's default aspect-ratio range.
 CROP_SCALE = (0.25, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -50,15 +50,15 @@ def build_raster_transform(is_train: bool, input_size: int, mean: Sequence[float
     return v2.Compose([*geometry, v2.Normalize(list(mean), list(std))])
 
 
-def image_transform(args, is_train: bool, valid_channel: bool = False) -> v2.Compose:
-    """The per-image transform of an entry point's data: ``build_transform`` for 8-bit RGB (PIL images), or
-    ``build_raster_transform`` for float [C, H, W] tensors of any band count (``args.raster``: multispectral, 16-bit).
-    Uses ``args``: raster, input_size, mean, std. ``valid_channel``: the rasters carry a validity band last
-    (``raster_options.RasterOptions``), resampled with the image (bilinear) and left unnormalised (mean 0, std 1)."""
-    if not getattr(args, "raster", False):
-        return build_transform(is_train, args.input_size, args.mean, args.std)
+def image_transform(bands: Bands, input_size: int, is_train: bool, valid_channel: bool = False) -> v2.Compose:
+    """The per-image transform of ``input_size`` px of data read as ``bands`` say: ``build_transform`` for 8-bit RGB (PIL
+    images), or ``build_raster_transform`` for float [C, H, W] tensors of any band count (``Bands.raster``:
+    multispectral, 16-bit). ``valid_channel``: the rasters carry a validity band last (``RasterOptions``), resampled
+    with the image (bilinear) and left unnormalised (mean 0, std 1)."""
+    if not bands.raster:
+        return build_transform(is_train, input_size, bands.mean, bands.std)
     extra = 1 if valid_channel else 0
-    return build_raster_transform(is_train, args.input_size, [*args.mean, *[0.0] * extra], [*args.std, *[1.0] * extra])
+    return build_raster_transform(is_train, input_size, [*bands.mean, *[0.0] * extra], [*bands.std, *[1.0] * extra])
 
 
 def eval_resize_size(input_size: int) -> int:

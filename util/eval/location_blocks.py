@@ -21,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from util.config import BLOCK_TILES, BOOTSTRAP, TILE_PATTERN
 from util.errors import UsageError
 
-TILE_PATTERN = r"r(?P<row>\d+)_c(?P<col>\d+)"
-BLOCK_TILES = 3  # tiles per block side on the embedded sample
-BOOTSTRAP = 2000  # resamples
 INTERVAL = (2.5, 97.5)  # percentiles: a 95 % percentile interval
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file as load_safetensors
 
 from util.run import distributed
-from util.config import same_value
+from util.config import Bands, same_value
 from util.errors import CheckpointError, UsageError, first_line
 from util.files import file_md5, write_atomically
 from util.run.rng import rng_state, set_rng_state
@@ -104,14 +104,16 @@ def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
-def training_state(model: torch.nn.Module, optimizer, scaler, epoch: int, args, **extra: Any) -> dict[str, Any]:
-    """What a resumable checkpoint holds: weights, optimiser and scaler state, epoch, flags as a plain dict,
-    the model's constructor arguments and every RNG state. Tensors and plain types only."""
+def training_state(model: torch.nn.Module, optimizer, scaler, epoch: int, record: dict[str, Any],
+                   **extra: Any) -> dict[str, Any]:
+    """What a resumable checkpoint holds: weights, optimiser and scaler state, epoch, the run's record (flags and
+    derived values, ``util.config.run_record``) under ``args`` as upstream names it, the model's constructor
+    arguments and every RNG state. Tensors and plain types only."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))},
+        "args": dict(record),
         "rng": rng_state(),
         **extra,
     }
@@ -159,17 +161,17 @@ def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> tuple[
     return None if best is None else best[1:]
 
 
-def check_output_dir(args: argparse.Namespace) -> None:
+def check_output_dir(output_dir: str | os.PathLike, resume: str, overwrite: bool) -> None:
     """Refuse a fresh run (no ``--resume``) into a folder that holds another run's checkpoints, unless ``--overwrite``.
 
     Raises:
         UsageError: checkpoints found and neither ``--resume`` nor ``--overwrite`` given.
     """
-    if args.resume or getattr(args, "overwrite", False):
+    if resume or overwrite:
         return
-    found = sorted(p.name for p in Path(args.output_dir).glob("checkpoint-*.pth"))
+    found = sorted(p.name for p in Path(output_dir).glob("checkpoint-*.pth"))
     if found:
-        raise UsageError(f"--output_dir {args.output_dir} holds another run's checkpoints ({', '.join(found[:3])}"
+        raise UsageError(f"--output_dir {output_dir} holds another run's checkpoints ({', '.join(found[:3])}"
                          f"{', ...' if len(found) > 3 else ''}): continue it with --resume auto, replace it with --overwrite, "
                          "or choose another --output_dir")
 
@@ -193,16 +195,17 @@ def same_flag_value(flag: str, then: Any, now: Any, in_chans: int | None = None)
     return same_value(then, now)
 
 
-def check_band_flags(saved: dict[str, Any], args: argparse.Namespace, path) -> None:
+def check_band_flags(saved: dict[str, Any], bands: Bands, path: str | os.PathLike) -> None:
     """Refuse to evaluate a checkpoint with other --in_chans / --bands / statistics / --nodata than it was trained
     with (the numbers would be silently wrong); flags the checkpoint does not record are not compared.
 
     Raises:
         UsageError: naming each differing flag, its value and the checkpoint's.
     """
-    in_chans = saved.get("in_chans", getattr(args, "in_chans", None))
-    changes = [f"--{flag} {_shown(getattr(args, flag))} (checkpoint: {_shown(saved[flag])})" for flag in BAND_FLAGS
-               if flag in saved and hasattr(args, flag) and not same_flag_value(flag, saved[flag], getattr(args, flag), in_chans)]
+    now = bands.record()
+    in_chans = saved.get("in_chans", bands.in_chans)
+    changes = [f"--{flag} {_shown(now[flag])} (checkpoint: {_shown(saved[flag])})" for flag in BAND_FLAGS
+               if flag in saved and not same_flag_value(flag, saved[flag], now[flag], in_chans)]
     if changes:
         raise UsageError(f"{path}: was trained with other band flags: {'; '.join(changes)}; give the ones it was trained "
                          "with (the --band_stats of its training data)")
@@ -210,16 +213,19 @@ def check_band_flags(saved: dict[str, Any], args: argparse.Namespace, path) -> N
 
 def _shown(value: Any) -> str:
     return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
 FLAG_NAMES = {"world_size": "world size", "shard_manifest": "shard manifest sha256"}
 
 
-def changed_flags(saved: dict[str, Any], args: argparse.Namespace, world_size: int) -> list[str]:
-    """``--flag now (checkpoint: then)`` for each run-defining flag that differs from the checkpoint's ``args``.
+def changed_flags(saved: dict[str, Any], record: dict[str, Any]) -> list[str]:
+    """``--flag now (checkpoint: then)`` for each run-defining flag of this run's ``record``
+    (``util.config.run_record``) that differs from the checkpoint's ``args``.
 
     ``lr`` is compared as the user gave it (None: derived from ``blr``); flags the checkpoint does not record are
     not compared.
     """
-    current = {**vars(args), "world_size": world_size, "lr": getattr(args, "lr_given", args.lr)}
+    current = {**record, "lr": record.get("lr_given", record.get("lr"))}
     saved = {**saved, "lr": saved.get("lr_given", saved.get("lr"))}
     if "lr_given" not in saved and current["lr"] is None:
         saved.pop("lr", None)  # an older checkpoint stored only the resolved lr: blr, batch and world size decide it
@@ -231,7 +237,7 @@ def changed_flags(saved: dict[str, Any], args: argparse.Namespace, world_size: i
     return changes
 
 
-def checkpoint_to_evaluate(args: argparse.Namespace, what: str) -> tuple[Path, dict[str, Any]]:
+def checkpoint_to_evaluate(resume: str, finetune: str, output_dir: str | os.PathLike, what: str) -> tuple[Path, dict[str, Any]]:
     """``--eval``'s checkpoint and its contents: ``--resume PATH``, ``--resume auto`` (the furthest-trained in
     ``--output_dir``) or ``--finetune PATH``.
 
@@ -239,40 +245,48 @@ def checkpoint_to_evaluate(args: argparse.Namespace, what: str) -> tuple[Path, d
         UsageError: none given, or ``auto`` found none (never evaluate random weights).
         CheckpointError: unreadable file.
     """
-    if args.resume == "auto":
-        found = find_resume_checkpoint("auto", args.output_dir)
+    if resume == "auto":
+        found = find_resume_checkpoint("auto", output_dir)
         if found is None:
-            raise UsageError(f"--eval --resume auto: no checkpoint in {args.output_dir}; refusing to evaluate random weights")
+            raise UsageError(f"--eval --resume auto: no checkpoint in {output_dir}; refusing to evaluate random weights")
         return found
-    if args.resume or args.finetune:
-        path = Path(args.resume or args.finetune)
+    if resume or finetune:
+        path = Path(resume or finetune)
         return path, read_checkpoint(path)
     raise UsageError(f"--eval needs the {what} to evaluate: --resume PATH (or auto), or --finetune PATH")
 
 
-def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer, scaler) -> tuple[int, int, dict]:
-    """Restore model, optimiser, scaler and RNG states from ``--resume``.
+def resume(path: str, record: dict[str, Any], run: Run, model: torch.nn.Module, optimizer, scaler,
+           start_epoch: int = 0, allow_changed_flags: bool = False) -> tuple[int, int, dict]:
+    """Restore model, optimiser, scaler and RNG states from ``path`` (``--resume``: a file, ``auto`` for the
+    furthest-trained checkpoint of the output folder, or "" for none).
+
+    Args:
+        record: This run's record (``util.config.run_record``), compared with the checkpoint's run-defining flags.
+        start_epoch: ``--start_epoch``, the first epoch when nothing is resumed.
+        allow_changed_flags: Resume although run-defining flags differ (with a note) instead of refusing.
 
     Returns:
         (first epoch, steps of it already done, the checkpoint); a pre-empted run continues mid-epoch.
 
     Raises:
+        UsageError: run-defining flags differ from the checkpoint's (without ``allow_changed_flags``).
         CheckpointError: the checkpoint belongs to another model or size.
     """
-    if not args.resume:
-        return args.start_epoch, 0, {}
-    found = find_resume_checkpoint(args.resume, run.output_dir) if run.is_main or args.resume != "auto" else None
-    if args.resume == "auto" and distributed.is_distributed():  # rank 0 chooses: node-local folders may differ
+    if not path:
+        return start_epoch, 0, {}
+    found = find_resume_checkpoint(path, run.output_dir) if run.is_main or path != "auto" else None
+    if path == "auto" and distributed.is_distributed():  # rank 0 chooses: node-local folders may differ
         chosen = [str(found[0]) if found else None]
         dist.broadcast_object_list(chosen, src=0)
         if not run.is_main and chosen[0] is not None:
             found = Path(chosen[0]), read_checkpoint(chosen[0])
     if found is None:
         distributed.main_print(f"resume auto: no checkpoint in {run.output_dir}, starting from scratch")
-        return args.start_epoch, 0, {}
+        return start_epoch, 0, {}
     path, state = found
-    changes = changed_flags(state.get("args") or {}, args, run.world_size)
-    if changes and not getattr(args, "allow_changed_flags", False):
+    changes = changed_flags(state.get("args") or {}, record)
+    if changes and not allow_changed_flags:
         raise UsageError(f"{path}: this run's flags differ from the checkpoint's: {'; '.join(changes)}; "
                          "resume with the same flags, or give --allow_changed_flags")
     if changes:
@@ -307,8 +321,10 @@ def resume(args: argparse.Namespace, run: Run, model: torch.nn.Module, optimizer
     return epoch, step, {**state, "path": str(path)}
 
 
-def save_epoch(run: Run, name: str, model: torch.nn.Module, optimizer, scaler, epoch: int, args, **extra) -> bool:
-    """Write ``output_dir/name`` atomically with everything a resume needs (collective: call on every rank).
+def save_epoch(run: Run, name: str, model: torch.nn.Module, optimizer, scaler, epoch: int, record: dict[str, Any],
+               **extra: Any) -> bool:
+    """Write ``output_dir/name`` atomically with everything a resume needs (collective: call on every rank);
+    ``record``: the run's flags and derived values (``util.config.run_record``).
 
     A failed write (disk full, permissions) is reported with the path and the reason and training goes on;
     the previous file stays intact. Returns whether the file was written.
@@ -316,8 +332,8 @@ def save_epoch(run: Run, name: str, model: torch.nn.Module, optimizer, scaler, e
     rng_states = distributed.gather_rng_states()
     if not run.is_main:
         return True
-    state = training_state(model, optimizer, scaler, epoch, args, rng_per_rank=rng_states, **extra)
-    state["args"]["world_size"] = run.world_size
+    state = training_state(model, optimizer, scaler, epoch, {**record, "world_size": run.world_size},
+                           rng_per_rank=rng_states, **extra)
     try:
         save_checkpoint(state, run.output_dir / name)
     except CheckpointError as e:
@@ -326,9 +342,11 @@ def save_epoch(run: Run, name: str, model: torch.nn.Module, optimizer, scaler, e
     return True
 
 
-def save_preempted(run: Run, stop: Preempted, model: torch.nn.Module, optimizer, scaler, args, **extra) -> None:
+def save_preempted(run: Run, stop: Preempted, model: torch.nn.Module, optimizer, scaler, record: dict[str, Any],
+                   **extra: Any) -> None:
     """Checkpoint a run stopped by SIGTERM, SIGUSR1 or Ctrl-C so that ``--resume auto`` continues at the very next step."""
-    saved = save_epoch(run, "checkpoint-last.pth", model, optimizer, scaler, stop.epoch - 1, args, next_step=stop.step, **extra)
+    saved = save_epoch(run, "checkpoint-last.pth", model, optimizer, scaler, stop.epoch - 1, record, next_step=stop.step,
+                       **extra)
     if run.is_main and not saved:
         raise CheckpointError(f"{stop_reason()} at epoch {stop.epoch} step {stop.step}, and the checkpoint could not be written")
     distributed.main_print(f"{stop_reason()}: stopped at epoch {stop.epoch} step {stop.step}, saved {run.output_dir / 'checkpoint-last.pth'}; "

@@ -2,7 +2,6 @@
 whole-run ETA), progress of long non-training work, ``log.txt`` and TensorBoard."""
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
@@ -171,9 +170,10 @@ class EventWriter:
         return call
 
 
-def summary_writer(run: Run, args: argparse.Namespace) -> EventWriter | None:
-    """Rank 0: write ``config.yaml`` and open the TensorBoard writer (``--log_dir`` or the output folder)."""
+def start_logs(run: Run, flags: config.Flags, log_dir: str | None = None) -> EventWriter | None:
+    """Rank 0: write the flags to ``config.yaml`` (``--config`` of it reproduces the run) and open the TensorBoard
+    writer (``log_dir``, default the output folder); None on other ranks."""
     if not run.is_main:
         return None
-    best_effort(run.output_dir / "config.yaml", lambda: config.save_config(args, run.output_dir / "config.yaml"))
-    return EventWriter(args.log_dir or str(run.output_dir))
+    best_effort(run.output_dir / "config.yaml", lambda: config.save_config(flags, run.output_dir / "config.yaml"))
+    return EventWriter(log_dir or str(run.output_dir))

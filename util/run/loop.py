@@ -1,5 +1,7 @@
-"""What every training task shares around its own step: the epochs of a (possibly resumed) run, and per step
-the accumulate / optimiser-update / SIGTERM / log mechanics (``StepLoop``); plus DDP / compile wrapping.
+"""What every training task shares around its own step: the epochs of a (possibly resumed) run and what ends each
+(``epochs``, ``end_epoch``: stop check, checkpoints, log record, ETA), per step the accumulate / optimiser-update /
+SIGTERM / log mechanics (``StepLoop``), the supervised epoch of classification and segmentation, and DDP / compile
+wrapping.
 
 A task's epoch stays a loop a reader can hold in their head (``engine_pretrain.train_one_epoch``)::
 
@@ -14,9 +16,9 @@ A task's epoch stays a loop a reader can hold in their head (``engine_pretrain.t
 """
 from __future__ import annotations
 
-import argparse
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -25,8 +27,9 @@ from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from util.run import distributed, logger
+from util.config import Schedule
 from util.errors import ReportableError
+from util.run import checkpoint, distributed, logger
 from util.run.logger import MetricLogger, Throughput
 from util.run.process import Preempted, Run, stop_requested
 
@@ -35,31 +38,57 @@ class NonFiniteLossError(ReportableError):
     """A loss term became NaN or infinite."""
 
 
-def epochs(args: argparse.Namespace, sampler, start_epoch: int, start_step: int, run: Run | None = None,
-           steps_per_epoch: int | None = None) -> Iterator[tuple[int, int]]:
+def epochs(schedule: Schedule, sampler, start_epoch: int, start_step: int, run: Run,
+           steps_per_epoch: int) -> Iterator[tuple[int, int]]:
     """(epoch, first step) of every epoch still to train; a resumed run starts mid-epoch at ``start_step``.
 
     A stop (SIGTERM) that arrived during an epoch's last step lets that epoch complete (its evaluation,
-    checkpoint and ``log.txt`` record) and raises ``Preempted(next epoch, 0)`` here, before the next one.
+    checkpoint and ``log.txt`` record: ``end_epoch``) and raises ``Preempted(next epoch, 0)`` here, before the
+    next one.
 
     Positions ``sampler`` (a ``util.data.loaders.SeededSampler``) so that the epoch's batches are the ones an
-    uninterrupted run would see. With ``steps_per_epoch``, prints after each epoch (its body included:
-    evaluation, checkpoints, figures) its time and the whole run's ETA, and the total time at the end
-    (``logger.RunClock``).
+    uninterrupted run would see. Prints after each epoch (its body included: evaluation, checkpoints, figures) its
+    time and the whole run's ETA, and the total time at the end (``logger.RunClock``).
     """
-    clock = logger.RunClock(steps_per_epoch, args.epochs, start_epoch, start_step) if steps_per_epoch else None
+    clock = logger.RunClock(steps_per_epoch, schedule.epochs, start_epoch, start_step)
     epoch = start_epoch - 1
-    for epoch in range(start_epoch, args.epochs):
-        if run is not None and epoch > start_epoch and stop_requested(run):
+    for epoch in range(start_epoch, schedule.epochs):
+        if epoch > start_epoch and stop_requested(run):
             raise Preempted(epoch, 0)
         first_step = start_step if epoch == start_epoch else 0
         sampler.set_epoch(epoch)
-        sampler.set_start(first_step * args.batch_size)
+        sampler.set_start(first_step * schedule.batch_size)
         yield epoch, first_step
-        if clock:
-            distributed.main_print(clock.end_epoch(epoch))
-    if clock and epoch >= start_epoch:
+        distributed.main_print(clock.end_epoch(epoch))
+    if epoch >= start_epoch:
         distributed.main_print(clock.total(epoch))
+
+
+def end_epoch(run: Run, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              scaler: torch.amp.GradScaler | None, record: dict[str, Any], log: dict[str, Any], *,
+              writer: SummaryWriter | None = None, improved: bool = False, save_every: int = 0, last: bool = False,
+              **extra: Any) -> None:
+    """What ends every epoch of every task, in one place: ``checkpoint-last.pth``; ``checkpoint-best.pth`` when the
+    evaluation ``improved``; ``checkpoint-{epoch}.pth`` every ``save_every`` epochs (and at the ``last`` epoch when
+    ``save_every`` is given: the run's final numbered checkpoint); the epoch's ``log.txt`` record ``log``; and its
+    ``test_*`` values as TensorBoard scalars. (The stop check between epochs and the ETA line are ``epochs``'s.)
+    Collective: call on every rank.
+
+    Args:
+        record: The run's flags and derived values (``util.config.run_record``), saved in the checkpoints.
+        extra: Further checkpoint fields (best accuracy, class names, palette).
+    """
+    save = lambda name: checkpoint.save_epoch(run, name, model, optimizer, scaler, epoch, record, **extra)  # noqa: E731
+    save("checkpoint-last.pth")
+    if improved:
+        save("checkpoint-best.pth")
+    if save_every and ((epoch + 1) % save_every == 0 or last):
+        save(f"checkpoint-{epoch}.pth")
+    logger.append_log(run, {"epoch": epoch, **log})
+    if writer is not None:
+        for name, value in log.items():
+            if name.startswith("test_"):
+                writer.add_scalar(f"test/{name.removeprefix('test_')}", value, epoch)
 
 
 def update_index(epoch: int, step: int, steps_per_epoch: int, accum_iter: int) -> int:
@@ -93,7 +122,7 @@ class StepLoop:
         scheduler: Sets the LR before each optimiser update (``util.run.schedule.lr_scheduler``).
         scaler: fp16 loss scaler, or None.
         run: This process's ``Run``.
-        args: Needs ``accum_iter``, ``clip_grad``, ``log_every``.
+        schedule: ``accum_iter``, ``clip_grad``, ``log_every`` and ``epochs`` (the run's ETA).
         epoch: Epoch index.
         steps_per_epoch: Steps of a whole epoch.
         names: Terms of each step's output to log; ``loss`` first.
@@ -105,10 +134,10 @@ class StepLoop:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: CosineLRScheduler,
-                 scaler: torch.amp.GradScaler | None, run: Run, args: argparse.Namespace, epoch: int,
+                 scaler: torch.amp.GradScaler | None, run: Run, schedule: Schedule, epoch: int,
                  steps_per_epoch: int, names: Iterable[str], writer: SummaryWriter | None = None, start_step: int = 0) -> None:
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
-        self.run, self.args, self.epoch, self.steps_per_epoch = run, args, epoch, steps_per_epoch
+        self.run, self.schedule, self.epoch, self.steps_per_epoch = run, schedule, epoch, steps_per_epoch
         self.names, self.writer = tuple(names), writer
         self.interval, self.whole_epoch = MetricLogger(), MetricLogger()
         self.throughput = Throughput(steps_per_epoch - start_step)
@@ -117,13 +146,13 @@ class StepLoop:
         self.grad_norm = torch.zeros(())
         self.ddp = _ddp_module(model)
         self.updates_now = False
-        self.group_size = args.accum_iter
+        self.group_size = schedule.accum_iter
 
     @contextmanager
     def accumulate(self, step: int):
         """Around the forward and backward pass of ``step``: sets the LR at the start of an accumulation group,
         and skips DDP's gradient all-reduce on steps that end no group."""
-        accum = self.args.accum_iter
+        accum = self.schedule.accum_iter
         group_start = step - step % accum
         if step == group_start:
             self.scheduler.step_update(update_index(self.epoch, step, self.steps_per_epoch, accum))
@@ -149,7 +178,7 @@ class StepLoop:
         if self.updates_now:
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad or math.inf)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.schedule.clip_grad or math.inf)
             optimizer_step(self.optimizer, self.scaler)
             # the epoch's last step: the epoch completes (log record with its losses) and training.epochs stops
             if step + 1 < self.steps_per_epoch and stop_requested(self.run):
@@ -158,7 +187,7 @@ class StepLoop:
         self.interval.update(**logged, grad_norm=self.grad_norm)
         self.whole_epoch.update(**logged)
         self.interval_images += batch_size * self.run.world_size
-        if (step + 1) % self.args.log_every == 0 or step + 1 == self.steps_per_epoch:
+        if (step + 1) % self.schedule.log_every == 0 or step + 1 == self.steps_per_epoch:
             self._log(step)
 
     def _log(self, step: int) -> None:
@@ -171,7 +200,7 @@ class StepLoop:
             )
         lr = max(group["lr"] for group in self.optimizer.param_groups)
         images_per_s, eta = self.throughput.tick(step + 1 - self.start_step, self.interval_images)
-        steps_left = self.steps_per_epoch - step - 1 + (self.args.epochs - self.epoch - 1) * self.steps_per_epoch
+        steps_left = self.steps_per_epoch - step - 1 + (self.schedule.epochs - self.epoch - 1) * self.steps_per_epoch
         run_eta = logger.format_duration(self.throughput.per_step * steps_left)  # this epoch's pace x the whole run's steps left
         distributed.main_print(
             f"epoch {self.epoch} [{step + 1}/{self.steps_per_epoch}] "
@@ -213,15 +242,48 @@ def grad_scaler(run: Run) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler(run.device.type) if run.amp_dtype == torch.float16 else None
 
 
-def distribute(model: torch.nn.Module, run: Run, args: argparse.Namespace, unused: Iterable[str] = ()) -> torch.nn.Module:
+def distribute(model: torch.nn.Module, run: Run, attention: str = "auto", compile: bool = False,
+               unused: Iterable[str] = ()) -> torch.nn.Module:
     """Choose the attention path (``--attention``), DDP-wrap (under torchrun) and ``torch.compile`` (with
     ``--compile``) the model that trains.
 
     ``unused`` names parameters that never get a gradient; DDP ignores them (no ``find_unused_parameters``
     graph search every step, which also breaks ``torch.compile``'s DDP optimiser).
     """
-    set_fused_attention(model, use_sdpa(args.attention, run.device))
+    set_fused_attention(model, use_sdpa(attention, run.device))
     if distributed.is_distributed():
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(unused))
         model = DistributedDataParallel(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    return torch.compile(model) if args.compile else model
+    return torch.compile(model) if compile else model
+
+
+def train_supervised_epoch(model: torch.nn.Module, criterion: Callable, loader, optimizer: torch.optim.Optimizer,
+                           scheduler, scaler: torch.amp.GradScaler | None, run: Run, schedule: Schedule, epoch: int,
+                           steps_per_epoch: int, writer: SummaryWriter | None = None, start_step: int = 0,
+                           mixup: Callable | None = None) -> dict[str, float]:
+    """One epoch of supervised training (classification, and per-pixel for segmentation); returns the mean loss.
+
+    Args:
+        model: What trains (a classifier, only its head on cached features, or a segmenter), possibly DDP-wrapped.
+        criterion: Loss on (logits [B, K], targets [B] or soft [B, K]); for segmentation (logits [B, K, H, W],
+            masks [B, H, W]).
+        loader: Yields (images [B, C, H, W] or features [B, D], labels [B] or masks [B, H, W]).
+        mixup: timm ``Mixup`` applied to each batch, or None.
+
+    Raises:
+        Preempted: SIGTERM arrived; the update of the current step is done.
+        NonFiniteLossError: the loss became NaN or infinite.
+    """
+    model.train()
+    steps = StepLoop(model, optimizer, scheduler, scaler, run, schedule, epoch, steps_per_epoch, ("loss",), writer, start_step)
+    for step, (samples, targets) in enumerate(loader, start=start_step):
+        samples = samples.to(run.device, non_blocking=True)
+        targets = targets.to(run.device, non_blocking=True)
+        with steps.accumulate(step):
+            with run.autocast():
+                if mixup is not None:
+                    samples, targets = mixup(samples, targets)  # targets become soft [B, K]
+                loss = criterion(model(samples), targets)
+            steps.backward(loss)
+        steps.end_step(step, {"loss": loss}, samples.shape[0])
+    return steps.epoch_means()

@@ -2,7 +2,6 @@
 signals that stop a run cleanly."""
 from __future__ import annotations
 
-import argparse
 import datetime
 import signal
 import threading
@@ -74,15 +73,25 @@ class Run:
         return autocast(self.device, self.amp_dtype)
 
 
-def setup_run(args: argparse.Namespace) -> Run:
+def setup_run(device: str, amp: str, seed: int, output_dir: str | Path, dist_timeout: float = 30.0) -> Run:
     """Join the process group (if any), choose device and autocast dtype, seed, create the output folder, and
     make SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before pre-emption) stop training at the next update.
-    The CPU thread count is chosen from the CPUs this process may use (``util.run.threads``) and printed once."""
-    rank, world_size, local_rank = distributed.init_distributed(args.dist_timeout)
-    device = resolve_device(args.device, local_rank)
-    amp_dtype = resolve_amp(args.amp, device)
-    seed_everything(args.seed + rank)
-    output_dir = Path(args.output_dir)
+    The CPU thread count is chosen from the CPUs this process may use (``util.run.threads``) and printed once.
+
+    Args:
+        device: ``--device`` (``resolve_device``); amp: ``--amp`` (``resolve_amp``).
+        seed: ``--seed``; rank r seeds every generator with seed + r.
+        output_dir: Created and locked by rank 0 (``prepare_output_dir``).
+        dist_timeout: Minutes before a stuck collective ends the job.
+
+    Raises:
+        UsageError: a device or autocast dtype this machine lacks; an output folder that cannot be used.
+    """
+    rank, world_size, local_rank = distributed.init_distributed(dist_timeout)
+    device = resolve_device(device, local_rank)
+    amp_dtype = resolve_amp(amp, device)
+    seed_everything(seed + rank)
+    output_dir = Path(output_dir)
     if rank == 0:
         prepare_output_dir(output_dir)
     if threading.current_thread() is threading.main_thread():
@@ -91,7 +100,7 @@ def setup_run(args: argparse.Namespace) -> Run:
         signal.signal(signal.SIGINT, _interrupt)
     stop_group = None
     if distributed.is_distributed():  # host-side agreement, so checking it never waits for the GPU
-        stop_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=args.dist_timeout))
+        stop_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=dist_timeout))
     if rank == 0:
         print(configure_threads(), flush=True)
     else:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from util.config import Bands
 from util.errors import CheckpointError, UsageError
 
 
@@ -32,10 +33,9 @@ class BandAdaptation:
     checkpoint_rgb: tuple[int, ...] | None = None
 
     @classmethod
-    def from_args(cls, args) -> "BandAdaptation":
-        """From ``--rgb_bands`` and ``--checkpoint_rgb_bands`` (an entry point may lack either flag)."""
-        model_rgb, checkpoint_rgb = getattr(args, "rgb_bands", None), getattr(args, "checkpoint_rgb_bands", None)
-        return cls(tuple(model_rgb) if model_rgb else None, tuple(checkpoint_rgb) if checkpoint_rgb else None)
+    def of(cls, bands: Bands) -> BandAdaptation:
+        """From ``--rgb_bands`` and ``--checkpoint_rgb_bands``."""
+        return cls(bands.rgb_bands, bands.checkpoint_rgb_bands)
 
     def adapt(self, tensor: torch.Tensor, target_chans: int, name: str, source: str,
               what: str = "filters") -> tuple[torch.Tensor, str | None]:
@@ -85,7 +85,7 @@ def _rgb_indices(bands: tuple[int, ...], count: int, flag: str, whose: str) -> l
     return list(bands)
 
 
-def adapt_bands(state_dict: dict[str, torch.Tensor], in_chans: int, bands: BandAdaptation, source: str,
+def adapt_bands(state_dict: dict[str, torch.Tensor], in_chans: int, adaptation: BandAdaptation, source: str,
                 prefix: str = "") -> list[str]:
     """Adapt ``{prefix}patch_embed.proj.weight`` [D, C, p, p] and, where present (pretraining checkpoints under our
     names), ``decoder_pred.weight`` [p*p*C, Dd] / ``decoder_pred.bias`` [p*p*C] to ``in_chans`` bands by
@@ -98,7 +98,7 @@ def adapt_bands(state_dict: dict[str, torch.Tensor], in_chans: int, bands: BandA
     proj = state_dict[key]
     if proj.shape[1] == in_chans:
         return []
-    state_dict[key], line = bands.adapt(proj, in_chans, "patch_embed.proj", source)
+    state_dict[key], line = adaptation.adapt(proj, in_chans, "patch_embed.proj", source)
     lines = [line]
     if "decoder_pred.weight" in state_dict:
         weight, bias = state_dict["decoder_pred.weight"], state_dict["decoder_pred.bias"]
@@ -106,8 +106,8 @@ def adapt_bands(state_dict: dict[str, torch.Tensor], in_chans: int, bands: BandA
         if weight.shape[0] != area * proj.shape[1] or bias.shape != weight.shape[:1]:
             raise CheckpointError(f"{source}: decoder_pred has {weight.shape[0]} outputs, not {area} pixels x "
                                   f"{proj.shape[1]} bands per patch")
-        weight, line = bands.adapt(weight.reshape(area, proj.shape[1], -1), in_chans, "decoder_pred", source, "outputs")
+        weight, line = adaptation.adapt(weight.reshape(area, proj.shape[1], -1), in_chans, "decoder_pred", source, "outputs")
         state_dict["decoder_pred.weight"] = weight.reshape(area * in_chans, -1)
-        state_dict["decoder_pred.bias"] = bands.adapt(bias.reshape(area, -1), in_chans, "decoder_pred", source)[0].reshape(-1)
+        state_dict["decoder_pred.bias"] = adaptation.adapt(bias.reshape(area, -1), in_chans, "decoder_pred", source)[0].reshape(-1)
         lines.append(line)
     return lines

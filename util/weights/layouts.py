@@ -255,18 +255,18 @@ def _describe_left_out(keys: list[str]) -> str:
     return ", ".join(parts + other)
 
 
-def load_encoder(model: torch.nn.Module, weights: EncoderWeights, bands: BandAdaptation = BandAdaptation()) -> LoadReport:
+def load_encoder(model: torch.nn.Module, weights: EncoderWeights, adaptation: BandAdaptation = BandAdaptation()) -> LoadReport:
     """Load encoder weights into a timm ``VisionTransformer`` classifier (fresh head).
 
     Position embeddings are resampled (bicubic) to the model's grid and the patch projection to its
     patch size (timm's ``resample_patch_embed``); a patch projection for another band count is adapted by
-    ``bands`` (``BandAdaptation``; the report's ``adapted`` says how). In global-pool mode the model has
+    ``adaptation`` (``BandAdaptation``; the report's ``adapted`` says how). In global-pool mode the model has
     ``fc_norm`` instead of ``norm``; ``norm`` is then left out, as MAE does.
 
     Raises:
         CheckpointError: an encoder tensor of the model is not in the file, or does not fit; another band count
-            that ``bands`` does not adapt.
-        UsageError: ``bands`` names impossible band indices.
+            that ``adaptation`` does not adapt.
+        UsageError: ``adaptation`` names impossible band indices.
     """
     state_dict = dict(weights.state_dict)
     left_out = list(weights.left_out)
@@ -275,7 +275,7 @@ def load_encoder(model: torch.nn.Module, weights: EncoderWeights, bands: BandAda
     if tuple(weights.shape.grid) != grid:
         state_dict["pos_embed"] = resample_abs_pos_embed(state_dict["pos_embed"], list(grid), list(weights.shape.grid), num_prefix_tokens=1)
     target = model_keys["patch_embed.proj.weight"]
-    adapted = adapt_bands(state_dict, target.shape[1], bands, weights.path)
+    adapted = adapt_bands(state_dict, target.shape[1], adaptation, weights.path)
     proj = state_dict["patch_embed.proj.weight"]
     if proj.shape[-2:] != target.shape[-2:]:
         state_dict["patch_embed.proj.weight"] = resample_patch_embed(proj, list(target.shape[-2:]))

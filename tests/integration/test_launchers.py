@@ -1,0 +1,313 @@
+"""The shell launchers, without training: PYTHON is a stub that prints the arguments it receives.
+
+Each launcher runs from a temporary copy of the repository's launchers (a fresh clone: no
+output/pretrain_tiny/checkpoint-last.pth), so the default-weights paths never exist.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+LAUNCHERS = ["train.sh", "finetune.sh", "linprobe.sh", "knn.sh", "segment.sh", "train_distributed.sh", "tools/launcher_lib.sh"]
+TORCHRUN = ["-m", "torch.distributed.run"]
+
+
+@pytest.fixture
+def clone(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    for name in LAUNCHERS:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, root / name)
+    return root
+
+
+@pytest.fixture
+def stub(tmp_path: Path) -> Path:
+    path = tmp_path / "stub_python"
+    path.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> Path:
+    path = tmp_path / "mine.pth"
+    path.write_bytes(b"not read by the stub")
+    return path
+
+
+def run(clone: Path, stub: Path, launcher: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """bash <launcher> args with a minimal environment (none of the launchers' variables unless given)."""
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "PYTHON": str(stub), "NUM_GPUS": "2",
+            "SAMPLE_EVAL": "0"}  # train.sh's closing evaluation is a second command; tested on its own
+    return subprocess.run(["bash", str(clone / launcher), *args], cwd=REPO, env={**base, **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+def argv(result: subprocess.CompletedProcess) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def values(args: list[str], flag: str) -> list[list[str]]:
+    """The values of every occurrence of flag (up to the next --flag)."""
+    found = []
+    for i, arg in enumerate(args):
+        if arg == flag:
+            rest = []
+            for value in args[i + 1:]:
+                if value.startswith("--"):
+                    break
+                rest.append(value)
+            found.append(rest)
+    return found
+
+
+# finetune.sh / linprobe.sh: --finetune replaces WEIGHTS, and the default is not checked
+
+
+@pytest.mark.parametrize("form", ["split", "equals", "abbreviated"])
+def test_finetune_flag_replaces_default_weights(clone, stub, weights, form):
+    flags = {"split": ["--finetune", str(weights)], "equals": [f"--finetune={weights}"],
+             "abbreviated": ["--fine", str(weights)]}[form]
+    args = argv(run(clone, stub, "finetune.sh", *flags, "--epochs", "1"))
+    assert args[0] == "main_finetune.py"
+    assert "output/pretrain_tiny/checkpoint-last.pth" not in args
+    assert [a for a in args if a.startswith("--fine")] == [flags[0]]  # the user's flag only
+    assert values(args, "--epochs") == [["1"]]
+
+
+def test_finetune_default_weights_missing(clone, stub):
+    result = run(clone, stub, "finetune.sh")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == ("error: no weights at output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh' first, "
+                             "or give --finetune PATH / set WEIGHTS (published weights: weights/README.md)\n")
+
+
+@pytest.mark.parametrize("how", ["WEIGHTS", "--finetune", "the <weights> argument"])
+def test_finetune_user_weights_missing(clone, stub, tmp_path, how):
+    missing = str(tmp_path / "weights" / "x.pth")
+    if how == "WEIGHTS":
+        result = run(clone, stub, "finetune.sh", WEIGHTS=missing)
+    elif how == "--finetune":
+        result = run(clone, stub, "finetune.sh", "--finetune", missing, WEIGHTS=str(tmp_path / "other.pth"))
+    else:
+        result = run(clone, stub, "finetune.sh", "vit_base_patch16", missing)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == f"error: no weights at {missing} (from {how})\n"
+
+
+def test_finetune_variables_and_defaults(clone, stub, weights):
+    args = argv(run(clone, stub, "finetune.sh", "--blr", "2e-3", WEIGHTS=str(weights), EPOCHS="7"))
+    assert args == ["main_finetune.py", "--finetune", str(weights), "--input_size", "64", "--epochs", "7",
+                    "--warmup_epochs", "3", "--batch_size", "32", "--train_path", "data/sentinel2_rgb/train.csv",
+                    "--test_path", "data/sentinel2_rgb/val.csv", "--output_dir", "output/finetune_tiny",
+                    "--num_workers", "2", "--blr", "2e-3"]
+
+
+def test_finetune_upstream_positional_form(clone, stub, weights):
+    args = argv(run(clone, stub, "finetune.sh", "vit_large_patch16", str(weights), "--nb_classes", "62"))
+    assert values(args, "--model") == [["vit_large_patch16"]]
+    assert values(args, "--finetune") == [[str(weights)]]
+    assert args[-2:] == ["--nb_classes", "62"]
+
+
+def test_finetune_random_init_with_empty_flag(clone, stub):
+    args = argv(run(clone, stub, "finetune.sh", "--model", "vit_tiny_patch16", "--finetune", ""))
+    assert values(args, "--model") == [["vit_tiny_patch16"]]
+    assert args.count("--finetune") == 1 and args[args.index("--finetune") + 1] == ""
+
+
+def test_config_file_is_not_overridden_by_launcher_defaults(clone, stub):
+    args = argv(run(clone, stub, "finetune.sh", "--config", "run.yaml", EPOCHS="5"))
+    assert args == ["main_finetune.py", "--epochs", "5", "--config", "run.yaml"]  # no default WEIGHTS check either
+    assert argv(run(clone, stub, "train.sh", "--config=run.yaml")) == ["main_pretrain.py", "--config=run.yaml"]
+
+
+def test_linprobe_defaults_and_flag(clone, stub, weights):
+    args = argv(run(clone, stub, "linprobe.sh", "--finetune", str(weights)))
+    assert args[0] == "main_linprobe.py"
+    assert values(args, "--finetune") == [[str(weights)]]
+    assert values(args, "--epochs") == [["90"]] and values(args, "--blr") == [["10"]]
+    assert values(args, "--output_dir") == [["output/linprobe_tiny"]]
+    assert args[-1] == "--no_aug"
+    args = argv(run(clone, stub, "linprobe.sh", "--finetune", str(weights), "--epochs", "2", BLR="0.1", EXTRA=""))
+    assert values(args, "--epochs") == [["2"]] and values(args, "--blr") == [["0.1"]] and "--no_aug" not in args
+
+
+def test_linprobe_default_weights_missing(clone, stub):
+    result = run(clone, stub, "linprobe.sh")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: no weights at output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh'")
+
+
+# knn.sh: --checkpoints is the only list passed
+
+
+def test_knn_flag_replaces_checkpoints(clone, stub, weights):
+    args = argv(run(clone, stub, "knn.sh", "--checkpoints", "none", str(weights), "--pool", "mean",
+                    CHECKPOINTS="/nowhere/a.pth"))
+    assert values(args, "--checkpoints") == [["none", str(weights)]]
+    assert "/nowhere/a.pth" not in args and "output/pretrain_tiny/checkpoint-last.pth" not in args
+    assert args[-2:] == ["--pool", "mean"]
+
+
+def test_knn_positional_and_variable(clone, stub, weights, tmp_path):
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"")
+    args = argv(run(clone, stub, "knn.sh", str(weights), str(other)))
+    assert args[:4] == ["main_knn.py", "--checkpoints", str(weights), str(other)]
+    args = argv(run(clone, stub, "knn.sh", CHECKPOINTS=f"none {weights}"))
+    assert values(args, "--checkpoints") == [["none", str(weights)]]
+
+
+def test_knn_missing_checkpoints(clone, stub, weights, tmp_path):
+    result = run(clone, stub, "knn.sh")
+    assert result.returncode == 1
+    assert result.stderr == ("error: no checkpoint at output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh' first, "
+                             "or give --checkpoints PATH... / set CHECKPOINTS (published weights: weights/README.md)\n")
+    missing = str(tmp_path / "gone.pth")
+    result = run(clone, stub, "knn.sh", f"--checkpoints={missing}")
+    assert (result.returncode, result.stderr) == (1, f"error: no checkpoint at {missing} (from --checkpoints)\n")
+    result = run(clone, stub, "knn.sh", str(weights), missing)
+    assert result.stderr == f"error: no checkpoint at {missing} (from the <checkpoint> arguments)\n"
+
+
+# train.sh
+
+
+def test_the_quick_start_ends_with_the_sample_evaluation(clone, stub):
+    lines = argv(run(clone, stub, "train.sh", SAMPLE_EVAL="1"))
+    assert lines[0] == "main_pretrain.py" and "--norm_pix_loss" in lines
+    evaluation = lines[lines.index("tools/sample_eval.py"):]
+    assert evaluation == ["tools/sample_eval.py", "output/pretrain_tiny/checkpoint-last.pth", "--sample", "data/sentinel2_rgb"]
+    other_data = argv(run(clone, stub, "train.sh", "--train_path", "elsewhere.csv", SAMPLE_EVAL="1"))
+    assert "tools/sample_eval.py" not in other_data  # only the embedded sample has the evaluation's blocks
+    assert "--norm_pix_loss" not in argv(run(clone, stub, "train.sh", NORM_PIX_LOSS="0"))
+
+
+def test_train_upstream_positional_form(clone, stub):
+    args = argv(run(clone, stub, "train.sh", "mae_vit_base_MsLdCeCd", "scaled_dot_product", "mse", "--epochs", "400"))
+    assert values(args, "--model") == [["mae_vit_base_MsLdCeCd"]]
+    assert values(args, "--attn_name") == [["scaled_dot_product"]] and values(args, "--loss") == [["mse"]]
+    assert values(args, "--epochs") == [["400"]]
+
+
+def test_train_flag_beats_variable(clone, stub):
+    args = argv(run(clone, stub, "train.sh", "--epochs=1", "--output_dir", "X", EPOCHS="9", OUTPUT_DIR="Y"))
+    assert "--epochs" not in args and args.count("--epochs=1") == 1
+    assert values(args, "--output_dir") == [["X"]]
+    assert values(argv(run(clone, stub, "train.sh", EPOCHS="9")), "--epochs") == [["9"]]
+
+
+# DATA=sentinel2_ms: the 13-band sample, one variable for the four launchers
+
+MS_BANDS = ["--in_chans", "13", "--band_stats", "data/sentinel2_ms/band_stats.json"]
+
+
+def test_train_on_the_multispectral_sample(clone, stub):
+    lines = argv(run(clone, stub, "train.sh", DATA="sentinel2_ms", SAMPLE_EVAL="1"))
+    args = lines[:lines.index("tools/sample_eval.py")]
+    assert values(args, "--train_path") == [["data/sentinel2_ms/train.csv"]]
+    assert values(args, "--output_dir") == [["output/pretrain_tiny_ms"]]  # never the RGB run's folder
+    assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
+    assert values(args, "--rgb_bands") == [["3", "2", "1"]]
+    assert values(args, "--input_size") == [["64"]] and values(args, "--patch_size") == [["8"]]
+    assert lines[lines.index("tools/sample_eval.py"):] == [
+        "tools/sample_eval.py", "output/pretrain_tiny_ms/checkpoint-last.pth", "--sample", "data/sentinel2_ms"]
+    rgb = argv(run(clone, stub, "train.sh"))
+    assert "--in_chans" not in rgb and "--band_stats" not in rgb and "--rgb_bands" not in rgb
+    flags_win = argv(run(clone, stub, "train.sh", "--rgb_bands", "7", "--output_dir", "X", DATA="sentinel2_ms"))
+    assert values(flags_win, "--rgb_bands") == [["7"]] and values(flags_win, "--output_dir") == [["X"]]
+    with_config = argv(run(clone, stub, "train.sh", "--config", "c.yaml", DATA="sentinel2_ms"))
+    assert values(with_config, "--in_chans") == [["13"]] and "--epochs" not in with_config  # DATA is the user's
+
+
+@pytest.mark.parametrize("launcher, output", [("finetune.sh", "output/finetune_tiny_ms"),
+                                              ("linprobe.sh", "output/linprobe_tiny_ms")])
+def test_finetune_and_linprobe_on_the_multispectral_sample(clone, stub, launcher, output, tmp_path):
+    missing = run(clone, stub, launcher, DATA="sentinel2_ms")
+    assert missing.returncode == 1 and missing.stderr.startswith(
+        "error: no weights at output/pretrain_tiny_ms/checkpoint-last.pth: run 'DATA=sentinel2_ms bash train.sh' first")
+    (clone / "output" / "pretrain_tiny_ms").mkdir(parents=True)
+    (clone / "output" / "pretrain_tiny_ms" / "checkpoint-last.pth").write_bytes(b"")
+    result = subprocess.run(["bash", launcher], cwd=clone, capture_output=True, text=True, timeout=30,
+                            env={"PATH": os.environ["PATH"], "PYTHON": str(stub), "DATA": "sentinel2_ms"})
+    args = argv(result)
+    assert values(args, "--finetune") == [["output/pretrain_tiny_ms/checkpoint-last.pth"]]
+    assert values(args, "--train_path") == [["data/sentinel2_ms/train.csv"]]
+    assert values(args, "--test_path") == [["data/sentinel2_ms/val.csv"]]
+    assert values(args, "--output_dir") == [[output]] and values(args, "--input_size") == [["64"]]
+    assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
+
+
+def test_segment_on_the_multispectral_sample(clone, stub):
+    (clone / "output" / "pretrain_tiny_ms").mkdir(parents=True)
+    (clone / "output" / "pretrain_tiny_ms" / "checkpoint-last.pth").write_bytes(b"")
+    args = argv(run(clone, stub, "segment.sh", DATA="sentinel2_ms"))
+    assert values(args, "--finetune") == [["output/pretrain_tiny_ms/checkpoint-last.pth"]]
+    assert values(args, "--train_path") == [["data/sentinel2_ms/seg_train.csv"]]
+    assert values(args, "--palette") == [["data/sentinel2_ms/seg_palette.json"]]
+    assert values(args, "--input_size") == [["64"]] and values(args, "--output_dir") == [["output/segment_tiny_ms"]]
+    assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
+    assert values(args, "--rgb_bands") == [["3", "2", "1"]]  # the figures in true colour (B04 B03 B02)
+    rgb = argv(run(clone, stub, "segment.sh", "--finetune", "output/pretrain_tiny_ms/checkpoint-last.pth"))
+    assert values(rgb, "--input_size") == [["128"]] and "--in_chans" not in rgb and "--rgb_bands" not in rgb
+
+
+def test_knn_on_the_multispectral_sample(clone, stub, weights):
+    args = argv(run(clone, stub, "knn.sh", "--checkpoints", "none", str(weights), DATA="sentinel2_ms"))
+    assert values(args, "--train_path") == [["data/sentinel2_ms/train.csv"]] and values(args, "--output_dir") == [["output/knn_ms"]]
+    assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
+    missing = run(clone, stub, "knn.sh", DATA="sentinel2_ms")
+    assert "no checkpoint at output/pretrain_tiny_ms/checkpoint-last.pth: run 'DATA=sentinel2_ms bash train.sh' first" in missing.stderr
+
+
+def test_an_unknown_sample_is_a_one_line_error(clone, stub):
+    result = run(clone, stub, "train.sh", DATA="sentinel2")
+    assert result.returncode == 1 and result.stderr == (
+        "error: DATA=sentinel2: the embedded samples are sentinel2_rgb and sentinel2_ms (other data: set TRAIN_PATH)\n")
+
+
+# train_distributed.sh
+
+
+def torchrun_args(master_port: str) -> list[str]:
+    return [*TORCHRUN, "--nnodes", "1", "--node_rank", "0", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", master_port]
+
+
+def test_distributed_runs_chosen_launcher(clone, stub, weights):
+    args = argv(run(clone, stub, "train_distributed.sh", "--finetune", str(weights), LAUNCHER="finetune.sh"))
+    assert args[:12] == torchrun_args("29500")
+    assert args[12] == "main_finetune.py" and values(args, "--finetune") == [[str(weights)]]
+    args = argv(run(clone, stub, "train_distributed.sh", "none", str(weights), LAUNCHER="knn.sh"))
+    assert args[12:15] == ["main_knn.py", "--checkpoints", "none"]
+    args = argv(run(clone, stub, "train_distributed.sh", "--finetune", str(weights), LAUNCHER="linprobe.sh"))
+    assert args[12] == "main_linprobe.py"
+    assert argv(run(clone, stub, "train_distributed.sh"))[12] == "main_pretrain.py"
+
+
+def test_distributed_unknown_launcher(clone, stub):
+    result = run(clone, stub, "train_distributed.sh", LAUNCHER="eval.sh")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == "error: LAUNCHER=eval.sh: expected train.sh, finetune.sh, linprobe.sh, knn.sh or segment.sh\n"
+
+
+def test_distributed_master_port_from_slurm(clone, stub):
+    assert argv(run(clone, stub, "train_distributed.sh", SLURM_JOB_ID="123456"))[:12] == torchrun_args("23456")
+    assert argv(run(clone, stub, "train_distributed.sh", SLURM_JOB_ID="40000"))[:12] == torchrun_args("20000")
+    assert argv(run(clone, stub, "train_distributed.sh", SLURM_JOB_ID="123456", MASTER_PORT="31000"))[:12] == \
+        torchrun_args("31000")
+
+
+def test_distributed_forwards_usr1_to_workers(clone, tmp_path):
+    stub = tmp_path / "env_stub"
+    stub.write_text('#!/usr/bin/env bash\necho "$PET_SIGNALS_TO_HANDLE"\necho "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"\n')
+    stub.chmod(0o755)
+    assert argv(run(clone, stub, "train_distributed.sh")) == ["SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "120"]

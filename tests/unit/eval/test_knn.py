@@ -1,0 +1,209 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, bands_of, write_csv_dataset
+
+import main_knn
+from model_loading import build_knn_encoder
+from models_cross_scale_mae import create_model
+from util import config
+from util.eval import knn
+from util.run import checkpoint
+from util.weights import layouts
+from util.run.process import run_entry_point
+
+
+def test_weighted_knn_known_answer():
+    memory = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]]), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    query = F.normalize(torch.tensor([[0.7, 0.3]]), dim=1)
+    sims, neighbours = knn.topk_cosine(query, memory, k=5)
+    # three class-1 neighbours outvote two class-0 ones by count, but exp(sim / 0.07) favours the closer class 0
+    assert knn.majority_knn(neighbours, labels, 2).item() == 1
+    assert knn.weighted_knn(sims, neighbours, labels, 2, temperature=0.07).item() == 0
+    expected = torch.zeros(2, dtype=torch.float64)
+    for s, n in zip((query @ memory.T)[0].double(), labels):
+        expected[n] += (s / 0.07).exp()
+    assert expected.argmax().item() == 0
+
+
+def test_majority_ties_go_to_the_lowest_class():
+    neighbours = torch.tensor([[0, 1, 2, 3]])
+    labels = torch.tensor([2, 1, 1, 2])
+    assert knn.majority_knn(neighbours, labels, 3).item() == 1
+
+
+def test_knn_accuracies_on_hand_made_features():
+    memory = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]), dim=1)
+    memory_labels = torch.tensor([0, 0, 1, 1])
+    queries = F.normalize(torch.tensor([[1.0, 0.2], [0.2, 1.0], [1.0, 0.05]]), dim=1)
+    result = knn.knn_accuracies(memory, memory_labels, queries, torch.tensor([0, 1, 1]), 2, k=2, majority_k=1)
+    assert result == {"weighted": pytest.approx(200 / 3), "majority": pytest.approx(200 / 3)}
+
+
+def test_chunked_similarity_equals_the_unchunked_one():
+    torch.manual_seed(0)
+    memory = F.normalize(torch.randn(103, 16), dim=1)
+    queries = F.normalize(torch.randn(37, 16), dim=1)
+    sims, idx = knn.topk_cosine(queries, memory, k=7, query_chunk=5, memory_chunk=10)
+    full_sims, full_idx = (queries @ memory.T).topk(7, dim=1)
+    torch.testing.assert_close(sims, full_sims)
+    assert torch.equal(idx, full_idx)
+
+
+@pytest.mark.parametrize("mode, expected", [("resize", [64, 64, 64, 64]), ("native", [16, 16, 32, 64])])
+def test_scale_modes_produce_the_expected_sizes(mode, expected):
+    images = torch.rand(2, 3, 64, 64)
+    sizes = [knn.rescale(images, s, 16, mode).shape[-1] for s in (0.125, 0.25, 0.5, 1.0)]
+    assert sizes == expected
+
+
+def test_area_downsampling_averages_blocks():
+    images = torch.arange(16.0).reshape(1, 1, 4, 4)
+    small = knn.rescale(images, 0.5, 1, "native")
+    torch.testing.assert_close(small, torch.tensor([[[[2.5, 4.5], [10.5, 12.5]]]]))
+
+
+def test_main_writes_csv_markdown_plot_and_protocol(tmp_path):
+    train = write_csv_dataset(tmp_path / "data", 12, "train.csv", size=32)
+    val = write_csv_dataset(tmp_path / "data", 6, "val.csv", size=32)
+    torch.manual_seed(0)
+    mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
+    checkpoint.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config}, tmp_path / "mae.pth")
+    out = tmp_path / "knn"
+    argv = ["--checkpoints", "none", str(tmp_path / "mae.pth"), "--train_path", str(train), "--test_path", str(val),
+            "--output_dir", str(out), "--num_workers", "0", "--batch_size", "4", "--k", "3", "--majority_k", "3"]
+    main_knn.main(config.parse_args(main_knn.get_args_parser(), argv))
+    with open(out / "knn_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 5  # checkpoints x classifiers x (4 scales + mean)
+    assert {r["checkpoint"] for r in rows} == {"random init (vit_tiny_patch16)", str(tmp_path / "mae.pth")}
+    assert all(0 <= float(r["top1"]) <= 100 for r in rows)
+    markdown = (out / "knn_results.md").read_text()
+    assert "| checkpoint | classifier | 0.125 | 0.25 | 0.5 | 1 | mean |" in markdown and "## Protocol" in markdown
+    protocol = json.loads((out / "protocol.json").read_text())
+    assert protocol["memory_images"] == 12 and protocol["evaluation_images"] == 6 and protocol["input_size"] == 32
+    assert protocol["evaluation_set"] == "val.csv"  # with evaluation_images, the plot's title
+    assert protocol["final_layernorm"][str(tmp_path / "mae.pth")] == "not applied (as in pretraining)"
+    assert (out / "knn_accuracy_vs_scale.png").stat().st_size > 1000
+
+
+def test_seeded_split_of_a_single_folder(tmp_path, image_folder):
+    out = tmp_path / "knn"
+    argv = ["--checkpoints", "none", "--model", "vit_tiny_patch16", "--input_size", "32", "--train_path", str(image_folder),
+            "--test_path", "split", "--val_fraction", "0.34", "--output_dir", str(out), "--num_workers", "0", "--k", "2",
+            "--majority_k", "1", "--scales", "0.5", "1.0"]
+    main_knn.main(config.parse_args(main_knn.get_args_parser(), argv))
+    protocol = json.loads((out / "protocol.json").read_text())
+    assert (protocol["memory_images"], protocol["evaluation_images"]) == (4, 2)
+    assert "seeded split (seed 0)" in protocol["data"]
+
+
+def test_two_process_feature_extraction_gives_the_single_process_results(tmp_path):
+    train = write_csv_dataset(tmp_path / "data", 11, "train.csv", size=32)  # odd sizes: uneven shards
+    val = write_csv_dataset(tmp_path / "data", 7, "val.csv", size=32)
+    argv = ["main_knn.py", "--checkpoints", "none", "--model", "vit_tiny_patch16", "--input_size", "32", "--train_path", str(train),
+            "--test_path", str(val), "--num_workers", "0", "--batch_size", "2", "--k", "3", "--majority_k", "3", "--amp", "none"]
+    repo, env = REPO, {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, *argv, "--output_dir", str(tmp_path / "one")], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=300)
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv,
+                             "--output_dir", str(tmp_path / "two")], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0 and double.returncode == 0, double.stderr[-2000:]
+    assert (tmp_path / "one" / "knn_results.csv").read_text() == (tmp_path / "two" / "knn_results.csv").read_text()
+    assert json.loads((tmp_path / "two" / "protocol.json").read_text())["evaluation_images"] == 7
+
+
+@pytest.mark.parametrize("temperature, expected", [(1e-5, 0), (1e-3, 0), (0.07, 1), (1.0, 1), (1e3, 1)])
+def test_weighted_knn_is_stable_over_the_whole_temperature_range(temperature, expected):
+    # exp(0.99 / 1e-5) overflows float64 (inf votes, argmax by accident); votes relative to each query's top
+    # similarity do not overflow and keep the argmax of the textbook formula wherever that one is finite
+    sims = torch.tensor([[0.99, 0.98, 0.97], [0.5, 0.49, 0.2]])
+    neighbours = torch.tensor([[0, 1, 2], [2, 0, 1]])
+    labels = torch.tensor([0, 1, 1])
+    predicted = knn.weighted_knn(sims, neighbours, labels, 2, temperature)
+    assert predicted.tolist() == [expected, 1]
+    textbook = torch.zeros(2, 2, dtype=torch.float64).scatter_add_(1, labels[neighbours], (sims.double() / temperature).exp())
+    if textbook.isfinite().all():
+        assert predicted.tolist() == textbook.argmax(1).tolist()
+
+
+@pytest.mark.parametrize("temperature", ["0", "-0.07", "nan"])
+def test_knn_temperature_must_be_positive(tmp_path, temperature):
+    argv = ["--checkpoints", "none", "--model", "vit_tiny_patch16", "--output_dir", str(tmp_path / "o"), "--temperature", temperature]
+    with pytest.raises(SystemExit, match=r"^error: --temperature must be > 0, got"):
+        run_entry_point(main_knn.main, config.parse_args(main_knn.get_args_parser(), argv))
+
+
+def knn_argv(tmp_path, train, val, *checkpoints):
+    return ["--checkpoints", *checkpoints, "--train_path", str(train), "--test_path", str(val), "--output_dir", str(tmp_path / "knn"),
+            "--num_workers", "0", "--batch_size", "4", "--k", "3", "--majority_k", "3", "--scales", "1"]
+
+
+def test_image_folder_evaluation_tree_lacking_a_class_is_scored_by_class_name(tmp_path):
+    from conftest import make_tree
+    train = make_tree(tmp_path / "train", ["beach", "forest"], per_class=4)  # beach bright, forest dark
+    val = make_tree(tmp_path / "val", ["forest"], per_class=4)  # no beach/: forest was label 0 here
+    for i in range(4):  # val's forest images must be dark: the class they belong to in training
+        from conftest import make_image
+        make_image(1, seed=100 + i, size=32).save(val / "forest" / f"{i}.png")
+    main_knn.main(config.parse_args(main_knn.get_args_parser(), [*knn_argv(tmp_path, train, val, "none"), "--model", "vit_tiny_patch16",
+                                                                  "--patch_size", "8", "--input_size", "32"]))
+    with open(tmp_path / "knn" / "knn_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {float(r["top1"]) for r in rows} == {100.0}
+    assert json.loads((tmp_path / "knn" / "protocol.json").read_text())["class_names"] == ["beach", "forest"]
+
+
+def test_knn_of_a_fine_tuned_classifier_uses_its_pre_logits_features(tmp_path):
+    import models_vit
+    train = write_csv_dataset(tmp_path / "data", 8, "train.csv", size=32)
+    val = write_csv_dataset(tmp_path / "data", 4, "val.csv", size=32)
+    torch.manual_seed(0)
+    classifier = models_vit.create_classifier("vit_tiny_patch16", 2, img_size=32, patch_size=8, global_pool=True)
+    checkpoint.save_checkpoint({"model": classifier.state_dict()}, tmp_path / "ft.pth")
+    (tmp_path / "knn").mkdir()
+    (tmp_path / "knn" / "checkpoint-last.pth").write_bytes(b"a training run's")  # --output_dir of a training run
+    main_knn.main(config.parse_args(main_knn.get_args_parser(), knn_argv(tmp_path, train, val, str(tmp_path / "ft.pth"))))
+    protocol = json.loads((tmp_path / "knn" / "knn" / "protocol.json").read_text())  # its knn/ subfolder
+    assert "mean of the patch tokens + fc_norm" in protocol["features_per_checkpoint"][str(tmp_path / "ft.pth")]
+    # the same features, by hand: the classifier's forward_head(pre_logits=True)
+    encoder, _, _ = build_knn_encoder(str(tmp_path / "ft.pth"), layouts.read_encoder(tmp_path / "ft.pth"), "vit_tiny_patch16",
+                                      input_size=32, patch_size=8, bands=bands_of())
+    images = torch.randn(2, 3, 32, 32)
+    classifier.eval(), encoder.eval()
+    expected = F.normalize(classifier.forward_head(classifier.forward_features(images), pre_logits=True), dim=1)
+    assert torch.allclose(knn.encoder_features(encoder, images, knn.CLASSIFIER_POOL, True), expected, atol=1e-5)
+
+
+def test_every_checkpoint_is_checked_before_the_first_is_scored(tmp_path, capsys):
+    train = write_csv_dataset(tmp_path / "data", 8, "train.csv", size=32)
+    val = write_csv_dataset(tmp_path / "data", 4, "val.csv", size=32)
+    torch.manual_seed(0)
+    mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
+    checkpoint.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config}, tmp_path / "mae.pth")
+    small = create_model("cross_scale_mae_vit_small", input_size=32, patch_size=8)
+    checkpoint.save_checkpoint({"model": small.state_dict(), "model_config": small.model_config}, tmp_path / "small.pth")
+    with pytest.raises(SystemExit, match=r"^error: .*small.pth"):
+        run_entry_point(main_knn.main, config.parse_args(main_knn.get_args_parser(),
+                                                          knn_argv(tmp_path, train, val, str(tmp_path / "mae.pth"), str(tmp_path / "small.pth"))))
+    assert "%" not in capsys.readouterr().out  # nothing was scored (and lost) before the bad one was found
+
+
+def test_non_finite_features_are_refused_not_scored(tmp_path):
+    train = write_csv_dataset(tmp_path / "data", 8, "train.csv", size=32)
+    val = write_csv_dataset(tmp_path / "data", 4, "val.csv", size=32)
+    torch.manual_seed(0)
+    mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
+    state = mae.state_dict()
+    state["encoder.blocks.0.mlp.fc1.bias"][:] = float("inf")
+    checkpoint.save_checkpoint({"model": state, "model_config": mae.model_config}, tmp_path / "inf.pth")
+    # refused when loaded (layouts.check_finite), before any feature is computed
+    with pytest.raises(SystemExit, match=r"^error: .*inf.pth: non-finite values \(NaN/inf\) in blocks.0.mlp.fc1.bias"):
+        run_entry_point(main_knn.main, config.parse_args(main_knn.get_args_parser(), knn_argv(tmp_path, train, val, str(tmp_path / "inf.pth"))))

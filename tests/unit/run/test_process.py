@@ -1,0 +1,75 @@
+"""util/run/process.py: device and autocast choice, and the signals that stop a run."""
+import signal
+
+import pytest
+import torch
+from conftest import REPO
+
+from util.run import process
+from util.errors import UsageError
+
+
+def test_auto_amp_takes_bf16_on_gpus_only_where_it_is_native(monkeypatch):
+    asked = {}
+
+    def bf16_supported(including_emulation=True):
+        asked["including_emulation"] = including_emulation
+        return including_emulation  # a V100: bf16 only emulated
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    assert process.resolve_amp("auto", torch.device("cuda", 0)) == torch.float16
+    assert asked == {"including_emulation": False}
+
+
+def test_fp16_on_the_cpu_is_refused():
+    with pytest.raises(UsageError, match="--amp fp16: fp16 is emulated and very slow on CPUs"):
+        process.resolve_amp("fp16", torch.device("cpu"))
+
+
+def test_each_process_takes_its_gpu_modulo_the_visible_ones(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU bound per SLURM task
+    assert [process.cuda_index(local_rank) for local_rank in range(4)] == [0, 0, 0, 0]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [process.cuda_index(local_rank) for local_rank in range(6)] == [0, 1, 2, 3, 0, 1]
+
+
+def test_workers_ignore_what_the_main_process_handles():
+    watched = (*process.STOP_SIGNALS, signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in watched}
+    try:
+        process.ignore_stop_signals(0)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in watched)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert signal.SIGUSR1 in process.STOP_SIGNALS and signal.SIGTERM in process.STOP_SIGNALS
+
+
+LEFT_BEHIND = """
+import sys
+import torch
+from torch.utils.data import DataLoader
+from util.run.process import run_entry_point
+from util.run.process import ignore_stop_signals
+
+def main(_):
+    batches = iter(DataLoader(list(range(64)), batch_size=2, num_workers=2, worker_init_fn=ignore_stop_signals))
+    next(batches)
+    raise RuntimeError("a bug, mid-iteration")  # unhandled: sys.last_traceback keeps the iterator and its workers alive
+
+run_entry_point(main, None)
+"""
+
+
+def test_a_crash_mid_iteration_exits_instead_of_waiting_for_workers_that_ignore_sigterm(tmp_path):
+    """The interpreter's exit terminates (SIGTERM) and joins DataLoader workers; ours ignore SIGTERM, and an
+    unhandled exception keeps the iterator alive, so without ``stop_worker_processes`` the process hangs after
+    printing its traceback."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "left_behind.py"
+    script.write_text(LEFT_BEHIND)
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True,
+                            text=True, timeout=60, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1 and result.stderr.strip().endswith("RuntimeError: a bug, mid-iteration")
