@@ -22,6 +22,7 @@ fMoW's JPEGs at thousands of images per second need ``tools/preprocess.py --pack
 
 The row's run writes ``paper_result.json`` (command, budget, data check, ours, published) into its output folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,13 @@ from util.errors import ReportableError, UsageError, first_line
 ROWS_FILE = REPO / "benchmarks" / "paper_rows.yaml"
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM (NVIDIA's data sheet)
 MFU = 0.45  # the share of it a well-fed run is assumed to reach
-SCRIPTS = {"knn": "main_knn.py", "linprobe": "main_linprobe.py", "finetune": "main_finetune.py",
-           "segment": "main_segment.py", "pretrain": "main_pretrain.py"}
+SCRIPTS = {
+    "knn": "main_knn.py",
+    "linprobe": "main_linprobe.py",
+    "finetune": "main_finetune.py",
+    "segment": "main_segment.py",
+    "pretrain": "main_pretrain.py",
+}
 OWN_OPTIONS = {"--benchmark_root": True, "--splits": True, "--output_dir": True, "--dry_run": False}
 DEFAULT_ROOT = "data/benchmarks"
 APPROX_TOLERANCE = 0.02  # data sets without an exact published count: within 2 % of the approximate one
@@ -88,7 +94,7 @@ def flag_value(flags: list[str], name: str, count: int = 1) -> list[str] | None:
     for i, item in enumerate(flags):
         if item == name:
             values = []
-            for value in flags[i + 1:]:
+            for value in flags[i + 1 :]:
                 if value.startswith("--") or (count > 0 and len(values) == count):
                     break
                 values.append(value)
@@ -100,6 +106,7 @@ def flag_value(flags: list[str], name: str, count: int = 1) -> list[str] | None:
 
 # --- data --------------------------------------------------------------------------------------------------------
 
+
 def benchmark_data(row: dict, root: Path, split_set_name: str) -> dict:
     """Manifests and summary of the row's data set; the published counts when it is not prepared (budget only)."""
     bench = BENCHMARKS[row["benchmark"]]
@@ -107,21 +114,29 @@ def benchmark_data(row: dict, root: Path, split_set_name: str) -> dict:
     folder = root / bench.name
     summary_path = folder / SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    counts = {}
     if summary and split_set.name in summary["split_sets"]:
         counts = {s: c["images"] for s, c in summary["split_sets"][split_set.name]["counts"].items()}
     else:
         counts = dict(split_set.approx_counts or split_set.counts or {})
-    return {"bench": bench, "split_set": split_set, "folder": folder, "summary": summary, "counts": counts,
-            "train": folder / manifest_name(split_set.name, split_set.splits[0]),
-            "eval": folder / manifest_name(split_set.name, split_set.evaluation)}
+    return {
+        "bench": bench,
+        "split_set": split_set,
+        "folder": folder,
+        "summary": summary,
+        "counts": counts,
+        "train": folder / manifest_name(split_set.name, split_set.splits[0]),
+        "eval": folder / manifest_name(split_set.name, split_set.evaluation),
+    }
 
 
 def data_check(data: dict) -> tuple[bool, str]:
     """(comparable with published numbers, what the check found)."""
     summary, split_set = data["summary"], data["split_set"]
     if summary is None:
-        return False, f"{data['folder']} is not prepared (tools/prepare_benchmark.py {data['bench'].name} --archive ...)"
+        return (
+            False,
+            f"{data['folder']} is not prepared (tools/prepare_benchmark.py {data['bench'].name} --archive ...)",
+        )
     entry = summary["split_sets"].get(split_set.name)
     if entry is None:
         return False, f"{data['folder']}: split set {split_set.name} was not written (summary.json notes say why)"
@@ -130,16 +145,22 @@ def data_check(data: dict) -> tuple[bool, str]:
         return False, "counts differ from the published ones: " + "; ".join(problems)
     found = {split: counts[entry["count_unit"]] for split, counts in entry["counts"].items()}
     approx = split_set.approx_counts
-    if entry["matches_published"] is None and approx and any(
-            abs(found.get(split, 0) - n) > APPROX_TOLERANCE * n for split, n in approx.items()):
-        return False, (f"{split_set.name} split: {entry['count_unit']} {found}, about {dict(approx)} expected "
-                       f"(within {APPROX_TOLERANCE:.0%}; no exact count is published)")
+    if (
+        entry["matches_published"] is None
+        and approx
+        and any(abs(found.get(split, 0) - n) > APPROX_TOLERANCE * n for split, n in approx.items())
+    ):
+        return False, (
+            f"{split_set.name} split: {entry['count_unit']} {found}, about {dict(approx)} expected "
+            f"(within {APPROX_TOLERANCE:.0%}; no exact count is published)"
+        )
     if entry["matches_published"] is None:
         return True, f"{split_set.name} split: {entry['count_unit']} {found} (no published count to check them against)"
     return True, f"{split_set.name} split: {entry['count_unit']} {found} as published"
 
 
 # --- budget ------------------------------------------------------------------------------------------------------
+
 
 def count_flops(build, step) -> float:
     """FLOPs of ``step(*build())`` (matmuls and convolutions, forward and any backward inside); ``build`` makes the
@@ -177,17 +198,25 @@ def model_flops(task: str, model: str, size: int, patch: int | None, num_classes
         import models_cross_scale_mae
 
         def build_mae():
-            return models_cross_scale_mae.create_model(model, input_size=size, **({"patch_size": patch} if patch else {})), images()
-        return count_flops(build_mae, lambda mae, x: mae(x, crop_params=(0, 0, size // 2, size // 2))["loss"].backward()) / 2
+            return models_cross_scale_mae.create_model(
+                model, input_size=size, **({"patch_size": patch} if patch else {})
+            ), images()
+
+        return (
+            count_flops(build_mae, lambda mae, x: mae(x, crop_params=(0, 0, size // 2, size // 2))["loss"].backward())
+            / 2
+        )
     preset, default_patch = models_vit.classifier_preset(model)
     patch = patch or default_patch
     if task == "segment":
         import models_segmentation
 
         def build_segmenter():
-            encoder = models_vit.vision_transformer(**models_vit.PRESETS[preset].encoder(), img_size=size, patch_size=patch,
-                                                    num_classes=0)
+            encoder = models_vit.vision_transformer(
+                **models_vit.PRESETS[preset].encoder(), img_size=size, patch_size=patch, num_classes=0
+            )
             return models_segmentation.Segmenter(encoder, num_classes), images()
+
         return count_flops(build_segmenter, lambda segmenter, x: backward(segmenter(x))) / 2
 
     def build_classifier():
@@ -196,18 +225,22 @@ def model_flops(task: str, model: str, size: int, patch: int | None, num_classes
             classifier.requires_grad_(False)
             classifier.head.requires_grad_(train)
         return classifier, images()
+
     return count_flops(build_classifier, lambda classifier, x: backward(classifier(x))) / 2
 
 
 def windows(size: tuple[int, int], crop: int, overlap: float) -> int:
-    """Sliding windows over an image of ``size`` (height, width), as ``util.eval.inference.sliding_window`` places them."""
+    """Sliding windows over an image of ``size`` (height, width), placed as ``util.eval.inference.sliding_window``
+    places them."""
     from util.eval.inference import window_starts
 
     stride = max(int(crop * (1 - overlap)), 1)
     return len(window_starts(size[0], crop, stride)) * len(window_starts(size[1], crop, stride))
 
 
-def budget(row: dict, task: str, model: str, size: int, patch: int | None, epochs: int, data: dict, flags: list[str]) -> dict:
+def budget(
+    row: dict, task: str, model: str, size: int, patch: int | None, epochs: int, data: dict, flags: list[str]
+) -> dict:
     """GPU-hours of the row on one H100 at ``MFU`` of the bf16 peak.
 
     - pretrain: epochs x training images x (forward + backward of both views);
@@ -237,25 +270,44 @@ def budget(row: dict, task: str, model: str, size: int, patch: int | None, epoch
         forward = model_flops(task, model, size, patch, num_classes, False)
         step = model_flops(task, model, size, patch, num_classes, True)
         cached = task == "linprobe" and "--no_aug" in flags
-        parts["training"] = (train_images * forward + epochs * train_images * (step - forward)) if cached else epochs * train_images * step
+        parts["training"] = (
+            (train_images * forward + epochs * train_images * (step - forward))
+            if cached
+            else epochs * train_images * step
+        )
         parts["evaluation"] = (1 if cached else epochs) * eval_images * forward
-        what = (f"{step / 1e9:.3g} GFLOP per training step image x {train_images:,} x {epochs} epochs + {forward / 1e9:.3g} "
-                f"per forward x {eval_images:,} evaluation images{' once' if cached else ' each epoch'}")
+        what = (
+            f"{step / 1e9:.3g} GFLOP per training step image x {train_images:,} x {epochs} epochs + "
+            f"{forward / 1e9:.3g} "
+            f"per forward x {eval_images:,} evaluation images{' once' if cached else ' each epoch'}"
+        )
     else:
         step = model_flops(task, model, size, patch, num_classes, True)
         forward = model_flops(task, model, size, patch, num_classes, False)
         overlap = float((flag_value(flags, "--overlap") or ["0.3333333333"])[0])
         sizes = (data["summary"] or {}).get("tile_sizes", {}).get(data["split_set"].evaluation)
-        eval_windows = (sum(windows(tuple(s), size, overlap) for s in sizes.values()) if sizes
-                        else eval_images * windows(bench.approx_eval_size, size, overlap))
+        eval_windows = (
+            sum(windows(tuple(s), size, overlap) for s in sizes.values())
+            if sizes
+            else eval_images * windows(bench.approx_eval_size, size, overlap)
+        )
         parts["training"] = epochs * train_images * step
         parts["evaluation"] = (epochs + len(scales)) * eval_windows * forward
-        what = (f"{step / 1e9:.3g} GFLOP per training crop x {train_images:,} x {epochs} epochs + {forward / 1e9:.3g} per "
-                f"window x {eval_windows:,} windows x ({epochs} epochs + {len(scales)} scales)")
+        what = (
+            f"{step / 1e9:.3g} GFLOP per training crop x {train_images:,} x {epochs} epochs + {forward / 1e9:.3g} per "
+            f"window x {eval_windows:,} windows x ({epochs} epochs + {len(scales)} scales)"
+        )
     total = sum(parts.values())
-    return {"flops": total, "parts": parts, "gpu_hours": total / (MFU * H100_BF16_FLOPS) / 3600, "model": model,
-            "input_size": size, "epochs": epochs, "what": what,
-            "counts_from": "summary.json" if data["summary"] else "published / approximate counts (data not prepared)"}
+    return {
+        "flops": total,
+        "parts": parts,
+        "gpu_hours": total / (MFU * H100_BF16_FLOPS) / 3600,
+        "model": model,
+        "input_size": size,
+        "epochs": epochs,
+        "what": what,
+        "counts_from": "summary.json" if data["summary"] else "published / approximate counts (data not prepared)",
+    }
 
 
 def row_flag(row: dict, name: str) -> list[str] | None:
@@ -263,6 +315,7 @@ def row_flag(row: dict, name: str) -> list[str] | None:
 
 
 # --- command -------------------------------------------------------------------------------------------------------
+
 
 def protocol_flags(bench) -> list[str]:
     """The data set's own flags (``Benchmark.protocol``): palette, excluded classes, class names, band count."""
@@ -283,7 +336,14 @@ def command(row: dict, task: str, weights: str | None, data: dict, output_dir: P
     if task != "knn":
         args += ["--epochs", str(row["epochs"]), "--train_path", str(data["train"]), "--resume", "auto"]
     if task == "knn":
-        args += ["--train_path", str(data["train"]), "--test_path", str(data["eval"]), "--checkpoints", weights or "none"]
+        args += [
+            "--train_path",
+            str(data["train"]),
+            "--test_path",
+            str(data["eval"]),
+            "--checkpoints",
+            weights or "none",
+        ]
         if weights in (None, "none"):
             args += ["--model", row["model"]]
     elif task == "pretrain":
@@ -292,13 +352,23 @@ def command(row: dict, task: str, weights: str | None, data: dict, output_dir: P
         args += ["--test_path", str(data["eval"]), "--finetune", "" if weights in (None, "none") else weights]
         if weights in (None, "none"):
             args += ["--model", row["model"]]
-    return [*args, *protocol_flags(data["bench"]), *map(str, row.get("flags", [])), "--output_dir", str(output_dir), *extra]
+    return [
+        *args,
+        *protocol_flags(data["bench"]),
+        *map(str, row.get("flags", [])),
+        "--output_dir",
+        str(output_dir),
+        *extra,
+    ]
 
 
 @contextlib.contextmanager
 def script_process(script: Path, argv: list[str]):
     """Run an entry script in this process as ``python script argv`` would (its signal handlers restored after)."""
-    saved_argv, saved_handlers = sys.argv, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    saved_argv, saved_handlers = (
+        sys.argv,
+        {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)},
+    )
     sys.argv = [str(script), *argv]
     try:
         yield
@@ -316,6 +386,7 @@ def run_script(script: str, argv: list[str]) -> None:
 
 
 # --- results -----------------------------------------------------------------------------------------------------
+
 
 def read_result(task: str, output_dir: Path) -> dict:
     """Our number from the run's outputs: {"value", "what", "details"}.
@@ -336,25 +407,37 @@ def read_result(task: str, output_dir: Path) -> dict:
         if not epochs:
             raise ReportableError(f"{path}: no evaluated epoch (the run did not finish one)")
         last = max(epochs, key=lambda e: e["epoch"])
-        return {"value": last["test_acc1"], "what": f"top-1 % after epoch {last['epoch'] + 1} (the last)",
-                "best": max(e["test_acc1"] for e in epochs), "epoch": last["epoch"]}
+        return {
+            "value": last["test_acc1"],
+            "what": f"top-1 % after epoch {last['epoch'] + 1} (the last)",
+            "best": max(e["test_acc1"] for e in epochs),
+            "epoch": last["epoch"],
+        }
     if task == "segment":
         path = output_dir / "seg_results.csv"
         rows = read_csv(path)
         full = [r for r in rows if float(r["scale"]) == 1.0]
         if not full:
             raise ReportableError(f"{path}: no final evaluation at scale 1 (the run did not finish)")
-        return {"value": float(full[0]["mIoU"]), "what": "mIoU % at scale 1.0 (final evaluation)",
-                "per_scale": {r["scale"]: float(r["mIoU"]) for r in rows}, "mF1": float(full[0]["mF1"]),
-                "OA": float(full[0]["OA"])}
+        return {
+            "value": float(full[0]["mIoU"]),
+            "what": "mIoU % at scale 1.0 (final evaluation)",
+            "per_scale": {r["scale"]: float(r["mIoU"]) for r in rows},
+            "mF1": float(full[0]["mF1"]),
+            "OA": float(full[0]["OA"]),
+        }
     path = output_dir / "log.txt"
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     records = [r for r in records if "epoch" in r]
     if not records:
         raise ReportableError(f"{path}: no finished epoch (the run did not finish one)")
     last = records[-1]
-    return {"value": None, "what": f"pretraining: epoch {last['epoch'] + 1} done; evaluate {output_dir}/checkpoint-last.pth "
-            "with the knn-, linprobe-, finetune- and segment- rows", "last_epoch": last}
+    return {
+        "value": None,
+        "what": f"pretraining: epoch {last['epoch'] + 1} done; evaluate {output_dir}/checkpoint-last.pth "
+        "with the knn-, linprobe-, finetune- and segment- rows",
+        "last_epoch": last,
+    }
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -367,8 +450,13 @@ def read_csv(path: Path) -> list[dict]:
 def knn_value(rows: list[dict], checkpoint: str, result: dict) -> float:
     scale = str(result["scale"])
     for r in rows:
-        if r["checkpoint"] == checkpoint and r["classifier"] == result["classifier"] and (
-                r["scale"] == scale or (scale != "mean" and r["scale"] != "mean" and float(r["scale"]) == float(scale))):
+        if (
+            r["checkpoint"] == checkpoint
+            and r["classifier"] == result["classifier"]
+            and (
+                r["scale"] == scale or (scale != "mean" and r["scale"] != "mean" and float(r["scale"]) == float(scale))
+            )
+        ):
             return float(r["top1"])
     raise ReportableError(f"knn_results.csv: no {result['classifier']} result at scale {scale} for {checkpoint}")
 
@@ -380,11 +468,14 @@ def describe_knn(result: dict) -> str:
 
 # --- reporting -----------------------------------------------------------------------------------------------------
 
+
 def print_table(rows: dict) -> str:
     """Markdown table of every row: command, data, budget for ViT-B and ViT-L (docs/reproducing.md)."""
     root = Path(DEFAULT_ROOT)
-    lines = ["| row | what | data (split: train / evaluation) | size, epochs | ViT-B GPU-h | ViT-L GPU-h | published |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| row | what | data (split: train / evaluation) | size, epochs | ViT-B GPU-h | ViT-L GPU-h | published |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, row in rows["rows"].items():
         task = row["task"]
         data = benchmark_data(row, root, row["splits"])
@@ -392,15 +483,30 @@ def print_table(rows: dict) -> str:
         data["counts"] = dict(data["split_set"].approx_counts or data["split_set"].counts or {})
         hours = []
         for model in model_pair(task, row["model"]):
-            hours.append(budget(row, task, model, row["input_size"], None, row.get("epochs", 1), data,
-                                [str(f) for f in row.get("flags", [])])["gpu_hours"])
+            hours.append(
+                budget(
+                    row,
+                    task,
+                    model,
+                    row["input_size"],
+                    None,
+                    row.get("epochs", 1),
+                    data,
+                    [str(f) for f in row.get("flags", [])],
+                )["gpu_hours"]
+            )
         split_set = data["split_set"]
         published = "; ".join(f"{p['value']} ({p['confidence']})" for p in row.get("published", [])) or "-"
         if row.get("published_weights"):
-            published += "; published weights: " + "; ".join(f"{p['value']} ({p['weights']})" for p in row["published_weights"])
-        lines.append(f"| `{name}` | {row['title']} | {data['bench'].name} ({split_set.name}: {split_set.splits[0]} / "
-                     f"{split_set.evaluation}) | {row['input_size']} px{', ' + str(row['epochs']) + ' ep' if 'epochs' in row else ''} "
-                     f"| {hours[0]:.2g} | {hours[1]:.2g} | {published} |")
+            published += "; published weights: " + "; ".join(
+                f"{p['value']} ({p['weights']})" for p in row["published_weights"]
+            )
+        epochs = f", {row['epochs']} ep" if "epochs" in row else ""
+        lines.append(
+            f"| `{name}` | {row['title']} | {data['bench'].name} ({split_set.name}: {split_set.splits[0]} / "
+            f"{split_set.evaluation}) | {row['input_size']} px{epochs} | {hours[0]:.2g} | {hours[1]:.2g} "
+            f"| {published} |"
+        )
     return "\n".join(lines)
 
 
@@ -441,20 +547,26 @@ def report(name: str, row: dict, weights: str | None, outcome: dict, comparable:
     if row["task"] != "pretrain":
         lines.append("  the paper's own number: not available to this project (its result tables were not found)")
     for entry in row.get("published", []):
-        lines.append(f"  published {entry['value']} — {entry['what']}; source: {entry['source']}; confidence: {entry['confidence']}")
+        lines.append(
+            f"  published {entry['value']} — {entry['what']}; source: {entry['source']}; "
+            f"confidence: {entry['confidence']}"
+        )
     used = published_weights_name(weights)
     for entry in row.get("published_weights", []):
-        lines.append(f"  with the published {entry['weights']}: {entry['value']} ({describe_knn(entry['result']) if 'classifier' in entry['result'] else ''}); "
-                     f"source: {entry['source']}")
+        lines.append(
+            f"  with the published {entry['weights']}: {entry['value']} ({describe_knn(entry['result'])}); "
+            f"source: {entry['source']}"
+        )
         if used != entry["weights"]:
             lines.append(f"    this run used other weights; run this row with weights/{entry['weights']} to compare")
             continue
         mine = outcome["published_weights"][entry["weights"]]
-        verdict = ("reproduces it" if abs(mine - entry["value"]) <= entry["tolerance"]
-                   else "does NOT reproduce it")
+        verdict = "reproduces it" if abs(mine - entry["value"]) <= entry["tolerance"] else "does NOT reproduce it"
         note = "" if comparable else " (but the data are not the official ones: see above)"
-        lines.append(f"    this run: {mine:.2f}, {mine - entry['value']:+.2f} points: {verdict} "
-                     f"(tolerance {entry['tolerance']} points){note}")
+        lines.append(
+            f"    this run: {mine:.2f}, {mine - entry['value']:+.2f} points: {verdict} "
+            f"(tolerance {entry['tolerance']} points){note}"
+        )
     return lines
 
 
@@ -504,14 +616,19 @@ def main(argv: list[str] | None = None) -> None:
     comparable, check = data_check(data)
     print(f"{name}: {row['title']}")
     print(f"  data: {data['bench'].name}, split set {data['split_set'].name} ({data['split_set'].source}); {check}")
-    print(f"  budget: {cost['gpu_hours']:.2g} GPU-hours on one H100 at {MFU:.0%} of {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 "
-          f"({model}, {size} px: {cost['what']}; {cost['flops'] / 1e15:.3g} PFLOP; counts from {cost['counts_from']})")
+    print(
+        f"  budget: {cost['gpu_hours']:.2g} GPU-hours on one H100 at {MFU:.0%} of {H100_BF16_FLOPS / 1e12:.0f} "
+        "TFLOP/s bf16 "
+        f"({model}, {size} px: {cost['what']}; {cost['flops'] / 1e15:.3g} PFLOP; counts from {cost['counts_from']})"
+    )
     print(f"  command: python {SCRIPTS[task]} {' '.join(args)}", flush=True)
     if own.get("dry_run"):
         return
     if data["summary"] is None:
-        raise UsageError(f"{data['folder']}: not prepared; run tools/prepare_benchmark.py {data['bench'].name} --archive ... "
-                         f"(--output {data['folder']}) first")
+        raise UsageError(
+            f"{data['folder']}: not prepared; run tools/prepare_benchmark.py {data['bench'].name} --archive ... "
+            f"(--output {data['folder']}) first"
+        )
     for path in (data["train"], data["eval"]):
         if not path.is_file():
             raise UsageError(f"{path}: no such manifest ({check})")
@@ -520,25 +637,50 @@ def main(argv: list[str] | None = None) -> None:
     if task == "knn":
         checkpoint = weights if weights not in (None, "none") else f"random init ({model})"
         rows_csv = outcome.pop("rows")
-        outcome = {"value": knn_value(rows_csv, checkpoint, row["result"]), "what": describe_knn(row["result"]),
-                   "per_scale": {r["scale"]: float(r["top1"]) for r in rows_csv
-                                 if r["checkpoint"] == checkpoint and r["classifier"] == row["result"]["classifier"]},
-                   "published_weights": {e["weights"]: knn_value(rows_csv, checkpoint, e["result"])
-                                         for e in row.get("published_weights", [])
-                                         if published_weights_name(weights) == e["weights"]}}
+        outcome = {
+            "value": knn_value(rows_csv, checkpoint, row["result"]),
+            "what": describe_knn(row["result"]),
+            "per_scale": {
+                r["scale"]: float(r["top1"])
+                for r in rows_csv
+                if r["checkpoint"] == checkpoint and r["classifier"] == row["result"]["classifier"]
+            },
+            "published_weights": {
+                e["weights"]: knn_value(rows_csv, checkpoint, e["result"])
+                for e in row.get("published_weights", [])
+                if published_weights_name(weights) == e["weights"]
+            },
+        }
         outcome["extra"] = ["per scale: " + ", ".join(f"{s} {v:.2f}" for s, v in outcome["per_scale"].items())]
     elif task in ("linprobe", "finetune"):
-        outcome["extra"] = [f"best epoch's top-1 {outcome['best']:.2f} (selected on the evaluation split: not a result)"]
+        outcome["extra"] = [
+            f"best epoch's top-1 {outcome['best']:.2f} (selected on the evaluation split: not a result)"
+        ]
     elif task == "segment":
-        outcome["extra"] = ["per scale: " + ", ".join(f"{s} {v:.2f}" for s, v in outcome["per_scale"].items())
-                            + f"; mF1 {outcome['mF1']:.2f}, OA {outcome['OA']:.2f}"]
+        outcome["extra"] = [
+            "per scale: "
+            + ", ".join(f"{s} {v:.2f}" for s, v in outcome["per_scale"].items())
+            + f"; mF1 {outcome['mF1']:.2f}, OA {outcome['OA']:.2f}"
+        ]
     lines = report(name, row, weights, outcome, comparable, check)
     print("\n".join(lines), flush=True)
-    record = {"row": name, "title": row["title"], "weights": weights, "command": ["python", SCRIPTS[task], *args],
-              "budget": cost, "data": {"benchmark": data["bench"].name, "split_set": data["split_set"].name,
-                                        "comparable": comparable, "check": check},
-              "ours": outcome, "published": row.get("published", []), "published_weights": row.get("published_weights", []),
-              "report": lines}
+    record = {
+        "row": name,
+        "title": row["title"],
+        "weights": weights,
+        "command": ["python", SCRIPTS[task], *args],
+        "budget": cost,
+        "data": {
+            "benchmark": data["bench"].name,
+            "split_set": data["split_set"].name,
+            "comparable": comparable,
+            "check": check,
+        },
+        "ours": outcome,
+        "published": row.get("published", []),
+        "published_weights": row.get("published_weights", []),
+        "report": lines,
+    }
     (output_dir / "paper_result.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
 
 

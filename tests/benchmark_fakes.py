@@ -5,6 +5,7 @@ formats and band counts as published; few images per class, and ISPRS / LoveDA t
 Each ``make_*`` writes the archive(s) under ``root`` and returns (the paths to give as ``--archive``, the split-list
 files to give as ``--split_file`` or []), plus what the reader must produce where a test needs it.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from util.data.benchmarks import (
+    EUROSAT_COUNTS,
     FMOW_SKIPPED,
     POTSDAM_TEST,
     POTSDAM_TRAIN,
@@ -27,8 +29,7 @@ from util.data.benchmarks import (
 )
 from util.data.segmentation import ISPRS
 
-EUROSAT_CLASSES = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
-                   "Residential", "River", "SeaLake")
+EUROSAT_CLASSES = tuple(sorted(EUROSAT_COUNTS))
 FMOW_FAKE_CATEGORIES = ("airport", "crop_field", "zoo")
 
 
@@ -89,7 +90,9 @@ def make_ucmerced(root: Path, per_class: int = 4) -> tuple[list[Path], list[Path
         names[name] = [f"{name}{i:02d}.tif" for i in range(per_class)]
         for i, file in enumerate(names[name]):
             files[f"UCMerced_LandUse/Images/{name}/{file}"] = image_bytes(label, i, (256, 256 if i else 247), "TIFF")
-    return [write_zip(root / "UCMerced_LandUse.zip", files)], write_lists(root / "lists", "uc_merced", split_names(names))
+    return [write_zip(root / "UCMerced_LandUse.zip", files)], write_lists(
+        root / "lists", "uc_merced", split_names(names)
+    )
 
 
 def make_whu_rs19(root: Path, counts: dict[str, int] | None = None) -> Path:
@@ -117,8 +120,12 @@ def make_eurosat(root: Path, bands: str, per_class: int = 4) -> tuple[list[Path]
                 files[f"2750/{name}/{name}_{i}.jpg"] = image_bytes(label, i, (64, 64), "JPEG")
             else:
                 buffer = io.BytesIO()
-                tifffile.imwrite(buffer, np.full((13, 64, 64), 1000 + 100 * label + i, np.uint16), photometric="minisblack")
-                files[f"ds/images/remote_sensing/otherDatasets/sentinel_2/tif/{name}/{name}_{i}.tif"] = buffer.getvalue()
+                tifffile.imwrite(
+                    buffer, np.full((13, 64, 64), 1000 + 100 * label + i, np.uint16), photometric="minisblack"
+                )
+                files[f"ds/images/remote_sensing/otherDatasets/sentinel_2/tif/{name}/{name}_{i}.tif"] = (
+                    buffer.getvalue()
+                )
     archive = root / ("EuroSAT.zip" if bands == "rgb" else "EuroSATallBands.zip")
     return [write_zip(archive, files)], write_lists(root / "lists", "eurosat", split_names(names))
 
@@ -129,6 +136,7 @@ def make_fmow(root: Path) -> Path:
     path = root / "fmow-rgb.tar.gz"
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as archive:
+
         def add(name: str, data: bytes) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -153,7 +161,7 @@ def isprs_label(size: tuple[int, int], tile_index: int, eroded: bool) -> np.ndar
     columns = (np.arange(w) // 8 + tile_index) % len(ISPRS.colors)
     label = np.array(ISPRS.colors, np.uint8)[columns][None].repeat(h, 0)
     if eroded:
-        edge = (np.arange(w) % 8 == 0)
+        edge = np.arange(w) % 8 == 0
         label[:, edge] = 0
     return label
 
@@ -191,8 +199,14 @@ def make_potsdam(root: Path) -> Path:
                 archive.writestr(name, data)
         return buffer.getvalue()
 
-    return write_zip(root / "Potsdam.zip", {"Potsdam/2_Ortho_RGB.zip": zipped(images), "Potsdam/5_Labels_all.zip": zipped(labels),
-                                            "Potsdam/5_Labels_all_noBoundary.zip": zipped(eroded)})
+    return write_zip(
+        root / "Potsdam.zip",
+        {
+            "Potsdam/2_Ortho_RGB.zip": zipped(images),
+            "Potsdam/5_Labels_all.zip": zipped(labels),
+            "Potsdam/5_Labels_all_noBoundary.zip": zipped(eroded),
+        },
+    )
 
 
 def make_vaihingen(root: Path) -> list[Path]:
@@ -208,8 +222,10 @@ def make_vaihingen(root: Path) -> list[Path]:
             data[f"gts_for_participants/top_mosaic_09cm_{tile}.tif"] = tif_bytes(isprs_label(size, index, False))
         eroded[f"top_mosaic_09cm_{tile}_noBoundary.tif"] = tif_bytes(isprs_label(size, index, True))
     eroded["top_mosaic_09cm_area9_noBoundary.tif"] = tif_bytes(isprs_label(SMALL_TILE, 0, True))
-    return [write_zip(root / "ISPRS_semantic_labeling_Vaihingen.zip", data),
-            write_zip(root / "ISPRS_semantic_labeling_Vaihingen_ground_truth_eroded_COMPLETE.zip", eroded)]
+    return [
+        write_zip(root / "ISPRS_semantic_labeling_Vaihingen.zip", data),
+        write_zip(root / "ISPRS_semantic_labeling_Vaihingen_ground_truth_eroded_COMPLETE.zip", eroded),
+    ]
 
 
 LOVEDA_FAKE = {("Train", "Urban"): 3, ("Train", "Rural"): 2, ("Val", "Urban"): 2, ("Val", "Rural"): 1}

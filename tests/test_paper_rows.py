@@ -1,5 +1,6 @@
 """benchmarks/paper.py: every row of the paper's table runs end to end on fake benchmarks with a tiny model, and
 prints our number beside the published ones; budgets come from FLOP counts."""
+
 from __future__ import annotations
 
 import hashlib
@@ -38,10 +39,30 @@ TINY = {  # seconds of work: the rows' protocols at toy size (extra flags win ov
     "knn": [*RUN, "--batch_size", "64"],
     "linprobe": [*TRAIN, "--batch_size", "8"],
     "finetune": [*TRAIN, "--batch_size", "8", "--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0"],
-    "segment": [*TRAIN, "--batch_size", "4", "--bootstrap", "0", "--overlap", "0", "--examples", "0",
-                "--decoder_channels", "16"],
-    "pretrain": [*TRAIN, "--model", "cross_scale_mae_vit_tiny", "--patch_size", "8", "--batch_size", "4",
-                 "--plot_every", "0"],
+    "segment": [
+        *TRAIN,
+        "--batch_size",
+        "4",
+        "--bootstrap",
+        "0",
+        "--overlap",
+        "0",
+        "--examples",
+        "0",
+        "--decoder_channels",
+        "16",
+    ],
+    "pretrain": [
+        *TRAIN,
+        "--model",
+        "cross_scale_mae_vit_tiny",
+        "--patch_size",
+        "8",
+        "--batch_size",
+        "4",
+        "--plot_every",
+        "0",
+    ],
 }
 
 
@@ -57,13 +78,18 @@ def no_figures(monkeypatch):
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    """Every benchmark's fake, prepared as tools/prepare_benchmark.py does (torchgeo-style lists where a row uses them)."""
+    """Every benchmark's fake, prepared as tools/prepare_benchmark.py does (torchgeo-style lists where a row uses
+    them)."""
     raw, root = tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("benchmarks")
     made = {
-        "resisc45": make_resisc45(raw / "resisc45"), "ucmerced": make_ucmerced(raw / "ucmerced"),
-        "eurosat-rgb": make_eurosat(raw / "eurosat", "rgb"), "whu-rs19": ([make_whu_rs19(raw / "whu")], []),
-        "fmow-rgb": ([make_fmow(raw / "fmow")], []), "potsdam": ([make_potsdam(raw / "potsdam")], []),
-        "vaihingen": (make_vaihingen(raw / "vaihingen"), []), "loveda": (make_loveda(raw / "loveda"), []),
+        "resisc45": make_resisc45(raw / "resisc45"),
+        "ucmerced": make_ucmerced(raw / "ucmerced"),
+        "eurosat-rgb": make_eurosat(raw / "eurosat", "rgb"),
+        "whu-rs19": ([make_whu_rs19(raw / "whu")], []),
+        "fmow-rgb": ([make_fmow(raw / "fmow")], []),
+        "potsdam": ([make_potsdam(raw / "potsdam")], []),
+        "vaihingen": (make_vaihingen(raw / "vaihingen"), []),
+        "loveda": (make_loveda(raw / "loveda"), []),
     }
     for name, (archives, lists) in made.items():
         prepare(BENCHMARKS[name], Source(archives, root / name / ".cache"), root / name, lists, verify_lists=False)
@@ -123,7 +149,9 @@ def test_the_published_weights_number_is_reproduced_or_refuted(root, weights, tm
     from csv import DictReader
 
     with open(out / "knn_results.csv") as f:
-        expected = next(float(r["top1"]) for r in DictReader(f) if r["classifier"] == "majority" and r["scale"] == "1.0")
+        expected = next(
+            float(r["top1"]) for r in DictReader(f) if r["classifier"] == "majority" and r["scale"] == "1.0"
+        )
     assert mine == expected
     text = capsys.readouterr().out
     verdict = "reproduces it" if abs(mine - 62.11) <= 1.0 else "does NOT reproduce it"

@@ -1,4 +1,5 @@
 """tools/prepare_benchmark.py on fake distributions in each official layout: exact per-split counts and labels."""
+
 from __future__ import annotations
 
 import csv
@@ -108,7 +109,11 @@ def test_resisc45_zip_with_torchgeo_lists(tmp_path):
 def test_published_md5_is_verified_and_a_mismatch_stops(tmp_path):
     archives, lists = make_resisc45(tmp_path / "raw", per_class=2)
     message = prepare_error("resisc45", archives, tmp_path / "out", "--split_file", *lists)
-    assert "NWPU-RESISC45.zip: md5" in message and "75206b2e16446591afa88e2628744886" in message and "--no_verify" in message
+    assert (
+        "NWPU-RESISC45.zip: md5" in message
+        and "75206b2e16446591afa88e2628744886" in message
+        and "--no_verify" in message
+    )
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
@@ -130,8 +135,10 @@ def test_shipped_scalemae_lists_cover_each_data_set_once():
     21,600 / 5,400 with the published class sizes; no image in both splits."""
     for bench, classes in (("resisc45", dict.fromkeys(RESISC45_CLASSES, 700)), ("eurosat-rgb", EUROSAT_COUNTS)):
         split_set = BENCHMARKS[bench].split_set("scalemae")
-        lines = {split: gzip.decompress((benchmarks.SPLITS / rel).read_bytes()).decode().split()
-                 for split, rel in split_set.lists.items()}
+        lines = {
+            split: gzip.decompress((benchmarks.SPLITS / rel).read_bytes()).decode().split()
+            for split, rel in split_set.lists.items()
+        }
         assert {split: len(names) for split, names in lines.items()} == dict(split_set.counts)
         assert not set(lines["train"]) & set(lines["val"])
         per_class = Counter(name.split("/")[1] for names in lines.values() for name in names)
@@ -184,7 +191,9 @@ def test_whu_rs19_folder_in_place_with_the_seeded_split(tmp_path):
     per_class = {name: 7 if name == "Airport" else 4 if name == "footballField" else 5 for name in WHU_RS19_CLASSES}
     assert summary["all"]["per_class"] == dict(sorted(per_class.items())) and summary["all"]["images"] == 96
     split = summary["split_sets"]["seeded"]["counts"]
-    assert split["train"]["per_class"]["Airport"] == 4 and split["val"]["per_class"]["Airport"] == 1  # round(4.2), round(1.4)
+    assert (
+        split["train"]["per_class"]["Airport"] == 4 and split["val"]["per_class"]["Airport"] == 1
+    )  # round(4.2), round(1.4)
     assert split["test"]["per_class"]["Airport"] == 2 and split["train"]["per_class"]["Bridge"] == 3
     assert counts(summary, "seeded") == {"train": 57, "val": 19, "test": 20}
     rows = check_classification_manifest(out / "seeded-train.csv", WHU_RS19_CLASSES)
@@ -217,10 +226,18 @@ def test_fmow_tar_gz_official_train_val(tmp_path):
     assert counts(summary, "official") == {"train": 12, "val": 6}  # 3 categories x locations x 2 views
     assert any("left out 6 images of category false_detection" in note for note in summary["notes"])
     rows = check_classification_manifest(tmp_path / "out" / "official-train.csv", FMOW_CATEGORIES)
-    assert {r["class_name"]: int(r["label"]) for r in rows} == {c: FMOW_CATEGORIES.index(c) for c in FMOW_FAKE_CATEGORIES}
+    assert {r["class_name"]: int(r["label"]) for r in rows} == {
+        c: FMOW_CATEGORIES.index(c) for c in FMOW_FAKE_CATEGORIES
+    }
     assert {int(r["label"]) for r in rows} == {0, 11, 61}
     assert rows[0]["path"] == "images/train/airport/airport_0/airport_0_0_rgb.jpg"
     assert FMOW_CATEGORIES == tuple(sorted(FMOW_CATEGORIES)) and len(FMOW_CATEGORIES) == 62
+
+
+def test_isprs_class_names_are_the_palettes():
+    from util.data.segmentation import ISPRS
+
+    assert benchmarks.ISPRS_CLASSES == ISPRS.names  # the manifests' masks are indices into the isprs palette
 
 
 def test_isprs_crop_grid_is_mmsegmentations():
@@ -274,7 +291,10 @@ def test_loveda_urban_rural_train_val(tmp_path):
     assert counts(summary, "urban") == {"train": 3, "val": 2} and counts(summary, "rural") == {"train": 2, "val": 1}
     assert summary["split_sets"]["official"]["counts"]["train"] == {"images": 5, "urban": 3, "rural": 2}
     rows = read_manifest(out / "official-val.csv")
-    assert rows[0] == {"image_path": "images/Val/Urban/images_png/5.png", "mask_path": "images/Val/Urban/masks_png/5.png"}
+    assert rows[0] == {
+        "image_path": "images/Val/Urban/images_png/5.png",
+        "mask_path": "images/Val/Urban/masks_png/5.png",
+    }
     mask = read_mask(out / rows[0]["mask_path"], zero_is_nodata=True)  # --reduce_zero_label: 0 -> 255, k -> k - 1
     assert set(np.unique(mask)) == {*range(7), 255}
     assert summary["protocol"]["reduce_zero_label"] is True and len(summary["protocol"]["class_names"]) == 7
@@ -297,7 +317,10 @@ def test_an_interrupted_run_resumes(tmp_path):
 def test_wrong_archive_and_unreadable_formats_are_one_line_errors(tmp_path):
     archives, _ = make_ucmerced(tmp_path / "raw", per_class=1)
     message = prepare_error("resisc45", archives, tmp_path / "out", "--no_verify")
-    assert "resisc45: no .jpg images in class folder(s) airplane, airport" in message and "NWPU-RESISC45/<class>" in message
+    assert (
+        "resisc45: no .jpg images in class folder(s) airplane, airport" in message
+        and "NWPU-RESISC45/<class>" in message
+    )
     rar = tmp_path / "NWPU-RESISC45.rar"
     rar.write_bytes(b"Rar!")
     message = prepare_error("resisc45", [rar], tmp_path / "out", "--no_verify")

@@ -16,6 +16,7 @@ under ``OUTPUT/images``; images in a folder are used where they are unless ``--c
 512 x 512 training crops and whole test tiles with class-index masks. Every file is written atomically and a rerun
 skips what is done, so an interrupted run resumes. ``docs/reproducing.md`` lists each data set's layout and sources.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,17 +42,37 @@ def benchmark_root() -> Path:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("name", nargs="?", choices=sorted(BENCHMARKS), metavar="NAME",
-                        help=f"the benchmark: {', '.join(sorted(BENCHMARKS))}")
-    parser.add_argument("--archive", nargs="+", type=Path, metavar="PATH",
-                        help="the official archive file(s), or the folder(s) they were unpacked into")
+    parser.add_argument(
+        "name",
+        nargs="?",
+        choices=sorted(BENCHMARKS),
+        metavar="NAME",
+        help=f"the benchmark: {', '.join(sorted(BENCHMARKS))}",
+    )
+    parser.add_argument(
+        "--archive",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="the official archive file(s), or the folder(s) they were unpacked into",
+    )
     parser.add_argument("--output", type=Path, default=None, help="manifest folder (default: $BENCHMARK_ROOT/NAME)")
-    parser.add_argument("--split_file", nargs="+", type=Path, default=[], metavar="PATH",
-                        help="split lists the user supplies (torchgeo's <name>-{train,val,test}.txt; see --list)")
-    parser.add_argument("--no_verify", action="store_true",
-                        help="do not check archives and split lists against their published md5s")
-    parser.add_argument("--copy", action="store_true",
-                        help="copy images out of an unpacked folder too (default: the manifests point at them there)")
+    parser.add_argument(
+        "--split_file",
+        nargs="+",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="split lists the user supplies (torchgeo's <name>-{train,val,test}.txt; see --list)",
+    )
+    parser.add_argument(
+        "--no_verify", action="store_true", help="do not check archives and split lists against their published md5s"
+    )
+    parser.add_argument(
+        "--copy",
+        action="store_true",
+        help="copy images out of an unpacked folder too (default: the manifests point at them there)",
+    )
     parser.add_argument("--list", action="store_true", help="print every benchmark's distribution and splits, and exit")
     return parser
 
@@ -85,8 +106,15 @@ def main(args: argparse.Namespace) -> None:
         notes.append(f"{bench.name}: no checksum is published for its archives; not verified")
     else:
         notes.append("--no_verify: checksums not verified")
-    summary = prepare(bench, source, output, args.split_file, in_place=not args.copy, verify_lists=not args.no_verify,
-                      checksum_notes=notes)
+    summary = prepare(
+        bench,
+        source,
+        output,
+        args.split_file,
+        in_place=not args.copy,
+        verify_lists=not args.no_verify,
+        checksum_notes=notes,
+    )
     shutil.rmtree(cache, ignore_errors=True)  # copies of inner archives and tiles: only needed until done
     for note in notes + summary["notes"]:
         print(f"note: {note}")
@@ -94,8 +122,11 @@ def main(args: argparse.Namespace) -> None:
         counts = ", ".join(f"{split} {c['images']}" for split, c in split_set["counts"].items())
         print(f"{bench.name} {name}: {counts} ({', '.join(split_set['manifests'].values())})")
     for problem in published_count_problems(summary):
-        print(f"warning: {bench.name}: {problem}; benchmarks/paper.py will say its numbers are not comparable with "
-              "the published ones", file=sys.stderr)
+        print(
+            f"warning: {bench.name}: {problem}; benchmarks/paper.py will say its numbers are not comparable with "
+            "the published ones",
+            file=sys.stderr,
+        )
     print(f"manifests and summary.json: {output}")
 
 

@@ -10,6 +10,7 @@ cannot be read with Python's standard library: unpack them (``unrar x``, ``7z x`
 Used by ``tools/prepare_benchmark.py``; ``verify_checksums`` checks published md5s, ``materialize`` brings members
 to disk (atomically, skipping those already there: an interrupted run resumes).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -139,10 +140,6 @@ class Member:
     def local_path(self) -> Path | None:
         return self.container.local_path(self.name)
 
-    def read(self) -> bytes:
-        with self.container.open(self.name) as f:
-            return f.read()
-
 
 class Source:
     """Every file of the folders and archives given, inner archives opened (see the module docstring).
@@ -162,7 +159,9 @@ class Source:
         self.archive_files: list[Path] = []  # archives read from disk (their checksums can be verified)
         labels = [Path(p).name for p in paths]
         if len(set(labels)) != len(labels):
-            raise DataError(f"--archive: two inputs share a name ({', '.join(labels)}); their files could not be told apart")
+            raise DataError(
+                f"--archive: two inputs share a name ({', '.join(labels)}); their files could not be told apart"
+            )
         for path in map(Path, paths):
             if path.is_dir():
                 self._add(FolderContainer(path, exclude), "")
@@ -175,8 +174,10 @@ class Source:
         suffix = archive_suffix(path.name)
         unreadable = next((s for s in UNREADABLE_SUFFIXES if path.name.lower().endswith(s)), None)
         if unreadable:
-            raise DataError(f"--archive {label}: a {unreadable} archive, which Python cannot read without extra packages; "
-                            f"unpack it ({UNREADABLE_SUFFIXES[unreadable]} {path.name}) and give the folder as --archive")
+            raise DataError(
+                f"--archive {label}: a {unreadable} archive, which Python cannot read without extra packages; "
+                f"unpack it ({UNREADABLE_SUFFIXES[unreadable]} {path.name}) and give the folder as --archive"
+            )
         if suffix is None:
             raise DataError(f"--archive {label}: neither a folder nor an archive ({', '.join(ARCHIVE_SUFFIXES)})")
         self.archive_files.append(path)
@@ -200,8 +201,10 @@ class Source:
             local = self.cache / (hashlib.md5(member.path.encode()).hexdigest()[:16] + suffix)
             if not (local.is_file() and local.stat().st_size == size):
                 copy_member(member, local)
-            self._add(ZipContainer(local, member.basename) if suffix == ".zip" else TarContainer(local, member.basename),
-                      inner_prefix)
+            self._add(
+                ZipContainer(local, member.basename) if suffix == ".zip" else TarContainer(local, member.basename),
+                inner_prefix,
+            )
 
     def __iter__(self) -> Iterator[Member]:
         return iter(self.members.values())
@@ -209,17 +212,22 @@ class Source:
 
 def copy_member(member: Member, destination: Path) -> None:
     """Write one member to ``destination`` atomically."""
+
     def write(tmp: str) -> None:
         try:
             with member.container.open(member.name) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, CHUNK)
         except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
-            raise DataError(f"{member.path}: cannot read it from its archive ({e}); the download may be incomplete") from None
+            raise DataError(
+                f"{member.path}: cannot read it from its archive ({e}); the download may be incomplete"
+            ) from None
+
     write_atomically(destination, write)
 
 
-def materialize(members: Sequence[Member], destination: Callable[[Member], Path], in_place: bool = True,
-                desc: str = "extracting") -> dict[str, Path]:
+def materialize(
+    members: Sequence[Member], destination: Callable[[Member], Path], in_place: bool = True, desc: str = "extracting"
+) -> dict[str, Path]:
     """A file on disk for every member: the file itself when it lies in a folder (``in_place``), else a copy at
     ``destination(member)``, written atomically; a copy already there with the member's size is kept (resume).
     Members are read in archive order, so a compressed tar is read in one forward pass.
@@ -290,8 +298,10 @@ def verify_checksums(files: Sequence[Path], published: Mapping[str, tuple[str, s
             continue
         actual = md5_with_progress(path, f"md5 of {path.name}")
         if actual != expected:
-            raise DataError(f"{path}: md5 {actual} does not match {expected} ({source}); the download is incomplete or "
-                            "another version (--no_verify skips this check)")
+            raise DataError(
+                f"{path}: md5 {actual} does not match {expected} ({source}); the download is incomplete or "
+                "another version (--no_verify skips this check)"
+            )
         known[key] = [stat.st_size, stat.st_mtime_ns, expected]
         write_atomically(state, lambda tmp: Path(tmp).write_text(json.dumps(known, indent=1)))
         notes.append(f"{path.name}: md5 {actual} verified ({source})")
