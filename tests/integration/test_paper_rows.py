@@ -27,7 +27,7 @@ from util.data.benchmarks import BENCHMARKS, prepare
 from util.errors import UsageError
 from util.run import checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("paper", REPO / "benchmarks" / "paper.py")
 paper = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(paper)

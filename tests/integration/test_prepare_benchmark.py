@@ -47,7 +47,7 @@ from util.data.segmentation import read_mask
 from util.errors import DataError
 from util.run.process import run_entry_point
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("prepare_benchmark", REPO / "tools" / "prepare_benchmark.py")
 prepare_benchmark = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(prepare_benchmark)
