@@ -193,8 +193,10 @@ def main(args: argparse.Namespace) -> None:
     if writer is not None:
         writer.close()
         if args.norm_style == "pre":
-            exported, _ = export_encoder(model, run.output_dir / "encoder")
-            distributed.main_print(f"timm encoder: {exported} (+ .safetensors)")
+            exported = export_encoder(model, run.output_dir / "encoder", vars(args), checkpoint="checkpoint-last.pth",
+                                      epoch=args.epochs - 1)
+            distributed.main_print(f"encoder: {exported.pth}; timm: create_model('local-dir:{exported.directory}', "
+                                   "pretrained=True) (docs/weights_elsewhere.md)")
         distributed.main_print(f"checkpoints: {run.output_dir}/checkpoint-last.pth\nfigures: {run.output_dir / 'plots'}\n"
                                f"logs: tensorboard --logdir {args.log_dir or run.output_dir}")
 
