@@ -254,7 +254,7 @@ def export_checkpoint(path: str | os.PathLike, output: str | os.PathLike, pth: s
         raise CheckpointError(f"{path}: not a {size} ViT encoder (missing {layouts.summarise(missing)}, "
                               f"unexpected {layouts.summarise(result.unexpected_keys)})")
     file = Path(layouts.encoder_file(path))
-    checkpoint = {} if file.suffix == ".safetensors" else checkpoint_io.read_checkpoint(file, mmap=True)
+    checkpoint = {} if file.suffix == ".safetensors" else checkpoint_io.read_checkpoint(file)  # its args, epoch
     epoch = checkpoint.get("epoch")
     md5 = weights.md5_status.split()[1] if weights.md5_status else None  # "md5 <digest> verified: ..."
     return export.write_export(encoder, output, final_norm=weights.final_norm, args=checkpoint.get("args") or {},
