@@ -110,8 +110,10 @@ def pretrain(flags: Flags, bands: Bands, loss_weights: dict[str, float]) -> None
     if writer is not None:
         writer.close()
         if flags.norm_style == "pre":
-            exported, _ = export_encoder(model, run.output_dir / "encoder")
-            main_print(f"timm encoder: {exported} (+ .safetensors)")
+            exported = export_encoder(model, run.output_dir / "encoder", record, checkpoint="checkpoint-last.pth",
+                                      epoch=plan.epochs - 1)
+            main_print(f"encoder: {exported.pth}; timm: create_model('local-dir:{exported.directory}', pretrained=True) "
+                       "(docs/weights_elsewhere.md)")
         main_print(f"checkpoints: {run.output_dir}/checkpoint-last.pth\nfigures: {run.output_dir / 'plots'}\n"
                    f"logs: tensorboard --logdir {flags.log_dir or run.output_dir}")
 

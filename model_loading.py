@@ -1,18 +1,17 @@
 """Building models from checkpoints: the pretraining model a checkpoint describes, the classifier or
-frozen encoder that evaluation builds around a checkpoint's encoder, and the timm export of an encoder.
+frozen encoder that evaluation builds around a checkpoint's encoder, and the export of an encoder in timm's layout
+(written by ``util.weights.export``).
 
 This needs both the model files and ``util/`` (which never imports the model files), so it lives beside
 the models.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file as save_safetensors
 from timm.models.vision_transformer import VisionTransformer
 
 import models_cross_scale_mae as models_mae
@@ -20,11 +19,10 @@ import models_vit
 from models_vit import PRESETS, PostNormBlock, classifier_name_for, preset_for
 from util.run import checkpoint as checkpoint_io
 from util.config import Bands
-from util.weights import layouts
+from util.weights import export, layouts
 from util.weights.band_adaptation import BandAdaptation, adapt_bands
 from util.run.distributed import main_print
 from util.errors import CheckpointError, UsageError, first_line
-from util.files import write_atomically
 
 
 def classifier_name(weights: layouts.EncoderWeights) -> str:
@@ -191,48 +189,79 @@ def init_mae(model: models_mae.CrossScaleMAE, path: str | os.PathLike, adaptatio
                               epoch=epoch if isinstance(epoch, int) else None, adapted=adapted)
 
 
-def export_encoder(model: models_mae.CrossScaleMAE, path: str | os.PathLike) -> tuple[Path, Path]:
-    """Write the encoder as a timm ``VisionTransformer`` state dict, as ``.pth`` and ``.safetensors``, and its timm
-    constructor arguments as ``.json`` (``timm_config``).
+def export_encoder(model: models_mae.CrossScaleMAE, path: str | os.PathLike, args: dict[str, Any] | None = None,
+                   **details: Any) -> export.Export:
+    """Export a pretraining model's encoder (``util.weights.export.write_export``): the folder ``path`` in timm's
+    layout (``config.json`` + ``model.safetensors``, with the remote-sensing metadata of ``args``, the run's flags)
+    and ``path.pth``, the same tensors for ``torch.load``. An untrained final norm (no ``encoder_norm``) is exported
+    as identity.
 
-    ``timm.create_model('vit_base_patch16_224', img_size=128, num_classes=0)`` loads the base model's
-    export with ``strict=True``. Post-norm (xFormers-layout) encoders are refused: a standard timm ViT
-    would compute something else with them.
+    ``timm.create_model("local-dir:PATH", pretrained=True)`` then builds the encoder with every tensor loaded.
+
+    Raises:
+        CheckpointError: post-norm (xFormers-layout) encoders, which no standard timm ViT computes; a failed write.
     """
-    if isinstance(model.encoder.blocks[0], PostNormBlock):
-        raise CheckpointError("post-norm (xFormers-layout) encoders have no standard timm ViT equivalent; "
-                              "load them with models_vit and norm_style='post' instead")
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
-    pth = Path(path).with_suffix(".pth")
-    safetensors = pth.with_suffix(".safetensors")
-    checkpoint_io.save_checkpoint(state_dict, pth)
-    write_atomically(safetensors, lambda tmp: save_safetensors(state_dict, tmp, metadata={"format": "pt"}))
-    config = timm_config(model.encoder, pth.name)
-    write_atomically(pth.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
-    return pth, safetensors
+    path = Path(path)
+    return export.write_export(model.encoder, path, final_norm=model.encoder_norm, args=args,
+                               pth=path.with_name(path.name + ".pth"),
+                               ssl_method=ssl_method(model.multi_scale, model.loss_weights), **details)
 
 
-TIMM_ARCHITECTURE = "vit_base_patch16_224"  # any timm ViT name works: the kwargs below replace its width, depth, ...
+def ssl_method(multi_scale: bool, loss_weights: dict[str, float]) -> str:
+    """"mae" for one scale and the reconstruction loss alone (``mae_vit_*``), else "cross-scale-mae"."""
+    return "cross-scale-mae" if multi_scale or any(w for term, w in loss_weights.items() if term != "rec") else "mae"
 
 
-def timm_config(encoder: VisionTransformer, weights_file: str = "encoder.pth") -> dict[str, Any]:
-    """What ``timm.create_model`` needs to rebuild ``encoder`` (written beside every export as ``encoder.json``):
-    the architecture name, the keyword arguments that override its shape, and a one-line snippet."""
-    eps = encoder.norm.eps if isinstance(encoder.norm, torch.nn.LayerNorm) else 1e-6
-    kwargs = {
-        "img_size": encoder.patch_embed.img_size[0], "patch_size": encoder.patch_embed.patch_size[0],
-        "in_chans": encoder.patch_embed.proj.in_channels, "embed_dim": encoder.embed_dim, "depth": len(encoder.blocks),
-        "num_heads": encoder.blocks[0].attn.num_heads, "mlp_ratio": encoder.blocks[0].mlp.fc1.out_features / encoder.embed_dim,
-        "qkv_bias": encoder.blocks[0].attn.qkv.bias is not None, "global_pool": encoder.global_pool, "num_classes": 0,
-    }
-    return {
-        "architecture": TIMM_ARCHITECTURE,
-        "timm_kwargs": kwargs,
-        "norm_layer": f"LayerNorm(eps={eps:g}) (timm's ViT default)",
-        "python": (f"import json, timm, torch; c = json.load(open('{Path(weights_file).with_suffix('.json')}')); "
-                   "vit = timm.create_model(c['architecture'], pretrained=False, **c['timm_kwargs']); "
-                   f"vit.load_state_dict(torch.load('{weights_file}', weights_only=True), strict=True)"),
-    }
+def _checkpoint_ssl_method(checkpoint: dict[str, Any], layout: str) -> str | None:
+    """The pretraining method of a checkpoint: upstream's are Cross-Scale MAE runs of some loss variant (its model
+    names, e.g. mae_vit_base_MsLdCeCd, are registered here too); None for a file that records no pretraining."""
+    config = checkpoint.get("model_config") or {}
+    name = config.get("name") or (checkpoint.get("args") or {}).get("model")
+    if name not in models_mae.MODEL_VARIANTS:
+        return "cross-scale-mae" if layout.startswith("upstream") else None
+    kwargs = config.get("kwargs") or {}
+    overrides = kwargs.get("loss_weights") if isinstance(kwargs.get("loss_weights"), dict) else {}
+    multi_scale = kwargs.get("multi_scale", models_mae.UPSTREAM_VARIANTS[models_mae.MODEL_VARIANTS[name][1]][0])
+    return ssl_method(bool(multi_scale), {**models_mae.loss_weights_of(name), **overrides})
+
+
+def export_checkpoint(path: str | os.PathLike, output: str | os.PathLike, pth: str | os.PathLike | None = None,
+                      **details: Any) -> export.Export:
+    """Export the encoder of any checkpoint ``layouts.read_encoder`` reads (ours, upstream's published ViT-B /
+    ViT-L, a timm export, a fine-tuned classifier: its head left out) to the folder ``output``, with the metadata of
+    the checkpoint's flags (``args``) and ``details`` (``metadata.describe``'s keywords).
+
+    Raises:
+        CheckpointError: unreadable file, wrong md5, post-norm blocks, a width / depth of no preset, or tensors
+            that do not fit the encoder they describe.
+    """
+    weights = layouts.read_encoder(path)
+    if weights.norm_style == "post":
+        raise CheckpointError(f"{path}: post-norm (xFormers-layout) blocks have no standard timm ViT equivalent")
+    shape = weights.shape
+    try:
+        size = preset_for(shape.embed_dim, shape.depth)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    encoder = models_vit.vision_transformer(
+        **PRESETS[size].encoder(), img_size=shape.input_size, patch_size=shape.patch_size, in_chans=shape.in_chans,
+        global_pool=weights.classifier_pool or "token",
+    )
+    layouts.check_shapes(path, encoder, weights.state_dict)
+    result = encoder.load_state_dict(weights.state_dict, strict=False)
+    untrained = () if weights.final_norm else ("norm.", "fc_norm.")
+    missing = [k for k in result.missing_keys if not k.startswith(untrained)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{path}: not a {size} ViT encoder (missing {layouts.summarise(missing)}, "
+                              f"unexpected {layouts.summarise(result.unexpected_keys)})")
+    file = Path(layouts.encoder_file(path))
+    checkpoint = {} if file.suffix == ".safetensors" else checkpoint_io.read_checkpoint(file)  # its args, epoch
+    epoch = checkpoint.get("epoch")
+    md5 = weights.md5_status.split()[1] if weights.md5_status else None  # "md5 <digest> verified: ..."
+    return export.write_export(encoder, output, final_norm=weights.final_norm, args=checkpoint.get("args") or {},
+                               pth=pth, checkpoint=file.name, layout=weights.layout,
+                               epoch=epoch if isinstance(epoch, int) else None, md5=md5,
+                               ssl_method=_checkpoint_ssl_method(checkpoint, weights.layout), **details)
 
 
 def _architecture(model: str | None, finetune: str, weights: layouts.EncoderWeights | None

@@ -9,7 +9,8 @@ After every merged chunk the running state is written atomically to ``OUT.partia
 inputs and flags continues from it (other inputs or flags: it starts over), and the finished run removes it.
 No-data pixels (``--nodata``, else a TIFF's GDAL_NODATA tag; a pixel that is no-data in any band) are left out of
 every statistic. Writes ``{"bands", "mean", "std", "dtype", "pixels", "min", "max", "percentiles": {"1": [...], ...},
-"percentile_method"}`` (std: population; percentiles: numpy's default linear interpolation between ranks).
+"percentile_method"}`` (std: population; percentiles: numpy's default linear interpolation between ranks), and
+``band_names`` with ``--band_names`` (exports of runs trained with the file name their bands by it).
 """
 from __future__ import annotations
 
@@ -296,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--percentiles", type=float, nargs="+", default=list(PERCENTILES), help="percentiles in [0, 100]")
     parser.add_argument("--workers", type=int, default=1, help="reading processes")
     parser.add_argument("--chunk", type=int, default=CHUNK, help="files per task, and between two saves of the state")
+    parser.add_argument("--band_names", nargs="+", default=None, metavar="NAME",
+                        help="names of the bands read (after --bands), recorded as band_names: the exports of runs "
+                             "trained with this file name their bands by it (util/weights/metadata.py)")
     parser.add_argument("--out", required=True, help="JSON file to write (its running state: OUT.partial.npz)")
     args = parser.parse_args(argv)
     if args.bands and min(args.bands) < 0:
@@ -304,10 +308,16 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError(f"--percentiles must be in [0, 100], got {' '.join(f'{p:g}' for p in args.percentiles)}")
     if args.workers < 1 or args.chunk < 1:
         raise UsageError("--workers and --chunk must be >= 1")
+    if args.band_names and args.bands and len(args.band_names) != len(args.bands):
+        raise UsageError(f"--band_names names {len(args.band_names)} band(s), --bands reads {len(args.bands)}")
     out = Path(args.out)
     dataset = build_dataset(args.train_path, "auto", list_rasters=True)
     stats = band_stats([path for path, _ in dataset.samples], args.bands, args.nodata, args.percentiles, args.workers,
                        out.with_name(out.name + ".partial.npz"), args.chunk)
+    if args.band_names:
+        if len(args.band_names) != len(stats["mean"]):
+            raise UsageError(f"--band_names names {len(args.band_names)} band(s), the images have {len(stats['mean'])}")
+        stats["band_names"] = list(args.band_names)
     write_atomically(out, lambda tmp: Path(tmp).write_text(json.dumps(stats, indent=1) + "\n"))
     print(f"{args.out}: {len(stats['mean'])} band(s) of {stats['dtype']} over {len(dataset)} image(s), {stats['pixels']} valid pixels; "
           f"use --band_stats {args.out}" + (f" --bands {' '.join(map(str, args.bands))}" if args.bands else "")

@@ -14,7 +14,15 @@ from util.errors import CheckpointError, first_line
 
 
 def file_md5(path: str | os.PathLike) -> str:
-    digest = hashlib.md5()
+    return _file_digest(path, hashlib.md5())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (torch.hub's and torchgeo's weight-file hash)."""
+    return _file_digest(path, hashlib.sha256())
+
+
+def _file_digest(path: str | os.PathLike, digest) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)

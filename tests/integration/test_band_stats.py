@@ -238,3 +238,21 @@ def test_a_packed_array_or_shard_manifest_is_refused_in_one_line(tmp_path):
                                 text=True, timeout=120)
         assert result.returncode == 1 and result.stderr.startswith(f"error: {tmp_path / 'x.json'}: a pre-decoded dataset")
         assert result.stderr.count("\n") == 1
+
+
+def test_band_stats_records_band_names_that_exports_of_its_runs_use(tmp_path):
+    from util.weights import metadata
+
+    write_tiles(tmp_path / "tiles", np.uint16, count=2)
+    out = tmp_path / "stats.json"
+    bs.main(["--train_path", str(tmp_path / "tiles"), "--bands", "2", "1", "0", "--band_names", "B04", "B03", "B02",
+             "--out", str(out)])
+    stats = json.loads(out.read_text())
+    assert stats["bands"] == [2, 1, 0] and stats["band_names"] == ["B04", "B03", "B02"]
+    assert metadata.band_names_from_stats(out, [2, 1]) == ["B04", "B03"]  # a run's --bands 2 1
+    block = metadata.describe({"bands": [2, 1], "band_stats": str(out), "mean": [1, 1], "std": [2, 2]}, in_chans=2,
+                              input_size=32, patch_size=8, final_norm_trained=False, sincos_pos_embed=True)
+    assert [b["name"] for b in block["bands"]] == ["B04", "B03"] and block["input"]["dtype"] == "uint16"
+    with pytest.raises(SystemExit, match="^error: --band_names names 2 band\\(s\\), --bands reads 3$"):
+        run_entry_point(bs.main, ["--train_path", str(tmp_path / "tiles"), "--bands", "2", "1", "0",
+                                  "--band_names", "B04", "B03", "--out", str(out)])

@@ -33,7 +33,7 @@ def test_two_epochs_write_checkpoints_logs_plots_and_export(csv_dataset, tmp_pat
          "--knn_eval_every", "2", "--knn_train_path", str(csv_dataset), "--knn_test_path", str(csv_dataset)])
     names = {p.name for p in out.iterdir()}
     assert {"checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth", "config.yaml", "log.txt",
-            "encoder.pth", "encoder.safetensors"} <= names
+            "encoder.pth", "encoder"} <= names
     assert any(n.startswith("events.out.tfevents") for n in names)
     assert [p.name for p in (out / "plots").iterdir()] == ["reconstruction_epoch0001.png"]
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
@@ -53,7 +53,10 @@ def test_two_epochs_write_checkpoints_logs_plots_and_export(csv_dataset, tmp_pat
     assert re.search(r"^training time \d:\d\d:\d\d\.\d \(2 epoch\(s\) in this run\)$", printed, re.M)
     assert "kNN evaluation features: 0/" in printed  # progress of kNN feature extraction, as plain lines (no terminal)
     assert Image.open(out / "plots" / "reconstruction_epoch0001.png").size[0] == 6 * MIN_CELL_PX  # 6 titled columns
-    assert json.loads((out / "encoder.json").read_text())["timm_kwargs"]["depth"] == 4
+    exported = json.loads((out / "encoder" / "config.json").read_text())  # timm's layout, with the run's metadata
+    assert exported["model_args"]["depth"] == 4 and exported["remote_sensing"]["model"]["epochs"] == 2
+    assert [b["name"] for b in exported["remote_sensing"]["bands"]] == ["RED", "GREEN", "BLUE"]  # the 8-bit RGB path
+    assert "timm: create_model('local-dir:" in printed
     assert "epoch 1 kNN top-1: weighted_0.125" in printed
 
 

@@ -105,7 +105,7 @@ def test_failed_checkpoint_write_is_reported_and_keeps_the_previous_file(csv_dat
     real_save = torch.save
 
     def disk_full(obj, f, *args, **kwargs):
-        if str(f).endswith(".tmp"):
+        if str(getattr(f, "name", f)).endswith(".tmp"):  # a path or an open file (the export's .pth)
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
 

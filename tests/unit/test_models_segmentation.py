@@ -113,9 +113,9 @@ def seg_args(path, input_size=64, **kw) -> dict:
 
 def test_every_checkpoint_kind_loads_with_position_embeddings_for_the_crop(tiny_mae, pretrained, tmp_path):
     mae, path = tiny_mae, pretrained
-    pth, safetensors = export_encoder(mae, tmp_path / "export")
+    exported = export_encoder(mae, tmp_path / "export")
     expected = mae.encoder.blocks[2].mlp.fc1.weight
-    for source in (path, pth, safetensors):
+    for source in (path, exported.pth, exported.directory, exported.directory / "model.safetensors"):
         model, weights = build_segmenter(4, **seg_args(source))
         assert weights is not None and model.encoder.patch_embed.patch_size == (8, 8)
         assert torch.equal(model.encoder.blocks[2].mlp.fc1.weight, expected), source

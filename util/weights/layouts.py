@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
@@ -220,13 +221,24 @@ def check_finite(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -
         raise CheckpointError(f"{path}: non-finite values (NaN/inf) in {summarise(bad, 3)}; these weights cannot be used")
 
 
+def encoder_file(path: str | os.PathLike) -> str | os.PathLike:
+    """``path``, or the weights file of a folder in timm's layout (``config.json`` + ``model.safetensors``)."""
+    folder = Path(path)
+    if folder.is_dir() and (folder / "config.json").is_file():
+        return folder / "model.safetensors"
+    return path
+
+
 def read_encoder(path: str | os.PathLike) -> EncoderWeights:
     """The encoder of a pretraining checkpoint (ours or upstream's, either layout), of an exported timm
     encoder (``.pth``/``.safetensors``) or of a fine-tuned classifier; the classification head is dropped.
 
+    A folder in timm's layout (``util.weights.export``) is read from its ``model.safetensors``.
+
     Raises:
         CheckpointError: unreadable file, wrong md5, or no encoder in it.
     """
+    path = encoder_file(path)
     md5_status = check_md5(path)
     checkpoint = read_checkpoint(path)
     state_dict, layout = to_ours(model_state(checkpoint), str(path))
@@ -241,7 +253,10 @@ def read_encoder(path: str | os.PathLike) -> EncoderWeights:
     check_finite(encoder, path)
     norm_style = norm_style_of(checkpoint, layout, path)
     kwargs = (checkpoint.get("model_config") or {}).get("kwargs", {})
-    final_norm = layout == TIMM_VIT or (layout == OURS and bool(kwargs.get("encoder_norm", False)))
+    # a timm state dict (an export, a classifier) has a final norm where it has its tensors: exports leave an untrained
+    # one out (identity), and pretraining checkpoints keep theirs untrained unless --encoder_norm
+    final_norm = ((layout == TIMM_VIT and ("norm.weight" in encoder or "fc_norm.weight" in encoder))
+                  or (layout == OURS and bool(kwargs.get("encoder_norm", False))))
     left_out = [k for k in state_dict if k not in {f"encoder.{name}" for name in encoder}]
     has_head = any(k.startswith("encoder.head.") and k.endswith("weight") for k in state_dict)
     classifier_pool = ("avg" if "fc_norm.weight" in encoder else "token") if has_head else None
@@ -284,7 +299,8 @@ def load_encoder(model: torch.nn.Module, weights: EncoderWeights, adaptation: Ba
         del state_dict[key]
     check_shapes(weights.path, model, state_dict)
     result = model.load_state_dict(state_dict, strict=False)
-    not_loaded = [k for k in result.missing_keys if not k.startswith(("head.", "fc_norm."))]
+    fresh = ("head.", "fc_norm.") if weights.final_norm else ("head.", "fc_norm.", "norm.")  # untrained: left out
+    not_loaded = [k for k in result.missing_keys if not k.startswith(fresh)]
     if not_loaded or result.unexpected_keys:
         problems = [f"not in the file: {summarise(not_loaded)}"] if not_loaded else []
         problems += [f"not in the model: {summarise(result.unexpected_keys)}"] if result.unexpected_keys else []

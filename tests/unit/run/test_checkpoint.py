@@ -99,7 +99,7 @@ def test_checkpoint_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
         export_encoder(create_model("mae_vit_tiny", input_size=16, patch_size=8), tmp_path / "encoder")
     finally:
         os.umask(old)
-    for name in ("checkpoint-last.pth", "encoder.pth", "encoder.safetensors", "encoder.json"):
+    for name in ("checkpoint-last.pth", "encoder.pth", "encoder/model.safetensors", "encoder/config.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
 
 
