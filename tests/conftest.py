@@ -9,6 +9,10 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root
+# The one wall-clock bound of the suite: a guard against a hung subprocess (a deadlock would otherwise stall the run
+# until CI's own limit), never a speed requirement. Generous enough that a machine slowed 50x by other jobs does not
+# trip it: the slowest subprocess of the suite takes about 60 s on a quiet 2-core machine.
+HANG_GUARD_S = 3000
 SHARED_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "fmow_samples"
 
 

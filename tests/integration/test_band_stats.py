@@ -9,7 +9,7 @@ import tifffile
 
 from tools import band_stats as bs
 from util.run.process import run_entry_point
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 
 NODATA = 7
 
@@ -210,7 +210,7 @@ def test_an_unreadable_file_read_by_a_worker_process_is_a_one_line_error_not_a_h
     # the worker's error could not be unpickled in the parent, whose pool then waited forever
     done = subprocess.run([sys.executable, "tools/band_stats.py", "--train_path", str(tmp_path / "tiles"), "--out",
                            str(tmp_path / "s.json"), "--workers", "2", "--chunk", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 1 and done.stderr.startswith("error: ") and "t2.tif: cannot read image" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
@@ -235,7 +235,7 @@ def test_a_packed_array_or_shard_manifest_is_refused_in_one_line(tmp_path):
     for tool in (["tools/band_stats.py", "--train_path", str(tmp_path / "x.json"), "--out", str(tmp_path / "s.json")],
                  ["tools/preprocess.py", "--input", str(tmp_path / "x.json"), "--output", str(tmp_path / "o"), "--raster"]):
         result = subprocess.run([sys.executable, *tool], cwd=REPO, capture_output=True,
-                                text=True, timeout=120)
+                                text=True, timeout=HANG_GUARD_S)
         assert result.returncode == 1 and result.stderr.startswith(f"error: {tmp_path / 'x.json'}: a pre-decoded dataset")
         assert result.stderr.count("\n") == 1
 

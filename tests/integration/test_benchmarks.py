@@ -1,6 +1,6 @@
 import subprocess
 import sys
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 
 
 
@@ -8,7 +8,7 @@ def test_pretrain_benchmark_prints_every_field_and_the_speed_up():
     result = subprocess.run(
         [sys.executable, "benchmarks/bench_pretrain.py", "--model", "cross_scale_mae_vit_tiny", "--input_size", "32",
          "--patch_size", "8", "--batch_size", "4", "--steps", "1", "--warmup", "0", "--matmul_size", "128"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -22,7 +22,7 @@ def test_pretrain_benchmark_prints_every_field_and_the_speed_up():
 
 def test_data_benchmark_reports_each_pipeline():
     result = subprocess.run([sys.executable, "benchmarks/bench_data.py", "--images", "8", "--input_size", "32"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+                            cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr
     for pipeline in ("pre-resized JPEG", "large JPEG", "packed uint8", "shards: worker only", "shards + BatchAugment",
                      "shards streamed by webdataset, local disk", "shards streamed by webdataset, http://127.0.0.1"):

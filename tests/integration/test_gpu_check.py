@@ -2,7 +2,7 @@
 import os
 import subprocess
 import sys
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 
 STAGES = ("pytest_cuda", "bench_pretrain", "bench_pretrain_compile", "cuda_paths", "bench_data", "torchrun_resume")
 
@@ -10,7 +10,7 @@ STAGES = ("pytest_cuda", "bench_pretrain", "bench_pretrain_compile", "cuda_paths
 def test_gpu_check_dry_run_passes_every_stage(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "GPU_CHECK_LOGS": str(tmp_path)}
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=HANG_GUARD_S)
     out = result.stdout
     assert result.returncode == 0, out[-4000:] + result.stderr[-2000:]
     summary = out[out.index("gpu_check summary"):]

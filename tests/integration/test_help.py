@@ -5,7 +5,7 @@ import sys
 
 import pytest
 from pathlib import Path
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 
 SHOW_HELP = """
 import runpy, sys
@@ -19,7 +19,7 @@ print("TORCH LOADED" if "torch" in sys.modules else "NO TORCH")
 
 
 def help_text(script):
-    result = subprocess.run([sys.executable, "-c", SHOW_HELP, script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", SHOW_HELP, script], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 0, result.stderr
     return " ".join(result.stdout.split())  # argparse wraps lines
 

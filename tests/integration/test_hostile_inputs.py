@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_csv_dataset
+from conftest import HANG_GUARD_S, REPO, write_csv_dataset
 from PIL import Image
 
 import engine_knn
@@ -386,7 +386,7 @@ def test_a_real_process_exits_1_with_one_line(tmp_path, script, argv, expected):
     """What a user sees in a shell: exit status 1, one stderr line, no traceback."""
     repo = REPO
     result = subprocess.run([sys.executable, script, *argv, "--output_dir", str(tmp_path / "o")], cwd=repo,
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().startswith(expected) and len(result.stderr.strip().splitlines()) == 1, result.stderr
 

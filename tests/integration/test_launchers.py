@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 
 LAUNCHERS = ["train.sh", "finetune.sh", "linprobe.sh", "knn.sh", "segment.sh", "train_distributed.sh", "tools/launcher_lib.sh"]
 TORCHRUN = ["-m", "torch.distributed.run"]
@@ -46,7 +46,7 @@ def run(clone: Path, stub: Path, launcher: str, *args: str, **env: str) -> subpr
     base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "PYTHON": str(stub), "NUM_GPUS": "2",
             "SAMPLE_EVAL": "0"}  # train.sh's closing evaluation is a second command; tested on its own
     return subprocess.run(["bash", str(clone / launcher), *args], cwd=REPO, env={**base, **env},
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def argv(result: subprocess.CompletedProcess) -> list[str]:
@@ -236,7 +236,7 @@ def test_finetune_and_linprobe_on_the_multispectral_sample(clone, stub, launcher
         "error: no weights at output/pretrain_tiny_ms/checkpoint-last.pth: run 'DATA=sentinel2_ms bash train.sh' first")
     (clone / "output" / "pretrain_tiny_ms").mkdir(parents=True)
     (clone / "output" / "pretrain_tiny_ms" / "checkpoint-last.pth").write_bytes(b"")
-    result = subprocess.run(["bash", launcher], cwd=clone, capture_output=True, text=True, timeout=30,
+    result = subprocess.run(["bash", launcher], cwd=clone, capture_output=True, text=True, timeout=HANG_GUARD_S,
                             env={"PATH": os.environ["PATH"], "PYTHON": str(stub), "DATA": "sentinel2_ms"})
     args = argv(result)
     assert values(args, "--finetune") == [["output/pretrain_tiny_ms/checkpoint-last.pth"]]

@@ -17,7 +17,7 @@ from util.run.checkpoint import save_checkpoint
 from util.run.checkpoint import read_checkpoint
 from util.eval.figures import MIN_CELL_PX
 from util.run.process import run_entry_point
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 
 TINY_RUN = ["--model", "cross_scale_mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4",
             "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--blr", "1e-3", "--log_every", "1"]
@@ -180,7 +180,7 @@ def test_two_process_gloo_run_ends_with_identical_weights(csv_dataset, tmp_path)
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "main_pretrain.py", *TINY_RUN, "--batch_size", "2", "--train_path", str(csv_dataset), "--output_dir", str(out),
          "--gather_negatives", "--sync_bn", "--accum_iter", "2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "weights identical on all 2 processes" in result.stdout

@@ -14,7 +14,7 @@ import main_segment
 from util import config
 from util.data import segmentation
 from util.run import checkpoint
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 
 COMMON = ["--input_size", "32", "--batch_size", "8", "--num_workers", "0", "--log_every", "2", "--warmup_epochs", "1",
           "--palette", "none", "--class_names", "left", "right", "--decoder_channels", "32", "--drop_path", "0"]
@@ -135,7 +135,7 @@ def test_two_process_evaluation_equals_one_process_exactly(split, pretrained, tm
     for procs in (1, 2):
         launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if procs == 2 else [])
         done = subprocess.run([*launch, *argv, "--output_dir", str(tmp_path / f"p{procs}")], cwd=repo, env=env,
-                              capture_output=True, text=True, timeout=300)
+                              capture_output=True, text=True, timeout=HANG_GUARD_S)
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
         folder = tmp_path / f"p{procs}" / "eval"
         results[procs] = json.loads((folder / "seg_confusion.json").read_text()), (folder / "seg_results.csv").read_text()

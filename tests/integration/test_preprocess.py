@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 import torch
-from conftest import REPO, bands_of, make_image, write_csv_dataset
+from conftest import HANG_GUARD_S, REPO, bands_of, make_image, write_csv_dataset
 from PIL import Image
 
 import main_pretrain
@@ -15,7 +15,7 @@ from util.data import datasets, packed, raster_options, transforms
 
 def preprocess(*args):
     return subprocess.run([sys.executable, "tools/preprocess.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=HANG_GUARD_S)
 
 
 def test_preprocessing_resizes_once_and_is_idempotent(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, bands_of, write_csv_dataset
+from conftest import HANG_GUARD_S, REPO, bands_of, write_csv_dataset
 
 import main_pretrain
 from util import config
@@ -20,7 +20,7 @@ from util.run.process import run_entry_point
 
 def preprocess(*args):
     return subprocess.run([sys.executable, "tools/preprocess.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=HANG_GUARD_S)
 
 
 def make_shards(folder: Path, count: int, per_shard: int, bands: int = 3, dtype=np.uint8, size: int = 8, seed: int = 0):

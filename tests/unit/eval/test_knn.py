@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, bands_of, write_csv_dataset
+from conftest import HANG_GUARD_S, REPO, bands_of, write_csv_dataset
 
 import main_knn
 from model_loading import build_knn_encoder
@@ -112,9 +112,9 @@ def test_two_process_feature_extraction_gives_the_single_process_results(tmp_pat
             "--test_path", str(val), "--num_workers", "0", "--batch_size", "2", "--k", "3", "--majority_k", "3", "--amp", "none"]
     repo, env = REPO, {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, *argv, "--output_dir", str(tmp_path / "one")], cwd=repo, env=env,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=HANG_GUARD_S)
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv,
-                             "--output_dir", str(tmp_path / "two")], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+                             "--output_dir", str(tmp_path / "two")], cwd=repo, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert single.returncode == 0 and double.returncode == 0, double.stderr[-2000:]
     assert (tmp_path / "one" / "knn_results.csv").read_text() == (tmp_path / "two" / "knn_results.csv").read_text()
     assert json.loads((tmp_path / "two" / "protocol.json").read_text())["evaluation_images"] == 7

@@ -3,7 +3,7 @@ import signal
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 
 from util.run import process
 from util.errors import UsageError
@@ -71,5 +71,5 @@ def test_a_crash_mid_iteration_exits_instead_of_waiting_for_workers_that_ignore_
     script = tmp_path / "left_behind.py"
     script.write_text(LEFT_BEHIND)
     result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True,
-                            text=True, timeout=60, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+                            text=True, timeout=HANG_GUARD_S, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 1 and result.stderr.strip().endswith("RuntimeError: a bug, mid-iteration")
