@@ -1,6 +1,7 @@
 """Classification: the runs of fine-tuning and linear probing (``train_classifier``; ``evaluate_classifier`` for
 ``--eval``), each script's recipe (``finetune_recipe``, ``linprobe_recipe``), evaluation over the whole evaluation set,
 and frozen-feature caching."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +9,7 @@ import datetime
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -61,7 +63,9 @@ class Recipe:
 RecipeFn = Callable[[Flags, Bands, int, nn.Module, int, float], Recipe]
 
 
-def finetune_recipe(flags: Flags, bands: Bands, input_size: int, model: nn.Module, num_classes: int, lr: float) -> Recipe:
+def finetune_recipe(
+    flags: Flags, bands: Bands, input_size: int, model: nn.Module, num_classes: int, lr: float
+) -> Recipe:
     """Fine-tuning (``main_finetune.py``): all parameters train; AdamW with layer-wise LR decay; mixup / cutmix with
     soft-target cross-entropy (MAE's ``main_finetune.py``).
 
@@ -71,18 +75,29 @@ def finetune_recipe(flags: Flags, bands: Bands, input_size: int, model: nn.Modul
     mixing = flags.mixup > 0 or flags.cutmix > 0 or flags.cutmix_minmax is not None
     if mixing and flags.batch_size % 2:
         raise UsageError(f"--batch_size {flags.batch_size}: mixup/cutmix need an even batch (or --mixup 0 --cutmix 0)")
-    mixup = Mixup(
-        mixup_alpha=flags.mixup, cutmix_alpha=flags.cutmix, cutmix_minmax=flags.cutmix_minmax, prob=flags.mixup_prob,
-        switch_prob=flags.mixup_switch_prob, mode=flags.mixup_mode, label_smoothing=flags.smoothing, num_classes=num_classes,
-    ) if mixing else None
+    mixup = (
+        Mixup(
+            mixup_alpha=flags.mixup,
+            cutmix_alpha=flags.cutmix,
+            cutmix_minmax=flags.cutmix_minmax,
+            prob=flags.mixup_prob,
+            switch_prob=flags.mixup_switch_prob,
+            mode=flags.mixup_mode,
+            label_smoothing=flags.smoothing,
+            num_classes=num_classes,
+        )
+        if mixing
+        else None
+    )
     if mixing:
         criterion = SoftTargetCrossEntropy()
     elif flags.smoothing > 0:
         criterion = LabelSmoothingCrossEntropy(flags.smoothing)
     else:
         criterion = nn.CrossEntropyLoss()
-    optimizer = create_optimizer_v2(model, "adamw", lr=lr, weight_decay=flags.weight_decay, layer_decay=flags.layer_decay,
-                                    fused=True)
+    optimizer = create_optimizer_v2(
+        model, "adamw", lr=lr, weight_decay=flags.weight_decay, layer_decay=flags.layer_decay, fused=True
+    )
     return Recipe(model, model, optimizer, criterion, finetune_transform(flags, bands, input_size), mixup)
 
 
@@ -96,19 +111,35 @@ def finetune_transform(flags: Flags, bands: Bands, input_size: int) -> Callable:
     Raises:
         UsageError: ``--aa`` (other than none) or ``--color_jitter`` given for raster data.
     """
-    policy = flags.aa if flags.aa is not None else "none" if bands.raster else "rand-m9-mstd0.5-inc1"  # upstream's for RGB
+    policy = (
+        flags.aa if flags.aa is not None else "none" if bands.raster else "rand-m9-mstd0.5-inc1"
+    )  # upstream's for RGB
     if not bands.raster:
         return create_transform(
-            input_size, is_training=True, scale=(0.25, 1.0), hflip=0.5, vflip=0.5, interpolation="bicubic",
-            auto_augment=None if policy == "none" else policy, color_jitter=flags.color_jitter,
-            re_prob=flags.reprob, re_mode=flags.remode, re_count=flags.recount, mean=bands.mean, std=bands.std,
+            input_size,
+            is_training=True,
+            scale=(0.25, 1.0),
+            hflip=0.5,
+            vflip=0.5,
+            interpolation="bicubic",
+            auto_augment=None if policy == "none" else policy,
+            color_jitter=flags.color_jitter,
+            re_prob=flags.reprob,
+            re_mode=flags.remode,
+            re_count=flags.recount,
+            mean=bands.mean,
+            std=bands.std,
         )
     for flag, value in (("aa", None if policy == "none" else policy), ("color_jitter", flags.color_jitter)):
         if value is not None:
-            raise UsageError(f"--{flag} {value}: RandAugment and colour jitter are RGB-only; leave them out for "
-                             f"{bands.in_chans}-band / non-8-bit data (crops, flips, random erasing, mixup and cutmix still apply)")
-    main_print(f"{bands.in_chans}-band data: RandAugment and colour jitter off (RGB-only); crops, flips, "
-               f"random erasing (p {flags.reprob}), mixup / cutmix as set")
+            raise UsageError(
+                f"--{flag} {value}: RandAugment and colour jitter are RGB-only; leave them out for "
+                f"{bands.in_chans}-band / non-8-bit data (crops, flips, random erasing, mixup and cutmix still apply)"
+            )
+    main_print(
+        f"{bands.in_chans}-band data: RandAugment and colour jitter off (RGB-only); crops, flips, "
+        f"random erasing (p {flags.reprob}), mixup / cutmix as set"
+    )
     erase = RandomErasing(flags.reprob, mode=flags.remode, max_count=flags.recount, device="cpu")
     return v2.Compose([transforms.build_raster_transform(True, input_size, bands.mean, bands.std), erase])
 
@@ -116,20 +147,30 @@ def finetune_transform(flags: Flags, bands: Bands, input_size: int) -> Callable:
 def linprobe_head(model: nn.Module) -> nn.Module:
     """Linear probing's classifier: the head becomes BatchNorm1d(affine=False) + Linear (MAE's ``main_linprobe.py``),
     and only it trains. Returns ``model``."""
-    model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head).to(model.head.weight.device)
+    model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head).to(
+        model.head.weight.device
+    )
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("head.")
     return model
 
 
-def linprobe_recipe(flags: Flags, bands: Bands, input_size: int, model: nn.Module, num_classes: int, lr: float) -> Recipe:
+def linprobe_recipe(
+    flags: Flags, bands: Bands, input_size: int, model: nn.Module, num_classes: int, lr: float
+) -> Recipe:
     """Linear probing (``main_linprobe.py``): only the head trains (``linprobe_head``), with LARS (MAE's
     ``main_linprobe.py``); with ``--no_aug`` on the frozen encoder's features computed once."""
     model = linprobe_head(model)
     optimizer = LARS(model.head.parameters(), lr=lr, weight_decay=flags.weight_decay)
     transform = transforms.image_transform(bands, input_size, is_train=not flags.no_aug)
-    return Recipe(model, model.head if flags.no_aug else model, optimizer, nn.CrossEntropyLoss(), transform,
-                  cache_features=flags.no_aug)
+    return Recipe(
+        model,
+        model.head if flags.no_aug else model,
+        optimizer,
+        nn.CrossEntropyLoss(),
+        transform,
+        cache_features=flags.no_aug,
+    )
 
 
 def train_classifier(flags: Flags, bands: Bands, recipe_fn: RecipeFn, drop_path: float = 0.0) -> None:
@@ -148,28 +189,62 @@ def train_classifier(flags: Flags, bands: Bands, recipe_fn: RecipeFn, drop_path:
     input_size = flags.input_size or config.DEFAULT_INPUT_SIZE
     checkpoint.check_output_dir(flags.output_dir, flags.resume, flags.overwrite)
     run = process.setup_run(flags.device, flags.amp, flags.seed, flags.output_dir, flags.dist_timeout)
-    train_set = datasets.build_dataset(flags.train_path, flags.dataset_type, bands=bands, skip_bad=flags.skip_bad_images,
-                                       draft_size=transforms.draft_size_for(True, input_size))
-    val_set = datasets.build_dataset(flags.test_path, flags.dataset_type, transforms.image_transform(bands, input_size, False),
-                                     bands=bands, draft_size=transforms.draft_size_for(False, input_size),
-                                     skip_bad=flags.skip_bad_images, classes=train_set.classes or None)
+    train_set = datasets.build_dataset(
+        flags.train_path,
+        flags.dataset_type,
+        bands=bands,
+        skip_bad=flags.skip_bad_images,
+        draft_size=transforms.draft_size_for(True, input_size),
+    )
+    val_set = datasets.build_dataset(
+        flags.test_path,
+        flags.dataset_type,
+        transforms.image_transform(bands, input_size, False),
+        bands=bands,
+        draft_size=transforms.draft_size_for(False, input_size),
+        skip_bad=flags.skip_bad_images,
+        classes=train_set.classes or None,
+    )
     class_names = datasets.check_labels(train_set, [val_set], flags.nb_classes)
     num_classes = len(class_names)
 
-    model, _ = build_classifier(num_classes, finetune=flags.finetune, model=flags.model, input_size=input_size,
-                                patch_size=flags.patch_size, bands=bands, global_pool=flags.global_pool,
-                                drop_path=drop_path, head_init_std=flags.head_init_std)
+    model, _ = build_classifier(
+        num_classes,
+        finetune=flags.finetune,
+        model=flags.model,
+        input_size=input_size,
+        patch_size=flags.patch_size,
+        bands=bands,
+        global_pool=flags.global_pool,
+        drop_path=drop_path,
+        head_init_std=flags.head_init_std,
+    )
     model.to(run.device)
     plan = config.training_schedule(flags, run.world_size)
     recipe = recipe_fn(flags, bands, input_size, model, num_classes, plan.lr)
     train_set.transform = recipe.train_transform
-    record = config.run_record(flags, **bands.record(), input_size=input_size, patch_size=model.patch_embed.patch_size[0],
-                               nb_classes=num_classes, lr=plan.lr, lr_given=flags.lr, world_size=run.world_size)
+    record = config.run_record(
+        flags,
+        **bands.record(),
+        input_size=input_size,
+        patch_size=model.patch_embed.patch_size[0],
+        nb_classes=num_classes,
+        lr=plan.lr,
+        lr_given=flags.lr,
+        world_size=run.world_size,
+    )
     scaler = loop.grad_scaler(run)
-    start_epoch, start_step, resumed = checkpoint.resume(flags.resume, record, run, model, recipe.optimizer, scaler,
-                                                         flags.start_epoch, flags.allow_changed_flags)
-    logger.append_log(run, {"run_start": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "resumed_from": str(resumed.get("path")) if resumed else None, "start_epoch": start_epoch})
+    start_epoch, start_step, resumed = checkpoint.resume(
+        flags.resume, record, run, model, recipe.optimizer, scaler, flags.start_epoch, flags.allow_changed_flags
+    )
+    logger.append_log(
+        run,
+        {
+            "run_start": datetime.datetime.now().isoformat(timespec="seconds"),
+            "resumed_from": str(resumed.get("path")) if resumed else None,
+            "start_epoch": start_epoch,
+        },
+    )
 
     reading = config.loading(flags)
     if recipe.cache_features:  # the encoder is final now (resumed or loaded): its features never change
@@ -188,29 +263,58 @@ def train_classifier(flags: Flags, bands: Bands, recipe_fn: RecipeFn, drop_path:
     main_print(
         f"{sum(p.numel() for p in recipe.trainable.parameters() if p.requires_grad):,} trainable parameters, "
         f"{len(train_set)} training / {len(val_set)} evaluation images, {num_classes} classes, "
-        f"{steps_per_epoch} steps/epoch, lr {plan.lr:.3e}, device {run.device}, autocast {run.amp_dtype or 'off (fp32)'}"
+        f"{steps_per_epoch} steps/epoch, lr {plan.lr:.3e}, device {run.device}, autocast "
+        f"{run.amp_dtype or 'off (fp32)'}"
     )
     train_model = loop.distribute(recipe.trainable, run, flags.attention, flags.compile)
     try:
         for epoch, first_step in loop.epochs(plan, sampler, start_epoch, start_step, run, steps_per_epoch):
-            train_stats = loop.train_supervised_epoch(train_model, recipe.criterion, train_loader, recipe.optimizer,
-                                                      scheduler, scaler, run, plan, epoch, steps_per_epoch, writer,
-                                                      first_step, recipe.mixup)
+            train_stats = loop.train_supervised_epoch(
+                train_model,
+                recipe.criterion,
+                train_loader,
+                recipe.optimizer,
+                scheduler,
+                scaler,
+                run,
+                plan,
+                epoch,
+                steps_per_epoch,
+                writer,
+                first_step,
+                recipe.mixup,
+            )
             metrics, confusion = evaluate(eval_model, val_loader, run, num_classes)
             improved = metrics["acc1"] > best_acc1
             best_acc1 = max(best_acc1, metrics["acc1"])
             report(metrics, len(val_set), f"epoch {epoch}", best_acc1)
             log = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in metrics.items()}}
-            loop.end_epoch(run, epoch, model, recipe.optimizer, scaler, record, log, writer=writer, improved=improved,
-                           save_every=flags.save_every, best_acc1=best_acc1, class_names=class_names)
+            loop.end_epoch(
+                run,
+                epoch,
+                model,
+                recipe.optimizer,
+                scaler,
+                record,
+                log,
+                writer=writer,
+                improved=improved,
+                save_every=flags.save_every,
+                best_acc1=best_acc1,
+                class_names=class_names,
+            )
             if run.is_main:
-                title = f"epoch {epoch}: top-1 {metrics['acc1']:.1f}% on {len(val_set)} images of {Path(flags.test_path).name}"
+                title = (
+                    f"epoch {epoch}: top-1 {metrics['acc1']:.1f}% on {len(val_set)} images of "
+                    f"{Path(flags.test_path).name}"
+                )
                 for name in ("last", "best") if improved else ("last",):
                     path = run.output_dir / f"confusion_matrix_{name}.png"
-                    best_effort(path, lambda: figures.save_confusion_png(confusion, class_names, path, title))
+                    best_effort(path, partial(figures.save_confusion_png, confusion, class_names, path, title))
     except process.Preempted as stop:
-        checkpoint.save_preempted(run, stop, model, recipe.optimizer, scaler, record, best_acc1=best_acc1,
-                                  class_names=class_names)
+        checkpoint.save_preempted(
+            run, stop, model, recipe.optimizer, scaler, record, best_acc1=best_acc1, class_names=class_names
+        )
         return
     if writer is not None:
         writer.close()
@@ -235,11 +339,15 @@ def evaluate_classifier(flags: Flags, bands: Bands, head_fn: Callable[[nn.Module
     weights = checkpoint.model_state(state)
     head = next((weights[k] for k in ("head.weight", "head.1.weight") if k in weights), None)
     if head is None or head.ndim != 2:
-        raise CheckpointError(f"{path}: holds no classification head (a pretraining checkpoint or an encoder export?); "
-                              "--eval would report the accuracy of a freshly initialised head: fine-tune or linear-probe it first")
+        raise CheckpointError(
+            f"{path}: holds no classification head (a pretraining checkpoint or an encoder export?); "
+            "--eval would report the accuracy of a freshly initialised head: fine-tune or linear-probe it first"
+        )
     non_finite = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if non_finite:
-        raise CheckpointError(f"{path}: non-finite values (NaN/inf) in {layouts.summarise(non_finite, 3)}; refusing to evaluate it")
+        raise CheckpointError(
+            f"{path}: non-finite values (NaN/inf) in {layouts.summarise(non_finite, 3)}; refusing to evaluate it"
+        )
     saved = state.get("args") or {}
     checkpoint.check_band_flags(saved, bands, path)
     num_classes = head.shape[0]
@@ -253,19 +361,38 @@ def evaluate_classifier(flags: Flags, bands: Bands, head_fn: Callable[[nn.Module
     known_names = state.get("class_names")
     if known_names is not None and len(known_names) != num_classes:
         raise CheckpointError(f"{path}: {len(known_names)} class names for a head of {num_classes} classes")
-    if known_names is None and flags.train_path and Path(flags.train_path).is_dir():  # older checkpoints: the training tree's folders
+    if (
+        known_names is None and flags.train_path and Path(flags.train_path).is_dir()
+    ):  # older checkpoints: the training tree's folders
         known_names = datasets.scan_image_folder(Path(flags.train_path))[1]
-    val_set = datasets.build_dataset(flags.test_path, flags.dataset_type, transforms.image_transform(bands, input_size, False),
-                                     bands=bands, draft_size=transforms.draft_size_for(False, input_size),
-                                     skip_bad=flags.skip_bad_images, classes=known_names)
+    val_set = datasets.build_dataset(
+        flags.test_path,
+        flags.dataset_type,
+        transforms.image_transform(bands, input_size, False),
+        bands=bands,
+        draft_size=transforms.draft_size_for(False, input_size),
+        skip_bad=flags.skip_bad_images,
+        classes=known_names,
+    )
     if isinstance(val_set, datasets.ImageDataset) and val_set.classes and known_names is None:
-        raise CheckpointError(f"{path}: holds no class names, so the folders of {flags.test_path} cannot be matched to its head; "
-                              "give --train_path (the training tree)")
+        raise CheckpointError(
+            f"{path}: holds no class names, so the folders of {flags.test_path} cannot be matched to its head; "
+            "give --train_path (the training tree)"
+        )
     class_names = datasets.check_labels(None, [val_set], num_classes, known_names)
 
-    model, _ = build_classifier(num_classes, finetune=flags.finetune, model=model_name, input_size=input_size,
-                                patch_size=flags.patch_size, bands=bands, global_pool="fc_norm.weight" in weights,
-                                head_init_std=flags.head_init_std, weights=encoder, load=False)
+    model, _ = build_classifier(
+        num_classes,
+        finetune=flags.finetune,
+        model=model_name,
+        input_size=input_size,
+        patch_size=flags.patch_size,
+        bands=bands,
+        global_pool="fc_norm.weight" in weights,
+        head_init_std=flags.head_init_std,
+        weights=encoder,
+        load=False,
+    )
     if head_fn is not None:
         model = head_fn(model)
     try:
@@ -273,24 +400,41 @@ def evaluate_classifier(flags: Flags, bands: Bands, head_fn: Callable[[nn.Module
     except RuntimeError as e:
         if ("head.1.weight" in weights) != ("head.1.weight" in model.state_dict()):
             script = "main_linprobe.py" if "head.1.weight" in weights else "main_finetune.py"
-            raise CheckpointError(f"{path}: its head is another script's (BatchNorm + linear head: linear probing); "
-                                  f"evaluate it with {script}") from None
-        raise CheckpointError(f"{path}: does not fit {model_name} at {input_size} px "
-                              f"({first_line(e, last=True)})") from None
+            raise CheckpointError(
+                f"{path}: its head is another script's (BatchNorm + linear head: linear probing); "
+                f"evaluate it with {script}"
+            ) from None
+        raise CheckpointError(
+            f"{path}: does not fit {model_name} at {input_size} px ({first_line(e, last=True)})"
+        ) from None
     model.to(run.device)
     epoch = state.get("epoch")
-    main_print(f"eval: the whole classifier from {path} ({model_name}, {num_classes} classes, head included, "
-               f"input {input_size} px" + (f", {epoch + 1} epochs trained" if isinstance(epoch, int) else "") + ")")
+    main_print(
+        f"eval: the whole classifier from {path} ({model_name}, {num_classes} classes, head included, "
+        f"input {input_size} px" + (f", {epoch + 1} epochs trained" if isinstance(epoch, int) else "") + ")"
+    )
     metrics, confusion = evaluate(model, loaders.eval_loader(val_set, config.loading(flags), run), run, num_classes)
     report(metrics, len(val_set), "eval")
     if run.is_main:
-        result = {**metrics, "checkpoint": str(path), "test_path": str(flags.test_path), "images": len(val_set),
-                  "input_size": input_size, "class_names": class_names}
-        best_effort(run.output_dir / "eval_metrics.json",
-                    lambda: (run.output_dir / "eval_metrics.json").write_text(json.dumps(result, indent=2)))
+        result = {
+            **metrics,
+            "checkpoint": str(path),
+            "test_path": str(flags.test_path),
+            "images": len(val_set),
+            "input_size": input_size,
+            "class_names": class_names,
+        }
+        best_effort(
+            run.output_dir / "eval_metrics.json",
+            lambda: (run.output_dir / "eval_metrics.json").write_text(json.dumps(result, indent=2)),
+        )
         title = f"{model_name}: top-1 {metrics['acc1']:.1f}% on {len(val_set)} images of {Path(flags.test_path).name}"
-        best_effort(run.output_dir / "confusion_matrix_eval.png", lambda: figures.save_confusion_png(
-            confusion, class_names, run.output_dir / "confusion_matrix_eval.png", title))
+        best_effort(
+            run.output_dir / "confusion_matrix_eval.png",
+            lambda: figures.save_confusion_png(
+                confusion, class_names, run.output_dir / "confusion_matrix_eval.png", title
+            ),
+        )
         main_print(f"eval outputs: {run.output_dir}")
 
 
@@ -313,7 +457,10 @@ def extract_features(model: nn.Module, loader, run: Run) -> tuple[torch.Tensor, 
     model.eval()
     outputs, labels = infer(
         lambda images: {"features": model.forward_head(model.forward_features(images), pre_logits=True)},
-        loader, run.device, run.amp_dtype, "frozen features",
+        loader,
+        run.device,
+        run.amp_dtype,
+        "frozen features",
     )
     return outputs["features"], labels
 
@@ -330,9 +477,13 @@ def evaluate(model: nn.Module, loader, run: Run, num_classes: int) -> tuple[dict
     logits = outputs["logits"]
     if not torch.isfinite(logits).all():
         bad = (~torch.isfinite(logits)).any(1).nonzero()[:, 0]
-        raise NonFiniteOutputError(f"evaluation: the model's logits are NaN/inf for {len(bad)} of {len(labels)} images "
-                                   f"(first: image {bad[0].item()} of the evaluation set); refusing to report an accuracy")
-    confusion = torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).reshape(num_classes, num_classes)
+        raise NonFiniteOutputError(
+            f"evaluation: the model's logits are NaN/inf for {len(bad)} of {len(labels)} images "
+            f"(first: image {bad[0].item()} of the evaluation set); refusing to report an accuracy"
+        )
+    confusion = torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).reshape(
+        num_classes, num_classes
+    )
     true_positives = confusion.diagonal().double()
     precision = true_positives / confusion.sum(0).clamp(min=1)
     recall = true_positives / confusion.sum(1).clamp(min=1)

@@ -1,6 +1,7 @@
 """Multi-scale kNN evaluation of frozen encoders (``main_knn.py``): every checkpoint's features of the memory set at
 full resolution and of the evaluation set at each scale, weighted and majority kNN (``util.eval.knn``), and the
 results table, protocol and figure."""
+
 from __future__ import annotations
 
 import csv
@@ -48,14 +49,23 @@ def evaluate(flags: Flags, bands: Bands) -> None:
     if model_name is None:
         raise UsageError("--checkpoints none needs --model (or another checkpoint to take the architecture from)")
     input_size = flags.input_size or (reference.shape.input_size if reference else config.DEFAULT_INPUT_SIZE)
-    patch_size = reference.shape.patch_size if reference else (flags.patch_size or models_vit.classifier_preset(model_name)[1])
+    patch_size = (
+        reference.shape.patch_size if reference else (flags.patch_size or models_vit.classifier_preset(model_name)[1])
+    )
     if input_size % patch_size:
         raise UsageError(f"--input_size {input_size} is not divisible by --patch_size {patch_size}")
     encoders = {}
     for spec in flags.checkpoints:  # every checkpoint is built (and checked) before the first is scored
         torch.manual_seed(flags.seed)  # the random-init encoder is reproducible
-        encoders[spec] = build_knn_encoder(spec, weights.get(spec), model_name, input_size=input_size, patch_size=patch_size,
-                                           bands=bands, native=flags.scale_mode == "native")
+        encoders[spec] = build_knn_encoder(
+            spec,
+            weights.get(spec),
+            model_name,
+            input_size=input_size,
+            patch_size=patch_size,
+            bands=bands,
+            native=flags.scale_mode == "native",
+        )
     train_set, val_set, origin = load_datasets(flags, bands, input_size)
     class_names = datasets.check_labels(train_set, [val_set], what="kNN classifier")
     num_classes = len(class_names)
@@ -68,29 +78,54 @@ def evaluate(flags: Flags, bands: Bands) -> None:
         encoder, label, final_norm = encoders.pop(spec)
         classifier_pool = weights[spec].classifier_pool if spec in weights else None
         pool = knn.CLASSIFIER_POOL if classifier_pool else flags.pool
-        features[label] = (f"the features the classifier's head sees ({'mean of the patch tokens + fc_norm' if classifier_pool == 'avg' else 'cls token after the final norm'}), L2-normalised; --pool ignored"
-                           if classifier_pool else None)
+        pooled = "mean of the patch tokens + fc_norm" if classifier_pool == "avg" else "cls token after the final norm"
+        features[label] = (
+            f"the features the classifier's head sees ({pooled}), L2-normalised; --pool ignored"
+            if classifier_pool
+            else None
+        )
         if classifier_pool:
             main_print(f"{label}: a trained classifier: {features[label]}")
         encoder.to(run.device)
         final_norms[label] = final_norm
         accuracy = knn.multiscale_accuracies(
-            encoder, final_norm, train_loader, val_loader, num_classes, run.device, run.amp_dtype, flags.scales,
-            pool, flags.scale_mode, flags.k, flags.temperature, flags.majority_k,
+            encoder,
+            final_norm,
+            train_loader,
+            val_loader,
+            num_classes,
+            run.device,
+            run.amp_dtype,
+            flags.scales,
+            pool,
+            flags.scale_mode,
+            flags.k,
+            flags.temperature,
+            flags.majority_k,
         )
         encoder.cpu()
-        rows += [{"checkpoint": label, "classifier": c, "scale": s, "top1": accuracy[c, s]} for s in flags.scales for c in CLASSIFIERS]
-        main_print(f"{label}: " + ", ".join(
-            f"{r['classifier']} {r['scale']:g} {r['top1']:.1f}%" for r in rows if r["checkpoint"] == label))
+        rows += [
+            {"checkpoint": label, "classifier": c, "scale": s, "top1": accuracy[c, s]}
+            for s in flags.scales
+            for c in CLASSIFIERS
+        ]
+        main_print(
+            f"{label}: "
+            + ", ".join(f"{r['classifier']} {r['scale']:g} {r['top1']:.1f}%" for r in rows if r["checkpoint"] == label)
+        )
     if not run.is_main:
         return
-    protocol = describe_protocol(flags, bands, input_size, patch_size, train_set, val_set, num_classes, origin, final_norms)
+    protocol = describe_protocol(
+        flags, bands, input_size, patch_size, train_set, val_set, num_classes, origin, final_norms
+    )
     protocol["class_names"] = class_names
     protocol["features_per_checkpoint"] = {label: text for label, text in features.items() if text}
     write_outputs(rows, protocol, flags.scales, run.output_dir)
 
 
-def load_datasets(flags: Flags, bands: Bands, input_size: int) -> tuple[loaders.SampleDataset, loaders.SampleDataset, str]:
+def load_datasets(
+    flags: Flags, bands: Bands, input_size: int
+) -> tuple[loaders.SampleDataset, loaders.SampleDataset, str]:
     """(memory set, evaluation set, where they come from): ``--test_path``, or a seeded ``--val_fraction`` split of
     ``--train_path`` with ``--test_path split``."""
     transform = transforms.image_transform(bands, input_size, False)
@@ -100,32 +135,59 @@ def load_datasets(flags: Flags, bands: Bands, input_size: int) -> tuple[loaders.
         train, val = datasets.split_dataset(train, flags.val_fraction, flags.seed)
         origin = f"seeded split (seed {flags.seed}) of {flags.train_path}: {flags.val_fraction:.0%} evaluated"
     else:
-        val = datasets.build_dataset(flags.test_path, flags.dataset_type, transform, **reading, classes=train.classes or None)
+        val = datasets.build_dataset(
+            flags.test_path, flags.dataset_type, transform, **reading, classes=train.classes or None
+        )
         origin = f"train {flags.train_path}, evaluation {flags.test_path}"
     return train, val, origin
 
 
-def describe_protocol(flags: Flags, bands: Bands, input_size: int, patch_size: int, train_set, val_set, num_classes: int,
-                      origin: str, final_norms: dict[str, bool]) -> dict:
+def describe_protocol(
+    flags: Flags,
+    bands: Bands,
+    input_size: int,
+    patch_size: int,
+    train_set,
+    val_set,
+    num_classes: int,
+    origin: str,
+    final_norms: dict[str, bool],
+) -> dict:
     """The protocol of an evaluation, as ``protocol.json`` and ``knn_results.md`` record it."""
     sizes = {s: knn.reduced_size(input_size, s, patch_size, flags.scale_mode) for s in flags.scales}
     return {
         "data": origin,
-        "evaluation_set": (f"{flags.val_fraction:.0%} split of {Path(flags.train_path).name}" if flags.test_path == "split"
-                           else Path(flags.test_path).name),
-        "memory_images": len(train_set), "evaluation_images": len(val_set), "classes": num_classes,
+        "evaluation_set": (
+            f"{flags.val_fraction:.0%} split of {Path(flags.train_path).name}"
+            if flags.test_path == "split"
+            else Path(flags.test_path).name
+        ),
+        "memory_images": len(train_set),
+        "evaluation_images": len(val_set),
+        "classes": num_classes,
         "input_size": input_size,
         "preprocessing": f"resize shorter side to {transforms.eval_resize_size(input_size)} "
-                         f"({'bilinear' if bands.raster else 'bicubic'}, antialias), "
-                         f"centre crop {input_size}, normalise mean {bands.mean} std {bands.std}",
-        "scales": {f"{s:g}": (f"area down-sampling to {sizes[s]} px, bicubic back to {input_size} px" if flags.scale_mode == "resize"
-                              else f"area down-sampling to {sizes[s]} px, fed natively, position embeddings interpolated (bicubic)")
-                   for s in flags.scales},
+        f"({'bilinear' if bands.raster else 'bicubic'}, antialias), "
+        f"centre crop {input_size}, normalise mean {bands.mean} std {bands.std}",
+        "scales": {
+            f"{s:g}": (
+                f"area down-sampling to {sizes[s]} px, bicubic back to {input_size} px"
+                if flags.scale_mode == "resize"
+                else f"area down-sampling to {sizes[s]} px, fed natively, position embeddings interpolated (bicubic)"
+            )
+            for s in flags.scales
+        },
         "memory_set": f"full resolution ({input_size} px)",
-        "features": f"{'cls token' if flags.pool == 'cls' else 'mean of the patch tokens'} of the last block, L2-normalised",
-        "final_layernorm": {label: ("applied" if applied else "not applied (as in pretraining)") for label, applied in final_norms.items()},
-        "weighted_knn": f"k = {flags.k}, cosine similarity, votes exp(sim / {flags.temperature}) (InstDisc / Scale-MAE)",
-        "majority_knn": f"k = {flags.majority_k}, cosine similarity, one vote each, ties to the lowest class index (torchgeo-bench)",
+        "features": f"{'cls token' if flags.pool == 'cls' else 'mean of the patch tokens'} of the last block, "
+        "L2-normalised",
+        "final_layernorm": {
+            label: ("applied" if applied else "not applied (as in pretraining)")
+            for label, applied in final_norms.items()
+        },
+        "weighted_knn": f"k = {flags.k}, cosine similarity, votes exp(sim / {flags.temperature}) (InstDisc / "
+        "Scale-MAE)",
+        "majority_knn": f"k = {flags.majority_k}, cosine similarity, one vote each, ties to the lowest class index "
+        "(torchgeo-bench)",
     }
 
 
@@ -134,6 +196,7 @@ def write_outputs(rows: list[dict], protocol: dict, scales: list[float], out: Pa
     printed too (a full disk gives a warning per file, never a lost result)."""
     labels = list(dict.fromkeys(r["checkpoint"] for r in rows))
     table = {(r["checkpoint"], r["classifier"], r["scale"]): r["top1"] for r in rows}
+
     def write_csv():
         with open(out / "knn_results.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["checkpoint", "classifier", "scale", "top1"])
@@ -141,8 +204,14 @@ def write_outputs(rows: list[dict], protocol: dict, scales: list[float], out: Pa
             writer.writerows(rows)
             for label in labels:
                 for c in CLASSIFIERS:
-                    writer.writerow({"checkpoint": label, "classifier": c, "scale": "mean",
-                                     "top1": sum(table[label, c, s] for s in scales) / len(scales)})
+                    writer.writerow(
+                        {
+                            "checkpoint": label,
+                            "classifier": c,
+                            "scale": "mean",
+                            "top1": sum(table[label, c, s] for s in scales) / len(scales),
+                        }
+                    )
 
     best_effort(out / "knn_results.csv", write_csv)  # a full disk: a warning, and the table still printed below
     header = "| checkpoint | classifier | " + " | ".join(f"{s:g}" for s in scales) + " | mean |"
@@ -150,13 +219,31 @@ def write_outputs(rows: list[dict], protocol: dict, scales: list[float], out: Pa
     for label in labels:
         for c in CLASSIFIERS:
             values = [table[label, c, s] for s in scales]
-            lines.append(f"| {label} | {c} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {sum(values) / len(values):.1f} |")
+            lines.append(
+                f"| {label} | {c} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {sum(values) / len(values):.1f} |"
+            )
     markdown = "\n".join(lines)
     protocol_lines = [f"- **{k}**: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in protocol.items()]
-    best_effort(out / "knn_results.md", lambda: (out / "knn_results.md").write_text(
-        "# Multi-scale kNN top-1 (%)\n\n" + markdown + "\n\n## Protocol\n\n" + "\n".join(protocol_lines) + "\n"))
+    best_effort(
+        out / "knn_results.md",
+        lambda: (out / "knn_results.md").write_text(
+            "# Multi-scale kNN top-1 (%)\n\n" + markdown + "\n\n## Protocol\n\n" + "\n".join(protocol_lines) + "\n"
+        ),
+    )
     best_effort(out / "protocol.json", lambda: (out / "protocol.json").write_text(json.dumps(protocol, indent=2)))
-    best_effort(out / "knn_accuracy_vs_scale.png", lambda: save_knn_plot(
-        table, labels, scales, CLASSIFIERS, out / "knn_accuracy_vs_scale.png",
-        evaluation=protocol.get("evaluation_set", ""), images=protocol.get("evaluation_images")))
-    print(markdown + f"\n\nresults: {out}/knn_results.md, knn_results.csv, protocol.json, knn_accuracy_vs_scale.png", flush=True)
+    best_effort(
+        out / "knn_accuracy_vs_scale.png",
+        lambda: save_knn_plot(
+            table,
+            labels,
+            scales,
+            CLASSIFIERS,
+            out / "knn_accuracy_vs_scale.png",
+            evaluation=protocol.get("evaluation_set", ""),
+            images=protocol.get("evaluation_images"),
+        ),
+    )
+    print(
+        markdown + f"\n\nresults: {out}/knn_results.md, knn_results.csv, protocol.json, knn_accuracy_vs_scale.png",
+        flush=True,
+    )

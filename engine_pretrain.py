@@ -1,5 +1,6 @@
 """Pretraining: the run (``pretrain``), one epoch of Cross-Scale MAE, the reconstruction figure, and kNN evaluation
 during training."""
+
 from __future__ import annotations
 
 import copy
@@ -41,39 +42,61 @@ def pretrain(flags: Flags, bands: Bands, loss_weights: dict[str, float]) -> None
     run = process.setup_run(flags.device, flags.amp, flags.seed, flags.output_dir, flags.dist_timeout)
     model = build_model(flags, loss_weights).to(run.device)
     if flags.use_xformers or flags.attn_name != "scaled_dot_product":
-        path = "scaled_dot_product_attention" if loop.use_sdpa(flags.attention, run.device) else "explicit matmul + softmax"
-        main_print(f"note: --use_xformers/--attn_name are ignored: xFormers is not used, attention runs through {path} (--attention)")
+        path = (
+            "scaled_dot_product_attention"
+            if loop.use_sdpa(flags.attention, run.device)
+            else "explicit matmul + softmax"
+        )
+        main_print(
+            f"note: --use_xformers/--attn_name are ignored: xFormers is not used, attention runs through {path} "
+            "(--attention)"
+        )
 
     dataset = datasets.build_dataset(
-        flags.train_path, flags.dataset_type, transforms.image_transform(bands, flags.input_size, True, valid_channel=True),
-        bands=bands, valid_channel=True, draft_size=transforms.draft_size_for(True, flags.input_size),
+        flags.train_path,
+        flags.dataset_type,
+        transforms.image_transform(bands, flags.input_size, True, valid_channel=True),
+        bands=bands,
+        valid_channel=True,
+        draft_size=transforms.draft_size_for(True, flags.input_size),
         skip_bad=flags.skip_bad_images,
     )
     device_transform = None
     if dataset.predecoded:  # packed array or shards, decoded already: augment whole batches on the device
         dataset.transform = None
-        device_transform = transforms.BatchAugment(flags.input_size, bands.mean, bands.std,
-                                                   value_scale=1.0 if bands.raster else 255.0, nodata=dataset.nodata).to(run.device)
+        device_transform = transforms.BatchAugment(
+            flags.input_size, bands.mean, bands.std, value_scale=1.0 if bands.raster else 255.0, nodata=dataset.nodata
+        ).to(run.device)
         main_print(f"pre-decoded dataset {dataset.source}: crops, flips and normalisation run on {run.device}")
     loader, sampler = loaders.train_loader(dataset, config.loading(flags), run)
     steps_per_epoch = len(loader)
 
     plan = config.training_schedule(flags, run.world_size)
     # shard_manifest: a resume must read the same shards in the same order (checkpoint.changed_flags)
-    record = config.run_record(flags, **bands.record(), lr=plan.lr, lr_given=flags.lr, world_size=run.world_size,
-                               shard_manifest=dataset.digest)
-    optimizer = create_optimizer_v2(model, "adamw", lr=plan.lr, weight_decay=flags.weight_decay, betas=(0.9, 0.95), fused=True)
+    record = config.run_record(
+        flags, **bands.record(), lr=plan.lr, lr_given=flags.lr, world_size=run.world_size, shard_manifest=dataset.digest
+    )
+    optimizer = create_optimizer_v2(
+        model, "adamw", lr=plan.lr, weight_decay=flags.weight_decay, betas=(0.9, 0.95), fused=True
+    )
     scheduler = schedule.lr_scheduler(optimizer, plan, steps_per_epoch)
     scaler = loop.grad_scaler(run)
-    start_epoch, start_step, resumed = checkpoint.resume(flags.resume, record, run, model, optimizer, scaler,
-                                                         flags.start_epoch, flags.allow_changed_flags)
+    start_epoch, start_step, resumed = checkpoint.resume(
+        flags.resume, record, run, model, optimizer, scaler, flags.start_epoch, flags.allow_changed_flags
+    )
     if flags.init and resumed:  # a relaunched run (--resume auto) continues its own weights, not --init's again
         main_print(f"note: --init {flags.init} ignored: resumed from {resumed['path']}")
     elif flags.init:
         main_print(init_mae(model, flags.init, BandAdaptation.of(bands), flags.model))
-    logger.append_log(run, {"run_start": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "resumed_from": resumed.get("path"), "initialised_from": None if resumed else flags.init or None,
-                            "start_epoch": start_epoch})
+    logger.append_log(
+        run,
+        {
+            "run_start": datetime.datetime.now().isoformat(timespec="seconds"),
+            "resumed_from": resumed.get("path"),
+            "initialised_from": None if resumed else flags.init or None,
+            "start_epoch": start_epoch,
+        },
+    )
 
     main_print(
         f"{flags.model}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, "
@@ -91,14 +114,39 @@ def pretrain(flags: Flags, bands: Bands, loss_weights: dict[str, float]) -> None
 
     try:
         for epoch, first_step in loop.epochs(plan, sampler, start_epoch, start_step, run, steps_per_epoch):
-            stats = train_one_epoch(train_model, model.loss_names, loader, optimizer, scheduler, scaler, run, plan, epoch,
-                                    steps_per_epoch, flags.in_chans, flags.mask_ratio, writer, first_step, device_transform)
+            stats = train_one_epoch(
+                train_model,
+                model.loss_names,
+                loader,
+                optimizer,
+                scheduler,
+                scaler,
+                run,
+                plan,
+                epoch,
+                steps_per_epoch,
+                flags.in_chans,
+                flags.mask_ratio,
+                writer,
+                first_step,
+                device_transform,
+            )
             knn_due = knn_sets and (epoch + 1) % flags.knn_eval_every == 0
             knn_stats = knn_evaluate(model, *knn_sets, run, epoch, writer) if knn_due else {}
             last = epoch + 1 == plan.epochs
             # save_every 0: only the last epoch's numbered checkpoint
-            loop.end_epoch(run, epoch, model, optimizer, scaler, record, {**{f"train_{k}": v for k, v in stats.items()}, **knn_stats},
-                           writer=writer, save_every=flags.save_every or plan.epochs, last=last)
+            loop.end_epoch(
+                run,
+                epoch,
+                model,
+                optimizer,
+                scaler,
+                record,
+                {**{f"train_{k}": v for k, v in stats.items()}, **knn_stats},
+                writer=writer,
+                save_every=flags.save_every or plan.epochs,
+                last=last,
+            )
             if run.is_main and ((flags.plot_every and (epoch + 1) % flags.plot_every == 0) or last):
                 save_reconstruction(model, plot_images, flags, bands, run, epoch, writer)
     except process.Preempted as stop:
@@ -110,12 +158,17 @@ def pretrain(flags: Flags, bands: Bands, loss_weights: dict[str, float]) -> None
     if writer is not None:
         writer.close()
         if flags.norm_style == "pre":
-            exported = export_encoder(model, run.output_dir / "encoder", record, checkpoint="checkpoint-last.pth",
-                                      epoch=plan.epochs - 1)
-            main_print(f"encoder: {exported.pth}; timm: create_model('local-dir:{exported.directory}', pretrained=True) "
-                       "(docs/weights_elsewhere.md)")
-        main_print(f"checkpoints: {run.output_dir}/checkpoint-last.pth\nfigures: {run.output_dir / 'plots'}\n"
-                   f"logs: tensorboard --logdir {flags.log_dir or run.output_dir}")
+            exported = export_encoder(
+                model, run.output_dir / "encoder", record, checkpoint="checkpoint-last.pth", epoch=plan.epochs - 1
+            )
+            main_print(
+                f"encoder: {exported.pth}; timm: create_model('local-dir:{exported.directory}', pretrained=True) "
+                "(docs/weights_elsewhere.md)"
+            )
+        main_print(
+            f"checkpoints: {run.output_dir}/checkpoint-last.pth\nfigures: {run.output_dir / 'plots'}\n"
+            f"logs: tensorboard --logdir {flags.log_dir or run.output_dir}"
+        )
 
 
 def build_model(flags: Flags, loss_weights: dict[str, float]) -> models_mae.CrossScaleMAE:
@@ -125,10 +178,18 @@ def build_model(flags: Flags, loss_weights: dict[str, float]) -> models_mae.Cros
         UsageError: naming the flag whose value the model refuses (the model is where values are checked).
     """
     options = dict(
-        input_size=flags.input_size, patch_size=flags.patch_size, in_chans=flags.in_chans, mask_ratio=flags.mask_ratio,
-        norm_pix_loss=flags.norm_pix_loss, scale_range=tuple(flags.scale_range), crop_mode=flags.crop_mode,
-        contrastive=flags.contrastive, temperature=flags.temperature, gather_negatives=flags.gather_negatives,
-        encoder_norm=flags.encoder_norm, norm_style=flags.norm_style,
+        input_size=flags.input_size,
+        patch_size=flags.patch_size,
+        in_chans=flags.in_chans,
+        mask_ratio=flags.mask_ratio,
+        norm_pix_loss=flags.norm_pix_loss,
+        scale_range=tuple(flags.scale_range),
+        crop_mode=flags.crop_mode,
+        contrastive=flags.contrastive,
+        temperature=flags.temperature,
+        gather_negatives=flags.gather_negatives,
+        encoder_norm=flags.encoder_norm,
+        norm_style=flags.norm_style,
     )
     if loss_weights:
         options["loss_weights"] = loss_weights
@@ -138,10 +199,14 @@ def build_model(flags: Flags, loss_weights: dict[str, float]) -> models_mae.Cros
         raise UsageError(f"--{e}") from None
     patches = (flags.input_size // flags.patch_size) ** 2
     if int(patches * (1 - flags.mask_ratio)) < 1:
-        raise UsageError(f"--mask_ratio {flags.mask_ratio} leaves no visible patch of the {patches} patches of a "
-                         f"{flags.input_size} px image (--patch_size {flags.patch_size}): at most {1 - 1 / patches:.3f}")
+        raise UsageError(
+            f"--mask_ratio {flags.mask_ratio} leaves no visible patch of the {patches} patches of a "
+            f"{flags.input_size} px image (--patch_size {flags.patch_size}): at most {1 - 1 / patches:.3f}"
+        )
     if flags.batch_size < 2 and model.loss_weights["cross_cons"]:
-        raise UsageError("--batch_size must be at least 2 per device: the contrastive loss needs negatives in the batch")
+        raise UsageError(
+            "--batch_size must be at least 2 per device: the contrastive loss needs negatives in the batch"
+        )
     return model
 
 
@@ -149,9 +214,17 @@ def knn_data(flags: Flags, bands: Bands, run: Run):
     """Memory and evaluation loaders of the labelled kNN sets (``--knn_train_path``, ``--knn_test_path``), and their
     class count (labels checked by ``datasets.check_labels``, ImageFolder trees matched by class name)."""
     transform = transforms.image_transform(bands, flags.input_size, False)
-    memory = datasets.build_dataset(flags.knn_train_path, "auto", transform, bands=bands, skip_bad=flags.skip_bad_images)
-    queries = datasets.build_dataset(flags.knn_test_path, "auto", transform, bands=bands, skip_bad=flags.skip_bad_images,
-                                     classes=memory.classes or None)
+    memory = datasets.build_dataset(
+        flags.knn_train_path, "auto", transform, bands=bands, skip_bad=flags.skip_bad_images
+    )
+    queries = datasets.build_dataset(
+        flags.knn_test_path,
+        "auto",
+        transform,
+        bands=bands,
+        skip_bad=flags.skip_bad_images,
+        classes=memory.classes or None,
+    )
     num_classes = len(datasets.check_labels(memory, [queries], what="kNN classifier"))
     reading = config.loading(flags)
     return loaders.eval_loader(memory, reading, run), loaders.eval_loader(queries, reading, run), num_classes
@@ -165,11 +238,23 @@ def plot_batch(dataset: loaders.SampleDataset, bands: Bands, input_size: int, de
     return split_valid(images, bands.in_chans)[0].to(device)
 
 
-def train_one_epoch(model: torch.nn.Module, loss_names: tuple[str, ...], loader, optimizer: torch.optim.Optimizer,
-                    scheduler, scaler: torch.amp.GradScaler | None, run: Run, plan: Schedule, epoch: int,
-                    steps_per_epoch: int, in_chans: int, mask_ratio: float, writer: SummaryWriter | None = None,
-                    start_step: int = 0,
-                    device_transform: torch.nn.Module | None = None) -> dict[str, float]:
+def train_one_epoch(
+    model: torch.nn.Module,
+    loss_names: tuple[str, ...],
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler | None,
+    run: Run,
+    plan: Schedule,
+    epoch: int,
+    steps_per_epoch: int,
+    in_chans: int,
+    mask_ratio: float,
+    writer: SummaryWriter | None = None,
+    start_step: int = 0,
+    device_transform: torch.nn.Module | None = None,
+) -> dict[str, float]:
     """One epoch of Cross-Scale MAE pretraining; returns the mean of each loss term.
 
     Args:
@@ -188,8 +273,19 @@ def train_one_epoch(model: torch.nn.Module, loss_names: tuple[str, ...], loader,
         NonFiniteLossError: a loss term became NaN or infinite.
     """
     model.train()
-    steps = StepLoop(model, optimizer, scheduler, scaler, run, plan, epoch, steps_per_epoch, ("loss", *loss_names),
-                     writer, start_step)
+    steps = StepLoop(
+        model,
+        optimizer,
+        scheduler,
+        scaler,
+        run,
+        plan,
+        epoch,
+        steps_per_epoch,
+        ("loss", *loss_names),
+        writer,
+        start_step,
+    )
     for step, (samples, _labels) in enumerate(loader, start=start_step):
         samples = samples.to(run.device, non_blocking=True)  # [B, C, H, W]
         if device_transform is not None:
@@ -203,13 +299,25 @@ def train_one_epoch(model: torch.nn.Module, loss_names: tuple[str, ...], loader,
     return steps.epoch_means()
 
 
-def save_reconstruction(mae: models_mae.CrossScaleMAE, images: torch.Tensor, flags: Flags, bands: Bands, run: Run,
-                        epoch: int, writer: SummaryWriter | None = None) -> None:
+def save_reconstruction(
+    mae: models_mae.CrossScaleMAE,
+    images: torch.Tensor,
+    flags: Flags,
+    bands: Bands,
+    run: Run,
+    epoch: int,
+    writer: SummaryWriter | None = None,
+) -> None:
     """Write ``plots/reconstruction_epochNNNN.png`` (a titled matplotlib figure: a column per original / masked /
     reconstruction of each scale, model and epoch above) and the plain grid to TensorBoard, for ``images`` [B, C, H, W].
     Multispectral / 16-bit bands are shown at +-2 std, ``--rgb_bands`` as R G B."""
-    columns, names = reconstruction_columns(mae, images, None if bands.raster else bands.mean,
-                                            None if bands.raster else bands.std, rgb_bands=bands.rgb_bands)
+    columns, names = reconstruction_columns(
+        mae,
+        images,
+        None if bands.raster else bands.mean,
+        None if bands.raster else bands.std,
+        rgb_bands=bands.rgb_bands,
+    )
     title = f"{flags.model} ({flags.input_size} px, patch {flags.patch_size}): epoch {epoch}"
     path = run.output_dir / "plots" / f"reconstruction_epoch{epoch:04d}.png"
     best_effort(path, lambda: save_reconstruction_png(columns, names, path, title))
@@ -217,10 +325,13 @@ def save_reconstruction(mae: models_mae.CrossScaleMAE, images: torch.Tensor, fla
         writer.add_image("reconstruction", grid_image(columns), epoch)
 
 
-def knn_evaluate(mae: models_mae.CrossScaleMAE, memory, queries, num_classes: int, run: Run, epoch: int,
-                 writer: SummaryWriter | None) -> dict[str, float]:
+def knn_evaluate(
+    mae: models_mae.CrossScaleMAE, memory, queries, num_classes: int, run: Run, epoch: int, writer: SummaryWriter | None
+) -> dict[str, float]:
     """Multi-scale kNN top-1 (%) of the encoder as it is now (resize mode, cls token); logged and returned."""
-    results = knn.multiscale_accuracies(mae.encoder, mae.encoder_norm, memory, queries, num_classes, run.device, run.amp_dtype)
+    results = knn.multiscale_accuracies(
+        mae.encoder, mae.encoder_norm, memory, queries, num_classes, run.device, run.amp_dtype
+    )
     mae.train()
     stats = {f"knn_{classifier}_{scale:g}": value for (classifier, scale), value in results.items()}
     main_print(f"epoch {epoch} kNN top-1: " + ", ".join(f"{k[4:]} {v:.1f}%" for k, v in stats.items()))

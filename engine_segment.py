@@ -2,6 +2,7 @@
 (``evaluate_segmenter``) and the final evaluation every segmenter gets, the per-pixel baseline's included
 (``final_evaluation``): sliding-window inference at every scale, confusion matrices per image, mIoU with block-bootstrap
 intervals, tables and figures."""
+
 from __future__ import annotations
 
 import csv
@@ -58,9 +59,18 @@ class Protocol:
 
 def protocol(flags: Flags, crop: int | None = None) -> Protocol:
     """The ``Protocol`` of the evaluation flags (``crop``: the checkpoint's, for ``--eval``)."""
-    return Protocol(crop or flags.input_size, tuple(sorted(flags.scales)), flags.overlap, flags.ignore_index,
-                    tuple(flags.exclude_classes), flags.eval_ignore_boundary, flags.block_pattern, flags.block_size,
-                    flags.bootstrap, flags.examples)
+    return Protocol(
+        crop or flags.input_size,
+        tuple(sorted(flags.scales)),
+        flags.overlap,
+        flags.ignore_index,
+        tuple(flags.exclude_classes),
+        flags.eval_ignore_boundary,
+        flags.block_pattern,
+        flags.block_size,
+        flags.bootstrap,
+        flags.examples,
+    )
 
 
 def train_segmenter(flags: Flags, bands: Bands) -> None:
@@ -78,33 +88,66 @@ def train_segmenter(flags: Flags, bands: Bands) -> None:
     checkpoint.check_output_dir(flags.output_dir, flags.resume, flags.overwrite)
     run = process.setup_run(flags.device, flags.amp, flags.seed, flags.output_dir, flags.dist_timeout)
     evaluation = protocol(flags)
-    val_set = dataset_of(flags.test_path, segmentation.eval_transform(bands.mean, bands.std), bands, flags, num_classes, palette)
-    train_transform = segmentation.train_transform(flags.input_size, bands.mean, bands.std, flags.ignore_index,
-                                                   tuple(flags.crop_scale))
+    val_set = dataset_of(
+        flags.test_path, segmentation.eval_transform(bands.mean, bands.std), bands, flags, num_classes, palette
+    )
+    train_transform = segmentation.train_transform(
+        flags.input_size, bands.mean, bands.std, flags.ignore_index, tuple(flags.crop_scale)
+    )
     train_set = dataset_of(flags.train_path, train_transform, bands, flags, num_classes, palette)
     evaluation_blocks(val_set, evaluation)  # before training: a pattern that cannot work is found now, not after it
 
-    model, _ = build_segmenter(num_classes, finetune=flags.finetune, model=flags.model, input_size=flags.input_size,
-                               patch_size=flags.patch_size, bands=bands, head=flags.head, freeze_encoder=flags.freeze_encoder,
-                               decoder_channels=flags.decoder_channels, drop_path=flags.drop_path)
+    model, _ = build_segmenter(
+        num_classes,
+        finetune=flags.finetune,
+        model=flags.model,
+        input_size=flags.input_size,
+        patch_size=flags.patch_size,
+        bands=bands,
+        head=flags.head,
+        freeze_encoder=flags.freeze_encoder,
+        decoder_channels=flags.decoder_channels,
+        drop_path=flags.drop_path,
+    )
     if distributed.is_distributed() and run.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(run.device)
     plan = config.training_schedule(flags, run.world_size)
-    record = config.run_record(flags, **bands.record(), patch_size=model.encoder.patch_embed.patch_size[0],
-                               nb_classes=num_classes, lr=plan.lr, lr_given=flags.lr, world_size=run.world_size)
-    optimizer = create_optimizer_v2(model, "adamw", lr=plan.lr, weight_decay=flags.weight_decay, layer_decay=flags.layer_decay,
-                                    fused=run.device.type == "cuda")
+    record = config.run_record(
+        flags,
+        **bands.record(),
+        patch_size=model.encoder.patch_embed.patch_size[0],
+        nb_classes=num_classes,
+        lr=plan.lr,
+        lr_given=flags.lr,
+        world_size=run.world_size,
+    )
+    optimizer = create_optimizer_v2(
+        model,
+        "adamw",
+        lr=plan.lr,
+        weight_decay=flags.weight_decay,
+        layer_decay=flags.layer_decay,
+        fused=run.device.type == "cuda",
+    )
     weight = torch.tensor(flags.class_weights, device=run.device) if flags.class_weights else None
     cross_entropy = nn.CrossEntropyLoss(weight=weight, ignore_index=flags.ignore_index)
 
     def criterion(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:  # [B, K, H, W], [B, H, W]; fp32 loss
         return cross_entropy(logits.float(), masks)
+
     scaler = loop.grad_scaler(run)
-    start_epoch, start_step, resumed = checkpoint.resume(flags.resume, record, run, model, optimizer, scaler,
-                                                         flags.start_epoch, flags.allow_changed_flags)
-    logger.append_log(run, {"run_start": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "resumed_from": str(resumed.get("path")) if resumed else None, "start_epoch": start_epoch})
+    start_epoch, start_step, resumed = checkpoint.resume(
+        flags.resume, record, run, model, optimizer, scaler, flags.start_epoch, flags.allow_changed_flags
+    )
+    logger.append_log(
+        run,
+        {
+            "run_start": datetime.datetime.now().isoformat(timespec="seconds"),
+            "resumed_from": str(resumed.get("path")) if resumed else None,
+            "start_epoch": start_epoch,
+        },
+    )
     train_loader, sampler = loaders.train_loader(train_set, config.loading(flags), run)
     val_loader = single_image_loader(val_set, flags, run)
     steps_per_epoch = len(train_loader)
@@ -115,30 +158,61 @@ def train_segmenter(flags: Flags, bands: Bands) -> None:
     main_print(
         f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters "
         f"({'frozen encoder, ' if flags.freeze_encoder else ''}{flags.head} head, blocks {list(model.blocks)}), "
-        f"{len(train_set)} training / {len(val_set)} evaluation images, {num_classes} classes, {steps_per_epoch} steps/epoch, "
+        f"{len(train_set)} training / {len(val_set)} evaluation images, {num_classes} classes, {steps_per_epoch} "
+        "steps/epoch, "
         f"lr {plan.lr:.3e}, device {run.device}, autocast {run.amp_dtype or 'off (fp32)'}"
     )
     train_model = loop.distribute(model, run, flags.attention, flags.compile, unused=model.unused_parameters)
-    at_scale_1 = Protocol(evaluation.crop, (1.0,), evaluation.overlap, evaluation.ignore_index, evaluation.exclude_classes)
+    at_scale_1 = Protocol(
+        evaluation.crop, (1.0,), evaluation.overlap, evaluation.ignore_index, evaluation.exclude_classes
+    )
     try:
         for epoch, first_step in loop.epochs(plan, sampler, start_epoch, start_step, run, steps_per_epoch):
-            train_stats = loop.train_supervised_epoch(train_model, criterion, train_loader, optimizer, scheduler, scaler,
-                                                      run, plan, epoch, steps_per_epoch, writer, first_step)
+            train_stats = loop.train_supervised_epoch(
+                train_model,
+                criterion,
+                train_loader,
+                optimizer,
+                scheduler,
+                scaler,
+                run,
+                plan,
+                epoch,
+                steps_per_epoch,
+                writer,
+                first_step,
+            )
             confusions, _ = evaluate(model, val_loader, run, num_classes, at_scale_1)
             row = results_table(confusions, class_names, evaluation.exclude_classes)[0]
             improved = row["mIoU"] > best_miou
             best_miou = max(best_miou, row["mIoU"])
             report([row], len(val_set), f"epoch {epoch}", best_miou)
-            log = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": row[k] for k in ("mIoU", "mF1", "OA")}}
-            loop.end_epoch(run, epoch, model, optimizer, scaler, record, log, writer=writer, improved=improved,
-                           save_every=flags.save_every, best_miou=best_miou, **extra)
+            log = {
+                **{f"train_{k}": v for k, v in train_stats.items()},
+                **{f"test_{k}": row[k] for k in ("mIoU", "mF1", "OA")},
+            }
+            loop.end_epoch(
+                run,
+                epoch,
+                model,
+                optimizer,
+                scaler,
+                record,
+                log,
+                writer=writer,
+                improved=improved,
+                save_every=flags.save_every,
+                best_miou=best_miou,
+                **extra,
+            )
     except process.Preempted as stop:
         checkpoint.save_preempted(run, stop, model, optimizer, scaler, record, best_miou=best_miou, **extra)
         return
     if writer is not None:
         writer.close()
-    final_evaluation(model, val_set, evaluation, bands, run, class_names, palette, run.output_dir, "last epoch",
-                     flags.num_workers)
+    final_evaluation(
+        model, val_set, evaluation, bands, run, class_names, palette, run.output_dir, "last epoch", flags.num_workers
+    )
 
 
 def evaluate_segmenter(flags: Flags, bands: Bands) -> None:
@@ -157,36 +231,68 @@ def evaluate_segmenter(flags: Flags, bands: Bands) -> None:
         raise CheckpointError(f"{path}: not a segmentation checkpoint of main_segment.py (no head / class names)")
     class_names = list(state["class_names"])
     if saved.get("in_chans", 3) != bands.in_chans:
-        raise UsageError(f"{path}: the segmenter reads {saved['in_chans']} band(s): give --in_chans {saved['in_chans']} "
-                         "and the --bands / --band_stats (or --mean / --std) it was trained with")
+        raise UsageError(
+            f"{path}: the segmenter reads {saved['in_chans']} band(s): give --in_chans {saved['in_chans']} "
+            "and the --bands / --band_stats (or --mean / --std) it was trained with"
+        )
     checkpoint.check_band_flags(saved, bands, path)
-    architecture = {key: saved.get(key) if saved.get(key) is not None else flags.as_dict()[key]
-                    for key in ("head", "decoder_channels", "input_size", "patch_size", "model")}
-    palette_used = (segmentation.Palette(tuple(class_names), tuple(tuple(c) for c in state["palette"]))
-                    if state.get("palette") else None)
+    architecture = {
+        key: saved.get(key) if saved.get(key) is not None else flags.as_dict()[key]
+        for key in ("head", "decoder_channels", "input_size", "patch_size", "model")
+    }
+    palette_used = (
+        segmentation.Palette(tuple(class_names), tuple(tuple(c) for c in state["palette"]))
+        if state.get("palette")
+        else None
+    )
     run = process.setup_run(flags.device, flags.amp, flags.seed, Path(flags.output_dir) / "eval", flags.dist_timeout)
-    decode = segmentation.load_palette(flags.palette) if str(flags.palette).lower() not in ("", "none") else palette_used
+    decode = (
+        segmentation.load_palette(flags.palette) if str(flags.palette).lower() not in ("", "none") else palette_used
+    )
     if decode is not None and len(decode.colors) != len(class_names):
         decode = palette_used
     evaluation = protocol(flags, crop=architecture["input_size"])
-    val_set = dataset_of(flags.test_path, segmentation.eval_transform(bands.mean, bands.std), bands, flags,
-                         len(class_names), decode)
+    val_set = dataset_of(
+        flags.test_path, segmentation.eval_transform(bands.mean, bands.std), bands, flags, len(class_names), decode
+    )
     evaluation_blocks(val_set, evaluation)
-    model, _ = build_segmenter(len(class_names), finetune="", model=architecture["model"],
-                               input_size=architecture["input_size"], patch_size=architecture["patch_size"], bands=bands,
-                               head=architecture["head"], freeze_encoder=False,
-                               decoder_channels=architecture["decoder_channels"], weights=layouts.read_encoder(path),
-                               load=False)
+    model, _ = build_segmenter(
+        len(class_names),
+        finetune="",
+        model=architecture["model"],
+        input_size=architecture["input_size"],
+        patch_size=architecture["patch_size"],
+        bands=bands,
+        head=architecture["head"],
+        freeze_encoder=False,
+        decoder_channels=architecture["decoder_channels"],
+        weights=layouts.read_encoder(path),
+        load=False,
+    )
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: does not fit the segmenter it describes ({str(e).strip().splitlines()[-1].strip()})") from None
+        raise CheckpointError(
+            f"{path}: does not fit the segmenter it describes ({str(e).strip().splitlines()[-1].strip()})"
+        ) from None
     model.to(run.device)
     loop.set_fused_attention(model, loop.use_sdpa(flags.attention, run.device))  # the attention path training used
-    main_print(f"eval: the segmenter of {path} ({architecture['model'] or 'its encoder'}, {architecture['head']} head, "
-               f"{len(class_names)} classes, crop {architecture['input_size']} px)")
-    final_evaluation(model, val_set, evaluation, bands, run, class_names, palette_used or decode, run.output_dir,
-                     f"eval of {path.name}", flags.num_workers)
+    main_print(
+        f"eval: the segmenter of {path} ({architecture['model'] or 'its encoder'}, {architecture['head']} head, "
+        f"{len(class_names)} classes, crop {architecture['input_size']} px)"
+    )
+    final_evaluation(
+        model,
+        val_set,
+        evaluation,
+        bands,
+        run,
+        class_names,
+        palette_used or decode,
+        run.output_dir,
+        f"eval of {path.name}",
+        flags.num_workers,
+    )
 
 
 def classes_of(flags: Flags) -> tuple[list[str], segmentation.Palette | None]:
@@ -208,12 +314,20 @@ def classes_of(flags: Flags) -> tuple[list[str], segmentation.Palette | None]:
     return names, palette
 
 
-def dataset_of(path: str, transform, bands: Bands, flags: Flags, num_classes: int,
-               palette: segmentation.Palette | None) -> segmentation.SegDataset:
+def dataset_of(
+    path: str, transform, bands: Bands, flags: Flags, num_classes: int, palette: segmentation.Palette | None
+) -> segmentation.SegDataset:
     """The image / mask pairs of ``path``, read as ``bands`` say (multispectral / high-bit-depth rasters, else 8-bit
     RGB), masks as --ignore_index / --reduce_zero_label say."""
-    return segmentation.SegDataset(segmentation.find_pairs(path, raster=bands.raster), transform, num_classes, palette,
-                                   flags.ignore_index, flags.reduce_zero_label, bands)
+    return segmentation.SegDataset(
+        segmentation.find_pairs(path, raster=bands.raster),
+        transform,
+        num_classes,
+        palette,
+        flags.ignore_index,
+        flags.reduce_zero_label,
+        bands,
+    )
 
 
 def evaluation_blocks(val_set: segmentation.SegDataset, evaluation: Protocol) -> tuple[list[str], np.ndarray]:
@@ -230,9 +344,11 @@ def bootstrap_resamples(evaluation: Protocol, image_block: np.ndarray, source: s
     """``--bootstrap``, or 0 (no interval, with a note) where the images form fewer than 2 location blocks: every
     resample would be the whole set, an interval of width 0 that would claim a certainty the data cannot give."""
     if evaluation.bootstrap and len(np.unique(image_block)) < 2:
-        main_print(f"note: --block_pattern {evaluation.block_pattern!r} (--block_size {evaluation.block_size}) puts the "
-                   f"{len(image_block)} evaluation image(s) of {source} into 1 location block: no bootstrap interval "
-                   "(it needs at least 2 blocks)")
+        main_print(
+            f"note: --block_pattern {evaluation.block_pattern!r} (--block_size {evaluation.block_size}) puts the "
+            f"{len(image_block)} evaluation image(s) of {source} into 1 location block: no bootstrap interval "
+            "(it needs at least 2 blocks)"
+        )
         return 0
     return evaluation.bootstrap
 
@@ -242,50 +358,95 @@ def single_image_loader(dataset: segmentation.SegDataset, flags: Flags, run: Run
     return loaders.eval_loader(dataset, config.loading(flags, batch_size=1), run)
 
 
-def final_evaluation(model: nn.Module, val_set: segmentation.SegDataset, evaluation: Protocol, bands: Bands, run: Run,
-                     class_names: list[str], palette: segmentation.Palette | None, directory: Path, what: str,
-                     num_workers: int = 0) -> list[dict]:
+def final_evaluation(
+    model: nn.Module,
+    val_set: segmentation.SegDataset,
+    evaluation: Protocol,
+    bands: Bands,
+    run: Run,
+    class_names: list[str],
+    palette: segmentation.Palette | None,
+    directory: Path,
+    what: str,
+    num_workers: int = 0,
+) -> list[dict]:
     """Evaluate at every scale of ``evaluation``, with the mIoU's 95 % block-bootstrap interval; rank 0 writes
     seg_results.csv / .md, seg_confusion.json (per scale: the set's and each image's confusion matrix, with the images'
     names and blocks), mIoU against scale, per-class IoU and the prediction figure into ``directory``. Used by
     ``tools/seg_baseline.py`` too. Returns the rows of ``results_table``."""
     loader = loaders.eval_loader(val_set, config.Loading(1, num_workers), run)
-    confusions, examples = evaluate(model, loader, run, len(class_names), evaluation,
-                                    keep=evaluation.examples if run.is_main else 0)
+    confusions, examples = evaluate(
+        model, loader, run, len(class_names), evaluation, keep=evaluation.examples if run.is_main else 0
+    )
     names, image_block = evaluation_blocks(val_set, evaluation)
     resamples = bootstrap_resamples(evaluation, image_block, val_set.source or "the evaluation set")
     rows = results_table(confusions, class_names, evaluation.exclude_classes, image_block, resamples)
     report(rows, len(val_set), what)
     if run.is_main:
         excluded = ", ".join(class_names[k] for k in evaluation.exclude_classes)
-        note = ("IoU in %; means over the classes present in ground truth or predictions"
-                + (f", without {excluded}" if excluded else "") + "; n/a: class absent from both"
-                + (f"; pixels within {evaluation.ignore_boundary} px of another class not counted" if evaluation.ignore_boundary else "")
-                + (f". mIoU_low / mIoU_high: 95 % percentile interval of {resamples} bootstrap resamples of the "
-                   f"{len(np.unique(image_block))} location blocks of the {len(names)} images (--block_pattern '"
-                   f"{evaluation.block_pattern}', --block_size {evaluation.block_size}; seed 0)" if resamples else "") + ".")
+        note = (
+            "IoU in %; means over the classes present in ground truth or predictions"
+            + (f", without {excluded}" if excluded else "")
+            + "; n/a: class absent from both"
+            + (
+                f"; pixels within {evaluation.ignore_boundary} px of another class not counted"
+                if evaluation.ignore_boundary
+                else ""
+            )
+            + (
+                f". mIoU_low / mIoU_high: 95 % percentile interval of {resamples} bootstrap resamples of the "
+                f"{len(np.unique(image_block))} location blocks of the {len(names)} images (--block_pattern '"
+                f"{evaluation.block_pattern}', --block_size {evaluation.block_size}; seed 0)"
+                if resamples
+                else ""
+            )
+            + "."
+        )
         write_tables(rows, directory, note)
-        (directory / "seg_confusion.json").write_text(json.dumps(
-            {f"{s:g}": c.sum(0).tolist() for s, c in confusions.items()}
-            | {"class_names": class_names, "images": names, "blocks": image_block.tolist(),
-               "per_image": {f"{s:g}": c.tolist() for s, c in confusions.items()}}))
+        (directory / "seg_confusion.json").write_text(
+            json.dumps(
+                {f"{s:g}": c.sum(0).tolist() for s, c in confusions.items()}
+                | {
+                    "class_names": class_names,
+                    "images": names,
+                    "blocks": image_block.tolist(),
+                    "per_image": {f"{s:g}": c.tolist() for s, c in confusions.items()},
+                }
+            )
+        )
         one = next(row for row in rows if row["scale"] == max(evaluation.scales))
-        figures.save_per_class_iou(one, class_names, directory / "per_class_iou.png",
-                                   f"per-class IoU ({what}, scale {one['scale']:g}): mIoU {one['mIoU']:.1f}%")
+        figures.save_per_class_iou(
+            one,
+            class_names,
+            directory / "per_class_iou.png",
+            f"per-class IoU ({what}, scale {one['scale']:g}): mIoU {one['mIoU']:.1f}%",
+        )
         if len(rows) > 1:
             figures.save_miou_vs_scale(rows, directory / "miou_vs_scale.png", what)
         if examples:
-            shown = palette if palette is not None and list(palette.names) == class_names else figures.default_palette(class_names)
-            figures.save_examples(examples, shown, bands.mean, bands.std, directory / "seg_examples.png",
-                                  f"{what}: mIoU {one['mIoU']:.1f}% at scale {one['scale']:g}", stretch=bands.raster,
-                                  rgb_bands=bands.rgb_bands)
+            shown = (
+                palette
+                if palette is not None and list(palette.names) == class_names
+                else figures.default_palette(class_names)
+            )
+            figures.save_examples(
+                examples,
+                shown,
+                bands.mean,
+                bands.std,
+                directory / "seg_examples.png",
+                f"{what}: mIoU {one['mIoU']:.1f}% at scale {one['scale']:g}",
+                stretch=bands.raster,
+                rgb_bands=bands.rgb_bands,
+            )
         main_print(f"segmentation outputs: {directory}")
     return rows
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, run: Run, num_classes: int, evaluation: Protocol,
-             keep: int = 0) -> tuple[dict[float, torch.Tensor], list]:
+def evaluate(
+    model: nn.Module, loader, run: Run, num_classes: int, evaluation: Protocol, keep: int = 0
+) -> tuple[dict[float, torch.Tensor], list]:
     """Per-image confusion matrices [N, K, K] per scale over the whole evaluation set (gathered from every rank,
     in dataset order), and up to ``keep`` (image, ground truth, prediction at the largest scale) triples of this
     rank for figures, spread over its images. Sum over the images for the set's confusion matrix; keep them apart
@@ -306,25 +467,36 @@ def evaluate(model: nn.Module, loader, run: Run, num_classes: int, evaluation: P
     every = max(len(loader) // keep, 1) if keep else 1  # figure examples spread over the set
     for index, (image, mask) in enumerate(loader):
         image = image.to(run.device, non_blocking=True)
-        mask = iou.ignore_boundaries(mask.to(run.device, non_blocking=True), evaluation.ignore_boundary, num_classes,
-                                     ignore_index)
+        mask = iou.ignore_boundaries(
+            mask.to(run.device, non_blocking=True), evaluation.ignore_boundary, num_classes, ignore_index
+        )
         for scale in scales:
             with run.autocast():
-                probs = inference.sliding_window(model, inference.degrade(image, scale), num_classes, evaluation.crop,
-                                                 evaluation.overlap)
+                probs = inference.sliding_window(
+                    model, inference.degrade(image, scale), num_classes, evaluation.crop, evaluation.overlap
+                )
             if not torch.isfinite(probs).all():
-                raise NonFiniteOutputError(f"evaluation: NaN/inf class scores at scale {scale:g} (image {index} of this rank); "
-                                           "refusing to report an mIoU")
+                raise NonFiniteOutputError(
+                    f"evaluation: NaN/inf class scores at scale {scale:g} (image {index} of this rank); "
+                    "refusing to report an mIoU"
+                )
             pred = probs.argmax(1)
             per_image[scale] += [iou.confusion_matrix(p, m, num_classes, ignore_index) for p, m in zip(pred, mask)]
             if scale == max(scales) and len(examples) < keep and index % every == 0:
-                examples += [(image[i].cpu(), mask[i].cpu(), pred[i].cpu()) for i in range(min(len(image), keep - len(examples)))]
+                examples += [
+                    (image[i].cpu(), mask[i].cpu(), pred[i].cpu()) for i in range(min(len(image), keep - len(examples)))
+                ]
     empty = torch.zeros(0, num_classes, num_classes, dtype=torch.long, device=run.device)  # a rank without images
     return {s: iou.gather_confusions(torch.stack(c) if c else empty) for s, c in per_image.items()}, examples
 
 
-def results_table(confusions: dict[float, torch.Tensor], class_names: Sequence[str], exclude: Sequence[int] = (),
-                  image_block: np.ndarray | None = None, resamples: int = 0) -> list[dict]:
+def results_table(
+    confusions: dict[float, torch.Tensor],
+    class_names: Sequence[str],
+    exclude: Sequence[int] = (),
+    image_block: np.ndarray | None = None,
+    resamples: int = 0,
+) -> list[dict]:
     """One row per scale: scale, mIoU, mF1, OA, pixels counted and each class's IoU (%; NaN: class absent from
     both) of the set (its images' confusions [N, K, K] summed). With ``image_block`` ([N] block of each image) and
     ``resamples`` > 0, also mIoU_low / mIoU_high: the 95 % block-bootstrap interval (``iou.block_bootstrap_miou``)."""
@@ -336,8 +508,17 @@ def results_table(confusions: dict[float, torch.Tensor], class_names: Sequence[s
         if image_block is not None and resamples:
             low, high = iou.block_bootstrap_miou(per_image, image_block, exclude, resamples)
             interval = {"mIoU_low": low, "mIoU_high": high}
-        rows.append({"scale": scale, "mIoU": s["mIoU"], **interval, "mF1": s["mF1"], "OA": s["OA"], "pixels": int(confusion.sum()),
-                     **{f"IoU_{name}": v for name, v in zip(class_names, s["IoU"])}})
+        rows.append(
+            {
+                "scale": scale,
+                "mIoU": s["mIoU"],
+                **interval,
+                "mF1": s["mF1"],
+                "OA": s["OA"],
+                "pixels": int(confusion.sum()),
+                **{f"IoU_{name}": v for name, v in zip(class_names, s["IoU"])},
+            }
+        )
     return rows
 
 
@@ -357,7 +538,9 @@ def write_tables(rows: list[dict], directory: Path, note: str = "") -> tuple[Pat
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row[c]) if c != "scale" else f"{row[c]:g}" for c in columns) + " |" for row in rows]
+    lines += [
+        "| " + " | ".join(_fmt(row[c]) if c != "scale" else f"{row[c]:g}" for c in columns) + " |" for row in rows
+    ]
     text = "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
     md_path.write_text(text)
     main_print(text)
@@ -368,8 +551,11 @@ def report(rows: list[dict], count: int, what: str, best: float | None = None) -
     """One line per scale (rank 0); the block-bootstrap interval in brackets when the rows have one."""
     for row in rows:
         interval = f" [{_fmt(row['mIoU_low'])}, {_fmt(row['mIoU_high'])}]" if "mIoU_low" in row else ""
-        line = (f"{what}: {count} images, scale {row['scale']:g}: mIoU {_fmt(row['mIoU'])}%{interval}, mF1 {_fmt(row['mF1'])}%, "
-                f"OA {_fmt(row['OA'])}%")
+        line = (
+            f"{what}: {count} images, scale {row['scale']:g}: mIoU {_fmt(row['mIoU'])}%{interval}, mF1 "
+            f"{_fmt(row['mF1'])}%, "
+            f"OA {_fmt(row['OA'])}%"
+        )
         if best is not None and row["scale"] == 1.0:
             line += f" (best mIoU {best:.2f}%)"
         main_print(line)

@@ -6,6 +6,7 @@
 The flags become a run here; the run is ``engine_finetune.train_classifier`` with ``engine_finetune.finetune_recipe``
 (``--eval``: ``engine_finetune.evaluate_classifier``).
 """
+
 from __future__ import annotations
 
 from util import config
@@ -13,16 +14,31 @@ from util import config
 
 def get_args_parser() -> config.Parser:
     parser = config.classification_parser(
-        "Cross-Scale MAE fine-tuning", global_pool=True, head_init_std=2e-5,
-        batch_size=512, epochs=100, blr=1e-3, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05,
+        "Cross-Scale MAE fine-tuning",
+        global_pool=True,
+        head_init_std=2e-5,
+        batch_size=512,
+        epochs=100,
+        blr=1e-3,
+        min_lr=1e-6,
+        warmup_epochs=5,
+        weight_decay=0.05,
     )
     group = parser.add_argument_group("fine-tuning")
-    group.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise LR decay (timm param_groups_layer_decay)")
+    group.add_argument(
+        "--layer_decay", type=float, default=0.75, help="layer-wise LR decay (timm param_groups_layer_decay)"
+    )
     group.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
     group.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    group = parser.add_argument_group("augmentation (timm create_transform; upstream parsed these but never applied them)")
-    group.add_argument("--aa", default=None, help="RandAugment policy, or 'none' (default: rand-m9-mstd0.5-inc1 for 8-bit RGB, "
-                                                  "none for other band counts / bit depths: RGB-only)")
+    group = parser.add_argument_group(
+        "augmentation (timm create_transform; upstream parsed these but never applied them)"
+    )
+    group.add_argument(
+        "--aa",
+        default=None,
+        help="RandAugment policy, or 'none' (default: rand-m9-mstd0.5-inc1 for 8-bit RGB, "
+        "none for other band counts / bit depths: RGB-only)",
+    )
     group.add_argument("--color_jitter", type=float, default=None, help="colour jitter (used when --aa is none)")
     group.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
     group.add_argument("--remode", default="pixel", help="random erasing mode")

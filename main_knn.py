@@ -1,10 +1,12 @@
 """Multi-scale kNN evaluation of frozen encoders: top-1 at 12.5 / 25 / 50 / 100 % of the ground resolution.
 
-    python main_knn.py --checkpoints none output/pretrain_tiny/checkpoint-last.pth weights/cross_scale_mae_base_pretrain.pth
+    python main_knn.py --checkpoints none output/pretrain_tiny/checkpoint-last.pth
+    weights/cross_scale_mae_base_pretrain.pth
 
 Writes ``knn_results.csv``, ``knn_results.md`` (table + protocol), ``protocol.json`` and
 ``knn_accuracy_vs_scale.png`` to ``--output_dir``. The flags become a run here; the run is ``engine_knn.evaluate``.
 """
+
 from __future__ import annotations
 
 from util import config
@@ -14,26 +16,53 @@ from util.errors import UsageError
 def get_args_parser() -> config.Parser:
     parser = config.new_parser("Multi-scale kNN evaluation")
     group = parser.add_argument_group("encoders")
-    group.add_argument("--checkpoints", nargs="+", required=True, metavar="PATH",
-                       help="checkpoints (any kind --finetune accepts), or 'none' for a random-init encoder of --model")
+    group.add_argument(
+        "--checkpoints",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="checkpoints (any kind --finetune accepts), or 'none' for a random-init encoder of --model",
+    )
     group.add_argument("--model", default=None, help="architecture of 'none' (default: that of the other checkpoints)")
     group = config.add_data_args(
-        parser, input_size=None, train_path=str(config.DEFAULT_TRAIN_CSV), patch_size=None,
+        parser,
+        input_size=None,
+        train_path=str(config.DEFAULT_TRAIN_CSV),
+        patch_size=None,
         train_help="memory (labelled reference) set: CSV, ImageFolder tree or packed .json",
-        input_help="image side in pixels (default: that of the first checkpoint, else 224)")
-    group.add_argument("--test_path", default=str(config.DEFAULT_VAL_CSV),
-                       help="evaluation images; 'split' takes --val_fraction of --train_path instead")
-    group.add_argument("--val_fraction", type=float, default=0.2, help="share of --train_path evaluated with --test_path split")
+        input_help="image side in pixels (default: that of the first checkpoint, else 224)",
+    )
+    group.add_argument(
+        "--test_path",
+        default=str(config.DEFAULT_VAL_CSV),
+        help="evaluation images; 'split' takes --val_fraction of --train_path instead",
+    )
+    group.add_argument(
+        "--val_fraction", type=float, default=0.2, help="share of --train_path evaluated with --test_path split"
+    )
     group.add_argument("--batch_size", type=int, default=64, help="images per device per inference batch")
     config.add_runtime_args(
-        parser, output_dir="output/knn", training=False,
-        output_help="folder of knn_results.csv/.md, protocol.json and knn_accuracy_vs_scale.png; a training run's folder "
-                    "(one holding checkpoint-*.pth) gets them in its knn/ subfolder, never over its files")
+        parser,
+        output_dir="output/knn",
+        training=False,
+        output_help="folder of knn_results.csv/.md, protocol.json and knn_accuracy_vs_scale.png; a training run's "
+        "folder "
+        "(one holding checkpoint-*.pth) gets them in its knn/ subfolder, never over its files",
+    )
     group = parser.add_argument_group("protocol")
-    group.add_argument("--scales", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0],
-                       help="fractions of the input side the evaluation images are down-sampled to")
-    group.add_argument("--scale_mode", default="resize", choices=config.KNN_SCALE_MODES,
-                       help="resize: down-sample then resize back; native: feed the small image, interpolating position embeddings")
+    group.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[0.125, 0.25, 0.5, 1.0],
+        help="fractions of the input side the evaluation images are down-sampled to",
+    )
+    group.add_argument(
+        "--scale_mode",
+        default="resize",
+        choices=config.KNN_SCALE_MODES,
+        help="resize: down-sample then resize back; native: feed the small image, interpolating position embeddings",
+    )
     group.add_argument("--pool", default="cls", choices=config.KNN_POOLS, help="cls token or mean of the patch tokens")
     group.add_argument("--k", type=int, default=20, help="neighbours (k) of the weighted classifier")
     group.add_argument("--temperature", type=float, default=0.07, help="temperature of the weighted classifier")

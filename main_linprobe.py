@@ -6,6 +6,7 @@
 The flags become a run here; the run is ``engine_finetune.train_classifier`` with ``engine_finetune.linprobe_recipe``
 (``--eval``: ``engine_finetune.evaluate_classifier``).
 """
+
 from __future__ import annotations
 
 from util import config
@@ -14,14 +15,25 @@ from util.errors import UsageError
 
 def get_args_parser() -> config.Parser:
     parser = config.classification_parser(
-        "Cross-Scale MAE linear probing", global_pool=False, head_init_std=0.01,
-        batch_size=512, epochs=50, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0,
+        "Cross-Scale MAE linear probing",
+        global_pool=False,
+        head_init_std=0.01,
+        batch_size=512,
+        epochs=50,
+        blr=0.1,
+        min_lr=0.0,
+        warmup_epochs=10,
+        weight_decay=0.0,
     )
     group = parser.add_argument_group("linear probing")
-    group.add_argument("--no_aug", action="store_true",
-                       help="train on centre crops (no augmentation): the frozen features are computed once")
-    group.add_argument("--loss", default="classification_cross", choices=("classification_cross",),
-                       help="upstream flag: cross-entropy")
+    group.add_argument(
+        "--no_aug",
+        action="store_true",
+        help="train on centre crops (no augmentation): the frozen features are computed once",
+    )
+    group.add_argument(
+        "--loss", default="classification_cross", choices=("classification_cross",), help="upstream flag: cross-entropy"
+    )
     return parser
 
 
@@ -30,7 +42,10 @@ def main(flags: config.Flags) -> None:
     config.check_training_flags(flags)
     bands = config.resolve_bands(flags)
     if not flags.eval and flags.batch_size < 2:  # BatchNorm1d in training mode needs two values per channel
-        raise UsageError(f"--batch_size must be at least 2 per device for linear probing (its head's BatchNorm), got {flags.batch_size}")
+        raise UsageError(
+            f"--batch_size must be at least 2 per device for linear probing (its head's BatchNorm), got "
+            f"{flags.batch_size}"
+        )
     import engine_finetune  # torch and timm load here, after the flags are known to work
 
     if flags.eval:

@@ -4,6 +4,7 @@
 
 The flags become a run here; the run itself is ``engine_pretrain.pretrain``.
 """
+
 from __future__ import annotations
 
 from util import config
@@ -24,42 +25,83 @@ def parse_loss_weights(items: list[str]) -> dict[str, float]:
 
 def get_args_parser() -> config.Parser:
     parser = config.new_parser("Cross-Scale MAE pretraining")
-    config.add_optimisation_args(parser, batch_size=512, epochs=200, blr=5e-5, min_lr=0.0, warmup_epochs=40, weight_decay=0.05)
+    config.add_optimisation_args(
+        parser, batch_size=512, epochs=200, blr=5e-5, min_lr=0.0, warmup_epochs=40, weight_decay=0.05
+    )
     config.add_data_args(parser, input_size=224, train_path=str(config.DEFAULT_TRAIN_CSV))
     config.add_runtime_args(parser, output_dir="./output_dir")
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="cross_scale_mae_vit_base", metavar="NAME",
-                       help="cross_scale_mae_vit_{tiny,small,base,large,huge} (paper), mae_vit_{size} (plain MAE), "
-                            "or an upstream ablation name such as mae_vit_base_MsLdCd")
+    group.add_argument(
+        "--model",
+        default="cross_scale_mae_vit_base",
+        metavar="NAME",
+        help="cross_scale_mae_vit_{tiny,small,base,large,huge} (paper), mae_vit_{size} (plain MAE), "
+        "or an upstream ablation name such as mae_vit_base_MsLdCd",
+    )
     group.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches masked per view")
     group.add_argument("--norm_pix_loss", action="store_true", help="reconstruct per-patch standardised pixels")
-    group.add_argument("--loss_weights", nargs="*", default=[], metavar="TERM=W",
-                       help="override loss weights: rec, cross_pred, cross_cons, enc_pred, latent (0 disables)")
-    group.add_argument("--scale_range", type=float, nargs=2, default=[0.25, 0.75], help="area of the second scale's crop, as a range of fractions of the image area")
-    group.add_argument("--crop_mode", default="batch", choices=("batch", "sample"),
-                       help="batch: one crop box per batch (upstream); sample: one per image")
-    group.add_argument("--contrastive", default="upstream", choices=("upstream", "ntxent"),
-                       help="upstream: positive left out of the denominator; ntxent: SimCLR NT-Xent")
+    group.add_argument(
+        "--loss_weights",
+        nargs="*",
+        default=[],
+        metavar="TERM=W",
+        help="override loss weights: rec, cross_pred, cross_cons, enc_pred, latent (0 disables)",
+    )
+    group.add_argument(
+        "--scale_range",
+        type=float,
+        nargs=2,
+        default=[0.25, 0.75],
+        help="area of the second scale's crop, as a range of fractions of the image area",
+    )
+    group.add_argument(
+        "--crop_mode",
+        default="batch",
+        choices=("batch", "sample"),
+        help="batch: one crop box per batch (upstream); sample: one per image",
+    )
+    group.add_argument(
+        "--contrastive",
+        default="upstream",
+        choices=("upstream", "ntxent"),
+        help="upstream: positive left out of the denominator; ntxent: SimCLR NT-Xent",
+    )
     group.add_argument("--temperature", type=float, default=0.5, help="contrastive temperature")
-    group.add_argument("--gather_negatives", action="store_true",
-                       help="under DDP, contrast each anchor with every process's batch (the global batch's objective); "
-                            "default: the local batch only, as upstream and the published weights")
-    group.add_argument("--sync_bn", action="store_true",
-                       help="under DDP, the cross-scale predictor's BatchNorm uses the statistics of every process's batch "
-                            "(default: per device, as upstream)")
-    group.add_argument("--encoder_norm", action="store_true", help="apply the encoder's final norm in pretraining (upstream does not)")
-    group.add_argument("--norm_style", default="pre", choices=("pre", "post"), help="pre: timm blocks; post: upstream xFormers blocks")
-    group.add_argument("--init", default="", metavar="PATH",
-                       help="start from the weights of this pretraining checkpoint (ours or upstream's, e.g. the published "
-                            "ViT-B / ViT-L) of --model's width and depth; RGB weights into --in_chans C are adapted by "
-                            "--rgb_bands, multispectral ones into 3 bands by --checkpoint_rgb_bands. Only weights: optimiser, "
-                            "epochs and LR schedule start afresh. A checkpoint that --resume finds wins (--init is then ignored)")
+    group.add_argument(
+        "--gather_negatives",
+        action="store_true",
+        help="under DDP, contrast each anchor with every process's batch (the global batch's objective); "
+        "default: the local batch only, as upstream and the published weights",
+    )
+    group.add_argument(
+        "--sync_bn",
+        action="store_true",
+        help="under DDP, the cross-scale predictor's BatchNorm uses the statistics of every process's batch "
+        "(default: per device, as upstream)",
+    )
+    group.add_argument(
+        "--encoder_norm", action="store_true", help="apply the encoder's final norm in pretraining (upstream does not)"
+    )
+    group.add_argument(
+        "--norm_style", default="pre", choices=("pre", "post"), help="pre: timm blocks; post: upstream xFormers blocks"
+    )
+    group.add_argument(
+        "--init",
+        default="",
+        metavar="PATH",
+        help="start from the weights of this pretraining checkpoint (ours or upstream's, e.g. the published "
+        "ViT-B / ViT-L) of --model's width and depth; RGB weights into --in_chans C are adapted by "
+        "--rgb_bands, multispectral ones into 3 bands by --checkpoint_rgb_bands. Only weights: optimiser, "
+        "epochs and LR schedule start afresh. A checkpoint that --resume finds wins (--init is then ignored)",
+    )
 
     group = parser.add_argument_group("outputs")
     group.add_argument("--save_every", type=int, default=25, help="epochs between numbered checkpoints")
     group.add_argument("--plot_every", type=int, default=25, help="epochs between reconstruction figures")
-    group.add_argument("--knn_eval_every", type=int, default=0, help="epochs between multi-scale kNN evaluations (0 = never)")
+    group.add_argument(
+        "--knn_eval_every", type=int, default=0, help="epochs between multi-scale kNN evaluations (0 = never)"
+    )
     group.add_argument("--knn_train_path", default=str(config.DEFAULT_TRAIN_CSV), help="labelled kNN memory set")
     group.add_argument("--knn_test_path", default=str(config.DEFAULT_VAL_CSV), help="labelled kNN evaluation set")
 

@@ -5,6 +5,7 @@ frozen encoder that evaluation builds around a checkpoint's encoder, and the exp
 This needs both the model files and ``util/`` (which never imports the model files), so it lives beside
 the models.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,12 +18,12 @@ from timm.models.vision_transformer import VisionTransformer
 import models_cross_scale_mae as models_mae
 import models_vit
 from models_vit import PRESETS, PostNormBlock, classifier_name_for, preset_for
-from util.run import checkpoint as checkpoint_io
 from util.config import Bands
+from util.errors import CheckpointError, UsageError, first_line
+from util.run import checkpoint as checkpoint_io
+from util.run.distributed import main_print
 from util.weights import export, layouts
 from util.weights.band_adaptation import BandAdaptation, adapt_bands
-from util.run.distributed import main_print
-from util.errors import CheckpointError, UsageError, first_line
 
 
 def classifier_name(weights: layouts.EncoderWeights) -> str:
@@ -38,13 +39,17 @@ def classifier_name(weights: layouts.EncoderWeights) -> str:
         raise CheckpointError(f"{weights.path}: {e}") from None
 
 
-def infer_model_config(state_dict: dict[str, torch.Tensor], args: dict[str, Any] | None, layout: str) -> tuple[str, dict[str, Any]]:
+def infer_model_config(
+    state_dict: dict[str, torch.Tensor], args: dict[str, Any] | None, layout: str
+) -> tuple[str, dict[str, Any]]:
     """(registry name, constructor kwargs) for weights in our naming, from their shapes and upstream ``args``.
 
     Shapes are authoritative; ``args`` only chooses among variants with the same tensors.
     """
     args = args or {}
-    shape = layouts.encoder_shape({k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")})
+    shape = layouts.encoder_shape(
+        {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
+    )
     try:
         size = preset_for(shape.embed_dim, shape.depth)
     except ValueError as e:
@@ -56,7 +61,9 @@ def infer_model_config(state_dict: dict[str, torch.Tensor], args: dict[str, Any]
         kwargs.update(
             decoder_embed_dim=decoder_dim,
             decoder_depth=layouts.count_blocks(state_dict, "decoder."),
-            decoder_num_heads=preset.decoder_num_heads if decoder_dim == preset.decoder_embed_dim else decoder_dim // 32,
+            decoder_num_heads=preset.decoder_num_heads
+            if decoder_dim == preset.decoder_embed_dim
+            else decoder_dim // 32,
         )
     for key in ("norm_pix_loss", "mask_ratio"):
         if key in args:
@@ -102,8 +109,9 @@ def load_mae(path: str | os.PathLike, **overrides: Any) -> tuple[models_mae.Cros
     try:
         model = models_mae.create_model(name, **kwargs)
     except (ValueError, TypeError, KeyError) as e:  # a hand-edited or foreign model_config / args
-        raise CheckpointError(f"{path}: its model_config / args describe no model this code builds "
-                              f"({type(e).__name__}: {first_line(e)})") from None
+        raise CheckpointError(
+            f"{path}: its model_config / args describe no model this code builds ({type(e).__name__}: {first_line(e)})"
+        ) from None
     layouts.check_shapes(path, model, state_dict)
     result = model.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -116,7 +124,9 @@ def load_mae(path: str | os.PathLike, **overrides: Any) -> tuple[models_mae.Cros
             )
         )
     epoch = checkpoint.get("epoch")
-    report = layouts.LoadReport(str(path), layout, name, len(state_dict), md5_status=md5_status, epoch=epoch if isinstance(epoch, int) else None)
+    report = layouts.LoadReport(
+        str(path), layout, name, len(state_dict), md5_status=md5_status, epoch=epoch if isinstance(epoch, int) else None
+    )
     return model, report
 
 
@@ -125,8 +135,9 @@ def load_mae(path: str | os.PathLike, **overrides: Any) -> tuple[models_mae.Cros
 VARIANT_MODULES = ("predictor.", "encoder_predictor.")
 
 
-def init_mae(model: models_mae.CrossScaleMAE, path: str | os.PathLike, adaptation: BandAdaptation,
-             model_name: str) -> layouts.LoadReport:
+def init_mae(
+    model: models_mae.CrossScaleMAE, path: str | os.PathLike, adaptation: BandAdaptation, model_name: str
+) -> layouts.LoadReport:
     """Initialise a pretraining model with the weights of a pretraining checkpoint (``main_pretrain.py --init``):
     ours or upstream's (either layout, as ``load_mae`` reads them; published files md5-verified).
 
@@ -152,28 +163,44 @@ def init_mae(model: models_mae.CrossScaleMAE, path: str | os.PathLike, adaptatio
     if "decoder_pred.weight" not in state_dict or "encoder.patch_embed.proj.weight" not in state_dict:
         raise CheckpointError(f"{path}: not a pretraining checkpoint (no encoder-decoder in it); --init needs one")
     layouts.check_finite(state_dict, path)
-    shape = layouts.encoder_shape({k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}, str(path))
+    shape = layouts.encoder_shape(
+        {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}, str(path)
+    )
     size = model.encoder.patch_embed.img_size[0]
     if (shape.input_size, shape.patch_size) != (size, model.patch_size):
-        raise UsageError(f"--init {path} was pretrained on {shape.input_size} px images in {shape.patch_size} px patches, this "
-                         f"run has --input_size {size} --patch_size {model.patch_size}: give those of the checkpoint")
+        raise UsageError(
+            f"--init {path} was pretrained on {shape.input_size} px images in {shape.patch_size} px patches, this "
+            f"run has --input_size {size} --patch_size {model.patch_size}: give those of the checkpoint"
+        )
     style = "post" if isinstance(model.encoder.blocks[0], PostNormBlock) else "pre"
     checkpoint_style = layouts.norm_style_of(checkpoint, layout, path)
     if checkpoint_style != style:
-        raise UsageError(f"--init {path}: its blocks are {checkpoint_style}-norm, this run's {style}-norm: give --norm_style {checkpoint_style}")
+        raise UsageError(
+            f"--init {path}: its blocks are {checkpoint_style}-norm, this run's {style}-norm: give --norm_style "
+            f"{checkpoint_style}"
+        )
     trained_norm_pix = ((checkpoint.get("model_config") or {}).get("kwargs") or {}).get(
-        "norm_pix_loss", (checkpoint.get("args") or {}).get("norm_pix_loss"))
-    if isinstance(trained_norm_pix, bool) and trained_norm_pix != model.norm_pix_loss:  # a choice, but rarely a wanted one
-        main_print(f"note: --init {path} was pretrained with norm_pix_loss {trained_norm_pix}, this run has "
-                   f"{model.norm_pix_loss}: its decoder learnt to predict {'standardised patches' if trained_norm_pix else 'raw pixels'}, "
-                   f"this run trains it towards {'raw pixels' if trained_norm_pix else 'standardised patches'}"
-                   + (" (give --norm_pix_loss to keep its target)" if trained_norm_pix else ""))
+        "norm_pix_loss", (checkpoint.get("args") or {}).get("norm_pix_loss")
+    )
+    if (
+        isinstance(trained_norm_pix, bool) and trained_norm_pix != model.norm_pix_loss
+    ):  # a choice, but rarely a wanted one
+        main_print(
+            f"note: --init {path} was pretrained with norm_pix_loss {trained_norm_pix}, this run has "
+            f"{model.norm_pix_loss}: its decoder learnt to predict "
+            f"{'standardised patches' if trained_norm_pix else 'raw pixels'}, "
+            f"this run trains it towards {'raw pixels' if trained_norm_pix else 'standardised patches'}"
+            + (" (give --norm_pix_loss to keep its target)" if trained_norm_pix else "")
+        )
     adapted = adapt_bands(state_dict, model.in_chans, adaptation, str(path), prefix="encoder.")
     model_keys = model.state_dict().keys()
     missing = [k for k in model_keys if k not in state_dict]
     unexpected = [k for k in state_dict if k not in model_keys]
-    problems = [f"{what} {layouts.summarise(wrong)}" for what, keys in (("missing", missing), ("unexpected", unexpected))
-                if (wrong := [k for k in keys if not k.startswith(VARIANT_MODULES)])]
+    problems = [
+        f"{what} {layouts.summarise(wrong)}"
+        for what, keys in (("missing", missing), ("unexpected", unexpected))
+        if (wrong := [k for k in keys if not k.startswith(VARIANT_MODULES)])
+    ]
     if problems:
         raise CheckpointError(f"{path}: does not fit --model {model_name} (another depth?): {'; '.join(problems)}")
     try:
@@ -184,13 +211,22 @@ def init_mae(model: models_mae.CrossScaleMAE, path: str | os.PathLike, adaptatio
         del state_dict[key]
     model.load_state_dict(state_dict, strict=False)
     epoch = checkpoint.get("epoch")
-    return layouts.LoadReport(str(path), layout, model_name, len(state_dict), missing=missing,
-                              unexpected=[layouts.summarise(unexpected)] if unexpected else [], md5_status=md5_status,
-                              epoch=epoch if isinstance(epoch, int) else None, adapted=adapted)
+    return layouts.LoadReport(
+        str(path),
+        layout,
+        model_name,
+        len(state_dict),
+        missing=missing,
+        unexpected=[layouts.summarise(unexpected)] if unexpected else [],
+        md5_status=md5_status,
+        epoch=epoch if isinstance(epoch, int) else None,
+        adapted=adapted,
+    )
 
 
-def export_encoder(model: models_mae.CrossScaleMAE, path: str | os.PathLike, args: dict[str, Any] | None = None,
-                   **details: Any) -> export.Export:
+def export_encoder(
+    model: models_mae.CrossScaleMAE, path: str | os.PathLike, args: dict[str, Any] | None = None, **details: Any
+) -> export.Export:
     """Export a pretraining model's encoder (``util.weights.export.write_export``): the folder ``path`` in timm's
     layout (``config.json`` + ``model.safetensors``, with the remote-sensing metadata of ``args``, the run's flags)
     and ``path.pth``, the same tensors for ``torch.load``. An untrained final norm (no ``encoder_norm``) is exported
@@ -202,13 +238,19 @@ def export_encoder(model: models_mae.CrossScaleMAE, path: str | os.PathLike, arg
         CheckpointError: post-norm (xFormers-layout) encoders, which no standard timm ViT computes; a failed write.
     """
     path = Path(path)
-    return export.write_export(model.encoder, path, final_norm=model.encoder_norm, args=args,
-                               pth=path.with_name(path.name + ".pth"),
-                               ssl_method=ssl_method(model.multi_scale, model.loss_weights), **details)
+    return export.write_export(
+        model.encoder,
+        path,
+        final_norm=model.encoder_norm,
+        args=args,
+        pth=path.with_name(path.name + ".pth"),
+        ssl_method=ssl_method(model.multi_scale, model.loss_weights),
+        **details,
+    )
 
 
 def ssl_method(multi_scale: bool, loss_weights: dict[str, float]) -> str:
-    """"mae" for one scale and the reconstruction loss alone (``mae_vit_*``), else "cross-scale-mae"."""
+    """ "mae" for one scale and the reconstruction loss alone (``mae_vit_*``), else "cross-scale-mae"."""
     return "cross-scale-mae" if multi_scale or any(w for term, w in loss_weights.items() if term != "rec") else "mae"
 
 
@@ -225,8 +267,9 @@ def _checkpoint_ssl_method(checkpoint: dict[str, Any], layout: str) -> str | Non
     return ssl_method(bool(multi_scale), {**models_mae.loss_weights_of(name), **overrides})
 
 
-def export_checkpoint(path: str | os.PathLike, output: str | os.PathLike, pth: str | os.PathLike | None = None,
-                      **details: Any) -> export.Export:
+def export_checkpoint(
+    path: str | os.PathLike, output: str | os.PathLike, pth: str | os.PathLike | None = None, **details: Any
+) -> export.Export:
     """Export the encoder of any checkpoint ``layouts.read_encoder`` reads (ours, upstream's published ViT-B /
     ViT-L, a timm export, a fine-tuned classifier: its head left out) to the folder ``output``, with the metadata of
     the checkpoint's flags (``args``) and ``details`` (``metadata.describe``'s keywords).
@@ -244,7 +287,10 @@ def export_checkpoint(path: str | os.PathLike, output: str | os.PathLike, pth: s
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     encoder = models_vit.vision_transformer(
-        **PRESETS[size].encoder(), img_size=shape.input_size, patch_size=shape.patch_size, in_chans=shape.in_chans,
+        **PRESETS[size].encoder(),
+        img_size=shape.input_size,
+        patch_size=shape.patch_size,
+        in_chans=shape.in_chans,
         global_pool=weights.classifier_pool or "token",
     )
     layouts.check_shapes(path, encoder, weights.state_dict)
@@ -252,20 +298,32 @@ def export_checkpoint(path: str | os.PathLike, output: str | os.PathLike, pth: s
     untrained = () if weights.final_norm else ("norm.", "fc_norm.")
     missing = [k for k in result.missing_keys if not k.startswith(untrained)]
     if missing or result.unexpected_keys:
-        raise CheckpointError(f"{path}: not a {size} ViT encoder (missing {layouts.summarise(missing)}, "
-                              f"unexpected {layouts.summarise(result.unexpected_keys)})")
+        raise CheckpointError(
+            f"{path}: not a {size} ViT encoder (missing {layouts.summarise(missing)}, "
+            f"unexpected {layouts.summarise(result.unexpected_keys)})"
+        )
     file = Path(layouts.encoder_file(path))
     checkpoint = {} if file.suffix == ".safetensors" else checkpoint_io.read_checkpoint(file)  # its args, epoch
     epoch = checkpoint.get("epoch")
     md5 = weights.md5_status.split()[1] if weights.md5_status else None  # "md5 <digest> verified: ..."
-    return export.write_export(encoder, output, final_norm=weights.final_norm, args=checkpoint.get("args") or {},
-                               pth=pth, checkpoint=file.name, layout=weights.layout,
-                               epoch=epoch if isinstance(epoch, int) else None, md5=md5,
-                               ssl_method=_checkpoint_ssl_method(checkpoint, weights.layout), **details)
+    return export.write_export(
+        encoder,
+        output,
+        final_norm=weights.final_norm,
+        args=checkpoint.get("args") or {},
+        pth=pth,
+        checkpoint=file.name,
+        layout=weights.layout,
+        epoch=epoch if isinstance(epoch, int) else None,
+        md5=md5,
+        ssl_method=_checkpoint_ssl_method(checkpoint, weights.layout),
+        **details,
+    )
 
 
-def _architecture(model: str | None, finetune: str, weights: layouts.EncoderWeights | None
-                  ) -> tuple[layouts.EncoderWeights | None, str, str, int]:
+def _architecture(
+    model: str | None, finetune: str, weights: layouts.EncoderWeights | None
+) -> tuple[layouts.EncoderWeights | None, str, str, int]:
     """(weights, classifier name, size preset, default patch size) from ``--model`` or ``--finetune``'s tensors.
 
     Raises:
@@ -295,10 +353,20 @@ def _patch_size(patch_size: int | None, weights: layouts.EncoderWeights | None, 
     return patch_size
 
 
-def build_classifier(num_classes: int, *, finetune: str, model: str | None, input_size: int, patch_size: int | None,
-                     bands: Bands, global_pool: bool, head_init_std: float, drop_path: float = 0.0,
-                     weights: layouts.EncoderWeights | None = None, load: bool = True
-                     ) -> tuple[VisionTransformer, layouts.EncoderWeights | None]:
+def build_classifier(
+    num_classes: int,
+    *,
+    finetune: str,
+    model: str | None,
+    input_size: int,
+    patch_size: int | None,
+    bands: Bands,
+    global_pool: bool,
+    head_init_std: float,
+    drop_path: float = 0.0,
+    weights: layouts.EncoderWeights | None = None,
+    load: bool = True,
+) -> tuple[VisionTransformer, layouts.EncoderWeights | None]:
     """A ``models_vit`` classifier of ``num_classes`` with ``finetune``'s encoder (or ``weights``) loaded: every
     encoder tensor, or an error; RGB <-> multispectral weights adapted by ``--rgb_bands`` /
     ``--checkpoint_rgb_bands`` (``BandAdaptation``).
@@ -317,9 +385,15 @@ def build_classifier(num_classes: int, *, finetune: str, model: str | None, inpu
     """
     weights, name, _, default_patch = _architecture(model, finetune, weights)
     classifier = models_vit.create_classifier(
-        name, num_classes, img_size=input_size, patch_size=_patch_size(patch_size, weights, default_patch, input_size),
-        in_chans=bands.in_chans, global_pool=global_pool, drop_path_rate=drop_path,
-        norm_style=weights.norm_style if weights else "pre", head_init_std=head_init_std,
+        name,
+        num_classes,
+        img_size=input_size,
+        patch_size=_patch_size(patch_size, weights, default_patch, input_size),
+        in_chans=bands.in_chans,
+        global_pool=global_pool,
+        drop_path_rate=drop_path,
+        norm_style=weights.norm_style if weights else "pre",
+        head_init_std=head_init_std,
     )
     if weights is None:
         main_print(f"no --finetune: {name} starts from random initialisation")
@@ -328,8 +402,16 @@ def build_classifier(num_classes: int, *, finetune: str, model: str | None, inpu
     return classifier, weights
 
 
-def build_knn_encoder(spec: str, weights: layouts.EncoderWeights | None, model_name: str, *, input_size: int,
-                      patch_size: int, bands: Bands, native: bool = False) -> tuple[torch.nn.Module, str, bool]:
+def build_knn_encoder(
+    spec: str,
+    weights: layouts.EncoderWeights | None,
+    model_name: str,
+    *,
+    input_size: int,
+    patch_size: int,
+    bands: Bands,
+    native: bool = False,
+) -> tuple[torch.nn.Module, str, bool]:
     """(encoder, label, whether its final norm is applied) for a checkpoint or 'none' (random init).
 
     A fine-tuned or linear-probed classifier keeps its pooling (``weights.classifier_pool``: patch mean + fc_norm,
@@ -341,8 +423,14 @@ def build_knn_encoder(spec: str, weights: layouts.EncoderWeights | None, model_n
     patch_size = weights.shape.patch_size if weights else patch_size
     pooling = {"global_pool": weights.classifier_pool} if weights is not None and weights.classifier_pool else {}
     encoder = models_vit.vision_transformer(
-        **models_vit.PRESETS[preset].encoder(), img_size=input_size, patch_size=patch_size, in_chans=bands.in_chans,
-        num_classes=0, norm_style=weights.norm_style if weights else "pre", dynamic_img_size=native, **pooling,
+        **models_vit.PRESETS[preset].encoder(),
+        img_size=input_size,
+        patch_size=patch_size,
+        in_chans=bands.in_chans,
+        num_classes=0,
+        norm_style=weights.norm_style if weights else "pre",
+        dynamic_img_size=native,
+        **pooling,
     )
     if weights is None:
         return encoder, f"random init ({model_name})", True
@@ -350,9 +438,21 @@ def build_knn_encoder(spec: str, weights: layouts.EncoderWeights | None, model_n
     return encoder, spec, weights.final_norm
 
 
-def build_segmenter(num_classes: int, *, finetune: str, model: str | None, input_size: int, patch_size: int | None,
-                    bands: Bands, head: str, freeze_encoder: bool, decoder_channels: int, drop_path: float = 0.0,
-                    weights: layouts.EncoderWeights | None = None, load: bool = True):
+def build_segmenter(
+    num_classes: int,
+    *,
+    finetune: str,
+    model: str | None,
+    input_size: int,
+    patch_size: int | None,
+    bands: Bands,
+    head: str,
+    freeze_encoder: bool,
+    decoder_channels: int,
+    drop_path: float = 0.0,
+    weights: layouts.EncoderWeights | None = None,
+    load: bool = True,
+):
     """A ``models_segmentation.Segmenter`` around ``finetune``'s encoder (or ``weights``): any checkpoint kind
     ``build_classifier`` accepts (ours, upstream's two layouts, timm exports, fine-tuned classifiers, segmenters),
     position embeddings resampled to ``input_size`` (the crop). ``load=False``: architecture only.
@@ -372,8 +472,12 @@ def build_segmenter(num_classes: int, *, finetune: str, model: str | None, input
 
     weights, name, size, default_patch = _architecture(model, finetune, weights)
     encoder = models_vit.vision_transformer(
-        **PRESETS[size].encoder(), img_size=input_size, patch_size=_patch_size(patch_size, weights, default_patch, input_size),
-        in_chans=bands.in_chans, num_classes=0, drop_path_rate=0.0 if freeze_encoder else drop_path,
+        **PRESETS[size].encoder(),
+        img_size=input_size,
+        patch_size=_patch_size(patch_size, weights, default_patch, input_size),
+        in_chans=bands.in_chans,
+        num_classes=0,
+        drop_path_rate=0.0 if freeze_encoder else drop_path,
         norm_style=weights.norm_style if weights else "pre",
     )
     if weights is None:

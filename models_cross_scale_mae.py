@@ -8,6 +8,7 @@ the plain MAE baseline. Upstream's other ablation names map to loss weights of t
 The encoder is an unmodified timm ``VisionTransformer`` (``self.encoder``); masking wraps it, so its
 state dict exports to timm as is.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -60,7 +61,8 @@ class ViewOutput(NamedTuple):
 
 
 def fp32_region(device: torch.device):
-    """Autocast off, so losses are computed in fp32 whatever the autocast dtype (no-op where autocast does not exist)."""
+    """Autocast off, so losses are computed in fp32 whatever the autocast dtype (no-op where autocast does not
+    exist)."""
     return torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else nullcontext()
 
 
@@ -221,7 +223,9 @@ class CrossScaleMAE(nn.Module):
         weights = {"rec": 1.0} if loss_weights is None else dict(loss_weights)
         unknown = set(weights) - set(LOSS_WEIGHT_KEYS)
         if unknown:
-            raise ValueError(f"loss_weights: unknown term(s) {', '.join(sorted(unknown))}; known: {', '.join(LOSS_WEIGHT_KEYS)}")
+            raise ValueError(
+                f"loss_weights: unknown term(s) {', '.join(sorted(unknown))}; known: {', '.join(LOSS_WEIGHT_KEYS)}"
+            )
         if not multi_scale and any(weights.get(k, 0.0) for k in LOSS_WEIGHT_KEYS if k != "rec"):
             raise ValueError("loss_weights: cross-scale loss terms need a multi-scale model (not plain MAE)")
         bad_weights = [f"{k}={v}" for k, v in weights.items() if not (0.0 <= float(v) < float("inf"))]
@@ -229,7 +233,9 @@ class CrossScaleMAE(nn.Module):
             raise ValueError(f"loss_weights: weights must be finite and at least 0, got {', '.join(bad_weights)}")
         low, high = (float(v) for v in scale_range)
         if not 0.0 < low <= high <= 1.0:
-            raise ValueError(f"scale_range must satisfy 0 < min <= max <= 1 (area fractions of the crop), got {low} {high}")
+            raise ValueError(
+                f"scale_range must satisfy 0 < min <= max <= 1 (area fractions of the crop), got {low} {high}"
+            )
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if crop_mode not in ("batch", "sample"):
@@ -247,8 +253,15 @@ class CrossScaleMAE(nn.Module):
         self.crop_sampler = v2.RandomResizedCrop(input_size, scale=tuple(scale_range), antialias=True)
 
         self.encoder = vision_transformer(
-            embed_dim, depth, num_heads, img_size=input_size, patch_size=patch_size, in_chans=in_chans,
-            num_classes=0, norm_style=norm_style, norm_eps=norm_eps,
+            embed_dim,
+            depth,
+            num_heads,
+            img_size=input_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=0,
+            norm_style=norm_style,
+            norm_eps=norm_eps,
         )
         self.encoder.pos_embed.requires_grad_(False)
         self.patch_size = patch_size
@@ -264,8 +277,10 @@ class CrossScaleMAE(nn.Module):
             get_2d_sincos_pos_embed(decoder_embed_dim, self.encoder.patch_embed.grid_size), requires_grad=False
         )
         self.decoder = nn.Sequential(
-            *[block(decoder_embed_dim, decoder_num_heads, 4.0, qkv_bias=True, norm_layer=norm_layer)
-              for _ in range(decoder_depth)]
+            *[
+                block(decoder_embed_dim, decoder_num_heads, 4.0, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(decoder_depth)
+            ]
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
@@ -375,8 +390,9 @@ class CrossScaleMAE(nn.Module):
         tokens = self.decoder_norm(self.decoder(x))
         return tokens, self.decoder_pred(tokens[:, 1:])
 
-    def reconstruction_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
-                            valid: torch.Tensor | None = None) -> torch.Tensor:
+    def reconstruction_loss(
+        self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """L_re: mean squared error over the masked patches (fp32); imgs [N, C, H, W], pred [N, L, p*p*C], mask [N, L].
 
         With ``norm_pix_loss`` the target is each patch standardised by its own mean and variance (MAE).
@@ -399,7 +415,9 @@ class CrossScaleMAE(nn.Module):
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [N, L]
         return (per_patch * mask).sum() / mask.sum()
 
-    def _weighted_masked_mse(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _weighted_masked_mse(
+        self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
         target = self.patchify(imgs).float()
         weight = self.patchify(valid.float().expand_as(imgs))  # [N, L, p*p*C]
         total = weight.sum(dim=-1, keepdim=True)  # [N, L, 1]
@@ -451,14 +469,20 @@ class CrossScaleMAE(nn.Module):
             zoomed = self.crop_view(torch.cat([imgs, valid.to(imgs.dtype)], dim=1), crop_params)
             views, valids = [imgs, zoomed[:, :-1]], [valid, zoomed[:, -1:]]
         else:
-            views = [imgs, self.crop_view(imgs, crop_params)] if self.multi_scale else [imgs]  # x and its zoomed-in view
+            views = (
+                [imgs, self.crop_view(imgs, crop_params)] if self.multi_scale else [imgs]
+            )  # x and its zoomed-in view
         outputs = self.encode_decode(views, mask_ratio, self._masking_noise(len(views), imgs, noise))
         orig = outputs[0]
 
-        terms = {"rec_orig": self.reconstruction_loss(imgs, orig.pred, orig.mask, valids[0])}  # L_re of the original view
+        terms = {
+            "rec_orig": self.reconstruction_loss(imgs, orig.pred, orig.mask, valids[0])
+        }  # L_re of the original view
         if self.multi_scale:
             crop = outputs[1]
-            terms["rec_crop"] = self.reconstruction_loss(views[1], crop.pred, crop.mask, valids[-1])  # L_re of the zoomed-in view
+            terms["rec_crop"] = self.reconstruction_loss(
+                views[1], crop.pred, crop.mask, valids[-1]
+            )  # L_re of the zoomed-in view
             if self.loss_weights["cross_pred"]:  # L_cp: predict the original's decoder tokens from the crop's
                 terms["cross_pred"] = self.mse(self.predictor(crop.tokens[:, 1:]), orig.tokens[:, 1:])
             if self.loss_weights["cross_cons"]:  # L_cc: the two views' mean encoder tokens are a positive pair
@@ -485,7 +509,10 @@ class CrossScaleMAE(nn.Module):
         """L_cc: contrastive loss between the mean patch tokens [B, D] of the two views' latents [B, 1+K, D]."""
         with fp32_region(latent.device):
             return cross_scale_contrastive_loss(
-                latent[:, 1:].float().mean(dim=1), latent_crop[:, 1:].float().mean(dim=1), self.temperature, self.contrastive,
+                latent[:, 1:].float().mean(dim=1),
+                latent_crop[:, 1:].float().mean(dim=1),
+                self.temperature,
+                self.contrastive,
                 self.gather_negatives,
             )
 
@@ -595,7 +622,8 @@ def mae_vit_small_MsLdCe(**kwargs) -> CrossScaleMAE:
 
 @register_model("small", "MsLdCeCd")
 def mae_vit_small_MsLdCeCd(**kwargs) -> CrossScaleMAE:
-    """Two scales, reconstruction + cross-scale prediction + contrastive consistency (the paper model), small encoder."""
+    """Two scales, reconstruction + cross-scale prediction + contrastive consistency (the paper model), small
+    encoder."""
 
 
 @register_model("small", "MsLdLe")
@@ -675,7 +703,8 @@ def mae_vit_large_MsLdCe(**kwargs) -> CrossScaleMAE:
 
 @register_model("large", "MsLdCeCd")
 def mae_vit_large_MsLdCeCd(**kwargs) -> CrossScaleMAE:
-    """Two scales, reconstruction + cross-scale prediction + contrastive consistency (the paper model), large encoder."""
+    """Two scales, reconstruction + cross-scale prediction + contrastive consistency (the paper model), large
+    encoder."""
 
 
 @register_model("large", "MsLdLe")

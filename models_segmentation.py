@@ -10,6 +10,7 @@ norm and GELU between them; one transposed convolution; identity; 2x2 max-pool),
 level. The UperNet decoder is ``segmentation_models_pytorch``'s ``UPerNetDecoder`` (fed our pyramid as its
 levels 1/4 ... 1/32; it layer-normalises each level first).
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -46,14 +47,19 @@ class Pyramid(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2), nn.BatchNorm2d(dim), nn.GELU(),
-                                 nn.ConvTranspose2d(dim, dim, 2, stride=2))
+        self.up4 = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim, 2, stride=2),
+            nn.BatchNorm2d(dim),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim, dim, 2, stride=2),
+        )
         self.up2 = nn.ConvTranspose2d(dim, dim, 2, stride=2)
         self.same = nn.Identity()
         self.down2 = nn.MaxPool2d(2, 2)
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Four [B, D, h, w] maps (shallow to deep) -> [B, D, 4h, 4w], [B, D, 2h, 2w], [B, D, h, w], [B, D, h/2, w/2]."""
+        """Four [B, D, h, w] maps (shallow to deep) -> [B, D, 4h, 4w], [B, D, 2h, 2w], [B, D, h, w], [B, D, h/2,
+        w/2]."""
         return [op(x) for op, x in zip((self.up4, self.up2, self.same, self.down2), features)]
 
 
@@ -63,7 +69,9 @@ class UperNetHead(nn.Module):
     def __init__(self, dim: int, num_classes: int, channels: int = 512, dropout: float = 0.1) -> None:
         super().__init__()
         # its levels [1, 1/2, 1/4, 1/8, 1/16, 1/32]; it reads only the last four, which are ours
-        self.decoder = UPerNetDecoder(encoder_channels=[0, 0, dim, dim, dim, dim], encoder_depth=5, decoder_channels=channels)
+        self.decoder = UPerNetDecoder(
+            encoder_channels=[0, 0, dim, dim, dim, dim], encoder_depth=5, decoder_channels=channels
+        )
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
@@ -84,8 +92,14 @@ class Segmenter(nn.Module):
         decoder_channels: UperNet width (512 or 768 in the literature).
     """
 
-    def __init__(self, encoder: VisionTransformer, num_classes: int, head: HeadKind = "upernet",
-                 freeze_encoder: bool = False, decoder_channels: int = 512) -> None:
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        num_classes: int,
+        head: HeadKind = "upernet",
+        freeze_encoder: bool = False,
+        decoder_channels: int = 512,
+    ) -> None:
         super().__init__()
         if head not in ("upernet", "linear"):
             raise ValueError(f"head must be 'upernet' or 'linear', got {head!r}")
@@ -116,8 +130,14 @@ class Segmenter(nn.Module):
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of ``self.blocks`` as [B, D, H/p, W/p] maps (timm ``forward_intermediates``, no final norm)."""
         with torch.no_grad() if self.freeze_encoder else nullcontext():
-            return self.encoder.forward_intermediates(images, indices=list(self.blocks), norm=False, stop_early=True,
-                                                      output_fmt="NCHW", intermediates_only=True)
+            return self.encoder.forward_intermediates(
+                images,
+                indices=list(self.blocks),
+                norm=False,
+                stop_early=True,
+                output_fmt="NCHW",
+                intermediates_only=True,
+            )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.features(images)
@@ -127,8 +147,10 @@ class Segmenter(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer groups for timm's layer-wise LR decay: stem, each block, then everything else (norm, neck, head)
         at the full learning rate."""
-        return dict(stem=r"^encoder\.(?:cls_token|pos_embed|patch_embed|reg_token)",
-                    blocks=[(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))])
+        return dict(
+            stem=r"^encoder\.(?:cls_token|pos_embed|patch_embed|reg_token)",
+            blocks=[(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))],
+        )
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}

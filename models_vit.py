@@ -3,6 +3,7 @@
 The same builder makes the Cross-Scale MAE encoder and the fine-tuning / linear-probing
 classifier, so weights move between them by name and compute the same features.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -17,6 +18,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from util.weights.pos_embed import get_2d_sincos_pos_embed
 
 NormStyle = Literal["pre", "post"]
+
 
 @dataclass(frozen=True)
 class SizePreset:
@@ -171,9 +173,15 @@ def create_classifier(
     """
     size, default_patch = classifier_preset(name)
     vit = vision_transformer(
-        **PRESETS[size].encoder(), img_size=img_size, patch_size=patch_size or default_patch, in_chans=in_chans,
-        num_classes=num_classes, global_pool="avg" if global_pool else "token", drop_path_rate=drop_path_rate,
-        norm_style=norm_style, norm_eps=norm_eps,
+        **PRESETS[size].encoder(),
+        img_size=img_size,
+        patch_size=patch_size or default_patch,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        global_pool="avg" if global_pool else "token",
+        drop_path_rate=drop_path_rate,
+        norm_style=norm_style,
+        norm_eps=norm_eps,
     )
     trunc_normal_(vit.head.weight, std=head_init_std)
     nn.init.zeros_(vit.head.bias)

@@ -10,6 +10,7 @@ are also streamed whole by ``webdataset.WebDataset`` (if installed) from local d
 ``python -m http.server`` on 127.0.0.1, to show what reading them as a stream costs, and, if LitData is installed,
 the same samples in LitData's format (``litdata.optimize``), read by random access and as a stream.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,14 @@ def litdata_rates(meta_path: Path, folder: Path, count: int) -> dict[str, float]
 
     total = datasets.build_dataset(meta_path).__len__()
     sample_bytes = datasets.build_dataset(meta_path)[0][0].numel()
-    litdata.optimize(fn=partial(litdata_item, str(meta_path)), inputs=list(range(total)), output_dir=str(folder),
-                     chunk_bytes=16 * sample_bytes, num_workers=1, mode="overwrite")
+    litdata.optimize(
+        fn=partial(litdata_item, str(meta_path)),
+        inputs=list(range(total)),
+        output_dir=str(folder),
+        chunk_bytes=16 * sample_bytes,
+        num_workers=1,
+        mode="overwrite",
+    )
     stream = litdata.StreamingDataset(str(folder))
     rates = {}
     start = time.perf_counter()
@@ -96,8 +103,11 @@ def http_server(folder: Path) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
@@ -123,28 +133,62 @@ def main() -> None:
         tiles = sorted(args.source.glob("*.jpg"))[:64]
         (tmp / "large").mkdir()
         for tile in tiles:  # originals: the same scenes, up-sampled to fMoW-like sizes
-            Image.open(tile).resize((args.large_size, args.large_size), Image.BICUBIC).save(tmp / "large" / tile.name, quality=95)
-        subprocess.run([sys.executable, str(REPO / "tools" / "preprocess.py"), "--input", str(tmp / "large"), "--output", str(tmp / "pre"),
-                        "--size", str(args.input_size), "--split", "small", "--workers", "1", "--pack", "--shards",
-                        "--shard_samples", "16"], check=True, capture_output=True)
+            Image.open(tile).resize((args.large_size, args.large_size), Image.BICUBIC).save(
+                tmp / "large" / tile.name, quality=95
+            )
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "tools" / "preprocess.py"),
+                "--input",
+                str(tmp / "large"),
+                "--output",
+                str(tmp / "pre"),
+                "--size",
+                str(args.input_size),
+                "--split",
+                "small",
+                "--workers",
+                "1",
+                "--pack",
+                "--shards",
+                "--shard_samples",
+                "16",
+            ],
+            check=True,
+            capture_output=True,
+        )
         manifest = tmp / "pre" / f"small_{args.input_size}{MANIFEST_SUFFIX}"
         transform = transforms.build_transform(True, args.input_size)
         pipelines = {
             f"pre-resized JPEG ({args.input_size} px shorter side)": (
-                datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.csv", "auto", transform,
-                                       draft_size=transforms.draft_size_for(True, args.input_size)), None),
+                datasets.build_dataset(
+                    tmp / "pre" / f"small_{args.input_size}.csv",
+                    "auto",
+                    transform,
+                    draft_size=transforms.draft_size_for(True, args.input_size),
+                ),
+                None,
+            ),
             f"large JPEG ({args.large_size} px, PIL draft)": (
-                datasets.build_dataset(tmp / "large", "folder", transform,
-                                       draft_size=transforms.draft_size_for(True, args.input_size)), None),
+                datasets.build_dataset(
+                    tmp / "large", "folder", transform, draft_size=transforms.draft_size_for(True, args.input_size)
+                ),
+                None,
+            ),
             "packed uint8: worker only (memory-mapped read)": (
-                datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.json"), None),
+                datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.json"),
+                None,
+            ),
             "packed uint8 + BatchAugment on this CPU": (
                 datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.json"),
-                transforms.BatchAugment(args.input_size, transforms.FMOW_RGB_MEAN, transforms.FMOW_RGB_STD)),
+                transforms.BatchAugment(args.input_size, transforms.FMOW_RGB_MEAN, transforms.FMOW_RGB_STD),
+            ),
             "shards: worker only (pread + .npy parse)": (datasets.build_dataset(manifest), None),
             "shards + BatchAugment on this CPU": (
                 datasets.build_dataset(manifest),
-                transforms.BatchAugment(args.input_size, transforms.FMOW_RGB_MEAN, transforms.FMOW_RGB_STD)),
+                transforms.BatchAugment(args.input_size, transforms.FMOW_RGB_MEAN, transforms.FMOW_RGB_STD),
+            ),
         }
         rates = {}
         for name, (dataset, batch_transform) in pipelines.items():
@@ -159,21 +203,28 @@ def main() -> None:
             names = [shard["name"] for shard in json.loads(manifest.read_text())["shards"]]
             server, base = http_server(tmp / "pre")
             try:
-                for name, urls in (("shards streamed by webdataset, local disk", [str(tmp / "pre" / n) for n in names]),
-                                   ("shards streamed by webdataset, http://127.0.0.1", [f"{base}/{n}" for n in names])):
+                for name, urls in (
+                    ("shards streamed by webdataset, local disk", [str(tmp / "pre" / n) for n in names]),
+                    ("shards streamed by webdataset, http://127.0.0.1", [f"{base}/{n}" for n in names]),
+                ):
                     stream_rate(urls, min(16, args.images))
                     rates[name] = stream_rate(urls, args.images)
                     print(f"{name:48s} {rates[name]:9.1f} img/s per worker", flush=True)
             finally:
                 server.kill()
                 server.wait()
-        for name, rate in litdata_rates(tmp / "pre" / f"small_{args.input_size}.json", tmp / "litdata", args.images).items():
+        for name, rate in litdata_rates(
+            tmp / "pre" / f"small_{args.input_size}.json", tmp / "litdata", args.images
+        ).items():
             rates[name] = rate
             print(f"{name:48s} {rate:9.1f} img/s per worker", flush=True)
         small, large, packed, packed_cpu, sharded = list(rates.values())[:5]
-        print(f"packed worker / pre-resized JPEG: {packed / small:.1f}x (augmentation on a GPU); "
-              f"with the augmentation on this CPU core: {packed_cpu / small:.1f}x; "
-              f"pre-resized / large JPEG: {small / large:.1f}x; shards / packed worker: {sharded / packed:.2f}x", flush=True)
+        print(
+            f"packed worker / pre-resized JPEG: {packed / small:.1f}x (augmentation on a GPU); "
+            f"with the augmentation on this CPU core: {packed_cpu / small:.1f}x; "
+            f"pre-resized / large JPEG: {small / large:.1f}x; shards / packed worker: {sharded / packed:.2f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ MFU = achieved / dense matmul rate of the same dtype measured here in this run; 
 "upstream execution" (one pass per scale; fp32 on CPU, fp16 autocast on CUDA; timm's SDPA attention;
 unfused AdamW) and our speed-up over it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,9 @@ from timm.optim import create_optimizer_v2
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models_cross_scale_mae as models_mae  # noqa: E402
-from util.run.process import autocast, resolve_amp, resolve_device  # noqa: E402
-from util.run.loop import optimizer_step, set_fused_attention, use_sdpa  # noqa: E402
+import models_cross_scale_mae as models_mae
+from util.run.loop import optimizer_step, set_fused_attention, use_sdpa
+from util.run.process import autocast, resolve_amp, resolve_device
 
 
 def synchronize(device: torch.device) -> None:
@@ -54,7 +55,9 @@ def train_step(model, optimizer, images, device, amp_dtype, scaler):
     return loss
 
 
-def measure(model, images, device, amp_dtype, steps: int, warmup: int, compile_model: bool, fused_adamw: bool) -> dict[str, float]:
+def measure(
+    model, images, device, amp_dtype, steps: int, warmup: int, compile_model: bool, fused_adamw: bool
+) -> dict[str, float]:
     """Median seconds per step (after warm-up), FLOPs per step and peak memory of one execution mode."""
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95), fused=fused_adamw)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -75,19 +78,26 @@ def measure(model, images, device, amp_dtype, steps: int, warmup: int, compile_m
         train_step(step_model, optimizer, images, device, amp_dtype, scaler)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     return {"seconds": statistics.median(times), "flops": counter.get_total_flops(), "peak_bytes": peak}
 
 
 def report(name: str, result: dict[str, float], batch: int, peak_rate: float, dtype_name: str) -> float:
     images_per_s = batch / result["seconds"]
     achieved = result["flops"] / result["seconds"]
-    print(f"{name}:\n"
-          f"  median step        {result['seconds'] * 1000:.1f} ms ({images_per_s:.2f} img/s)\n"
-          f"  peak memory        {result['peak_bytes'] / 2**30:.2f} GiB\n"
-          f"  FLOPs per image    {result['flops'] / batch / 1e9:.2f} GFLOP (step {result['flops'] / 1e9:.1f} GFLOP)\n"
-          f"  achieved           {achieved / 1e9:.1f} GFLOP/s\n"
-          f"  MFU                {100 * achieved / peak_rate:.1f} % of the {dtype_name} matmul rate", flush=True)
+    print(
+        f"{name}:\n"
+        f"  median step        {result['seconds'] * 1000:.1f} ms ({images_per_s:.2f} img/s)\n"
+        f"  peak memory        {result['peak_bytes'] / 2**30:.2f} GiB\n"
+        f"  FLOPs per image    {result['flops'] / batch / 1e9:.2f} GFLOP (step {result['flops'] / 1e9:.1f} GFLOP)\n"
+        f"  achieved           {achieved / 1e9:.1f} GFLOP/s\n"
+        f"  MFU                {100 * achieved / peak_rate:.1f} % of the {dtype_name} matmul rate",
+        flush=True,
+    )
     return images_per_s
 
 
@@ -102,7 +112,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--matmul_size", type=int, default=None, help="side of the matmul that measures the peak (default: 2048 CPU, 8192 GPU)")
+    parser.add_argument(
+        "--matmul_size",
+        type=int,
+        default=None,
+        help="side of the matmul that measures the peak (default: 2048 CPU, 8192 GPU)",
+    )
     parser.add_argument("--no_upstream", action="store_true", help="skip the upstream-execution comparison")
     args = parser.parse_args()
 
@@ -111,9 +126,13 @@ def main() -> None:
     matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
-    print(f"{args.model}, {args.input_size} px, patch {args.patch_size}, batch {args.batch_size}, device {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), "
-          f"torch {torch.__version__}", flush=True)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(
+        f"{args.model}, {args.input_size} px, patch {args.patch_size}, batch {args.batch_size}, device {device} "
+        f"({where}), "
+        f"torch {torch.__version__}",
+        flush=True,
+    )
 
     def build(ours: bool):
         """Ours: both views in one pass, attention as main_pretrain.py --attention auto picks it.
@@ -132,16 +151,26 @@ def main() -> None:
 
     ours_dtype = amp_dtype or torch.float32
     ours = measure(build(True), images, device, amp_dtype, args.steps, args.warmup, args.compile, fused_adamw=True)
-    ours_rate = report(f"this repository (batched views, autocast {amp_dtype or 'off'}{', compiled' if args.compile else ''})",
-                       ours, args.batch_size, rates[ours_dtype], str(ours_dtype).removeprefix("torch."))
+    ours_rate = report(
+        f"this repository (batched views, autocast {amp_dtype or 'off'}{', compiled' if args.compile else ''})",
+        ours,
+        args.batch_size,
+        rates[ours_dtype],
+        str(ours_dtype).removeprefix("torch."),
+    )
     if args.no_upstream:
         return
     upstream_dtype = torch.float16 if device.type == "cuda" else None
     if upstream_dtype is not None and upstream_dtype not in rates:
         rates[upstream_dtype] = matmul_rate(device, upstream_dtype, matmul_size)
     upstream = measure(build(False), images, device, upstream_dtype, args.steps, args.warmup, False, fused_adamw=False)
-    upstream_rate = report(f"upstream execution (one pass per scale, autocast {upstream_dtype or 'off'})", upstream,
-                           args.batch_size, rates[upstream_dtype or torch.float32], str(upstream_dtype or torch.float32).removeprefix("torch."))
+    upstream_rate = report(
+        f"upstream execution (one pass per scale, autocast {upstream_dtype or 'off'})",
+        upstream,
+        args.batch_size,
+        rates[upstream_dtype or torch.float32],
+        str(upstream_dtype or torch.float32).removeprefix("torch."),
+    )
     print(f"speed-up over upstream execution: {ours_rate / upstream_rate:.2f}x", flush=True)
 
 

@@ -8,6 +8,7 @@ leaves the device. Prints the images/s of the packed-array path (uint8 batch cop
 crop / flip / normalise on the device). With ``--device cpu`` (the dry run) it runs the same code on the CPU and
 skips the checks that only CUDA can pass.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +20,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from util.data.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD, BatchAugment  # noqa: E402
+from util.data.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD, BatchAugment
 
 
 def check_flash_attention(device: torch.device, heads: int, head_dim: int, tokens: int, batch: int) -> str:
     """Forward + backward of SDPA restricted to the flash kernel, in bf16, at the ViT's attention shape."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(batch, heads, tokens, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         F.scaled_dot_product_attention(q, k, v).sum().backward()
     return f"flash SDPA ran (bf16, {heads} heads x {head_dim}, {tokens} tokens)"
@@ -74,11 +78,24 @@ def main() -> None:
     if device.type == "cuda":
         tokens = (args.input_size // args.patch_size) ** 2 // 4 + 1  # visible patches at mask ratio 0.75, + cls
         checks = [
-            ("native bf16", lambda: "native bf16" if torch.cuda.is_bf16_supported(including_emulation=False)
-             else (_ for _ in ()).throw(RuntimeError("bf16 is only emulated on this GPU: --amp auto uses fp16"))),
+            (
+                "native bf16",
+                lambda: (
+                    "native bf16"
+                    if torch.cuda.is_bf16_supported(including_emulation=False)
+                    else (_ for _ in ()).throw(RuntimeError("bf16 is only emulated on this GPU: --amp auto uses fp16"))
+                ),
+            ),
             ("flash attention", lambda: check_flash_attention(device, args.heads, args.head_dim, tokens, 8)),
             ("fused AdamW", lambda: check_fused_adamw(device)),
-            ("pinned memory", lambda: "pinned" if torch.empty(1).pin_memory().is_pinned() else (_ for _ in ()).throw(RuntimeError("not pinned"))),
+            (
+                "pinned memory",
+                lambda: (
+                    "pinned"
+                    if torch.empty(1).pin_memory().is_pinned()
+                    else (_ for _ in ()).throw(RuntimeError("not pinned"))
+                ),
+            ),
         ]
         for name, check in checks:
             try:

@@ -11,6 +11,7 @@ published weights' torchgeo file name, and the encoders' features on a fixed inp
 torch, timm, safetensors and their tool; each check prints one ``PASS name: ...`` or ``FAIL name: ...`` line, and the
 exit status is the number of failures.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ def check(name: str, function) -> None:
     try:
         detail = function()
         print(f"PASS {name}: {detail}", flush=True)
-    except Exception as e:  # noqa: BLE001 - a benchmark reports every failure and goes on
+    except Exception as e:
         failures.append(name)
         last = traceback.format_exception_only(type(e), e)[-1].strip()
         print(f"FAIL {name}: {last}", flush=True)
@@ -52,12 +53,18 @@ def prepare(out: Path) -> None:
     for key, (sample, chans) in SAMPLES.items():
         torch.manual_seed(chans)
         mae = models_mae.create_model("cross_scale_mae_vit_tiny", input_size=SIZE, patch_size=8, in_chans=chans).eval()
-        args = {"model": "cross_scale_mae_vit_tiny", "in_chans": chans, "train_path": f"data/{sample}/train.csv",
-                "mean": list(FMOW_RGB_MEAN), "std": list(FMOW_RGB_STD)}
+        args = {
+            "model": "cross_scale_mae_vit_tiny",
+            "in_chans": chans,
+            "train_path": f"data/{sample}/train.csv",
+            "mean": list(FMOW_RGB_MEAN),
+            "std": list(FMOW_RGB_STD),
+        }
         if chans != 3:
             stats = json.loads((ROOT / "data" / sample / "band_stats.json").read_text())
-            args.update(band_stats=str(ROOT / "data" / sample / "band_stats.json"), mean=stats["mean"],
-                        std=stats["std"])
+            args.update(
+                band_stats=str(ROOT / "data" / sample / "band_stats.json"), mean=stats["mean"], std=stats["std"]
+            )
         export_encoder(mae, out / key, args, checkpoint="(seeded random init)")
         with torch.no_grad():  # what pretraining computes: blocks, no final norm (untrained: exported as identity)
             vit = mae.encoder
@@ -95,8 +102,15 @@ def one_step(task, batch: dict[str, torch.Tensor]) -> str:
 
     before = [p.detach().clone() for p in task.parameters() if p.requires_grad]
     loader = torch.utils.data.DataLoader([batch], batch_size=None)
-    trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(task, train_dataloaders=loader, val_dataloaders=loader)  # validation: the LR scheduler's val_loss
     losses = [v for k, v in trainer.callback_metrics.items() if "train" in k and "loss" in k]  # train_loss, train/loss
     loss = losses[0] if losses else None
@@ -113,15 +127,18 @@ def run_torchgeo(out: Path) -> None:
     import torchgeo
     from torchgeo.tasks import Classification, SemanticSegmentation
 
-    print(f"torchgeo {torchgeo.__version__}, segmentation-models-pytorch {version('segmentation_models_pytorch')}, "
-          f"timm {version('timm')}, torch {torch.__version__}")
+    print(
+        f"torchgeo {torchgeo.__version__}, segmentation-models-pytorch {version('segmentation_models_pytorch')}, "
+        f"timm {version('timm')}, torch {torch.__version__}"
+    )
     for key, (_, chans) in SAMPLES.items():
         directory = out / key
         expected = state_of(directory)
 
         def classification(chans=chans, directory=directory, expected=expected, key=key):
-            task = Classification(model=f"local-dir:{directory}", weights=True, in_channels=chans,
-                                  num_classes=CLASSES, lr=1e-3)
+            task = Classification(
+                model=f"local-dir:{directory}", weights=True, in_channels=chans, num_classes=CLASSES, lr=1e-3
+            )
             loaded = compare(task.model, expected)
             with torch.no_grad():
                 features = task.model.eval().forward_features(reference_input(chans))
@@ -130,15 +147,23 @@ def run_torchgeo(out: Path) -> None:
             return f"{loaded}; features equal; " + one_step(task, {"image": images, "label": torch.arange(4) % CLASSES})
 
         def segmentation(chans=chans, directory=directory, expected=expected):
-            task = SemanticSegmentation(model="dpt", backbone=f"tu-local-dir:{directory}", weights=True,
-                                        in_channels=chans, num_classes=CLASSES, lr=1e-3)
+            task = SemanticSegmentation(
+                model="dpt",
+                backbone=f"tu-local-dir:{directory}",
+                weights=True,
+                in_channels=chans,
+                num_classes=CLASSES,
+                lr=1e-3,
+            )
             loaded = compare(task.model.encoder, expected, prefix="model.")
             batch = {"image": torch.randn(4, chans, SIZE, SIZE), "mask": torch.randint(0, CLASSES, (4, SIZE, SIZE))}
             return f"{loaded}; " + one_step(task, batch)
 
         check(f"torchgeo Classification(model='local-dir:{key}', weights=True, in_channels={chans})", classification)
-        check(f"torchgeo SemanticSegmentation(model='dpt', backbone='tu-local-dir:{key}', in_channels={chans})",
-              segmentation)
+        check(
+            f"torchgeo SemanticSegmentation(model='dpt', backbone='tu-local-dir:{key}', in_channels={chans})",
+            segmentation,
+        )
 
     def weight_enum():
         from torchgeo.models import vit_base_patch16_224
@@ -162,8 +187,9 @@ def run_torchgeo(out: Path) -> None:
         model = vit_base_patch16_224(weights=weights, img_size=weights.meta["img_size"], num_classes=0)
         loaded = compare(model, torch.load(file, weights_only=True))
         try:
-            CrossScaleMAEBase16_Weights.CORRUPT_COPY.get_state_dict(progress=False, check_hash=True, weights_only=True,
-                                                                   model_dir=str(out / "hub" / "bad"))
+            CrossScaleMAEBase16_Weights.CORRUPT_COPY.get_state_dict(
+                progress=False, check_hash=True, weights_only=True, model_dir=str(out / "hub" / "bad")
+            )
         except RuntimeError as e:
             refused = f"a corrupted copy is refused ({str(e).splitlines()[0][:60]}...)"
         else:
@@ -171,8 +197,7 @@ def run_torchgeo(out: Path) -> None:
         return f"{loaded}; hash {file.stem.rsplit('-', 1)[1]} checked; {refused}"
 
     torch.hub.set_dir(str(out / "hub"))
-    check("torchgeo weight enum (util/weights/published.py, file:// URL) -> models.vit_base_patch16_224",
-          weight_enum)
+    check("torchgeo weight enum (util/weights/published.py, file:// URL) -> models.vit_base_patch16_224", weight_enum)
 
 
 def run_terratorch(out: Path) -> None:
@@ -182,51 +207,75 @@ def run_terratorch(out: Path) -> None:
     from terratorch.models import EncoderDecoderFactory
     from terratorch.tasks import SemanticSegmentationTask
 
-    print(f"terratorch {version('terratorch')}, torchgeo {version('torchgeo')}, timm {version('timm')}, "
-          f"torch {torch.__version__}")
-    model_args = {"backbone_pretrained": True, "backbone_out_indices": [0, 1, 2, 3],
-                  "necks": [{"name": "SelectIndices", "indices": [0, 1, 2, 3]},
-                            {"name": "LearnedInterpolateToPyramidal"}],
-                  "decoder": "UperNetDecoder", "decoder_channels": 64, "num_classes": CLASSES}
+    print(
+        f"terratorch {version('terratorch')}, torchgeo {version('torchgeo')}, timm {version('timm')}, "
+        f"torch {torch.__version__}"
+    )
+    model_args = {
+        "backbone_pretrained": True,
+        "backbone_out_indices": [0, 1, 2, 3],
+        "necks": [{"name": "SelectIndices", "indices": [0, 1, 2, 3]}, {"name": "LearnedInterpolateToPyramidal"}],
+        "decoder": "UperNetDecoder",
+        "decoder_channels": 64,
+        "num_classes": CLASSES,
+    }
     for key, (_, chans) in SAMPLES.items():
         directory = out / key
         expected = state_of(directory)
 
         def factory(chans=chans, directory=directory, expected=expected, key=key):
-            model = EncoderDecoderFactory().build_model(task="segmentation", backbone=f"timm_local-dir:{directory}",
-                                                        **model_args)
+            model = EncoderDecoderFactory().build_model(
+                task="segmentation", backbone=f"timm_local-dir:{directory}", **model_args
+            )
             loaded = compare(model.encoder, expected, prefix="model.")
             with torch.no_grad():
                 blocks = model.encoder.eval()(reference_input(chans))
             reference = torch.load(out / f"{key}_features.pt")[:, 1:]  # patch tokens of the last block
             last = blocks[-1].flatten(2).transpose(1, 2)
             torch.testing.assert_close(last, reference, rtol=0, atol=0)
-            task = SemanticSegmentationTask(model_factory="EncoderDecoderFactory", loss="ce", ignore_index=-1, lr=1e-3,
-                                            model_args={"backbone": f"timm_local-dir:{directory}", **model_args})
+            task = SemanticSegmentationTask(
+                model_factory="EncoderDecoderFactory",
+                loss="ce",
+                ignore_index=-1,
+                lr=1e-3,
+                model_args={"backbone": f"timm_local-dir:{directory}", **model_args},
+            )
             compare(task.model.encoder, expected, prefix="model.")
             batch = {"image": torch.randn(4, chans, SIZE, SIZE), "mask": torch.randint(0, CLASSES, (4, SIZE, SIZE))}
             return f"{loaded}; last block's features equal; " + one_step(task, batch)
 
-        check(f"TerraTorch EncoderDecoderFactory + UperNetDecoder, backbone='timm_local-dir:{key}' ({chans} bands)",
-              factory)
+        check(
+            f"TerraTorch EncoderDecoderFactory + UperNetDecoder, backbone='timm_local-dir:{key}' ({chans} bands)",
+            factory,
+        )
 
     for key, config in (("rgb", "cross_scale_mae_upernet_rgb.yaml"), ("s2", "cross_scale_mae_upernet_s2.yaml")):
+
         def shipped(key=key, config=config):
-            command = [str(Path(sys.executable).parent / "terratorch"), "fit",
-                       "--config", f"configs/terratorch/{config}",
-                       f"--model.init_args.model_args.backbone=timm_local-dir:{out / key}",
-                       "--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--trainer.accelerator=cpu",
-                       "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-                       f"--trainer.default_root_dir={out / 'terratorch_fit'}", "--data.init_args.batch_size=4",
-                       "--data.init_args.num_workers=0"]
+            command = [
+                str(Path(sys.executable).parent / "terratorch"),
+                "fit",
+                "--config",
+                f"configs/terratorch/{config}",
+                f"--model.init_args.model_args.backbone=timm_local-dir:{out / key}",
+                "--trainer.max_steps=1",
+                "--trainer.limit_val_batches=1",
+                "--trainer.accelerator=cpu",
+                "--trainer.logger=false",
+                "--trainer.enable_checkpointing=false",
+                f"--trainer.default_root_dir={out / 'terratorch_fit'}",
+                "--data.init_args.batch_size=4",
+                "--data.init_args.num_workers=0",
+            ]
             done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
             if done.returncode:
                 raise AssertionError(f"exit {done.returncode}: {(done.stderr or done.stdout).strip().splitlines()[-1]}")
             steps = [line for line in (done.stdout + done.stderr).splitlines() if "max_steps=1" in line]
             return "terratorch fit ran one step on the embedded sample" + (f" ({steps[-1].strip()})" if steps else "")
 
-        check(f"TerraTorch shipped config configs/terratorch/{config} (terratorch fit, 1 step, embedded sample)",
-              shipped)
+        check(
+            f"TerraTorch shipped config configs/terratorch/{config} (terratorch fit, 1 step, embedded sample)", shipped
+        )
 
 
 def main() -> None:

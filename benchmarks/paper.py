@@ -40,8 +40,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from util.data.benchmarks import BENCHMARKS, SUMMARY, manifest_name, published_count_problems
-from util.errors import ReportableError, UsageError, first_line
+from util.data.benchmarks import BENCHMARKS, SUMMARY, manifest_name, published_count_problems  # noqa: E402
+from util.errors import ReportableError, UsageError, first_line  # noqa: E402
 
 ROWS_FILE = REPO / "benchmarks" / "paper_rows.yaml"
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM (NVIDIA's data sheet)

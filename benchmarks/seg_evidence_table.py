@@ -8,6 +8,7 @@ Every run folder holds ``seg_results.csv`` and ``seg_confusion.json`` (per-image
 names and blocks) written by ``main_segment.final_evaluation``; the intervals here are recomputed from those with
 ``util.eval.iou.block_bootstrap_mious`` (seed 0), so they equal the runs' own.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from util.eval import iou, location_blocks  # noqa: E402
-from util.errors import DataError  # noqa: E402
+from util.errors import DataError
+from util.eval import iou, location_blocks
 from util.run.process import run_entry_point
 
 # (folder, row label); the order of the table
@@ -34,8 +35,12 @@ RUNS = (
     ("csmae_finetuned", "tiny, Cross-Scale MAE (`train.sh`), UperNet fine-tuned"),
     ("csmae_frozen", "tiny, Cross-Scale MAE (`train.sh`), UperNet on the frozen encoder"),
 )
-BASELINE_OF = {"mae_finetuned": "random_finetuned", "mae_frozen": "random_frozen",
-               "csmae_finetuned": "random_finetuned", "csmae_frozen": "random_frozen"}
+BASELINE_OF = {
+    "mae_finetuned": "random_finetuned",
+    "mae_frozen": "random_frozen",
+    "csmae_finetuned": "random_finetuned",
+    "csmae_frozen": "random_frozen",
+}
 
 
 def load(folder: Path) -> tuple[list[dict], dict]:
@@ -64,15 +69,22 @@ def table(root: Path, resamples: int = location_blocks.BOOTSTRAP) -> str:
     first = next(iter(found.values()))[1]
     for name, (_, confusion) in found.items():
         if confusion["images"] != first["images"]:
-            raise DataError(f"{root / name}: evaluated on other images than the other runs; a paired comparison needs the same")
+            raise DataError(
+                f"{root / name}: evaluated on other images than the other runs; a paired comparison needs the same"
+            )
     scales = [row["scale"] for row in next(iter(found.values()))[0]]
     image_block = np.array(first["blocks"])
-    lines = [f"mIoU % [95 % interval] on {len(first['images'])} evaluation images in {len(np.unique(image_block))} location "
-             f"blocks (bootstrap over blocks, {resamples} resamples, seed 0), at each scale (images down-sampled by it "
-             "and up-sampled back). Gain: over random initialisation with the same head and protocol, paired over the "
-             "same resampled blocks.", "",
-             "| encoder / model | " + " | ".join(f"scale {float(s):g}" for s in scales) + f" | gain at scale {float(scales[-1]):g} (points) |",
-             "|---" * (len(scales) + 2) + "|"]
+    lines = [
+        f"mIoU % [95 % interval] on {len(first['images'])} evaluation images in {len(np.unique(image_block))} location "
+        f"blocks (bootstrap over blocks, {resamples} resamples, seed 0), at each scale (images down-sampled by it "
+        "and up-sampled back). Gain: over random initialisation with the same head and protocol, paired over the "
+        "same resampled blocks.",
+        "",
+        "| encoder / model | "
+        + " | ".join(f"scale {float(s):g}" for s in scales)
+        + f" | gain at scale {float(scales[-1]):g} (points) |",
+        "|---" * (len(scales) + 2) + "|",
+    ]
     samples = {}
     for name, label in RUNS:
         if name not in found:
@@ -103,7 +115,9 @@ def main(args: argparse.Namespace) -> None:
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", help="the OUT folder of benchmarks/seg_evidence.sh (one sub-folder per run)")
-    parser.add_argument("--bootstrap", type=int, default=location_blocks.BOOTSTRAP, help="resamples (the runs used 2000)")
+    parser.add_argument(
+        "--bootstrap", type=int, default=location_blocks.BOOTSTRAP, help="resamples (the runs used 2000)"
+    )
     return parser
 
 

@@ -1,4 +1,5 @@
 """Fake datasets generated per test: a few small RGB images with an easy, learnable label."""
+
 from __future__ import annotations
 
 import csv
@@ -90,7 +91,9 @@ def pretrained(tiny_mae, tmp_path) -> Path:
     from util.run import checkpoint
 
     path = tmp_path / "pretrain.pth"
-    checkpoint.save_checkpoint({"model": tiny_mae.state_dict(), "model_config": tiny_mae.model_config, "epoch": 0}, path)
+    checkpoint.save_checkpoint(
+        {"model": tiny_mae.state_dict(), "model_config": tiny_mae.model_config, "epoch": 0}, path
+    )
     return path
 
 

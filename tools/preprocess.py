@@ -10,7 +10,8 @@ folders, a CSV's ``class_name`` column), ``split`` being the input's name (``tra
 parallel, each image is written atomically, and a rerun skips the images already done, so an interrupted run
 resumes where it stopped. ``--pack`` also writes ``{split}_{size}.u8`` (the centre ``size`` x ``size`` square
 of every image, uint8 [N, size, size, 3], memory-mapped at training time) and ``{split}_{size}.json``
-(labels, class names and shape): pass the ``.json`` as ``--train_path`` and crops, flips and normalisation run on the batch,
+(labels, class names and shape): pass the ``.json`` as ``--train_path`` and crops, flips and normalisation run on the
+batch,
 on the device.
 
 ``--raster`` keeps every band and the sample type (multispectral, 16-bit, float; ``--bands`` selects, 0-based): images
@@ -20,12 +21,14 @@ less than half of its footprint had data; an image already ``--size`` is kept bi
 TIFFs (zlib, horizontal predictor) with the no-data tag; ``--pack`` then writes ``{split}_{size}.u8`` or ``.u16``
 (uint8 / uint16 [N, size, size, C]).
 
-``--shards`` also writes WebDataset shards (``util.data.shards``: tar files of ``.npy`` arrays [C, size, size] + labels, about
+``--shards`` also writes WebDataset shards (``util.data.shards``: tar files of ``.npy`` arrays [C, size, size] +
+labels, about
 256 MB each, in a seeded random order) of the same centre squares to ``{split}_{size}_shards/`` and their manifest
 ``{split}_{size}.shards.json``: pass the manifest as ``--train_path`` (data beyond one disk, object storage)::
 
     python tools/preprocess.py --input ssl4eo/train.csv --output ssl4eo-shards --size 224 --raster --shards
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,16 +49,21 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util import config  # noqa: E402
+from util import config
+from util.config import (
+    MAX_IMAGE_PIXELS,
+    HelpFormatter,
+)
 from util.data import datasets, shards
-from util.config import HelpFormatter  # noqa: E402
-from util.config import MAX_IMAGE_PIXELS  # noqa: E402
-from util.files import write_atomically  # noqa: E402
-from util.errors import DataError  # noqa: E402
+from util.data.images import BadImageError, NotEightBitError, Raster, load_image, read_raster
 from util.data.raster_options import PACKED_DTYPES
-from util.errors import ReportableError, first_line  # noqa: E402
-from util.data.images import BadImageError, NotEightBitError, Raster, load_image, read_raster  # noqa: E402
-from util.run.logger import progress  # noqa: E402
+from util.errors import (
+    DataError,
+    ReportableError,
+    first_line,
+)
+from util.files import write_atomically
+from util.run.logger import progress
 
 
 def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -114,7 +122,9 @@ def resize_raster(raster: Raster, size: int) -> tuple[np.ndarray, float | None]:
     else:
         valid = torch.from_numpy(~raster.mask)[None, None].float()
         weight = resize(valid)[0, 0].numpy()
-        out = resize(torch.where(valid.bool(), data, 0.0))[0].numpy() / np.maximum(weight, 1e-6)  # not data * valid: NaN * 0 is NaN
+        out = resize(torch.where(valid.bool(), data, 0.0))[0].numpy() / np.maximum(
+            weight, 1e-6
+        )  # not data * valid: NaN * 0 is NaN
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
         out = np.clip(np.rint(out), info.min, info.max)
@@ -129,8 +139,9 @@ def write_raster(path: str, array: np.ndarray, nodata: float | None) -> None:
     import tifffile
 
     tags = [(42113, "s", 0, f"{nodata:g}", True)] if nodata is not None else []
-    tifffile.imwrite(path, array, photometric="minisblack", compression="zlib", predictor=array.dtype.kind in "ui",
-                     extratags=tags)
+    tifffile.imwrite(
+        path, array, photometric="minisblack", compression="zlib", predictor=array.dtype.kind in "ui", extratags=tags
+    )
 
 
 def centre_square(task: tuple[str, int, bool]) -> tuple[np.ndarray | None, float | None, str | None]:
@@ -138,7 +149,8 @@ def centre_square(task: tuple[str, int, bool]) -> tuple[np.ndarray | None, float
     from an 8-bit RGB file, or with ``raster`` every band in the file's own type [C, S, S] and its no-data value;
     else (None, None, the error in one line).
 
-    Only uint8 and uint16 rasters are kept: both formats store integers (``raster_options.PACKED_DTYPES``), and a float or
+    Only uint8 and uint16 rasters are kept: both formats store integers (``raster_options.PACKED_DTYPES``), and a float
+    or
     signed raster has no lossless place there (train from the TIFFs instead).
     """
     path, size, raster = task
@@ -146,17 +158,27 @@ def centre_square(task: tuple[str, int, bool]) -> tuple[np.ndarray | None, float
         if not raster:
             with Image.open(path) as img:
                 left, top = (img.width - size) // 2, (img.height - size) // 2
-                return np.asarray(img.convert("RGB").crop((left, top, left + size, top + size))).transpose(2, 0, 1), None, None
+                return (
+                    np.asarray(img.convert("RGB").crop((left, top, left + size, top + size))).transpose(2, 0, 1),
+                    None,
+                    None,
+                )
         image = read_raster(path)
     except BadImageError as e:
         return None, None, f"{path}: {e.reason}"
     except (ReportableError, OSError, ValueError) as e:
         return None, None, f"{path}: {first_line(e)}"
     if image.dtype not in PACKED_DTYPES:
-        return None, None, (f"{path}: {image.dtype} samples; packed arrays and shards hold {' or '.join(PACKED_DTYPES)} "
-                            "(train from the TIFFs instead)")
+        return (
+            None,
+            None,
+            (
+                f"{path}: {image.dtype} samples; packed arrays and shards hold {' or '.join(PACKED_DTYPES)} "
+                "(train from the TIFFs instead)"
+            ),
+        )
     top, left = (image.data.shape[1] - size) // 2, (image.data.shape[2] - size) // 2
-    return image.data[:, top:top + size, left:left + size].astype(image.dtype), image.nodata, None
+    return image.data[:, top : top + size, left : left + size].astype(image.dtype), image.nodata, None
 
 
 def squares(rows: list[tuple[int, str]], root: Path, size: int, raster: bool, imap=map):
@@ -167,19 +189,30 @@ def squares(rows: list[tuple[int, str]], root: Path, size: int, raster: bool, im
         DataError: a file that cannot be read, or a format other than the first file's.
     """
     first = None
-    for index, (array, nodata, error) in enumerate(imap(centre_square, [(str(root / path), size, raster) for _, path in rows])):
+    for index, (array, nodata, error) in enumerate(
+        imap(centre_square, [(str(root / path), size, raster) for _, path in rows])
+    ):
         if error:
             raise DataError(error)
         if first is None:
             first = (array.shape[0], array.dtype, nodata)
         elif (array.shape[0], array.dtype, nodata) != first:
-            raise DataError(f"{root / rows[index][1]}: {array.shape[0]} band(s) of {array.dtype}, no-data {nodata}, but "
-                            f"{rows[0][1]} has {first[0]} of {first[1]}, no-data {first[2]}: one dataset needs one format")
+            raise DataError(
+                f"{root / rows[index][1]}: {array.shape[0]} band(s) of {array.dtype}, no-data {nodata}, but "
+                f"{rows[0][1]} has {first[0]} of {first[1]}, no-data {first[2]}: one dataset needs one format"
+            )
         yield index, array, rows[index][0], nodata
 
 
-def pack(rows: list[tuple[int, str]], root: Path, size: int, stem: Path, classes: list[str] | None = None,
-         names: dict[int, str] | None = None, raster: bool = False) -> None:
+def pack(
+    rows: list[tuple[int, str]],
+    root: Path,
+    size: int,
+    stem: Path,
+    classes: list[str] | None = None,
+    names: dict[int, str] | None = None,
+    raster: bool = False,
+) -> None:
     """Centre ``size`` squares of the resized images (``centre_square``) as one memory-mapped array [N, S, S, C]
     (uint8 RGB, or with ``raster`` uint8 / uint16 of every band) + a JSON of labels, shape, sample type and no-data
     value (``util.data.datasets.PackedDataset``).
@@ -189,7 +222,8 @@ def pack(rows: list[tuple[int, str]], root: Path, size: int, stem: Path, classes
     """
     array = tmp = array_path = None
     nodata = None
-    for i, square, _, nodata in progress(squares(rows, root, size, raster), "packing", len(rows), "image"):
+    squares_read = progress(squares(rows, root, size, raster), "packing", len(rows), "image")
+    for i, square, _, nodata in squares_read:  # noqa: B007 (nodata: the last square's, used after the loop)
         if array is None:
             dtype, bands = str(square.dtype), square.shape[0]
             array_path = stem.with_suffix(PACKED_DTYPES[dtype])
@@ -199,8 +233,16 @@ def pack(rows: list[tuple[int, str]], root: Path, size: int, stem: Path, classes
     array.flush()
     del array
     os.replace(tmp, array_path)
-    meta = {"format": f"{dtype} [count, size, size, bands], row-major", "count": len(rows), "size": size,
-            "dtype": dtype, "bands": bands, "nodata": nodata, "array": array_path.name, "labels": [label for label, _ in rows]}
+    meta = {
+        "format": f"{dtype} [count, size, size, bands], row-major",
+        "count": len(rows),
+        "size": size,
+        "dtype": dtype,
+        "bands": bands,
+        "nodata": nodata,
+        "array": array_path.name,
+        "labels": [label for label, _ in rows],
+    }
     if classes:
         meta["classes"] = classes  # index = label
     elif names:
@@ -208,11 +250,22 @@ def pack(rows: list[tuple[int, str]], root: Path, size: int, stem: Path, classes
     write_atomically(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta)))
 
 
-SHARD_ORDER_SEED = 0  # samples go into the shards in a random order: a shard is a random subset, not a class or a region
+SHARD_ORDER_SEED = (
+    0  # samples go into the shards in a random order: a shard is a random subset, not a class or a region
+)
 
 
-def write_shard_files(rows: list[tuple[int, str]], root: Path, size: int, raster: bool, manifest_path: Path, workers: int,
-                      per_shard: int | None, classes: list[str] | None, names: dict[int, str] | None) -> dict:
+def write_shard_files(
+    rows: list[tuple[int, str]],
+    root: Path,
+    size: int,
+    raster: bool,
+    manifest_path: Path,
+    workers: int,
+    per_shard: int | None,
+    classes: list[str] | None,
+    names: dict[int, str] | None,
+) -> dict:
     """The centre squares of every row (``squares``, decoded in ``workers`` processes), in a seeded random order, as
     shards + manifest (``util.data.shards.write_shards``).
 
@@ -222,14 +275,23 @@ def write_shard_files(rows: list[tuple[int, str]], root: Path, size: int, raster
     order = np.random.default_rng(SHARD_ORDER_SEED).permutation(len(rows)).tolist()
     shuffled = [rows[i] for i in order]
     with Pool(workers) as pool:
-        stream = progress(squares(shuffled, root, size, raster, partial(pool.imap, chunksize=8)), "sharding", len(rows), "image")
+        stream = progress(
+            squares(shuffled, root, size, raster, partial(pool.imap, chunksize=8)), "sharding", len(rows), "image"
+        )
         first = next(stream, None)
         if first is None:
             raise DataError("no images to write")
         nodata = first[3]
         samples = ((f"{order[i]:07d}", array, label) for i, array, label, _ in itertools.chain([first], stream))
-        return shards.write_shards(samples, len(rows), manifest_path, per_shard or shards.samples_per_shard(first[1].nbytes),
-                                   classes, names, nodata)
+        return shards.write_shards(
+            samples,
+            len(rows),
+            manifest_path,
+            per_shard or shards.samples_per_shard(first[1].nbytes),
+            classes,
+            names,
+            nodata,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -238,18 +300,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, type=Path, help="output folder")
     parser.add_argument("--size", type=int, default=128, help="shorter side after resizing, in pixels")
     parser.add_argument("--split", default=None, help="name of the output split (default: the input's name)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel processes (default: the CPU count)")
-    parser.add_argument("--pack", action="store_true", help="also write the pre-decoded uint8 (--raster: uint8 / uint16) array")
-    parser.add_argument("--shards", action="store_true",
-                        help="also write WebDataset shards + NAME.shards.json (data beyond one disk; see util/data/shards.py)")
-    parser.add_argument("--shard_samples", type=int, default=None,
-                        help="samples per shard (default: about 256 MB of pixels per shard)")
-    parser.add_argument("--raster", action="store_true",
-                        help="keep every band and the sample type (multispectral, 16-bit): lossless TIFF output")
-    parser.add_argument("--bands", type=int, nargs="+", default=None, metavar="I", help="--raster: 0-based bands to keep (default: all)")
-    parser.add_argument("--nodata", type=float, default=None, help="--raster: no-data value (default: the file's GDAL_NODATA tag)")
-    parser.add_argument("--max_image_pixels", type=float, default=float(MAX_IMAGE_PIXELS),
-                        help="refuse images declaring more pixels (decompression bombs)")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count(), help="parallel processes (default: the CPU count)"
+    )
+    parser.add_argument(
+        "--pack", action="store_true", help="also write the pre-decoded uint8 (--raster: uint8 / uint16) array"
+    )
+    parser.add_argument(
+        "--shards",
+        action="store_true",
+        help="also write WebDataset shards + NAME.shards.json (data beyond one disk; see util/data/shards.py)",
+    )
+    parser.add_argument(
+        "--shard_samples", type=int, default=None, help="samples per shard (default: about 256 MB of pixels per shard)"
+    )
+    parser.add_argument(
+        "--raster",
+        action="store_true",
+        help="keep every band and the sample type (multispectral, 16-bit): lossless TIFF output",
+    )
+    parser.add_argument(
+        "--bands", type=int, nargs="+", default=None, metavar="I", help="--raster: 0-based bands to keep (default: all)"
+    )
+    parser.add_argument(
+        "--nodata", type=float, default=None, help="--raster: no-data value (default: the file's GDAL_NODATA tag)"
+    )
+    parser.add_argument(
+        "--max_image_pixels",
+        type=float,
+        default=float(MAX_IMAGE_PIXELS),
+        help="refuse images declaring more pixels (decompression bombs)",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -272,15 +353,27 @@ def main(argv: list[str] | None = None) -> None:
     try:
         (args.output / folder).mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"error: --output {args.output}: cannot create {args.output / folder} ({e.strerror or first_line(e)})") from None
+        raise SystemExit(
+            f"error: --output {args.output}: cannot create {args.output / folder} ({e.strerror or first_line(e)})"
+        ) from None
     rows, tasks = [], []
     for index, (source, label) in enumerate(dataset.samples):
         relative = f"{folder}/{index:07d}_{Path(source).stem}.{'tif' if args.raster else 'jpg'}"
         rows.append((label, relative))
-        tasks.append((source, str(args.output / relative), args.size, RasterTask(args.bands, args.nodata) if args.raster else None,
-                      int(args.max_image_pixels)))
+        tasks.append(
+            (
+                source,
+                str(args.output / relative),
+                args.size,
+                RasterTask(args.bands, args.nodata) if args.raster else None,
+                int(args.max_image_pixels),
+            )
+        )
     todo = sum(not os.path.exists(t[1]) for t in tasks)
-    print(f"{len(tasks)} images, {len(tasks) - todo} already done, resizing {todo} with {args.workers} workers", flush=True)
+    print(
+        f"{len(tasks)} images, {len(tasks) - todo} already done, resizing {todo} with {args.workers} workers",
+        flush=True,
+    )
     with Pool(args.workers) as pool:
         errors = [e for e in progress(pool.imap(resize_one, tasks, chunksize=64), "resizing", len(tasks), "image") if e]
     if errors:
@@ -302,10 +395,24 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote the packed array and {stem.with_suffix('.json')}", flush=True)
     if args.shards:
         manifest_path = args.output / f"{folder}{shards.MANIFEST_SUFFIX}"
-        manifest = report(lambda: write_shard_files(rows, args.output, args.size, args.raster, manifest_path, args.workers,
-                                                    args.shard_samples, classes, names))
-        print(f"wrote {len(manifest['shards'])} shard(s) of {manifest['bands']} band(s) of {manifest['dtype']} and {manifest_path}",
-              flush=True)
+        manifest = report(
+            lambda: write_shard_files(
+                rows,
+                args.output,
+                args.size,
+                args.raster,
+                manifest_path,
+                args.workers,
+                args.shard_samples,
+                classes,
+                names,
+            )
+        )
+        print(
+            f"wrote {len(manifest['shards'])} shard(s) of {manifest['bands']} band(s) of {manifest['dtype']} and "
+            f"{manifest_path}",
+            flush=True,
+        )
 
 
 def report(write):

@@ -8,7 +8,8 @@ Protocol (fixed before looking at any checkpoint; the same for every model):
 
 - **Data**: the 225 labelled tiles of ``--sample`` (train.csv + val.csv; default ``data/sentinel2_rgb``), at the
   checkpoint's input size through the evaluation transform (resize the shorter side to input / 0.875, centre crop).
-  A sample with a ``band_stats.json`` (``data/sentinel2_ms``: 13 bands at 20 m) is read by ``util.data.images.read_raster``
+  A sample with a ``band_stats.json`` (``data/sentinel2_ms``: 13 bands at 20 m) is read by
+  ``util.data.images.read_raster``
   in the files' units and normalised per band by that file (bilinear resizing, as in raster pretraining); ``--bands``
   picks the bands the checkpoints take (e.g. ``3 2 1``: RGB of the 13-band sample). Otherwise 8-bit RGB, normalised
   with the fMoW-RGB mean and std.
@@ -28,6 +29,7 @@ Protocol (fixed before looking at any checkpoint; the same for every model):
 
 Writes ``sample_eval.md`` and ``sample_eval.json`` next to the first checkpoint (or to ``--output_dir``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,15 +41,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models_cross_scale_mae as models_mae  # noqa: E402
-from model_loading import load_mae  # noqa: E402
-from util.eval import knn, location_blocks  # noqa: E402
-from util import config  # noqa: E402
-from util.config import DEFAULT_TRAIN_CSV, FMOW_RGB_MEAN, FMOW_RGB_STD  # noqa: E402
-from util.data.datasets import build_dataset  # noqa: E402
-from util.data.transforms import build_raster_transform, build_transform, draft_size_for  # noqa: E402
-from util.errors import UsageError  # noqa: E402
-from util.run.process import run_entry_point  # noqa: E402
+import models_cross_scale_mae as models_mae
+from model_loading import load_mae
+from util import config
+from util.config import DEFAULT_TRAIN_CSV, FMOW_RGB_MEAN, FMOW_RGB_STD
+from util.data.datasets import build_dataset
+from util.data.transforms import build_raster_transform, build_transform, draft_size_for
+from util.errors import UsageError
+from util.eval import knn, location_blocks
+from util.run.process import run_entry_point
 
 FOLDS = 5
 BOOTSTRAP = location_blocks.BOOTSTRAP
@@ -67,8 +69,9 @@ def fold_of(block: int) -> int:
 @torch.no_grad()
 def encode(mae: models_mae.CrossScaleMAE, images: torch.Tensor) -> np.ndarray:
     mae.eval()
-    return np.concatenate([knn.encoder_features(mae.encoder, batch, "cls", mae.encoder_norm).numpy()
-                           for batch in images.split(64)])
+    return np.concatenate(
+        [knn.encoder_features(mae.encoder, batch, "cls", mae.encoder_norm).numpy() for batch in images.split(64)]
+    )
 
 
 def cross_validated_predictions(features: np.ndarray, labels: np.ndarray, folds: np.ndarray, classes: int) -> dict:
@@ -81,21 +84,27 @@ def cross_validated_predictions(features: np.ndarray, labels: np.ndarray, folds:
         test, train = folds == fold, folds != fold
         memory, queries = torch.from_numpy(features[train]), torch.from_numpy(features[test])
         sims, neighbours = knn.topk_cosine(queries, memory, 20)
-        predictions["kNN"][test] = knn.weighted_knn(sims, neighbours, torch.from_numpy(labels[train]), classes, 0.07).numpy()
+        predictions["kNN"][test] = knn.weighted_knn(
+            sims, neighbours, torch.from_numpy(labels[train]), classes, 0.07
+        ).numpy()
         scaler = StandardScaler().fit(features[train])
         probe = LogisticRegression(C=1.0, max_iter=5000).fit(scaler.transform(features[train]), labels[train])
         predictions["linear probe"][test] = probe.predict(scaler.transform(features[test]))
     return predictions
 
 
-def bootstrap(correct: dict[str, np.ndarray], tile_block: np.ndarray, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+def bootstrap(
+    correct: dict[str, np.ndarray], tile_block: np.ndarray, seed: int = 0
+) -> dict[str, tuple[float, float, float]]:
     """(accuracy %, 2.5th, 97.5th percentile) of each entry, resampling blocks with replacement (the same
     resamples for every entry: ``util.eval.location_blocks.resample_blocks``)."""
     samples = {name: [] for name in correct}
     for chosen in location_blocks.resample_blocks(tile_block, BOOTSTRAP, seed):
         for name, values in correct.items():
             samples[name].append(100.0 * values[chosen].mean())
-    return {name: (100.0 * correct[name].mean(), *location_blocks.percentile_interval(samples[name])) for name in correct}
+    return {
+        name: (100.0 * correct[name].mean(), *location_blocks.percentile_interval(samples[name])) for name in correct
+    }
 
 
 @torch.no_grad()
@@ -117,7 +126,7 @@ def reconstruction_ratio(mae: models_mae.CrossScaleMAE, images: torch.Tensor, ma
             visible = (1 - mask)[..., None, None]
             colour = (pixels * visible).sum((1, 2)) / (visible.sum((1, 2)) * pixels.shape[2])  # [N, C]
             guess = colour[:, None, None, :].expand_as(pixels).reshape_as(target)
-        per_patch = lambda p: ((p - target) ** 2).mean(-1)  # noqa: E731
+        per_patch = lambda p, target=target: ((p - target) ** 2).mean(-1)
         errors.append((per_patch(pred) * mask).sum() / mask.sum())
         baseline.append((per_patch(guess) * mask).sum() / mask.sum())
     return float(torch.stack(errors).mean()), float(torch.stack(baseline).mean())
@@ -133,13 +142,28 @@ def sample_reading(args: argparse.Namespace, size: int, in_chans: int) -> dict:
     stats = Path(args.sample) / "band_stats.json"
     if not stats.exists():
         if args.bands or in_chans != 3:
-            raise UsageError(f"--sample {args.sample} has no band_stats.json: 8-bit RGB only, but the checkpoints take "
-                             f"{in_chans} band(s)" + (" and --bands was given" if args.bands else ""))
-        return {"transform": build_transform(False, size, FMOW_RGB_MEAN, FMOW_RGB_STD), "draft_size": draft_size_for(False, size)}
-    bands = config.resolve_bands(config.flags(
-        in_chans=in_chans, bands=args.bands, mean=list(FMOW_RGB_MEAN), std=list(FMOW_RGB_STD), band_stats=str(stats),
-        nodata=config.band_stats_source(str(stats)).get("nodata"), rgb_bands=None, checkpoint_rgb_bands=None,
-        stretch=False, max_image_pixels=config.MAX_IMAGE_PIXELS))  # UsageError naming the file when counts differ
+            raise UsageError(
+                f"--sample {args.sample} has no band_stats.json: 8-bit RGB only, but the checkpoints take "
+                f"{in_chans} band(s)" + (" and --bands was given" if args.bands else "")
+            )
+        return {
+            "transform": build_transform(False, size, FMOW_RGB_MEAN, FMOW_RGB_STD),
+            "draft_size": draft_size_for(False, size),
+        }
+    bands = config.resolve_bands(
+        config.flags(
+            in_chans=in_chans,
+            bands=args.bands,
+            mean=list(FMOW_RGB_MEAN),
+            std=list(FMOW_RGB_STD),
+            band_stats=str(stats),
+            nodata=config.band_stats_source(str(stats)).get("nodata"),
+            rgb_bands=None,
+            checkpoint_rgb_bands=None,
+            stretch=False,
+            max_image_pixels=config.MAX_IMAGE_PIXELS,
+        )
+    )  # UsageError naming the file when counts differ
     return {"transform": build_raster_transform(False, size, bands.mean, bands.std), "bands": bands}
 
 
@@ -158,8 +182,10 @@ def main(args: argparse.Namespace) -> None:
         raise UsageError(f"the checkpoints differ in input size or bands ({sorted(sizes)}); evaluate them separately")
     size = first.encoder.patch_embed.img_size[0]
 
-    tiles = [build_dataset(Path(args.sample) / name, "auto", **sample_reading(args, size, first.in_chans))
-             for name in ("train.csv", "val.csv")]
+    tiles = [
+        build_dataset(Path(args.sample) / name, "auto", **sample_reading(args, size, first.in_chans))
+        for name in ("train.csv", "val.csv")
+    ]
     paths = [p for dataset in tiles for p, _ in dataset.samples]
     labels = np.array([label for dataset in tiles for label in dataset.targets])
     images = torch.stack([dataset[i][0] for dataset in tiles for i in range(len(dataset))])
@@ -177,34 +203,59 @@ def main(args: argparse.Namespace) -> None:
             correct[f"{name} | {classifier}"] = predicted == labels
         recon[name] = reconstruction_ratio(mae, images[held_out])
     trained = [name for name in models if name != "random init"]
-    gains = {f"{name} | {c} (gain)": correct[f"{name} | {c}"].astype(float) - correct[f"random init | {c}"]
-             for name in trained for c in ("kNN", "linear probe")}
+    gains = {
+        f"{name} | {c} (gain)": correct[f"{name} | {c}"].astype(float) - correct[f"random init | {c}"]
+        for name in trained
+        for c in ("kNN", "linear probe")
+    }
     stats = bootstrap({**correct, **gains}, tile_block)
 
     bands = f", bands {' '.join(map(str, args.bands))}" if args.bands else ""
-    lines = [f"# Pretrained vs random init on {args.sample}{bands} ({len(labels)} tiles, {len(np.unique(tile_block))} blocks, "
-             f"{FOLDS}-fold spatial CV, 95 % block-bootstrap intervals)", "",
-             "| model | kNN top-1 (%) | linear probe top-1 (%) | masked-patch MSE / baseline |", "|---|---|---|---|"]
-    fmt = lambda s: f"{s[0]:.1f} [{s[1]:.1f}, {s[2]:.1f}]"  # noqa: E731
+    lines = [
+        f"# Pretrained vs random init on {args.sample}{bands} ({len(labels)} tiles, {len(np.unique(tile_block))} "
+        "blocks, "
+        f"{FOLDS}-fold spatial CV, 95 % block-bootstrap intervals)",
+        "",
+        "| model | kNN top-1 (%) | linear probe top-1 (%) | masked-patch MSE / baseline |",
+        "|---|---|---|---|",
+    ]
+    fmt = lambda s: f"{s[0]:.1f} [{s[1]:.1f}, {s[2]:.1f}]"
     for name in models:
         error, base = recon[name]
-        lines.append(f"| {name} | {fmt(stats[f'{name} | kNN'])} | {fmt(stats[f'{name} | linear probe'])} | "
-                     f"{error:.3f} / {base:.3f} = **{error / base:.2f}** |")
+        lines.append(
+            f"| {name} | {fmt(stats[f'{name} | kNN'])} | {fmt(stats[f'{name} | linear probe'])} | "
+            f"{error:.3f} / {base:.3f} = **{error / base:.2f}** |"
+        )
     lines.append(f"| majority class | {fmt(stats['majority class'])} | | |")
     lines += ["", "| gain over random init (points) | kNN | linear probe |", "|---|---|---|"]
     for name in trained:
-        lines.append(f"| {name} | {fmt(stats[f'{name} | kNN (gain)'])} | {fmt(stats[f'{name} | linear probe (gain)'])} |")
-    baseline = "each patch's own mean (norm_pix_loss)" if first.norm_pix_loss else "the mean colour of the visible patches"
-    lines += ["", f"Reconstruction: {len(held_out)} held-out tiles (val.csv), 5 masks each, mask ratio {first.mask_ratio}; "
-              f"baseline = {baseline}."]
+        lines.append(
+            f"| {name} | {fmt(stats[f'{name} | kNN (gain)'])} | {fmt(stats[f'{name} | linear probe (gain)'])} |"
+        )
+    baseline = (
+        "each patch's own mean (norm_pix_loss)" if first.norm_pix_loss else "the mean colour of the visible patches"
+    )
+    lines += [
+        "",
+        f"Reconstruction: {len(held_out)} held-out tiles (val.csv), 5 masks each, mask ratio {first.mask_ratio}; "
+        f"baseline = {baseline}.",
+    ]
     table = "\n".join(lines)
     print(table, flush=True)
     out = Path(args.output_dir or Path(args.checkpoints[0]).parent)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sample_eval.md").write_text(table + "\n")
-    (out / "sample_eval.json").write_text(json.dumps(
-        {"sample": str(args.sample), "bands": args.bands, "accuracy": {k: list(v) for k, v in stats.items()},
-         "reconstruction": {k: {"mse": e, "baseline": b, "ratio": e / b} for k, (e, b) in recon.items()}}, indent=1))
+    (out / "sample_eval.json").write_text(
+        json.dumps(
+            {
+                "sample": str(args.sample),
+                "bands": args.bands,
+                "accuracy": {k: list(v) for k, v in stats.items()},
+                "reconstruction": {k: {"mse": e, "baseline": b, "ratio": e / b} for k, (e, b) in recon.items()},
+            },
+            indent=1,
+        )
+    )
     print(f"\nwritten: {out / 'sample_eval.md'}, {out / 'sample_eval.json'}", flush=True)
 
 
@@ -213,10 +264,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoints", nargs="+", help="pretraining checkpoints of one architecture and input size")
     parser.add_argument("--output_dir", default=None, help="default: the folder of the first checkpoint")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-init encoder")
-    parser.add_argument("--sample", default=str(DEFAULT_TRAIN_CSV.parent),
-                        help="folder of the labelled sample (train.csv, val.csv, tiles named rRR_cCC; band_stats.json: rasters)")
-    parser.add_argument("--bands", type=int, nargs="+", default=None, metavar="I",
-                        help="0-based bands of a raster sample the checkpoints take (default: all)")
+    parser.add_argument(
+        "--sample",
+        default=str(DEFAULT_TRAIN_CSV.parent),
+        help="folder of the labelled sample (train.csv, val.csv, tiles named rRR_cCC; band_stats.json: rasters)",
+    )
+    parser.add_argument(
+        "--bands",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="I",
+        help="0-based bands of a raster sample the checkpoints take (default: all)",
+    )
     return parser
 
 

@@ -19,6 +19,7 @@ Protocol (the one ``main_segment.py`` evaluates with; the flags are its own, ``c
 
 Writes seg_results.csv / .md, seg_confusion.json and the figures into ``--output_dir``.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,14 +32,14 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import engine_segment  # noqa: E402
-from util import config  # noqa: E402
-from util.data import segmentation  # noqa: E402
-from util.errors import DataError, UsageError  # noqa: E402
-from util.eval import location_blocks  # noqa: E402
-from util.run import process  # noqa: E402
-from util.run.process import run_entry_point  # noqa: E402
-from util.run.threads import configure_threads  # noqa: E402
+import engine_segment
+from util import config
+from util.data import segmentation
+from util.errors import DataError, UsageError
+from util.eval import location_blocks
+from util.run import process
+from util.run.process import run_entry_point
+from util.run.threads import configure_threads
 
 
 class PixelLogistic(nn.Module):
@@ -53,7 +54,10 @@ class PixelLogistic(nn.Module):
         super().__init__()
         coef, intercept = np.asarray(fitted.coef_, dtype=np.float32), np.asarray(fitted.intercept_, dtype=np.float32)
         if len(fitted.classes_) == 2:
-            coef, intercept = np.concatenate([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept]).astype(np.float32)
+            coef, intercept = (
+                np.concatenate([np.zeros_like(coef), coef]),
+                np.concatenate([[0.0], intercept]).astype(np.float32),
+            )
         self.conv = nn.Conv2d(coef.shape[1], num_classes, 1)
         with torch.no_grad():
             self.conv.weight.zero_()
@@ -106,7 +110,9 @@ def get_args_parser() -> config.Parser:
     config.add_segmentation_data_args(parser)
     config.add_segmentation_evaluation_args(parser)
     group = parser.add_argument_group("logistic regression")
-    group.add_argument("--pixels", type=int, default=200_000, help="training pixels drawn (spread evenly over the images)")
+    group.add_argument(
+        "--pixels", type=int, default=200_000, help="training pixels drawn (spread evenly over the images)"
+    )
     group.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (scikit-learn's C)")
     group.add_argument("--max_iter", type=int, default=1000, help="lbfgs iterations")
     group.add_argument("--seed", type=int, default=0, help="seed of the pixel draw")
@@ -130,18 +136,42 @@ def main(flags: config.Flags) -> None:
     features, labels = training_pixels(train_set, flags.pixels, flags.seed)
     fitted = fit(features, labels, flags.C, flags.max_iter)
     counts = np.bincount(labels, minlength=len(class_names))
-    print(f"fitted on {len(labels):,} pixels of {len(train_set)} images ({', '.join(f'{n} {c:,}' for n, c in zip(class_names, counts))}), "
-          f"{features.shape[1]} features; training accuracy {100 * fitted.score(features, labels):.2f}%", flush=True)
+    print(
+        f"fitted on {len(labels):,} pixels of {len(train_set)} images "
+        f"({', '.join(f'{n} {c:,}' for n, c in zip(class_names, counts))}), "
+        f"{features.shape[1]} features; training accuracy {100 * fitted.score(features, labels):.2f}%",
+        flush=True,
+    )
     out = Path(flags.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = process.Run(0, 1, 0, torch.device("cpu"), None, out)
     model = PixelLogistic(fitted, len(class_names))
-    engine_segment.final_evaluation(model, val_set, evaluation, bands, run, class_names, palette, out,
-                                    "per-pixel logistic regression", flags.num_workers)
-    (out / "seg_baseline.json").write_text(json.dumps(
-        {"pixels": int(len(labels)), "class_pixels": counts.tolist(), "C": flags.C, "seed": flags.seed,
-         "coef": np.asarray(fitted.coef_).tolist(), "intercept": np.asarray(fitted.intercept_).tolist(),
-         "classes": np.asarray(fitted.classes_).tolist()}, indent=1))
+    engine_segment.final_evaluation(
+        model,
+        val_set,
+        evaluation,
+        bands,
+        run,
+        class_names,
+        palette,
+        out,
+        "per-pixel logistic regression",
+        flags.num_workers,
+    )
+    (out / "seg_baseline.json").write_text(
+        json.dumps(
+            {
+                "pixels": int(len(labels)),
+                "class_pixels": counts.tolist(),
+                "C": flags.C,
+                "seed": flags.seed,
+                "coef": np.asarray(fitted.coef_).tolist(),
+                "intercept": np.asarray(fitted.intercept_).tolist(),
+                "classes": np.asarray(fitted.classes_).tolist(),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -7,13 +7,15 @@ them into what it needs once, and values derived from them (the learning rate of
 read from ``--band_stats``, the checkpoint's input size) live in those configs or in the run's record
 (``run_record``), never in the flags.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -125,8 +127,11 @@ def parse_args(parser: Parser, argv: Sequence[str] | None = None) -> Flags:
 
     Bad configuration exits with status 1 and one line ``error: --config FILE: …`` naming the file and the key.
     """
-    parser.add_argument("--config", default=None,
-                        help="YAML file of flag values (command-line flags win; a run's config.yaml reproduces it)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML file of flag values (command-line flags win; a run's config.yaml reproduces it)",
+    )
     known, _ = parser.parse_known_args(argv)
     if known.config:
         path = Path(known.config)
@@ -168,8 +173,11 @@ def config_value(action: argparse.Action, value):
     many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     if many:
         if not isinstance(value, list):
-            raise ValueError("expected a list" + (f" of {action.nargs} values" if isinstance(action.nargs, int) else "")
-                             + f", got {value!r}")
+            raise ValueError(
+                "expected a list"
+                + (f" of {action.nargs} values" if isinstance(action.nargs, int) else "")
+                + f", got {value!r}"
+            )
         if isinstance(action.nargs, int) and len(value) != action.nargs or action.nargs == "+" and not value:
             raise ValueError(f"expected {action.nargs} value(s), got {len(value)}")
         items = value
@@ -182,7 +190,9 @@ def config_value(action: argparse.Action, value):
         try:
             item = convert(str(item))
         except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-            raise ValueError(f"{item!r} is not a valid {getattr(convert, '__name__', 'value')} ({first_line(e)})") from None
+            raise ValueError(
+                f"{item!r} is not a valid {getattr(convert, '__name__', 'value')} ({first_line(e)})"
+            ) from None
         if action.choices is not None and item not in action.choices:
             raise ValueError(f"{item!r} is not one of {', '.join(map(str, action.choices))}")
         converted.append(item)
@@ -202,24 +212,43 @@ def run_record(flags: Flags, **derived: Any) -> dict[str, Any]:
     (``lr``: the learning rate used, ``lr_given``: ``--lr`` as given; ``world_size``; ``mean`` / ``std`` as read from
     ``--band_stats``; ...), plain types only. ``--eval`` and ``--resume`` compare the next run's record with it."""
     record = {**flags.as_dict(), **derived}
-    return {name: list(value) if isinstance(value, tuple) else value for name, value in record.items()
-            if isinstance(value, (int, float, str, bool, list, tuple, type(None)))}
+    return {
+        name: list(value) if isinstance(value, tuple) else value
+        for name, value in record.items()
+        if isinstance(value, (int, float, str, bool, list, tuple, type(None)))
+    }
 
 
 def add_optimisation_args(parser: Parser, **defaults: float) -> None:
     """Batch, schedule and optimiser flags; ``defaults`` gives each script's upstream values."""
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--batch_size", type=int, default=defaults["batch_size"],
-                       help="images per device per step (effective batch: x --accum_iter x GPUs)")
-    group.add_argument("--epochs", type=int, default=defaults["epochs"], help="epochs of the whole run (a resume continues to it)")
+    group.add_argument(
+        "--batch_size",
+        type=int,
+        default=defaults["batch_size"],
+        help="images per device per step (effective batch: x --accum_iter x GPUs)",
+    )
+    group.add_argument(
+        "--epochs", type=int, default=defaults["epochs"], help="epochs of the whole run (a resume continues to it)"
+    )
     group.add_argument("--accum_iter", type=int, default=1, help="steps accumulated per optimiser update")
-    group.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: --blr x effective batch / 256)")
+    group.add_argument(
+        "--lr", type=float, default=None, help="absolute learning rate (default: --blr x effective batch / 256)"
+    )
     group.add_argument("--blr", type=float, default=defaults["blr"], help="base learning rate per 256 images")
-    group.add_argument("--min_lr", type=float, default=defaults["min_lr"], help="learning rate at the end of the cosine schedule")
-    group.add_argument("--warmup_epochs", type=float, default=defaults["warmup_epochs"],
-                       help="epochs of linear LR warm-up (fractions allowed)")
+    group.add_argument(
+        "--min_lr", type=float, default=defaults["min_lr"], help="learning rate at the end of the cosine schedule"
+    )
+    group.add_argument(
+        "--warmup_epochs",
+        type=float,
+        default=defaults["warmup_epochs"],
+        help="epochs of linear LR warm-up (fractions allowed)",
+    )
     group.add_argument("--weight_decay", type=float, default=defaults["weight_decay"], help="AdamW / LARS weight decay")
-    group.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this value (default: no clipping)")
+    group.add_argument(
+        "--clip_grad", type=float, default=None, help="clip the gradient norm to this value (default: no clipping)"
+    )
 
 
 def add_band_args(group: FlagGroup) -> None:
@@ -227,98 +256,206 @@ def add_band_args(group: FlagGroup) -> None:
     --in_chans, --mean, --std, --bands, --band_stats, --nodata, --rgb_bands, --checkpoint_rgb_bands, --stretch,
     --max_image_pixels."""
     group.add_argument("--in_chans", type=int, default=3, help="input channels")
-    group.add_argument("--mean", type=float, nargs="+", default=list(FMOW_RGB_MEAN),
-                       help="normalisation mean, one per band (8-bit RGB: fMoW-RGB in [0, 1]; multispectral: in the file's units)")
-    group.add_argument("--std", type=float, nargs="+", default=list(FMOW_RGB_STD), help="normalisation std, one per band")
-    group.add_argument("--bands", type=int, nargs="+", default=None, metavar="I",
-                       help="0-based band indices to read, in order (multispectral; default: all)")
-    group.add_argument("--band_stats", default=None, metavar="FILE.json",
-                       help=f"per-band mean / std written by {STATS_TOOL} (multispectral and 16-bit data)")
-    group.add_argument("--nodata", type=float, default=None,
-                       help="no-data value (default: a TIFF's GDAL_NODATA tag); such pixels are filled with the band mean")
-    group.add_argument("--rgb_bands", type=int, nargs="+", default=None, metavar="I",
-                       help="bands (indices into the bands read) shown as R G B in figures (default: the first three; "
-                            "one band: grey); loading RGB weights into a model of more bands: the bands that get the RGB "
-                            "filters (the others start at zero)")
-    group.add_argument("--checkpoint_rgb_bands", type=int, nargs=3, default=None, metavar="I",
-                       help="loading multispectral weights into a 3-band (RGB) model: the checkpoint's bands whose "
-                            "filters become R G B (the others are dropped)")
-    group.add_argument("--stretch", action="store_true",
-                       help="8-bit RGB path: stretch 16-bit / float images from their 1st to 99th percentile per band "
-                            "(default: refuse them: give --band_stats instead)")
-    group.add_argument("--max_image_pixels", type=float, default=float(MAX_IMAGE_PIXELS),
-                       help="refuse images declaring more pixels (decompression bombs); the default admits a full "
-                            "Sentinel-2 tile (~120 Mpx)")
+    group.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        default=list(FMOW_RGB_MEAN),
+        help="normalisation mean, one per band (8-bit RGB: fMoW-RGB in [0, 1]; multispectral: in the file's units)",
+    )
+    group.add_argument(
+        "--std", type=float, nargs="+", default=list(FMOW_RGB_STD), help="normalisation std, one per band"
+    )
+    group.add_argument(
+        "--bands",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="I",
+        help="0-based band indices to read, in order (multispectral; default: all)",
+    )
+    group.add_argument(
+        "--band_stats",
+        default=None,
+        metavar="FILE.json",
+        help=f"per-band mean / std written by {STATS_TOOL} (multispectral and 16-bit data)",
+    )
+    group.add_argument(
+        "--nodata",
+        type=float,
+        default=None,
+        help="no-data value (default: a TIFF's GDAL_NODATA tag); such pixels are filled with the band mean",
+    )
+    group.add_argument(
+        "--rgb_bands",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="I",
+        help="bands (indices into the bands read) shown as R G B in figures (default: the first three; "
+        "one band: grey); loading RGB weights into a model of more bands: the bands that get the RGB "
+        "filters (the others start at zero)",
+    )
+    group.add_argument(
+        "--checkpoint_rgb_bands",
+        type=int,
+        nargs=3,
+        default=None,
+        metavar="I",
+        help="loading multispectral weights into a 3-band (RGB) model: the checkpoint's bands whose "
+        "filters become R G B (the others are dropped)",
+    )
+    group.add_argument(
+        "--stretch",
+        action="store_true",
+        help="8-bit RGB path: stretch 16-bit / float images from their 1st to 99th percentile per band "
+        "(default: refuse them: give --band_stats instead)",
+    )
+    group.add_argument(
+        "--max_image_pixels",
+        type=float,
+        default=float(MAX_IMAGE_PIXELS),
+        help="refuse images declaring more pixels (decompression bombs); the default admits a full "
+        "Sentinel-2 tile (~120 Mpx)",
+    )
 
 
-def add_data_args(parser: Parser, input_size: int | None, train_path: str | None, patch_size: int | None = 16,
-                  train_help: str = "CSV file (fMoW format), ImageFolder tree or image folder",
-                  input_help: str = "image side in pixels") -> FlagGroup:
+def add_data_args(
+    parser: Parser,
+    input_size: int | None,
+    train_path: str | None,
+    patch_size: int | None = 16,
+    train_help: str = "CSV file (fMoW format), ImageFolder tree or image folder",
+    input_help: str = "image side in pixels",
+) -> FlagGroup:
     """The data flags of the image-level tasks (pretraining, classification, kNN); returns the group."""
     group = parser.add_argument_group("data")
     group.add_argument("--train_path", default=train_path, help=train_help)
     group.add_argument("--dataset_type", default="auto", choices=DATASET_TYPES, help="auto detects from --train_path")
-    group.add_argument("--input_size", type=int, default=input_size,
-                       help=input_help + ("" if input_size or "default" in input_help else " (default: that of the pretrained weights)"))
-    group.add_argument("--patch_size", type=int, default=patch_size,
-                       help="patch side in pixels" + ("" if patch_size else " (default: that of the pretrained weights)"))
+    group.add_argument(
+        "--input_size",
+        type=int,
+        default=input_size,
+        help=input_help
+        + ("" if input_size or "default" in input_help else " (default: that of the pretrained weights)"),
+    )
+    group.add_argument(
+        "--patch_size",
+        type=int,
+        default=patch_size,
+        help="patch side in pixels" + ("" if patch_size else " (default: that of the pretrained weights)"),
+    )
     add_band_args(group)
-    group.add_argument("--skip_bad_images", action="store_true",
-                       help="skip unreadable images (each reported with a warning) instead of stopping")
+    group.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="skip unreadable images (each reported with a warning) instead of stopping",
+    )
     add_loader_args(group)
     return group
 
 
 def add_loader_args(group: FlagGroup) -> None:
     group.add_argument("--num_workers", type=int, default=8, help="DataLoader worker processes per GPU / process")
-    group.add_argument("--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pinned host memory (CUDA)")
+    group.add_argument(
+        "--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pinned host memory (CUDA)"
+    )
 
 
-def add_runtime_args(parser: Parser, output_dir: str, training: bool = True,
-                     output_help: str = "folder of checkpoints, config.yaml, log.txt, TensorBoard events and figures") -> None:
+def add_runtime_args(
+    parser: Parser,
+    output_dir: str,
+    training: bool = True,
+    output_help: str = "folder of checkpoints, config.yaml, log.txt, TensorBoard events and figures",
+) -> None:
     group = parser.add_argument_group("run")
     group.add_argument("--output_dir", default=output_dir, help=output_help)
     group.add_argument("--device", default="auto", help="auto (GPU if any, else CPU), cpu, cuda, cuda:N")
-    group.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
-                       help="autocast dtype; auto = bf16 where the device does it natively, else fp32")
+    group.add_argument(
+        "--amp",
+        default="auto",
+        choices=("auto", "bf16", "fp16", "none"),
+        help="autocast dtype; auto = bf16 where the device does it natively, else fp32",
+    )
     group.add_argument("--seed", type=int, default=0, help="random seed (data order, masks, initialisation)")
-    group.add_argument("--dist_timeout", type=float, default=30.0, help="time before a stuck collective ends the job, in minutes")
+    group.add_argument(
+        "--dist_timeout", type=float, default=30.0, help="time before a stuck collective ends the job, in minutes"
+    )
     if not training:
         return
     group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
     group.add_argument("--compile", action="store_true", help="torch.compile the model")
-    group.add_argument("--attention", default="auto", choices=("auto", "sdpa", "math"),
-                       help="auto: scaled_dot_product_attention on GPU, explicit matmul + softmax on CPU (faster there)")
-    group.add_argument("--resume", default="", help="checkpoint to continue from, or 'auto' for the newest in --output_dir")
+    group.add_argument(
+        "--attention",
+        default="auto",
+        choices=("auto", "sdpa", "math"),
+        help="auto: scaled_dot_product_attention on GPU, explicit matmul + softmax on CPU (faster there)",
+    )
+    group.add_argument(
+        "--resume", default="", help="checkpoint to continue from, or 'auto' for the newest in --output_dir"
+    )
     group.add_argument("--start_epoch", type=int, default=0, help="first epoch (index) when not resuming")
-    group.add_argument("--overwrite", action="store_true",
-                       help="start a fresh run in an --output_dir that holds another run's checkpoints (they get replaced)")
-    group.add_argument("--allow_changed_flags", action="store_true",
-                       help="resume although --epochs, --batch_size, LR or schedule flags differ from the checkpoint's run")
-    group.add_argument("--log_every", type=int, default=20,
-                       help="steps between log lines (each epoch also ends with a line: its time, the run's ETA)")
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a fresh run in an --output_dir that holds another run's checkpoints (they get replaced)",
+    )
+    group.add_argument(
+        "--allow_changed_flags",
+        action="store_true",
+        help="resume although --epochs, --batch_size, LR or schedule flags differ from the checkpoint's run",
+    )
+    group.add_argument(
+        "--log_every",
+        type=int,
+        default=20,
+        help="steps between log lines (each epoch also ends with a line: its time, the run's ETA)",
+    )
 
 
 def classification_parser(description: str, *, global_pool: bool, head_init_std: float, **defaults: float) -> Parser:
     """The flags of fine-tuning and linear probing; ``defaults`` are each script's upstream values."""
     parser = new_parser(description)
     add_optimisation_args(parser, **defaults)
-    add_data_args(parser, input_size=None, train_path=str(DEFAULT_TRAIN_CSV), patch_size=None,
-                  input_help=f"image side in pixels (default: {DEFAULT_INPUT_SIZE}; with --eval: the checkpoint's)")
+    add_data_args(
+        parser,
+        input_size=None,
+        train_path=str(DEFAULT_TRAIN_CSV),
+        patch_size=None,
+        input_help=f"image side in pixels (default: {DEFAULT_INPUT_SIZE}; with --eval: the checkpoint's)",
+    )
     add_runtime_args(parser, output_dir="./output_dir")
     group = parser.add_argument_group("classification")
-    group.add_argument("--finetune", default="", metavar="PATH",
-                       help="pretrained weights: our or upstream's pretraining checkpoint (either layout), or a timm encoder export")
-    group.add_argument("--model", default=None, help="vit_{tiny,small,base,large,huge}_patch16 or vit_huge_patch14 "
-                                                     "(default: the architecture of --finetune)")
+    group.add_argument(
+        "--finetune",
+        default="",
+        metavar="PATH",
+        help="pretrained weights: our or upstream's pretraining checkpoint (either layout), or a timm encoder export",
+    )
+    group.add_argument(
+        "--model",
+        default=None,
+        help="vit_{tiny,small,base,large,huge}_patch16 or vit_huge_patch14 (default: the architecture of --finetune)",
+    )
     group.add_argument("--test_path", default=str(DEFAULT_VAL_CSV), help="evaluation data (CSV, ImageFolder)")
-    group.add_argument("--nb_classes", type=int, default=None, help="number of classes (default: from the training labels)")
-    group.add_argument("--global_pool", dest="global_pool", action="store_true", default=global_pool,
-                       help="mean of the patch tokens + fc_norm")
+    group.add_argument(
+        "--nb_classes", type=int, default=None, help="number of classes (default: from the training labels)"
+    )
+    group.add_argument(
+        "--global_pool",
+        dest="global_pool",
+        action="store_true",
+        default=global_pool,
+        help="mean of the patch tokens + fc_norm",
+    )
     group.add_argument("--cls_token", dest="global_pool", action="store_false", help="the cls token after norm")
-    group.add_argument("--head_init_std", type=float, default=head_init_std, help="std of the fresh head's initialisation")
+    group.add_argument(
+        "--head_init_std", type=float, default=head_init_std, help="std of the fresh head's initialisation"
+    )
     group.add_argument("--eval", action="store_true", help="only evaluate (--resume or --finetune weights) and exit")
-    group.add_argument("--save_every", type=int, default=0, help="also keep checkpoint-{epoch}.pth every N epochs (0 = never)")
+    group.add_argument(
+        "--save_every", type=int, default=0, help="also keep checkpoint-{epoch}.pth every N epochs (0 = never)"
+    )
     group.add_argument("--wandb_project", default=None, help="ignored (upstream flag): logs go to TensorBoard")
     return parser
 
@@ -326,16 +463,28 @@ def classification_parser(description: str, *, global_pool: bool, head_init_std:
 def add_segmentation_data_args(parser: Parser) -> None:
     """Image / mask pairs, classes and band reading of ``main_segment.py`` and ``tools/seg_baseline.py``."""
     group = parser.add_argument_group("data (image / mask pairs)")
-    group.add_argument("--train_path", default=str(SEGMENTATION_SAMPLE / "seg_train.csv"),
-                       help="CSV of (image path, mask path), or a folder holding images/ and masks/ (matched by file stem)")
-    group.add_argument("--test_path", default=str(SEGMENTATION_SAMPLE / "seg_val.csv"), help="evaluation pairs, as --train_path")
-    group.add_argument("--input_size", type=int, default=128, help="crop side in pixels (training crops, sliding window)")
+    group.add_argument(
+        "--train_path",
+        default=str(SEGMENTATION_SAMPLE / "seg_train.csv"),
+        help="CSV of (image path, mask path), or a folder holding images/ and masks/ (matched by file stem)",
+    )
+    group.add_argument(
+        "--test_path", default=str(SEGMENTATION_SAMPLE / "seg_val.csv"), help="evaluation pairs, as --train_path"
+    )
+    group.add_argument(
+        "--input_size", type=int, default=128, help="crop side in pixels (training crops, sliding window)"
+    )
     add_band_args(group)
-    group.add_argument("--palette", default=str(SEGMENTATION_SAMPLE / "seg_palette.json"),
-                       help="class names and colours: 'isprs' (6 classes), a JSON list of {name, color}, or 'none'; "
-                            "RGB masks are decoded through it, index masks only take its names and colours")
+    group.add_argument(
+        "--palette",
+        default=str(SEGMENTATION_SAMPLE / "seg_palette.json"),
+        help="class names and colours: 'isprs' (6 classes), a JSON list of {name, color}, or 'none'; "
+        "RGB masks are decoded through it, index masks only take its names and colours",
+    )
     group.add_argument("--class_names", nargs="+", default=None, help="class names (instead of the palette's)")
-    group.add_argument("--nb_classes", type=int, default=None, help="classes (default: from the palette or --class_names)")
+    group.add_argument(
+        "--nb_classes", type=int, default=None, help="classes (default: from the palette or --class_names)"
+    )
     group.add_argument("--reduce_zero_label", action="store_true", help="LoveDA: mask 0 (no data) -> ignore, k -> k-1")
     group.add_argument("--ignore_index", type=int, default=IGNORE_INDEX, help="mask value left out of loss and metrics")
     add_loader_args(group)
@@ -345,21 +494,46 @@ def add_segmentation_evaluation_args(parser: Parser) -> None:
     """The evaluation protocol of ``main_segment.py`` and ``tools/seg_baseline.py``: scales, sliding window, classes
     counted, boundary erosion, location blocks."""
     group = parser.add_argument_group("evaluation")
-    group.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                       help="final evaluation at each scale: images down-sampled (area) by it and up-sampled back, e.g. 0.125 0.25 0.5 1.0")
+    group.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="final evaluation at each scale: images down-sampled (area) by it and up-sampled back, e.g. 0.125 0.25 "
+        "0.5 1.0",
+    )
     group.add_argument("--overlap", type=float, default=1 / 3, help="sliding-window overlap, fraction of the crop")
-    group.add_argument("--exclude_classes", type=int, nargs="*", default=[],
-                       help="classes left out of mIoU / mF1 (ISPRS protocol: 5 = clutter)")
-    group.add_argument("--eval_ignore_boundary", type=int, default=0, metavar="PX",
-                       help="evaluation only: ground-truth pixels within PX of another class are not counted (ISPRS's "
-                            "eroded-boundary reference: 3; 0: every pixel)")
-    group.add_argument("--block_pattern", default=TILE_PATTERN,
-                       help="regular expression on each evaluation image's file stem naming its location block (groups "
-                            "row and col: tiles grouped --block_size per side; other groups: their text; no match: the "
-                            "image alone; '': every image alone); mIoU intervals resample blocks (util/eval/location_blocks.py)")
-    group.add_argument("--block_size", type=int, default=BLOCK_TILES, help="tiles per block side (with groups row, col)")
-    group.add_argument("--bootstrap", type=int, default=BOOTSTRAP,
-                       help="block-bootstrap resamples of the final evaluation's 95 %% mIoU interval (0: no interval)")
+    group.add_argument(
+        "--exclude_classes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="classes left out of mIoU / mF1 (ISPRS protocol: 5 = clutter)",
+    )
+    group.add_argument(
+        "--eval_ignore_boundary",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="evaluation only: ground-truth pixels within PX of another class are not counted (ISPRS's "
+        "eroded-boundary reference: 3; 0: every pixel)",
+    )
+    group.add_argument(
+        "--block_pattern",
+        default=TILE_PATTERN,
+        help="regular expression on each evaluation image's file stem naming its location block (groups "
+        "row and col: tiles grouped --block_size per side; other groups: their text; no match: the "
+        "image alone; '': every image alone); mIoU intervals resample blocks (util/eval/location_blocks.py)",
+    )
+    group.add_argument(
+        "--block_size", type=int, default=BLOCK_TILES, help="tiles per block side (with groups row, col)"
+    )
+    group.add_argument(
+        "--bootstrap",
+        type=int,
+        default=BOOTSTRAP,
+        help="block-bootstrap resamples of the final evaluation's 95 %% mIoU interval (0: no interval)",
+    )
     group.add_argument("--examples", type=int, default=4, help="evaluation images in the prediction figure")
 
 
@@ -385,18 +559,47 @@ def check_segmentation_evaluation_flags(flags: Flags) -> None:
 # flag -> (lowest, highest, whether the ends are included). NaN is outside every range.
 INF = float("inf")
 RANGES = {
-    "lr": (0, INF, False), "blr": (0, INF, False), "min_lr": (0, INF, True), "warmup_epochs": (0, INF, True),
-    "weight_decay": (0, INF, True), "num_workers": (0, INF, True), "input_size": (1, INF, True),
-    "patch_size": (1, INF, True), "in_chans": (1, INF, True), "std": (0, INF, False), "mean": (-INF, INF, False),
-    "seed": (0, 2**32 - 1, True), "dist_timeout": (0, INF, False), "start_epoch": (0, INF, True),
-    "save_every": (0, INF, True), "plot_every": (0, INF, True), "knn_eval_every": (0, INF, True),
-    "log_every": (1, INF, True), "epochs": (1, INF, True), "accum_iter": (1, INF, True), "batch_size": (1, INF, True),
-    "temperature": (0, INF, False), "head_init_std": (0, INF, True), "nb_classes": (1, INF, True),
-    "layer_decay": (0, 1, True), "drop_path": (0, 1, True), "smoothing": (0, 1, True), "reprob": (0, 1, True),
-    "recount": (0, INF, True), "mixup": (0, INF, True), "cutmix": (0, INF, True), "mixup_prob": (0, 1, True),
-    "mixup_switch_prob": (0, 1, True), "scale_range": (0, 1, True), "val_fraction": (0, 1, False),
-    "k": (1, INF, True), "majority_k": (1, INF, True), "max_image_pixels": (1, INF, True),
-    "workers": (1, INF, True), "size": (1, INF, True), "color_jitter": (0, INF, True),
+    "lr": (0, INF, False),
+    "blr": (0, INF, False),
+    "min_lr": (0, INF, True),
+    "warmup_epochs": (0, INF, True),
+    "weight_decay": (0, INF, True),
+    "num_workers": (0, INF, True),
+    "input_size": (1, INF, True),
+    "patch_size": (1, INF, True),
+    "in_chans": (1, INF, True),
+    "std": (0, INF, False),
+    "mean": (-INF, INF, False),
+    "seed": (0, 2**32 - 1, True),
+    "dist_timeout": (0, INF, False),
+    "start_epoch": (0, INF, True),
+    "save_every": (0, INF, True),
+    "plot_every": (0, INF, True),
+    "knn_eval_every": (0, INF, True),
+    "log_every": (1, INF, True),
+    "epochs": (1, INF, True),
+    "accum_iter": (1, INF, True),
+    "batch_size": (1, INF, True),
+    "temperature": (0, INF, False),
+    "head_init_std": (0, INF, True),
+    "nb_classes": (1, INF, True),
+    "layer_decay": (0, 1, True),
+    "drop_path": (0, 1, True),
+    "smoothing": (0, 1, True),
+    "reprob": (0, 1, True),
+    "recount": (0, INF, True),
+    "mixup": (0, INF, True),
+    "cutmix": (0, INF, True),
+    "mixup_prob": (0, 1, True),
+    "mixup_switch_prob": (0, 1, True),
+    "scale_range": (0, 1, True),
+    "val_fraction": (0, 1, False),
+    "k": (1, INF, True),
+    "majority_k": (1, INF, True),
+    "max_image_pixels": (1, INF, True),
+    "workers": (1, INF, True),
+    "size": (1, INF, True),
+    "color_jitter": (0, INF, True),
 }
 
 
@@ -470,8 +673,14 @@ class Bands:
 
     def record(self) -> dict[str, Any]:
         """What a checkpoint records of them (``run_record``), and ``--eval`` / ``--resume`` compare."""
-        return {"in_chans": self.in_chans, "bands": list(self.bands) if self.bands else None, "mean": list(self.mean),
-                "std": list(self.std), "nodata": self.nodata, "raster": self.raster}
+        return {
+            "in_chans": self.in_chans,
+            "bands": list(self.bands) if self.bands else None,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "nodata": self.nodata,
+            "raster": self.raster,
+        }
 
 
 def resolve_bands(flags: Flags) -> Bands:
@@ -496,24 +705,39 @@ def resolve_bands(flags: Flags) -> Bands:
         source = band_stats_source(flags.band_stats)
         given = source.get("nodata", ...)  # ...: an older file, which does not say; then checked per file
         if given is not ... and flags.nodata is not None and not same_value(given, flags.nodata):
-            raise UsageError(f"--band_stats {flags.band_stats} was computed with "
-                             + (f"--nodata {given:g}" if given is not None else "no --nodata (the files' GDAL_NODATA tags, if any)")
-                             + f", this run has --nodata {flags.nodata:g}: give the same no-data value (statistics and "
-                             "inputs would count other pixels as data)")
-    resolved = Bands(count, mean, std, bands, flags.nodata, flags.band_stats, source.get("dtype"),
-                     source.get("nodata"),
-                     tuple(flags.rgb_bands) if flags.rgb_bands else None,
-                     tuple(flags.checkpoint_rgb_bands) if flags.checkpoint_rgb_bands else None,
-                     flags.stretch, int(flags.max_image_pixels))
+            raise UsageError(
+                f"--band_stats {flags.band_stats} was computed with "
+                + (f"--nodata {given:g}" if given is not None else "no --nodata (the files' GDAL_NODATA tags, if any)")
+                + f", this run has --nodata {flags.nodata:g}: give the same no-data value (statistics and "
+                "inputs would count other pixels as data)"
+            )
+    resolved = Bands(
+        count,
+        mean,
+        std,
+        bands,
+        flags.nodata,
+        flags.band_stats,
+        source.get("dtype"),
+        source.get("nodata"),
+        tuple(flags.rgb_bands) if flags.rgb_bands else None,
+        tuple(flags.checkpoint_rgb_bands) if flags.checkpoint_rgb_bands else None,
+        flags.stretch,
+        int(flags.max_image_pixels),
+    )
     if resolved.raster and default and not flags.band_stats:
-        raise UsageError(f"{count}-band / non-8-bit data needs per-band statistics: run {STATS_TOOL} on the training data "
-                         "and pass --band_stats FILE.json (or --mean / --std, one per band, in the file's units)")
+        raise UsageError(
+            f"{count}-band / non-8-bit data needs per-band statistics: run {STATS_TOOL} on the training data "
+            "and pass --band_stats FILE.json (or --mean / --std, one per band, in the file's units)"
+        )
     for flag, values in (("mean", mean), ("std", std)):
         if len(values) != count:
             raise UsageError(f"--{flag} has {len(values)} value(s) but --in_chans is {count}: one per band")
     rgb = flags.rgb_bands
     if rgb is not None and (len(rgb) not in (1, 3) or not all(0 <= b < count for b in rgb)):
-        raise UsageError(f"--rgb_bands needs 1 or 3 indices in 0..{count - 1} (of the bands read), got {' '.join(map(str, rgb))}")
+        raise UsageError(
+            f"--rgb_bands needs 1 or 3 indices in 0..{count - 1} (of the bands read), got {' '.join(map(str, rgb))}"
+        )
     return resolved
 
 
@@ -545,21 +769,28 @@ def read_band_stats(path: str, bands: list[int] | None, count: int) -> tuple[lis
         mean, std = [float(v) for v in stats["mean"]], [float(v) for v in stats["std"]]
         have = [int(b) for b in stats.get("bands", range(len(mean)))]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--band_stats {path}: not a {STATS_TOOL} file ({type(e).__name__}: {first_line(e)})") from None
+        raise UsageError(
+            f"--band_stats {path}: not a {STATS_TOOL} file ({type(e).__name__}: {first_line(e)})"
+        ) from None
     if not len(have) == len(mean) == len(std) or len(set(have)) != len(have):
-        raise UsageError(f"--band_stats {path}: bands {' '.join(map(str, have))} (each once) need as many means and stds, "
-                         f"found {len(mean)} and {len(std)}")
+        raise UsageError(
+            f"--band_stats {path}: bands {' '.join(map(str, have))} (each once) need as many means and stds, "
+            f"found {len(mean)} and {len(std)}"
+        )
     if bands:
         missing = [b for b in bands if b not in have]
         if missing:
-            raise UsageError(f"--band_stats {path}: no statistics for band(s) {' '.join(map(str, missing))} "
-                             f"(it has {' '.join(map(str, have))})")
+            raise UsageError(
+                f"--band_stats {path}: no statistics for band(s) {' '.join(map(str, missing))} "
+                f"(it has {' '.join(map(str, have))})"
+            )
         mean, std = [mean[have.index(b)] for b in bands], [std[have.index(b)] for b in bands]
     if len(mean) != count or len(std) != count:
         raise UsageError(f"--band_stats {path}: {len(mean)} band(s) of statistics but --in_chans is {count}")
     if not all(s > 0 and s != INF for s in std) or not all(abs(m) != INF and m == m for m in mean):
-        raise UsageError(f"--band_stats {path}: mean must be finite and std finite and > 0 in every band, got mean "
-                         f"{mean}, std {std}")
+        raise UsageError(
+            f"--band_stats {path}: mean must be finite and std finite and > 0 in every band, got mean {mean}, std {std}"
+        )
     return mean, std
 
 
@@ -592,8 +823,16 @@ class Schedule:
 def training_schedule(flags: Flags, world_size: int) -> Schedule:
     """The ``Schedule`` of the optimisation flags for ``world_size`` processes."""
     lr = flags.lr if flags.lr is not None else flags.blr * flags.batch_size * flags.accum_iter * world_size / 256
-    return Schedule(flags.epochs, flags.batch_size, flags.accum_iter, lr, flags.min_lr, flags.warmup_epochs,
-                    flags.clip_grad, flags.log_every)
+    return Schedule(
+        flags.epochs,
+        flags.batch_size,
+        flags.accum_iter,
+        lr,
+        flags.min_lr,
+        flags.warmup_epochs,
+        flags.clip_grad,
+        flags.log_every,
+    )
 
 
 @dataclass(frozen=True)

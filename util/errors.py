@@ -1,5 +1,6 @@
 """Errors a user can fix: each message alone tells what is wrong, so entry points print it as one line
 (``util.run.process.run_entry_point``). A leaf module: it imports nothing of the project."""
+
 from __future__ import annotations
 
 

@@ -2,6 +2,7 @@
 
 A leaf module: it imports nothing of the project but its error classes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,7 +39,9 @@ def write_atomically(path: Path, write) -> None:
     os.umask(umask)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600 (and some writers recreate the file): the mode open() would give
+        os.chmod(
+            tmp, 0o666 & ~umask
+        )  # mkstemp creates 0600 (and some writers recreate the file): the mode open() would give
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,5 +64,7 @@ def best_effort(path, write) -> bool:
         write()
         return True
     except OSError as e:
-        print(f"warning: could not write {path}: {e.strerror or first_line(e)}; continuing", file=sys.stderr, flush=True)
+        print(
+            f"warning: could not write {path}: {e.strerror or first_line(e)}; continuing", file=sys.stderr, flush=True
+        )
         return False

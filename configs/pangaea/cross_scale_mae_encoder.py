@@ -13,6 +13,7 @@ Input: ``{"optical": B x C x 1 x H x W}`` (or B x C x H x W) with the export's b
 ``input_size``; output: one ``B x embed_dim x H/p x W/p`` map per ``output_layers`` block (the last block's output
 passes through the final LayerNorm only where pretraining trained it).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,26 +42,54 @@ class CrossScaleMAE_Encoder(Encoder):
         pos_embed_resize: ``sincos`` (rebuild the fixed table; default) or ``bicubic``.
     """
 
-    def __init__(self, encoder_weights, input_size, input_bands, embed_dim, output_layers, output_dim, download_url,
-                 patch_size=16, depth=12, num_heads=12, pos_embed_resize="sincos"):
-        super().__init__(model_name="cross_scale_mae", encoder_weights=encoder_weights, input_bands=input_bands,
-                         input_size=input_size, embed_dim=embed_dim, output_layers=output_layers,
-                         output_dim=output_dim, multi_temporal=False, multi_temporal_output=False,
-                         pyramid_output=False, download_url=download_url)
+    def __init__(
+        self,
+        encoder_weights,
+        input_size,
+        input_bands,
+        embed_dim,
+        output_layers,
+        output_dim,
+        download_url,
+        patch_size=16,
+        depth=12,
+        num_heads=12,
+        pos_embed_resize="sincos",
+    ):
+        super().__init__(
+            model_name="cross_scale_mae",
+            encoder_weights=encoder_weights,
+            input_bands=input_bands,
+            input_size=input_size,
+            embed_dim=embed_dim,
+            output_layers=output_layers,
+            output_dim=output_dim,
+            multi_temporal=False,
+            multi_temporal_output=False,
+            pyramid_output=False,
+            download_url=download_url,
+        )
         config = json.loads((Path(encoder_weights).parent / "config.json").read_text())
         self.model_args, self.remote_sensing = dict(config["model_args"]), config.get("remote_sensing") or {}
-        given = {"embed_dim": embed_dim, "patch_size": patch_size, "depth": depth, "num_heads": num_heads,
-                 "in_chans": len(input_bands["optical"])}
+        given = {
+            "embed_dim": embed_dim,
+            "patch_size": patch_size,
+            "depth": depth,
+            "num_heads": num_heads,
+            "in_chans": len(input_bands["optical"]),
+        }
         wrong = {k: (v, self.model_args[k]) for k, v in given.items() if self.model_args[k] != v}
         if wrong:
-            raise ValueError(f"{encoder_weights}: the config's values differ from the export's "
-                             f"(given, export): {wrong}")
+            raise ValueError(
+                f"{encoder_weights}: the config's values differ from the export's (given, export): {wrong}"
+            )
         if pos_embed_resize not in ("sincos", "bicubic"):
             raise ValueError(f"pos_embed_resize must be 'sincos' or 'bicubic', got {pos_embed_resize!r}")
         self.pos_embed_resize = pos_embed_resize
         self.patch_size = patch_size
-        self.vit = timm.create_model(config["architecture"], pretrained=False,
-                                     **{**self.model_args, "img_size": input_size})
+        self.vit = timm.create_model(
+            config["architecture"], pretrained=False, **{**self.model_args, "img_size": input_size}
+        )
 
     def position_embedding(self, stored: torch.Tensor) -> torch.Tensor:
         """The export's position embeddings [1, 1 + L, D] for this encoder's patch grid."""
@@ -77,16 +106,19 @@ class CrossScaleMAE_Encoder(Encoder):
         state = load_file(str(self.encoder_weights))
         state["pos_embed"] = self.position_embedding(state["pos_embed"])
         self.vit.load_state_dict(state, strict=True)  # raises on any missing, left-over or mis-shaped tensor
-        logger.info(f"loaded {len(state)} tensors of {self.encoder_weights} (position embeddings for "
-                    f"{self.input_size} px: {self.pos_embed_resize})")
+        logger.info(
+            f"loaded {len(state)} tensors of {self.encoder_weights} (position embeddings for "
+            f"{self.input_size} px: {self.pos_embed_resize})"
+        )
 
     def forward(self, image):
         x = image["optical"]
         x = x.squeeze(2) if x.ndim == 5 else x
         last = len(self.vit.blocks) - 1
         layers = [int(i) for i in self.output_layers]  # Hydra gives a ListConfig
-        features = self.vit.forward_intermediates(x, indices=layers, norm=False, output_fmt="NCHW",
-                                                  intermediates_only=True)
+        features = self.vit.forward_intermediates(
+            x, indices=layers, norm=False, output_fmt="NCHW", intermediates_only=True
+        )
         if self.model_args.get("final_norm") and last in layers:  # a trained final norm: as in pretraining
             i = layers.index(last)
             features[i] = self.vit.norm(features[i].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

@@ -1,4 +1,5 @@
 """tools/band_stats.py: statistics equal numpy's, whatever the worker count, and an interrupted run resumes exactly."""
+
 import csv
 import json
 from pathlib import Path
@@ -6,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import HANG_GUARD_S, REPO
 
 from tools import band_stats as bs
 from util.run.process import run_entry_point
-from conftest import HANG_GUARD_S, REPO
 
 NODATA = 7
 
@@ -58,7 +59,9 @@ def test_statistics_equal_numpy_with_nodata_masked(tmp_path, dtype):
 @pytest.mark.parametrize("dtype", [np.uint16, np.float32])
 def test_two_workers_give_the_same_numbers_as_one(tmp_path, dtype):
     paths = write_tiles(tmp_path / "tiles", dtype, count=7)
-    assert bs.band_stats(paths, nodata=NODATA, workers=2, chunk=2) == bs.band_stats(paths, nodata=NODATA, workers=1, chunk=2)
+    assert bs.band_stats(paths, nodata=NODATA, workers=2, chunk=2) == bs.band_stats(
+        paths, nodata=NODATA, workers=1, chunk=2
+    )
 
 
 def counting_reader(monkeypatch, stop_at: int | None = None) -> list:
@@ -75,11 +78,14 @@ def counting_reader(monkeypatch, stop_at: int | None = None) -> list:
     return reads
 
 
-@pytest.mark.parametrize("dtype, stop_at, resumed_reads", [
-    (np.uint16, 5, 4),  # 8 files in chunks of 2: two chunks saved, four files left
-    (np.float32, 5, 4 + 8),  # in the first pass; then the whole histogram pass
-    (np.float32, 11, 6),  # in the histogram pass, whose first chunk was saved: the first pass is not redone
-])
+@pytest.mark.parametrize(
+    "dtype, stop_at, resumed_reads",
+    [
+        (np.uint16, 5, 4),  # 8 files in chunks of 2: two chunks saved, four files left
+        (np.float32, 5, 4 + 8),  # in the first pass; then the whole histogram pass
+        (np.float32, 11, 6),  # in the histogram pass, whose first chunk was saved: the first pass is not redone
+    ],
+)
 def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch, dtype, stop_at, resumed_reads):
     paths = write_tiles(tmp_path / "tiles", dtype, count=8)
     expected = bs.band_stats(paths, nodata=NODATA, chunk=2)
@@ -101,7 +107,9 @@ def test_a_state_of_other_inputs_is_not_resumed(tmp_path, monkeypatch):
         bs.band_stats(paths, nodata=NODATA, chunk=2, state_path=state)
     tifffile.imwrite(paths[0], np.full((3, 16, 16), 60000, np.uint16), photometric="minisblack")  # a file already read
     reads = counting_reader(monkeypatch)
-    assert bs.band_stats(paths, nodata=NODATA, chunk=2, state_path=state) == bs.band_stats(paths, nodata=NODATA, chunk=2)
+    assert bs.band_stats(paths, nodata=NODATA, chunk=2, state_path=state) == bs.band_stats(
+        paths, nodata=NODATA, chunk=2
+    )
     assert len(reads) == 2 * 6  # the interrupted run's state was dropped: all six files read, twice
     counting_reader(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
@@ -117,17 +125,36 @@ def test_a_nodata_only_dataset_is_a_one_line_error(tmp_path):
     for i in range(2):
         tifffile.imwrite(folder / f"t{i}.tif", np.full((2, 8, 8), NODATA, np.uint16), photometric="minisblack")
     with pytest.raises(SystemExit) as info:
-        run_entry_point(bs.main, ["--train_path", str(folder), "--nodata", str(NODATA), "--out", str(tmp_path / "s.json"), "--workers", "2"])
+        run_entry_point(
+            bs.main,
+            ["--train_path", str(folder), "--nodata", str(NODATA), "--out", str(tmp_path / "s.json"), "--workers", "2"],
+        )
     assert str(info.value) == "error: every pixel of the 2 image(s) is no-data: no statistics"
     assert not (tmp_path / "s.json").exists()
 
 
 def test_the_command_line_writes_the_json_and_removes_its_state(tmp_path):
     paths = write_tiles(tmp_path / "tiles", np.uint16, count=3)
-    bs.main(["--train_path", str(tmp_path / "tiles"), "--nodata", str(NODATA), "--percentiles", "5", "95", "--chunk", "1",
-             "--out", str(tmp_path / "s.json")])
+    bs.main(
+        [
+            "--train_path",
+            str(tmp_path / "tiles"),
+            "--nodata",
+            str(NODATA),
+            "--percentiles",
+            "5",
+            "95",
+            "--chunk",
+            "1",
+            "--out",
+            str(tmp_path / "s.json"),
+        ]
+    )
     stats = json.loads((tmp_path / "s.json").read_text())
-    assert set(stats) >= {"bands", "mean", "std", "dtype", "pixels", "percentiles"} and set(stats["percentiles"]) == {"5", "95"}
+    assert set(stats) >= {"bands", "mean", "std", "dtype", "pixels", "percentiles"} and set(stats["percentiles"]) == {
+        "5",
+        "95",
+    }
     np.testing.assert_allclose(stats["percentiles"]["95"], np.percentile(numpy_values(paths), 95, axis=1), rtol=1e-14)
     assert not (tmp_path / "s.json.partial.npz").exists()
 
@@ -141,7 +168,9 @@ def test_the_committed_multispectral_sample():
         with tifffile.TiffFile(path) as tif:
             assert tif.series[0].shape == (13, 64, 64) and tif.series[0].dtype == np.uint16
     for split in ("train", "val"):
-        table = [[(row[0], Path(row[1]).stem) for row in csv.reader(open(folder / f"{split}.csv"))] for folder in (ms, rgb)]
+        table = [
+            [(row[0], Path(row[1]).stem) for row in csv.reader(open(folder / f"{split}.csv"))] for folder in (ms, rgb)
+        ]
         assert table[0] == table[1]
     assert len(json.loads((ms / "band_stats.json").read_text())["mean"]) == 13
 
@@ -186,8 +215,10 @@ def flip_a_byte(state: Path) -> None:
     state.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("corrupt", [corrupt_done, corrupt_count, corrupt_hist, flip_a_byte,
-                                     lambda state: state.write_bytes(state.read_bytes()[:200])])
+@pytest.mark.parametrize(
+    "corrupt",
+    [corrupt_done, corrupt_count, corrupt_hist, flip_a_byte, lambda state: state.write_bytes(state.read_bytes()[:200])],
+)
 def test_a_damaged_state_starts_over_instead_of_resuming_to_wrong_numbers(tmp_path, monkeypatch, capsys, corrupt):
     paths = write_tiles(tmp_path / "tiles", np.uint16, count=6)
     expected = bs.band_stats(paths, nodata=NODATA, chunk=2)
@@ -208,9 +239,24 @@ def test_an_unreadable_file_read_by_a_worker_process_is_a_one_line_error_not_a_h
     paths = write_tiles(tmp_path / "tiles", np.uint16, count=4)
     paths[2].write_bytes(b"II*\x00garbage")  # a TIFF header and nothing else
     # the worker's error could not be unpickled in the parent, whose pool then waited forever
-    done = subprocess.run([sys.executable, "tools/band_stats.py", "--train_path", str(tmp_path / "tiles"), "--out",
-                           str(tmp_path / "s.json"), "--workers", "2", "--chunk", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "tools/band_stats.py",
+            "--train_path",
+            str(tmp_path / "tiles"),
+            "--out",
+            str(tmp_path / "s.json"),
+            "--workers",
+            "2",
+            "--chunk",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert done.returncode == 1 and done.stderr.startswith("error: ") and "t2.tif: cannot read image" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
@@ -222,7 +268,11 @@ def test_image_errors_survive_pickling():
 
     for error in (BadImageError("a.tif", "truncated"), NotEightBitError("b.png", "PIL mode I;16")):
         copy = pickle.loads(pickle.dumps(error))
-        assert type(copy) is type(error) and str(copy) == str(error) and (copy.path, copy.reason) == (error.path, error.reason)
+        assert (
+            type(copy) is type(error)
+            and str(copy) == str(error)
+            and (copy.path, copy.reason) == (error.path, error.reason)
+        )
 
 
 def test_a_packed_array_or_shard_manifest_is_refused_in_one_line(tmp_path):
@@ -232,11 +282,14 @@ def test_a_packed_array_or_shard_manifest_is_refused_in_one_line(tmp_path):
 
     (tmp_path / "x.json").write_text(json.dumps({"size": 4, "count": 1, "labels": [0], "array": "x.u8"}))
     (tmp_path / "x.u8").write_bytes(bytes(48))
-    for tool in (["tools/band_stats.py", "--train_path", str(tmp_path / "x.json"), "--out", str(tmp_path / "s.json")],
-                 ["tools/preprocess.py", "--input", str(tmp_path / "x.json"), "--output", str(tmp_path / "o"), "--raster"]):
-        result = subprocess.run([sys.executable, *tool], cwd=REPO, capture_output=True,
-                                text=True, timeout=HANG_GUARD_S)
-        assert result.returncode == 1 and result.stderr.startswith(f"error: {tmp_path / 'x.json'}: a pre-decoded dataset")
+    for tool in (
+        ["tools/band_stats.py", "--train_path", str(tmp_path / "x.json"), "--out", str(tmp_path / "s.json")],
+        ["tools/preprocess.py", "--input", str(tmp_path / "x.json"), "--output", str(tmp_path / "o"), "--raster"],
+    ):
+        result = subprocess.run([sys.executable, *tool], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
+        assert result.returncode == 1 and result.stderr.startswith(
+            f"error: {tmp_path / 'x.json'}: a pre-decoded dataset"
+        )
         assert result.stderr.count("\n") == 1
 
 
@@ -245,14 +298,48 @@ def test_band_stats_records_band_names_that_exports_of_its_runs_use(tmp_path):
 
     write_tiles(tmp_path / "tiles", np.uint16, count=2)
     out = tmp_path / "stats.json"
-    bs.main(["--train_path", str(tmp_path / "tiles"), "--bands", "2", "1", "0", "--band_names", "B04", "B03", "B02",
-             "--out", str(out)])
+    bs.main(
+        [
+            "--train_path",
+            str(tmp_path / "tiles"),
+            "--bands",
+            "2",
+            "1",
+            "0",
+            "--band_names",
+            "B04",
+            "B03",
+            "B02",
+            "--out",
+            str(out),
+        ]
+    )
     stats = json.loads(out.read_text())
     assert stats["bands"] == [2, 1, 0] and stats["band_names"] == ["B04", "B03", "B02"]
     assert metadata.band_names_from_stats(out, [2, 1]) == ["B04", "B03"]  # a run's --bands 2 1
-    block = metadata.describe({"bands": [2, 1], "band_stats": str(out), "mean": [1, 1], "std": [2, 2]}, in_chans=2,
-                              input_size=32, patch_size=8, final_norm_trained=False, sincos_pos_embed=True)
+    block = metadata.describe(
+        {"bands": [2, 1], "band_stats": str(out), "mean": [1, 1], "std": [2, 2]},
+        in_chans=2,
+        input_size=32,
+        patch_size=8,
+        final_norm_trained=False,
+        sincos_pos_embed=True,
+    )
     assert [b["name"] for b in block["bands"]] == ["B04", "B03"] and block["input"]["dtype"] == "uint16"
     with pytest.raises(SystemExit, match="^error: --band_names names 2 band\\(s\\), --bands reads 3$"):
-        run_entry_point(bs.main, ["--train_path", str(tmp_path / "tiles"), "--bands", "2", "1", "0",
-                                  "--band_names", "B04", "B03", "--out", str(out)])
+        run_entry_point(
+            bs.main,
+            [
+                "--train_path",
+                str(tmp_path / "tiles"),
+                "--bands",
+                "2",
+                "1",
+                "0",
+                "--band_names",
+                "B04",
+                "B03",
+                "--out",
+                str(out),
+            ],
+        )

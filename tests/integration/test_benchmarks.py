@@ -1,19 +1,47 @@
 import subprocess
 import sys
-from conftest import HANG_GUARD_S, REPO
 
+from conftest import HANG_GUARD_S, REPO
 
 
 def test_pretrain_benchmark_prints_every_field_and_the_speed_up():
     result = subprocess.run(
-        [sys.executable, "benchmarks/bench_pretrain.py", "--model", "cross_scale_mae_vit_tiny", "--input_size", "32",
-         "--patch_size", "8", "--batch_size", "4", "--steps", "1", "--warmup", "0", "--matmul_size", "128"],
-        cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S,
+        [
+            sys.executable,
+            "benchmarks/bench_pretrain.py",
+            "--model",
+            "cross_scale_mae_vit_tiny",
+            "--input_size",
+            "32",
+            "--patch_size",
+            "8",
+            "--batch_size",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--matmul_size",
+            "128",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for field in ("matmul", "median step", "img/s", "peak memory", "FLOPs per image", "achieved", "MFU",
-                  "upstream execution", "speed-up over upstream execution"):
+    for field in (
+        "matmul",
+        "median step",
+        "img/s",
+        "peak memory",
+        "FLOPs per image",
+        "achieved",
+        "MFU",
+        "upstream execution",
+        "speed-up over upstream execution",
+    ):
         assert field in out, field
     per_image = [float(line.split()[3]) for line in out.splitlines() if "FLOPs per image" in line]
     assert len(per_image) == 2 and 0.7 < per_image[0] < 0.9  # the same model, whichever execution
@@ -21,10 +49,22 @@ def test_pretrain_benchmark_prints_every_field_and_the_speed_up():
 
 
 def test_data_benchmark_reports_each_pipeline():
-    result = subprocess.run([sys.executable, "benchmarks/bench_data.py", "--images", "8", "--input_size", "32"],
-                            cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_data.py", "--images", "8", "--input_size", "32"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert result.returncode == 0, result.stderr
-    for pipeline in ("pre-resized JPEG", "large JPEG", "packed uint8", "shards: worker only", "shards + BatchAugment",
-                     "shards streamed by webdataset, local disk", "shards streamed by webdataset, http://127.0.0.1"):
+    for pipeline in (
+        "pre-resized JPEG",
+        "large JPEG",
+        "packed uint8",
+        "shards: worker only",
+        "shards + BatchAugment",
+        "shards streamed by webdataset, local disk",
+        "shards streamed by webdataset, http://127.0.0.1",
+    ):
         assert pipeline in result.stdout
     assert "img/s per worker" in result.stdout

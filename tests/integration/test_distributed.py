@@ -1,8 +1,10 @@
-"""util/run/distributed.py and the gathered contrastive loss: cross-rank negatives, SyncBatchNorm1d, collectives on the training device.
+"""util/run/distributed.py and the gathered contrastive loss: cross-rank negatives, SyncBatchNorm1d, collectives on the
+training device.
 
 One 2-process gloo job (module fixture) runs every distributed case and saves each rank's results; the
 tests compare them with one process on the union batch A ∪ B (rank 0 holds A, rank 1 holds B).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,6 +29,7 @@ SGD_STEPS = 2
 
 # ---------------------------------------------------------------- the data (same on every process)
 
+
 def contrastive_data():
     g = torch.Generator().manual_seed(1)
     x1, x2 = torch.randn(WORLD * B, D_IN, generator=g), torch.randn(WORLD * B, D_IN, generator=g)
@@ -49,12 +52,16 @@ def bn_data():
 def predictor(bn: type[nn.Module] = nn.BatchNorm1d, momentum: float | None = 0.1) -> nn.Sequential:
     """The model's token predictor (Linear -> BatchNorm1d(num_tokens) -> ReLU -> Linear) at toy size."""
     torch.manual_seed(4)
-    return nn.Sequential(nn.Linear(HIDDEN, 16), bn(TOKENS, momentum=momentum), nn.ReLU(inplace=True), nn.Linear(16, HIDDEN))
+    return nn.Sequential(
+        nn.Linear(HIDDEN, 16), bn(TOKENS, momentum=momentum), nn.ReLU(inplace=True), nn.Linear(16, HIDDEN)
+    )
 
 
 def predictor_data():
     g = torch.Generator().manual_seed(5)
-    return torch.randn(SGD_STEPS, WORLD * N_BN, TOKENS, HIDDEN, generator=g), torch.randn(SGD_STEPS, WORLD * N_BN, TOKENS, HIDDEN, generator=g)
+    return torch.randn(SGD_STEPS, WORLD * N_BN, TOKENS, HIDDEN, generator=g), torch.randn(
+        SGD_STEPS, WORLD * N_BN, TOKENS, HIDDEN, generator=g
+    )
 
 
 def bn_params(module: nn.Module):
@@ -66,6 +73,7 @@ def bn_params(module: nn.Module):
 
 
 # ---------------------------------------------------------------- the 2-process job
+
 
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
@@ -88,7 +96,11 @@ def _distributed_cases(rank: int) -> dict:
             layer = DDP(feature_layer())
             loss = cross_scale_contrastive_loss(layer(x1[mine]), layer(x2[mine]), 0.5, form, gather_negatives=gather)
             loss.backward()  # DDP averages the gradients over ranks
-            results[f"contrastive/{form}/{gather}"] = (loss.detach(), layer.module.weight.grad.clone(), layer.module.bias.grad.clone())
+            results[f"contrastive/{form}/{gather}"] = (
+                loss.detach(),
+                layer.module.weight.grad.clone(),
+                layer.module.bias.grad.clone(),
+            )
 
     gathered = ops.gather_with_grad(torch.full((2, 3), float(rank), requires_grad=True))
     results["gather/value"] = gathered.detach()
@@ -109,7 +121,14 @@ def _distributed_cases(rank: int) -> dict:
         for grad in grads:  # what DDP does
             dist.all_reduce(grad)
             grad /= WORLD
-        results[f"bn/{name}"] = (y.detach(), local.grad, *grads, bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+        results[f"bn/{name}"] = (
+            y.detach(),
+            local.grad,
+            *grads,
+            bn.running_mean.clone(),
+            bn.running_var.clone(),
+            bn.num_batches_tracked.clone(),
+        )
         bn.eval()
         results[f"bn/{name}/eval"] = bn(data[rows]).detach()
 
@@ -153,6 +172,7 @@ def assert_close(got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-6) 
 
 # ---------------------------------------------------------------- contrastive loss
 
+
 def reference_loss(f1: torch.Tensor, f2: torch.Tensor, temperature: float, form: str) -> torch.Tensor:
     """The formula written out, one anchor at a time, in float64."""
     z = nn.functional.normalize(torch.cat([f1, f2]).double(), dim=1)
@@ -175,7 +195,9 @@ def test_single_process_loss_matches_the_formula(form):
         got = cross_scale_contrastive_loss(f1, f2, t, form)
         assert got.dtype == torch.float32
         assert_close(got, reference_loss(f1, f2, t, form))
-        assert torch.equal(cross_scale_contrastive_loss(f1, f2, t, form, gather_negatives=True), got)  # one process: no gathering
+        assert torch.equal(
+            cross_scale_contrastive_loss(f1, f2, t, form, gather_negatives=True), got
+        )  # one process: no gathering
 
 
 def test_bad_form_is_refused():
@@ -202,7 +224,10 @@ def test_gathered_negatives_on_two_processes_equal_one_process_on_the_union(rank
 def test_per_device_negatives_on_two_processes_are_the_mean_of_local_losses(ranks, form):
     x1, x2 = contrastive_data()
     layer = feature_layer()
-    local = [cross_scale_contrastive_loss(layer(x1[r * B:(r + 1) * B]), layer(x2[r * B:(r + 1) * B]), 0.5, form) for r in range(WORLD)]
+    local = [
+        cross_scale_contrastive_loss(layer(x1[r * B : (r + 1) * B]), layer(x2[r * B : (r + 1) * B]), 0.5, form)
+        for r in range(WORLD)
+    ]
     for r in range(WORLD):
         assert_close(ranks[r][f"contrastive/{form}/False"][0], local[r].detach())
     torch.stack(local).mean().backward()
@@ -217,12 +242,13 @@ def test_gather_with_grad_concatenates_in_rank_order_and_returns_each_slice_its_
     for r, result in enumerate(ranks):
         assert torch.equal(result["gather/value"], expected)
         # every rank's loss is sum(gathered * weight): rank r's slice receives WORLD x its weights
-        assert torch.equal(result["gather/grad"], (WORLD * weight[2 * r:2 * r + 2]).expand(2, 3))
+        assert torch.equal(result["gather/grad"], (WORLD * weight[2 * r : 2 * r + 2]).expand(2, 3))
     x = torch.randn(3, 2)
     assert ops.gather_with_grad(x) is x  # not distributed
 
 
 # ---------------------------------------------------------------- SyncBatchNorm1d
+
 
 @pytest.mark.parametrize("name", ["3d", "2d"])
 def test_sync_batchnorm_on_two_processes_equals_batchnorm_on_the_union(ranks, name):
@@ -239,7 +265,9 @@ def test_sync_batchnorm_on_two_processes_equals_batchnorm_on_the_union(ranks, na
         out, x_grad, weight_grad, bias_grad, running_mean, running_var, tracked = result[f"bn/{name}"]
         rows = slice(r * N_BN, (r + 1) * N_BN)
         assert_close(out, y[rows].detach())
-        assert_close(x_grad, WORLD * union.grad[rows])  # the sum over ranks of d(rank loss)/d(input), as nn.SyncBatchNorm
+        assert_close(
+            x_grad, WORLD * union.grad[rows]
+        )  # the sum over ranks of d(rank loss)/d(input), as nn.SyncBatchNorm
         assert_close(weight_grad, bn.weight.grad)
         assert_close(bias_grad, bn.bias.grad)
         assert_close(running_mean, bn.running_mean)
@@ -297,6 +325,7 @@ def test_convert_sync_batchnorm_keeps_the_state_dict_and_single_process_behaviou
 
 # ---------------------------------------------------------------- collectives on the right device
 
+
 def test_all_reduce_mean_averages_over_ranks_in_one_collective(ranks):
     expected = {"a": 0.5, "b": 6.0, "c": 2.0}
     for result in ranks:
@@ -331,7 +360,9 @@ def test_strict_collectives_catch_a_cpu_tensor_where_training_runs_elsewhere():
 def test_every_collective_of_the_module_runs_on_the_training_device():
     device = torch.device("meta")
     with strict_collectives(device, world_size=2) as log:
-        run_allowing_meta_readback(lambda: ops.all_reduce_mean({"loss": torch.ones((), device=device), "n": 3}, device), log)
+        run_allowing_meta_readback(
+            lambda: ops.all_reduce_mean({"loss": torch.ones((), device=device), "n": 3}, device), log
+        )
         assert log.calls[-1] == ("all_reduce", ("meta",))
         f1 = torch.randn(4, 8, device=device, requires_grad=True)
         loss = cross_scale_contrastive_loss(f1, f1 * 2, gather_negatives=True)
@@ -351,8 +382,18 @@ def test_gathers_for_evaluation_and_knn_run_on_the_training_device():
         assert {name for name, _ in log.calls} == {"all_gather"}
         queries, memory = torch.zeros(5, 4), torch.zeros(7, 4)  # features arrive on the CPU from inference
         run_allowing_meta_readback(
-            lambda: knn_accuracies(memory, torch.zeros(7, dtype=torch.long), queries, torch.zeros(5, dtype=torch.long), 2,
-                                   k=3, majority_k=3, device=device), log)
+            lambda: knn_accuracies(
+                memory,
+                torch.zeros(7, dtype=torch.long),
+                queries,
+                torch.zeros(5, dtype=torch.long),
+                2,
+                k=3,
+                majority_k=3,
+                device=device,
+            ),
+            log,
+        )
         assert all(set(devices) == {"meta"} for _, devices in log.calls)
 
 

@@ -1,4 +1,5 @@
 """Hostile inputs: each gives exit status 1 and one line ``error: …``, no traceback."""
+
 import errno
 import io
 import json
@@ -18,12 +19,26 @@ import main_linprobe
 import main_pretrain
 from util import config
 from util.data import datasets, images, packed
-from util.run import checkpoint, process
 from util.errors import DataError
+from util.run import checkpoint, process
 from util.run.process import run_entry_point
 
-TINY = ["--model", "mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--epochs", "1",
-        "--num_workers", "0", "--amp", "none"]
+TINY = [
+    "--model",
+    "mae_vit_tiny",
+    "--input_size",
+    "32",
+    "--patch_size",
+    "8",
+    "--batch_size",
+    "4",
+    "--epochs",
+    "1",
+    "--num_workers",
+    "0",
+    "--amp",
+    "none",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +58,10 @@ def expect_error(module, argv):
 
 FLAG_CASES = [
     (["--lr", "-1"], "--lr must be > 0, got -1.0"),
-    (["--scale_range", "0", "0"], "--scale_range must satisfy 0 < min <= max <= 1 (area fractions of the crop), got 0.0 0.0"),
+    (
+        ["--scale_range", "0", "0"],
+        "--scale_range must satisfy 0 < min <= max <= 1 (area fractions of the crop), got 0.0 0.0",
+    ),
     (["--scale_range", "0.8", "0.2"], "--scale_range must satisfy 0 < min <= max <= 1"),
     (["--loss_weights", "rec=nan"], "--loss_weights: weights must be finite and at least 0, got rec=nan"),
     (["--num_workers", "-1"], "--num_workers must be at least 0, got -1"),
@@ -52,7 +70,10 @@ FLAG_CASES = [
     (["--patch_size", "0"], "--patch_size must be at least 1, got 0"),
     (["--std", "0", "0", "0"], "--std must be > 0, got 0.0 0.0 0.0"),
     (["--device", "mps"], "--device mps: Apple MPS is not available"),
-    (["--mask_ratio", "0.95", "--input_size", "32", "--patch_size", "8"], "--mask_ratio 0.95 leaves no visible patch of the 16 patches"),
+    (
+        ["--mask_ratio", "0.95", "--input_size", "32", "--patch_size", "8"],
+        "--mask_ratio 0.95 leaves no visible patch of the 16 patches",
+    ),
     (["--max_image_pixels", "0"], "--max_image_pixels must be at least 1"),
     (["--seed", "-1"], "--seed must be in [0, 4.29497e+09], got -1"),
 ]
@@ -62,28 +83,65 @@ FLAG_CASES = [
 def test_bad_pretrain_flags(data, tmp_path, flags, expected):
     if flags[:2] == ["--device", "mps"] and torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
-    message = expect_error(main_pretrain, [*TINY, "--train_path", str(data), "--output_dir", str(tmp_path / "o"), *flags])
+    message = expect_error(
+        main_pretrain, [*TINY, "--train_path", str(data), "--output_dir", str(tmp_path / "o"), *flags]
+    )
     assert expected in message
 
 
 @pytest.mark.parametrize("flag", ["--save_every", "--plot_every"])
 def test_save_and_plot_every_0_mean_only_the_last_epoch(data, tmp_path, flag):
     out = tmp_path / "o"
-    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(),
-                                         [*TINY, "--epochs", "2", "--train_path", str(data), "--output_dir", str(out), flag, "0"]))
+    main_pretrain.main(
+        config.parse_args(
+            main_pretrain.get_args_parser(),
+            [*TINY, "--epochs", "2", "--train_path", str(data), "--output_dir", str(out), flag, "0"],
+        )
+    )
     assert (out / "checkpoint-1.pth").exists() and not (out / "checkpoint-0.pth").exists()
 
 
 def test_linprobe_batch_of_one(data, tmp_path):
-    message = expect_error(main_linprobe, ["--model", "vit_tiny_patch16", "--input_size", "32", "--batch_size", "1",
-                                           "--train_path", str(data), "--test_path", str(data), "--output_dir", str(tmp_path)])
+    message = expect_error(
+        main_linprobe,
+        [
+            "--model",
+            "vit_tiny_patch16",
+            "--input_size",
+            "32",
+            "--batch_size",
+            "1",
+            "--train_path",
+            str(data),
+            "--test_path",
+            str(data),
+            "--output_dir",
+            str(tmp_path),
+        ],
+    )
     assert "--batch_size must be at least 2 per device for linear probing" in message
 
 
 def test_knn_input_size_not_divisible(data, tmp_path):
-    message = expect_error(main_knn, ["--checkpoints", "none", "--model", "vit_tiny_patch16", "--input_size", "36",
-                                      "--patch_size", "8", "--train_path", str(data), "--test_path", str(data),
-                                      "--output_dir", str(tmp_path)])
+    message = expect_error(
+        main_knn,
+        [
+            "--checkpoints",
+            "none",
+            "--model",
+            "vit_tiny_patch16",
+            "--input_size",
+            "36",
+            "--patch_size",
+            "8",
+            "--train_path",
+            str(data),
+            "--test_path",
+            str(data),
+            "--output_dir",
+            str(tmp_path),
+        ],
+    )
     assert "--input_size 36 is not divisible by --patch_size 8" in message
 
 
@@ -113,9 +171,18 @@ def test_config_string_for_a_string_flag_is_kept_as_the_command_line_would(tmp_p
 
 
 def test_second_live_run_in_the_same_folder_is_refused(data, tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 1 on elsewhere'); f.flush(); print('held', flush=True); time.sleep(60)",
-                               str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 1 on elsewhere'); f.flush(); print('held', flush=True); "
+            "time.sleep(60)",
+            str(tmp_path / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         message = expect_error(main_pretrain, [*TINY, "--train_path", str(data), "--output_dir", str(tmp_path)])
@@ -149,6 +216,7 @@ def test_unusable_output_dir_is_one_line(data, tmp_path, monkeypatch, kind):
             if str(path).endswith(".lock"):
                 raise PermissionError(errno.EACCES, "Permission denied")
             return real_open(path, *a, **k)
+
         monkeypatch.setattr("builtins.open", refusing)
     message = expect_error(main_pretrain, [*TINY, "--train_path", str(data), "--output_dir", str(out)])
     assert f"--output_dir {out}: cannot create or write it" in message
@@ -161,6 +229,7 @@ def test_full_disk_on_log_and_config_warns_and_continues(data, tmp_path, monkeyp
         if str(path).endswith(("log.txt",)):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, *a, **k)
+
     monkeypatch.setattr("builtins.open", full)
     real_write_text = Path.write_text
 
@@ -168,11 +237,19 @@ def test_full_disk_on_log_and_config_warns_and_continues(data, tmp_path, monkeyp
         if self.name == "config.yaml":
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write_text(self, *a, **k)
+
     monkeypatch.setattr(Path, "write_text", full_for_config)
     import engine_pretrain
-    monkeypatch.setattr(engine_pretrain, "save_reconstruction_png", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+
+    monkeypatch.setattr(
+        engine_pretrain,
+        "save_reconstruction_png",
+        lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")),
+    )
     out = tmp_path / "o"
-    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [*TINY, "--train_path", str(data), "--output_dir", str(out)]))
+    main_pretrain.main(
+        config.parse_args(main_pretrain.get_args_parser(), [*TINY, "--train_path", str(data), "--output_dir", str(out)])
+    )
     err = capfd.readouterr().err
     assert f"warning: could not write {out / 'log.txt'}: No space left on device; continuing" in err
     assert f"warning: could not write {out / 'config.yaml'}: No space left on device" in err
@@ -188,10 +265,13 @@ def test_zero_byte_checkpoint_is_named_and_skipped_by_resume_auto(tmp_path, caps
     assert "resume: skipping" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("field,value,expected", [
-    ("args", [1, 2], "field 'args' must be a mapping, found list"),
-    ("model_config", [1], "field 'model_config' must be a mapping, found list"),
-])
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("args", [1, 2], "field 'args' must be a mapping, found list"),
+        ("model_config", [1], "field 'model_config' must be a mapping, found list"),
+    ],
+)
 def test_checkpoint_fields_of_the_wrong_type(tmp_path, field, value, expected):
     path = tmp_path / "c.pth"
     torch.save({"model": {}, "epoch": 0, field: value}, path)
@@ -235,7 +315,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
             i = rng.randrange(len(data))
             data[i] ^= 1 << rng.randrange(8)
     elif kind == 1:  # truncation
-        data = data[:rng.randrange(len(data))]
+        data = data[: rng.randrange(len(data))]
     else:  # header edit: overwrite bytes near the start with random values
         for _ in range(rng.randint(1, 4)):
             i = rng.randrange(min(64, len(data)))
@@ -265,16 +345,20 @@ def test_unreadable_class_folder_is_reported(tmp_path, monkeypatch):
         if self.name == "b":
             raise PermissionError(errno.EACCES, "Permission denied")
         return real(self)
+
     monkeypatch.setattr(Path, "iterdir", iterdir)
     with pytest.raises(DataError, match=r"b: cannot list the folder \(Permission denied\)"):
         datasets.scan_image_folder(tmp_path)
 
 
-@pytest.mark.parametrize("meta,expected", [
-    ({"size": "32"}, "key 'size' must be a positive integer, got '32'"),
-    ({"size": -32}, "key 'size' must be a positive integer, got -32"),
-    ({"labels": ["water"]}, "key 'labels' must hold integer class indices (or -1), found 'water'"),
-])
+@pytest.mark.parametrize(
+    "meta,expected",
+    [
+        ({"size": "32"}, "key 'size' must be a positive integer, got '32'"),
+        ({"size": -32}, "key 'size' must be a positive integer, got -32"),
+        ({"labels": ["water"]}, "key 'labels' must hold integer class indices (or -1), found 'water'"),
+    ],
+)
 def test_hand_edited_packed_description(tmp_path, meta, expected):
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"size": 32, "count": 1, "array": "p.u8", "labels": [0], **meta}))
@@ -283,11 +367,17 @@ def test_hand_edited_packed_description(tmp_path, meta, expected):
     assert str(path) in str(info.value) and expected in str(info.value)
 
 
-@pytest.mark.parametrize("flags,expected", [(["--workers", "0"], "--workers must be at least 1, got 0"),
-                                            (["--size", "0"], "--size must be at least 1, got 0")])
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        (["--workers", "0"], "--workers must be at least 1, got 0"),
+        (["--size", "0"], "--size must be at least 1, got 0"),
+    ],
+)
 def test_preprocess_flags(data, tmp_path, flags, expected):
     sys.path.insert(0, str(REPO / "tools"))
     import preprocess
+
     with pytest.raises(SystemExit) as info:
         preprocess.main(["--input", str(data), "--output", str(tmp_path), *flags])
     assert str(info.value) == f"error: {expected}"
@@ -295,15 +385,21 @@ def test_preprocess_flags(data, tmp_path, flags, expected):
 
 def test_sigterm_during_an_epochs_last_step_completes_that_epochs_record(data, tmp_path, monkeypatch):
     from util.run import loop
+
     calls = []
 
     def stop_after_first_check(run):  # the stop arrives after the check of step 0: during the last step (1 of 2)
         calls.append(1)
         return len(calls) > 1
+
     monkeypatch.setattr(loop, "stop_requested", stop_after_first_check)
     out = tmp_path / "o"
-    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(),
-                                         [*TINY, "--epochs", "2", "--train_path", str(data), "--output_dir", str(out)]))
+    main_pretrain.main(
+        config.parse_args(
+            main_pretrain.get_args_parser(),
+            [*TINY, "--epochs", "2", "--train_path", str(data), "--output_dir", str(out)],
+        )
+    )
     records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     epochs = [r for r in records if "epoch" in r]
     assert len(epochs) == 1 and epochs[0]["epoch"] == 0 and "train_loss" in epochs[0], records
@@ -311,14 +407,24 @@ def test_sigterm_during_an_epochs_last_step_completes_that_epochs_record(data, t
     assert checkpoint.training_position(state) == (1, 0)
 
 
-@pytest.mark.parametrize("edit,expected", [
-    (lambda c: setattr(c["args"], "norm_style", "banana"), "field 'norm_style' must be 'pre' or 'post', found 'banana'"),
-    (lambda c: c["model"].__setitem__("cls_token", torch.tensor(0.5)), "field 'cls_token' must be a 3-d tensor, found ()"),
-])
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        (
+            lambda c: setattr(c["args"], "norm_style", "banana"),
+            "field 'norm_style' must be 'pre' or 'post', found 'banana'",
+        ),
+        (
+            lambda c: c["model"].__setitem__("cls_token", torch.tensor(0.5)),
+            "field 'cls_token' must be a 3-d tensor, found ()",
+        ),
+    ],
+)
 def test_upstream_checkpoint_with_odd_fields_read_as_encoder(tmp_path, edit, expected):
     from upstream_layouts import upstream_checkpoint
 
     from util.weights import layouts
+
     state = upstream_checkpoint("timm")
     edit(state)
     path = tmp_path / "up.pth"
@@ -332,13 +438,16 @@ def test_odd_norm_style_in_upstream_args_is_ignored_and_in_model_config_named(da
     from upstream_layouts import upstream_checkpoint
 
     import model_loading
+
     state = upstream_checkpoint("timm")
     state["args"].norm_style = "banana"
     path = tmp_path / "up.pth"
     torch.save(state, path)
     model_loading.load_mae(path)  # upstream args only choose among variants; the layout decides the norm style
     out = tmp_path / "o"
-    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [*TINY, "--train_path", str(data), "--output_dir", str(out)]))
+    main_pretrain.main(
+        config.parse_args(main_pretrain.get_args_parser(), [*TINY, "--train_path", str(data), "--output_dir", str(out)])
+    )
     ours = checkpoint.read_checkpoint(out / "checkpoint-last.pth")
     ours["model_config"]["kwargs"]["norm_style"] = "banana"
     torch.save(ours, path)
@@ -364,29 +473,77 @@ def test_full_disk_on_knn_outputs_warns_and_prints_the_table(data, tmp_path, mon
         if str(path).endswith("knn_results.csv"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, *a, **k)
+
     monkeypatch.setattr("builtins.open", full)
-    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
-    monkeypatch.setattr(engine_knn, "save_knn_plot", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(
+        Path,
+        "write_text",
+        lambda self, *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")),
+    )
+    monkeypatch.setattr(
+        engine_knn,
+        "save_knn_plot",
+        lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")),
+    )
     out = tmp_path / "k"
-    main_knn.main(config.parse_args(main_knn.get_args_parser(), [
-        "--checkpoints", "none", "--model", "vit_tiny_patch16", "--input_size", "32", "--patch_size", "8", "--scales", "1",
-        "--k", "2", "--majority_k", "1", "--num_workers", "0", "--amp", "none", "--train_path", str(data),
-        "--test_path", str(data), "--output_dir", str(out)]))
+    main_knn.main(
+        config.parse_args(
+            main_knn.get_args_parser(),
+            [
+                "--checkpoints",
+                "none",
+                "--model",
+                "vit_tiny_patch16",
+                "--input_size",
+                "32",
+                "--patch_size",
+                "8",
+                "--scales",
+                "1",
+                "--k",
+                "2",
+                "--majority_k",
+                "1",
+                "--num_workers",
+                "0",
+                "--amp",
+                "none",
+                "--train_path",
+                str(data),
+                "--test_path",
+                str(data),
+                "--output_dir",
+                str(out),
+            ],
+        )
+    )
     captured = capfd.readouterr()
     for name in ("knn_results.csv", "knn_results.md", "protocol.json", "knn_accuracy_vs_scale.png"):
         assert f"warning: could not write {out / name}: No space left on device; continuing" in captured.err
     assert "| checkpoint | classifier |" in captured.out
 
 
-@pytest.mark.parametrize("script, argv, expected", [
-    ("main_pretrain.py", ["--lr", "-1"], "error: --lr must be > 0, got -1.0"),
-    ("main_knn.py", ["--checkpoints", "none", "--model", "vit_tiny_patch16", "--temperature", "0"], "error: --temperature"),
-])
+@pytest.mark.parametrize(
+    "script, argv, expected",
+    [
+        ("main_pretrain.py", ["--lr", "-1"], "error: --lr must be > 0, got -1.0"),
+        (
+            "main_knn.py",
+            ["--checkpoints", "none", "--model", "vit_tiny_patch16", "--temperature", "0"],
+            "error: --temperature",
+        ),
+    ],
+)
 def test_a_real_process_exits_1_with_one_line(tmp_path, script, argv, expected):
     """What a user sees in a shell: exit status 1, one stderr line, no traceback."""
     repo = REPO
-    result = subprocess.run([sys.executable, script, *argv, "--output_dir", str(tmp_path / "o")], cwd=repo,
-                            capture_output=True, text=True, timeout=HANG_GUARD_S)
+    result = subprocess.run(
+        [sys.executable, script, *argv, "--output_dir", str(tmp_path / "o")],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().startswith(expected) and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
@@ -396,25 +553,38 @@ def test_full_disk_on_tensorboard_events_warns_once_and_training_goes_on(data, t
 
     def full(self, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(SummaryWriter, "add_scalar", full)
     out = tmp_path / "o"
-    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [*TINY, "--train_path", str(data), "--output_dir", str(out)]))
+    main_pretrain.main(
+        config.parse_args(main_pretrain.get_args_parser(), [*TINY, "--train_path", str(data), "--output_dir", str(out)])
+    )
     err = capfd.readouterr().err
-    assert err.count(f"warning: could not write TensorBoard events in {out} (add_scalar): No space left on device; continuing") == 1
+    assert (
+        err.count(
+            f"warning: could not write TensorBoard events in {out} (add_scalar): No space left on device; continuing"
+        )
+        == 1
+    )
     assert (out / "checkpoint-last.pth").exists() and (out / "encoder.pth").exists()
 
 
-@pytest.mark.parametrize("content", [b"hello", bytes(random.Random(0).randrange(256) for _ in range(300))], ids=["text", "random"])
+@pytest.mark.parametrize(
+    "content", [b"hello", bytes(random.Random(0).randrange(256) for _ in range(300))], ids=["text", "random"]
+)
 def test_a_file_that_is_not_a_checkpoint_is_named_as_such(data, tmp_path, content):
     path = tmp_path / "not_a_checkpoint.pth"
     path.write_bytes(content)
-    message = expect_error(main_pretrain, [*TINY, "--train_path", str(data), "--output_dir", str(tmp_path / "o"), "--resume", str(path)])
+    message = expect_error(
+        main_pretrain, [*TINY, "--train_path", str(data), "--output_dir", str(tmp_path / "o"), "--resume", str(path)]
+    )
     assert message.startswith(f"error: {path}: not a readable PyTorch checkpoint, truncated or corrupt")
 
 
 def test_preprocess_output_that_is_a_file(data, tmp_path):
     sys.path.insert(0, str(REPO / "tools"))
     import preprocess
+
     afile = tmp_path / "afile"
     afile.write_text("x")
     with pytest.raises(SystemExit) as info:
@@ -426,6 +596,7 @@ def test_the_stop_message_names_the_signal_received(monkeypatch):
     import signal as signals
 
     from util.run import process
+
     monkeypatch.setattr(process, "_STOP_REASON", [])
     monkeypatch.setattr(process._STOP, "set", lambda: None)
     assert process.stop_reason() == "a stop signal on another process"

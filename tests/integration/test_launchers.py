@@ -3,6 +3,7 @@
 Each launcher runs from a temporary copy of the repository's launchers (a fresh clone: no
 output/pretrain_tiny/checkpoint-last.pth), so the default-weights paths never exist.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,15 @@ from pathlib import Path
 import pytest
 from conftest import HANG_GUARD_S, REPO
 
-LAUNCHERS = ["train.sh", "finetune.sh", "linprobe.sh", "knn.sh", "segment.sh", "train_distributed.sh", "tools/launcher_lib.sh"]
+LAUNCHERS = [
+    "train.sh",
+    "finetune.sh",
+    "linprobe.sh",
+    "knn.sh",
+    "segment.sh",
+    "train_distributed.sh",
+    "tools/launcher_lib.sh",
+]
 TORCHRUN = ["-m", "torch.distributed.run"]
 
 
@@ -43,10 +52,21 @@ def weights(tmp_path: Path) -> Path:
 
 def run(clone: Path, stub: Path, launcher: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     """bash <launcher> args with a minimal environment (none of the launchers' variables unless given)."""
-    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "PYTHON": str(stub), "NUM_GPUS": "2",
-            "SAMPLE_EVAL": "0"}  # train.sh's closing evaluation is a second command; tested on its own
-    return subprocess.run(["bash", str(clone / launcher), *args], cwd=REPO, env={**base, **env},
-                          capture_output=True, text=True, timeout=HANG_GUARD_S)
+    base = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "PYTHON": str(stub),
+        "NUM_GPUS": "2",
+        "SAMPLE_EVAL": "0",
+    }  # train.sh's closing evaluation is a second command; tested on its own
+    return subprocess.run(
+        ["bash", str(clone / launcher), *args],
+        cwd=REPO,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
 
 
 def argv(result: subprocess.CompletedProcess) -> list[str]:
@@ -60,7 +80,7 @@ def values(args: list[str], flag: str) -> list[list[str]]:
     for i, arg in enumerate(args):
         if arg == flag:
             rest = []
-            for value in args[i + 1:]:
+            for value in args[i + 1 :]:
                 if value.startswith("--"):
                     break
                 rest.append(value)
@@ -73,8 +93,11 @@ def values(args: list[str], flag: str) -> list[list[str]]:
 
 @pytest.mark.parametrize("form", ["split", "equals", "abbreviated"])
 def test_finetune_flag_replaces_default_weights(clone, stub, weights, form):
-    flags = {"split": ["--finetune", str(weights)], "equals": [f"--finetune={weights}"],
-             "abbreviated": ["--fine", str(weights)]}[form]
+    flags = {
+        "split": ["--finetune", str(weights)],
+        "equals": [f"--finetune={weights}"],
+        "abbreviated": ["--fine", str(weights)],
+    }[form]
     args = argv(run(clone, stub, "finetune.sh", *flags, "--epochs", "1"))
     assert args[0] == "main_finetune.py"
     assert "output/pretrain_tiny/checkpoint-last.pth" not in args
@@ -85,8 +108,10 @@ def test_finetune_flag_replaces_default_weights(clone, stub, weights, form):
 def test_finetune_default_weights_missing(clone, stub):
     result = run(clone, stub, "finetune.sh")
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr == ("error: no weights at output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh' first, "
-                             "or give --finetune PATH / set WEIGHTS (published weights: weights/README.md)\n")
+    assert result.stderr == (
+        "error: no weights at output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh' first, "
+        "or give --finetune PATH / set WEIGHTS (published weights: weights/README.md)\n"
+    )
 
 
 @pytest.mark.parametrize("how", ["WEIGHTS", "--finetune", "the <weights> argument"])
@@ -104,10 +129,29 @@ def test_finetune_user_weights_missing(clone, stub, tmp_path, how):
 
 def test_finetune_variables_and_defaults(clone, stub, weights):
     args = argv(run(clone, stub, "finetune.sh", "--blr", "2e-3", WEIGHTS=str(weights), EPOCHS="7"))
-    assert args == ["main_finetune.py", "--finetune", str(weights), "--input_size", "64", "--epochs", "7",
-                    "--warmup_epochs", "3", "--batch_size", "32", "--train_path", "data/sentinel2_rgb/train.csv",
-                    "--test_path", "data/sentinel2_rgb/val.csv", "--output_dir", "output/finetune_tiny",
-                    "--num_workers", "2", "--blr", "2e-3"]
+    assert args == [
+        "main_finetune.py",
+        "--finetune",
+        str(weights),
+        "--input_size",
+        "64",
+        "--epochs",
+        "7",
+        "--warmup_epochs",
+        "3",
+        "--batch_size",
+        "32",
+        "--train_path",
+        "data/sentinel2_rgb/train.csv",
+        "--test_path",
+        "data/sentinel2_rgb/val.csv",
+        "--output_dir",
+        "output/finetune_tiny",
+        "--num_workers",
+        "2",
+        "--blr",
+        "2e-3",
+    ]
 
 
 def test_finetune_upstream_positional_form(clone, stub, weights):
@@ -143,15 +187,20 @@ def test_linprobe_defaults_and_flag(clone, stub, weights):
 def test_linprobe_default_weights_missing(clone, stub):
     result = run(clone, stub, "linprobe.sh")
     assert result.returncode == 1
-    assert result.stderr.startswith("error: no weights at output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh'")
+    assert result.stderr.startswith(
+        "error: no weights at output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh'"
+    )
 
 
 # knn.sh: --checkpoints is the only list passed
 
 
 def test_knn_flag_replaces_checkpoints(clone, stub, weights):
-    args = argv(run(clone, stub, "knn.sh", "--checkpoints", "none", str(weights), "--pool", "mean",
-                    CHECKPOINTS="/nowhere/a.pth"))
+    args = argv(
+        run(
+            clone, stub, "knn.sh", "--checkpoints", "none", str(weights), "--pool", "mean", CHECKPOINTS="/nowhere/a.pth"
+        )
+    )
     assert values(args, "--checkpoints") == [["none", str(weights)]]
     assert "/nowhere/a.pth" not in args and "output/pretrain_tiny/checkpoint-last.pth" not in args
     assert args[-2:] == ["--pool", "mean"]
@@ -169,8 +218,10 @@ def test_knn_positional_and_variable(clone, stub, weights, tmp_path):
 def test_knn_missing_checkpoints(clone, stub, weights, tmp_path):
     result = run(clone, stub, "knn.sh")
     assert result.returncode == 1
-    assert result.stderr == ("error: no checkpoint at output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh' first, "
-                             "or give --checkpoints PATH... / set CHECKPOINTS (published weights: weights/README.md)\n")
+    assert result.stderr == (
+        "error: no checkpoint at output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh' first, "
+        "or give --checkpoints PATH... / set CHECKPOINTS (published weights: weights/README.md)\n"
+    )
     missing = str(tmp_path / "gone.pth")
     result = run(clone, stub, "knn.sh", f"--checkpoints={missing}")
     assert (result.returncode, result.stderr) == (1, f"error: no checkpoint at {missing} (from --checkpoints)\n")
@@ -184,8 +235,13 @@ def test_knn_missing_checkpoints(clone, stub, weights, tmp_path):
 def test_the_quick_start_ends_with_the_sample_evaluation(clone, stub):
     lines = argv(run(clone, stub, "train.sh", SAMPLE_EVAL="1"))
     assert lines[0] == "main_pretrain.py" and "--norm_pix_loss" in lines
-    evaluation = lines[lines.index("tools/sample_eval.py"):]
-    assert evaluation == ["tools/sample_eval.py", "output/pretrain_tiny/checkpoint-last.pth", "--sample", "data/sentinel2_rgb"]
+    evaluation = lines[lines.index("tools/sample_eval.py") :]
+    assert evaluation == [
+        "tools/sample_eval.py",
+        "output/pretrain_tiny/checkpoint-last.pth",
+        "--sample",
+        "data/sentinel2_rgb",
+    ]
     other_data = argv(run(clone, stub, "train.sh", "--train_path", "elsewhere.csv", SAMPLE_EVAL="1"))
     assert "tools/sample_eval.py" not in other_data  # only the embedded sample has the evaluation's blocks
     assert "--norm_pix_loss" not in argv(run(clone, stub, "train.sh", NORM_PIX_LOSS="0"))
@@ -212,14 +268,18 @@ MS_BANDS = ["--in_chans", "13", "--band_stats", "data/sentinel2_ms/band_stats.js
 
 def test_train_on_the_multispectral_sample(clone, stub):
     lines = argv(run(clone, stub, "train.sh", DATA="sentinel2_ms", SAMPLE_EVAL="1"))
-    args = lines[:lines.index("tools/sample_eval.py")]
+    args = lines[: lines.index("tools/sample_eval.py")]
     assert values(args, "--train_path") == [["data/sentinel2_ms/train.csv"]]
     assert values(args, "--output_dir") == [["output/pretrain_tiny_ms"]]  # never the RGB run's folder
     assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
     assert values(args, "--rgb_bands") == [["3", "2", "1"]]
     assert values(args, "--input_size") == [["64"]] and values(args, "--patch_size") == [["8"]]
-    assert lines[lines.index("tools/sample_eval.py"):] == [
-        "tools/sample_eval.py", "output/pretrain_tiny_ms/checkpoint-last.pth", "--sample", "data/sentinel2_ms"]
+    assert lines[lines.index("tools/sample_eval.py") :] == [
+        "tools/sample_eval.py",
+        "output/pretrain_tiny_ms/checkpoint-last.pth",
+        "--sample",
+        "data/sentinel2_ms",
+    ]
     rgb = argv(run(clone, stub, "train.sh"))
     assert "--in_chans" not in rgb and "--band_stats" not in rgb and "--rgb_bands" not in rgb
     flags_win = argv(run(clone, stub, "train.sh", "--rgb_bands", "7", "--output_dir", "X", DATA="sentinel2_ms"))
@@ -228,16 +288,24 @@ def test_train_on_the_multispectral_sample(clone, stub):
     assert values(with_config, "--in_chans") == [["13"]] and "--epochs" not in with_config  # DATA is the user's
 
 
-@pytest.mark.parametrize("launcher, output", [("finetune.sh", "output/finetune_tiny_ms"),
-                                              ("linprobe.sh", "output/linprobe_tiny_ms")])
+@pytest.mark.parametrize(
+    "launcher, output", [("finetune.sh", "output/finetune_tiny_ms"), ("linprobe.sh", "output/linprobe_tiny_ms")]
+)
 def test_finetune_and_linprobe_on_the_multispectral_sample(clone, stub, launcher, output, tmp_path):
     missing = run(clone, stub, launcher, DATA="sentinel2_ms")
     assert missing.returncode == 1 and missing.stderr.startswith(
-        "error: no weights at output/pretrain_tiny_ms/checkpoint-last.pth: run 'DATA=sentinel2_ms bash train.sh' first")
+        "error: no weights at output/pretrain_tiny_ms/checkpoint-last.pth: run 'DATA=sentinel2_ms bash train.sh' first"
+    )
     (clone / "output" / "pretrain_tiny_ms").mkdir(parents=True)
     (clone / "output" / "pretrain_tiny_ms" / "checkpoint-last.pth").write_bytes(b"")
-    result = subprocess.run(["bash", launcher], cwd=clone, capture_output=True, text=True, timeout=HANG_GUARD_S,
-                            env={"PATH": os.environ["PATH"], "PYTHON": str(stub), "DATA": "sentinel2_ms"})
+    result = subprocess.run(
+        ["bash", launcher],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        env={"PATH": os.environ["PATH"], "PYTHON": str(stub), "DATA": "sentinel2_ms"},
+    )
     args = argv(result)
     assert values(args, "--finetune") == [["output/pretrain_tiny_ms/checkpoint-last.pth"]]
     assert values(args, "--train_path") == [["data/sentinel2_ms/train.csv"]]
@@ -262,24 +330,41 @@ def test_segment_on_the_multispectral_sample(clone, stub):
 
 def test_knn_on_the_multispectral_sample(clone, stub, weights):
     args = argv(run(clone, stub, "knn.sh", "--checkpoints", "none", str(weights), DATA="sentinel2_ms"))
-    assert values(args, "--train_path") == [["data/sentinel2_ms/train.csv"]] and values(args, "--output_dir") == [["output/knn_ms"]]
+    assert values(args, "--train_path") == [["data/sentinel2_ms/train.csv"]] and values(args, "--output_dir") == [
+        ["output/knn_ms"]
+    ]
     assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
     missing = run(clone, stub, "knn.sh", DATA="sentinel2_ms")
-    assert "no checkpoint at output/pretrain_tiny_ms/checkpoint-last.pth: run 'DATA=sentinel2_ms bash train.sh' first" in missing.stderr
+    assert (
+        "no checkpoint at output/pretrain_tiny_ms/checkpoint-last.pth: run 'DATA=sentinel2_ms bash train.sh' first"
+        in missing.stderr
+    )
 
 
 def test_an_unknown_sample_is_a_one_line_error(clone, stub):
     result = run(clone, stub, "train.sh", DATA="sentinel2")
     assert result.returncode == 1 and result.stderr == (
-        "error: DATA=sentinel2: the embedded samples are sentinel2_rgb and sentinel2_ms (other data: set TRAIN_PATH)\n")
+        "error: DATA=sentinel2: the embedded samples are sentinel2_rgb and sentinel2_ms (other data: set TRAIN_PATH)\n"
+    )
 
 
 # train_distributed.sh
 
 
 def torchrun_args(master_port: str) -> list[str]:
-    return [*TORCHRUN, "--nnodes", "1", "--node_rank", "0", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", master_port]
+    return [
+        *TORCHRUN,
+        "--nnodes",
+        "1",
+        "--node_rank",
+        "0",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        master_port,
+    ]
 
 
 def test_distributed_runs_chosen_launcher(clone, stub, weights):
@@ -296,14 +381,17 @@ def test_distributed_runs_chosen_launcher(clone, stub, weights):
 def test_distributed_unknown_launcher(clone, stub):
     result = run(clone, stub, "train_distributed.sh", LAUNCHER="eval.sh")
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr == "error: LAUNCHER=eval.sh: expected train.sh, finetune.sh, linprobe.sh, knn.sh or segment.sh\n"
+    assert (
+        result.stderr == "error: LAUNCHER=eval.sh: expected train.sh, finetune.sh, linprobe.sh, knn.sh or segment.sh\n"
+    )
 
 
 def test_distributed_master_port_from_slurm(clone, stub):
     assert argv(run(clone, stub, "train_distributed.sh", SLURM_JOB_ID="123456"))[:12] == torchrun_args("23456")
     assert argv(run(clone, stub, "train_distributed.sh", SLURM_JOB_ID="40000"))[:12] == torchrun_args("20000")
-    assert argv(run(clone, stub, "train_distributed.sh", SLURM_JOB_ID="123456", MASTER_PORT="31000"))[:12] == \
-        torchrun_args("31000")
+    assert argv(run(clone, stub, "train_distributed.sh", SLURM_JOB_ID="123456", MASTER_PORT="31000"))[
+        :12
+    ] == torchrun_args("31000")
 
 
 def test_distributed_forwards_usr1_to_workers(clone, tmp_path):

@@ -1,26 +1,43 @@
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from PIL import Image
 import yaml
+from conftest import HANG_GUARD_S, REPO
+from PIL import Image
 
 import main_pretrain
-from util import config
 from model_loading import load_mae
 from models_cross_scale_mae import create_model
-from util.run.checkpoint import save_checkpoint
-from util.run.checkpoint import read_checkpoint
+from util import config
 from util.eval.figures import MIN_CELL_PX
+from util.run.checkpoint import read_checkpoint, save_checkpoint
 from util.run.process import run_entry_point
-from conftest import HANG_GUARD_S, REPO
 
-TINY_RUN = ["--model", "cross_scale_mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4",
-            "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--blr", "1e-3", "--log_every", "1"]
+TINY_RUN = [
+    "--model",
+    "cross_scale_mae_vit_tiny",
+    "--input_size",
+    "32",
+    "--patch_size",
+    "8",
+    "--batch_size",
+    "4",
+    "--epochs",
+    "2",
+    "--warmup_epochs",
+    "1",
+    "--num_workers",
+    "0",
+    "--blr",
+    "1e-3",
+    "--log_every",
+    "1",
+]
 
 
 def run(argv):
@@ -29,11 +46,35 @@ def run(argv):
 
 def test_two_epochs_write_checkpoints_logs_plots_and_export(csv_dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    run([*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(out), "--save_every", "1", "--plot_every", "2",
-         "--knn_eval_every", "2", "--knn_train_path", str(csv_dataset), "--knn_test_path", str(csv_dataset)])
+    run(
+        [
+            *TINY_RUN,
+            "--train_path",
+            str(csv_dataset),
+            "--output_dir",
+            str(out),
+            "--save_every",
+            "1",
+            "--plot_every",
+            "2",
+            "--knn_eval_every",
+            "2",
+            "--knn_train_path",
+            str(csv_dataset),
+            "--knn_test_path",
+            str(csv_dataset),
+        ]
+    )
     names = {p.name for p in out.iterdir()}
-    assert {"checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-last.pth", "config.yaml", "log.txt",
-            "encoder.pth", "encoder"} <= names
+    assert {
+        "checkpoint-0.pth",
+        "checkpoint-1.pth",
+        "checkpoint-last.pth",
+        "config.yaml",
+        "log.txt",
+        "encoder.pth",
+        "encoder",
+    } <= names
     assert any(n.startswith("events.out.tfevents") for n in names)
     assert [p.name for p in (out / "plots").iterdir()] == ["reconstruction_epoch0001.png"]
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
@@ -48,7 +89,11 @@ def test_two_epochs_write_checkpoints_logs_plots_and_export(csv_dataset, tmp_pat
     assert report.model_name == "cross_scale_mae_vit_tiny" and report.layout == "ours"
     printed = capsys.readouterr().out
     assert "epoch 1 [2/2] loss" in printed and "img/s" in printed and "eta" in printed
-    eta = re.search(r"^epoch 0 done in \d:\d\d:\d\d\.\d \(.*\); run eta (\d+):(\d\d):(\d\d\.\d) \(1 of 2 epochs left\)$", printed, re.M)
+    eta = re.search(
+        r"^epoch 0 done in \d:\d\d:\d\d\.\d \(.*\); run eta (\d+):(\d\d):(\d\d\.\d) \(1 of 2 epochs left\)$",
+        printed,
+        re.M,
+    )
     assert eta and int(eta[1]) * 3600 + int(eta[2]) * 60 + float(eta[3]) > 0
     assert re.search(r"^training time \d:\d\d:\d\d\.\d \(2 epoch\(s\) in this run\)$", printed, re.M)
     assert "kNN evaluation features: 0/" in printed  # progress of kNN feature extraction, as plain lines (no terminal)
@@ -65,8 +110,17 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(csv_dataset, 
     run([*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(straight)])
     run([*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(interrupted), "--save_every", "1"])
     resumed = tmp_path / "resumed"
-    run([*TINY_RUN, "--train_path", str(csv_dataset), "--output_dir", str(resumed),
-         "--resume", str(interrupted / "checkpoint-0.pth")])
+    run(
+        [
+            *TINY_RUN,
+            "--train_path",
+            str(csv_dataset),
+            "--output_dir",
+            str(resumed),
+            "--resume",
+            str(interrupted / "checkpoint-0.pth"),
+        ]
+    )
     expected = read_checkpoint(straight / "checkpoint-last.pth")["model"]
     got = read_checkpoint(resumed / "checkpoint-last.pth")["model"]
     assert read_checkpoint(resumed / "checkpoint-last.pth")["epoch"] == 1
@@ -93,10 +147,27 @@ def test_init_from_an_rgb_checkpoint_pretrains_a_four_band_model_from_epoch_0(tm
     tiles.mkdir()
     rng = np.random.default_rng(0)
     for i in range(4):
-        tifffile.imwrite(tiles / f"t{i}.tif", rng.integers(0, 3000, (4, 40, 40)).astype(np.uint16), photometric="minisblack")
+        tifffile.imwrite(
+            tiles / f"t{i}.tif", rng.integers(0, 3000, (4, 40, 40)).astype(np.uint16), photometric="minisblack"
+        )
     out = tmp_path / "out"
-    argv = [*TINY_RUN, "--epochs", "1", "--in_chans", "4", "--mean", *["1500"] * 4, "--std", *["900"] * 4,
-            "--train_path", str(tiles), "--output_dir", str(out), "--init", str(tmp_path / "rgb.pth")]
+    argv = [
+        *TINY_RUN,
+        "--epochs",
+        "1",
+        "--in_chans",
+        "4",
+        "--mean",
+        *["1500"] * 4,
+        "--std",
+        *["900"] * 4,
+        "--train_path",
+        str(tiles),
+        "--output_dir",
+        str(out),
+        "--init",
+        str(tmp_path / "rgb.pth"),
+    ]
     with pytest.raises(SystemExit) as info:
         run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), argv))
     assert str(info.value).startswith(f"error: {tmp_path / 'rgb.pth'}: the checkpoint takes 3 input bands, the model 4")
@@ -113,20 +184,29 @@ def test_init_from_an_rgb_checkpoint_pretrains_a_four_band_model_from_epoch_0(tm
     assert log["initialised_from"] == str(tmp_path / "rgb.pth") and log["start_epoch"] == 0
 
     run([*argv, "--rgb_bands", "2", "1", "0", "--resume", "auto"])  # a relaunch continues its own weights
-    assert f"note: --init {tmp_path / 'rgb.pth'} ignored: resumed from {out / 'checkpoint-last.pth'}" in capsys.readouterr().out
+    assert (
+        f"note: --init {tmp_path / 'rgb.pth'} ignored: resumed from {out / 'checkpoint-last.pth'}"
+        in capsys.readouterr().out
+    )
 
 
 def test_config_file_values_are_defaults_that_flags_override(csv_dataset, tmp_path):
     config_file = tmp_path / "run.yaml"
-    config_file.write_text(yaml.safe_dump({"epochs": 1, "batch_size": 8, "mask_ratio": 0.5, "train_path": str(csv_dataset)}))
+    config_file.write_text(
+        yaml.safe_dump({"epochs": 1, "batch_size": 8, "mask_ratio": 0.5, "train_path": str(csv_dataset)})
+    )
     out = tmp_path / "run"
-    args = config.parse_args(main_pretrain.get_args_parser(), [*TINY_RUN, "--config", str(config_file), "--output_dir", str(out)])
+    args = config.parse_args(
+        main_pretrain.get_args_parser(), [*TINY_RUN, "--config", str(config_file), "--output_dir", str(out)]
+    )
     assert (args.epochs, args.batch_size, args.mask_ratio) == (2, 4, 0.5)
     main_pretrain.main(args)
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["mask_ratio"] == 0.5 and resolved["batch_size"] == 4
     assert resolved["lr"] is None  # derived from --blr: what the user gave, so the linear scaling rule keeps applying
-    again = config.parse_args(main_pretrain.get_args_parser(), ["--config", str(out / "config.yaml"), "--batch_size", "8"])
+    again = config.parse_args(
+        main_pretrain.get_args_parser(), ["--config", str(out / "config.yaml"), "--batch_size", "8"]
+    )
     assert config.training_schedule(again, 1).lr == pytest.approx(1e-3 * 8 / 256)
 
 
@@ -177,10 +257,31 @@ def test_two_process_gloo_run_ends_with_identical_weights(csv_dataset, tmp_path)
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "main_pretrain.py", *TINY_RUN, "--batch_size", "2", "--train_path", str(csv_dataset), "--output_dir", str(out),
-         "--gather_negatives", "--sync_bn", "--accum_iter", "2"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "main_pretrain.py",
+            *TINY_RUN,
+            "--batch_size",
+            "2",
+            "--train_path",
+            str(csv_dataset),
+            "--output_dir",
+            str(out),
+            "--gather_negatives",
+            "--sync_bn",
+            "--accum_iter",
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "weights identical on all 2 processes" in result.stdout
@@ -191,8 +292,21 @@ def test_two_process_gloo_run_ends_with_identical_weights(csv_dataset, tmp_path)
 
 @pytest.mark.cuda
 def test_one_epoch_on_the_gpu_with_bf16_autocast(csv_dataset, tmp_path, capsys):
-    run([*TINY_RUN, "--epochs", "1", "--device", "cuda", "--amp", "bf16", "--train_path", str(csv_dataset),
-         "--output_dir", str(tmp_path / "gpu")])
+    run(
+        [
+            *TINY_RUN,
+            "--epochs",
+            "1",
+            "--device",
+            "cuda",
+            "--amp",
+            "bf16",
+            "--train_path",
+            str(csv_dataset),
+            "--output_dir",
+            str(tmp_path / "gpu"),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "device cuda:0" in printed and "autocast torch.bfloat16" in printed
     state = read_checkpoint(tmp_path / "gpu" / "checkpoint-last.pth")

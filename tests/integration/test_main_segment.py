@@ -1,5 +1,6 @@
 """main_segment.py / engine_segment.py end to end on an easy synthetic task: left of a random column class 0
 (reddish), right of it class 1 (bluish); a short run must beat chance by far and write its outputs."""
+
 from __future__ import annotations
 
 import csv
@@ -8,22 +9,41 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_GUARD_S, REPO
 from PIL import Image
 
 import main_segment
 from util import config
 from util.data import segmentation
 from util.run import checkpoint
-from conftest import HANG_GUARD_S, REPO
 
-COMMON = ["--input_size", "32", "--batch_size", "8", "--num_workers", "0", "--log_every", "2", "--warmup_epochs", "1",
-          "--palette", "none", "--class_names", "left", "right", "--decoder_channels", "32", "--drop_path", "0"]
+COMMON = [
+    "--input_size",
+    "32",
+    "--batch_size",
+    "8",
+    "--num_workers",
+    "0",
+    "--log_every",
+    "2",
+    "--warmup_epochs",
+    "1",
+    "--palette",
+    "none",
+    "--class_names",
+    "left",
+    "right",
+    "--decoder_channels",
+    "32",
+    "--drop_path",
+    "0",
+]
 
 
 def write_split(root, count, seed, names=None):
     """``count`` image / mask pairs named 000.png, ... (or ``names``)."""
     rng = np.random.default_rng(seed)
-    for i, name in enumerate(names or [f"{i:03d}" for i in range(count)]):
+    for name in names or [f"{i:03d}" for i in range(count)]:
         column = int(rng.integers(8, 25))
         mask = np.zeros((32, 32), dtype=np.uint8)
         mask[:, column:] = 1
@@ -45,7 +65,17 @@ def run(argv):
 
 
 def flags(split, pretrained, out):
-    return [*COMMON, "--train_path", str(split[0]), "--test_path", str(split[1]), "--finetune", str(pretrained), "--output_dir", str(out)]
+    return [
+        *COMMON,
+        "--train_path",
+        str(split[0]),
+        "--test_path",
+        str(split[1]),
+        "--finetune",
+        str(pretrained),
+        "--output_dir",
+        str(out),
+    ]
 
 
 def last_log(out):
@@ -63,11 +93,24 @@ def test_short_upernet_run_beats_chance_and_writes_tables_and_figures(split, pre
     assert [float(r["scale"]) for r in rows] == [0.25, 1.0]
     assert float(rows[1]["mIoU"]) == pytest.approx(last_log(out)["test_mIoU"], abs=0.01)
     assert int(rows[1]["pixels"]) == 8 * (32 * 32 - 4)  # ignored pixels are not counted
-    assert {"checkpoint-best.pth", "checkpoint-last.pth", "seg_results.md", "seg_examples.png", "per_class_iou.png",
-            "miou_vs_scale.png", "seg_confusion.json", "config.yaml"} <= {p.name for p in out.iterdir()}
-    assert "| scale | mIoU | mIoU_low | mIoU_high | mF1 | OA | pixels | IoU_left | IoU_right |" in (out / "seg_results.md").read_text()
+    assert {
+        "checkpoint-best.pth",
+        "checkpoint-last.pth",
+        "seg_results.md",
+        "seg_examples.png",
+        "per_class_iou.png",
+        "miou_vs_scale.png",
+        "seg_confusion.json",
+        "config.yaml",
+    } <= {p.name for p in out.iterdir()}
+    assert (
+        "| scale | mIoU | mIoU_low | mIoU_high | mF1 | OA | pixels | IoU_left | IoU_right |"
+        in (out / "seg_results.md").read_text()
+    )
 
-    run([*flags(split, pretrained, out), "--eval", "--resume", str(out / "checkpoint-last.pth")])  # --eval reproduces it
+    run(
+        [*flags(split, pretrained, out), "--eval", "--resume", str(out / "checkpoint-last.pth")]
+    )  # --eval reproduces it
     with open(out / "eval" / "seg_results.csv") as f:
         assert float(next(csv.DictReader(f))["mIoU"]) == pytest.approx(float(rows[1]["mIoU"]), abs=0.01)
 
@@ -105,14 +148,23 @@ def test_segment_sh_passes_the_sample_defaults_and_lets_flags_win(tmp_path):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
     env = {"PATH": "/usr/bin:/bin", "PYTHON": "echo", "WEIGHTS": str(weights)}
-    out = subprocess.run(["bash", str(repo / "segment.sh"), "--epochs", "1", "--scales", "0.5", "1.0"], env=env,
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        ["bash", str(repo / "segment.sh"), "--epochs", "1", "--scales", "0.5", "1.0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert out[0] == "main_segment.py" and out[out.index("--finetune") + 1] == str(weights)
     assert out[out.index("--train_path") + 1] == "data/sentinel2_rgb/seg_train.csv"
     assert out.count("--epochs") == 1 and out[out.index("--epochs") + 1] == "1"
     assert out.count("--scales") == 1 and out[-3:] == ["--scales", "0.5", "1.0"]
-    missing = subprocess.run(["bash", str(repo / "segment.sh")], env={**env, "WEIGHTS": str(tmp_path / "none.pth")},
-                             capture_output=True, text=True)
+    missing = subprocess.run(
+        ["bash", str(repo / "segment.sh")],
+        env={**env, "WEIGHTS": str(tmp_path / "none.pth")},
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 1 and "no weights at" in missing.stderr
 
 
@@ -123,22 +175,53 @@ def test_two_process_evaluation_equals_one_process_exactly(split, pretrained, tm
     import subprocess
     import sys
 
-    names = ["r00_c00", "r00_c01", "r02_c05", "r03_c00", "r05_c05"]  # 3 x 3-tile blocks (0, 0) twice, (0, 1), (1, 0), (1, 1)
+    names = [
+        "r00_c00",
+        "r00_c01",
+        "r02_c05",
+        "r03_c00",
+        "r05_c05",
+    ]  # 3 x 3-tile blocks (0, 0) twice, (0, 1), (1, 0), (1, 1)
     val = write_split(tmp_path / "tiles", len(names), 2, names)
     out = tmp_path / "seg"
     run([*flags(split, pretrained, out), "--epochs", "1"])
     repo = REPO
-    argv = ["main_segment.py", *COMMON, "--test_path", str(val), "--eval", "--resume", str(out / "checkpoint-last.pth"),
-            "--scales", "0.5", "1.0", "--bootstrap", "300", "--examples", "0"]
+    argv = [
+        "main_segment.py",
+        *COMMON,
+        "--test_path",
+        str(val),
+        "--eval",
+        "--resume",
+        str(out / "checkpoint-last.pth"),
+        "--scales",
+        "0.5",
+        "1.0",
+        "--bootstrap",
+        "300",
+        "--examples",
+        "0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = {}
     for procs in (1, 2):
-        launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if procs == 2 else [])
-        done = subprocess.run([*launch, *argv, "--output_dir", str(tmp_path / f"p{procs}")], cwd=repo, env=env,
-                              capture_output=True, text=True, timeout=HANG_GUARD_S)
+        launch = [sys.executable] + (
+            ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if procs == 2 else []
+        )
+        done = subprocess.run(
+            [*launch, *argv, "--output_dir", str(tmp_path / f"p{procs}")],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=HANG_GUARD_S,
+        )
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
         folder = tmp_path / f"p{procs}" / "eval"
-        results[procs] = json.loads((folder / "seg_confusion.json").read_text()), (folder / "seg_results.csv").read_text()
+        results[procs] = (
+            json.loads((folder / "seg_confusion.json").read_text()),
+            (folder / "seg_results.csv").read_text(),
+        )
     (confusion_1, table_1), (confusion_2, table_2) = results[1], results[2]
     assert confusion_2 == confusion_1 and table_2 == table_1
     assert confusion_1["images"] == [f"{n}.png" for n in names] and len(set(confusion_1["blocks"])) == 4
@@ -152,30 +235,90 @@ def test_four_band_uint16_rasters_train_one_epoch_with_band_statistics(tmp_path)
     for split, count in (("train", 8), ("val", 3)):
         for i in range(count):
             mask = np.zeros((32, 32), dtype=np.uint8)
-            mask[:, int(rng.integers(8, 25)):] = 1
+            mask[:, int(rng.integers(8, 25)) :] = 1
             bands = rng.normal(3000, 300, (4, 32, 32))
             bands[3] += 4000.0 * mask
             (tmp_path / split / "images").mkdir(parents=True, exist_ok=True)
             np.save(tmp_path / split / "images" / f"r00_c{i:02d}.npy", bands.clip(0, 65535).astype(np.uint16))
             segmentation.write_mask(tmp_path / split / "masks" / f"r00_c{i:02d}.png", mask)
     stats = tmp_path / "stats.json"
-    stats.write_text(json.dumps({"mean": [3000, 3000, 3000, 5000], "std": [300, 300, 300, 2000], "bands": [0, 1, 2, 3]}))
+    stats.write_text(
+        json.dumps({"mean": [3000, 3000, 3000, 5000], "std": [300, 300, 300, 2000], "bands": [0, 1, 2, 3]})
+    )
     out = tmp_path / "seg"
-    run([*COMMON, "--train_path", str(tmp_path / "train"), "--test_path", str(tmp_path / "val"), "--finetune", "",
-         "--model", "vit_tiny_patch16", "--patch_size", "8", "--in_chans", "4", "--band_stats", str(stats),
-         "--epochs", "1", "--output_dir", str(out)])
+    run(
+        [
+            *COMMON,
+            "--train_path",
+            str(tmp_path / "train"),
+            "--test_path",
+            str(tmp_path / "val"),
+            "--finetune",
+            "",
+            "--model",
+            "vit_tiny_patch16",
+            "--patch_size",
+            "8",
+            "--in_chans",
+            "4",
+            "--band_stats",
+            str(stats),
+            "--epochs",
+            "1",
+            "--output_dir",
+            str(out),
+        ]
+    )
     with open(out / "seg_results.csv") as f:
         row = next(csv.DictReader(f))
     assert int(row["pixels"]) == 3 * (32 * 32)
     assert {"seg_examples.png", "checkpoint-last.pth"} <= {p.name for p in out.iterdir()}
     state = checkpoint.read_checkpoint(out / "checkpoint-last.pth")
     assert state["model"]["encoder.patch_embed.proj.weight"].shape[1] == 4
-    with pytest.raises(config.UsageError, match="per-band statistics"):  # uint16 without statistics: refused, not scaled as 8-bit
-        run([*COMMON, "--train_path", str(tmp_path / "train"), "--test_path", str(tmp_path / "val"), "--finetune", "",
-             "--model", "vit_tiny_patch16", "--in_chans", "4", "--output_dir", str(tmp_path / "x")])
-    with pytest.raises(config.UsageError, match="was trained with other band flags: --bands 3 2 1 0 \\(checkpoint: None\\)"):
-        run([*COMMON, "--test_path", str(tmp_path / "val"), "--eval", "--resume", str(out / "checkpoint-last.pth"),
-             "--in_chans", "4", "--bands", "3", "2", "1", "0", "--band_stats", str(stats), "--output_dir", str(tmp_path / "e")])
+    with pytest.raises(
+        config.UsageError, match="per-band statistics"
+    ):  # uint16 without statistics: refused, not scaled as 8-bit
+        run(
+            [
+                *COMMON,
+                "--train_path",
+                str(tmp_path / "train"),
+                "--test_path",
+                str(tmp_path / "val"),
+                "--finetune",
+                "",
+                "--model",
+                "vit_tiny_patch16",
+                "--in_chans",
+                "4",
+                "--output_dir",
+                str(tmp_path / "x"),
+            ]
+        )
+    with pytest.raises(
+        config.UsageError, match="was trained with other band flags: --bands 3 2 1 0 \\(checkpoint: None\\)"
+    ):
+        run(
+            [
+                *COMMON,
+                "--test_path",
+                str(tmp_path / "val"),
+                "--eval",
+                "--resume",
+                str(out / "checkpoint-last.pth"),
+                "--in_chans",
+                "4",
+                "--bands",
+                "3",
+                "2",
+                "1",
+                "0",
+                "--band_stats",
+                str(stats),
+                "--output_dir",
+                str(tmp_path / "e"),
+            ]
+        )
 
 
 def test_block_pattern_problems_are_found_before_training(split, pretrained, tmp_path):

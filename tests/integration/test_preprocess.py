@@ -12,10 +12,14 @@ from util import config
 from util.data import datasets, packed, raster_options, transforms
 
 
-
 def preprocess(*args):
-    return subprocess.run([sys.executable, "tools/preprocess.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=HANG_GUARD_S)
+    return subprocess.run(
+        [sys.executable, "tools/preprocess.py", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
 
 
 def test_preprocessing_resizes_once_and_is_idempotent(tmp_path):
@@ -62,8 +66,24 @@ def test_packed_array_trains_with_augmentation_on_the_device(tmp_path):
     augment = transforms.BatchAugment(32, transforms.FMOW_RGB_MEAN, transforms.FMOW_RGB_STD)
     batch = augment(torch.stack([packed[i][0] for i in range(4)]))
     assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.float32 and -4 < batch.mean() < 4
-    argv = ["--model", "mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--epochs", "1",
-            "--num_workers", "0", "--train_path", str(out / "train_40.json"), "--output_dir", str(tmp_path / "run")]
+    argv = [
+        "--model",
+        "mae_vit_tiny",
+        "--input_size",
+        "32",
+        "--patch_size",
+        "8",
+        "--batch_size",
+        "4",
+        "--epochs",
+        "1",
+        "--num_workers",
+        "0",
+        "--train_path",
+        str(out / "train_40.json"),
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
     main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), argv))
     assert (tmp_path / "run" / "checkpoint-last.pth").exists()
 
@@ -81,11 +101,14 @@ def test_a_truncated_packed_array_is_named(tmp_path):
 
 def test_image_folder_class_names_are_kept_in_the_csv_and_the_packed_json(tmp_path):
     from conftest import make_tree
+
     tree = make_tree(tmp_path / "train", ["beach", "forest", "river"], per_class=2)
     out = tmp_path / "preproc"
     result = preprocess("--input", tree, "--output", out, "--size", "24", "--pack", "--workers", "1")
     assert result.returncode == 0, result.stderr
-    assert "resizing: 6/6 images done in" in result.stdout or "resizing: 6/6 done in" in result.stdout  # plain lines: no terminal
+    assert (
+        "resizing: 6/6 images done in" in result.stdout or "resizing: 6/6 done in" in result.stdout
+    )  # plain lines: no terminal
     header, first = (out / "train_24.csv").read_text().splitlines()[:2]
     assert header == "label,image_path,class_name" and first.endswith(",beach")
     dataset = datasets.build_dataset(out / "train_24.csv")
@@ -118,8 +141,20 @@ def write_uint16_tiles(folder, count=4, bands=13, size=40, nodata_corner=True):
 def test_raster_preprocessing_is_lossless_and_packs_uint16_of_every_band(tmp_path):
     tiles = write_uint16_tiles(tmp_path / "raw")
     out = tmp_path / "pre"
-    result = preprocess("--input", tmp_path / "raw", "--output", out, "--size", "40", "--raster", "--nodata", "0", "--pack",
-                        "--split", "train")
+    result = preprocess(
+        "--input",
+        tmp_path / "raw",
+        "--output",
+        out,
+        "--size",
+        "40",
+        "--raster",
+        "--nodata",
+        "0",
+        "--pack",
+        "--split",
+        "train",
+    )
     assert result.returncode == 0, result.stderr
     meta = json.loads((out / "train_40.json").read_text())
     assert (meta["dtype"], meta["bands"], meta["nodata"], meta["array"]) == ("uint16", 13, 0.0, "train_40.u16")
@@ -130,8 +165,12 @@ def test_raster_preprocessing_is_lossless_and_packs_uint16_of_every_band(tmp_pat
     order = [0, 2, 1, 3]  # ImageFolder order: class c0 (tiles 0, 2), then c1
     for path, i in zip(written, order):  # no resizing at 40 px: values and the no-data tag survive exactly
         raster = read_raster(path)
-        assert raster.dtype == "uint16" and raster.nodata == 0 and np.array_equal(raster.data, tiles[i].astype(np.float32))
-    dataset = packed.PackedDataset(out / "train_40.json", raster=raster_options.RasterOptions(13, None, None, [1.0] * 13))
+        assert (
+            raster.dtype == "uint16" and raster.nodata == 0 and np.array_equal(raster.data, tiles[i].astype(np.float32))
+        )
+    dataset = packed.PackedDataset(
+        out / "train_40.json", raster=raster_options.RasterOptions(13, None, None, [1.0] * 13)
+    )
     for index, i in enumerate(order):
         pixels, label = dataset[index]
         assert pixels.dtype == torch.uint16 and np.array_equal(pixels.numpy(), tiles[i]) and label == i % 2
@@ -152,7 +191,9 @@ def test_raster_resizing_leaves_nodata_out_of_the_interpolation(tmp_path):
     tile = np.full((2, 64, 64), 1000, np.uint16)
     tile[:, :32, :32] = 0
     tifffile.imwrite(tmp_path / "raw" / "a.tif", tile, photometric="minisblack")
-    result = preprocess("--input", tmp_path / "raw", "--output", tmp_path / "pre", "--size", "16", "--raster", "--nodata", "0")
+    result = preprocess(
+        "--input", tmp_path / "raw", "--output", tmp_path / "pre", "--size", "16", "--raster", "--nodata", "0"
+    )
     assert result.returncode == 0, result.stderr
     raster = read_raster(next((tmp_path / "pre" / "raw_16").iterdir()))
     assert raster.data.shape == (2, 16, 16) and raster.mask is not None
@@ -163,9 +204,26 @@ def test_raster_resizing_leaves_nodata_out_of_the_interpolation(tmp_path):
 def test_packed_uint16_with_nodata_pretrains_with_the_validity_band(tmp_path):
     write_uint16_tiles(tmp_path / "raw", count=8, bands=4)
     out = tmp_path / "pre"
-    assert preprocess("--input", tmp_path / "raw", "--output", out, "--size", "40", "--raster", "--nodata", "0", "--pack",
-                      "--split", "train").returncode == 0
-    packed = datasets.build_dataset(out / "train_40.json", bands=bands_of(in_chans=4, mean=[30000.0] * 4, std=[17000.0] * 4))
+    assert (
+        preprocess(
+            "--input",
+            tmp_path / "raw",
+            "--output",
+            out,
+            "--size",
+            "40",
+            "--raster",
+            "--nodata",
+            "0",
+            "--pack",
+            "--split",
+            "train",
+        ).returncode
+        == 0
+    )
+    packed = datasets.build_dataset(
+        out / "train_40.json", bands=bands_of(in_chans=4, mean=[30000.0] * 4, std=[17000.0] * 4)
+    )
     augment = transforms.BatchAugment(40, [30000.0] * 4, [17000.0] * 4, value_scale=1.0, nodata=packed.nodata)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -174,9 +232,30 @@ def test_packed_uint16_with_nodata_pretrains_with_the_validity_band(tmp_path):
     assert images.shape == (4, 4, 40, 40) and valid.shape == (4, 1, 40, 40)
     assert 0 < valid.mean() < 1 and valid.min() >= 0 and valid.max() <= 1
     assert images[valid.expand_as(images) == 0].abs().max() < 1e-4  # no-data filled with the mean: 0 once normalised
-    argv = ["--model", "mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--epochs", "1",
-            "--num_workers", "0", "--in_chans", "4", "--mean", *["30000"] * 4, "--std", *["17000"] * 4,
-            "--train_path", str(out / "train_40.json"), "--output_dir", str(tmp_path / "run")]
+    argv = [
+        "--model",
+        "mae_vit_tiny",
+        "--input_size",
+        "32",
+        "--patch_size",
+        "8",
+        "--batch_size",
+        "4",
+        "--epochs",
+        "1",
+        "--num_workers",
+        "0",
+        "--in_chans",
+        "4",
+        "--mean",
+        *["30000"] * 4,
+        "--std",
+        *["17000"] * 4,
+        "--train_path",
+        str(out / "train_40.json"),
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
     main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), argv))
     assert (tmp_path / "run" / "checkpoint-last.pth").exists()
 
@@ -195,5 +274,3 @@ def test_nan_nodata_does_not_spread_into_valid_pixels_when_resized(tmp_path):
     with_fill, _ = resize_raster(read_raster(tmp_path / "fill.npy", nodata=-9999), 16)
     np.testing.assert_array_equal(np.where(np.isnan(with_nan), -9999, with_nan), with_fill)
     assert 0 < np.isnan(with_nan).sum() <= 8
-
-

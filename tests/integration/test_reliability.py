@@ -1,4 +1,5 @@
 """Crashes, pre-emption, bad input and distributed failures, each with the message or state it must produce."""
+
 import os
 import signal
 import subprocess
@@ -17,9 +18,29 @@ from util.run.process import run_entry_point
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # 64 images of 64 px in batches of 4: 16 steps per epoch, slow enough to be interrupted mid-epoch
-SLOW_RUN = ["main_pretrain.py", "--model", "cross_scale_mae_vit_tiny", "--input_size", "64", "--patch_size", "8",
-            "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--blr", "1e-3",
-            "--log_every", "1", "--amp", "none"]
+SLOW_RUN = [
+    "main_pretrain.py",
+    "--model",
+    "cross_scale_mae_vit_tiny",
+    "--input_size",
+    "64",
+    "--patch_size",
+    "8",
+    "--batch_size",
+    "4",
+    "--epochs",
+    "2",
+    "--warmup_epochs",
+    "1",
+    "--num_workers",
+    "0",
+    "--blr",
+    "1e-3",
+    "--log_every",
+    "1",
+    "--amp",
+    "none",
+]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +49,14 @@ def slow_data(tmp_path_factory):
 
 
 def start(argv, out):
-    return subprocess.Popen([sys.executable, *argv, "--output_dir", str(out)], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, *argv, "--output_dir", str(out)],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for(process, text, timeout=HANG_GUARD_S):
@@ -43,8 +70,14 @@ def wait_for(process, text, timeout=HANG_GUARD_S):
 
 
 def finish(argv, out):
-    result = subprocess.run([sys.executable, *argv, "--output_dir", str(out)], cwd=REPO, env=ENV,
-                            capture_output=True, text=True, timeout=HANG_GUARD_S)
+    result = subprocess.run(
+        [sys.executable, *argv, "--output_dir", str(out)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-1500:]
     return result.stdout
 
@@ -98,8 +131,22 @@ def test_sigkill_then_resume_auto_skips_half_written_files_and_ends_identically(
 
 def test_failed_checkpoint_write_is_reported_and_keeps_the_previous_file(csv_dataset, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    flags = ["--model", "mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--num_workers", "0",
-             "--train_path", str(csv_dataset), "--output_dir", str(out)]
+    flags = [
+        "--model",
+        "mae_vit_tiny",
+        "--input_size",
+        "32",
+        "--patch_size",
+        "8",
+        "--batch_size",
+        "4",
+        "--num_workers",
+        "0",
+        "--train_path",
+        str(csv_dataset),
+        "--output_dir",
+        str(out),
+    ]
     main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [*flags, "--epochs", "1"]))
     before = (out / "checkpoint-last.pth").read_bytes()
     real_save = torch.save
@@ -111,9 +158,16 @@ def test_failed_checkpoint_write_is_reported_and_keeps_the_previous_file(csv_dat
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(SystemExit, match=r"error: could not write .*encoder.pth: No space left on device"):
-        run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), [*flags, "--epochs", "2", "--resume", "auto",
-                                                                                           "--allow_changed_flags"]))
-    assert "warning: could not write " + str(out / "checkpoint-last.pth") + ": No space left on device" in capsys.readouterr().out
+        run_entry_point(
+            main_pretrain.main,
+            config.parse_args(
+                main_pretrain.get_args_parser(), [*flags, "--epochs", "2", "--resume", "auto", "--allow_changed_flags"]
+            ),
+        )
+    assert (
+        "warning: could not write " + str(out / "checkpoint-last.pth") + ": No space left on device"
+        in capsys.readouterr().out
+    )
     assert (out / "checkpoint-last.pth").read_bytes() == before
     assert not list(out.glob(".*.tmp"))
 
@@ -135,9 +189,13 @@ def test_corrupt_image_names_file_and_row_and_can_be_skipped(csv_dataset, tmp_pa
 def test_missing_image_and_empty_dataset(tmp_path):
     csv_path = tmp_path / "train.csv"
     csv_path.write_text("label,path\n0,gone.jpg\n")
-    assert "gone.jpg" in run_expecting_error([*TINY, "--train_path", str(csv_path), "--output_dir", str(tmp_path / "o")])
+    assert "gone.jpg" in run_expecting_error(
+        [*TINY, "--train_path", str(csv_path), "--output_dir", str(tmp_path / "o")]
+    )
     (tmp_path / "empty").mkdir()
-    assert "no images found" in run_expecting_error([*TINY, "--train_path", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o")])
+    assert "no images found" in run_expecting_error(
+        [*TINY, "--train_path", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o")]
+    )
 
 
 def test_small_grayscale_rgba_and_16_bit_images_train(tmp_path):
@@ -147,24 +205,62 @@ def test_small_grayscale_rgba_and_16_bit_images_train(tmp_path):
     Image.new("RGBA", (48, 40), (1, 2, 3, 4)).save(folder / "rgba.png")
     Image.fromarray((torch.arange(48 * 48).reshape(48, 48) * 20).numpy().astype("uint16")).save(folder / "sixteen.png")
     Image.new("RGB", (10, 30), (200, 10, 10)).save(folder / "tiny.jpg")
-    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(),
-                                         [*TINY, "--num_workers", "0", "--stretch", "--train_path", str(folder), "--output_dir", str(tmp_path / "o")]))
+    main_pretrain.main(
+        config.parse_args(
+            main_pretrain.get_args_parser(),
+            [
+                *TINY,
+                "--num_workers",
+                "0",
+                "--stretch",
+                "--train_path",
+                str(folder),
+                "--output_dir",
+                str(tmp_path / "o"),
+            ],
+        )
+    )
     assert (tmp_path / "o" / "checkpoint-last.pth").exists()
 
 
 def test_resuming_from_a_checkpoint_of_another_size_is_refused(csv_dataset, tmp_path):
     other = tmp_path / "other"
-    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(),
-                                         [*TINY, "--num_workers", "0", "--train_path", str(csv_dataset), "--output_dir", str(other)]))
-    argv = [*TINY, "--model", "mae_vit_small", "--num_workers", "0", "--train_path", str(csv_dataset),
-            "--output_dir", str(tmp_path / "o"), "--resume", str(other / "checkpoint-last.pth")]
+    main_pretrain.main(
+        config.parse_args(
+            main_pretrain.get_args_parser(),
+            [*TINY, "--num_workers", "0", "--train_path", str(csv_dataset), "--output_dir", str(other)],
+        )
+    )
+    argv = [
+        *TINY,
+        "--model",
+        "mae_vit_small",
+        "--num_workers",
+        "0",
+        "--train_path",
+        str(csv_dataset),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--resume",
+        str(other / "checkpoint-last.pth"),
+    ]
     assert "checkpoint-last.pth: cannot resume this run from it" in run_expecting_error(argv)
 
 
 def test_truncated_resume_checkpoint_is_named(csv_dataset, tmp_path):
     broken = tmp_path / "broken.pth"
     broken.write_bytes(b"PK\x03\x04 not really")
-    argv = [*TINY, "--num_workers", "0", "--train_path", str(csv_dataset), "--output_dir", str(tmp_path / "o"), "--resume", str(broken)]
+    argv = [
+        *TINY,
+        "--num_workers",
+        "0",
+        "--train_path",
+        str(csv_dataset),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--resume",
+        str(broken),
+    ]
     assert "broken.pth: not a readable PyTorch checkpoint" in run_expecting_error(argv)
 
 
@@ -177,8 +273,24 @@ def test_unusable_device_and_amp_flags(csv_dataset, tmp_path):
 
 
 def torchrun(argv, out, timeout=HANG_GUARD_S):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv,
-                           "--output_dir", str(out)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *argv,
+            "--output_dir",
+            str(out),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_a_failing_rank_ends_the_whole_job_with_its_error(tmp_path):
@@ -187,7 +299,9 @@ def test_a_failing_rank_ends_the_whole_job_with_its_error(tmp_path):
         if i % 2:
             image = data.parent / "images" / f"train_{i}.jpg"
             image.write_bytes(b"not a jpeg")
-    result = torchrun([*SLOW_RUN[:1], *TINY, "--batch_size", "2", "--num_workers", "0", "--train_path", str(data)], tmp_path / "o")
+    result = torchrun(
+        [*SLOW_RUN[:1], *TINY, "--batch_size", "2", "--num_workers", "0", "--train_path", str(data)], tmp_path / "o"
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "cannot read image" in output
@@ -197,8 +311,27 @@ def test_a_failing_rank_ends_the_whole_job_with_its_error(tmp_path):
 
 def test_two_process_run_resumed_from_a_checkpoint_continues_identically(tmp_path):
     data = write_csv_dataset(tmp_path / "data", 16, "train.csv", size=32)
-    argv = [*SLOW_RUN[:1], "--model", "cross_scale_mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "2",
-            "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0", "--train_path", str(data), "--save_every", "1"]
+    argv = [
+        *SLOW_RUN[:1],
+        "--model",
+        "cross_scale_mae_vit_tiny",
+        "--input_size",
+        "32",
+        "--patch_size",
+        "8",
+        "--batch_size",
+        "2",
+        "--epochs",
+        "2",
+        "--warmup_epochs",
+        "1",
+        "--num_workers",
+        "0",
+        "--train_path",
+        str(data),
+        "--save_every",
+        "1",
+    ]
     straight = torchrun(argv, tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
     resumed = torchrun([*argv, "--resume", str(tmp_path / "straight" / "checkpoint-0.pth")], tmp_path / "resumed")
@@ -210,8 +343,15 @@ def test_two_process_run_resumed_from_a_checkpoint_continues_identically(tmp_pat
 def test_sigterm_to_the_whole_process_group_with_workers_checkpoints_and_resumes(slow_data, tmp_path):
     """What SLURM does: every process of the job step, DataLoader workers included, gets SIGTERM."""
     argv = [*SLOW_RUN, "--train_path", str(slow_data), "--num_workers", "2"]
-    process = subprocess.Popen([sys.executable, *argv, "--output_dir", str(tmp_path)], cwd=REPO, env=ENV, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, *argv, "--output_dir", str(tmp_path)],
+        cwd=REPO,
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     seen = wait_for(process, "epoch 0 [3/16]")
     os.killpg(process.pid, signal.SIGTERM)
     output = seen + process.stdout.read()

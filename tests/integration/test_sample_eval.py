@@ -1,29 +1,32 @@
 """tools/sample_eval.py: the quick start's evaluation (spatial folds over location blocks, block bootstrap)."""
+
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
-import sample_eval  # noqa: E402
+import sample_eval
 
-from util.config import DEFAULT_TRAIN_CSV  # noqa: E402
-from util.data.datasets import build_dataset  # noqa: E402
+from util.config import DEFAULT_TRAIN_CSV
+from util.data.datasets import build_dataset
 
 BLOCKS, FOLDS = 25, 5  # 15 x 15 tiles in blocks of 3 x 3; tools/make_sample_data.py's split
 
 
 def test_every_tile_is_in_one_fold_and_fold_0_is_the_shipped_validation_split():
-    splits = {name: [p for p, _ in build_dataset(DEFAULT_TRAIN_CSV.parent / f"{name}.csv").samples] for name in ("train", "val")}
+    splits = {
+        name: [p for p, _ in build_dataset(DEFAULT_TRAIN_CSV.parent / f"{name}.csv").samples]
+        for name in ("train", "val")
+    }
     blocks = sample_eval.tile_blocks(splits["train"] + splits["val"])
     assert len(np.unique(blocks)) == BLOCKS
     folds = np.array([sample_eval.fold_of(b) for b in blocks])
     assert sorted(np.unique(folds)) == list(range(FOLDS))
-    assert (folds[len(splits["train"]):] == 0).all() and (folds[:len(splits["train"])] != 0).all()
+    assert (folds[len(splits["train"]) :] == 0).all() and (folds[: len(splits["train"])] != 0).all()
 
 
 def test_the_bootstrap_resamples_blocks_not_tiles():
@@ -83,13 +86,20 @@ def raster_checkpoint(path: Path, in_chans: int) -> Path:
 def test_multispectral_checkpoints_on_a_raster_sample(tmp_path):
     sample = write_raster_sample(tmp_path / "ms")
     four = raster_checkpoint(tmp_path / "four.pth", 4)
-    sample_eval.main(sample_eval.get_args_parser().parse_args([str(four), "--sample", str(sample), "--output_dir", str(tmp_path / "a")]))
+    sample_eval.main(
+        sample_eval.get_args_parser().parse_args(
+            [str(four), "--sample", str(sample), "--output_dir", str(tmp_path / "a")]
+        )
+    )
     results = json.loads((tmp_path / "a" / "sample_eval.json").read_text())
     assert results["sample"] == str(sample) and set(results["reconstruction"]) == {str(four), "random init"}
     assert f"on {sample} (81 tiles, 9 blocks" in (tmp_path / "a" / "sample_eval.md").read_text()
     three = raster_checkpoint(tmp_path / "three.pth", 3)  # an RGB-only model on three of the bands
-    sample_eval.main(sample_eval.get_args_parser().parse_args(
-        [str(three), "--sample", str(sample), "--bands", "2", "1", "0", "--output_dir", str(tmp_path / "b")]))
+    sample_eval.main(
+        sample_eval.get_args_parser().parse_args(
+            [str(three), "--sample", str(sample), "--bands", "2", "1", "0", "--output_dir", str(tmp_path / "b")]
+        )
+    )
     assert json.loads((tmp_path / "b" / "sample_eval.json").read_text())["bands"] == [2, 1, 0]
 
 
@@ -104,7 +114,9 @@ def test_raster_tiles_are_normalised_by_the_sample_band_statistics(tmp_path):
     args = sample_eval.get_args_parser().parse_args(["x.pth", "--sample", str(tmp_path), "--bands", "3", "1", "0"])
     image = build_dataset(tmp_path / "train.csv", "auto", **sample_eval.sample_reading(args, 32, 3))[0][0]
     assert image.shape == (3, 32, 32)
-    np.testing.assert_allclose(image.mean((1, 2)).numpy(), [2.0, -1.0, 3.0], rtol=1e-6)  # (value - mean) / std, bands 3 1 0
+    np.testing.assert_allclose(
+        image.mean((1, 2)).numpy(), [2.0, -1.0, 3.0], rtol=1e-6
+    )  # (value - mean) / std, bands 3 1 0
 
 
 def test_band_mismatches_are_one_line_errors(tmp_path):
@@ -112,10 +124,14 @@ def test_band_mismatches_are_one_line_errors(tmp_path):
 
     sample = write_raster_sample(tmp_path / "ms", side=6)
     four = raster_checkpoint(tmp_path / "four.pth", 4)
-    for argv, expected in (([str(four), "--sample", str(sample), "--bands", "2", "1", "0"], "--bands names 3 band(s) but --in_chans is 4"),
-                           ([str(four)], "has no band_stats.json: 8-bit RGB only, but the checkpoints take 4 band(s)")):
+    for argv, expected in (
+        ([str(four), "--sample", str(sample), "--bands", "2", "1", "0"], "--bands names 3 band(s) but --in_chans is 4"),
+        ([str(four)], "has no band_stats.json: 8-bit RGB only, but the checkpoints take 4 band(s)"),
+    ):
         with pytest.raises(SystemExit) as info:
-            run_entry_point(sample_eval.main, sample_eval.get_args_parser().parse_args(argv + ["--output_dir", str(tmp_path)]))
+            run_entry_point(
+                sample_eval.main, sample_eval.get_args_parser().parse_args(argv + ["--output_dir", str(tmp_path)])
+            )
         assert str(info.value).startswith("error: ") and expected in str(info.value) and "\n" not in str(info.value)
 
 

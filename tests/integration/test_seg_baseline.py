@@ -1,5 +1,6 @@
 """tools/seg_baseline.py: the per-pixel logistic regression equals scikit-learn's, draws its pixels as told, and
 goes through main_segment's evaluation (scales, block interval, tables)."""
+
 from __future__ import annotations
 
 import csv
@@ -9,16 +10,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from sklearn.linear_model import LogisticRegression
 
-from conftest import REPO
-
 sys.path.insert(0, str(REPO / "tools"))
-import seg_baseline  # noqa: E402
-from test_main_segment import write_split  # noqa: E402
+import seg_baseline
+from test_main_segment import write_split
 
-from util import config  # noqa: E402
-from util.errors import DataError  # noqa: E402
+from util import config
+from util.errors import DataError
 
 
 @pytest.mark.parametrize("classes", [(0, 2), (0, 1, 3)])
@@ -60,8 +60,28 @@ def test_main_fits_the_colours_and_writes_the_interval(tmp_path):
     train = write_split(tmp_path / "train", 6, 0)
     val = write_split(tmp_path / "val", 5, 1, ["r00_c00", "r00_c01", "r03_c00", "r03_c03", "r06_c00"])
     out = tmp_path / "out"
-    argv = ["--train_path", str(train), "--test_path", str(val), "--palette", "none", "--class_names", "left", "right",
-            "--num_workers", "0", "--scales", "0.25", "1.0", "--bootstrap", "200", "--pixels", "3000", "--output_dir", str(out)]
+    argv = [
+        "--train_path",
+        str(train),
+        "--test_path",
+        str(val),
+        "--palette",
+        "none",
+        "--class_names",
+        "left",
+        "right",
+        "--num_workers",
+        "0",
+        "--scales",
+        "0.25",
+        "1.0",
+        "--bootstrap",
+        "200",
+        "--pixels",
+        "3000",
+        "--output_dir",
+        str(out),
+    ]
     seg_baseline.main(config.parse_args(seg_baseline.get_args_parser(), argv))
     with open(out / "seg_results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -72,10 +92,15 @@ def test_main_fits_the_colours_and_writes_the_interval(tmp_path):
     assert json.loads((out / "seg_baseline.json").read_text())["pixels"] == 3000
 
 
-@pytest.mark.parametrize("flags, message", [(["--std", "0", "1", "1"], "--std must be > 0"),
-                                            (["--mean", "nan", "0", "0"], "--mean must be finite"),
-                                            (["--input_size", "0"], "--input_size must be at least 1"),
-                                            (["--seed", "-1"], "--seed must be in")])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--std", "0", "1", "1"], "--std must be > 0"),
+        (["--mean", "nan", "0", "0"], "--mean must be finite"),
+        (["--input_size", "0"], "--input_size must be at least 1"),
+        (["--seed", "-1"], "--seed must be in"),
+    ],
+)
 def test_out_of_range_flags_are_usage_errors_before_any_reading(tmp_path, flags, message):
     argv = ["--train_path", str(tmp_path / "none"), "--test_path", str(tmp_path / "none"), *flags]
     with pytest.raises(config.UsageError, match=message):

@@ -1,10 +1,12 @@
 """The layout rules of docs/architecture.md: imports point downward, and every model name has a definition."""
+
 import ast
 import re
 from pathlib import Path
 
-import models_cross_scale_mae
 from conftest import REPO
+
+import models_cross_scale_mae
 
 TOP_LEVEL_MODULES = {path.stem for path in REPO.glob("*.py")}
 
@@ -20,7 +22,13 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_util_never_imports_a_top_level_module():
-    assert TOP_LEVEL_MODULES >= {"models_cross_scale_mae", "models_vit", "model_loading", "engine_pretrain", "main_pretrain"}
+    assert TOP_LEVEL_MODULES >= {
+        "models_cross_scale_mae",
+        "models_vit",
+        "model_loading",
+        "engine_pretrain",
+        "main_pretrain",
+    }
     offenders = {path.name: sorted(imported_modules(path) & TOP_LEVEL_MODULES) for path in (REPO / "util").glob("*.py")}
     assert {name: found for name, found in offenders.items() if found} == {}
 

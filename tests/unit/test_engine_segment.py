@@ -1,5 +1,6 @@
 """engine_segment.py: result rows per scale, CSV / Markdown tables (n/a for a class absent from both), and
 evaluation of a whole set into one confusion matrix per scale."""
+
 from __future__ import annotations
 
 import csv
@@ -14,8 +15,10 @@ from util.run import process
 
 
 def test_results_table_and_files_report_each_scale_and_mark_absent_classes(tmp_path, capsys):
-    confusions = {1.0: torch.tensor([[[3, 1, 0], [0, 0, 0], [0, 0, 0]], [[0, 0, 0], [0, 2, 0], [0, 0, 0]]]),  # two images each
-                  0.5: torch.tensor([[[4, 0, 0], [0, 0, 0], [0, 0, 0]], [[0, 0, 0], [2, 0, 0], [0, 0, 0]]])}
+    confusions = {
+        1.0: torch.tensor([[[3, 1, 0], [0, 0, 0], [0, 0, 0]], [[0, 0, 0], [0, 2, 0], [0, 0, 0]]]),  # two images each
+        0.5: torch.tensor([[[4, 0, 0], [0, 0, 0], [0, 0, 0]], [[0, 0, 0], [2, 0, 0], [0, 0, 0]]]),
+    }
     rows = engine_segment.results_table(confusions, ["a", "b", "c"])
     assert [r["scale"] for r in rows] == [0.5, 1.0]
     assert rows[1]["mIoU"] == pytest.approx((75.0 + 200 / 3) / 2) and math.isnan(rows[1]["IoU_c"])
@@ -35,7 +38,9 @@ def test_results_table_interval_resamples_blocks_of_images():
     assert rows[0]["mIoU"] == pytest.approx(60.0)  # a: TP 15, FP 5, FN 5 -> 15 / 25; b alike
     # resamples: block 0 twice (100), block 1 twice (good + bad twice: 5 / 15 per class), one of each (60)
     assert rows[0]["mIoU_low"] == pytest.approx(100 / 3) and rows[0]["mIoU_high"] == 100.0
-    per_pixel_view = engine_segment.results_table({1.0: per_image}, ["a", "b"], image_block=np.array([0, 1, 2, 3]), resamples=200)
+    per_pixel_view = engine_segment.results_table(
+        {1.0: per_image}, ["a", "b"], image_block=np.array([0, 1, 2, 3]), resamples=200
+    )
     assert per_pixel_view[0]["mIoU_low"] != rows[0]["mIoU_low"]  # the blocks, not the images, are resampled
     assert "mIoU_low" not in engine_segment.results_table({1.0: per_image}, ["a", "b"])[0]
 
@@ -57,7 +62,10 @@ def test_evaluate_counts_every_non_ignored_pixel_once_per_scale():
     evaluation = engine_segment.Protocol(crop=16, scales=(0.5, 1.0))
     confusions, examples = engine_segment.evaluate(Constant(), loader, run, 2, evaluation, keep=2)
     for scale in (0.5, 1.0):
-        assert confusions[scale].tolist() == [[[0, 35 * 50], [0, 0]], [[0, 0], [0, 400]]]  # one matrix per image, in order
+        assert confusions[scale].tolist() == [
+            [[0, 35 * 50], [0, 0]],
+            [[0, 0], [0, 400]],
+        ]  # one matrix per image, in order
     assert len(examples) == 2 and examples[1][2].shape == (20, 20)
 
 

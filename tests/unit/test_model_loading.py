@@ -1,15 +1,18 @@
-"""model_loading.py: the pretraining model a checkpoint describes (ours and both upstream layouts), and the timm export."""
+"""model_loading.py: the pretraining model a checkpoint describes (ours and both upstream layouts), and the timm
+export."""
+
 import json
-import timm
+
 import pytest
+import timm
 import torch
 from upstream_layouts import SIZE, upstream_checkpoint, upstream_encoder
 
-from util.config import Bands
 from model_loading import build_classifier, build_knn_encoder, export_encoder, init_mae, load_mae
 from models_cross_scale_mae import create_model
-from util.run import checkpoint as ckpt
+from util.config import Bands
 from util.errors import CheckpointError, UsageError
+from util.run import checkpoint as ckpt
 from util.weights.band_adaptation import BandAdaptation
 
 
@@ -47,7 +50,9 @@ def test_upstream_xformers_weights_are_wrong_in_pre_norm_blocks(tmp_path):
     torch.save(saved, path)
     model, _ = load_mae(path, norm_style="pre")
     imgs = torch.randn(2, 3, SIZE, SIZE)
-    assert not torch.allclose(model.encoder.forward_features(imgs), upstream_encoder(saved["model"], imgs, "xformers"), atol=1e-2)
+    assert not torch.allclose(
+        model.encoder.forward_features(imgs), upstream_encoder(saved["model"], imgs, "xformers"), atol=1e-2
+    )
 
 
 def test_our_checkpoint_round_trips_with_its_configuration(tmp_path):
@@ -66,12 +71,16 @@ def test_missing_and_misshaped_tensors_are_refused(tmp_path):
     saved = upstream_checkpoint("timm")
     del saved["model"]["encoder.2.attn.proj.weight"]
     torch.save(saved, tmp_path / "missing.pth")
-    with pytest.raises(CheckpointError, match=r"missing\.pth: does not fit .*missing encoder\.blocks\.2\.attn\.proj\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"missing\.pth: does not fit .*missing encoder\.blocks\.2\.attn\.proj\.weight"
+    ):
         load_mae(tmp_path / "missing.pth")
     saved = upstream_checkpoint("timm")
     saved["model"]["decoder_pred.weight"] = torch.zeros(10, 256)
     torch.save(saved, tmp_path / "shape.pth")
-    with pytest.raises(CheckpointError, match=r"shape\.pth: tensors of another shape: decoder_pred\.weight \[10, 256\]"):
+    with pytest.raises(
+        CheckpointError, match=r"shape\.pth: tensors of another shape: decoder_pred\.weight \[10, 256\]"
+    ):
         load_mae(tmp_path / "shape.pth")
 
 
@@ -81,13 +90,16 @@ def test_the_base_export_loads_strictly_into_timms_stock_vit_base(tmp_path):
     exported = export_encoder(model, tmp_path / "encoder")
     config = json.loads((exported.directory / "config.json").read_text())
     assert config["architecture"] == "vit_base_patch16_224"  # the stock name fits: only input / pooling arguments
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=128, num_classes=0,
-                            final_norm=False).eval()
+    vit = timm.create_model(
+        "vit_base_patch16_224", pretrained=False, img_size=128, num_classes=0, final_norm=False
+    ).eval()
     vit.load_state_dict(torch.load(exported.pth, weights_only=True), strict=True)
     imgs = torch.randn(2, 3, 128, 128)
     with torch.no_grad():  # the untrained final norm is exported as identity: the last block's output
         encoder = model.encoder
-        torch.testing.assert_close(vit.forward_features(imgs), encoder.blocks(encoder._pos_embed(encoder.patch_embed(imgs))))
+        torch.testing.assert_close(
+            vit.forward_features(imgs), encoder.blocks(encoder._pos_embed(encoder.patch_embed(imgs)))
+        )
     from_safetensors = ckpt.read_checkpoint(exported.directory / "model.safetensors")["model"]
     assert from_safetensors.keys() == vit.state_dict().keys()
 
@@ -104,8 +116,10 @@ def test_init_adapts_patch_embedding_and_decoder_pred_so_the_named_bands_are_pre
     model = create_model("cross_scale_mae_vit_tiny", input_size=SIZE, patch_size=8, in_chans=13).eval()
     report = init_mae(model, path, BandAdaptation(model_rgb=(3, 2, 1)), "cross_scale_mae_vit_tiny")
 
-    assert report.adapted == ["patch_embed.proj: 3 RGB filters -> bands 3 2 1 of 13, other 10 bands zero",
-                              "decoder_pred: 3 RGB outputs -> bands 3 2 1 of 13, other 10 bands zero"]
+    assert report.adapted == [
+        "patch_embed.proj: 3 RGB filters -> bands 3 2 1 of 13, other 10 bands zero",
+        "decoder_pred: 3 RGB outputs -> bands 3 2 1 of 13, other 10 bands zero",
+    ]
     assert report.missing == [] and report.unexpected == [] and report.epoch == 9
     imgs, noise = torch.randn(2, 13, SIZE, SIZE), torch.rand(2, 16)
     with torch.no_grad():
@@ -144,34 +158,62 @@ def test_init_notes_a_change_of_norm_pix_loss(tmp_path, capsys, trained, now, no
 def test_init_refuses_another_architecture_and_size_in_one_line(tmp_path):
     _, path = saved_mae(tmp_path)
     small = create_model("cross_scale_mae_vit_small", input_size=SIZE, patch_size=8)
-    with pytest.raises(CheckpointError, match=r"ours\.pth: does not fit --model cross_scale_mae_vit_small \(another depth\?\): "
-                                              r"missing encoder\.blocks\.4\.norm1\.weight"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"ours\.pth: does not fit --model cross_scale_mae_vit_small \(another depth\?\): "
+        r"missing encoder\.blocks\.4\.norm1\.weight",
+    ):
         init_mae(small, path, BandAdaptation(), "cross_scale_mae_vit_small")
     saved = ckpt.read_checkpoint(path)
     saved["model"]["decoder_embed.weight"] = torch.zeros(256, 64)
     ckpt.save_checkpoint(saved, tmp_path / "narrow.pth")
     tiny = create_model("cross_scale_mae_vit_tiny", input_size=SIZE, patch_size=8)
-    with pytest.raises(CheckpointError, match=r"narrow\.pth: tensors of another shape: decoder_embed\.weight \[256, 64\] "
-                                              r"\(model has \[256, 128\]\); --model is cross_scale_mae_vit_tiny$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"narrow\.pth: tensors of another shape: decoder_embed\.weight \[256, 64\] "
+        r"\(model has \[256, 128\]\); --model is cross_scale_mae_vit_tiny$",
+    ):
         init_mae(tiny, tmp_path / "narrow.pth", BandAdaptation(), "cross_scale_mae_vit_tiny")
     bigger = create_model("cross_scale_mae_vit_tiny", input_size=48, patch_size=8)
-    with pytest.raises(UsageError, match=r"pretrained on 32 px images in 8 px patches, this run has --input_size 48 --patch_size 8"):
+    with pytest.raises(
+        UsageError, match=r"pretrained on 32 px images in 8 px patches, this run has --input_size 48 --patch_size 8"
+    ):
         init_mae(bigger, path, BandAdaptation(), "cross_scale_mae_vit_tiny")
     torch.save(upstream_checkpoint("xformers"), tmp_path / "x.pth")
     with pytest.raises(UsageError, match="its blocks are post-norm, this run's pre-norm: give --norm_style post"):
-        init_mae(create_model("mae_vit_tiny", input_size=SIZE, patch_size=8), tmp_path / "x.pth", BandAdaptation(), "mae_vit_tiny")
+        init_mae(
+            create_model("mae_vit_tiny", input_size=SIZE, patch_size=8),
+            tmp_path / "x.pth",
+            BandAdaptation(),
+            "mae_vit_tiny",
+        )
 
 
 def test_evaluation_loaders_pass_the_band_flags_to_the_encoder_load(tmp_path, capsys):
     source, path = saved_mae(tmp_path, "mae_vit_tiny", in_chans=13)
     bands = Bands(checkpoint_rgb_bands=(3, 2, 1))
-    classifier, weights = build_classifier(5, finetune=str(path), model=None, input_size=SIZE, patch_size=None, bands=bands,
-                                           global_pool=False, head_init_std=2e-5)
-    encoder, _, _ = build_knn_encoder(str(path), weights, "vit_tiny_patch16", input_size=SIZE, patch_size=8, bands=bands)
+    classifier, weights = build_classifier(
+        5,
+        finetune=str(path),
+        model=None,
+        input_size=SIZE,
+        patch_size=None,
+        bands=bands,
+        global_pool=False,
+        head_init_std=2e-5,
+    )
+    encoder, _, _ = build_knn_encoder(
+        str(path), weights, "vit_tiny_patch16", input_size=SIZE, patch_size=8, bands=bands
+    )
     expected = source.encoder.patch_embed.proj.weight.detach()[:, [3, 2, 1]]
     for model in (classifier, encoder):
         torch.testing.assert_close(model.patch_embed.proj.weight.detach(), expected, rtol=0, atol=0)
-    assert capsys.readouterr().out.count("adapted patch_embed.proj: filters of bands 3 2 1 of 13 -> RGB, other 10 bands dropped") == 2
+    assert (
+        capsys.readouterr().out.count(
+            "adapted patch_embed.proj: filters of bands 3 2 1 of 13 -> RGB, other 10 bands dropped"
+        )
+        == 2
+    )
 
 
 def test_non_finite_weights_are_refused_by_init_and_by_every_encoder_load(tmp_path):
@@ -181,8 +223,14 @@ def test_non_finite_weights_are_refused_by_init_and_by_every_encoder_load(tmp_pa
     state = ckpt.read_checkpoint(path)
     state["model"]["encoder.blocks.0.attn.qkv.weight"][0, 0] = float("nan")
     ckpt.save_checkpoint(state, path)
-    with pytest.raises(CheckpointError, match=r"ours.pth: non-finite values \(NaN/inf\) in encoder.blocks.0.attn.qkv.weight"):
-        init_mae(create_model("cross_scale_mae_vit_tiny", input_size=SIZE, patch_size=8), path, BandAdaptation(),
-                 "mae_vit_tiny")
+    with pytest.raises(
+        CheckpointError, match=r"ours.pth: non-finite values \(NaN/inf\) in encoder.blocks.0.attn.qkv.weight"
+    ):
+        init_mae(
+            create_model("cross_scale_mae_vit_tiny", input_size=SIZE, patch_size=8),
+            path,
+            BandAdaptation(),
+            "mae_vit_tiny",
+        )
     with pytest.raises(CheckpointError, match=r"ours.pth: non-finite values \(NaN/inf\) in blocks.0.attn.qkv.weight"):
         read_encoder(path)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import models_cross_scale_mae as models_mae
-from models_cross_scale_mae import cross_scale_contrastive_loss, create_model
+from models_cross_scale_mae import create_model, cross_scale_contrastive_loss
 from models_vit import PRESETS
 
 TINY = dict(input_size=32, patch_size=8)
@@ -120,7 +120,8 @@ def test_crop_view_is_the_box_resized_back_to_the_input_size():
 
 
 def direct_upstream_contrastive(f1, f2, temperature):
-    """The per-anchor formula in the docstring of models_cross_scale_mae.cross_scale_contrastive_loss, with Python loops."""
+    """The per-anchor formula in the docstring of models_cross_scale_mae.cross_scale_contrastive_loss, with Python
+    loops."""
     z = torch.nn.functional.normalize(torch.cat([f1, f2]), dim=1).tolist()
     n = len(z) // 2
     total = 0.0

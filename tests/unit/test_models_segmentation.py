@@ -1,19 +1,21 @@
 """models_segmentation.py and model_loading.build_segmenter: block choice, pyramid shapes of every preset,
 intermediate features equal to the encoder's own blocks, frozen encoder, linear head, checkpoint kinds."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
 
 import models_vit
 from model_loading import build_segmenter, export_encoder
-from util.config import Bands
 from models_segmentation import Segmenter, feature_blocks
+from util.config import Bands
 from util.run import checkpoint
 
 
-def segmenter(size: str, input_size: int, num_classes: int = 5, head: str = "upernet", patch: int = 16, **kwargs) -> Segmenter:
+def segmenter(
+    size: str, input_size: int, num_classes: int = 5, head: str = "upernet", patch: int = 16, **kwargs
+) -> Segmenter:
     encoder = models_vit.vision_transformer(**models_vit.PRESETS[size].encoder(), img_size=input_size, patch_size=patch)
     return Segmenter(encoder, num_classes, head, decoder_channels=kwargs.pop("decoder_channels", 64), **kwargs)
 
@@ -39,8 +41,12 @@ def test_pyramid_is_4x_2x_1x_half_the_patch_grid_for_every_preset(size, input_si
         logits = model(images)
     dim, grid = models_vit.PRESETS[size].embed_dim, input_size // 16
     assert [tuple(f.shape) for f in features] == [(2, dim, grid, grid)] * 4
-    assert [tuple(p.shape) for p in pyramid] == [(2, dim, 4 * grid, 4 * grid), (2, dim, 2 * grid, 2 * grid),
-                                                 (2, dim, grid, grid), (2, dim, grid // 2, grid // 2)]
+    assert [tuple(p.shape) for p in pyramid] == [
+        (2, dim, 4 * grid, 4 * grid),
+        (2, dim, 2 * grid, 2 * grid),
+        (2, dim, grid, grid),
+        (2, dim, grid // 2, grid // 2),
+    ]
     assert tuple(logits.shape) == (2, 5, input_size, input_size)
     assert model.blocks == feature_blocks(models_vit.PRESETS[size].depth)
 
@@ -87,7 +93,9 @@ def test_linear_head_classifies_each_patch_of_the_last_block():
     assert logits.shape == (2, 3, 32, 32)
     patch_logits = model.head(model.features(images)[-1])  # [2, 3, 4, 4]
     torch.testing.assert_close(logits, torch.nn.functional.interpolate(patch_logits, size=(32, 32), mode="bilinear"))
-    assert torch.equal(logits[..., :4, :4], patch_logits[..., :1, :1].expand(-1, -1, 4, 4))  # the corner patch's own logits
+    assert torch.equal(
+        logits[..., :4, :4], patch_logits[..., :1, :1].expand(-1, -1, 4, 4)
+    )  # the corner patch's own logits
     assert sum(p.numel() for p in model.head.parameters() if p.requires_grad) == 128 * 3 + 3
 
 
@@ -98,16 +106,24 @@ def test_layer_decay_groups_scale_blocks_and_leave_neck_and_head_at_full_rate():
     optimizer = create_optimizer_v2(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.5)
     scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
-    assert scale[id(named["encoder.pos_embed"])] == 0.5 ** 5  # stem, 4 blocks, then the rest
-    assert scale[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.5 ** 4
+    assert scale[id(named["encoder.pos_embed"])] == 0.5**5  # stem, 4 blocks, then the rest
+    assert scale[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.5**4
     assert scale[id(named["encoder.blocks.3.attn.qkv.weight"])] == 0.5
     assert scale[id(named["head.classifier.weight"])] == 1.0 and scale[id(named["neck.up2.weight"])] == 1.0
 
 
 def seg_args(path, input_size=64, **kw) -> dict:
     """``build_segmenter``'s keyword arguments for the weights at ``path``."""
-    values = dict(finetune=str(path) if path else "", model=None, patch_size=None, input_size=input_size,
-                  bands=Bands(), head="upernet", freeze_encoder=False, decoder_channels=32)
+    values = dict(
+        finetune=str(path) if path else "",
+        model=None,
+        patch_size=None,
+        input_size=input_size,
+        bands=Bands(),
+        head="upernet",
+        freeze_encoder=False,
+        decoder_channels=32,
+    )
     return {**values, **kw}
 
 

@@ -22,7 +22,9 @@ def test_layer_decay_groups_scale_the_lr_by_depth():
 
 
 def test_classifier_names_include_upstreams():
-    assert {"vit_base_patch16", "vit_large_patch16", "vit_huge_patch14", "vit_tiny_patch16"} <= set(models_vit.CLASSIFIER_PRESETS)
+    assert {"vit_base_patch16", "vit_large_patch16", "vit_huge_patch14", "vit_tiny_patch16"} <= set(
+        models_vit.CLASSIFIER_PRESETS
+    )
     with pytest.raises(ValueError, match="model mae_vit_base: unknown"):
         models_vit.create_classifier("mae_vit_base", 10)
     model = models_vit.create_classifier("vit_base_patch16", 10, img_size=128, global_pool=True)

@@ -5,6 +5,7 @@ The expected values live in ``tests/pinned_numbers.json`` and were computed befo
 a refactor that changes any of them changes behaviour. Regenerate only for a deliberate change of numerics:
 ``python tests/test_pinned_numbers.py --write``.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,14 +74,26 @@ def classifier_feature_numbers(tmp_path: Path) -> dict[str, float]:
     path = tmp_path / "pretrained.pth"
     torch.save({"model": model.state_dict(), "model_config": model.model_config, "epoch": 0}, path)
     torch.manual_seed(0)
-    classifier, _ = build_classifier(4, finetune=str(path), model=None, input_size=SIDE, patch_size=None, bands=Bands(),
-                                     global_pool=True, head_init_std=2e-5, drop_path=0.1)  # main_finetune.py's defaults
+    classifier, _ = build_classifier(
+        4,
+        finetune=str(path),
+        model=None,
+        input_size=SIDE,
+        patch_size=None,
+        bands=Bands(),
+        global_pool=True,
+        head_init_std=2e-5,
+        drop_path=0.1,
+    )  # main_finetune.py's defaults
     classifier.eval()
     with torch.no_grad():
         tokens = classifier.forward_features(fixed_images()).double()  # [B, 1+L, D], before pooling
     projection = torch.randn(tokens.shape[-1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    return {"features/projected": (tokens @ projection).sum().item(), "features/sq": tokens.square().sum().item(),
-            "features/first": tokens[0, 0, 0].item()}
+    return {
+        "features/projected": (tokens @ projection).sum().item(),
+        "features/sq": tokens.square().sum().item(),
+        "features/first": tokens[0, 0, 0].item(),
+    }
 
 
 def schedule_numbers() -> dict[str, float]:
@@ -99,8 +112,11 @@ def schedule_numbers() -> dict[str, float]:
 
 
 def all_numbers(tmp_path: Path) -> dict[str, dict[str, float]]:
-    return {**{name: pretraining_numbers(name) for name in MODELS},
-            "classifier": classifier_feature_numbers(tmp_path), "schedule": schedule_numbers()}
+    return {
+        **{name: pretraining_numbers(name) for name in MODELS},
+        "classifier": classifier_feature_numbers(tmp_path),
+        "schedule": schedule_numbers(),
+    }
 
 
 @pytest.fixture(scope="module")

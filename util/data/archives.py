@@ -105,7 +105,7 @@ class TarContainer(Container):
     def __init__(self, path: Path, label: str) -> None:
         self.label = label
         try:
-            self.tar = tarfile.open(path, "r:*")  # noqa: SIM115 (open while the source is read)
+            self.tar = tarfile.open(path, "r:*")
             self.members = {m.name: m for m in self.tar if m.isfile()}  # one pass over the whole archive
         except (OSError, tarfile.TarError, EOFError) as e:
             raise DataError(f"{label}: not a readable tar archive ({e}); the download may be incomplete") from None

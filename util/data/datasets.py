@@ -7,6 +7,7 @@ Randomness per sample comes from a seed the sampler hands over (``util.data.load
 augmentations of an epoch are the same whatever the number of workers, and a resumed run sees
 exactly the batches an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import csv
@@ -80,8 +81,11 @@ class ImageDataset(SampleDataset):
         for _ in range(len(self.samples)):
             path, label = self.samples[index]
             try:
-                img = (self.raster.load(path, self.describe(index)) if self.raster is not None
-                       else load_image(path, self.draft_size, self.max_pixels, self.stretch))
+                img = (
+                    self.raster.load(path, self.describe(index))
+                    if self.raster is not None
+                    else load_image(path, self.draft_size, self.max_pixels, self.stretch)
+                )
                 break
             except NotEightBitError:
                 raise
@@ -90,7 +94,9 @@ class ImageDataset(SampleDataset):
                 if not self.skip_bad:
                     raise DataError(problem + "; --skip_bad_images skips such files") from None
                 self.skipped += 1
-                print(f"warning: skipped {problem} [{self.skipped} skipped by this process]", file=sys.stderr, flush=True)
+                print(
+                    f"warning: skipped {problem} [{self.skipped} skipped by this process]", file=sys.stderr, flush=True
+                )
                 index = (index + 1) % len(self.samples)
         else:
             raise DataError("every image of the dataset is unreadable")
@@ -125,7 +131,9 @@ def read_csv_samples(csv_path: Path, names: dict[int, str] | None = None) -> lis
         if names is not None and name_column is not None and name_column < len(row) and row[name_column].strip():
             name = row[name_column].strip()
             if names.setdefault(label, name) != name:
-                raise DataError(f"{csv_path} row {line}: label {label} is named {name!r} here, {names[label]!r} in an earlier row")
+                raise DataError(
+                    f"{csv_path} row {line}: label {label} is named {name!r} here, {names[label]!r} in an earlier row"
+                )
         path = Path(row[1])
         path = path if path.is_absolute() else csv_path.parent / path
         if not path.is_file():
@@ -136,8 +144,9 @@ def read_csv_samples(csv_path: Path, names: dict[int, str] | None = None) -> lis
     return samples
 
 
-def scan_image_folder(root: Path, classes: Sequence[str] | None = None,
-                      extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> tuple[list[tuple[str, int]], list[str]]:
+def scan_image_folder(
+    root: Path, classes: Sequence[str] | None = None, extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+) -> tuple[list[tuple[str, int]], list[str]]:
     """ImageFolder layout (root/class_name/*.jpg, as RESISC45, UC Merced, EuroSAT): samples and class names.
 
     Args:
@@ -153,13 +162,18 @@ def scan_image_folder(root: Path, classes: Sequence[str] | None = None,
     if classes is None:
         classes = found
     index = {name: label for label, name in enumerate(classes)}
-    unknown = [name for name in found if name not in index and any(is_image(p, extensions) for p in (root / name).rglob("*"))]
+    unknown = [
+        name for name in found if name not in index and any(is_image(p, extensions) for p in (root / name).rglob("*"))
+    ]
     if unknown:
-        raise DataError(f"{root}: class folder(s) {', '.join(unknown)} are not among the training classes "
-                        f"({', '.join(classes)}): a class present only in evaluation cannot be predicted")
+        raise DataError(
+            f"{root}: class folder(s) {', '.join(unknown)} are not among the training classes "
+            f"({', '.join(classes)}): a class present only in evaluation cannot be predicted"
+        )
     samples = [
         (str(p), index[name])
-        for name in found if name in index
+        for name in found
+        if name in index
         for p in sorted((root / name).rglob("*"))
         if is_image(p, extensions)
     ]
@@ -175,8 +189,10 @@ def _list_folder(folder: Path) -> list[Path]:
     try:
         return list(folder.iterdir())
     except OSError as e:
-        raise DataError(f"{folder}: cannot list the folder ({e.strerror or first_line(e)}); "
-                        "its images would be left out of the dataset") from None
+        raise DataError(
+            f"{folder}: cannot list the folder ({e.strerror or first_line(e)}); "
+            "its images would be left out of the dataset"
+        ) from None
 
 
 def scan_unlabelled(root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[tuple[str, int]]:
@@ -239,8 +255,10 @@ def build_dataset(
     describe = None
     extensions = RASTER_EXTENSIONS if raster or list_rasters else IMAGE_EXTENSIONS
     if kind in ("packed", "shards") and list_rasters:
-        raise DataError(f"{path}: a pre-decoded dataset (packed array or shards); this tool reads image files: give "
-                        "the CSV or folder they were made from")
+        raise DataError(
+            f"{path}: a pre-decoded dataset (packed array or shards); this tool reads image files: give "
+            "the CSV or folder they were made from"
+        )
     if kind == "packed":
         return PackedDataset(path, transform, raster)
     if kind == "shards":
@@ -250,7 +268,7 @@ def build_dataset(
             raise DataError(f"{path}: --dataset_type {kind} needs a CSV file, got a folder")
         given: dict[int, str] = {}
         samples = read_csv_samples(path, given)
-        describe = lambda index: f"{samples[index][0]} (row {index + 2} of {path})"  # noqa: E731
+        describe = lambda index: f"{samples[index][0]} (row {index + 2} of {path})"
         # only the labels present, never range(max + 1): a label of 10**9 must not build 10**9 names
         names = {label: given.get(label, str(label)) for label in sorted({label for _, label in samples})}
         classes = []
@@ -261,8 +279,18 @@ def build_dataset(
         samples, classes = scan_unlabelled(path, extensions), []
     if not samples:
         raise DataError(f"{path}: no images found ({kind} dataset)")
-    dataset = ImageDataset(samples, transform, classes or (), describe, draft_size, skip_bad, label_names=names,
-                           raster=raster, max_pixels=bands.max_pixels, stretch=bands.stretch)
+    dataset = ImageDataset(
+        samples,
+        transform,
+        classes or (),
+        describe,
+        draft_size,
+        skip_bad,
+        label_names=names,
+        raster=raster,
+        max_pixels=bands.max_pixels,
+        stretch=bands.stretch,
+    )
     dataset.source = str(path)
     return dataset
 
@@ -270,8 +298,13 @@ def build_dataset(
 MAX_SPARSE_CLASSES = 1000  # a head / vote table larger than this needs labels that are (mostly) used
 
 
-def check_labels(train: SampleDataset | None, evaluation: Sequence[SampleDataset], nb_classes: int | None = None,
-                 known_names: Sequence[str] | None = None, what: str = "classifier") -> list[str]:
+def check_labels(
+    train: SampleDataset | None,
+    evaluation: Sequence[SampleDataset],
+    nb_classes: int | None = None,
+    known_names: Sequence[str] | None = None,
+    what: str = "classifier",
+) -> list[str]:
     """The one place where the labels of every split are checked; returns the class names (index = label).
 
     Training and evaluation splits share one numbering: ImageFolder trees are matched by class NAME when built
@@ -293,25 +326,33 @@ def check_labels(train: SampleDataset | None, evaluation: Sequence[SampleDataset
     splits = ([train] if train is not None else []) + list(evaluation)
     for split in splits:
         if not split.targets or min(split.targets) < 0:
-            raise DataError(f"{split.source or 'dataset'}: unlabelled images: a {what} needs a labelled CSV or ImageFolder tree")
+            raise DataError(
+                f"{split.source or 'dataset'}: unlabelled images: a {what} needs a labelled CSV or ImageFolder tree"
+            )
     if train is not None:
         train_labels = sorted(set(train.targets))
         if len(train_labels) < 2:
-            raise DataError(f"{train.source}: only 1 class ({train.label_names.get(train_labels[0], train_labels[0])}) in the "
-                            f"training set; a {what} needs at least 2 (a wrapper folder around the class folders?)")
+            raise DataError(
+                f"{train.source}: only 1 class ({train.label_names.get(train_labels[0], train_labels[0])}) in the "
+                f"training set; a {what} needs at least 2 (a wrapper folder around the class folders?)"
+            )
     names: dict[int, str] = dict(enumerate(known_names)) if known_names else {}
     for split in splits:
         for label, name in split.label_names.items():
             if label in names and name != names[label] and name != str(label) and names[label] != str(label):
-                raise DataError(f"{split.source}: label {label} is class {name!r} here but {names[label]!r} "
-                                f"{'in the checkpoint' if known_names else 'in ' + splits[0].source}")
+                raise DataError(
+                    f"{split.source}: label {label} is class {name!r} here but {names[label]!r} "
+                    f"{'in the checkpoint' if known_names else 'in ' + splits[0].source}"
+                )
             if label not in names or names[label] == str(label):
                 names[label] = name
     if train is not None:
         count = nb_classes or train_labels[-1] + 1
         if nb_classes is None and count > max(MAX_SPARSE_CLASSES, 10 * len(train_labels)):
-            raise DataError(f"{train.source}: highest label {train_labels[-1]} but only {len(train_labels)} distinct labels; "
-                            "labels must be class indices 0..K-1 (renumber them, or give --nb_classes)")
+            raise DataError(
+                f"{train.source}: highest label {train_labels[-1]} but only {len(train_labels)} distinct labels; "
+                "labels must be class indices 0..K-1 (renumber them, or give --nb_classes)"
+            )
         trained = set(train_labels)
     else:
         count = nb_classes if nb_classes is not None else len(names)
@@ -319,17 +360,24 @@ def check_labels(train: SampleDataset | None, evaluation: Sequence[SampleDataset
     for split in splits:
         bad = next((i for i, label in enumerate(split.targets) if not 0 <= label < count), None)
         if bad is not None:
-            raise DataError(f"{split.describe(bad)}: label {split.targets[bad]} outside 0..{count - 1} (--nb_classes {count})")
+            raise DataError(
+                f"{split.describe(bad)}: label {split.targets[bad]} outside 0..{count - 1} (--nb_classes {count})"
+            )
     for split in evaluation:
         present = set(split.targets)
         unseen = sorted(present - trained)
         if unseen:
             row = split.targets.index(unseen[0])
-            raise DataError(f"{split.describe(row)}: class {names.get(unseen[0], unseen[0])} is in the evaluation set "
-                            f"but not in the training set {train.source if train is not None else ''}".rstrip())
+            raise DataError(
+                f"{split.describe(row)}: class {names.get(unseen[0], unseen[0])} is in the evaluation set "
+                f"but not in the training set {train.source if train is not None else ''}".rstrip()
+            )
         absent = [names.get(label, str(label)) for label in sorted(trained - present)]
         if absent:
-            print(f"note: {split.source}: no images of class(es) {', '.join(absent)} (evaluated on the others)", flush=True)
+            print(
+                f"note: {split.source}: no images of class(es) {', '.join(absent)} (evaluated on the others)",
+                flush=True,
+            )
     return [names.get(label, str(label)) for label in range(count)]
 
 
@@ -341,9 +389,20 @@ def split_dataset(dataset: ImageDataset, fraction: float, seed: int = 0) -> tupl
         raise DataError(f"cannot split {len(dataset)} image(s) into two non-empty parts")
     parts = (sorted(order[:cut]), sorted(order[cut:]))
     return tuple(
-        _with_source(ImageDataset([dataset.samples[i] for i in part], dataset.transform, dataset.classes, draft_size=dataset.draft_size,
-                                  skip_bad=dataset.skip_bad, label_names=dataset.label_names, raster=dataset.raster,
-                                  max_pixels=dataset.max_pixels, stretch=dataset.stretch), f"{dataset.source} ({which} part)")
+        _with_source(
+            ImageDataset(
+                [dataset.samples[i] for i in part],
+                dataset.transform,
+                dataset.classes,
+                draft_size=dataset.draft_size,
+                skip_bad=dataset.skip_bad,
+                label_names=dataset.label_names,
+                raster=dataset.raster,
+                max_pixels=dataset.max_pixels,
+                stretch=dataset.stretch,
+            ),
+            f"{dataset.source} ({which} part)",
+        )
         for part, which in zip(parts, ("memory", "held-out"))
     )
 

@@ -1,4 +1,6 @@
-"""Decoding image files: to 8-bit RGB (PIL, ``load_image``), or any band count and dtype to float32 (``read_raster``)."""
+"""Decoding image files: to 8-bit RGB (PIL, ``load_image``), or any band count and dtype to float32
+(``read_raster``)."""
+
 from __future__ import annotations
 
 import logging
@@ -27,7 +29,9 @@ class BadImageError(DataError):
         super().__init__(f"{path}: cannot read image ({reason})")
         self.path, self.reason = str(path), reason
 
-    def __reduce__(self):  # picklable (a worker process's error reaches the parent): the default would call __init__(message)
+    def __reduce__(
+        self,
+    ):  # picklable (a worker process's error reaches the parent): the default would call __init__(message)
         return type(self), (self.path, self.reason)
 
 
@@ -43,12 +47,16 @@ HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 
 
 def not_eight_bit(path, what: str) -> NotEightBitError:
-    return NotEightBitError(path, f"{what}: not 8-bit RGB data; give per-band statistics (--band_stats FILE.json from "
-                            f"{STATS_TOOL}, with --in_chans / --bands) or --stretch (1-99 percentile stretch to 8 bit)")
+    return NotEightBitError(
+        path,
+        f"{what}: not 8-bit RGB data; give per-band statistics (--band_stats FILE.json from "
+        f"{STATS_TOOL}, with --in_chans / --bands) or --stretch (1-99 percentile stretch to 8 bit)",
+    )
 
 
 def stretch_to_rgb(data: np.ndarray) -> Image.Image:
-    """[C, H, W] of any dtype -> 8-bit RGB (first three bands, or grey), each band stretched from its 1st to 99th percentile."""
+    """[C, H, W] of any dtype -> 8-bit RGB (first three bands, or grey), each band stretched from its 1st to 99th
+    percentile."""
     data = data[:3] if data.shape[0] >= 3 else data[:1].repeat(3, 0)
     low, high = np.percentile(data, [1, 99], axis=(1, 2), keepdims=True)
     values = np.clip((data - low) / np.maximum(high - low, 1e-6), 0, 1) * 255
@@ -85,8 +93,9 @@ def _tiff_stretched(path, limit: int, stretch: bool) -> Image.Image | None:
     return stretch_to_rgb(read_raster(path, max_pixels=limit).data)
 
 
-def load_image(path: str, draft_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
-               stretch: bool = False) -> Image.Image:
+def load_image(
+    path: str, draft_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS, stretch: bool = False
+) -> Image.Image:
     """Decode ``path`` to 8-bit RGB. JPEGs larger than ``draft_size`` are decoded at a reduced scale (PIL draft).
 
     Args:
@@ -111,8 +120,11 @@ def load_image(path: str, draft_size: int | None = None, max_pixels: int = MAX_I
             if img.mode in HIGH_BIT_MODES and not stretch:
                 raise not_eight_bit(path, f"PIL mode {img.mode}")
             if img.width * img.height > limit:
-                raise BadImageError(path, f"it declares {img.width} x {img.height} pixels, more than --max_image_pixels "
-                                          f"{limit}: a decompression bomb?")
+                raise BadImageError(
+                    path,
+                    f"it declares {img.width} x {img.height} pixels, more than --max_image_pixels "
+                    f"{limit}: a decompression bomb?",
+                )
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
@@ -122,7 +134,9 @@ def load_image(path: str, draft_size: int | None = None, max_pixels: int = MAX_I
     except MemoryError:
         raise BadImageError(path, "out of memory while decoding") from None
     except Exception as e:  # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, IndexError, ...
-        raise BadImageError(path, f"{type(e).__name__}: {first_line(e)}" if not isinstance(e, OSError) else first_line(e)) from None
+        raise BadImageError(
+            path, f"{type(e).__name__}: {first_line(e)}" if not isinstance(e, OSError) else first_line(e)
+        ) from None
 
 
 # --- Multispectral / high-bit-depth rasters -------------------------------------------------------------------------
@@ -145,7 +159,9 @@ class Raster:
     ``mask`` bool [H, W] (True = no-data in any band) or None, and ``nodata`` the no-data value in force (given, or the
     file's tag) or None."""
 
-    def __init__(self, data: np.ndarray, dtype: str, mask: np.ndarray | None = None, nodata: float | None = None) -> None:
+    def __init__(
+        self, data: np.ndarray, dtype: str, mask: np.ndarray | None = None, nodata: float | None = None
+    ) -> None:
         self.data, self.dtype, self.mask, self.nodata = data, dtype, mask, nodata
 
 
@@ -157,8 +173,11 @@ def _tiff_array(path, limit: int) -> tuple[np.ndarray, float | None]:
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         if page.imagewidth * page.imagelength > limit:
-            raise BadImageError(path, f"it declares {page.imagewidth} x {page.imagelength} pixels, more than "
-                                      f"--max_image_pixels {limit}: a decompression bomb?")
+            raise BadImageError(
+                path,
+                f"it declares {page.imagewidth} x {page.imagelength} pixels, more than "
+                f"--max_image_pixels {limit}: a decompression bomb?",
+            )
         nodata = None
         tag = page.tags.get(42113)  # GDAL_NODATA (ASCII)
         if tag is not None:
@@ -195,21 +214,28 @@ def _file_array(path, limit: int) -> tuple[np.ndarray, float | None]:
         if array.ndim != 3:
             raise BadImageError(path, f"expected a [C, H, W] or [H, W] array, got shape {array.shape}")
         if array.shape[1] * array.shape[2] > limit:
-            raise BadImageError(path, f"it declares {array.shape[2]} x {array.shape[1]} pixels, more than --max_image_pixels {limit}")
+            raise BadImageError(
+                path, f"it declares {array.shape[2]} x {array.shape[1]} pixels, more than --max_image_pixels {limit}"
+            )
         return np.asarray(array), None
     with Image.open(path) as img:
         if img.width * img.height > limit:
-            raise BadImageError(path, f"it declares {img.width} x {img.height} pixels, more than --max_image_pixels {limit}: "
-                                      "a decompression bomb?")
+            raise BadImageError(
+                path,
+                f"it declares {img.width} x {img.height} pixels, more than --max_image_pixels {limit}: "
+                "a decompression bomb?",
+            )
         if img.mode == "P":
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         array = np.asarray(img)
     return (array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)), None
 
 
-def read_raster(path, bands: list[int] | None = None, nodata: float | None = None,
-                max_pixels: int = MAX_IMAGE_PIXELS) -> Raster:
-    """Decode a GeoTIFF / TIFF (tifffile), ``.npy`` ([C, H, W] or [H, W]) or JPEG 2000 / PNG / JPEG (Pillow) file of any band
+def read_raster(
+    path, bands: list[int] | None = None, nodata: float | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Raster:
+    """Decode a GeoTIFF / TIFF (tifffile), ``.npy`` ([C, H, W] or [H, W]) or JPEG 2000 / PNG / JPEG (Pillow) file of
+    any band
     count and of dtype uint8 / uint16 / int16 / float32 (others too) into a ``Raster``.
 
     Args:
@@ -228,14 +254,18 @@ def read_raster(path, bands: list[int] | None = None, nodata: float | None = Non
     except MemoryError:
         raise BadImageError(path, "out of memory while decoding") from None
     except Exception as e:  # tifffile / numpy / PIL decoder failures
-        raise BadImageError(path, f"{type(e).__name__}: {first_line(e)}" if not isinstance(e, OSError) else first_line(e)) from None
+        raise BadImageError(
+            path, f"{type(e).__name__}: {first_line(e)}" if not isinstance(e, OSError) else first_line(e)
+        ) from None
     if array.dtype.kind not in "buif":
         raise BadImageError(path, f"samples of type {array.dtype}: not real numbers (integers or floats)")
     if bands is not None:
         bad = [b for b in bands if not 0 <= b < array.shape[0]]
         if bad:
-            raise DataError(f"{path}: --bands {' '.join(map(str, bad))} out of range: the file has {array.shape[0]} "
-                            f"band(s) (0-based indices 0..{array.shape[0] - 1})")
+            raise DataError(
+                f"{path}: --bands {' '.join(map(str, bad))} out of range: the file has {array.shape[0]} "
+                f"band(s) (0-based indices 0..{array.shape[0] - 1})"
+            )
         array = array[list(bands)]
     dtype = str(array.dtype)
     nodata = file_nodata if nodata is None else nodata
@@ -251,6 +281,9 @@ def read_raster(path, bands: list[int] | None = None, nodata: float | None = Non
         if mask is not None:
             bad &= ~mask
         if bad.any():
-            raise DataError(f"{path}: {int(bad.sum())} pixel(s) with NaN or infinite values (or beyond float32's range; first at row, column "
-                            f"{', '.join(map(str, np.argwhere(bad)[0]))}); if NaN marks no-data, give --nodata nan")
+            raise DataError(
+                f"{path}: {int(bad.sum())} pixel(s) with NaN or infinite values (or beyond float32's range; first at "
+                "row, column "
+                f"{', '.join(map(str, np.argwhere(bad)[0]))}); if NaN marks no-data, give --nodata nan"
+            )
     return Raster(data, dtype, mask, nodata)

@@ -1,5 +1,6 @@
 """Data loaders: seeded, sharded and resumable for training; in order and without padding for evaluation; and the
 interface every dataset offers them (``SampleDataset``)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -73,7 +74,7 @@ class SeededSampler(DistributedSampler):
         return list(super().__iter__())
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.order()[self.start:]:
+        for index in self.order()[self.start :]:
             yield index, derived_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
@@ -89,13 +90,19 @@ def train_loader(dataset: SampleDataset, loading: Loading, run: Run) -> tuple[Da
     """
     if len(dataset) < loading.batch_size * run.world_size:
         raise UsageError(
-            f"--batch_size {loading.batch_size} x {run.world_size} process(es) is more than the {len(dataset)} training images"
+            f"--batch_size {loading.batch_size} x {run.world_size} process(es) is more than the {len(dataset)} "
+            "training images"
         )
     sampler = dataset.make_sampler(run.world_size, run.rank, loading.seed)
     loader = DataLoader(  # its own generator: worker seeds must not draw from the RNG that masks use
-        dataset, batch_size=loading.batch_size, sampler=sampler, num_workers=loading.num_workers,
-        pin_memory=loading.pin_mem and run.device.type == "cuda", drop_last=True,
-        persistent_workers=loading.num_workers > 0, generator=torch.Generator().manual_seed(loading.seed),
+        dataset,
+        batch_size=loading.batch_size,
+        sampler=sampler,
+        num_workers=loading.num_workers,
+        pin_memory=loading.pin_mem and run.device.type == "cuda",
+        drop_last=True,
+        persistent_workers=loading.num_workers > 0,
+        generator=torch.Generator().manual_seed(loading.seed),
         worker_init_fn=ignore_stop_signals,
     )
     return loader, sampler
@@ -105,7 +112,11 @@ def eval_loader(dataset: Dataset, loading: Loading, run: Run) -> DataLoader:
     """In order; each rank takes every world_size-th sample (no padding, so no sample counts twice)."""
     indices = list(range(run.rank, len(dataset), run.world_size))
     return DataLoader(  # a generator of its own, so evaluating leaves the training RNG untouched
-        torch.utils.data.Subset(dataset, indices), batch_size=loading.batch_size, shuffle=False,
-        num_workers=loading.num_workers, pin_memory=loading.pin_mem and run.device.type == "cuda",
-        generator=torch.Generator(), worker_init_fn=ignore_stop_signals,
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=loading.batch_size,
+        shuffle=False,
+        num_workers=loading.num_workers,
+        pin_memory=loading.pin_mem and run.device.type == "cuda",
+        generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
     )

@@ -1,4 +1,5 @@
 """Pre-decoded images in one memory-mapped array (``tools/preprocess.py --pack``)."""
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ class PackedDataset(SampleDataset):
             self.array_path = meta_path.parent / meta["array"]
             self.dtype, self.bands, self.nodata = meta.get("dtype", "uint8"), meta.get("bands", 3), meta.get("nodata")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise DataError(f"{meta_path}: not a packed-dataset description ({type(e).__name__}: {first_line(e)})") from None
+            raise DataError(
+                f"{meta_path}: not a packed-dataset description ({type(e).__name__}: {first_line(e)})"
+            ) from None
         for key, value in (("size", self.size), ("count", count), ("bands", self.bands)):
             if type(value) is not int or value < 1:
                 raise DataError(f"{meta_path}: key {key!r} must be a positive integer, got {value!r}")
@@ -53,8 +56,10 @@ class PackedDataset(SampleDataset):
         expected = count * self.size * self.size * self.bands * np.dtype(self.dtype).itemsize
         actual = self.array_path.stat().st_size if self.array_path.is_file() else -1
         if actual != expected or len(self.targets) != count:
-            raise DataError(f"{self.array_path}: expected {expected} bytes for {count} images of {self.size} px x "
-                            f"{self.bands} band(s) of {self.dtype}, found {actual}")
+            raise DataError(
+                f"{self.array_path}: expected {expected} bytes for {count} images of {self.size} px x "
+                f"{self.bands} band(s) of {self.dtype}, found {actual}"
+            )
         check_predecoded(meta_path, self.bands, self.dtype, self.nodata, raster)
         self.raster = raster
         self.transform = transform
@@ -70,7 +75,9 @@ class PackedDataset(SampleDataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         if self._images is None:
-            self._images = np.memmap(self.array_path, dtype=self.dtype, mode="r").reshape(len(self), self.size, self.size, self.bands)
+            self._images = np.memmap(self.array_path, dtype=self.dtype, mode="r").reshape(
+                len(self), self.size, self.size, self.bands
+            )
         pixels = np.array(self._images[index])  # [S, S, C]
         if self.transform is None:
             return torch.from_numpy(pixels).permute(2, 0, 1), self.targets[index]

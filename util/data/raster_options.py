@@ -1,5 +1,6 @@
 """Reading multispectral / high-bit-depth data: the band options a run reads files with (``RasterOptions``), and
 the checks that pre-decoded data (packed arrays, shards) fits them."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,9 +29,18 @@ class RasterOptions:
         max_pixels: ``--max_image_pixels``: files declaring more pixels are refused.
     """
 
-    def __init__(self, in_chans: int, bands: Sequence[int] | None, nodata: float | None, fill: Sequence[float],
-                 valid_channel: bool = False, dtype: str | None = None, stats: str | None = None,
-                 stats_nodata: float | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    def __init__(
+        self,
+        in_chans: int,
+        bands: Sequence[int] | None,
+        nodata: float | None,
+        fill: Sequence[float],
+        valid_channel: bool = False,
+        dtype: str | None = None,
+        stats: str | None = None,
+        stats_nodata: float | None = None,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+    ) -> None:
         self.in_chans, self.bands, self.nodata = in_chans, list(bands) if bands else None, nodata
         self.fill = np.asarray(fill, dtype=np.float32)
         self.valid_channel = valid_channel
@@ -45,7 +55,9 @@ class RasterOptions:
         """
         raster = read_raster(path, self.bands, self.nodata, self.max_pixels)
         if raster.data.shape[0] != self.in_chans:
-            raise DataError(f"{name}: {raster.data.shape[0]} band(s) but --in_chans is {self.in_chans} (choose bands with --bands)")
+            raise DataError(
+                f"{name}: {raster.data.shape[0]} band(s) but --in_chans is {self.in_chans} (choose bands with --bands)"
+            )
         self.check_source(name, raster.dtype, raster.nodata)
         return self.finish(raster.data, raster.mask, name)
 
@@ -58,11 +70,15 @@ class RasterOptions:
             DataError: naming ``name`` and the flag to give.
         """
         if self.dtype and dtype != self.dtype:
-            raise DataError(f"{name}: {dtype} samples, but --band_stats {self.stats} was computed on {self.dtype} data "
-                            "(other units: one dataset needs one sample type)")
+            raise DataError(
+                f"{name}: {dtype} samples, but --band_stats {self.stats} was computed on {self.dtype} data "
+                "(other units: one dataset needs one sample type)"
+            )
         if self.stats_nodata is not None and not same_value(nodata, self.stats_nodata):
-            raise DataError(f"{name}: no-data {nodata} in force, but --band_stats {self.stats} was computed with "
-                            f"--nodata {self.stats_nodata:g}: give --nodata {self.stats_nodata:g}")
+            raise DataError(
+                f"{name}: no-data {nodata} in force, but --band_stats {self.stats} was computed with "
+                f"--nodata {self.stats_nodata:g}: give --nodata {self.stats_nodata:g}"
+            )
 
     def finish(self, data: np.ndarray, mask: np.ndarray | None, name: str) -> torch.Tensor:
         """float32 [C, H, W] (modified in place) and its no-data mask [H, W] -> the sample: no-data filled with
@@ -82,7 +98,8 @@ class RasterOptions:
 
 
 def split_valid(images: torch.Tensor, in_chans: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[B, C (+1), H, W] -> (images [B, C, H, W], validity [B, 1, H, W] or None): the band ``RasterOptions(valid_channel=
+    """[B, C (+1), H, W] -> (images [B, C, H, W], validity [B, 1, H, W] or None): the band
+    ``RasterOptions(valid_channel=
     True)`` or ``BatchAugment`` (packed arrays with a no-data value) appended, if any."""
     if images.shape[1] == in_chans + 1:
         return images[:, :in_chans], images[:, in_chans:]
@@ -94,8 +111,17 @@ def raster_options(bands: Bands, valid_channel: bool = False) -> RasterOptions |
     No-data pixels are filled with the band mean (``bands.mean``); ``valid_channel``: see ``RasterOptions``."""
     if not bands.raster:
         return None
-    return RasterOptions(bands.in_chans, bands.bands, bands.nodata, bands.mean, valid_channel, bands.stats_dtype,
-                         bands.band_stats, bands.stats_nodata, bands.max_pixels)
+    return RasterOptions(
+        bands.in_chans,
+        bands.bands,
+        bands.nodata,
+        bands.mean,
+        valid_channel,
+        bands.stats_dtype,
+        bands.band_stats,
+        bands.stats_nodata,
+        bands.max_pixels,
+    )
 
 
 PACKED_DTYPES = {"uint8": ".u8", "uint16": ".u16"}  # sample type -> array file suffix
@@ -109,11 +135,16 @@ def check_predecoded(source, bands: int, dtype: str, nodata: float | None, raste
         DataError: naming ``source``, what it holds and the flags it needs.
     """
     if raster is None and (dtype != "uint8" or bands != 3 or nodata is not None):
-        raise DataError(f"{source}: {bands} band(s) of {dtype}" + (f" with no-data {nodata:g}" if nodata is not None else "")
-                        + f": give --in_chans {bands} and per-band statistics (--band_stats)")
+        raise DataError(
+            f"{source}: {bands} band(s) of {dtype}"
+            + (f" with no-data {nodata:g}" if nodata is not None else "")
+            + f": give --in_chans {bands} and per-band statistics (--band_stats)"
+        )
     if raster is not None and raster.bands:
-        raise DataError(f"{source}: --bands cannot choose its bands: they were chosen when it was written "
-                        "(tools/preprocess.py --raster --bands)")
+        raise DataError(
+            f"{source}: --bands cannot choose its bands: they were chosen when it was written "
+            "(tools/preprocess.py --raster --bands)"
+        )
     if raster is not None and raster.in_chans != bands:
         raise DataError(f"{source}: {bands} band(s) but --in_chans is {raster.in_chans}")
     if raster is not None:

@@ -5,6 +5,7 @@ image path, mask path), masks as class indices or as colours through a palette (
 Masks are read and written losslessly (PNG, TIFF, BMP); JPEG masks are refused: compression invents labels at
 every class boundary. Mask pixels equal to ``ignore_index`` (default 255) count in no loss and no metric.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,9 +23,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from util.config import IGNORE_INDEX, Bands
+from util.data.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, is_image, load_image
 from util.data.loaders import SampleDataset
 from util.data.raster_options import raster_options
-from util.data.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, is_image, load_image
 from util.errors import DataError
 from util.run.rng import seeded
 
@@ -74,7 +75,9 @@ def load_palette(spec: str | os.PathLike) -> Palette:
 
 
 def save_palette(palette: Palette, path: Path) -> None:
-    path.write_text(json.dumps([{"name": n, "color": list(c)} for n, c in zip(palette.names, palette.colors)], indent=1) + "\n")
+    path.write_text(
+        json.dumps([{"name": n, "color": list(c)} for n, c in zip(palette.names, palette.colors)], indent=1) + "\n"
+    )
 
 
 def rgb_to_index(rgb: np.ndarray, palette: Palette, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
@@ -106,8 +109,12 @@ def check_mask_path(path: str | os.PathLike) -> None:
         raise DataError(f"{path}: JPEG masks are refused (lossy compression changes labels at every boundary); use PNG")
 
 
-def read_mask(path: str | os.PathLike, palette: Palette | None = None, ignore_index: int = IGNORE_INDEX,
-              zero_is_nodata: bool = False) -> np.ndarray:
+def read_mask(
+    path: str | os.PathLike,
+    palette: Palette | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    zero_is_nodata: bool = False,
+) -> np.ndarray:
     """A mask file -> [H, W] int64 class indices.
 
     Single-channel (``L``, ``P``, 16-bit) files hold the indices themselves (a palette PNG's pixel values are its
@@ -160,6 +167,7 @@ def pairs_from_folders(root: Path, image_extensions: tuple[str, ...] = IMAGE_EXT
     Raises:
         DataError: an image without a mask, a mask without an image, or two files of one stem.
     """
+
     def by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
         found: dict[str, Path] = {}
         for p in sorted(folder.iterdir()):
@@ -173,8 +181,9 @@ def pairs_from_folders(root: Path, image_extensions: tuple[str, ...] = IMAGE_EXT
     images, masks = by_stem(root / "images", image_extensions), by_stem(root / "masks", IMAGE_EXTENSIONS)
     no_mask, no_image = sorted(set(images) - set(masks)), sorted(set(masks) - set(images))
     if no_mask or no_image:
-        problems = ([f"{len(no_mask)} image(s) without a mask (first: {no_mask[0]})"] if no_mask else []) + \
-                   ([f"{len(no_image)} mask(s) without an image (first: {no_image[0]})"] if no_image else [])
+        problems = ([f"{len(no_mask)} image(s) without a mask (first: {no_mask[0]})"] if no_mask else []) + (
+            [f"{len(no_image)} mask(s) without an image (first: {no_image[0]})"] if no_image else []
+        )
         raise DataError(f"{root}: {'; '.join(problems)}")
     return [(str(images[s]), str(masks[s])) for s in sorted(images)]
 
@@ -225,27 +234,37 @@ def find_pairs(path: str | os.PathLike, raster: bool = False) -> list[tuple[str,
     return pairs
 
 
-def train_transform(crop: int, mean: Sequence[float], std: Sequence[float], ignore_index: int = IGNORE_INDEX,
-                    scale: tuple[float, float] = (0.25, 1.0)) -> v2.Compose:
+def train_transform(
+    crop: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    ignore_index: int = IGNORE_INDEX,
+    scale: tuple[float, float] = (0.25, 1.0),
+) -> v2.Compose:
     """Joint training augmentation of (``tv_tensors.Image``, ``tv_tensors.Mask``): pad to the crop if smaller
     (image 0, mask ``ignore_index``), RandomResizedCrop (image bilinear with antialias; the mask ALWAYS nearest
     neighbour: torchvision v2 resamples ``Mask`` with NEAREST whatever the interpolation asked), horizontal and
     vertical flips, then the image to float and normalised (the mask stays integer). Images are uint8 [3, H, W]
     (scaled to [0, 1]) or float32 [C, H, W] in the file's units (multispectral: kept as they are, then
     normalised per band with ``mean`` / ``std`` in those units)."""
-    return v2.Compose([
-        PadTo(crop, ignore_index),
-        v2.RandomResizedCrop(crop, scale=scale, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])
+    return v2.Compose(
+        [
+            PadTo(crop, ignore_index),
+            v2.RandomResizedCrop(crop, scale=scale, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
 
 
 def eval_transform(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """The whole image, normalised (sliding-window inference handles any size); uint8 or float, as ``train_transform``."""
-    return v2.Compose([v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(list(mean), list(std))])
+    """The whole image, normalised (sliding-window inference handles any size); uint8 or float, as
+    ``train_transform``."""
+    return v2.Compose(
+        [v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(list(mean), list(std))]
+    )
 
 
 class PadTo(torch.nn.Module):
@@ -260,8 +279,7 @@ class PadTo(torch.nn.Module):
         if h >= self.size and w >= self.size:
             return image, mask
         padding = [0, 0, max(self.size - w, 0), max(self.size - h, 0)]
-        return (v2.functional.pad(image, padding, fill=0),
-                v2.functional.pad(mask, padding, fill=self.ignore_index))
+        return (v2.functional.pad(image, padding, fill=0), v2.functional.pad(mask, padding, fill=self.ignore_index))
 
 
 class SegDataset(SampleDataset):
@@ -278,9 +296,16 @@ class SegDataset(SampleDataset):
             [3, H, W]); ``--stretch`` and ``--max_image_pixels`` apply.
     """
 
-    def __init__(self, pairs: Sequence[tuple[str, str]], transform: Callable | None, num_classes: int,
-                 palette: Palette | None = None, ignore_index: int = IGNORE_INDEX, zero_is_nodata: bool = False,
-                 bands: Bands | None = None) -> None:
+    def __init__(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        transform: Callable | None,
+        num_classes: int,
+        palette: Palette | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        zero_is_nodata: bool = False,
+        bands: Bands | None = None,
+    ) -> None:
         self.pairs, self.transform, self.num_classes = list(pairs), transform, num_classes
         self.palette, self.ignore_index, self.zero_is_nodata = palette, ignore_index, zero_is_nodata
         self.bands = bands or Bands()
@@ -306,8 +331,10 @@ class SegDataset(SampleDataset):
             raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} px, its image {width}x{height}")
         bad = (mask >= self.num_classes) & (mask != self.ignore_index) | (mask < 0)
         if bad.any():
-            raise DataError(f"{mask_path}: label(s) {sorted(np.unique(mask[bad]).tolist())[:5]} outside 0..{self.num_classes - 1} "
-                            f"and not --ignore_index {self.ignore_index}")
+            raise DataError(
+                f"{mask_path}: label(s) {sorted(np.unique(mask[bad]).tolist())[:5]} outside 0..{self.num_classes - 1} "
+                f"and not --ignore_index {self.ignore_index}"
+            )
         return tv_tensors.Image(image), tv_tensors.Mask(torch.from_numpy(mask))
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,5 +350,7 @@ class SegDataset(SampleDataset):
         counts = torch.zeros(self.num_classes, dtype=torch.long)
         for index in range(len(self)):
             mask = self.load(index)[1]
-            counts += torch.bincount(mask[mask != self.ignore_index].flatten(), minlength=self.num_classes)[: self.num_classes]
+            counts += torch.bincount(mask[mask != self.ignore_index].flatten(), minlength=self.num_classes)[
+                : self.num_classes
+            ]
         return counts

@@ -12,6 +12,7 @@ the offset the tar header gives, so the training order is decided in the main pr
 resumed run (same seed, same number of processes) sees exactly the batches an uninterrupted one would,
 whatever ``--num_workers``.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -30,9 +31,9 @@ import torch
 from PIL import Image
 
 from util.data import raster_options
-from util.files import write_atomically
-from util.errors import DataError, first_line
 from util.data.loaders import SampleDataset, SeededSampler, derived_seed
+from util.errors import DataError, first_line
+from util.files import write_atomically
 from util.run.rng import seeded
 
 MANIFEST_SUFFIX = ".shards.json"
@@ -50,13 +51,23 @@ def samples_per_shard(sample_bytes: int, target_bytes: int = SHARD_BYTES) -> int
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # mtime 0: the same input gives the same bytes (and manifest hash)
+    info.size, info.mtime, info.mode = (
+        len(data),
+        0,
+        0o644,
+    )  # mtime 0: the same input gives the same bytes (and manifest hash)
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(arrays: Iterable[tuple[str, np.ndarray, int]], count: int, manifest_path: Path, per_shard: int,
-                 classes: Sequence[str] | None = None, class_names: dict[int, str] | None = None,
-                 nodata: float | None = None) -> dict:
+def write_shards(
+    arrays: Iterable[tuple[str, np.ndarray, int]],
+    count: int,
+    manifest_path: Path,
+    per_shard: int,
+    classes: Sequence[str] | None = None,
+    class_names: dict[int, str] | None = None,
+    nodata: float | None = None,
+) -> dict:
     """Write ``count`` samples as WebDataset tar shards of ``per_shard`` samples, then the manifest.
 
     Args:
@@ -83,10 +94,14 @@ def write_shards(arrays: Iterable[tuple[str, np.ndarray, int]], count: int, mani
             if shape is None:
                 shape, dtype = array.shape, str(array.dtype)
                 if dtype not in DTYPES or array.ndim != 3 or array.shape[1] != array.shape[2]:
-                    raise DataError(f"{key}: {dtype} {list(array.shape)}: shards hold uint8 or uint16 [bands, size, size] arrays")
+                    raise DataError(
+                        f"{key}: {dtype} {list(array.shape)}: shards hold uint8 or uint16 [bands, size, size] arrays"
+                    )
             if array.shape != shape or str(array.dtype) != dtype:
-                raise DataError(f"{key}: {array.dtype} {list(array.shape)}, but the first sample is {dtype} {list(shape)}: "
-                                "every sample of a dataset needs the same bands and size")
+                raise DataError(
+                    f"{key}: {array.dtype} {list(array.shape)}, but the first sample is {dtype} {list(shape)}: "
+                    "every sample of a dataset needs the same bands and size"
+                )
 
         def write(tmp: str, batch: list = batch) -> None:
             with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -100,8 +115,17 @@ def write_shards(arrays: Iterable[tuple[str, np.ndarray, int]], count: int, mani
         write_atomically(path, write)
         shards.append({"name": name, "count": len(batch), "bytes": path.stat().st_size})
         labels.extend(int(label) for _, _, label in batch)
-    manifest = {"format": FORMAT, "sample": SAMPLE_LAYOUT, "count": count, "size": shape[1], "bands": shape[0],
-                "dtype": dtype, "nodata": nodata, "shards": shards, "labels": labels}
+    manifest = {
+        "format": FORMAT,
+        "sample": SAMPLE_LAYOUT,
+        "count": count,
+        "size": shape[1],
+        "bands": shape[0],
+        "dtype": dtype,
+        "nodata": nodata,
+        "shards": shards,
+        "labels": labels,
+    }
     if classes:
         manifest["classes"] = list(classes)
     elif class_names:
@@ -130,8 +154,12 @@ class ShardDataset(SampleDataset):
 
     predecoded = True
 
-    def __init__(self, manifest_path: str | os.PathLike, transform: Callable | None = None,
-                 raster: raster_options.RasterOptions | None = None) -> None:
+    def __init__(
+        self,
+        manifest_path: str | os.PathLike,
+        transform: Callable | None = None,
+        raster: raster_options.RasterOptions | None = None,
+    ) -> None:
         manifest_path = Path(manifest_path)
         try:
             raw = manifest_path.read_bytes()
@@ -141,23 +169,37 @@ class ShardDataset(SampleDataset):
             self.targets = [int(label) for label in manifest["labels"]]
             shards = [(str(s["name"]), int(s["count"]), int(s["bytes"])) for s in manifest["shards"]]
         except OSError as e:
-            raise DataError(f"{manifest_path}: cannot read the shard manifest ({e.strerror or first_line(e)})") from None
+            raise DataError(
+                f"{manifest_path}: cannot read the shard manifest ({e.strerror or first_line(e)})"
+            ) from None
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{manifest_path}: not a shard manifest ({type(e).__name__}: {first_line(e)})") from None
         if self.dtype not in DTYPES or any(type(v) is not int or v < 1 for v in (self.size, self.bands)) or not shards:
-            raise DataError(f"{manifest_path}: not a shard manifest (dtype {self.dtype!r}, size {self.size!r}, "
-                            f"bands {self.bands!r}, {len(shards)} shard(s))")
+            raise DataError(
+                f"{manifest_path}: not a shard manifest (dtype {self.dtype!r}, size {self.size!r}, "
+                f"bands {self.bands!r}, {len(shards)} shard(s))"
+            )
         counts = [count for _, count, _ in shards]
         if sum(counts) != len(self.targets) or min(counts) < 1:
-            raise DataError(f"{manifest_path}: the shards hold {sum(counts)} samples but it lists {len(self.targets)} labels")
+            raise DataError(
+                f"{manifest_path}: the shards hold {sum(counts)} samples but it lists {len(self.targets)} labels"
+            )
         names = [name for name, _, _ in shards]
-        outside = next((name for name in names if Path(name).is_absolute() or ".." in Path(name).parts or not name), None)
+        outside = next(
+            (name for name in names if Path(name).is_absolute() or ".." in Path(name).parts or not name), None
+        )
         if outside is not None:
-            raise DataError(f"{manifest_path}: shard name {outside!r} points outside its folder: names are paths "
-                            "relative to the manifest, without '..'")
-        twice = next((name for i, name in enumerate(names) if os.path.normpath(name) in map(os.path.normpath, names[:i])), None)
+            raise DataError(
+                f"{manifest_path}: shard name {outside!r} points outside its folder: names are paths "
+                "relative to the manifest, without '..'"
+            )
+        twice = next(
+            (name for i, name in enumerate(names) if os.path.normpath(name) in map(os.path.normpath, names[:i])), None
+        )
         if twice is not None:
-            raise DataError(f"{manifest_path}: shard {twice!r} is listed more than once (its samples would be seen twice)")
+            raise DataError(
+                f"{manifest_path}: shard {twice!r} is listed more than once (its samples would be seen twice)"
+            )
         self.shard_paths = [manifest_path.parent / name for name in names]
         for path, (_, _, expected) in zip(self.shard_paths, shards):
             try:
@@ -167,8 +209,10 @@ class ShardDataset(SampleDataset):
             except OSError as e:
                 raise DataError(f"{path}: cannot read the shard ({e.strerror or first_line(e)})") from None
             if actual != expected:
-                raise DataError(f"{path}: shard {'truncated' if actual < expected else 'changed'}: {actual} bytes, "
-                                f"{manifest_path.name} says {expected}; rewrite it with tools/preprocess.py --shards")
+                raise DataError(
+                    f"{path}: shard {'truncated' if actual < expected else 'changed'}: {actual} bytes, "
+                    f"{manifest_path.name} says {expected}; rewrite it with tools/preprocess.py --shards"
+                )
         if self.nodata is not None and type(self.nodata) not in (int, float):
             raise DataError(f"{manifest_path}: key 'nodata' must be a number or null, got {self.nodata!r}")
         raster_options.check_predecoded(manifest_path, self.bands, self.dtype, self.nodata, raster)
@@ -216,7 +260,9 @@ class ShardDataset(SampleDataset):
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(f"{path}: unreadable shard ({first_line(e)})") from None
         if len(found) != self.shard_counts[shard]:
-            raise DataError(f"{path}: {len(found)} sample(s), the manifest says {self.shard_counts[shard]}: truncated or rewritten")
+            raise DataError(
+                f"{path}: {len(found)} sample(s), the manifest says {self.shard_counts[shard]}: truncated or rewritten"
+            )
         return found
 
     def _file(self, shard: int) -> int:
@@ -225,7 +271,9 @@ class ShardDataset(SampleDataset):
             try:
                 fd = os.open(self.shard_paths[shard], os.O_RDONLY)
             except OSError as e:
-                raise DataError(f"{self.shard_paths[shard]}: cannot open the shard ({e.strerror or first_line(e)})") from None
+                raise DataError(
+                    f"{self.shard_paths[shard]}: cannot open the shard ({e.strerror or first_line(e)})"
+                ) from None
             if len(self._files) >= OPEN_SHARDS:
                 os.close(self._files.popitem(last=False)[1])
         self._files[shard] = fd
@@ -247,7 +295,9 @@ class ShardDataset(SampleDataset):
         if read != size:
             raise DataError(f"{path}: truncated shard: sample {position} needs {size} bytes at {offset}, found {read}")
         header = self._npy_header()
-        if data[:len(header)] == header:  # the header np.save writes for the manifest's dtype and shape: skip parsing it
+        if (
+            data[: len(header)] == header
+        ):  # the header np.save writes for the manifest's dtype and shape: skip parsing it
             array = np.frombuffer(data, self.dtype, offset=len(header)).reshape(self.bands, self.size, self.size)
         else:
             try:
@@ -255,15 +305,23 @@ class ShardDataset(SampleDataset):
             except (ValueError, OSError, EOFError) as e:
                 raise DataError(f"{path}: sample {position} is not a .npy array ({first_line(e)})") from None
         if str(array.dtype) != self.dtype or array.shape != (self.bands, self.size, self.size):
-            raise DataError(f"{path}: sample {position} is {array.dtype} {list(array.shape)}, the manifest says "
-                            f"{self.dtype} {[self.bands, self.size, self.size]}")
+            raise DataError(
+                f"{path}: sample {position} is {array.dtype} {list(array.shape)}, the manifest says "
+                f"{self.dtype} {[self.bands, self.size, self.size]}"
+            )
         return array
 
     def _npy_header(self) -> bytes:
         if self._header is None:
             buffer = io.BytesIO()
-            np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(self.dtype)),
-                                                          "fortran_order": False, "shape": (self.bands, self.size, self.size)})
+            np.lib.format.write_array_header_1_0(
+                buffer,
+                {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(self.dtype)),
+                    "fortran_order": False,
+                    "shape": (self.bands, self.size, self.size),
+                },
+            )
             self._header = buffer.getvalue()
         return self._header
 
@@ -295,19 +353,22 @@ class ShardSampler(SeededSampler):
         buffer: Samples shuffled together (default: two of the largest shards, so a block spans at most three).
     """
 
-    def __init__(self, dataset: ShardDataset, num_replicas: int, rank: int, seed: int = 0, buffer: int | None = None) -> None:
+    def __init__(
+        self, dataset: ShardDataset, num_replicas: int, rank: int, seed: int = 0, buffer: int | None = None
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.buffer = buffer or 2 * max(dataset.shard_counts)
 
     def order(self) -> list[int]:
         dataset = self.dataset
-        shards = np.random.default_rng(derived_seed(self.seed, self.epoch, "shards")).permutation(len(dataset.shard_counts))
-        stream = np.concatenate([np.arange(dataset.shard_starts[k], dataset.shard_starts[k] + dataset.shard_counts[k])
-                                 for k in shards])
-        mine = stream[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]
+        shards = np.random.default_rng(derived_seed(self.seed, self.epoch, "shards")).permutation(
+            len(dataset.shard_counts)
+        )
+        stream = np.concatenate(
+            [np.arange(dataset.shard_starts[k], dataset.shard_starts[k] + dataset.shard_counts[k]) for k in shards]
+        )
+        mine = stream[self.rank * self.num_samples : (self.rank + 1) * self.num_samples]
         rng = np.random.default_rng(derived_seed(self.seed, self.epoch, "rank", self.rank))
         for first in range(0, len(mine), self.buffer):
-            rng.shuffle(mine[first:first + self.buffer])  # a view: shuffles the block in place
+            rng.shuffle(mine[first : first + self.buffer])  # a view: shuffles the block in place
         return mine.tolist()
-
-

@@ -1,5 +1,6 @@
 """Image transforms: upstream's per-image training / evaluation transforms, and the same training
 augmentation applied to a whole uint8 / uint16 batch on the device (packed datasets)."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,8 @@ from torchvision.transforms import v2
 
 from util.config import FMOW_RGB_MEAN, FMOW_RGB_STD, Bands  # fMoW-RGB statistics: upstream's "UPDATED" constants
 
-# Training crops: RandomResizedCrop area range (upstream's main_pretrain.py) and torchvision's default aspect-ratio range.
+# Training crops: RandomResizedCrop area range (upstream's main_pretrain.py) and torchvision's default aspect-ratio
+# range.
 CROP_SCALE = (0.25, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
@@ -28,7 +30,9 @@ def build_transform(
     Eval: resize the shorter side to input_size / 0.875 (bicubic; no enlargement above 224 px) + centre crop.
     """
     geometry = _geometry(is_train, input_size, v2.InterpolationMode.BICUBIC)
-    return v2.Compose([v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    return v2.Compose(
+        [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    )
 
 
 def _geometry(is_train: bool, input_size: int, interpolation: v2.InterpolationMode) -> list:
@@ -36,11 +40,16 @@ def _geometry(is_train: bool, input_size: int, interpolation: v2.InterpolationMo
     side to ``eval_resize_size`` + centre crop."""
     if is_train:
         return [
-            v2.RandomResizedCrop(input_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=interpolation, antialias=True),
+            v2.RandomResizedCrop(
+                input_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=interpolation, antialias=True
+            ),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
         ]
-    return [v2.Resize(eval_resize_size(input_size), interpolation=interpolation, antialias=True), v2.CenterCrop(input_size)]
+    return [
+        v2.Resize(eval_resize_size(input_size), interpolation=interpolation, antialias=True),
+        v2.CenterCrop(input_size),
+    ]
 
 
 def build_raster_transform(is_train: bool, input_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
@@ -51,7 +60,8 @@ def build_raster_transform(is_train: bool, input_size: int, mean: Sequence[float
 
 
 def image_transform(bands: Bands, input_size: int, is_train: bool, valid_channel: bool = False) -> v2.Compose:
-    """The per-image transform of ``input_size`` px of data read as ``bands`` say: ``build_transform`` for 8-bit RGB (PIL
+    """The per-image transform of ``input_size`` px of data read as ``bands`` say: ``build_transform`` for 8-bit RGB
+    (PIL
     images), or ``build_raster_transform`` for float [C, H, W] tensors of any band count (``Bands.raster``:
     multispectral, 16-bit). ``valid_channel``: the rasters carry a validity band last (``RasterOptions``), resampled
     with the image (bilinear) and left unnormalised (mean 0, std 1)."""
@@ -82,12 +92,19 @@ class BatchAugment(torch.nn.Module):
         mean, std: Per band, in units of ``value_scale`` (8-bit RGB: fMoW statistics in [0, 1], ``value_scale`` 255;
             multispectral / 16-bit: the file's units, ``value_scale`` 1).
         nodata: The packed array's no-data value, or None. Such pixels (no-data in any band) are filled with the band
-            mean before resampling, and the output gains a validity band ([B, C + 1, S, S], ``raster_options.split_valid``)
+            mean before resampling, and the output gains a validity band ([B, C + 1, S, S],
+            ``raster_options.split_valid``)
             so that they stay out of the reconstruction loss.
     """
 
-    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float], value_scale: float = 255.0,
-                 nodata: float | None = None) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        value_scale: float = 255.0,
+        nodata: float | None = None,
+    ) -> None:
         super().__init__()
         self.input_size = input_size
         self.scale = CROP_SCALE
@@ -131,7 +148,9 @@ class BatchAugment(torch.nn.Module):
         theta[:, 1, 2] = (top + bottom) / height - 1
         if images.device.type == "cuda":  # no stream synchronisation: copy from pinned memory, asynchronously
             theta = theta.pin_memory().to(images.device, non_blocking=True)
-        grid = F.affine_grid(theta.to(images.device), [count, channels, self.input_size, self.input_size], align_corners=False)
+        grid = F.affine_grid(
+            theta.to(images.device), [count, channels, self.input_size, self.input_size], align_corners=False
+        )
         pixels = images.float()  # exact for uint8 / uint16; compared as floats: CUDA has few uint16 kernels
         if self.nodata is not None:
             valid = (pixels != self.nodata).all(1, keepdim=True)
@@ -140,4 +159,3 @@ class BatchAugment(torch.nn.Module):
         if self.nodata is not None:
             return torch.cat([(out[:, :-1] - self.mean) / self.std, out[:, -1:]], dim=1)
         return (out - self.mean) / self.std
-

@@ -1,6 +1,7 @@
 """Figures: reconstructions (original, masked and reconstructed images of both scales), confusion matrices,
 kNN accuracy against scale, and segmentation figures (image / ground truth / prediction with a legend of class
 names, per-class IoU, mIoU against scale)."""
+
 from __future__ import annotations
 
 import math
@@ -10,19 +11,25 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.patches import Patch
+from PIL import Image
+from torchvision.utils import make_grid
 
-from util.data.segmentation import Palette, index_to_rgb  # noqa: E402
+from util.data.segmentation import Palette, index_to_rgb
 
 
 @torch.no_grad()
-def reconstruction_columns(model, imgs: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None,
-                           seed: int = 1234, rgb_bands: Sequence[int] | None = None) -> tuple[torch.Tensor, list[str]]:
+def reconstruction_columns(
+    model,
+    imgs: torch.Tensor,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    seed: int = 1234,
+    rgb_bands: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, list[str]]:
     """Per image: original, masked, reconstruction (visible patches pasted back), for each scale.
 
     Masks and the crop box come from a private generator seeded with ``seed``, so figures of different
@@ -56,7 +63,9 @@ def reconstruction_columns(model, imgs: torch.Tensor, mean: Sequence[float] | No
     shown = list(rgb_bands) if rgb_bands else list(range(3)) if imgs.shape[1] >= 3 else [0]
     shown = shown * 3 if len(shown) == 1 else shown
     columns, names = [], []
-    for number, (view, (_, mask, _, pred)) in enumerate(zip(views, outputs), start=1):  # ViewOutput(latent, mask, tokens, pred)
+    for number, (view, (_, mask, _, pred)) in enumerate(
+        zip(views, outputs), start=1
+    ):  # ViewOutput(latent, mask, tokens, pred)
         pred = pred.float()
         if model.norm_pix_loss:  # predictions are standardised patches: undo with the target's statistics
             target = model.patchify(view.float())
@@ -66,11 +75,15 @@ def reconstruction_columns(model, imgs: torch.Tensor, mean: Sequence[float] | No
         columns += [view, view * (1 - patch_mask), view * (1 - patch_mask) + recon * patch_mask]
         scale = f"scale {number}" + (" (crop)" if number > 1 else " (full)") if len(views) > 1 else "full image"
         names += [f"original\n{scale}", f"masked {model.mask_ratio:.0%}\n{scale}", f"reconstruction\n{scale}"]
-    images = torch.stack([(c.float() * std_t + mean_t).clamp(0, 1)[:, shown] for c in columns], dim=1)  # [B, 3V, 3, H, W]
+    images = torch.stack(
+        [(c.float() * std_t + mean_t).clamp(0, 1)[:, shown] for c in columns], dim=1
+    )  # [B, 3V, 3, H, W]
     return images.cpu(), names
 
 
-def reconstruction_grid(model, imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float], seed: int = 1234) -> torch.Tensor:
+def reconstruction_grid(
+    model, imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float], seed: int = 1234
+) -> torch.Tensor:
     """``reconstruction_columns`` as one uint8 image [3, H', W'] (one row per image; TensorBoard)."""
     return grid_image(reconstruction_columns(model, imgs, mean, std, seed)[0])
 
@@ -84,12 +97,16 @@ def grid_image(images: torch.Tensor) -> torch.Tensor:
 MIN_CELL_PX = 160  # each image is drawn at least this wide (nearest-neighbour upscaling: pixels stay visible as pixels)
 
 
-def save_reconstruction_png(images: torch.Tensor, names: Sequence[str], path: Path, title: str, dpi: int = 100) -> tuple[int, int]:
+def save_reconstruction_png(
+    images: torch.Tensor, names: Sequence[str], path: Path, title: str, dpi: int = 100
+) -> tuple[int, int]:
     """``reconstruction_columns``' images [B, K, C, H, W] as a titled figure: column titles, ``title`` above,
     every image at least ``MIN_CELL_PX`` wide (upscaled by nearest neighbour). Returns (width, height) in pixels."""
     rows, cols, _, height, width = images.shape
     cell = max(MIN_CELL_PX, width) / dpi  # inches
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell * height / width + 0.9), dpi=dpi, squeeze=False)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(cols * cell, rows * cell * height / width + 0.9), dpi=dpi, squeeze=False
+    )
     for r in range(rows):
         for c in range(cols):
             ax = axes[r][c]
@@ -115,7 +132,9 @@ def save_png(image: torch.Tensor, path: Path) -> None:
 
 def save_confusion_png(confusion: torch.Tensor, class_names: list[str], path: Path, title: str) -> None:
     """Confusion matrix [K, K] (rows = true class) as a PNG with class names and counts (counts up to 30 classes)."""
-    label_inches = 0.075 * max(map(len, class_names), default=1)  # room for the longest name beside and below the matrix
+    label_inches = 0.075 * max(
+        map(len, class_names), default=1
+    )  # room for the longest name beside and below the matrix
     size = max(3.0, 0.45 * len(class_names)) + label_inches + 1.2
     fig, ax = plt.subplots(figsize=(size, size + 0.3))
     ax.imshow(confusion.numpy(), cmap="Blues")
@@ -125,9 +144,13 @@ def save_confusion_png(confusion: torch.Tensor, class_names: list[str], path: Pa
     ax.set_yticklabels(class_names)
     if len(class_names) <= 30:
         threshold = confusion.max().item() / 2
-        for (row, col), count in zip(torch.cartesian_prod(torch.arange(len(class_names)), torch.arange(len(class_names))).tolist(),
-                                     confusion.flatten().tolist()):
-            ax.text(col, row, count, ha="center", va="center", fontsize=8, color="white" if count > threshold else "black")
+        for (row, col), count in zip(
+            torch.cartesian_prod(torch.arange(len(class_names)), torch.arange(len(class_names))).tolist(),
+            confusion.flatten().tolist(),
+        ):
+            ax.text(
+                col, row, count, ha="center", va="center", fontsize=8, color="white" if count > threshold else "black"
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -143,8 +166,15 @@ def wilson_interval(percent: float, count: int, z: float = 1.96) -> tuple[float,
     return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
 
 
-def save_knn_plot(table: dict, labels: list[str], scales: list[float], classifiers: Sequence[str], path: Path,
-                  evaluation: str = "", images: int | None = None) -> None:
+def save_knn_plot(
+    table: dict,
+    labels: list[str],
+    scales: list[float],
+    classifiers: Sequence[str],
+    path: Path,
+    evaluation: str = "",
+    images: int | None = None,
+) -> None:
     """Top-1 against scale, one line per checkpoint, one panel per kNN classifier; ``table[label, classifier, scale]``.
 
     ``evaluation`` (what was evaluated) and ``images`` (how many) go into the title; with ``images``, each line
@@ -155,7 +185,7 @@ def save_knn_plot(table: dict, labels: list[str], scales: list[float], classifie
     for ax, classifier in zip(axes, classifiers):
         for label in labels:
             values = [table[label, classifier, s] for s in scales]
-            line, = ax.plot(scales, values, marker="o", label=label)
+            (line,) = ax.plot(scales, values, marker="o", label=label)
             if images:
                 low, high = zip(*(wilson_interval(v, images) for v in values))
                 ax.fill_between(scales, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
@@ -171,7 +201,9 @@ def save_knn_plot(table: dict, labels: list[str], scales: list[float], classifie
             axes[0].set_ylim(max(0, middle - 5), min(100, middle + 5))
     heading = "Multi-scale kNN top-1"
     if evaluation or images:
-        heading += ": " + ", ".join(part for part in (evaluation, f"{images} evaluation images" if images else "") if part)
+        heading += ": " + ", ".join(
+            part for part in (evaluation, f"{images} evaluation images" if images else "") if part
+        )
     fig.suptitle(heading, fontsize=10)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", fontsize=8, frameon=False)
@@ -188,12 +220,19 @@ def default_palette(class_names: Sequence[str]) -> Palette:
     cmap = plt.get_cmap("tab20")
     colors = tuple(tuple(int(255 * c) for c in cmap(i % 20)[:3]) for i in range(len(class_names)))
     if len(set(colors)) < len(colors):  # more than 20 classes: spread over a continuous map
-        colors = tuple(tuple(int(255 * c) for c in plt.get_cmap("hsv")(i / len(class_names))[:3]) for i in range(len(class_names)))
+        colors = tuple(
+            tuple(int(255 * c) for c in plt.get_cmap("hsv")(i / len(class_names))[:3]) for i in range(len(class_names))
+        )
     return Palette(tuple(class_names), colors)
 
 
-def display_rgb(image: torch.Tensor, mean: Sequence[float], std: Sequence[float], stretch: bool = False,
-                rgb_bands: Sequence[int] | None = None) -> np.ndarray:
+def display_rgb(
+    image: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    stretch: bool = False,
+    rgb_bands: Sequence[int] | None = None,
+) -> np.ndarray:
     """Normalised image [C, H, W] -> [H, W, 3] in [0, 1] for display: bands ``rgb_bands`` (``--rgb_bands``; default:
     the first three) as R, G, B (one band, or fewer than three: grey). ``stretch`` (rasters in the file's units):
     each band from its 1st to its 99th percentile."""
@@ -201,36 +240,53 @@ def display_rgb(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     shown = list(rgb_bands) if rgb_bands else list(range(3)) if len(image) >= 3 else [0]
     bands = image[shown] if len(shown) == 3 else image[shown[:1]].expand(3, -1, -1)
     if stretch:
-        flat = bands.flatten(1)[:, ::max(1, bands[0].numel() // 1_000_000)]  # torch.quantile takes at most 16M values
+        flat = bands.flatten(1)[:, :: max(1, bands[0].numel() // 1_000_000)]  # torch.quantile takes at most 16M values
         low, high = flat.quantile(0.01, dim=1).view(3, 1, 1), flat.quantile(0.99, dim=1).view(3, 1, 1)
         bands = (bands - low) / (high - low).clamp(min=1e-12)
     return bands.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def save_examples(examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], palette: Palette,
-                  mean: Sequence[float], std: Sequence[float], path: Path, title: str = "", stretch: bool = False,
-                  rgb_bands: Sequence[int] | None = None) -> None:
+def save_examples(
+    examples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    palette: Palette,
+    mean: Sequence[float],
+    std: Sequence[float],
+    path: Path,
+    title: str = "",
+    stretch: bool = False,
+    rgb_bands: Sequence[int] | None = None,
+) -> None:
     """One row per (normalised image [C, H, W], ground truth [H, W], prediction [H, W]); a legend names each
-    colour's class (black: ignored pixels). The image is shown by ``display_rgb`` (``stretch``: rasters; ``rgb_bands``)."""
+    colour's class (black: ignored pixels). The image is shown by ``display_rgb`` (``stretch``: rasters;
+    ``rgb_bands``)."""
     rows = len(examples)
     fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.5 * rows + 0.9), squeeze=False)
     for r, (image, truth, pred) in enumerate(examples):
         rgb = display_rgb(image, mean, std, stretch, rgb_bands)
-        panels = (rgb, index_to_rgb(truth.numpy(), palette, IGNORE_COLOR), index_to_rgb(pred.numpy(), palette, IGNORE_COLOR))
+        panels = (
+            rgb,
+            index_to_rgb(truth.numpy(), palette, IGNORE_COLOR),
+            index_to_rgb(pred.numpy(), palette, IGNORE_COLOR),
+        )
         for c, (panel, name) in enumerate(zip(panels, ("image", "ground truth", "prediction"))):
             axes[r, c].imshow(panel, interpolation="nearest")
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
             if r == 0:
                 axes[r, c].set_title(name, fontsize=10)
-    handles = [Patch(facecolor=np.array(color) / 255, edgecolor="grey", label=name) for name, color in zip(palette.names, palette.colors)]
+    handles = [
+        Patch(facecolor=np.array(color) / 255, edgecolor="grey", label=name)
+        for name, color in zip(palette.names, palette.colors)
+    ]
     if any((t == 255).any().item() for _, t, _ in examples):
         handles.append(Patch(facecolor=np.array(IGNORE_COLOR) / 255, edgecolor="grey", label="ignored"))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     height = 2.5 * rows + 0.9
-    fig.tight_layout(rect=(0, (0.3 * math.ceil(len(handles) / 4) + 0.1) / height, 1, 1 - (0.3 / height if title else 0)))
+    fig.tight_layout(
+        rect=(0, (0.3 * math.ceil(len(handles) / 4) + 0.1) / height, 1, 1 - (0.3 / height if title else 0))
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -257,8 +313,9 @@ def save_miou_vs_scale(rows: list[dict], path: Path, label: str = "") -> None:
     scales = [row["scale"] for row in rows]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(scales, [row["mIoU"] for row in rows], marker="o", label=label or None)
-    ax.set(xscale="log", xlabel="scale (down-sampled, then up-sampled back)", ylabel="mIoU (%)",
-           title="mIoU against scale")
+    ax.set(
+        xscale="log", xlabel="scale (down-sampled, then up-sampled back)", ylabel="mIoU (%)", title="mIoU against scale"
+    )
     ax.minorticks_off()
     ax.set_xticks(scales, [f"{s:g}" for s in scales])
     ax.grid(alpha=0.3)

@@ -1,5 +1,6 @@
 """Inference: one loop for evaluation, feature caching and kNN; sliding-window inference for images larger than
 the crop; and the resolution-degradation protocol (down-sample, up-sample back) for accuracy against scale."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -14,7 +15,11 @@ from util.run.process import autocast
 
 @torch.no_grad()
 def infer(
-    fn: Callable[[torch.Tensor], dict], loader, device: torch.device, amp_dtype: torch.dtype | None, desc: str = "inference"
+    fn: Callable[[torch.Tensor], dict],
+    loader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    desc: str = "inference",
 ) -> tuple[dict, torch.Tensor]:
     """Run ``fn(images) -> {name: [B, ...]}`` on every batch under ``no_grad`` and autocast, reporting progress as
     ``desc`` on rank 0 (``logger.progress``: a bar on a terminal, plain lines in a log file).
@@ -29,8 +34,10 @@ def infer(
             for name, value in fn(images.to(device, non_blocking=True)).items():
                 outputs.setdefault(name, []).append(value.float().cpu())
         labels.append(targets)
-    return ({name: gather_rows(torch.cat(parts), device) for name, parts in outputs.items()},
-            gather_rows(torch.cat(labels), device))
+    return (
+        {name: gather_rows(torch.cat(parts), device) for name, parts in outputs.items()},
+        gather_rows(torch.cat(labels), device),
+    )
 
 
 def window_starts(size: int, crop: int, stride: int) -> list[int]:
@@ -42,8 +49,14 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
 
 
 @torch.no_grad()
-def sliding_window(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, num_classes: int, crop: int,
-                   overlap: float = 1 / 3, batch: int = 8) -> torch.Tensor:
+def sliding_window(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    num_classes: int,
+    crop: int,
+    overlap: float = 1 / 3,
+    batch: int = 8,
+) -> torch.Tensor:
     """Class scores [B, K, H, W] (float32, mean softmax of the windows covering each pixel) of images [B, C, H, W].
 
     Windows of ``crop`` px with ``overlap`` (fraction of the crop) between neighbours; an image smaller than the
@@ -60,12 +73,12 @@ def sliding_window(model: Callable[[torch.Tensor], torch.Tensor], image: torch.T
     scores_sum = torch.zeros(b, num_classes, H, W, device=image.device)
     counts = torch.zeros(1, 1, H, W, device=image.device)
     for first in range(0, len(boxes), batch):
-        chunk = boxes[first:first + batch]
-        windows = torch.cat([image[..., y:y + crop, x:x + crop] for y, x in chunk])
+        chunk = boxes[first : first + batch]
+        windows = torch.cat([image[..., y : y + crop, x : x + crop] for y, x in chunk])
         probs = model(windows).float().softmax(1)
         for i, (y, x) in enumerate(chunk):
-            scores_sum[..., y:y + crop, x:x + crop] += probs[i * b:(i + 1) * b]
-            counts[..., y:y + crop, x:x + crop] += 1
+            scores_sum[..., y : y + crop, x : x + crop] += probs[i * b : (i + 1) * b]
+            counts[..., y : y + crop, x : x + crop] += 1
     return (scores_sum / counts)[..., :h, :w]
 
 

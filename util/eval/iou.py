@@ -8,6 +8,7 @@ the whole set (its IoU is 0 / 0: undefined, reported as NaN) and the classes giv
 clutter). A class present in the ground truth but never predicted counts with IoU 0, and so does a class
 predicted but absent from the ground truth.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,7 +22,9 @@ from util.eval import location_blocks
 from util.run import distributed
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> torch.Tensor:
     """[K, K] int64 counts (rows = true class, columns = predicted) of the pixels whose target is not ignored."""
     valid = target != ignore_index
     index = target[valid] * num_classes + pred[valid]
@@ -63,10 +66,16 @@ def scores(confusion: torch.Tensor, exclude: Sequence[int] = ()) -> dict:
     }
 
 
-def block_bootstrap_mious(per_image: torch.Tensor, image_block: np.ndarray, exclude: Sequence[int] = (),
-                          resamples: int = location_blocks.BOOTSTRAP, seed: int = 0) -> np.ndarray:
+def block_bootstrap_mious(
+    per_image: torch.Tensor,
+    image_block: np.ndarray,
+    exclude: Sequence[int] = (),
+    resamples: int = location_blocks.BOOTSTRAP,
+    seed: int = 0,
+) -> np.ndarray:
     """[R] mIoU (%) of each bootstrap resample over location blocks: each resample draws the B blocks with
-    replacement (``util.eval.location_blocks.block_counts``), sums the confusion matrices of their images and takes the mIoU of
+    replacement (``util.eval.location_blocks.block_counts``), sums the confusion matrices of their images and takes the
+    mIoU of
     the sum (``scores``: the statistic the point estimate is). Seeded: two evaluations of the same images and
     blocks get the same resamples, so their difference per resample is a paired bootstrap.
 
@@ -75,13 +84,20 @@ def block_bootstrap_mious(per_image: torch.Tensor, image_block: np.ndarray, excl
         image_block: [N] block index of each image (``util.eval.location_blocks.block_ids``).
     """
     flat = per_image.reshape(len(per_image), -1).double()  # counts < 2**53: exact in float64
-    counts = torch.from_numpy(np.stack(list(location_blocks.block_counts(image_block, resamples, seed)))).double()  # [R, N]
+    counts = torch.from_numpy(
+        np.stack(list(location_blocks.block_counts(image_block, resamples, seed)))
+    ).double()  # [R, N]
     summed = (counts @ flat).reshape(resamples, *per_image.shape[1:])  # [R, K, K]
     return np.array([scores(c, exclude)["mIoU"] for c in summed])
 
 
-def block_bootstrap_miou(per_image: torch.Tensor, image_block: np.ndarray, exclude: Sequence[int] = (),
-                         resamples: int = location_blocks.BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+def block_bootstrap_miou(
+    per_image: torch.Tensor,
+    image_block: np.ndarray,
+    exclude: Sequence[int] = (),
+    resamples: int = location_blocks.BOOTSTRAP,
+    seed: int = 0,
+) -> tuple[float, float]:
     """95 % percentile interval (%) of the mIoU over location blocks (``block_bootstrap_mious``)."""
     return location_blocks.percentile_interval(block_bootstrap_mious(per_image, image_block, exclude, resamples, seed))
 
@@ -96,14 +112,17 @@ def ignore_boundaries(mask: torch.Tensor, radius: int, num_classes: int, ignore_
     """
     if radius <= 0:
         return mask
-    # no two pixels are farther apart than the diagonal: a larger radius erodes the same pixels (at a huge kernel's cost)
+    # no two pixels are farther apart than the diagonal: a larger radius erodes the same pixels (at a huge kernel's
+    # cost)
     radius = min(radius, math.ceil(math.hypot(mask.shape[-2], mask.shape[-1])))
     offsets = torch.arange(-radius, radius + 1, device=mask.device)
-    disc = ((offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius ** 2).float()  # [2r+1, 2r+1]
+    disc = ((offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius**2).float()  # [2r+1, 2r+1]
     valid = mask != ignore_index
     labels = torch.where(valid, mask, 0)
     onehot = F.one_hot(labels, num_classes).permute(0, 3, 1, 2).float() * valid[:, None]  # [B, K, H, W]
-    near = F.conv2d(onehot, disc.expand(num_classes, 1, *disc.shape), padding=radius, groups=num_classes)  # per-class counts
+    near = F.conv2d(
+        onehot, disc.expand(num_classes, 1, *disc.shape), padding=radius, groups=num_classes
+    )  # per-class counts
     own = near.gather(1, labels[:, None])[:, 0]  # pixels of the pixel's own class within the disc
     boundary = valid & (own < near.sum(1))  # exact: integer counts in float32
     return torch.where(boundary, torch.full_like(mask, ignore_index), mask)

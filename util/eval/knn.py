@@ -7,6 +7,7 @@ Validation images are down-sampled by area interpolation to ratio x input size, 
 - weighted kNN (InstDisc, Scale-MAE): k = 20 neighbours vote with weight exp(similarity / T), T = 0.07;
 - majority kNN (torchgeo-bench): k = 5 neighbours, one vote each; ties go to the lowest class index.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,9 +18,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from util import config
-from util.run.distributed import gather_rows, rank, world_size
 from util.errors import NonFiniteError
 from util.eval.inference import infer
+from util.run.distributed import gather_rows, rank, world_size
 
 SCALE_MODES = config.KNN_SCALE_MODES
 POOLS = config.KNN_POOLS
@@ -54,7 +55,7 @@ def encoder_features(encoder: VisionTransformer, images: torch.Tensor, pool: str
     x = encoder.blocks(encoder.norm_pre(encoder._pos_embed(encoder.patch_embed(images))))  # [B, 1+L, D]
     if final_norm:
         x = encoder.norm(x)
-    pooled = x[:, 0] if pool == "cls" else x[:, encoder.num_prefix_tokens:].mean(dim=1)
+    pooled = x[:, 0] if pool == "cls" else x[:, encoder.num_prefix_tokens :].mean(dim=1)
     return F.normalize(pooled.float(), dim=1)
 
 
@@ -74,14 +75,21 @@ def extract(
     encoder.eval()
     patch_size = encoder.patch_embed.patch_size[0]
     features, labels = infer(
-        lambda images: {s: encoder_features(encoder, rescale(images, s, patch_size, scale_mode), pool, final_norm) for s in scales},
-        loader, device, amp_dtype, desc,
+        lambda images: {
+            s: encoder_features(encoder, rescale(images, s, patch_size, scale_mode), pool, final_norm) for s in scales
+        },
+        loader,
+        device,
+        amp_dtype,
+        desc,
     )
     for scale, values in features.items():
         if not torch.isfinite(values).all():
             bad = (~torch.isfinite(values)).any(1).nonzero()[:, 0]
-            raise NonFiniteError(f"kNN: the encoder's features are NaN/inf for {len(bad)} of {len(values)} images at scale {scale:g} "
-                                 f"(first: image {bad[0].item()}); refusing to report an accuracy")
+            raise NonFiniteError(
+                f"kNN: the encoder's features are NaN/inf for {len(bad)} of {len(values)} images at scale {scale:g} "
+                f"(first: image {bad[0].item()}); refusing to report an accuracy"
+            )
     return features, labels
 
 
@@ -97,13 +105,15 @@ def topk_cosine(
     k = min(k, len(memory))
     best_sims, best_idx = [], []
     for q in range(0, len(queries), query_chunk):
-        query = queries[q:q + query_chunk]
+        query = queries[q : q + query_chunk]
         sims = torch.full((len(query), 0), -math.inf, device=query.device)
         idx = torch.zeros((len(query), 0), dtype=torch.long, device=query.device)
         for m in range(0, len(memory), memory_chunk):
-            block = query @ memory[m:m + memory_chunk].T  # [q, m]
+            block = query @ memory[m : m + memory_chunk].T  # [q, m]
             sims = torch.cat([sims, block], dim=1)
-            idx = torch.cat([idx, torch.arange(m, m + block.shape[1], device=query.device).expand(len(query), -1)], dim=1)
+            idx = torch.cat(
+                [idx, torch.arange(m, m + block.shape[1], device=query.device).expand(len(query), -1)], dim=1
+            )
             sims, order = sims.topk(min(k, sims.shape[1]), dim=1)
             idx = idx.gather(1, order)
         best_sims.append(sims)
@@ -111,8 +121,13 @@ def topk_cosine(
     return torch.cat(best_sims), torch.cat(best_idx)
 
 
-def weighted_knn(sims: torch.Tensor, neighbours: torch.Tensor, memory_labels: torch.Tensor, num_classes: int,
-                 temperature: float = 0.07) -> torch.Tensor:
+def weighted_knn(
+    sims: torch.Tensor,
+    neighbours: torch.Tensor,
+    memory_labels: torch.Tensor,
+    num_classes: int,
+    temperature: float = 0.07,
+) -> torch.Tensor:
     """InstDisc vote: each neighbour adds exp(similarity / T) to its class. Returns predictions [Q].
 
     The votes of a query are computed as exp((similarity - its highest similarity) / T): the same ratios, hence the
@@ -135,15 +150,22 @@ def majority_knn(neighbours: torch.Tensor, memory_labels: torch.Tensor, num_clas
 
 
 def knn_accuracies(
-    memory: torch.Tensor, memory_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-    num_classes: int, k: int = 20, temperature: float = 0.07, majority_k: int = 5, device: torch.device | str = "cpu",
+    memory: torch.Tensor,
+    memory_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    majority_k: int = 5,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Top-1 (%) of the weighted and the majority classifier.
 
     The neighbour search runs on ``device``; under DDP each rank searches for every world_size-th query and the
     neighbours are gathered, so every rank returns the same accuracies.
     """
-    shard = queries[rank()::world_size()].to(device)
+    shard = queries[rank() :: world_size()].to(device)
     sims, neighbours = topk_cosine(shard, memory.to(device), max(k, majority_k))
     sims, neighbours = gather_rows(sims, device), gather_rows(neighbours, device)  # [Q, k] on the CPU
     weighted = weighted_knn(sims[:, :k], neighbours[:, :k], memory_labels, num_classes, temperature)
@@ -155,18 +177,33 @@ def knn_accuracies(
 
 
 def multiscale_accuracies(
-    encoder: VisionTransformer, final_norm: bool, memory_loader, query_loader, num_classes: int,
-    device: torch.device, amp_dtype: torch.dtype | None, scales: Sequence[float] = (0.125, 0.25, 0.5, 1.0),
-    pool: str = "cls", scale_mode: str = "resize", k: int = 20, temperature: float = 0.07, majority_k: int = 5,
+    encoder: VisionTransformer,
+    final_norm: bool,
+    memory_loader,
+    query_loader,
+    num_classes: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    scales: Sequence[float] = (0.125, 0.25, 0.5, 1.0),
+    pool: str = "cls",
+    scale_mode: str = "resize",
+    k: int = 20,
+    temperature: float = 0.07,
+    majority_k: int = 5,
 ) -> dict[tuple[str, float], float]:
-    """Top-1 (%) of both classifiers at every scale, the memory set at full resolution: {(classifier, scale): accuracy}."""
-    memory, memory_labels = extract(encoder, memory_loader, device, amp_dtype, pool, final_norm, desc="kNN memory features")
-    queries, query_labels = extract(encoder, query_loader, device, amp_dtype, pool, final_norm, scales, scale_mode,
-                                    desc="kNN evaluation features")
+    """Top-1 (%) of both classifiers at every scale, the memory set at full resolution: {(classifier, scale):
+    accuracy}."""
+    memory, memory_labels = extract(
+        encoder, memory_loader, device, amp_dtype, pool, final_norm, desc="kNN memory features"
+    )
+    queries, query_labels = extract(
+        encoder, query_loader, device, amp_dtype, pool, final_norm, scales, scale_mode, desc="kNN evaluation features"
+    )
     results = {}
     for scale in scales:
-        accuracies = knn_accuracies(memory[1.0], memory_labels, queries[scale], query_labels, num_classes, k, temperature,
-                                    majority_k, device)
+        accuracies = knn_accuracies(
+            memory[1.0], memory_labels, queries[scale], query_labels, num_classes, k, temperature, majority_k, device
+        )
         for classifier, accuracy in accuracies.items():
             results[classifier, scale] = accuracy
     return results

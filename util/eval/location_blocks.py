@@ -13,6 +13,7 @@ A ``--block_pattern`` is a regular expression searched in each file's stem:
   mmsegmentation's Potsdam crops ``{tile}_{x0}_{y0}_{x1}_{y1}.png``: every crop of one ISPRS tile in one block;
 - an image whose stem does not match is a block of its own (an empty pattern: every image is).
 """
+
 from __future__ import annotations
 
 import re
@@ -54,8 +55,10 @@ def block_of(name: str, pattern: re.Pattern | None, size: int = BLOCK_TILES) -> 
         try:
             return ("grid", int(found["row"]) // size, int(found["col"]) // size)
         except (TypeError, ValueError):
-            raise UsageError(f"--block_pattern {pattern.pattern!r}: in {stem!r} the groups row and col match "
-                             f"{found['row']!r} and {found['col']!r}, not integers") from None
+            raise UsageError(
+                f"--block_pattern {pattern.pattern!r}: in {stem!r} the groups row and col match "
+                f"{found['row']!r} and {found['col']!r}, not integers"
+            ) from None
     return ("group", found.groups() or (found.group(0),))
 
 

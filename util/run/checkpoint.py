@@ -6,6 +6,7 @@ plain Python types is ``argparse.Namespace``, which upstream pickles into its ch
 written atomically (temporary file, fsync, ``os.replace``), so a crash never leaves a half-written file
 under the final name. Key layouts (ours, upstream's, timm's) are ``util.weights.layouts``' business.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,12 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file as load_safetensors
 
-from util.run import distributed
 from util.config import Bands, same_value
 from util.errors import CheckpointError, UsageError, first_line
 from util.files import file_md5, write_atomically
-from util.run.rng import rng_state, set_rng_state
+from util.run import distributed
 from util.run.process import Preempted, Run, stop_reason
+from util.run.rng import rng_state, set_rng_state
 
 PUBLISHED_MD5 = {
     "0c33995da85c112d9602f89d5b186bbc": "published Cross-Scale MAE ViT-Base (400 epochs)",
@@ -63,9 +64,13 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
                 f"{path}: refused to load: it holds Python objects other than tensors and plain types, "
                 f"which could run code ({first_line(e, last=True)})"
             ) from e
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt (bad pickle data)") from e
-    except Exception as e:  # noqa: BLE001 - any failure to decode an untrusted file means it is not a checkpoint
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first_line(e)})") from e
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint, truncated or corrupt (bad pickle data)"
+        ) from e
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first_line(e)})"
+        ) from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     if isinstance(state.get("args"), argparse.Namespace):
@@ -100,12 +105,13 @@ def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     state = next((checkpoint[k] for k in ("model", "state_dict") if isinstance(checkpoint.get(k), dict)), checkpoint)
     for prefix in ("module.", "_orig_mod."):
         if state and all(key.startswith(prefix) for key in state):
-            state = {key[len(prefix):]: value for key, value in state.items()}
+            state = {key[len(prefix) :]: value for key, value in state.items()}
     return state
 
 
-def training_state(model: torch.nn.Module, optimizer, scaler, epoch: int, record: dict[str, Any],
-                   **extra: Any) -> dict[str, Any]:
+def training_state(
+    model: torch.nn.Module, optimizer, scaler, epoch: int, record: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
     """What a resumable checkpoint holds: weights, optimiser and scaler state, epoch, the run's record (flags and
     derived values, ``util.config.run_record``) under ``args`` as upstream names it, the model's constructor
     arguments and every RNG state. Tensors and plain types only."""
@@ -171,16 +177,33 @@ def check_output_dir(output_dir: str | os.PathLike, resume: str, overwrite: bool
         return
     found = sorted(p.name for p in Path(output_dir).glob("checkpoint-*.pth"))
     if found:
-        raise UsageError(f"--output_dir {output_dir} holds another run's checkpoints ({', '.join(found[:3])}"
-                         f"{', ...' if len(found) > 3 else ''}): continue it with --resume auto, replace it with --overwrite, "
-                         "or choose another --output_dir")
+        raise UsageError(
+            f"--output_dir {output_dir} holds another run's checkpoints ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}): continue it with --resume auto, replace it with --overwrite, "
+            "or choose another --output_dir"
+        )
 
 
 # Flags a resumed run must share with the checkpoint's: they define the schedule and the step numbering.
-# ``shard_manifest``: the sha256 of a shard manifest (util.data.shards), which with the world size decides the sample order.
+# ``shard_manifest``: the sha256 of a shard manifest (util.data.shards), which with the world size decides the sample
+# order.
 # The band flags too: resuming with other bands or statistics would train on differently normalised inputs.
-RUN_DEFINING_FLAGS = ("epochs", "batch_size", "accum_iter", "world_size", "lr", "blr", "min_lr", "warmup_epochs",
-                      "shard_manifest", "in_chans", "bands", "mean", "std", "nodata")
+RUN_DEFINING_FLAGS = (
+    "epochs",
+    "batch_size",
+    "accum_iter",
+    "world_size",
+    "lr",
+    "blr",
+    "min_lr",
+    "warmup_epochs",
+    "shard_manifest",
+    "in_chans",
+    "bands",
+    "mean",
+    "std",
+    "nodata",
+)
 # What turns a file's pixels into a model's input: evaluating a checkpoint needs those it was trained with.
 BAND_FLAGS = ("in_chans", "bands", "mean", "std", "nodata")
 
@@ -204,15 +227,24 @@ def check_band_flags(saved: dict[str, Any], bands: Bands, path: str | os.PathLik
     """
     now = bands.record()
     in_chans = saved.get("in_chans", bands.in_chans)
-    changes = [f"--{flag} {_shown(now[flag])} (checkpoint: {_shown(saved[flag])})" for flag in BAND_FLAGS
-               if flag in saved and not same_flag_value(flag, saved[flag], now[flag], in_chans)]
+    changes = [
+        f"--{flag} {_shown(now[flag])} (checkpoint: {_shown(saved[flag])})"
+        for flag in BAND_FLAGS
+        if flag in saved and not same_flag_value(flag, saved[flag], now[flag], in_chans)
+    ]
     if changes:
-        raise UsageError(f"{path}: was trained with other band flags: {'; '.join(changes)}; give the ones it was trained "
-                         "with (the --band_stats of its training data)")
+        raise UsageError(
+            f"{path}: was trained with other band flags: {'; '.join(changes)}; give the ones it was trained "
+            "with (the --band_stats of its training data)"
+        )
 
 
 def _shown(value: Any) -> str:
-    return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+    return (
+        " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        if isinstance(value, (list, tuple))
+        else str(value)
+    )
 
 
 FLAG_NAMES = {"world_size": "world size", "shard_manifest": "shard manifest sha256"}
@@ -231,13 +263,19 @@ def changed_flags(saved: dict[str, Any], record: dict[str, Any]) -> list[str]:
         saved.pop("lr", None)  # an older checkpoint stored only the resolved lr: blr, batch and world size decide it
     changes = []
     for flag in RUN_DEFINING_FLAGS:
-        if flag in saved and flag in current and not same_flag_value(flag, saved[flag], current[flag], current.get("in_chans")):
+        if (
+            flag in saved
+            and flag in current
+            and not same_flag_value(flag, saved[flag], current[flag], current.get("in_chans"))
+        ):
             name = FLAG_NAMES.get(flag, f"--{flag}")
             changes.append(f"{name} {current[flag]} (checkpoint: {saved[flag]})")
     return changes
 
 
-def checkpoint_to_evaluate(resume: str, finetune: str, output_dir: str | os.PathLike, what: str) -> tuple[Path, dict[str, Any]]:
+def checkpoint_to_evaluate(
+    resume: str, finetune: str, output_dir: str | os.PathLike, what: str
+) -> tuple[Path, dict[str, Any]]:
     """``--eval``'s checkpoint and its contents: ``--resume PATH``, ``--resume auto`` (the furthest-trained in
     ``--output_dir``) or ``--finetune PATH``.
 
@@ -248,7 +286,9 @@ def checkpoint_to_evaluate(resume: str, finetune: str, output_dir: str | os.Path
     if resume == "auto":
         found = find_resume_checkpoint("auto", output_dir)
         if found is None:
-            raise UsageError(f"--eval --resume auto: no checkpoint in {output_dir}; refusing to evaluate random weights")
+            raise UsageError(
+                f"--eval --resume auto: no checkpoint in {output_dir}; refusing to evaluate random weights"
+            )
         return found
     if resume or finetune:
         path = Path(resume or finetune)
@@ -256,8 +296,16 @@ def checkpoint_to_evaluate(resume: str, finetune: str, output_dir: str | os.Path
     raise UsageError(f"--eval needs the {what} to evaluate: --resume PATH (or auto), or --finetune PATH")
 
 
-def resume(path: str, record: dict[str, Any], run: Run, model: torch.nn.Module, optimizer, scaler,
-           start_epoch: int = 0, allow_changed_flags: bool = False) -> tuple[int, int, dict]:
+def resume(
+    path: str,
+    record: dict[str, Any],
+    run: Run,
+    model: torch.nn.Module,
+    optimizer,
+    scaler,
+    start_epoch: int = 0,
+    allow_changed_flags: bool = False,
+) -> tuple[int, int, dict]:
     """Restore model, optimiser, scaler and RNG states from ``path`` (``--resume``: a file, ``auto`` for the
     furthest-trained checkpoint of the output folder, or "" for none).
 
@@ -287,11 +335,15 @@ def resume(path: str, record: dict[str, Any], run: Run, model: torch.nn.Module, 
     path, state = found
     changes = changed_flags(state.get("args") or {}, record)
     if changes and not allow_changed_flags:
-        raise UsageError(f"{path}: this run's flags differ from the checkpoint's: {'; '.join(changes)}; "
-                         "resume with the same flags, or give --allow_changed_flags")
+        raise UsageError(
+            f"{path}: this run's flags differ from the checkpoint's: {'; '.join(changes)}; "
+            "resume with the same flags, or give --allow_changed_flags"
+        )
     if changes:
-        distributed.main_print(f"note: --allow_changed_flags: resuming {path} with {'; '.join(changes)} "
-                               "(the LR schedule and step positions follow the new values)")
+        distributed.main_print(
+            f"note: --allow_changed_flags: resuming {path} with {'; '.join(changes)} "
+            "(the LR schedule and step positions follow the new values)"
+        )
     try:
         model.load_state_dict(model_state(state))
         if "optimizer" in state:
@@ -309,20 +361,27 @@ def resume(path: str, record: dict[str, Any], run: Run, model: torch.nn.Module, 
         try:
             set_rng_state(rng_states[run.rank])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            raise CheckpointError(f"{path}: field 'rng_per_rank' holds no valid RNG state ({type(e).__name__}: {first_line(e)})") from None
+            raise CheckpointError(
+                f"{path}: field 'rng_per_rank' holds no valid RNG state ({type(e).__name__}: {first_line(e)})"
+            ) from None
     else:
-        distributed.main_print(f"note: {path} was written by {len(rng_states)} process(es), this run has {run.world_size}: "
-                        "random streams start afresh")
+        distributed.main_print(
+            f"note: {path} was written by {len(rng_states)} process(es), this run has {run.world_size}: "
+            "random streams start afresh"
+        )
     position = training_position(state)
     if position is None:
-        raise CheckpointError(f"{path}: no valid training position (epoch {state.get('epoch')!r}, next_step {state.get('next_step')!r})")
+        raise CheckpointError(
+            f"{path}: no valid training position (epoch {state.get('epoch')!r}, next_step {state.get('next_step')!r})"
+        )
     epoch, step = position
     distributed.main_print(f"resumed from {path}, continuing at epoch {epoch}" + (f" step {step}" if step else ""))
     return epoch, step, {**state, "path": str(path)}
 
 
-def save_epoch(run: Run, name: str, model: torch.nn.Module, optimizer, scaler, epoch: int, record: dict[str, Any],
-               **extra: Any) -> bool:
+def save_epoch(
+    run: Run, name: str, model: torch.nn.Module, optimizer, scaler, epoch: int, record: dict[str, Any], **extra: Any
+) -> bool:
     """Write ``output_dir/name`` atomically with everything a resume needs (collective: call on every rank);
     ``record``: the run's flags and derived values (``util.config.run_record``).
 
@@ -332,8 +391,9 @@ def save_epoch(run: Run, name: str, model: torch.nn.Module, optimizer, scaler, e
     rng_states = distributed.gather_rng_states()
     if not run.is_main:
         return True
-    state = training_state(model, optimizer, scaler, epoch, {**record, "world_size": run.world_size},
-                           rng_per_rank=rng_states, **extra)
+    state = training_state(
+        model, optimizer, scaler, epoch, {**record, "world_size": run.world_size}, rng_per_rank=rng_states, **extra
+    )
     try:
         save_checkpoint(state, run.output_dir / name)
     except CheckpointError as e:
@@ -342,12 +402,20 @@ def save_epoch(run: Run, name: str, model: torch.nn.Module, optimizer, scaler, e
     return True
 
 
-def save_preempted(run: Run, stop: Preempted, model: torch.nn.Module, optimizer, scaler, record: dict[str, Any],
-                   **extra: Any) -> None:
-    """Checkpoint a run stopped by SIGTERM, SIGUSR1 or Ctrl-C so that ``--resume auto`` continues at the very next step."""
-    saved = save_epoch(run, "checkpoint-last.pth", model, optimizer, scaler, stop.epoch - 1, record, next_step=stop.step,
-                       **extra)
+def save_preempted(
+    run: Run, stop: Preempted, model: torch.nn.Module, optimizer, scaler, record: dict[str, Any], **extra: Any
+) -> None:
+    """Checkpoint a run stopped by SIGTERM, SIGUSR1 or Ctrl-C so that ``--resume auto`` continues at the very next
+    step."""
+    saved = save_epoch(
+        run, "checkpoint-last.pth", model, optimizer, scaler, stop.epoch - 1, record, next_step=stop.step, **extra
+    )
     if run.is_main and not saved:
-        raise CheckpointError(f"{stop_reason()} at epoch {stop.epoch} step {stop.step}, and the checkpoint could not be written")
-    distributed.main_print(f"{stop_reason()}: stopped at epoch {stop.epoch} step {stop.step}, saved {run.output_dir / 'checkpoint-last.pth'}; "
-                    "continue with --resume auto")
+        raise CheckpointError(
+            f"{stop_reason()} at epoch {stop.epoch} step {stop.step}, and the checkpoint could not be written"
+        )
+    distributed.main_print(
+        f"{stop_reason()}: stopped at epoch {stop.epoch} step {stop.step}, saved "
+        f"{run.output_dir / 'checkpoint-last.pth'}; "
+        "continue with --resume auto"
+    )

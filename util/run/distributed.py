@@ -7,6 +7,7 @@ The autograd collectives of ``torch.distributed.nn.functional`` refuse to be tra
 functions that use them are excluded from compilation (``torch.compiler.disable``: a compiled model
 graph-breaks around them and they run eagerly).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -31,11 +32,16 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_STEP_ID", "batch") not in ("batch", "extern"):
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_STEP_ID", "batch") not in (
+        "batch",
+        "extern",
+    ):
         if "MASTER_ADDR" not in os.environ:  # otherwise every task would train alone as rank 0 into one folder
             raise ReportableError(
-                f"SLURM step with {os.environ['SLURM_NTASKS']} tasks but no MASTER_ADDR: export MASTER_ADDR (the first node "
-                "of the job, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)) or launch one task per node "
+                f"SLURM step with {os.environ['SLURM_NTASKS']} tasks but no MASTER_ADDR: export MASTER_ADDR (the first "
+                "node "
+                "of the job, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)) or launch one task per "
+                "node "
                 "with train_distributed.sh, which runs torchrun"
             )
         rank, world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
@@ -90,12 +96,12 @@ def gather_rows(tensor: torch.Tensor, device: torch.device | None = None) -> tor
     dist.all_gather(counts, torch.tensor([len(local)], device=device))
     counts = [int(c.item()) for c in counts]
     padded = torch.zeros((max(counts), *local.shape[1:]), dtype=local.dtype, device=device)
-    padded[:len(local)] = local
+    padded[: len(local)] = local
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
     out = torch.empty((sum(counts), *local.shape[1:]), dtype=local.dtype)
     for index, (part, count) in enumerate(zip(parts, counts)):
-        out[index::world_size()] = part[:count].cpu()
+        out[index :: world_size()] = part[:count].cpu()
     return out
 
 
@@ -123,7 +129,9 @@ def _autograd_all_gather(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     from torch.distributed.nn import functional as dist_nn
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # "deprecated, use _functional_collectives" (no autograd on gloo)
+        warnings.simplefilter(
+            "ignore", FutureWarning
+        )  # "deprecated, use _functional_collectives" (no autograd on gloo)
         return dist_nn.all_gather(x)
 
 
@@ -241,11 +249,14 @@ def all_reduce_mean(values: Mapping[str, float | torch.Tensor], device: torch.de
     names = list(values)
     if not names:
         return {}
-    stacked = torch.stack([
-        v.detach().to(device=device, dtype=dtype).reshape(()) if torch.is_tensor(v)
-        else torch.tensor(float(v), dtype=dtype, device=device)
-        for v in values.values()
-    ])
+    stacked = torch.stack(
+        [
+            v.detach().to(device=device, dtype=dtype).reshape(())
+            if torch.is_tensor(v)
+            else torch.tensor(float(v), dtype=dtype, device=device)
+            for v in values.values()
+        ]
+    )
     if world_size() > 1:
         dist.all_reduce(stacked)
         stacked = stacked / world_size()

@@ -1,4 +1,5 @@
 """LARS optimiser as in the MoCo v3 / MAE linear-probing recipe."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -21,8 +22,14 @@ class LARS(torch.optim.Optimizer):
         trust_coefficient: LARS trust coefficient.
     """
 
-    def __init__(self, params: Iterable, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
-                 trust_coefficient: float = 0.001) -> None:
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
         super().__init__(params, defaults)
 

@@ -1,5 +1,6 @@
 """What a run writes as it goes: running means of the loss terms, throughput, the run's clock (epoch times,
 whole-run ETA), progress of long non-training work, ``log.txt`` and TensorBoard."""
+
 from __future__ import annotations
 
 import datetime
@@ -13,8 +14,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from util import config
-from util.run import distributed
 from util.files import best_effort
+from util.run import distributed
 from util.run.process import Run
 
 
@@ -85,8 +86,10 @@ class RunClock:
         done = max(self.steps_done(epoch), 1)
         per_step = (now - self.start) / done
         left = (self.epochs - epoch - 1) * self.steps_per_epoch
-        return (f"epoch {epoch} done in {format_duration(took)} ({per_step:.3f} s/step over {done} steps); "
-                f"run eta {format_duration(per_step * left)} ({self.epochs - epoch - 1} of {self.epochs} epochs left)")
+        return (
+            f"epoch {epoch} done in {format_duration(took)} ({per_step:.3f} s/step over {done} steps); "
+            f"run eta {format_duration(per_step * left)} ({self.epochs - epoch - 1} of {self.epochs} epochs left)"
+        )
 
     def total(self, last_epoch: int) -> str:
         """The line at the end of the run."""
@@ -97,7 +100,9 @@ class RunClock:
 PLAIN_PROGRESS_EVERY_S = 30.0  # without a terminal (SLURM logs): one line this often, and one at the end
 
 
-def progress(items: Iterable, desc: str, total: int | None = None, unit: str = "batch", enabled: bool | None = None) -> Iterator:
+def progress(
+    items: Iterable, desc: str, total: int | None = None, unit: str = "batch", enabled: bool | None = None
+) -> Iterator:
     """``items``, reporting progress of long non-training work (inference, feature caching, preprocessing).
 
     A tqdm bar on stderr when it is a terminal; otherwise plain lines on stdout (start, every
@@ -164,9 +169,11 @@ class EventWriter:
 
     def __getattr__(self, name: str):
         """``add_scalar``, ``add_image``, ``flush``, ``close``…: forwarded while the writer works, no-ops after."""
+
         def call(*args, **kwargs) -> None:
             if self.writer is not None:
                 self._call(name, lambda: getattr(self.writer, name)(*args, **kwargs))
+
         return call
 
 

@@ -14,12 +14,13 @@ A task's epoch stays a loop a reader can hold in their head (``engine_pretrain.t
         steps.end_step(step, out, len(samples))
     return steps.epoch_means()
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 from timm.layers import Attention
@@ -38,8 +39,9 @@ class NonFiniteLossError(ReportableError):
     """A loss term became NaN or infinite."""
 
 
-def epochs(schedule: Schedule, sampler, start_epoch: int, start_step: int, run: Run,
-           steps_per_epoch: int) -> Iterator[tuple[int, int]]:
+def epochs(
+    schedule: Schedule, sampler, start_epoch: int, start_step: int, run: Run, steps_per_epoch: int
+) -> Iterator[tuple[int, int]]:
     """(epoch, first step) of every epoch still to train; a resumed run starts mid-epoch at ``start_step``.
 
     A stop (SIGTERM) that arrived during an epoch's last step lets that epoch complete (its evaluation,
@@ -64,10 +66,21 @@ def epochs(schedule: Schedule, sampler, start_epoch: int, start_step: int, run: 
         distributed.main_print(clock.total(epoch))
 
 
-def end_epoch(run: Run, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              scaler: torch.amp.GradScaler | None, record: dict[str, Any], log: dict[str, Any], *,
-              writer: SummaryWriter | None = None, improved: bool = False, save_every: int = 0, last: bool = False,
-              **extra: Any) -> None:
+def end_epoch(
+    run: Run,
+    epoch: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    record: dict[str, Any],
+    log: dict[str, Any],
+    *,
+    writer: SummaryWriter | None = None,
+    improved: bool = False,
+    save_every: int = 0,
+    last: bool = False,
+    **extra: Any,
+) -> None:
     """What ends every epoch of every task, in one place: ``checkpoint-last.pth``; ``checkpoint-best.pth`` when the
     evaluation ``improved``; ``checkpoint-{epoch}.pth`` every ``save_every`` epochs (and at the ``last`` epoch when
     ``save_every`` is given: the run's final numbered checkpoint); the epoch's ``log.txt`` record ``log``; and its
@@ -78,7 +91,7 @@ def end_epoch(run: Run, epoch: int, model: torch.nn.Module, optimizer: torch.opt
         record: The run's flags and derived values (``util.config.run_record``), saved in the checkpoints.
         extra: Further checkpoint fields (best accuracy, class names, palette).
     """
-    save = lambda name: checkpoint.save_epoch(run, name, model, optimizer, scaler, epoch, record, **extra)  # noqa: E731
+    save = lambda name: checkpoint.save_epoch(run, name, model, optimizer, scaler, epoch, record, **extra)
     save("checkpoint-last.pth")
     if improved:
         save("checkpoint-best.pth")
@@ -133,9 +146,20 @@ class StepLoop:
     wait for the GPU at every step.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: CosineLRScheduler,
-                 scaler: torch.amp.GradScaler | None, run: Run, schedule: Schedule, epoch: int,
-                 steps_per_epoch: int, names: Iterable[str], writer: SummaryWriter | None = None, start_step: int = 0) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: CosineLRScheduler,
+        scaler: torch.amp.GradScaler | None,
+        run: Run,
+        schedule: Schedule,
+        epoch: int,
+        steps_per_epoch: int,
+        names: Iterable[str],
+        writer: SummaryWriter | None = None,
+        start_step: int = 0,
+    ) -> None:
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.run, self.schedule, self.epoch, self.steps_per_epoch = run, schedule, epoch, steps_per_epoch
         self.names, self.writer = tuple(names), writer
@@ -178,7 +202,9 @@ class StepLoop:
         if self.updates_now:
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.schedule.clip_grad or math.inf)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.schedule.clip_grad or math.inf
+            )
             optimizer_step(self.optimizer, self.scaler)
             # the epoch's last step: the epoch completes (log record with its losses) and training.epochs stops
             if step + 1 < self.steps_per_epoch and stop_requested(self.run):
@@ -201,14 +227,18 @@ class StepLoop:
         lr = max(group["lr"] for group in self.optimizer.param_groups)
         images_per_s, eta = self.throughput.tick(step + 1 - self.start_step, self.interval_images)
         steps_left = self.steps_per_epoch - step - 1 + (self.schedule.epochs - self.epoch - 1) * self.steps_per_epoch
-        run_eta = logger.format_duration(self.throughput.per_step * steps_left)  # this epoch's pace x the whole run's steps left
+        run_eta = logger.format_duration(
+            self.throughput.per_step * steps_left
+        )  # this epoch's pace x the whole run's steps left
         distributed.main_print(
             f"epoch {self.epoch} [{step + 1}/{self.steps_per_epoch}] "
             + " ".join(f"{name} {means[name]:.4f}" for name in self.names)
             + f" lr {lr:.3e} grad_norm {means['grad_norm']:.3f} {images_per_s:.1f} img/s eta {eta} (run {run_eta})"
         )
         if self.writer is not None:
-            x = int((self.epoch + (step + 1) / self.steps_per_epoch) * 1000)  # epoch_1000x: comparable across batch sizes
+            x = int(
+                (self.epoch + (step + 1) / self.steps_per_epoch) * 1000
+            )  # epoch_1000x: comparable across batch sizes
             for name, value in means.items():
                 self.writer.add_scalar(f"train/{name}", value, x)
             self.writer.add_scalar("train/lr", lr, x)
@@ -242,8 +272,9 @@ def grad_scaler(run: Run) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler(run.device.type) if run.amp_dtype == torch.float16 else None
 
 
-def distribute(model: torch.nn.Module, run: Run, attention: str = "auto", compile: bool = False,
-               unused: Iterable[str] = ()) -> torch.nn.Module:
+def distribute(
+    model: torch.nn.Module, run: Run, attention: str = "auto", compile: bool = False, unused: Iterable[str] = ()
+) -> torch.nn.Module:
     """Choose the attention path (``--attention``), DDP-wrap (under torchrun) and ``torch.compile`` (with
     ``--compile``) the model that trains.
 
@@ -257,10 +288,21 @@ def distribute(model: torch.nn.Module, run: Run, attention: str = "auto", compil
     return torch.compile(model) if compile else model
 
 
-def train_supervised_epoch(model: torch.nn.Module, criterion: Callable, loader, optimizer: torch.optim.Optimizer,
-                           scheduler, scaler: torch.amp.GradScaler | None, run: Run, schedule: Schedule, epoch: int,
-                           steps_per_epoch: int, writer: SummaryWriter | None = None, start_step: int = 0,
-                           mixup: Callable | None = None) -> dict[str, float]:
+def train_supervised_epoch(
+    model: torch.nn.Module,
+    criterion: Callable,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler | None,
+    run: Run,
+    schedule: Schedule,
+    epoch: int,
+    steps_per_epoch: int,
+    writer: SummaryWriter | None = None,
+    start_step: int = 0,
+    mixup: Callable | None = None,
+) -> dict[str, float]:
     """One epoch of supervised training (classification, and per-pixel for segmentation); returns the mean loss.
 
     Args:
@@ -275,7 +317,9 @@ def train_supervised_epoch(model: torch.nn.Module, criterion: Callable, loader, 
         NonFiniteLossError: the loss became NaN or infinite.
     """
     model.train()
-    steps = StepLoop(model, optimizer, scheduler, scaler, run, schedule, epoch, steps_per_epoch, ("loss",), writer, start_step)
+    steps = StepLoop(
+        model, optimizer, scheduler, scaler, run, schedule, epoch, steps_per_epoch, ("loss",), writer, start_step
+    )
     for step, (samples, targets) in enumerate(loader, start=start_step):
         samples = samples.to(run.device, non_blocking=True)
         targets = targets.to(run.device, non_blocking=True)

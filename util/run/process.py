@@ -1,5 +1,6 @@
 """Process set-up: where and how this process runs (device, autocast dtype, seed, output folder), and the
 signals that stop a run cleanly."""
+
 from __future__ import annotations
 
 import datetime
@@ -12,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from util.run import distributed
 from util.errors import ReportableError, UsageError, first_line
+from util.run import distributed
 from util.run.rng import seed_everything
 from util.run.threads import configure_threads
 
@@ -142,17 +143,24 @@ def prepare_output_dir(output_dir: Path) -> None:
         lock.seek(0)
         holder = lock.read().strip() or "unknown process"
         lock.close()
-        raise UsageError(f"--output_dir {output_dir} is in use by another run ({holder}); wait for it to end, "
-                         "or choose another --output_dir") from None
+        raise UsageError(
+            f"--output_dir {output_dir} is in use by another run ({holder}); wait for it to end, "
+            "or choose another --output_dir"
+        ) from None
     lock.seek(0)
     lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.datetime.now().isoformat(timespec='seconds')}")
+    lock.write(
+        f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.datetime.now().isoformat(timespec='seconds')}"
+    )
     lock.flush()
     _LOCKS[key] = lock
     removed = remove_stale_temporaries(output_dir)
     if removed:
-        print(f"note: removed {removed[0]} temporary file(s) ({removed[1] / 2**20:.1f} MiB) left by a killed run in "
-              f"{output_dir}", flush=True)
+        print(
+            f"note: removed {removed[0]} temporary file(s) ({removed[1] / 2**20:.1f} MiB) left by a killed run in "
+            f"{output_dir}",
+            flush=True,
+        )
 
 
 def release_output_dir(output_dir: Path) -> None:

@@ -1,4 +1,5 @@
 """Random generators: seeding, and saving / restoring every stream the training loop draws from."""
+
 from __future__ import annotations
 
 import random
@@ -19,7 +20,9 @@ def seed_everything(seed: int) -> None:
 def seeded(seed: int):
     """Seed torch, Python and NumPy (timm's transforms draw from all three), then restore their states."""
     states = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    torch.random.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed would reseed CUDA's too
+    torch.random.default_generator.manual_seed(
+        seed
+    )  # the CPU generator only: torch.manual_seed would reseed CUDA's too
     random.seed(seed)
     np.random.seed(seed % 2**32)
     try:
@@ -38,7 +41,9 @@ def rng_state() -> dict:
         "python": random.getstate(),
         "numpy": (kind, keys.tolist(), position, has_gauss, cached),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this process's own GPU (see util.run.process.cuda_index)
+    if (
+        torch.cuda.is_available() and torch.cuda.is_initialized()
+    ):  # this process's own GPU (see util.run.process.cuda_index)
         state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
@@ -51,5 +56,7 @@ def set_rng_state(state: dict) -> None:
     kind, keys, position, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
     cuda = state.get("cuda")
-    if torch.is_tensor(cuda) and torch.cuda.is_available():  # a list: an older checkpoint's every-GPU states, not restored
+    if (
+        torch.is_tensor(cuda) and torch.cuda.is_available()
+    ):  # a list: an older checkpoint's every-GPU states, not restored
         torch.cuda.set_rng_state(cuda, torch.cuda.current_device())

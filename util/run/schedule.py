@@ -1,6 +1,7 @@
 """Learning-rate schedule: per-update linear warm-up, then half-cycle cosine (MAE's ``util/lr_sched.py``, computed by
 timm's ``CosineLRScheduler``). The peak learning rate (``--lr``, or the linear scaling rule of ``--blr``) is
 ``util.config.training_schedule``'s."""
+
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,6 @@ import torch
 from timm.scheduler import CosineLRScheduler
 
 from util.config import Schedule
-
 
 # timm warns that a cosine of one update "will have no effect"; our warm-up + cosine says what it does itself
 logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)
@@ -27,6 +27,11 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule, steps_per
     updates_per_epoch = -(-steps_per_epoch // schedule.accum_iter)
     warmup = int(schedule.warmup_epochs * updates_per_epoch)
     return CosineLRScheduler(
-        optimizer, t_initial=max(schedule.epochs * updates_per_epoch - warmup, 1), lr_min=schedule.min_lr,
-        warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
+        optimizer,
+        t_initial=max(schedule.epochs * updates_per_epoch - warmup, 1),
+        lr_min=schedule.min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
     )

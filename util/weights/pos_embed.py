@@ -1,4 +1,5 @@
 """Fixed 2-D sin-cos position embeddings, laid out exactly as MAE's ``get_2d_sincos_pos_embed``."""
+
 from __future__ import annotations
 
 import torch

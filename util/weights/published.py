@@ -10,6 +10,7 @@ training mean / std); ``meta`` holds ``dataset``, ``in_chans``, ``img_size``, ``
 weights/cross_scale_mae_base_pretrain.pth --output DIR --hashed_pth STEM`` writes the file (from the md5-verified
 upstream checkpoint), host it, and give ``torchgeo_weights`` its URL.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,13 @@ from util.run.checkpoint import PUBLISHED_FILENAMES
 from util.weights import metadata
 
 _FMOW_META = {
-    "dataset": "fMoW-RGB", "in_chans": 3, "img_size": 128, "publication": metadata.PAPER["url"],
-    "repo": metadata.CODE_URL, "ssl_method": "cross-scale-mae", "licence": metadata.LICENCE,
+    "dataset": "fMoW-RGB",
+    "in_chans": 3,
+    "img_size": 128,
+    "publication": metadata.PAPER["url"],
+    "repo": metadata.CODE_URL,
+    "ssl_method": "cross-scale-mae",
+    "licence": metadata.LICENCE,
     "bands": [b.tool_names[0] for b in metadata.RGB],  # torchgeo's spelling: R G B
 }
 
@@ -35,13 +41,21 @@ _FMOW_META = {
 # (and md5) it is exported from; meta["model"]: the timm name that builds it (it fits alone, at img_size 128).
 PUBLISHED: dict[str, dict[str, Any]] = {
     "FMOW_RGB_BASE": {
-        "enum": "CrossScaleMAEBase16_Weights", "stem": "cross_scale_mae_vit_base_patch16_128_fmow_rgb",
-        "source": "cross_scale_mae_base_pretrain.pth", "embed_dim": 768, "depth": 12, "patch_size": 16,
+        "enum": "CrossScaleMAEBase16_Weights",
+        "stem": "cross_scale_mae_vit_base_patch16_128_fmow_rgb",
+        "source": "cross_scale_mae_base_pretrain.pth",
+        "embed_dim": 768,
+        "depth": 12,
+        "patch_size": 16,
         "meta": {**_FMOW_META, "model": "vit_base_patch16_224"},
     },
     "FMOW_RGB_LARGE": {
-        "enum": "CrossScaleMAELarge16_Weights", "stem": "cross_scale_mae_vit_large_patch16_128_fmow_rgb",
-        "source": "cross_scale_mae_large_pretrain.pth", "embed_dim": 1024, "depth": 24, "patch_size": 16,
+        "enum": "CrossScaleMAELarge16_Weights",
+        "stem": "cross_scale_mae_vit_large_patch16_128_fmow_rgb",
+        "source": "cross_scale_mae_large_pretrain.pth",
+        "embed_dim": 1024,
+        "depth": 24,
+        "patch_size": 16,
         "meta": {**_FMOW_META, "model": "vit_large_patch16_224"},
     },
 }
@@ -76,8 +90,10 @@ def load_state_dict(name: str, path: str | os.PathLike) -> dict[str, torch.Tenso
     entry, path = PUBLISHED[name], Path(path)
     match = re.fullmatch(re.escape(entry["stem"]) + r"-([0-9a-f]{8,64})\.pth", path.name)
     if match is None:
-        raise CheckpointError(f"{path}: expected {entry['stem']}-<sha256 prefix>.pth (tools/export_weights.py "
-                              f"{entry['source']} --hashed_pth {entry['stem']})")
+        raise CheckpointError(
+            f"{path}: expected {entry['stem']}-<sha256 prefix>.pth (tools/export_weights.py "
+            f"{entry['source']} --hashed_pth {entry['stem']})"
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     digest = file_sha256(path)
@@ -87,10 +103,16 @@ def load_state_dict(name: str, path: str | os.PathLike) -> dict[str, torch.Tenso
     meta = entry["meta"]
     side = meta["img_size"] // entry["patch_size"]
     width, patch = entry["embed_dim"], entry["patch_size"]
-    expected = {"patch_embed.proj.weight": (width, meta["in_chans"], patch, patch),
-                "pos_embed": (1, 1 + side * side, width), f"blocks.{entry['depth'] - 1}.mlp.fc2.bias": (width,)}
-    wrong = {k: tuple(state[k].shape) if k in state else None for k, shape in expected.items()
-             if k not in state or tuple(state[k].shape) != shape}
+    expected = {
+        "patch_embed.proj.weight": (width, meta["in_chans"], patch, patch),
+        "pos_embed": (1, 1 + side * side, width),
+        f"blocks.{entry['depth'] - 1}.mlp.fc2.bias": (width,),
+    }
+    wrong = {
+        k: tuple(state[k].shape) if k in state else None
+        for k, shape in expected.items()
+        if k not in state or tuple(state[k].shape) != shape
+    }
     if wrong or f"blocks.{entry['depth']}.norm1.weight" in state:
         raise CheckpointError(f"{path}: not the {name} encoder (tensors {wrong or 'of more blocks'})")
     return state

@@ -1,7 +1,6 @@
 import pytest
 from conftest import make_tree
 
-
 from util import config
 from util.data import datasets
 from util.data.datasets import DataError, build_dataset
@@ -61,11 +60,11 @@ def test_missing_path_and_unknown_type(tmp_path):
         build_dataset(tmp_path, "naip")
 
 
-
-
 def write_labels_csv(path, rows, header=("label", "image_path")):
     import csv as csv_module
+
     from conftest import make_image
+
     (path.parent / "images").mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv_module.writer(f)
@@ -95,12 +94,16 @@ def test_a_class_only_in_evaluation_and_a_single_class_training_set_are_refused(
         datasets.check_labels(wrapped, [train])
     csv_train = build_dataset(write_labels_csv(tmp_path / "c" / "train.csv", [(0,), (0,), (1,)]))
     csv_val = build_dataset(write_labels_csv(tmp_path / "c" / "val.csv", [(0,), (2,)]))
-    with pytest.raises(DataError, match=r"row 3 of .*val.csv\): class 2 is in the evaluation set but not in the training set"):
+    with pytest.raises(
+        DataError, match=r"row 3 of .*val.csv\): class 2 is in the evaluation set but not in the training set"
+    ):
         datasets.check_labels(csv_train, [csv_val], nb_classes=3)
 
 
-@pytest.mark.parametrize("label, message", [("5", r"row 3 of .*val.csv\): label 5 outside 0..3 \(--nb_classes 4\)"),
-                                            ("-1", r"val.csv: unlabelled images")])
+@pytest.mark.parametrize(
+    "label, message",
+    [("5", r"row 3 of .*val.csv\): label 5 outside 0..3 \(--nb_classes 4\)"), ("-1", r"val.csv: unlabelled images")],
+)
 def test_evaluation_labels_are_range_checked_at_start_up(tmp_path, label, message):
     train = build_dataset(write_labels_csv(tmp_path / "train.csv", [(0,), (1,), (2,), (3,)]))
     val = build_dataset(write_labels_csv(tmp_path / "val.csv", [(1,), (label,)]))

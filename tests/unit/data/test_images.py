@@ -1,9 +1,9 @@
 """util/data/images.py: decoding any image file to 8-bit RGB."""
+
 import numpy as np
+import pytest
 from conftest import make_image
 from PIL import Image
-
-import pytest
 
 from util.data.images import NotEightBitError, load_image
 
@@ -11,7 +11,7 @@ from util.data.images import NotEightBitError, load_image
 def test_grayscale_rgba_and_16_bit_images_become_rgb(tmp_path):
     Image.new("L", (20, 20), 100).save(tmp_path / "gray.png")
     Image.new("RGBA", (20, 20), (10, 20, 30, 0)).save(tmp_path / "rgba.png")
-    ramp = (np.arange(400, dtype=np.uint16).reshape(20, 20) * 150)
+    ramp = np.arange(400, dtype=np.uint16).reshape(20, 20) * 150
     Image.fromarray(ramp).save(tmp_path / "sixteen.png")
     images = {path.name: load_image(str(path), stretch=True) for path in tmp_path.iterdir()}  # --stretch: 16-bit too
     assert all(img.mode == "RGB" for img in images.values())

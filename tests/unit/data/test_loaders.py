@@ -1,4 +1,5 @@
 """util/data/loaders.py: seeded, resumable sampling."""
+
 import torch
 
 from util.data import loaders

@@ -1,23 +1,38 @@
 """Multispectral and 16-bit imagery: readers, band statistics, normalisation, pretraining with --in_chans 4 / 13."""
+
 import json
 
 import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import bands_of, run_expecting_error
 from PIL import Image
 
 import main_pretrain
-from conftest import bands_of, run_expecting_error
 from util import config
 from util.data.datasets import DataError
-from util.data.raster_options import RasterOptions
-from util.run.process import run_entry_point
 from util.data.images import NotEightBitError, load_image, read_raster
+from util.data.raster_options import RasterOptions
 from util.data.transforms import build_raster_transform
+from util.run.process import run_entry_point
 
-TINY = ["--model", "mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--epochs", "1",
-        "--num_workers", "0", "--amp", "none"]
+TINY = [
+    "--model",
+    "mae_vit_tiny",
+    "--input_size",
+    "32",
+    "--patch_size",
+    "8",
+    "--batch_size",
+    "4",
+    "--epochs",
+    "1",
+    "--num_workers",
+    "0",
+    "--amp",
+    "none",
+]
 
 
 def raster(bands: int, dtype=np.uint16, size: int = 40, seed: int = 0) -> np.ndarray:
@@ -97,7 +112,9 @@ def test_band_stats_equals_numpy(tmp_path):
     tiles[1][:, :7, :] = 7
     for i, tile in enumerate(tiles):
         tifffile.imwrite(tmp_path / f"t{i}.tif", tile, photometric="minisblack")
-    band_stats_main(["--train_path", str(tmp_path), "--nodata", "7", "--bands", "2", "0", "--out", str(tmp_path / "s.json")])
+    band_stats_main(
+        ["--train_path", str(tmp_path), "--nodata", "7", "--bands", "2", "0", "--out", str(tmp_path / "s.json")]
+    )
     stats = json.loads((tmp_path / "s.json").read_text())
     values = np.concatenate([t[[2, 0]].reshape(2, -1).astype(np.float64) for t in tiles], 1)
     values = values[:, (values != 7).all(0)]
@@ -139,18 +156,50 @@ def test_pretrain_one_epoch_on_multispectral_tiffs(tmp_path, bands):
 
     band_stats_main(["--train_path", str(tiles), "--nodata", "0", "--out", str(tmp_path / "stats.json")])
     out = tmp_path / "out"
-    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [
-        *TINY, "--in_chans", str(bands), "--band_stats", str(tmp_path / "stats.json"), "--nodata", "0",
-        "--train_path", str(tiles), "--output_dir", str(out)]))
+    main_pretrain.main(
+        config.parse_args(
+            main_pretrain.get_args_parser(),
+            [
+                *TINY,
+                "--in_chans",
+                str(bands),
+                "--band_stats",
+                str(tmp_path / "stats.json"),
+                "--nodata",
+                "0",
+                "--train_path",
+                str(tiles),
+                "--output_dir",
+                str(out),
+            ],
+        )
+    )
     assert (out / "checkpoint-last.pth").exists()
     assert (out / "plots" / "reconstruction_epoch0000.png").exists()
 
 
 def test_pretrain_with_selected_bands(tmp_path):
     tiles = write_tiles(tmp_path / "tiles", 13)
-    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [
-        *TINY, "--in_chans", "1", "--bands", "7", "--mean", "1000", "--std", "500", "--train_path", str(tiles),
-        "--output_dir", str(tmp_path / "out")]))
+    main_pretrain.main(
+        config.parse_args(
+            main_pretrain.get_args_parser(),
+            [
+                *TINY,
+                "--in_chans",
+                "1",
+                "--bands",
+                "7",
+                "--mean",
+                "1000",
+                "--std",
+                "500",
+                "--train_path",
+                str(tiles),
+                "--output_dir",
+                str(tmp_path / "out"),
+            ],
+        )
+    )
     assert (tmp_path / "out" / "checkpoint-last.pth").exists()
 
 
@@ -159,10 +208,13 @@ def test_one_line_errors(tmp_path):
     base = [*TINY, "--train_path", str(tiles), "--output_dir", str(tmp_path / "out")]
     assert "tools/band_stats.py" in run_expecting_error([*base, "--in_chans", "4"])
     assert "--mean has 3 value(s) but --in_chans is 4" in run_expecting_error(
-        [*base, "--in_chans", "4", "--mean", "1", "2", "3", "--std", "1", "1", "1", "1"])
+        [*base, "--in_chans", "4", "--mean", "1", "2", "3", "--std", "1", "1", "1", "1"]
+    )
     (tmp_path / "s.json").write_text(json.dumps({"bands": [0, 1], "mean": [1, 2], "std": [1, 1], "dtype": "uint16"}))
     assert "--band_stats" in run_expecting_error([*base, "--in_chans", "4", "--band_stats", str(tmp_path / "s.json")])
-    message = run_expecting_error([*base, "--in_chans", "2", "--bands", "1", "9", "--mean", "1", "1", "--std", "1", "1"])
+    message = run_expecting_error(
+        [*base, "--in_chans", "2", "--bands", "1", "9", "--mean", "1", "1", "--std", "1", "1"]
+    )
     assert "tile0.tif" in message and "4 band(s)" in message
     assert "tools/band_stats.py" in run_expecting_error(base)  # 16-bit on the 8-bit path
     empty = tmp_path / "empty"
@@ -170,8 +222,30 @@ def test_one_line_errors(tmp_path):
     tifffile.imwrite(empty / "void.tif", np.zeros((4, 40, 40), np.uint16), photometric="minisblack")
     tifffile.imwrite(empty / "ok.tif", raster(4, np.uint16), photometric="minisblack")
     assert "every pixel is no-data" in run_expecting_error(
-        [*TINY, "--batch_size", "2", "--train_path", str(empty), "--output_dir", str(tmp_path / "o2"), "--in_chans", "4",
-         "--nodata", "0", "--mean", "1", "1", "1", "1", "--std", "1", "1", "1", "1"])
+        [
+            *TINY,
+            "--batch_size",
+            "2",
+            "--train_path",
+            str(empty),
+            "--output_dir",
+            str(tmp_path / "o2"),
+            "--in_chans",
+            "4",
+            "--nodata",
+            "0",
+            "--mean",
+            "1",
+            "1",
+            "1",
+            "1",
+            "--std",
+            "1",
+            "1",
+            "1",
+            "1",
+        ]
+    )
 
 
 def labelled_tiles(root, bands, per_class=4):
@@ -194,19 +268,66 @@ def test_finetune_linprobe_and_knn_on_multispectral_tiffs(tmp_path, bands):
     tiles = labelled_tiles(tmp_path / "tiles", bands)
     stats = [*["--mean"] + ["1000"] * bands, *["--std"] + ["800"] * bands]
     pretrain = tmp_path / "pretrain"
-    main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [
-        *TINY, "--in_chans", str(bands), *stats, "--train_path", str(tiles), "--output_dir", str(pretrain)]))
+    main_pretrain.main(
+        config.parse_args(
+            main_pretrain.get_args_parser(),
+            [*TINY, "--in_chans", str(bands), *stats, "--train_path", str(tiles), "--output_dir", str(pretrain)],
+        )
+    )
     checkpoint = str(pretrain / "checkpoint-last.pth")
-    common = ["--finetune", checkpoint, "--input_size", "32", "--batch_size", "4", "--epochs", "1", "--num_workers", "0",
-              "--amp", "none", "--in_chans", str(bands), *stats, "--train_path", str(tiles), "--test_path", str(tiles)]
+    common = [
+        "--finetune",
+        checkpoint,
+        "--input_size",
+        "32",
+        "--batch_size",
+        "4",
+        "--epochs",
+        "1",
+        "--num_workers",
+        "0",
+        "--amp",
+        "none",
+        "--in_chans",
+        str(bands),
+        *stats,
+        "--train_path",
+        str(tiles),
+        "--test_path",
+        str(tiles),
+    ]
     for module, extra in ((main_finetune, ["--mixup", "0", "--cutmix", "0"]), (main_linprobe, [])):
         out = tmp_path / module.__name__
         module.main(config.parse_args(module.get_args_parser(), [*common, *extra, "--output_dir", str(out)]))
         log = (out / "log.txt").read_text()
         assert '"test_acc1"' in log
-    main_knn.main(config.parse_args(main_knn.get_args_parser(), [
-        "--checkpoints", checkpoint, "--in_chans", str(bands), *stats, "--train_path", str(tiles), "--test_path", str(tiles),
-        "--batch_size", "4", "--num_workers", "0", "--amp", "none", "--scales", "0.5", "1.0", "--output_dir", str(tmp_path / "knn")]))
+    main_knn.main(
+        config.parse_args(
+            main_knn.get_args_parser(),
+            [
+                "--checkpoints",
+                checkpoint,
+                "--in_chans",
+                str(bands),
+                *stats,
+                "--train_path",
+                str(tiles),
+                "--test_path",
+                str(tiles),
+                "--batch_size",
+                "4",
+                "--num_workers",
+                "0",
+                "--amp",
+                "none",
+                "--scales",
+                "0.5",
+                "1.0",
+                "--output_dir",
+                str(tmp_path / "knn"),
+            ],
+        )
+    )
     rows = (tmp_path / "knn" / "knn_results.csv").read_text().splitlines()
     full = [r for r in rows if ",1.0," in r]
     assert len(full) == 2  # weighted and majority at scale 1
@@ -218,9 +339,38 @@ def test_rgb_only_augmentations_are_refused_for_multispectral_data(tmp_path):
     import main_finetune
 
     tiles = labelled_tiles(tmp_path / "tiles", 4)
-    argv = ["--model", "vit_tiny_patch16", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--epochs", "1",
-            "--num_workers", "0", "--in_chans", "4", "--mean", "1", "1", "1", "1", "--std", "1", "1", "1", "1",
-            "--train_path", str(tiles), "--test_path", str(tiles), "--output_dir", str(tmp_path / "out")]
+    argv = [
+        "--model",
+        "vit_tiny_patch16",
+        "--input_size",
+        "32",
+        "--patch_size",
+        "8",
+        "--batch_size",
+        "4",
+        "--epochs",
+        "1",
+        "--num_workers",
+        "0",
+        "--in_chans",
+        "4",
+        "--mean",
+        "1",
+        "1",
+        "1",
+        "1",
+        "--std",
+        "1",
+        "1",
+        "1",
+        "1",
+        "--train_path",
+        str(tiles),
+        "--test_path",
+        str(tiles),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     for flag in (["--aa", "rand-m9-mstd0.5"], ["--color_jitter", "0.4"]):
         with pytest.raises(SystemExit) as info:
             run_entry_point(main_finetune.main, config.parse_args(main_finetune.get_args_parser(), [*argv, *flag]))
@@ -253,8 +403,15 @@ def test_nan_or_inf_pixels_are_refused_naming_the_file_unless_nodata(tmp_path):
     assert read_raster(tmp_path / "f.tif", nodata=float("nan")).mask.sum() == 1
 
 
-@pytest.mark.parametrize("stats", ['{"mean": [NaN, 1], "std": [1, 1]}', '{"mean": [1, 1], "std": [1, Infinity]}',
-                                   '{"mean": [1, -Infinity], "std": [1, 1]}', '{"mean": [1, 1], "std": [1, NaN]}'])
+@pytest.mark.parametrize(
+    "stats",
+    [
+        '{"mean": [NaN, 1], "std": [1, 1]}',
+        '{"mean": [1, 1], "std": [1, Infinity]}',
+        '{"mean": [1, -Infinity], "std": [1, 1]}',
+        '{"mean": [1, 1], "std": [1, NaN]}',
+    ],
+)
 def test_band_stats_file_of_non_finite_statistics_is_refused(tmp_path, stats):
     (tmp_path / "s.json").write_text(stats)
     with pytest.raises(config.UsageError, match="s.json: mean must be finite"):
@@ -280,7 +437,9 @@ def test_files_of_another_sample_type_than_the_band_stats_are_refused(tmp_path):
     stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], "dtype": "uint16", "nodata": None}))
     options = raster_options(stats_args(stats))
     assert options.load(str(tmp_path / "u16.npy"), "u16.npy").shape == (2, 40, 40)
-    with pytest.raises(DataError, match="f32.npy: float32 samples, but --band_stats .*s.json was computed on uint16 data"):
+    with pytest.raises(
+        DataError, match="f32.npy: float32 samples, but --band_stats .*s.json was computed on uint16 data"
+    ):
         options.load(str(tmp_path / "f32.npy"), "f32.npy")
 
 
@@ -292,7 +451,9 @@ def test_a_nodata_value_other_than_the_band_stats_one_is_refused(tmp_path):
     stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], "dtype": "uint16", "nodata": 0}))
     with pytest.raises(config.UsageError, match="computed with --nodata 0, this run has --nodata 5"):
         stats_args(stats, nodata=5.0)
-    with pytest.raises(DataError, match="a.npy: no-data None in force, but .* computed with --nodata 0: give --nodata 0"):
+    with pytest.raises(
+        DataError, match="a.npy: no-data None in force, but .* computed with --nodata 0: give --nodata 0"
+    ):
         raster_options(stats_args(stats)).load(str(tmp_path / "a.npy"), "a.npy")
     raster_options(stats_args(stats, nodata=0.0)).load(str(tmp_path / "a.npy"), "a.npy")
     stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], "dtype": "uint16", "nodata": None}))
@@ -302,9 +463,14 @@ def test_a_nodata_value_other_than_the_band_stats_one_is_refused(tmp_path):
     stats_args(stats, nodata=float("nan"))  # NaN equals NaN
 
 
-@pytest.mark.parametrize("stats", [{"mean": [1, 2], "std": [1, 1], "bands": [0, 1, 2, 3]},
-                                   {"mean": [1, 2], "std": [1], "bands": [0, 1]},
-                                   {"mean": [1, 2], "std": [1, 1], "bands": [0, 0]}])
+@pytest.mark.parametrize(
+    "stats",
+    [
+        {"mean": [1, 2], "std": [1, 1], "bands": [0, 1, 2, 3]},
+        {"mean": [1, 2], "std": [1], "bands": [0, 1]},
+        {"mean": [1, 2], "std": [1, 1], "bands": [0, 0]},
+    ],
+)
 def test_band_stats_file_whose_bands_and_statistics_disagree_is_refused(tmp_path, stats):
     (tmp_path / "s.json").write_text(json.dumps(stats))
     for bands in ([1, 0], None):

@@ -1,5 +1,6 @@
 """util/data/segmentation.py: palettes both ways, lossless masks (JPEG refused), LoveDA's reduce_zero_label, pairs from
 folders and CSVs, joint transforms that keep labels (nearest only, ignore preserved)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,9 +15,14 @@ from util.data.segmentation import ISPRS, Palette
 
 
 def test_isprs_palette_converts_colours_to_indices_and_back():
-    colours = np.array([[[255, 255, 255], [0, 0, 255], [0, 255, 255]],
-                        [[0, 255, 0], [255, 255, 0], [255, 0, 0]],
-                        [[12, 34, 56], [0, 0, 254], [255, 255, 255]]], dtype=np.uint8)
+    colours = np.array(
+        [
+            [[255, 255, 255], [0, 0, 255], [0, 255, 255]],
+            [[0, 255, 0], [255, 255, 0], [255, 0, 0]],
+            [[12, 34, 56], [0, 0, 254], [255, 255, 255]],
+        ],
+        dtype=np.uint8,
+    )
     index = segmentation.rgb_to_index(colours, ISPRS)
     assert index.tolist() == [[0, 1, 2], [3, 4, 5], [255, 255, 0]]  # colours not in the palette -> ignore
     back = segmentation.index_to_rgb(index, ISPRS, ignore_color=(0, 0, 0))
@@ -78,7 +84,11 @@ def test_folders_are_matched_by_stem_and_a_csv_lists_pairs(tmp_path):
     for i, stem in enumerate(["b", "a", "c"]):
         write_pair(tmp_path / "set", stem, i)
     pairs = segmentation.find_pairs(tmp_path / "set")
-    assert [(p.split("/")[-1], m.split("/")[-1]) for p, m in pairs] == [("a.jpg", "a.png"), ("b.jpg", "b.png"), ("c.jpg", "c.png")]
+    assert [(p.split("/")[-1], m.split("/")[-1]) for p, m in pairs] == [
+        ("a.jpg", "a.png"),
+        ("b.jpg", "b.png"),
+        ("c.jpg", "c.png"),
+    ]
     (tmp_path / "set" / "pairs.csv").write_text("image,mask\nimages/a.jpg,masks/a.png\nimages/c.jpg,masks/c.png\n")
     assert [p[1].split("/")[-1] for p in segmentation.find_pairs(tmp_path / "set" / "pairs.csv")] == ["a.png", "c.png"]
     (tmp_path / "set" / "masks" / "c.png").unlink()
@@ -88,7 +98,9 @@ def test_folders_are_matched_by_stem_and_a_csv_lists_pairs(tmp_path):
 
 def test_dataset_returns_normalised_image_and_int64_mask_and_checks_labels(tmp_path):
     write_pair(tmp_path / "set", "a", 2)
-    dataset = segmentation.SegDataset(segmentation.find_pairs(tmp_path / "set"), segmentation.eval_transform((0, 0, 0), (1, 1, 1)), num_classes=3)
+    dataset = segmentation.SegDataset(
+        segmentation.find_pairs(tmp_path / "set"), segmentation.eval_transform((0, 0, 0), (1, 1, 1)), num_classes=3
+    )
     image, mask = dataset[0]
     assert image.dtype == torch.float32 and image.shape == (3, 8, 8) and abs(image.max().item() - 80 / 255) < 0.02
     assert mask.dtype == torch.int64 and mask.unique().tolist() == [2]
@@ -101,12 +113,16 @@ def quadrants(size=64):
     """Image whose colour tells the label: labels 0 and 2 side by side (bilinear would invent 1), ignore (255) below."""
     colours = {0: (250, 0, 0), 2: (0, 0, 250), 255: (0, 250, 0)}
     mask = np.zeros((size, size), dtype=np.int64)
-    mask[:, size // 2:] = 2
-    mask[size * 3 // 4:, :] = 255
+    mask[:, size // 2 :] = 2
+    mask[size * 3 // 4 :, :] = 255
     image = np.zeros((size, size, 3), dtype=np.uint8)
     for label, colour in colours.items():
         image[mask == label] = colour
-    return (tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)), tv_tensors.Mask(torch.from_numpy(mask)), colours)
+    return (
+        tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
+        tv_tensors.Mask(torch.from_numpy(mask)),
+        colours,
+    )
 
 
 @pytest.mark.parametrize("seed", range(6))

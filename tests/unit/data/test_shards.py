@@ -1,4 +1,5 @@
 """util/data/shards.py and tools/preprocess.py --shards: round trips, per-rank order, exact resume, damaged shards."""
+
 import json
 import subprocess
 import sys
@@ -12,15 +13,19 @@ from conftest import HANG_GUARD_S, REPO, bands_of, write_csv_dataset
 import main_pretrain
 from util import config
 from util.data import datasets, loaders, raster_options, shards
-from util.run import checkpoint, loop, process
 from util.errors import DataError
+from util.run import checkpoint, loop, process
 from util.run.process import run_entry_point
 
 
-
 def preprocess(*args):
-    return subprocess.run([sys.executable, "tools/preprocess.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=HANG_GUARD_S)
+    return subprocess.run(
+        [sys.executable, "tools/preprocess.py", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
 
 
 def make_shards(folder: Path, count: int, per_shard: int, bands: int = 3, dtype=np.uint8, size: int = 8, seed: int = 0):
@@ -29,8 +34,9 @@ def make_shards(folder: Path, count: int, per_shard: int, bands: int = 3, dtype=
     high = 256 if dtype == np.uint8 else 65536
     arrays = [rng.integers(0, high, (bands, size, size)).astype(dtype) for _ in range(count)]
     manifest = folder / f"train_{size}{shards.MANIFEST_SUFFIX}"
-    shards.write_shards(((f"{i:07d}", a, i % 3) for i, a in enumerate(arrays)), count, manifest, per_shard,
-                        classes=["a", "b", "c"])
+    shards.write_shards(
+        ((f"{i:07d}", a, i % 3) for i, a in enumerate(arrays)), count, manifest, per_shard, classes=["a", "b", "c"]
+    )
     return manifest, arrays
 
 
@@ -43,7 +49,12 @@ def test_uint16_13_band_shards_round_trip_bytes_and_labels(tmp_path):
         pixels, label = dataset[(i, 123)]
         assert pixels.dtype == torch.uint16 and pixels.shape == (13, 8, 8) and label == i % 3
         assert pixels.numpy().tobytes() == array.tobytes()
-    assert torch.stack([dataset[i][0] for i in range(4)]).float().shape == (4, 13, 8, 8)  # collates, converts on the device
+    assert torch.stack([dataset[i][0] for i in range(4)]).float().shape == (
+        4,
+        13,
+        8,
+        8,
+    )  # collates, converts on the device
     with pytest.raises(DataError, match="13 band\\(s\\) of uint16: give --in_chans 13"):
         datasets.build_dataset(manifest)  # the 8-bit RGB path refuses it
 
@@ -60,8 +71,20 @@ def test_webdataset_reads_the_shards(tmp_path):
 def test_preprocess_writes_rgb_shards_equal_to_the_packed_array(tmp_path):
     source = write_csv_dataset(tmp_path / "raw", 6, "train.csv", size=40)
     out = tmp_path / "out"
-    result = preprocess("--input", source, "--output", out, "--size", "32", "--pack", "--shards", "--shard_samples", "4",
-                        "--workers", "1")
+    result = preprocess(
+        "--input",
+        source,
+        "--output",
+        out,
+        "--size",
+        "32",
+        "--pack",
+        "--shards",
+        "--shard_samples",
+        "4",
+        "--workers",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote 2 shard(s) of 3 band(s) of uint8" in result.stdout
     packed = datasets.build_dataset(out / "train_32.json")
@@ -69,8 +92,10 @@ def test_preprocess_writes_rgb_shards_equal_to_the_packed_array(tmp_path):
     assert sorted(sharded.targets) == sorted(packed.targets) and len(sharded) == 6
     # the shards hold the packed images in a seeded random order: each packed image appears once, with its label
     packed_items = [packed[i] for i in range(6)]
-    matches = sorted(next(j for j, (image, label) in enumerate(packed_items) if torch.equal(image, pixels) and label == target)
-                     for pixels, target in (sharded[i] for i in range(6)))
+    matches = sorted(
+        next(j for j, (image, label) in enumerate(packed_items) if torch.equal(image, pixels) and label == target)
+        for pixels, target in (sharded[i] for i in range(6))
+    )
     assert matches == list(range(6))
 
 
@@ -81,19 +106,38 @@ def test_preprocess_raster_shards_keep_uint16_and_refuse_float(tmp_path):
     for i, array in enumerate(arrays):
         np.save(tmp_path / "tiles" / f"{i}.npy", array)
     (tmp_path / "train.csv").write_text("label,image_path\n" + "".join(f"{i % 2},tiles/{i}.npy\n" for i in range(5)))
-    result = preprocess("--input", tmp_path / "train.csv", "--output", tmp_path / "out", "--size", "16", "--raster",
-                        "--shards", "--shard_samples", "2", "--workers", "1")
+    result = preprocess(
+        "--input",
+        tmp_path / "train.csv",
+        "--output",
+        tmp_path / "out",
+        "--size",
+        "16",
+        "--raster",
+        "--shards",
+        "--shard_samples",
+        "2",
+        "--workers",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     with pytest.raises(DataError, match="13 band.s. of uint16: give --in_chans 13"):  # not on the RGB path
         shards.ShardDataset(tmp_path / "out" / "train_16.shards.json")
-    dataset = shards.ShardDataset(tmp_path / "out" / "train_16.shards.json", raster=raster_options.RasterOptions(13, None, None, [0.0] * 13))
+    dataset = shards.ShardDataset(
+        tmp_path / "out" / "train_16.shards.json", raster=raster_options.RasterOptions(13, None, None, [0.0] * 13)
+    )
     assert dataset.dtype == "uint16" and dataset.bands == 13 and dataset.shard_counts == [2, 2, 1]
     got = {dataset[i][0].numpy().tobytes(): dataset.targets[i] for i in range(5)}
     assert got == {array.tobytes(): i % 2 for i, array in enumerate(arrays)}
     np.save(tmp_path / "tiles" / "3.npy", arrays[3].astype(np.float32))
-    refused = preprocess("--input", tmp_path / "train.csv", "--output", tmp_path / "out2", "--size", "16", "--raster", "--shards")
+    refused = preprocess(
+        "--input", tmp_path / "train.csv", "--output", tmp_path / "out2", "--size", "16", "--raster", "--shards"
+    )
     assert refused.returncode == 1 and refused.stderr.strip().count("\n") == 0
-    assert refused.stderr.startswith("error: ") and "0000003_3.tif: float32 samples; packed arrays and shards hold uint8 or uint16" in refused.stderr
+    assert (
+        refused.stderr.startswith("error: ")
+        and "0000003_3.tif: float32 samples; packed arrays and shards hold uint8 or uint16" in refused.stderr
+    )
 
 
 def order(dataset, rank, epoch, world=2, seed=0):
@@ -170,8 +214,28 @@ def test_missing_or_truncated_shard_and_bad_manifest_give_one_line_naming_them(t
         datasets.build_dataset(manifest)
 
 
-TINY_RUN = ["--model", "mae_vit_tiny", "--input_size", "32", "--patch_size", "8", "--batch_size", "4", "--epochs", "2",
-            "--warmup_epochs", "1", "--num_workers", "0", "--blr", "1e-3", "--log_every", "1", "--amp", "none"]
+TINY_RUN = [
+    "--model",
+    "mae_vit_tiny",
+    "--input_size",
+    "32",
+    "--patch_size",
+    "8",
+    "--batch_size",
+    "4",
+    "--epochs",
+    "2",
+    "--warmup_epochs",
+    "1",
+    "--num_workers",
+    "0",
+    "--blr",
+    "1e-3",
+    "--log_every",
+    "1",
+    "--amp",
+    "none",
+]
 
 
 def pretrain(argv):
@@ -204,8 +268,13 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_one(
 
     make_shards(tmp_path / "data", 26, per_shard=4, size=40)  # other shards: another order
     with pytest.raises(SystemExit) as exit_info:
-        run_entry_point(main_pretrain.main, config.parse_args(main_pretrain.get_args_parser(), [
-            *flags, "--output_dir", str(tmp_path / "straight"), "--resume", "auto", "--epochs", "3"]))
+        run_entry_point(
+            main_pretrain.main,
+            config.parse_args(
+                main_pretrain.get_args_parser(),
+                [*flags, "--output_dir", str(tmp_path / "straight"), "--resume", "auto", "--epochs", "3"],
+            ),
+        )
     message = str(exit_info.value)
     assert message.startswith("error: ") and "\n" not in message and "shard manifest sha256" in message
 
@@ -232,9 +301,10 @@ def test_a_shard_listed_twice_is_refused(tmp_path):
 def test_shards_of_another_nodata_or_sample_type_than_the_band_stats_are_refused(tmp_path):
     manifest, _ = make_shards(tmp_path, 4, per_shard=2, bands=2, dtype=np.uint16)
     stats = tmp_path / "s.json"
-    for recorded, message in (({"dtype": "uint16", "nodata": 0}, "no-data None in force, but --band_stats .* give --nodata 0"),
-                              ({"dtype": "float32", "nodata": None}, "uint16 samples, but --band_stats")):
+    for recorded, message in (
+        ({"dtype": "uint16", "nodata": 0}, "no-data None in force, but --band_stats .* give --nodata 0"),
+        ({"dtype": "float32", "nodata": None}, "uint16 samples, but --band_stats"),
+    ):
         stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], **recorded}))
         with pytest.raises(DataError, match=message):
             datasets.build_dataset(manifest, bands=bands_of(in_chans=2, band_stats=str(stats)))
-

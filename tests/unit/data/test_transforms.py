@@ -1,4 +1,5 @@
 """util/data/transforms.py: the per-image transforms and their on-device batch version."""
+
 import pytest
 import torch
 from PIL import Image
@@ -10,7 +11,9 @@ from util.data.transforms import build_transform
 
 
 def test_real_fmow_jpegs_decode_and_transform(fmow_samples):
-    dataset = build_dataset(fmow_samples, "folder", build_transform(True, 64), draft_size=transforms.draft_size_for(True, 64))
+    dataset = build_dataset(
+        fmow_samples, "folder", build_transform(True, 64), draft_size=transforms.draft_size_for(True, 64)
+    )
     img, _ = dataset[(0, 1234)]
     assert img.shape == (3, 64, 64) and img.dtype == torch.float32
     assert -3 < img.mean() < 3
@@ -32,8 +35,16 @@ def test_batch_augment_equals_crop_resize_and_flip_of_each_image():
     boxes = augment.sample_boxes(6, 32, 40)
     flips = torch.rand(2, 6) < 0.5
     for i, (left, top, right, bottom) in enumerate(boxes.int().tolist()):
-        expected = v2.functional.resized_crop(images[i].float(), top, left, bottom - top, right - left, [16, 16],
-                                              interpolation=v2.InterpolationMode.BILINEAR, antialias=False)
+        expected = v2.functional.resized_crop(
+            images[i].float(),
+            top,
+            left,
+            bottom - top,
+            right - left,
+            [16, 16],
+            interpolation=v2.InterpolationMode.BILINEAR,
+            antialias=False,
+        )
         expected = expected.flip(-1) if flips[0, i] else expected
         expected = expected.flip(-2) if flips[1, i] else expected
         torch.testing.assert_close(out[i], expected, atol=1e-3, rtol=0)

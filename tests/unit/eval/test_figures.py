@@ -1,4 +1,5 @@
 """Figures: titled reconstructions large enough to read, kNN plots that name their evaluation set and its noise."""
+
 import matplotlib.pyplot as plt
 import pytest
 import torch
@@ -40,14 +41,23 @@ def test_reconstruction_figure_has_column_titles_a_title_and_a_readable_size(tmp
 def test_wilson_interval():
     low, high = figures.wilson_interval(50.0, 16)
     assert low == pytest.approx(28.0, abs=0.1) and high == pytest.approx(72.0, abs=0.1)
-    assert figures.wilson_interval(100.0, 6)[1] == pytest.approx(100.0) and figures.wilson_interval(0.0, 6)[0] == pytest.approx(0.0)
+    assert figures.wilson_interval(100.0, 6)[1] == pytest.approx(100.0) and figures.wilson_interval(0.0, 6)[
+        0
+    ] == pytest.approx(0.0)
     assert figures.wilson_interval(100.0, 6)[0] == pytest.approx(61.0, abs=0.1)  # 6 of 6 right: still as low as 61 %
 
 
 def test_knn_plot_names_the_evaluation_set_and_its_size_and_draws_intervals(tmp_path, closed_figures):
     scales = [0.25, 1.0]
-    table = {(label, c, s): 50.0 + 6.25 * i for i, label in enumerate(["a", "b"]) for c in ("weighted", "majority") for s in scales}
-    figures.save_knn_plot(table, ["a", "b"], scales, ("weighted", "majority"), tmp_path / "k.png", evaluation="val.csv", images=16)
+    table = {
+        (label, c, s): 50.0 + 6.25 * i
+        for i, label in enumerate(["a", "b"])
+        for c in ("weighted", "majority")
+        for s in scales
+    }
+    figures.save_knn_plot(
+        table, ["a", "b"], scales, ("weighted", "majority"), tmp_path / "k.png", evaluation="val.csv", images=16
+    )
     fig = closed_figures[-1]
     assert fig._suptitle.get_text() == "Multi-scale kNN top-1: val.csv, 16 evaluation images"
     assert all(len(ax.collections) == 2 for ax in fig.axes)  # one Wilson band per line

@@ -1,5 +1,6 @@
 """util/eval/iou.py: IoU / F1 / OA on hand-made confusion matrices, ignored pixels, absent classes, sliding
 window, and the resolution-degradation protocol."""
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,8 @@ def test_window_starts_cover_the_side_and_end_flush():
 
 
 def test_sliding_window_equals_whole_image_inference_when_the_image_is_the_window():
-    from models_segmentation import Segmenter
     import models_vit
+    from models_segmentation import Segmenter
 
     torch.manual_seed(0)
     encoder = models_vit.vision_transformer(**models_vit.PRESETS["tiny"].encoder(), img_size=32, patch_size=8)
@@ -85,7 +86,9 @@ def _rank_confusion(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         pred, target = _whole_set()
-        mine = range(rank, len(pred), 2)  # util.data.loaders.eval_loader's shards: rank 0 images 0, 2, 4; rank 1: 1, 3 (unequal)
+        mine = range(
+            rank, len(pred), 2
+        )  # util.data.loaders.eval_loader's shards: rank 0 images 0, 2, 4; rank 1: 1, 3 (unequal)
         local = torch.stack([iou.confusion_matrix(pred[i], target[i], 4) for i in mine])
         torch.save({"local": local, "gathered": iou.gather_confusions(local)}, f"{out}/rank{rank}.pt")
     finally:
@@ -112,7 +115,9 @@ def test_two_process_per_image_confusions_equal_one_process_on_the_whole_set(tmp
     pred, target = _whole_set()
     per_image = torch.stack([iou.confusion_matrix(p, t, 4) for p, t in zip(pred, target)])
     assert len(ranks[0]["local"]) == 3 and len(ranks[1]["local"]) == 2
-    assert torch.equal(ranks[0]["gathered"], per_image) and torch.equal(ranks[1]["gathered"], per_image)  # in dataset order
+    assert torch.equal(ranks[0]["gathered"], per_image) and torch.equal(
+        ranks[1]["gathered"], per_image
+    )  # in dataset order
     assert torch.equal(per_image.sum(0), iou.confusion_matrix(pred, target, 4))
     assert per_image.sum() == (target != 255).sum()
 

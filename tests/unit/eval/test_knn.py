@@ -15,8 +15,8 @@ from models_cross_scale_mae import create_model
 from util import config
 from util.eval import knn
 from util.run import checkpoint
-from util.weights import layouts
 from util.run.process import run_entry_point
+from util.weights import layouts
 
 
 def test_weighted_knn_known_answer():
@@ -77,8 +77,25 @@ def test_main_writes_csv_markdown_plot_and_protocol(tmp_path):
     mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
     checkpoint.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config}, tmp_path / "mae.pth")
     out = tmp_path / "knn"
-    argv = ["--checkpoints", "none", str(tmp_path / "mae.pth"), "--train_path", str(train), "--test_path", str(val),
-            "--output_dir", str(out), "--num_workers", "0", "--batch_size", "4", "--k", "3", "--majority_k", "3"]
+    argv = [
+        "--checkpoints",
+        "none",
+        str(tmp_path / "mae.pth"),
+        "--train_path",
+        str(train),
+        "--test_path",
+        str(val),
+        "--output_dir",
+        str(out),
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "4",
+        "--k",
+        "3",
+        "--majority_k",
+        "3",
+    ]
     main_knn.main(config.parse_args(main_knn.get_args_parser(), argv))
     with open(out / "knn_results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -96,9 +113,31 @@ def test_main_writes_csv_markdown_plot_and_protocol(tmp_path):
 
 def test_seeded_split_of_a_single_folder(tmp_path, image_folder):
     out = tmp_path / "knn"
-    argv = ["--checkpoints", "none", "--model", "vit_tiny_patch16", "--input_size", "32", "--train_path", str(image_folder),
-            "--test_path", "split", "--val_fraction", "0.34", "--output_dir", str(out), "--num_workers", "0", "--k", "2",
-            "--majority_k", "1", "--scales", "0.5", "1.0"]
+    argv = [
+        "--checkpoints",
+        "none",
+        "--model",
+        "vit_tiny_patch16",
+        "--input_size",
+        "32",
+        "--train_path",
+        str(image_folder),
+        "--test_path",
+        "split",
+        "--val_fraction",
+        "0.34",
+        "--output_dir",
+        str(out),
+        "--num_workers",
+        "0",
+        "--k",
+        "2",
+        "--majority_k",
+        "1",
+        "--scales",
+        "0.5",
+        "1.0",
+    ]
     main_knn.main(config.parse_args(main_knn.get_args_parser(), argv))
     protocol = json.loads((out / "protocol.json").read_text())
     assert (protocol["memory_images"], protocol["evaluation_images"]) == (4, 2)
@@ -108,13 +147,56 @@ def test_seeded_split_of_a_single_folder(tmp_path, image_folder):
 def test_two_process_feature_extraction_gives_the_single_process_results(tmp_path):
     train = write_csv_dataset(tmp_path / "data", 11, "train.csv", size=32)  # odd sizes: uneven shards
     val = write_csv_dataset(tmp_path / "data", 7, "val.csv", size=32)
-    argv = ["main_knn.py", "--checkpoints", "none", "--model", "vit_tiny_patch16", "--input_size", "32", "--train_path", str(train),
-            "--test_path", str(val), "--num_workers", "0", "--batch_size", "2", "--k", "3", "--majority_k", "3", "--amp", "none"]
+    argv = [
+        "main_knn.py",
+        "--checkpoints",
+        "none",
+        "--model",
+        "vit_tiny_patch16",
+        "--input_size",
+        "32",
+        "--train_path",
+        str(train),
+        "--test_path",
+        str(val),
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "2",
+        "--k",
+        "3",
+        "--majority_k",
+        "3",
+        "--amp",
+        "none",
+    ]
     repo, env = REPO, {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, *argv, "--output_dir", str(tmp_path / "one")], cwd=repo, env=env,
-                            capture_output=True, text=True, timeout=HANG_GUARD_S)
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv,
-                             "--output_dir", str(tmp_path / "two")], cwd=repo, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    single = subprocess.run(
+        [sys.executable, *argv, "--output_dir", str(tmp_path / "one")],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    double = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *argv,
+            "--output_dir",
+            str(tmp_path / "two"),
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
     assert single.returncode == 0 and double.returncode == 0, double.stderr[-2000:]
     assert (tmp_path / "one" / "knn_results.csv").read_text() == (tmp_path / "two" / "knn_results.csv").read_text()
     assert json.loads((tmp_path / "two" / "protocol.json").read_text())["evaluation_images"] == 7
@@ -129,32 +211,75 @@ def test_weighted_knn_is_stable_over_the_whole_temperature_range(temperature, ex
     labels = torch.tensor([0, 1, 1])
     predicted = knn.weighted_knn(sims, neighbours, labels, 2, temperature)
     assert predicted.tolist() == [expected, 1]
-    textbook = torch.zeros(2, 2, dtype=torch.float64).scatter_add_(1, labels[neighbours], (sims.double() / temperature).exp())
+    textbook = torch.zeros(2, 2, dtype=torch.float64).scatter_add_(
+        1, labels[neighbours], (sims.double() / temperature).exp()
+    )
     if textbook.isfinite().all():
         assert predicted.tolist() == textbook.argmax(1).tolist()
 
 
 @pytest.mark.parametrize("temperature", ["0", "-0.07", "nan"])
 def test_knn_temperature_must_be_positive(tmp_path, temperature):
-    argv = ["--checkpoints", "none", "--model", "vit_tiny_patch16", "--output_dir", str(tmp_path / "o"), "--temperature", temperature]
+    argv = [
+        "--checkpoints",
+        "none",
+        "--model",
+        "vit_tiny_patch16",
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--temperature",
+        temperature,
+    ]
     with pytest.raises(SystemExit, match=r"^error: --temperature must be > 0, got"):
         run_entry_point(main_knn.main, config.parse_args(main_knn.get_args_parser(), argv))
 
 
 def knn_argv(tmp_path, train, val, *checkpoints):
-    return ["--checkpoints", *checkpoints, "--train_path", str(train), "--test_path", str(val), "--output_dir", str(tmp_path / "knn"),
-            "--num_workers", "0", "--batch_size", "4", "--k", "3", "--majority_k", "3", "--scales", "1"]
+    return [
+        "--checkpoints",
+        *checkpoints,
+        "--train_path",
+        str(train),
+        "--test_path",
+        str(val),
+        "--output_dir",
+        str(tmp_path / "knn"),
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "4",
+        "--k",
+        "3",
+        "--majority_k",
+        "3",
+        "--scales",
+        "1",
+    ]
 
 
 def test_image_folder_evaluation_tree_lacking_a_class_is_scored_by_class_name(tmp_path):
     from conftest import make_tree
+
     train = make_tree(tmp_path / "train", ["beach", "forest"], per_class=4)  # beach bright, forest dark
     val = make_tree(tmp_path / "val", ["forest"], per_class=4)  # no beach/: forest was label 0 here
     for i in range(4):  # val's forest images must be dark: the class they belong to in training
         from conftest import make_image
+
         make_image(1, seed=100 + i, size=32).save(val / "forest" / f"{i}.png")
-    main_knn.main(config.parse_args(main_knn.get_args_parser(), [*knn_argv(tmp_path, train, val, "none"), "--model", "vit_tiny_patch16",
-                                                                  "--patch_size", "8", "--input_size", "32"]))
+    main_knn.main(
+        config.parse_args(
+            main_knn.get_args_parser(),
+            [
+                *knn_argv(tmp_path, train, val, "none"),
+                "--model",
+                "vit_tiny_patch16",
+                "--patch_size",
+                "8",
+                "--input_size",
+                "32",
+            ],
+        )
+    )
     with open(tmp_path / "knn" / "knn_results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {float(r["top1"]) for r in rows} == {100.0}
@@ -163,6 +288,7 @@ def test_image_folder_evaluation_tree_lacking_a_class_is_scored_by_class_name(tm
 
 def test_knn_of_a_fine_tuned_classifier_uses_its_pre_logits_features(tmp_path):
     import models_vit
+
     train = write_csv_dataset(tmp_path / "data", 8, "train.csv", size=32)
     val = write_csv_dataset(tmp_path / "data", 4, "val.csv", size=32)
     torch.manual_seed(0)
@@ -170,12 +296,20 @@ def test_knn_of_a_fine_tuned_classifier_uses_its_pre_logits_features(tmp_path):
     checkpoint.save_checkpoint({"model": classifier.state_dict()}, tmp_path / "ft.pth")
     (tmp_path / "knn").mkdir()
     (tmp_path / "knn" / "checkpoint-last.pth").write_bytes(b"a training run's")  # --output_dir of a training run
-    main_knn.main(config.parse_args(main_knn.get_args_parser(), knn_argv(tmp_path, train, val, str(tmp_path / "ft.pth"))))
+    main_knn.main(
+        config.parse_args(main_knn.get_args_parser(), knn_argv(tmp_path, train, val, str(tmp_path / "ft.pth")))
+    )
     protocol = json.loads((tmp_path / "knn" / "knn" / "protocol.json").read_text())  # its knn/ subfolder
     assert "mean of the patch tokens + fc_norm" in protocol["features_per_checkpoint"][str(tmp_path / "ft.pth")]
     # the same features, by hand: the classifier's forward_head(pre_logits=True)
-    encoder, _, _ = build_knn_encoder(str(tmp_path / "ft.pth"), layouts.read_encoder(tmp_path / "ft.pth"), "vit_tiny_patch16",
-                                      input_size=32, patch_size=8, bands=bands_of())
+    encoder, _, _ = build_knn_encoder(
+        str(tmp_path / "ft.pth"),
+        layouts.read_encoder(tmp_path / "ft.pth"),
+        "vit_tiny_patch16",
+        input_size=32,
+        patch_size=8,
+        bands=bands_of(),
+    )
     images = torch.randn(2, 3, 32, 32)
     classifier.eval(), encoder.eval()
     expected = F.normalize(classifier.forward_head(classifier.forward_features(images), pre_logits=True), dim=1)
@@ -189,10 +323,17 @@ def test_every_checkpoint_is_checked_before_the_first_is_scored(tmp_path, capsys
     mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
     checkpoint.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config}, tmp_path / "mae.pth")
     small = create_model("cross_scale_mae_vit_small", input_size=32, patch_size=8)
-    checkpoint.save_checkpoint({"model": small.state_dict(), "model_config": small.model_config}, tmp_path / "small.pth")
+    checkpoint.save_checkpoint(
+        {"model": small.state_dict(), "model_config": small.model_config}, tmp_path / "small.pth"
+    )
     with pytest.raises(SystemExit, match=r"^error: .*small.pth"):
-        run_entry_point(main_knn.main, config.parse_args(main_knn.get_args_parser(),
-                                                          knn_argv(tmp_path, train, val, str(tmp_path / "mae.pth"), str(tmp_path / "small.pth"))))
+        run_entry_point(
+            main_knn.main,
+            config.parse_args(
+                main_knn.get_args_parser(),
+                knn_argv(tmp_path, train, val, str(tmp_path / "mae.pth"), str(tmp_path / "small.pth")),
+            ),
+        )
     assert "%" not in capsys.readouterr().out  # nothing was scored (and lost) before the bad one was found
 
 
@@ -206,4 +347,7 @@ def test_non_finite_features_are_refused_not_scored(tmp_path):
     checkpoint.save_checkpoint({"model": state, "model_config": mae.model_config}, tmp_path / "inf.pth")
     # refused when loaded (layouts.check_finite), before any feature is computed
     with pytest.raises(SystemExit, match=r"^error: .*inf.pth: non-finite values \(NaN/inf\) in blocks.0.mlp.fc1.bias"):
-        run_entry_point(main_knn.main, config.parse_args(main_knn.get_args_parser(), knn_argv(tmp_path, train, val, str(tmp_path / "inf.pth"))))
+        run_entry_point(
+            main_knn.main,
+            config.parse_args(main_knn.get_args_parser(), knn_argv(tmp_path, train, val, str(tmp_path / "inf.pth"))),
+        )

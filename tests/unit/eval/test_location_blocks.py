@@ -1,18 +1,23 @@
 """util/eval/location_blocks.py: which location block an image is in, and the seeded block resamples."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from util.eval import location_blocks
 from util.errors import UsageError
+from util.eval import location_blocks
 
 
 def test_tiles_group_into_3_by_3_blocks_and_unmatched_names_stand_alone():
     names = ["images/r00_c00.jpg", "r02_c02.png", "r03_c00.png", "r00_c03.tif", "r14_c14.jpg", "scene.png", "other.png"]
     assert location_blocks.block_ids(names).tolist() == [0, 0, 1, 2, 3, 4, 5]
     assert location_blocks.block_ids(names, location_blocks.TILE_PATTERN, size=1).tolist() == [0, 1, 2, 3, 4, 5, 6]
-    assert location_blocks.block_ids(["a", "b", "a"], "").tolist() == [0, 1, 0]  # empty pattern: every image alone (by name)
+    assert location_blocks.block_ids(["a", "b", "a"], "").tolist() == [
+        0,
+        1,
+        0,
+    ]  # empty pattern: every image alone (by name)
 
 
 def test_a_pattern_without_row_and_col_names_the_block_by_its_groups():
@@ -34,7 +39,9 @@ def test_resamples_draw_whole_blocks_with_replacement_and_are_seeded():
         assert counts[0] == counts[1] == counts[2] and counts[4] == counts[5]  # a block's images come together
         assert counts[[0, 3, 4]].sum() == 3  # three blocks drawn
     assert all((a == b).all() for a, b in zip(draws, location_blocks.resample_blocks(image_block, 50, seed=3)))
-    assert [np.bincount(c, minlength=6).tolist() for c in draws] == [c.tolist() for c in location_blocks.block_counts(image_block, 50, seed=3)]
+    assert [np.bincount(c, minlength=6).tolist() for c in draws] == [
+        c.tolist() for c in location_blocks.block_counts(image_block, 50, seed=3)
+    ]
 
 
 @pytest.mark.parametrize("pattern", [r"(?P<row>\w+)_(?P<col>\w+)", r"(?P<row>\d+)?x?(?P<col>\d+)?"])

@@ -1,4 +1,5 @@
 """util/eval/figures.py: the prediction figure with a legend, per-class IoU bars, mIoU against scale."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,8 @@ import math
 import torch
 from PIL import Image
 
-from util.eval import figures
 from util.data.segmentation import ISPRS
+from util.eval import figures
 
 
 def test_figures_are_written(tmp_path):

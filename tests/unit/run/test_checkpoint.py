@@ -5,9 +5,9 @@ import torch
 from upstream_layouts import upstream_checkpoint
 
 from model_loading import load_mae
-from util.run import checkpoint as ckpt
 from util.errors import CheckpointError
 from util.files import file_md5
+from util.run import checkpoint as ckpt
 
 
 def test_truncated_and_missing_files_give_one_line_errors(tmp_path):
@@ -63,16 +63,21 @@ def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]
 
 
-
-
 def test_resume_auto_chooses_by_what_the_files_hold_not_their_times(tmp_path):
     """A finished run's files copied one at a time, newest epoch first (so the oldest epoch has the newest mtime)."""
     run = tmp_path / "restored"
     run.mkdir()
-    positions = {"checkpoint-last.pth": (5, 0), "checkpoint-5.pth": (5, 0), "checkpoint-3.pth": (3, 0), "checkpoint-1.pth": (1, 0)}
+    positions = {
+        "checkpoint-last.pth": (5, 0),
+        "checkpoint-5.pth": (5, 0),
+        "checkpoint-3.pth": (3, 0),
+        "checkpoint-1.pth": (1, 0),
+    }
     for name, (epoch, _) in positions.items():
         ckpt.save_checkpoint({"epoch": epoch, "model": {}}, run / name)
-    ckpt.save_checkpoint({"epoch": 4, "next_step": 7, "model": {}}, run / "checkpoint-pre.pth")  # pre-empted inside epoch 5
+    ckpt.save_checkpoint(
+        {"epoch": 4, "next_step": 7, "model": {}}, run / "checkpoint-pre.pth"
+    )  # pre-empted inside epoch 5
     path, state = ckpt.find_resume_checkpoint("auto", run)
     assert path.name == "checkpoint-last.pth" and state["epoch"] == 5
     (run / "checkpoint-last.pth").unlink()
@@ -93,6 +98,7 @@ def test_training_position_of_complete_and_preempted_epochs():
 def test_checkpoint_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
     from model_loading import export_encoder
     from models_cross_scale_mae import create_model
+
     old = os.umask(umask)
     try:
         ckpt.save_checkpoint({"x": torch.zeros(1)}, tmp_path / "checkpoint-last.pth")

@@ -1,4 +1,5 @@
 """util/run/lars.py: the LARS update."""
+
 import torch
 
 from util.run.lars import LARS

@@ -1,4 +1,5 @@
 """util/run/loop.py: the accumulate / update / stop / log mechanics of one epoch, on a linear model."""
+
 from pathlib import Path
 
 import pytest
@@ -6,9 +7,9 @@ import torch
 
 from util.config import Schedule
 from util.run import process
+from util.run.loop import NonFiniteLossError, StepLoop, epochs
 from util.run.process import Preempted, Run
 from util.run.schedule import lr_scheduler
-from util.run.loop import NonFiniteLossError, StepLoop, epochs
 
 FEATURES, BATCH = 3, 2
 
@@ -19,11 +20,20 @@ def cpu_run() -> Run:
 
 def train_epoch(model, batches, accum_iter, clip_grad=None, lr=0.1, log_every=100):
     """One epoch of plain SGD on squared error, through StepLoop as the engines use it; returns its means."""
-    plan = Schedule(epochs=1, batch_size=BATCH, accum_iter=accum_iter, lr=lr, min_lr=lr, warmup_epochs=0,
-                    clip_grad=clip_grad, log_every=log_every)
+    plan = Schedule(
+        epochs=1,
+        batch_size=BATCH,
+        accum_iter=accum_iter,
+        lr=lr,
+        min_lr=lr,
+        warmup_epochs=0,
+        clip_grad=clip_grad,
+        log_every=log_every,
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    steps = StepLoop(model, optimizer, lr_scheduler(optimizer, plan, len(batches)), None, cpu_run(), plan, 0,
-                     len(batches), ("loss",))
+    steps = StepLoop(
+        model, optimizer, lr_scheduler(optimizer, plan, len(batches)), None, cpu_run(), plan, 0, len(batches), ("loss",)
+    )
     for step, (x, y) in enumerate(batches):
         with steps.accumulate(step):
             loss = ((model(x) - y) ** 2).mean()
@@ -34,8 +44,10 @@ def train_epoch(model, batches, accum_iter, clip_grad=None, lr=0.1, log_every=10
 
 def data(count: int):
     generator = torch.Generator().manual_seed(0)
-    return [(torch.randn(BATCH, FEATURES, generator=generator), torch.randn(BATCH, 1, generator=generator))
-            for _ in range(count)]
+    return [
+        (torch.randn(BATCH, FEATURES, generator=generator), torch.randn(BATCH, 1, generator=generator))
+        for _ in range(count)
+    ]
 
 
 def linear() -> torch.nn.Linear:
@@ -123,7 +135,7 @@ def _clock_lines(capsys, monkeypatch, plan, start_epoch, start_step, steps_per_e
     """Run ``epochs`` with a fake clock advancing ``seconds_per_step`` per trained step; the printed lines."""
     now = [0.0]
     monkeypatch.setattr("util.run.logger.time.perf_counter", lambda: now[0])
-    for epoch, first_step in epochs(plan, Positions(), start_epoch, start_step, cpu_run(), steps_per_epoch):
+    for _epoch, first_step in epochs(plan, Positions(), start_epoch, start_step, cpu_run(), steps_per_epoch):
         now[0] += seconds_per_step * (steps_per_epoch - first_step)
     return capsys.readouterr().out.splitlines()
 

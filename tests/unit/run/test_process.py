@@ -1,12 +1,13 @@
 """util/run/process.py: device and autocast choice, and the signals that stop a run."""
+
 import signal
 
 import pytest
 import torch
 from conftest import HANG_GUARD_S, REPO
 
-from util.run import process
 from util.errors import UsageError
+from util.run import process
 
 
 def test_auto_amp_takes_bf16_on_gpus_only_where_it_is_native(monkeypatch):
@@ -70,6 +71,12 @@ def test_a_crash_mid_iteration_exits_instead_of_waiting_for_workers_that_ignore_
 
     script = tmp_path / "left_behind.py"
     script.write_text(LEFT_BEHIND)
-    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True,
-                            text=True, timeout=HANG_GUARD_S, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 1 and result.stderr.strip().endswith("RuntimeError: a bug, mid-iteration")

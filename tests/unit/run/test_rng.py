@@ -1,4 +1,5 @@
 """util/run/rng.py: seeding per sample leaves every other generator alone; states round-trip."""
+
 import random
 
 import numpy as np
@@ -41,7 +42,9 @@ def test_states_round_trip_through_plain_types():
     expected = torch.rand(3), random.random(), np.random.rand()
     state["python"] = [state["python"][0], list(state["python"][1]), state["python"][2]]  # as a checkpoint returns it
     set_rng_state(state)
-    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1] and np.random.rand() == expected[2]
+    assert (
+        torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1] and np.random.rand() == expected[2]
+    )
 
 
 @pytest.mark.cuda

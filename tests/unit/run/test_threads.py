@@ -1,4 +1,5 @@
 """util.run.threads: the thread count from affinity, the cgroup CPU quota, OMP_NUM_THREADS and the local world size."""
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,9 @@ def eight_cpus(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
 
 
-@pytest.mark.parametrize("text, cpus", [("max 100000", None), ("150000 100000", 1.5), ("250000 100000", 2.5),
-                                        ("50000 100000", 0.5)])
+@pytest.mark.parametrize(
+    "text, cpus", [("max 100000", None), ("150000 100000", 1.5), ("250000 100000", 2.5), ("50000 100000", 0.5)]
+)
 def test_parse_cpu_max(text, cpus):
     assert threads.parse_cpu_max(text) == cpus
 
@@ -49,8 +51,10 @@ def test_parse_cfs_v1():
     assert threads.parse_cfs("200000\n", "100000\n") == 2.0
 
 
-@pytest.mark.parametrize("cpu_max, expected", [("max 100000", 8), ("150000 100000", 1), ("250000 100000", 2),
-                                               ("50000 100000", 1), ("1600000 100000", 8)])
+@pytest.mark.parametrize(
+    "cpu_max, expected",
+    [("max 100000", 8), ("150000 100000", 1), ("250000 100000", 2), ("50000 100000", 1), ("1600000 100000", 8)],
+)
 def test_quota_caps_affinity(cgroup, eight_cpus, cpu_max, expected):
     line = cgroup(cpu_max)
     assert torch.get_num_threads() == expected
@@ -67,7 +71,7 @@ def test_affinity_caps_without_quota(cgroup, monkeypatch):
 def test_nested_cgroup_and_v1(tmp_path, eight_cpus):
     root, proc = tmp_path / "cg", tmp_path / "proc"
     (root / "job" / "step").mkdir(parents=True)
-    (root / "job" / "cpu.max").write_text("300000 100000\n")        # the parent's quota bounds the child
+    (root / "job" / "cpu.max").write_text("300000 100000\n")  # the parent's quota bounds the child
     (root / "job" / "step" / "cpu.max").write_text("max 100000\n")
     proc.write_text("0::/job/step\n")
     assert threads.cgroup_cpu_quota(root, proc) == 3.0
@@ -85,8 +89,10 @@ def test_omp_num_threads_is_honoured(cgroup, eight_cpus):
     assert torch.get_num_threads() == 3  # not changed to the quota's 1
 
 
-@pytest.mark.parametrize("local, cpu_max, expected", [("2", "max 100000", 4), ("3", "max 100000", 2),
-                                                      ("4", "150000 100000", 1), ("16", "max 100000", 1)])
+@pytest.mark.parametrize(
+    "local, cpu_max, expected",
+    [("2", "max 100000", 4), ("3", "max 100000", 2), ("4", "150000 100000", 1), ("16", "max 100000", 1)],
+)
 def test_divided_by_local_processes(cgroup, eight_cpus, local, cpu_max, expected):
     line = cgroup(cpu_max, LOCAL_WORLD_SIZE=local)
     assert torch.get_num_threads() == expected

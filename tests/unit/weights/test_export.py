@@ -1,15 +1,16 @@
 """util/weights/export.py, metadata.py, published.py, tools/export_weights.py: exports in timm's layout that timm loads
 in one line with every tensor, for RGB and 13 bands; the remote-sensing metadata; every size preset's architecture."""
+
 import json
 
 import pytest
 import timm
 import torch
+from export_fixtures import S2_STATS, exported_tiny, run_args
 from timm.data import resolve_data_config
 from upstream_layouts import upstream_checkpoint
 
 import models_vit
-from export_fixtures import S2_STATS, exported_tiny, run_args
 from model_loading import export_checkpoint, export_encoder
 from models_cross_scale_mae import create_model
 from util.errors import CheckpointError, UsageError
@@ -18,11 +19,13 @@ from util.run import checkpoint as checkpoint_io
 from util.weights import export, metadata, published
 from util.weights.layouts import load_encoder, read_encoder
 
+
 def differing(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> list[str]:
     """Names of the tensors of ``model`` that are missing, extra or not equal to ``expected``."""
     state = model.state_dict()
-    return sorted(set(state) ^ set(expected)) + [k for k in state.keys() & expected.keys()
-                                                 if not torch.equal(state[k], expected[k])]
+    return sorted(set(state) ^ set(expected)) + [
+        k for k in state.keys() & expected.keys() if not torch.equal(state[k], expected[k])
+    ]
 
 
 def exported_tensors(mae) -> dict[str, torch.Tensor]:
@@ -57,13 +60,18 @@ def test_pretrained_cfg_overlay_recipe_loads_every_tensor_and_timms_silent_path_
     mae, done = exported_tiny(tmp_path, in_chans)
     config = json.loads((done.directory / "config.json").read_text())
     file = str(done.directory / "model.safetensors")
-    recipe = timm.create_model(config["architecture"], pretrained=True, **config["model_args"],
-                               pretrained_cfg_overlay=dict(config["pretrained_cfg"], file=file))
+    recipe = timm.create_model(
+        config["architecture"],
+        pretrained=True,
+        **config["model_args"],
+        pretrained_cfg_overlay=dict(config["pretrained_cfg"], file=file),
+    )
     assert differing(recipe, exported_tensors(mae)) == []
     # without the config's first_conv (null for C != 3), timm adapts the 13-band patch embedding as RGB, fails,
     # deletes it and loads the rest with strict=False: the comparison above is what catches it
-    naive = timm.create_model(config["architecture"], pretrained=True, **config["model_args"],
-                              pretrained_cfg_overlay={"file": file})
+    naive = timm.create_model(
+        config["architecture"], pretrained=True, **config["model_args"], pretrained_cfg_overlay={"file": file}
+    )
     assert differing(naive, exported_tensors(mae)) == ([] if in_chans == 3 else ["patch_embed.proj.weight"])
 
 
@@ -82,8 +90,9 @@ def test_a_trained_final_norm_is_exported_as_layernorm(tmp_path):
 def test_no_export_names_an_architecture_its_weights_do_not_fit(name):
     size, patch = models_vit.classifier_preset(name)
     with torch.device("meta"):  # every preset, huge included, without memory
-        encoder = models_vit.vision_transformer(**models_vit.PRESETS[size].encoder(), img_size=8 * patch,
-                                                patch_size=patch)
+        encoder = models_vit.vision_transformer(
+            **models_vit.PRESETS[size].encoder(), img_size=8 * patch, patch_size=patch
+        )
     args = export.timm_model_args(encoder, final_norm=False)
     shapes = {k: tuple(v.shape) for k, v in encoder.state_dict().items() if not k.startswith("norm.")}
     architecture, alone = export.timm_architecture(args, shapes)
@@ -96,8 +105,9 @@ def test_no_export_names_an_architecture_its_weights_do_not_fit(name):
         assert export._meta_shapes(architecture, {k: args[k] for k in export.USE_ARGS}) == shapes
     else:
         with pytest.raises(CheckpointError, match="does not fit"):
-            export.check_fits({"architecture": architecture, "model_args": {k: args[k] for k in export.USE_ARGS}},
-                              shapes, name)
+            export.check_fits(
+                {"architecture": architecture, "model_args": {k: args[k] for k in export.USE_ARGS}}, shapes, name
+            )
 
 
 def test_the_tiny_export_says_its_entry_point_fits_only_with_model_args(tmp_path):
@@ -157,8 +167,12 @@ def test_describe_takes_names_from_flags_stats_or_knowledge_and_says_when_it_has
     assert "unknown" in block["gsd_note"] and block["input"]["dtype"] == "uint16"
     unnamed = metadata.describe({"in_chans": 4, "mean": [1] * 4, "std": [2] * 4}, **common)
     assert unnamed["bands"] is None and "give --band_names" in unnamed["band_names_from"]
-    named = metadata.describe({"in_chans": 4, "mean": [1] * 4, "std": [2] * 4}, **common, gsd_m=0.5,
-                              band_names=["SR_B4", "SR_B3", "SR_B2", "SR_B5"])
+    named = metadata.describe(
+        {"in_chans": 4, "mean": [1] * 4, "std": [2] * 4},
+        **common,
+        gsd_m=0.5,
+        band_names=["SR_B4", "SR_B3", "SR_B2", "SR_B5"],
+    )
     assert named["sensor"] == "landsat" and named["gsd_m"] == 0.5
     with pytest.raises(UsageError, match="3 name\\(s\\) for a 4-band encoder"):
         metadata.describe({"mean": [1] * 4, "std": [2] * 4}, **common, band_names=["B04", "B03", "B02"])
@@ -172,8 +186,11 @@ def test_export_tool_on_upstreams_layout_and_ours(tmp_path, capsys):
     import tools.export_weights as tool
 
     torch.save(upstream_checkpoint("timm"), tmp_path / "up.pth")
-    tool.main(tool.get_args_parser().parse_args([str(tmp_path / "up.pth"), "--output", str(tmp_path / "up"),
-                                                 "--hashed_pth", "cross_scale_mae_vit_tiny"]))
+    tool.main(
+        tool.get_args_parser().parse_args(
+            [str(tmp_path / "up.pth"), "--output", str(tmp_path / "up"), "--hashed_pth", "cross_scale_mae_vit_tiny"]
+        )
+    )
     printed = capsys.readouterr().out
     block = metadata.read(tmp_path / "up")
     assert block["dataset"]["name"] == "fMoW-RGB" and [b["name"] for b in block["bands"]] == ["RED", "GREEN", "BLUE"]
@@ -187,11 +204,13 @@ def test_export_tool_on_upstreams_layout_and_ours(tmp_path, capsys):
     assert differing(vit, weights.state_dict) == []
 
     mae, ckpt = exported_tiny(tmp_path, 13)[0], tmp_path / "ours.pth"
-    checkpoint_io.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config, "epoch": 4,
-                                   "args": run_args(13)}, ckpt)
+    checkpoint_io.save_checkpoint(
+        {"model": mae.state_dict(), "model_config": mae.model_config, "epoch": 4, "args": run_args(13)}, ckpt
+    )
     again = export_checkpoint(ckpt, tmp_path / "again")
-    assert (again.directory / "model.safetensors").read_bytes() == \
-        (tmp_path / "encoder" / "model.safetensors").read_bytes()
+    assert (again.directory / "model.safetensors").read_bytes() == (
+        tmp_path / "encoder" / "model.safetensors"
+    ).read_bytes()
     assert metadata.read(again.directory)["model"]["epochs"] == 5
     classifier = models_vit.create_classifier("vit_tiny_patch16", 2, img_size=32, patch_size=8, in_chans=13).eval()
     report = load_encoder(classifier, read_encoder(again.directory))  # --finetune DIR: norm left fresh, as pretrained
@@ -224,8 +243,9 @@ def test_published_definition_loads_a_local_file_with_its_hash_checked(tmp_path)
     with pytest.raises(CheckpointError, match="expected cross_scale_mae_vit_base_patch16_128_fmow_rgb-<sha256"):
         published.load_state_dict("FMOW_RGB_BASE", tmp_path / "other.pth")
     images = torch.full((1, 3, 2, 2), 255.0)
-    torch.testing.assert_close(published.transforms()(images)[0, :, 0, 0],
-                               (1 - torch.tensor(published.MEAN)) / torch.tensor(published.STD))
+    torch.testing.assert_close(
+        published.transforms()(images)[0, :, 0, 0], (1 - torch.tensor(published.MEAN)) / torch.tensor(published.STD)
+    )
 
 
 def test_the_same_encoder_exports_to_the_same_bytes(tmp_path):

@@ -1,4 +1,6 @@
-"""util/weights/layouts.py: reading the encoder out of any checkpoint layout and loading it into a timm ViT classifier."""
+"""util/weights/layouts.py: reading the encoder out of any checkpoint layout and loading it into a timm ViT
+classifier."""
+
 import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -7,17 +9,21 @@ from upstream_layouts import SIZE, upstream_checkpoint, upstream_encoder
 import models_vit
 from model_loading import classifier_name, export_encoder
 from models_cross_scale_mae import create_model
-from util.run import checkpoint
 from util.errors import CheckpointError, UsageError
-from util.weights.layouts import load_encoder, read_encoder
+from util.run import checkpoint
 from util.weights.band_adaptation import BandAdaptation
+from util.weights.layouts import load_encoder, read_encoder
 
 
 def classifier_for(weights, global_pool=False, **kwargs):
     return models_vit.create_classifier(
-        classifier_name(weights), num_classes=5, img_size=kwargs.pop("img_size", SIZE),
-        patch_size=kwargs.pop("patch_size", weights.shape.patch_size), global_pool=global_pool,
-        norm_style=weights.norm_style, **kwargs,
+        classifier_name(weights),
+        num_classes=5,
+        img_size=kwargs.pop("img_size", SIZE),
+        patch_size=kwargs.pop("patch_size", weights.shape.patch_size),
+        global_pool=global_pool,
+        norm_style=weights.norm_style,
+        **kwargs,
     ).eval()
 
 
@@ -33,7 +39,9 @@ def test_upstream_checkpoints_load_into_the_classifier_with_upstreams_features(t
     assert report.unexpected == ["65 decoder/predictor tensors (pretraining only)"]
     imgs = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_features(imgs), upstream_encoder(saved["model"], imgs, layout), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            model.forward_features(imgs), upstream_encoder(saved["model"], imgs, layout), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_our_checkpoint_and_timm_export_give_the_pretraining_encoders_features(tmp_path):
@@ -87,7 +95,9 @@ def test_an_encoder_that_does_not_load_is_refused(tmp_path):
     del saved["model"]["encoder.1.mlp.fc1.weight"]
     torch.save(saved, tmp_path / "broken.pth")
     weights = read_encoder(tmp_path / "broken.pth")
-    with pytest.raises(CheckpointError, match=r"not in the file: blocks\.1\.mlp\.fc1\.weight.*refusing to train from random weights"):
+    with pytest.raises(
+        CheckpointError, match=r"not in the file: blocks\.1\.mlp\.fc1\.weight.*refusing to train from random weights"
+    ):
         load_encoder(classifier_for(weights), weights)
     torch.save(upstream_checkpoint("timm"), tmp_path / "tiny.pth")
     weights = read_encoder(tmp_path / "tiny.pth")
@@ -126,9 +136,13 @@ def test_a_band_count_mismatch_without_its_flag_is_refused_in_one_line(tmp_path)
     message = str(info.value)
     assert message.startswith(f"{tmp_path / 'rgb.pth'}: the checkpoint takes 3 input bands, the model 13 (--in_chans)")
     assert "give --rgb_bands R G B" in message and "\n" not in message
-    with pytest.raises(CheckpointError, match="the checkpoint takes 3 input bands, the model 2 .*only an RGB checkpoint"):
+    with pytest.raises(
+        CheckpointError, match="the checkpoint takes 3 input bands, the model 2 .*only an RGB checkpoint"
+    ):
         load_encoder(classifier_for(weights, in_chans=2), weights, BandAdaptation(model_rgb=(0, 1, 0)))
-    with pytest.raises(UsageError, match=r"--rgb_bands needs 3 different indices in 0\.\.12 \(the model's bands\).*got 3 3 1"):
+    with pytest.raises(
+        UsageError, match=r"--rgb_bands needs 3 different indices in 0\.\.12 \(the model's bands\).*got 3 3 1"
+    ):
         load_encoder(classifier_for(weights, in_chans=13), weights, BandAdaptation(model_rgb=(3, 3, 1)))
 
 
@@ -137,10 +151,15 @@ def test_multispectral_checkpoint_into_an_rgb_model_keeps_the_named_bands(tmp_pa
     mae = create_model("mae_vit_tiny", input_size=SIZE, patch_size=8, in_chans=13)
     checkpoint.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config}, tmp_path / "s2.pth")
     weights = read_encoder(tmp_path / "s2.pth")
-    with pytest.raises(CheckpointError, match=r"s2\.pth: the checkpoint takes 13 input bands, the model 3 .*give --checkpoint_rgb_bands"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"s2\.pth: the checkpoint takes 13 input bands, the model 3 .*give --checkpoint_rgb_bands",
+    ):
         load_encoder(classifier_for(weights), weights)
     with pytest.raises(CheckpointError, match="the model 4 .*only an RGB checkpoint"):
-        load_encoder(classifier_for(weights, in_chans=4), weights, BandAdaptation(model_rgb=(0, 1, 2), checkpoint_rgb=(3, 2, 1)))
+        load_encoder(
+            classifier_for(weights, in_chans=4), weights, BandAdaptation(model_rgb=(0, 1, 2), checkpoint_rgb=(3, 2, 1))
+        )
 
     model = classifier_for(weights)
     report = load_encoder(model, weights, BandAdaptation(checkpoint_rgb=(3, 2, 1)))
