@@ -132,6 +132,31 @@ def test_resume_continues_where_the_first_run_stopped(split, pretrained, tmp_pat
     assert last_log(out)["epoch"] == 1
 
 
+def test_a_stop_during_an_epochs_last_step_ends_that_epoch_then_stops_with_its_eta(
+    split, pretrained, tmp_path, monkeypatch, capsys
+):
+    """As pretraining and classification (``util.run.loop.end_epoch`` / ``epochs``): a stop (SIGTERM) arriving during
+    the last step of epoch 0 lets it complete (evaluation, log record, checkpoint) and the run stops before epoch 1,
+    its ETA line printed."""
+    from util.run import loop
+
+    checks = []
+
+    def stop_after_the_first_check(run):  # steps 0-1 of 3 check without a stop; the stop arrives during step 2
+        checks.append(1)
+        return len(checks) > 2
+
+    monkeypatch.setattr(loop, "stop_requested", stop_after_the_first_check)
+    out = tmp_path / "seg"
+    run([*flags(split, pretrained, out), "--epochs", "3"])  # 24 images, batch 8: 3 steps per epoch
+    records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "epoch" in r] == [0] and "test_mIoU" in records[-1]
+    assert checkpoint.training_position(checkpoint.read_checkpoint(out / "checkpoint-last.pth")) == (1, 0)
+    printed = capsys.readouterr().out
+    assert "epoch 0 done in" in printed and "run eta" in printed and "stopped at epoch 1 step 0" in printed
+    assert not (out / "seg_results.csv").exists()  # no final evaluation of a stopped run
+
+
 def test_bad_inputs_are_refused_with_the_flag(split, pretrained, tmp_path):
     from util.errors import UsageError
 
