@@ -30,7 +30,6 @@ from util.errors import DataError
 from util.run.rng import seeded
 
 LOSSY_MASK_SUFFIXES = (".jpg", ".jpeg", ".jfif")
-MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 
 
 @dataclass(frozen=True)
@@ -72,12 +71,6 @@ def load_palette(spec: str | os.PathLike) -> Palette:
     if not colors or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colors):
         raise DataError(f"--palette {spec}: every colour must be 3 values in 0..255")
     return Palette(names, colors)
-
-
-def save_palette(palette: Palette, path: Path) -> None:
-    path.write_text(
-        json.dumps([{"name": n, "color": list(c)} for n, c in zip(palette.names, palette.colors)], indent=1) + "\n"
-    )
 
 
 def rgb_to_index(rgb: np.ndarray, palette: Palette, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
@@ -344,13 +337,3 @@ class SegDataset(SampleDataset):
             with seeded(seed) if seed is not None else nullcontext():
                 image, mask = self.transform(image, mask)
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
-
-    def class_pixel_counts(self) -> torch.Tensor:
-        """Pixels per class over the whole set, untransformed ([num_classes], ignore left out)."""
-        counts = torch.zeros(self.num_classes, dtype=torch.long)
-        for index in range(len(self)):
-            mask = self.load(index)[1]
-            counts += torch.bincount(mask[mask != self.ignore_index].flatten(), minlength=self.num_classes)[
-                : self.num_classes
-            ]
-        return counts

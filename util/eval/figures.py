@@ -15,7 +15,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.patches import Patch
-from PIL import Image
 from torchvision.utils import make_grid
 
 from util.data.segmentation import Palette, index_to_rgb
@@ -81,13 +80,6 @@ def reconstruction_columns(
     return images.cpu(), names
 
 
-def reconstruction_grid(
-    model, imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float], seed: int = 1234
-) -> torch.Tensor:
-    """``reconstruction_columns`` as one uint8 image [3, H', W'] (one row per image; TensorBoard)."""
-    return grid_image(reconstruction_columns(model, imgs, mean, std, seed)[0])
-
-
 def grid_image(images: torch.Tensor) -> torch.Tensor:
     """Images [B, K, C, H, W] in [0, 1] -> one uint8 image [3, H', W'], one row per image (TensorBoard)."""
     grid = make_grid(images.flatten(0, 1), nrow=images.shape[1], padding=2, pad_value=1.0)
@@ -122,12 +114,6 @@ def save_reconstruction_png(
     size = fig.canvas.get_width_height()
     plt.close(fig)
     return size
-
-
-def save_png(image: torch.Tensor, path: Path) -> None:
-    """Write a [3, H, W] uint8 tensor as PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
 
 
 def save_confusion_png(confusion: torch.Tensor, class_names: list[str], path: Path, title: str) -> None:

@@ -17,13 +17,10 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from util import config
 from util.errors import NonFiniteError
 from util.eval.inference import infer
 from util.run.distributed import gather_rows, rank, world_size
 
-SCALE_MODES = config.KNN_SCALE_MODES
-POOLS = config.KNN_POOLS
 CLASSIFIER_POOL = "classifier"  # a trained classifier's own pooling, the features its head sees (pre-logits)
 
 

@@ -3,6 +3,8 @@ folders and CSVs, joint transforms that keep labels (nearest only, ignore preser
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -31,7 +33,9 @@ def test_isprs_palette_converts_colours_to_indices_and_back():
 
 def test_palette_json_round_trip_and_errors(tmp_path):
     palette = Palette(("water", "land"), ((0, 0, 255), (200, 180, 120)))
-    segmentation.save_palette(palette, tmp_path / "p.json")
+    (tmp_path / "p.json").write_text(
+        json.dumps([{"name": "water", "color": [0, 0, 255]}, {"name": "land", "color": [200, 180, 120]}])
+    )
     assert segmentation.load_palette(tmp_path / "p.json") == palette
     assert segmentation.load_palette("ISPRS") is ISPRS
     (tmp_path / "bad.json").write_text('[{"name": "a", "color": [0, 0, 300]}]')
@@ -104,7 +108,6 @@ def test_dataset_returns_normalised_image_and_int64_mask_and_checks_labels(tmp_p
     image, mask = dataset[0]
     assert image.dtype == torch.float32 and image.shape == (3, 8, 8) and abs(image.max().item() - 80 / 255) < 0.02
     assert mask.dtype == torch.int64 and mask.unique().tolist() == [2]
-    assert dataset.class_pixel_counts().tolist() == [0, 0, 64]
     with pytest.raises(DataError, match=r"label\(s\) \[2\] outside 0..1"):
         segmentation.SegDataset(dataset.pairs, None, num_classes=2)[0]
 

@@ -25,7 +25,7 @@ def test_per_sample_seeding_restores_the_cpu_streams_and_never_reseeds_cuda(monk
 
 def test_reconstruction_figures_do_not_reseed_cuda(monkeypatch):
     from models_cross_scale_mae import create_model
-    from util.eval.figures import reconstruction_grid
+    from util.eval.figures import reconstruction_columns
 
     torch.manual_seed(0)
     model = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8)
@@ -33,7 +33,7 @@ def test_reconstruction_figures_do_not_reseed_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
     images = torch.randn(2, 3, 32, 32)
     cpu_state = torch.get_rng_state()
-    reconstruction_grid(model, images, (0.5,) * 3, (0.25,) * 3)
+    reconstruction_columns(model, images, (0.5,) * 3, (0.25,) * 3)
     assert reseeded == [] and torch.equal(torch.get_rng_state(), cpu_state)
 
 
