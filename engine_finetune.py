@@ -459,7 +459,6 @@ def extract_features(model: nn.Module, loader, run: Run) -> tuple[torch.Tensor, 
         lambda images: {"features": model.forward_head(model.forward_features(images), pre_logits=True)},
         loader,
         run.device,
-        run.amp_dtype,
         "frozen features",
     )
     return outputs["features"], labels
@@ -473,7 +472,7 @@ def evaluate(model: nn.Module, loader, run: Run, num_classes: int) -> tuple[dict
         (metrics in % (loss: nats), confusion [num_classes, num_classes], rows = true class).
     """
     model.eval()
-    outputs, labels = infer(lambda images: {"logits": model(images)}, loader, run.device, run.amp_dtype, "evaluation")
+    outputs, labels = infer(lambda images: {"logits": model(images)}, loader, run.device, "evaluation")
     logits = outputs["logits"]
     if not torch.isfinite(logits).all():
         bad = (~torch.isfinite(logits)).any(1).nonzero()[:, 0]

@@ -15,11 +15,11 @@ from model_loading import build_knn_encoder, classifier_name
 from util import config
 from util.config import Bands, Flags
 from util.data import datasets, loaders, transforms
-from util.errors import UsageError
+from util.errors import CheckpointError, UsageError
 from util.eval import knn
 from util.eval.figures import save_knn_plot
 from util.files import best_effort
-from util.run import process
+from util.run import checkpoint, process
 from util.run.distributed import main_print
 from util.weights import layouts
 
@@ -44,6 +44,7 @@ def evaluate(flags: Flags, bands: Bands) -> None:
         output_dir = output_dir / "knn"
     run = process.setup_run(flags.device, flags.amp, flags.seed, output_dir, flags.dist_timeout)
     weights = {spec: layouts.read_encoder(spec) for spec in flags.checkpoints if spec != "none"}
+    schedules = {spec: schedule_of(spec) for spec in weights}  # what each saw of its schedule, for every table
     reference = next(iter(weights.values()), None)
     model_name = flags.model or (classifier_name(reference) if reference else None)
     if model_name is None:
@@ -95,7 +96,6 @@ def evaluate(flags: Flags, bands: Bands) -> None:
             val_loader,
             num_classes,
             run.device,
-            run.amp_dtype,
             flags.scales,
             pool,
             flags.scale_mode,
@@ -119,8 +119,20 @@ def evaluate(flags: Flags, bands: Bands) -> None:
         flags, bands, input_size, patch_size, train_set, val_set, num_classes, origin, final_norms
     )
     protocol["class_names"] = class_names
+    protocol["schedule_seen"] = {spec: schedules.get(spec, "random init") for spec in flags.checkpoints}
     protocol["features_per_checkpoint"] = {label: text for label, text in features.items() if text}
     write_outputs(rows, protocol, flags.scales, run.output_dir)
+
+
+def schedule_of(path: str) -> str:
+    """What a checkpoint saw of its schedule ("60/60 epochs", "3/60 epochs + 2 steps", ...:
+    ``checkpoint.schedule_seen``); an encoder export or a file without a position says so."""
+    if Path(path).is_dir():
+        return "encoder export"
+    try:
+        return checkpoint.schedule_seen(checkpoint.read_checkpoint(path, mmap=True))[0]
+    except CheckpointError:
+        return "not recorded"
 
 
 def load_datasets(
@@ -214,14 +226,14 @@ def write_outputs(rows: list[dict], protocol: dict, scales: list[float], out: Pa
                     )
 
     best_effort(out / "knn_results.csv", write_csv)  # a full disk: a warning, and the table still printed below
-    header = "| checkpoint | classifier | " + " | ".join(f"{s:g}" for s in scales) + " | mean |"
-    lines = [header, "|" + "---|" * (len(scales) + 3)]
+    seen = dict(zip(labels, protocol.get("schedule_seen", {}).values()))
+    header = "| checkpoint | schedule seen | classifier | " + " | ".join(f"{s:g}" for s in scales) + " | mean |"
+    lines = [header, "|" + "---|" * (len(scales) + 4)]
     for label in labels:
         for c in CLASSIFIERS:
             values = [table[label, c, s] for s in scales]
-            lines.append(
-                f"| {label} | {c} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {sum(values) / len(values):.1f} |"
-            )
+            cells = " | ".join(f"{v:.1f}" for v in values)
+            lines.append(f"| {label} | {seen.get(label, '')} | {c} | {cells} | {sum(values) / len(values):.1f} |")
     markdown = "\n".join(lines)
     protocol_lines = [f"- **{k}**: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in protocol.items()]
     best_effort(

@@ -329,9 +329,7 @@ def knn_evaluate(
     mae: models_mae.CrossScaleMAE, memory, queries, num_classes: int, run: Run, epoch: int, writer: SummaryWriter | None
 ) -> dict[str, float]:
     """Multi-scale kNN top-1 (%) of the encoder as it is now (resize mode, cls token); logged and returned."""
-    results = knn.multiscale_accuracies(
-        mae.encoder, mae.encoder_norm, memory, queries, num_classes, run.device, run.amp_dtype
-    )
+    results = knn.multiscale_accuracies(mae.encoder, mae.encoder_norm, memory, queries, num_classes, run.device)
     mae.train()
     stats = {f"knn_{classifier}_{scale:g}": value for (classifier, scale), value in results.items()}
     main_print(f"epoch {epoch} kNN top-1: " + ", ".join(f"{k[4:]} {v:.1f}%" for k, v in stats.items()))

@@ -422,7 +422,7 @@ def final_evaluation(
             f"per-class IoU ({what}, scale {one['scale']:g}): mIoU {one['mIoU']:.1f}%",
         )
         if len(rows) > 1:
-            figures.save_miou_vs_scale(rows, directory / "miou_vs_scale.png", what)
+            figures.save_miou_vs_scale(rows, directory / "miou_vs_scale.png", what, images=len(names))
         if examples:
             shown = (
                 palette
@@ -470,11 +470,10 @@ def evaluate(
         mask = iou.ignore_boundaries(
             mask.to(run.device, non_blocking=True), evaluation.ignore_boundary, num_classes, ignore_index
         )
-        for scale in scales:
-            with run.autocast():
-                probs = inference.sliding_window(
-                    model, inference.degrade(image, scale), num_classes, evaluation.crop, evaluation.overlap
-                )
+        for scale in scales:  # float32 whatever --amp trains with (util.eval.inference.infer says why)
+            probs = inference.sliding_window(
+                model, inference.degrade(image, scale), num_classes, evaluation.crop, evaluation.overlap
+            )
             if not torch.isfinite(probs).all():
                 raise NonFiniteOutputError(
                     f"evaluation: NaN/inf class scores at scale {scale:g} (image {index} of this rank); "

@@ -61,10 +61,21 @@ if [[ -n ${ATTN_NAME:-} ]]; then pass_var attn_name ATTN_NAME; fi
 if [[ -n ${LOSS:-} ]]; then pass_var loss LOSS; fi
 if [[ $NORM_PIX_LOSS == 1 ]] && launcher_value NORM_PIX_LOSS && ! user_flag norm_pix_loss; then PY_ARGS+=(--norm_pix_loss); fi
 
-# The quick start (the embedded sample, one process, no --config) ends with the evidence that pretraining helped.
+# The quick start (the embedded sample, one process, no --config) ends with the evidence that pretraining helped,
+# for a run that finished its schedule only: a stopped run (Ctrl-C, SIGTERM) exits with the trainer's status
+# (128 + the signal's number) and says how to continue; tools/sample_eval.py refuses a checkpoint of an unfinished
+# schedule anyway.
 if [[ $SAMPLE_EVAL == 1 && $TRAIN_PATH == "data/$DATA/train.csv" && $LAUNCH == "$PYTHON" ]] \
    && ! user_flag config && ! user_flag train_path && ! user_flag output_dir; then
-  $LAUNCH main_pretrain.py "${PY_ARGS[@]}" "$@"
+  status=0
+  $LAUNCH main_pretrain.py "${PY_ARGS[@]}" "$@" || status=$?
+  if ((status != 0)); then
+    if ((status > 128)); then
+      echo "train.sh: training stopped (status $status), no evaluation of an unfinished run; continue it with:" \
+           "$TRAIN_SH $* --resume auto" >&2
+    fi
+    exit "$status"
+  fi
   exec $PYTHON tools/sample_eval.py "$OUTPUT_DIR/checkpoint-last.pth" --sample "data/$DATA"
 fi
 # shellcheck disable=SC2086  # LAUNCH is a command line (python, or torchrun and its flags); exec: signals reach it

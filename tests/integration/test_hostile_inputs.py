@@ -520,7 +520,7 @@ def test_full_disk_on_knn_outputs_warns_and_prints_the_table(data, tmp_path, mon
     captured = capfd.readouterr()
     for name in ("knn_results.csv", "knn_results.md", "protocol.json", "knn_accuracy_vs_scale.png"):
         assert f"warning: could not write {out / name}: No space left on device; continuing" in captured.err
-    assert "| checkpoint | classifier |" in captured.out
+    assert "| checkpoint | schedule seen | classifier |" in captured.out
 
 
 @pytest.mark.parametrize(
@@ -598,11 +598,13 @@ def test_the_stop_message_names_the_signal_received(monkeypatch):
     from util.run import process
 
     monkeypatch.setattr(process, "_STOP_REASON", [])
+    monkeypatch.setattr(process, "_STOP_SIGNAL", [])
     monkeypatch.setattr(process._STOP, "set", lambda: None)
-    assert process.stop_reason() == "a stop signal on another process"
+    assert process.stop_reason() == "a stop signal on another process" and process.stopped_exit_status() == 143
     monkeypatch.setattr(signals, "signal", lambda *a: None)
     process._interrupt(signals.SIGINT, None)
-    assert process.stop_reason() == "Ctrl-C (SIGINT)"
+    assert process.stop_reason() == "Ctrl-C (SIGINT)" and process.stopped_exit_status() == 130
     monkeypatch.setattr(process, "_STOP_REASON", [])
+    monkeypatch.setattr(process, "_STOP_SIGNAL", [])
     process._request_stop(signals.SIGUSR1, None)
-    assert process.stop_reason() == "SIGUSR1"
+    assert process.stop_reason() == "SIGUSR1" and process.stopped_exit_status() == 138

@@ -1,16 +1,19 @@
-"""tools/sample_eval.py: the quick start's evaluation (spatial folds over location blocks, block bootstrap)."""
+"""tools/sample_eval.py: the quick start's evaluation (spatial folds over location blocks, a bootstrap over blocks and
+seeds, a random baseline of the encoder's own architecture, float64 features, complete runs only)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import HANG_GUARD_S, REPO
 
 sys.path.insert(0, str(REPO / "tools"))
 import sample_eval
 
+from util import config
 from util.config import DEFAULT_TRAIN_CSV
 from util.data.datasets import build_dataset
 
@@ -31,20 +34,159 @@ def test_every_tile_is_in_one_fold_and_fold_0_is_the_shipped_validation_split():
 
 def test_the_bootstrap_resamples_blocks_not_tiles():
     blocks = np.repeat(np.arange(BLOCKS), 9)
-    all_right = {"constant": np.ones(len(blocks), dtype=bool)}
-    assert sample_eval.bootstrap(all_right, blocks)["constant"] == (100.0, 100.0, 100.0)
-    one_block_wrong = {"one": blocks != 0}  # 9 correlated tiles: the interval must be as wide as one block's weight
-    mean, low, high = sample_eval.bootstrap(one_block_wrong, blocks)["one"]
+    constant = {"constant": np.ones((1, len(blocks)), dtype=bool)}
+    assert sample_eval.hierarchical_bootstrap(constant, blocks, 200, [])["constant"] == (100.0, 100.0, 100.0)
+    one_block_wrong = {"one": (blocks != 0)[None]}  # 9 correlated tiles: the interval is as wide as one block's weight
+    mean, low, high = sample_eval.hierarchical_bootstrap(one_block_wrong, blocks, 2000, [])["one"]
     assert mean == 96.0 and low <= 88.0 and high == 100.0
 
 
-def test_main_writes_the_table_for_a_checkpoint_and_its_random_init(pretrained, tmp_path, capsys):
-    sample_eval.main(sample_eval.get_args_parser().parse_args([str(pretrained), "--output_dir", str(tmp_path)]))
-    table = (tmp_path / "sample_eval.md").read_text()
-    assert f"| {pretrained} |" in table and "| random init |" in table and "gain over random init" in table
-    results = json.loads((tmp_path / "sample_eval.json").read_text())
-    assert set(results["reconstruction"]) == {str(pretrained), "random init"}
-    assert 0 <= results["accuracy"]["majority class"][0] <= 100
+def test_seed_variance_widens_the_interval_and_gains_are_paired_over_blocks():
+    blocks = np.repeat(np.arange(BLOCKS), 9)
+    rng = np.random.default_rng(0)
+    base = rng.random(len(blocks)) < 0.7
+    one_seed = {"a": base[None], "b": base[None]}
+    two_seeds = {"a": np.stack([base, rng.random(len(blocks)) < 0.9]), "b": base[None]}
+    narrow = sample_eval.hierarchical_bootstrap(one_seed, blocks, 1000, [("a", "b")])
+    wide = sample_eval.hierarchical_bootstrap(two_seeds, blocks, 1000, [("a", "b")])
+    assert narrow["a - b"] == (0.0, 0.0, 0.0)  # the same tiles right and wrong: paired, so no spread at all
+    assert wide["a"][0] == pytest.approx(100 * (base.mean() + two_seeds["a"][1].mean()) / 2)
+    assert wide["a"][2] - wide["a"][1] > narrow["a"][2] - narrow["a"][1]  # the second seed adds its variance
+
+
+def tiny_checkpoint(
+    path: Path,
+    name: str = "cross_scale_mae_vit_tiny",
+    seed: int = 0,
+    epoch: int = 0,
+    epochs: int = 1,
+    next_step: int | None = None,
+) -> Path:
+    """A pretraining checkpoint of ``name`` (32 px, patch 8) whose run planned ``epochs`` and saw ``epoch + 1``."""
+    import torch
+
+    from models_cross_scale_mae import create_model
+    from util.run import checkpoint
+
+    torch.manual_seed(seed)
+    mae = create_model(name, input_size=32, patch_size=8)
+    state = {"model": mae.state_dict(), "model_config": mae.model_config, "epoch": epoch, "args": {"epochs": epochs}}
+    if next_step is not None:
+        state["next_step"] = next_step
+    checkpoint.save_checkpoint(state, path)
+    return path
+
+
+QUICK = ["--init_seeds", "2", "--bootstrap", "50", "--scales", "0.5", "1"]
+ONE_SCALE = [
+    "--init_seeds",
+    "1",
+    "--scales",
+    "1",
+]  # the last occurrence wins: less work where the protocol is not the point
+
+
+@pytest.fixture(scope="module")
+def small_sample(tmp_path_factory) -> Path:
+    """81 three-band tiles of 32 px in 9 blocks (every fold used): the protocol of the embedded sample, in seconds."""
+    return write_raster_sample(tmp_path_factory.mktemp("sample"), bands=3, side=9, size=32)
+
+
+def run_sample_eval(argv: list[str], out: Path, sample: Path) -> dict:
+    argv = [*QUICK, "--sample", str(sample), "--output_dir", str(out), *argv]  # the test's own flags win
+    sample_eval.main(config.parse_args(sample_eval.get_args_parser(), argv))
+    return json.loads((out / "sample_eval.json").read_text())
+
+
+def test_models_with_seeds_the_random_baseline_and_paired_gains(tmp_path, small_sample):
+    paths = [tiny_checkpoint(tmp_path / f"x{seed}.pth", seed=seed) for seed in (0, 1)]
+    plain = tiny_checkpoint(tmp_path / "plain.pth", "mae_vit_tiny", seed=5)
+    results = run_sample_eval([*map(str, paths), str(plain)], tmp_path / "out", small_sample)
+    random_label = next(label for label in results["models"] if label.startswith("random init"))
+    assert list(results["models"]) == ["cross_scale_mae_vit_tiny", "mae_vit_tiny", random_label]
+    assert results["models"]["cross_scale_mae_vit_tiny"]["seeds"] == 2 and results["models"][random_label]["seeds"] == 2
+    assert len(results["per_seed_accuracy"]["cross_scale_mae_vit_tiny | kNN"]) == 2
+    for pair in (
+        "cross_scale_mae_vit_tiny | kNN - mae_vit_tiny | kNN",
+        f"mae_vit_tiny | linear probe - {random_label} | linear probe",
+        f"cross_scale_mae_vit_tiny | multi-scale kNN mean - {random_label} | multi-scale kNN mean",
+    ):
+        gain, low, high = results["accuracy"][pair]
+        assert low <= gain <= high
+    table = (tmp_path / "out" / "sample_eval.md").read_text()
+    assert (
+        "| cross_scale_mae_vit_tiny | 2 (1/1 epochs) |" in table
+        and "| cross_scale_mae_vit_tiny − mae_vit_tiny |" in table
+    )
+    assert (tmp_path / "out" / "sample_eval_scales.png").stat().st_size > 0
+    assert set(results["reconstruction"]) == {"cross_scale_mae_vit_tiny", "mae_vit_tiny"}
+
+
+def test_the_random_baseline_does_not_depend_on_which_checkpoint_is_listed_first(tmp_path, small_sample):
+    """Issue 22: after torch.manual_seed(0), the paper model and plain MAE draw different encoders; the baseline is
+    the encoder architecture's own, so the listing order cannot move it."""
+    paper = tiny_checkpoint(tmp_path / "paper.pth")
+    plain = tiny_checkpoint(tmp_path / "plain.pth", "mae_vit_tiny")
+    first = run_sample_eval([str(paper), str(plain)], tmp_path / "a", small_sample)
+    second = run_sample_eval([str(plain), str(paper)], tmp_path / "b", small_sample)
+    random_rows = lambda r: {k: v for k, v in r["per_seed_accuracy"].items() if k.startswith("random init")}
+    assert random_rows(first) == random_rows(second) and random_rows(first)
+
+
+def test_a_run_that_did_not_finish_its_schedule_is_refused_or_marked(tmp_path, small_sample):
+    from util.run.process import run_entry_point
+
+    stopped = tiny_checkpoint(tmp_path / "stopped.pth", epoch=1, epochs=60, next_step=3)
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: .*stopped\.pth: saw 2/60 epochs \+ 3 steps of its schedule: not a "
+        r"finished run; continue it \(--resume auto\)",
+    ):
+        run_entry_point(
+            sample_eval.main,
+            config.parse_args(sample_eval.get_args_parser(), [str(stopped), "--sample", str(small_sample)]),
+        )
+    assert not (tmp_path / "sample_eval.md").exists()
+    run_sample_eval([str(stopped), "--allow_partial"], tmp_path / "out", small_sample)
+    assert (
+        "| cross_scale_mae_vit_tiny **PARTIAL** | 1 (2/60 epochs + 3 steps) |"
+        in (tmp_path / "out" / "sample_eval.md").read_text()
+    )
+
+
+def test_the_table_is_the_same_under_bf16_autocast_and_with_other_cpu_kernels(tmp_path, small_sample):
+    """Features are float64 with autocast off: an AVX-512-BF16 machine (bf16 autocast in the training loop) and an
+    AVX2-only one give the same table. Other kernels are simulated with ATEN_CPU_CAPABILITY=default (no SIMD)."""
+    import subprocess
+
+    import torch
+
+    path = tiny_checkpoint(tmp_path / "c.pth")
+    plain = run_sample_eval([str(path), *ONE_SCALE], tmp_path / "plain", small_sample)["accuracy"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert run_sample_eval([str(path), *ONE_SCALE], tmp_path / "bf16", small_sample)["accuracy"] == plain
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "tools/sample_eval.py",
+            str(path),
+            *QUICK,
+            *ONE_SCALE,
+            "--sample",
+            str(small_sample),
+            "--output_dir",
+            str(tmp_path / "k"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    other = json.loads((tmp_path / "k" / "sample_eval.json").read_text())["accuracy"]
+    assert other == plain
 
 
 def write_raster_sample(folder: Path, bands: int = 4, side: int = 9, size: int = 32) -> Path:
@@ -88,16 +230,16 @@ def test_multispectral_checkpoints_on_a_raster_sample(tmp_path):
     four = raster_checkpoint(tmp_path / "four.pth", 4)
     sample_eval.main(
         sample_eval.get_args_parser().parse_args(
-            [str(four), "--sample", str(sample), "--output_dir", str(tmp_path / "a")]
+            [str(four), "--sample", str(sample), *QUICK, "--output_dir", str(tmp_path / "a")]
         )
     )
     results = json.loads((tmp_path / "a" / "sample_eval.json").read_text())
-    assert results["sample"] == str(sample) and set(results["reconstruction"]) == {str(four), "random init"}
-    assert f"on {sample} (81 tiles, 9 blocks" in (tmp_path / "a" / "sample_eval.md").read_text()
+    assert results["sample"] == str(sample) and set(results["reconstruction"]) == {"cross_scale_mae_vit_tiny"}
+    assert "81 tiles in 9 location blocks" in (tmp_path / "a" / "sample_eval.md").read_text()
     three = raster_checkpoint(tmp_path / "three.pth", 3)  # an RGB-only model on three of the bands
     sample_eval.main(
         sample_eval.get_args_parser().parse_args(
-            [str(three), "--sample", str(sample), "--bands", "2", "1", "0", "--output_dir", str(tmp_path / "b")]
+            [str(three), "--sample", str(sample), "--bands", "2", "1", "0", *QUICK, "--output_dir", str(tmp_path / "b")]
         )
     )
     assert json.loads((tmp_path / "b" / "sample_eval.json").read_text())["bands"] == [2, 1, 0]

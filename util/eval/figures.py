@@ -152,6 +152,30 @@ def wilson_interval(percent: float, count: int, z: float = 1.96) -> tuple[float,
     return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
 
 
+MIN_SPAN_POINTS = 10.0  # an accuracy-vs-scale axis spans at least this many points of accuracy (%), and
+SAMPLES_PER_SPAN = 20  # at least this many times one evaluation sample's share: noise never looks like a trend
+
+
+def draw_against_scale(
+    ax, scales: Sequence[float], series: dict[str, list[tuple[float, float, float]]], one_sample: float | None = None
+) -> None:
+    """One line per entry of ``series`` (label -> [(value, interval low, interval high)] per scale, in %), its interval
+    as a band, on a log scale axis; the y axis spans at least ``MIN_SPAN_POINTS`` and ``SAMPLES_PER_SPAN`` times
+    ``one_sample`` (the accuracy one evaluation sample is worth, %), clipped to [0, 100]."""
+    for label, points in series.items():
+        values, lows, highs = zip(*points)
+        (line,) = ax.plot(scales, values, marker="o", label=label)
+        ax.fill_between(scales, lows, highs, color=line.get_color(), alpha=0.15, linewidth=0)
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(list(scales), [f"{s:g}" for s in scales])
+    ax.grid(alpha=0.3)
+    bottom, top = ax.get_ylim()
+    span = max(MIN_SPAN_POINTS, SAMPLES_PER_SPAN * (one_sample or 0.0), top - bottom)
+    middle = min(max((top + bottom) / 2, span / 2), 100 - span / 2) if span < 100 else 50.0
+    ax.set_ylim(max(0.0, middle - span / 2), min(100.0, middle + span / 2))
+
+
 def save_knn_plot(
     table: dict,
     labels: list[str],
@@ -164,27 +188,20 @@ def save_knn_plot(
     """Top-1 against scale, one line per checkpoint, one panel per kNN classifier; ``table[label, classifier, scale]``.
 
     ``evaluation`` (what was evaluated) and ``images`` (how many) go into the title; with ``images``, each line
-    gets its 95 % Wilson interval as a band, so that a difference of one image does not read as a large one.
+    gets its 95 % Wilson interval as a band (``draw_against_scale``), so that a difference of one image does not
+    read as a large one.
     """
     fig, axes = plt.subplots(1, len(classifiers), figsize=(10, 4.4 + 0.25 * len(labels)), sharey=True, squeeze=False)
     axes = axes[0]
     for ax, classifier in zip(axes, classifiers):
+        series = {}
         for label in labels:
             values = [table[label, classifier, s] for s in scales]
-            (line,) = ax.plot(scales, values, marker="o", label=label)
-            if images:
-                low, high = zip(*(wilson_interval(v, images) for v in values))
-                ax.fill_between(scales, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
-        ax.set(xscale="log", xlabel="scale (fraction of the input size)", title=f"{classifier} kNN")
-        ax.minorticks_off()
-        ax.set_xticks(scales, [f"{s:g}" for s in scales])
-        ax.grid(alpha=0.3)
+            bands = [wilson_interval(v, images) if images else (v, v) for v in values]
+            series[label] = [(v, low, high) for v, (low, high) in zip(values, bands)]
+        draw_against_scale(ax, scales, series, 100.0 / images if images else None)
+        ax.set(xlabel="scale (fraction of the input size)", title=f"{classifier} kNN")
     axes[0].set_ylabel("top-1 (%)" + (" with 95 % Wilson interval" if images else ""))
-    if images:
-        bottom, top = axes[0].get_ylim()
-        if top - bottom < 10:  # never zoom in so far that noise looks like a trend
-            middle = (top + bottom) / 2
-            axes[0].set_ylim(max(0, middle - 5), min(100, middle + 5))
     heading = "Multi-scale kNN top-1"
     if evaluation or images:
         heading += ": " + ", ".join(
@@ -194,6 +211,27 @@ def save_knn_plot(
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06 * len(labels), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_accuracy_vs_scale(
+    series: dict[str, list[tuple[float, float, float]]],
+    scales: Sequence[float],
+    path: Path,
+    title: str,
+    ylabel: str,
+    one_sample: float | None = None,
+) -> None:
+    """Accuracy (%) against scale with intervals (``draw_against_scale``): label -> [(value, low, high)] per scale."""
+    fig, ax = plt.subplots(figsize=(7, 4.4 + 0.2 * len(series)))
+    draw_against_scale(ax, scales, series, one_sample)
+    ax.set(xlabel="scale (fraction of the input side)", ylabel=ylabel)
+    fig.suptitle(title, fontsize=10)
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * len(series), 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -294,17 +332,18 @@ def save_per_class_iou(row: dict, class_names: Sequence[str], path: Path, title:
     plt.close(fig)
 
 
-def save_miou_vs_scale(rows: list[dict], path: Path, label: str = "") -> None:
-    """mIoU (%) against the down-sampling scale of the evaluation images (log axis)."""
+def save_miou_vs_scale(rows: list[dict], path: Path, label: str = "", images: int | None = None) -> None:
+    """mIoU (%) against the down-sampling scale of the evaluation images (log axis), with its block-bootstrap
+    interval where the rows have one (``mIoU_low`` / ``mIoU_high``) and an axis wide enough that noise does not look
+    like a trend (``draw_against_scale``; ``images``: how many were evaluated)."""
     scales = [row["scale"] for row in rows]
+    points = [(row["mIoU"], row.get("mIoU_low", row["mIoU"]), row.get("mIoU_high", row["mIoU"])) for row in rows]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(scales, [row["mIoU"] for row in rows], marker="o", label=label or None)
+    draw_against_scale(ax, scales, {label or "mIoU": points}, 100.0 / images if images else None)
+    interval = " with 95 % block-bootstrap interval" if "mIoU_low" in rows[0] else ""
     ax.set(
-        xscale="log", xlabel="scale (down-sampled, then up-sampled back)", ylabel="mIoU (%)", title="mIoU against scale"
+        xlabel="scale (down-sampled, then up-sampled back)", ylabel=f"mIoU (%){interval}", title="mIoU against scale"
     )
-    ax.minorticks_off()
-    ax.set_xticks(scales, [f"{s:g}" for s in scales])
-    ax.grid(alpha=0.3)
     if label:
         ax.legend(fontsize=8)
     fig.tight_layout()

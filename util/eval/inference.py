@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from util.run.distributed import gather_rows
 from util.run.logger import progress
-from util.run.process import autocast
 
 
 @torch.no_grad()
@@ -18,11 +17,13 @@ def infer(
     fn: Callable[[torch.Tensor], dict],
     loader,
     device: torch.device,
-    amp_dtype: torch.dtype | None,
     desc: str = "inference",
 ) -> tuple[dict, torch.Tensor]:
-    """Run ``fn(images) -> {name: [B, ...]}`` on every batch under ``no_grad`` and autocast, reporting progress as
-    ``desc`` on rank 0 (``logger.progress``: a bar on a terminal, plain lines in a log file).
+    """Run ``fn(images) -> {name: [B, ...]}`` on every batch under ``no_grad``, reporting progress as ``desc`` on rank 0
+    (``logger.progress``: a bar on a terminal, plain lines in a log file).
+
+    Evaluation runs in float32 whatever ``--amp`` trains with: a number a user reports must not depend on whether the
+    machine computes bf16 natively (AVX512-BF16, Ampere and newer GPUs) or not.
 
     Returns:
         ({name: outputs of every sample as float32 on the CPU}, labels), gathered over ranks in dataset order.
@@ -30,9 +31,8 @@ def infer(
     outputs: dict = {}
     labels = []
     for images, targets in progress(loader, desc):
-        with autocast(device, amp_dtype):
-            for name, value in fn(images.to(device, non_blocking=True)).items():
-                outputs.setdefault(name, []).append(value.float().cpu())
+        for name, value in fn(images.to(device, non_blocking=True)).items():
+            outputs.setdefault(name, []).append(value.float().cpu())
         labels.append(targets)
     return (
         {name: gather_rows(torch.cat(parts), device) for name, parts in outputs.items()},

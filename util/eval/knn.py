@@ -60,7 +60,6 @@ def extract(
     encoder: VisionTransformer,
     loader,
     device: torch.device,
-    amp_dtype: torch.dtype | None,
     pool: str,
     final_norm: bool,
     scales: Sequence[float] = (1.0,),
@@ -77,7 +76,6 @@ def extract(
         },
         loader,
         device,
-        amp_dtype,
         desc,
     )
     for scale, values in features.items():
@@ -180,7 +178,6 @@ def multiscale_accuracies(
     query_loader,
     num_classes: int,
     device: torch.device,
-    amp_dtype: torch.dtype | None,
     scales: Sequence[float] = (0.125, 0.25, 0.5, 1.0),
     pool: str = "cls",
     scale_mode: str = "resize",
@@ -190,11 +187,9 @@ def multiscale_accuracies(
 ) -> dict[tuple[str, float], float]:
     """Top-1 (%) of both classifiers at every scale, the memory set at full resolution: {(classifier, scale):
     accuracy}."""
-    memory, memory_labels = extract(
-        encoder, memory_loader, device, amp_dtype, pool, final_norm, desc="kNN memory features"
-    )
+    memory, memory_labels = extract(encoder, memory_loader, device, pool, final_norm, desc="kNN memory features")
     queries, query_labels = extract(
-        encoder, query_loader, device, amp_dtype, pool, final_norm, scales, scale_mode, desc="kNN evaluation features"
+        encoder, query_loader, device, pool, final_norm, scales, scale_mode, desc="kNN evaluation features"
     )
     results = {}
     for scale in scales:

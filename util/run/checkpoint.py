@@ -23,7 +23,7 @@ from util.config import Bands, same_value
 from util.errors import CheckpointError, UsageError, first_line
 from util.files import file_md5, write_atomically
 from util.run import distributed
-from util.run.process import Preempted, Run, stop_reason
+from util.run.process import Preempted, Run, mark_stopped, stop_reason, stopped_exit_status
 from util.run.rng import rng_state, set_rng_state
 
 PUBLISHED_MD5 = {
@@ -137,6 +137,19 @@ def training_position(state: dict[str, Any]) -> tuple[int, int] | None:
     if type(epoch) is not int or type(step) is not int or epoch < -1 or step < 0 or (epoch == -1 and step == 0):
         return None
     return (epoch + 1, step)
+
+
+def schedule_seen(state: dict[str, Any]) -> tuple[str, bool]:
+    """(what a checkpoint saw of its schedule, whether it finished it): "60/60 epochs", "3/60 epochs + 2 steps" (a run
+    stopped mid-epoch), or "epoch 400, schedule not recorded" (files without their run's --epochs: accepted)."""
+    epoch, step = state.get("epoch"), state.get("next_step", 0)
+    planned = (state.get("args") or {}).get("epochs")
+    if not isinstance(epoch, int):
+        return "epoch not recorded", True
+    done = epoch + 1
+    if not isinstance(planned, int):
+        return f"epoch {done}" + (f" + {step} steps" if step else "") + ", schedule not recorded", not step
+    return f"{done}/{planned} epochs" + (f" + {step} steps" if step else ""), done >= planned and not step
 
 
 def find_resume_checkpoint(resume: str, output_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
@@ -406,7 +419,7 @@ def save_preempted(
     run: Run, stop: Preempted, model: torch.nn.Module, optimizer, scaler, record: dict[str, Any], **extra: Any
 ) -> None:
     """Checkpoint a run stopped by SIGTERM, SIGUSR1 or Ctrl-C so that ``--resume auto`` continues at the very next
-    step."""
+    step; the entry point then exits with 128 + the signal's number (``process.stopped_exit_status``)."""
     saved = save_epoch(
         run, "checkpoint-last.pth", model, optimizer, scaler, stop.epoch - 1, record, next_step=stop.step, **extra
     )
@@ -416,6 +429,6 @@ def save_preempted(
         )
     distributed.main_print(
         f"{stop_reason()}: stopped at epoch {stop.epoch} step {stop.step}, saved "
-        f"{run.output_dir / 'checkpoint-last.pth'}; "
-        "continue with --resume auto"
+        f"{run.output_dir / 'checkpoint-last.pth'}; continue with --resume auto (exit status {stopped_exit_status()})"
     )
+    mark_stopped()

@@ -33,10 +33,13 @@ class Preempted(Exception):
 
 
 _STOP_REASON: list[str] = []  # the signal this process received, for the closing message
+_STOP_SIGNAL: list[int] = []  # its number, for the exit status
+_STOPPED = threading.Event()  # the run saved its checkpoint after a stop and ended early (``mark_stopped``)
 
 
 def _request_stop(signum, frame) -> None:
     _STOP_REASON.append(signal.Signals(signum).name)
+    _STOP_SIGNAL.append(signum)
     _STOP.set()
 
 
@@ -45,9 +48,23 @@ def stop_reason() -> str:
     return _STOP_REASON[0] if _STOP_REASON else "a stop signal on another process"
 
 
+def mark_stopped() -> None:
+    """The run ended early after a stop (its checkpoint saved): ``run_entry_point`` then exits with
+    ``stopped_exit_status()``, never 0, so that ``bash train.sh && bash finetune.sh`` does not go on with a partial
+    run."""
+    _STOPPED.set()
+
+
+def stopped_exit_status() -> int:
+    """128 + the number of the signal that stopped this process (the shell's convention: SIGTERM 143, SIGINT 130,
+    SIGUSR1 138); 143 where another process received it (under DDP)."""
+    return 128 + (_STOP_SIGNAL[0] if _STOP_SIGNAL else signal.SIGTERM)
+
+
 def _interrupt(signum, frame) -> None:
     """First Ctrl-C: stop like SIGTERM (checkpoint at the next update); a second one aborts at once."""
     _STOP_REASON.append("Ctrl-C (SIGINT)")
+    _STOP_SIGNAL.append(signum)
     _STOP.set()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     print("Ctrl-C: stopping after the current step with a checkpoint (Ctrl-C again aborts at once)", flush=True)
@@ -278,9 +295,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 def run_entry_point(main, args) -> None:
     """Call ``main(args)``; a ``ReportableError`` (also one re-raised from a DataLoader worker) exits with
-    ``error: <message>`` on one line and exit status 1."""
+    ``error: <message>`` on one line and exit status 1; a run that a stop signal ended early (checkpoint saved,
+    ``mark_stopped``) exits with ``stopped_exit_status()``."""
+    _STOPPED.clear()  # an earlier call in this process (tests, notebooks) stopped early: this one has not yet
     try:
         main(args)
+        if _STOPPED.is_set():
+            raise SystemExit(stopped_exit_status())
     except ReportableError as e:
         message = first_line(e, last=True)  # a worker's error arrives with its traceback in front
         message = message.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")

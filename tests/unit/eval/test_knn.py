@@ -103,7 +103,8 @@ def test_main_writes_csv_markdown_plot_and_protocol(tmp_path):
     assert {r["checkpoint"] for r in rows} == {"random init (vit_tiny_patch16)", str(tmp_path / "mae.pth")}
     assert all(0 <= float(r["top1"]) <= 100 for r in rows)
     markdown = (out / "knn_results.md").read_text()
-    assert "| checkpoint | classifier | 0.125 | 0.25 | 0.5 | 1 | mean |" in markdown and "## Protocol" in markdown
+    assert "| checkpoint | schedule seen | classifier | 0.125 | 0.25 | 0.5 | 1 | mean |" in markdown
+    assert "## Protocol" in markdown
     protocol = json.loads((out / "protocol.json").read_text())
     assert protocol["memory_images"] == 12 and protocol["evaluation_images"] == 6 and protocol["input_size"] == 32
     assert protocol["evaluation_set"] == "val.csv"  # with evaluation_images, the plot's title
