@@ -232,6 +232,25 @@ def test_knn_missing_checkpoints(clone, stub, weights, tmp_path):
 # train.sh
 
 
+def test_a_stopped_quick_start_evaluates_nothing_and_exits_with_the_trainers_status(clone, tmp_path):
+    """A trainer stopped by SIGTERM exits 143 after its checkpoint (util.run.process.stopped_exit_status): train.sh
+    must not evaluate the partial run, must exit 143 too, and must say how to continue."""
+    stopped = tmp_path / "stopped_python"
+    stopped.write_text(
+        '#!/usr/bin/env bash\nif [[ $1 == main_pretrain.py ]]; then exit 143; fi\necho "evaluated: $*"\n'
+    )
+    stopped.chmod(0o755)
+    result = run(clone, stopped, "train.sh", "--epochs", "3", SAMPLE_EVAL="1")
+    assert result.returncode == 143 and "evaluated" not in result.stdout
+    assert "training stopped (status 143), no evaluation of an unfinished run" in result.stderr
+    assert "bash train.sh --epochs 3 --resume auto" in result.stderr
+    failed = tmp_path / "failed_python"
+    failed.write_text("#!/usr/bin/env bash\nexit 1\n")
+    failed.chmod(0o755)
+    result = run(clone, failed, "train.sh", SAMPLE_EVAL="1")
+    assert result.returncode == 1 and "training stopped" not in result.stderr  # an error is its own message
+
+
 def test_the_quick_start_ends_with_the_sample_evaluation(clone, stub):
     lines = argv(run(clone, stub, "train.sh", SAMPLE_EVAL="1"))
     assert lines[0] == "main_pretrain.py" and "--norm_pix_loss" in lines
