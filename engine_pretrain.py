@@ -15,7 +15,6 @@ from model_loading import export_encoder, init_mae
 from util import config
 from util.config import Bands, Flags, Schedule
 from util.data import datasets, loaders, transforms
-from util.data.raster_options import split_valid
 from util.errors import UsageError
 from util.eval import knn
 from util.eval.figures import grid_image, reconstruction_columns, save_reconstruction_png
@@ -238,6 +237,15 @@ def plot_batch(dataset: loaders.SampleDataset, bands: Bands, input_size: int, de
     return split_valid(images, bands.in_chans)[0].to(device)
 
 
+def split_valid(images: torch.Tensor, in_chans: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B, C (+1), H, W] -> (images [B, C, H, W], validity [B, 1, H, W] or None): the band
+    ``RasterOptions(valid_channel=
+    True)`` or ``BatchAugment`` (packed arrays with a no-data value) appended, if any."""
+    if images.shape[1] == in_chans + 1:
+        return images[:, :in_chans], images[:, in_chans:]
+    return images, None
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     loss_names: tuple[str, ...],
@@ -261,7 +269,7 @@ def train_one_epoch(
         model: What trains: the ``CrossScaleMAE``, possibly DDP-wrapped or compiled.
         loss_names: The terms the model reports besides ``loss`` (``CrossScaleMAE.loss_names``).
         loader: Yields (images [B, C, H, W], labels); labels are ignored. Rasters carry a validity band last
-            ([B, C + 1, H, W], ``raster_options.split_valid``): no-data pixels are left out of the reconstruction loss.
+            ([B, C + 1, H, W], ``split_valid``): no-data pixels are left out of the reconstruction loss.
         plan: Accumulation, clipping, logging and the run's length (``util.config.Schedule``).
         steps_per_epoch: Steps of a whole epoch (a resumed one starts at ``start_step``).
         in_chans: Bands of the images (a validity band may follow them).

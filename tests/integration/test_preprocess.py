@@ -7,6 +7,7 @@ import torch
 from conftest import HANG_GUARD_S, REPO, bands_of, make_image, write_csv_dataset
 from PIL import Image
 
+import engine_pretrain
 import main_pretrain
 from util import config
 from util.data import datasets, packed, raster_options, transforms
@@ -228,7 +229,7 @@ def test_packed_uint16_with_nodata_pretrains_with_the_validity_band(tmp_path):
     torch.manual_seed(0)
     with torch.no_grad():
         batch = augment(torch.stack([packed[i][0] for i in range(4)]))
-    images, valid = raster_options.split_valid(batch, 4)
+    images, valid = engine_pretrain.split_valid(batch, 4)
     assert images.shape == (4, 4, 40, 40) and valid.shape == (4, 1, 40, 40)
     assert 0 < valid.mean() < 1 and valid.min() >= 0 and valid.max() <= 1
     assert images[valid.expand_as(images) == 0].abs().max() < 1e-4  # no-data filled with the mean: 0 once normalised

@@ -23,7 +23,7 @@ class RasterOptions:
         nodata: No-data value (None: the TIFF's GDAL_NODATA tag, if any).
         fill: Per-band value for no-data pixels (the normalisation mean: 0 after normalisation).
         valid_channel: Append the validity of each pixel (1 = data, 0 = no-data) as band C, so that it is cropped and
-            resampled with the image and reaches the reconstruction loss (pretraining; ``split_valid``).
+            resampled with the image and reaches the reconstruction loss (pretraining; ``engine_pretrain.split_valid``).
         dtype, stats, stats_nodata: The sample type and the ``--nodata`` the statistics (file ``stats``) were
             computed with, where it records them (None: not known, not compared).
         max_pixels: ``--max_image_pixels``: files declaring more pixels are refused.
@@ -95,15 +95,6 @@ class RasterOptions:
             valid = np.ones((1, *data.shape[1:]), np.float32) if mask is None else (~mask)[None].astype(np.float32)
             data = np.concatenate([data, valid])
         return torch.from_numpy(data)
-
-
-def split_valid(images: torch.Tensor, in_chans: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[B, C (+1), H, W] -> (images [B, C, H, W], validity [B, 1, H, W] or None): the band
-    ``RasterOptions(valid_channel=
-    True)`` or ``BatchAugment`` (packed arrays with a no-data value) appended, if any."""
-    if images.shape[1] == in_chans + 1:
-        return images[:, :in_chans], images[:, in_chans:]
-    return images, None
 
 
 def raster_options(bands: Bands, valid_channel: bool = False) -> RasterOptions | None:

@@ -93,7 +93,7 @@ class BatchAugment(torch.nn.Module):
             multispectral / 16-bit: the file's units, ``value_scale`` 1).
         nodata: The packed array's no-data value, or None. Such pixels (no-data in any band) are filled with the band
             mean before resampling, and the output gains a validity band ([B, C + 1, S, S],
-            ``raster_options.split_valid``)
+            ``engine_pretrain.split_valid``)
             so that they stay out of the reconstruction loss.
     """
 
