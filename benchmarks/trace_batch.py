@@ -6,6 +6,7 @@ on a one-epoch tiny run (docs/architecture.md quotes the result).
 """
 
 import os
+import runpy
 import sys
 import tempfile
 from pathlib import Path
@@ -14,8 +15,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import engine_pretrain  # noqa: E402
-import main_pretrain  # noqa: E402
-from util import config  # noqa: E402
 from util.run import loop  # noqa: E402
 
 files: set[str] = set()
@@ -58,6 +57,11 @@ flags = [
     "--output_dir",
     tempfile.mkdtemp(),
 ]
-main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), flags))
+sys.argv = ["main_pretrain.py", *flags]
+try:
+    runpy.run_path(str(REPO / "main_pretrain.py"), run_name="__main__")  # the entry script as the shell runs it
+except SystemExit as end:
+    if end.code:
+        raise
 print(f"{len(files)} files of the project on the path of a batch (besides train.sh and main_pretrain.py):")
 print("\n".join(sorted(files)))
