@@ -55,6 +55,8 @@ def evaluate(flags: Flags, bands: Bands) -> None:
     if input_size % patch_size:
         raise UsageError(f"--input_size {input_size} is not divisible by --patch_size {patch_size}")
     encoders = {}
+    # a random-init encoder treated as the checkpoint it takes its architecture from (no checkpoint: as pretraining)
+    random_final_norm = reference.final_norm if reference else False
     for spec in flags.checkpoints:  # every checkpoint is built (and checked) before the first is scored
         torch.manual_seed(flags.seed)  # the random-init encoder is reproducible
         encoders[spec] = build_knn_encoder(
@@ -65,10 +67,12 @@ def evaluate(flags: Flags, bands: Bands) -> None:
             patch_size=patch_size,
             bands=bands,
             native=flags.scale_mode == "native",
+            random_final_norm=random_final_norm,
         )
     train_set, val_set, origin = load_datasets(flags, bands, input_size)
     class_names = datasets.check_labels(train_set, [val_set], what="kNN classifier")
     num_classes = len(class_names)
+    k, majority_k = knn.neighbours_used(flags.k, flags.majority_k, len(train_set))
     reading = config.loading(flags)
     train_loader = loaders.eval_loader(train_set, reading, run)
     val_loader = loaders.eval_loader(val_set, reading, run)
@@ -99,9 +103,9 @@ def evaluate(flags: Flags, bands: Bands) -> None:
             flags.scales,
             pool,
             flags.scale_mode,
-            flags.k,
+            k,
             flags.temperature,
-            flags.majority_k,
+            majority_k,
         )
         encoder.cpu()
         rows += [
@@ -116,7 +120,7 @@ def evaluate(flags: Flags, bands: Bands) -> None:
     if not run.is_main:
         return
     protocol = describe_protocol(
-        flags, bands, input_size, patch_size, train_set, val_set, num_classes, origin, final_norms
+        flags, bands, input_size, patch_size, train_set, val_set, num_classes, origin, final_norms, k, majority_k
     )
     protocol["class_names"] = class_names
     protocol["features_per_checkpoint"] = {label: text for label, text in features.items() if text}
@@ -152,8 +156,11 @@ def describe_protocol(
     num_classes: int,
     origin: str,
     final_norms: dict[str, bool],
+    k: int,
+    majority_k: int,
 ) -> dict:
-    """The protocol of an evaluation, as ``protocol.json`` and ``knn_results.md`` record it."""
+    """The protocol of an evaluation, as ``protocol.json`` and ``knn_results.md`` record it (``k``, ``majority_k``:
+    the neighbours used, ``knn.neighbours_used``)."""
     sizes = {s: knn.reduced_size(input_size, s, patch_size, flags.scale_mode) for s in flags.scales}
     return {
         "data": origin,
@@ -182,13 +189,21 @@ def describe_protocol(
         "L2-normalised",
         "final_layernorm": {
             label: ("applied" if applied else "not applied (as in pretraining)")
+            + (" (random init: as the checkpoints it is compared with)" if label.startswith("random init") else "")
             for label, applied in final_norms.items()
         },
-        "weighted_knn": f"k = {flags.k}, cosine similarity, votes exp(sim / {flags.temperature}) (InstDisc / "
-        "Scale-MAE)",
-        "majority_knn": f"k = {flags.majority_k}, cosine similarity, one vote each, ties to the lowest class index "
-        "(torchgeo-bench)",
+        "k": k,
+        "majority_k": majority_k,
+        "weighted_knn": f"k = {k}{clipped(flags.k, k, len(train_set))}, cosine similarity, votes "
+        f"exp(sim / {flags.temperature}) (InstDisc / Scale-MAE)",
+        "majority_knn": f"k = {majority_k}{clipped(flags.majority_k, majority_k, len(train_set))}, cosine "
+        "similarity, one vote each, ties to the lowest class index (torchgeo-bench)",
     }
+
+
+def clipped(asked: int, used: int, memory: int) -> str:
+    """`` (20 asked: the memory set has 16 images)`` where k was clipped, else ""."""
+    return f" ({asked} asked: the memory set has {memory} images)" if used != asked else ""
 
 
 def write_outputs(rows: list[dict], protocol: dict, scales: list[float], out: Path) -> None:
