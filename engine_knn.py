@@ -130,20 +130,15 @@ def evaluate(flags: Flags, bands: Bands) -> None:
 def load_datasets(
     flags: Flags, bands: Bands, input_size: int
 ) -> tuple[loaders.SampleDataset, loaders.SampleDataset, str]:
-    """(memory set, evaluation set, where they come from): ``--test_path``, or a seeded ``--val_fraction`` split of
-    ``--train_path`` with ``--test_path split``."""
+    """(memory set, evaluation set, where they come from): ``--test_path`` (default: ``config.evaluation_path``), or
+    a seeded ``--val_fraction`` split of ``--train_path`` with ``--test_path split`` (``datasets.held_out``)."""
     transform = transforms.image_transform(bands, input_size, False)
     reading = dict(bands=bands, draft_size=transforms.draft_size_for(False, input_size), skip_bad=flags.skip_bad_images)
     train = datasets.build_dataset(flags.train_path, flags.dataset_type, transform, **reading)
-    if flags.test_path == "split":
-        train, val = datasets.split_dataset(train, flags.val_fraction, flags.seed)
-        origin = f"seeded split (seed {flags.seed}) of {flags.train_path}: {flags.val_fraction:.0%} evaluated"
-    else:
-        val = datasets.build_dataset(
-            flags.test_path, flags.dataset_type, transform, **reading, classes=train.classes or None
-        )
-        origin = f"train {flags.train_path}, evaluation {flags.test_path}"
-    return train, val, origin
+    test_path = config.evaluation_path(flags.train_path, flags.test_path)
+    return datasets.held_out(
+        train, test_path, flags.val_fraction, flags.seed, transform, dataset_type=flags.dataset_type, **reading
+    )
 
 
 def describe_protocol(
@@ -166,8 +161,8 @@ def describe_protocol(
         "data": origin,
         "evaluation_set": (
             f"{flags.val_fraction:.0%} split of {Path(flags.train_path).name}"
-            if flags.test_path == "split"
-            else Path(flags.test_path).name
+            if flags.test_path == config.SPLIT
+            else Path(config.evaluation_path(flags.train_path, flags.test_path)).name
         ),
         "memory_images": len(train_set),
         "evaluation_images": len(val_set),

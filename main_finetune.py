@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from util import config
 
+# upstream's main_finetune.py defaults (fMoW-RGB, 224 px); finetune.sh sets the embedded sample's
+UPSTREAM_DEFAULTS = {"batch_size": 512, "epochs": 100, "blr": 1e-3}
+
 
 def get_args_parser() -> config.Parser:
     parser = config.classification_parser(
-        "Cross-Scale MAE fine-tuning",
+        "Cross-Scale MAE fine-tuning. The defaults are upstream's (fMoW-RGB: 224 px, batch 512, 100 epochs, "
+        "--blr 1e-3); `bash finetune.sh` runs the embedded sample with its own (64 px, batch 32, 30 epochs).",
         global_pool=True,
         head_init_std=2e-5,
-        batch_size=512,
-        epochs=100,
-        blr=1e-3,
+        **UPSTREAM_DEFAULTS,
         min_lr=1e-6,
         warmup_epochs=5,
         weight_decay=0.05,
@@ -56,7 +58,9 @@ def get_args_parser() -> config.Parser:
 def main(flags: config.Flags) -> None:
     """Check the flags (before torch loads: errors answer at once), then fine-tune or, with ``--eval``, evaluate."""
     config.check_training_flags(flags)
+    config.check_classification_paths(flags)
     bands = config.resolve_bands(flags)
+    config.note_upstream_defaults(flags, UPSTREAM_DEFAULTS, "bash finetune.sh")
     import engine_finetune  # torch and timm load here, after the flags are known to work
 
     if flags.eval:

@@ -12,15 +12,17 @@ from __future__ import annotations
 from util import config
 from util.errors import UsageError
 
+# upstream's main_linprobe.py defaults (fMoW-RGB, 224 px); linprobe.sh sets the embedded sample's
+UPSTREAM_DEFAULTS = {"batch_size": 512, "epochs": 50, "blr": 0.1}
+
 
 def get_args_parser() -> config.Parser:
     parser = config.classification_parser(
-        "Cross-Scale MAE linear probing",
+        "Cross-Scale MAE linear probing. The defaults are upstream's (fMoW-RGB: 224 px, batch 512, 50 epochs, "
+        "--blr 0.1); `bash linprobe.sh` runs the embedded sample with its own (64 px, batch 32, 90 epochs, --blr 10).",
         global_pool=False,
         head_init_std=0.01,
-        batch_size=512,
-        epochs=50,
-        blr=0.1,
+        **UPSTREAM_DEFAULTS,
         min_lr=0.0,
         warmup_epochs=10,
         weight_decay=0.0,
@@ -40,12 +42,14 @@ def get_args_parser() -> config.Parser:
 def main(flags: config.Flags) -> None:
     """Check the flags (before torch loads: errors answer at once), then probe or, with ``--eval``, evaluate."""
     config.check_training_flags(flags)
+    config.check_classification_paths(flags)
     bands = config.resolve_bands(flags)
     if not flags.eval and flags.batch_size < 2:  # BatchNorm1d in training mode needs two values per channel
         raise UsageError(
             f"--batch_size must be at least 2 per device for linear probing (its head's BatchNorm), got "
             f"{flags.batch_size}"
         )
+    config.note_upstream_defaults(flags, UPSTREAM_DEFAULTS, "bash linprobe.sh")
     import engine_finetune  # torch and timm load here, after the flags are known to work
 
     if flags.eval:

@@ -68,6 +68,8 @@ def main(flags: config.Flags) -> None:
     """Check the flags (before torch loads: errors answer at once), then train or, with ``--eval``, evaluate."""
     config.check_training_flags(flags)
     config.check_segmentation_evaluation_flags(flags)
+    config.check_paths(flags, "train_path", "test_path", "finetune", "resume", "band_stats", "palette")
+    config.evaluation_path(flags.train_path, flags.test_path, split=False)  # refused here if missing
     bands = config.resolve_bands(flags)
     from util.eval import location_blocks
 

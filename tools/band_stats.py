@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from util.config import HelpFormatter
 from util.data.datasets import build_dataset
 from util.data.images import read_raster
 from util.errors import DataError, UsageError
@@ -325,7 +326,7 @@ def band_stats(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument(
         "--train_path", required=True, help="CSV file, ImageFolder tree or image folder (TIFF, .npy, PNG, JPEG)"
     )

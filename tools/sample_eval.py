@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_cross_scale_mae as models_mae
 from model_loading import load_mae
 from util import config
-from util.config import DEFAULT_TRAIN_CSV, FMOW_RGB_MEAN, FMOW_RGB_STD
+from util.config import DEFAULT_TRAIN_CSV, FMOW_RGB_MEAN, FMOW_RGB_STD, HelpFormatter
 from util.data.datasets import build_dataset
 from util.data.transforms import build_raster_transform, build_transform, draft_size_for
 from util.errors import UsageError
@@ -260,7 +260,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="pretraining checkpoints of one architecture and input size")
     parser.add_argument("--output_dir", default=None, help="default: the folder of the first checkpoint")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-init encoder")

@@ -46,8 +46,8 @@ ETA_MIN_STEPS = 5
 
 def eta_text(per_step: float, measured_steps: int, steps_left: int) -> str:
     """``per_step`` seconds x ``steps_left`` as H:MM:SS.s, or ``estimating`` while fewer than ``ETA_MIN_STEPS``
-    steps were measured."""
-    if measured_steps < ETA_MIN_STEPS:
+    steps were measured (and some are left)."""
+    if measured_steps < ETA_MIN_STEPS and steps_left > 0:
         return "estimating"
     return format_duration(per_step * steps_left)
 

@@ -144,6 +144,14 @@ def test_seeded_split_of_a_single_folder(tmp_path, image_folder):
     assert "seeded split (seed 0)" in protocol["data"]
 
 
+def test_the_users_memory_set_is_never_evaluated_on_the_sample(tmp_path, image_folder):
+    argv = ["--checkpoints", "none", "--model", "vit_tiny_patch16", "--train_path", str(image_folder)]
+    with pytest.raises(SystemExit, match=r"^error: --test_path missing: give the evaluation set of --train_path "):
+        run_entry_point(main_knn.main, config.parse_args(main_knn.get_args_parser(), argv))
+    sample = config.parse_args(main_knn.get_args_parser(), ["--checkpoints", "none"])  # the sample: its val.csv
+    assert config.evaluation_path(sample.train_path, sample.test_path) == str(config.DEFAULT_VAL_CSV)
+
+
 def test_two_process_feature_extraction_gives_the_single_process_results(tmp_path):
     train = write_csv_dataset(tmp_path / "data", 11, "train.csv", size=32)  # odd sizes: uneven shards
     val = write_csv_dataset(tmp_path / "data", 7, "val.csv", size=32)

@@ -186,7 +186,7 @@ def test_a_step_log_line_of_a_run_resumed_at_an_epochs_last_step_says_estimating
     now[0] = 230.0  # one step under load
     steps.end_step(4, {"loss": loss.detach()}, len(x))
     line = capsys.readouterr().out.strip()
-    assert line.startswith("epoch 2 [5/5] loss ") and line.endswith("img/s eta estimating (run estimating)")
+    assert line.startswith("epoch 2 [5/5] loss ") and line.endswith("img/s eta 0:00:00.0 (run estimating)")
 
 
 def test_non_training_work_reports_plain_progress_lines_without_a_terminal(capsys, monkeypatch):
