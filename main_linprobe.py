@@ -39,8 +39,12 @@ def get_args_parser() -> config.Parser:
     return parser
 
 
-def main(flags: config.Flags) -> None:
-    """Check the flags (before torch loads: errors answer at once), then probe or, with ``--eval``, evaluate."""
+def check(flags: config.Flags) -> config.Bands:
+    """The flags' checks, torch-free (the command line runs them before torch loads); returns the bands.
+
+    Raises:
+        UsageError: one line naming the flag (a path: absolute).
+    """
     config.check_training_flags(flags)
     config.check_classification_paths(flags)
     bands = config.resolve_bands(flags)
@@ -49,6 +53,12 @@ def main(flags: config.Flags) -> None:
             f"--batch_size must be at least 2 per device for linear probing (its head's BatchNorm), got "
             f"{flags.batch_size}"
         )
+    return bands
+
+
+def main(flags: config.Flags) -> None:
+    """Check the flags (``check``), then probe or, with ``--eval``, evaluate."""
+    bands = check(flags)
     config.note_upstream_defaults(flags, UPSTREAM_DEFAULTS, "bash linprobe.sh")
     import engine_finetune  # torch and timm load here, after the flags are known to work
 
@@ -60,6 +70,7 @@ def main(flags: config.Flags) -> None:
 
 if __name__ == "__main__":
     flags = config.parse_args(get_args_parser())  # --help and flag errors answer here, before torch loads
+    config.check_or_exit(check, flags)  # so do bad values and missing paths
     from util.run.process import run_entry_point
 
     run_entry_point(main, flags)

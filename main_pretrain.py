@@ -119,13 +119,21 @@ def get_args_parser() -> config.Parser:
     return parser
 
 
-def main(flags: config.Flags) -> None:
-    """Check the flags (before torch loads: errors answer at once), then pretrain."""
+def check(flags: config.Flags) -> tuple[config.Bands, dict[str, float]]:
+    """The flags' checks, torch-free (the command line runs them before torch loads); returns (bands, loss weights).
+
+    Raises:
+        UsageError: one line naming the flag (a path: absolute).
+    """
     config.check_training_flags(flags)
     knn_paths = ("knn_train_path", "knn_test_path") if flags.knn_eval_every else ()
     config.check_paths(flags, "train_path", "band_stats", "init", "resume", *knn_paths)
-    bands = config.resolve_bands(flags)
-    loss_weights = parse_loss_weights(flags.loss_weights)
+    return config.resolve_bands(flags), parse_loss_weights(flags.loss_weights)
+
+
+def main(flags: config.Flags) -> None:
+    """Check the flags (``check``), then pretrain."""
+    bands, loss_weights = check(flags)
     config.note_upstream_defaults(flags, UPSTREAM_DEFAULTS, "bash train.sh")
     import engine_pretrain  # torch, timm and the model load here, after the flags are known to work
 
@@ -134,6 +142,7 @@ def main(flags: config.Flags) -> None:
 
 if __name__ == "__main__":
     flags = config.parse_args(get_args_parser())  # --help and flag errors answer here, before torch loads
+    config.check_or_exit(check, flags)  # so do bad values and missing paths
     from util.run.process import run_entry_point
 
     run_entry_point(main, flags)

@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from util.errors import UsageError, first_line
+from util.errors import ReportableError, UsageError, first_line
 
 STATS_TOOL = "tools/band_stats.py"
 
@@ -433,6 +433,16 @@ def check_paths(flags: Flags, *names: str) -> None:
                 continue
             if not Path(item).exists():
                 raise UsageError(f"--{name} {Path(item).absolute()}: no such file or folder")
+
+
+def check_or_exit(check: Callable[[Flags], Any], flags: Flags) -> None:
+    """Run an entry script's torch-free ``check(flags)`` from its command line, before torch loads: an error exits
+    with its one line ``error: ...`` and status 1, as ``util.run.process.run_entry_point`` (which imports torch, and
+    runs the checks again inside the script's ``main``) would."""
+    try:
+        check(flags)
+    except ReportableError as e:
+        raise SystemExit(f"error: {first_line(e)}") from None
 
 
 def check_classification_paths(flags: Flags) -> None:

@@ -196,9 +196,12 @@ class Snapshots:
         return self.texts.pop(0)
 
 
-def test_other_work_is_busy_time_over_elapsed_ticks():
+def test_other_work_is_busy_time_over_elapsed_ticks_less_this_process(monkeypatch):
     before = stat((0, 0, 0, 0), (0, 0, 0, 0))
     after = stat((100, 0, 0, 0), (40, 50, 0, 10))  # cpu0 busy throughout, cpu1 half (steal counts as busy)
-    load = threads.other_work({0, 1}, 0.01, Snapshots(before, after))
-    assert load == pytest.approx(1.5, abs=0.2)  # this process, asleep meanwhile, used next to nothing
-    assert threads.other_work({0}, 0.0, tmp := Path("/nonexistent/stat")) is None and not tmp.exists()
+    clocks = {"process_time": iter([0.0, 0.5]), "monotonic": iter([0.0, 1.0])}  # this process: half a CPU for 1 s
+    for name, values in clocks.items():
+        monkeypatch.setattr(threads.time, name, lambda values=values: next(values))
+    monkeypatch.setattr(threads.time, "sleep", lambda seconds: None)
+    assert threads.other_work({0, 1}, 1.0, Snapshots(before, after)) == pytest.approx(1.5 - 0.5)
+    assert threads.other_work({0}, 0.0, Path("/nonexistent/stat")) is None  # not Linux: unknown
