@@ -183,9 +183,7 @@ def describe_protocol(
         "features": f"{'cls token' if flags.pool == 'cls' else 'mean of the patch tokens'} of the last block, "
         "L2-normalised",
         "final_layernorm": {
-            label: ("applied" if applied else "not applied (as in pretraining)")
-            + (" (random init: as the checkpoints it is compared with)" if label.startswith("random init") else "")
-            for label, applied in final_norms.items()
+            label: final_norm_text(label, applied, final_norms) for label, applied in final_norms.items()
         },
         "k": k,
         "majority_k": majority_k,
@@ -194,6 +192,13 @@ def describe_protocol(
         "majority_knn": f"k = {majority_k}{clipped(flags.majority_k, majority_k, len(train_set))}, cosine "
         "similarity, one vote each, ties to the lowest class index (torchgeo-bench)",
     }
+
+
+def final_norm_text(label: str, applied: bool, final_norms: dict[str, bool]) -> str:
+    """How ``protocol.json`` states whether the row ``label`` applied the encoder's final LayerNorm, and why."""
+    compared = label.startswith("random init") and len(final_norms) > 1
+    why = "as the checkpoints it is compared with" if compared else None if applied else "as in pretraining"
+    return ("applied" if applied else "not applied") + (f" ({why})" if why else "")
 
 
 def clipped(asked: int, used: int, memory: int) -> str:

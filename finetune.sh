@@ -10,6 +10,8 @@
 # Real runs (upstream's fMoW-RGB setting): WEIGHTS=weights/cross_scale_mae_base_pretrain.pth INPUT_SIZE=128
 #   EPOCHS=100 WARMUP_EPOCHS=5 BATCH_SIZE=512 BLR=1e-3 TRAIN_PATH=../fmow-rgb-preproc/train_128.csv
 #   TEST_PATH=../fmow-rgb-preproc/val_128.csv OUTPUT_DIR=output/finetune_base
+# Your own TRAIN_PATH needs its evaluation set: TEST_PATH=PATH, or TEST_PATH=split (a seeded 20 % of TRAIN_PATH held
+# out; docs/own_data.md). Relative paths you give are relative to the folder you call this from.
 # Extra flags pass through to Python and win over the variables (precedence: tools/launcher_lib.sh); --finetune
 # replaces WEIGHTS (--finetune "" with --model NAME: random initialisation). train_distributed.sh runs this script
 # under torchrun (LAUNCHER=finetune.sh). linprobe.sh runs it with SCRIPT=main_linprobe.py and its own defaults

@@ -8,7 +8,8 @@
 #   bash knn.sh --checkpoints none weights/mine.pth  # the flag replaces CHECKPOINTS and positional checkpoints
 #
 # Real runs: TRAIN_PATH / TEST_PATH of a labelled CSV or ImageFolder (RESISC45, UC Merced, WHU-RS19, EuroSAT-RGB);
-# TEST_PATH=split evaluates a seeded 20 % of TRAIN_PATH. Extra flags pass through and win over the variables
+# TEST_PATH=split evaluates a seeded 20 % of TRAIN_PATH (one of the two is needed: the embedded sample's val.csv
+# goes only with its train.csv). Extra flags pass through and win over the variables
 # (--scale_mode native, --pool mean, ...; precedence: tools/launcher_lib.sh). train_distributed.sh runs this
 # script under torchrun (LAUNCHER=knn.sh).
 set -euo pipefail

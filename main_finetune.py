@@ -12,7 +12,7 @@ from __future__ import annotations
 from util import config
 
 # upstream's main_finetune.py defaults (fMoW-RGB, 224 px); finetune.sh sets the embedded sample's
-UPSTREAM_DEFAULTS = {"batch_size": 512, "epochs": 100, "blr": 1e-3}
+UPSTREAM_DEFAULTS = {"batch_size": 512, "epochs": 100}  # (--blr 1e-3 too: finetune.sh keeps it)
 
 
 def get_args_parser() -> config.Parser:
@@ -22,6 +22,7 @@ def get_args_parser() -> config.Parser:
         global_pool=True,
         head_init_std=2e-5,
         **UPSTREAM_DEFAULTS,
+        blr=1e-3,
         min_lr=1e-6,
         warmup_epochs=5,
         weight_decay=0.05,

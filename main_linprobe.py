@@ -13,7 +13,7 @@ from util import config
 from util.errors import UsageError
 
 # upstream's main_linprobe.py defaults (fMoW-RGB, 224 px); linprobe.sh sets the embedded sample's
-UPSTREAM_DEFAULTS = {"batch_size": 512, "epochs": 50, "blr": 0.1}
+UPSTREAM_DEFAULTS = {"batch_size": 512, "epochs": 50}  # (--blr 0.1 too)
 
 
 def get_args_parser() -> config.Parser:
@@ -23,6 +23,7 @@ def get_args_parser() -> config.Parser:
         global_pool=False,
         head_init_std=0.01,
         **UPSTREAM_DEFAULTS,
+        blr=0.1,
         min_lr=0.0,
         warmup_epochs=10,
         weight_decay=0.0,

@@ -53,10 +53,11 @@ absolute() { if [[ $1 == /* ]]; then printf '%s' "$1"; else printf '%s/%s' "$PWD
 setvar() {
   if [[ -n ${!1:-} ]]; then
     mark_explicit "$1"
-    local flag item resolved=()
+    local flag item items resolved=()
     flag=$(var_flag "$1")
     if [[ $flag == checkpoints ]]; then
-      for item in ${!1}; do resolved+=("$(from_caller "$flag" "$item")"); done
+      read -ra items <<<"${!1}"
+      for item in "${items[@]}"; do resolved+=("$(from_caller "$flag" "$item")"); done
       printf -v "$1" '%s' "${resolved[*]}"
     elif [[ -n $flag ]]; then
       printf -v "$1" '%s' "$(from_caller "$flag" "${!1}")"

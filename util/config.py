@@ -163,7 +163,7 @@ def parse_args(parser: Parser, argv: Sequence[str] | None = None) -> Flags:
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise SystemExit(f"error: --config {path}: cannot read ({first_line(e)})") from None
+            raise SystemExit(f"error: --config {path.absolute()}: cannot read ({first_line(e)})") from None
         if not isinstance(values, dict):
             raise SystemExit(f"error: --config {path}: expected a mapping of flag names to values")
         actions = {dest: action for dest, action in parser.flags.items() if dest not in ("help", "config")}
@@ -402,8 +402,11 @@ def evaluation_path(train_path: str | None, given: str | None, split: bool = Tru
         split: Whether the task can hold out a part of --train_path instead (classification, kNN: ``SPLIT``).
 
     Raises:
-        UsageError: no ``given`` and ``train_path`` is not an embedded sample's training set.
+        UsageError: no ``given`` and ``train_path`` is not an embedded sample's training set; ``SPLIT`` given where
+            ``split`` is False.
     """
+    if given == SPLIT and not split:
+        raise UsageError(f"--test_path {SPLIT}: this task cannot split --train_path; give its evaluation set")
     if given is not None:
         return given
     train = Path(train_path).absolute() if train_path else None
@@ -465,7 +468,9 @@ def note_upstream_defaults(flags: Flags, defaults: dict[str, Any], launcher: str
     of 64-128 px do not suit, naming the launcher that runs the sample with its own. None (nothing printed) where
     the data is not a sample or no such default is in use."""
     train = Path(flags.train_path).absolute() if flags.train_path else None
-    if train is None or not any(train.parent.resolve() == sample.resolve() for sample in SAMPLES):
+    if getattr(flags, "eval", False) or train is None:  # --eval trains nothing
+        return None
+    if not any(train.parent.resolve() == sample.resolve() for sample in SAMPLES):
         return None
     kept = [f"--{name} {value:g}" for name, value in defaults.items() if getattr(flags, name, None) == value]
     if not kept:

@@ -15,8 +15,9 @@ its inputs and sets torch's count:
    ``--cpus``, Kubernetes CPU limits), floored to a whole number, at least 1, divided by the processes on this node
    (``LOCAL_WORLD_SIZE``, set by torchrun), at least 1.
 3. Capped by the CPUs other work leaves idle: the CPU time every other process used on those CPUs over
-   ``LOAD_SAMPLE_S`` at start-up (``/proc/stat``, minus this process's own), in CPUs; the idle ones, rounded to
-   the nearest whole number and divided by the processes on this node, at least 1. Measured once per process: on a
+   ``LOAD_SAMPLE_S`` at start-up (``/proc/stat``, minus this process's own), in CPUs, at most the 1-minute load
+   average (``measured_once``: a burst or work that has just ended does not count); the idle ones, rounded to the
+   nearest whole number and divided by the processes on this node, at least 1. Measured once per process: on a
    machine whose load changes during a long run, set ``OMP_NUM_THREADS`` (docs/pretraining.md, "CPU threads").
 
 cgroup quota files (https://docs.kernel.org/admin-guide/cgroup-v2.html#cpu-interface-files and
@@ -137,10 +138,18 @@ _MEASURED: dict[frozenset[int], float | None] = {}  # once per process: a second
 
 
 def measured_once(cpus: Collection[int]) -> float | None:
-    """``other_work(cpus)``, measured at the first call of this process only."""
+    """The other work on ``cpus`` that lasts, measured at the first call of this process only: ``other_work(cpus)``
+    now, at most the 1-minute load average (``os.getloadavg``; runnable processes of the whole machine). The smaller
+    of the two leaves out a burst of a fraction of a second (another process's start-up: high now, the load average
+    hardly moved) and work that has just ended (a previous run: the load average still high, the CPUs idle now)."""
     key = frozenset(cpus)
     if key not in _MEASURED:
-        _MEASURED[key] = other_work(key)
+        now = other_work(key)
+        try:
+            recent = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            recent = None
+        _MEASURED[key] = now if now is None or recent is None else min(now, recent)
     return _MEASURED[key]
 
 

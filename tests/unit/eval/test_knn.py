@@ -380,11 +380,9 @@ def test_k_clipped_to_a_small_memory_set_is_said_and_recorded_and_both_rows_are_
     assert protocol["majority_knn"].startswith("k = 3, cosine")
     assert "k = 6 (20 asked" in (tmp_path / "knn" / "knn_results.md").read_text()
     norms = protocol["final_layernorm"]
-    expected = "applied" if encoder_norm else "not applied (as in pretraining)"
-    assert norms[str(tmp_path / "mae.pth")] == expected
-    assert (
-        norms["random init (vit_tiny_patch16)"] == expected + " (random init: as the checkpoints it is compared with)"
-    )
+    assert norms[str(tmp_path / "mae.pth")] == ("applied" if encoder_norm else "not applied (as in pretraining)")
+    applied = "applied" if encoder_norm else "not applied"
+    assert norms["random init (vit_tiny_patch16)"] == f"{applied} (as the checkpoints it is compared with)"
 
 
 def test_neighbours_used_never_exceed_the_memory_set(capsys):

@@ -205,3 +205,22 @@ def test_other_work_is_busy_time_over_elapsed_ticks_less_this_process(monkeypatc
     monkeypatch.setattr(threads.time, "sleep", lambda seconds: None)
     assert threads.other_work({0, 1}, 1.0, Snapshots(before, after)) == pytest.approx(1.5 - 0.5)
     assert threads.other_work({0}, 0.0, Path("/nonexistent/stat")) is None  # not Linux: unknown
+
+
+@pytest.mark.parametrize(
+    "now, load_average, expected",
+    [
+        (1.8, 0.1, 0.1),  # a burst (another process starting): the load average hardly moved
+        (0.1, 2.5, 0.1),  # a previous run just ended: the CPUs are idle now
+        (1.6, 1.9, 1.6),  # another job running all along
+        (None, 1.9, None),  # /proc/stat unreadable: unknown
+    ],
+)
+def test_only_work_that_lasts_counts(monkeypatch, now, load_average, expected):
+    monkeypatch.undo()  # the real measured_once, not the quiet machine's
+    monkeypatch.setattr(threads, "_MEASURED", {})
+    monkeypatch.setattr(threads, "other_work", lambda cpus: now)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (load_average, 0.0, 0.0))
+    assert threads.measured_once({0, 1}) == expected
+    monkeypatch.setattr(threads, "other_work", lambda cpus: 9.9)
+    assert threads.measured_once({0, 1}) == expected  # once per process
