@@ -187,6 +187,7 @@ def train_classifier(flags: Flags, bands: Bands, recipe_fn: RecipeFn, drop_path:
         UsageError, DataError, CheckpointError: one line naming the flag or file.
     """
     input_size = flags.input_size or config.DEFAULT_INPUT_SIZE
+    test_path = config.evaluation_path(flags.train_path, flags.test_path)
     checkpoint.check_output_dir(flags.output_dir, flags.resume, flags.overwrite)
     run = process.setup_run(flags.device, flags.amp, flags.seed, flags.output_dir, flags.dist_timeout)
     train_set = datasets.build_dataset(
@@ -196,15 +197,18 @@ def train_classifier(flags: Flags, bands: Bands, recipe_fn: RecipeFn, drop_path:
         skip_bad=flags.skip_bad_images,
         draft_size=transforms.draft_size_for(True, input_size),
     )
-    val_set = datasets.build_dataset(
-        flags.test_path,
-        flags.dataset_type,
+    train_set, val_set, origin = datasets.held_out(
+        train_set,
+        test_path,
+        flags.val_fraction,
+        flags.seed,
         transforms.image_transform(bands, input_size, False),
+        dataset_type=flags.dataset_type,
         bands=bands,
         draft_size=transforms.draft_size_for(False, input_size),
         skip_bad=flags.skip_bad_images,
-        classes=train_set.classes or None,
     )
+    main_print(f"data: {origin}")
     class_names = datasets.check_labels(train_set, [val_set], flags.nb_classes)
     num_classes = len(class_names)
 
@@ -304,10 +308,7 @@ def train_classifier(flags: Flags, bands: Bands, recipe_fn: RecipeFn, drop_path:
                 class_names=class_names,
             )
             if run.is_main:
-                title = (
-                    f"epoch {epoch}: top-1 {metrics['acc1']:.1f}% on {len(val_set)} images of "
-                    f"{Path(flags.test_path).name}"
-                )
+                title = f"epoch {epoch}: top-1 {metrics['acc1']:.1f}% on {len(val_set)} images of {evaluated(flags)}"
                 for name in ("last", "best") if improved else ("last",):
                     path = run.output_dir / f"confusion_matrix_{name}.png"
                     best_effort(path, partial(figures.save_confusion_png, confusion, class_names, path, title))
@@ -365,18 +366,28 @@ def evaluate_classifier(flags: Flags, bands: Bands, head_fn: Callable[[nn.Module
         known_names is None and flags.train_path and Path(flags.train_path).is_dir()
     ):  # older checkpoints: the training tree's folders
         known_names = datasets.scan_image_folder(Path(flags.train_path))[1]
-    val_set = datasets.build_dataset(
-        flags.test_path,
-        flags.dataset_type,
-        transforms.image_transform(bands, input_size, False),
+    test_path = config.evaluation_path(flags.train_path, flags.test_path)
+    reading = dict(
         bands=bands,
         draft_size=transforms.draft_size_for(False, input_size),
         skip_bad=flags.skip_bad_images,
         classes=known_names,
     )
+    transform = transforms.image_transform(bands, input_size, False)
+    if test_path == config.SPLIT:  # the images the run held out: the same seed and fraction give the same split
+        for name in ("seed", "val_fraction"):
+            if saved.get("test_path") == config.SPLIT and saved.get(name, getattr(flags, name)) != getattr(flags, name):
+                raise UsageError(
+                    f"--test_path split: {path} was trained with --{name} {saved[name]}, which chose its held-out "
+                    f"images; give --{name} {saved[name]}"
+                )
+        train = datasets.build_dataset(flags.train_path, flags.dataset_type, transform, **reading)
+        val_set = datasets.split_dataset(train, flags.val_fraction, flags.seed)[1]
+    else:
+        val_set = datasets.build_dataset(test_path, flags.dataset_type, transform, **reading)
     if isinstance(val_set, datasets.ImageDataset) and val_set.classes and known_names is None:
         raise CheckpointError(
-            f"{path}: holds no class names, so the folders of {flags.test_path} cannot be matched to its head; "
+            f"{path}: holds no class names, so the folders of {test_path} cannot be matched to its head; "
             "give --train_path (the training tree)"
         )
     class_names = datasets.check_labels(None, [val_set], num_classes, known_names)
@@ -419,7 +430,8 @@ def evaluate_classifier(flags: Flags, bands: Bands, head_fn: Callable[[nn.Module
         result = {
             **metrics,
             "checkpoint": str(path),
-            "test_path": str(flags.test_path),
+            "test_path": str(test_path),
+            "evaluated": evaluated(flags),
             "images": len(val_set),
             "input_size": input_size,
             "class_names": class_names,
@@ -428,7 +440,7 @@ def evaluate_classifier(flags: Flags, bands: Bands, head_fn: Callable[[nn.Module
             run.output_dir / "eval_metrics.json",
             lambda: (run.output_dir / "eval_metrics.json").write_text(json.dumps(result, indent=2)),
         )
-        title = f"{model_name}: top-1 {metrics['acc1']:.1f}% on {len(val_set)} images of {Path(flags.test_path).name}"
+        title = f"{model_name}: top-1 {metrics['acc1']:.1f}% on {len(val_set)} images of {evaluated(flags)}"
         best_effort(
             run.output_dir / "confusion_matrix_eval.png",
             lambda: figures.save_confusion_png(
@@ -497,6 +509,15 @@ def evaluate(model: nn.Module, loader, run: Run, num_classes: int) -> tuple[dict
         top5 = logits.topk(5, dim=1).indices.eq(labels[:, None]).any(1)
         metrics["acc5"] = 100.0 * top5.double().mean().item()
     return metrics, confusion
+
+
+def evaluated(flags: Flags) -> str:
+    """What a classification run evaluates on, for titles and records: the evaluation set's file name, or the
+    held-out share of the training set (``--test_path split``)."""
+    test_path = config.evaluation_path(flags.train_path, flags.test_path)
+    if test_path == config.SPLIT:
+        return f"{flags.val_fraction:.0%} of {Path(flags.train_path).name} held out (seed {flags.seed})"
+    return Path(test_path).name
 
 
 def report(metrics: dict[str, float], count: int, what: str, best: float | None = None) -> None:

@@ -56,6 +56,8 @@ def evaluate(flags: Flags, bands: Bands) -> None:
     if input_size % patch_size:
         raise UsageError(f"--input_size {input_size} is not divisible by --patch_size {patch_size}")
     encoders = {}
+    # a random-init encoder treated as the checkpoint it takes its architecture from (no checkpoint: as pretraining)
+    random_final_norm = reference.final_norm if reference else False
     for spec in flags.checkpoints:  # every checkpoint is built (and checked) before the first is scored
         torch.manual_seed(flags.seed)  # the random-init encoder is reproducible
         encoders[spec] = build_knn_encoder(
@@ -66,10 +68,12 @@ def evaluate(flags: Flags, bands: Bands) -> None:
             patch_size=patch_size,
             bands=bands,
             native=flags.scale_mode == "native",
+            random_final_norm=random_final_norm,
         )
     train_set, val_set, origin = load_datasets(flags, bands, input_size)
     class_names = datasets.check_labels(train_set, [val_set], what="kNN classifier")
     num_classes = len(class_names)
+    k, majority_k = knn.neighbours_used(flags.k, flags.majority_k, len(train_set))
     reading = config.loading(flags)
     train_loader = loaders.eval_loader(train_set, reading, run)
     val_loader = loaders.eval_loader(val_set, reading, run)
@@ -99,9 +103,9 @@ def evaluate(flags: Flags, bands: Bands) -> None:
             flags.scales,
             pool,
             flags.scale_mode,
-            flags.k,
+            k,
             flags.temperature,
-            flags.majority_k,
+            majority_k,
         )
         encoder.cpu()
         rows += [
@@ -116,7 +120,7 @@ def evaluate(flags: Flags, bands: Bands) -> None:
     if not run.is_main:
         return
     protocol = describe_protocol(
-        flags, bands, input_size, patch_size, train_set, val_set, num_classes, origin, final_norms
+        flags, bands, input_size, patch_size, train_set, val_set, num_classes, origin, final_norms, k, majority_k
     )
     protocol["class_names"] = class_names
     protocol["schedule_seen"] = {spec: schedules.get(spec, "random init") for spec in flags.checkpoints}
@@ -138,20 +142,15 @@ def schedule_of(path: str) -> str:
 def load_datasets(
     flags: Flags, bands: Bands, input_size: int
 ) -> tuple[loaders.SampleDataset, loaders.SampleDataset, str]:
-    """(memory set, evaluation set, where they come from): ``--test_path``, or a seeded ``--val_fraction`` split of
-    ``--train_path`` with ``--test_path split``."""
+    """(memory set, evaluation set, where they come from): ``--test_path`` (default: ``config.evaluation_path``), or
+    a seeded ``--val_fraction`` split of ``--train_path`` with ``--test_path split`` (``datasets.held_out``)."""
     transform = transforms.image_transform(bands, input_size, False)
     reading = dict(bands=bands, draft_size=transforms.draft_size_for(False, input_size), skip_bad=flags.skip_bad_images)
     train = datasets.build_dataset(flags.train_path, flags.dataset_type, transform, **reading)
-    if flags.test_path == "split":
-        train, val = datasets.split_dataset(train, flags.val_fraction, flags.seed)
-        origin = f"seeded split (seed {flags.seed}) of {flags.train_path}: {flags.val_fraction:.0%} evaluated"
-    else:
-        val = datasets.build_dataset(
-            flags.test_path, flags.dataset_type, transform, **reading, classes=train.classes or None
-        )
-        origin = f"train {flags.train_path}, evaluation {flags.test_path}"
-    return train, val, origin
+    test_path = config.evaluation_path(flags.train_path, flags.test_path)
+    return datasets.held_out(
+        train, test_path, flags.val_fraction, flags.seed, transform, dataset_type=flags.dataset_type, **reading
+    )
 
 
 def describe_protocol(
@@ -164,15 +163,18 @@ def describe_protocol(
     num_classes: int,
     origin: str,
     final_norms: dict[str, bool],
+    k: int,
+    majority_k: int,
 ) -> dict:
-    """The protocol of an evaluation, as ``protocol.json`` and ``knn_results.md`` record it."""
+    """The protocol of an evaluation, as ``protocol.json`` and ``knn_results.md`` record it (``k``, ``majority_k``:
+    the neighbours used, ``knn.neighbours_used``)."""
     sizes = {s: knn.reduced_size(input_size, s, patch_size, flags.scale_mode) for s in flags.scales}
     return {
         "data": origin,
         "evaluation_set": (
             f"{flags.val_fraction:.0%} split of {Path(flags.train_path).name}"
-            if flags.test_path == "split"
-            else Path(flags.test_path).name
+            if flags.test_path == config.SPLIT
+            else Path(config.evaluation_path(flags.train_path, flags.test_path)).name
         ),
         "memory_images": len(train_set),
         "evaluation_images": len(val_set),
@@ -193,14 +195,27 @@ def describe_protocol(
         "features": f"{'cls token' if flags.pool == 'cls' else 'mean of the patch tokens'} of the last block, "
         "L2-normalised",
         "final_layernorm": {
-            label: ("applied" if applied else "not applied (as in pretraining)")
-            for label, applied in final_norms.items()
+            label: final_norm_text(label, applied, final_norms) for label, applied in final_norms.items()
         },
-        "weighted_knn": f"k = {flags.k}, cosine similarity, votes exp(sim / {flags.temperature}) (InstDisc / "
-        "Scale-MAE)",
-        "majority_knn": f"k = {flags.majority_k}, cosine similarity, one vote each, ties to the lowest class index "
-        "(torchgeo-bench)",
+        "k": k,
+        "majority_k": majority_k,
+        "weighted_knn": f"k = {k}{clipped(flags.k, k, len(train_set))}, cosine similarity, votes "
+        f"exp(sim / {flags.temperature}) (InstDisc / Scale-MAE)",
+        "majority_knn": f"k = {majority_k}{clipped(flags.majority_k, majority_k, len(train_set))}, cosine "
+        "similarity, one vote each, ties to the lowest class index (torchgeo-bench)",
     }
+
+
+def final_norm_text(label: str, applied: bool, final_norms: dict[str, bool]) -> str:
+    """How ``protocol.json`` states whether the row ``label`` applied the encoder's final LayerNorm, and why."""
+    compared = label.startswith("random init") and len(final_norms) > 1
+    why = "as the checkpoints it is compared with" if compared else None if applied else "as in pretraining"
+    return ("applied" if applied else "not applied") + (f" ({why})" if why else "")
+
+
+def clipped(asked: int, used: int, memory: int) -> str:
+    """`` (20 asked: the memory set has 16 images)`` where k was clipped, else ""."""
+    return f" ({asked} asked: the memory set has {memory} images)" if used != asked else ""
 
 
 def write_outputs(rows: list[dict], protocol: dict, scales: list[float], out: Path) -> None:

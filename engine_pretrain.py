@@ -225,6 +225,7 @@ def knn_data(flags: Flags, bands: Bands, run: Run):
         classes=memory.classes or None,
     )
     num_classes = len(datasets.check_labels(memory, [queries], what="kNN classifier"))
+    knn.neighbours_used(knn.WEIGHTED_K, knn.MAJORITY_K, len(memory))  # says so where the memory set clips them
     reading = config.loading(flags)
     return loaders.eval_loader(memory, reading, run), loaders.eval_loader(queries, reading, run), num_classes
 

@@ -89,7 +89,12 @@ def train_segmenter(flags: Flags, bands: Bands) -> None:
     run = process.setup_run(flags.device, flags.amp, flags.seed, flags.output_dir, flags.dist_timeout)
     evaluation = protocol(flags)
     val_set = dataset_of(
-        flags.test_path, segmentation.eval_transform(bands.mean, bands.std), bands, flags, num_classes, palette
+        config.evaluation_path(flags.train_path, flags.test_path, split=False),
+        segmentation.eval_transform(bands.mean, bands.std),
+        bands,
+        flags,
+        num_classes,
+        palette,
     )
     train_transform = segmentation.train_transform(
         flags.input_size, bands.mean, bands.std, flags.ignore_index, tuple(flags.crop_scale)
@@ -253,7 +258,12 @@ def evaluate_segmenter(flags: Flags, bands: Bands) -> None:
         decode = palette_used
     evaluation = protocol(flags, crop=architecture["input_size"])
     val_set = dataset_of(
-        flags.test_path, segmentation.eval_transform(bands.mean, bands.std), bands, flags, len(class_names), decode
+        config.evaluation_path(flags.train_path, flags.test_path, split=False),
+        segmentation.eval_transform(bands.mean, bands.std),
+        bands,
+        flags,
+        len(class_names),
+        decode,
     )
     evaluation_blocks(val_set, evaluation)
     model, _ = build_segmenter(

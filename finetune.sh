@@ -10,11 +10,14 @@
 # Real runs (upstream's fMoW-RGB setting): WEIGHTS=weights/cross_scale_mae_base_pretrain.pth INPUT_SIZE=128
 #   EPOCHS=100 WARMUP_EPOCHS=5 BATCH_SIZE=512 BLR=1e-3 TRAIN_PATH=../fmow-rgb-preproc/train_128.csv
 #   TEST_PATH=../fmow-rgb-preproc/val_128.csv OUTPUT_DIR=output/finetune_base
+# Your own TRAIN_PATH needs its evaluation set: TEST_PATH=PATH, or TEST_PATH=split (a seeded 20 % of TRAIN_PATH held
+# out; docs/own_data.md). Relative paths you give are relative to the folder you call this from.
 # Extra flags pass through to Python and win over the variables (precedence: tools/launcher_lib.sh); --finetune
 # replaces WEIGHTS (--finetune "" with --model NAME: random initialisation). train_distributed.sh runs this script
 # under torchrun (LAUNCHER=finetune.sh). linprobe.sh runs it with SCRIPT=main_linprobe.py and its own defaults
 # (DEFAULT_EPOCHS, DEFAULT_WARMUP_EPOCHS, DEFAULT_BLR, DEFAULT_OUTPUT_DIR).
 set -euo pipefail
+export LAUNCHER_CALLER_DIR=${LAUNCHER_CALLER_DIR:-$PWD}  # the user's relative paths start here (tools/launcher_lib.sh)
 cd "$(dirname "$0")"
 source tools/launcher_lib.sh
 
@@ -28,7 +31,7 @@ setvar WARMUP_EPOCHS "${DEFAULT_WARMUP_EPOCHS:-3}"
 setvar BATCH_SIZE 32                    # per device
 setvar BLR "${DEFAULT_BLR:-1e-3}"
 setdata TRAIN_PATH "data/$DATA/train.csv"
-setdata TEST_PATH "data/$DATA/val.csv"
+setvar TEST_PATH ""                     # empty: the sample's val.csv for its train.csv, else give it (or 'split')
 setdata OUTPUT_DIR "${DEFAULT_OUTPUT_DIR:-output/finetune_tiny}$DATA_SUFFIX"
 setvar NUM_WORKERS 2
 PYTHON=${PYTHON:-python}
@@ -38,8 +41,12 @@ WEIGHTS_FROM=WEIGHTS
 is_explicit WEIGHTS || WEIGHTS_FROM=
 # upstream's positional form: <model> [weights] [flags]
 if [[ $# -ge 1 && $1 != -* ]]; then MODEL=$1; mark_explicit MODEL; shift; fi
-if [[ $# -ge 1 && $1 != -* ]]; then WEIGHTS=$1; mark_explicit WEIGHTS; WEIGHTS_FROM="the <weights> argument"; shift; fi
+if [[ $# -ge 1 && $1 != -* ]]; then
+  WEIGHTS=$(from_caller finetune "$1"); mark_explicit WEIGHTS; WEIGHTS_FROM="the <weights> argument"; shift
+fi
 USER_ARGS=("$@")
+resolve_user_args  # their paths absolute, from the folder of the call
+set -- ${USER_ARGS[@]+"${USER_ARGS[@]}"}
 
 pass_weights  # --finetune on the command line, else WEIGHTS (unless --config decides); checked
 

@@ -12,6 +12,7 @@
 # (with --config and no EXTRA, the file decides). train_distributed.sh runs it under torchrun (LAUNCHER=linprobe.sh).
 # LARS follows the linear scaling rule lr = BLR x batch / 256; at the small batch here it needs a larger BLR.
 set -euo pipefail
+export LAUNCHER_CALLER_DIR=${LAUNCHER_CALLER_DIR:-$PWD}  # the user's relative paths start here (tools/launcher_lib.sh)
 cd "$(dirname "$0")"
 source tools/launcher_lib.sh
 

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from util import config
 
+# upstream's main_finetune.py defaults (fMoW-RGB, 224 px); finetune.sh sets the embedded sample's
+UPSTREAM_DEFAULTS = {"batch_size": 512, "epochs": 100}  # (--blr 1e-3 too: finetune.sh keeps it)
+
 
 def get_args_parser() -> config.Parser:
     parser = config.classification_parser(
-        "Cross-Scale MAE fine-tuning",
+        "Cross-Scale MAE fine-tuning. The defaults are upstream's (fMoW-RGB: 224 px, batch 512, 100 epochs, "
+        "--blr 1e-3); `bash finetune.sh` runs the embedded sample with its own (64 px, batch 32, 30 epochs).",
         global_pool=True,
         head_init_std=2e-5,
-        batch_size=512,
-        epochs=100,
+        **UPSTREAM_DEFAULTS,
         blr=1e-3,
         min_lr=1e-6,
         warmup_epochs=5,
@@ -53,10 +56,21 @@ def get_args_parser() -> config.Parser:
     return parser
 
 
-def main(flags: config.Flags) -> None:
-    """Check the flags (before torch loads: errors answer at once), then fine-tune or, with ``--eval``, evaluate."""
+def check(flags: config.Flags) -> config.Bands:
+    """The flags' checks, torch-free (the command line runs them before torch loads); returns the bands.
+
+    Raises:
+        UsageError: one line naming the flag (a path: absolute).
+    """
     config.check_training_flags(flags)
-    bands = config.resolve_bands(flags)
+    config.check_classification_paths(flags)
+    return config.resolve_bands(flags)
+
+
+def main(flags: config.Flags) -> None:
+    """Check the flags (``check``), then fine-tune or, with ``--eval``, evaluate."""
+    bands = check(flags)
+    config.note_upstream_defaults(flags, UPSTREAM_DEFAULTS, "bash finetune.sh")
     import engine_finetune  # torch and timm load here, after the flags are known to work
 
     if flags.eval:
@@ -67,6 +81,7 @@ def main(flags: config.Flags) -> None:
 
 if __name__ == "__main__":
     flags = config.parse_args(get_args_parser())  # --help and flag errors answer here, before torch loads
+    config.check_or_exit(check, flags)  # so do bad values and missing paths
     from util.run.process import run_entry_point
 
     run_entry_point(main, flags)

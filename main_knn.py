@@ -32,14 +32,7 @@ def get_args_parser() -> config.Parser:
         train_help="memory (labelled reference) set: CSV, ImageFolder tree or packed .json",
         input_help="image side in pixels (default: that of the first checkpoint, else 224)",
     )
-    group.add_argument(
-        "--test_path",
-        default=str(config.DEFAULT_VAL_CSV),
-        help="evaluation images; 'split' takes --val_fraction of --train_path instead",
-    )
-    group.add_argument(
-        "--val_fraction", type=float, default=0.2, help="share of --train_path evaluated with --test_path split"
-    )
+    config.add_evaluation_set_args(group, "evaluation images")
     group.add_argument("--batch_size", type=int, default=64, help="images per device per inference batch")
     config.add_runtime_args(
         parser,
@@ -70,12 +63,24 @@ def get_args_parser() -> config.Parser:
     return parser
 
 
-def main(flags: config.Flags) -> None:
-    """Check the flags (before torch loads: errors answer at once), then evaluate."""
+def check(flags: config.Flags) -> config.Bands:
+    """The flags' checks, torch-free (the command line runs them before torch loads); returns the bands.
+
+    Raises:
+        UsageError: one line naming the flag (a path: absolute).
+    """
     config.check_ranges(flags)
+    config.check_paths(flags, "checkpoints", "train_path", "test_path", "band_stats")
+    config.evaluation_path(flags.train_path, flags.test_path)  # no evaluation set: refused
     bands = config.resolve_bands(flags)
     if any(not 0 < s <= 1 for s in flags.scales):
         raise UsageError(f"--scales must lie in (0, 1], got {flags.scales}")
+    return bands
+
+
+def main(flags: config.Flags) -> None:
+    """Check the flags (``check``), then evaluate."""
+    bands = check(flags)
     import engine_knn  # torch and timm load here, after the flags are known to work
 
     engine_knn.evaluate(flags, bands)
@@ -83,6 +88,7 @@ def main(flags: config.Flags) -> None:
 
 if __name__ == "__main__":
     flags = config.parse_args(get_args_parser())  # --help and flag errors answer here, before torch loads
+    config.check_or_exit(check, flags)  # so do bad values and missing paths
     from util.run.process import run_entry_point
 
     run_entry_point(main, flags)

@@ -23,12 +23,18 @@ def parse_loss_weights(items: list[str]) -> dict[str, float]:
     return weights
 
 
+# upstream's main_pretrain.py defaults (its paper run on fMoW-RGB); train.sh sets the quick start's
+UPSTREAM_DEFAULTS = {"input_size": 224, "batch_size": 512, "epochs": 200, "blr": 5e-5}
+
+
 def get_args_parser() -> config.Parser:
-    parser = config.new_parser("Cross-Scale MAE pretraining")
-    config.add_optimisation_args(
-        parser, batch_size=512, epochs=200, blr=5e-5, min_lr=0.0, warmup_epochs=40, weight_decay=0.05
+    parser = config.new_parser(
+        "Cross-Scale MAE pretraining. The defaults are upstream's (its paper run on fMoW-RGB: 224 px, batch 512, "
+        "200 epochs, --blr 5e-5); `bash train.sh` runs the embedded sample with the quick start's (64 px, patch 8, "
+        "batch 32, 60 epochs, --blr 1e-2)."
     )
-    config.add_data_args(parser, input_size=224, train_path=str(config.DEFAULT_TRAIN_CSV))
+    config.add_optimisation_args(parser, min_lr=0.0, warmup_epochs=40, weight_decay=0.05, **UPSTREAM_DEFAULTS)
+    config.add_data_args(parser, input_size=UPSTREAM_DEFAULTS["input_size"], train_path=str(config.DEFAULT_TRAIN_CSV))
     config.add_runtime_args(parser, output_dir="./output_dir")
 
     group = parser.add_argument_group("model")
@@ -113,11 +119,22 @@ def get_args_parser() -> config.Parser:
     return parser
 
 
-def main(flags: config.Flags) -> None:
-    """Check the flags (before torch loads: errors answer at once), then pretrain."""
+def check(flags: config.Flags) -> tuple[config.Bands, dict[str, float]]:
+    """The flags' checks, torch-free (the command line runs them before torch loads); returns (bands, loss weights).
+
+    Raises:
+        UsageError: one line naming the flag (a path: absolute).
+    """
     config.check_training_flags(flags)
-    bands = config.resolve_bands(flags)
-    loss_weights = parse_loss_weights(flags.loss_weights)
+    knn_paths = ("knn_train_path", "knn_test_path") if flags.knn_eval_every else ()
+    config.check_paths(flags, "train_path", "band_stats", "init", "resume", *knn_paths)
+    return config.resolve_bands(flags), parse_loss_weights(flags.loss_weights)
+
+
+def main(flags: config.Flags) -> None:
+    """Check the flags (``check``), then pretrain."""
+    bands, loss_weights = check(flags)
+    config.note_upstream_defaults(flags, UPSTREAM_DEFAULTS, "bash train.sh")
     import engine_pretrain  # torch, timm and the model load here, after the flags are known to work
 
     engine_pretrain.pretrain(flags, bands, loss_weights)
@@ -125,6 +142,7 @@ def main(flags: config.Flags) -> None:
 
 if __name__ == "__main__":
     flags = config.parse_args(get_args_parser())  # --help and flag errors answer here, before torch loads
+    config.check_or_exit(check, flags)  # so do bad values and missing paths
     from util.run.process import run_entry_point
 
     run_entry_point(main, flags)

@@ -64,14 +64,26 @@ def get_args_parser() -> config.Parser:
     return parser
 
 
-def main(flags: config.Flags) -> None:
-    """Check the flags (before torch loads: errors answer at once), then train or, with ``--eval``, evaluate."""
+def check(flags: config.Flags) -> config.Bands:
+    """The flags' checks, torch-free (the command line runs them before torch loads); returns the bands.
+
+    Raises:
+        UsageError: one line naming the flag (a path: absolute).
+    """
     config.check_training_flags(flags)
     config.check_segmentation_evaluation_flags(flags)
+    config.check_paths(flags, "train_path", "test_path", "finetune", "resume", "band_stats", "palette")
+    config.evaluation_path(flags.train_path, flags.test_path, split=False)  # no evaluation pairs: refused
     bands = config.resolve_bands(flags)
     from util.eval import location_blocks
 
     location_blocks.block_ids([], flags.block_pattern, flags.block_size)  # checks the pattern and the size
+    return bands
+
+
+def main(flags: config.Flags) -> None:
+    """Check the flags (``check``), then train or, with ``--eval``, evaluate."""
+    bands = check(flags)
     import engine_segment  # torch, timm and segmentation_models_pytorch load here, after the flags are known to work
 
     if flags.eval:
@@ -82,6 +94,7 @@ def main(flags: config.Flags) -> None:
 
 if __name__ == "__main__":
     flags = config.parse_args(get_args_parser())  # --help and flag errors answer here, before torch loads
+    config.check_or_exit(check, flags)  # so do bad values and missing paths
     from util.run.process import run_entry_point
 
     run_entry_point(main, flags)

@@ -411,8 +411,12 @@ def build_knn_encoder(
     patch_size: int,
     bands: Bands,
     native: bool = False,
+    random_final_norm: bool = False,
 ) -> tuple[torch.nn.Module, str, bool]:
     """(encoder, label, whether its final norm is applied) for a checkpoint or 'none' (random init).
+
+    A checkpoint's final norm is applied where its pretraining applied it (``weights.final_norm``); a random-init
+    encoder's where ``random_final_norm`` says, so that its row is computed as the checkpoints' it is compared with.
 
     A fine-tuned or linear-probed classifier keeps its pooling (``weights.classifier_pool``: patch mean + fc_norm,
     or the cls token after norm); its head is left out. ``knn.encoder_features`` with ``pool="classifier"`` then
@@ -433,7 +437,7 @@ def build_knn_encoder(
         **pooling,
     )
     if weights is None:
-        return encoder, f"random init ({model_name})", True
+        return encoder, f"random init ({model_name})", random_final_norm
     main_print(layouts.load_encoder(encoder, weights, BandAdaptation.of(bands)))
     return encoder, spec, weights.final_norm
 

@@ -22,6 +22,7 @@
 # replaces WEIGHTS (--finetune "" with --model NAME: random initialisation). train_distributed.sh runs it under
 # torchrun with LAUNCHER=segment.sh.
 set -euo pipefail
+export LAUNCHER_CALLER_DIR=${LAUNCHER_CALLER_DIR:-$PWD}  # the user's relative paths start here (tools/launcher_lib.sh)
 cd "$(dirname "$0")"
 source tools/launcher_lib.sh
 
@@ -35,7 +36,7 @@ setvar WARMUP_EPOCHS 1
 setvar BATCH_SIZE 16                    # per device (Potsdam / Vaihingen: 8)
 setvar BLR 1.6e-3                       # lr 1e-4 at batch 16 (MAE / BEiT UperNet recipe)
 setdata TRAIN_PATH "data/$DATA/seg_train.csv"
-setdata TEST_PATH "data/$DATA/seg_val.csv"
+setvar TEST_PATH ""                     # empty: the sample's seg_val.csv for its seg_train.csv, else give it
 setdata PALETTE "data/$DATA/seg_palette.json"   # isprs for Potsdam / Vaihingen
 setvar SCALES "0.125 0.25 0.5 1.0"
 setvar DECODER_CHANNELS 128             # the literature: 512 (ViT-B) or 768
@@ -47,6 +48,8 @@ LAUNCH=${LAUNCH:-$PYTHON}               # train_distributed.sh sets this to torc
 WEIGHTS_FROM=WEIGHTS
 is_explicit WEIGHTS || WEIGHTS_FROM=
 USER_ARGS=("$@")
+resolve_user_args  # their paths absolute, from the folder of the call
+set -- ${USER_ARGS[@]+"${USER_ARGS[@]}"}
 pass_weights  # --finetune on the command line, else WEIGHTS (unless --config decides); checked
 
 pass_training_vars

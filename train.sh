@@ -14,6 +14,7 @@
 #   BLR=5e-5 TRAIN_PATH=../fmow-rgb-preproc/train_128.csv OUTPUT_DIR=output/cross_scale_mae_base SAVE_EVERY=25 PLOT_EVERY=25
 # (make train_128.csv with tools/preprocess.py). train_distributed.sh runs this script under torchrun.
 set -euo pipefail
+export LAUNCHER_CALLER_DIR=${LAUNCHER_CALLER_DIR:-$PWD}  # the user's relative paths start here (tools/launcher_lib.sh)
 cd "$(dirname "$0")"
 
 source tools/launcher_lib.sh
@@ -42,6 +43,8 @@ if [[ $# -ge 1 && $1 != -* ]]; then MODEL=$1; mark_explicit MODEL; shift; fi
 if [[ $# -ge 1 && $1 != -* ]]; then ATTN_NAME=$1; mark_explicit ATTN_NAME; shift; fi
 if [[ $# -ge 1 && $1 != -* ]]; then LOSS=$1; mark_explicit LOSS; shift; fi
 USER_ARGS=("$@")
+resolve_user_args  # their paths absolute, from the folder of the call
+set -- ${USER_ARGS[@]+"${USER_ARGS[@]}"}
 
 pass_var model MODEL
 pass_var input_size INPUT_SIZE

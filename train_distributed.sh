@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run a launcher with DDP under torchrun: every visible GPU (NCCL), or CPU processes (gloo) where there is none.
-# LAUNCHER chooses which: train.sh (default: pretraining), finetune.sh, linprobe.sh or knn.sh; this script takes
-# that launcher's variables and arguments and runs it with LAUNCH set to torchrun.
+# LAUNCHER chooses which: train.sh (default: pretraining), finetune.sh, linprobe.sh, knn.sh or segment.sh; this script
+# takes that launcher's variables and arguments and runs it with LAUNCH set to torchrun.
 #
 #   bash train_distributed.sh                            # pretrain on all GPUs of this node
 #   NUM_GPUS=2 bash train_distributed.sh --epochs 1      # 2 processes (on a CPU-only machine: 2 gloo processes)
@@ -23,6 +23,7 @@
 # to save before it kills them.
 # The batch size is per GPU: the effective batch is BATCH_SIZE x NUM_GPUS x NNODES (x --accum_iter).
 set -euo pipefail
+export LAUNCHER_CALLER_DIR=${LAUNCHER_CALLER_DIR:-$PWD}  # the user's relative paths start here (tools/launcher_lib.sh)
 cd "$(dirname "$0")"
 
 visible_gpus() {

@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from util.config import HelpFormatter
 from util.data.datasets import build_dataset
 from util.data.images import read_raster
 from util.errors import DataError, UsageError
@@ -38,6 +39,19 @@ from util.run.process import run_entry_point
 PERCENTILES = (1.0, 2.0, 50.0, 98.0, 99.0)  # the 1-99 / 2-98 stretches of visualisation, and the median
 FLOAT_BINS = 65536  # histogram bins of non-16-bit data (see band_stats)
 CHUNK = 64  # files per task and between two state files
+# Band names of red, green, blue (Sentinel-2 B04 B03 B02, Landsat 8/9 B4 B3 B2; B04 / B4 alike, any case): --band_names
+# that name them make --rgb_bands a lookup.
+RGB_NAMES = (("B4", "B3", "B2"), ("RED", "GREEN", "BLUE"), ("R", "G", "B"))
+
+
+def rgb_bands(names: list[str]) -> list[int] | None:
+    """Indices of red, green and blue among ``names`` (the bands read; ``RGB_NAMES``), or None where they are not
+    all named."""
+    normal = [name.upper().replace("B0", "B", 1) if name.upper().startswith("B0") else name.upper() for name in names]
+    for triple in RGB_NAMES:
+        if all(name in normal for name in triple):
+            return [normal.index(name) for name in triple]
+    return None
 
 
 def is_exact(dtype: str) -> bool:
@@ -325,7 +339,7 @@ def band_stats(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument(
         "--train_path", required=True, help="CSV file, ImageFolder tree or image folder (TIFF, .npy, PNG, JPEG)"
     )
@@ -376,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         f"use --band_stats {args.out}"
         + (f" --bands {' '.join(map(str, args.bands))}" if args.bands else "")
         + f" --in_chans {len(stats['mean'])}"
+        + (f" --rgb_bands {' '.join(map(str, rgb))}" if (rgb := rgb_bands(args.band_names or [])) else "")
     )
 
 

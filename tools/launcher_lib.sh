@@ -1,4 +1,11 @@
-# Helpers shared by train.sh, finetune.sh, linprobe.sh, knn.sh and train_distributed.sh (sourced, not run).
+# Helpers shared by train.sh, finetune.sh, linprobe.sh, knn.sh, segment.sh and train_distributed.sh (sourced, not
+# run).
+#
+# Paths: each launcher cds into the repository, where its own defaults (data/..., output/...) are relative. The
+# paths the user gives (path variables set in the environment, path flags on the command line, positional weights
+# and checkpoints) are relative to the folder the launcher was called from, LAUNCHER_CALLER_DIR (set by the first
+# launcher before its cd): they are made absolute here before Python sees them. Paths inside a --config file are
+# read by Python, relative to the repository: write them absolute.
 #
 # Precedence of a value, highest first:
 #   1. a flag on the command line (--epochs 1, --epochs=1, or an abbreviation argparse accepts: --epo 1)
@@ -19,9 +26,45 @@ FLAG_VALUES=()    # the values of the last occurrence of the flag user_flag foun
 
 die() { echo "error: $*" >&2; exit 1; }
 
-# setvar NAME DEFAULT: keep NAME when the environment sets it (non-empty; recorded as the user's), else DEFAULT.
+# The flags whose values are paths, and the variables that set them.
+PATH_FLAGS=(train_path test_path output_dir log_dir finetune resume init band_stats config checkpoints knn_train_path
+  knn_test_path palette)
+var_flag() {
+  case $1 in
+    TRAIN_PATH) echo train_path ;; TEST_PATH) echo test_path ;; OUTPUT_DIR) echo output_dir ;; WEIGHTS) echo finetune ;;
+    BAND_STATS) echo band_stats ;; PALETTE) echo palette ;; CHECKPOINTS) echo checkpoints ;;
+  esac
+}
+
+# from_caller FLAG VALUE: VALUE made absolute against LAUNCHER_CALLER_DIR; absolute paths, "" and the words that are
+# no path (--test_path split, --resume auto, --checkpoints none, --palette isprs / none) as given.
+from_caller() {
+  case "$1:$2" in
+    *: | *:/* | test_path:split | resume:auto | checkpoints:none | palette:isprs | palette:none) printf '%s' "$2" ;;
+    *) printf '%s/%s' "${LAUNCHER_CALLER_DIR:-$PWD}" "${2#./}" ;;
+  esac
+}
+
+# absolute PATH: PATH as the launcher sees it, absolute (for messages: the repository is the current folder).
+absolute() { if [[ $1 == /* ]]; then printf '%s' "$1"; else printf '%s/%s' "$PWD" "${1#./}"; fi; }
+
+# setvar NAME DEFAULT: keep NAME when the environment sets it (non-empty; recorded as the user's; a path made
+# absolute by from_caller), else DEFAULT.
 setvar() {
-  if [[ -n ${!1:-} ]]; then mark_explicit "$1"; else printf -v "$1" '%s' "$2"; fi
+  if [[ -n ${!1:-} ]]; then
+    mark_explicit "$1"
+    local flag item items resolved=()
+    flag=$(var_flag "$1")
+    if [[ $flag == checkpoints ]]; then
+      read -ra items <<<"${!1}"
+      for item in "${items[@]}"; do resolved+=("$(from_caller "$flag" "$item")"); done
+      printf -v "$1" '%s' "${resolved[*]}"
+    elif [[ -n $flag ]]; then
+      printf -v "$1" '%s' "$(from_caller "$flag" "${!1}")"
+    fi
+  else
+    printf -v "$1" '%s' "$2"
+  fi
 }
 mark_explicit() { EXPLICIT+="$1 "; }
 is_explicit() { [[ $EXPLICIT == *" $1 "* ]]; }
@@ -53,6 +96,43 @@ user_flag() {
     fi
   done
   return $found
+}
+
+# path_flag KEY: the path flag (PATH_FLAGS) that --KEY names, exactly or as the one abbreviation argparse accepts;
+# fails for other flags.
+path_flag() {
+  local name matches=()
+  for name in "${PATH_FLAGS[@]}"; do
+    if [[ $name == "$1" ]]; then echo "$name"; return 0; fi
+    if [[ $name == "$1"* ]]; then matches+=("$name"); fi
+  done
+  if ((${#matches[@]} == 1)); then echo "${matches[0]}"; return 0; fi
+  return 1
+}
+
+# resolve_user_args: the values of USER_ARGS's path flags (--flag VALUE, --flag=VALUE, abbreviations; --checkpoints
+# takes every value up to the next flag) made absolute by from_caller. Each launcher then passes
+# "${USER_ARGS[@]}" as its arguments (set --).
+resolve_user_args() {
+  local i arg key flag
+  for ((i = 0; i < ${#USER_ARGS[@]}; i++)); do
+    arg=${USER_ARGS[i]}
+    [[ $arg == -- ]] && break
+    [[ $arg == --?* ]] || continue
+    key=${arg%%=*}
+    flag=$(path_flag "${key#--}") || continue
+    if [[ $arg == *=* ]]; then
+      USER_ARGS[i]="$key=$(from_caller "$flag" "${arg#*=}")"
+    elif [[ $flag == checkpoints ]]; then
+      while ((i + 1 < ${#USER_ARGS[@]})) && [[ ${USER_ARGS[i + 1]} != -* ]]; do
+        i=$((i + 1))
+        USER_ARGS[i]=$(from_caller "$flag" "${USER_ARGS[i]}")
+      done
+    elif ((i + 1 < ${#USER_ARGS[@]})); then
+      i=$((i + 1))
+      USER_ARGS[i]=$(from_caller "$flag" "${USER_ARGS[i]}")
+    fi
+  done
 }
 
 # launcher_value NAME: whether the launcher, not the user, decides the flag of variable NAME
@@ -103,7 +183,7 @@ pass_training_vars() {
   pass_var batch_size BATCH_SIZE
   pass_var blr BLR
   pass_var train_path TRAIN_PATH
-  pass_var test_path TEST_PATH
+  if [[ -n $TEST_PATH ]]; then pass_var test_path TEST_PATH; fi  # empty: Python's default (the sample's, for it)
   pass_var output_dir OUTPUT_DIR
   pass_var num_workers NUM_WORKERS
   pass_bands
@@ -136,8 +216,8 @@ pass_weights() {
   fi
   if [[ -n $WEIGHTS && ! -f $WEIGHTS ]]; then
     if [[ -z $WEIGHTS_FROM ]]; then
-      die "no weights at $WEIGHTS: run '$TRAIN_SH' first, or give --finetune PATH / set WEIGHTS (published weights: weights/README.md)"
+      die "no weights at $(absolute "$WEIGHTS"): run '$TRAIN_SH' first, or give --finetune PATH / set WEIGHTS (published weights: weights/README.md)"
     fi
-    die "no weights at $WEIGHTS (from $WEIGHTS_FROM)"
+    die "no weights at $(absolute "$WEIGHTS") (from $WEIGHTS_FROM)"
   fi
 }

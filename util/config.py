@@ -12,21 +12,27 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from util.errors import UsageError, first_line
+from util.errors import ReportableError, UsageError, first_line
 
 STATS_TOOL = "tools/band_stats.py"
 
 # Values --help shows (choices, default paths, normalisation statistics).
 DATASET_TYPES = ("auto", "fmow_rgb", "csv", "imagefolder", "folder", "coco", "packed", "shards")
-DEFAULT_TRAIN_CSV = Path(__file__).resolve().parent.parent / "data" / "sentinel2_rgb" / "train.csv"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_TRAIN_CSV = REPO / "data" / "sentinel2_rgb" / "train.csv"
 DEFAULT_VAL_CSV = DEFAULT_TRAIN_CSV.with_name("val.csv")
+SAMPLES = (DEFAULT_TRAIN_CSV.parent, REPO / "data" / "sentinel2_ms")  # the embedded samples (tools/make_sample_data.py)
+# Each embedded training set and the evaluation set that goes with it: the default --test_path for it, and only for it.
+SAMPLE_SPLITS = {"train.csv": "val.csv", "seg_train.csv": "seg_val.csv"}
+SPLIT = "split"  # --test_path split: a seeded --val_fraction of --train_path
 
 FMOW_RGB_MEAN = (0.43392888, 0.43578541, 0.40744025)
 FMOW_RGB_STD = (0.19828456, 0.19250111, 0.19454683)
@@ -47,14 +53,33 @@ BLOCK_TILES = 3
 BOOTSTRAP = 2000
 
 
+def shown_path(value: Any) -> Any:
+    """A default as ``--help`` shows it: a path inside the repository as ``the repository's data/...`` (the same on
+    every clone; the flag's value stays absolute, so it resolves from any folder), anything else as it is."""
+    if isinstance(value, list):
+        return " ".join(str(shown_path(item)) for item in value)
+    if isinstance(value, str) and os.path.isabs(value):
+        try:
+            return f"the repository's {Path(value).relative_to(REPO)}"
+        except ValueError:
+            return value
+    return value
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with every flag's default (unless its help text already says what the default is)."""
+    """``--help`` with every flag's default, once: not added where the help text already says what the default is
+    (``default:`` or ``(default``); repository paths shown relative to it (``shown_path``)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "(default" in text or "%(default)" in text or action.required or action.default is argparse.SUPPRESS:
+        if "default:" in text or "(default" in text or "%(default)" in text:
             return text
-        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+        if action.required or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, argparse._StoreFalseAction):  # the other side of a pair (--cls_token): its default
+            return text  # is the pair's, shown once by the other flag
+        shown = str(shown_path(action.default)).replace("%", "%%")
+        return f"{text} (default: {shown})" if text else f"(default: {shown})"
 
 
 class Parser(argparse.ArgumentParser):
@@ -138,7 +163,7 @@ def parse_args(parser: Parser, argv: Sequence[str] | None = None) -> Flags:
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
-            raise SystemExit(f"error: --config {path}: cannot read ({first_line(e)})") from None
+            raise SystemExit(f"error: --config {path.absolute()}: cannot read ({first_line(e)})") from None
         if not isinstance(values, dict):
             raise SystemExit(f"error: --config {path}: expected a mapping of flag names to values")
         actions = {dest: action for dest, action in parser.flags.items() if dest not in ("help", "config")}
@@ -355,6 +380,110 @@ def add_data_args(
     return group
 
 
+def add_evaluation_set_args(group: FlagGroup, what: str = "evaluation data (CSV, ImageFolder)") -> None:
+    """--test_path and --val_fraction of fine-tuning, linear probing and kNN: an evaluation set, or a seeded split
+    of --train_path (``evaluation_path``; ``util.data.datasets.held_out``)."""
+    group.add_argument(
+        "--test_path",
+        default=None,
+        help=f"{what}; '{SPLIT}': a seeded --val_fraction of --train_path (--seed), the rest trains (default: the "
+        "embedded sample's val.csv when --train_path is its train.csv; other training data needs --test_path)",
+    )
+    group.add_argument(
+        "--val_fraction", type=float, default=0.2, help=f"share of --train_path held out with --test_path {SPLIT}"
+    )
+
+
+def evaluation_path(train_path: str | None, given: str | None, split: bool = True) -> str:
+    """The evaluation set: ``given`` (--test_path), else the one that goes with an embedded sample's training set
+    (``SAMPLE_SPLITS``: its val.csv), never the sample's for other training data.
+
+    Args:
+        split: Whether the task can hold out a part of --train_path instead (classification, kNN: ``SPLIT``).
+
+    Raises:
+        UsageError: no ``given`` and ``train_path`` is not an embedded sample's training set; ``SPLIT`` given where
+            ``split`` is False.
+    """
+    if given == SPLIT and not split:
+        raise UsageError(f"--test_path {SPLIT}: this task cannot split --train_path; give its evaluation set")
+    if given is not None:
+        return given
+    train = Path(train_path).absolute() if train_path else None
+    if train is not None:
+        for sample in SAMPLES:
+            for train_name, test_name in SAMPLE_SPLITS.items():
+                if train.parent.resolve() == sample.resolve() and train.name == train_name:
+                    return str(sample / test_name)
+    asked = f"give the evaluation set of --train_path {train} (--test_path PATH)"
+    if split:
+        asked += f", or --test_path {SPLIT} to hold out a seeded --val_fraction of it"
+    raise UsageError(f"--test_path missing: {asked}")
+
+
+def check_paths(flags: Flags, *names: str) -> None:
+    """Refuse input paths that do not exist, before torch loads: each flag of ``names`` that is set, but for the
+    words that are no path (--resume auto, --test_path split, --checkpoints none, --palette isprs / none).
+
+    Raises:
+        UsageError: ``--flag PATH: no such file or folder``, PATH absolute (as resolved from this folder).
+    """
+    words = {"resume": ("auto",), "test_path": (SPLIT,), "checkpoints": ("none",), "palette": ("isprs", "none")}
+    for name in names:
+        value = getattr(flags, name, None)
+        for item in value if isinstance(value, list) else [value]:
+            if item in (None, "") or item in words.get(name, ()):
+                continue
+            if not Path(item).exists():
+                raise UsageError(f"--{name} {Path(item).absolute()}: no such file or folder")
+
+
+def check_or_exit(check: Callable[[Flags], Any], flags: Flags) -> None:
+    """Run an entry script's torch-free ``check(flags)`` from its command line, before torch loads: an error exits
+    with its one line ``error: ...`` and status 1, as ``util.run.process.run_entry_point`` (which imports torch, and
+    runs the checks again inside the script's ``main``) would."""
+    try:
+        check(flags)
+    except ReportableError as e:
+        raise SystemExit(f"error: {first_line(e)}") from None
+
+
+def check_classification_paths(flags: Flags) -> None:
+    """Fine-tuning and linear probing: the input paths exist (``check_paths``; --eval reads --train_path only to
+    split it) and the evaluation set is known (``evaluation_path``), before torch loads.
+
+    Raises:
+        UsageError: one line naming the flag and the absolute path.
+    """
+    if not flags.eval:
+        check_paths(flags, "train_path")
+    check_paths(flags, "test_path", "finetune", "resume", "band_stats")
+    if evaluation_path(flags.train_path, flags.test_path) == SPLIT:  # --eval reads the training set only to split it
+        check_paths(flags, "train_path")
+
+
+def note_upstream_defaults(flags: Flags, defaults: dict[str, Any], launcher: str) -> str | None:
+    """Print (rank 0) and return a start-up note where a script runs an embedded sample with upstream's paper
+    defaults (``defaults``: flag -> value, e.g. ``input_size`` 224, ``batch_size`` 512), which the sample's 180 tiles
+    of 64-128 px do not suit, naming the launcher that runs the sample with its own. None (nothing printed) where
+    the data is not a sample or no such default is in use."""
+    train = Path(flags.train_path).absolute() if flags.train_path else None
+    if getattr(flags, "eval", False) or train is None:  # --eval trains nothing
+        return None
+    if not any(train.parent.resolve() == sample.resolve() for sample in SAMPLES):
+        return None
+    kept = [f"--{name} {value:g}" for name, value in defaults.items() if getattr(flags, name, None) == value]
+    if not kept:
+        return None
+    note = (
+        f"note: {' '.join(kept)}: upstream's paper defaults (fMoW-RGB) on the small embedded sample; "
+        f"`{launcher}` runs the sample with its own settings (the top of the launcher)"
+    )
+    if os.environ.get("RANK", "0") == "0":
+        print(note, flush=True)
+    return note
+
+
 def add_loader_args(group: FlagGroup) -> None:
     group.add_argument("--num_workers", type=int, default=8, help="DataLoader worker processes per GPU / process")
     group.add_argument(
@@ -437,7 +566,7 @@ def classification_parser(description: str, *, global_pool: bool, head_init_std:
         default=None,
         help="vit_{tiny,small,base,large,huge}_patch16 or vit_huge_patch14 (default: the architecture of --finetune)",
     )
-    group.add_argument("--test_path", default=str(DEFAULT_VAL_CSV), help="evaluation data (CSV, ImageFolder)")
+    add_evaluation_set_args(group)
     group.add_argument(
         "--nb_classes", type=int, default=None, help="number of classes (default: from the training labels)"
     )
@@ -469,7 +598,10 @@ def add_segmentation_data_args(parser: Parser) -> None:
         help="CSV of (image path, mask path), or a folder holding images/ and masks/ (matched by file stem)",
     )
     group.add_argument(
-        "--test_path", default=str(SEGMENTATION_SAMPLE / "seg_val.csv"), help="evaluation pairs, as --train_path"
+        "--test_path",
+        default=None,
+        help="evaluation pairs, as --train_path (default: the embedded sample's seg_val.csv when --train_path is "
+        "its seg_train.csv; other training data needs --test_path)",
     )
     group.add_argument(
         "--input_size", type=int, default=128, help="crop side in pixels (training crops, sliding window)"

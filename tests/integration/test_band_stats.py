@@ -293,7 +293,7 @@ def test_a_packed_array_or_shard_manifest_is_refused_in_one_line(tmp_path):
         assert result.stderr.count("\n") == 1
 
 
-def test_band_stats_records_band_names_that_exports_of_its_runs_use(tmp_path):
+def test_band_stats_records_band_names_that_exports_of_its_runs_use(tmp_path, capsys):
     from util.weights import metadata
 
     write_tiles(tmp_path / "tiles", np.uint16, count=2)
@@ -316,6 +316,11 @@ def test_band_stats_records_band_names_that_exports_of_its_runs_use(tmp_path):
     )
     stats = json.loads(out.read_text())
     assert stats["bands"] == [2, 1, 0] and stats["band_names"] == ["B04", "B03", "B02"]
+    assert (
+        capsys.readouterr()
+        .out.rstrip()
+        .endswith(f"use --band_stats {out} --bands 2 1 0 --in_chans 3 --rgb_bands 0 1 2")
+    )
     assert metadata.band_names_from_stats(out, [2, 1]) == ["B04", "B03"]  # a run's --bands 2 1
     block = metadata.describe(
         {"bands": [2, 1], "band_stats": str(out), "mean": [1, 1], "std": [2, 2]},
@@ -343,3 +348,17 @@ def test_band_stats_records_band_names_that_exports_of_its_runs_use(tmp_path):
                 str(out),
             ],
         )
+
+
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (["B02", "B03", "B04", "B08"], [2, 1, 0]),  # Sentinel-2 order on disk: --rgb_bands 2 1 0
+        (["b8", "b4", "b3", "b2"], [1, 2, 3]),
+        (["nir", "red", "green", "blue"], [1, 2, 3]),
+        (["B02", "B03", "B08"], None),  # no red: no suggestion
+        ([], None),
+    ],
+)
+def test_band_names_make_rgb_bands_a_lookup(names, expected):
+    assert bs.rgb_bands(names) == expected

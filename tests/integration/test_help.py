@@ -94,3 +94,78 @@ def test_export_tool_answers_help_before_torch_and_errors_in_one_line(tmp_path):
             tool.main, parse([str(tmp_path / "up.pth"), "--output", str(tmp_path / "out"), "--hashed_pth", "a-b"])
         )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", [*ENTRY_POINTS, *TOOLS])
+def test_help_shows_each_default_once_and_no_path_of_this_clone(script):
+    text = help_text(script)
+    assert str(REPO) not in text  # the same on every clone: the repository's data/..., as below
+    for flag_help in re.split(r" (?=--\w)", text):  # each flag's entry (argparse joined into one line)
+        assert flag_help.count("default:") <= 1, flag_help  # "(…; default: all) (default: None)" is gone
+
+
+def test_help_shows_repository_paths_relative_and_the_launchers_defaults():
+    text = help_text("main_pretrain.py")
+    assert (
+        "--train_path TRAIN_PATH CSV file (fMoW format), ImageFolder tree or image folder (default: the repository's "
+        "data/sentinel2_rgb/train.csv)" in text
+    )
+    assert (
+        "The defaults are upstream's (its paper run on fMoW-RGB: 224 px, batch 512, 200 epochs, --blr 5e-5); `bash "
+        "train.sh` runs the embedded sample with the quick start's" in text
+    )
+    assert "(multispectral; default: all) (default" not in text and "(multispectral; default: all)" in text
+    assert "`bash finetune.sh` runs the embedded sample with its own" in help_text("main_finetune.py")
+    assert "--cls_token the cls token after norm --head_init_std" in help_text("main_linprobe.py")  # no pair default
+    stats = help_text("tools/band_stats.py")
+    for entry in (
+        "--workers WORKERS reading processes (default: 1)",
+        "(default: 64)",
+        "(default: 1.0 2.0 50.0 98.0 99.0)",
+    ):
+        assert entry in stats
+
+
+def test_bare_scripts_on_the_sample_note_that_the_defaults_are_upstreams(capsys):
+    import main_finetune
+    import main_pretrain
+    from util import config
+
+    flags = config.parse_args(main_pretrain.get_args_parser(), [])
+    note = config.note_upstream_defaults(flags, main_pretrain.UPSTREAM_DEFAULTS, "bash train.sh")
+    assert note == (
+        "note: --input_size 224 --batch_size 512 --epochs 200 --blr 5e-05: upstream's paper defaults (fMoW-RGB) on the "
+        "small embedded sample; `bash train.sh` runs the sample with its own settings (the top of the launcher)"
+    )
+    assert capsys.readouterr().out == note + "\n"
+    chosen = config.parse_args(main_pretrain.get_args_parser(), ["--input_size", "64", "--batch_size", "32"])
+    assert config.note_upstream_defaults(chosen, main_pretrain.UPSTREAM_DEFAULTS, "bash train.sh").startswith(
+        "note: --epochs 200 --blr 5e-05: "
+    )
+    mine = config.parse_args(main_finetune.get_args_parser(), ["--train_path", "/elsewhere/train.csv"])
+    assert config.note_upstream_defaults(mine, main_finetune.UPSTREAM_DEFAULTS, "bash finetune.sh") is None
+
+
+@pytest.mark.parametrize(
+    "script, flag",
+    [
+        ("main_pretrain.py", "--train_path"),
+        ("main_finetune.py", "--finetune"),
+        ("main_knn.py", "--checkpoints"),
+        ("main_segment.py", "--test_path"),
+    ],
+)
+def test_a_missing_input_path_is_named_absolute_before_torch_loads(script, flag, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(REPO / script), flag, "mine/missing"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    error = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert result.returncode == 1 and error == [f"error: {flag} {tmp_path}/mine/missing: no such file or folder"]
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert "util.config" in imported and "torch" not in imported

@@ -175,11 +175,12 @@ def test_second_live_run_in_the_same_folder_is_refused(data, tmp_path):
         [
             sys.executable,
             "-c",
-            "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+            "import fcntl, sys; f = open(sys.argv[1], 'a+'); "
             "fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 1 on elsewhere'); f.flush(); print('held', flush=True); "
-            "time.sleep(60)",
+            "sys.stdin.read()",  # holds the lock until killed: no time bound that a loaded machine could outlast
             str(tmp_path / ".lock"),
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -50,8 +50,11 @@ def weights(tmp_path: Path) -> Path:
     return path
 
 
-def run(clone: Path, stub: Path, launcher: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """bash <launcher> args with a minimal environment (none of the launchers' variables unless given)."""
+def run(
+    clone: Path, stub: Path, launcher: str, *args: str, cwd: Path = REPO, **env: str
+) -> subprocess.CompletedProcess:
+    """bash <launcher> args from the folder ``cwd`` with a minimal environment (none of the launchers' variables
+    unless given)."""
     base = {
         "PATH": os.environ["PATH"],
         "HOME": os.environ.get("HOME", "/tmp"),
@@ -61,7 +64,7 @@ def run(clone: Path, stub: Path, launcher: str, *args: str, **env: str) -> subpr
     }  # train.sh's closing evaluation is a second command; tested on its own
     return subprocess.run(
         ["bash", str(clone / launcher), *args],
-        cwd=REPO,
+        cwd=cwd,
         env={**base, **env},
         capture_output=True,
         text=True,
@@ -109,7 +112,7 @@ def test_finetune_default_weights_missing(clone, stub):
     result = run(clone, stub, "finetune.sh")
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == (
-        "error: no weights at output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh' first, "
+        f"error: no weights at {clone}/output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh' first, "
         "or give --finetune PATH / set WEIGHTS (published weights: weights/README.md)\n"
     )
 
@@ -143,8 +146,6 @@ def test_finetune_variables_and_defaults(clone, stub, weights):
         "32",
         "--train_path",
         "data/sentinel2_rgb/train.csv",
-        "--test_path",
-        "data/sentinel2_rgb/val.csv",
         "--output_dir",
         "output/finetune_tiny",
         "--num_workers",
@@ -169,8 +170,9 @@ def test_finetune_random_init_with_empty_flag(clone, stub):
 
 def test_config_file_is_not_overridden_by_launcher_defaults(clone, stub):
     args = argv(run(clone, stub, "finetune.sh", "--config", "run.yaml", EPOCHS="5"))
-    assert args == ["main_finetune.py", "--epochs", "5", "--config", "run.yaml"]  # no default WEIGHTS check either
-    assert argv(run(clone, stub, "train.sh", "--config=run.yaml")) == ["main_pretrain.py", "--config=run.yaml"]
+    config = str(REPO / "run.yaml")  # from the folder of the call
+    assert args == ["main_finetune.py", "--epochs", "5", "--config", config]  # no default WEIGHTS check either
+    assert argv(run(clone, stub, "train.sh", "--config=run.yaml")) == ["main_pretrain.py", f"--config={config}"]
 
 
 def test_linprobe_defaults_and_flag(clone, stub, weights):
@@ -188,7 +190,7 @@ def test_linprobe_default_weights_missing(clone, stub):
     result = run(clone, stub, "linprobe.sh")
     assert result.returncode == 1
     assert result.stderr.startswith(
-        "error: no weights at output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh'"
+        f"error: no weights at {clone}/output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh'"
     )
 
 
@@ -219,7 +221,7 @@ def test_knn_missing_checkpoints(clone, stub, weights, tmp_path):
     result = run(clone, stub, "knn.sh")
     assert result.returncode == 1
     assert result.stderr == (
-        "error: no checkpoint at output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh' first, "
+        f"error: no checkpoint at {clone}/output/pretrain_tiny/checkpoint-last.pth: run 'bash train.sh' first, "
         "or give --checkpoints PATH... / set CHECKPOINTS (published weights: weights/README.md)\n"
     )
     missing = str(tmp_path / "gone.pth")
@@ -276,7 +278,7 @@ def test_train_upstream_positional_form(clone, stub):
 def test_train_flag_beats_variable(clone, stub):
     args = argv(run(clone, stub, "train.sh", "--epochs=1", "--output_dir", "X", EPOCHS="9", OUTPUT_DIR="Y"))
     assert "--epochs" not in args and args.count("--epochs=1") == 1
-    assert values(args, "--output_dir") == [["X"]]
+    assert values(args, "--output_dir") == [[str(REPO / "X")]]  # the user's path, from the folder of the call
     assert values(argv(run(clone, stub, "train.sh", EPOCHS="9")), "--epochs") == [["9"]]
 
 
@@ -302,7 +304,7 @@ def test_train_on_the_multispectral_sample(clone, stub):
     rgb = argv(run(clone, stub, "train.sh"))
     assert "--in_chans" not in rgb and "--band_stats" not in rgb and "--rgb_bands" not in rgb
     flags_win = argv(run(clone, stub, "train.sh", "--rgb_bands", "7", "--output_dir", "X", DATA="sentinel2_ms"))
-    assert values(flags_win, "--rgb_bands") == [["7"]] and values(flags_win, "--output_dir") == [["X"]]
+    assert values(flags_win, "--rgb_bands") == [["7"]] and values(flags_win, "--output_dir") == [[str(REPO / "X")]]
     with_config = argv(run(clone, stub, "train.sh", "--config", "c.yaml", DATA="sentinel2_ms"))
     assert values(with_config, "--in_chans") == [["13"]] and "--epochs" not in with_config  # DATA is the user's
 
@@ -313,7 +315,8 @@ def test_train_on_the_multispectral_sample(clone, stub):
 def test_finetune_and_linprobe_on_the_multispectral_sample(clone, stub, launcher, output, tmp_path):
     missing = run(clone, stub, launcher, DATA="sentinel2_ms")
     assert missing.returncode == 1 and missing.stderr.startswith(
-        "error: no weights at output/pretrain_tiny_ms/checkpoint-last.pth: run 'DATA=sentinel2_ms bash train.sh' first"
+        f"error: no weights at {clone}/output/pretrain_tiny_ms/checkpoint-last.pth: run 'DATA=sentinel2_ms bash "
+        "train.sh' first"
     )
     (clone / "output" / "pretrain_tiny_ms").mkdir(parents=True)
     (clone / "output" / "pretrain_tiny_ms" / "checkpoint-last.pth").write_bytes(b"")
@@ -328,7 +331,7 @@ def test_finetune_and_linprobe_on_the_multispectral_sample(clone, stub, launcher
     args = argv(result)
     assert values(args, "--finetune") == [["output/pretrain_tiny_ms/checkpoint-last.pth"]]
     assert values(args, "--train_path") == [["data/sentinel2_ms/train.csv"]]
-    assert values(args, "--test_path") == [["data/sentinel2_ms/val.csv"]]
+    assert "--test_path" not in args  # Python's default: the sample's val.csv, for the sample's train.csv only
     assert values(args, "--output_dir") == [[output]] and values(args, "--input_size") == [["64"]]
     assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
 
@@ -343,7 +346,7 @@ def test_segment_on_the_multispectral_sample(clone, stub):
     assert values(args, "--input_size") == [["64"]] and values(args, "--output_dir") == [["output/segment_tiny_ms"]]
     assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
     assert values(args, "--rgb_bands") == [["3", "2", "1"]]  # the figures in true colour (B04 B03 B02)
-    rgb = argv(run(clone, stub, "segment.sh", "--finetune", "output/pretrain_tiny_ms/checkpoint-last.pth"))
+    rgb = argv(run(clone, stub, "segment.sh", "--finetune", str(clone / "output/pretrain_tiny_ms/checkpoint-last.pth")))
     assert values(rgb, "--input_size") == [["128"]] and "--in_chans" not in rgb and "--rgb_bands" not in rgb
 
 
@@ -355,8 +358,8 @@ def test_knn_on_the_multispectral_sample(clone, stub, weights):
     assert values(args, "--in_chans") == [["13"]] and values(args, "--band_stats") == [[MS_BANDS[3]]]
     missing = run(clone, stub, "knn.sh", DATA="sentinel2_ms")
     assert (
-        "no checkpoint at output/pretrain_tiny_ms/checkpoint-last.pth: run 'DATA=sentinel2_ms bash train.sh' first"
-        in missing.stderr
+        f"no checkpoint at {clone}/output/pretrain_tiny_ms/checkpoint-last.pth: run 'DATA=sentinel2_ms bash "
+        "train.sh' first" in missing.stderr
     )
 
 
@@ -418,3 +421,111 @@ def test_distributed_forwards_usr1_to_workers(clone, tmp_path):
     stub.write_text('#!/usr/bin/env bash\necho "$PET_SIGNALS_TO_HANDLE"\necho "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"\n')
     stub.chmod(0o755)
     assert argv(run(clone, stub, "train_distributed.sh")) == ["SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "120"]
+
+
+# Relative paths the user gives resolve against the folder the launcher is called from (the launchers cd into the
+# repository, where their own defaults are relative)
+
+
+@pytest.fixture
+def elsewhere(tmp_path: Path) -> Path:
+    """A folder outside the clone holding the user's files: mine.pth, other.pth, stats.json, mydata/."""
+    home = tmp_path / "home"
+    (home / "mydata").mkdir(parents=True)
+    for name in ("mine.pth", "other.pth", "stats.json"):
+        (home / name).write_bytes(b"")
+    return home
+
+
+def test_the_users_relative_flags_resolve_against_the_folder_of_the_call(clone, stub, elsewhere):
+    args = argv(
+        run(
+            clone,
+            stub,
+            "train.sh",
+            "--train_path",
+            "mydata",
+            "--output_dir=./out",
+            "--band",  # an abbreviation of --band_stats argparse accepts
+            "stats.json",
+            "--init",
+            str(elsewhere / "mine.pth"),  # absolute: as given
+            "--resume",
+            "auto",  # a word, not a path
+            cwd=elsewhere,
+        )
+    )
+    assert values(args, "--train_path") == [[f"{elsewhere}/mydata"]]
+    assert (
+        f"--output_dir={elsewhere}/out" in args and "--output_dir" not in args
+    )  # the launcher's default is not passed
+    assert values(args, "--band") == [[f"{elsewhere}/stats.json"]]
+    assert values(args, "--init") == [[f"{elsewhere}/mine.pth"]] and values(args, "--resume") == [["auto"]]
+
+
+def test_the_users_path_variables_resolve_against_the_folder_of_the_call(clone, stub, elsewhere):
+    args = argv(
+        run(
+            clone,
+            stub,
+            "finetune.sh",
+            cwd=elsewhere,
+            WEIGHTS="mine.pth",
+            TRAIN_PATH="mydata",
+            TEST_PATH="split",
+            OUTPUT_DIR="out",
+            BAND_STATS="stats.json",
+            DATA="sentinel2_ms",  # the sample's band statistics would be the repository's: the user's win
+        )
+    )
+    assert values(args, "--finetune") == [[f"{elsewhere}/mine.pth"]]
+    assert values(args, "--train_path") == [[f"{elsewhere}/mydata"]] and values(args, "--test_path") == [["split"]]
+    assert values(args, "--output_dir") == [[f"{elsewhere}/out"]]
+    assert values(args, "--band_stats") == [[f"{elsewhere}/stats.json"]]
+    default = argv(run(clone, stub, "finetune.sh", "--finetune", "mine.pth", cwd=elsewhere))
+    assert values(default, "--train_path") == [["data/sentinel2_rgb/train.csv"]]  # the launcher's own: in the clone
+    assert values(default, "--output_dir") == [["output/finetune_tiny"]]
+
+
+def test_positional_weights_and_checkpoints_resolve_against_the_folder_of_the_call(clone, stub, elsewhere):
+    args = argv(run(clone, stub, "finetune.sh", "vit_tiny_patch16", "mine.pth", cwd=elsewhere))
+    assert values(args, "--finetune") == [[f"{elsewhere}/mine.pth"]]
+    args = argv(run(clone, stub, "knn.sh", "none", "mine.pth", "other.pth", cwd=elsewhere))
+    assert values(args, "--checkpoints") == [["none", f"{elsewhere}/mine.pth", f"{elsewhere}/other.pth"]]
+    args = argv(run(clone, stub, "knn.sh", "--checkpoints", "none", "mine.pth", "--pool", "mean", cwd=elsewhere))
+    assert values(args, "--checkpoints") == [["none", f"{elsewhere}/mine.pth"]]
+    args = argv(run(clone, stub, "knn.sh", cwd=elsewhere, CHECKPOINTS="none other.pth"))
+    assert values(args, "--checkpoints") == [["none", f"{elsewhere}/other.pth"]]
+
+
+def test_nested_launchers_resolve_against_the_first_ones_caller(clone, stub, elsewhere):
+    args = argv(run(clone, stub, "linprobe.sh", "--finetune", "mine.pth", cwd=elsewhere))
+    assert args[0] == "main_linprobe.py" and values(args, "--finetune") == [[f"{elsewhere}/mine.pth"]]
+    args = argv(run(clone, stub, "train_distributed.sh", cwd=elsewhere, LAUNCHER="segment.sh", WEIGHTS="mine.pth"))
+    assert args[12] == "main_segment.py" and values(args, "--finetune") == [[f"{elsewhere}/mine.pth"]]
+
+
+def test_a_missing_path_is_named_absolute(clone, stub, elsewhere):
+    result = run(clone, stub, "finetune.sh", "--finetune", "gone.pth", cwd=elsewhere)
+    assert (result.returncode, result.stderr) == (1, f"error: no weights at {elsewhere}/gone.pth (from --finetune)\n")
+    result = run(clone, stub, "knn.sh", "none", "gone.pth", cwd=elsewhere)
+    assert result.stderr == f"error: no checkpoint at {elsewhere}/gone.pth (from the <checkpoint> arguments)\n"
+
+
+@pytest.mark.parametrize("launcher", ["finetune.sh", "linprobe.sh", "knn.sh", "segment.sh"])
+def test_the_users_training_data_gets_no_sample_evaluation_set(clone, stub, elsewhere, launcher):
+    args = argv(
+        run(
+            clone,
+            stub,
+            launcher,
+            "--finetune" if launcher != "knn.sh" else "--checkpoints",
+            "mine.pth",
+            cwd=elsewhere,
+            TRAIN_PATH="mydata",
+        )
+    )
+    assert values(args, "--train_path") == [[f"{elsewhere}/mydata"]]
+    assert (
+        "--test_path" not in args
+    )  # Python asks for --test_path PATH or split (tests/integration/test_main_finetune.py)

@@ -89,12 +89,12 @@ def test_two_epochs_write_checkpoints_logs_plots_and_export(csv_dataset, tmp_pat
     assert report.model_name == "cross_scale_mae_vit_tiny" and report.layout == "ours"
     printed = capsys.readouterr().out
     assert "epoch 1 [2/2] loss" in printed and "img/s" in printed and "eta" in printed
-    eta = re.search(
-        r"^epoch 0 done in \d:\d\d:\d\d\.\d \(.*\); run eta (\d+):(\d\d):(\d\d\.\d) \(1 of 2 epochs left\)$",
+    # 2 steps timed: too few for an ETA (tests/unit/run/test_loop.py checks the numbers once there are enough)
+    assert re.search(
+        r"^epoch 0 done in \d:\d\d:\d\d\.\d \(.* over 2 steps\); run eta estimating \(1 of 2 epochs left\)$",
         printed,
         re.M,
     )
-    assert eta and int(eta[1]) * 3600 + int(eta[2]) * 60 + float(eta[3]) > 0
     assert re.search(r"^training time \d:\d\d:\d\d\.\d \(2 epoch\(s\) in this run\)$", printed, re.M)
     assert "kNN evaluation features: 0/" in printed  # progress of kNN feature extraction, as plain lines (no terminal)
     assert Image.open(out / "plots" / "reconstruction_epoch0001.png").size[0] == 6 * MIN_CELL_PX  # 6 titled columns

@@ -359,3 +359,20 @@ def test_one_location_block_gives_no_zero_width_interval(split, pretrained, tmp_
     assert "into 1 location block: no bootstrap interval" in capsys.readouterr().out
     with open(out / "seg_results.csv") as f:
         assert "mIoU_low" not in next(csv.DictReader(f))
+
+
+def test_the_users_pairs_are_never_evaluated_on_the_sample(tmp_path):
+    from util.errors import UsageError
+
+    (tmp_path / "pairs" / "images").mkdir(parents=True)
+    (tmp_path / "pairs" / "masks").mkdir()
+    mine = config.parse_args(main_segment.get_args_parser(), ["--train_path", str(tmp_path / "pairs")])
+    with pytest.raises(UsageError, match=rf"^--test_path missing: give the evaluation set of --train_path {tmp_path}"):
+        main_segment.check(mine)
+    split = config.parse_args(
+        main_segment.get_args_parser(), ["--train_path", str(tmp_path / "pairs"), "--test_path", "split"]
+    )
+    with pytest.raises(UsageError, match=r"^--test_path split: this task cannot split --train_path"):
+        main_segment.check(split)
+    sample = config.parse_args(main_segment.get_args_parser(), [])  # the sample's pairs: its seg_val.csv
+    assert config.evaluation_path(sample.train_path, sample.test_path, split=False).endswith("seg_val.csv")

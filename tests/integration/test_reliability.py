@@ -59,9 +59,9 @@ def start(argv, out):
     )
 
 
-def wait_for(process, text, timeout=HANG_GUARD_S):
+def wait_for(process, text):
     """Read the process's output until a line contains ``text``; returns everything read."""
-    seen, deadline = [], time.time() + timeout
+    seen, deadline = [], time.time() + HANG_GUARD_S
     for line in process.stdout:
         seen.append(line)
         if text in line or time.time() > deadline:
@@ -272,7 +272,7 @@ def test_unusable_device_and_amp_flags(csv_dataset, tmp_path):
     assert "--device gpu0: not a device name" in run_expecting_error([*base, "--device", "gpu0"])
 
 
-def torchrun(argv, out, timeout=HANG_GUARD_S):
+def torchrun(argv, out):
     return subprocess.run(
         [
             sys.executable,
@@ -289,7 +289,7 @@ def torchrun(argv, out, timeout=HANG_GUARD_S):
         env=ENV,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=HANG_GUARD_S,
     )
 
 

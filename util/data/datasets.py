@@ -381,19 +381,31 @@ def check_labels(
     return [names.get(label, str(label)) for label in range(count)]
 
 
-def split_dataset(dataset: ImageDataset, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
-    """A deterministic seeded split into (1 - fraction, fraction) of the samples; the same seed, the same split."""
+def split_dataset(dataset: SampleDataset, fraction: float, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+    """A deterministic seeded split into (1 - fraction, fraction) of the samples (at least one each); the same seed,
+    the same split on every machine and rank. Each part keeps the dataset's reading options and row descriptions.
+
+    Raises:
+        DataError: fewer than 2 images, or a pre-decoded dataset (packed arrays, shards) that has no file list.
+    """
+    if not isinstance(dataset, ImageDataset):
+        raise DataError(
+            f"{dataset.source or 'dataset'}: --test_path split needs a CSV, ImageFolder or image folder (pre-decoded "
+            "packed arrays and shards cannot be split): give --test_path PATH"
+        )
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     cut = len(order) - max(1, round(fraction * len(order)))
     if cut < 1:
         raise DataError(f"cannot split {len(dataset)} image(s) into two non-empty parts")
     parts = (sorted(order[:cut]), sorted(order[cut:]))
+    names = (f"without the {fraction:.0%} held out, seed {seed}", f"{fraction:.0%} held out, seed {seed}")
     return tuple(
         _with_source(
             ImageDataset(
                 [dataset.samples[i] for i in part],
                 dataset.transform,
                 dataset.classes,
+                lambda index, part=part: dataset.describe(part[index]),
                 draft_size=dataset.draft_size,
                 skip_bad=dataset.skip_bad,
                 label_names=dataset.label_names,
@@ -401,10 +413,41 @@ def split_dataset(dataset: ImageDataset, fraction: float, seed: int = 0) -> tupl
                 max_pixels=dataset.max_pixels,
                 stretch=dataset.stretch,
             ),
-            f"{dataset.source} ({which} part)",
+            f"{dataset.source} ({which})",
         )
-        for part, which in zip(parts, ("memory", "held-out"))
+        for part, which in zip(parts, names)
     )
+
+
+def held_out(
+    train: SampleDataset,
+    test_path: str,
+    fraction: float,
+    seed: int,
+    transform: Callable | None,
+    *,
+    dataset_type: str = "auto",
+    **reading,
+) -> tuple[SampleDataset, SampleDataset, str]:
+    """(training set, evaluation set, where they come from) of fine-tuning, linear probing and kNN: the images of
+    ``test_path`` (its ImageFolder classes matched to ``train``'s by name), or with ``test_path`` "split" a seeded
+    ``fraction`` of ``train`` (``split_dataset``), the rest of which trains.
+
+    Args:
+        transform: The evaluation transform; ``reading``: ``build_dataset``'s options of the evaluation set
+            (``bands``, ``draft_size``, ``skip_bad``).
+
+    Raises:
+        DataError: as ``build_dataset`` and ``split_dataset``.
+    """
+    source = train.source or "the training set"
+    if test_path == "split":
+        train, val = split_dataset(train, fraction, seed)
+        val.transform = transform
+        val.draft_size = reading.get("draft_size", val.draft_size)
+        return train, val, f"seeded split (seed {seed}) of {source}: {fraction:.0%} evaluated"
+    val = build_dataset(test_path, dataset_type, transform, **reading, classes=train.classes or None)
+    return train, val, f"train {source}, evaluation {test_path}"
 
 
 def _with_source(dataset: ImageDataset, source: str) -> ImageDataset:

@@ -19,8 +19,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from util.errors import NonFiniteError
 from util.eval.inference import infer
-from util.run.distributed import gather_rows, rank, world_size
+from util.run.distributed import gather_rows, main_print, rank, world_size
 
+WEIGHTED_K, MAJORITY_K = 20, 5  # the module docstring's protocols
 CLASSIFIER_POOL = "classifier"  # a trained classifier's own pooling, the features its head sees (pre-logits)
 
 
@@ -144,15 +145,26 @@ def majority_knn(neighbours: torch.Tensor, memory_labels: torch.Tensor, num_clas
     return votes.argmax(dim=1)
 
 
+def neighbours_used(k: int, majority_k: int, memory_size: int) -> tuple[int, int]:
+    """(k, majority k) the classifiers can use on a memory set of ``memory_size`` images: each at most that many
+    (the search returns no more); a note is printed (rank 0) for each one clipped, as ``protocol.json`` records it.
+    """
+    used = min(k, memory_size), min(majority_k, memory_size)
+    for flag, asked, got in (("--k", k, used[0]), ("--majority_k", majority_k, used[1])):
+        if got != asked:
+            main_print(f"note: {flag} {asked}: the memory set has {memory_size} images, so k = {got} is used")
+    return used
+
+
 def knn_accuracies(
     memory: torch.Tensor,
     memory_labels: torch.Tensor,
     queries: torch.Tensor,
     query_labels: torch.Tensor,
     num_classes: int,
-    k: int = 20,
+    k: int = WEIGHTED_K,
     temperature: float = 0.07,
-    majority_k: int = 5,
+    majority_k: int = MAJORITY_K,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Top-1 (%) of the weighted and the majority classifier.
@@ -181,9 +193,9 @@ def multiscale_accuracies(
     scales: Sequence[float] = (0.125, 0.25, 0.5, 1.0),
     pool: str = "cls",
     scale_mode: str = "resize",
-    k: int = 20,
+    k: int = WEIGHTED_K,
     temperature: float = 0.07,
-    majority_k: int = 5,
+    majority_k: int = MAJORITY_K,
 ) -> dict[tuple[str, float], float]:
     """Top-1 (%) of both classifiers at every scale, the memory set at full resolution: {(classifier, scale):
     accuracy}."""

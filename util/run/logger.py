@@ -3,7 +3,6 @@ whole-run ETA), progress of long non-training work, ``log.txt`` and TensorBoard.
 
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 import time
@@ -40,6 +39,19 @@ class MetricLogger:
         self.counts.clear()
 
 
+# An ETA is printed once this many steps were timed in this process (before: "estimating"): a run resumed at an
+# epoch's last step would otherwise extrapolate its whole remaining time from one step, the slow first one.
+ETA_MIN_STEPS = 5
+
+
+def eta_text(per_step: float, measured_steps: int, steps_left: int) -> str:
+    """``per_step`` seconds x ``steps_left`` as H:MM:SS.s, or ``estimating`` while fewer than ``ETA_MIN_STEPS``
+    steps were measured (and some are left)."""
+    if measured_steps < ETA_MIN_STEPS and steps_left > 0:
+        return "estimating"
+    return format_duration(per_step * steps_left)
+
+
 class Throughput:
     """Images per second and time left, measured between calls."""
 
@@ -47,15 +59,20 @@ class Throughput:
         self.total_steps = total_steps
         self.start = self.last = time.perf_counter()
         self.per_step = 0.0
+        self.steps = 0
 
     def tick(self, step: int, images: int) -> tuple[float, str]:
-        """``step`` steps done so far, ``images`` since the last call -> (images/s, time left as H:MM:SS)."""
+        """``step`` steps done so far, ``images`` since the last call -> (images/s, time left in these
+        ``total_steps`` as H:MM:SS.s, or ``estimating``: ``eta_text``)."""
         now = time.perf_counter()
         rate = images / max(now - self.last, 1e-9)
-        self.last = now
-        per_step = self.per_step = (now - self.start) / max(step, 1)
-        eta = datetime.timedelta(seconds=int(per_step * (self.total_steps - step)))
-        return rate, str(eta)
+        self.last, self.steps = now, step
+        self.per_step = (now - self.start) / max(step, 1)
+        return rate, self.eta(self.total_steps - step)
+
+    def eta(self, steps_left: int) -> str:
+        """Time for ``steps_left`` more steps at the pace measured so far (``eta_text``)."""
+        return eta_text(self.per_step, self.steps, steps_left)
 
 
 def format_duration(seconds: float) -> str:
@@ -68,7 +85,8 @@ def format_duration(seconds: float) -> str:
 
 class RunClock:
     """Epoch times and the whole run's ETA: time per step measured so far in this process x steps left in the
-    run (a resumed run counts only the steps it trained itself, from its mid-epoch start)."""
+    run (a resumed run counts only the steps it trained itself, from its mid-epoch start; ``estimating`` until
+    ``ETA_MIN_STEPS`` steps were timed)."""
 
     def __init__(self, steps_per_epoch: int, epochs: int, start_epoch: int, start_step: int) -> None:
         self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
@@ -88,7 +106,7 @@ class RunClock:
         left = (self.epochs - epoch - 1) * self.steps_per_epoch
         return (
             f"epoch {epoch} done in {format_duration(took)} ({per_step:.3f} s/step over {done} steps); "
-            f"run eta {format_duration(per_step * left)} ({self.epochs - epoch - 1} of {self.epochs} epochs left)"
+            f"run eta {eta_text(per_step, done, left)} ({self.epochs - epoch - 1} of {self.epochs} epochs left)"
         )
 
     def total(self, last_epoch: int) -> str:

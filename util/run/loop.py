@@ -227,9 +227,7 @@ class StepLoop:
         lr = max(group["lr"] for group in self.optimizer.param_groups)
         images_per_s, eta = self.throughput.tick(step + 1 - self.start_step, self.interval_images)
         steps_left = self.steps_per_epoch - step - 1 + (self.schedule.epochs - self.epoch - 1) * self.steps_per_epoch
-        run_eta = logger.format_duration(
-            self.throughput.per_step * steps_left
-        )  # this epoch's pace x the whole run's steps left
+        run_eta = self.throughput.eta(steps_left)  # this epoch's pace x the whole run's steps left
         distributed.main_print(
             f"epoch {self.epoch} [{step + 1}/{self.steps_per_epoch}] "
             + " ".join(f"{name} {means[name]:.4f}" for name in self.names)

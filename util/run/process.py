@@ -94,7 +94,8 @@ class Run:
 def setup_run(device: str, amp: str, seed: int, output_dir: str | Path, dist_timeout: float = 30.0) -> Run:
     """Join the process group (if any), choose device and autocast dtype, seed, create the output folder, and
     make SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before pre-emption) stop training at the next update.
-    The CPU thread count is chosen from the CPUs this process may use (``util.run.threads``) and printed once.
+    The CPU thread count is chosen from the CPUs this process may use (``util.run.threads``); rank 0 prints it and
+    the autocast dtype with the reason for it (``describe_amp``).
 
     Args:
         device: ``--device`` (``resolve_device``); amp: ``--amp`` (``resolve_amp``).
@@ -121,6 +122,7 @@ def setup_run(device: str, amp: str, seed: int, output_dir: str | Path, dist_tim
         stop_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=dist_timeout))
     if rank == 0:
         print(configure_threads(), flush=True)
+        print(describe_amp(amp, device, amp_dtype), flush=True)
     else:
         configure_threads()
     return Run(rank, world_size, local_rank, device, amp_dtype, output_dir, stop_group)
@@ -286,6 +288,46 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     if mode == "fp16" and device.type == "cpu":
         raise UsageError("--amp fp16: fp16 is emulated and very slow on CPUs; use --amp bf16 or none")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def describe_amp(mode: str, device: torch.device, dtype: torch.dtype | None) -> str:
+    """The start-up line of the autocast dtype ``resolve_amp`` chose for ``--amp mode``, with the reason, and on a
+    CPU the kernel set ATen dispatches to (``torch.backends.cpu.get_cpu_capability``: AVX2, AVX512, ...)."""
+    if device.type != "cpu":
+        return amp_reason(
+            mode, device.type, dtype, native_bf16=device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
+    return amp_reason(
+        mode, "cpu", dtype, torch.cpu._is_avx512_bf16_supported(), torch.backends.cpu.get_cpu_capability()
+    )
+
+
+def amp_reason(
+    mode: str, device_type: str, dtype: torch.dtype | None, native_bf16: bool, kernels: str | None = None
+) -> str:
+    """``describe_amp``'s line from its facts (``native_bf16``: the CPU has AVX512-BF16; tested without the
+    hardware), e.g. ``autocast: off (fp32): this CPU
+    has no native bf16 (AVX512-BF16 absent; --amp bf16 would emulate it, slower); CPU kernels: AVX2``."""
+    name = {None: "off (fp32)", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    if mode != "auto":
+        why = f"--amp {mode}"
+        if device_type == "cpu" and dtype == torch.bfloat16 and not native_bf16:
+            why += " (emulated on this CPU: AVX512-BF16 absent, usually slower than fp32)"
+    elif device_type == "cpu":
+        why = (
+            "this CPU computes bf16 natively (AVX512-BF16)"
+            if native_bf16
+            else "this CPU has no native bf16 (AVX512-BF16 absent; --amp bf16 would emulate it, slower)"
+        )
+    elif device_type == "cuda":
+        why = (
+            "this GPU computes bf16 natively"
+            if dtype == torch.bfloat16
+            else "this GPU has no native bf16: fp16 with loss scaling"
+        )
+    else:
+        why = f"no autocast on {device_type} (--amp auto)"
+    return f"autocast: {name}: {why}" + (f"; CPU kernels: {kernels}" if kernels else "")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

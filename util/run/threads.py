@@ -2,15 +2,23 @@
 
 torch's default (the OpenMP runtime's) is one thread per core of the machine, which ignores the container's CPU
 quota, the other jobs on a shared machine and the other processes of a DDP run on the same node. On a shared 2-core
-machine that oversubscription turned a 3-minute run into 22 minutes.
+machine that oversubscription turned a 3-minute run into 22 minutes; with 2 threads on 2 CPUs that other jobs kept
+busy, steps took 44-230 s where one thread per process took ~24 s (issue 23): every parallel region waits for its
+slowest thread, and on a busy CPU that thread waits for the scheduler.
 
-:func:`configure_threads` uses, in order:
+:func:`choose_threads` decides (a pure function: its decision table is tested), :func:`configure_threads` gathers
+its inputs and sets torch's count:
 
-1. ``OMP_NUM_THREADS`` when set: torch already read it at start-up; it is reported and nothing is called.
+1. ``OMP_NUM_THREADS`` when set: torch already read it at start-up; it is reported and wins.
 2. Otherwise the CPUs this process may run on, ``len(os.sched_getaffinity(0))`` (Linux ``sched_getaffinity(2)``;
    SLURM's ``--cpus-per-task`` and ``taskset`` act here), capped by the cgroup CPU bandwidth quota (Docker
    ``--cpus``, Kubernetes CPU limits), floored to a whole number, at least 1, divided by the processes on this node
    (``LOCAL_WORLD_SIZE``, set by torchrun), at least 1.
+3. Capped by the CPUs other work leaves idle: the CPU time every other process used on those CPUs over
+   ``LOAD_SAMPLE_S`` at start-up (``/proc/stat``, minus this process's own), in CPUs, at most the 1-minute load
+   average (``measured_once``: a burst or work that has just ended does not count); the idle ones, rounded to the
+   nearest whole number and divided by the processes on this node, at least 1. Measured once per process: on a
+   machine whose load changes during a long run, set ``OMP_NUM_THREADS`` (docs/pretraining.md, "CPU threads").
 
 cgroup quota files (https://docs.kernel.org/admin-guide/cgroup-v2.html#cpu-interface-files and
 https://docs.kernel.org/scheduler/sched-bwc.html), both in microseconds of CPU time per period:
@@ -20,19 +28,26 @@ https://docs.kernel.org/scheduler/sched-bwc.html), both in microseconds of CPU t
 
 The limit in CPUs is quota / period. The cgroup of this process (``/proc/self/cgroup``) and each of its ancestors
 are read, and the smallest limit wins (a parent's quota bounds its children).
+
+``/proc/stat`` (https://docs.kernel.org/filesystems/proc.html, "1.7 Miscellaneous kernel statistics"): one line per
+CPU, ``cpuN user nice system idle iowait irq softirq steal guest guest_nice`` in clock ticks; busy = everything but
+idle and iowait (steal included: time the hypervisor gave to another machine is not ours either).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import torch
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
+PROC_STAT = Path("/proc/stat")
+LOAD_SAMPLE_S = 0.3  # long enough for /proc/stat's 10 ms ticks to resolve a tenth of a CPU on 2 CPUs
 
 
 def parse_cpu_max(text: str) -> float | None:
@@ -98,11 +113,95 @@ def cgroup_cpu_quota(cgroup_root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_C
     return min(limits) if limits else None
 
 
-def affinity_cpus() -> int:
-    """CPUs this process may run on (``sched_getaffinity``; ``os.cpu_count()`` where that does not exist)."""
+def affinity_cpus() -> set[int]:
+    """CPUs this process may run on (``sched_getaffinity``; every CPU of ``os.cpu_count()`` where that does not
+    exist)."""
     if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
+def cpu_ticks(text: str, cpus: Collection[int]) -> tuple[int, int]:
+    """(busy, total) clock ticks of ``cpus`` summed from ``/proc/stat`` text (lines ``cpuN ...``)."""
+    busy = total = 0
+    for line in text.splitlines():
+        name, *fields = line.split() or [""]
+        if not name.startswith("cpu") or not name[3:].isdigit() or int(name[3:]) not in cpus:
+            continue
+        ticks = [int(f) for f in fields[:8]]  # guest time is counted in user already
+        total += sum(ticks)
+        busy += sum(ticks) - ticks[3] - ticks[4]  # idle, iowait
+    return busy, total
+
+
+_MEASURED: dict[frozenset[int], float | None] = {}  # once per process: a second run in it reuses the measurement
+
+
+def measured_once(cpus: Collection[int]) -> float | None:
+    """The other work on ``cpus`` that lasts, measured at the first call of this process only: ``other_work(cpus)``
+    now, at most the 1-minute load average (``os.getloadavg``; runnable processes of the whole machine). The smaller
+    of the two leaves out a burst of a fraction of a second (another process's start-up: high now, the load average
+    hardly moved) and work that has just ended (a previous run: the load average still high, the CPUs idle now)."""
+    key = frozenset(cpus)
+    if key not in _MEASURED:
+        now = other_work(key)
+        try:
+            recent = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            recent = None
+        _MEASURED[key] = now if now is None or recent is None else min(now, recent)
+    return _MEASURED[key]
+
+
+def other_work(cpus: Collection[int], seconds: float = LOAD_SAMPLE_S, proc_stat: Path = PROC_STAT) -> float | None:
+    """CPUs' worth of work that other processes did on ``cpus`` over the next ``seconds`` (this process's own CPU
+    time taken out); None where ``/proc/stat`` cannot be read (not Linux)."""
+    try:
+        before, own_before, wall_before = cpu_ticks(proc_stat.read_text(), cpus), time.process_time(), time.monotonic()
+        time.sleep(seconds)
+        after, own_after, wall_after = cpu_ticks(proc_stat.read_text(), cpus), time.process_time(), time.monotonic()
+    except (OSError, ValueError, IndexError):
+        return None
+    ticks = after[1] - before[1]
+    if ticks <= 0:
+        return None
+    busy_cpus = len(cpus) * (after[0] - before[0]) / ticks
+    own_cpus = (own_after - own_before) / max(wall_after - wall_before, 1e-9)
+    return max(0.0, busy_cpus - own_cpus)
+
+
+def choose_threads(
+    affinity: int, quota: float | None, load: float | None, processes: int, omp: str | None
+) -> tuple[int | None, str]:
+    """The intra-op thread count of one process and why (the module's rules 1-3), as (threads, reason).
+
+    Args:
+        affinity: CPUs this process may run on.
+        quota: The cgroup CPU limit in CPUs (None: none).
+        load: CPUs' worth of other work on those CPUs (``other_work``; None: unknown).
+        processes: Processes of this run on this node (DDP), at least 1.
+        omp: ``OMP_NUM_THREADS`` as set ("" or None: unset).
+
+    Returns:
+        threads (None: ``OMP_NUM_THREADS`` decides, as torch read it at start-up) and the reason, e.g.
+        ``2 CPUs allowed by affinity, cgroup quota none; OMP_NUM_THREADS unset``.
+    """
+    omp = (omp or "").strip()
+    if omp:
+        return None, f"OMP_NUM_THREADS={omp}"
+    processes = max(1, processes)
+    cpus = max(1, math.floor(min(affinity, quota) if quota is not None else affinity))
+    threads = max(1, cpus // processes)
+    quota_text = "none" if quota is None else f"{quota:g} CPUs"
+    share = f", {processes} processes on this node" if processes > 1 else ""
+    reason = f"{affinity} CPUs allowed by affinity, cgroup quota {quota_text}{share}"
+    if load is not None:
+        idle = max(0, math.floor(affinity - load + 0.5))  # half up: 0.4 CPUs of other work leave 2 of 2 idle
+        fits = max(1, idle // processes)
+        if fits < threads:
+            threads = fits
+            reason += f"; other work kept {load:.1f} of them busy at start-up: {threads} thread{'s' * (threads > 1)}"
+    return threads, reason + "; OMP_NUM_THREADS unset"
 
 
 def configure_threads(
@@ -111,33 +210,30 @@ def configure_threads(
     cgroup_root: Path = CGROUP_ROOT,
     proc_cgroup: Path = PROC_CGROUP,
     environ: Mapping[str, str] | None = None,
+    load: Callable[[Collection[int]], float | None] | None = None,
 ) -> str:
-    """Set ``torch.set_num_threads`` to this process's share of the CPUs; returns one line describing the choice
-    (for rank 0 to print), e.g. ``threads: 2 (2 CPUs allowed by affinity, cgroup quota none; OMP_NUM_THREADS unset)``.
+    """Set ``torch.set_num_threads`` to this process's share of the CPUs (``choose_threads``); returns one line
+    describing the choice (for rank 0 to print), e.g. ``threads: 2 (2 CPUs allowed by affinity, cgroup quota none;
+    OMP_NUM_THREADS unset)``.
 
     Args:
         world_size_on_node: processes sharing this node's CPUs (default: ``LOCAL_WORLD_SIZE``, else 1).
         cgroup_root, proc_cgroup: where the cgroup files are read (tests pass fake ones).
         environ: the environment to read (default: ``os.environ``).
+        load: measures the other work on the CPUs given (default: ``measured_once``; tests pass a fake one).
     """
     environ = os.environ if environ is None else environ
     omp = environ.get("OMP_NUM_THREADS", "").strip()
-    if omp:
-        return f"threads: {torch.get_num_threads()} (OMP_NUM_THREADS={omp})"
     if world_size_on_node is None:
         try:
             world_size_on_node = int(environ.get("LOCAL_WORLD_SIZE", "1"))
         except ValueError:
             world_size_on_node = 1
-    processes = max(1, world_size_on_node)
-    affinity = affinity_cpus()
-    quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)
-    cpus = max(1, math.floor(min(affinity, quota) if quota is not None else affinity))
-    threads = max(1, cpus // processes)
-    torch.set_num_threads(threads)
-    quota_text = "none" if quota is None else f"{quota:g} CPUs"
-    share = f", {processes} processes on this node" if processes > 1 else ""
-    return (
-        f"threads: {threads} ({affinity} CPUs allowed by affinity, cgroup quota {quota_text}{share}; "
-        f"OMP_NUM_THREADS unset)"
+    cpus = affinity_cpus()
+    measured = None if omp else (load or measured_once)(cpus)  # only measured when it can decide anything
+    threads, reason = choose_threads(
+        len(cpus), cgroup_cpu_quota(cgroup_root, proc_cgroup), measured, world_size_on_node, omp
     )
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return f"threads: {torch.get_num_threads()} ({reason})"

@@ -1,5 +1,5 @@
 import pytest
-from conftest import make_tree
+from conftest import make_tree, write_csv_dataset
 
 from util import config
 from util.data import datasets
@@ -135,3 +135,30 @@ def test_the_shipped_sentinel2_csvs_carry_class_names():
     train, val = build_dataset(config.DEFAULT_TRAIN_CSV), build_dataset(config.DEFAULT_VAL_CSV)
     names = datasets.check_labels(train, [val])
     assert "dense_vegetation" in names and all(not name.isdigit() for name in names)
+
+
+def test_a_held_out_split_is_seeded_disjoint_and_read_as_evaluation_data(tmp_path):
+    csv_path = write_csv_dataset(tmp_path / "data", 10, "train.csv")
+    full = datasets.build_dataset(csv_path, draft_size=64)
+    evaluate = object()  # the evaluation transform, handed to the held-out part only
+    train, val, origin = datasets.held_out(full, "split", 0.3, 7, evaluate, draft_size=32)
+    assert origin == f"seeded split (seed 7) of {csv_path}: 30% evaluated"
+    assert (len(train), len(val)) == (7, 3)
+    assert sorted(train.samples + val.samples) == sorted(full.samples) and not set(train.samples) & set(val.samples)
+    assert val.transform is evaluate and val.draft_size == 32 and train.draft_size == 64
+    again = datasets.held_out(datasets.build_dataset(csv_path), "split", 0.3, 7, None)[1]
+    assert again.samples == val.samples  # the same seed, the same images: --eval finds the run's held-out set
+    other = datasets.held_out(datasets.build_dataset(csv_path), "split", 0.3, 8, None)[1]
+    assert other.samples != val.samples
+    row = full.samples.index(val.samples[0]) + 2  # CSV rows are named in errors as before the split
+    assert val.describe(0) == f"{val.samples[0][0]} (row {row} of {csv_path})"
+    assert val.source == f"{csv_path} (30% held out, seed 7)"
+
+
+def test_a_pre_decoded_dataset_cannot_be_split():
+    from util.data.loaders import SampleDataset
+
+    packed = SampleDataset()
+    packed.source = "x.json"
+    with pytest.raises(DataError, match=r"^x.json: --test_path split needs a CSV, ImageFolder or image folder"):
+        datasets.split_dataset(packed, 0.2)

@@ -145,6 +145,14 @@ def test_seeded_split_of_a_single_folder(tmp_path, image_folder):
     assert "seeded split (seed 0)" in protocol["data"]
 
 
+def test_the_users_memory_set_is_never_evaluated_on_the_sample(tmp_path, image_folder):
+    argv = ["--checkpoints", "none", "--model", "vit_tiny_patch16", "--train_path", str(image_folder)]
+    with pytest.raises(SystemExit, match=r"^error: --test_path missing: give the evaluation set of --train_path "):
+        run_entry_point(main_knn.main, config.parse_args(main_knn.get_args_parser(), argv))
+    sample = config.parse_args(main_knn.get_args_parser(), ["--checkpoints", "none"])  # the sample: its val.csv
+    assert config.evaluation_path(sample.train_path, sample.test_path) == str(config.DEFAULT_VAL_CSV)
+
+
 def test_two_process_feature_extraction_gives_the_single_process_results(tmp_path):
     train = write_csv_dataset(tmp_path / "data", 11, "train.csv", size=32)  # odd sizes: uneven shards
     val = write_csv_dataset(tmp_path / "data", 7, "val.csv", size=32)
@@ -352,3 +360,36 @@ def test_non_finite_features_are_refused_not_scored(tmp_path):
             main_knn.main,
             config.parse_args(main_knn.get_args_parser(), knn_argv(tmp_path, train, val, str(tmp_path / "inf.pth"))),
         )
+
+
+@pytest.mark.parametrize("encoder_norm", [False, True])
+def test_k_clipped_to_a_small_memory_set_is_said_and_recorded_and_both_rows_are_alike(tmp_path, capsys, encoder_norm):
+    train = write_csv_dataset(tmp_path / "data", 6, "train.csv", size=32)
+    val = write_csv_dataset(tmp_path / "data", 4, "val.csv", size=32)
+    torch.manual_seed(0)
+    mae = create_model("cross_scale_mae_vit_tiny", input_size=32, patch_size=8, encoder_norm=encoder_norm)
+    checkpoint.save_checkpoint({"model": mae.state_dict(), "model_config": mae.model_config}, tmp_path / "mae.pth")
+    argv = knn_argv(tmp_path, train, val, "none", str(tmp_path / "mae.pth"))
+    argv[argv.index("--k") + 1] = "20"  # the default, on 6 memory images
+    main_knn.main(config.parse_args(main_knn.get_args_parser(), argv))
+    printed = capsys.readouterr().out
+    assert "note: --k 20: the memory set has 6 images, so k = 6 is used" in printed
+    assert "--majority_k" not in printed  # 3 fits: not clipped, nothing said
+    protocol = json.loads((tmp_path / "knn" / "protocol.json").read_text())
+    assert (protocol["k"], protocol["majority_k"]) == (6, 3)
+    assert protocol["weighted_knn"].startswith("k = 6 (20 asked: the memory set has 6 images), cosine")
+    assert protocol["majority_knn"].startswith("k = 3, cosine")
+    assert "k = 6 (20 asked" in (tmp_path / "knn" / "knn_results.md").read_text()
+    norms = protocol["final_layernorm"]
+    assert norms[str(tmp_path / "mae.pth")] == ("applied" if encoder_norm else "not applied (as in pretraining)")
+    applied = "applied" if encoder_norm else "not applied"
+    assert norms["random init (vit_tiny_patch16)"] == f"{applied} (as the checkpoints it is compared with)"
+
+
+def test_neighbours_used_never_exceed_the_memory_set(capsys):
+    assert knn.neighbours_used(20, 5, 100) == (20, 5) and capsys.readouterr().out == ""
+    assert knn.neighbours_used(20, 5, 4) == (4, 4)
+    assert capsys.readouterr().out.splitlines() == [
+        "note: --k 20: the memory set has 4 images, so k = 4 is used",
+        "note: --majority_k 5: the memory set has 4 images, so k = 4 is used",
+    ]

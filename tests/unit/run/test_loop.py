@@ -149,10 +149,44 @@ def test_each_epoch_prints_its_time_and_the_whole_runs_eta_and_the_end_the_total
 
 def test_a_resumed_run_measures_only_the_steps_it_trained(capsys, monkeypatch):
     lines = _clock_lines(capsys, monkeypatch, plan_of(5), 2, 3, steps_per_epoch=4)
-    # epoch 2 trains 1 step (from step 3) in 2 s: 2 s/step, 2 epochs x 4 steps left -> 16 s
-    assert lines[0] == "epoch 2 done in 0:00:02.0 (2.000 s/step over 1 steps); run eta 0:00:16.0 (2 of 5 epochs left)"
-    assert lines[1].endswith("run eta 0:00:08.0 (1 of 5 epochs left)")
+    # epoch 2 trains 1 step (from step 3): too few to extrapolate the run from (the "18:59:48 left")
+    assert lines[0] == "epoch 2 done in 0:00:02.0 (2.000 s/step over 1 steps); run eta estimating (2 of 5 epochs left)"
+    # epoch 3: 5 steps timed in 10 s: 2 s/step, 1 epoch x 4 steps left -> 8 s
+    assert lines[1] == "epoch 3 done in 0:00:08.0 (2.000 s/step over 5 steps); run eta 0:00:08.0 (1 of 5 epochs left)"
     assert lines[-1] == "training time 0:00:18.0 (3 epoch(s) in this run)"
+
+
+def test_the_eta_waits_for_enough_timed_steps(monkeypatch):
+    from util.run import logger
+
+    assert logger.eta_text(2.0, logger.ETA_MIN_STEPS - 1, 100) == "estimating"
+    assert logger.eta_text(2.0, logger.ETA_MIN_STEPS, 100) == "0:03:20.0"
+    now = [0.0]
+    monkeypatch.setattr("util.run.logger.time.perf_counter", lambda: now[0])
+    throughput = logger.Throughput(total_steps=10)
+    now[0] = 30.0  # one slow step: no extrapolation from it
+    assert throughput.tick(1, 8) == (8 / 30.0, "estimating") and throughput.eta(1000) == "estimating"
+    now[0] = 38.0
+    rate, eta = throughput.tick(5, 32)  # 5 steps in 38 s: 7.6 s/step, 5 steps left
+    assert rate == pytest.approx(4.0) and eta == "0:00:38.0" and throughput.eta(100) == "0:12:40.0"
+
+
+def test_a_step_log_line_of_a_run_resumed_at_an_epochs_last_step_says_estimating(capsys, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr("util.run.logger.time.perf_counter", lambda: now[0])
+    model = linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plan = Schedule(epochs=60, batch_size=2, accum_iter=1, lr=0.1, min_lr=0.0, warmup_epochs=0, log_every=20)
+    scheduler = lr_scheduler(optimizer, plan, 5)
+    steps = StepLoop(model, optimizer, scheduler, None, cpu_run(), plan, 2, 5, ["loss"], start_step=4)
+    x, y = data(1)[0]
+    with steps.accumulate(4):
+        loss = ((model(x) - y) ** 2).mean()
+        steps.backward(loss)
+    now[0] = 230.0  # one step under load
+    steps.end_step(4, {"loss": loss.detach()}, len(x))
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("epoch 2 [5/5] loss ") and line.endswith("img/s eta 0:00:00.0 (run estimating)")
 
 
 def test_non_training_work_reports_plain_progress_lines_without_a_terminal(capsys, monkeypatch):

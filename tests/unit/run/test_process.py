@@ -22,6 +22,59 @@ def test_auto_amp_takes_bf16_on_gpus_only_where_it_is_native(monkeypatch):
     assert asked == {"including_emulation": False}
 
 
+@pytest.mark.parametrize(
+    "mode, device, dtype, native, kernels, expected",
+    [
+        (
+            "auto",
+            "cpu",
+            None,
+            False,
+            "AVX2",
+            "autocast: off (fp32): this CPU has no native bf16 (AVX512-BF16 absent; --amp bf16 would emulate it, "
+            "slower); CPU kernels: AVX2",
+        ),
+        (
+            "auto",
+            "cpu",
+            torch.bfloat16,
+            True,
+            "AVX512",
+            "autocast: bf16: this CPU computes bf16 natively (AVX512-BF16); CPU kernels: AVX512",
+        ),
+        ("none", "cpu", None, True, "AVX512", "autocast: off (fp32): --amp none; CPU kernels: AVX512"),
+        (
+            "bf16",
+            "cpu",
+            torch.bfloat16,
+            False,
+            "AVX2",
+            "autocast: bf16: --amp bf16 (emulated on this CPU: AVX512-BF16 absent, usually slower than fp32); "
+            "CPU kernels: AVX2",
+        ),
+        ("auto", "cuda", torch.bfloat16, False, None, "autocast: bf16: this GPU computes bf16 natively"),
+        (
+            "auto",
+            "cuda",
+            torch.float16,
+            False,
+            None,
+            "autocast: fp16: this GPU has no native bf16: fp16 with loss scaling",
+        ),
+    ],
+)
+def test_the_start_up_line_says_which_autocast_and_kernels_and_why(mode, device, dtype, native, kernels, expected):
+    assert process.amp_reason(mode, device, dtype, native, kernels) == expected
+
+
+def test_this_machines_start_up_line_agrees_with_the_dtype_chosen():
+    cpu = torch.device("cpu")
+    dtype = process.resolve_amp("auto", cpu)
+    line = process.describe_amp("auto", cpu, dtype)
+    assert line.startswith("autocast: bf16: " if dtype == torch.bfloat16 else "autocast: off (fp32): ")
+    assert line.endswith(f"; CPU kernels: {torch.backends.cpu.get_cpu_capability()}")
+
+
 def test_fp16_on_the_cpu_is_refused():
     with pytest.raises(UsageError, match="--amp fp16: fp16 is emulated and very slow on CPUs"):
         process.resolve_amp("fp16", torch.device("cpu"))

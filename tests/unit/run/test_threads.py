@@ -1,4 +1,5 @@
-"""util.run.threads: the thread count from affinity, the cgroup CPU quota, OMP_NUM_THREADS and the local world size."""
+"""util.run.threads: the thread count from affinity, the cgroup CPU quota, the other work on the CPUs,
+OMP_NUM_THREADS and the local world size."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ def restore_torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch):
+    """No other work on the CPUs unless a test says otherwise (the real machine's load must not decide a test)."""
+    monkeypatch.setattr(threads, "measured_once", lambda cpus: 0.0)
 
 
 @pytest.fixture
@@ -104,3 +111,116 @@ def test_explicit_world_size_wins_over_environment(tmp_path, eight_cpus):
     proc.write_text("")
     threads.configure_threads(2, cgroup_root=tmp_path, proc_cgroup=proc, environ={"LOCAL_WORLD_SIZE": "8"})
     assert torch.get_num_threads() == 4
+
+
+# The decision table: (CPUs allowed by affinity, cgroup quota, other work in CPUs, processes on the node,
+# OMP_NUM_THREADS) -> threads. Other work takes idle CPUs away, rounded half up; never below one thread.
+@pytest.mark.parametrize(
+    "affinity, quota, load, processes, omp, expected",
+    [
+        (2, None, 0.0, 1, None, 2),  # a quiet 2-core machine: both
+        (2, None, 0.4, 1, None, 2),  # background noise leaves 1.6 idle: rounds to 2
+        (2, None, 0.6, 1, None, 1),  # one other job's worth of work: 1 thread
+        (2, None, 1.0, 1, None, 1),
+        (2, None, 3.5, 1, None, 1),  # oversubscribed: still 1
+        (2, None, None, 1, None, 2),  # load unknown (not Linux): affinity and quota only
+        (8, 2.0, 5.0, 1, None, 2),  # the quota binds before the 3 idle CPUs do
+        (8, None, 5.0, 1, None, 3),
+        (8, None, 5.0, 2, None, 1),  # 3 idle CPUs shared by 2 DDP processes
+        (8, None, 0.0, 2, None, 4),
+        (16, None, 0.0, 32, None, 1),
+        (2, None, 1.9, 1, "2", None),  # OMP_NUM_THREADS wins, whatever the load
+        (2, None, 0.0, 1, " ", 2),  # blank counts as unset
+    ],
+)
+def test_decision_table(affinity, quota, load, processes, omp, expected):
+    chosen, reason = threads.choose_threads(affinity, quota, load, processes, omp)
+    assert chosen == expected
+    if omp and omp.strip():
+        assert reason == f"OMP_NUM_THREADS={omp}"
+    else:
+        assert reason.startswith(f"{affinity} CPUs allowed by affinity") and reason.endswith("OMP_NUM_THREADS unset")
+        busy = load is not None and chosen < max(1, int(min(affinity, quota or affinity)) // processes)
+        assert ("busy at start-up" in reason) == busy  # said exactly when it decided the count
+        assert not busy or f"other work kept {load:.1f} of them busy at start-up: {chosen} thread" in reason
+
+
+def test_a_busy_machine_gets_fewer_threads_and_the_line_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    proc = tmp_path / "proc"
+    proc.write_text("")
+    line = threads.configure_threads(cgroup_root=tmp_path, proc_cgroup=proc, environ={}, load=lambda cpus: 1.7)
+    assert torch.get_num_threads() == 1
+    assert line == (
+        "threads: 1 (2 CPUs allowed by affinity, cgroup quota none; other work kept 1.7 of them busy at start-up: "
+        "1 thread; OMP_NUM_THREADS unset)"
+    )
+
+
+def test_the_load_is_not_measured_when_omp_num_threads_decides(tmp_path):
+    def measure(cpus):
+        raise AssertionError("measured")
+
+    proc = tmp_path / "proc"
+    proc.write_text("")
+    line = threads.configure_threads(
+        cgroup_root=tmp_path, proc_cgroup=proc, environ={"OMP_NUM_THREADS": "1"}, load=measure
+    )
+    assert line == f"threads: {torch.get_num_threads()} (OMP_NUM_THREADS=1)"
+
+
+def stat(*cpus: tuple[int, int, int, int]) -> str:
+    """/proc/stat text of CPUs given as (user, idle, iowait, steal) ticks."""
+    lines = ["cpu  1 2 3 4 5 6 7 8 0 0"]  # the all-CPU line is not read
+    lines += [
+        f"cpu{i} {user} 0 0 {idle} {iowait} 0 0 {steal} 0 0" for i, (user, idle, iowait, steal) in enumerate(cpus)
+    ]
+    return "\n".join([*lines, "intr 1 2", "", "ctxt 3"]) + "\n"
+
+
+def test_cpu_ticks_count_only_the_cpus_given():
+    text = stat((30, 70, 0, 0), (10, 80, 5, 5))
+    assert threads.cpu_ticks(text, {0}) == (30, 100)
+    assert threads.cpu_ticks(text, {1}) == (15, 100)  # steal is busy, iowait idle
+    assert threads.cpu_ticks(text, {0, 1}) == (45, 200)
+    assert threads.cpu_ticks(text, {7}) == (0, 0)
+
+
+class Snapshots:
+    """A /proc/stat that reads as each text in turn."""
+
+    def __init__(self, *texts):
+        self.texts = list(texts)
+
+    def read_text(self):
+        return self.texts.pop(0)
+
+
+def test_other_work_is_busy_time_over_elapsed_ticks_less_this_process(monkeypatch):
+    before = stat((0, 0, 0, 0), (0, 0, 0, 0))
+    after = stat((100, 0, 0, 0), (40, 50, 0, 10))  # cpu0 busy throughout, cpu1 half (steal counts as busy)
+    clocks = {"process_time": iter([0.0, 0.5]), "monotonic": iter([0.0, 1.0])}  # this process: half a CPU for 1 s
+    for name, values in clocks.items():
+        monkeypatch.setattr(threads.time, name, lambda values=values: next(values))
+    monkeypatch.setattr(threads.time, "sleep", lambda seconds: None)
+    assert threads.other_work({0, 1}, 1.0, Snapshots(before, after)) == pytest.approx(1.5 - 0.5)
+    assert threads.other_work({0}, 0.0, Path("/nonexistent/stat")) is None  # not Linux: unknown
+
+
+@pytest.mark.parametrize(
+    "now, load_average, expected",
+    [
+        (1.8, 0.1, 0.1),  # a burst (another process starting): the load average hardly moved
+        (0.1, 2.5, 0.1),  # a previous run just ended: the CPUs are idle now
+        (1.6, 1.9, 1.6),  # another job running all along
+        (None, 1.9, None),  # /proc/stat unreadable: unknown
+    ],
+)
+def test_only_work_that_lasts_counts(monkeypatch, now, load_average, expected):
+    monkeypatch.undo()  # the real measured_once, not the quiet machine's
+    monkeypatch.setattr(threads, "_MEASURED", {})
+    monkeypatch.setattr(threads, "other_work", lambda cpus: now)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (load_average, 0.0, 0.0))
+    assert threads.measured_once({0, 1}) == expected
+    monkeypatch.setattr(threads, "other_work", lambda cpus: 9.9)
+    assert threads.measured_once({0, 1}) == expected  # once per process
