@@ -68,6 +68,8 @@ def main(flags: config.Flags) -> None:
     """Check the flags (before torch loads: errors answer at once), then train or, with ``--eval``, evaluate."""
     config.check_training_flags(flags)
     config.check_segmentation_evaluation_flags(flags)
+    if not flags.eval:
+        config.check_segmentation_training_flags(flags)
     bands = config.resolve_bands(flags)
     from util.eval import location_blocks
 
