@@ -72,8 +72,8 @@ def check_decoded_size(path, bands: int, height: int, width: int, sample_bytes: 
     if decoded > limit * DECODED_BYTES_PER_PIXEL:
         raise BadImageError(
             path,
-            f"decoding its {bands} band(s) of {width} x {height} pixels would take {decoded / 2**30:.1f} GiB, more "
-            f"than --max_image_pixels {limit} allows ({limit * DECODED_BYTES_PER_PIXEL / 2**30:.1f} GiB): a "
+            f"decoding its {bands} band(s) of {width} x {height} pixels would take {decoded / 1e9:.1f} GB, more "
+            f"than --max_image_pixels {limit} allows ({limit * DECODED_BYTES_PER_PIXEL / 1e9:.1f} GB): a "
             "decompression bomb? (a genuine file: raise --max_image_pixels, or choose fewer bands when preprocessing)",
         )
 
@@ -281,6 +281,9 @@ def _bands_first_shape(path, shape: tuple[int, ...], axes: str) -> tuple[int, in
     raise BadImageError(path, f"unsupported TIFF layout {axes} {list(shape)}")
 
 
+NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
 def _file_array(path, limit: int) -> tuple[np.ndarray, float | None]:
     """[C, H, W] in the file's dtype, and the file's own no-data value (TIFF GDAL_NODATA) or None; the size each
     declares is checked before decoding (``check_decoded_size``)."""
@@ -288,13 +291,15 @@ def _file_array(path, limit: int) -> tuple[np.ndarray, float | None]:
     if suffix in (".tif", ".tiff"):
         return _tiff_array(path, limit)
     if suffix == ".npy":
-        array = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only: nothing is read yet
-        if array.ndim == 2:
-            array = array[None]
-        if array.ndim != 3:
-            raise BadImageError(path, f"expected a [C, H, W] or [H, W] array, got shape {array.shape}")
-        check_decoded_size(path, *array.shape, array.dtype.itemsize, limit, float_copy=True)
-        return np.asarray(array), None
+        with open(path, "rb") as f:  # the header only: shape and dtype, before anything is mapped or read
+            read_header = NPY_HEADERS.get(np.lib.format.read_magic(f))
+            shape, _, dtype = read_header(f) if read_header else (lambda a: (a.shape, 0, a.dtype))(np.load(path, "r"))
+        shape = (1, *shape) if len(shape) == 2 else tuple(shape)
+        if len(shape) != 3:
+            raise BadImageError(path, f"expected a [C, H, W] or [H, W] array, got shape {shape}")
+        check_decoded_size(path, *shape, dtype.itemsize, limit, float_copy=True)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        return np.asarray(array.reshape(shape)), None
     with Image.open(path) as img:
         check_decoded_size(
             path, len(img.getbands()), img.height, img.width, MODE_SAMPLE_BYTES.get(img.mode, 1), limit, True
