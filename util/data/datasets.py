@@ -334,6 +334,10 @@ def build_dataset(
             f"{path}: a pre-decoded dataset (packed array or shards); this tool reads image files: give "
             "the CSV or folder they were made from"
         )
+    if kind in ("packed", "shards") and bands.bands and raster is None:  # --stretch --bands: the 8-bit path
+        raise DataError(
+            f"{path}: --bands cannot choose the bands of a pre-decoded dataset (chosen when it was written)"
+        )
     if kind == "packed":
         return PackedDataset(path, transform, raster)
     if kind == "shards":

@@ -301,9 +301,8 @@ def _file_array(path, limit: int) -> tuple[np.ndarray, float | None]:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
         return np.asarray(array.reshape(shape)), None
     with Image.open(path) as img:
-        check_decoded_size(
-            path, len(img.getbands()), img.height, img.width, MODE_SAMPLE_BYTES.get(img.mode, 1), limit, True
-        )
+        bands = 4 if img.mode == "P" else len(img.getbands())  # a palette image becomes RGB(A) below
+        check_decoded_size(path, bands, img.height, img.width, MODE_SAMPLE_BYTES.get(img.mode, 1), limit, True)
         if img.mode == "P":
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         array = np.asarray(img)
