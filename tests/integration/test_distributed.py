@@ -398,7 +398,7 @@ def test_gathers_for_evaluation_and_knn_run_on_the_training_device():
 
 
 def test_a_multi_task_slurm_step_without_rendezvous_address_is_refused(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_STEP_ID", "0")
@@ -427,15 +427,9 @@ def test_the_first_host_of_a_slurm_node_list_without_scontrol(nodes, first):
 
 
 def test_a_multi_task_slurm_step_rendezvous_on_its_first_node(monkeypatch):
-    for name in (
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "SLURM_STEP_NODELIST",
-    ):  # restored after
-        monkeypatch.delenv(name, raising=False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NODELIST"):
+        monkeypatch.setenv(name, "")  # recorded, so that what init_distributed sets is undone after the test
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_STEP_ID", "0")
     monkeypatch.setenv("SLURM_PROCID", "1")

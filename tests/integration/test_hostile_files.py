@@ -459,8 +459,10 @@ def test_hidden_files_macosx_and_empty_folders_are_no_classes_or_samples(tmp_pat
     (tree / "__MACOSX" / "a").mkdir(parents=True)
     make_image(0, 0, 16).save(tree / "__MACOSX" / "a" / "._1.png")
     (tree / "empty").mkdir()
+    (tree / "b" / "zero.png").symlink_to("/dev/zero")
     dataset = datasets.build_dataset(tree)
     assert dataset.classes == ["a", "b"] and len(dataset) == 4
     note = capsys.readouterr().out
     assert "left out" in note and "__MACOSX/" in note and "empty/ (no images)" in note and "a/._0.png" in note
+    assert "b/zero.png (is a character device, not a regular file (a link to /dev/zero))" in note
     assert len(datasets.build_dataset(tree / "a", "folder")) == 2  # an unlabelled folder skips them too

@@ -230,15 +230,20 @@ def scan_image_folder(
 def images_under(
     folder: Path, extensions: tuple[str, ...], skipped: list[str] | None = None, exclude: Path | None = None
 ) -> list[Path]:
-    """The image files under ``folder`` (recursive, sorted by path), without junk (``is_junk``) and the folder
-    ``exclude``; each file or folder left out is added to ``skipped`` (relative to ``folder``'s parent)."""
+    """The image files under ``folder`` (recursive, sorted by path), without junk (``is_junk``), the folder ``exclude``
+    and names of images that are no regular files (a link to /dev/zero); each file or folder left out is added to
+    ``skipped`` (relative to ``folder``'s parent)."""
     excluded = exclude.resolve() if exclude is not None else None
     images = []
     for top, dirs, files in os.walk(folder):  # as rglob did: symbolic links to folders are not followed
         left_out = [d for d in dirs if is_junk(d) or excluded is not None and Path(top, d).resolve() == excluded]
         left_out += [f for f in files if is_junk(f) and is_image(Path(top, f), extensions)]
+        special = [f for f in files if Path(f).suffix.lower() in extensions and not Path(top, f).is_file()]
         if skipped is not None:
             skipped += [str(Path(top, name).relative_to(folder.parent)) for name in sorted(left_out)]
+            skipped += [  # a link to /dev/zero or a pipe named like an image: never read
+                f"{Path(top, name).relative_to(folder.parent)} ({file_problem(Path(top, name))})" for name in special
+            ]
         dirs[:] = [d for d in dirs if d not in left_out]  # not walked into
         images += [Path(top, f) for f in files if not is_junk(f) and is_image(Path(top, f), extensions)]
     return sorted(images)

@@ -443,7 +443,10 @@ def resume(
             )
         )
     if epoch == epochs:
-        distributed.main_print(f"resumed from {path}: its run is complete (--epochs {epochs}), nothing left to train")
+        distributed.main_print(
+            f"resumed from {path}, continuing at epoch {epoch}: its run is complete (--epochs {epochs}), nothing left "
+            "to train"
+        )
     else:
         distributed.main_print(f"resumed from {path}, continuing at epoch {epoch}" + (f" step {step}" if step else ""))
     return epoch, step, {**state, "path": str(path)}
