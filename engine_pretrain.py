@@ -304,7 +304,7 @@ def train_one_epoch(
             with run.autocast():
                 out = model(samples, mask_ratio=mask_ratio, valid=valid)  # loss, terms, pred [B, L, p*p*C], mask [B, L]
             steps.backward(out["loss"])
-        steps.end_step(step, out, samples.shape[0])
+        steps.end_step(step, out, samples.shape[0], samples)
     return steps.epoch_means()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
 from model_loading import build_segmenter
@@ -95,11 +96,12 @@ def train_segmenter(flags: Flags, bands: Bands) -> None:
         flags,
         num_classes,
         palette,
+        "evaluation",
     )
     train_transform = segmentation.train_transform(
         flags.input_size, bands.mean, bands.std, flags.ignore_index, tuple(flags.crop_scale)
     )
-    train_set = dataset_of(flags.train_path, train_transform, bands, flags, num_classes, palette)
+    train_set = dataset_of(flags.train_path, train_transform, bands, flags, num_classes, palette, "training")
     evaluation_blocks(val_set, evaluation)  # before training: a pattern that cannot work is found now, not after it
 
     model, _ = build_segmenter(
@@ -136,10 +138,9 @@ def train_segmenter(flags: Flags, bands: Bands) -> None:
         fused=run.device.type == "cuda",
     )
     weight = torch.tensor(flags.class_weights, device=run.device) if flags.class_weights else None
-    cross_entropy = nn.CrossEntropyLoss(weight=weight, ignore_index=flags.ignore_index)
 
-    def criterion(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:  # [B, K, H, W], [B, H, W]; fp32 loss
-        return cross_entropy(logits.float(), masks)
+    def criterion(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        return segmentation_loss(logits, masks, weight, flags.ignore_index)
 
     scaler = loop.grad_scaler(run)
     start_epoch, start_step, resumed = checkpoint.resume(
@@ -220,6 +221,19 @@ def train_segmenter(flags: Flags, bands: Bands) -> None:
     )
 
 
+def segmentation_loss(
+    logits: torch.Tensor, masks: torch.Tensor, weight: torch.Tensor | None, ignore_index: int
+) -> torch.Tensor:
+    """Cross-entropy (fp32) of logits [B, K, H, W] against masks [B, H, W], averaged over the labelled pixels (weighted
+    by ``weight`` [K] of their class, as ``nn.CrossEntropyLoss``'s mean). A batch without a labelled pixel (sparse
+    annotations under a small crop, LoveDA's no-data, 1 x 1 tiles) gives 0 with a zero gradient, not 0 / 0 = NaN
+    (mmsegmentation#1409, pytorch#116349): such a batch teaches nothing, as in mmsegmentation."""
+    total = F.cross_entropy(logits.float(), masks, weight=weight, ignore_index=ignore_index, reduction="sum")
+    labelled = masks != ignore_index
+    count = weight[masks[labelled]].sum() if weight is not None else labelled.sum()
+    return total / count.clamp(min=torch.finfo(torch.float32).tiny)
+
+
 def evaluate_segmenter(flags: Flags, bands: Bands) -> None:
     """``--eval``: the segmenter a checkpoint of ``main_segment.py`` holds (``--resume PATH|auto`` or ``--finetune``),
     at every ``--scales``; outputs go to ``--output_dir/eval/``. Head, architecture, crop and classes come from it;
@@ -250,12 +264,8 @@ def evaluate_segmenter(flags: Flags, bands: Bands) -> None:
         if state.get("palette")
         else None
     )
+    decode = evaluation_palette(flags.palette, path, class_names, palette_used)
     run = process.setup_run(flags.device, flags.amp, flags.seed, Path(flags.output_dir) / "eval", flags.dist_timeout)
-    decode = (
-        segmentation.load_palette(flags.palette) if str(flags.palette).lower() not in ("", "none") else palette_used
-    )
-    if decode is not None and len(decode.colors) != len(class_names):
-        decode = palette_used
     evaluation = protocol(flags, crop=architecture["input_size"])
     val_set = dataset_of(
         config.evaluation_path(flags.train_path, flags.test_path, split=False),
@@ -264,6 +274,7 @@ def evaluate_segmenter(flags: Flags, bands: Bands) -> None:
         flags,
         len(class_names),
         decode,
+        "evaluation",
     )
     evaluation_blocks(val_set, evaluation)
     model, _ = build_segmenter(
@@ -305,6 +316,30 @@ def evaluate_segmenter(flags: Flags, bands: Bands) -> None:
     )
 
 
+def evaluation_palette(
+    given: str, path: Path, class_names: list[str], saved: segmentation.Palette | None
+) -> segmentation.Palette | None:
+    """The palette ``--eval`` decodes masks with: ``--palette`` where given and of the checkpoint's classes (its names,
+    or its colours), else the checkpoint's own (also where ``--palette`` is left at its default, the sample's).
+
+    Raises:
+        UsageError: a ``--palette`` given of other classes than the checkpoint's: its colours would decode to other
+            class indices, and the mIoU would silently score the wrong classes.
+    """
+    default = config.SEGMENTATION_SAMPLE / "seg_palette.json"
+    if str(given).lower() in ("", "none") or Path(given) == default:
+        return saved
+    palette = segmentation.load_palette(given)
+    if list(palette.names) == class_names or saved is not None and palette.colors == saved.colors:
+        return palette
+    raise UsageError(
+        f"--palette {given}: {len(palette.names)} classes ({', '.join(palette.names[:6])}"
+        f"{', ...' if len(palette.names) > 6 else ''}), but {path} was trained on {len(class_names)} "
+        f"({', '.join(class_names[:6])}{', ...' if len(class_names) > 6 else ''}): give the palette it was trained "
+        "with, or leave --palette out (its own is used)"
+    )
+
+
 def classes_of(flags: Flags) -> tuple[list[str], segmentation.Palette | None]:
     """Class names (index = class) and the palette, from --palette, --class_names and --nb_classes.
 
@@ -325,11 +360,22 @@ def classes_of(flags: Flags) -> tuple[list[str], segmentation.Palette | None]:
 
 
 def dataset_of(
-    path: str, transform, bands: Bands, flags: Flags, num_classes: int, palette: segmentation.Palette | None
+    path: str,
+    transform,
+    bands: Bands,
+    flags: Flags,
+    num_classes: int,
+    palette: segmentation.Palette | None,
+    what: str,
 ) -> segmentation.SegDataset:
     """The image / mask pairs of ``path``, read as ``bands`` say (multispectral / high-bit-depth rasters, else 8-bit
-    RGB), masks as --ignore_index / --reduce_zero_label say."""
-    return segmentation.SegDataset(
+    RGB), masks as --ignore_index / --reduce_zero_label / --off_palette_tolerance say, every mask checked once
+    (``SegDataset.check_masks``; ``what``: ``training`` or ``evaluation``).
+
+    Raises:
+        DataError: no pairs, a bad mask, masks beyond --off_palette_tolerance, or no labelled pixel at all.
+    """
+    dataset = segmentation.SegDataset(
         segmentation.find_pairs(path, raster=bands.raster),
         transform,
         num_classes,
@@ -337,7 +383,11 @@ def dataset_of(
         flags.ignore_index,
         flags.reduce_zero_label,
         bands,
+        flags.off_palette_tolerance,
     )
+    dataset.source = str(path)
+    dataset.check_masks(what)
+    return dataset
 
 
 def evaluation_blocks(val_set: segmentation.SegDataset, evaluation: Protocol) -> tuple[list[str], np.ndarray]:
@@ -392,6 +442,9 @@ def final_evaluation(
     resamples = bootstrap_resamples(evaluation, image_block, val_set.source or "the evaluation set")
     rows = results_table(confusions, class_names, evaluation.exclude_classes, image_block, resamples)
     report(rows, len(val_set), what)
+    masks = val_set.masks.describe(val_set.palette is not None) if val_set.masks else ""
+    if masks:
+        main_print(f"{what}: masks of {val_set.source or 'the evaluation set'}: {masks}")
     if run.is_main:
         excluded = ", ".join(class_names[k] for k in evaluation.exclude_classes)
         note = (
@@ -410,6 +463,7 @@ def final_evaluation(
                 if resamples
                 else ""
             )
+            + (f". Masks: {masks}" if masks else "")
             + "."
         )
         write_tables(rows, directory, note)
@@ -417,6 +471,7 @@ def final_evaluation(
             json.dumps(
                 {f"{s:g}": c.sum(0).tolist() for s, c in confusions.items()}
                 | {
+                    "off_palette_pixels": val_set.masks.off_palette if val_set.masks else None,
                     "class_names": class_names,
                     "images": names,
                     "blocks": image_block.tolist(),
@@ -559,6 +614,9 @@ def write_tables(rows: list[dict], directory: Path, note: str = "") -> tuple[Pat
 def report(rows: list[dict], count: int, what: str, best: float | None = None) -> None:
     """One line per scale (rank 0); the block-bootstrap interval in brackets when the rows have one."""
     for row in rows:
+        if row["pixels"] == 0:  # every ground-truth pixel ignored (eroded boundaries of tiny objects, say)
+            main_print(f"{what}: {count} images, scale {row['scale']:g}: 0 pixels scored (all ignored): no mIoU")
+            continue
         interval = f" [{_fmt(row['mIoU_low'])}, {_fmt(row['mIoU_high'])}]" if "mIoU_low" in row else ""
         line = (
             f"{what}: {count} images, scale {row['scale']:g}: mIoU {_fmt(row['mIoU'])}%{interval}, mF1 "
@@ -566,5 +624,5 @@ def report(rows: list[dict], count: int, what: str, best: float | None = None) -
             f"OA {_fmt(row['OA'])}%"
         )
         if best is not None and row["scale"] == 1.0:
-            line += f" (best mIoU {best:.2f}%)"
+            line += f" (best mIoU {_fmt(best) if best >= 0 else 'n/a'}%)"
         main_print(line)

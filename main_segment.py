@@ -74,6 +74,8 @@ def check(flags: config.Flags) -> config.Bands:
     config.check_segmentation_evaluation_flags(flags)
     config.check_paths(flags, "train_path", "test_path", "finetune", "resume", "band_stats", "palette")
     config.evaluation_path(flags.train_path, flags.test_path, split=False)  # no evaluation pairs: refused
+    if not flags.eval:
+        config.check_segmentation_training_flags(flags)
     bands = config.resolve_bands(flags)
     from util.eval import location_blocks
 

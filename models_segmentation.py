@@ -42,6 +42,28 @@ def feature_blocks(depth: int) -> tuple[int, ...]:
     return tuple(max(round(depth * f) - 1, 0) for f in FEATURE_FRACTIONS)
 
 
+class BatchNorm2dOfAnyBatch(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that, in training, normalises a batch holding one value per channel (batch 1 on UperNet's
+    1 x 1 pyramid-pooling map) with its running statistics, leaving them as they are: the statistics of one value
+    are undefined (PyTorch raises "Expected more than 1 value per channel"; mmsegmentation#272,
+    segmentation_models_pytorch#342), and eval mode normalises with the running statistics anyway. Any other batch
+    is normalised as ``nn.BatchNorm2d`` does. Same parameters and buffers: checkpoints load either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.numel() == x.shape[1]:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+def any_batch_norms(module: nn.Module) -> nn.Module:
+    """``module`` with every ``nn.BatchNorm2d`` in it a ``BatchNorm2dOfAnyBatch`` (same state: ``--batch_size 1``
+    trains, e.g. large crops with ``--accum_iter``)."""
+    for child in module.modules():
+        if type(child) is nn.BatchNorm2d:
+            child.__class__ = BatchNorm2dOfAnyBatch
+    return module
+
+
 class Pyramid(nn.Module):
     """The MAE / BEiT / ViTDet neck: one feature map per level at 4x, 2x, 1x and 1/2x the patch grid."""
 
@@ -113,6 +135,8 @@ class Segmenter(nn.Module):
         else:
             self.neck = nn.Identity()
             self.head = nn.Sequential(nn.BatchNorm2d(dim, affine=False, eps=1e-6), nn.Conv2d(dim, num_classes, 1))
+        any_batch_norms(self.neck)
+        any_batch_norms(self.head)
         if freeze_encoder:
             self.encoder.requires_grad_(False)
 

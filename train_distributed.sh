@@ -9,7 +9,8 @@
 #   LAUNCHER=knn.sh bash train_distributed.sh none weights/cross_scale_mae_base_pretrain.pth
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash train_distributed.sh   # on node0; NODE_RANK=1 on the other
 #
-# Under SLURM (one task per node), NNODES, NODE_RANK and MASTER_ADDR come from the job's environment, and
+# Under SLURM (one task per node), NNODES, NODE_RANK and MASTER_ADDR come from the job's environment (MASTER_ADDR: the
+# first node of SLURM_JOB_NODELIST, by scontrol or, where it is missing, parsed here), and
 # MASTER_PORT (when not set) from the job id: 20000 + SLURM_JOB_ID % 20000, so jobs sharing a node do not both
 # take torchrun's 29500. Outside SLURM the default is 29500.
 # Ask SLURM for an early pre-emption warning in the batch script:
@@ -35,15 +36,44 @@ visible_gpus() {
     echo 0
   fi
 }
+# The first host of a SLURM node list, without scontrol (absent inside Apptainer / enroot containers): the entry up to
+# the first comma outside brackets, each bracket replaced by its first value, zero padding kept:
+# gpu[01-02] -> gpu01, alpha,beta -> alpha, node[001,003-004] -> node001, rack[2-3]-n[07-08] -> rack2-n07.
+first_host() {
+  local list=$1 entry="" depth=0 i c re='^([^[]*)\[([^],-]+)[^]]*](.*)$'
+  for ((i = 0; i < ${#list}; i++)); do
+    c=${list:i:1}
+    case $c in
+      '[') depth=$((depth + 1)) ;;
+      ']') depth=$((depth - 1)) ;;
+      ,) ((depth == 0)) && break ;;
+    esac
+    entry+=$c
+  done
+  while [[ $entry =~ $re ]]; do entry=${BASH_REMATCH[1]}${BASH_REMATCH[2]}${BASH_REMATCH[3]}; done
+  [[ $entry =~ ^[A-Za-z0-9._-]+$ ]] && echo "$entry"
+}
 slurm_master() {
-  [[ -n ${SLURM_JOB_NODELIST:-} ]] && command -v scontrol >/dev/null 2>&1 && scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
+  [[ -n ${SLURM_JOB_NODELIST:-} ]] || return 1
+  if command -v scontrol >/dev/null 2>&1; then
+    scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
+  else
+    first_host "$SLURM_JOB_NODELIST"
+  fi
 }
 
 NUM_GPUS=${NUM_GPUS:-$(visible_gpus)}
 [[ $NUM_GPUS -gt 0 ]] || NUM_GPUS=1
 NNODES=${NNODES:-${SLURM_NNODES:-1}}
 NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
-MASTER_ADDR=${MASTER_ADDR:-$(slurm_master || echo 127.0.0.1)}
+if [[ -z ${MASTER_ADDR:-} ]]; then
+  MASTER_ADDR=$(slurm_master || true)
+  if [[ -z $MASTER_ADDR && $NNODES -gt 1 ]]; then  # 127.0.0.1 would leave every node waiting on itself
+    echo "error: NNODES=$NNODES but no MASTER_ADDR, and the first node of SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST:-}' cannot be told: export MASTER_ADDR (the first node's host name)" >&2
+    exit 1
+  fi
+  MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+fi
 if [[ -z ${MASTER_PORT:-} ]]; then
   if [[ ${SLURM_JOB_ID:-} =~ ^[0-9]+$ ]]; then MASTER_PORT=$((20000 + 10#$SLURM_JOB_ID % 20000)); else MASTER_PORT=29500; fi
 fi

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from util.config import HelpFormatter
+from util.config import MAX_IMAGE_PIXELS, HelpFormatter, check_ranges
 from util.data.datasets import build_dataset
 from util.data.images import read_raster
 from util.errors import DataError, UsageError
@@ -91,11 +91,12 @@ class Partial:
 
 def chunk_stats(task: tuple) -> Partial | None:
     """Statistics of one chunk of files. ``edges``: None (first pass: moments, and the exact histogram of integer data)
-    or (low, high) per band (second pass of other data: the ``FLOAT_BINS`` histogram between them)."""
-    paths, bands, nodata, edges = task
+    or (low, high) per band (second pass of other data: the ``FLOAT_BINS`` histogram between them); files larger than
+    ``max_pixels`` allows are refused before decoding (``util.data.images.check_decoded_size``)."""
+    paths, bands, nodata, edges, max_pixels = task
     result = None  # a Partial once the first file gives the band count and dtype
     for path in paths:
-        raster = read_raster(path, bands, nodata)
+        raster = read_raster(path, bands, nodata, max_pixels)
         data = raster.data.reshape(raster.data.shape[0], -1)
         if raster.mask is not None:
             data = data[:, ~raster.mask.reshape(-1)]
@@ -235,13 +236,14 @@ def run_pass(
     passes: dict,
     state_path: Path | None,
     key: str,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> Partial:
     """One pass over ``paths`` in chunks (``chunk_stats``), merged in file order; continues ``passes[name]`` (files
     done, Partial) where a saved state has it, and saves every pass to ``state_path`` after every chunk."""
     done, total = passes.get(name, (0, None))
     if done:
         print(f"resuming the {name} pass after {done} of {len(paths)} file(s) ({state_path})", flush=True)
-    tasks = [(paths[i : i + chunk], bands, nodata, edges) for i in range(done, len(paths), chunk)]
+    tasks = [(paths[i : i + chunk], bands, nodata, edges, max_pixels) for i in range(done, len(paths), chunk)]
     # spawn, not fork: a fork of a process whose PyTorch / OpenMP threads hold locks can hang in its workers
     pool = get_context("spawn").Pool(workers) if workers > 1 and len(tasks) > 1 else None
     try:
@@ -282,6 +284,7 @@ def band_stats(
     workers: int = 1,
     state_path: Path | None = None,
     chunk: int = CHUNK,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> dict:
     """Per-band statistics over every valid pixel of ``paths`` (images of one band count and dtype, [C, H, W]).
 
@@ -293,7 +296,7 @@ def band_stats(
     Args:
         bands: 0-based band indices (None: all). nodata: the no-data value (None: a TIFF's GDAL_NODATA tag).
         percentiles: in [0, 100]. workers: processes. state_path: where to save / resume the running state (None: no
-            resuming). chunk: files per task and between two saves of the state.
+            resuming). chunk: files per task and between two saves of the state. max_pixels: ``--max_image_pixels``.
 
     Returns:
         ``{"bands", "mean", "std", "dtype", "pixels", "min", "max", "percentiles": {"p": [per band]},
@@ -307,7 +310,7 @@ def band_stats(
         raise DataError("no images")
     key = inputs_key(paths, bands, nodata, percentiles, chunk)
     passes = load_state(state_path, key, len(paths))
-    total = run_pass(paths, bands, nodata, None, workers, chunk, "moments", passes, state_path, key)
+    total = run_pass(paths, bands, nodata, None, workers, chunk, "moments", passes, state_path, key, max_pixels)
     if total.count == 0:
         raise DataError(f"every pixel of the {len(paths)} image(s) is no-data: no statistics")
     channels = len(total.mean)
@@ -317,7 +320,7 @@ def band_stats(
         method = "exact (one histogram bin per integer value)"
     else:
         edges = (total.low.copy(), total.high.copy())
-        second = run_pass(paths, bands, nodata, edges, workers, chunk, "histogram", passes, state_path, key)
+        second = run_pass(paths, bands, nodata, edges, workers, chunk, "histogram", passes, state_path, key, max_pixels)
         total.hist = second.hist
         starts, widths = total.low, np.where(total.high > total.low, total.high - total.low, 1.0) / FLOAT_BINS
         method = f"histogram of {FLOAT_BINS} bins between each band's min and max (error <= one bin width)"
@@ -359,7 +362,15 @@ def main(argv: list[str] | None = None) -> None:
         "trained with this file name their bands by it (util/weights/metadata.py)",
     )
     parser.add_argument("--out", required=True, help="JSON file to write (its running state: OUT.partial.npz)")
+    parser.add_argument(
+        "--max_image_pixels",
+        type=float,
+        default=float(MAX_IMAGE_PIXELS),
+        help="refuse images declaring more pixels, or whose decoding would take more than 4 bytes per pixel of this "
+        "(decompression bombs; as the training scripts' flag)",
+    )
     args = parser.parse_args(argv)
+    check_ranges(args)
     if args.bands and min(args.bands) < 0:
         raise UsageError("--bands are 0-based indices")
     if not all(0 <= p <= 100 for p in args.percentiles):
@@ -378,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         args.workers,
         out.with_name(out.name + ".partial.npz"),
         args.chunk,
+        int(args.max_image_pixels),
     )
     if args.band_names:
         if len(args.band_names) != len(stats["mean"]):

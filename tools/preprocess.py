@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import itertools
 import json
 import os
@@ -95,13 +96,17 @@ def resize_one(task: tuple[str, str, int, RasterTask | None, int]) -> str | None
             img = img.resize((width, height), Image.BICUBIC, reducing_gap=3.0)
             img.save(tmp, format="JPEG", quality=95)
         os.replace(tmp, target)
+        return None
     except NotEightBitError as e:
-        return f"{source}: {e.reason.split(';')[0]}; --raster keeps every band and the bit depth"
+        problem = f"{source}: {e.reason.split(';')[0]}; --raster keeps every band and the bit depth"
     except (BadImageError, DataError) as e:
-        return f"{source}: {getattr(e, 'reason', None) or first_line(e)}"
-    except (OSError, ValueError) as e:
-        return f"{source}: {first_line(e)}"
-    return None
+        problem = f"{source}: {getattr(e, 'reason', None) or first_line(e)}"
+    except OSError as e:  # a full disk: the target's name, which says where
+        problem = f"{target}: {e.strerror or first_line(e)}"
+    except ValueError as e:
+        problem = f"{source}: {first_line(e)}"
+    Path(tmp).unlink(missing_ok=True)  # a half-written file would fill the disk further
+    return problem
 
 
 def resize_raster(raster: Raster, size: int) -> tuple[np.ndarray, float | None]:
@@ -204,6 +209,23 @@ def squares(rows: list[tuple[int, str]], root: Path, size: int, raster: bool, im
         yield index, array, rows[index][0], nodata
 
 
+def reserve(file, size: int) -> None:
+    """Allocate ``size`` bytes for ``file`` before writing (``posix_fallocate``), so that a disk without room fails
+    now with ENOSPC, before any image is decoded (file systems without it: writes fail as they come). The array is
+    written through ``write``, never a memory map: a full disk under a map kills the process with SIGBUS.
+
+    Raises:
+        OSError: ENOSPC (or another error) from the reservation.
+    """
+    try:
+        os.posix_fallocate(file.fileno(), 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    except AttributeError:  # no posix_fallocate (macOS)
+        pass
+
+
 def pack(
     rows: list[tuple[int, str]],
     root: Path,
@@ -213,26 +235,37 @@ def pack(
     names: dict[int, str] | None = None,
     raster: bool = False,
 ) -> None:
-    """Centre ``size`` squares of the resized images (``centre_square``) as one memory-mapped array [N, S, S, C]
-    (uint8 RGB, or with ``raster`` uint8 / uint16 of every band) + a JSON of labels, shape, sample type and no-data
-    value (``util.data.datasets.PackedDataset``).
+    """Centre ``size`` squares of the resized images (``centre_square``) as one array [N, S, S, C] (uint8 RGB, or
+    with ``raster`` uint8 / uint16 of every band; memory-mapped at training time) + a JSON of labels, shape, sample
+    type and no-data value (``util.data.datasets.PackedDataset``). The array's space is reserved first (``reserve``);
+    on any failure its temporary file is removed.
 
     Raises:
-        DataError: as ``squares``.
+        DataError: as ``squares``; a disk without room for the array (``--pack: cannot write FILE: REASON``).
     """
-    array = tmp = array_path = None
+    out = tmp = array_path = None
     nodata = None
     squares_read = progress(squares(rows, root, size, raster), "packing", len(rows), "image")
-    for i, square, _, nodata in squares_read:  # noqa: B007 (nodata: the last square's, used after the loop)
-        if array is None:
-            dtype, bands = str(square.dtype), square.shape[0]
-            array_path = stem.with_suffix(PACKED_DTYPES[dtype])
-            tmp = array_path.with_suffix(array_path.suffix + ".tmp")
-            array = np.memmap(tmp, dtype=dtype, mode="w+", shape=(len(rows), size, size, bands))
-        array[i] = np.moveaxis(square, 0, -1)
-    array.flush()
-    del array
-    os.replace(tmp, array_path)
+    try:
+        for _, square, _, nodata in squares_read:  # noqa: B007 (nodata: the last square's, used after the loop)
+            if out is None:
+                dtype, bands = str(square.dtype), square.shape[0]
+                array_path = stem.with_suffix(PACKED_DTYPES[dtype])
+                tmp = array_path.with_suffix(array_path.suffix + ".tmp")
+                out = open(tmp, "wb")
+                reserve(out, len(rows) * square.nbytes)
+            out.write(np.ascontiguousarray(np.moveaxis(square, 0, -1)).tobytes())  # in row order: index i at i x bytes
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
+        os.replace(tmp, array_path)
+    except BaseException as e:
+        if out is not None:
+            out.close()
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise DataError(f"--pack: cannot write {array_path}: {e.strerror or first_line(e)}") from None
+        raise
     meta = {
         "format": f"{dtype} [count, size, size, bands], row-major",
         "count": len(rows),
@@ -341,7 +374,9 @@ def main(argv: list[str] | None = None) -> None:
             raise config.UsageError(f"--bands are 0-based indices, got {' '.join(map(str, args.bands))}")
         if args.shard_samples is not None and args.shard_samples < 1:
             raise config.UsageError(f"--shard_samples must be at least 1, got {args.shard_samples}")
-        dataset = datasets.build_dataset(args.input, list_rasters=args.raster)  # --raster: .npy files are images too
+        dataset = datasets.build_dataset(  # --raster: .npy files are images too
+            args.input, list_rasters=args.raster, exclude=args.output
+        )  # --output inside an ImageFolder --input: its images are no class of the input
     except (DataError, config.UsageError) as e:
         raise SystemExit(f"error: {e}") from None
     names = dict(dataset.label_names)  # label -> class name; a CSV without names gives str(label)
@@ -379,16 +414,18 @@ def main(argv: list[str] | None = None) -> None:
     if errors:
         raise SystemExit(f"error: {len(errors)} image(s) could not be resized, first {errors[0]}; rerun to retry")
     stem = args.output / folder
-    tmp = stem.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        if names:  # ImageFolder folders (or a CSV's class_name column): kept, read back by util.data.datasets
-            writer.writerow(["label", "image_path", "class_name"])
-            writer.writerows((label, path, names[label]) for label, path in rows)
-        else:
-            writer.writerow(["label", "image_path"])
-            writer.writerows(rows)
-    os.replace(tmp, stem.with_suffix(".csv"))
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            if names:  # ImageFolder folders (or a CSV's class_name column): kept, read back by util.data.datasets
+                writer.writerow(["label", "image_path", "class_name"])
+                writer.writerows((label, path, names[label]) for label, path in rows)
+            else:
+                writer.writerow(["label", "image_path"])
+                writer.writerows(rows)
+
+    report(lambda: write_atomically(stem.with_suffix(".csv"), write_csv))
     print(f"wrote {stem.with_suffix('.csv')}", flush=True)
     if args.pack:
         report(lambda: pack(rows, args.output, args.size, stem, classes, names, args.raster))

@@ -129,9 +129,11 @@ def main(flags: config.Flags) -> None:
     print(configure_threads(), flush=True)
     class_names, palette = engine_segment.classes_of(flags)
     transform = segmentation.eval_transform(bands.mean, bands.std)
-    train_set = engine_segment.dataset_of(flags.train_path, transform, bands, flags, len(class_names), palette)
+    train_set = engine_segment.dataset_of(
+        flags.train_path, transform, bands, flags, len(class_names), palette, "training"
+    )
     test_path = config.evaluation_path(flags.train_path, flags.test_path, split=False)
-    val_set = engine_segment.dataset_of(test_path, transform, bands, flags, len(class_names), palette)
+    val_set = engine_segment.dataset_of(test_path, transform, bands, flags, len(class_names), palette, "evaluation")
     evaluation = engine_segment.protocol(flags)
     engine_segment.evaluation_blocks(val_set, evaluation)  # before fitting
     features, labels = training_pixels(train_set, flags.pixels, flags.seed)

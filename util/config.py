@@ -40,12 +40,18 @@ FMOW_RGB_STD = (0.19828456, 0.19250111, 0.19454683)
 # Images declaring more pixels are refused (``--max_image_pixels``): a tiny PNG can declare 10^10 pixels and
 # exhaust memory when decoded. The default admits a full Sentinel-2 tile (10980^2 ~ 120 Mpx).
 MAX_IMAGE_PIXELS = 250_000_000
+# What decoding a file may allocate, per pixel of --max_image_pixels: an 8-bit RGBA pixel (1 GB by default). A raster's
+# decoding takes bands x pixels x (bytes per sample + 4): the file's samples and their float32 copy.
+DECODED_BYTES_PER_PIXEL = 4
 
 KNN_SCALE_MODES = ("resize", "native")
 KNN_POOLS = ("cls", "mean")
 DEFAULT_INPUT_SIZE = 224  # classification's --input_size when neither given nor taken from a checkpoint
 SEGMENTATION_SAMPLE = DEFAULT_TRAIN_CSV.parent  # seg_train.csv, seg_val.csv, seg_palette.json of the embedded sample
 IGNORE_INDEX = 255  # mask value left out of loss and metrics (mmsegmentation's and torchgeo's default)
+# RGB masks: off-palette pixels tolerated per mask (a few stray pixels of a careless export); a one-unit typo in a
+# palette colour, a colour-managed or resampled export, or a foreign patch exceeds it (torchgeo#1727)
+OFF_PALETTE_TOLERANCE = 0.001
 # Location blocks of the bootstrap (``util.eval.location_blocks``): the embedded sample's tiles are ``r{row}_c{col}``
 # in blocks of 3 x 3 tiles; 2000 resamples.
 TILE_PATTERN = r"r(?P<row>\d+)_c(?P<col>\d+)"
@@ -297,7 +303,8 @@ def add_band_args(group: FlagGroup) -> None:
         nargs="+",
         default=None,
         metavar="I",
-        help="0-based band indices to read, in order (multispectral; default: all)",
+        help="0-based band indices to read, in order (multispectral; with --stretch: the 3 bands shown as R G B; "
+        "default: all)",
     )
     group.add_argument(
         "--band_stats",
@@ -334,14 +341,15 @@ def add_band_args(group: FlagGroup) -> None:
         "--stretch",
         action="store_true",
         help="8-bit RGB path: stretch 16-bit / float images from their 1st to 99th percentile per band "
-        "(default: refuse them: give --band_stats instead)",
+        "(default: refuse them: give --band_stats instead); files of more than 3 bands need --bands (R G B)",
     )
     group.add_argument(
         "--max_image_pixels",
         type=float,
         default=float(MAX_IMAGE_PIXELS),
-        help="refuse images declaring more pixels (decompression bombs); the default admits a full "
-        "Sentinel-2 tile (~120 Mpx)",
+        help="refuse images declaring more pixels, or whose decoding would take more than 4 bytes per pixel of "
+        "this (bands x pixels x (bytes per sample + 4): decompression bombs); the default (1 GB) admits a full "
+        "8-bit RGB or single-band Sentinel-2 tile (~120 Mpx)",
     )
 
 
@@ -619,6 +627,14 @@ def add_segmentation_data_args(parser: Parser) -> None:
     )
     group.add_argument("--reduce_zero_label", action="store_true", help="LoveDA: mask 0 (no data) -> ignore, k -> k-1")
     group.add_argument("--ignore_index", type=int, default=IGNORE_INDEX, help="mask value left out of loss and metrics")
+    group.add_argument(
+        "--off_palette_tolerance",
+        type=float,
+        default=OFF_PALETTE_TOLERANCE,
+        metavar="FRACTION",
+        help="RGB masks: pixels of colours not in --palette count as --ignore_index up to this fraction of a "
+        "mask; a mask with more is refused, naming the colours (1: accept any, e.g. ISPRS's black boundary pixels)",
+    )
     add_loader_args(group)
 
 
@@ -687,6 +703,26 @@ def check_segmentation_evaluation_flags(flags: Flags) -> None:
         raise UsageError("--eval_ignore_boundary and --bootstrap must be >= 0")
 
 
+def check_segmentation_training_flags(flags: Flags) -> None:
+    """Refuse segmentation training flags that cannot work, naming the flag (ranges: ``check_ranges``).
+
+    Raises:
+        UsageError: one line.
+    """
+    check_ranges(flags)
+    low, high = flags.crop_scale
+    if not 0 < low <= high <= 1:
+        raise UsageError(
+            f"--crop_scale must satisfy 0 < min <= max <= 1 (area fractions of the image), got {low:g} {high:g}"
+        )
+    if flags.class_weights is not None and not any(w > 0 for w in flags.class_weights):
+        raise UsageError(f"--class_weights: at least one weight must be > 0, got {_numbers(flags.class_weights)}")
+
+
+def _numbers(values: Sequence[float]) -> str:
+    return " ".join(f"{v:g}" for v in values)
+
+
 # The valid range of every numeric flag of every entry point (absent or None flags are not checked):
 # flag -> (lowest, highest, whether the ends are included). NaN is outside every range.
 INF = float("inf")
@@ -732,6 +768,9 @@ RANGES = {
     "workers": (1, INF, True),
     "size": (1, INF, True),
     "color_jitter": (0, INF, True),
+    "decoder_channels": (1, INF, True),
+    "class_weights": (0, INF, True),
+    "off_palette_tolerance": (0, 1, True),
 }
 
 
@@ -800,8 +839,14 @@ class Bands:
     @property
     def raster(self) -> bool:
         """Whether files go through ``images.read_raster`` (any band count, the file's units) rather than the 8-bit
-        RGB path: --in_chans other than 3, or any of --bands, --band_stats, --nodata."""
-        return self.in_chans != 3 or bool(self.bands) or bool(self.band_stats) or self.nodata is not None
+        RGB path: --in_chans other than 3, or any of --band_stats, --nodata, --bands (with --stretch, --bands
+        chooses the three bands the 8-bit path stretches to R G B)."""
+        return (
+            self.in_chans != 3
+            or (bool(self.bands) and not self.stretch)
+            or bool(self.band_stats)
+            or self.nodata is not None
+        )
 
     def record(self) -> dict[str, Any]:
         """What a checkpoint records of them (``run_record``), and ``--eval`` / ``--resume`` compare."""
@@ -858,6 +903,13 @@ def resolve_bands(flags: Flags) -> Bands:
         int(flags.max_image_pixels),
     )
     if resolved.raster and default and not flags.band_stats:
+        if count == 3 and not (bands and not flags.stretch) and flags.nodata is not None:
+            raise UsageError(
+                f"--nodata {flags.nodata:g} reads the files as rasters (values in the file's units, 0..255 for 8-bit "
+                f"data), which needs per-band statistics in those units: run {STATS_TOOL} --nodata "
+                f"{flags.nodata:g} on the training data and pass --band_stats FILE.json (or --mean / --std in the "
+                "file's units); the 8-bit RGB path has no no-data handling"
+            )
         raise UsageError(
             f"{count}-band / non-8-bit data needs per-band statistics: run {STATS_TOOL} on the training data "
             "and pass --band_stats FILE.json (or --mean / --std, one per band, in the file's units)"
@@ -865,12 +917,36 @@ def resolve_bands(flags: Flags) -> Bands:
     for flag, values in (("mean", mean), ("std", std)):
         if len(values) != count:
             raise UsageError(f"--{flag} has {len(values)} value(s) but --in_chans is {count}: one per band")
+    check_normalisation(mean, std, f"--band_stats {flags.band_stats}" if flags.band_stats else "--std", bands)
     rgb = flags.rgb_bands
     if rgb is not None and (len(rgb) not in (1, 3) or not all(0 <= b < count for b in rgb)):
         raise UsageError(
             f"--rgb_bands needs 1 or 3 indices in 0..{count - 1} (of the bands read), got {' '.join(map(str, rgb))}"
         )
     return resolved
+
+
+# The smallest std, relative to the band's mean, that normalisation may divide by: below it the "spread" is float
+# rounding of a constant band (float32 resolves 6e-8 of a value), and normalised inputs become rounding noise
+# magnified by 1e7 or more (a std of 1e-30 overflows the network's activations). Absolute floor where the mean is 0.
+MIN_RELATIVE_STD = 1e-6
+MIN_STD = 1e-12
+
+
+def check_normalisation(
+    mean: Sequence[float], std: Sequence[float], source: str, bands: Sequence[int] | None = None
+) -> None:
+    """Refuse per-band statistics that cannot normalise: a std within rounding of 0 for its mean (a constant band).
+
+    Raises:
+        UsageError: naming ``source`` (the flag), the band (its index in the file: ``bands``), its mean and std.
+    """
+    for band, m, s in zip(bands or range(len(mean)), mean, std):
+        if s < max(MIN_RELATIVE_STD * abs(m), MIN_STD):
+            raise UsageError(
+                f"{source}: band {band} has std {s:g} (mean {m:g}): too small to normalise by (a constant band? its "
+                f"values would be multiplied by {1 / s:.0e}); leave the band out with --bands, or give --mean / --std"
+            )
 
 
 def band_stats_source(path: str) -> dict[str, Any]:
@@ -991,5 +1067,7 @@ def check_training_flags(flags: Flags) -> None:
     check_ranges(flags)
     if flags.patch_size and flags.input_size and flags.input_size % flags.patch_size:
         raise UsageError(f"--input_size {flags.input_size} is not divisible by --patch_size {flags.patch_size}")
+    if getattr(flags, "start_epoch", 0) >= flags.epochs and not getattr(flags, "resume", ""):
+        raise UsageError(f"--start_epoch {flags.start_epoch} is not below --epochs {flags.epochs}: nothing to train")
     if flags.clip_grad is not None and not flags.clip_grad > 0:  # also NaN; a negative norm would reverse the gradient
         raise UsageError(f"--clip_grad must be > 0 (or left out: no clipping), got {flags.clip_grad}")

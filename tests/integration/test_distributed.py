@@ -398,7 +398,7 @@ def test_gathers_for_evaluation_and_knn_run_on_the_training_device():
 
 
 def test_a_multi_task_slurm_step_without_rendezvous_address_is_refused(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_STEP_ID", "0")
@@ -407,6 +407,37 @@ def test_a_multi_task_slurm_step_without_rendezvous_address_is_refused(monkeypat
         ops.init_distributed()
     monkeypatch.setenv("SLURM_STEP_ID", "batch")  # the batch script itself is one process
     assert ops.init_distributed() == (0, 1, 0)
+
+
+@pytest.mark.parametrize(
+    "nodes, first",
+    [
+        ("gpu[01-02]", "gpu01"),
+        ("alpha,beta", "alpha"),
+        ("node[001,003-004]", "node001"),
+        ("rack[2-3]-n[07-08],login1", "rack2-n07"),
+        ("solo", "solo"),
+        ("bad[", None),
+        ("", None),
+    ],
+)
+def test_the_first_host_of_a_slurm_node_list_without_scontrol(nodes, first):
+    """Inside Apptainer / enroot there is no scontrol (pytorch-lightning#14896): the node list is read here."""
+    assert ops.first_host(nodes) == first
+
+
+def test_a_multi_task_slurm_step_rendezvous_on_its_first_node(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NODELIST"):
+        monkeypatch.setenv(name, "")  # recorded, so that what init_distributed sets is undone after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
+    monkeypatch.setattr(ops.dist, "init_process_group", lambda *a, **k: None)
+    monkeypatch.setattr(ops.torch.cuda, "is_available", lambda: False)
+    assert ops.init_distributed() == (1, 2, 0)
+    assert ops.os.environ["MASTER_ADDR"] == "gpu07" and ops.os.environ["RANK"] == "1"
 
 
 def test_slurm_jobs_get_their_own_port():

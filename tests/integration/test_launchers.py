@@ -416,6 +416,34 @@ def test_distributed_master_port_from_slurm(clone, stub):
     ] == torchrun_args("31000")
 
 
+@pytest.mark.parametrize(
+    "nodes, first",
+    [
+        ("gpu[01-02]", "gpu01"),
+        ("alpha,beta", "alpha"),
+        ("node[001,003-004]", "node001"),
+        ("rack[2-3]-n[07-08]", "rack2-n07"),
+    ],
+)
+def test_distributed_master_addr_from_the_node_list_without_scontrol(clone, stub, nodes, first):
+    """SLURM inside Apptainer / enroot has no scontrol: every node fell back to 127.0.0.1 and waited on its own
+    loopback until torchrun timed out (pytorch-lightning#14896)."""
+    if shutil.which("scontrol"):
+        pytest.skip("scontrol is installed here")
+    args = argv(run(clone, stub, "train_distributed.sh", SLURM_JOB_NODELIST=nodes, SLURM_NNODES="2", SLURM_NODEID="1"))
+    assert args[args.index("--master_addr") + 1] == first and args[args.index("--nnodes") + 1] == "2"
+
+
+def test_distributed_without_a_master_addr_it_can_tell_is_refused_on_several_nodes(clone, stub):
+    if shutil.which("scontrol"):
+        pytest.skip("scontrol is installed here")
+    result = run(clone, stub, "train_distributed.sh", SLURM_JOB_NODELIST="gpu[", SLURM_NNODES="2")
+    assert result.returncode == 1 and result.stdout == "" and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: NNODES=2 but no MASTER_ADDR") and "export MASTER_ADDR" in result.stderr
+    one_node = argv(run(clone, stub, "train_distributed.sh", SLURM_JOB_NODELIST="gpu[", SLURM_NNODES="1"))
+    assert one_node[one_node.index("--master_addr") + 1] == "127.0.0.1"  # one node: its own loopback is right
+
+
 def test_distributed_forwards_usr1_to_workers(clone, tmp_path):
     stub = tmp_path / "env_stub"
     stub.write_text('#!/usr/bin/env bash\necho "$PET_SIGNALS_TO_HANDLE"\necho "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT"\n')

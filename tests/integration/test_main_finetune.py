@@ -325,7 +325,7 @@ def test_resume_with_changed_flags_is_refused_unless_allowed(split, pretrained, 
 
 
 @pytest.mark.parametrize(
-    "label, message", [("5", "label 5 outside 0..3 (--nb_classes 4)"), ("-1", "unlabelled images")]
+    "label, message", [("5", "label 5 outside 0..3 (--nb_classes 4)"), ("-1", "label -1 is no class index (0..K-1)")]
 )
 def test_bad_evaluation_labels_stop_the_run_at_start_up(split, pretrained, tmp_path, label, message):
     rows = split[1].read_text().splitlines()

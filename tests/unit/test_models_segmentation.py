@@ -143,3 +143,21 @@ def test_every_checkpoint_kind_loads_with_position_embeddings_for_the_crop(tiny_
     again, weights = build_segmenter(2, **seg_args(seg_path, input_size=32))
     assert torch.equal(again.encoder.blocks[0].attn.qkv.weight, mae.encoder.blocks[0].attn.qkv.weight)
     assert any(k.startswith("head.") for k in weights.left_out)
+
+
+@pytest.mark.parametrize("head", ["upernet", "linear"])
+def test_a_batch_of_one_trains_and_single_value_batch_norms_use_their_running_statistics(head):
+    """mmsegmentation#272, segmentation_models_pytorch#342: UperNet's pyramid pooling normalises a 1 x 1 map, one value
+    per channel at batch 1, where BatchNorm raised. That BatchNorm now normalises with its running statistics and
+    leaves them as they are; larger maps are batch-normalised as before; the state dict is unchanged."""
+    torch.manual_seed(0)
+    model = segmenter("tiny", 32, head=head, patch=8 if head == "upernet" else 32).train()
+    keys = set(segmenter("tiny", 32, head=head, patch=8 if head == "upernet" else 32).state_dict())
+    pooled = model.head.decoder.psp.blocks[0][1][1] if head == "upernet" else model.head[0]  # BN of a 1 x 1 map
+    before = pooled.running_mean.clone()
+    logits = model(torch.randn(1, 3, 32, 32))
+    logits.sum().backward()
+    assert torch.isfinite(logits).all() and torch.equal(pooled.running_mean, before)
+    assert set(model.state_dict()) == keys
+    model(torch.randn(2, 3, 32, 32))  # two values per channel: batch statistics, running statistics updated
+    assert not torch.equal(pooled.running_mean, before)

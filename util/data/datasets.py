@@ -21,11 +21,20 @@ import torch
 
 from util.config import DATASET_TYPES, MAX_IMAGE_PIXELS, Bands
 from util.data import shards
-from util.data.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, BadImageError, NotEightBitError, is_image, load_image
+from util.data.images import (
+    IMAGE_EXTENSIONS,
+    RASTER_EXTENSIONS,
+    BadImageError,
+    NotEightBitError,
+    is_image,
+    is_junk,
+    load_image,
+)
 from util.data.loaders import SampleDataset
 from util.data.packed import PackedDataset
 from util.data.raster_options import RasterOptions, raster_options
 from util.errors import DataError, first_line
+from util.files import file_problem
 from util.run.rng import seeded
 
 
@@ -45,6 +54,7 @@ class ImageDataset(SampleDataset):
             the file's units, no-data pixels filled with the band mean, given to ``transform`` as tensors.
         max_pixels: ``--max_image_pixels`` of the 8-bit RGB path (rasters: ``raster.max_pixels``).
         stretch: ``--stretch``: the 8-bit RGB path stretches 16-bit / float images instead of refusing them.
+        stretch_bands: ``--bands`` on the 8-bit RGB path (with ``--stretch``): the 3 bands shown as R G B.
     """
 
     def __init__(
@@ -59,6 +69,7 @@ class ImageDataset(SampleDataset):
         raster: RasterOptions | None = None,
         max_pixels: int = MAX_IMAGE_PIXELS,
         stretch: bool = False,
+        stretch_bands: Sequence[int] | None = None,
     ) -> None:
         self.raster = raster
         self.samples = list(samples)
@@ -71,7 +82,8 @@ class ImageDataset(SampleDataset):
         self.source = ""  # the file or folder it was read from (set by build_dataset)
         self.describe = describe or (lambda index: self.samples[index][0])
         self.draft_size = draft_size
-        self.max_pixels, self.stretch = max_pixels, stretch  # they travel into DataLoader workers with the dataset
+        # they travel into DataLoader workers with the dataset
+        self.max_pixels, self.stretch, self.stretch_bands = max_pixels, stretch, stretch_bands
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -84,7 +96,7 @@ class ImageDataset(SampleDataset):
                 img = (
                     self.raster.load(path, self.describe(index))
                     if self.raster is not None
-                    else load_image(path, self.draft_size, self.max_pixels, self.stretch)
+                    else load_image(path, self.draft_size, self.max_pixels, self.stretch, self.stretch_bands)
                 )
                 break
             except NotEightBitError:
@@ -106,9 +118,19 @@ class ImageDataset(SampleDataset):
             return self.transform(img), label
 
 
-def read_csv_samples(csv_path: Path, names: dict[int, str] | None = None) -> list[tuple[str, int]]:
+def read_csv_samples(
+    csv_path: Path, names: dict[int, str] | None = None, lines: list[int] | None = None
+) -> list[tuple[str, int]]:
     """fMoW-RGB CSV: a header row, column 0 = integer label, column 1 = image path (relative to the CSV), and an
-    optional column headed ``class_name``; each label's name goes into ``names`` (one name per label)."""
+    optional column headed ``class_name``; each label's name goes into ``names`` (one name per label), each sample's
+    row number (1-based) into ``lines``.
+
+    A first row whose column 0 is an integer and whose column 1 names an existing file is an image, not a header:
+    it is read as the first sample, with a note (a header-less CSV would otherwise lose its first image).
+
+    Raises:
+        DataError: unreadable file, too few columns, a label that is not an integer, paths that are not files.
+    """
     try:
         with open(csv_path, newline="") as f:
             rows = list(csv.reader(f))
@@ -117,9 +139,18 @@ def read_csv_samples(csv_path: Path, names: dict[int, str] | None = None) -> lis
     except (csv.Error, UnicodeDecodeError) as e:
         raise DataError(f"{csv_path}: not a CSV file ({e})") from None
     samples, missing = [], []
-    header = [cell.strip().lower() for cell in rows[0]] if rows else []
+    resolve = lambda cell: (lambda p: p if p.is_absolute() else csv_path.parent / p)(Path(cell.strip()))
+    first = rows[0] if rows else []
+    headerless = len(first) >= 2 and first[0].strip().lstrip("-").isdigit() and resolve(first[1]).is_file()
+    if headerless:
+        print(
+            f"note: {csv_path}: row 1 ({first[0].strip()}, {first[1].strip()}) is an image, not a header: read as "
+            "the first sample",
+            flush=True,
+        )
+    header = [] if headerless else [cell.strip().lower() for cell in first]
     name_column = header.index("class_name") if "class_name" in header[2:] else None
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in enumerate(rows[0 if headerless else 1 :], start=1 if headerless else 2):
         if not row or not "".join(row).strip():
             continue
         if len(row) < 2:
@@ -136,48 +167,86 @@ def read_csv_samples(csv_path: Path, names: dict[int, str] | None = None) -> lis
                 )
         path = Path(row[1])
         path = path if path.is_absolute() else csv_path.parent / path
-        if not path.is_file():
-            missing.append(f"row {line}: {path}")
+        problem = file_problem(path)
+        if problem:
+            missing.append((problem, f"row {line}: {path}"))
         samples.append((str(path), label))
+        if lines is not None:
+            lines.append(line)
     if missing:
-        raise DataError(f"{csv_path}: {len(missing)} image path(s) do not exist, first {missing[0]}")
+        absent = [where for problem, where in missing if problem.startswith("does not exist")]
+        if len(absent) == len(missing):
+            raise DataError(f"{csv_path}: {len(missing)} image path(s) do not exist, first {missing[0][1]}")
+        problem, where = next((p, w) for p, w in missing if not p.startswith("does not exist"))
+        raise DataError(f"{csv_path}: {len(missing)} image path(s) are not readable files, first {where} {problem}")
     return samples
 
 
 def scan_image_folder(
-    root: Path, classes: Sequence[str] | None = None, extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    root: Path,
+    classes: Sequence[str] | None = None,
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+    exclude: Path | None = None,
 ) -> tuple[list[tuple[str, int]], list[str]]:
     """ImageFolder layout (root/class_name/*.jpg, as RESISC45, UC Merced, EuroSAT): samples and class names.
 
+    Hidden files and folders (``.DS_Store``, macOS ``._*`` resource forks), ``__MACOSX`` folders, ``exclude`` and, in a
+    training tree, folders without images are no classes and no samples (``images_under``), with a note.
+
     Args:
         classes: The class names of the training split, index = label: the folders are matched to them by NAME
-            (an evaluation tree may lack some of them); None: the sorted folder names of ``root``.
+            (an evaluation tree may lack some of them); None: the sorted folder names of ``root`` that hold images.
+        exclude: A folder left out (``tools/preprocess.py``'s ``--output`` inside its ``--input``).
 
     Raises:
         DataError: a class folder whose name is not in ``classes``.
     """
-    found = sorted(d.name for d in _list_folder(root) if d.is_dir() and not d.name.startswith("."))
-    for name in found:
-        _list_folder(root / name)  # an unreadable class folder is an error, not silently fewer images
+    skipped: list[str] = []
+    folders = sorted(d for d in _list_folder(root) if d.is_dir())
+    found = {}
+    for folder in folders:
+        if is_junk(folder.name) or exclude is not None and folder.resolve() == exclude.resolve():
+            skipped.append(folder.name + "/")
+            continue
+        _list_folder(folder)  # an unreadable class folder is an error, not silently fewer images
+        found[folder.name] = images_under(folder, extensions, skipped, exclude)
+    empty = sorted(name for name, images in found.items() if not images)
     if classes is None:
-        classes = found
+        classes = [name for name in found if found[name]]
+        skipped += [f"{name}/ (no images)" for name in empty]
+    if skipped:
+        print(f"note: {root}: left out {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", flush=True)
     index = {name: label for label, name in enumerate(classes)}
-    unknown = [
-        name for name in found if name not in index and any(is_image(p, extensions) for p in (root / name).rglob("*"))
-    ]
+    unknown = [name for name, images in found.items() if name not in index and images]
     if unknown:
         raise DataError(
             f"{root}: class folder(s) {', '.join(unknown)} are not among the training classes "
             f"({', '.join(classes)}): a class present only in evaluation cannot be predicted"
         )
-    samples = [
-        (str(p), index[name])
-        for name in found
-        if name in index
-        for p in sorted((root / name).rglob("*"))
-        if is_image(p, extensions)
-    ]
+    samples = [(str(p), index[name]) for name, images in found.items() if name in index for p in images]
     return samples, list(classes)
+
+
+def images_under(
+    folder: Path, extensions: tuple[str, ...], skipped: list[str] | None = None, exclude: Path | None = None
+) -> list[Path]:
+    """The image files under ``folder`` (recursive, sorted by path), without junk (``is_junk``), the folder ``exclude``
+    and names of images that are no regular files (a link to /dev/zero); each file or folder left out is added to
+    ``skipped`` (relative to ``folder``'s parent)."""
+    excluded = exclude.resolve() if exclude is not None else None
+    images = []
+    for top, dirs, files in os.walk(folder):  # as rglob did: symbolic links to folders are not followed
+        left_out = [d for d in dirs if is_junk(d) or excluded is not None and Path(top, d).resolve() == excluded]
+        left_out += [f for f in files if is_junk(f) and is_image(Path(top, f), extensions)]
+        special = [f for f in files if Path(f).suffix.lower() in extensions and not Path(top, f).is_file()]
+        if skipped is not None:
+            skipped += [str(Path(top, name).relative_to(folder.parent)) for name in sorted(left_out)]
+            skipped += [  # a link to /dev/zero or a pipe named like an image: never read
+                f"{Path(top, name).relative_to(folder.parent)} ({file_problem(Path(top, name))})" for name in special
+            ]
+        dirs[:] = [d for d in dirs if d not in left_out]  # not walked into
+        images += [Path(top, f) for f in files if not is_junk(f) and is_image(Path(top, f), extensions)]
+    return sorted(images)
 
 
 def _list_folder(folder: Path) -> list[Path]:
@@ -195,8 +264,15 @@ def _list_folder(folder: Path) -> list[Path]:
         ) from None
 
 
-def scan_unlabelled(root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[tuple[str, int]]:
-    return [(str(p), -1) for p in sorted(root.rglob("*")) if is_image(p, extensions)]
+def scan_unlabelled(
+    root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS, exclude: Path | None = None
+) -> list[tuple[str, int]]:
+    """The images under ``root`` (recursive), without hidden files, ``__MACOSX`` and ``exclude``, unlabelled (-1)."""
+    skipped: list[str] = []
+    samples = [(str(p), -1) for p in images_under(root, extensions, skipped, exclude)]
+    if skipped:
+        print(f"note: {root}: left out {', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", flush=True)
+    return samples
 
 
 def detect_dataset_type(path: Path) -> str:
@@ -205,7 +281,9 @@ def detect_dataset_type(path: Path) -> str:
             return "shards"
         return "packed" if path.suffix == ".json" else "fmow_rgb"
     if path.is_dir():
-        has_class_dirs = any(d.is_dir() and any(is_image(p) for p in d.rglob("*")) for d in path.iterdir())
+        has_class_dirs = any(
+            d.is_dir() and not is_junk(d.name) and images_under(d, IMAGE_EXTENSIONS) for d in path.iterdir()
+        )
         has_top_images = any(is_image(p) for p in path.iterdir())
         return "imagefolder" if has_class_dirs and not has_top_images else "folder"
     raise DataError(f"{path}: no such file or folder")
@@ -222,6 +300,7 @@ def build_dataset(
     skip_bad: bool = False,
     classes: Sequence[str] | None = None,
     list_rasters: bool = False,
+    exclude: str | os.PathLike | None = None,
 ) -> SampleDataset:
     """A dataset from a CSV file, an ImageFolder tree, a folder of images, a packed array or shards.
 
@@ -239,6 +318,7 @@ def build_dataset(
             to them by name (see ``check_labels``).
         list_rasters: Only list raster files (tools that read the files themselves: ``band_stats.py``,
             ``preprocess.py --raster``); pre-decoded data is refused.
+        exclude: A folder inside ``path`` whose images are left out (``tools/preprocess.py``'s ``--output``).
 
     Raises:
         DataError: unknown type, unreadable or malformed CSV, missing images, or no images at all.
@@ -259,6 +339,10 @@ def build_dataset(
             f"{path}: a pre-decoded dataset (packed array or shards); this tool reads image files: give "
             "the CSV or folder they were made from"
         )
+    if kind in ("packed", "shards") and bands.bands and raster is None:  # --stretch --bands: the 8-bit path
+        raise DataError(
+            f"{path}: --bands cannot choose the bands of a pre-decoded dataset (chosen when it was written)"
+        )
     if kind == "packed":
         return PackedDataset(path, transform, raster)
     if kind == "shards":
@@ -267,16 +351,17 @@ def build_dataset(
         if not path.is_file():
             raise DataError(f"{path}: --dataset_type {kind} needs a CSV file, got a folder")
         given: dict[int, str] = {}
-        samples = read_csv_samples(path, given)
-        describe = lambda index: f"{samples[index][0]} (row {index + 2} of {path})"
+        lines: list[int] = []
+        samples = read_csv_samples(path, given, lines)
+        describe = lambda index: f"{samples[index][0]} (row {lines[index]} of {path})"
         # only the labels present, never range(max + 1): a label of 10**9 must not build 10**9 names
         names = {label: given.get(label, str(label)) for label in sorted({label for _, label in samples})}
         classes = []
     elif kind == "imagefolder":
-        samples, classes = scan_image_folder(path, classes, extensions)
+        samples, classes = scan_image_folder(path, classes, extensions, Path(exclude) if exclude else None)
         names = dict(enumerate(classes))
     else:
-        samples, classes = scan_unlabelled(path, extensions), []
+        samples, classes = scan_unlabelled(path, extensions, Path(exclude) if exclude else None), []
     if not samples:
         raise DataError(f"{path}: no images found ({kind} dataset)")
     dataset = ImageDataset(
@@ -290,6 +375,7 @@ def build_dataset(
         raster=raster,
         max_pixels=bands.max_pixels,
         stretch=bands.stretch,
+        stretch_bands=None if raster else bands.bands,
     )
     dataset.source = str(path)
     return dataset
@@ -325,9 +411,16 @@ def check_labels(
     """
     splits = ([train] if train is not None else []) + list(evaluation)
     for split in splits:
-        if not split.targets or min(split.targets) < 0:
+        if not split.targets or max(split.targets) < 0:
             raise DataError(
                 f"{split.source or 'dataset'}: unlabelled images: a {what} needs a labelled CSV or ImageFolder tree"
+            )
+        negative = next((i for i, label in enumerate(split.targets) if label < 0), None)
+        if negative is not None:
+            raise DataError(
+                f"{split.describe(negative)}: label {split.targets[negative]} is no class index (0..K-1), so this "
+                f"image cannot train or score a {what} ({sum(label < 0 for label in split.targets)} such label(s) in "
+                f"{split.source or 'the dataset'})"
             )
     if train is not None:
         train_labels = sorted(set(train.targets))
@@ -412,6 +505,7 @@ def split_dataset(dataset: SampleDataset, fraction: float, seed: int = 0) -> tup
                 raster=dataset.raster,
                 max_pixels=dataset.max_pixels,
                 stretch=dataset.stretch,
+                stretch_bands=dataset.stretch_bands,
             ),
             f"{dataset.source} ({which})",
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from util.config import MAX_IMAGE_PIXELS
+from util.config import DECODED_BYTES_PER_PIXEL, MAX_IMAGE_PIXELS, STATS_TOOL
 from util.errors import DataError, first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".jp2", ".j2k", ".bmp", ".webp")
@@ -43,7 +43,39 @@ def is_image(path: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> bool
     return path.suffix.lower() in extensions and path.is_file()
 
 
+def is_junk(name: str) -> bool:
+    """A hidden file or folder (``.DS_Store``, ``._x.jpg`` macOS resource forks, ``.ipynb_checkpoints``) or a macOS
+    archive's ``__MACOSX`` folder: never a class or an image."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+MODE_SAMPLE_BYTES = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}  # other PIL modes: 1 byte per sample
+
+
+def check_decoded_size(path, bands: int, height: int, width: int, sample_bytes: int, limit: int, float_copy: bool):
+    """Refuse, before decoding, a file whose decoding would allocate too much (``--max_image_pixels``): more than
+    ``limit`` pixels, or more than ``limit`` x ``DECODED_BYTES_PER_PIXEL`` bytes for its bands x pixels x (bytes per
+    sample, + 4 for the float32 copy where ``float_copy``: rasters, stretched images); and a degenerate shape (no band,
+    no pixel). A 552 KB TIFF can declare 64 bands x 2000 x 2000 (4 Mpx, 1.3 GB decoded).
+
+    Raises:
+        BadImageError: naming the file, what it declares and the limit.
+    """
+    if bands < 1 or height < 1 or width < 1:
+        raise BadImageError(path, f"it declares {bands} band(s) of {width} x {height} pixels: an empty image")
+    if width * height > limit:
+        raise BadImageError(
+            path, f"it declares {width} x {height} pixels, more than --max_image_pixels {limit}: a decompression bomb?"
+        )
+    decoded = bands * width * height * (sample_bytes + (4 if float_copy else 0))
+    if decoded > limit * DECODED_BYTES_PER_PIXEL:
+        raise BadImageError(
+            path,
+            f"decoding its {bands} band(s) of {width} x {height} pixels would take {decoded / 1e9:.1f} GB, more "
+            f"than --max_image_pixels {limit} allows ({limit * DECODED_BYTES_PER_PIXEL / 1e9:.1f} GB): a "
+            "decompression bomb? (a genuine file: raise --max_image_pixels, or choose fewer bands when preprocessing)",
+        )
 
 
 def not_eight_bit(path, what: str) -> NotEightBitError:
@@ -55,9 +87,9 @@ def not_eight_bit(path, what: str) -> NotEightBitError:
 
 
 def stretch_to_rgb(data: np.ndarray) -> Image.Image:
-    """[C, H, W] of any dtype -> 8-bit RGB (first three bands, or grey), each band stretched from its 1st to 99th
-    percentile."""
-    data = data[:3] if data.shape[0] >= 3 else data[:1].repeat(3, 0)
+    """[C, H, W] of any dtype, C = 3 (R G B) or 1 (grey) -> 8-bit RGB, each band stretched from its 1st to 99th
+    percentile (other band counts: ``rgb_of``)."""
+    data = data if data.shape[0] == 3 else data[:1].repeat(3, 0)
     low, high = np.percentile(data, [1, 99], axis=(1, 2), keepdims=True)
     values = np.clip((data - low) / np.maximum(high - low, 1e-6), 0, 1) * 255
     return Image.fromarray(np.moveaxis(values.round().astype(np.uint8), 0, -1))
@@ -73,58 +105,105 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _tiff_stretched(path, limit: int, stretch: bool) -> Image.Image | None:
-    """None for an 8-bit TIFF of 1, 3 or 4 bands (PIL decodes it); any other TIFF (PIL would misread it) is refused,
-    or with --stretch decoded by tifffile and stretched to 8-bit RGB."""
-    try:
-        import tifffile
+def _tiff_layout(path) -> tuple[np.dtype, int]:
+    """The sample type and band count a TIFF declares (tifffile, header only).
 
-        logging.getLogger("tifffile").setLevel(logging.ERROR)  # PIL then reports the failure, in one line
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            dtype, axes, shape = series.dtype, series.axes, series.shape
-        bands = 1 if len(shape) == 2 else shape[-1] if axes.endswith("S") else shape[0]
-    except Exception:
-        return None  # PIL reports the failure
-    if dtype == np.uint8 and bands in (1, 3, 4):
-        return None
+    Raises:
+        BadImageError: a layout other than [C, H, W], [H, W, C] or [H, W].
+    """
+    import tifffile
+
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # PIL then reports the failure, in one line
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        dtype, axes, shape = series.dtype, series.axes, tuple(series.shape)
+    return dtype, _bands_first_shape(path, shape, axes)[0]
+
+
+STRETCH_ADVICE = (
+    "the 8-bit RGB path (--stretch) has no no-data handling: read the files as rasters with per-band statistics "
+    f"({STATS_TOOL} --nodata nan, then --band_stats FILE.json --nodata nan)"
+)
+
+
+def rgb_of(path, limit: int, stretch: bool, bands: list[int] | None) -> Image.Image | None:
+    """The 8-bit RGB image of a file PIL would misread: any TIFF but 8-bit of 1, 3 or 4 bands, and any file with
+    ``bands`` (``--bands`` on the 8-bit path: the 3 bands shown as R G B); None where PIL decodes it as it is.
+
+    8-bit data keeps its values; other data is refused, or with ``stretch`` stretched per band (``stretch_to_rgb``).
+    More than 3 bands need ``bands``: the first three of a Sentinel-2 tile are aerosol, blue and green, not R G B.
+
+    Raises:
+        NotEightBitError: not 8-bit data without ``stretch``; more than 3 bands without ``bands``.
+        BadImageError / DataError: as ``read_raster``.
+    """
+    if bands is None:
+        if Path(path).suffix.lower() not in (".tif", ".tiff"):
+            return None
+        try:
+            dtype, count = _tiff_layout(path)
+        except BadImageError:
+            raise
+        except Exception:
+            return None  # PIL reports the failure
+        if dtype == np.uint8 and count in (1, 3, 4):
+            return None
+        if not stretch:
+            raise not_eight_bit(path, f"{count} band(s) of {dtype}")
+        if count not in (1, 3):
+            raise NotEightBitError(
+                path,
+                f"{count} band(s) of {dtype}: --stretch shows 3 bands as R G B (or 1 as grey): choose them with "
+                "--bands (e.g. Sentinel-2 red, green, blue: --bands 3 2 1)",
+            )
+    raster = read_raster(path, bands, max_pixels=limit, nan_advice=STRETCH_ADVICE)
+    if raster.dtype == "uint8":
+        return Image.fromarray(np.ascontiguousarray(np.moveaxis(raster.data.astype(np.uint8), 0, -1)))
     if not stretch:
-        raise not_eight_bit(path, f"{bands} band(s) of {dtype}")
-    return stretch_to_rgb(read_raster(path, max_pixels=limit).data)
+        raise not_eight_bit(path, f"{raster.data.shape[0]} band(s) of {raster.dtype}")
+    return stretch_to_rgb(raster.data)
 
 
 def load_image(
-    path: str, draft_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS, stretch: bool = False
+    path: str,
+    draft_size: int | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    stretch: bool = False,
+    bands: list[int] | None = None,
 ) -> Image.Image:
     """Decode ``path`` to 8-bit RGB. JPEGs larger than ``draft_size`` are decoded at a reduced scale (PIL draft).
 
     Args:
-        max_pixels: ``--max_image_pixels``: an image declaring more pixels is refused before decoding.
+        max_pixels: ``--max_image_pixels``: an image declaring more pixels, or whose decoding would take more memory
+            than it allows (``check_decoded_size``), is refused before decoding.
         stretch: ``--stretch``: 16-bit / float images are stretched from their 1st to 99th percentile per band
             instead of refused.
+        bands: ``--bands`` with ``--stretch``: the three bands (0-based) shown as R G B.
 
     Raises:
-        NotEightBitError: not 8-bit data, without ``stretch``.
+        NotEightBitError: not 8-bit data, without ``stretch``; more than 3 bands without ``bands``.
         BadImageError: for any failure of the decoder (corrupt, truncated, not an image, declaring more than
             ``max_pixels`` pixels), with the file and the decoder's reason.
     """
     limit = int(max_pixels)
     if Image.MAX_IMAGE_PIXELS != limit:
         Image.MAX_IMAGE_PIXELS = limit
-    if Path(path).suffix.lower() in (".tif", ".tiff"):
-        stretched = _tiff_stretched(path, limit, stretch)
-        if stretched is not None:
-            return stretched
+    converted = rgb_of(path, limit, stretch, list(bands) if bands else None)
+    if converted is not None:
+        return converted
     try:
         with Image.open(path) as img:
             if img.mode in HIGH_BIT_MODES and not stretch:
                 raise not_eight_bit(path, f"PIL mode {img.mode}")
-            if img.width * img.height > limit:
-                raise BadImageError(
-                    path,
-                    f"it declares {img.width} x {img.height} pixels, more than --max_image_pixels "
-                    f"{limit}: a decompression bomb?",
-                )
+            check_decoded_size(
+                path,
+                len(img.getbands()),
+                img.height,
+                img.width,
+                MODE_SAMPLE_BYTES.get(img.mode, 1),
+                limit,
+                float_copy=img.mode in HIGH_BIT_MODES,
+            )
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             img.load()
@@ -142,7 +221,6 @@ def load_image(
 # --- Multispectral / high-bit-depth rasters -------------------------------------------------------------------------
 
 RASTER_EXTENSIONS = IMAGE_EXTENSIONS + (".npy",)
-STATS_TOOL = "tools/band_stats.py"
 
 
 class NotEightBitError(BadImageError):
@@ -172,12 +250,10 @@ def _tiff_array(path, limit: int) -> tuple[np.ndarray, float | None]:
 
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
-        if page.imagewidth * page.imagelength > limit:
-            raise BadImageError(
-                path,
-                f"it declares {page.imagewidth} x {page.imagelength} pixels, more than "
-                f"--max_image_pixels {limit}: a decompression bomb?",
-            )
+        series = tif.series[0]
+        shape, axes = tuple(series.shape), series.axes
+        bands, height, width = _bands_first_shape(path, shape, axes)
+        check_decoded_size(path, bands, height, width, series.dtype.itemsize, limit, float_copy=True)
         nodata = None
         tag = page.tags.get(42113)  # GDAL_NODATA (ASCII)
         if tag is not None:
@@ -185,54 +261,63 @@ def _tiff_array(path, limit: int) -> tuple[np.ndarray, float | None]:
                 nodata = float(str(tag.value).strip().strip("\x00"))
             except ValueError:
                 nodata = None
-        series = tif.series[0]
-        array, axes = series.asarray(), series.axes
-    return _bands_first(path, array, axes), nodata
+        array = series.asarray()
+    return (array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0) if axes.endswith("S") else array), nodata
 
 
-def _bands_first(path, array: np.ndarray, axes: str) -> np.ndarray:
-    """A TIFF series as [C, H, W]: interleaved samples (YXS) move to the front; planar (SYX) or one page per band
-    (QYX, IYX, CYX) stay."""
-    if array.ndim == 2:
-        return array[None]
-    if array.ndim == 3 and axes.endswith("S"):
-        return np.moveaxis(array, -1, 0)
-    if array.ndim == 3:
-        return array
-    raise BadImageError(path, f"unsupported TIFF layout {axes} {array.shape}")
+def _bands_first_shape(path, shape: tuple[int, ...], axes: str) -> tuple[int, int, int]:
+    """(bands, height, width) of a TIFF series as [C, H, W] will hold it: interleaved samples (YXS) move to the
+    front; planar (SYX) or one page per band (QYX, IYX, CYX) stay; 2-D is one band.
+
+    Raises:
+        BadImageError: another layout (4-D and more), before anything is decoded.
+    """
+    if len(shape) == 2:
+        return 1, shape[0], shape[1]
+    if len(shape) == 3 and axes.endswith("S"):
+        return shape[2], shape[0], shape[1]
+    if len(shape) == 3:
+        return shape
+    raise BadImageError(path, f"unsupported TIFF layout {axes} {list(shape)}")
+
+
+NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def _file_array(path, limit: int) -> tuple[np.ndarray, float | None]:
-    """[C, H, W] in the file's dtype, and the file's own no-data value (TIFF GDAL_NODATA) or None."""
+    """[C, H, W] in the file's dtype, and the file's own no-data value (TIFF GDAL_NODATA) or None; the size each
+    declares is checked before decoding (``check_decoded_size``)."""
     suffix = Path(path).suffix.lower()
     if suffix in (".tif", ".tiff"):
         return _tiff_array(path, limit)
     if suffix == ".npy":
+        with open(path, "rb") as f:  # the header only: shape and dtype, before anything is mapped or read
+            read_header = NPY_HEADERS.get(np.lib.format.read_magic(f))
+            shape, _, dtype = read_header(f) if read_header else (lambda a: (a.shape, 0, a.dtype))(np.load(path, "r"))
+        shape = (1, *shape) if len(shape) == 2 else tuple(shape)
+        if len(shape) != 3:
+            raise BadImageError(path, f"expected a [C, H, W] or [H, W] array, got shape {shape}")
+        check_decoded_size(path, *shape, dtype.itemsize, limit, float_copy=True)
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-        if array.ndim == 2:
-            array = array[None]
-        if array.ndim != 3:
-            raise BadImageError(path, f"expected a [C, H, W] or [H, W] array, got shape {array.shape}")
-        if array.shape[1] * array.shape[2] > limit:
-            raise BadImageError(
-                path, f"it declares {array.shape[2]} x {array.shape[1]} pixels, more than --max_image_pixels {limit}"
-            )
-        return np.asarray(array), None
+        return np.asarray(array.reshape(shape)), None
     with Image.open(path) as img:
-        if img.width * img.height > limit:
-            raise BadImageError(
-                path,
-                f"it declares {img.width} x {img.height} pixels, more than --max_image_pixels {limit}: "
-                "a decompression bomb?",
-            )
+        bands = 4 if img.mode == "P" else len(img.getbands())  # a palette image becomes RGB(A) below
+        check_decoded_size(path, bands, img.height, img.width, MODE_SAMPLE_BYTES.get(img.mode, 1), limit, True)
         if img.mode == "P":
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         array = np.asarray(img)
     return (array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)), None
 
 
+NAN_ADVICE = "if NaN marks no-data, give --nodata nan"
+
+
 def read_raster(
-    path, bands: list[int] | None = None, nodata: float | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+    path,
+    bands: list[int] | None = None,
+    nodata: float | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    nan_advice: str = NAN_ADVICE,
 ) -> Raster:
     """Decode a GeoTIFF / TIFF (tifffile), ``.npy`` ([C, H, W] or [H, W]) or JPEG 2000 / PNG / JPEG (Pillow) file of
     any band
@@ -241,10 +326,12 @@ def read_raster(
     Args:
         bands: 0-based band indices to keep, in that order (None: all).
         nodata: The no-data value (default: the TIFF's GDAL_NODATA tag, if any); its pixels form ``mask``.
+        max_pixels: ``--max_image_pixels``: refused before decoding beyond it (``check_decoded_size``).
+        nan_advice: What the NaN message advises (the caller's way to mark no-data).
 
     Raises:
-        BadImageError: the decoder fails (the message names the file).
-        DataError: a band index outside the file's bands.
+        BadImageError: the decoder fails, an empty shape, or a size beyond ``max_pixels`` (the message names the file).
+        DataError: a band index outside the file's bands; NaN / inf values outside the no-data mask.
     """
     limit = int(max_pixels)
     try:
@@ -284,6 +371,6 @@ def read_raster(
             raise DataError(
                 f"{path}: {int(bad.sum())} pixel(s) with NaN or infinite values (or beyond float32's range; first at "
                 "row, column "
-                f"{', '.join(map(str, np.argwhere(bad)[0]))}); if NaN marks no-data, give --nodata nan"
+                f"{', '.join(map(str, np.argwhere(bad)[0]))}); {nan_advice}"
             )
     return Raster(data, dtype, mask, nodata)

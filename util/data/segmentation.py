@@ -22,11 +22,12 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from util.config import IGNORE_INDEX, Bands
-from util.data.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, is_image, load_image
+from util.config import IGNORE_INDEX, OFF_PALETTE_TOLERANCE, Bands
+from util.data.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, is_image, is_junk, load_image
 from util.data.loaders import SampleDataset
 from util.data.raster_options import raster_options
-from util.errors import DataError
+from util.errors import DataError, first_line
+from util.files import file_problem
 from util.run.rng import seeded
 
 LOSSY_MASK_SUFFIXES = (".jpg", ".jpeg", ".jfif")
@@ -73,13 +74,31 @@ def load_palette(spec: str | os.PathLike) -> Palette:
     return Palette(names, colors)
 
 
-def rgb_to_index(rgb: np.ndarray, palette: Palette, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
-    """[H, W, 3] uint8 colours -> [H, W] uint8 class indices; colours not in the palette become ``ignore_index``."""
+def rgb_to_index(
+    rgb: np.ndarray, palette: Palette, ignore_index: int = IGNORE_INDEX, off_palette: dict | None = None
+) -> np.ndarray:
+    """[H, W, 3] uint8 colours -> [H, W] uint8 class indices; colours not in the palette become ``ignore_index``, and
+    are counted into ``off_palette`` ((r, g, b) -> pixels) when it is given."""
     code = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2].astype(np.int32)
     out = np.full(code.shape, ignore_index, dtype=np.uint8)
+    known = np.zeros(code.shape, dtype=bool)
     for index, (r, g, b) in enumerate(palette.colors):
-        out[code == ((r << 16) | (g << 8) | b)] = index
+        hit = code == ((r << 16) | (g << 8) | b)
+        out[hit] = index
+        known |= hit
+    if off_palette is not None and not known.all():
+        codes, counts = np.unique(code[~known], return_counts=True)
+        for c, n in zip(codes.tolist(), counts.tolist()):
+            colour = (c >> 16, (c >> 8) & 255, c & 255)
+            off_palette[colour] = off_palette.get(colour, 0) + n
     return out
+
+
+def describe_colours(counts: dict[tuple[int, int, int], int], limit: int = 3) -> str:
+    """``(0, 254, 0) x 5000, (255, 0, 255) x 12 and 3 more colours``, most frequent first."""
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    shown = ", ".join(f"({r}, {g}, {b}) x {n}" for (r, g, b), n in ranked[:limit])
+    return shown + (f" and {len(ranked) - limit} more colour(s)" if len(ranked) > limit else "")
 
 
 def index_to_rgb(index: np.ndarray, palette: Palette, ignore_color: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
@@ -107,11 +126,14 @@ def read_mask(
     palette: Palette | None = None,
     ignore_index: int = IGNORE_INDEX,
     zero_is_nodata: bool = False,
+    off_palette: dict | None = None,
 ) -> np.ndarray:
     """A mask file -> [H, W] int64 class indices.
 
     Single-channel (``L``, ``P``, 16-bit) files hold the indices themselves (a palette PNG's pixel values are its
-    indices); RGB files are decoded through ``palette``. ``zero_is_nodata`` applies ``reduce_zero_label``.
+    indices); RGB files are decoded through ``palette``, colours not in it becoming ``ignore_index`` and counted into
+    ``off_palette`` ((r, g, b) -> pixels; ``SegDataset.check_masks`` refuses masks with too many).
+    ``zero_is_nodata`` applies ``reduce_zero_label``.
 
     Raises:
         DataError: JPEG mask, unreadable file, or an RGB mask without a palette.
@@ -123,13 +145,14 @@ def read_mask(
             if img.mode in ("RGB", "RGBA"):
                 if palette is None:
                     raise DataError(f"{path}: an RGB (colour-coded) mask needs --palette (isprs or a JSON file)")
-                mask = rgb_to_index(np.asarray(img.convert("RGB")), palette, ignore_index).astype(np.int64)
+                mask = rgb_to_index(np.asarray(img.convert("RGB")), palette, ignore_index, off_palette)
+                mask = mask.astype(np.int64)
             elif img.mode in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
                 mask = np.asarray(img).astype(np.int64)
             else:
                 raise DataError(f"{path}: mask mode {img.mode} is neither class indices nor RGB colours")
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot read mask ({str(e).splitlines()[0]})") from None
+        raise DataError(f"{path}: cannot read mask ({first_line(e)})") from None
     return reduce_zero_label(mask, ignore_index) if zero_is_nodata else mask
 
 
@@ -164,7 +187,7 @@ def pairs_from_folders(root: Path, image_extensions: tuple[str, ...] = IMAGE_EXT
     def by_stem(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
         found: dict[str, Path] = {}
         for p in sorted(folder.iterdir()):
-            if is_image(p, extensions):
+            if is_image(p, extensions) and not is_junk(p.name):  # macOS ._x.png resource forks
                 if p.stem in found:
                     raise DataError(f"{folder}: two files named {p.stem}.* ({found[p.stem].name}, {p.name})")
                 found[p.stem] = p
@@ -197,12 +220,12 @@ def pairs_from_csv(path: Path) -> list[tuple[str, str]]:
         if len(row) < 2:
             raise DataError(f"{path} row {line}: needs 2 columns (image path, mask path), found {len(row)}")
         files = [Path(c.strip()) if Path(c.strip()).is_absolute() else path.parent / c.strip() for c in row[:2]]
-        if line == 1 and not any(f.is_file() for f in files):
+        if line == 1 and not any(f.exists() for f in files):
             continue  # header
-        missing += [f"row {line}: {f}" for f in files if not f.is_file()]
+        missing += [f"row {line}: {f} {problem}" for f in files for problem in [file_problem(f)] if problem]
         pairs.append((str(files[0]), str(files[1])))
     if missing:
-        raise DataError(f"{path}: {len(missing)} file(s) do not exist, first {missing[0]}")
+        raise DataError(f"{path}: {len(missing)} file(s) missing or not readable files, first {missing[0]}")
     return pairs
 
 
@@ -275,6 +298,25 @@ class PadTo(torch.nn.Module):
         return (v2.functional.pad(image, padding, fill=0), v2.functional.pad(mask, padding, fill=self.ignore_index))
 
 
+@dataclass(frozen=True)
+class MaskSummary:
+    """What ``SegDataset.check_masks`` found: masks, labelled pixels (not ``ignore_index``), and the pixels of colours
+    not in the palette (counted as ignore) with the number of masks holding any."""
+
+    masks: int
+    labelled: int
+    off_palette: int
+    off_palette_masks: int
+
+    def describe(self, palette: bool) -> str:
+        """One line for the evaluation output."""
+        text = f"{self.labelled} labelled pixel(s) in {self.masks} mask(s)"
+        if palette:
+            text += f"; {self.off_palette} pixel(s) of colours not in the palette counted as ignore"
+            text += f" (in {self.off_palette_masks} mask(s))" if self.off_palette else ""
+        return text
+
+
 class SegDataset(SampleDataset):
     """(image, mask) pairs -> (normalised float image [C, H, W], int64 mask [H, W]).
 
@@ -284,6 +326,8 @@ class SegDataset(SampleDataset):
         num_classes: Mask values must be in 0..num_classes-1 or ``ignore_index`` (checked per image).
         palette: Decodes RGB masks.
         zero_is_nodata: ``--reduce_zero_label``.
+        off_palette_tolerance: ``--off_palette_tolerance``: the fraction of a mask's pixels that may be of colours
+            not in ``palette`` (they count as ``ignore_index``); ``check_masks`` refuses masks with more.
         bands: How images are read (``util.config.Bands``): multispectral / high-bit-depth rasters (any band count and
             dtype, ``.npy`` too) as float32 [C, H, W] in the file's units, no-data filled; else 8-bit RGB (uint8
             [3, H, W]); ``--stretch`` and ``--max_image_pixels`` apply.
@@ -298,9 +342,12 @@ class SegDataset(SampleDataset):
         ignore_index: int = IGNORE_INDEX,
         zero_is_nodata: bool = False,
         bands: Bands | None = None,
+        off_palette_tolerance: float = OFF_PALETTE_TOLERANCE,
     ) -> None:
         self.pairs, self.transform, self.num_classes = list(pairs), transform, num_classes
         self.palette, self.ignore_index, self.zero_is_nodata = palette, ignore_index, zero_is_nodata
+        self.off_palette_tolerance = off_palette_tolerance
+        self.masks: MaskSummary | None = None  # check_masks's
         self.bands = bands or Bands()
         self.raster = raster_options(self.bands)
         self.source = ""
@@ -314,21 +361,77 @@ class SegDataset(SampleDataset):
             image = self.raster.load(image_path, image_path)  # BadImageError / DataError name the file
         else:
             try:
-                pixels = load_image(image_path, max_pixels=self.bands.max_pixels, stretch=self.bands.stretch)
+                pixels = load_image(
+                    image_path, max_pixels=self.bands.max_pixels, stretch=self.bands.stretch, bands=self.bands.bands
+                )
                 image = torch.from_numpy(np.asarray(pixels).copy()).permute(2, 0, 1)
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
                 raise DataError(f"{image_path}: cannot read image ({str(e).splitlines()[0]})") from None
-        mask = read_mask(mask_path, self.palette, self.ignore_index, self.zero_is_nodata)
+        mask = self.mask(index)
         height, width = image.shape[-2:]
         if mask.shape != (height, width):
             raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} px, its image {width}x{height}")
+        return tv_tensors.Image(image), tv_tensors.Mask(torch.from_numpy(mask))
+
+    def mask(self, index: int, off_palette: dict | None = None) -> np.ndarray:
+        """The [H, W] int64 class indices of pair ``index`` (``read_mask``; off-palette colours into ``off_palette``).
+
+        Raises:
+            DataError: labels outside 0..num_classes-1 that are not ``ignore_index``.
+        """
+        mask_path = self.pairs[index][1]
+        mask = read_mask(mask_path, self.palette, self.ignore_index, self.zero_is_nodata, off_palette)
         bad = (mask >= self.num_classes) & (mask != self.ignore_index) | (mask < 0)
         if bad.any():
             raise DataError(
                 f"{mask_path}: label(s) {sorted(np.unique(mask[bad]).tolist())[:5]} outside 0..{self.num_classes - 1} "
                 f"and not --ignore_index {self.ignore_index}"
             )
-        return tv_tensors.Image(image), tv_tensors.Mask(torch.from_numpy(mask))
+        return mask
+
+    def check_masks(self, what: str) -> MaskSummary:
+        """Read every mask once, before training or evaluation: labels in range, off-palette colours within
+        ``off_palette_tolerance`` per mask, and the counts the evaluation reports (``self.masks``).
+
+        Args:
+            what: Names the set in messages (``training``, ``evaluation``).
+
+        Raises:
+            DataError: a label out of range; masks with more off-palette pixels than the tolerance (naming up to
+                three of them with their colours and counts, and how many there are); no labelled pixel at all.
+        """
+        labelled = off_pixels = off_files = 0
+        refused: list[tuple[str, int, int, dict]] = []
+        for index, (_, mask_path) in enumerate(self.pairs):
+            colours: dict = {}
+            mask = self.mask(index, colours)
+            labelled += int((mask != self.ignore_index).sum())
+            count = sum(colours.values())
+            if count:
+                off_pixels, off_files = off_pixels + count, off_files + 1
+                if count > self.off_palette_tolerance * mask.size:
+                    refused.append((mask_path, count, mask.size, colours))
+        if refused:
+            shown = "; ".join(
+                f"{path}: {count} of {size} px ({describe_colours(colours)})"
+                for path, count, size, colours in refused[:3]
+            )
+            raise DataError(
+                f"{len(refused)} {what} mask(s) hold colours not in the palette beyond --off_palette_tolerance "
+                f"{self.off_palette_tolerance:g} of their pixels: {shown}{' ...' if len(refused) > 3 else ''}; fix "
+                "the palette (--palette) or the masks, or give --off_palette_tolerance 1 to count such pixels as "
+                "--ignore_index"
+            )
+        if not labelled:
+            raise DataError(
+                f"{self.source or 'dataset'}: no labelled pixel in its {len(self.pairs)} {what} mask(s): every pixel "
+                f"is --ignore_index {self.ignore_index}"
+                + (" (after --reduce_zero_label: 0 is no-data)" if self.zero_is_nodata else "")
+                + (f", {off_pixels} of them of colours not in the palette" if off_pixels else "")
+                + (": nothing to learn from" if what == "training" else ": no pixel to score")
+            )
+        self.masks = MaskSummary(len(self.pairs), labelled, off_pixels, off_files)
+        return self.masks
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, None)

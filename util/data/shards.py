@@ -78,14 +78,44 @@ def write_shards(
         nodata: The samples' no-data value (recorded in the manifest for ``BatchAugment``), or None.
 
     Each shard and the manifest are written atomically, the manifest last: a manifest always describes
-    complete shards. Returns the manifest.
+    complete shards. On any failure the shards this call wrote are removed (and the folder, if it made it). Returns
+    the manifest.
 
     Raises:
         DataError: a sample of another shape or dtype than the first, or a dtype other than uint8 / uint16.
+        CheckpointError: a shard or the manifest could not be written (a full disk: ``No space left on device``).
     """
     folder_name = manifest_path.name.removesuffix(MANIFEST_SUFFIX) + "_shards"
-    (manifest_path.parent / folder_name).mkdir(parents=True, exist_ok=True)
-    shards, labels, shape, dtype = [], [], None, None
+    folder = manifest_path.parent / folder_name
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = []
+    try:
+        return _write(arrays, count, manifest_path, per_shard, classes, class_names, nodata, folder_name, shards)
+    except BaseException:  # a full disk, a bad sample, Ctrl-C: no shard of this call stays behind without a manifest
+        for shard in shards:
+            (manifest_path.parent / shard["name"]).unlink(missing_ok=True)
+        if created:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # files of another writer
+        raise
+
+
+def _write(
+    arrays: Iterable[tuple[str, np.ndarray, int]],
+    count: int,
+    manifest_path: Path,
+    per_shard: int,
+    classes: Sequence[str] | None,
+    class_names: dict[int, str] | None,
+    nodata: float | None,
+    folder_name: str,
+    shards: list[dict],
+) -> dict:
+    """``write_shards``'s work; each shard written is appended to ``shards`` as it is done."""
+    labels, shape, dtype = [], None, None
     samples = iter(arrays)
     for first in range(0, count, per_shard):
         name = f"{folder_name}/{len(shards):06d}.tar"

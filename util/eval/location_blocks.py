@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from util.config import BLOCK_TILES, BOOTSTRAP, TILE_PATTERN
-from util.errors import UsageError
+from util.errors import DataError, UsageError
 
 INTERVAL = (2.5, 97.5)  # percentiles: a 95 % percentile interval
 
@@ -60,6 +60,22 @@ def block_of(name: str, pattern: re.Pattern | None, size: int = BLOCK_TILES) -> 
                 f"{found['row']!r} and {found['col']!r}, not integers"
             ) from None
     return ("group", found.groups() or (found.group(0),))
+
+
+def grid_block(name: str, size: int = BLOCK_TILES, pattern: str = TILE_PATTERN) -> tuple[int, int]:
+    """The (row, col) block of a tile on the grid (``pattern``'s groups ``row`` and ``col``, the embedded sample's
+    ``r{row}_c{col}`` by default), for tools that need every tile on it (``tools/sample_eval.py``'s folds).
+
+    Raises:
+        DataError: a file name the pattern does not place on the grid, naming it and the form expected.
+    """
+    block = block_of(name, compile_pattern(pattern), size)
+    if block[0] != "grid":
+        raise DataError(
+            f"{name}: not named as a tile of the grid (expected {pattern!r}, e.g. r03_c07.png): its location block is "
+            "unknown"
+        )
+    return block[1], block[2]
 
 
 def block_ids(names: Sequence[str], pattern: str = TILE_PATTERN, size: int = BLOCK_TILES) -> np.ndarray:

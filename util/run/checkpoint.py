@@ -21,7 +21,7 @@ from safetensors.torch import load_file as load_safetensors
 
 from util.config import Bands, same_value
 from util.errors import CheckpointError, UsageError, first_line
-from util.files import file_md5, write_atomically
+from util.files import file_md5, file_problem, write_atomically
 from util.run import distributed
 from util.run.process import Preempted, Run, mark_stopped, stop_reason, stopped_exit_status
 from util.run.rng import rng_state, set_rng_state
@@ -37,8 +37,19 @@ PUBLISHED_FILENAMES = {
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write ``state`` with ``torch.save`` atomically."""
-    write_atomically(Path(path), lambda tmp: torch.save(state, tmp))
+    """Write ``state`` with ``torch.save`` atomically.
+
+    Raises:
+        CheckpointError: the write failed (``util.files.write_atomically``).
+    """
+
+    def write(tmp: str) -> None:
+        with open(
+            tmp, "wb"
+        ) as f:  # a file object: a full disk raises OSError(ENOSPC), not an inline_container.cc error
+            torch.save(state, f)
+
+    write_atomically(Path(path), write)
 
 
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
@@ -48,8 +59,11 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
         CheckpointError: missing, truncated/corrupt, or containing objects other than tensors and plain types.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    problem = file_problem(path)
+    if problem:
+        raise CheckpointError(
+            f"{path}: no such checkpoint file" if problem.startswith("does not exist") else f"{path}: {problem}"
+        )
     if path.suffix == ".safetensors":
         try:
             return {"model": load_safetensors(str(path))}
@@ -107,6 +121,35 @@ def model_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
         if state and all(key.startswith(prefix) for key in state):
             state = {key[len(prefix) :]: value for key, value in state.items()}
     return state
+
+
+def non_finite_keys(weights: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``weights`` that hold NaN or inf."""
+    return [
+        k
+        for k, v in weights.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()
+    ]
+
+
+def state_misfit(model: torch.nn.Module, weights: dict[str, Any]) -> str:
+    """What keeps ``weights`` from loading into ``model``, naming the tensors (``not in the file: …; not in the
+    model: …; other shape: KEY [file] (model [model])``), or "" when they fit."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [
+        f"{k} {list(v.shape)} (model {list(expected[k].shape)})"
+        for k, v in weights.items()
+        if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape
+    ]
+    shown = lambda keys: ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    parts = [
+        f"{what}: {shown(keys)}"
+        for what, keys in (("not in the file", missing), ("not in the model", unexpected), ("other shape", shapes))
+        if keys
+    ]
+    return "; ".join(parts)
 
 
 def training_state(
@@ -357,13 +400,25 @@ def resume(
             f"note: --allow_changed_flags: resuming {path} with {'; '.join(changes)} "
             "(the LR schedule and step positions follow the new values)"
         )
+    weights = model_state(state)
+    misfit = state_misfit(model, weights)
+    if misfit:
+        raise CheckpointError(f"{path}: cannot resume this run from it (another model or size?): {misfit}")
+    non_finite = non_finite_keys(weights)
+    if non_finite:
+        raise CheckpointError(
+            f"{path}: non-finite values (NaN/inf) in {', '.join(non_finite[:3])}"
+            + (f" and {len(non_finite) - 3} more" if len(non_finite) > 3 else "")
+            + ": training diverged before it was saved; resume from an earlier checkpoint (checkpoint-N.pth, "
+            "--save_every) with a lower --blr or --clip_grad"
+        )
     try:
-        model.load_state_dict(model_state(state))
+        model.load_state_dict(weights)
         if "optimizer" in state:
             optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(
-            f"{path}: cannot resume this run from it (another model, size or optimiser?): {first_line(e)}"
+            f"{path}: cannot resume this run from it (another model, size or optimiser?): {first_line(e, last=True)}"
         ) from None
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
@@ -388,7 +443,25 @@ def resume(
             f"{path}: no valid training position (epoch {state.get('epoch')!r}, next_step {state.get('next_step')!r})"
         )
     epoch, step = position
-    distributed.main_print(f"resumed from {path}, continuing at epoch {epoch}" + (f" step {step}" if step else ""))
+    epochs = record.get("epochs")
+    if isinstance(epochs, int) and (epoch > epochs or epoch == epochs and step):
+        trained_to = (state.get("args") or {}).get("epochs")
+        where = f"epoch {epoch}{f' step {step}' if step else ''}"
+        raise CheckpointError(
+            f"{path}: its position ({where}) lies beyond the end of this run (--epochs {epochs}): "
+            + (
+                f"its run had --epochs {trained_to}; give --epochs above {epoch - 1} to continue it"
+                if isinstance(trained_to, int) and epoch <= trained_to
+                else "a damaged or foreign checkpoint; resume from another one"
+            )
+        )
+    if epoch == epochs:
+        distributed.main_print(
+            f"resumed from {path}, continuing at epoch {epoch}: its run is complete (--epochs {epochs}), nothing left "
+            "to train"
+        )
+    else:
+        distributed.main_print(f"resumed from {path}, continuing at epoch {epoch}" + (f" step {step}" if step else ""))
     return epoch, step, {**state, "path": str(path)}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import warnings
 from collections.abc import Mapping
 
@@ -26,7 +27,11 @@ from util.run.rng import rng_state
 def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
     """Join the process group that torchrun or SLURM describes; returns (rank, world_size, local_rank).
 
-    Single-process runs (no ``RANK``/``WORLD_SIZE``, no multi-task SLURM job) return (0, 1, 0).
+    Single-process runs (no ``RANK``/``WORLD_SIZE``, no multi-task SLURM job) return (0, 1, 0). A multi-task SLURM step
+    without ``MASTER_ADDR`` rendezvous on the first node of its node list (``first_host``).
+
+    Raises:
+        ReportableError: a multi-task SLURM step without ``MASTER_ADDR`` whose node list cannot be read.
     Collectives time out after ``timeout_minutes``, so a dead rank ends the job instead of hanging it.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -37,13 +42,15 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
         "extern",
     ):
         if "MASTER_ADDR" not in os.environ:  # otherwise every task would train alone as rank 0 into one folder
-            raise ReportableError(
-                f"SLURM step with {os.environ['SLURM_NTASKS']} tasks but no MASTER_ADDR: export MASTER_ADDR (the first "
-                "node "
-                "of the job, e.g. $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)) or launch one task per "
-                "node "
-                "with train_distributed.sh, which runs torchrun"
-            )
+            nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+            first = first_host(nodes)
+            if first is None:
+                raise ReportableError(
+                    f"SLURM step with {os.environ['SLURM_NTASKS']} tasks but no MASTER_ADDR, and the first node of "
+                    f"its node list {nodes!r} cannot be told: export MASTER_ADDR (the first node's host name) or "
+                    "launch one task per node with train_distributed.sh, which runs torchrun"
+                )
+            os.environ["MASTER_ADDR"] = first  # task 0 runs on the step's first node
         rank, world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
         local_rank = int(os.environ.get("SLURM_LOCALID", 0))
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
@@ -55,6 +62,23 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world_size, local_rank
+
+
+def first_host(nodes: str) -> str | None:
+    """The first host of a SLURM node list (``SLURM_JOB_NODELIST``), as ``scontrol show hostnames`` would list it,
+    without scontrol (absent inside Apptainer / enroot containers): ``gpu[01-02]`` -> gpu01, ``alpha,beta`` -> alpha,
+    ``node[001,003-004]`` -> node001 (zero padding kept), ``rack[2-3]-n[07-08]`` -> rack2-n07; None for a list it
+    cannot read. (``train_distributed.sh`` reads it by the same rule.)"""
+    depth, end = 0, len(nodes)
+    for i, c in enumerate(nodes):
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    entry = nodes[:end]
+    while (found := re.match(r"^([^\[]*)\[([^\],-]+)[^\]]*\](.*)$", entry)) is not None:
+        entry = found[1] + found[2] + found[3]
+    return entry if re.fullmatch(r"[A-Za-z0-9._-]+", entry) else None
 
 
 def slurm_port(job_id: str | None) -> int:

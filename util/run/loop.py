@@ -171,6 +171,7 @@ class StepLoop:
         self.ddp = _ddp_module(model)
         self.updates_now = False
         self.group_size = schedule.accum_iter
+        self.bad_inputs = torch.zeros((), dtype=torch.long, device=run.device)  # NaN / inf input values, on the device
 
     @contextmanager
     def accumulate(self, step: int):
@@ -191,9 +192,12 @@ class StepLoop:
         loss = loss / self.group_size
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def end_step(self, step: int, terms: dict[str, torch.Tensor], batch_size: int) -> None:
+    def end_step(
+        self, step: int, terms: dict[str, torch.Tensor], batch_size: int, inputs: torch.Tensor | None = None
+    ) -> None:
         """Update the weights at the end of an accumulation group (clipping with ``--clip_grad``), then record
-        ``terms`` and print a log line every ``--log_every`` steps.
+        ``terms`` and print a log line every ``--log_every`` steps. ``inputs`` (the step's batch) are counted for
+        NaN / inf values on the device (no synchronisation), so that a NaN loss names them as its cause.
 
         Raises:
             Preempted: a rank received SIGTERM; the update of this step is done.
@@ -209,6 +213,8 @@ class StepLoop:
             # the epoch's last step: the epoch completes (log record with its losses) and training.epochs stops
             if step + 1 < self.steps_per_epoch and stop_requested(self.run):
                 raise Preempted(self.epoch, step + 1)
+        if inputs is not None and inputs.is_floating_point():
+            self.bad_inputs += (~torch.isfinite(inputs)).sum()
         logged = {name: terms[name] for name in self.names}
         self.interval.update(**logged, grad_norm=self.grad_norm)
         self.whole_epoch.update(**logged)
@@ -222,7 +228,7 @@ class StepLoop:
         if bad:
             raise NonFiniteLossError(
                 f"epoch {self.epoch}, steps {self.first_logged_step}-{step}: loss term(s) {', '.join(bad)} became "
-                f"{means[bad[-1]]} (lower --blr, try --amp none or --clip_grad, or resume from the last checkpoint)"
+                f"{means[bad[-1]]} ({self.non_finite_advice()})"
             )
         lr = max(group["lr"] for group in self.optimizer.param_groups)
         images_per_s, eta = self.throughput.tick(step + 1 - self.start_step, self.interval_images)
@@ -243,6 +249,22 @@ class StepLoop:
             self.writer.add_scalar("train/images_per_s", images_per_s, x)
         self.interval.reset()
         self.interval_images, self.first_logged_step = 0, step + 1
+
+    def non_finite_advice(self) -> str:
+        """What a NaN / inf loss points to: non-finite inputs where the batches held any (a cause the learning rate
+        cannot fix), else the advice that fits this run's flags."""
+        bad_inputs = int(distributed.all_reduce_mean({"n": self.bad_inputs.float()}, self.run.device)["n"])
+        if bad_inputs:
+            return (
+                f"the input batches held NaN/inf values (about {bad_inputs} per process): check the normalisation "
+                "(--mean / --std / --band_stats) and the files' no-data (--nodata)"
+            )
+        advice = ["lower --blr"]
+        if self.run.amp_dtype is not None:
+            advice.append("try --amp none")
+        clip = self.schedule.clip_grad
+        advice.append(f"a smaller --clip_grad than {clip:g}" if clip else "--clip_grad")
+        return ", ".join(advice) + ", or resume from the last checkpoint"
 
     def epoch_means(self) -> dict[str, float]:
         """Mean of each logged term over the epoch's steps (of this run), averaged over ranks."""
@@ -327,5 +349,5 @@ def train_supervised_epoch(
                     samples, targets = mixup(samples, targets)  # targets become soft [B, K]
                 loss = criterion(model(samples), targets)
             steps.backward(loss)
-        steps.end_step(step, {"loss": loss}, samples.shape[0])
+        steps.end_step(step, {"loss": loss}, samples.shape[0], samples)
     return steps.epoch_means()

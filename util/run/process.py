@@ -4,7 +4,9 @@ signals that stop a run cleanly."""
 from __future__ import annotations
 
 import datetime
+import errno
 import signal
+import sys
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -128,6 +130,9 @@ def setup_run(device: str, amp: str, seed: int, output_dir: str | Path, dist_tim
     return Run(rank, world_size, local_rank, device, amp_dtype, output_dir, stop_group)
 
 
+# errno values of a refused non-blocking flock that mean another process holds the lock; any other (ENOSYS, ENOLCK,
+# EOPNOTSUPP, EINVAL) means the file system cannot lock at all
+HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 _LOCKS: dict[Path, object] = {}  # open lock files of this process: the lock lives as long as the file is open
 
 
@@ -139,8 +144,9 @@ def prepare_output_dir(output_dir: Path) -> None:
     time; the OS releases it when the process ends, however it ends (SIGKILL included).
 
     Raises:
-        UsageError: the folder cannot be created or written (an existing file, read-only), or another live run
-            holds its lock.
+        UsageError: the folder cannot be created or written (an existing file, read-only, a full disk), or another
+            live run holds its lock. A file system that cannot lock files (Lustre without ``-o flock``, NFS without a
+            lock daemon) gets a warning, and the run goes on unlocked.
     """
     import fcntl
     import os
@@ -156,24 +162,39 @@ def prepare_output_dir(output_dir: Path) -> None:
     if key in _LOCKS:  # this process holds it already (an in-process second entry point call)
         lock.close()
         return
+    locked = True
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        locked = False
+        if e.errno not in HELD:  # Lustre without -o flock (ENOSYS), NFS without a lock daemon (ENOLCK), ...
+            print(
+                f"warning: --output_dir {output_dir}: its file system cannot lock files ({e.strerror or e}): a second "
+                "run started into this folder would not be stopped; continuing without the lock",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown process"
+            lock.close()
+            raise UsageError(
+                f"--output_dir {output_dir} is in use by another run ({holder}); wait for it to end, "
+                "or choose another --output_dir"
+            ) from None
+    try:
         lock.seek(0)
-        holder = lock.read().strip() or "unknown process"
+        lock.truncate()
+        lock.write(
+            f"pid {os.getpid()} on {socket.gethostname()}, "
+            f"started {datetime.datetime.now().isoformat(timespec='seconds')}"
+        )
+        lock.flush()
+    except OSError as e:  # a disk with no free byte: the folder exists but nothing can be written into it
         lock.close()
-        raise UsageError(
-            f"--output_dir {output_dir} is in use by another run ({holder}); wait for it to end, "
-            "or choose another --output_dir"
-        ) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(
-        f"pid {os.getpid()} on {socket.gethostname()}, started {datetime.datetime.now().isoformat(timespec='seconds')}"
-    )
-    lock.flush()
+        raise UsageError(f"--output_dir {output_dir}: cannot write into it ({e.strerror or e})") from None
     _LOCKS[key] = lock
-    removed = remove_stale_temporaries(output_dir)
+    removed = remove_stale_temporaries(output_dir) if locked else None  # unlocked: they may be a live run's
     if removed:
         print(
             f"note: removed {removed[0]} temporary file(s) ({removed[1] / 2**20:.1f} MiB) left by a killed run in "

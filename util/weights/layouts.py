@@ -12,7 +12,7 @@ import torch
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from util.errors import CheckpointError
-from util.run.checkpoint import check_md5, model_state, read_checkpoint
+from util.run.checkpoint import check_md5, model_state, non_finite_keys, read_checkpoint
 from util.weights.band_adaptation import BandAdaptation, adapt_bands
 
 # Layouts of a state dict, detected from its block keys.
@@ -230,11 +230,7 @@ def check_finite(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -
     Raises:
         CheckpointError: naming the file and the tensors.
     """
-    bad = [
-        k
-        for k, v in state_dict.items()
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
-    ]
+    bad = non_finite_keys(state_dict)
     if bad:
         raise CheckpointError(
             f"{path}: non-finite values (NaN/inf) in {summarise(bad, 3)}; these weights cannot be used"

@@ -102,7 +102,10 @@ def test_a_class_only_in_evaluation_and_a_single_class_training_set_are_refused(
 
 @pytest.mark.parametrize(
     "label, message",
-    [("5", r"row 3 of .*val.csv\): label 5 outside 0..3 \(--nb_classes 4\)"), ("-1", r"val.csv: unlabelled images")],
+    [
+        ("5", r"row 3 of .*val.csv\): label 5 outside 0..3 \(--nb_classes 4\)"),
+        ("-1", r"row 3 of .*val.csv\): label -1 is no class index \(0..K-1\)"),
+    ],
 )
 def test_evaluation_labels_are_range_checked_at_start_up(tmp_path, label, message):
     train = build_dataset(write_labels_csv(tmp_path / "train.csv", [(0,), (1,), (2,), (3,)]))

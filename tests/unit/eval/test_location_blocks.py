@@ -48,3 +48,12 @@ def test_resamples_draw_whole_blocks_with_replacement_and_are_seeded():
 def test_row_col_groups_matching_no_integer_are_a_one_line_usage_error(pattern):
     with pytest.raises(UsageError, match=r"in 'r00_c01' the groups row and col match"):
         location_blocks.block_ids(["a/r00_c01.png"], pattern)
+
+
+def test_a_tile_off_the_grid_is_a_one_line_data_error():
+    """tools/sample_eval.py --sample with tiles not named rRR_cCC ended in "ValueError: not enough values to unpack"."""
+    from util.errors import DataError
+
+    assert location_blocks.grid_block("r04_c07.png") == (1, 2)
+    with pytest.raises(DataError, match=r"tile_0007.png: not named as a tile of the grid \(expected .*r03_c07.png\)"):
+        location_blocks.grid_block("tile_0007.png")

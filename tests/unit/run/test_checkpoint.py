@@ -50,9 +50,8 @@ def test_atomic_save_keeps_the_previous_file_when_writing_fails(tmp_path, monkey
     path = tmp_path / "checkpoint-last.pth"
     ckpt.save_checkpoint({"epoch": 1}, path)
 
-    def disk_full(obj, f, *args, **kwargs):
-        with open(f, "wb") as handle:
-            handle.write(b"partial")
+    def disk_full(obj, f, *args, **kwargs):  # f: the open temporary file (a full disk raises OSError through it)
+        f.write(b"partial")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)

@@ -99,6 +99,33 @@ def test_a_nan_loss_names_the_steps():
         train_epoch(linear(), batches, accum_iter=1, log_every=2)
 
 
+def test_a_nan_loss_names_its_cause_and_advises_only_what_this_run_can_change():
+    """Before, every NaN read "lower --blr, try --amp none or --clip_grad", --amp none and --clip_grad given or not;
+    NaN inputs (statistics that cannot normalise, NaN pixels) were blamed on the learning rate."""
+    plan = Schedule(epochs=1, batch_size=BATCH, accum_iter=1, lr=0.1, min_lr=0.1, warmup_epochs=0, clip_grad=1.0)
+    model = linear()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def advice(amp_dtype, inputs):
+        run = Run(0, 1, 0, torch.device("cpu"), amp_dtype, Path("."))
+        steps = StepLoop(model, optimizer, lr_scheduler(optimizer, plan, 1), None, run, plan, 0, 1, ("loss",))
+        x, y = data(1)[0]
+        with pytest.raises(NonFiniteLossError) as info:
+            with steps.accumulate(0):
+                loss = ((model(inputs(x)) - y) ** 2).mean()
+                steps.backward(loss)
+            steps.end_step(0, {"loss": loss}, len(x), inputs(x))
+        return str(info.value)
+
+    fp32 = advice(None, lambda x: x * float("inf"))
+    assert "the input batches held NaN/inf values (about 6 per process): check the normalisation" in fp32
+    assert "lower --blr" not in fp32
+    model.weight.data.fill_(float("nan"))  # finite inputs, NaN weights: the optimisation's advice
+    fp32 = advice(None, lambda x: x)
+    assert fp32.endswith("(lower --blr, a smaller --clip_grad than 1, or resume from the last checkpoint)")
+    assert "try --amp none, " in advice(torch.bfloat16, lambda x: x)
+
+
 def test_epoch_means_average_every_step():
     batches = data(4)
     model = linear()
