@@ -4,10 +4,12 @@ interface every dataset offers them (``SampleDataset``)."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate, get_worker_info
 
 from util.config import Loading
 from util.errors import UsageError
@@ -48,6 +50,65 @@ class SampleDataset(Dataset):
     def make_sampler(self, num_replicas: int, rank: int, seed: int) -> SeededSampler:
         """The training sampler: a seeded shuffle of every sample, sharded over ranks (``SeededSampler``)."""
         return SeededSampler(self, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+
+
+@dataclass
+class Batch:
+    """A batch that a dataset read whole (``PredecodedDataset.__getitems__``): images [B, C, S, S] and labels [B]
+    (int64). ``collate`` hands it on as ``[images, labels]``, what ``default_collate`` makes of per-item batches."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def collate(items: Batch | list) -> list:
+    """The loaders' ``collate_fn``: a ``Batch`` passes through untouched (no per-item stacking); items of other
+    datasets are stacked by ``torch.utils.data.default_collate``."""
+    if isinstance(items, Batch):
+        return [items.images, items.labels]
+    return default_collate(items)
+
+
+def batch_buffer(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous tensor to read a batch into; inside a DataLoader worker it lives in shared memory,
+    so handing the batch to the training process copies nothing (what ``default_collate`` does for the batches it
+    stacks: ``torch.utils.data._utils.collate.collate_tensor_fn``)."""
+    if get_worker_info() is None:
+        return torch.empty(tuple(shape), dtype=dtype)
+    nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, tuple(shape))
+
+
+class PredecodedDataset(SampleDataset):
+    """Pre-decoded images (``util.data.packed``, ``util.data.shards``): uint8 / uint16 arrays of ``bands`` x ``size``
+    x ``size`` pixels, read a whole batch at a time.
+
+    Without a ``transform``, a DataLoader's batch of keys (``__getitems__``) is read by ``read_into`` straight into one
+    tensor [B, C, S, S] (in shared memory inside a worker: ``batch_buffer``) and handed on as a ``Batch``: no per-item
+    tensors, no stacking copy. The pixels are those of ``dataset[key]`` item by item: crops, flips and normalisation
+    run later on the whole batch (``util.data.transforms.BatchAugment``), drawing from the training process's
+    generator, so which worker read a batch, and how, changes nothing. With a ``transform`` (per-image augmentation
+    seeded by each key's seed) the items are read one by one as before.
+    """
+
+    predecoded = True
+    size: int
+    bands: int
+    dtype: str  # "uint8" / "uint16"
+
+    def read_into(self, indices: list[int], out: np.ndarray) -> None:
+        """Write the pixels of samples ``indices`` into ``out`` [len(indices), bands, size, size] (``dtype``)."""
+        raise NotImplementedError
+
+    def __getitems__(self, keys: list) -> Batch | list:
+        if self.transform is not None:
+            return [self[key] for key in keys]
+        indices = [key[0] if isinstance(key, tuple) else key for key in keys]
+        if indices and not 0 <= min(indices) <= max(indices) < len(self):
+            raise IndexError(f"{self.source}: sample index out of range 0..{len(self) - 1}: {indices}")
+        images = batch_buffer((len(indices), self.bands, self.size, self.size), getattr(torch, self.dtype))
+        self.read_into(indices, images.numpy())
+        return Batch(images, torch.tensor([self.targets[i] for i in indices], dtype=torch.int64))
 
 
 def derived_seed(*parts) -> int:
@@ -102,6 +163,7 @@ def train_loader(dataset: SampleDataset, loading: Loading, run: Run) -> tuple[Da
         pin_memory=loading.pin_mem and run.device.type == "cuda",
         drop_last=True,
         persistent_workers=loading.num_workers > 0,
+        collate_fn=collate,
         generator=torch.Generator().manual_seed(loading.seed),
         worker_init_fn=ignore_stop_signals,
     )
@@ -117,6 +179,7 @@ def eval_loader(dataset: Dataset, loading: Loading, run: Run) -> DataLoader:
         shuffle=False,
         num_workers=loading.num_workers,
         pin_memory=loading.pin_mem and run.device.type == "cuda",
+        collate_fn=collate,
         generator=torch.Generator(),
         worker_init_fn=ignore_stop_signals,
     )

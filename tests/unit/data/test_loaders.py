@@ -1,6 +1,7 @@
 """util/data/loaders.py: seeded, resumable sampling."""
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from util.data import loaders
 from util.data.datasets import build_dataset
@@ -27,3 +28,17 @@ def test_sampler_seeds_depend_on_epoch_and_skip_finished_batches(csv_dataset):
     sampler.set_epoch(0)
     sampler.set_start(4)
     assert list(sampler) == epoch0[4:] and len(sampler) == 4
+
+
+class SharedBuffer(Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> bool:
+        return loaders.batch_buffer((2, 3), torch.uint16).is_shared()
+
+
+def test_a_batch_is_read_into_shared_memory_in_a_worker_only():
+    """In a worker the batch is born in shared memory, so the hand-over to the training process copies nothing."""
+    assert not loaders.batch_buffer((2, 3), torch.uint16).is_shared()
+    assert list(DataLoader(SharedBuffer(), batch_size=None, num_workers=1)) == [True]
