@@ -113,3 +113,49 @@ def test_two_workers_give_the_batches_of_none_and_of_the_item_by_item_path(tmp_p
         assert torch.equal(a, b) and torch.equal(la, lb)
         indices = order[first : first + 4]
         assert np.array_equal(a.numpy(), arrays[indices]) and la.tolist() == indices
+
+
+TINY_RUN = [
+    "--model",
+    "mae_vit_tiny",
+    "--input_size",
+    "32",
+    "--patch_size",
+    "8",
+    "--batch_size",
+    "4",
+    "--epochs",
+    "2",
+    "--warmup_epochs",
+    "1",
+    "--blr",
+    "1e-3",
+    "--log_every",
+    "1",
+    "--amp",
+    "none",
+]
+
+
+def test_a_run_stopped_mid_epoch_resumes_with_workers_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Whole-batch reads in 2 workers after the resume, in the main process before it: the same weights."""
+    import main_pretrain
+    from util.run import checkpoint, loop
+
+    meta = write_packed(tmp_path / "data", random_arrays(24, "uint8", 3, size=40), [0] * 24, "CHW")
+    flags = [*TINY_RUN, "--train_path", str(meta)]
+
+    def pretrain(*argv):
+        main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [*flags, *argv]))
+
+    pretrain("--num_workers", "0", "--output_dir", str(tmp_path / "straight"))
+    calls = []
+    monkeypatch.setattr(loop, "stop_requested", lambda run: calls.append(1) or len(calls) == 6 + 3)  # as SIGTERM
+    out = tmp_path / "interrupted"
+    pretrain("--num_workers", "0", "--output_dir", str(out))
+    assert checkpoint.read_checkpoint(out / "checkpoint-last.pth")["next_step"] == 3
+    monkeypatch.setattr(loop, "stop_requested", lambda run: False)
+    pretrain("--num_workers", "2", "--output_dir", str(out), "--resume", "auto")
+    expected = checkpoint.read_checkpoint(tmp_path / "straight" / "checkpoint-last.pth")["model"]
+    got = checkpoint.read_checkpoint(out / "checkpoint-last.pth")["model"]
+    assert got.keys() == expected.keys() and all(torch.equal(got[key], value) for key, value in expected.items())
