@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 
 from util.config import Loading
 from util.errors import UsageError
+from util.run import threads
 from util.run.process import Run, ignore_stop_signals
 
 
@@ -142,6 +143,21 @@ class SeededSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
+_TOLD: set[int] = set()  # the runs (by id) whose default worker count rank 0 has printed
+
+
+def worker_count(loading: Loading, run: Run) -> int:
+    """DataLoader worker processes: ``--num_workers`` where given, else this process's share of the CPUs less one for
+    the training process (``util.run.threads.default_workers``), which rank 0 prints once per run with its reason."""
+    if loading.num_workers is not None:
+        return loading.num_workers
+    workers, reason = threads.default_workers()
+    if run.is_main and id(run) not in _TOLD:
+        _TOLD.add(id(run))
+        print(f"data workers: {workers} per process (--num_workers not given; {reason})", flush=True)
+    return workers
+
+
 def train_loader(dataset: SampleDataset, loading: Loading, run: Run) -> tuple[DataLoader, SeededSampler]:
     """Shuffled, seeded (``loading.seed``), sharded across ranks in the dataset's own order (``make_sampler``);
     incomplete last batches are dropped.
@@ -155,14 +171,15 @@ def train_loader(dataset: SampleDataset, loading: Loading, run: Run) -> tuple[Da
             "training images"
         )
     sampler = dataset.make_sampler(run.world_size, run.rank, loading.seed)
+    workers = worker_count(loading, run)
     loader = DataLoader(  # its own generator: worker seeds must not draw from the RNG that masks use
         dataset,
         batch_size=loading.batch_size,
         sampler=sampler,
-        num_workers=loading.num_workers,
+        num_workers=workers,
         pin_memory=loading.pin_mem and run.device.type == "cuda",
         drop_last=True,
-        persistent_workers=loading.num_workers > 0,
+        persistent_workers=workers > 0,
         collate_fn=collate,
         generator=torch.Generator().manual_seed(loading.seed),
         worker_init_fn=ignore_stop_signals,
@@ -177,7 +194,7 @@ def eval_loader(dataset: Dataset, loading: Loading, run: Run) -> DataLoader:
         torch.utils.data.Subset(dataset, indices),
         batch_size=loading.batch_size,
         shuffle=False,
-        num_workers=loading.num_workers,
+        num_workers=worker_count(loading, run),
         pin_memory=loading.pin_mem and run.device.type == "cuda",
         collate_fn=collate,
         generator=torch.Generator(),

@@ -1,11 +1,14 @@
 """util/data/loaders.py: seeded, resumable sampling."""
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from util import config
 from util.data import loaders
 from util.data.datasets import build_dataset
 from util.data.transforms import build_transform
+from util.run import process
 
 
 def test_seeded_samples_repeat_their_augmentation(csv_dataset):
@@ -42,3 +45,22 @@ def test_a_batch_is_read_into_shared_memory_in_a_worker_only():
     """In a worker the batch is born in shared memory, so the hand-over to the training process copies nothing."""
     assert not loaders.batch_buffer((2, 3), torch.uint16).is_shared()
     assert list(DataLoader(SharedBuffer(), batch_size=None, num_workers=1)) == [True]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_without_num_workers_the_loaders_take_the_cpu_share_less_one_and_say_why(csv_dataset, monkeypatch, capsys):
+    monkeypatch.setattr(loaders.threads, "affinity_cpus", lambda: set(range(8)))
+    monkeypatch.setattr(loaders.threads, "cgroup_cpu_quota", lambda *paths: None)
+    monkeypatch.setattr(loaders.threads, "measured_once", lambda cpus: 0.0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    dataset = build_dataset(csv_dataset, "fmow_rgb", build_transform(True, 32))
+    run = process.Run(0, 1, 0, torch.device("cpu"), None, csv_dataset.parent)
+    loader, _ = loaders.train_loader(dataset, config.Loading(4, None), run)
+    evaluation = loaders.eval_loader(dataset, config.Loading(4, None), run)
+    assert loader.num_workers == evaluation.num_workers == 3  # 4 CPUs per process, one for the training process
+    assert capsys.readouterr().out == (
+        "data workers: 3 per process (--num_workers not given; 8 CPUs allowed by affinity, cgroup quota none, "
+        "2 processes on this node; 4 CPUs per process, one left to the training process)\n"
+    )  # once per run
+    assert loaders.train_loader(dataset, config.Loading(4, 0), run)[0].num_workers == 0  # --num_workers wins
+    assert capsys.readouterr().out == ""
