@@ -64,3 +64,13 @@ def test_without_num_workers_the_loaders_take_the_cpu_share_less_one_and_say_why
     )  # once per run
     assert loaders.train_loader(dataset, config.Loading(4, 0), run)[0].num_workers == 0  # --num_workers wins
     assert capsys.readouterr().out == ""
+
+
+def test_batches_for_a_gpu_are_pinned_unless_no_pin_mem(csv_dataset):
+    """Pinned batches are what makes the training loops' ``.to(device, non_blocking=True)`` asynchronous."""
+    dataset = build_dataset(csv_dataset, "fmow_rgb", build_transform(True, 32))
+    for device, pin_mem, pinned in (("cuda", True, True), ("cuda", False, False), ("cpu", True, False)):
+        run = process.Run(0, 1, 0, torch.device(device), None, csv_dataset.parent)
+        reading = config.Loading(4, 0, pin_mem)
+        assert loaders.train_loader(dataset, reading, run)[0].pin_memory == pinned
+        assert loaders.eval_loader(dataset, reading, run).pin_memory == pinned
