@@ -105,8 +105,9 @@ class PredecodedDataset(SampleDataset):
         if self.transform is not None:
             return [self[key] for key in keys]
         indices = [key[0] if isinstance(key, tuple) else key for key in keys]
-        if indices and not 0 <= min(indices) <= max(indices) < len(self):
-            raise IndexError(f"{self.source}: sample index out of range 0..{len(self) - 1}: {indices}")
+        outside = next((index for index in indices if not 0 <= index < len(self)), None)
+        if outside is not None:  # read_into indexes without bounds checks
+            raise IndexError(f"{self.source}: sample index {outside} out of range 0..{len(self) - 1}")
         images = batch_buffer((len(indices), self.bands, self.size, self.size), getattr(torch, self.dtype))
         self.read_into(indices, images.numpy())
         return Batch(images, torch.tensor([self.targets[i] for i in indices], dtype=torch.int64))

@@ -61,6 +61,8 @@ def test_a_batch_read_whole_equals_its_items_read_one_by_one(tmp_path, layout, d
     assert torch.equal(batch[0], expected[0]) and torch.equal(batch[1], expected[1])
     assert batch[1].dtype == torch.int64 and batch[1].tolist() == [9, 3, 9, 4, 2]
     assert torch.equal(dataset.__getitems__([5, 0]).images, batch[0][:2])  # plain indices (evaluation)
+    with pytest.raises(IndexError, match="x.json: sample index 7 out of range 0..6"):
+        dataset.__getitems__([0, 7])
 
 
 def test_band_first_and_band_last_files_of_the_same_images_read_the_same(tmp_path):
