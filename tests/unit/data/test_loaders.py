@@ -33,18 +33,21 @@ def test_sampler_seeds_depend_on_epoch_and_skip_finished_batches(csv_dataset):
     assert list(sampler) == epoch0[4:] and len(sampler) == 4
 
 
-class SharedBuffer(Dataset):
+class RingBuffer(Dataset):
     def __len__(self) -> int:
         return 1
 
-    def __getitem__(self, index: int) -> bool:
-        return loaders.batch_buffer((2, 3), torch.uint16).is_shared()
+    def __getitem__(self, index: int) -> tuple[bool, bool, int]:
+        buffer, flags, slot = loaders.BatchBuffers().take((2, 3), torch.uint16)
+        return buffer.is_shared(), flags is not None and flags.is_shared(), slot
 
 
 def test_a_batch_is_read_into_shared_memory_in_a_worker_only():
-    """In a worker the batch is born in shared memory, so the hand-over to the training process copies nothing."""
-    assert not loaders.batch_buffer((2, 3), torch.uint16).is_shared()
-    assert list(DataLoader(SharedBuffer(), batch_size=None, num_workers=1)) == [True]
+    """In a worker the batch is born in shared memory (a ring buffer), so the hand-over to the training process copies
+    nothing; in the training process itself it is a plain tensor."""
+    buffer, flags, slot = loaders.BatchBuffers().take((2, 3), torch.uint16)
+    assert not buffer.is_shared() and flags is None and slot == -1
+    assert list(DataLoader(RingBuffer(), batch_size=None, num_workers=1)) == [[True, True, 0]]
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")

@@ -1,12 +1,14 @@
 """util/data/packed.py: band-first and band-last arrays, whole-batch reads equal to item-by-item reads, workers."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import bands_of
+from torch.utils.data import DataLoader
 
 from util import config
 from util.data import datasets, loaders, packed
@@ -89,6 +91,25 @@ def test_with_a_per_image_transform_items_stay_seeded_one_by_one(tmp_path):
     batch = loaders.collate(dataset.__getitems__(keys))
     assert batch[0].dtype == torch.float32 and batch[0].shape == (2, 3, 8, 8)
     assert torch.equal(batch[0][0], dataset[(1, 7)][0]) and torch.equal(batch[0][1], dataset[(3, 8)][0])
+
+
+def test_a_workers_ring_buffers_are_reused_only_once_the_training_process_let_go_of_them(tmp_path):
+    """Batches kept here (a whole batch, a view of another) keep their pixels while the worker goes on reusing the
+    buffers of the batches dropped."""
+    arrays = random_arrays(12, "uint16", 13)
+    dataset = open_packed(write_packed(tmp_path, arrays, list(range(12)), "CHW"), 13)
+    order = list(range(12)) * 4
+    loader = DataLoader(dataset, batch_size=2, sampler=order, num_workers=1, collate_fn=loaders.collate)
+    segments, kept = set(), []
+    for n, (images, labels) in enumerate(loader):
+        indices = order[2 * n : 2 * n + 2]
+        assert np.array_equal(images.numpy(), arrays[indices]) and labels.tolist() == indices
+        segments.add(os.fstat(images.untyped_storage()._share_fd_cpu_()[0]).st_ino)  # the shared-memory file
+        if n in (1, 2):
+            kept.append((images if n == 1 else images[1:], indices if n == 1 else indices[1:]))
+    assert len(segments) < 24  # buffers were reused
+    for images, indices in kept:
+        assert np.array_equal(images.numpy(), arrays[indices])
 
 
 def fake_run() -> process.Run:
