@@ -70,17 +70,23 @@ class ItemByItem(Dataset):
         return self.dataset[key]
 
 
-def delivered_rate(dataset: Dataset, collate, batch_size: int, workers: int, seconds: float) -> float:
+def delivered_rate(dataset: Dataset, collate, batch_size: int, workers: int, seconds: float, copy: bool) -> float:
     """Images/s the training process receives from a DataLoader with ``workers`` workers over ``dataset`` (random
-    order, seed 0), timed for about ``seconds`` after the prefetched backlog is drained."""
+    order, seed 0), timed for about ``seconds`` after the prefetched backlog is drained; ``copy``: each batch is also
+    copied here into one reused tensor, as the pin-memory thread copies it into pinned memory on a GPU."""
     sampler = RandomSampler(dataset, replacement=True, num_samples=10**9, generator=torch.Generator().manual_seed(0))
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate)
     batches = iter(loader)
     for _ in range(1 + 2 * max(workers, 1)):  # worker start-up and the prefetch backlog (prefetch_factor 2)
         next(batches)
-    count, start = 0, time.perf_counter()
+    count, start, target = 0, time.perf_counter(), None
     while time.perf_counter() - start < seconds:
-        count += len(next(batches)[0])
+        images = next(batches)[0]
+        if copy:
+            target = torch.empty_like(images) if target is None or target.shape != images.shape else target
+            target.copy_(images)
+        count += len(images)
+        del images  # the ring buffer is free again once nothing here holds it
     rate = count / (time.perf_counter() - start)
     del batches  # ends the workers
     return rate
@@ -309,27 +315,31 @@ def main() -> None:
         best: dict[tuple[str, str], float] = {}
         for _ in range(args.rounds):
             for name, (old, old_collate, new, new_collate) in pipelines.items():
-                for path, dataset, collate in (("before", old, old_collate), ("now", new, new_collate)):
+                latest = (new, new_collate) if new is not None else (old, old_collate)
+                for path, (dataset, collate), copy in (
+                    ("before", (old, old_collate), False),
+                    ("now", (new, new_collate), False),
+                    ("copied", latest, True),
+                ):
                     if dataset is not None:
-                        rate = delivered_rate(dataset, collate, args.batch_size, args.workers, args.seconds)
+                        rate = delivered_rate(dataset, collate, args.batch_size, args.workers, args.seconds, copy)
                         best[name, path] = max(rate, best.get((name, path), 0.0))
         workers = f"{args.workers} worker{'s' * (args.workers > 1)}"
         print(
             f"images/s delivered to the training process by a DataLoader of {workers}, batch {args.batch_size}, "
             f"{size} px (best of {args.rounds} rounds of {args.seconds:g} s); workers per GPU = "
-            f"ceil({GPU_RATE:,.0f} / rate per worker)",
+            f"ceil({GPU_RATE:,.0f} / rate per worker); 'copied': now, with each batch copied once in the training "
+            "process (what its pin-memory thread does on a GPU)",
             flush=True,
         )
-        print(f"{'format':42s} {'before':>10s} {'now':>10s} {'now/before':>10s} {'workers/GPU':>11s}", flush=True)
+        header = ("format", "before", "now", "now/before", "copied", "workers/GPU")
+        print(f"{header[0]:42s} " + " ".join(f"{h:>10s}" for h in header[1:5]) + f" {header[5]:>11s}", flush=True)
         for name, (_, _, new, _) in pipelines.items():
             before = best[name, "before"]
             now = best[name, "now"] if new is not None else before
-            ratio = f"{now / before:.2f}x" if new is not None else "(one path)"
-            per_worker = now / args.workers
-            print(
-                f"{name:42s} {before:10.0f} {now:10.0f} {ratio:>10s} {math.ceil(GPU_RATE / per_worker):11d}",
-                flush=True,
-            )
+            ratio = f"{now / before:.2f}x" if new is not None else "one-path"
+            copied, per_gpu = best[name, "copied"], math.ceil(GPU_RATE / (now / args.workers))
+            print(f"{name:42s} {before:10.0f} {now:10.0f} {ratio:>10s} {copied:10.0f} {per_gpu:11d}", flush=True)
         if args.streaming:
             streaming_rates(pre, shards_rgb, packed_rgb, 512)
 

@@ -60,11 +60,11 @@ def test_data_benchmark_reports_each_pipeline_before_and_now():
     assert result.returncode == 0, result.stderr
     rows = {line[:42].strip(): line[42:].split() for line in result.stdout.splitlines()}
     for pipeline in ("JPEG, pre-resized (32 px)", "JPEG, large (64 px, PIL draft)", "GeoTIFF uint16 13-band (zlib)"):
-        before, now, *_ = rows[pipeline]
-        assert before == now and float(now) > 0 and "(one path)" in " ".join(rows[pipeline])
+        before, now, ratio, copied, workers = rows[pipeline]
+        assert before == now and float(now) > 0 and ratio == "one-path" and float(copied) > 0 and int(workers) >= 1
     for pipeline in ("packed uint8 RGB", "shards uint8 RGB", "packed uint16 13-band", "shards uint16 13-band"):
-        before, now, ratio, workers = rows[pipeline]
-        assert float(before) > 0 and float(now) > 0 and ratio.endswith("x") and int(workers) >= 1
+        before, now, ratio, copied, workers = rows[pipeline]
+        assert float(before) > 0 and float(now) > 0 and ratio.endswith("x") and float(copied) > 0 and int(workers) >= 1
     assert "delivered to the training process by a DataLoader of 1 worker" in result.stdout
     for stream in ("shards streamed by webdataset, local disk", "shards streamed by webdataset, http://127.0.0.1"):
         assert stream in result.stdout

@@ -105,6 +105,20 @@ def shared_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, tuple(shape))
 
 
+def storage_lives_with_its_tensors() -> bool:
+    """Whether a storage's Python object (and so its finalizer) lives as long as any tensor or view uses the storage,
+    which ``_received`` relies on to free a ring buffer (torch >= 2.1 keeps one object per storage); checked, not
+    assumed."""
+    released = []
+    tensor = torch.empty(4)
+    weakref.finalize(tensor.untyped_storage(), released.append, True)
+    view = tensor[1:]
+    del tensor
+    alive = not released and view.untyped_storage() is view.untyped_storage()
+    del view
+    return alive and released == [True]
+
+
 class BatchBuffers:
     """Where a process reads whole batches: outside DataLoader workers a new tensor per batch; in a worker, a ring of
     ``RING`` shared-memory buffers reused once the training process has let go of them.
@@ -114,7 +128,8 @@ class BatchBuffers:
     a 2-core VM, against ~12 ms to copy the pixels into a buffer already mapped). A ring buffer is reused only when
     its flag, in shared memory, says FREE: the training process sets it when the last tensor using the batch's memory
     there is gone (``_received``), whatever holds it (the pin-memory thread, the training step, a kept view); until
-    then the worker reads into another buffer, or a fresh one when all ``RING`` are in use. A batch the training
+    then the worker reads into another buffer, or a fresh one when all ``RING`` are in use (always, with a torch whose
+    storage objects do not live as long as their tensors: ``storage_lives_with_its_tensors``). A batch the training
     process never receives (a loader abandoned mid-epoch) keeps its buffer until the worker ends.
     """
 
@@ -127,7 +142,7 @@ class BatchBuffers:
         if get_worker_info() is None:
             return torch.empty(tuple(shape), dtype=dtype), None, -1
         if self.flags is None:
-            self.flags = shared_empty((RING,), torch.uint8).fill_(FREE)
+            self.flags = shared_empty((RING,), torch.uint8).fill_(FREE if storage_lives_with_its_tensors() else IN_USE)
         states = self.flags.numpy()
         for slot, buffer in enumerate(self.ring):
             if states[slot] == FREE:

@@ -77,3 +77,7 @@ def test_batches_for_a_gpu_are_pinned_unless_no_pin_mem(csv_dataset):
         reading = config.Loading(4, 0, pin_mem)
         assert loaders.train_loader(dataset, reading, run)[0].pin_memory == pinned
         assert loaders.eval_loader(dataset, reading, run).pin_memory == pinned
+
+
+def test_this_torch_keeps_a_storage_object_as_long_as_its_tensors_as_the_ring_buffers_need():
+    assert loaders.storage_lives_with_its_tensors()
