@@ -160,8 +160,11 @@ TINY_RUN = [
 ]
 
 
-def test_a_run_stopped_mid_epoch_resumes_with_workers_to_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch):
-    """Whole-batch reads in 2 workers after the resume, in the main process before it: the same weights."""
+def test_a_run_stopped_mid_epoch_resumes_with_workers_to_the_weights_of_an_uninterrupted_one(
+    tmp_path, monkeypatch, capsys
+):
+    """Whole-batch reads in 2 workers after the resume, in the main process before it, in the default number of
+    workers for the uninterrupted run: the same weights."""
     import main_pretrain
     from util.run import checkpoint, loop
 
@@ -171,7 +174,8 @@ def test_a_run_stopped_mid_epoch_resumes_with_workers_to_the_weights_of_an_unint
     def pretrain(*argv):
         main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [*flags, *argv]))
 
-    pretrain("--num_workers", "0", "--output_dir", str(tmp_path / "straight"))
+    pretrain("--output_dir", str(tmp_path / "straight"))  # no --num_workers: the CPU share less one, at least 1
+    assert "data workers: " in capsys.readouterr().out
     calls = []
     monkeypatch.setattr(loop, "stop_requested", lambda run: calls.append(1) or len(calls) == 6 + 3)  # as SIGTERM
     out = tmp_path / "interrupted"
