@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ REPO = Path(__file__).resolve().parents[1]  # the repository root
 # until CI's own limit), never a speed requirement. Generous enough that a machine slowed 50x by other jobs does not
 # trip it: the slowest subprocess of the suite takes about 60 s on a quiet 2-core machine.
 HANG_GUARD_S = 3000
+if "PYTEST_XDIST_WORKER" in os.environ:  # `pytest -n 2`: two workers of 2 threads each would oversubscribe 2 cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 SHARED_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "fmow_samples"
 
 
