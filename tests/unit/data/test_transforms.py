@@ -53,11 +53,12 @@ def test_batch_augment_equals_crop_resize_and_flip_of_each_image():
 
 
 @pytest.mark.cuda
-def test_batch_augment_on_the_gpu_equals_the_cpu_result():
+def test_batch_augment_on_the_gpu_equals_the_cpu_result(cuda_device):
     images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
     augment = transforms.BatchAugment(32, transforms.FMOW_RGB_MEAN, transforms.FMOW_RGB_STD)
     torch.manual_seed(3)
     on_cpu = augment(images)
     torch.manual_seed(3)  # boxes and flips come from the CPU generator either way
-    on_gpu = augment.to("cuda")(images.pin_memory().to("cuda", non_blocking=True))
+    pinned = images.pin_memory() if cuda_device.type == "cuda" else images
+    on_gpu = augment.to(cuda_device)(pinned.to(cuda_device, non_blocking=True))
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
