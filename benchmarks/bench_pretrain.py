@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_cross_scale_mae as models_mae
 from util.run.loop import optimizer_step, set_fused_attention, use_sdpa
-from util.run.process import autocast, resolve_amp, resolve_device
+from util.run.process import autocast, resolve_amp, resolve_device, set_fp32_precision
 
 
 def synchronize(device: torch.device) -> None:
@@ -170,6 +170,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     amp_dtype = resolve_amp(args.amp, device)
+    precision = set_fp32_precision(device)  # as training sets it: --amp none is IEEE fp32, no TF32
     matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
     torch.manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
@@ -177,7 +178,7 @@ def main() -> None:
     print(
         f"{args.model}, {args.input_size} px, patch {args.patch_size}, batch {args.batch_size}, device {device} "
         f"({where}), "
-        f"torch {torch.__version__}",
+        f"torch {torch.__version__}{precision}",
         flush=True,
     )
 
