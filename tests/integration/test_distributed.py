@@ -444,3 +444,32 @@ def test_slurm_jobs_get_their_own_port():
     assert ops.slurm_port("123456") == 20000 + 123456 % 20000
     assert ops.slurm_port("7") != ops.slurm_port("8")
     assert ops.slurm_port(None) == 29500
+
+
+@pytest.mark.parametrize(
+    "nccl, expected",
+    [
+        ("eth", "eth1"),  # a prefix: the first interface it selects
+        ("ib,eth", "eth1"),
+        ("=eth2", "eth2"),  # an exact name
+        ("=eth", None),
+        ("^docker,eth", "ib0"),  # every other interface, never the loopback
+        ("^eth1,ib", "docker0"),  # what the exclusion leaves, as NCCL reads it
+        ("wlan", None),
+    ],
+)
+def test_gloo_takes_the_interface_nccl_was_told_to_use(nccl, expected):
+    assert ops.gloo_interface(nccl, ["lo", "docker0", "eth1", "eth2", "ib0"]) == expected
+
+
+def test_gloo_socket_ifname_is_set_from_nccls_unless_given(monkeypatch):
+    monkeypatch.setattr(socket, "if_nameindex", lambda: [(1, "lo"), (2, "enp1s0"), (3, "ens5")])
+    environ = {"NCCL_SOCKET_IFNAME": "ens"}
+    assert ops.gloo_interface_from_nccl(environ) == "gloo: GLOO_SOCKET_IFNAME=ens5 (from NCCL_SOCKET_IFNAME=ens)"
+    assert environ["GLOO_SOCKET_IFNAME"] == "ens5"
+    given = {"NCCL_SOCKET_IFNAME": "ens", "GLOO_SOCKET_IFNAME": "enp1s0"}
+    assert ops.gloo_interface_from_nccl(given) is None and given["GLOO_SOCKET_IFNAME"] == "enp1s0"
+    assert ops.gloo_interface_from_nccl({}) is None
+    unmatched = {"NCCL_SOCKET_IFNAME": "ib"}
+    assert "selects no interface of this host" in ops.gloo_interface_from_nccl(unmatched)
+    assert "GLOO_SOCKET_IFNAME" not in unmatched

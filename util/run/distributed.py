@@ -58,10 +58,51 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
     else:
         return 0, 1, 0
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    note = gloo_interface_from_nccl(os.environ)
+    if note and local_rank == 0:  # one line per node: each node has its own interfaces
+        print(note, flush=True)
     if backend == "nccl":
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world_size, local_rank
+
+
+def gloo_interface(nccl_ifname: str, interfaces: list[str]) -> str | None:
+    """The first of this host's ``interfaces`` (``socket.if_nameindex`` order) that ``NCCL_SOCKET_IFNAME`` selects,
+    by NCCL's rules: ``eth,ib`` prefixes, ``=eth0`` exact names, ``^docker,lo`` every other interface (then never the
+    loopback ``lo``, which other nodes cannot reach); None when none matches. Gloo takes exact names only."""
+    spec = nccl_ifname.strip()
+    exclude = spec.startswith("^")
+    spec = spec.removeprefix("^")
+    exact = spec.startswith("=")
+    names = [name for name in spec.removeprefix("=").split(",") if name]
+    for interface in interfaces:
+        selected = interface in names if exact else any(interface.startswith(name) for name in names)
+        if selected != exclude and not (exclude and interface == "lo"):
+            return interface
+    return None
+
+
+def gloo_interface_from_nccl(environ: dict) -> str | None:
+    """Bind gloo (the CPU process group, and the stop-agreement group of NCCL runs: ``util.run.process``) to the
+    network interface NCCL was told to use. Gloo binds to the address the host name resolves to, which on several nodes
+    can be unreachable from the others (127.0.1.1 under Debian / Ubuntu's default ``/etc/hosts``, or a management
+    NIC), so ``new_group(backend="gloo")`` fails or hangs where NCCL works. Where ``NCCL_SOCKET_IFNAME`` is set and
+    ``GLOO_SOCKET_IFNAME`` is not, sets ``GLOO_SOCKET_IFNAME`` in ``environ`` to the interface it selects
+    (``gloo_interface``). Returns the start-up note, or None when nothing was set."""
+    nccl = environ.get("NCCL_SOCKET_IFNAME")
+    if not nccl or environ.get("GLOO_SOCKET_IFNAME"):
+        return None
+    import socket
+
+    interface = gloo_interface(nccl, [name for _, name in socket.if_nameindex()])
+    if interface is None:
+        return (
+            f"warning: NCCL_SOCKET_IFNAME={nccl} selects no interface of this host; gloo binds to the address of the "
+            "host name (set GLOO_SOCKET_IFNAME if the nodes cannot reach it)"
+        )
+    environ["GLOO_SOCKET_IFNAME"] = interface
+    return f"gloo: GLOO_SOCKET_IFNAME={interface} (from NCCL_SOCKET_IFNAME={nccl})"
 
 
 def first_host(nodes: str) -> str | None:
