@@ -116,8 +116,10 @@ def train_segmenter(flags: Flags, bands: Bands) -> None:
         decoder_channels=flags.decoder_channels,
         drop_path=flags.drop_path,
     )
-    if distributed.is_distributed() and run.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if distributed.is_distributed():  # gloo as NCCL: the 2-process CPU tests run the synced path
+        from models_segmentation import sync_batch_norms
+
+        sync_batch_norms(model)
     model.to(run.device)
     plan = config.training_schedule(flags, run.world_size)
     record = config.run_record(

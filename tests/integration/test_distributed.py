@@ -57,6 +57,47 @@ def predictor(bn: type[nn.Module] = nn.BatchNorm1d, momentum: float | None = 0.1
     )
 
 
+N_SEG, C_SEG = 3, 4  # segmentation head: per-rank batch, channels
+
+
+def seg_head() -> nn.Sequential:
+    """A segmentation head's BatchNorms at toy size: one over a feature map, one over a pooled 1 x 1 map (UperNet's
+    pyramid pooling), as ``models_segmentation`` builds them (``BatchNorm2dOfAnyBatch``)."""
+    from models_segmentation import any_batch_norms
+
+    torch.manual_seed(7)
+    return any_batch_norms(
+        nn.Sequential(
+            nn.Conv2d(3, C_SEG, 3, padding=1),
+            nn.BatchNorm2d(C_SEG),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.BatchNorm2d(C_SEG),
+            nn.Conv2d(C_SEG, 2, 1),
+        )
+    )
+
+
+def seg_data():
+    g = torch.Generator().manual_seed(8)
+    images = torch.randn(SGD_STEPS, WORLD * N_SEG, 3, 6, 6, generator=g) * 2 + 1
+    return images, torch.randint(0, 2, (SGD_STEPS, WORLD * N_SEG, 1, 1), generator=g)
+
+
+def train_seg_head(model: nn.Module, rows: slice) -> tuple[torch.Tensor, dict]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    images, targets = seg_data()
+    losses = []
+    for step in range(SGD_STEPS):
+        loss = nn.functional.cross_entropy(model(images[step, rows]), targets[step, rows])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    state = (model.module if hasattr(model, "module") else model).state_dict()
+    return torch.stack(losses), {k: v.clone() for k, v in state.items()}
+
+
 def predictor_data():
     g = torch.Generator().manual_seed(5)
     return torch.randn(SGD_STEPS, WORLD * N_BN, TOKENS, HIDDEN, generator=g), torch.randn(
@@ -143,6 +184,13 @@ def _distributed_cases(rank: int) -> dict:
         optimizer.zero_grad()
         losses.append(loss.detach())
     results["predictor"] = (torch.stack(losses), {k: v.clone() for k, v in model.module.state_dict().items()})
+
+    from models_segmentation import SyncBatchNorm2dOfAnyBatch, sync_batch_norms
+
+    for name, per_rank in (("seg", N_SEG), ("seg/one value per rank", 1)):
+        head = sync_batch_norms(seg_head())
+        assert type(head[4]) is SyncBatchNorm2dOfAnyBatch
+        results[name] = train_seg_head(DDP(head), slice(rank * per_rank, (rank + 1) * per_rank))
 
     results["reduce_mean"] = ops.all_reduce_mean({"a": float(rank), "b": torch.tensor(10.0 * rank + 1), "c": 2}, "cpu")
     return results
@@ -299,6 +347,21 @@ def test_synced_predictor_trains_like_one_process_on_the_union(ranks):
                 assert_close(state[key], value, rtol=2e-6)
             else:
                 assert torch.equal(state[key], value), key
+
+
+@pytest.mark.parametrize("name, per_rank", [("seg", N_SEG), ("seg/one value per rank", 1)])
+def test_synced_segmentation_batchnorms_train_like_one_process_on_the_union(ranks, name, per_rank):
+    """engine_segment under DDP (gloo here, NCCL on GPUs): both ranks' BatchNorm statistics, also where each rank's
+    pooled map holds one value per channel (the union holds 2: plain BatchNorm statistics)."""
+    union_losses, expected = train_seg_head(seg_head(), slice(0, WORLD * per_rank))
+    assert_close(torch.stack([r[name][0] for r in ranks]).mean(0), union_losses, rtol=2e-6)
+    for result in ranks:
+        state = result[name][1]
+        assert state.keys() == expected.keys()
+        for key, value in expected.items():
+            # float32 sums in another order (per rank, then merged); the first BatchNorm's bias gradient is a
+            # near-cancelling sum (a batch statistic follows it), so its tiny update is compared in absolute terms
+            torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_convert_sync_batchnorm_keeps_the_state_dict_and_single_process_behaviour():
