@@ -364,6 +364,33 @@ def test_synced_segmentation_batchnorms_train_like_one_process_on_the_union(rank
             torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("bn_class, shape", [(ops.SyncBatchNorm2d, (6, 4, 5, 5)), (ops.SyncBatchNorm1d, (6, 4, 7))])
+def test_synced_batchnorm_under_bf16_autocast_on_the_device(cuda_device, tmp_path, bn_class, shape):
+    """The synced path (statistics gathered with autograd) on the device's backend (NCCL on a GPU; one process, so
+    the gathered statistics are this process's): bf16 activations in, bf16 out, fp32 statistics equal to
+    BatchNorm's on the same values, gradients back to the input."""
+    backend = "nccl" if cuda_device.type == "cuda" else "gloo"
+    if cuda_device.type == "cuda":
+        torch.cuda.set_device(cuda_device)
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(9)
+        x = (torch.randn(shape) * 3 + 2).to(cuda_device, torch.bfloat16).requires_grad_(True)
+        synced = bn_class(4).to(cuda_device)
+        plain = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(4).to(cuda_device)
+        with torch.autocast(cuda_device.type, dtype=torch.bfloat16):
+            y = synced._sync_forward(x)  # forward() takes the plain path on one process
+        y.float().square().mean().backward()
+        expected = plain(x.detach().float())
+    finally:
+        dist.destroy_process_group()
+    assert y.dtype == torch.bfloat16 and x.grad is not None and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(y.float(), expected, atol=3e-2, rtol=1e-2)  # bf16: 8 mantissa bits
+    torch.testing.assert_close(synced.running_mean, plain.running_mean, rtol=1e-5, atol=1e-6)  # fp32 statistics
+    torch.testing.assert_close(synced.running_var, plain.running_var, rtol=1e-5, atol=1e-6)
+
+
 def test_convert_sync_batchnorm_keeps_the_state_dict_and_single_process_behaviour():
     plain = predictor()
     plain[1].running_mean.uniform_()
