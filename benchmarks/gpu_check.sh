@@ -5,7 +5,7 @@
 # decoder's attention shape, fused AdamW, pinned memory; benchmarks/cuda_paths.py) and the on-device packed-array
 # data path, the real training loop (main_pretrain.py on a synthetic packed array: logged img/s against the bare
 # step's), and a 1-process torchrun (NCCL) pretraining run, compiled, with --accum_iter 2 (DDP's no_sync), stopped by
-# SIGTERM to its process group and resumed.
+# SIGTERM to its process group and resumed (eagerly: a compiled run's checkpoint must load there).
 #
 #   bash benchmarks/gpu_check.sh            # on a CUDA machine: the real check
 #   bash benchmarks/gpu_check.sh --dry-run  # anywhere: every stage at toy size on the CPU (what CI runs)
@@ -64,7 +64,7 @@ if (( DRY_RUN )); then
   LOOP=(--model cross_scale_mae_vit_tiny --input_size 32 --patch_size 8 --batch_size 8 --num_workers 1 --amp none
         --device cpu --log_every 1)
   TRAIN=(--model cross_scale_mae_vit_tiny --input_size 32 --patch_size 8 --batch_size 2 --num_workers 0
-         --amp none --device cpu --blr 1e-3 --log_every 1 --accum_iter 2 --compile)
+         --amp none --device cpu --blr 1e-3 --log_every 1 --accum_iter 2)
   TRAIN_DATA="$WORK/synthetic/train.json"  # stage pretrain_loop's array: 16 steps per epoch
   # what torchrun sets for a 1-process job, without its agent (a second interpreter's start-up): a 1-process gloo
   # group, DDP-wrapped; the GPU run launches torchrun itself
@@ -82,7 +82,7 @@ else
   LOOP=(--model cross_scale_mae_vit_base --input_size 128 --batch_size 512 --num_workers 4 --device cuda
         --log_every 4)
   TRAIN=(--model cross_scale_mae_vit_tiny --input_size 64 --patch_size 8 --batch_size 8 --num_workers 2
-         --device cuda --blr 1e-3 --log_every 1 --accum_iter 2 --compile)
+         --device cuda --blr 1e-3 --log_every 1 --accum_iter 2)
   TRAIN_DATA=data/sentinel2_rgb/train.csv  # JPEGs decoded by workers: the other input path; 22 steps per epoch
   LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1)
 fi
@@ -215,7 +215,8 @@ stage_torchrun_resume() {
              --train_path "$TRAIN_DATA" --output_dir "$out")
   [[ -f "$TRAIN_DATA" ]] || fail "no $TRAIN_DATA (written by stage pretrain_loop)"
   # its own process group, signalled as a whole: what SLURM (scancel) does before pre-emption
-  setsid "${cmd[@]}" --epochs 50 --warmup_epochs 1 > "$first" 2>&1 &
+  # compiled (DDP + torch.compile + no_sync); the resumed run is eager: a compiled run's checkpoint must load there
+  setsid "${cmd[@]}" --compile --epochs 50 --warmup_epochs 1 > "$first" 2>&1 &
   local pid=$! waited=0
   until grep -q "\[3/" "$first"; do
     kill -0 "$pid" 2>/dev/null || { cat "$first"; fail "training ended before its third step"; }
@@ -238,7 +239,7 @@ stage_torchrun_resume() {
     || { cat "$second"; fail "the resumed run failed"; }
   cat "$second"
   grep -q "resumed from .*checkpoint-last.pth, continuing at epoch $epoch" "$second" || fail "no resume message"
-  result "compiled, --accum_iter 2: stopped at epoch $epoch step $step, resumed: $(grep -Eo "continuing at epoch [0-9]+( step [0-9]+)?" "$second" | head -1)"
+  result "compiled, --accum_iter 2: stopped at epoch $epoch step $step, resumed eagerly: $(grep -Eo "continuing at epoch [0-9]+( step [0-9]+)?" "$second" | head -1)"
 }
 
 # ------------------------------------------------------------------------------------------- driver

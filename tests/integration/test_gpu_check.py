@@ -43,7 +43,8 @@ def test_gpu_check_dry_run_passes_every_stage(tmp_path):
     assert "on-device data path" in rows["cuda_paths"][2]
     assert "logged" in rows["pretrain_loop"][2] and "end-to-end MFU" in rows["pretrain_loop"][2]
     assert (
-        "--accum_iter 2" in rows["torchrun_resume"][2] and "resumed: continuing at epoch" in rows["torchrun_resume"][2]
+        "--accum_iter 2" in rows["torchrun_resume"][2]
+        and "resumed eagerly: continuing at epoch" in rows["torchrun_resume"][2]
     )
     assert "Not verified by one GPU" in summary
     assert (tmp_path / "summary.txt").read_text().startswith("gpu_check summary")
