@@ -64,11 +64,13 @@ def test_confusion_matrices_and_eroded_boundaries_on_the_gpu_never_wait_for_it(c
     g = torch.Generator().manual_seed(1)
     pred, target = torch.randint(0, 4, (3, 32, 32), generator=g), torch.randint(0, 4, (3, 32, 32), generator=g)
     target[:, :3] = 255
+    pred_on_device, target_on_device = pred.to(cuda_device), target.to(cuda_device)  # copies wait: before the check
     if cuda_device.type == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
     try:
-        eroded = iou.ignore_boundaries(target.to(cuda_device), 2, 4)
-        on_device = iou.confusion_matrices(pred.to(cuda_device), eroded, 4)
+        eroded = iou.ignore_boundaries(target_on_device, 2, 4)
+        on_device = iou.confusion_matrices(pred_on_device, eroded, 4)
     finally:
         if cuda_device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
