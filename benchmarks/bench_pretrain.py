@@ -40,9 +40,9 @@ def synchronize(device: torch.device) -> None:
 # wins, so the specific names come first. Sources: H100 / H200 product briefs (the "with sparsity" figures halved),
 # A100 datasheet.
 DATASHEET_TFLOPS = (
+    (r"GH200", "GH200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
     (r"H200 NVL", "H200 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
     (r"H200", "H200 SXM", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
-    (r"GH200", "GH200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),
     (r"H100 NVL", "H100 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
     (r"H100.*PCIe", "H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
     (r"H100", "H100 SXM", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),

@@ -61,7 +61,8 @@ if (( DRY_RUN )); then
   BATCHES=(4)
   PATHS=(--device cpu --batch_size 8 --input_size 32 --repeats 2)
   SYNTH=(--count "${GPU_CHECK_IMAGES:-32}" --size 32 --distinct 8)
-  LOOP=(--model cross_scale_mae_vit_tiny --input_size 32 --patch_size 8 --batch_size 8 --num_workers 1 --amp none
+  LOOP_BATCH=8
+  LOOP=(--model cross_scale_mae_vit_tiny --input_size 32 --patch_size 8 --num_workers 1 --amp none
         --device cpu --log_every 1)
   TRAIN=(--model cross_scale_mae_vit_tiny --input_size 32 --patch_size 8 --batch_size 2 --num_workers 0
          --amp none --device cpu --blr 1e-3 --log_every 1 --accum_iter 2)
@@ -79,7 +80,8 @@ else
   BATCHES=(512 384 256 128)  # the paper's per-GPU batch, or the largest below it that fits
   PATHS=(--device cuda --batch_size 512 --input_size 128)
   SYNTH=(--count "${GPU_CHECK_IMAGES:-16384}" --size 128)
-  LOOP=(--model cross_scale_mae_vit_base --input_size 128 --batch_size 512 --num_workers 4 --device cuda
+  LOOP_BATCH=""  # the batch stage bench_pretrain found to fit: 512, the paper's, where it does
+  LOOP=(--model cross_scale_mae_vit_base --input_size 128 --num_workers 4 --device cuda
         --log_every 4)
   TRAIN=(--model cross_scale_mae_vit_tiny --input_size 64 --patch_size 8 --batch_size 8 --num_workers 2
          --device cuda --blr 1e-3 --log_every 1 --accum_iter 2)
@@ -95,11 +97,15 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 
 print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda})")
-for name in ("torchvision", "timm", "segmentation-models-pytorch", "numpy"):
+pins = dict(line.strip().split("==") for line in open("requirements.txt") if "==" in line)
+found = []
+for name, pinned in pins.items():
     try:
-        print(f"{name} {version(name)}")
+        installed = version(name)
+        found.append(f"{name} {installed}" + ("" if installed.split("+")[0] == pinned else f" (pinned {pinned})"))
     except PackageNotFoundError:
-        print(f"{name}: not installed")
+        found.append(f"{name} NOT INSTALLED")
+print(", ".join(found))
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(
@@ -134,6 +140,7 @@ stage_pytest_cuda() {
   mapfile -t files < <(grep -rlE --include='test_*.py' '^@pytest\.mark\.cuda' tests | sort)
   (( ${#files[@]} )) || fail "no test file holds a cuda-marked test"
   echo "test files with cuda-marked tests: ${files[*]}"
+  "$PYTHON" -c "import pytest" 2> /dev/null || fail "pytest is not installed for $PYTHON (put it on PYTHONPATH)"
   (( DRY_RUN )) && export CUDA_TESTS_ON_CPU=1
   py -m pytest -m cuda -rs -p no:cacheprovider "${files[@]}" || rc=$?
   local summary passed skipped
@@ -148,15 +155,17 @@ stage_pytest_cuda() {
 }
 
 stage_bench_pretrain() {
-  local log="$LOGS/$STAGE.log" batch rc
+  local log="$LOGS/bench_pretrain.out" batch rc  # the successful attempt's output, read by later stages too
   for batch in "${BATCHES[@]}"; do
     rc=0
-    py benchmarks/bench_pretrain.py "${BENCH[@]}" --batch_size "$batch" || rc=$?
+    py benchmarks/bench_pretrain.py "${BENCH[@]}" --batch_size "$batch" > "$log" 2>&1 || rc=$?
+    cat "$log"
     (( rc == 0 )) && break
     grep -q "out of memory" "$log" || fail "bench_pretrain exited $rc"
     echo "--- batch $batch does not fit: trying a smaller one"
   done
   (( rc == 0 )) || fail "no batch size fits"
+  echo "$batch" > "$LOGS/bench_pretrain.batch"
   grep -q "device $DEVICE" "$log" || fail "bench_pretrain did not run on $DEVICE"
   grep -q "compiled" "$log" || fail "the benchmark did not report a compiled model"
   local lines eager compiled speedup target=""
@@ -178,7 +187,7 @@ stage_cuda_paths() {
   py benchmarks/cuda_paths.py "${PATHS[@]}" || fail "$(grep FAILED "$LOGS/$STAGE.log" | tr '\n' ' ')"
   local rate consumed
   rate="$(grep -Eo 'packed-array path on [a-z:0-9]+: [0-9]+ img/s' "$LOGS/$STAGE.log" | grep -Eo '[0-9]+ img/s')"
-  consumed="$(grep -Eo '\(([0-9.]+) img/s\)' "$LOGS/bench_pretrain.log" | head -1 | tr -d '()')"
+  consumed="$(grep -Eo '\(([0-9.]+) img/s\)' "$LOGS/bench_pretrain.out" | head -1 | tr -d '()' || true)"
   if [[ "$DEVICE" == cuda ]]; then
     grep -q "flash attention, decoder: flash SDPA ran" "$LOGS/$STAGE.log" || fail "no flash check at the decoder's shape"
   fi
@@ -186,9 +195,11 @@ stage_cuda_paths() {
 }
 
 stage_pretrain_loop() {
-  local log="$LOGS/$STAGE.log" bench="$LOGS/bench_pretrain.log"
+  local log="$LOGS/$STAGE.log" bench="$LOGS/bench_pretrain.out" batch="$LOOP_BATCH"
+  [[ -n "$batch" ]] || batch="$(cat "$LOGS/bench_pretrain.batch" 2> /dev/null)" \
+    || fail "no batch size: stage bench_pretrain found none that fits"
   py benchmarks/synthetic_packed.py "$WORK/synthetic/train" "${SYNTH[@]}" || fail "could not write the synthetic packed array"
-  py main_pretrain.py "${LOOP[@]}" --train_path "$WORK/synthetic/train.json" --output_dir "$WORK/loop" --epochs 1 \
+  py main_pretrain.py "${LOOP[@]}" --batch_size "$batch" --train_path "$WORK/synthetic/train.json" --output_dir "$WORK/loop" --epochs 1 \
     --warmup_epochs 0 || fail "main_pretrain.py exited $?"
   grep -q "device $DEVICE" "$log" || fail "main_pretrain.py did not run on $DEVICE"
   grep -q "crops, flips and normalisation run on $DEVICE" "$log" || fail "the packed array did not take the on-device path"
@@ -206,7 +217,7 @@ stage_pretrain_loop() {
     against="the measured matmul"
   fi
   mfu="$(awk -v r="$logged" -v f="$per_image" -v p="$peak_gflops" 'BEGIN { printf "%.1f", 100 * r * f / p }')"
-  result "logged ${logged} img/s (median of $(wc -l <<< "$rates") intervals) vs the bare step's ${bare} img/s ($(awk -v l="$logged" -v b="$bare" 'BEGIN { printf "%.0f", 100 * l / b }') %); end-to-end MFU ${mfu} % of ${against}"
+  result "batch $batch: logged ${logged} img/s (median of $(wc -l <<< "$rates") intervals) vs the bare step's ${bare} img/s ($(awk -v l="$logged" -v b="$bare" 'BEGIN { printf "%.0f", 100 * l / b }') %); end-to-end MFU ${mfu} % of ${against}"
 }
 
 stage_torchrun_resume() {
