@@ -310,12 +310,10 @@ def set_fp32_precision(device: torch.device) -> str:
     Returns the note for the start-up line (empty on other devices, where nothing is changed)."""
     if device.type != "cuda":
         return ""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9; mixing it with allow_tf32 is refused
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    # the flags every PyTorch version has; torch >= 2.9's per-operator fp32_precision would make reading
+    # torch.backends.cudnn.allow_tf32 raise (mixed APIs), and TorchInductor's convolution lowering reads it
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     return "; fp32 matmuls and convolutions: IEEE fp32 (TF32 off)"
 
 

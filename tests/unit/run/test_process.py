@@ -96,9 +96,8 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(torch.device(device)))
     monkeypatch.setattr(process, "seed_everything", lambda seed: None)  # would queue a seed for the fake GPUs
-    for flag in ("matmul", "conv"):  # set_fp32_precision changes these: restored after the test
-        owner = torch.backends.cuda.matmul if flag == "matmul" else torch.backends.cudnn.conv
-        monkeypatch.setattr(owner, "fp32_precision", owner.fp32_precision)
+    for owner in (torch.backends.cuda.matmul, torch.backends.cudnn):  # set_fp32_precision changes these: restored
+        monkeypatch.setattr(owner, "allow_tf32", owner.allow_tf32)
     return current
 
 
@@ -107,7 +106,8 @@ def test_one_process_on_cuda_n_makes_that_gpu_current(fake_cuda, tmp_path, capsy
     # the pin-memory thread and rng_state's generator follow the current device: GPU 1, not GPU 0
     assert run.device == torch.device("cuda", 1) and fake_cuda == [torch.device("cuda", 1)]
     assert "fp32 matmuls and convolutions: IEEE fp32 (TF32 off)" in capsys.readouterr().out
-    assert torch.backends.cuda.matmul.fp32_precision == "ieee" and torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert torch.get_float32_matmul_precision() == "highest"
     process.release_output_dirs()
 
 
@@ -120,9 +120,9 @@ def test_an_explicit_gpu_index_under_a_launcher_is_refused(fake_cuda, monkeypatc
 
 
 def test_fp32_precision_is_left_alone_on_the_cpu():
-    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     assert process.set_fp32_precision(torch.device("cpu")) == ""
-    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == before
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
 
 
 def test_workers_ignore_what_the_main_process_handles():
