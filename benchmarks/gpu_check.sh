@@ -64,9 +64,9 @@ if (( DRY_RUN )); then
   LOOP_BATCH=8
   LOOP=(--model cross_scale_mae_vit_tiny --input_size 32 --patch_size 8 --num_workers 1 --amp none
         --device cpu --log_every 1)
-  TRAIN=(--model cross_scale_mae_vit_tiny --input_size 32 --patch_size 8 --batch_size 2 --num_workers 0
+  TRAIN=(--model cross_scale_mae_vit_tiny --input_size 32 --patch_size 8 --batch_size 4 --num_workers 0
          --amp none --device cpu --blr 1e-3 --log_every 1 --accum_iter 2)
-  TRAIN_DATA="$WORK/synthetic/train.json"  # stage pretrain_loop's array: 16 steps per epoch
+  TRAIN_DATA="$WORK/synthetic/train.json"  # stage pretrain_loop's array: 8 steps per epoch
   # what torchrun sets for a 1-process job, without its agent (a second interpreter's start-up): a 1-process gloo
   # group, DDP-wrapped; the GPU run launches torchrun itself
   LAUNCH=(env RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1
@@ -300,8 +300,9 @@ summary() {
       "$(cat "$LOGS/$STAGE.result" 2>/dev/null || true)"
   done
   echo
-  echo "Not verified by one GPU: collectives across ranks on NCCL (gathered negatives, SyncBatchNorm across ranks,"
-  echo "all_reduce_mean of more than one process); these ran as 2-process gloo jobs on the CPU only (tests/integration/test_distributed.py)."
+  echo "Not verified by one GPU: collectives across ranks on NCCL (gathered negatives, synced BatchNorm across ranks in"
+  echo "pretraining (--sync_bn) and segmentation, all_reduce_mean and the evaluation gathers of several processes);"
+  echo "these ran as 2-process gloo jobs on the CPU only (tests/integration/test_distributed.py)."
 }
 echo
 summary | tee "$RESULTS/summary.txt"
