@@ -166,6 +166,12 @@ def main() -> None:
         help="side of the matmul that measures the peak (default: 2048 CPU, 8192 GPU)",
     )
     parser.add_argument("--no_upstream", action="store_true", help="skip the upstream-execution comparison")
+    parser.add_argument(
+        "--datasheet_device",
+        default=None,
+        help="look the datasheet peak up for this device name (default: the GPU's own; none on a CPU); "
+        "gpu_check.sh's dry run names an H100 to exercise the GPU run's path",
+    )
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -204,7 +210,8 @@ def main() -> None:
                 f"(20 timed{' with CUDA events' if device.type == 'cuda' else ''})",
                 flush=True,
             )
-            known = datasheet_peak(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
+            name = args.datasheet_device or (torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+            known = datasheet_peak(name, dtype) if name else None
             datasheet[dtype] = known[1] if known else None
             if known:
                 print(f"datasheet peak, {known[0]}, {dtype}: {known[1] / 1e12:.0f} TFLOP/s dense", flush=True)

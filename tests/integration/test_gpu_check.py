@@ -40,8 +40,10 @@ def test_gpu_check_dry_run_passes_every_stage(tmp_path):
     assert " passed" in rows["pytest_cuda"][2] and "0 passed" not in rows["pytest_cuda"][2]
     bench = rows["bench_pretrain"][2]
     assert "MFU" in bench and "compiled:" in bench and "speed-up over upstream" in bench
+    assert "% of the datasheet float32 peak (67 TFLOP/s)" in bench and "target >= 45 % of the datasheet" in bench
     assert "on-device data path" in rows["cuda_paths"][2]
     assert "logged" in rows["pretrain_loop"][2] and "end-to-end MFU" in rows["pretrain_loop"][2]
+    assert "of the datasheet peak" in rows["pretrain_loop"][2]  # the dry run takes the GPU run's path (an H100's)
     assert (
         "--accum_iter 2" in rows["torchrun_resume"][2]
         and "resumed eagerly: continuing at epoch" in rows["torchrun_resume"][2]
