@@ -116,8 +116,10 @@ def train_segmenter(flags: Flags, bands: Bands) -> None:
         decoder_channels=flags.decoder_channels,
         drop_path=flags.drop_path,
     )
-    if distributed.is_distributed() and run.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if distributed.is_distributed():  # gloo as NCCL: the 2-process CPU tests run the synced path
+        from models_segmentation import sync_batch_norms
+
+        sync_batch_norms(model)
     model.to(run.device)
     plan = config.training_schedule(flags, run.world_size)
     record = config.run_record(
@@ -523,11 +525,13 @@ def evaluate(
     ground-truth pixels within that many px of another class are not counted (``iou.ignore_boundaries``; ISPRS: 3).
 
     Raises:
-        NonFiniteOutputError: NaN / inf scores.
+        NonFiniteOutputError: NaN / inf scores on any rank (counted on the device, checked once for the whole set:
+            the loop never waits for the GPU; every rank raises alike).
     """
     model.eval()
     scales, ignore_index = evaluation.scales, evaluation.ignore_index
     per_image = {s: [] for s in scales}
+    non_finite = {s: torch.zeros((), dtype=torch.long, device=run.device) for s in scales}  # checked once, at the end
     examples = []
     every = max(len(loader) // keep, 1) if keep else 1  # figure examples spread over the set
     for index, (image, mask) in enumerate(loader):
@@ -539,19 +543,24 @@ def evaluate(
             probs = inference.sliding_window(
                 model, inference.degrade(image, scale), num_classes, evaluation.crop, evaluation.overlap
             )
-            if not torch.isfinite(probs).all():
-                raise NonFiniteOutputError(
-                    f"evaluation: NaN/inf class scores at scale {scale:g} (image {index} of this rank); "
-                    "refusing to report an mIoU"
-                )
+            non_finite[scale] += (~torch.isfinite(probs)).sum()
             pred = probs.argmax(1)
-            per_image[scale] += [iou.confusion_matrix(p, m, num_classes, ignore_index) for p, m in zip(pred, mask)]
+            per_image[scale].append(iou.confusion_matrices(pred, mask, num_classes, ignore_index))
             if scale == max(scales) and len(examples) < keep and index % every == 0:
                 examples += [
                     (image[i].cpu(), mask[i].cpu(), pred[i].cpu()) for i in range(min(len(image), keep - len(examples)))
                 ]
+    # one collective and one host synchronisation for the whole set; every rank gets the same answer
+    means = distributed.all_reduce_mean({str(s): n for s, n in non_finite.items()}, run.device)
+    bad = {s: round(means[str(s)] * run.world_size) for s in scales if means[str(s)]}
+    if bad:
+        raise NonFiniteOutputError(
+            "evaluation: NaN/inf class scores ("
+            + ", ".join(f"{n} value(s) at scale {s:g}" for s, n in bad.items())
+            + "); refusing to report an mIoU"
+        )
     empty = torch.zeros(0, num_classes, num_classes, dtype=torch.long, device=run.device)  # a rank without images
-    return {s: iou.gather_confusions(torch.stack(c) if c else empty) for s, c in per_image.items()}, examples
+    return {s: iou.gather_confusions(torch.cat(c) if c else empty) for s, c in per_image.items()}, examples
 
 
 def results_table(

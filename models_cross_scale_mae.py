@@ -157,6 +157,35 @@ def cross_scale_contrastive_loss(
     return (torch.log(denominator + 1e-8) - sim[anchors, partner]).mean()
 
 
+def resized_crops(imgs: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Each image's box resized back to the image's size, the whole batch in one ``grid_sample``.
+
+    Args:
+        imgs: [B, C, H, W], any float dtype (sampled in float32, returned in ``imgs.dtype``).
+        boxes: [B, 4] integer (top, left, height, width) in pixels, each inside its image.
+
+    The same pixels as ``torchvision``'s ``resized_crop(img, *box, [H, W], bilinear, antialias=True)`` image by
+    image (up to float32 rounding of the sampling coordinates) for boxes no larger than the image, which is every
+    box ``RandomResizedCrop`` draws: up-sampling, where antialiasing changes nothing. Source coordinates are
+    half-pixel centred, ``top + (i + 0.5) * height / H - 0.5`` (``align_corners=False``), and clamped to the box's
+    first and last pixel as ``F.interpolate`` clamps at the edges of a cropped tensor, so no pixel outside the box
+    contributes: the sampling grid is each box's affine map, clamped.
+    """
+    b, _, h, w = imgs.shape
+    boxes = boxes.to(device=imgs.device, dtype=torch.float32)
+    top, left, height, width = (column[:, None] for column in boxes.unbind(1))  # each [B, 1]
+
+    def source(offset, extent, size):  # [B, size]: coordinates in the full image, normalised for grid_sample
+        positions = torch.arange(size, device=imgs.device, dtype=torch.float32)[None]
+        inside = ((positions + 0.5) * extent / size - 0.5).clamp(min=torch.zeros_like(extent), max=extent - 1)
+        return (2 * (offset + inside) + 1) / size - 1
+
+    ys, xs = source(top, height, h), source(left, width, w)
+    grid = torch.stack([xs[:, None, :].expand(b, h, w), ys[:, :, None].expand(b, h, w)], dim=-1)  # [B, H, W, (x, y)]
+    out = F.grid_sample(imgs.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.to(imgs.dtype)
+
+
 class CrossScaleMAE(nn.Module):
     """Masked autoencoder with a second, zoomed-in scale and cross-scale losses.
 
@@ -349,7 +378,8 @@ class CrossScaleMAE(nn.Module):
 
     @torch.compiler.disable  # data-dependent boxes: run eagerly instead of recompiling the model for each box
     def crop_view(self, imgs: torch.Tensor, crop_params: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
-        """Second scale: crop each image and resize it back to the input size (bilinear, antialias).
+        """Second scale: crop each image and resize it back to the input size (bilinear, antialias; one box per
+        image: ``resized_crops``, the same pixels for the batch in one pass).
 
         Args:
             imgs: [B, C, H, W].
@@ -364,7 +394,7 @@ class CrossScaleMAE(nn.Module):
             return resize(imgs, *boxes[0])
         if len(boxes) != imgs.shape[0]:
             raise ValueError(f"crop_params has {len(boxes)} boxes for a batch of {imgs.shape[0]}")
-        return torch.stack([resize(img, *box) for img, box in zip(imgs, boxes)])
+        return resized_crops(imgs, torch.tensor(boxes))
 
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from timm.models.vision_transformer import VisionTransformer
 
+from util.run import distributed
+
 HeadKind = Literal["upernet", "linear"]
 FEATURE_FRACTIONS = (1 / 3, 1 / 2, 2 / 3, 1.0)
 
@@ -62,6 +64,18 @@ def any_batch_norms(module: nn.Module) -> nn.Module:
         if type(child) is nn.BatchNorm2d:
             child.__class__ = BatchNorm2dOfAnyBatch
     return module
+
+
+class SyncBatchNorm2dOfAnyBatch(distributed.SyncedBatchNorm, BatchNorm2dOfAnyBatch):
+    """``BatchNorm2dOfAnyBatch`` whose training statistics cover every rank's batch (``util.run.distributed``'s
+    ``SyncedBatchNorm``, on gloo as on NCCL); a batch of one value per channel on each rank is then W values, whose
+    statistics are defined. One process, or eval mode: ``BatchNorm2dOfAnyBatch``."""
+
+
+def sync_batch_norms(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm synced over the ranks (DDP training), in place, state unchanged."""
+    synced = {**distributed.SYNCED, BatchNorm2dOfAnyBatch: SyncBatchNorm2dOfAnyBatch}
+    return distributed.convert_sync_batchnorm(module, synced=synced)
 
 
 class Pyramid(nn.Module):

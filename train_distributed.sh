@@ -23,6 +23,8 @@
 # (PET_SIGNALS_TO_HANDLE below) and waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (here 120, torch's 30) for them
 # to save before it kills them.
 # The batch size is per GPU: the effective batch is BATCH_SIZE x NUM_GPUS x NNODES (x --accum_iter).
+# Several nodes: NCCL_SOCKET_IFNAME (e.g. =ib0 or eth) also chooses the interface of the small gloo group on which the
+# ranks agree to stop (GLOO_SOCKET_IFNAME, unless set; docs/pretraining.md).
 set -euo pipefail
 export LAUNCHER_CALLER_DIR=${LAUNCHER_CALLER_DIR:-$PWD}  # the user's relative paths start here (tools/launcher_lib.sh)
 cd "$(dirname "$0")"

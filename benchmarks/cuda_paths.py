@@ -3,10 +3,10 @@
     python benchmarks/cuda_paths.py --device cuda --batch_size 512 --input_size 128
 
 Fails (exit 1, one line per failure) when: bf16 is only emulated, SDPA cannot run the ViT's attention with the
-flash kernel, fused AdamW is unavailable, pinned host memory cannot be allocated, or a ``BatchAugment`` batch
-leaves the device. Prints the images/s of the packed-array path (uint8 batch copied from pinned memory, then
-crop / flip / normalise on the device). With ``--device cpu`` (the dry run) it runs the same code on the CPU and
-skips the checks that only CUDA can pass.
+flash kernel (at the encoder's and at the decoder's attention shape), fused AdamW is unavailable, pinned host memory
+cannot be allocated, or a ``BatchAugment`` batch leaves the device. Prints the images/s of the packed-array path
+(uint8 batch copied from pinned memory, then crop / flip / normalise on the device). With ``--device cpu`` (the dry
+run) it runs the same code on the CPU and skips the checks that only CUDA can pass.
 """
 
 from __future__ import annotations
@@ -71,12 +71,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--heads", type=int, default=12, help="ViT-B: 12 heads of 64")
     parser.add_argument("--head_dim", type=int, default=64)
+    parser.add_argument("--decoder_heads", type=int, default=16, help="the MAE decoder: 16 heads of 32")
+    parser.add_argument("--decoder_head_dim", type=int, default=32)
     parser.add_argument("--patch_size", type=int, default=16)
     args = parser.parse_args()
     device = torch.device(args.device)
     failures = []
     if device.type == "cuda":
-        tokens = (args.input_size // args.patch_size) ** 2 // 4 + 1  # visible patches at mask ratio 0.75, + cls
+        patches = (args.input_size // args.patch_size) ** 2
+        tokens = patches // 4 + 1  # the encoder sees the visible patches at mask ratio 0.75, + cls
         checks = [
             (
                 "native bf16",
@@ -86,7 +89,11 @@ def main() -> None:
                     else (_ for _ in ()).throw(RuntimeError("bf16 is only emulated on this GPU: --amp auto uses fp16"))
                 ),
             ),
-            ("flash attention", lambda: check_flash_attention(device, args.heads, args.head_dim, tokens, 8)),
+            ("flash attention, encoder", lambda: check_flash_attention(device, args.heads, args.head_dim, tokens, 8)),
+            (
+                "flash attention, decoder",  # every patch (mask tokens included), + cls
+                lambda: check_flash_attention(device, args.decoder_heads, args.decoder_head_dim, patches + 1, 8),
+            ),
             ("fused AdamW", lambda: check_fused_adamw(device)),
             (
                 "pinned memory",

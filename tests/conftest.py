@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ REPO = Path(__file__).resolve().parents[1]  # the repository root
 # until CI's own limit), never a speed requirement. Generous enough that a machine slowed 50x by other jobs does not
 # trip it: the slowest subprocess of the suite takes about 60 s on a quiet 2-core machine.
 HANG_GUARD_S = 3000
+if "PYTEST_XDIST_WORKER" in os.environ:  # `pytest -n 2`: two workers of 2 threads each would oversubscribe 2 cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 SHARED_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "fmow_samples"
 
 
@@ -42,14 +45,34 @@ def write_csv_dataset(root: Path, count: int = 8, name: str = "train.csv", size:
     return csv_path
 
 
+# benchmarks/gpu_check.sh --dry-run sets it: the tests marked ``cuda`` then run on the CPU (``cuda_device``), which
+# proves the tests themselves before a GPU meets them
+CUDA_TESTS_ON_CPU = os.environ.get("CUDA_TESTS_ON_CPU") == "1"
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``cuda`` skip where there is no GPU."""
+    """Tests marked ``cuda`` skip where there is no GPU (unless ``CUDA_TESTS_ON_CPU``)."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not CUDA_TESTS_ON_CPU:
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture
+def cuda_device():
+    """The device of a test marked ``cuda``: GPU 0, or the CPU in ``gpu_check.sh``'s dry run (``CUDA_TESTS_ON_CPU``
+    without CUDA). A test that needs CUDA's own API (its generators, pinned memory) calls ``needs_cuda_api``."""
+    import torch
+
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def needs_cuda_api(device) -> None:
+    """Skip a ``cuda`` test on the CPU of the dry run where it exercises what only CUDA has."""
+    if device.type != "cuda":
+        pytest.skip("needs CUDA itself (the dry run runs the cuda tests on the CPU)")
 
 
 @pytest.fixture

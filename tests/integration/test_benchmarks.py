@@ -1,6 +1,9 @@
+import importlib.util
 import subprocess
 import sys
 
+import pytest
+import torch
 from conftest import HANG_GUARD_S, REPO
 
 
@@ -68,3 +71,23 @@ def test_data_benchmark_reports_each_pipeline_before_and_now():
     assert "delivered to the training process by a DataLoader of 1 worker" in result.stdout
     for stream in ("shards streamed by webdataset, local disk", "shards streamed by webdataset, http://127.0.0.1"):
         assert stream in result.stdout
+
+
+@pytest.mark.parametrize(
+    "name, dtype, part, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, "H100 SXM", 989.0),
+        ("NVIDIA H100 PCIe", torch.bfloat16, "H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", torch.float16, "H100 NVL", 835.0),
+        ("NVIDIA H200", torch.bfloat16, "H200 SXM", 989.0),
+        ("NVIDIA GH200 480GB", torch.bfloat16, "GH200", 989.0),
+        ("NVIDIA H100 80GB HBM3", torch.float32, "H100 SXM", 67.0),
+        ("NVIDIA A100-SXM4-80GB", torch.bfloat16, "A100", 312.0),
+    ],
+)
+def test_mfu_is_judged_against_the_datasheet_peak_of_the_named_gpu(name, dtype, part, tflops):
+    spec = importlib.util.spec_from_file_location("bench_pretrain", REPO / "benchmarks" / "bench_pretrain.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.datasheet_peak(name, dtype) == (part, tflops * 1e12)
+    assert bench.datasheet_peak("Tesla V100-SXM2-32GB", dtype) is None  # not in the table: the measured matmul only

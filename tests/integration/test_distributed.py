@@ -57,6 +57,47 @@ def predictor(bn: type[nn.Module] = nn.BatchNorm1d, momentum: float | None = 0.1
     )
 
 
+N_SEG, C_SEG = 3, 4  # segmentation head: per-rank batch, channels
+
+
+def seg_head() -> nn.Sequential:
+    """A segmentation head's BatchNorms at toy size: one over a feature map, one over a pooled 1 x 1 map (UperNet's
+    pyramid pooling), as ``models_segmentation`` builds them (``BatchNorm2dOfAnyBatch``)."""
+    from models_segmentation import any_batch_norms
+
+    torch.manual_seed(7)
+    return any_batch_norms(
+        nn.Sequential(
+            nn.Conv2d(3, C_SEG, 3, padding=1),
+            nn.BatchNorm2d(C_SEG),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.BatchNorm2d(C_SEG),
+            nn.Conv2d(C_SEG, 2, 1),
+        )
+    )
+
+
+def seg_data():
+    g = torch.Generator().manual_seed(8)
+    images = torch.randn(SGD_STEPS, WORLD * N_SEG, 3, 6, 6, generator=g) * 2 + 1
+    return images, torch.randint(0, 2, (SGD_STEPS, WORLD * N_SEG, 1, 1), generator=g)
+
+
+def train_seg_head(model: nn.Module, rows: slice) -> tuple[torch.Tensor, dict]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    images, targets = seg_data()
+    losses = []
+    for step in range(SGD_STEPS):
+        loss = nn.functional.cross_entropy(model(images[step, rows]), targets[step, rows])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    state = (model.module if hasattr(model, "module") else model).state_dict()
+    return torch.stack(losses), {k: v.clone() for k, v in state.items()}
+
+
 def predictor_data():
     g = torch.Generator().manual_seed(5)
     return torch.randn(SGD_STEPS, WORLD * N_BN, TOKENS, HIDDEN, generator=g), torch.randn(
@@ -143,6 +184,13 @@ def _distributed_cases(rank: int) -> dict:
         optimizer.zero_grad()
         losses.append(loss.detach())
     results["predictor"] = (torch.stack(losses), {k: v.clone() for k, v in model.module.state_dict().items()})
+
+    from models_segmentation import SyncBatchNorm2dOfAnyBatch, sync_batch_norms
+
+    for name, per_rank in (("seg", N_SEG), ("seg/one value per rank", 1)):
+        head = sync_batch_norms(seg_head())
+        assert type(head[4]) is SyncBatchNorm2dOfAnyBatch
+        results[name] = train_seg_head(DDP(head), slice(rank * per_rank, (rank + 1) * per_rank))
 
     results["reduce_mean"] = ops.all_reduce_mean({"a": float(rank), "b": torch.tensor(10.0 * rank + 1), "c": 2}, "cpu")
     return results
@@ -301,6 +349,48 @@ def test_synced_predictor_trains_like_one_process_on_the_union(ranks):
                 assert torch.equal(state[key], value), key
 
 
+@pytest.mark.parametrize("name, per_rank", [("seg", N_SEG), ("seg/one value per rank", 1)])
+def test_synced_segmentation_batchnorms_train_like_one_process_on_the_union(ranks, name, per_rank):
+    """engine_segment under DDP (gloo here, NCCL on GPUs): both ranks' BatchNorm statistics, also where each rank's
+    pooled map holds one value per channel (the union holds 2: plain BatchNorm statistics)."""
+    union_losses, expected = train_seg_head(seg_head(), slice(0, WORLD * per_rank))
+    assert_close(torch.stack([r[name][0] for r in ranks]).mean(0), union_losses, rtol=2e-6)
+    for result in ranks:
+        state = result[name][1]
+        assert state.keys() == expected.keys()
+        for key, value in expected.items():
+            # float32 sums in another order (per rank, then merged); the first BatchNorm's bias gradient is a
+            # near-cancelling sum (a batch statistic follows it), so its tiny update is compared in absolute terms
+            torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bn_class, shape", [(ops.SyncBatchNorm2d, (6, 4, 5, 5)), (ops.SyncBatchNorm1d, (6, 4, 7))])
+def test_synced_batchnorm_under_bf16_autocast_on_the_device(cuda_device, tmp_path, bn_class, shape):
+    """The synced path (statistics gathered with autograd) on the device's backend (NCCL on a GPU; one process, so
+    the gathered statistics are this process's): bf16 activations in, bf16 out, fp32 statistics equal to
+    BatchNorm's on the same values, gradients back to the input."""
+    backend = "nccl" if cuda_device.type == "cuda" else "gloo"
+    if cuda_device.type == "cuda":
+        torch.cuda.set_device(cuda_device)
+    dist.init_process_group(backend, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(9)
+        x = (torch.randn(shape) * 3 + 2).to(cuda_device, torch.bfloat16).requires_grad_(True)
+        synced = bn_class(4).to(cuda_device)
+        plain = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(4).to(cuda_device)
+        with torch.autocast(cuda_device.type, dtype=torch.bfloat16):
+            y = synced._sync_forward(x)  # forward() takes the plain path on one process
+        y.float().square().mean().backward()
+        expected = plain(x.detach().float())
+    finally:
+        dist.destroy_process_group()
+    assert y.dtype == torch.bfloat16 and x.grad is not None and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(y.float(), expected, atol=3e-2, rtol=1e-2)  # bf16: 8 mantissa bits
+    torch.testing.assert_close(synced.running_mean, plain.running_mean, rtol=1e-5, atol=1e-6)  # fp32 statistics
+    torch.testing.assert_close(synced.running_var, plain.running_var, rtol=1e-5, atol=1e-6)
+
+
 def test_convert_sync_batchnorm_keeps_the_state_dict_and_single_process_behaviour():
     plain = predictor()
     plain[1].running_mean.uniform_()
@@ -444,3 +534,32 @@ def test_slurm_jobs_get_their_own_port():
     assert ops.slurm_port("123456") == 20000 + 123456 % 20000
     assert ops.slurm_port("7") != ops.slurm_port("8")
     assert ops.slurm_port(None) == 29500
+
+
+@pytest.mark.parametrize(
+    "nccl, expected",
+    [
+        ("eth", "eth1"),  # a prefix: the first interface it selects
+        ("ib,eth", "eth1"),
+        ("=eth2", "eth2"),  # an exact name
+        ("=eth", None),
+        ("^docker,eth", "ib0"),  # every other interface, never the loopback
+        ("^eth1,ib", "docker0"),  # what the exclusion leaves, as NCCL reads it
+        ("wlan", None),
+    ],
+)
+def test_gloo_takes_the_interface_nccl_was_told_to_use(nccl, expected):
+    assert ops.gloo_interface(nccl, ["lo", "docker0", "eth1", "eth2", "ib0"]) == expected
+
+
+def test_gloo_socket_ifname_is_set_from_nccls_unless_given(monkeypatch):
+    monkeypatch.setattr(socket, "if_nameindex", lambda: [(1, "lo"), (2, "enp1s0"), (3, "ens5")])
+    environ = {"NCCL_SOCKET_IFNAME": "ens"}
+    assert ops.gloo_interface_from_nccl(environ) == "gloo: GLOO_SOCKET_IFNAME=ens5 (from NCCL_SOCKET_IFNAME=ens)"
+    assert environ["GLOO_SOCKET_IFNAME"] == "ens5"
+    given = {"NCCL_SOCKET_IFNAME": "ens", "GLOO_SOCKET_IFNAME": "enp1s0"}
+    assert ops.gloo_interface_from_nccl(given) is None and given["GLOO_SOCKET_IFNAME"] == "enp1s0"
+    assert ops.gloo_interface_from_nccl({}) is None
+    unmatched = {"NCCL_SOCKET_IFNAME": "ib"}
+    assert "selects no interface of this host" in ops.gloo_interface_from_nccl(unmatched)
+    assert "GLOO_SOCKET_IFNAME" not in unmatched

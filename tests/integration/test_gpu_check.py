@@ -1,16 +1,19 @@
-"""benchmarks/gpu_check.sh in its CPU dry run: every stage runs at toy size and the summary lists it as passed."""
+"""benchmarks/gpu_check.sh in its CPU dry run: every stage runs at toy size (the cuda-marked tests on the CPU), the
+summary lists each as passed, and the results folder holds the summary and a log archive without checkpoints."""
 
 import os
 import subprocess
 import sys
+import tarfile
 
 from conftest import HANG_GUARD_S, REPO
 
-STAGES = ("pytest_cuda", "bench_pretrain", "bench_pretrain_compile", "cuda_paths", "bench_data", "torchrun_resume")
+STAGES = ("pytest_cuda", "bench_pretrain", "cuda_paths", "pretrain_loop", "torchrun_resume")
 
 
 def test_gpu_check_dry_run_passes_every_stage(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "GPU_CHECK_LOGS": str(tmp_path)}
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
+    env.pop("GPU_CHECK_OUT", None)
     result = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--dry-run"],
         cwd=REPO,
@@ -21,8 +24,9 @@ def test_gpu_check_dry_run_passes_every_stage(tmp_path):
     )
     out = result.stdout
     assert result.returncode == 0, out[-4000:] + result.stderr[-2000:]
+    assert out.index("torch 2.") < out.index("=== pytest_cuda")  # the environment comes first
     summary = out[out.index("gpu_check summary") :]
-    assert "CPU dry run" in summary
+    assert "CPU dry run" in summary and "timm " in summary and "torchvision " in summary
     rows = {
         line.split("|")[0].strip(): [cell.strip() for cell in line.split("|")[1:]]
         for line in summary.splitlines()
@@ -32,6 +36,21 @@ def test_gpu_check_dry_run_passes_every_stage(tmp_path):
         status, seconds, description = rows[stage]
         assert status == "PASS", (stage, description, out[-4000:])
         assert description and int(seconds) >= 0
-    assert "MFU" in rows["bench_pretrain"][2] and "speed-up over upstream" in rows["bench_pretrain"][2]
-    assert "img/s" in rows["bench_data"][2] and "on-device data path" in rows["cuda_paths"][2]
-    assert "resumed: continuing at epoch" in rows["torchrun_resume"][2]
+    assert "bench_data" not in rows  # CPU-only: no GPU time spent on it
+    assert " passed" in rows["pytest_cuda"][2] and "0 passed" not in rows["pytest_cuda"][2]
+    bench = rows["bench_pretrain"][2]
+    assert "MFU" in bench and "compiled:" in bench and "speed-up over upstream" in bench
+    assert "% of the datasheet float32 peak (67 TFLOP/s)" in bench and "target >= 45 % of the datasheet" in bench
+    assert "on-device data path" in rows["cuda_paths"][2]
+    assert "logged" in rows["pretrain_loop"][2] and "end-to-end MFU" in rows["pretrain_loop"][2]
+    assert "of the datasheet peak" in rows["pretrain_loop"][2]  # the dry run takes the GPU run's path (an H100's)
+    assert (
+        "--accum_iter 2" in rows["torchrun_resume"][2]
+        and "resumed eagerly: continuing at epoch" in rows["torchrun_resume"][2]
+    )
+    assert "Not verified by one GPU" in summary
+    assert (tmp_path / "summary.txt").read_text().startswith("gpu_check summary")
+    with tarfile.open(tmp_path / "gpu_check_logs.tar.gz") as archive:
+        names = archive.getnames()
+    assert "logs/pytest_cuda.log" in names and "logs/environment.txt" in names
+    assert not [name for name in names if name.endswith((".pth", ".u8", ".u16"))]  # logs only

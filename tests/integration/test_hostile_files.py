@@ -272,50 +272,14 @@ def test_an_output_dir_without_a_free_byte_is_one_line_in_every_entry_point(smal
     )
     out = tmp_path / "o"
     common = ["--output_dir", str(out), "--num_workers", "0", "--device", "cpu"]
+    model = "--model vit_tiny_patch16 --input_size 32".split()
+    labelled = ["--train_path", str(small_csv), "--test_path", str(small_csv)]
     argv = {
-        main_pretrain: [
-            "--model",
-            "mae_vit_tiny",
-            "--input_size",
-            "32",
-            "--patch_size",
-            "8",
-            "--train_path",
-            str(small_csv),
-        ],
-        main_finetune: [
-            "--model",
-            "vit_tiny_patch16",
-            "--input_size",
-            "32",
-            "--train_path",
-            str(small_csv),
-            "--test_path",
-            str(small_csv),
-        ],
-        main_linprobe: [
-            "--model",
-            "vit_tiny_patch16",
-            "--input_size",
-            "32",
-            "--train_path",
-            str(small_csv),
-            "--test_path",
-            str(small_csv),
-        ],
-        main_knn: [
-            "--checkpoints",
-            "none",
-            "--model",
-            "vit_tiny_patch16",
-            "--input_size",
-            "32",
-            "--train_path",
-            str(small_csv),
-            "--test_path",
-            str(small_csv),
-        ],
-        main_segment: ["--model", "vit_tiny_patch16", "--input_size", "32", "--patch_size", "8"],
+        main_pretrain: "--model mae_vit_tiny --input_size 32 --patch_size 8".split() + ["--train_path", str(small_csv)],
+        main_finetune: model + labelled,
+        main_linprobe: model + labelled,
+        main_knn: ["--checkpoints", "none", *model, *labelled],
+        main_segment: [*model, "--patch_size", "8"],
     }[module]
     message = one_line(lambda: run_entry_point(module.main, config.parse_args(module.get_args_parser(), argv + common)))
     assert message == f"error: --output_dir {out}: cannot write into it (No space left on device)"

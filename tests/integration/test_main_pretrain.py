@@ -291,14 +291,14 @@ def test_two_process_gloo_run_ends_with_identical_weights(csv_dataset, tmp_path)
 
 
 @pytest.mark.cuda
-def test_one_epoch_on_the_gpu_with_bf16_autocast(csv_dataset, tmp_path, capsys):
+def test_one_epoch_on_the_gpu_with_bf16_autocast(csv_dataset, tmp_path, capsys, cuda_device):
     run(
         [
             *TINY_RUN,
             "--epochs",
             "1",
             "--device",
-            "cuda",
+            str(cuda_device),
             "--amp",
             "bf16",
             "--train_path",
@@ -308,6 +308,6 @@ def test_one_epoch_on_the_gpu_with_bf16_autocast(csv_dataset, tmp_path, capsys):
         ]
     )
     printed = capsys.readouterr().out
-    assert "device cuda:0" in printed and "autocast torch.bfloat16" in printed
+    assert f"device {cuda_device}" in printed and "autocast torch.bfloat16" in printed
     state = read_checkpoint(tmp_path / "gpu" / "checkpoint-last.pth")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

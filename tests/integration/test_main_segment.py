@@ -12,6 +12,8 @@ import torch
 from conftest import HANG_GUARD_S, REPO
 from PIL import Image
 
+pytest.importorskip("segmentation_models_pytorch")  # UperNet: every test here builds a segmenter
+
 import main_segment
 from util import config
 from util.data import segmentation
@@ -40,15 +42,15 @@ COMMON = [
 ]
 
 
-def write_split(root, count, seed, names=None):
-    """``count`` image / mask pairs named 000.png, ... (or ``names``)."""
+def write_split(root, count, seed, names=None, size=32):
+    """``count`` image / mask pairs of ``size`` px named 000.png, ... (or ``names``)."""
     rng = np.random.default_rng(seed)
     for name in names or [f"{i:03d}" for i in range(count)]:
         column = int(rng.integers(8, 25))
-        mask = np.zeros((32, 32), dtype=np.uint8)
+        mask = np.zeros((size, size), dtype=np.uint8)
         mask[:, column:] = 1
         mask[0, :4] = 255  # a few ignored pixels
-        image = np.where(mask[..., None] == 1, [60, 80, 200], [200, 70, 60]) + rng.normal(0, 20, (32, 32, 3))
+        image = np.where(mask[..., None] == 1, [60, 80, 200], [200, 70, 60]) + rng.normal(0, 20, (size, size, 3))
         (root / "images").mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / "images" / f"{name}.png")
         segmentation.write_mask(root / "masks" / f"{name}.png", mask)
@@ -113,6 +115,37 @@ def test_short_upernet_run_beats_chance_and_writes_tables_and_figures(split, pre
     )  # --eval reproduces it
     with open(out / "eval" / "seg_results.csv") as f:
         assert float(next(csv.DictReader(f))["mIoU"]) == pytest.approx(float(rows[1]["mIoU"]), abs=0.01)
+
+
+@pytest.mark.cuda
+def test_upernet_trains_and_evaluates_on_the_gpu_under_bf16(pretrained, tmp_path, capsys, cuda_device):
+    """Training under bf16 autocast, then evaluation in float32 with sliding windows (48 px images, 32 px crops: 4
+    windows per image) at two scales, and the metric code (confusion matrices, bootstrap), all on the device."""
+    split = write_split(tmp_path / "train", 8, 0), write_split(tmp_path / "val", 3, 1, size=48)
+    out = tmp_path / "gpu"
+    run(
+        [
+            *flags(split, pretrained, out),
+            "--epochs",
+            "1",
+            "--device",
+            str(cuda_device),
+            "--amp",
+            "bf16",
+            "--scales",
+            "0.5",
+            "1.0",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert f"device {cuda_device}" in printed and "autocast torch.bfloat16" in printed
+    with open(out / "seg_results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["scale"]) for r in rows] == [0.5, 1.0]
+    assert all(int(r["pixels"]) == 3 * (48 * 48 - 4) for r in rows)  # every counted pixel once, windows overlapping
+    assert all(0 <= float(r["mIoU"]) <= 100 for r in rows)
+    state = checkpoint.read_checkpoint(out / "checkpoint-last.pth")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_frozen_encoder_linear_probe_trains_only_its_head_and_beats_chance(split, pretrained, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import engine_segment
+from util.errors import NonFiniteOutputError
 from util.run import process
 
 
@@ -76,3 +77,22 @@ def test_evaluate_leaves_out_ground_truth_near_class_boundaries_when_asked():
     evaluation = engine_segment.Protocol(crop=20, ignore_boundary=3)
     confusions, _ = engine_segment.evaluate(Constant(), [(torch.randn(1, 3, 20, 20), mask)], run, 2, evaluation)
     assert confusions[1.0][0].tolist() == [[0, 7 * 20], [0, 7 * 20]]  # columns 7-12 are within 3 px of the other class
+
+
+class NaNAt(torch.nn.Module):
+    """Class 1 everywhere, but NaN scores for images whose first value is above 100."""
+
+    def forward(self, x):
+        logits = Constant()(x)
+        return torch.where(x[:, :1, :1, :1] > 100, torch.nan, logits)
+
+
+def test_non_finite_scores_anywhere_in_the_set_refuse_the_evaluation_once_it_ends():
+    run = process.Run(0, 1, 0, torch.device("cpu"), None, None)
+    images = [torch.zeros(1, 3, 16, 16), torch.full((1, 3, 16, 16), 200.0), torch.zeros(1, 3, 16, 16)]
+    loader = [(image, torch.zeros(1, 16, 16, dtype=torch.long)) for image in images]
+    evaluation = engine_segment.Protocol(crop=16, scales=(0.5, 1.0))
+    with pytest.raises(NonFiniteOutputError, match=r"NaN/inf class scores \(512 value\(s\) at scale 0.5, 512 value"):
+        engine_segment.evaluate(NaNAt(), loader, run, 2, evaluation)
+    confusions, _ = engine_segment.evaluate(NaNAt(), [loader[0], loader[2]], run, 2, evaluation)
+    assert confusions[1.0].tolist() == [[[0, 256], [0, 0]]] * 2

@@ -1,7 +1,10 @@
 import math
+from functools import partial
 
 import pytest
 import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 import models_cross_scale_mae as models_mae
 from models_cross_scale_mae import create_model, cross_scale_contrastive_loss
@@ -117,6 +120,23 @@ def test_crop_view_is_the_box_resized_back_to_the_input_size():
     crop = model.crop_view(imgs, crop_params=(0, 8, 32, 16))
     assert crop.shape == imgs.shape
     assert 7.5 <= crop.min() and crop.max() <= 23.5  # only columns 8..23 contribute
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (24, 40)])
+def test_per_image_crops_in_one_pass_are_the_per_image_resized_crops(height, width):
+    """--crop_mode sample: one grid_sample for the batch gives the pixels of torchvision's resized_crop per image
+    (what it ran before). Tolerance: the two compute the sampling coordinates by different float32 formulas, a few
+    ULPs of the image side apart (< 1e-5 px), which moves a value by at most that times the largest step between
+    neighbouring pixels (1 for these images in [0, 1]); a wrong pixel or offset would differ by ~0.1."""
+    model = tiny_model()
+    model.crop_mode = "sample"
+    torch.manual_seed(0)
+    imgs = torch.rand(16, 3, height, width)
+    boxes = model.sample_crop_params(imgs)
+    assert boxes.shape == (16, 4) and len({tuple(box) for box in boxes.tolist()}) > 1
+    resize = partial(TF.resized_crop, size=[height, width], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    expected = torch.stack([resize(img, *box) for img, box in zip(imgs, boxes.tolist())])
+    torch.testing.assert_close(model.crop_view(imgs, boxes), expected, atol=1e-5, rtol=0)
 
 
 def direct_upstream_contrastive(f1, f2, temperature):

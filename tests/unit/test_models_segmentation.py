@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("segmentation_models_pytorch")  # models_segmentation imports its UperNet decoder
+
 import models_vit
 from model_loading import build_segmenter, export_encoder
 from models_segmentation import Segmenter, feature_blocks

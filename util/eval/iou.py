@@ -26,9 +26,23 @@ def confusion_matrix(
     pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
 ) -> torch.Tensor:
     """[K, K] int64 counts (rows = true class, columns = predicted) of the pixels whose target is not ignored."""
-    valid = target != ignore_index
-    index = target[valid] * num_classes + pred[valid]
-    return torch.bincount(index.flatten(), minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return confusion_matrices(pred.reshape(1, -1), target.reshape(1, -1), num_classes, ignore_index)[0]
+
+
+def confusion_matrices(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> torch.Tensor:
+    """One [K, K] int64 confusion matrix per image (rows = true class, columns = predicted): [B, K, K] of
+    predictions and targets [B, ...] (targets in [0, K) or ``ignore_index``), on their device, without waiting for
+    it: each pixel adds 1 at its flat index image x K² + target x K + prediction (``index_add_``), an ignored pixel
+    to one extra bin that is dropped. (Boolean indexing and ``bincount`` would synchronise the host on a GPU.)"""
+    b, k = pred.shape[0], num_classes
+    pred, target = pred.reshape(b, -1).long(), target.reshape(b, -1).long()
+    flat = torch.arange(b, device=pred.device)[:, None] * (k * k) + target * k + pred
+    flat = torch.where(target == ignore_index, b * k * k, flat)
+    counts = torch.zeros(b * k * k + 1, dtype=torch.long, device=pred.device)
+    counts.index_add_(0, flat.flatten(), torch.ones(flat.numel(), dtype=torch.long, device=pred.device))
+    return counts[:-1].reshape(b, k, k)
 
 
 def gather_confusions(local: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
@@ -119,7 +133,9 @@ def ignore_boundaries(mask: torch.Tensor, radius: int, num_classes: int, ignore_
     disc = ((offsets[:, None] ** 2 + offsets[None, :] ** 2) <= radius**2).float()  # [2r+1, 2r+1]
     valid = mask != ignore_index
     labels = torch.where(valid, mask, 0)
-    onehot = F.one_hot(labels, num_classes).permute(0, 3, 1, 2).float() * valid[:, None]  # [B, K, H, W]
+    classes = torch.arange(num_classes, device=mask.device)[None, :, None, None]
+    # [B, K, H, W]; not F.one_hot, which checks the labels' range on the host (a GPU synchronisation per batch)
+    onehot = (labels[:, None] == classes).float() * valid[:, None]
     near = F.conv2d(
         onehot, disc.expand(num_classes, 1, *disc.shape), padding=radius, groups=num_classes
     )  # per-class counts

@@ -92,8 +92,9 @@ def extract(
 def topk_cosine(
     queries: torch.Tensor, memory: torch.Tensor, k: int, query_chunk: int = 4096, memory_chunk: int = 65536
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most similar memory rows of each query (rows L2-normalised), by blocks, so memory use is
-    bounded by query_chunk x (memory_chunk + k) similarities whatever the set sizes.
+    """The k most similar memory rows of each query (rows L2-normalised), by blocks: each block's own top k first,
+    then merged with the best k so far, so memory use is bounded by query_chunk x memory_chunk similarities (and
+    query_chunk x 2k candidates) whatever the set sizes; no index table of the block's size is built.
 
     Returns:
         (similarities [Q, k], memory indices [Q, k]), most similar first.
@@ -106,10 +107,9 @@ def topk_cosine(
         idx = torch.zeros((len(query), 0), dtype=torch.long, device=query.device)
         for m in range(0, len(memory), memory_chunk):
             block = query @ memory[m : m + memory_chunk].T  # [q, m]
-            sims = torch.cat([sims, block], dim=1)
-            idx = torch.cat(
-                [idx, torch.arange(m, m + block.shape[1], device=query.device).expand(len(query), -1)], dim=1
-            )
+            block_sims, block_idx = block.topk(min(k, block.shape[1]), dim=1)  # [q, <= k]
+            sims = torch.cat([sims, block_sims], dim=1)
+            idx = torch.cat([idx, block_idx + m], dim=1)
             sims, order = sims.topk(min(k, sims.shape[1]), dim=1)
             idx = idx.gather(1, order)
         best_sims.append(sims)

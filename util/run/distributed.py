@@ -58,10 +58,51 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
     else:
         return 0, 1, 0
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    note = gloo_interface_from_nccl(os.environ)
+    if note and local_rank == 0:  # one line per node: each node has its own interfaces
+        print(note, flush=True)
     if backend == "nccl":
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world_size, local_rank
+
+
+def gloo_interface(nccl_ifname: str, interfaces: list[str]) -> str | None:
+    """The first of this host's ``interfaces`` (``socket.if_nameindex`` order) that ``NCCL_SOCKET_IFNAME`` selects,
+    by NCCL's rules: ``eth,ib`` prefixes, ``=eth0`` exact names, ``^docker,lo`` every other interface (then never the
+    loopback ``lo``, which other nodes cannot reach); None when none matches. Gloo takes exact names only."""
+    spec = nccl_ifname.strip()
+    exclude = spec.startswith("^")
+    spec = spec.removeprefix("^")
+    exact = spec.startswith("=")
+    names = [name for name in spec.removeprefix("=").split(",") if name]
+    for interface in interfaces:
+        selected = interface in names if exact else any(interface.startswith(name) for name in names)
+        if selected != exclude and not (exclude and interface == "lo"):
+            return interface
+    return None
+
+
+def gloo_interface_from_nccl(environ: dict) -> str | None:
+    """Bind gloo (the CPU process group, and the stop-agreement group of NCCL runs: ``util.run.process``) to the
+    network interface NCCL was told to use. Gloo binds to the address the host name resolves to, which on several nodes
+    can be unreachable from the others (127.0.1.1 under Debian / Ubuntu's default ``/etc/hosts``, or a management
+    NIC), so ``new_group(backend="gloo")`` fails or hangs where NCCL works. Where ``NCCL_SOCKET_IFNAME`` is set and
+    ``GLOO_SOCKET_IFNAME`` is not, sets ``GLOO_SOCKET_IFNAME`` in ``environ`` to the interface it selects
+    (``gloo_interface``). Returns the start-up note, or None when nothing was set."""
+    nccl = environ.get("NCCL_SOCKET_IFNAME")
+    if not nccl or environ.get("GLOO_SOCKET_IFNAME"):
+        return None
+    import socket
+
+    interface = gloo_interface(nccl, [name for _, name in socket.if_nameindex()])
+    if interface is None:
+        return (
+            f"warning: NCCL_SOCKET_IFNAME={nccl} selects no interface of this host; gloo binds to the address of the "
+            "host name (set GLOO_SOCKET_IFNAME if the nodes cannot reach it)"
+        )
+    environ["GLOO_SOCKET_IFNAME"] = interface
+    return f"gloo: GLOO_SOCKET_IFNAME={interface} (from NCCL_SOCKET_IFNAME={nccl})"
 
 
 def first_host(nodes: str) -> str | None:
@@ -175,24 +216,25 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(_autograd_all_gather(x), dim=0)
 
 
-class SyncBatchNorm1d(nn.BatchNorm1d):
-    """``nn.BatchNorm1d`` whose training-mode statistics cover every rank's batch, on any backend.
+class SyncedBatchNorm:
+    """Mixin for a BatchNorm class (``SyncBatchNorm1d``, ``SyncBatchNorm2d``, or a project's own BatchNorm subclass):
+    training-mode statistics over every rank's batch, on any backend (gloo as NCCL: ``nn.SyncBatchNorm`` runs on CUDA
+    only, so its synced path could never run in a CPU test).
 
-    Inputs are [N, C] or [N, C, L]; statistics are per channel C over (N, L) of all ranks together (the
-    token predictor's ``BatchNorm1d(num_tokens)`` on [B, num_tokens, hidden] normalises each token position
-    over every rank's batch x hidden). Each rank computes its count, mean and centred sum of squares (M2) per
-    channel in fp32, all ranks' triples are gathered with autograd (one collective) and combined with Chan's
-    parallel formula (no E[x^2] - E[x]^2 cancellation). The output uses the global mean and biased
-    variance; ``running_mean`` / ``running_var`` are updated with the global mean and the *unbiased* global
-    variance (x n / (n - 1), n = global count) and the momentum (or cumulative average when ``momentum`` is
-    None, counted by ``num_batches_tracked``) exactly as ``nn.BatchNorm1d`` does.
+    Inputs are [N, C, *]; statistics are per channel C over N and every further dimension, of all ranks together.
+    Each rank computes its count, mean and centred sum of squares (M2) per channel in fp32, all ranks' triples are
+    gathered with autograd (one collective) and combined with Chan's parallel formula (no E[x^2] - E[x]^2
+    cancellation). The output uses the global mean and biased variance; ``running_mean`` / ``running_var`` are
+    updated with the global mean and the *unbiased* global variance (x n / (n - 1), n = global count) and the
+    momentum (or cumulative average when ``momentum`` is None, counted by ``num_batches_tracked``) exactly as
+    ``nn.BatchNorm*d`` does. The output has the input's dtype (bf16 under autocast); the statistics are fp32.
 
     Gradients: rank r's input receives the sum over ranks of d(their loss)/d(its input), as with
     ``nn.SyncBatchNorm``; parameter gradients after DDP's averaging equal those of the rank-averaged loss
-    computed on the union batch by ``nn.BatchNorm1d``.
+    computed on the union batch by the plain BatchNorm.
 
-    In eval mode, or when not distributed (or on one process), it is ``nn.BatchNorm1d``. The state dict
-    (weight, bias, running_mean, running_var, num_batches_tracked) is that of ``nn.BatchNorm1d``.
+    In eval mode, or when not distributed (or on one process), it is the class it is mixed into (whose ``forward``
+    then runs). The state dict (weight, bias, running_mean, running_var, num_batches_tracked) is unchanged.
     """
 
     process_group = None  # None: the default group
@@ -207,7 +249,7 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     def _sync_forward(self, x: torch.Tensor) -> torch.Tensor:
         from torch.distributed.nn import functional as dist_nn
 
-        dims = [0, 2] if x.dim() == 3 else [0]
+        dims = [0, *range(2, x.dim())]
         xf = x.float()
         count = xf.numel() // xf.shape[1]
         local_mean = xf.mean(dim=dims)
@@ -241,20 +283,37 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         return y.to(x.dtype)
 
 
+class SyncBatchNorm1d(SyncedBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` synced over ranks (``SyncedBatchNorm``): inputs [N, C] or [N, C, L]. The token predictor's
+    ``BatchNorm1d(num_tokens)`` on [B, num_tokens, hidden] normalises each token position over every rank's
+    batch x hidden."""
+
+
+class SyncBatchNorm2d(SyncedBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` synced over ranks (``SyncedBatchNorm``): inputs [N, C, H, W], statistics over N, H, W."""
+
+
 def _channel_view(v: torch.Tensor, ndim: int) -> torch.Tensor:
-    return v.view(1, -1, 1) if ndim == 3 else v.view(1, -1)
+    return v.view(1, -1, *([1] * (ndim - 2)))
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Turn every ``nn.BatchNorm1d`` in ``module`` (itself included) into a ``SyncBatchNorm1d`` in place.
+SYNCED = {nn.BatchNorm1d: SyncBatchNorm1d, nn.BatchNorm2d: SyncBatchNorm2d}
+
+
+def convert_sync_batchnorm(
+    module: nn.Module, process_group=None, synced: Mapping[type, type] | None = None
+) -> nn.Module:
+    """Turn every BatchNorm in ``module`` (itself included) whose exact class is a key of ``synced`` (default
+    ``SYNCED``: ``nn.BatchNorm1d`` and ``nn.BatchNorm2d``) into its synced class, in place.
 
     The objects keep their parameters and buffers (only their class changes), so state-dict keys and
     values, optimiser references and checkpoints are unaffected. Other BatchNorm types are left alone.
     Returns ``module``.
     """
+    synced = SYNCED if synced is None else synced
     for child in module.modules():
-        if type(child) is nn.BatchNorm1d:
-            child.__class__ = SyncBatchNorm1d
+        if type(child) in synced:
+            child.__class__ = synced[type(child)]
             if process_group is not None:
                 child.process_group = process_group
     return module

@@ -106,10 +106,20 @@ def setup_run(device: str, amp: str, seed: int, output_dir: str | Path, dist_tim
         dist_timeout: Minutes before a stuck collective ends the job.
 
     Raises:
-        UsageError: a device or autocast dtype this machine lacks; an output folder that cannot be used.
+        UsageError: a device or autocast dtype this machine lacks; an explicit GPU index (``cuda:1``) under a
+            launcher; an output folder that cannot be used.
     """
     rank, world_size, local_rank = distributed.init_distributed(dist_timeout)
-    device = resolve_device(device, local_rank)
+    name, device = device, resolve_device(device, local_rank)
+    if device.type == "cuda":
+        if distributed.is_distributed() and name not in ("auto", "cuda"):
+            raise UsageError(
+                f"--device {name}: under torchrun / SLURM each process uses the GPU of its local rank; "
+                "pass --device cuda (or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES"
+            )
+        # the current device is where the pin-memory thread opens its context and whose generator rng_state saves
+        torch.cuda.set_device(device)
+    precision = set_fp32_precision(device)
     amp_dtype = resolve_amp(amp, device)
     seed_everything(seed + rank)
     output_dir = Path(output_dir)
@@ -124,7 +134,7 @@ def setup_run(device: str, amp: str, seed: int, output_dir: str | Path, dist_tim
         stop_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=dist_timeout))
     if rank == 0:
         print(configure_threads(), flush=True)
-        print(describe_amp(amp, device, amp_dtype), flush=True)
+        print(describe_amp(amp, device, amp_dtype) + precision, flush=True)
     else:
         configure_threads()
     return Run(rank, world_size, local_rank, device, amp_dtype, output_dir, stop_group)
@@ -291,6 +301,20 @@ def cuda_index(local_rank: int) -> int:
     """This process's GPU among the visible ones: ``local_rank % device_count()`` (one GPU bound per task, as
     SLURM's ``--gpus-per-task`` does, leaves each process a single visible device 0)."""
     return local_rank % torch.cuda.device_count()
+
+
+def set_fp32_precision(device: torch.device) -> str:
+    """On a GPU: float32 matmuls and cuDNN convolutions in IEEE fp32, never TF32 (PyTorch's defaults differ: matmuls
+    IEEE, convolutions TF32, so ``--amp none`` would otherwise run the patch embedding with a 10-bit mantissa), so
+    that ``--amp none`` is the full-precision run it says and fp32 code outside autocast computes alike everywhere.
+    Returns the note for the start-up line (empty on other devices, where nothing is changed)."""
+    if device.type != "cuda":
+        return ""
+    # the flags every PyTorch version has; torch >= 2.9's per-operator fp32_precision would make reading
+    # torch.backends.cudnn.allow_tf32 raise (mixed APIs), and TorchInductor's convolution lowering reads it
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return "; fp32 matmuls and convolutions: IEEE fp32 (TF32 off)"
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:

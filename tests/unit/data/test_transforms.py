@@ -53,11 +53,31 @@ def test_batch_augment_equals_crop_resize_and_flip_of_each_image():
 
 
 @pytest.mark.cuda
-def test_batch_augment_on_the_gpu_equals_the_cpu_result():
+def test_batch_augment_on_the_gpu_equals_the_cpu_result(cuda_device):
     images = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
     augment = transforms.BatchAugment(32, transforms.FMOW_RGB_MEAN, transforms.FMOW_RGB_STD)
     torch.manual_seed(3)
     on_cpu = augment(images)
     torch.manual_seed(3)  # boxes and flips come from the CPU generator either way
-    on_gpu = augment.to("cuda")(images.pin_memory().to("cuda", non_blocking=True))
+    pinned = images.pin_memory() if cuda_device.type == "cuda" else images
+    on_gpu = augment.to(cuda_device)(pinned.to(cuda_device, non_blocking=True))
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_uint16_thirteen_band_batches_with_nodata_on_the_gpu_equal_the_cpu_result(cuda_device):
+    """Sentinel-2 L1C-like batches: 13 bands of uint16 with a no-data value; the filled pixels, the validity band and
+    the normalisation on the device are the CPU's."""
+    g = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 10000, (4, 13, 40, 40), generator=g, dtype=torch.int32).to(torch.uint16)
+    images[:, :, :6, :9] = 0  # a no-data corner (every band)
+    images[1, 5, 20:30, 20:30] = 0  # no-data in one band only: the pixel is no-data
+    mean, std = [1500.0 + 100 * band for band in range(13)], [900.0 + 10 * band for band in range(13)]
+    augment = transforms.BatchAugment(32, mean, std, value_scale=1.0, nodata=0)
+    torch.manual_seed(5)
+    on_cpu = augment(images)
+    torch.manual_seed(5)
+    on_device = augment.to(cuda_device)(images.to(cuda_device, non_blocking=True))
+    assert on_device.device == cuda_device and on_cpu.shape == (4, 14, 32, 32)  # 13 bands + validity
+    assert 0 < on_cpu[:, -1].mean() < 1  # some pixels valid, some not: the check means something
+    torch.testing.assert_close(on_device.cpu(), on_cpu, atol=1e-4, rtol=1e-4)

@@ -41,6 +41,42 @@ def test_confusion_matrix_skips_ignored_pixels():
     assert confusion.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 1]] and confusion.sum() == 4
 
 
+def bincount_confusion(pred, target, num_classes, ignore_index):
+    """The per-image matrix as it was computed before (boolean indexing + bincount: host synchronisations)."""
+    valid = target != ignore_index
+    index = target[valid] * num_classes + pred[valid]
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def test_batched_confusion_matrices_equal_the_per_image_bincount():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, 5, (6, 17, 13), generator=g)
+    target = torch.randint(0, 5, (6, 17, 13), generator=g)
+    target[torch.rand(target.shape, generator=g) < 0.2] = 255
+    target[4] = 255  # an image without a counted pixel
+    batched = iou.confusion_matrices(pred, target, 5, ignore_index=255)
+    expected = torch.stack([bincount_confusion(p, t, 5, 255) for p, t in zip(pred, target)])
+    assert batched.dtype == torch.long and torch.equal(batched, expected) and batched[4].sum() == 0
+
+
+@pytest.mark.cuda
+def test_confusion_matrices_and_eroded_boundaries_on_the_gpu_never_wait_for_it(cuda_device):
+    g = torch.Generator().manual_seed(1)
+    pred, target = torch.randint(0, 4, (3, 32, 32), generator=g), torch.randint(0, 4, (3, 32, 32), generator=g)
+    target[:, :3] = 255
+    pred_on_device, target_on_device = pred.to(cuda_device), target.to(cuda_device)  # copies wait: before the check
+    if cuda_device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        eroded = iou.ignore_boundaries(target_on_device, 2, 4)
+        on_device = iou.confusion_matrices(pred_on_device, eroded, 4)
+    finally:
+        if cuda_device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(on_device.cpu(), iou.confusion_matrices(pred, iou.ignore_boundaries(target, 2, 4), 4))
+
+
 def test_window_starts_cover_the_side_and_end_flush():
     assert inference.window_starts(100, 32, 21) == [0, 21, 42, 63, 68]
     assert inference.window_starts(32, 32, 21) == [0] and inference.window_starts(20, 32, 21) == [0]

@@ -57,6 +57,51 @@ def test_chunked_similarity_equals_the_unchunked_one():
     assert torch.equal(idx, full_idx)
 
 
+def previous_topk_cosine(queries, memory, k, query_chunk, memory_chunk):
+    """The search before blocks were reduced to their top k first: each block's whole similarity and index table
+    concatenated to the best k so far, then the top k of that ([query_chunk, memory_chunk + k] int64 indices)."""
+    k = min(k, len(memory))
+    best_sims, best_idx = [], []
+    for q in range(0, len(queries), query_chunk):
+        query = queries[q : q + query_chunk]
+        sims, idx = torch.full((len(query), 0), -float("inf")), torch.zeros((len(query), 0), dtype=torch.long)
+        for m in range(0, len(memory), memory_chunk):
+            block = query @ memory[m : m + memory_chunk].T
+            sims = torch.cat([sims, block], dim=1)
+            idx = torch.cat([idx, torch.arange(m, m + block.shape[1]).expand(len(query), -1)], dim=1)
+            sims, order = sims.topk(min(k, sims.shape[1]), dim=1)
+            idx = idx.gather(1, order)
+        best_sims.append(sims)
+        best_idx.append(idx)
+    return torch.cat(best_sims), torch.cat(best_idx)
+
+
+@pytest.mark.parametrize("k, memory_chunk", [(7, 10), (7, 4), (3, 103), (200, 16)])
+def test_blockwise_top_k_first_gives_what_the_whole_block_search_gave(k, memory_chunk):
+    torch.manual_seed(1)
+    memory = F.normalize(torch.randn(103, 16), dim=1)
+    queries = F.normalize(torch.randn(37, 16), dim=1)
+    sims, idx = knn.topk_cosine(queries, memory, k=k, query_chunk=5, memory_chunk=memory_chunk)
+    expected_sims, expected_idx = previous_topk_cosine(queries, memory, k, 5, memory_chunk)
+    assert torch.equal(sims, expected_sims) and torch.equal(idx, expected_idx)  # the same block products: bit-equal
+    assert sims.shape == (37, min(k, 103))
+
+
+@pytest.mark.cuda
+def test_knn_search_on_the_gpu_finds_the_cpu_neighbours(cuda_device):
+    torch.manual_seed(2)
+    centres, labels, query_labels = torch.randn(5, 32), torch.arange(300) % 5, torch.arange(50) % 5
+    memory = F.normalize(centres[labels] + 0.5 * torch.randn(300, 32), dim=1)  # clusters: no vote hangs on a near-tie
+    queries = F.normalize(centres[query_labels] + 0.5 * torch.randn(50, 32), dim=1)
+    sims, idx = knn.topk_cosine(queries.to(cuda_device), memory.to(cuda_device), k=20, memory_chunk=64)
+    assert sims.device == cuda_device and idx.device == cuda_device
+    cpu_sims, cpu_idx = knn.topk_cosine(queries, memory, k=20, memory_chunk=64)
+    torch.testing.assert_close(sims.cpu(), cpu_sims, atol=1e-5, rtol=0)  # GEMM rounding differs between devices
+    assert (idx.cpu() == cpu_idx).float().mean() > 0.95  # near-ties may swap places
+    on_device = knn.knn_accuracies(memory, labels, queries, query_labels, 5, k=20, majority_k=5, device=cuda_device)
+    assert on_device == knn.knn_accuracies(memory, labels, queries, query_labels, 5, k=20, majority_k=5)
+
+
 @pytest.mark.parametrize("mode, expected", [("resize", [64, 64, 64, 64]), ("native", [16, 16, 32, 64])])
 def test_scale_modes_produce_the_expected_sizes(mode, expected):
     images = torch.rand(2, 3, 64, 64)

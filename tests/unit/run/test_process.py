@@ -87,6 +87,44 @@ def test_each_process_takes_its_gpu_modulo_the_visible_ones(monkeypatch):
     assert [process.cuda_index(local_rank) for local_rank in range(6)] == [0, 1, 2, 3, 0, 1]
 
 
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Two visible GPUs that exist only as far as setup_run asks: the devices made current are recorded."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(torch.device(device)))
+    monkeypatch.setattr(process, "seed_everything", lambda seed: None)  # would queue a seed for the fake GPUs
+    for owner in (torch.backends.cuda.matmul, torch.backends.cudnn):  # set_fp32_precision changes these: restored
+        monkeypatch.setattr(owner, "allow_tf32", owner.allow_tf32)
+    return current
+
+
+def test_one_process_on_cuda_n_makes_that_gpu_current(fake_cuda, tmp_path, capsys):
+    run = process.setup_run("cuda:1", "none", 0, tmp_path / "out")
+    # the pin-memory thread and rng_state's generator follow the current device: GPU 1, not GPU 0
+    assert run.device == torch.device("cuda", 1) and fake_cuda == [torch.device("cuda", 1)]
+    assert "fp32 matmuls and convolutions: IEEE fp32 (TF32 off)" in capsys.readouterr().out
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert torch.get_float32_matmul_precision() == "highest"
+    process.release_output_dirs()
+
+
+def test_an_explicit_gpu_index_under_a_launcher_is_refused(fake_cuda, monkeypatch, tmp_path):
+    monkeypatch.setattr(process.distributed, "init_distributed", lambda timeout: (1, 2, 1))
+    monkeypatch.setattr(process.distributed, "is_distributed", lambda: True)
+    with pytest.raises(UsageError, match="--device cuda:0: under torchrun / SLURM each process uses the GPU of its"):
+        process.setup_run("cuda:0", "none", 0, tmp_path / "out")
+    assert fake_cuda == []
+
+
+def test_fp32_precision_is_left_alone_on_the_cpu():
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    assert process.set_fp32_precision(torch.device("cpu")) == ""
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
 def test_workers_ignore_what_the_main_process_handles():
     watched = (*process.STOP_SIGNALS, signal.SIGINT)
     before = {s: signal.getsignal(s) for s in watched}

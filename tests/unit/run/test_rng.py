@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import needs_cuda_api
 
 from util.run.rng import rng_state, seeded, set_rng_state
 
@@ -48,7 +49,8 @@ def test_states_round_trip_through_plain_types():
 
 
 @pytest.mark.cuda
-def test_only_this_processs_gpu_generator_is_saved_and_restored():
+def test_only_this_processs_gpu_generator_is_saved_and_restored(cuda_device):
+    needs_cuda_api(cuda_device)
     torch.cuda.init()
     state = rng_state()
     assert torch.is_tensor(state["cuda"])  # one generator: this rank's device, not every visible GPU
