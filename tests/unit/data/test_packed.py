@@ -98,7 +98,7 @@ def test_a_workers_ring_buffers_are_reused_only_once_the_training_process_let_go
     buffers of the batches dropped."""
     arrays = random_arrays(12, "uint16", 13)
     dataset = open_packed(write_packed(tmp_path, arrays, list(range(12)), "CHW"), 13)
-    order = list(range(12)) * 4
+    order = np.random.default_rng(5).integers(0, 12, 48).tolist()  # no period a reused buffer could repeat
     loader = DataLoader(dataset, batch_size=2, sampler=order, num_workers=1, collate_fn=loaders.collate)
     segments, kept = set(), []
     for n, (images, labels) in enumerate(loader):
@@ -110,6 +110,21 @@ def test_a_workers_ring_buffers_are_reused_only_once_the_training_process_let_go
     assert len(segments) < 24  # buffers were reused
     for images, indices in kept:
         assert np.array_equal(images.numpy(), arrays[indices])
+
+
+def test_without_storage_objects_that_live_with_their_tensors_every_batch_gets_fresh_shared_memory(
+    tmp_path, monkeypatch
+):
+    arrays = random_arrays(4, "uint8", 3)
+    dataset = open_packed(write_packed(tmp_path, arrays, [0] * 4, "CHW"), 3)
+    monkeypatch.setattr(loaders, "storage_lives_with_its_tensors", lambda: False)  # the workers fork with it
+    loader = DataLoader(dataset, batch_size=2, sampler=[0, 1, 2, 3] * 3, num_workers=1, collate_fn=loaders.collate)
+    segments = set()
+    for n, (images, _) in enumerate(loader):
+        assert np.array_equal(images.numpy(), arrays[[0, 1, 2, 3][2 * (n % 2) : 2 * (n % 2) + 2]])
+        segments.add(os.fstat(images.untyped_storage()._share_fd_cpu_()[0]).st_ino)
+        del images
+    assert len(segments) == 6  # never reused
 
 
 def fake_run() -> process.Run:
