@@ -430,7 +430,7 @@ def final_evaluation(
     palette: segmentation.Palette | None,
     directory: Path,
     what: str,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
 ) -> list[dict]:
     """Evaluate at every scale of ``evaluation``, with the mIoU's 95 % block-bootstrap interval; rank 0 writes
     seg_results.csv / .md, seg_confusion.json (per scale: the set's and each image's confusion matrix, with the images'

@@ -1,20 +1,39 @@
-"""Images per second of the training data pipeline in one worker (decode + crop + flip + normalise).
+"""Images per second that one DataLoader worker hands the training process, per data format: the path before issue 26
+and today's, side by side in one run.
 
-    python benchmarks/bench_data.py --input_size 128
+    OMP_NUM_THREADS=1 python benchmarks/bench_data.py --input_size 128
 
-Pipelines on the same images: small pre-resized JPEGs (what tools/preprocess.py writes), large original
-JPEGs (decoded with PIL draft), the packed uint8 array and the WebDataset shards (``util.data.shards``): what a
-worker does (memory-mapped read; one ``pread`` + ``.npy`` parse per sample), and that plus crop/flip/normalise
-of the batch by ``BatchAugment`` on this CPU (on a GPU that part is the device's, not the worker's). The shards
-are also streamed whole by ``webdataset.WebDataset`` (if installed) from local disk and from a throwaway
-``python -m http.server`` on 127.0.0.1, to show what reading them as a stream costs, and, if LitData is installed,
-the same samples in LitData's format (``litdata.optimize``), read by random access and as a stream.
+Every pipeline is a real ``torch.utils.data.DataLoader`` with ``--workers`` worker processes (default 1) over the
+same images in the same random order, timed in this process, the training process: what arrives here per second,
+reading and decoding, the per-image transform where there is one, collate, and the hand-over through shared memory
+included (the backlog of prefetched batches is drained before the clock starts). Crops, flips and normalisation of
+packed arrays and shards run later, on the device (``BatchAugment``), and are not counted.
+
+Formats (8-bit RGB from the repository's sample tiles; 13-band uint16 tiles generated, smooth with noise):
+
+- pre-resized JPEG (what ``tools/preprocess.py`` writes) and large JPEG (PIL draft): decoded and transformed image by
+  image; one path;
+- packed arrays and shards, uint8 RGB and uint16 13-band. Before: items one by one (``dataset[key]``; packed arrays
+  stored band-last, so each item is a strided view) stacked by ``default_collate``. Now: ``__getitems__`` reads the
+  whole batch into one tensor in shared memory (packed: band-first, one fancy index; shards: one ``preadv`` per
+  sample into its row), passed through by ``util.data.loaders.collate``;
+- 13-band uint16 GeoTIFF (lossless zlib, as ``tools/preprocess.py --raster`` writes): read and transformed image by
+  image (float32); one path.
+
+Workers per GPU: how many such workers feed one H100 at 45 % of its bf16 peak, 0.45 x 989 TFLOP/s / 38.45 GFLOP per
+image (the paper model at 128 px, forward + backward, ``torch.utils.flop_counter``) = ~11,600 img/s (issue 26).
+Each pipeline is timed ``--rounds`` times, interleaved; the best round is shown (the one least disturbed by other
+jobs on a shared machine).
+
+``--streaming`` adds in-process rates (no DataLoader) of reading the shards as a stream with ``webdataset`` (local
+disk and a throwaway ``python -m http.server`` on 127.0.0.1) and, if installed, LitData's format.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -22,23 +41,94 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from util.data import datasets, transforms  # noqa: E402
+from util.config import Bands  # noqa: E402
+from util.data import datasets, loaders, transforms  # noqa: E402
 from util.data.shards import MANIFEST_SUFFIX  # noqa: E402
 
+GPU_RATE = 0.45 * 989e12 / 38.45e9  # img/s one H100 trains at 45 % of its bf16 peak (issue 26)
+BANDS = 13
 
-def per_worker_rate(dataset, count: int, batch_transform=None, batch_size: int = 64) -> float:
-    """Images/s of ``dataset[i]`` for ``count`` items in this one process (plus the batch transform)."""
-    start = time.perf_counter()
-    for first in range(0, count, batch_size):
-        items = [dataset[(i % len(dataset), i)][0] for i in range(first, min(first + batch_size, count))]
-        if batch_transform is not None:
-            batch_transform(torch.stack(items))
-    return count / (time.perf_counter() - start)
+
+class ItemByItem(Dataset):
+    """The path before issue 26: ``dataset[key]`` one item at a time (no ``__getitems__``), for ``default_collate``
+    to stack."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        return self.dataset[key]
+
+
+def delivered_rate(dataset: Dataset, collate, batch_size: int, workers: int, seconds: float, copy: bool) -> float:
+    """Images/s the training process receives from a DataLoader with ``workers`` workers over ``dataset`` (random
+    order, seed 0), timed for about ``seconds`` after the prefetched backlog is drained; ``copy``: each batch is also
+    copied here into one reused tensor, as the pin-memory thread copies it into pinned memory on a GPU."""
+    sampler = RandomSampler(dataset, replacement=True, num_samples=10**9, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate)
+    batches = iter(loader)
+    for _ in range(1 + 2 * max(workers, 1)):  # worker start-up and the prefetch backlog (prefetch_factor 2)
+        next(batches)
+    count, start, target = 0, time.perf_counter(), None
+    while time.perf_counter() - start < seconds:
+        images = next(batches)[0]
+        if copy:
+            target = torch.empty_like(images) if target is None or target.shape != images.shape else target
+            target.copy_(images)
+        count += len(images)
+        del images  # the ring buffer is free again once nothing here holds it
+    rate = count / (time.perf_counter() - start)
+    del batches  # ends the workers
+    return rate
+
+
+def write_tiles(folder: Path, count: int, size: int) -> None:
+    """``count`` 13-band uint16 TIFFs [13, size, size] in two classes: smooth fields plus noise, so that zlib
+    compresses them about as it does real imagery (random values would not compress and would decode as a copy)."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        coarse = rng.integers(500, 4000, (BANDS, size // 16 + 1, size // 16 + 1))
+        field = np.kron(coarse, np.ones((16, 16)))[:, :size, :size]
+        tile = (field + rng.normal(0, 30, field.shape)).clip(0, 65535).astype(np.uint16)
+        tifffile.imwrite(folder / f"c{i % 2}" / f"t{i:05d}.tif", tile, photometric="minisblack")
+
+
+def preprocess(source: Path, out: Path, split: str, size: int, *extra: str) -> None:
+    subprocess.run(
+        [sys.executable, str(REPO / "tools" / "preprocess.py"), "--input", str(source), "--output", str(out)]
+        + ["--size", str(size), "--split", split, "--workers", "1", "--pack", "--shards", "--shard_samples", "16"]
+        + list(extra),
+        check=True,
+        capture_output=True,
+    )
+
+
+def band_last_copy(meta_path: Path) -> Path:
+    """The packed array of ``meta_path`` (band-first) written band-last, as ``--pack`` did before issue 26 (no
+    ``layout`` key); returns its JSON."""
+    meta = json.loads(meta_path.read_text())
+    shape = (meta["count"], meta["bands"], meta["size"], meta["size"])
+    array = np.fromfile(meta_path.parent / meta["array"], meta["dtype"]).reshape(shape)
+    name = f"hwc_{meta['array']}"
+    np.ascontiguousarray(array.transpose(0, 2, 3, 1)).tofile(meta_path.parent / name)
+    meta.pop("layout")
+    meta.update(array=name, format=f"{meta['dtype']} [count, size, size, bands], row-major")
+    path = meta_path.with_name(f"hwc_{meta_path.name}")
+    path.write_text(json.dumps(meta))
+    return path
 
 
 def stream_rate(urls: list[str], count: int) -> float:
@@ -62,8 +152,8 @@ def litdata_item(meta_path: str, index: int) -> dict:
 
 def litdata_rates(meta_path: Path, folder: Path, count: int) -> dict[str, float]:
     """Images/s of LitData (if installed) on the packed samples, written by ``litdata.optimize`` (chunks of ~16
-    samples, as our shards): ``StreamingDataset[i]`` random access (what a map-style worker does) and iterating it
-    as a stream. Empty without LitData: it is measured to compare formats, not a dependency."""
+    samples, as our shards): ``StreamingDataset[i]`` random access and iterating it as a stream, in this process.
+    Empty without LitData: it is measured to compare formats, not a dependency."""
     try:
         import litdata
     except ImportError:
@@ -71,13 +161,12 @@ def litdata_rates(meta_path: Path, folder: Path, count: int) -> dict[str, float]
         return {}
     from functools import partial
 
-    total = datasets.build_dataset(meta_path).__len__()
-    sample_bytes = datasets.build_dataset(meta_path)[0][0].numel()
+    dataset = datasets.build_dataset(meta_path)
     litdata.optimize(
         fn=partial(litdata_item, str(meta_path)),
-        inputs=list(range(total)),
+        inputs=list(range(len(dataset))),
         output_dir=str(folder),
-        chunk_bytes=16 * sample_bytes,
+        chunk_bytes=16 * dataset[0][0].numel(),
         num_workers=1,
         mode="overwrite",
     )
@@ -119,112 +208,140 @@ def http_server(folder: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("http.server did not start")
 
 
+def streaming_rates(pre: Path, manifest: Path, packed: Path, count: int) -> None:
+    """``--streaming``: in-process rates of the shards read as a stream (webdataset) and of LitData's format."""
+    rates = {}
+    try:
+        import webdataset  # noqa: F401
+    except ImportError:
+        print("webdataset is not installed: streaming rates left out", flush=True)
+    else:
+        names = [shard["name"] for shard in json.loads(manifest.read_text())["shards"]]
+        server, base = http_server(pre)
+        try:
+            for name, urls in (
+                ("shards streamed by webdataset, local disk", [str(pre / n) for n in names]),
+                ("shards streamed by webdataset, http://127.0.0.1", [f"{base}/{n}" for n in names]),
+            ):
+                stream_rate(urls, min(16, count))
+                rates[name] = stream_rate(urls, count)
+        finally:
+            server.kill()
+            server.wait()
+    rates.update(litdata_rates(packed, pre / "litdata", count))
+    for name, rate in rates.items():
+        print(f"{name:50s} {rate:9.1f} img/s in one process (no DataLoader)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=512, help="images decoded per pipeline")
-    parser.add_argument("--input_size", type=int, default=128)
+    parser.add_argument("--input_size", type=int, default=128, help="stored side of the images, pixels")
+    parser.add_argument("--tiles", type=int, default=128, help="13-band uint16 tiles generated")
     parser.add_argument("--large_size", type=int, default=1024, help="side of the 'original' JPEGs")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per pipeline (rates are per worker)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="timed per pipeline and round")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best is shown")
+    parser.add_argument("--streaming", action="store_true", help="add webdataset / LitData stream rates")
     parser.add_argument("--source", type=Path, default=REPO / "data" / "sentinel2_rgb" / "images")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # one data-loader worker
+    torch.set_num_threads(1)
+    size = args.input_size
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tiles = sorted(args.source.glob("*.jpg"))[:64]
         (tmp / "large").mkdir()
-        for tile in tiles:  # originals: the same scenes, up-sampled to fMoW-like sizes
+        for tile in sorted(args.source.glob("*.jpg"))[:64]:  # originals: the same scenes, up-sampled to fMoW sizes
             Image.open(tile).resize((args.large_size, args.large_size), Image.BICUBIC).save(
                 tmp / "large" / tile.name, quality=95
             )
-        subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "tools" / "preprocess.py"),
-                "--input",
-                str(tmp / "large"),
-                "--output",
-                str(tmp / "pre"),
-                "--size",
-                str(args.input_size),
-                "--split",
-                "small",
-                "--workers",
-                "1",
-                "--pack",
-                "--shards",
-                "--shard_samples",
-                "16",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        manifest = tmp / "pre" / f"small_{args.input_size}{MANIFEST_SUFFIX}"
-        transform = transforms.build_transform(True, args.input_size)
+        write_tiles(tmp / "tiles", args.tiles, size)
+        pre = tmp / "pre"
+        preprocess(tmp / "large", pre, "rgb", size)
+        preprocess(tmp / "tiles", pre, "ms", size, "--raster")
+        rgb_transform = transforms.build_transform(True, size)
+        draft = transforms.draft_size_for(True, size)
+        bands = Bands(in_chans=BANDS, mean=(2000.0,) * BANDS, std=(1000.0,) * BANDS)
+        packed_rgb, packed_ms = pre / f"rgb_{size}.json", pre / f"ms_{size}.json"
+        shards_rgb, shards_ms = pre / f"rgb_{size}{MANIFEST_SUFFIX}", pre / f"ms_{size}{MANIFEST_SUFFIX}"
+        item, batch = default_collate, loaders.collate
+        # name -> (old dataset, old collate, new dataset, new collate); None: one path only
         pipelines = {
-            f"pre-resized JPEG ({args.input_size} px shorter side)": (
+            f"JPEG, pre-resized ({size} px)": (
+                datasets.build_dataset(pre / f"rgb_{size}.csv", "auto", rgb_transform, draft_size=draft),
+                item,
+                None,
+                None,
+            ),
+            f"JPEG, large ({args.large_size} px, PIL draft)": (
+                datasets.build_dataset(tmp / "large", "folder", rgb_transform, draft_size=draft),
+                item,
+                None,
+                None,
+            ),
+            "packed uint8 RGB": (
+                ItemByItem(datasets.build_dataset(band_last_copy(packed_rgb))),
+                item,
+                datasets.build_dataset(packed_rgb),
+                batch,
+            ),
+            "shards uint8 RGB": (
+                ItemByItem(datasets.build_dataset(shards_rgb)),
+                item,
+                datasets.build_dataset(shards_rgb),
+                batch,
+            ),
+            f"GeoTIFF uint16 {BANDS}-band (zlib)": (
                 datasets.build_dataset(
-                    tmp / "pre" / f"small_{args.input_size}.csv",
-                    "auto",
-                    transform,
-                    draft_size=transforms.draft_size_for(True, args.input_size),
+                    pre / f"ms_{size}.csv", "auto", transforms.image_transform(bands, size, True), bands=bands
                 ),
+                item,
+                None,
                 None,
             ),
-            f"large JPEG ({args.large_size} px, PIL draft)": (
-                datasets.build_dataset(
-                    tmp / "large", "folder", transform, draft_size=transforms.draft_size_for(True, args.input_size)
-                ),
-                None,
+            f"packed uint16 {BANDS}-band": (
+                ItemByItem(datasets.build_dataset(band_last_copy(packed_ms), bands=bands)),
+                item,
+                datasets.build_dataset(packed_ms, bands=bands),
+                batch,
             ),
-            "packed uint8: worker only (memory-mapped read)": (
-                datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.json"),
-                None,
-            ),
-            "packed uint8 + BatchAugment on this CPU": (
-                datasets.build_dataset(tmp / "pre" / f"small_{args.input_size}.json"),
-                transforms.BatchAugment(args.input_size, transforms.FMOW_RGB_MEAN, transforms.FMOW_RGB_STD),
-            ),
-            "shards: worker only (pread + .npy parse)": (datasets.build_dataset(manifest), None),
-            "shards + BatchAugment on this CPU": (
-                datasets.build_dataset(manifest),
-                transforms.BatchAugment(args.input_size, transforms.FMOW_RGB_MEAN, transforms.FMOW_RGB_STD),
+            f"shards uint16 {BANDS}-band": (
+                ItemByItem(datasets.build_dataset(shards_ms, bands=bands)),
+                item,
+                datasets.build_dataset(shards_ms, bands=bands),
+                batch,
             ),
         }
-        rates = {}
-        for name, (dataset, batch_transform) in pipelines.items():
-            per_worker_rate(dataset, min(16, args.images), batch_transform)  # warm-up: page cache, allocator
-            rates[name] = per_worker_rate(dataset, args.images, batch_transform)
-            print(f"{name:48s} {rates[name]:9.1f} img/s per worker", flush=True)
-        try:
-            import webdataset  # noqa: F401
-        except ImportError:
-            print("webdataset is not installed: streaming rates left out", flush=True)
-        else:
-            names = [shard["name"] for shard in json.loads(manifest.read_text())["shards"]]
-            server, base = http_server(tmp / "pre")
-            try:
-                for name, urls in (
-                    ("shards streamed by webdataset, local disk", [str(tmp / "pre" / n) for n in names]),
-                    ("shards streamed by webdataset, http://127.0.0.1", [f"{base}/{n}" for n in names]),
+        best: dict[tuple[str, str], float] = {}
+        for _ in range(args.rounds):
+            for name, (old, old_collate, new, new_collate) in pipelines.items():
+                latest = (new, new_collate) if new is not None else (old, old_collate)
+                for path, (dataset, collate), copy in (
+                    ("before", (old, old_collate), False),
+                    ("now", (new, new_collate), False),
+                    ("copied", latest, True),
                 ):
-                    stream_rate(urls, min(16, args.images))
-                    rates[name] = stream_rate(urls, args.images)
-                    print(f"{name:48s} {rates[name]:9.1f} img/s per worker", flush=True)
-            finally:
-                server.kill()
-                server.wait()
-        for name, rate in litdata_rates(
-            tmp / "pre" / f"small_{args.input_size}.json", tmp / "litdata", args.images
-        ).items():
-            rates[name] = rate
-            print(f"{name:48s} {rate:9.1f} img/s per worker", flush=True)
-        small, large, packed, packed_cpu, sharded = list(rates.values())[:5]
+                    if dataset is not None:
+                        rate = delivered_rate(dataset, collate, args.batch_size, args.workers, args.seconds, copy)
+                        best[name, path] = max(rate, best.get((name, path), 0.0))
+        workers = f"{args.workers} worker{'s' * (args.workers > 1)}"
         print(
-            f"packed worker / pre-resized JPEG: {packed / small:.1f}x (augmentation on a GPU); "
-            f"with the augmentation on this CPU core: {packed_cpu / small:.1f}x; "
-            f"pre-resized / large JPEG: {small / large:.1f}x; shards / packed worker: {sharded / packed:.2f}x",
+            f"images/s delivered to the training process by a DataLoader of {workers}, batch {args.batch_size}, "
+            f"{size} px (best of {args.rounds} rounds of {args.seconds:g} s); workers per GPU = "
+            f"ceil({GPU_RATE:,.0f} / rate per worker); 'copied': now, with each batch copied once in the training "
+            "process (what its pin-memory thread does on a GPU)",
             flush=True,
         )
+        header = ("format", "before", "now", "now/before", "copied", "workers/GPU")
+        print(f"{header[0]:42s} " + " ".join(f"{h:>10s}" for h in header[1:5]) + f" {header[5]:>11s}", flush=True)
+        for name, (_, _, new, _) in pipelines.items():
+            before = best[name, "before"]
+            now = best[name, "now"] if new is not None else before
+            ratio = f"{now / before:.2f}x" if new is not None else "one-path"
+            copied, per_gpu = best[name, "copied"], math.ceil(GPU_RATE / (now / args.workers))
+            print(f"{name:42s} {before:10.0f} {now:10.0f} {ratio:>10s} {copied:10.0f} {per_gpu:11d}", flush=True)
+        if args.streaming:
+            streaming_rates(pre, shards_rgb, packed_rgb, 512)
 
 
 if __name__ == "__main__":

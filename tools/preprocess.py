@@ -9,7 +9,7 @@ Reads a fMoW-style CSV or an ImageFolder tree; writes every image with its short
 folders, a CSV's ``class_name`` column), ``split`` being the input's name (``train.csv`` -> ``train``). It runs in
 parallel, each image is written atomically, and a rerun skips the images already done, so an interrupted run
 resumes where it stopped. ``--pack`` also writes ``{split}_{size}.u8`` (the centre ``size`` x ``size`` square
-of every image, uint8 [N, size, size, 3], memory-mapped at training time) and ``{split}_{size}.json``
+of every image, uint8 [N, 3, size, size], band-first, memory-mapped at training time) and ``{split}_{size}.json``
 (labels, class names and shape): pass the ``.json`` as ``--train_path`` and crops, flips and normalisation run on the
 batch,
 on the device.
@@ -19,7 +19,7 @@ are read by ``util.data.images.read_raster``, resized with antialiased bilinear 
 ``--nodata`` or the file's GDAL_NODATA tag, are left out of the interpolation: a pixel is no-data in the output where
 less than half of its footprint had data; an image already ``--size`` is kept bit for bit) and written as lossless
 TIFFs (zlib, horizontal predictor) with the no-data tag; ``--pack`` then writes ``{split}_{size}.u8`` or ``.u16``
-(uint8 / uint16 [N, size, size, C]).
+(uint8 / uint16 [N, C, size, size]).
 
 ``--shards`` also writes WebDataset shards (``util.data.shards``: tar files of ``.npy`` arrays [C, size, size] +
 labels, about
@@ -55,7 +55,7 @@ from util.config import (
     MAX_IMAGE_PIXELS,
     HelpFormatter,
 )
-from util.data import datasets, shards
+from util.data import datasets, packed, shards
 from util.data.images import BadImageError, NotEightBitError, Raster, load_image, read_raster
 from util.data.raster_options import PACKED_DTYPES
 from util.errors import (
@@ -235,10 +235,10 @@ def pack(
     names: dict[int, str] | None = None,
     raster: bool = False,
 ) -> None:
-    """Centre ``size`` squares of the resized images (``centre_square``) as one array [N, S, S, C] (uint8 RGB, or
-    with ``raster`` uint8 / uint16 of every band; memory-mapped at training time) + a JSON of labels, shape, sample
-    type and no-data value (``util.data.datasets.PackedDataset``). The array's space is reserved first (``reserve``);
-    on any failure its temporary file is removed.
+    """Centre ``size`` squares of the resized images (``centre_square``) as one band-first array [N, C, S, S] (uint8
+    RGB, or with ``raster`` uint8 / uint16 of every band; memory-mapped at training time, a batch one fancy index) + a
+    JSON of labels, shape, layout, sample type and no-data value (``util.data.packed.PackedDataset``). The array's
+    space is reserved first (``reserve``); on any failure its temporary file is removed.
 
     Raises:
         DataError: as ``squares``; a disk without room for the array (``--pack: cannot write FILE: REASON``).
@@ -254,7 +254,7 @@ def pack(
                 tmp = array_path.with_suffix(array_path.suffix + ".tmp")
                 out = open(tmp, "wb")
                 reserve(out, len(rows) * square.nbytes)
-            out.write(np.ascontiguousarray(np.moveaxis(square, 0, -1)).tobytes())  # in row order: index i at i x bytes
+            out.write(np.ascontiguousarray(square).tobytes())  # in row order: index i at i x bytes
         out.flush()
         os.fsync(out.fileno())
         out.close()
@@ -267,7 +267,8 @@ def pack(
             raise DataError(f"--pack: cannot write {array_path}: {e.strerror or first_line(e)}") from None
         raise
     meta = {
-        "format": f"{dtype} [count, size, size, bands], row-major",
+        "format": f"{dtype} {packed.LAYOUTS[packed.LAYOUT]}, row-major",
+        "layout": packed.LAYOUT,
         "count": len(rows),
         "size": size,
         "dtype": dtype,

@@ -493,7 +493,13 @@ def note_upstream_defaults(flags: Flags, defaults: dict[str, Any], launcher: str
 
 
 def add_loader_args(group: FlagGroup) -> None:
-    group.add_argument("--num_workers", type=int, default=8, help="DataLoader worker processes per GPU / process")
+    group.add_argument(
+        "--num_workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes per GPU / process (default: the process's share of the CPUs less one, at "
+        "least 1, printed with the reason: util/run/threads.py)",
+    )
     group.add_argument(
         "--pin_mem", action=argparse.BooleanOptionalAction, default=True, help="pinned host memory (CUDA)"
     )
@@ -1048,7 +1054,7 @@ class Loading:
     """How a DataLoader feeds this process: images per batch, worker processes, pinned memory, the data-order seed."""
 
     batch_size: int
-    num_workers: int = 0
+    num_workers: int | None = 0  # None: the process's share of the CPUs (util.data.loaders.worker_count)
     pin_mem: bool = True
     seed: int = 0
 

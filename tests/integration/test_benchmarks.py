@@ -51,26 +51,26 @@ def test_pretrain_benchmark_prints_every_field_and_the_speed_up():
     assert abs(per_image[0] - per_image[1]) / per_image[1] < 0.03
 
 
-def test_data_benchmark_reports_each_pipeline():
+def test_data_benchmark_reports_each_pipeline_before_and_now():
+    tiny = ["--input_size", "32", "--tiles", "4", "--large_size", "64", "--batch_size", "4", "--seconds", "0.05"]
     result = subprocess.run(
-        [sys.executable, "benchmarks/bench_data.py", "--images", "8", "--input_size", "32"],
+        [sys.executable, "benchmarks/bench_data.py", *tiny, "--rounds", "1", "--streaming"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=HANG_GUARD_S,
     )
     assert result.returncode == 0, result.stderr
-    for pipeline in (
-        "pre-resized JPEG",
-        "large JPEG",
-        "packed uint8",
-        "shards: worker only",
-        "shards + BatchAugment",
-        "shards streamed by webdataset, local disk",
-        "shards streamed by webdataset, http://127.0.0.1",
-    ):
-        assert pipeline in result.stdout
-    assert "img/s per worker" in result.stdout
+    rows = {line[:42].strip(): line[42:].split() for line in result.stdout.splitlines()}
+    for pipeline in ("JPEG, pre-resized (32 px)", "JPEG, large (64 px, PIL draft)", "GeoTIFF uint16 13-band (zlib)"):
+        before, now, ratio, copied, workers = rows[pipeline]
+        assert before == now and float(now) > 0 and ratio == "one-path" and float(copied) > 0 and int(workers) >= 1
+    for pipeline in ("packed uint8 RGB", "shards uint8 RGB", "packed uint16 13-band", "shards uint16 13-band"):
+        before, now, ratio, copied, workers = rows[pipeline]
+        assert float(before) > 0 and float(now) > 0 and ratio.endswith("x") and float(copied) > 0 and int(workers) >= 1
+    assert "delivered to the training process by a DataLoader of 1 worker" in result.stdout
+    for stream in ("shards streamed by webdataset, local disk", "shards streamed by webdataset, http://127.0.0.1"):
+        assert stream in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,7 @@ def test_packed_array_trains_with_augmentation_on_the_device(tmp_path):
     assert result.returncode == 0, result.stderr
     meta = json.loads((out / "train_40.json").read_text())
     assert meta["count"] == 8 and meta["size"] == 40 and meta["labels"] == [0, 1] * 4
+    assert meta["layout"] == "CHW" and meta["format"] == "uint8 [count, bands, size, size], row-major"
     packed = datasets.build_dataset(out / "train_40.json")
     pixels, label = packed[(3, 0)]
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 40, 40) and label == 1
@@ -175,6 +176,8 @@ def test_raster_preprocessing_is_lossless_and_packs_uint16_of_every_band(tmp_pat
     for index, i in enumerate(order):
         pixels, label = dataset[index]
         assert pixels.dtype == torch.uint16 and np.array_equal(pixels.numpy(), tiles[i]) and label == i % 2
+    stored = np.fromfile(out / "train_40.u16", np.uint16).reshape(4, 13, 40, 40)  # band-first on disk
+    assert meta["layout"] == "CHW" and np.array_equal(stored, np.stack([tiles[i] for i in order]))
     message = None
     try:
         datasets.build_dataset(out / "train_40.json")

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from util.data import raster_options
-from util.data.loaders import SampleDataset, SeededSampler, derived_seed
+from util.data.loaders import PredecodedDataset, SeededSampler, derived_seed
 from util.errors import DataError, first_line
 from util.files import write_atomically
 from util.run.rng import seeded
@@ -164,7 +164,7 @@ def _write(
     return manifest
 
 
-class ShardDataset(SampleDataset):
+class ShardDataset(PredecodedDataset):
     """The samples of a shard manifest (``NAME.shards.json``), global index = position across the shards in
     manifest order.
 
@@ -175,14 +175,16 @@ class ShardDataset(SampleDataset):
     (``raster_options.check_predecoded``). Keys are ``index`` or (index, seed), as ``SeededSampler`` yields them.
 
     Every shard is checked to exist with the byte size the manifest records when the dataset is built; a
-    worker reads each shard's tar headers once (its sample offsets), then one ``pread`` per sample.
+    worker reads each shard's tar headers once (its sample offsets), then one ``pread`` per sample. A DataLoader's
+    batch (``PredecodedDataset.__getitems__``) reads each sample's pixels straight into its row of the batch tensor
+    (one ``preadv`` per sample: the ``.npy`` header into a scratch buffer, the pixels into the batch), not one
+    contiguous read per batch: a batch's samples are spread over a shuffle buffer of two shards or more
+    (``ShardSampler``), so the span holding them is many times the batch.
 
     Raises:
         DataError: a manifest that cannot be read or lacks a key; a missing or truncated shard (naming it);
             a sample that does not decode to the manifest's dtype and shape.
     """
-
-    predecoded = True
 
     def __init__(
         self,
@@ -309,16 +311,31 @@ class ShardDataset(SampleDataset):
         self._files[shard] = fd
         return fd
 
+    def _member(self, index: int) -> tuple[int, int, int]:
+        """(shard, data offset, byte size) of sample ``index``'s ``.npy`` member."""
+        shard, position = self.locate(index)
+        if shard not in self._offsets:
+            self._offsets[shard] = self._read_offsets(shard)
+        return shard, *self._offsets[shard][position]
+
+    def read_into(self, indices: list[int], out: np.ndarray) -> None:
+        header = self._npy_header()
+        scratch = bytearray(len(header))
+        for row, index in zip(out, indices):
+            shard, offset, size = self._member(index)
+            if size == len(header) + row.nbytes:  # np.save's layout: the header, then the pixels in C order
+                if os.preadv(self._file(shard), [scratch, row], offset) == size and scratch == header:
+                    continue
+            row[...] = self.read(index)  # anything else: parsed, checked and named as one sample is
+
     def read(self, index: int) -> np.ndarray:
         """The array [bands, size, size] (uint8 / uint16) of sample ``index``.
 
         Raises:
             DataError: the shard is unreadable, shorter than its header says, or holds another dtype or shape.
         """
-        shard, position = self.locate(index)
-        if shard not in self._offsets:
-            self._offsets[shard] = self._read_offsets(shard)
-        offset, size = self._offsets[shard][position]
+        shard, offset, size = self._member(index)
+        position = self.locate(index)[1]
         data = bytearray(size)  # writable: torch.from_numpy shares it without a copy
         read = os.preadv(self._file(shard), [data], offset)
         path = self.shard_paths[shard]

@@ -1,4 +1,5 @@
-"""How many intra-op CPU threads torch should use on a machine it may share with other jobs.
+"""How many intra-op CPU threads torch should use on a machine it may share with other jobs, and how many
+DataLoader workers a process starts when ``--num_workers`` is not given (its share of the CPUs less one).
 
 torch's default (the OpenMP runtime's) is one thread per core of the machine, which ignores the container's CPU
 quota, the other jobs on a shared machine and the other processes of a DDP run on the same node. On a shared 2-core
@@ -6,8 +7,9 @@ machine that oversubscription turned a 3-minute run into 22 minutes; with 2 thre
 busy, steps took 44-230 s where one thread per process took ~24 s (issue 23): every parallel region waits for its
 slowest thread, and on a busy CPU that thread waits for the scheduler.
 
-:func:`choose_threads` decides (a pure function: its decision table is tested), :func:`configure_threads` gathers
-its inputs and sets torch's count:
+:func:`cpu_share` and :func:`choose_threads` decide (pure functions: their decision table is tested),
+:func:`configure_threads` gathers their inputs and sets torch's count; :func:`choose_workers` / :func:`default_workers`
+take the same share for the data workers (rules 2-3):
 
 1. ``OMP_NUM_THREADS`` when set: torch already read it at start-up; it is reported and wins.
 2. Otherwise the CPUs this process may run on, ``len(os.sched_getaffinity(0))`` (Linux ``sched_getaffinity(2)``;
@@ -170,16 +172,45 @@ def other_work(cpus: Collection[int], seconds: float = LOAD_SAMPLE_S, proc_stat:
     return max(0.0, busy_cpus - own_cpus)
 
 
-def choose_threads(
-    affinity: int, quota: float | None, load: float | None, processes: int, omp: str | None
-) -> tuple[int | None, str]:
-    """The intra-op thread count of one process and why (the module's rules 1-3), as (threads, reason).
+def cpu_share(
+    affinity: int, quota: float | None, load: float | None, processes: int, unit: str = "CPU"
+) -> tuple[int, str]:
+    """The CPUs one process of this run may keep busy (the module's rules 2-3) and why, as (cpus, reason).
 
     Args:
         affinity: CPUs this process may run on.
         quota: The cgroup CPU limit in CPUs (None: none).
         load: CPUs' worth of other work on those CPUs (``other_work``; None: unknown).
         processes: Processes of this run on this node (DDP), at least 1.
+        unit: What the share is counted in, in the reason where the other work decided it (``... busy at
+            start-up: 1 thread``).
+
+    Returns:
+        at least 1, and the reason, e.g. ``2 CPUs allowed by affinity, cgroup quota none``.
+    """
+    processes = max(1, processes)
+    cpus = max(1, math.floor(min(affinity, quota) if quota is not None else affinity))
+    share = max(1, cpus // processes)
+    quota_text = "none" if quota is None else f"{quota:g} CPUs"
+    per_process = f", {processes} processes on this node" if processes > 1 else ""
+    reason = f"{affinity} CPUs allowed by affinity, cgroup quota {quota_text}{per_process}"
+    if load is not None:
+        idle = max(0, math.floor(affinity - load + 0.5))  # half up: 0.4 CPUs of other work leave 2 of 2 idle
+        fits = max(1, idle // processes)
+        if fits < share:
+            share = fits
+            reason += f"; other work kept {load:.1f} of them busy at start-up: {share} {unit}{'s' * (share > 1)}"
+    return share, reason
+
+
+def choose_threads(
+    affinity: int, quota: float | None, load: float | None, processes: int, omp: str | None
+) -> tuple[int | None, str]:
+    """The intra-op thread count of one process and why (the module's rules 1-3), as (threads, reason): its CPU
+    share (``cpu_share``), unless ``omp`` decides.
+
+    Args:
+        affinity, quota, load, processes: as ``cpu_share``.
         omp: ``OMP_NUM_THREADS`` as set ("" or None: unset).
 
     Returns:
@@ -189,19 +220,39 @@ def choose_threads(
     omp = (omp or "").strip()
     if omp:
         return None, f"OMP_NUM_THREADS={omp}"
-    processes = max(1, processes)
-    cpus = max(1, math.floor(min(affinity, quota) if quota is not None else affinity))
-    threads = max(1, cpus // processes)
-    quota_text = "none" if quota is None else f"{quota:g} CPUs"
-    share = f", {processes} processes on this node" if processes > 1 else ""
-    reason = f"{affinity} CPUs allowed by affinity, cgroup quota {quota_text}{share}"
-    if load is not None:
-        idle = max(0, math.floor(affinity - load + 0.5))  # half up: 0.4 CPUs of other work leave 2 of 2 idle
-        fits = max(1, idle // processes)
-        if fits < threads:
-            threads = fits
-            reason += f"; other work kept {load:.1f} of them busy at start-up: {threads} thread{'s' * (threads > 1)}"
-    return threads, reason + "; OMP_NUM_THREADS unset"
+    share, reason = cpu_share(affinity, quota, load, processes, unit="thread")
+    return share, reason + "; OMP_NUM_THREADS unset"
+
+
+def choose_workers(affinity: int, quota: float | None, load: float | None, processes: int) -> tuple[int, str]:
+    """The default DataLoader worker count of one process and why, as (workers, reason): its CPU share
+    (``cpu_share``) less one CPU for the training process itself (kernel launches, the pin-memory thread, or on a CPU
+    the step), at least 1 so that reading overlaps the step. A fixed count per process oversubscribes a node: 8 GPUs x
+    8 workers on 16 cores is 4.5 processes per core (issue 26). ``OMP_NUM_THREADS`` sets threads, not processes:
+    it plays no part."""
+    share, reason = cpu_share(affinity, quota, load, processes)
+    workers = max(1, share - 1)
+    return workers, f"{reason}; {share} CPU{'s' * (share > 1)} per process, one left to the training process"
+
+
+def _machine(
+    world_size_on_node: int | None,
+    cgroup_root: Path,
+    proc_cgroup: Path,
+    environ: Mapping[str, str],
+    load: Callable[[Collection[int]], float | None] | None,
+    measure: bool,
+) -> tuple[int, float | None, float | None, int]:
+    """(affinity, quota, load, processes) as ``cpu_share`` takes them, read from this machine (``measure``: the other
+    work is measured; else None)."""
+    if world_size_on_node is None:
+        try:
+            world_size_on_node = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+        except ValueError:
+            world_size_on_node = 1
+    cpus = affinity_cpus()
+    measured = (load or measured_once)(cpus) if measure else None
+    return len(cpus), cgroup_cpu_quota(cgroup_root, proc_cgroup), measured, world_size_on_node
 
 
 def configure_threads(
@@ -224,16 +275,23 @@ def configure_threads(
     """
     environ = os.environ if environ is None else environ
     omp = environ.get("OMP_NUM_THREADS", "").strip()
-    if world_size_on_node is None:
-        try:
-            world_size_on_node = int(environ.get("LOCAL_WORLD_SIZE", "1"))
-        except ValueError:
-            world_size_on_node = 1
-    cpus = affinity_cpus()
-    measured = None if omp else (load or measured_once)(cpus)  # only measured when it can decide anything
-    threads, reason = choose_threads(
-        len(cpus), cgroup_cpu_quota(cgroup_root, proc_cgroup), measured, world_size_on_node, omp
-    )
+    # the other work is only measured when it can decide anything
+    machine = _machine(world_size_on_node, cgroup_root, proc_cgroup, environ, load, measure=not omp)
+    threads, reason = choose_threads(*machine, omp)
     if threads is not None:
         torch.set_num_threads(threads)
     return f"threads: {torch.get_num_threads()} ({reason})"
+
+
+def default_workers(
+    world_size_on_node: int | None = None,
+    *,
+    cgroup_root: Path = CGROUP_ROOT,
+    proc_cgroup: Path = PROC_CGROUP,
+    environ: Mapping[str, str] | None = None,
+    load: Callable[[Collection[int]], float | None] | None = None,
+) -> tuple[int, str]:
+    """DataLoader workers per process where ``--num_workers`` is not given (``choose_workers``) and why; the
+    arguments as ``configure_threads``."""
+    environ = os.environ if environ is None else environ
+    return choose_workers(*_machine(world_size_on_node, cgroup_root, proc_cgroup, environ, load, measure=True))

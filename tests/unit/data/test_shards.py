@@ -194,6 +194,31 @@ def test_workers_do_not_change_the_batches(tmp_path):
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
+@pytest.mark.parametrize(("bands", "dtype"), [(3, np.uint8), (13, np.uint16)])
+def test_a_batch_read_whole_equals_its_items_read_one_by_one(tmp_path, bands, dtype):
+    manifest, arrays = make_shards(tmp_path, 9, per_shard=4, bands=bands, dtype=dtype)
+    raster = None if bands == 3 else raster_options.RasterOptions(bands, None, None, [0.0] * bands)
+    dataset = shards.ShardDataset(manifest, raster=raster)
+    keys = [(8, 1), (0, 2), (5, 3), (8, 4), (3, 5)]  # three shards, a repeat
+    items = [dataset[key] for key in keys]
+    batch = loaders.collate(dataset.__getitems__(keys))
+    expected = torch.utils.data.default_collate(items)
+    assert batch[0].shape == (5, bands, 8, 8) and batch[0].dtype == expected[0].dtype
+    assert torch.equal(batch[0], expected[0]) and torch.equal(batch[1], expected[1])
+    assert np.array_equal(batch[0].numpy(), np.stack([arrays[i] for i, _ in keys]))
+    assert batch[1].tolist() == [i % 3 for i, _ in keys]
+
+
+def test_a_sample_with_another_npy_header_is_parsed_in_a_batch_too(tmp_path, monkeypatch):
+    manifest, arrays = make_shards(tmp_path, 5, per_shard=2)
+    dataset = shards.ShardDataset(manifest)
+    header = dataset._npy_header()
+    monkeypatch.setattr(dataset, "_header", header.replace(b"'|u1'", b"'<u1'"))  # same length, never written
+    assert dataset._npy_header() != header
+    batch = dataset.__getitems__([4, 1, 2])
+    assert np.array_equal(batch.images.numpy(), np.stack([arrays[4], arrays[1], arrays[2]]))
+
+
 def test_missing_or_truncated_shard_and_bad_manifest_give_one_line_naming_them(tmp_path):
     manifest, _ = make_shards(tmp_path, 6, per_shard=2)
     second = tmp_path / "train_8_shards" / "000001.tar"
@@ -209,6 +234,8 @@ def test_missing_or_truncated_shard_and_bad_manifest_give_one_line_naming_them(t
     dataset = datasets.build_dataset(manifest)
     with pytest.raises(DataError, match=f"^{second}: "):
         [dataset[i] for i in range(6)]
+    with pytest.raises(DataError, match=f"^{second}: "):
+        dataset.__getitems__(list(range(6)))  # a whole batch: the same one line
     manifest.write_text(manifest.read_text()[:50])
     with pytest.raises(DataError, match=f"^{manifest}: not a shard manifest \\(JSONDecodeError"):
         datasets.build_dataset(manifest)

@@ -157,6 +157,38 @@ def test_a_busy_machine_gets_fewer_threads_and_the_line_says_why(tmp_path, monke
     )
 
 
+@pytest.mark.parametrize(
+    ("affinity", "quota", "load", "processes", "expected"),
+    [
+        (2, None, 0.0, 1, 1),  # this machine: one CPU for the step, one worker
+        (1, None, None, 1, 1),  # at least one worker: reading overlaps the step
+        (16, None, 0.0, 8, 1),  # 8 GPUs on 16 cores: was 8 workers each, 4.5 processes per core
+        (96, None, 0.0, 8, 11),  # 12 CPUs per GPU: 11 workers and the training process
+        (96, 24.0, 0.0, 8, 2),  # the quota binds
+        (32, None, 20.0, 1, 11),  # 12 idle CPUs: other work counts as for threads
+        (32, None, None, 1, 31),
+    ],
+)
+def test_default_workers_are_the_cpu_share_less_one(affinity, quota, load, processes, expected):
+    workers, reason = threads.choose_workers(affinity, quota, load, processes)
+    share, share_reason = threads.cpu_share(affinity, quota, load, processes)
+    assert workers == expected == max(1, share - 1)
+    assert reason.startswith(share_reason) and reason.endswith("one left to the training process")
+
+
+def test_default_workers_read_this_machine_and_ignore_omp_num_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    proc = tmp_path / "proc"
+    proc.write_text("")
+    environ = {"LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "1"}
+    workers, reason = threads.default_workers(cgroup_root=tmp_path, proc_cgroup=proc, environ=environ, load=lambda c: 0)
+    assert workers == 3 and reason.startswith(
+        "16 CPUs allowed by affinity, cgroup quota none, 4 processes on this node"
+    )
+    (tmp_path / "cpu.max").write_text("800000 100000")  # a container of 8 CPUs
+    assert threads.default_workers(cgroup_root=tmp_path, proc_cgroup=proc, environ=environ, load=lambda c: 0)[0] == 1
+
+
 def test_the_load_is_not_measured_when_omp_num_threads_decides(tmp_path):
     def measure(cpus):
         raise AssertionError("measured")
