@@ -249,6 +249,7 @@ def evaluate_segmenter(flags: Flags, bands: Bands) -> None:
     if "class_names" not in state or not any(k.startswith("head.") for k in weights):
         raise CheckpointError(f"{path}: not a segmentation checkpoint of main_segment.py (no head / class names)")
     class_names = list(state["class_names"])
+    check_ignore_index(flags.ignore_index, class_names)
     if saved.get("in_chans", 3) != bands.in_chans:
         raise UsageError(
             f"{path}: the segmenter reads {saved['in_chans']} band(s): give --in_chans {saved['in_chans']} "
@@ -356,7 +357,23 @@ def classes_of(flags: Flags) -> tuple[list[str], segmentation.Palette | None]:
         raise UsageError("give the classes: --palette (isprs or JSON), --class_names, or --nb_classes (at least 2)")
     if any(not 0 <= k < len(names) for k in flags.exclude_classes):
         raise UsageError(f"--exclude_classes {flags.exclude_classes}: classes are 0..{len(names) - 1}")
+    check_ignore_index(flags.ignore_index, names)
     return names, palette
+
+
+def check_ignore_index(ignore_index: int, class_names: Sequence[str]) -> None:
+    """Refuse an ``--ignore_index`` that is a class's index: every pixel of that class would leave the loss and the
+    metrics, and the run would end with exit 0 and the class ``n/a``.
+
+    Raises:
+        UsageError: naming the class.
+    """
+    if ignore_index < len(class_names):
+        raise UsageError(
+            f"--ignore_index {ignore_index} is class {ignore_index} ({class_names[ignore_index]}) of the "
+            f"{len(class_names)} classes: its pixels would count in no loss and no metric; give a value from "
+            f"{len(class_names)} to 255 (255 by default)"
+        )
 
 
 def dataset_of(
