@@ -131,7 +131,8 @@ def read_mask(
     """A mask file -> [H, W] int64 class indices.
 
     Single-channel (``L``, ``P``, 16-bit) files hold the indices themselves (a palette PNG's pixel values are its
-    indices); RGB files are decoded through ``palette``, colours not in it becoming ``ignore_index`` and counted into
+    indices, unless its colour table puts ``palette``'s colours at other indices: ``palette_png_indices``); RGB files
+    are decoded through ``palette``, colours not in it becoming ``ignore_index`` and counted into
     ``off_palette`` ((r, g, b) -> pixels; ``SegDataset.check_masks`` refuses masks with too many).
     ``zero_is_nodata`` applies ``reduce_zero_label``.
 
@@ -147,6 +148,8 @@ def read_mask(
                     raise DataError(f"{path}: an RGB (colour-coded) mask needs --palette (isprs or a JSON file)")
                 mask = rgb_to_index(np.asarray(img.convert("RGB")), palette, ignore_index, off_palette)
                 mask = mask.astype(np.int64)
+            elif img.mode == "P" and palette is not None:
+                mask = palette_png_indices(path, np.asarray(img), img.getpalette() or [], palette, ignore_index)
             elif img.mode in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
                 mask = np.asarray(img).astype(np.int64)
             else:
@@ -154,6 +157,44 @@ def read_mask(
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read mask ({first_line(e)})") from None
     return reduce_zero_label(mask, ignore_index) if zero_is_nodata else mask
+
+
+def palette_png_indices(
+    path, indices: np.ndarray, table: list[int], palette: Palette, ignore_index: int = IGNORE_INDEX
+) -> np.ndarray:
+    """The [H, W] int64 class indices of a palette-mode (P) PNG mask read with ``palette``: its pixel values, where its
+    colour table shows ``palette``'s colours at their own indices or not at all (``write_mask``'s files; GIS exports
+    whose colours are for display); decoded through the colours, where the table holds only ``palette``'s colours but
+    in another order (an RGB mask quantised by an image editor: its indices are arbitrary, the colours are the labels).
+    ``ignore_index`` pixels stay ignore.
+
+    Raises:
+        DataError: a table that shows some of ``palette``'s colours at other indices and other colours too: neither
+            reading tells the classes.
+    """
+    used = [int(v) for v in np.unique(indices) if v != ignore_index]
+    colours = {v: tuple(table[3 * v : 3 * v + 3]) for v in used}
+    moved = {
+        v: palette.colors.index(c)
+        for v, c in colours.items()
+        if c in palette.colors and palette.colors[v : v + 1] != (c,)
+    }
+    if not moved:
+        return indices.astype(np.int64)
+    unknown = [v for v, c in colours.items() if c not in palette.colors]
+    if unknown:
+        shown = ", ".join(
+            f"index {v} is {colours[v]} (--palette's {palette.names[k]})" for v, k in list(moved.items())[:3]
+        )
+        raise DataError(
+            f"{path}: a palette-mode mask whose colour table shows --palette's colours at other indices ({shown}) and "
+            f"colours not in --palette (index {unknown[0]}: {colours[unknown[0]]}): its classes cannot be told; "
+            "save it as RGB or as class indices in --palette's order"
+        )
+    lookup = np.full(256, ignore_index, dtype=np.int64)
+    for v, c in colours.items():
+        lookup[v] = palette.colors.index(c)
+    return lookup[indices]
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray, palette: Palette | None = None) -> None:

@@ -66,6 +66,37 @@ def test_palette_png_is_written_and_read_losslessly(tmp_path):
         segmentation.write_mask(tmp_path / "m.jpg", mask)
 
 
+def test_a_palette_png_whose_table_orders_the_colours_otherwise_is_read_by_its_colours(tmp_path):
+    """An RGB mask quantised by an image editor: a P-mode PNG of arbitrary indices (here building 0, car 1, ignore
+    255). Its pixel values read as classes were impervious_surfaces and building, with exit 0; its colours tell."""
+    rgb = np.zeros((4, 6, 3), dtype=np.uint8)
+    rgb[:, :3], rgb[:, 3:] = (0, 0, 255), (255, 255, 0)  # building, car
+    quantised = Image.fromarray(rgb).quantize(colors=2)
+    table = quantised.getpalette()[:6]
+    assert table in ([0, 0, 255, 255, 255, 0], [255, 255, 0, 0, 0, 255])  # another order than ISPRS's
+    pixels = np.asarray(quantised).copy()
+    pixels[0, 0] = 255
+    quantised = Image.fromarray(pixels, mode="P")
+    quantised.putpalette(table + [0] * (768 - 6))  # 256 entries: the PNG keeps 8 bits per pixel
+    quantised.save(tmp_path / "q.png")
+    expected = [[1, 1, 1, 4, 4, 4] for _ in range(4)]
+    expected[0][0] = 255
+    assert segmentation.read_mask(tmp_path / "q.png", ISPRS).tolist() == expected
+    assert segmentation.read_mask(tmp_path / "q.png", ISPRS, zero_is_nodata=True)[1].tolist() == [0, 0, 0, 3, 3, 3]
+    mask = np.array([[0, 1, 255]])
+    segmentation.write_mask(tmp_path / "m.png", mask, Palette(("a", "b"), ((1, 1, 1), (2, 2, 2))))
+    assert segmentation.read_mask(tmp_path / "m.png", ISPRS).tolist() == [[0, 1, 255]]  # no ISPRS colour: indices
+    mixed = Image.fromarray(np.array([[0, 1]], dtype=np.uint8), mode="P")
+    mixed.putpalette([0, 0, 255, 9, 9, 9])  # building at index 0, and a colour ISPRS has not
+    mixed.save(tmp_path / "mixed.png")
+    with pytest.raises(
+        DataError,
+        match=r"mixed.png: a palette-mode mask whose colour table shows --palette's colours "
+        r"at other indices \(index 0 is \(0, 0, 255\) \(--palette's building\)\) and colours not",
+    ):
+        segmentation.read_mask(tmp_path / "mixed.png", ISPRS)
+
+
 def test_jpeg_masks_are_refused_in_one_line(tmp_path):
     Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "m.jpg")
     with pytest.raises(DataError) as e:
