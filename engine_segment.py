@@ -137,7 +137,8 @@ def train_segmenter(flags: Flags, bands: Bands) -> None:
         layer_decay=flags.layer_decay,
         fused=run.device.type == "cuda",
     )
-    weight = torch.tensor(flags.class_weights, device=run.device) if flags.class_weights else None
+    weights = flags.class_weights  # over the largest: the weighted mean is the same, and 1e39 stays within float32
+    weight = torch.tensor([w / max(weights) for w in weights], device=run.device) if weights else None
 
     def criterion(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return segmentation_loss(logits, masks, weight, flags.ignore_index)

@@ -724,7 +724,7 @@ def _numbers(values: Sequence[float]) -> str:
 
 
 # The valid range of every numeric flag of every entry point (absent or None flags are not checked):
-# flag -> (lowest, highest, whether the ends are included). NaN is outside every range.
+# flag -> (lowest, highest, whether the ends are included). NaN and infinity are outside every range.
 INF = float("inf")
 RANGES = {
     "lr": (0, INF, False),
@@ -796,9 +796,11 @@ def check_ranges(values: argparse.Namespace | dict[str, Any]) -> None:
             if not isinstance(item, (int, float)):
                 continue
             inside = (low <= item <= high) if inclusive else (low < item < high)
-            if not inside or item != item:
+            if not inside or item != item or abs(item) == INF:  # inf: --max_image_pixels inf, --class_weights inf
                 shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-                raise UsageError(f"--{flag} must be {describe_range(low, high, inclusive)}, got {shown}")
+                allowed = describe_range(low, high, inclusive)
+                allowed = f"finite and {allowed}" if abs(item) == INF and allowed != "finite" else allowed
+                raise UsageError(f"--{flag} must be {allowed}, got {shown}")
 
 
 def same_value(a: Any, b: Any) -> bool:

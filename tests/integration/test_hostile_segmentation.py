@@ -201,6 +201,26 @@ def test_sparse_labels_and_batch_1_train(trained, tmp_path, capsys):
     assert "nan" not in capsys.readouterr().out.lower()
 
 
+def test_class_weights_beyond_float32_train_as_their_ratios(trained, tmp_path):
+    """--class_weights 1e39 3e39 (finite for the flags, inf in float32) made the loss inf / inf = NaN and the NaN
+    guard advised a lower --blr; the weights are their ratios (the weighted mean is the same)."""
+    out = tmp_path / "o"
+    run(
+        argv(
+            trained["train"],
+            trained["val"],
+            trained["palette"],
+            out,
+            trained["pretrained"],
+            "--class_weights",
+            "1e39",
+            "3e39",
+        )
+    )
+    record = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert np.isfinite(record["train_loss"]) and record["train_loss"] > 0
+
+
 def test_sets_without_a_labelled_pixel_are_refused_up_front(trained, tmp_path):
     blank = lambda i, m: np.zeros_like(m)  # black: not in the palette, ignore
     empty = write_pairs(tmp_path / "empty", 2, labelled=blank)
@@ -235,6 +255,7 @@ def test_sets_without_a_labelled_pixel_are_refused_up_front(trained, tmp_path):
         (["--crop_scale", "0", "1"], "--crop_scale must satisfy 0 < min <= max <= 1"),
         (["--class_weights", "-1", "1"], "--class_weights must be at least 0, got -1.0 1.0"),
         (["--class_weights", "nan", "1"], "--class_weights must be at least 0, got nan 1.0"),
+        (["--class_weights", "inf", "1"], "--class_weights must be finite and at least 0, got inf 1.0"),
         (["--class_weights", "0", "0"], "--class_weights: at least one weight must be > 0, got 0 0"),
         (["--off_palette_tolerance", "2"], "--off_palette_tolerance must be in [0, 1], got 2.0"),
         (["--start_epoch", "5"], "--start_epoch 5 is not below --epochs 1: nothing to train"),
