@@ -374,17 +374,19 @@ def main(argv: list[str] | None = None) -> None:
             raise config.UsageError(f"--bands are 0-based indices, got {' '.join(map(str, args.bands))}")
         if args.shard_samples is not None and args.shard_samples < 1:
             raise config.UsageError(f"--shard_samples must be at least 1, got {args.shard_samples}")
-        dataset = datasets.build_dataset(  # --raster: .npy files are images too
-            args.input, list_rasters=args.raster, exclude=args.output
-        )  # --output inside an ImageFolder --input: its images are no class of the input
+        split = args.split or args.input.stem
+        folder = f"{split}_{args.size}"
+        if (args.output / folder).with_suffix(".csv").resolve() == args.input.resolve():
+            raise config.UsageError(f"--output {args.output}: its {folder}.csv would replace --input {args.input}")
+        # --output inside an ImageFolder --input (or the --input itself): the images written are no class of the input
+        written = args.output / folder if args.output.resolve() == args.input.resolve() else args.output
+        dataset = datasets.build_dataset(args.input, list_rasters=args.raster, exclude=written)  # --raster: .npy too
     except (DataError, config.UsageError) as e:
         raise SystemExit(f"error: {e}") from None
     names = dict(dataset.label_names)  # label -> class name; a CSV without names gives str(label)
     if all(name == str(label) for label, name in names.items()):
         names = {}
     classes = list(dataset.classes) or None  # an ImageFolder tree's folders, index = label
-    split = args.split or args.input.stem
-    folder = f"{split}_{args.size}"
     try:
         (args.output / folder).mkdir(parents=True, exist_ok=True)
     except OSError as e:

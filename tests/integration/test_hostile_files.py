@@ -227,6 +227,16 @@ def test_output_inside_an_image_folder_input_is_left_out(tmp_path, capsys):
         rows = (tree / "out" / "tree_24.csv").read_text().splitlines()
         assert len(rows) == 1 + 8 and {r.split(",")[2] for r in rows[1:]} == {"a", "b"}
     assert f"note: {tree}: left out out/" in capsys.readouterr().out
+    tree = make_tree(tmp_path / "same", ["a", "b"], per_class=4)
+    for _ in range(2):  # --output the --input itself: its same_24/ was read as a third class (8 images, a b same_24)
+        preprocess.main(["--input", str(tree), "--output", str(tree), "--size", "24", "--workers", "1"])
+        rows = (tree / "same_24.csv").read_text().splitlines()
+        assert len(rows) == 1 + 8 and {r.split(",")[2] for r in rows[1:]} == {"a", "b"}
+    csv = tree / "same_24.csv"
+    message = one_line(
+        lambda: preprocess.main(["--input", str(csv), "--output", str(tree), "--split", "same", "--size", "24"])
+    )
+    assert message == f"error: --output {tree}: its same_24.csv would replace --input {csv}"
 
 
 def test_band_stats_on_a_read_only_file_system_is_one_line(tmp_path, monkeypatch):
