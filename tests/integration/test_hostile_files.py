@@ -353,7 +353,7 @@ def test_a_lock_held_by_another_process_is_still_refused(tmp_path, monkeypatch, 
         process.prepare_output_dir(tmp_path / "o")
 
 
-@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP, errno.EBADF])
 def test_a_directory_fsync_the_file_system_refuses_is_ignored_after_the_rename(tmp_path, monkeypatch, code):
     """FUSE / object-store mounts (EINVAL) and CIFS (ENOTSUP) refuse fsync on a folder: rank 0 died with a bare
     OSError after the checkpoint was renamed. Another error is reported in one line."""
@@ -370,6 +370,22 @@ def test_a_directory_fsync_the_file_system_refuses_is_ignored_after_the_rename(t
     monkeypatch.setattr(os, "fsync", lambda fd: refuses_folders(fd, errno.EIO))
     with pytest.raises(CheckpointError, match="could not make its folder durable: Input/output error"):
         checkpoint.save_checkpoint({"epoch": 4}, tmp_path / "c.pth")
+
+
+def test_a_folder_that_can_be_written_but_not_opened_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """A folder of mode -wx (root ignores modes: its os.open is refused here as the kernel would): the checkpoint was
+    renamed into place, then reported as failed ("could not make its folder durable: Permission denied")."""
+    real = os.open
+
+    def unreadable_folder(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise OSError(errno.EACCES, "Permission denied")
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", unreadable_folder)
+    checkpoint.save_checkpoint({"epoch": 3}, tmp_path / "c.pth")
+    monkeypatch.undo()
+    assert checkpoint.read_checkpoint(tmp_path / "c.pth") == {"epoch": 3}
 
 
 # --- messages that named the wrong cause, and two old silent cases --------------------------------------------------
