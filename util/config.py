@@ -771,6 +771,9 @@ RANGES = {
     "decoder_channels": (1, INF, True),
     "class_weights": (0, INF, True),
     "off_palette_tolerance": (0, 1, True),
+    "pixels": (1, INF, True),
+    "C": (0, INF, False),
+    "max_iter": (1, INF, True),
 }
 
 
