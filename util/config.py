@@ -936,17 +936,24 @@ def resolve_bands(flags: Flags) -> Bands:
 # magnified by 1e7 or more (a std of 1e-30 overflows the network's activations). Absolute floor where the mean is 0.
 MIN_RELATIVE_STD = 1e-6
 MIN_STD = 1e-12
+FLOAT32_MAX = 3.4028234663852886e38  # inputs are normalised in float32: a larger mean or std becomes inf there
 
 
 def check_normalisation(
     mean: Sequence[float], std: Sequence[float], source: str, bands: Sequence[int] | None = None
 ) -> None:
-    """Refuse per-band statistics that cannot normalise: a std within rounding of 0 for its mean (a constant band).
+    """Refuse per-band statistics that cannot normalise: a std within rounding of 0 for its mean (a constant band), a
+    mean or std beyond float32's range (inf in float32: every input would become 0 or NaN).
 
     Raises:
         UsageError: naming ``source`` (the flag), the band (its index in the file: ``bands``), its mean and std.
     """
     for band, m, s in zip(bands or range(len(mean)), mean, std):
+        if max(abs(m), s) > FLOAT32_MAX:
+            raise UsageError(
+                f"{source}: band {band} has mean {m:g}, std {s:g}: beyond float32's range ({FLOAT32_MAX:.1e}), in "
+                "which inputs are normalised"
+            )
         if s < max(MIN_RELATIVE_STD * abs(m), MIN_STD):
             raise UsageError(
                 f"{source}: band {band} has std {s:g} (mean {m:g}): too small to normalise by (a constant band? its "

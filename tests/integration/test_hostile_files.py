@@ -139,6 +139,15 @@ def test_statistics_that_cannot_normalise_are_refused_naming_the_band(tmp_path, 
         config.resolve_bands(flags)
 
 
+@pytest.mark.parametrize("mean, std", [(1e300, 1.0), (5.0, 1e300)])
+def test_statistics_beyond_float32_are_refused_naming_the_band(mean, std):
+    """A std of 1e300 became inf in float32 (every input normalised to 0, exit 0); a mean of 1e300 was called "too
+    small to normalise by (... multiplied by 1e+00)"."""
+    flags = band_flags(in_chans=3, mean=[900.0, mean, 700.0], std=[100.0, std, 80.0], nodata=0.0)
+    with pytest.raises(UsageError, match=r"--std: band 1 has mean .*: beyond float32's range \(3.4e\+38\)"):
+        config.resolve_bands(flags)
+
+
 # --- tools and full / read-only disks ------------------------------------------------------------------------------
 
 
