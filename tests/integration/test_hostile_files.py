@@ -125,6 +125,23 @@ def test_stretch_of_more_than_three_bands_needs_bands_to_choose_them(tmp_path):
     assert np.array_equal(np.asarray(dataset[0][0]), chosen)
 
 
+def test_8_bit_tiffs_pil_cannot_identify_are_read_and_4_bands_not_rgb_are_refused_as_such(tmp_path):
+    """GDAL-style 8-bit TIFFs: 3 bands not marked RGB in planes, planar RGBA: "cannot identify image file", a message
+    that blamed the file. 4 bands not marked RGB (B G R NIR?) were that too; now the band-count refusal."""
+    rng = np.random.default_rng(0)
+    tile = rng.integers(0, 256, (4, 16, 16)).astype(np.uint8)
+    for name, data, photometric, extra in (
+        ("planes.tif", tile[:3], "minisblack", {}),
+        ("rgba.tif", tile, "rgb", {"extrasamples": ["unspecified"]}),
+    ):
+        tifffile.imwrite(tmp_path / name, data, photometric=photometric, planarconfig="separate", **extra)
+        rgb = np.asarray(images.load_image(str(tmp_path / name)))
+        assert rgb.shape == (16, 16, 3) and np.array_equal(np.moveaxis(rgb, -1, 0), tile[:3])
+    tifffile.imwrite(tmp_path / "bgrn.tif", tile, photometric="minisblack", planarconfig="separate")
+    with pytest.raises(images.NotEightBitError, match=r"bgrn.tif: 4 band\(s\) of uint8: --stretch shows 3 bands as"):
+        images.load_image(str(tmp_path / "bgrn.tif"), stretch=True)
+
+
 @pytest.mark.parametrize("source", ["band_stats", "std"])
 def test_statistics_that_cannot_normalise_are_refused_naming_the_band(tmp_path, source):
     if source == "band_stats":
