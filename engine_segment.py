@@ -102,6 +102,7 @@ def train_segmenter(flags: Flags, bands: Bands) -> None:
         flags.input_size, bands.mean, bands.std, flags.ignore_index, tuple(flags.crop_scale)
     )
     train_set = dataset_of(flags.train_path, train_transform, bands, flags, num_classes, palette, "training")
+    check_weighted_pixels(flags.class_weights, train_set.masks.class_pixels, class_names, train_set.source)
     evaluation_blocks(val_set, evaluation)  # before training: a pattern that cannot work is found now, not after it
 
     model, _ = build_segmenter(
@@ -360,6 +361,24 @@ def classes_of(flags: Flags) -> tuple[list[str], segmentation.Palette | None]:
         raise UsageError(f"--exclude_classes {flags.exclude_classes}: classes are 0..{len(names) - 1}")
     check_ignore_index(flags.ignore_index, names)
     return names, palette
+
+
+def check_weighted_pixels(
+    weights: Sequence[float] | None, class_pixels: Sequence[int], class_names: Sequence[str], source: str
+) -> None:
+    """Refuse --class_weights that give every labelled training pixel weight 0: the loss would be 0 with no gradient
+    at every step, and the run would train nothing and exit 0.
+
+    Raises:
+        UsageError: naming the weights and the classes the pixels are of.
+    """
+    if weights is None or any(w > 0 and n > 0 for w, n in zip(weights, class_pixels)):
+        return
+    present = ", ".join(f"{class_names[k]} {n}" for k, n in enumerate(class_pixels) if n)
+    raise UsageError(
+        f"--class_weights {' '.join(f'{w:g}' for w in weights)}: every labelled pixel of {source} ({present}) is of a "
+        "class of weight 0: nothing to learn from"
+    )
 
 
 def check_ignore_index(ignore_index: int, class_names: Sequence[str]) -> None:

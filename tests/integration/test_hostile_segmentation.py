@@ -221,6 +221,17 @@ def test_class_weights_beyond_float32_train_as_their_ratios(trained, tmp_path):
     assert np.isfinite(record["train_loss"]) and record["train_loss"] > 0
 
 
+def test_class_weights_of_0_for_every_labelled_class_are_refused(trained, tmp_path):
+    """Only water labelled, --class_weights 0 1: every step's loss was 0 with no gradient; nothing trained, exit 0."""
+    water = write_pairs(tmp_path / "water", 2, colours=(WATER, WATER))
+    args = argv(water, trained["val"], trained["palette"], tmp_path / "o", trained["pretrained"], "--class_weights")
+    message = expect_error([*args, "0", "1"])
+    assert message == f"error: --class_weights 0 1: every labelled pixel of {water} (water 2048) is of a class of " + (
+        "weight 0: nothing to learn from"
+    )
+    assert not (tmp_path / "o" / "log.txt").exists()
+
+
 def test_sets_without_a_labelled_pixel_are_refused_up_front(trained, tmp_path):
     blank = lambda i, m: np.zeros_like(m)  # black: not in the palette, ignore
     empty = write_pairs(tmp_path / "empty", 2, labelled=blank)

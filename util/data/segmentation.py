@@ -342,12 +342,14 @@ class PadTo(torch.nn.Module):
 @dataclass(frozen=True)
 class MaskSummary:
     """What ``SegDataset.check_masks`` found: masks, labelled pixels (not ``ignore_index``), and the pixels of colours
-    not in the palette (counted as ignore) with the number of masks holding any."""
+    not in the palette (counted as ignore) with the number of masks holding any; ``class_pixels``: the labelled pixels
+    of each class (index = class)."""
 
     masks: int
     labelled: int
     off_palette: int
     off_palette_masks: int
+    class_pixels: tuple[int, ...] = ()
 
     def describe(self, palette: bool) -> str:
         """One line for the evaluation output."""
@@ -442,10 +444,12 @@ class SegDataset(SampleDataset):
                 three of them with their colours and counts, and how many there are); no labelled pixel at all.
         """
         labelled = off_pixels = off_files = 0
+        class_pixels = np.zeros(self.num_classes, dtype=np.int64)
         refused: list[tuple[str, int, int, dict]] = []
         for index, (_, mask_path) in enumerate(self.pairs):
             colours: dict = {}
             mask = self.mask(index, colours)
+            class_pixels += np.bincount(mask[mask != self.ignore_index], minlength=self.num_classes)
             labelled += int((mask != self.ignore_index).sum())
             count = sum(colours.values())
             if count:
@@ -471,7 +475,7 @@ class SegDataset(SampleDataset):
                 + (f", {off_pixels} of them of colours not in the palette" if off_pixels else "")
                 + (": nothing to learn from" if what == "training" else ": no pixel to score")
             )
-        self.masks = MaskSummary(len(self.pairs), labelled, off_pixels, off_files)
+        self.masks = MaskSummary(len(self.pairs), labelled, off_pixels, off_files, tuple(class_pixels.tolist()))
         return self.masks
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
