@@ -66,12 +66,14 @@ def load_palette(spec: str | os.PathLike) -> Palette:
     try:
         entries = json.loads(Path(spec).read_text())
         names = tuple(str(e["name"]) for e in entries)
-        colors = tuple(tuple(int(c) for c in e["color"]) for e in entries)
+        given = [list(e["color"]) for e in entries]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"--palette {spec}: not 'isprs' nor a JSON list of {{name, color}} ({e})") from None
-    if not colors or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colors):
-        raise DataError(f"--palette {spec}: every colour must be 3 values in 0..255")
-    return Palette(names, colors)
+    # JSON integers only (not bool): int() made [0, 0.9, 0] (a colour in 0..1) black, and every mask off-palette
+    bad = [c for c in given if len(c) != 3 or not all(type(v) is int and 0 <= v <= 255 for v in c)]
+    if not given or bad:
+        raise DataError(f"--palette {spec}: every colour must be 3 integers in 0..255, got {bad[:1] or given}")
+    return Palette(names, tuple(tuple(c) for c in given))
 
 
 def rgb_to_index(

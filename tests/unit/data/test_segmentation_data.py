@@ -41,6 +41,10 @@ def test_palette_json_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.json").write_text('[{"name": "a", "color": [0, 0, 300]}]')
     with pytest.raises(DataError, match="0..255"):
         segmentation.load_palette(tmp_path / "bad.json")
+    for colour in ("[0, 0.9, 0]", "[0, 254.6, 0]", "[true, 0, 0]", '"0f0"'):  # int() made them other colours
+        (tmp_path / "bad.json").write_text(f'[{{"name": "a", "color": {colour}}}, {{"name": "b", "color": [1, 2, 3]}}]')
+        with pytest.raises(DataError, match=r"bad.json: every colour must be 3 integers in 0..255, got \["):
+            segmentation.load_palette(tmp_path / "bad.json")
     with pytest.raises(DataError, match="share a colour"):
         Palette(("a", "b"), ((1, 2, 3), (1, 2, 3)))
 
