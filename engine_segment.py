@@ -251,7 +251,7 @@ def evaluate_segmenter(flags: Flags, bands: Bands) -> None:
     if "class_names" not in state or not any(k.startswith("head.") for k in weights):
         raise CheckpointError(f"{path}: not a segmentation checkpoint of main_segment.py (no head / class names)")
     class_names = list(state["class_names"])
-    check_ignore_index(flags.ignore_index, class_names)
+    check_class_flags(flags, class_names)
     if saved.get("in_chans", 3) != bands.in_chans:
         raise UsageError(
             f"{path}: the segmenter reads {saved['in_chans']} band(s): give --in_chans {saved['in_chans']} "
@@ -347,7 +347,8 @@ def classes_of(flags: Flags) -> tuple[list[str], segmentation.Palette | None]:
     """Class names (index = class) and the palette, from --palette, --class_names and --nb_classes.
 
     Raises:
-        UsageError: fewer than 2 classes; --nb_classes or --exclude_classes that do not fit the names.
+        UsageError: fewer than 2 classes; --nb_classes, --exclude_classes or --ignore_index that do not fit the names
+            (``check_class_flags``).
     """
     palette = None if str(flags.palette).lower() in ("", "none") else segmentation.load_palette(flags.palette)
     names = list(flags.class_names or (palette.names if palette else []))
@@ -357,9 +358,7 @@ def classes_of(flags: Flags) -> tuple[list[str], segmentation.Palette | None]:
         raise UsageError(f"--nb_classes {flags.nb_classes}: {len(names)} class names given (palette or --class_names)")
     if len(names) < 2:
         raise UsageError("give the classes: --palette (isprs or JSON), --class_names, or --nb_classes (at least 2)")
-    if any(not 0 <= k < len(names) for k in flags.exclude_classes):
-        raise UsageError(f"--exclude_classes {flags.exclude_classes}: classes are 0..{len(names) - 1}")
-    check_ignore_index(flags.ignore_index, names)
+    check_class_flags(flags, names)
     return names, palette
 
 
@@ -381,18 +380,24 @@ def check_weighted_pixels(
     )
 
 
-def check_ignore_index(ignore_index: int, class_names: Sequence[str]) -> None:
-    """Refuse an ``--ignore_index`` that is a class's index: every pixel of that class would leave the loss and the
-    metrics, and the run would end with exit 0 and the class ``n/a``.
+def check_class_flags(flags: Flags, class_names: Sequence[str]) -> None:
+    """Refuse --exclude_classes outside the classes or covering them all (no class left to score: mIoU n/a with exit
+    0), and an --ignore_index that is a class's index (every pixel of that class would leave the loss and the metrics,
+    and the run would end with exit 0 and the class n/a). Training and ``--eval`` (the checkpoint's classes) alike.
 
     Raises:
-        UsageError: naming the class.
+        UsageError: naming the flag and the classes.
     """
-    if ignore_index < len(class_names):
+    ignore_index, count = flags.ignore_index, len(class_names)
+    if any(not 0 <= k < count for k in flags.exclude_classes):
+        raise UsageError(f"--exclude_classes {flags.exclude_classes}: classes are 0..{count - 1}")
+    if set(flags.exclude_classes) >= set(range(count)):
+        raise UsageError(f"--exclude_classes {flags.exclude_classes}: every one of the {count} classes: none to score")
+    if ignore_index < count:
         raise UsageError(
             f"--ignore_index {ignore_index} is class {ignore_index} ({class_names[ignore_index]}) of the "
-            f"{len(class_names)} classes: its pixels would count in no loss and no metric; give a value from "
-            f"{len(class_names)} to 255 (255 by default)"
+            f"{count} classes: its pixels would count in no loss and no metric; give a value from {count} to 255 "
+            "(255 by default)"
         )
 
 

@@ -271,6 +271,7 @@ def test_sets_without_a_labelled_pixel_are_refused_up_front(trained, tmp_path):
         (["--off_palette_tolerance", "2"], "--off_palette_tolerance must be in [0, 1], got 2.0"),
         (["--start_epoch", "5"], "--start_epoch 5 is not below --epochs 1: nothing to train"),
         (["--ignore_index", "1"], "--ignore_index 1 is class 1 (vegetation) of the 2 classes: its pixels would count"),
+        (["--exclude_classes", "0", "1"], "--exclude_classes [0, 1]: every one of the 2 classes: none to score"),
     ],
 )
 def test_segmentation_flags_that_cannot_work(trained, tmp_path, flags, expected):
@@ -292,6 +293,8 @@ def test_eval_with_a_palette_of_other_classes_is_refused(trained, tmp_path):
     )
     message = expect_error([*FAST, *base, "--ignore_index", "0", "--output_dir", str(tmp_path / "e")])
     assert "--ignore_index 0 is class 0 (water) of the 2 classes" in message  # was: water left out, exit 0
+    message = expect_error([*FAST, *base, "--exclude_classes", "5", "--output_dir", str(tmp_path / "e")])
+    assert message == "error: --exclude_classes [5]: classes are 0..1"  # was a raw IndexError after the evaluation
     assert not (tmp_path / "e").exists()
     run([*FAST, *base, "--palette", str(trained["palette"]), "--output_dir", str(tmp_path / "e2")])  # its own: fine
     assert (tmp_path / "e2" / "eval" / "seg_results.csv").exists()
