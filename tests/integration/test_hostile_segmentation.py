@@ -256,6 +256,18 @@ def test_sets_without_a_labelled_pixel_are_refused_up_front(trained, tmp_path):
         ]
     )
     assert "no labelled pixel" in message and "after --reduce_zero_label" in message
+    message = expect_error(
+        argv(
+            trained["train"],
+            trained["val"],
+            trained["palette"],
+            tmp_path / "c",
+            trained["pretrained"],
+            "--reduce_zero_label",
+        )
+    )
+    assert "r00_c00.png: --reduce_zero_label is for class-index masks (0: no data); this one is colour-coded" in message
+    assert "its class 0 (water) would be ignored" in message  # was: vegetation scored as water, exit 0
 
 
 @pytest.mark.parametrize(

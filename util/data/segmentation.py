@@ -139,7 +139,7 @@ def read_mask(
     ``zero_is_nodata`` applies ``reduce_zero_label``.
 
     Raises:
-        DataError: JPEG mask, unreadable file, or an RGB mask without a palette.
+        DataError: JPEG mask, unreadable file, an RGB mask without a palette or with ``zero_is_nodata``.
     """
     check_mask_path(path)
     try:
@@ -148,10 +148,14 @@ def read_mask(
             if img.mode in ("RGB", "RGBA"):
                 if palette is None:
                     raise DataError(f"{path}: an RGB (colour-coded) mask needs --palette (isprs or a JSON file)")
+                if zero_is_nodata:
+                    raise colour_coded_nodata(path, palette)
                 mask = rgb_to_index(np.asarray(img.convert("RGB")), palette, ignore_index, off_palette)
                 mask = mask.astype(np.int64)
             elif img.mode == "P" and palette is not None:
-                mask = palette_png_indices(path, np.asarray(img), img.getpalette() or [], palette, ignore_index)
+                mask = palette_png_indices(
+                    path, np.asarray(img), img.getpalette() or [], palette, ignore_index, zero_is_nodata
+                )
             elif img.mode in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
                 mask = np.asarray(img).astype(np.int64)
             else:
@@ -161,8 +165,22 @@ def read_mask(
     return reduce_zero_label(mask, ignore_index) if zero_is_nodata else mask
 
 
+def colour_coded_nodata(path, palette: Palette) -> DataError:
+    """--reduce_zero_label on a colour-coded mask: class 0 would become ignore, every other class its predecessor."""
+    return DataError(
+        f"{path}: --reduce_zero_label is for class-index masks (0: no data); this one is colour-coded (--palette): "
+        f"its class 0 ({palette.names[0]}) would be ignored and every other class scored under the name before it; "
+        "leave --reduce_zero_label out (no data: a colour outside the palette, with --off_palette_tolerance 1)"
+    )
+
+
 def palette_png_indices(
-    path, indices: np.ndarray, table: list[int], palette: Palette, ignore_index: int = IGNORE_INDEX
+    path,
+    indices: np.ndarray,
+    table: list[int],
+    palette: Palette,
+    ignore_index: int = IGNORE_INDEX,
+    zero_is_nodata: bool = False,
 ) -> np.ndarray:
     """The [H, W] int64 class indices of a palette-mode (P) PNG mask read with ``palette``: its pixel values, where its
     colour table shows ``palette``'s colours at their own indices or not at all (``write_mask``'s files; GIS exports
@@ -172,7 +190,7 @@ def palette_png_indices(
 
     Raises:
         DataError: a table that shows some of ``palette``'s colours at other indices and other colours too: neither
-            reading tells the classes.
+            reading tells the classes; colours with ``zero_is_nodata`` (``colour_coded_nodata``).
     """
     used = [int(v) for v in np.unique(indices) if v != ignore_index]
     colours = {v: tuple(table[3 * v : 3 * v + 3]) for v in used}
@@ -193,6 +211,8 @@ def palette_png_indices(
             f"colours not in --palette (index {unknown[0]}: {colours[unknown[0]]}): its classes cannot be told; "
             "save it as RGB or as class indices in --palette's order"
         )
+    if zero_is_nodata:
+        raise colour_coded_nodata(path, palette)
     lookup = np.full(256, ignore_index, dtype=np.int64)
     for v, c in colours.items():
         lookup[v] = palette.colors.index(c)

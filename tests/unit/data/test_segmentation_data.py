@@ -86,7 +86,8 @@ def test_a_palette_png_whose_table_orders_the_colours_otherwise_is_read_by_its_c
     expected = [[1, 1, 1, 4, 4, 4] for _ in range(4)]
     expected[0][0] = 255
     assert segmentation.read_mask(tmp_path / "q.png", ISPRS).tolist() == expected
-    assert segmentation.read_mask(tmp_path / "q.png", ISPRS, zero_is_nodata=True)[1].tolist() == [0, 0, 0, 3, 3, 3]
+    with pytest.raises(DataError, match="q.png: --reduce_zero_label is for class-index masks"):
+        segmentation.read_mask(tmp_path / "q.png", ISPRS, zero_is_nodata=True)
     mask = np.array([[0, 1, 255]])
     segmentation.write_mask(tmp_path / "m.png", mask, Palette(("a", "b"), ((1, 1, 1), (2, 2, 2))))
     assert segmentation.read_mask(tmp_path / "m.png", ISPRS).tolist() == [[0, 1, 255]]  # no ISPRS colour: indices
