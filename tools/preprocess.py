@@ -38,8 +38,8 @@ import itertools
 import json
 import os
 import sys
+from contextlib import nullcontext
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 from typing import NamedTuple
 
@@ -65,6 +65,7 @@ from util.errors import (
 )
 from util.files import write_atomically
 from util.run.logger import progress
+from util.run.process import worker_pool
 
 
 def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -307,10 +308,9 @@ def write_shard_files(
     """
     order = np.random.default_rng(SHARD_ORDER_SEED).permutation(len(rows)).tolist()
     shuffled = [rows[i] for i in order]
-    with Pool(workers) as pool:
-        stream = progress(
-            squares(shuffled, root, size, raster, partial(pool.imap, chunksize=8)), "sharding", len(rows), "image"
-        )
+    with worker_pool(workers, len(rows)) or nullcontext() as pool:
+        imap = partial(pool.imap, chunksize=8) if pool else map
+        stream = progress(squares(shuffled, root, size, raster, imap), "sharding", len(rows), "image")
         first = next(stream, None)
         if first is None:
             raise DataError("no images to write")
@@ -411,8 +411,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(tasks)} images, {len(tasks) - todo} already done, resizing {todo} with {args.workers} workers",
         flush=True,
     )
-    with Pool(args.workers) as pool:
-        errors = [e for e in progress(pool.imap(resize_one, tasks, chunksize=64), "resizing", len(tasks), "image") if e]
+    with worker_pool(args.workers, len(tasks)) or nullcontext() as pool:
+        done = pool.imap(resize_one, tasks, chunksize=64) if pool else map(resize_one, tasks)
+        errors = [e for e in progress(done, "resizing", len(tasks), "image") if e]
     if errors:
         raise SystemExit(f"error: {len(errors)} image(s) could not be resized, first {errors[0]}; rerun to retry")
     stem = args.output / folder
