@@ -82,6 +82,9 @@ def test_the_bomb_guard_bounds_bands_x_pixels_x_bytes_before_decoding(tmp_path):
     assert images.read_raster(sixteen, max_pixels=15_000).data.shape == (1, 100, 100)
     with pytest.raises(images.BadImageError, match="would take"):
         images.load_image(str(sixteen), max_pixels=12_000, stretch=True)
+    with pytest.raises(images.BadImageError, match="exceeds limit of 200 pixels"):
+        images.load_image(str(sixteen), max_pixels=100, stretch=True)  # leaves PIL's process-wide limit at 100
+    assert images.read_raster(sixteen, max_pixels=15_000).data.shape == (1, 100, 100)  # was: PIL's stale 100 px
     (tmp_path / "set").mkdir()
     os.replace(bomb, tmp_path / "set" / "bomb.tif")
     message = one_line(

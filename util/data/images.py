@@ -53,6 +53,16 @@ HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 MODE_SAMPLE_BYTES = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}  # other PIL modes: 1 byte per sample
 
 
+def pil_limit(max_pixels: float) -> int:
+    """``--max_image_pixels`` as an int, made PIL's own limit (``Image.MAX_IMAGE_PIXELS``, a process-wide value) for
+    the decode that follows: every reader that may call PIL sets it, so no earlier call's limit, nor PIL's default
+    (89 Mpx), applies in its place."""
+    limit = int(max_pixels)
+    if Image.MAX_IMAGE_PIXELS != limit:
+        Image.MAX_IMAGE_PIXELS = limit
+    return limit
+
+
 def check_decoded_size(path, bands: int, height: int, width: int, sample_bytes: int, limit: int, float_copy: bool):
     """Refuse, before decoding, a file whose decoding would allocate too much (``--max_image_pixels``): more than
     ``limit`` pixels, or more than ``limit`` x ``DECODED_BYTES_PER_PIXEL`` bytes for its bands x pixels x (bytes per
@@ -192,9 +202,7 @@ def load_image(
         BadImageError: for any failure of the decoder (corrupt, truncated, not an image, declaring more than
             ``max_pixels`` pixels), with the file and the decoder's reason.
     """
-    limit = int(max_pixels)
-    if Image.MAX_IMAGE_PIXELS != limit:
-        Image.MAX_IMAGE_PIXELS = limit
+    limit = pil_limit(max_pixels)
     converted = rgb_of(path, limit, stretch, list(bands) if bands else None)
     if converted is not None:
         return converted
@@ -340,7 +348,7 @@ def read_raster(
         BadImageError: the decoder fails, an empty shape, or a size beyond ``max_pixels`` (the message names the file).
         DataError: a band index outside the file's bands; NaN / inf values outside the no-data mask.
     """
-    limit = int(max_pixels)
+    limit = pil_limit(max_pixels)
     try:
         array, file_nodata = _file_array(path, limit)
     except (BadImageError, DataError):
