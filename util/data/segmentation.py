@@ -22,8 +22,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from util.config import IGNORE_INDEX, OFF_PALETTE_TOLERANCE, Bands
-from util.data.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, is_image, is_junk, load_image
+from util.config import IGNORE_INDEX, MAX_IMAGE_PIXELS, OFF_PALETTE_TOLERANCE, Bands
+from util.data.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, is_image, is_junk, load_image, pil_limit
 from util.data.loaders import SampleDataset
 from util.data.raster_options import raster_options
 from util.errors import DataError, first_line
@@ -129,8 +129,10 @@ def read_mask(
     ignore_index: int = IGNORE_INDEX,
     zero_is_nodata: bool = False,
     off_palette: dict | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
-    """A mask file -> [H, W] int64 class indices.
+    """A mask file -> [H, W] int64 class indices (masks declaring more than ``max_pixels``, ``--max_image_pixels``,
+    refused before decoding, as images are).
 
     Single-channel (``L``, ``P``, 16-bit) files hold the indices themselves (a palette PNG's pixel values are its
     indices, unless its colour table puts ``palette``'s colours at other indices: ``palette_png_indices``); RGB files
@@ -139,11 +141,18 @@ def read_mask(
     ``zero_is_nodata`` applies ``reduce_zero_label``.
 
     Raises:
-        DataError: JPEG mask, unreadable file, an RGB mask without a palette or with ``zero_is_nodata``.
+        DataError: JPEG mask, unreadable file, an RGB mask without a palette or with ``zero_is_nodata``, a mask
+            beyond ``max_pixels``.
     """
     check_mask_path(path)
+    limit = pil_limit(max_pixels)
     try:
         with Image.open(path) as img:
+            if img.width * img.height > limit:  # PIL itself only warns up to twice its limit
+                raise DataError(
+                    f"{path}: the mask declares {img.width} x {img.height} pixels, more than --max_image_pixels "
+                    f"{limit}: a decompression bomb?"
+                )
             img.load()
             if img.mode in ("RGB", "RGBA"):
                 if palette is None:
@@ -160,6 +169,8 @@ def read_mask(
                 mask = np.asarray(img).astype(np.int64)
             else:
                 raise DataError(f"{path}: mask mode {img.mode} is neither class indices nor RGB colours")
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: cannot read mask ({first_line(e)}; --max_image_pixels {limit})") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read mask ({first_line(e)})") from None
     return reduce_zero_label(mask, ignore_index) if zero_is_nodata else mask
@@ -445,7 +456,9 @@ class SegDataset(SampleDataset):
             DataError: labels outside 0..num_classes-1 that are not ``ignore_index``.
         """
         mask_path = self.pairs[index][1]
-        mask = read_mask(mask_path, self.palette, self.ignore_index, self.zero_is_nodata, off_palette)
+        mask = read_mask(
+            mask_path, self.palette, self.ignore_index, self.zero_is_nodata, off_palette, self.bands.max_pixels
+        )
         bad = (mask >= self.num_classes) & (mask != self.ignore_index) | (mask < 0)
         if bad.any():
             raise DataError(

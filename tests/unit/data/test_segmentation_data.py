@@ -102,6 +102,19 @@ def test_a_palette_png_whose_table_orders_the_colours_otherwise_is_read_by_its_c
         segmentation.read_mask(tmp_path / "mixed.png", ISPRS)
 
 
+def test_masks_beyond_max_image_pixels_are_refused_in_one_line(tmp_path):
+    """Masks were opened under PIL's process-wide limit (another reader's, or its default): a mask beyond twice it
+    ended in a raw DecompressionBombError, one between once and twice it was decoded whatever --max_image_pixels."""
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(tmp_path / "m.png")
+    for limit, expected in (
+        (60_000, "declares 300 x 300 pixels, more than --max_image_pixels 60000"),
+        (1_000, "exceeds"),
+    ):
+        with pytest.raises(DataError, match=f"m.png: .*{expected}"):
+            segmentation.read_mask(tmp_path / "m.png", max_pixels=limit)
+    assert segmentation.read_mask(tmp_path / "m.png", max_pixels=90_000).shape == (300, 300)
+
+
 def test_jpeg_masks_are_refused_in_one_line(tmp_path):
     Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(tmp_path / "m.jpg")
     with pytest.raises(DataError) as e:
