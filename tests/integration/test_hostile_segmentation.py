@@ -160,6 +160,18 @@ def test_resampled_rgb_masks_are_refused_not_silently_ignored(tmp_path):
     assert summary.labelled + summary.off_palette == 2 * 32 * 32
 
 
+def test_a_mask_of_another_size_than_its_image_is_refused_before_training(trained, tmp_path):
+    """Was found at the pair's first training or evaluation step (after a whole training epoch, for the evaluation
+    set)."""
+    val = write_pairs(tmp_path / "val", 2, seed=1)
+    mask = val / "masks" / "r00_c01.png"
+    with Image.open(mask) as img:
+        img.resize((16, 16), Image.NEAREST).save(mask)
+    message = expect_error(argv(trained["train"], val, trained["palette"], tmp_path / "o", trained["pretrained"]))
+    assert message == f"error: {mask}: mask is 16x16 px, its image 32x32"
+    assert not (tmp_path / "o" / "log.txt").exists()
+
+
 def test_a_batch_without_a_labelled_pixel_gives_zero_loss_and_no_gradient():
     """mmsegmentation#1409 / pytorch#116349: the mean cross-entropy over 0 labelled pixels is 0 / 0 = NaN, and the NaN
     guard stopped valid runs. Such a batch now contributes 0 and a zero gradient; a labelled batch the usual mean."""

@@ -372,6 +372,12 @@ class PadTo(torch.nn.Module):
         return (v2.functional.pad(image, padding, fill=0), v2.functional.pad(mask, padding, fill=self.ignore_index))
 
 
+def check_same_size(mask_path, shape: tuple[int, ...], height: int, width: int) -> None:
+    """Raises DataError where a mask's [H, W] ``shape`` is not its image's ``height`` x ``width``."""
+    if tuple(shape) != (height, width):
+        raise DataError(f"{mask_path}: mask is {shape[1]}x{shape[0]} px, its image {width}x{height}")
+
+
 @dataclass(frozen=True)
 class MaskSummary:
     """What ``SegDataset.check_masks`` found: masks, labelled pixels (not ``ignore_index``), and the pixels of colours
@@ -444,9 +450,7 @@ class SegDataset(SampleDataset):
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
                 raise DataError(f"{image_path}: cannot read image ({str(e).splitlines()[0]})") from None
         mask = self.mask(index)
-        height, width = image.shape[-2:]
-        if mask.shape != (height, width):
-            raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} px, its image {width}x{height}")
+        check_same_size(mask_path, mask.shape, *image.shape[-2:])
         return tv_tensors.Image(image), tv_tensors.Mask(torch.from_numpy(mask))
 
     def mask(self, index: int, off_palette: dict | None = None) -> np.ndarray:
@@ -467,6 +471,22 @@ class SegDataset(SampleDataset):
             )
         return mask
 
+    def check_size(self, image_path: str, mask_path: str, shape: tuple[int, ...]) -> None:
+        """Refuse a mask whose [H, W] ``shape`` is not its image's, from the image's header where PIL reads it (the
+        8-bit path; rasters are checked as they are read, by ``load``), before training rather than at its step.
+
+        Raises:
+            DataError: naming the mask and both sizes.
+        """
+        if self.raster is not None:
+            return
+        try:
+            with Image.open(image_path) as img:
+                height, width = img.height, img.width
+        except Exception:  # the decoder's failure is reported where the image is read
+            return
+        check_same_size(mask_path, shape, height, width)
+
     def check_masks(self, what: str) -> MaskSummary:
         """Read every mask once, before training or evaluation: labels in range, off-palette colours within
         ``off_palette_tolerance`` per mask, and the counts the evaluation reports (``self.masks``).
@@ -475,15 +495,17 @@ class SegDataset(SampleDataset):
             what: Names the set in messages (``training``, ``evaluation``).
 
         Raises:
-            DataError: a label out of range; masks with more off-palette pixels than the tolerance (naming up to
-                three of them with their colours and counts, and how many there are); no labelled pixel at all.
+            DataError: a label out of range; a mask of another size than its image (``check_size``); masks with
+                more off-palette pixels than the tolerance (naming up to three of them with their colours and counts,
+                and how many there are); no labelled pixel at all.
         """
         labelled = off_pixels = off_files = 0
         class_pixels = np.zeros(self.num_classes, dtype=np.int64)
         refused: list[tuple[str, int, int, dict]] = []
-        for index, (_, mask_path) in enumerate(self.pairs):
+        for index, (image_path, mask_path) in enumerate(self.pairs):
             colours: dict = {}
             mask = self.mask(index, colours)
+            self.check_size(image_path, mask_path, mask.shape)
             class_pixels += np.bincount(mask[mask != self.ignore_index], minlength=self.num_classes)
             labelled += int((mask != self.ignore_index).sum())
             count = sum(colours.values())
