@@ -102,6 +102,7 @@ def train_segmenter(flags: Flags, bands: Bands) -> None:
         flags.input_size, bands.mean, bands.std, flags.ignore_index, tuple(flags.crop_scale)
     )
     train_set = dataset_of(flags.train_path, train_transform, bands, flags, num_classes, palette, "training")
+    check_weighted_pixels(flags.class_weights, train_set.masks.class_pixels, class_names, train_set.source)
     evaluation_blocks(val_set, evaluation)  # before training: a pattern that cannot work is found now, not after it
 
     model, _ = build_segmenter(
@@ -139,7 +140,8 @@ def train_segmenter(flags: Flags, bands: Bands) -> None:
         layer_decay=flags.layer_decay,
         fused=run.device.type == "cuda",
     )
-    weight = torch.tensor(flags.class_weights, device=run.device) if flags.class_weights else None
+    weights = flags.class_weights  # over the largest: the weighted mean is the same, and 1e39 stays within float32
+    weight = torch.tensor([w / max(weights) for w in weights], device=run.device) if weights else None
 
     def criterion(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         return segmentation_loss(logits, masks, weight, flags.ignore_index)
@@ -251,6 +253,7 @@ def evaluate_segmenter(flags: Flags, bands: Bands) -> None:
     if "class_names" not in state or not any(k.startswith("head.") for k in weights):
         raise CheckpointError(f"{path}: not a segmentation checkpoint of main_segment.py (no head / class names)")
     class_names = list(state["class_names"])
+    check_class_flags(flags, class_names)
     if saved.get("in_chans", 3) != bands.in_chans:
         raise UsageError(
             f"{path}: the segmenter reads {saved['in_chans']} band(s): give --in_chans {saved['in_chans']} "
@@ -346,7 +349,8 @@ def classes_of(flags: Flags) -> tuple[list[str], segmentation.Palette | None]:
     """Class names (index = class) and the palette, from --palette, --class_names and --nb_classes.
 
     Raises:
-        UsageError: fewer than 2 classes; --nb_classes or --exclude_classes that do not fit the names.
+        UsageError: fewer than 2 classes; --nb_classes, --exclude_classes or --ignore_index that do not fit the names
+            (``check_class_flags``).
     """
     palette = None if str(flags.palette).lower() in ("", "none") else segmentation.load_palette(flags.palette)
     names = list(flags.class_names or (palette.names if palette else []))
@@ -356,9 +360,47 @@ def classes_of(flags: Flags) -> tuple[list[str], segmentation.Palette | None]:
         raise UsageError(f"--nb_classes {flags.nb_classes}: {len(names)} class names given (palette or --class_names)")
     if len(names) < 2:
         raise UsageError("give the classes: --palette (isprs or JSON), --class_names, or --nb_classes (at least 2)")
-    if any(not 0 <= k < len(names) for k in flags.exclude_classes):
-        raise UsageError(f"--exclude_classes {flags.exclude_classes}: classes are 0..{len(names) - 1}")
+    check_class_flags(flags, names)
     return names, palette
+
+
+def check_weighted_pixels(
+    weights: Sequence[float] | None, class_pixels: Sequence[int], class_names: Sequence[str], source: str
+) -> None:
+    """Refuse --class_weights that give every labelled training pixel weight 0: the loss would be 0 with no gradient
+    at every step, and the run would train nothing and exit 0.
+
+    Raises:
+        UsageError: naming the weights and the classes the pixels are of.
+    """
+    if weights is None or any(w > 0 and n > 0 for w, n in zip(weights, class_pixels)):
+        return
+    present = ", ".join(f"{class_names[k]} {n}" for k, n in enumerate(class_pixels) if n)
+    raise UsageError(
+        f"--class_weights {' '.join(f'{w:g}' for w in weights)}: every labelled pixel of {source} ({present}) is of a "
+        "class of weight 0: nothing to learn from"
+    )
+
+
+def check_class_flags(flags: Flags, class_names: Sequence[str]) -> None:
+    """Refuse --exclude_classes outside the classes or covering them all (no class left to score: mIoU n/a with exit
+    0), and an --ignore_index that is a class's index (every pixel of that class would leave the loss and the metrics,
+    and the run would end with exit 0 and the class n/a). Training and ``--eval`` (the checkpoint's classes) alike.
+
+    Raises:
+        UsageError: naming the flag and the classes.
+    """
+    ignore_index, count = flags.ignore_index, len(class_names)
+    if any(not 0 <= k < count for k in flags.exclude_classes):
+        raise UsageError(f"--exclude_classes {flags.exclude_classes}: classes are 0..{count - 1}")
+    if set(flags.exclude_classes) >= set(range(count)):
+        raise UsageError(f"--exclude_classes {flags.exclude_classes}: every one of the {count} classes: none to score")
+    if ignore_index < count:
+        raise UsageError(
+            f"--ignore_index {ignore_index} is class {ignore_index} ({class_names[ignore_index]}) of the "
+            f"{count} classes: its pixels would count in no loss and no metric; give a value from {count} to 255 "
+            "(255 by default)"
+        )
 
 
 def dataset_of(

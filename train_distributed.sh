@@ -55,13 +55,13 @@ first_host() {
   while [[ $entry =~ $re ]]; do entry=${BASH_REMATCH[1]}${BASH_REMATCH[2]}${BASH_REMATCH[3]}; done
   [[ $entry =~ ^[A-Za-z0-9._-]+$ ]] && echo "$entry"
 }
-slurm_master() {
+slurm_master() {  # scontrol where it works; a container may bind it without slurm.conf (it fails): parsed here then
   [[ -n ${SLURM_JOB_NODELIST:-} ]] || return 1
+  local host=""
   if command -v scontrol >/dev/null 2>&1; then
-    scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1
-  else
-    first_host "$SLURM_JOB_NODELIST"
+    host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1) || host=""
   fi
+  if [[ -n $host ]]; then echo "$host"; else first_host "$SLURM_JOB_NODELIST"; fi
 }
 
 NUM_GPUS=${NUM_GPUS:-$(visible_gpus)}

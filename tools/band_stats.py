@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import zipfile
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from util.data.datasets import build_dataset
 from util.data.images import read_raster
 from util.errors import DataError, UsageError
 from util.files import write_atomically
-from util.run.process import run_entry_point
+from util.run.process import run_entry_point, worker_pool
 
 PERCENTILES = (1.0, 2.0, 50.0, 98.0, 99.0)  # the 1-99 / 2-98 stretches of visualisation, and the median
 FLOAT_BINS = 65536  # histogram bins of non-16-bit data (see band_stats)
@@ -244,8 +243,7 @@ def run_pass(
     if done:
         print(f"resuming the {name} pass after {done} of {len(paths)} file(s) ({state_path})", flush=True)
     tasks = [(paths[i : i + chunk], bands, nodata, edges, max_pixels) for i in range(done, len(paths), chunk)]
-    # spawn, not fork: a fork of a process whose PyTorch / OpenMP threads hold locks can hang in its workers
-    pool = get_context("spawn").Pool(workers) if workers > 1 and len(tasks) > 1 else None
+    pool = worker_pool(workers, len(tasks))
     try:
         for result in pool.imap(chunk_stats, tasks) if pool else map(chunk_stats, tasks):
             if total is None:

@@ -38,8 +38,8 @@ import itertools
 import json
 import os
 import sys
+from contextlib import nullcontext
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 from typing import NamedTuple
 
@@ -65,6 +65,7 @@ from util.errors import (
 )
 from util.files import write_atomically
 from util.run.logger import progress
+from util.run.process import worker_pool
 
 
 def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -308,10 +309,9 @@ def write_shard_files(
     """
     order = np.random.default_rng(SHARD_ORDER_SEED).permutation(len(rows)).tolist()
     shuffled = [rows[i] for i in order]
-    with Pool(workers) as pool:
-        stream = progress(
-            squares(shuffled, root, size, raster, partial(pool.imap, chunksize=8)), "sharding", len(rows), "image"
-        )
+    with worker_pool(workers, len(rows)) or nullcontext() as pool:
+        imap = partial(pool.imap, chunksize=8) if pool else map
+        stream = progress(squares(shuffled, root, size, raster, imap), "sharding", len(rows), "image")
         first = next(stream, None)
         if first is None:
             raise DataError("no images to write")
@@ -375,17 +375,19 @@ def main(argv: list[str] | None = None) -> None:
             raise config.UsageError(f"--bands are 0-based indices, got {' '.join(map(str, args.bands))}")
         if args.shard_samples is not None and args.shard_samples < 1:
             raise config.UsageError(f"--shard_samples must be at least 1, got {args.shard_samples}")
-        dataset = datasets.build_dataset(  # --raster: .npy files are images too
-            args.input, list_rasters=args.raster, exclude=args.output
-        )  # --output inside an ImageFolder --input: its images are no class of the input
+        split = args.split or args.input.stem
+        folder = f"{split}_{args.size}"
+        if (args.output / folder).with_suffix(".csv").resolve() == args.input.resolve():
+            raise config.UsageError(f"--output {args.output}: its {folder}.csv would replace --input {args.input}")
+        # --output inside an ImageFolder --input (or the --input itself): the images written are no class of the input
+        written = args.output / folder if args.output.resolve() == args.input.resolve() else args.output
+        dataset = datasets.build_dataset(args.input, list_rasters=args.raster, exclude=written)  # --raster: .npy too
     except (DataError, config.UsageError) as e:
         raise SystemExit(f"error: {e}") from None
     names = dict(dataset.label_names)  # label -> class name; a CSV without names gives str(label)
     if all(name == str(label) for label, name in names.items()):
         names = {}
     classes = list(dataset.classes) or None  # an ImageFolder tree's folders, index = label
-    split = args.split or args.input.stem
-    folder = f"{split}_{args.size}"
     try:
         (args.output / folder).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -410,8 +412,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(tasks)} images, {len(tasks) - todo} already done, resizing {todo} with {args.workers} workers",
         flush=True,
     )
-    with Pool(args.workers) as pool:
-        errors = [e for e in progress(pool.imap(resize_one, tasks, chunksize=64), "resizing", len(tasks), "image") if e]
+    with worker_pool(args.workers, len(tasks)) or nullcontext() as pool:
+        done = pool.imap(resize_one, tasks, chunksize=64) if pool else map(resize_one, tasks)
+        errors = [e for e in progress(done, "resizing", len(tasks), "image") if e]
     if errors:
         raise SystemExit(f"error: {len(errors)} image(s) could not be resized, first {errors[0]}; rerun to retry")
     stem = args.output / folder

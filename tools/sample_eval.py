@@ -256,6 +256,33 @@ def fold_of(block: int) -> int:
     return (block // 100 + 2 * (block % 100)) % FOLDS
 
 
+def check_folds(labels: np.ndarray, folds: np.ndarray, sample: str) -> None:
+    """Refuse a ``--sample`` the out-of-fold evaluation cannot score: an unlabelled tile (label < 0), or a fold whose
+    other folds hold fewer than 2 classes (nothing to tell apart: the kNN has no neighbour, the probe cannot fit).
+
+    Raises:
+        DataError: naming the sample, and the fold and its tiles.
+    """
+    import numpy as np
+
+    from util.errors import DataError
+
+    if labels.min() < 0:
+        raise DataError(
+            f"--sample {sample}: {int((labels < 0).sum())} tile(s) labelled {int(labels.min())} (unlabelled) in "
+            "train.csv / val.csv: every tile of a sample needs its class (0, 1, ...)"
+        )
+    for fold in np.unique(folds):
+        learned = labels[folds != fold]
+        if len(np.unique(learned)) < 2:
+            raise DataError(
+                f"--sample {sample}: fold {fold} ({int((folds == fold).sum())} tile(s)) would be scored by "
+                f"{len(learned)} tile(s) of {len(np.unique(learned))} class(es) outside it: a sample needs tiles of at "
+                f"least 2 classes outside each spatial fold (blocks of 3 x 3 tiles rRR_cCC, fold = (block row + 2 x "
+                f"block column) mod {FOLDS})"
+            )
+
+
 def features(encoder, final_norm: bool, images, scale: float = 1.0):
     """L2-normalised cls features [N, D] (float64) of ``images`` [N, C, S, S] area down-sampled to ``scale`` x S and
     resized back (the multi-scale kNN protocol)."""
@@ -281,7 +308,7 @@ def predictions(memory_features, query_features, labels, folds, classes: int) ->
     from util.eval import knn
 
     predicted = np.empty(len(labels), dtype=int)
-    for fold in range(FOLDS):
+    for fold in np.unique(folds):  # a small --sample may leave a fold without tiles
         test, train = folds == fold, folds != fold
         sims, neighbours = knn.topk_cosine(query_features[test], memory_features[train], K)
         predicted[test] = knn.weighted_knn(
@@ -299,7 +326,7 @@ def probe_predictions(feature_rows, labels, folds) -> np.ndarray:
 
     values = feature_rows.numpy()
     predicted = np.empty(len(labels), dtype=int)
-    for fold in range(FOLDS):
+    for fold in np.unique(folds):
         test, train = folds == fold, folds != fold
         scaler = StandardScaler().fit(values[train])
         probe = LogisticRegression(C=PROBE_C, tol=PROBE_TOL, max_iter=PROBE_ITERATIONS)
@@ -406,6 +433,7 @@ def evaluate(flags: config.Flags) -> None:
     held_out = torch.arange(len(tiles[0]), len(paths))  # val.csv: never seen in train.sh's pretraining
     tile_block = tile_blocks(paths)
     folds = np.array([fold_of(b) for b in tile_block])
+    check_folds(labels, folds, flags.sample)
     classes = int(labels.max()) + 1
     scales = sorted(set(flags.scales) | {1.0})
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine_segment
 from util import config
 from util.data import segmentation
-from util.errors import DataError, UsageError
+from util.errors import DataError
 from util.eval import location_blocks
 from util.run import process
 from util.run.process import run_entry_point
@@ -124,8 +124,6 @@ def main(flags: config.Flags) -> None:
     config.check_segmentation_evaluation_flags(flags)
     bands = config.resolve_bands(flags)
     location_blocks.block_ids([], flags.block_pattern, flags.block_size)  # checks the pattern and the size
-    if flags.pixels < 1 or not flags.C > 0:
-        raise UsageError("--pixels must be at least 1 and --C > 0")
     print(configure_threads(), flush=True)
     class_names, palette = engine_segment.classes_of(flags)
     transform = segmentation.eval_transform(bands.mean, bands.std)

@@ -730,7 +730,7 @@ def _numbers(values: Sequence[float]) -> str:
 
 
 # The valid range of every numeric flag of every entry point (absent or None flags are not checked):
-# flag -> (lowest, highest, whether the ends are included). NaN is outside every range.
+# flag -> (lowest, highest, whether the ends are included). NaN and infinity are outside every range.
 INF = float("inf")
 RANGES = {
     "lr": (0, INF, False),
@@ -777,6 +777,9 @@ RANGES = {
     "decoder_channels": (1, INF, True),
     "class_weights": (0, INF, True),
     "off_palette_tolerance": (0, 1, True),
+    "pixels": (1, INF, True),
+    "C": (0, INF, False),
+    "max_iter": (1, INF, True),
 }
 
 
@@ -802,9 +805,11 @@ def check_ranges(values: argparse.Namespace | dict[str, Any]) -> None:
             if not isinstance(item, (int, float)):
                 continue
             inside = (low <= item <= high) if inclusive else (low < item < high)
-            if not inside or item != item:
+            if not inside or item != item or abs(item) == INF:  # inf: --max_image_pixels inf, --class_weights inf
                 shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-                raise UsageError(f"--{flag} must be {describe_range(low, high, inclusive)}, got {shown}")
+                allowed = describe_range(low, high, inclusive)
+                allowed = f"finite and {allowed}" if abs(item) == INF and allowed != "finite" else allowed
+                raise UsageError(f"--{flag} must be {allowed}, got {shown}")
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -937,17 +942,24 @@ def resolve_bands(flags: Flags) -> Bands:
 # magnified by 1e7 or more (a std of 1e-30 overflows the network's activations). Absolute floor where the mean is 0.
 MIN_RELATIVE_STD = 1e-6
 MIN_STD = 1e-12
+FLOAT32_MAX = 3.4028234663852886e38  # inputs are normalised in float32: a larger mean or std becomes inf there
 
 
 def check_normalisation(
     mean: Sequence[float], std: Sequence[float], source: str, bands: Sequence[int] | None = None
 ) -> None:
-    """Refuse per-band statistics that cannot normalise: a std within rounding of 0 for its mean (a constant band).
+    """Refuse per-band statistics that cannot normalise: a std within rounding of 0 for its mean (a constant band), a
+    mean or std beyond float32's range (inf in float32: every input would become 0 or NaN).
 
     Raises:
         UsageError: naming ``source`` (the flag), the band (its index in the file: ``bands``), its mean and std.
     """
     for band, m, s in zip(bands or range(len(mean)), mean, std):
+        if max(abs(m), s) > FLOAT32_MAX:
+            raise UsageError(
+                f"{source}: band {band} has mean {m:g}, std {s:g}: beyond float32's range ({FLOAT32_MAX:.1e}), in "
+                "which inputs are normalised"
+            )
         if s < max(MIN_RELATIVE_STD * abs(m), MIN_STD):
             raise UsageError(
                 f"{source}: band {band} has std {s:g} (mean {m:g}): too small to normalise by (a constant band? its "

@@ -53,8 +53,9 @@ def _file_digest(path: str | os.PathLike, digest) -> str:
 
 
 # errno values of a directory fsync that a file system does not support (FUSE and object-store mounts: EINVAL; CIFS:
-# ENOTSUP): the rename is done and durable as far as that file system can make it.
-UNSUPPORTED_FSYNC = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+# ENOTSUP; systems that fsync no folder opened read-only: EBADF, as PostgreSQL's fsync_fname ignores) or of a folder
+# that can be written but not opened (mode -wx: EACCES): the rename is done and durable as far as they can make it.
+UNSUPPORTED_FSYNC = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES)
 
 
 def write_atomically(path: Path, write) -> None:

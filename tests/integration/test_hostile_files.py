@@ -82,6 +82,9 @@ def test_the_bomb_guard_bounds_bands_x_pixels_x_bytes_before_decoding(tmp_path):
     assert images.read_raster(sixteen, max_pixels=15_000).data.shape == (1, 100, 100)
     with pytest.raises(images.BadImageError, match="would take"):
         images.load_image(str(sixteen), max_pixels=12_000, stretch=True)
+    with pytest.raises(images.BadImageError, match="exceeds limit of 200 pixels"):
+        images.load_image(str(sixteen), max_pixels=100, stretch=True)  # leaves PIL's process-wide limit at 100
+    assert images.read_raster(sixteen, max_pixels=15_000).data.shape == (1, 100, 100)  # was: PIL's stale 100 px
     (tmp_path / "set").mkdir()
     os.replace(bomb, tmp_path / "set" / "bomb.tif")
     message = one_line(
@@ -125,6 +128,23 @@ def test_stretch_of_more_than_three_bands_needs_bands_to_choose_them(tmp_path):
     assert np.array_equal(np.asarray(dataset[0][0]), chosen)
 
 
+def test_8_bit_tiffs_pil_cannot_identify_are_read_and_4_bands_not_rgb_are_refused_as_such(tmp_path):
+    """GDAL-style 8-bit TIFFs: 3 bands not marked RGB in planes, planar RGBA: "cannot identify image file", a message
+    that blamed the file. 4 bands not marked RGB (B G R NIR?) were that too; now the band-count refusal."""
+    rng = np.random.default_rng(0)
+    tile = rng.integers(0, 256, (4, 16, 16)).astype(np.uint8)
+    for name, data, photometric, extra in (
+        ("planes.tif", tile[:3], "minisblack", {}),
+        ("rgba.tif", tile, "rgb", {"extrasamples": ["unspecified"]}),
+    ):
+        tifffile.imwrite(tmp_path / name, data, photometric=photometric, planarconfig="separate", **extra)
+        rgb = np.asarray(images.load_image(str(tmp_path / name)))
+        assert rgb.shape == (16, 16, 3) and np.array_equal(np.moveaxis(rgb, -1, 0), tile[:3])
+    tifffile.imwrite(tmp_path / "bgrn.tif", tile, photometric="minisblack", planarconfig="separate")
+    with pytest.raises(images.NotEightBitError, match=r"bgrn.tif: 4 band\(s\) of uint8: --stretch shows 3 bands as"):
+        images.load_image(str(tmp_path / "bgrn.tif"), stretch=True)
+
+
 @pytest.mark.parametrize("source", ["band_stats", "std"])
 def test_statistics_that_cannot_normalise_are_refused_naming_the_band(tmp_path, source):
     if source == "band_stats":
@@ -136,6 +156,15 @@ def test_statistics_that_cannot_normalise_are_refused_naming_the_band(tmp_path, 
         flags = band_flags(in_chans=3, mean=[900.0, 5.0, 700.0], std=[100.0, 1e-30, 80.0], nodata=0.0)
         expected = "--std: band 1 has std 1e-30 (mean 5)"
     with pytest.raises(UsageError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        config.resolve_bands(flags)
+
+
+@pytest.mark.parametrize("mean, std", [(1e300, 1.0), (5.0, 1e300)])
+def test_statistics_beyond_float32_are_refused_naming_the_band(mean, std):
+    """A std of 1e300 became inf in float32 (every input normalised to 0, exit 0); a mean of 1e300 was called "too
+    small to normalise by (... multiplied by 1e+00)"."""
+    flags = band_flags(in_chans=3, mean=[900.0, mean, 700.0], std=[100.0, std, 80.0], nodata=0.0)
+    with pytest.raises(UsageError, match=r"--std: band 1 has mean .*: beyond float32's range \(3.4e\+38\)"):
         config.resolve_bands(flags)
 
 
@@ -227,6 +256,16 @@ def test_output_inside_an_image_folder_input_is_left_out(tmp_path, capsys):
         rows = (tree / "out" / "tree_24.csv").read_text().splitlines()
         assert len(rows) == 1 + 8 and {r.split(",")[2] for r in rows[1:]} == {"a", "b"}
     assert f"note: {tree}: left out out/" in capsys.readouterr().out
+    tree = make_tree(tmp_path / "same", ["a", "b"], per_class=4)
+    for _ in range(2):  # --output the --input itself: its same_24/ was read as a third class (8 images, a b same_24)
+        preprocess.main(["--input", str(tree), "--output", str(tree), "--size", "24", "--workers", "1"])
+        rows = (tree / "same_24.csv").read_text().splitlines()
+        assert len(rows) == 1 + 8 and {r.split(",")[2] for r in rows[1:]} == {"a", "b"}
+    csv = tree / "same_24.csv"
+    message = one_line(
+        lambda: preprocess.main(["--input", str(csv), "--output", str(tree), "--split", "same", "--size", "24"])
+    )
+    assert message == f"error: --output {tree}: its same_24.csv would replace --input {csv}"
 
 
 def test_band_stats_on_a_read_only_file_system_is_one_line(tmp_path, monkeypatch):
@@ -343,7 +382,7 @@ def test_a_lock_held_by_another_process_is_still_refused(tmp_path, monkeypatch, 
         process.prepare_output_dir(tmp_path / "o")
 
 
-@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP, errno.EBADF])
 def test_a_directory_fsync_the_file_system_refuses_is_ignored_after_the_rename(tmp_path, monkeypatch, code):
     """FUSE / object-store mounts (EINVAL) and CIFS (ENOTSUP) refuse fsync on a folder: rank 0 died with a bare
     OSError after the checkpoint was renamed. Another error is reported in one line."""
@@ -360,6 +399,22 @@ def test_a_directory_fsync_the_file_system_refuses_is_ignored_after_the_rename(t
     monkeypatch.setattr(os, "fsync", lambda fd: refuses_folders(fd, errno.EIO))
     with pytest.raises(CheckpointError, match="could not make its folder durable: Input/output error"):
         checkpoint.save_checkpoint({"epoch": 4}, tmp_path / "c.pth")
+
+
+def test_a_folder_that_can_be_written_but_not_opened_keeps_the_checkpoint(tmp_path, monkeypatch):
+    """A folder of mode -wx (root ignores modes: its os.open is refused here as the kernel would): the checkpoint was
+    renamed into place, then reported as failed ("could not make its folder durable: Permission denied")."""
+    real = os.open
+
+    def unreadable_folder(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise OSError(errno.EACCES, "Permission denied")
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", unreadable_folder)
+    checkpoint.save_checkpoint({"epoch": 3}, tmp_path / "c.pth")
+    monkeypatch.undo()
+    assert checkpoint.read_checkpoint(tmp_path / "c.pth") == {"epoch": 3}
 
 
 # --- messages that named the wrong cause, and two old silent cases --------------------------------------------------

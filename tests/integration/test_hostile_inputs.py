@@ -75,6 +75,8 @@ FLAG_CASES = [
         "--mask_ratio 0.95 leaves no visible patch of the 16 patches",
     ),
     (["--max_image_pixels", "0"], "--max_image_pixels must be at least 1"),
+    (["--max_image_pixels", "inf"], "--max_image_pixels must be finite and at least 1, got inf"),  # was OverflowError
+    (["--min_lr", "inf"], "--min_lr must be finite and at least 0, got inf"),
     (["--seed", "-1"], "--seed must be in [0, 4.29497e+09], got -1"),
 ]
 
@@ -373,6 +375,7 @@ def test_hand_edited_packed_description(tmp_path, meta, expected):
     [
         (["--workers", "0"], "--workers must be at least 1, got 0"),
         (["--size", "0"], "--size must be at least 1, got 0"),
+        (["--max_image_pixels", "inf"], "--max_image_pixels must be finite and at least 1, got inf"),
     ],
 )
 def test_preprocess_flags(data, tmp_path, flags, expected):

@@ -160,6 +160,18 @@ def test_resampled_rgb_masks_are_refused_not_silently_ignored(tmp_path):
     assert summary.labelled + summary.off_palette == 2 * 32 * 32
 
 
+def test_a_mask_of_another_size_than_its_image_is_refused_before_training(trained, tmp_path):
+    """Was found at the pair's first training or evaluation step (after a whole training epoch, for the evaluation
+    set)."""
+    val = write_pairs(tmp_path / "val", 2, seed=1)
+    mask = val / "masks" / "r00_c01.png"
+    with Image.open(mask) as img:
+        img.resize((16, 16), Image.NEAREST).save(mask)
+    message = expect_error(argv(trained["train"], val, trained["palette"], tmp_path / "o", trained["pretrained"]))
+    assert message == f"error: {mask}: mask is 16x16 px, its image 32x32"
+    assert not (tmp_path / "o" / "log.txt").exists()
+
+
 def test_a_batch_without_a_labelled_pixel_gives_zero_loss_and_no_gradient():
     """mmsegmentation#1409 / pytorch#116349: the mean cross-entropy over 0 labelled pixels is 0 / 0 = NaN, and the NaN
     guard stopped valid runs. Such a batch now contributes 0 and a zero gradient; a labelled batch the usual mean."""
@@ -201,6 +213,37 @@ def test_sparse_labels_and_batch_1_train(trained, tmp_path, capsys):
     assert "nan" not in capsys.readouterr().out.lower()
 
 
+def test_class_weights_beyond_float32_train_as_their_ratios(trained, tmp_path):
+    """--class_weights 1e39 3e39 (finite for the flags, inf in float32) made the loss inf / inf = NaN and the NaN
+    guard advised a lower --blr; the weights are their ratios (the weighted mean is the same)."""
+    out = tmp_path / "o"
+    run(
+        argv(
+            trained["train"],
+            trained["val"],
+            trained["palette"],
+            out,
+            trained["pretrained"],
+            "--class_weights",
+            "1e39",
+            "3e39",
+        )
+    )
+    record = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert np.isfinite(record["train_loss"]) and record["train_loss"] > 0
+
+
+def test_class_weights_of_0_for_every_labelled_class_are_refused(trained, tmp_path):
+    """Only water labelled, --class_weights 0 1: every step's loss was 0 with no gradient; nothing trained, exit 0."""
+    water = write_pairs(tmp_path / "water", 2, colours=(WATER, WATER))
+    args = argv(water, trained["val"], trained["palette"], tmp_path / "o", trained["pretrained"], "--class_weights")
+    message = expect_error([*args, "0", "1"])
+    assert message == f"error: --class_weights 0 1: every labelled pixel of {water} (water 2048) is of a class of " + (
+        "weight 0: nothing to learn from"
+    )
+    assert not (tmp_path / "o" / "log.txt").exists()
+
+
 def test_sets_without_a_labelled_pixel_are_refused_up_front(trained, tmp_path):
     blank = lambda i, m: np.zeros_like(m)  # black: not in the palette, ignore
     empty = write_pairs(tmp_path / "empty", 2, labelled=blank)
@@ -225,6 +268,18 @@ def test_sets_without_a_labelled_pixel_are_refused_up_front(trained, tmp_path):
         ]
     )
     assert "no labelled pixel" in message and "after --reduce_zero_label" in message
+    message = expect_error(
+        argv(
+            trained["train"],
+            trained["val"],
+            trained["palette"],
+            tmp_path / "c",
+            trained["pretrained"],
+            "--reduce_zero_label",
+        )
+    )
+    assert "r00_c00.png: --reduce_zero_label is for class-index masks (0: no data); this one is colour-coded" in message
+    assert "its class 0 (water) would be ignored" in message  # was: vegetation scored as water, exit 0
 
 
 @pytest.mark.parametrize(
@@ -235,9 +290,12 @@ def test_sets_without_a_labelled_pixel_are_refused_up_front(trained, tmp_path):
         (["--crop_scale", "0", "1"], "--crop_scale must satisfy 0 < min <= max <= 1"),
         (["--class_weights", "-1", "1"], "--class_weights must be at least 0, got -1.0 1.0"),
         (["--class_weights", "nan", "1"], "--class_weights must be at least 0, got nan 1.0"),
+        (["--class_weights", "inf", "1"], "--class_weights must be finite and at least 0, got inf 1.0"),
         (["--class_weights", "0", "0"], "--class_weights: at least one weight must be > 0, got 0 0"),
         (["--off_palette_tolerance", "2"], "--off_palette_tolerance must be in [0, 1], got 2.0"),
         (["--start_epoch", "5"], "--start_epoch 5 is not below --epochs 1: nothing to train"),
+        (["--ignore_index", "1"], "--ignore_index 1 is class 1 (vegetation) of the 2 classes: its pixels would count"),
+        (["--exclude_classes", "0", "1"], "--exclude_classes [0, 1]: every one of the 2 classes: none to score"),
     ],
 )
 def test_segmentation_flags_that_cannot_work(trained, tmp_path, flags, expected):
@@ -257,6 +315,11 @@ def test_eval_with_a_palette_of_other_classes_is_refused(trained, tmp_path):
         "--palette isprs: 6 classes (impervious_surfaces" in message
         and "was trained on 2 (water, vegetation)" in message
     )
+    message = expect_error([*FAST, *base, "--ignore_index", "0", "--output_dir", str(tmp_path / "e")])
+    assert "--ignore_index 0 is class 0 (water) of the 2 classes" in message  # was: water left out, exit 0
+    message = expect_error([*FAST, *base, "--exclude_classes", "5", "--output_dir", str(tmp_path / "e")])
+    assert message == "error: --exclude_classes [5]: classes are 0..1"  # was a raw IndexError after the evaluation
+    assert not (tmp_path / "e").exists()
     run([*FAST, *base, "--palette", str(trained["palette"]), "--output_dir", str(tmp_path / "e2")])  # its own: fine
     assert (tmp_path / "e2" / "eval" / "seg_results.csv").exists()
 

@@ -423,6 +423,10 @@ def test_distributed_master_port_from_slurm(clone, stub):
         ("alpha,beta", "alpha"),
         ("node[001,003-004]", "node001"),
         ("rack[2-3]-n[07-08]", "rack2-n07"),
+        ("gpu-[01-02]", "gpu-01"),
+        ("a[1-2],b[3]", "a1"),
+        ("node[001,003-004],other", "node001"),
+        ("host.example.com,other", "host.example.com"),
     ],
 )
 def test_distributed_master_addr_from_the_node_list_without_scontrol(clone, stub, nodes, first):
@@ -432,6 +436,24 @@ def test_distributed_master_addr_from_the_node_list_without_scontrol(clone, stub
         pytest.skip("scontrol is installed here")
     args = argv(run(clone, stub, "train_distributed.sh", SLURM_JOB_NODELIST=nodes, SLURM_NNODES="2", SLURM_NODEID="1"))
     assert args[args.index("--master_addr") + 1] == first and args[args.index("--nnodes") + 1] == "2"
+
+
+@pytest.mark.parametrize("scontrol", ["fails", "works"])
+def test_distributed_master_addr_with_a_scontrol_that_fails_is_parsed_from_the_node_list(
+    clone, stub, tmp_path, scontrol
+):
+    """A container binding scontrol without slurm.conf: it fails, and the job was refused as if the node list could
+    not be told. One that works is still used (its answer wins)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    body = 'echo "scontrol: error: s_p_parse_file: unable to status file /etc/slurm/slurm.conf" >&2; exit 1'
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\n{body if scontrol == 'fails' else 'echo from-scontrol'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    result = run(clone, stub, "train_distributed.sh", PATH=path, SLURM_JOB_NODELIST="gpu-[01-02]", SLURM_NNODES="2")
+    args = argv(result)
+    assert args[args.index("--master_addr") + 1] == ("gpu-01" if scontrol == "fails" else "from-scontrol")
+    assert result.stderr == ""
 
 
 def test_distributed_without_a_master_addr_it_can_tell_is_refused_on_several_nodes(clone, stub):

@@ -54,6 +54,27 @@ def test_seed_variance_widens_the_interval_and_gains_are_paired_over_blocks():
     assert wide["a"][2] - wide["a"][1] > narrow["a"][2] - narrow["a"][1]  # the second seed adds its variance
 
 
+def test_a_small_sample_with_empty_folds_is_scored_and_one_it_cannot_score_is_refused():
+    """A --sample of 6 tiles in 3 of the 5 folds ended in "torch.cat(): expected a non-empty list of Tensors" (the kNN
+    of an empty fold); tiles all in one fold, of one class, or labelled -1 in raw errors (bincount, sklearn)."""
+    import torch
+
+    from util.errors import DataError
+
+    labels, folds = np.array([0, 1, 0, 1, 0, 1]), np.array([0, 0, 1, 1, 3, 3])
+    features = torch.randn(6, 8, dtype=torch.float64)
+    sample_eval.check_folds(labels, folds, "s")
+    assert sample_eval.predictions(features, features, labels, folds, 2).shape == (6,)
+    assert set(sample_eval.probe_predictions(features, labels, folds)) <= {0, 1}
+    for bad_labels, bad_folds, expected in (
+        (labels, np.zeros(6, int), r"fold 0 \(6 tile\(s\)\) would be scored by 0 tile\(s\) of 0 class\(es\)"),
+        (np.zeros(6, int), folds, r"fold 0 \(2 tile\(s\)\) would be scored by 4 tile\(s\) of 1 class\(es\)"),
+        (np.array([0, 1, 0, 1, 0, -1]), folds, r"1 tile\(s\) labelled -1 \(unlabelled\)"),
+    ):
+        with pytest.raises(DataError, match=f"^--sample s: {expected}"):
+            sample_eval.check_folds(bad_labels, bad_folds, "s")
+
+
 def tiny_checkpoint(
     path: Path,
     name: str = "cross_scale_mae_vit_tiny",

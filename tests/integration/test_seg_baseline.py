@@ -99,6 +99,10 @@ def test_main_fits_the_colours_and_writes_the_interval(tmp_path):
         (["--mean", "nan", "0", "0"], "--mean must be finite"),
         (["--input_size", "0"], "--input_size must be at least 1"),
         (["--seed", "-1"], "--seed must be in"),
+        (["--max_iter", "0"], "--max_iter must be at least 1, got 0"),  # was: an unfitted model evaluated, exit 0
+        (["--pixels", "0"], "--pixels must be at least 1, got 0"),
+        (["--C", "inf"], "--C must be finite and > 0, got inf"),
+        (["--C", "nan"], "--C must be > 0, got nan"),
     ],
 )
 def test_out_of_range_flags_are_usage_errors_before_any_reading(tmp_path, flags, message):

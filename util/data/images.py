@@ -53,6 +53,16 @@ HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 MODE_SAMPLE_BYTES = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I": 4, "F": 4}  # other PIL modes: 1 byte per sample
 
 
+def pil_limit(max_pixels: float) -> int:
+    """``--max_image_pixels`` as an int, made PIL's own limit (``Image.MAX_IMAGE_PIXELS``, a process-wide value) for
+    the decode that follows: every reader that may call PIL sets it, so no earlier call's limit, nor PIL's default
+    (89 Mpx), applies in its place."""
+    limit = int(max_pixels)
+    if Image.MAX_IMAGE_PIXELS != limit:
+        Image.MAX_IMAGE_PIXELS = limit
+    return limit
+
+
 def check_decoded_size(path, bands: int, height: int, width: int, sample_bytes: int, limit: int, float_copy: bool):
     """Refuse, before decoding, a file whose decoding would allocate too much (``--max_image_pixels``): more than
     ``limit`` pixels, or more than ``limit`` x ``DECODED_BYTES_PER_PIXEL`` bytes for its bands x pixels x (bytes per
@@ -105,8 +115,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _tiff_layout(path) -> tuple[np.dtype, int]:
-    """The sample type and band count a TIFF declares (tifffile, header only).
+def _tiff_layout(path) -> tuple[np.dtype, int, bool, bool]:
+    """The sample type and band count a TIFF declares, whether its photometric interpretation is RGB (or YCbCr), and
+    whether its bands are interleaved (tifffile, header only).
 
     Raises:
         BadImageError: a layout other than [C, H, W], [H, W, C] or [H, W].
@@ -117,7 +128,10 @@ def _tiff_layout(path) -> tuple[np.dtype, int]:
     with tifffile.TiffFile(path) as tif:
         series = tif.series[0]
         dtype, axes, shape = series.dtype, series.axes, tuple(series.shape)
-    return dtype, _bands_first_shape(path, shape, axes)[0]
+        page = tif.pages[0]
+        rgb = page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
+        interleaved = page.planarconfig == tifffile.PLANARCONFIG.CONTIG
+    return dtype, _bands_first_shape(path, shape, axes)[0], rgb, interleaved
 
 
 STRETCH_ADVICE = (
@@ -127,8 +141,9 @@ STRETCH_ADVICE = (
 
 
 def rgb_of(path, limit: int, stretch: bool, bands: list[int] | None) -> Image.Image | None:
-    """The 8-bit RGB image of a file PIL would misread: any TIFF but 8-bit of 1, 3 or 4 bands, and any file with
-    ``bands`` (``--bands`` on the 8-bit path: the 3 bands shown as R G B); None where PIL decodes it as it is.
+    """The 8-bit RGB image of a file PIL would misread or not identify: any TIFF but 8-bit grey, RGB or interleaved
+    RGBA (8-bit 3-band TIFFs not marked RGB and planar RGBA are read here), and any file with ``bands`` (``--bands`` on
+    the 8-bit path: the 3 bands shown as R G B); None where PIL decodes it as it is.
 
     8-bit data keeps its values; other data is refused, or with ``stretch`` stretched per band (``stretch_to_rgb``).
     More than 3 bands need ``bands``: the first three of a Sentinel-2 tile are aerosol, blue and green, not R G B.
@@ -141,16 +156,18 @@ def rgb_of(path, limit: int, stretch: bool, bands: list[int] | None) -> Image.Im
         if Path(path).suffix.lower() not in (".tif", ".tiff"):
             return None
         try:
-            dtype, count = _tiff_layout(path)
+            dtype, count, rgb, interleaved = _tiff_layout(path)
         except BadImageError:
             raise
         except Exception:
             return None  # PIL reports the failure
-        if dtype == np.uint8 and count in (1, 3, 4):
+        if dtype == np.uint8 and (count == 1 or rgb and (count == 3 or count == 4 and interleaved)):
             return None
-        if not stretch:
+        if dtype == np.uint8 and (count == 3 or count == 4 and rgb):
+            bands = [0, 1, 2]  # 3 bands not marked RGB, planar RGBA: 8-bit data PIL cannot identify, read below
+        elif not stretch:
             raise not_eight_bit(path, f"{count} band(s) of {dtype}")
-        if count not in (1, 3):
+        elif count not in (1, 3):
             raise NotEightBitError(
                 path,
                 f"{count} band(s) of {dtype}: --stretch shows 3 bands as R G B (or 1 as grey): choose them with "
@@ -185,9 +202,7 @@ def load_image(
         BadImageError: for any failure of the decoder (corrupt, truncated, not an image, declaring more than
             ``max_pixels`` pixels), with the file and the decoder's reason.
     """
-    limit = int(max_pixels)
-    if Image.MAX_IMAGE_PIXELS != limit:
-        Image.MAX_IMAGE_PIXELS = limit
+    limit = pil_limit(max_pixels)
     converted = rgb_of(path, limit, stretch, list(bands) if bands else None)
     if converted is not None:
         return converted
@@ -333,7 +348,7 @@ def read_raster(
         BadImageError: the decoder fails, an empty shape, or a size beyond ``max_pixels`` (the message names the file).
         DataError: a band index outside the file's bands; NaN / inf values outside the no-data mask.
     """
-    limit = int(max_pixels)
+    limit = pil_limit(max_pixels)
     try:
         array, file_nodata = _file_array(path, limit)
     except (BadImageError, DataError):

@@ -22,8 +22,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from util.config import IGNORE_INDEX, OFF_PALETTE_TOLERANCE, Bands
-from util.data.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, is_image, is_junk, load_image
+from util.config import IGNORE_INDEX, MAX_IMAGE_PIXELS, OFF_PALETTE_TOLERANCE, Bands
+from util.data.images import IMAGE_EXTENSIONS, RASTER_EXTENSIONS, is_image, is_junk, load_image, pil_limit
 from util.data.loaders import SampleDataset
 from util.data.raster_options import raster_options
 from util.errors import DataError, first_line
@@ -66,12 +66,14 @@ def load_palette(spec: str | os.PathLike) -> Palette:
     try:
         entries = json.loads(Path(spec).read_text())
         names = tuple(str(e["name"]) for e in entries)
-        colors = tuple(tuple(int(c) for c in e["color"]) for e in entries)
+        given = [list(e["color"]) for e in entries]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"--palette {spec}: not 'isprs' nor a JSON list of {{name, color}} ({e})") from None
-    if not colors or any(len(c) != 3 or not all(0 <= v <= 255 for v in c) for c in colors):
-        raise DataError(f"--palette {spec}: every colour must be 3 values in 0..255")
-    return Palette(names, colors)
+    # JSON integers only (not bool): int() made [0, 0.9, 0] (a colour in 0..1) black, and every mask off-palette
+    bad = [c for c in given if len(c) != 3 or not all(type(v) is int and 0 <= v <= 255 for v in c)]
+    if not given or bad:
+        raise DataError(f"--palette {spec}: every colour must be 3 integers in 0..255, got {bad[:1] or given}")
+    return Palette(names, tuple(tuple(c) for c in given))
 
 
 def rgb_to_index(
@@ -127,33 +129,105 @@ def read_mask(
     ignore_index: int = IGNORE_INDEX,
     zero_is_nodata: bool = False,
     off_palette: dict | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
-    """A mask file -> [H, W] int64 class indices.
+    """A mask file -> [H, W] int64 class indices (masks declaring more than ``max_pixels``, ``--max_image_pixels``,
+    refused before decoding, as images are).
 
     Single-channel (``L``, ``P``, 16-bit) files hold the indices themselves (a palette PNG's pixel values are its
-    indices); RGB files are decoded through ``palette``, colours not in it becoming ``ignore_index`` and counted into
+    indices, unless its colour table puts ``palette``'s colours at other indices: ``palette_png_indices``); RGB files
+    are decoded through ``palette``, colours not in it becoming ``ignore_index`` and counted into
     ``off_palette`` ((r, g, b) -> pixels; ``SegDataset.check_masks`` refuses masks with too many).
     ``zero_is_nodata`` applies ``reduce_zero_label``.
 
     Raises:
-        DataError: JPEG mask, unreadable file, or an RGB mask without a palette.
+        DataError: JPEG mask, unreadable file, an RGB mask without a palette or with ``zero_is_nodata``, a mask
+            beyond ``max_pixels``.
     """
     check_mask_path(path)
+    limit = pil_limit(max_pixels)
     try:
         with Image.open(path) as img:
+            if img.width * img.height > limit:  # PIL itself only warns up to twice its limit
+                raise DataError(
+                    f"{path}: the mask declares {img.width} x {img.height} pixels, more than --max_image_pixels "
+                    f"{limit}: a decompression bomb?"
+                )
             img.load()
             if img.mode in ("RGB", "RGBA"):
                 if palette is None:
                     raise DataError(f"{path}: an RGB (colour-coded) mask needs --palette (isprs or a JSON file)")
+                if zero_is_nodata:
+                    raise colour_coded_nodata(path, palette)
                 mask = rgb_to_index(np.asarray(img.convert("RGB")), palette, ignore_index, off_palette)
                 mask = mask.astype(np.int64)
+            elif img.mode == "P" and palette is not None:
+                mask = palette_png_indices(
+                    path, np.asarray(img), img.getpalette() or [], palette, ignore_index, zero_is_nodata
+                )
             elif img.mode in ("L", "P", "I;16", "I;16B", "I;16L", "I", "1"):
                 mask = np.asarray(img).astype(np.int64)
             else:
                 raise DataError(f"{path}: mask mode {img.mode} is neither class indices nor RGB colours")
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: cannot read mask ({first_line(e)}; --max_image_pixels {limit})") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read mask ({first_line(e)})") from None
     return reduce_zero_label(mask, ignore_index) if zero_is_nodata else mask
+
+
+def colour_coded_nodata(path, palette: Palette) -> DataError:
+    """--reduce_zero_label on a colour-coded mask: class 0 would become ignore, every other class its predecessor."""
+    return DataError(
+        f"{path}: --reduce_zero_label is for class-index masks (0: no data); this one is colour-coded (--palette): "
+        f"its class 0 ({palette.names[0]}) would be ignored and every other class scored under the name before it; "
+        "leave --reduce_zero_label out (no data: a colour outside the palette, with --off_palette_tolerance 1)"
+    )
+
+
+def palette_png_indices(
+    path,
+    indices: np.ndarray,
+    table: list[int],
+    palette: Palette,
+    ignore_index: int = IGNORE_INDEX,
+    zero_is_nodata: bool = False,
+) -> np.ndarray:
+    """The [H, W] int64 class indices of a palette-mode (P) PNG mask read with ``palette``: its pixel values, where its
+    colour table shows ``palette``'s colours at their own indices or not at all (``write_mask``'s files; GIS exports
+    whose colours are for display); decoded through the colours, where the table holds only ``palette``'s colours but
+    in another order (an RGB mask quantised by an image editor: its indices are arbitrary, the colours are the labels).
+    ``ignore_index`` pixels stay ignore.
+
+    Raises:
+        DataError: a table that shows some of ``palette``'s colours at other indices and other colours too: neither
+            reading tells the classes; colours with ``zero_is_nodata`` (``colour_coded_nodata``).
+    """
+    used = [int(v) for v in np.unique(indices) if v != ignore_index]
+    colours = {v: tuple(table[3 * v : 3 * v + 3]) for v in used}
+    moved = {
+        v: palette.colors.index(c)
+        for v, c in colours.items()
+        if c in palette.colors and palette.colors[v : v + 1] != (c,)
+    }
+    if not moved:
+        return indices.astype(np.int64)
+    unknown = [v for v, c in colours.items() if c not in palette.colors]
+    if unknown:
+        shown = ", ".join(
+            f"index {v} is {colours[v]} (--palette's {palette.names[k]})" for v, k in list(moved.items())[:3]
+        )
+        raise DataError(
+            f"{path}: a palette-mode mask whose colour table shows --palette's colours at other indices ({shown}) and "
+            f"colours not in --palette (index {unknown[0]}: {colours[unknown[0]]}): its classes cannot be told; "
+            "save it as RGB or as class indices in --palette's order"
+        )
+    if zero_is_nodata:
+        raise colour_coded_nodata(path, palette)
+    lookup = np.full(256, ignore_index, dtype=np.int64)
+    for v, c in colours.items():
+        lookup[v] = palette.colors.index(c)
+    return lookup[indices]
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray, palette: Palette | None = None) -> None:
@@ -298,15 +372,23 @@ class PadTo(torch.nn.Module):
         return (v2.functional.pad(image, padding, fill=0), v2.functional.pad(mask, padding, fill=self.ignore_index))
 
 
+def check_same_size(mask_path, shape: tuple[int, ...], height: int, width: int) -> None:
+    """Raises DataError where a mask's [H, W] ``shape`` is not its image's ``height`` x ``width``."""
+    if tuple(shape) != (height, width):
+        raise DataError(f"{mask_path}: mask is {shape[1]}x{shape[0]} px, its image {width}x{height}")
+
+
 @dataclass(frozen=True)
 class MaskSummary:
     """What ``SegDataset.check_masks`` found: masks, labelled pixels (not ``ignore_index``), and the pixels of colours
-    not in the palette (counted as ignore) with the number of masks holding any."""
+    not in the palette (counted as ignore) with the number of masks holding any; ``class_pixels``: the labelled pixels
+    of each class (index = class)."""
 
     masks: int
     labelled: int
     off_palette: int
     off_palette_masks: int
+    class_pixels: tuple[int, ...] = ()
 
     def describe(self, palette: bool) -> str:
         """One line for the evaluation output."""
@@ -368,9 +450,7 @@ class SegDataset(SampleDataset):
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
                 raise DataError(f"{image_path}: cannot read image ({str(e).splitlines()[0]})") from None
         mask = self.mask(index)
-        height, width = image.shape[-2:]
-        if mask.shape != (height, width):
-            raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} px, its image {width}x{height}")
+        check_same_size(mask_path, mask.shape, *image.shape[-2:])
         return tv_tensors.Image(image), tv_tensors.Mask(torch.from_numpy(mask))
 
     def mask(self, index: int, off_palette: dict | None = None) -> np.ndarray:
@@ -380,7 +460,9 @@ class SegDataset(SampleDataset):
             DataError: labels outside 0..num_classes-1 that are not ``ignore_index``.
         """
         mask_path = self.pairs[index][1]
-        mask = read_mask(mask_path, self.palette, self.ignore_index, self.zero_is_nodata, off_palette)
+        mask = read_mask(
+            mask_path, self.palette, self.ignore_index, self.zero_is_nodata, off_palette, self.bands.max_pixels
+        )
         bad = (mask >= self.num_classes) & (mask != self.ignore_index) | (mask < 0)
         if bad.any():
             raise DataError(
@@ -388,6 +470,22 @@ class SegDataset(SampleDataset):
                 f"and not --ignore_index {self.ignore_index}"
             )
         return mask
+
+    def check_size(self, image_path: str, mask_path: str, shape: tuple[int, ...]) -> None:
+        """Refuse a mask whose [H, W] ``shape`` is not its image's, from the image's header where PIL reads it (the
+        8-bit path; rasters are checked as they are read, by ``load``), before training rather than at its step.
+
+        Raises:
+            DataError: naming the mask and both sizes.
+        """
+        if self.raster is not None:
+            return
+        try:
+            with Image.open(image_path) as img:
+                height, width = img.height, img.width
+        except Exception:  # the decoder's failure is reported where the image is read
+            return
+        check_same_size(mask_path, shape, height, width)
 
     def check_masks(self, what: str) -> MaskSummary:
         """Read every mask once, before training or evaluation: labels in range, off-palette colours within
@@ -397,14 +495,18 @@ class SegDataset(SampleDataset):
             what: Names the set in messages (``training``, ``evaluation``).
 
         Raises:
-            DataError: a label out of range; masks with more off-palette pixels than the tolerance (naming up to
-                three of them with their colours and counts, and how many there are); no labelled pixel at all.
+            DataError: a label out of range; a mask of another size than its image (``check_size``); masks with
+                more off-palette pixels than the tolerance (naming up to three of them with their colours and counts,
+                and how many there are); no labelled pixel at all.
         """
         labelled = off_pixels = off_files = 0
+        class_pixels = np.zeros(self.num_classes, dtype=np.int64)
         refused: list[tuple[str, int, int, dict]] = []
-        for index, (_, mask_path) in enumerate(self.pairs):
+        for index, (image_path, mask_path) in enumerate(self.pairs):
             colours: dict = {}
             mask = self.mask(index, colours)
+            self.check_size(image_path, mask_path, mask.shape)
+            class_pixels += np.bincount(mask[mask != self.ignore_index], minlength=self.num_classes)
             labelled += int((mask != self.ignore_index).sum())
             count = sum(colours.values())
             if count:
@@ -430,7 +532,7 @@ class SegDataset(SampleDataset):
                 + (f", {off_pixels} of them of colours not in the palette" if off_pixels else "")
                 + (": nothing to learn from" if what == "training" else ": no pixel to score")
             )
-        self.masks = MaskSummary(len(self.pairs), labelled, off_pixels, off_files)
+        self.masks = MaskSummary(len(self.pairs), labelled, off_pixels, off_files, tuple(class_pixels.tolist()))
         return self.masks
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -380,6 +380,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def worker_pool(workers: int, tasks: int):
+    """A pool of ``workers`` processes for ``tasks`` tasks, started by spawn, not fork: a fork of a process whose
+    PyTorch / OpenMP threads hold locks can hang in its workers (and a forked worker inherits the stop-signal handlers,
+    so the pool's SIGTERM cannot end it). None where one process does the work (one worker or one task).
+    """
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and tasks > 1 else None
+
+
 def run_entry_point(main, args) -> None:
     """Call ``main(args)``; a ``ReportableError`` (also one re-raised from a DataLoader worker) exits with
     ``error: <message>`` on one line and exit status 1; a run that a stop signal ended early (checkpoint saved,

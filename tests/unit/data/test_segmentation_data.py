@@ -41,6 +41,10 @@ def test_palette_json_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.json").write_text('[{"name": "a", "color": [0, 0, 300]}]')
     with pytest.raises(DataError, match="0..255"):
         segmentation.load_palette(tmp_path / "bad.json")
+    for colour in ("[0, 0.9, 0]", "[0, 254.6, 0]", "[true, 0, 0]", '"0f0"'):  # int() made them other colours
+        (tmp_path / "bad.json").write_text(f'[{{"name": "a", "color": {colour}}}, {{"name": "b", "color": [1, 2, 3]}}]')
+        with pytest.raises(DataError, match=r"bad.json: every colour must be 3 integers in 0..255, got \["):
+            segmentation.load_palette(tmp_path / "bad.json")
     with pytest.raises(DataError, match="share a colour"):
         Palette(("a", "b"), ((1, 2, 3), (1, 2, 3)))
 
@@ -64,6 +68,51 @@ def test_palette_png_is_written_and_read_losslessly(tmp_path):
     assert np.array_equal(segmentation.read_mask(tmp_path / "m.png"), mask)  # pixel values are the indices
     with pytest.raises(DataError, match="PNG only"):
         segmentation.write_mask(tmp_path / "m.jpg", mask)
+
+
+def test_a_palette_png_whose_table_orders_the_colours_otherwise_is_read_by_its_colours(tmp_path):
+    """An RGB mask quantised by an image editor: a P-mode PNG of arbitrary indices (here building 0, car 1, ignore
+    255). Its pixel values read as classes were impervious_surfaces and building, with exit 0; its colours tell."""
+    rgb = np.zeros((4, 6, 3), dtype=np.uint8)
+    rgb[:, :3], rgb[:, 3:] = (0, 0, 255), (255, 255, 0)  # building, car
+    quantised = Image.fromarray(rgb).quantize(colors=2)
+    table = quantised.getpalette()[:6]
+    assert table in ([0, 0, 255, 255, 255, 0], [255, 255, 0, 0, 0, 255])  # another order than ISPRS's
+    pixels = np.asarray(quantised).copy()
+    pixels[0, 0] = 255
+    quantised = Image.fromarray(pixels, mode="P")
+    quantised.putpalette(table + [0] * (768 - 6))  # 256 entries: the PNG keeps 8 bits per pixel
+    quantised.save(tmp_path / "q.png")
+    expected = [[1, 1, 1, 4, 4, 4] for _ in range(4)]
+    expected[0][0] = 255
+    assert segmentation.read_mask(tmp_path / "q.png", ISPRS).tolist() == expected
+    with pytest.raises(DataError, match="q.png: --reduce_zero_label is for class-index masks"):
+        segmentation.read_mask(tmp_path / "q.png", ISPRS, zero_is_nodata=True)
+    mask = np.array([[0, 1, 255]])
+    segmentation.write_mask(tmp_path / "m.png", mask, Palette(("a", "b"), ((1, 1, 1), (2, 2, 2))))
+    assert segmentation.read_mask(tmp_path / "m.png", ISPRS).tolist() == [[0, 1, 255]]  # no ISPRS colour: indices
+    mixed = Image.fromarray(np.array([[0, 1]], dtype=np.uint8), mode="P")
+    mixed.putpalette([0, 0, 255, 9, 9, 9])  # building at index 0, and a colour ISPRS has not
+    mixed.save(tmp_path / "mixed.png")
+    with pytest.raises(
+        DataError,
+        match=r"mixed.png: a palette-mode mask whose colour table shows --palette's colours "
+        r"at other indices \(index 0 is \(0, 0, 255\) \(--palette's building\)\) and colours not",
+    ):
+        segmentation.read_mask(tmp_path / "mixed.png", ISPRS)
+
+
+def test_masks_beyond_max_image_pixels_are_refused_in_one_line(tmp_path):
+    """Masks were opened under PIL's process-wide limit (another reader's, or its default): a mask beyond twice it
+    ended in a raw DecompressionBombError, one between once and twice it was decoded whatever --max_image_pixels."""
+    Image.fromarray(np.zeros((300, 300), np.uint8)).save(tmp_path / "m.png")
+    for limit, expected in (
+        (60_000, "declares 300 x 300 pixels, more than --max_image_pixels 60000"),
+        (1_000, "exceeds"),
+    ):
+        with pytest.raises(DataError, match=f"m.png: .*{expected}"):
+            segmentation.read_mask(tmp_path / "m.png", max_pixels=limit)
+    assert segmentation.read_mask(tmp_path / "m.png", max_pixels=90_000).shape == (300, 300)
 
 
 def test_jpeg_masks_are_refused_in_one_line(tmp_path):

@@ -171,3 +171,12 @@ def test_a_crash_mid_iteration_exits_instead_of_waiting_for_workers_that_ignore_
         env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 1 and result.stderr.strip().endswith("RuntimeError: a bug, mid-iteration")
+
+
+def test_worker_pools_are_spawned_not_forked_and_one_worker_is_this_process():
+    """tools/preprocess.py forked its pool: in a process whose PyTorch threads held a lock (the test suite after a
+    training test) a worker hung in a futex, with the parent's SIGTERM handler, so the pool could not end it."""
+    assert process.worker_pool(1, 100) is None and process.worker_pool(4, 1) is None
+    with process.worker_pool(2, 4) as pool:
+        assert pool._ctx.get_start_method() == "spawn"
+        assert pool.map(abs, [-1, -2, 3]) == [1, 2, 3]
