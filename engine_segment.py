@@ -254,6 +254,14 @@ def evaluate_segmenter(flags: Flags, bands: Bands) -> None:
         raise CheckpointError(f"{path}: not a segmentation checkpoint of main_segment.py (no head / class names)")
     class_names = list(state["class_names"])
     check_class_flags(flags, class_names)
+    if "reduce_zero_label" in saved and bool(saved["reduce_zero_label"]) != flags.reduce_zero_label:
+        # Not refused: the convention belongs to the evaluation set's masks, which may differ from the training set's.
+        trained_with, here = ("with", "without") if saved["reduce_zero_label"] else ("without", "with")
+        main_print(
+            f"note: {path} was trained {trained_with} --reduce_zero_label and this evaluation reads masks {here} it: "
+            "right only if these masks use the other convention (0 = no data); else every class is scored as its "
+            "neighbour"
+        )
     if saved.get("in_chans", 3) != bands.in_chans:
         raise UsageError(
             f"{path}: the segmenter reads {saved['in_chans']} band(s): give --in_chans {saved['in_chans']} "

@@ -332,6 +332,39 @@ def edited_checkpoint(trained, tmp_path, edit):
     return path
 
 
+def test_eval_says_when_reduce_zero_label_differs_from_training(trained, tmp_path, capsys):
+    """Not refused (an evaluation set may use the other mask convention), but never silent: a difference shifts
+    every class by one."""
+    path = edited_checkpoint(trained, tmp_path, lambda s: s["args"].update(reduce_zero_label=True))
+    run(
+        [
+            *FAST,
+            "--test_path",
+            str(trained["val"]),
+            "--eval",
+            "--resume",
+            str(path),
+            "--output_dir",
+            str(tmp_path / "e"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert f"note: {path} was trained with --reduce_zero_label and this evaluation reads masks without it" in out
+    run(
+        [
+            *FAST,
+            "--test_path",
+            str(trained["val"]),
+            "--eval",
+            "--resume",
+            str(trained["run"] / "checkpoint-last.pth"),
+            "--output_dir",
+            str(tmp_path / "e2"),
+        ]
+    )
+    assert "--reduce_zero_label and this evaluation" not in capsys.readouterr().out
+
+
 def test_checkpoints_that_cannot_be_resumed_name_the_reason(trained, tmp_path):
     """An epoch of 10**9 (was: "continuing at epoch 1000000001", nothing trained, exit 0), NaN weights (was: the
     "lower --blr" advice of the NaN guard), and weights whose keys do not fit (was: no key named)."""
