@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import bands_of
+from conftest import TINY_PRETRAIN, bands_of
 from torch.utils.data import DataLoader
 
 from util import config
@@ -153,28 +153,6 @@ def test_two_workers_give_the_batches_of_none_and_of_the_item_by_item_path(tmp_p
         assert np.array_equal(a.numpy(), arrays[indices]) and la.tolist() == indices
 
 
-TINY_RUN = [
-    "--model",
-    "mae_vit_tiny",
-    "--input_size",
-    "32",
-    "--patch_size",
-    "8",
-    "--batch_size",
-    "4",
-    "--epochs",
-    "2",
-    "--warmup_epochs",
-    "1",
-    "--blr",
-    "1e-3",
-    "--log_every",
-    "1",
-    "--amp",
-    "none",
-]
-
-
 def test_a_run_stopped_mid_epoch_resumes_with_workers_to_the_weights_of_an_uninterrupted_one(
     tmp_path, monkeypatch, capsys
 ):
@@ -184,7 +162,7 @@ def test_a_run_stopped_mid_epoch_resumes_with_workers_to_the_weights_of_an_unint
     from util.run import checkpoint, loop
 
     meta = write_packed(tmp_path / "data", random_arrays(24, "uint8", 3, size=40), [0] * 24, "CHW")
-    flags = [*TINY_RUN, "--train_path", str(meta)]
+    flags = [*TINY_PRETRAIN, "--train_path", str(meta)]
 
     def pretrain(*argv):
         main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), [*flags, *argv]))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HANG_GUARD_S, REPO, bands_of, write_csv_dataset
+from conftest import HANG_GUARD_S, REPO, TINY_PRETRAIN, bands_of, write_csv_dataset
 
 import main_pretrain
 from util import config
@@ -241,28 +241,7 @@ def test_missing_or_truncated_shard_and_bad_manifest_give_one_line_naming_them(t
         datasets.build_dataset(manifest)
 
 
-TINY_RUN = [
-    "--model",
-    "mae_vit_tiny",
-    "--input_size",
-    "32",
-    "--patch_size",
-    "8",
-    "--batch_size",
-    "4",
-    "--epochs",
-    "2",
-    "--warmup_epochs",
-    "1",
-    "--num_workers",
-    "0",
-    "--blr",
-    "1e-3",
-    "--log_every",
-    "1",
-    "--amp",
-    "none",
-]
+TINY_RUN = [*TINY_PRETRAIN, "--num_workers", "0"]
 
 
 def pretrain(argv):
