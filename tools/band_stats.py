@@ -29,11 +29,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from util.config import MAX_IMAGE_PIXELS, HelpFormatter, check_ranges
-from util.data.datasets import build_dataset
 from util.data.images import read_raster
 from util.errors import DataError, UsageError
 from util.files import write_atomically
-from util.run.process import run_entry_point, worker_pool
 
 PERCENTILES = (1.0, 2.0, 50.0, 98.0, 99.0)  # the 1-99 / 2-98 stretches of visualisation, and the median
 FLOAT_BINS = 65536  # histogram bins of non-16-bit data (see band_stats)
@@ -243,6 +241,8 @@ def run_pass(
     if done:
         print(f"resuming the {name} pass after {done} of {len(paths)} file(s) ({state_path})", flush=True)
     tasks = [(paths[i : i + chunk], bands, nodata, edges, max_pixels) for i in range(done, len(paths), chunk)]
+    from util.run.process import worker_pool  # torch: not in the --help path nor in the spawned workers
+
     pool = worker_pool(workers, len(tasks))
     try:
         for result in pool.imap(chunk_stats, tasks) if pool else map(chunk_stats, tasks):
@@ -339,7 +339,7 @@ def band_stats(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument(
         "--train_path", required=True, help="CSV file, ImageFolder tree or image folder (TIFF, .npy, PNG, JPEG)"
@@ -367,7 +367,16 @@ def main(argv: list[str] | None = None) -> None:
         help="refuse images declaring more pixels, or whose decoding would take more than 4 bytes per pixel of this "
         "(decompression bombs; as the training scripts' flag)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Statistics of the images of ``--train_path`` into ``--out`` (command-line arguments ``argv``).
+
+    Raises:
+        UsageError: a flag out of range. DataError: an unreadable image or no image.
+    """
+    args = get_args_parser().parse_args(argv)
     check_ranges(args)
     if args.bands and min(args.bands) < 0:
         raise UsageError("--bands are 0-based indices")
@@ -378,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.band_names and args.bands and len(args.band_names) != len(args.bands):
         raise UsageError(f"--band_names names {len(args.band_names)} band(s), --bands reads {len(args.bands)}")
     out = Path(args.out)
+    from util.data.datasets import build_dataset  # imports torch: after the flags are known to work
+
     dataset = build_dataset(args.train_path, "auto", list_rasters=True)
     stats = band_stats(
         [path for path, _ in dataset.samples],
@@ -405,4 +416,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    get_args_parser().parse_args()  # --help and malformed flags answer here, before torch loads
+    from util.run.process import run_entry_point
+
     run_entry_point(main, None)

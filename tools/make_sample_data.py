@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.band_stats import band_stats
 from util.config import HelpFormatter
 
 TILE = 128  # tile side at 10 m, pixels
@@ -219,8 +220,6 @@ def main() -> None:
     parser.add_argument("--ms_output", default="data/sentinel2_ms", type=Path, help="the multispectral sample's folder")
     parser.add_argument("--quality", default=90, type=int, help="JPEG quality of the RGB sample")
     args = parser.parse_args()
-    from tools.band_stats import band_stats  # imports torch (through the dataset readers): after --help
-
     folder = scene_folder()
     blue, green, red, nir = (read_band(folder, b) for b in ("B02", "B03", "B04", "B08"))
     windows = {

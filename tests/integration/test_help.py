@@ -37,8 +37,9 @@ TOOLS = [
     "tools/prepare_benchmark.py",
     "tools/make_sample_data.py",
 ]
-# Tools whose --help answers before torch loads (band_stats, preprocess and seg_baseline still import it first).
+# Tools whose --help answers before torch loads (preprocess and seg_baseline still import it first).
 TORCH_FREE_TOOLS = [
+    "tools/band_stats.py",
     "tools/sample_eval.py",
     "tools/export_weights.py",
     "tools/prepare_benchmark.py",
