@@ -1,5 +1,6 @@
 """util/run/process.py: device and autocast choice, and the signals that stop a run."""
 
+import os
 import signal
 
 import pytest
@@ -180,3 +181,32 @@ def test_worker_pools_are_spawned_not_forked_and_one_worker_is_this_process():
     with process.worker_pool(2, 4) as pool:
         assert pool._ctx.get_start_method() == "spawn"
         assert pool.map(abs, [-1, -2, 3]) == [1, 2, 3]
+
+
+class _WorkerKiller(torch.utils.data.Dataset):
+    """Each item kills the worker process reading it, as the kernel's OOM killer does."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_data_worker_is_one_line_that_says_what_to_do():
+    def main(_):
+        for _batch in torch.utils.data.DataLoader(_WorkerKiller(), num_workers=1):
+            pass
+
+    with pytest.raises(SystemExit) as exit_:
+        process.run_entry_point(main, None)
+    message = str(exit_.value)
+    assert message.startswith("error: DataLoader worker (pid"), message
+    assert "killed by signal" in message or "exited unexpectedly. A data-loading" in message, message
+    assert "\n" not in message and "/dev/shm" in message and "--resume auto" in message
+
+    def other(_):
+        raise RuntimeError("not a worker's death")
+
+    with pytest.raises(RuntimeError, match="not a worker's death"):  # other errors keep their traceback
+        process.run_entry_point(other, None)
