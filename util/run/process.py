@@ -278,7 +278,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto``: this process's GPU where CUDA exists, else the CPU; anything else is used as given.
 
     Raises:
-        UsageError: not a device name, or CUDA asked for where there is none.
+        UsageError: not a device name, CUDA asked for where there is none, or a GPU index beyond the visible GPUs.
     """
     if name == "auto":
         return torch.device("cuda", cuda_index(local_rank)) if torch.cuda.is_available() else torch.device("cpu")
@@ -294,6 +294,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", cuda_index(local_rank))
+    visible = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index >= visible:  # else CUDA's "invalid device ordinal" traceback
+        raise UsageError(
+            f"--device {name}: this machine has {visible} visible GPU(s), cuda:0 to cuda:{visible - 1} "
+            "(CUDA_VISIBLE_DEVICES renumbers them from 0)"
+        )
     return device
 
 

@@ -112,6 +112,12 @@ def test_one_process_on_cuda_n_makes_that_gpu_current(fake_cuda, tmp_path, capsy
     process.release_output_dirs()
 
 
+def test_a_gpu_index_beyond_the_visible_gpus_is_one_line(fake_cuda, tmp_path):
+    with pytest.raises(UsageError, match=r"--device cuda:2: this machine has 2 visible GPU\(s\), cuda:0 to cuda:1"):
+        process.setup_run("cuda:2", "none", 0, tmp_path / "out")  # was CUDA's "invalid device ordinal" traceback
+    assert fake_cuda == []
+
+
 def test_an_explicit_gpu_index_under_a_launcher_is_refused(fake_cuda, monkeypatch, tmp_path):
     monkeypatch.setattr(process.distributed, "init_distributed", lambda timeout: (1, 2, 1))
     monkeypatch.setattr(process.distributed, "is_distributed", lambda: True)
