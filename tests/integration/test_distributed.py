@@ -7,6 +7,7 @@ tests compare them with one process on the union batch A ∪ B (rank 0 holds A, 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 from pathlib import Path
@@ -553,7 +554,7 @@ def test_gloo_takes_the_interface_nccl_was_told_to_use(nccl, expected):
 
 
 def test_gloo_socket_ifname_is_set_from_nccls_unless_given(monkeypatch):
-    monkeypatch.setattr(socket, "if_nameindex", lambda: [(1, "lo"), (2, "enp1s0"), (3, "ens5")])
+    monkeypatch.setattr(ops, "addressed_interfaces", lambda: ["lo", "enp1s0", "ens5"])
     environ = {"NCCL_SOCKET_IFNAME": "ens"}
     assert ops.gloo_interface_from_nccl(environ) == "gloo: GLOO_SOCKET_IFNAME=ens5 (from NCCL_SOCKET_IFNAME=ens)"
     assert environ["GLOO_SOCKET_IFNAME"] == "ens5"
@@ -561,5 +562,31 @@ def test_gloo_socket_ifname_is_set_from_nccls_unless_given(monkeypatch):
     assert ops.gloo_interface_from_nccl(given) is None and given["GLOO_SOCKET_IFNAME"] == "enp1s0"
     assert ops.gloo_interface_from_nccl({}) is None
     unmatched = {"NCCL_SOCKET_IFNAME": "ib"}
-    assert "selects no interface of this host" in ops.gloo_interface_from_nccl(unmatched)
+    assert "selects no interface with an IP address on this host" in ops.gloo_interface_from_nccl(unmatched)
     assert "GLOO_SOCKET_IFNAME" not in unmatched
+
+
+def test_gloo_skips_interfaces_without_an_address(monkeypatch, tmp_path):
+    """A bonded NIC's slaves (eth0, eth1) have no address: NCCL uses bond0, and so must gloo."""
+    monkeypatch.setattr(socket, "if_nameindex", lambda: [(1, "lo"), (2, "eth0"), (3, "eth1"), (4, "bond0")])
+    real_ioctl = fcntl.ioctl
+
+    def ioctl(fd, request, arg):
+        if request != ops.SIOCGIFADDR:
+            return real_ioctl(fd, request, arg)
+        if arg.rstrip(b"\0") not in (b"lo", b"bond0"):
+            raise OSError(99, "Cannot assign requested address")
+        return arg
+
+    monkeypatch.setattr(fcntl, "ioctl", ioctl)
+    if_inet6 = tmp_path / "if_inet6"  # eth1: a link-local IPv6 address only (no use to other nodes); bond0's global
+    if_inet6.write_text(
+        "fe800000000000000000000000000001 03 40 20 80     eth1\nfd000000000000000000000000000002 04 40 00 80    bond0\n"
+    )
+    monkeypatch.setattr(ops, "IF_INET6", str(if_inet6))
+    assert ops.addressed_interfaces() == ["lo", "bond0"]
+    environ = {"NCCL_SOCKET_IFNAME": "^docker,lo"}
+    assert (
+        ops.gloo_interface_from_nccl(environ) == "gloo: GLOO_SOCKET_IFNAME=bond0 (from NCCL_SOCKET_IFNAME=^docker,lo)"
+    )
+    assert "no interface with an IP address" in ops.gloo_interface_from_nccl({"NCCL_SOCKET_IFNAME": "=eth0"})
