@@ -120,7 +120,8 @@ PACKED_DTYPES = {"uint8": ".u8", "uint16": ".u16"}  # sample type -> array file 
 
 def check_predecoded(source, bands: int, dtype: str, nodata: float | None, raster: RasterOptions | None) -> None:
     """Whether a pre-decoded dataset (packed array, shards) fits the run's flags: 8-bit RGB without no-data on the RGB
-    path; ``--in_chans`` bands (chosen when it was written: no ``--bands``) with ``raster`` options.
+    path; ``--in_chans`` bands (chosen when it was written: no ``--bands``, no other ``--nodata``) with ``raster``
+    options.
 
     Raises:
         DataError: naming ``source``, what it holds and the flags it needs.
@@ -138,6 +139,13 @@ def check_predecoded(source, bands: int, dtype: str, nodata: float | None, raste
         )
     if raster is not None and raster.in_chans != bands:
         raise DataError(f"{source}: {bands} band(s) but --in_chans is {raster.in_chans}")
+    if raster is not None and raster.nodata is not None and not same_value(raster.nodata, nodata):
+        # the recorded value is the one in force: a --nodata that differs was ignored (those pixels trained as data)
+        raise DataError(
+            f"{source}: its no-data value is {'none' if nodata is None else f'{nodata:g}'}, recorded when it was "
+            f"written; --nodata {raster.nodata:g} cannot change it: leave --nodata out, or preprocess again with "
+            f"tools/preprocess.py --raster --nodata {raster.nodata:g}"
+        )
     if raster is not None:
         raster.check_source(str(source), dtype, nodata)
 
