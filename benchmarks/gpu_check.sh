@@ -31,6 +31,11 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# anything but --dry-run is refused: a typo (--dryrun) ran the full check on a GPU, or a dry run was silently taken
+if (( $# > 1 )) || [[ $# == 1 && "$1" != --dry-run ]]; then
+  echo "error: unknown argument(s) $*; usage: bash benchmarks/gpu_check.sh [--dry-run]" >&2
+  exit 2
+fi
 # paths the caller gave are the caller's: resolved before the cd below (a relative OUT landed inside the repository)
 absolute() { if [[ "$1" == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
 if [[ -z "${PYTHON:-}" ]]; then

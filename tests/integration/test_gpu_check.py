@@ -56,12 +56,13 @@ def test_gpu_check_dry_run_passes_every_stage(tmp_path):
     assert not [name for name in names if name.endswith((".pth", ".u8", ".u16"))]  # logs only
 
 
-def _dry_run_start(cwd, **env):
-    """gpu_check.sh --dry-run started from ``cwd`` with ``env`` over this environment (values None: unset)."""
+def _dry_run_start(cwd, *args, **env):
+    """gpu_check.sh ``args`` (default: --dry-run) started from ``cwd`` with ``env`` over this environment (values
+    None: unset)."""
     full = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     full = {key: value for key, value in full.items() if value is not None}
     return subprocess.run(
-        ["bash", str(REPO / "benchmarks/gpu_check.sh"), "--dry-run"],
+        ["bash", str(REPO / "benchmarks/gpu_check.sh"), *(args or ["--dry-run"])],
         cwd=cwd,
         env=full,
         capture_output=True,
@@ -90,3 +91,10 @@ def test_gpu_check_names_an_interpreter_it_cannot_use(tmp_path):
     result = _dry_run_start(tmp_path, PYTHON=str(torchless), OUT=str(tmp_path))
     assert result.returncode == 1 and "cannot import torch" in result.stderr
     assert "CUDA is not available" not in result.stdout
+
+
+def test_gpu_check_refuses_an_argument_it_does_not_know(tmp_path):
+    for args in (["--dryrun"], ["--dry-run", "extra"]):  # a typo ran the full check on a GPU
+        result = _dry_run_start(tmp_path, *args, PYTHON=sys.executable, OUT=str(tmp_path))
+        assert result.returncode == 2 and "error: unknown argument(s)" in result.stderr, result.stderr
+        assert "usage: bash benchmarks/gpu_check.sh [--dry-run]" in result.stderr and not result.stdout
