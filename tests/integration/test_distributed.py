@@ -21,6 +21,7 @@ from strict_collectives import WrongDeviceError, run_allowing_meta_readback, str
 
 from models_cross_scale_mae import cross_scale_contrastive_loss
 from util.run import distributed as ops
+from util.run import threads
 
 WORLD = 2
 B, D_IN, D = 6, 5, 4  # contrastive: per-rank batch, input width, feature width
@@ -498,6 +499,31 @@ def test_a_multi_task_slurm_step_without_rendezvous_address_is_refused(monkeypat
         ops.init_distributed()
     monkeypatch.setenv("SLURM_STEP_ID", "batch")  # the batch script itself is one process
     assert ops.init_distributed() == (0, 1, 0)
+
+
+@pytest.mark.parametrize(
+    "spec, node, expected",
+    [("8(x2)", "1", 8), ("3,2", "1", 2), ("2(x3),1", "3", 1), ("4", "0", 4), ("4", "1", None), ("x", "0", None)],
+)
+def test_slurm_tasks_on_this_node_from_the_compressed_list(spec, node, expected):
+    assert ops.tasks_on_node(spec, node) == expected
+
+
+def test_srun_tasks_share_their_nodes_cpus(monkeypatch):
+    """Under srun (no torchrun) each task must know how many share its node: its threads and default data workers
+    are its share (``util.run.threads``), not the whole node's."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):  # what init_distributed sets
+        monkeypatch.setenv(name, "")  # recorded, so that the value it sets is removed after the test
+        monkeypatch.delenv(name)
+    env = {"SLURM_NTASKS": "16", "SLURM_STEP_ID": "0", "SLURM_PROCID": "9", "SLURM_LOCALID": "1"}
+    env.update(MASTER_ADDR="127.0.0.1", SLURM_STEP_TASKS_PER_NODE="8(x2)", SLURM_NODEID="1")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(ops.dist, "init_process_group", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ops.init_distributed() == (9, 16, 1)
+    assert os.environ["LOCAL_WORLD_SIZE"] == "8"
+    assert "8 processes on this node" in threads.default_workers(load=lambda cpus: None)[1]
 
 
 @pytest.mark.parametrize(

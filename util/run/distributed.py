@@ -54,6 +54,11 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
         rank, world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
         local_rank = int(os.environ.get("SLURM_LOCALID", 0))
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+        # what torchrun sets: the CPU share of each task (threads, default --num_workers) divides by it, else each of
+        # 8 tasks on a 16-core node counted the node's CPUs as its own (8 x 15 data workers)
+        on_node = tasks_on_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", ""), os.environ.get("SLURM_NODEID", "0"))
+        if on_node is not None:
+            os.environ.setdefault("LOCAL_WORLD_SIZE", str(on_node))
         os.environ.setdefault("MASTER_PORT", str(slurm_port(os.environ.get("SLURM_JOB_ID"))))
     else:
         return 0, 1, 0
@@ -134,6 +139,19 @@ def gloo_interface_from_nccl(environ: dict) -> str | None:
         )
     environ["GLOO_SOCKET_IFNAME"] = interface
     return f"gloo: GLOO_SOCKET_IFNAME={interface} (from NCCL_SOCKET_IFNAME={nccl})"
+
+
+def tasks_on_node(tasks_per_node: str, node_id: str) -> int | None:
+    """Tasks of a SLURM step on node ``node_id`` (``SLURM_NODEID``) from ``SLURM_STEP_TASKS_PER_NODE``, whose format
+    is SLURM's compressed list: ``8(x2)`` (8 on each of 2 nodes), ``3,2``, ``2(x3),1``; None where it cannot be read."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        found = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if found is None:
+            return None
+        counts += [int(found[1])] * int(found[2] or 1)
+    node = int(node_id) if node_id.isdigit() else -1
+    return counts[node] if 0 <= node < len(counts) and counts[node] > 0 else None
 
 
 def first_host(nodes: str) -> str | None:
