@@ -516,14 +516,19 @@ def test_srun_tasks_share_their_nodes_cpus(monkeypatch):
         monkeypatch.setenv(name, "")  # recorded, so that the value it sets is removed after the test
         monkeypatch.delenv(name)
     env = {"SLURM_NTASKS": "16", "SLURM_STEP_ID": "0", "SLURM_PROCID": "9", "SLURM_LOCALID": "1"}
-    env.update(MASTER_ADDR="127.0.0.1", SLURM_STEP_TASKS_PER_NODE="8(x2)", SLURM_NODEID="1")
+    env.update(MASTER_ADDR="127.0.0.1", SLURM_STEP_TASKS_PER_NODE="8(x2)", SLURM_NODEID="1", SLURM_CPUS_ON_NODE="16")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(ops.dist, "init_process_group", lambda *args, **kwargs: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))  # unbound: the node's 16 CPUs
     assert ops.init_distributed() == (9, 16, 1)
     assert os.environ["LOCAL_WORLD_SIZE"] == "8"
     assert "8 processes on this node" in threads.default_workers(load=lambda cpus: None)[1]
+    del os.environ["LOCAL_WORLD_SIZE"]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 3})  # bound to its own 2 CPUs: those are its share
+    ops.init_distributed()
+    assert "LOCAL_WORLD_SIZE" not in os.environ
 
 
 @pytest.mark.parametrize(

@@ -54,10 +54,12 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
         rank, world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
         local_rank = int(os.environ.get("SLURM_LOCALID", 0))
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
-        # what torchrun sets: the CPU share of each task (threads, default --num_workers) divides by it, else each of
-        # 8 tasks on a 16-core node counted the node's CPUs as its own (8 x 15 data workers)
+        # what torchrun sets, and what the CPU share of a process (threads, default --num_workers) divides by: tasks
+        # left unbound see the node's CPUs, which each counted as its own (8 tasks x 15 data workers on 16 cores);
+        # tasks bound to their own CPUs (--cpus-per-task with task affinity) see only theirs: no division there
         on_node = tasks_on_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", ""), os.environ.get("SLURM_NODEID", "0"))
-        if on_node is not None:
+        node_cpus = os.environ.get("SLURM_CPUS_ON_NODE", "")
+        if on_node is not None and node_cpus.isdigit() and len(os.sched_getaffinity(0)) >= int(node_cpus):
             os.environ.setdefault("LOCAL_WORLD_SIZE", str(on_node))
         os.environ.setdefault("MASTER_PORT", str(slurm_port(os.environ.get("SLURM_JOB_ID"))))
     else:
