@@ -784,6 +784,8 @@ RANGES = {
     "large_size": (1, INF, True),
     "seconds": (0, INF, False),
     "rounds": (1, INF, True),
+    "count": (1, INF, True),
+    "distinct": (1, INF, True),
 }
 
 
