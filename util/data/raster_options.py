@@ -139,12 +139,20 @@ def check_predecoded(source, bands: int, dtype: str, nodata: float | None, raste
         )
     if raster is not None and raster.in_chans != bands:
         raise DataError(f"{source}: {bands} band(s) but --in_chans is {raster.in_chans}")
+    recorded = "none" if nodata is None else f"{nodata:g}"
     if raster is not None and raster.nodata is not None and not same_value(raster.nodata, nodata):
         # the recorded value is the one in force: a --nodata that differs was ignored (those pixels trained as data)
         raise DataError(
-            f"{source}: its no-data value is {'none' if nodata is None else f'{nodata:g}'}, recorded when it was "
-            f"written; --nodata {raster.nodata:g} cannot change it: leave --nodata out, or preprocess again with "
-            f"tools/preprocess.py --raster --nodata {raster.nodata:g}"
+            f"{source}: its no-data value is {recorded}, recorded when it was written; --nodata {raster.nodata:g} "
+            f"cannot change it: leave --nodata out, or preprocess again with tools/preprocess.py --raster --nodata "
+            f"{raster.nodata:g}"
+        )
+    if raster is not None and raster.stats_nodata is not None and not same_value(nodata, raster.stats_nodata):
+        # check_source's advice (give --nodata) cannot apply here: the value was fixed when the data was written
+        raise DataError(
+            f"{source}: its no-data value is {recorded}, recorded when it was written, but --band_stats "
+            f"{raster.stats} was computed with --nodata {raster.stats_nodata:g}: preprocess again with "
+            f"tools/preprocess.py --raster --nodata {raster.stats_nodata:g}, or compute the statistics on it"
         )
     if raster is not None:
         raster.check_source(str(source), dtype, nodata)
