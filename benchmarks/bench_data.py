@@ -48,9 +48,11 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from util.config import Bands  # noqa: E402
+from util.config import Bands, check_ranges  # noqa: E402
 from util.data import datasets, loaders, transforms  # noqa: E402
 from util.data.shards import MANIFEST_SUFFIX  # noqa: E402
+from util.errors import UsageError  # noqa: E402
+from util.run.process import run_entry_point  # noqa: E402
 
 GPU_RATE = 0.45 * 989e12 / 38.45e9  # img/s one H100 trains at 45 % of its bf16 peak (issue 26)
 BANDS = 13
@@ -107,13 +109,21 @@ def write_tiles(folder: Path, count: int, size: int) -> None:
 
 
 def preprocess(source: Path, out: Path, split: str, size: int, *extra: str) -> None:
-    subprocess.run(
+    """``tools/preprocess.py --pack --shards`` of ``source`` into ``out``.
+
+    Raises:
+        UsageError: it failed (its last line of output).
+    """
+    done = subprocess.run(
         [sys.executable, str(REPO / "tools" / "preprocess.py"), "--input", str(source), "--output", str(out)]
         + ["--size", str(size), "--split", split, "--workers", "1", "--pack", "--shards", "--shard_samples", "16"]
         + list(extra),
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if done.returncode != 0:  # its own one-line error (e.g. a --source of unreadable JPEGs), not a traceback here
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        raise UsageError(f"tools/preprocess.py on {source} failed: {lines[-1]}")
 
 
 def band_last_copy(meta_path: Path) -> Path:
@@ -245,13 +255,17 @@ def main() -> None:
     parser.add_argument("--streaming", action="store_true", help="add webdataset / LitData stream rates")
     parser.add_argument("--source", type=Path, default=REPO / "data" / "sentinel2_rgb" / "images")
     args = parser.parse_args()
+    check_ranges(args)  # --workers 0 or --seconds 0 was a ZeroDivisionError after every pipeline had run
+    jpegs = sorted(args.source.glob("*.jpg"))[:64]
+    if not jpegs:
+        raise UsageError(f"--source {args.source}: no .jpg images in it")
     torch.set_num_threads(1)
     size = args.input_size
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "large").mkdir()
-        for tile in sorted(args.source.glob("*.jpg"))[:64]:  # originals: the same scenes, up-sampled to fMoW sizes
+        for tile in jpegs:  # originals: the same scenes, up-sampled to fMoW sizes
             Image.open(tile).resize((args.large_size, args.large_size), Image.BICUBIC).save(
                 tmp / "large" / tile.name, quality=95
             )
@@ -345,4 +359,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(lambda _: main(), None)

@@ -31,10 +31,25 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$REPO"
+# anything but --dry-run is refused: a typo (--dryrun) ran the full check on a GPU, or a dry run was silently taken
+if (( $# > 1 )) || [[ $# == 1 && "$1" != --dry-run ]]; then
+  echo "error: unknown argument(s) $*; usage: bash benchmarks/gpu_check.sh [--dry-run]" >&2
+  exit 2
+fi
+# paths the caller gave are the caller's: resolved before the cd below (a relative OUT landed inside the repository)
+absolute() { if [[ "$1" == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
 if [[ -z "${PYTHON:-}" ]]; then
   if command -v python > /dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
+elif [[ "$PYTHON" == */* ]]; then
+  PYTHON="$(absolute "$PYTHON")"
 fi
+RESULTS="${GPU_CHECK_OUT:-${OUT:-}}"
+[[ -z "$RESULTS" ]] || RESULTS="$(absolute "$RESULTS")"
+cd "$REPO"
+# before any stage: a missing interpreter, or one without torch, read as "CUDA is not available" (a dry run on a GPU)
+command -v "$PYTHON" > /dev/null 2>&1 || { echo "error: PYTHON=$PYTHON: no such interpreter (set PYTHON)" >&2; exit 1; }
+"$PYTHON" -c 'import torch' 2> /dev/null \
+  || { echo "error: PYTHON=$PYTHON cannot import torch (set PYTHON to the project's interpreter)" >&2; exit 1; }
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONUNBUFFERED=1
 
 DRY_RUN=0
@@ -45,9 +60,13 @@ elif [[ "$("$PYTHON" -c 'import torch; print(torch.cuda.is_available())')" != "T
   DRY_RUN=1
 fi
 
-RESULTS="${GPU_CHECK_OUT:-${OUT:-}}"
 [[ -n "$RESULTS" ]] || RESULTS="$(mktemp -d -t gpu_check.XXXXXX)"
-mkdir -p "$RESULTS"
+# found now, not after minutes of stages (tee's "Permission denied" at the end, the logs gone with the scratch folder)
+if ! mkdir -p "$RESULTS" 2> /dev/null || ! touch "$RESULTS/.gpu_check_probe" 2> /dev/null; then
+  echo "error: results folder $RESULTS (GPU_CHECK_OUT / OUT) cannot be written" >&2
+  exit 1
+fi
+rm -f "$RESULTS/.gpu_check_probe"
 WORK="$(mktemp -d -t gpu_check_work.XXXXXX)"  # data and checkpoints: never copied into the results
 trap 'rm -rf "$WORK"' EXIT
 LOGS="$WORK/logs"

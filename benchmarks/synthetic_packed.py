@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 import preprocess  # noqa: E402
 
+from util.config import check_ranges  # noqa: E402
+from util.errors import UsageError  # noqa: E402
+from util.run.process import run_entry_point  # noqa: E402
+
 
 def synthetic_squares(count: int, size: int, bands: int, dtype: str, distinct: int, nodata: int | None):
     """``preprocess.squares``'s items, (index, array [C, S, S], label, no-data value), from a seeded generator."""
@@ -43,6 +47,11 @@ def main() -> None:
     parser.add_argument("--nodata", type=int, default=None, help="a no-data value written into every image")
     parser.add_argument("--distinct", type=int, default=256, help="different images, repeated")
     args = parser.parse_args()
+    check_ranges(args)  # --size 0 wrote an array of 0-px images (exit 0); --distinct 0 a ZeroDivisionError
+    if args.bands < 1:
+        raise UsageError(f"--bands must be at least 1, got {args.bands}")
+    if args.nodata is not None and not 0 <= args.nodata <= np.iinfo(args.dtype).max:
+        raise UsageError(f"--nodata {args.nodata} is outside the range of {args.dtype}")
     args.stem.parent.mkdir(parents=True, exist_ok=True)
     rows = [(index % 10, f"synthetic/{index}") for index in range(args.count)]
     items = synthetic_squares(
@@ -58,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(lambda _: main(), None)

@@ -259,6 +259,9 @@ def pack(
         out.flush()
         os.fsync(out.fileno())
         out.close()
+        # an earlier run's description goes first: beside the new array (its JSON unwritten: a full disk, a kill) it
+        # would describe band-first pixels as its band-last ones, of the same byte count (read transposed, exit 0)
+        stem.with_suffix(".json").unlink(missing_ok=True)
         os.replace(tmp, array_path)
     except BaseException as e:
         if out is not None:

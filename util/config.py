@@ -780,6 +780,12 @@ RANGES = {
     "pixels": (1, INF, True),
     "C": (0, INF, False),
     "max_iter": (1, INF, True),
+    "tiles": (1, INF, True),
+    "large_size": (1, INF, True),
+    "seconds": (0, INF, False),
+    "rounds": (1, INF, True),
+    "count": (1, INF, True),
+    "distinct": (1, INF, True),
 }
 
 

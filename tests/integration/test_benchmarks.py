@@ -91,3 +91,44 @@ def test_mfu_is_judged_against_the_datasheet_peak_of_the_named_gpu(name, dtype, 
     spec.loader.exec_module(bench)
     assert bench.datasheet_peak(name, dtype) == (part, tflops * 1e12)
     assert bench.datasheet_peak("Tesla V100-SXM2-32GB", dtype) is None  # not in the table: the measured matmul only
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--workers", "0"], "error: --workers must be at least 1, got 0"),  # was a ZeroDivisionError at the end
+        (["--seconds", "0"], "error: --seconds must be > 0, got 0.0"),
+        (["--source", "EMPTY"], "no .jpg images in it"),  # was preprocess's CalledProcessError traceback
+    ],
+)
+def test_data_benchmark_refuses_flags_it_cannot_measure_with_in_one_line(tmp_path, flags, error):
+    flags = [str(tmp_path) if flag == "EMPTY" else flag for flag in flags]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_data.py", "--input_size", "16", "--tiles", "2", *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert result.returncode == 1 and error in result.stderr, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (["--size", "0"], "error: --size must be at least 1, got 0"),  # was an array of 0-px images, exit 0
+        (["--distinct", "0"], "error: --distinct must be at least 1, got 0"),  # was a ZeroDivisionError
+        (["--nodata", "300"], "error: --nodata 300 is outside the range of uint8"),
+    ],
+)
+def test_synthetic_packed_array_refuses_what_it_cannot_write(tmp_path, flags, error):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/synthetic_packed.py", str(tmp_path / "x"), "--count", "4", *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert result.returncode == 1 and result.stderr == error + "\n", result.stderr
+    assert not (tmp_path / "x.json").exists()

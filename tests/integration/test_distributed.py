@@ -7,6 +7,7 @@ tests compare them with one process on the union batch A ∪ B (rank 0 holds A, 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 from pathlib import Path
@@ -20,6 +21,7 @@ from strict_collectives import WrongDeviceError, run_allowing_meta_readback, str
 
 from models_cross_scale_mae import cross_scale_contrastive_loss
 from util.run import distributed as ops
+from util.run import threads
 
 WORLD = 2
 B, D_IN, D = 6, 5, 4  # contrastive: per-rank batch, input width, feature width
@@ -500,6 +502,36 @@ def test_a_multi_task_slurm_step_without_rendezvous_address_is_refused(monkeypat
 
 
 @pytest.mark.parametrize(
+    "spec, node, expected",
+    [("8(x2)", "1", 8), ("3,2", "1", 2), ("2(x3),1", "3", 1), ("4", "0", 4), ("4", "1", None), ("x", "0", None)],
+)
+def test_slurm_tasks_on_this_node_from_the_compressed_list(spec, node, expected):
+    assert ops.tasks_on_node(spec, node) == expected
+
+
+def test_srun_tasks_share_their_nodes_cpus(monkeypatch):
+    """Under srun (no torchrun) each task must know how many share its node: its threads and default data workers
+    are its share (``util.run.threads``), not the whole node's."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):  # what init_distributed sets
+        monkeypatch.setenv(name, "")  # recorded, so that the value it sets is removed after the test
+        monkeypatch.delenv(name)
+    env = {"SLURM_NTASKS": "16", "SLURM_STEP_ID": "0", "SLURM_PROCID": "9", "SLURM_LOCALID": "1"}
+    env.update(MASTER_ADDR="127.0.0.1", SLURM_STEP_TASKS_PER_NODE="8(x2)", SLURM_NODEID="1", SLURM_CPUS_ON_NODE="16")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(ops.dist, "init_process_group", lambda *args, **kwargs: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))  # unbound: the node's 16 CPUs
+    assert ops.init_distributed() == (9, 16, 1)
+    assert os.environ["LOCAL_WORLD_SIZE"] == "8"
+    assert "8 processes on this node" in threads.default_workers(load=lambda cpus: None)[1]
+    del os.environ["LOCAL_WORLD_SIZE"]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 3})  # bound to its own 2 CPUs: those are its share
+    ops.init_distributed()
+    assert "LOCAL_WORLD_SIZE" not in os.environ
+
+
+@pytest.mark.parametrize(
     "nodes, first",
     [
         ("gpu[01-02]", "gpu01"),
@@ -553,7 +585,7 @@ def test_gloo_takes_the_interface_nccl_was_told_to_use(nccl, expected):
 
 
 def test_gloo_socket_ifname_is_set_from_nccls_unless_given(monkeypatch):
-    monkeypatch.setattr(socket, "if_nameindex", lambda: [(1, "lo"), (2, "enp1s0"), (3, "ens5")])
+    monkeypatch.setattr(ops, "addressed_interfaces", lambda: ["lo", "enp1s0", "ens5"])
     environ = {"NCCL_SOCKET_IFNAME": "ens"}
     assert ops.gloo_interface_from_nccl(environ) == "gloo: GLOO_SOCKET_IFNAME=ens5 (from NCCL_SOCKET_IFNAME=ens)"
     assert environ["GLOO_SOCKET_IFNAME"] == "ens5"
@@ -561,5 +593,31 @@ def test_gloo_socket_ifname_is_set_from_nccls_unless_given(monkeypatch):
     assert ops.gloo_interface_from_nccl(given) is None and given["GLOO_SOCKET_IFNAME"] == "enp1s0"
     assert ops.gloo_interface_from_nccl({}) is None
     unmatched = {"NCCL_SOCKET_IFNAME": "ib"}
-    assert "selects no interface of this host" in ops.gloo_interface_from_nccl(unmatched)
+    assert "selects no interface with an IP address on this host" in ops.gloo_interface_from_nccl(unmatched)
     assert "GLOO_SOCKET_IFNAME" not in unmatched
+
+
+def test_gloo_skips_interfaces_without_an_address(monkeypatch, tmp_path):
+    """A bonded NIC's slaves (eth0, eth1) have no address: NCCL uses bond0, and so must gloo."""
+    monkeypatch.setattr(socket, "if_nameindex", lambda: [(1, "lo"), (2, "eth0"), (3, "eth1"), (4, "bond0")])
+    real_ioctl = fcntl.ioctl
+
+    def ioctl(fd, request, arg):
+        if request != ops.SIOCGIFADDR:
+            return real_ioctl(fd, request, arg)
+        if arg.rstrip(b"\0") not in (b"lo", b"bond0"):
+            raise OSError(99, "Cannot assign requested address")
+        return arg
+
+    monkeypatch.setattr(fcntl, "ioctl", ioctl)
+    if_inet6 = tmp_path / "if_inet6"  # eth1: a link-local IPv6 address only (no use to other nodes); bond0's global
+    if_inet6.write_text(
+        "fe800000000000000000000000000001 03 40 20 80     eth1\nfd000000000000000000000000000002 04 40 00 80    bond0\n"
+    )
+    monkeypatch.setattr(ops, "IF_INET6", str(if_inet6))
+    assert ops.addressed_interfaces() == ["lo", "bond0"]
+    environ = {"NCCL_SOCKET_IFNAME": "^docker,lo"}
+    assert (
+        ops.gloo_interface_from_nccl(environ) == "gloo: GLOO_SOCKET_IFNAME=bond0 (from NCCL_SOCKET_IFNAME=^docker,lo)"
+    )
+    assert "no interface with an IP address" in ops.gloo_interface_from_nccl({"NCCL_SOCKET_IFNAME": "=eth0"})

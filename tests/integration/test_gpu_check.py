@@ -54,3 +54,47 @@ def test_gpu_check_dry_run_passes_every_stage(tmp_path):
         names = archive.getnames()
     assert "logs/pytest_cuda.log" in names and "logs/environment.txt" in names
     assert not [name for name in names if name.endswith((".pth", ".u8", ".u16"))]  # logs only
+
+
+def _dry_run_start(cwd, *args, **env):
+    """gpu_check.sh ``args`` (default: --dry-run) started from ``cwd`` with ``env`` over this environment (values
+    None: unset)."""
+    full = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    full = {key: value for key, value in full.items() if value is not None}
+    return subprocess.run(
+        ["bash", str(REPO / "benchmarks/gpu_check.sh"), *(args or ["--dry-run"])],
+        cwd=cwd,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+
+
+def test_gpu_check_refuses_an_unwritable_results_folder_before_any_stage(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    # relative to the caller's folder (the script changes to the repository's): resolved there, named in full
+    result = _dry_run_start(tmp_path, PYTHON=sys.executable, OUT="a_file/results", GPU_CHECK_OUT=None)
+    assert result.returncode == 1
+    assert f"error: results folder {tmp_path}/a_file/results (GPU_CHECK_OUT / OUT) cannot be written" in result.stderr
+    assert "=== " not in result.stdout  # no stage ran
+    assert not (REPO / "a_file").exists()
+
+
+def test_gpu_check_names_an_interpreter_it_cannot_use(tmp_path):
+    result = _dry_run_start(tmp_path, PYTHON="venv/bin/python", OUT=str(tmp_path))
+    assert result.returncode == 1
+    assert f"error: PYTHON={tmp_path}/venv/bin/python: no such interpreter" in result.stderr
+    torchless = tmp_path / "python"  # an interpreter without torch (a bare system python3): not "CUDA is not available"
+    torchless.write_text("#!/bin/sh\nexec /bin/false\n")
+    torchless.chmod(0o755)
+    result = _dry_run_start(tmp_path, PYTHON=str(torchless), OUT=str(tmp_path))
+    assert result.returncode == 1 and "cannot import torch" in result.stderr
+    assert "CUDA is not available" not in result.stdout
+
+
+def test_gpu_check_refuses_an_argument_it_does_not_know(tmp_path):
+    for args in (["--dryrun"], ["--dry-run", "extra"]):  # a typo ran the full check on a GPU
+        result = _dry_run_start(tmp_path, *args, PYTHON=sys.executable, OUT=str(tmp_path))
+        assert result.returncode == 2 and "error: unknown argument(s)" in result.stderr, result.stderr
+        assert "usage: bash benchmarks/gpu_check.sh [--dry-run]" in result.stderr and not result.stdout

@@ -278,3 +278,29 @@ def test_nan_nodata_does_not_spread_into_valid_pixels_when_resized(tmp_path):
     with_fill, _ = resize_raster(read_raster(tmp_path / "fill.npy", nodata=-9999), 16)
     np.testing.assert_array_equal(np.where(np.isnan(with_nan), -9999, with_nan), with_fill)
     assert 0 < np.isnan(with_nan).sum() <= 8
+
+
+def test_repacking_never_leaves_an_earlier_description_beside_the_new_array(tmp_path, monkeypatch):
+    """An earlier run's band-last array and JSON (no layout key), re-packed band-first; the new JSON cannot be written
+    (a full disk): the old JSON must not describe the new array (the same byte count: read transposed, exit 0)."""
+    from tools import preprocess as tool
+
+    for i in range(2):
+        make_image(i, seed=i, size=8).save(tmp_path / f"{i}.png")
+    rows = [(0, "0.png"), (1, "1.png")]
+    stem = tmp_path / "out" / "x_8"
+    stem.parent.mkdir()
+    tool.pack(rows, tmp_path, 8, stem)
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    meta.pop("layout")  # as written before the layout key, over band-last pixels of the same size
+    stem.with_suffix(".json").write_text(json.dumps(meta))
+
+    def full_disk(path, write):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tool, "write_atomically", full_disk)
+    try:
+        tool.pack(rows, tmp_path, 8, stem)
+    except OSError:
+        pass
+    assert stem.with_suffix(".u8").exists() and not stem.with_suffix(".json").exists()

@@ -120,7 +120,8 @@ PACKED_DTYPES = {"uint8": ".u8", "uint16": ".u16"}  # sample type -> array file 
 
 def check_predecoded(source, bands: int, dtype: str, nodata: float | None, raster: RasterOptions | None) -> None:
     """Whether a pre-decoded dataset (packed array, shards) fits the run's flags: 8-bit RGB without no-data on the RGB
-    path; ``--in_chans`` bands (chosen when it was written: no ``--bands``) with ``raster`` options.
+    path; ``--in_chans`` bands (chosen when it was written: no ``--bands``, no other ``--nodata``) with ``raster``
+    options.
 
     Raises:
         DataError: naming ``source``, what it holds and the flags it needs.
@@ -138,6 +139,21 @@ def check_predecoded(source, bands: int, dtype: str, nodata: float | None, raste
         )
     if raster is not None and raster.in_chans != bands:
         raise DataError(f"{source}: {bands} band(s) but --in_chans is {raster.in_chans}")
+    recorded = "none" if nodata is None else f"{nodata:g}"
+    if raster is not None and raster.nodata is not None and not same_value(raster.nodata, nodata):
+        # the recorded value is the one in force: a --nodata that differs was ignored (those pixels trained as data)
+        raise DataError(
+            f"{source}: its no-data value is {recorded}, recorded when it was written; --nodata {raster.nodata:g} "
+            f"cannot change it: leave --nodata out, or preprocess again with tools/preprocess.py --raster --nodata "
+            f"{raster.nodata:g}"
+        )
+    if raster is not None and raster.stats_nodata is not None and not same_value(nodata, raster.stats_nodata):
+        # check_source's advice (give --nodata) cannot apply here: the value was fixed when the data was written
+        raise DataError(
+            f"{source}: its no-data value is {recorded}, recorded when it was written, but --band_stats "
+            f"{raster.stats} was computed with --nodata {raster.stats_nodata:g}: preprocess again with "
+            f"tools/preprocess.py --raster --nodata {raster.stats_nodata:g}, or compute the statistics on it"
+        )
     if raster is not None:
         raster.check_source(str(source), dtype, nodata)
 

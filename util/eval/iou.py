@@ -136,9 +136,9 @@ def ignore_boundaries(mask: torch.Tensor, radius: int, num_classes: int, ignore_
     classes = torch.arange(num_classes, device=mask.device)[None, :, None, None]
     # [B, K, H, W]; not F.one_hot, which checks the labels' range on the host (a GPU synchronisation per batch)
     onehot = (labels[:, None] == classes).float() * valid[:, None]
-    near = F.conv2d(
-        onehot, disc.expand(num_classes, 1, *disc.shape), padding=radius, groups=num_classes
-    )  # per-class counts
+    # per-class counts, rounded: cuDNN may take an FFT or Winograd convolution, whose counts are off by rounding (a
+    # count of 9 as 9.0000005 made every pixel a boundary); integers are exact in float32 below 2^24
+    near = F.conv2d(onehot, disc.expand(num_classes, 1, *disc.shape), padding=radius, groups=num_classes).round()
     own = near.gather(1, labels[:, None])[:, 0]  # pixels of the pixel's own class within the disc
-    boundary = valid & (own < near.sum(1))  # exact: integer counts in float32
+    boundary = valid & (own < near.sum(1))
     return torch.where(boundary, torch.full_like(mask, ignore_index), mask)

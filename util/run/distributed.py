@@ -54,6 +54,13 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
         rank, world_size = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
         local_rank = int(os.environ.get("SLURM_LOCALID", 0))
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+        # what torchrun sets, and what the CPU share of a process (threads, default --num_workers) divides by: tasks
+        # left unbound see the node's CPUs, which each counted as its own (8 tasks x 15 data workers on 16 cores);
+        # tasks bound to their own CPUs (--cpus-per-task with task affinity) see only theirs: no division there
+        on_node = tasks_on_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", ""), os.environ.get("SLURM_NODEID", "0"))
+        node_cpus = os.environ.get("SLURM_CPUS_ON_NODE", "")
+        if on_node is not None and node_cpus.isdigit() and len(os.sched_getaffinity(0)) >= int(node_cpus):
+            os.environ.setdefault("LOCAL_WORLD_SIZE", str(on_node))
         os.environ.setdefault("MASTER_PORT", str(slurm_port(os.environ.get("SLURM_JOB_ID"))))
     else:
         return 0, 1, 0
@@ -83,26 +90,70 @@ def gloo_interface(nccl_ifname: str, interfaces: list[str]) -> str | None:
     return None
 
 
+SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
+IF_INET6 = "/proc/net/if_inet6"  # Linux: one line per IPv6 address (address, index, prefix, scope, flags, name)
+
+
+def addressed_interfaces() -> list[str]:
+    """This host's network interfaces that have an IPv4 or a non-link-local IPv6 address, in ``socket.if_nameindex``
+    order: those NCCL and gloo can use. Without it the first name an ``NCCL_SOCKET_IFNAME`` exclusion left was taken,
+    e.g. ``eth0`` enslaved to ``bond0`` (no address), and gloo failed to bind where NCCL used ``bond0``. Every
+    interface where this cannot be read (not Linux)."""
+    import socket
+
+    names = [name for _, name in socket.if_nameindex()]
+    try:
+        import fcntl
+        import struct
+
+        with open(IF_INET6) as table:  # scope 20: link-local
+            ipv6 = {fields[5] for fields in map(str.split, table) if len(fields) == 6 and fields[3] != "20"}
+    except (ImportError, OSError):
+        return names
+    addressed = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for name in names:
+            try:
+                fcntl.ioctl(probe.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address (EADDRNOTAVAIL)
+                if name not in ipv6:
+                    continue
+            addressed.append(name)
+    return addressed
+
+
 def gloo_interface_from_nccl(environ: dict) -> str | None:
     """Bind gloo (the CPU process group, and the stop-agreement group of NCCL runs: ``util.run.process``) to the
     network interface NCCL was told to use. Gloo binds to the address the host name resolves to, which on several nodes
     can be unreachable from the others (127.0.1.1 under Debian / Ubuntu's default ``/etc/hosts``, or a management
     NIC), so ``new_group(backend="gloo")`` fails or hangs where NCCL works. Where ``NCCL_SOCKET_IFNAME`` is set and
     ``GLOO_SOCKET_IFNAME`` is not, sets ``GLOO_SOCKET_IFNAME`` in ``environ`` to the interface it selects
-    (``gloo_interface``). Returns the start-up note, or None when nothing was set."""
+    (``gloo_interface``) among those with an address (``addressed_interfaces``). Returns the start-up note, or None
+    when nothing was set."""
     nccl = environ.get("NCCL_SOCKET_IFNAME")
     if not nccl or environ.get("GLOO_SOCKET_IFNAME"):
         return None
-    import socket
-
-    interface = gloo_interface(nccl, [name for _, name in socket.if_nameindex()])
+    interface = gloo_interface(nccl, addressed_interfaces())
     if interface is None:
         return (
-            f"warning: NCCL_SOCKET_IFNAME={nccl} selects no interface of this host; gloo binds to the address of the "
-            "host name (set GLOO_SOCKET_IFNAME if the nodes cannot reach it)"
+            f"warning: NCCL_SOCKET_IFNAME={nccl} selects no interface with an IP address on this host; gloo binds to "
+            "the address of the host name (set GLOO_SOCKET_IFNAME if the nodes cannot reach it)"
         )
     environ["GLOO_SOCKET_IFNAME"] = interface
     return f"gloo: GLOO_SOCKET_IFNAME={interface} (from NCCL_SOCKET_IFNAME={nccl})"
+
+
+def tasks_on_node(tasks_per_node: str, node_id: str) -> int | None:
+    """Tasks of a SLURM step on node ``node_id`` (``SLURM_NODEID``) from ``SLURM_STEP_TASKS_PER_NODE``, whose format
+    is SLURM's compressed list: ``8(x2)`` (8 on each of 2 nodes), ``3,2``, ``2(x3),1``; None where it cannot be read."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        found = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if found is None:
+            return None
+        counts += [int(found[1])] * int(found[2] or 1)
+    node = int(node_id) if node_id.isdigit() else -1
+    return counts[node] if 0 <= node < len(counts) and counts[node] > 0 else None
 
 
 def first_host(nodes: str) -> str | None:

@@ -278,7 +278,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto``: this process's GPU where CUDA exists, else the CPU; anything else is used as given.
 
     Raises:
-        UsageError: not a device name, or CUDA asked for where there is none.
+        UsageError: not a device name, CUDA asked for where there is none, or a GPU index beyond the visible GPUs.
     """
     if name == "auto":
         return torch.device("cuda", cuda_index(local_rank)) if torch.cuda.is_available() else torch.device("cpu")
@@ -294,6 +294,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", cuda_index(local_rank))
+    visible = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index >= visible:  # else CUDA's "invalid device ordinal" traceback
+        raise UsageError(
+            f"--device {name}: this machine has {visible} visible GPU(s), cuda:0 to cuda:{visible - 1} "
+            "(CUDA_VISIBLE_DEVICES renumbers them from 0)"
+        )
     return device
 
 
@@ -390,6 +396,20 @@ def worker_pool(workers: int, tasks: int):
     return multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and tasks > 1 else None
 
 
+WORKER_DIED = "DataLoader worker"  # how torch's DataLoader begins the RuntimeError of a worker that died
+
+
+def worker_death_message(error: RuntimeError) -> str:
+    """One line for a DataLoader worker killed by a signal or exited without a word (torch raises a RuntimeError in
+    the training process: SIGKILL by the out-of-memory killer, SIGBUS from a full ``/dev/shm``), saying what to do."""
+    said = first_line(error).strip().removesuffix(".")  # "... is killed by signal: Killed." / "... exited unexpectedly"
+    return (
+        f"{said}. A data-loading worker process died: out of memory (the kernel's OOM killer) "
+        "or shared memory (/dev/shm, docs/pretraining.md#data-workers-and-shared-memory); fewer --num_workers or a "
+        "smaller --batch_size need less, and --resume auto continues from the last checkpoint"
+    )
+
+
 def run_entry_point(main, args) -> None:
     """Call ``main(args)``; a ``ReportableError`` (also one re-raised from a DataLoader worker) exits with
     ``error: <message>`` on one line and exit status 1; a run that a stop signal ended early (checkpoint saved,
@@ -403,6 +423,10 @@ def run_entry_point(main, args) -> None:
         message = first_line(e, last=True)  # a worker's error arrives with its traceback in front
         message = message.removeprefix(f"{type(e).__module__}.{type(e).__name__}: ")
         raise SystemExit(f"error: {message}") from None
+    except RuntimeError as e:
+        if not str(e).startswith(WORKER_DIED):
+            raise
+        raise SystemExit(f"error: {worker_death_message(e)}") from None
     finally:
         stop_worker_processes()
         release_output_dirs()

@@ -179,3 +179,15 @@ def test_a_run_stopped_mid_epoch_resumes_with_workers_to_the_weights_of_an_unint
     expected = checkpoint.read_checkpoint(tmp_path / "straight" / "checkpoint-last.pth")["model"]
     got = checkpoint.read_checkpoint(out / "checkpoint-last.pth")["model"]
     assert got.keys() == expected.keys() and all(torch.equal(got[key], value) for key, value in expected.items())
+
+
+@pytest.mark.parametrize("recorded", [None, 7])
+def test_a_nodata_flag_other_than_the_recorded_one_is_refused(tmp_path, recorded):
+    """--nodata cannot change a pre-decoded array's no-data value: it was ignored (those pixels trained as data)."""
+    meta = write_packed(tmp_path, random_arrays(2, "uint16", 2), [0, 1], "CHW")
+    description = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**description, "nodata": recorded}))
+    with pytest.raises(DataError, match=f"its no-data value is {recorded or 'none'}, recorded when it was written; "):
+        datasets.build_dataset(meta, bands=bands_of(in_chans=2, mean=[0.0] * 2, std=[1.0] * 2, nodata=0.0))
+    same = datasets.build_dataset(meta, bands=bands_of(in_chans=2, mean=[0.0] * 2, std=[1.0] * 2, nodata=recorded))
+    assert same.nodata == recorded

@@ -308,7 +308,11 @@ def test_shards_of_another_nodata_or_sample_type_than_the_band_stats_are_refused
     manifest, _ = make_shards(tmp_path, 4, per_shard=2, bands=2, dtype=np.uint16)
     stats = tmp_path / "s.json"
     for recorded, message in (
-        ({"dtype": "uint16", "nodata": 0}, "no-data None in force, but --band_stats .* give --nodata 0"),
+        (  # not "give --nodata 0": the value was fixed when the shards were written
+            {"dtype": "uint16", "nodata": 0},
+            "its no-data value is none, recorded when it was written, but --band_stats .* computed with --nodata 0: "
+            "preprocess again with tools/preprocess.py --raster --nodata 0",
+        ),
         ({"dtype": "float32", "nodata": None}, "uint16 samples, but --band_stats"),
     ):
         stats.write_text(json.dumps({"mean": [1, 1], "std": [1, 1], **recorded}))

@@ -189,3 +189,20 @@ def test_a_boundary_radius_beyond_the_image_diagonal_erodes_as_the_diagonal_with
     eroded = iou.ignore_boundaries(mask, 36, 2)
     assert torch.equal(iou.ignore_boundaries(mask, 10**6, 2), eroded)  # 10**6: a (2e6 + 1)^2 kernel before
     assert (eroded == 255).all()
+
+
+def test_boundary_erosion_ignores_a_convolutions_rounding(monkeypatch):
+    """cuDNN may count the disc's pixels with an FFT / Winograd convolution: counts off by rounding must not make
+    pixels boundaries (or not)."""
+    mask = torch.zeros(1, 9, 9, dtype=torch.long)
+    mask[0, :, 5:] = 1
+    exact = iou.ignore_boundaries(mask, 2, 2)
+    conv2d = iou.F.conv2d
+
+    def rounded_off(*args, **kwargs):
+        counts = conv2d(*args, **kwargs)
+        return counts + torch.rand(counts.shape, generator=torch.Generator().manual_seed(0)) * 1e-3
+
+    monkeypatch.setattr(iou.F, "conv2d", rounded_off)
+    assert torch.equal(iou.ignore_boundaries(mask, 2, 2), exact)
+    assert (exact[0, :, :3] == 0).all() and (exact[0, :, 3:7] == 255).all()  # erodes what it should, no more

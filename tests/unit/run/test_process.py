@@ -1,5 +1,6 @@
 """util/run/process.py: device and autocast choice, and the signals that stop a run."""
 
+import os
 import signal
 
 import pytest
@@ -111,6 +112,12 @@ def test_one_process_on_cuda_n_makes_that_gpu_current(fake_cuda, tmp_path, capsy
     process.release_output_dirs()
 
 
+def test_a_gpu_index_beyond_the_visible_gpus_is_one_line(fake_cuda, tmp_path):
+    with pytest.raises(UsageError, match=r"--device cuda:2: this machine has 2 visible GPU\(s\), cuda:0 to cuda:1"):
+        process.setup_run("cuda:2", "none", 0, tmp_path / "out")  # was CUDA's "invalid device ordinal" traceback
+    assert fake_cuda == []
+
+
 def test_an_explicit_gpu_index_under_a_launcher_is_refused(fake_cuda, monkeypatch, tmp_path):
     monkeypatch.setattr(process.distributed, "init_distributed", lambda timeout: (1, 2, 1))
     monkeypatch.setattr(process.distributed, "is_distributed", lambda: True)
@@ -180,3 +187,32 @@ def test_worker_pools_are_spawned_not_forked_and_one_worker_is_this_process():
     with process.worker_pool(2, 4) as pool:
         assert pool._ctx.get_start_method() == "spawn"
         assert pool.map(abs, [-1, -2, 3]) == [1, 2, 3]
+
+
+class _WorkerKiller(torch.utils.data.Dataset):
+    """Each item kills the worker process reading it, as the kernel's OOM killer does."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_data_worker_is_one_line_that_says_what_to_do():
+    def main(_):
+        for _batch in torch.utils.data.DataLoader(_WorkerKiller(), num_workers=1):
+            pass
+
+    with pytest.raises(SystemExit) as exit_:
+        process.run_entry_point(main, None)
+    message = str(exit_.value)
+    assert message.startswith("error: DataLoader worker (pid"), message
+    assert "killed by signal" in message or "exited unexpectedly. A data-loading" in message, message
+    assert "\n" not in message and "/dev/shm" in message and "--resume auto" in message
+
+    def other(_):
+        raise RuntimeError("not a worker's death")
+
+    with pytest.raises(RuntimeError, match="not a worker's death"):  # other errors keep their traceback
+        process.run_entry_point(other, None)
