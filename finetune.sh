@@ -20,6 +20,7 @@ set -euo pipefail
 export LAUNCHER_CALLER_DIR=${LAUNCHER_CALLER_DIR:-$PWD}  # the user's relative paths start here (tools/launcher_lib.sh)
 cd "$(dirname "$0")"
 source tools/launcher_lib.sh
+launcher_help finetune.sh "${SCRIPT:-main_finetune.py}" "$@"
 
 SCRIPT=${SCRIPT:-main_finetune.py}
 select_data                             # DATA: sentinel2_rgb (default) or sentinel2_ms (tools/launcher_lib.sh)

@@ -16,6 +16,7 @@ set -euo pipefail
 export LAUNCHER_CALLER_DIR=${LAUNCHER_CALLER_DIR:-$PWD}  # the user's relative paths start here (tools/launcher_lib.sh)
 cd "$(dirname "$0")"
 source tools/launcher_lib.sh
+launcher_help knn.sh main_knn.py "$@"
 
 select_data                              # DATA: sentinel2_rgb (default) or sentinel2_ms (tools/launcher_lib.sh)
 setvar CHECKPOINTS "none output/pretrain_tiny$DATA_SUFFIX/checkpoint-last.pth"   # space-separated; 'none' is random initialisation

@@ -15,6 +15,7 @@ set -euo pipefail
 export LAUNCHER_CALLER_DIR=${LAUNCHER_CALLER_DIR:-$PWD}  # the user's relative paths start here (tools/launcher_lib.sh)
 cd "$(dirname "$0")"
 source tools/launcher_lib.sh
+launcher_help linprobe.sh main_linprobe.py "$@"
 
 # finetune.sh's defaults for a linear probe; EPOCHS, BLR, ... in the environment and flags still win
 export SCRIPT=main_linprobe.py DEFAULT_EPOCHS=90 DEFAULT_WARMUP_EPOCHS=5 DEFAULT_BLR=10 DEFAULT_OUTPUT_DIR=output/linprobe_tiny

@@ -25,6 +25,7 @@ set -euo pipefail
 export LAUNCHER_CALLER_DIR=${LAUNCHER_CALLER_DIR:-$PWD}  # the user's relative paths start here (tools/launcher_lib.sh)
 cd "$(dirname "$0")"
 source tools/launcher_lib.sh
+launcher_help segment.sh "${SCRIPT:-main_segment.py}" "$@"
 
 SCRIPT=${SCRIPT:-main_segment.py}
 select_data                             # DATA: sentinel2_rgb (default) or sentinel2_ms (tools/launcher_lib.sh)

@@ -18,6 +18,7 @@ export LAUNCHER_CALLER_DIR=${LAUNCHER_CALLER_DIR:-$PWD}  # the user's relative p
 cd "$(dirname "$0")"
 
 source tools/launcher_lib.sh
+launcher_help train.sh main_pretrain.py "$@"
 
 select_data                            # DATA: sentinel2_rgb (default) or sentinel2_ms
 setvar MODEL cross_scale_mae_vit_tiny

@@ -26,6 +26,20 @@ FLAG_VALUES=()    # the values of the last occurrence of the flag user_flag foun
 
 die() { echo "error: $*" >&2; exit 1; }
 
+# -h / --help anywhere on the command line: the launcher's header (its variables and forms), then the entry script's
+# flags, and nothing else: no check of weights or data that do not exist yet, no run, no closing evaluation.
+launcher_help() {  # launcher_help LAUNCHER SCRIPT "$@"
+  local launcher=$1 script=$2 arg
+  shift 2
+  for arg in "$@"; do
+    if [[ $arg == -h || $arg == --help ]]; then
+      sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$launcher" | sed '$d'  # the comment block under the shebang line
+      echo
+      exec "${PYTHON:-python}" "$script" --help
+    fi
+  done
+}
+
 # The flags whose values are paths, and the variables that set them.
 PATH_FLAGS=(train_path test_path output_dir log_dir finetune resume init band_stats config checkpoints knn_train_path
   knn_test_path palette)

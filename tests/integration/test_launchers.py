@@ -579,3 +579,23 @@ def test_the_users_training_data_gets_no_sample_evaluation_set(clone, stub, else
     assert (
         "--test_path" not in args
     )  # Python asks for --test_path PATH or split (tests/integration/test_main_finetune.py)
+
+
+@pytest.mark.parametrize(
+    "launcher, script",
+    [
+        ("train.sh", "main_pretrain.py"),
+        ("finetune.sh", "main_finetune.py"),
+        ("linprobe.sh", "main_linprobe.py"),
+        ("knn.sh", "main_knn.py"),
+        ("segment.sh", "main_segment.py"),
+    ],
+)
+def test_help_shows_the_launcher_and_its_script_and_runs_nothing(clone, stub, launcher, script):
+    """Before: train.sh --help ran the closing evaluation after the help; the evaluation launchers refused --help
+    in a fresh clone (no pretrained weights yet)."""
+    result = run(clone, stub, launcher, "--epochs", "1", "--help", SAMPLE_EVAL="1")
+    assert result.returncode == 0, result.stderr
+    header, _, called = result.stdout.rpartition("\n\n")
+    assert f"bash {launcher}" in header and not header.startswith("#!")
+    assert called.splitlines() == [script, "--help"]  # the stub prints its arguments: the script's help, only that
