@@ -369,6 +369,18 @@ def classes_of(flags: Flags) -> tuple[list[str], segmentation.Palette | None]:
     if len(names) < 2:
         raise UsageError("give the classes: --palette (isprs or JSON), --class_names, or --nb_classes (at least 2)")
     check_class_flags(flags, names)
+    sample_palette = config.SEGMENTATION_SAMPLE / "seg_palette.json"
+    if (
+        palette is not None
+        and not flags.class_names
+        and Path(flags.palette).resolve() == sample_palette.resolve()
+        and not Path(flags.train_path).resolve().is_relative_to(config.SEGMENTATION_SAMPLE.resolve().parent)
+    ):  # the default palette on the user's own masks: their indices would report under the sample's names
+        main_print(
+            f"note: classes: the embedded sample's {', '.join(names)} (--palette default "
+            f"{sample_palette.relative_to(config.REPO)}); name your own with --class_names NAME ... (index 0 first), "
+            "--palette none --nb_classes N, or a JSON --palette"
+        )
     return names, palette
 
 

@@ -96,3 +96,23 @@ def test_non_finite_scores_anywhere_in_the_set_refuse_the_evaluation_once_it_end
         engine_segment.evaluate(NaNAt(), loader, run, 2, evaluation)
     confusions, _ = engine_segment.evaluate(NaNAt(), [loader[0], loader[2]], run, 2, evaluation)
     assert confusions[1.0].tolist() == [[[0, 256], [0, 0]]] * 2
+
+
+def test_the_default_palette_on_your_own_masks_is_said_with_how_to_name_yours(tmp_path, capsys):
+    """A newcomer's 3-class index masks were reported as water / vegetation / other_land without a word."""
+    from util import config
+
+    import main_segment
+
+    def classes(*argv):
+        flags = config.parse_args(main_segment.get_args_parser(), list(argv))
+        names = engine_segment.classes_of(flags)[0]
+        return names, capsys.readouterr().out
+
+    names, out = classes("--train_path", str(tmp_path))
+    assert names == ["water", "vegetation", "other_land"]
+    assert "note: classes: the embedded sample's water, vegetation, other_land (--palette default" in out
+    assert "--class_names NAME ... (index 0 first), --palette none --nb_classes N" in out
+    assert classes("--train_path", str(tmp_path), "--class_names", "a", "b", "c")[1] == ""
+    assert classes("--train_path", str(tmp_path), "--palette", "none", "--nb_classes", "4")[1] == ""
+    assert classes()[1] == ""  # the sample itself

@@ -467,7 +467,8 @@ class SegDataset(SampleDataset):
         if bad.any():
             raise DataError(
                 f"{mask_path}: label(s) {sorted(np.unique(mask[bad]).tolist())[:5]} outside 0..{self.num_classes - 1} "
-                f"and not --ignore_index {self.ignore_index}"
+                f"and not --ignore_index {self.ignore_index} (the classes come from --palette, --class_names or "
+                "--nb_classes; the default is the embedded sample's 3)"
             )
         return mask
 
