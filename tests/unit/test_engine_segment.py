@@ -100,9 +100,8 @@ def test_non_finite_scores_anywhere_in_the_set_refuse_the_evaluation_once_it_end
 
 def test_the_default_palette_on_your_own_masks_is_said_with_how_to_name_yours(tmp_path, capsys):
     """A newcomer's 3-class index masks were reported as water / vegetation / other_land without a word."""
-    from util import config
-
     import main_segment
+    from util import config
 
     def classes(*argv):
         flags = config.parse_args(main_segment.get_args_parser(), list(argv))
