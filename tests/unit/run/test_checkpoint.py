@@ -123,3 +123,12 @@ def test_band_flags_compare_nan_nodata_and_default_bands_as_equal():
         with pytest.raises(UsageError, match=f"c.pth: was trained with other band flags: --{flag} "):
             ckpt.check_band_flags(saved, other, "c.pth")
         assert ckpt.changed_flags(saved, {**other.record(), "lr": None, "world_size": 1})[0].startswith(f"--{flag} ")
+
+
+def test_a_missing_file_of_a_published_name_is_one_line_not_a_traceback(tmp_path):
+    """Before: the md5 check opened it first and raised a raw FileNotFoundError (tools/export_weights.py)."""
+    from util.weights import layouts
+
+    path = tmp_path / "weights" / next(iter(ckpt.PUBLISHED_FILENAMES))
+    with pytest.raises(CheckpointError, match=f"^{path}: no such checkpoint file"):
+        layouts.read_encoder(path)
