@@ -31,6 +31,7 @@ import functools
 import json
 import os
 import runpy
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -349,9 +350,9 @@ def command(row: dict, task: str, weights: str | None, data: dict, output_dir: P
     elif task == "pretrain":
         args += ["--model", row["model"]]
     else:
-        args += ["--test_path", str(data["eval"]), "--finetune", "" if weights in (None, "none") else weights]
-        if weights in (None, "none"):
-            args += ["--model", row["model"]]
+        args += ["--test_path", str(data["eval"])]
+        # random init: no --finetune (its default, ""), so that the printed command can be pasted as it is
+        args += ["--model", row["model"]] if weights in (None, "none") else ["--finetune", weights]
     return [
         *args,
         *protocol_flags(data["bench"]),
@@ -621,7 +622,7 @@ def main(argv: list[str] | None = None) -> None:
         "TFLOP/s bf16 "
         f"({model}, {size} px: {cost['what']}; {cost['flops'] / 1e15:.3g} PFLOP; counts from {cost['counts_from']})"
     )
-    print(f"  command: python {SCRIPTS[task]} {' '.join(args)}", flush=True)
+    print(f"  command: {shlex.join(['python', str(SCRIPTS[task]), *args])}", flush=True)
     if own.get("dry_run"):
         return
     if data["summary"] is None:

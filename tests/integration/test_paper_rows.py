@@ -216,3 +216,15 @@ def test_the_rows_refer_to_real_benchmarks_and_the_docs_list_them():
         assert f"`{name}`" in docs
         for entry in row.get("published", []) + row.get("published_weights", []):
             assert {"value", "source"} <= set(entry)
+
+
+def test_a_random_init_command_has_no_empty_finetune_flag_and_pastes_as_printed(tmp_path):
+    """Before: 'segment-potsdam none' printed '--finetune  --model vit_base_patch16' (an empty, unquoted value):
+    pasted, argparse refused it."""
+    bench = BENCHMARKS["potsdam"]
+    data = {"train": tmp_path / "train.csv", "eval": tmp_path / "eval.csv", "bench": bench}
+    for weights, expected in ((None, ["--model", "vit_base_patch16"]), ("w.pth", ["--finetune", "w.pth"])):
+        args = paper.command(ROWS["segment-potsdam"], "segment", weights, data, tmp_path / "o", [])
+        assert "" not in args and (("--finetune" in args) == (weights is not None))
+        at = args.index(expected[0])
+        assert args[at : at + 2] == expected
