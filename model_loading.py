@@ -437,7 +437,8 @@ def build_knn_encoder(
         **pooling,
     )
     if weights is None:
-        return encoder, f"random init ({model_name})", random_final_norm
+        shape = f"ViT {encoder.embed_dim} wide, {len(encoder.blocks)} deep, patch {encoder.patch_embed.patch_size[0]}"
+        return encoder, f"random init ({model_name}: {shape})", random_final_norm  # the name alone hides patch 8
     main_print(layouts.load_encoder(encoder, weights, BandAdaptation.of(bands)))
     return encoder, spec, weights.final_norm
 

@@ -145,7 +145,10 @@ def test_main_writes_csv_markdown_plot_and_protocol(tmp_path):
     with open(out / "knn_results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 5  # checkpoints x classifiers x (4 scales + mean)
-    assert {r["checkpoint"] for r in rows} == {"random init (vit_tiny_patch16)", str(tmp_path / "mae.pth")}
+    assert {r["checkpoint"] for r in rows} == {
+        "random init (vit_tiny_patch16: ViT 128 wide, 4 deep, patch 8)",
+        str(tmp_path / "mae.pth"),
+    }
     assert all(0 <= float(r["top1"]) <= 100 for r in rows)
     markdown = (out / "knn_results.md").read_text()
     assert "| checkpoint | schedule seen | classifier | 0.125 | 0.25 | 0.5 | 1 | mean |" in markdown
@@ -428,7 +431,10 @@ def test_k_clipped_to_a_small_memory_set_is_said_and_recorded_and_both_rows_are_
     norms = protocol["final_layernorm"]
     assert norms[str(tmp_path / "mae.pth")] == ("applied" if encoder_norm else "not applied (as in pretraining)")
     applied = "applied" if encoder_norm else "not applied"
-    assert norms["random init (vit_tiny_patch16)"] == f"{applied} (as the checkpoints it is compared with)"
+    assert (
+        norms["random init (vit_tiny_patch16: ViT 128 wide, 4 deep, patch 8)"]
+        == f"{applied} (as the checkpoints it is compared with)"
+    )
 
 
 def test_neighbours_used_never_exceed_the_memory_set(capsys):
