@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from util.config import Bands, check_ranges  # noqa: E402
+from util.config import Bands, check_ranges, summary  # noqa: E402
 from util.data import datasets, loaders, transforms  # noqa: E402
 from util.data.shards import MANIFEST_SUFFIX  # noqa: E402
 from util.errors import UsageError  # noqa: E402
@@ -244,7 +244,7 @@ def streaming_rates(pre: Path, manifest: Path, packed: Path, count: int) -> None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--input_size", type=int, default=128, help="stored side of the images, pixels")
     parser.add_argument("--tiles", type=int, default=128, help="13-band uint16 tiles generated")
     parser.add_argument("--large_size", type=int, default=1024, help="side of the 'original' JPEGs")

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 import preprocess  # noqa: E402
 
-from util.config import check_ranges  # noqa: E402
+from util.config import check_ranges, summary  # noqa: E402
 from util.errors import UsageError  # noqa: E402
 from util.run.process import run_entry_point  # noqa: E402
 
@@ -38,7 +38,7 @@ def synthetic_squares(count: int, size: int, bands: int, dtype: str, distinct: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("stem", type=Path, help="STEM.json and STEM.u8 / .u16 are written")
     parser.add_argument("--count", type=int, default=16384)
     parser.add_argument("--size", type=int, default=128, help="side of the stored images (pixels)")

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from util.config import MAX_IMAGE_PIXELS, HelpFormatter, check_ranges
+from util.config import MAX_IMAGE_PIXELS, HelpFormatter, check_ranges, summary
 from util.data.images import read_raster
 from util.errors import DataError, UsageError
 from util.files import write_atomically
@@ -340,7 +340,7 @@ def band_stats(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=summary(__doc__), formatter_class=HelpFormatter)
     parser.add_argument(
         "--train_path", required=True, help="CSV file, ImageFolder tree or image folder (TIFF, .npy, PNG, JPEG)"
     )

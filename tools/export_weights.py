@@ -22,14 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from util.config import HelpFormatter
+from util.config import HelpFormatter, summary
 from util.errors import UsageError
 from util.files import file_sha256
 from util.weights import metadata
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=summary(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", help="pretraining checkpoint (ours or upstream's), timm export or classifier")
     parser.add_argument("--output", required=True, type=Path, help="export folder (config.json + model.safetensors)")
     parser.add_argument(

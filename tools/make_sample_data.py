@@ -28,7 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.band_stats import band_stats
-from util.config import HelpFormatter
+from util.config import HelpFormatter, summary
 
 TILE = 128  # tile side at 10 m, pixels
 CLASSES = ("water", "shoreline", "dense_vegetation", "other_land")
@@ -212,7 +212,7 @@ def write_sample(out: Path, tiles: list[tuple[int, int, int]], write_image, exte
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=summary(__doc__), formatter_class=HelpFormatter)
     parser.add_argument(
         "--samples", nargs="+", choices=("rgb", "ms"), default=["rgb", "ms"], help="which samples to write"
     )

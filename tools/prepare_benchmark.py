@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from util.config import HelpFormatter
+from util.config import HelpFormatter, summary
 from util.data.archives import Source, verify_checksums
 from util.data.benchmarks import BENCHMARKS, prepare, published_count_problems
 from util.errors import UsageError
@@ -41,7 +41,7 @@ def benchmark_root() -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=summary(__doc__), formatter_class=HelpFormatter)
     parser.add_argument(
         "name",
         nargs="?",

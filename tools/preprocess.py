@@ -332,7 +332,7 @@ def write_shard_files(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description=config.summary(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("--input", required=True, type=Path, help="fMoW-style CSV or ImageFolder tree")
     parser.add_argument("--output", required=True, type=Path, help="output folder")
     parser.add_argument("--size", type=int, default=128, help="shorter side after resizing, in pixels")

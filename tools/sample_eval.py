@@ -64,7 +64,7 @@ SCALES = (0.125, 0.25, 0.5, 1.0)
 
 
 def get_args_parser() -> config.Parser:
-    parser = config.new_parser(__doc__.splitlines()[0])
+    parser = config.new_parser(config.summary(__doc__))
     parser.add_argument(
         "checkpoints",
         nargs="+",

@@ -106,7 +106,7 @@ def fit(features: np.ndarray, labels: np.ndarray, C: float, max_iter: int):
 
 
 def get_args_parser() -> config.Parser:
-    parser = config.new_parser(__doc__.splitlines()[0])
+    parser = config.new_parser(config.summary(__doc__))
     config.add_segmentation_data_args(parser)
     config.add_segmentation_evaluation_args(parser)
     group = parser.add_argument_group("logistic regression")

@@ -125,6 +125,12 @@ def new_parser(description: str) -> Parser:
     return Parser(description)
 
 
+def summary(docstring: str) -> str:
+    """The first paragraph of a script's docstring on one line: its ``--help`` description (a first line alone can
+    stop mid-sentence)."""
+    return " ".join(docstring.split("\n\n")[0].split())
+
+
 class Flags(argparse.Namespace):
     """Parsed flags, read-only once parsed: assigning to one raises ``AttributeError``. Derived values go into the
     configs an entry script builds from the flags (``resolve_bands``, ``training_schedule``, ``loading``) or into the

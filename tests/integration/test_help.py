@@ -1,5 +1,6 @@
 """``--help`` of every script: defaults and units shown, answered before torch loads."""
 
+import ast
 import re
 import subprocess
 import sys
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from conftest import HANG_GUARD_S, REPO
+
+from util import config
 
 SHOW_HELP = """
 import runpy, sys
@@ -66,6 +69,8 @@ def test_help_shows_defaults_and_answers_before_torch_loads(script):
 def test_every_tool_answers_help(script):
     text = help_text(script)
     assert text.startswith(f"usage: {Path(script).name}")
+    docstring = ast.get_docstring(ast.parse((REPO / script).read_text()), clean=False)
+    assert config.summary(docstring) in text  # the whole first paragraph: a first line alone stopped mid-sentence
     assert script not in TORCH_FREE_TOOLS or text.endswith("NO TORCH")
 
 
