@@ -422,7 +422,9 @@ def evaluate_classifier(flags: Flags, bands: Bands, head_fn: Callable[[nn.Module
     epoch = state.get("epoch")
     main_print(
         f"eval: the whole classifier from {path} ({model_name}, {num_classes} classes, head included, "
-        f"input {input_size} px" + (f", {epoch + 1} epochs trained" if isinstance(epoch, int) else "") + ")"
+        f"input {input_size} px"
+        + (f", {epoch + 1} epoch{'s' if epoch else ''} trained" if isinstance(epoch, int) else "")
+        + ")"
     )
     metrics, confusion = evaluate(model, loaders.eval_loader(val_set, config.loading(flags), run), run, num_classes)
     report(metrics, len(val_set), "eval")

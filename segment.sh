@@ -12,7 +12,7 @@
 #   WEIGHTS=weights/cross_scale_mae_base_pretrain.pth INPUT_SIZE=512 BATCH_SIZE=8 EPOCHS=50 WARMUP_EPOCHS=2 BLR=1.6e-3
 #   TRAIN_PATH=../potsdam/train TEST_PATH=../potsdam/val PALETTE=isprs OUTPUT_DIR=output/segment_potsdam
 #   bash segment.sh --exclude_classes 5 --scales 0.125 0.25 0.5 1.0
-# ISPRS protocol (README "ISPRS protocol"): evaluate on the eroded-boundary reference (Potsdam 5_Labels_all_noBoundary,
+# ISPRS protocol (docs/segmentation.md, "ISPRS protocol"): evaluate on the eroded-boundary reference (Potsdam 5_Labels_all_noBoundary,
 # Vaihingen ..._eroded_COMPLETE: black = boundary, ignored by --palette isprs) or add --eval_ignore_boundary 3 to the
 # full reference; without --exclude_classes 5 the means include clutter (mmsegmentation's mIoU). Vaihingen's IRRG
 # tiles go in as given: near-infrared in the R slot of RGB-pretrained weights. Intervals: --block_pattern

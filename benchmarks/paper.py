@@ -16,9 +16,10 @@ command and the budget only). Every other flag goes to the entry script after th
 
 The budget is the GPU-hours on one H100 at 45 % of its 989 TFLOP/s dense bf16 peak: FLOPs counted by
 ``torch.utils.flop_counter`` on the meta device (no memory, no time) for the row's model at its size (the same
-count ``benchmarks/bench_pretrain.py`` uses: 38.4 GFLOP per 128-px image for a ViT-B pretraining step), times the
-images each epoch sees and the epochs, evaluation passes included (see ``budget``). Data loading is not counted:
-fMoW's JPEGs at thousands of images per second need ``tools/preprocess.py --pack`` first.
+count ``benchmarks/bench_pretrain.py`` uses: 38.9 GFLOP per 128-px image for a ViT-B pretraining step, as
+docs/reproducing.md says; the benchmark measured 38.4 at batch 16), times the images each epoch sees and the
+epochs, evaluation passes included (see ``budget``). Data loading is not counted: fMoW's JPEGs at thousands of
+images per second need ``tools/preprocess.py --pack`` first.
 
 The row's run writes ``paper_result.json`` (command, budget, data check, ours, published) into its output folder.
 """
