@@ -29,3 +29,12 @@ def test_every_figure_a_page_shows_is_in_the_repository():
     for page in (REPO / "docs").glob("*.md"):
         for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page.read_text()):
             assert (page.parent / figure).is_file(), (page.name, figure)
+
+
+def test_every_repository_path_a_page_names_exists():
+    """Test files, scripts and configs that README.md and docs/ name in code spans (six test paths had gone stale)."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    pattern = r"`((?:tests|tools|benchmarks|configs|util)/[\w/.-]+\.(?:py|sh|yaml|json|md))(?:::\w+)?`"
+    named = {(page.name, path) for page in pages for path in re.findall(pattern, page.read_text())}
+    assert len(named) > 30
+    assert sorted(f"{page}: {path}" for page, path in named if not (REPO / path).exists()) == []
