@@ -401,6 +401,21 @@ ISPRS_SPLIT = (
     "the eroded-boundary reference (boundary pixels = 255, ignored)"
 )
 
+# The split lists of EuroSAT name .jpg files, matched by file stem: one set of lists for the RGB and the 13-band files.
+EUROSAT_SPLIT_SETS = (
+    torchgeo_split_set(
+        "eurosat",
+        {
+            "train": "908f142e73d6acdf3f482c5e80d851b1",
+            "val": "95de90f2aa998f70a3b2416bfe0687b4",
+            "test": "7ae5ab94471417b6e315763121e67c5f",
+        },
+        {"train": 16200, "val": 5400, "test": 5400},
+        "https://hf.co/datasets/torchgeo/eurosat/resolve/1ce6f1bfb56db63fd91b6ecc466ea67f2509774c/",
+    ),
+    scalemae_split_set("eurosat", {"train": 21600, "val": 5400}),
+)
+
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
@@ -572,19 +587,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             ),
             "https://github.com/phelber/EuroSAT",
             tuple(sorted(EUROSAT_COUNTS)),
-            (
-                torchgeo_split_set(
-                    "eurosat",
-                    {
-                        "train": "908f142e73d6acdf3f482c5e80d851b1",
-                        "val": "95de90f2aa998f70a3b2416bfe0687b4",
-                        "test": "7ae5ab94471417b6e315763121e67c5f",
-                    },
-                    {"train": 16200, "val": 5400, "test": 5400},
-                    "https://hf.co/datasets/torchgeo/eurosat/resolve/1ce6f1bfb56db63fd91b6ecc466ea67f2509774c/",
-                ),
-                scalemae_split_set("eurosat", {"train": 21600, "val": 5400}),
-            ),
+            EUROSAT_SPLIT_SETS,
             "folders",
             "<root>/<Class>/<Class>_<N>.jpg (N from 1), 64 x 64 RGB JPEG, 10 classes, 27,000 images",
             "EuroSAT papers (Helber et al. 2018, 2019); torchgeo datasets/eurosat.py; Scale-MAE mae/splits (class "
@@ -614,19 +617,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             ),
             "https://github.com/phelber/EuroSAT",
             tuple(sorted(EUROSAT_COUNTS)),
-            (
-                torchgeo_split_set(
-                    "eurosat",
-                    {
-                        "train": "908f142e73d6acdf3f482c5e80d851b1",
-                        "val": "95de90f2aa998f70a3b2416bfe0687b4",
-                        "test": "7ae5ab94471417b6e315763121e67c5f",
-                    },
-                    {"train": 16200, "val": 5400, "test": 5400},
-                    "https://hf.co/datasets/torchgeo/eurosat/resolve/1ce6f1bfb56db63fd91b6ecc466ea67f2509774c/",
-                ),
-                scalemae_split_set("eurosat", {"train": 21600, "val": 5400}),
-            ),
+            EUROSAT_SPLIT_SETS,
             "folders",
             f"<root>/<Class>/<Class>_<N>.tif, 64 x 64 GeoTIFF, 13 bands uint16 ({' '.join(EUROSAT_BANDS)}), 10 "
             "classes, 27,000 images",
