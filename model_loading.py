@@ -437,8 +437,7 @@ def build_knn_encoder(
         **pooling,
     )
     if weights is None:
-        shape = f"ViT {encoder.embed_dim} wide, {len(encoder.blocks)} deep, patch {encoder.patch_embed.patch_size[0]}"
-        return encoder, f"random init ({model_name}: {shape})", random_final_norm  # the name alone hides patch 8
+        return encoder, f"random init ({model_name}: {models_vit.shape_text(encoder)})", random_final_norm
     main_print(layouts.load_encoder(encoder, weights, BandAdaptation.of(bands)))
     return encoder, spec, weights.final_norm
 

@@ -134,6 +134,12 @@ CLASSIFIER_PRESETS: dict[str, tuple[str, int]] = {
 }
 
 
+def shape_text(encoder: VisionTransformer) -> str:
+    """The shape of ``encoder`` in words, e.g. ``ViT 128 wide, 4 deep, patch 8`` (a preset's name can hide it: the
+    ``vit_tiny_patch16`` preset runs at patch 8 on the embedded sample)."""
+    return f"ViT {encoder.embed_dim} wide, {len(encoder.blocks)} deep, patch {encoder.patch_embed.patch_size[0]}"
+
+
 def classifier_preset(name: str) -> tuple[str, int]:
     """(size preset, default patch size) of a classifier name.
 

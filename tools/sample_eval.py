@@ -181,10 +181,7 @@ def random_init(reference, seeds: int, final_norm: bool) -> Model:
         num_heads=reference.blocks[0].attn.num_heads,
         num_classes=0,
     )
-    model = Model(
-        f"random init (ViT {shape['embed_dim']} wide, {shape['depth']} deep, patch {shape['patch_size']}; "
-        f"{seeds} init seeds)"
-    )
+    model = Model(f"random init ({models_vit.shape_text(reference)}; {seeds} init seeds)")
     for seed in range(seeds):
         torch.manual_seed(seed)
         model.encoders.append(models_vit.vision_transformer(**shape).double().eval())
