@@ -17,8 +17,11 @@ REPO = Path(__file__).resolve().parents[1]  # the repository root
 HANG_GUARD_S = 3000
 if "PYTEST_XDIST_WORKER" in os.environ:  # `pytest -n 2`: two workers of 2 threads each would oversubscribe 2 cores
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-# A plain MAE pretraining run of a few seconds (2 epochs of a 32 px ViT-tiny, fp32): kill / resume tests of the data
-# formats compare its weights.
+# Plain MAE pretraining runs of a few seconds (a 32 px ViT-tiny, fp32): one epoch, for tests of inputs and flags;
+# two, for the kill / resume tests of the data formats, which compare weights.
+TINY_ONE_EPOCH = (
+    "--model mae_vit_tiny --input_size 32 --patch_size 8 --batch_size 4 --epochs 1 --num_workers 0 --amp none"
+).split()
 TINY_PRETRAIN = (
     "--model mae_vit_tiny --input_size 32 --patch_size 8 --batch_size 4 --epochs 2 --warmup_epochs 1 --blr 1e-3 "
     "--log_every 1 --amp none"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HANG_GUARD_S, REPO, write_csv_dataset
+from conftest import HANG_GUARD_S, REPO, TINY_ONE_EPOCH, write_csv_dataset
 from PIL import Image
 
 import engine_knn
@@ -22,23 +22,6 @@ from util.data import datasets, images, packed
 from util.errors import DataError
 from util.run import checkpoint, process
 from util.run.process import run_entry_point
-
-TINY = [
-    "--model",
-    "mae_vit_tiny",
-    "--input_size",
-    "32",
-    "--patch_size",
-    "8",
-    "--batch_size",
-    "4",
-    "--epochs",
-    "1",
-    "--num_workers",
-    "0",
-    "--amp",
-    "none",
-]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +69,7 @@ def test_bad_pretrain_flags(data, tmp_path, flags, expected):
     if flags[:2] == ["--device", "mps"] and torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")
     message = expect_error(
-        main_pretrain, [*TINY, "--train_path", str(data), "--output_dir", str(tmp_path / "o"), *flags]
+        main_pretrain, [*TINY_ONE_EPOCH, "--train_path", str(data), "--output_dir", str(tmp_path / "o"), *flags]
     )
     assert expected in message
 
@@ -97,7 +80,7 @@ def test_save_and_plot_every_0_mean_only_the_last_epoch(data, tmp_path, flag):
     main_pretrain.main(
         config.parse_args(
             main_pretrain.get_args_parser(),
-            [*TINY, "--epochs", "2", "--train_path", str(data), "--output_dir", str(out), flag, "0"],
+            [*TINY_ONE_EPOCH, "--epochs", "2", "--train_path", str(data), "--output_dir", str(out), flag, "0"],
         )
     )
     assert (out / "checkpoint-1.pth").exists() and not (out / "checkpoint-0.pth").exists()
@@ -161,7 +144,7 @@ CONFIG_CASES = [
 def test_config_values_of_the_wrong_type(data, tmp_path, capsys, text, expected):
     path = tmp_path / "c.yaml"
     path.write_text(text + "\n")
-    message = expect_error(main_pretrain, [*TINY, "--config", str(path), "--train_path", str(data)])
+    message = expect_error(main_pretrain, [*TINY_ONE_EPOCH, "--config", str(path), "--train_path", str(data)])
     assert f"--config {path}: {expected}" in message
 
 
@@ -188,7 +171,9 @@ def test_second_live_run_in_the_same_folder_is_refused(data, tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        message = expect_error(main_pretrain, [*TINY, "--train_path", str(data), "--output_dir", str(tmp_path)])
+        message = expect_error(
+            main_pretrain, [*TINY_ONE_EPOCH, "--train_path", str(data), "--output_dir", str(tmp_path)]
+        )
         assert f"--output_dir {tmp_path} is in use by another run (pid 1 on elsewhere)" in message
     finally:
         holder.kill()
@@ -221,7 +206,7 @@ def test_unusable_output_dir_is_one_line(data, tmp_path, monkeypatch, kind):
             return real_open(path, *a, **k)
 
         monkeypatch.setattr("builtins.open", refusing)
-    message = expect_error(main_pretrain, [*TINY, "--train_path", str(data), "--output_dir", str(out)])
+    message = expect_error(main_pretrain, [*TINY_ONE_EPOCH, "--train_path", str(data), "--output_dir", str(out)])
     assert f"--output_dir {out}: cannot create or write it" in message
 
 
@@ -251,7 +236,9 @@ def test_full_disk_on_log_and_config_warns_and_continues(data, tmp_path, monkeyp
     )
     out = tmp_path / "o"
     main_pretrain.main(
-        config.parse_args(main_pretrain.get_args_parser(), [*TINY, "--train_path", str(data), "--output_dir", str(out)])
+        config.parse_args(
+            main_pretrain.get_args_parser(), [*TINY_ONE_EPOCH, "--train_path", str(data), "--output_dir", str(out)]
+        )
     )
     err = capfd.readouterr().err
     assert f"warning: could not write {out / 'log.txt'}: No space left on device; continuing" in err
@@ -401,7 +388,7 @@ def test_sigterm_during_an_epochs_last_step_completes_that_epochs_record(data, t
     main_pretrain.main(
         config.parse_args(
             main_pretrain.get_args_parser(),
-            [*TINY, "--epochs", "2", "--train_path", str(data), "--output_dir", str(out)],
+            [*TINY_ONE_EPOCH, "--epochs", "2", "--train_path", str(data), "--output_dir", str(out)],
         )
     )
     records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
@@ -450,7 +437,9 @@ def test_odd_norm_style_in_upstream_args_is_ignored_and_in_model_config_named(da
     model_loading.load_mae(path)  # upstream args only choose among variants; the layout decides the norm style
     out = tmp_path / "o"
     main_pretrain.main(
-        config.parse_args(main_pretrain.get_args_parser(), [*TINY, "--train_path", str(data), "--output_dir", str(out)])
+        config.parse_args(
+            main_pretrain.get_args_parser(), [*TINY_ONE_EPOCH, "--train_path", str(data), "--output_dir", str(out)]
+        )
     )
     ours = checkpoint.read_checkpoint(out / "checkpoint-last.pth")
     ours["model_config"]["kwargs"]["norm_style"] = "banana"
@@ -461,7 +450,7 @@ def test_odd_norm_style_in_upstream_args_is_ignored_and_in_model_config_named(da
 
 def test_bad_rng_state_in_a_resumed_checkpoint_is_named(data, tmp_path):
     out = tmp_path / "o"
-    argv = [*TINY, "--train_path", str(data), "--output_dir", str(out)]
+    argv = [*TINY_ONE_EPOCH, "--train_path", str(data), "--output_dir", str(out)]
     main_pretrain.main(config.parse_args(main_pretrain.get_args_parser(), argv))
     state = checkpoint.read_checkpoint(out / "checkpoint-last.pth")
     state["rng_per_rank"] = [{}]
@@ -561,7 +550,9 @@ def test_full_disk_on_tensorboard_events_warns_once_and_training_goes_on(data, t
     monkeypatch.setattr(SummaryWriter, "add_scalar", full)
     out = tmp_path / "o"
     main_pretrain.main(
-        config.parse_args(main_pretrain.get_args_parser(), [*TINY, "--train_path", str(data), "--output_dir", str(out)])
+        config.parse_args(
+            main_pretrain.get_args_parser(), [*TINY_ONE_EPOCH, "--train_path", str(data), "--output_dir", str(out)]
+        )
     )
     err = capfd.readouterr().err
     assert (
@@ -580,7 +571,8 @@ def test_a_file_that_is_not_a_checkpoint_is_named_as_such(data, tmp_path, conten
     path = tmp_path / "not_a_checkpoint.pth"
     path.write_bytes(content)
     message = expect_error(
-        main_pretrain, [*TINY, "--train_path", str(data), "--output_dir", str(tmp_path / "o"), "--resume", str(path)]
+        main_pretrain,
+        [*TINY_ONE_EPOCH, "--train_path", str(data), "--output_dir", str(tmp_path / "o"), "--resume", str(path)],
     )
     assert message.startswith(f"error: {path}: not a readable PyTorch checkpoint, truncated or corrupt")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from conftest import bands_of, run_expecting_error
+from conftest import TINY_ONE_EPOCH, bands_of, run_expecting_error
 from PIL import Image
 
 import main_pretrain
@@ -16,23 +16,6 @@ from util.data.images import NotEightBitError, load_image, read_raster
 from util.data.raster_options import RasterOptions
 from util.data.transforms import build_raster_transform
 from util.run.process import run_entry_point
-
-TINY = [
-    "--model",
-    "mae_vit_tiny",
-    "--input_size",
-    "32",
-    "--patch_size",
-    "8",
-    "--batch_size",
-    "4",
-    "--epochs",
-    "1",
-    "--num_workers",
-    "0",
-    "--amp",
-    "none",
-]
 
 
 def raster(bands: int, dtype=np.uint16, size: int = 40, seed: int = 0) -> np.ndarray:
@@ -160,7 +143,7 @@ def test_pretrain_one_epoch_on_multispectral_tiffs(tmp_path, bands):
         config.parse_args(
             main_pretrain.get_args_parser(),
             [
-                *TINY,
+                *TINY_ONE_EPOCH,
                 "--in_chans",
                 str(bands),
                 "--band_stats",
@@ -184,7 +167,7 @@ def test_pretrain_with_selected_bands(tmp_path):
         config.parse_args(
             main_pretrain.get_args_parser(),
             [
-                *TINY,
+                *TINY_ONE_EPOCH,
                 "--in_chans",
                 "1",
                 "--bands",
@@ -205,7 +188,7 @@ def test_pretrain_with_selected_bands(tmp_path):
 
 def test_one_line_errors(tmp_path):
     tiles = write_tiles(tmp_path / "tiles", 4)
-    base = [*TINY, "--train_path", str(tiles), "--output_dir", str(tmp_path / "out")]
+    base = [*TINY_ONE_EPOCH, "--train_path", str(tiles), "--output_dir", str(tmp_path / "out")]
     assert "tools/band_stats.py" in run_expecting_error([*base, "--in_chans", "4"])
     assert "--mean has 3 value(s) but --in_chans is 4" in run_expecting_error(
         [*base, "--in_chans", "4", "--mean", "1", "2", "3", "--std", "1", "1", "1", "1"]
@@ -223,7 +206,7 @@ def test_one_line_errors(tmp_path):
     tifffile.imwrite(empty / "ok.tif", raster(4, np.uint16), photometric="minisblack")
     assert "every pixel is no-data" in run_expecting_error(
         [
-            *TINY,
+            *TINY_ONE_EPOCH,
             "--batch_size",
             "2",
             "--train_path",
@@ -271,7 +254,16 @@ def test_finetune_linprobe_and_knn_on_multispectral_tiffs(tmp_path, bands):
     main_pretrain.main(
         config.parse_args(
             main_pretrain.get_args_parser(),
-            [*TINY, "--in_chans", str(bands), *stats, "--train_path", str(tiles), "--output_dir", str(pretrain)],
+            [
+                *TINY_ONE_EPOCH,
+                "--in_chans",
+                str(bands),
+                *stats,
+                "--train_path",
+                str(tiles),
+                "--output_dir",
+                str(pretrain),
+            ],
         )
     )
     checkpoint = str(pretrain / "checkpoint-last.pth")
