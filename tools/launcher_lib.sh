@@ -33,7 +33,7 @@ launcher_help() {  # launcher_help LAUNCHER SCRIPT "$@"
   shift 2
   for arg in "$@"; do
     if [[ $arg == -h || $arg == --help ]]; then
-      sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$launcher" | sed '$d'  # the comment block under the shebang line
+      sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$launcher"  # the comment block under the shebang line
       echo
       exec "${PYTHON:-python}" "$script" --help
     fi
