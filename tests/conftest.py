@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,44 @@ def write_csv_dataset(root: Path, count: int = 8, name: str = "train.csv", size:
 # benchmarks/gpu_check.sh --dry-run sets it: the tests marked ``cuda`` then run on the CPU (``cuda_device``), which
 # proves the tests themselves before a GPU meets them
 CUDA_TESTS_ON_CPU = os.environ.get("CUDA_TESTS_ON_CPU") == "1"
+
+
+# What the suite needs free in the temporary folder's disk. Each test's folder goes when it passes (pyproject.toml's
+# tmp_path_retention_policy), so the suite holds at most the pair of tests running together, not the 8 GB a whole run
+# writes: /tmp peaked at 0.74 GB during `pytest -n 2` (2026-12-05, sampled every 3 s); twice that, rounded up.
+DISK_NEEDED_GB = 2.0
+
+
+def pytest_sessionstart(session):
+    """Refuse to start, in one line, where the temporary folder's disk cannot hold the suite: full disks otherwise
+    show up as hundreds of setup errors (``could not create numbered dir``) far from their cause."""
+    if "PYTEST_XDIST_WORKER" in os.environ:  # the controller checked
+        return
+    where = Path(session.config.option.basetemp or tempfile.gettempdir())
+    while not where.exists():
+        where = where.parent
+    free_gb = shutil.disk_usage(where).free / 1e9
+    if free_gb < DISK_NEEDED_GB:
+        pytest.exit(
+            f"error: {where} has {free_gb:.1f} GB free; the suite needs about {DISK_NEEDED_GB:.0f} GB there "
+            "(free some space, or point --basetemp at a disk that has it)",
+            returncode=1,
+        )
+
+
+def pytest_configure(config):
+    """Temporary files of the suite's processes (torchrun's ``torchelastic_*`` folders, multiprocessing's ``pymp-*``,
+    ``tempfile``) go to one folder of this run, removed at its end, instead of piling up in /tmp. Set here, before
+    test modules build their subprocess environments; xdist workers inherit it and make their own folder in it."""
+    # pytest's own base folder (tmp_path, kept for failing tests) stays where it was: its root follows TMPDIR otherwise
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    config.suite_tmpdir = tempfile.mkdtemp(prefix="suite-tmp-")
+    os.environ["TMPDIR"] = config.suite_tmpdir
+    tempfile.tempdir = None  # gettempdir() caches its answer; None makes it read TMPDIR again
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(config.suite_tmpdir, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

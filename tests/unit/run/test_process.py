@@ -175,7 +175,7 @@ def test_a_crash_mid_iteration_exits_instead_of_waiting_for_workers_that_ignore_
         capture_output=True,
         text=True,
         timeout=HANG_GUARD_S,
-        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": os.environ["TMPDIR"]},
     )
     assert result.returncode == 1 and result.stderr.strip().endswith("RuntimeError: a bug, mid-iteration")
 
