@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 import models_cross_scale_mae as models_mae
 import models_vit
 from models_vit import PRESETS, PostNormBlock, classifier_name_for, preset_for
-from util.config import Bands
+from util.config import Bands, repository_relative
 from util.errors import CheckpointError, UsageError, first_line
 from util.run import checkpoint as checkpoint_io
 from util.run.distributed import main_print
@@ -415,6 +415,9 @@ def build_knn_encoder(
 ) -> tuple[torch.nn.Module, str, bool]:
     """(encoder, label, whether its final norm is applied) for a checkpoint or 'none' (random init).
 
+    The label is the checkpoint's path (relative to the repository where it lies inside it: the legend of the
+    figure and the rows of the table read as the docs write them, on every clone) or the random-init encoder's shape.
+
     A checkpoint's final norm is applied where its pretraining applied it (``weights.final_norm``); a random-init
     encoder's where ``random_final_norm`` says, so that its row is computed as the checkpoints' it is compared with.
 
@@ -439,7 +442,8 @@ def build_knn_encoder(
     if weights is None:
         return encoder, f"random init ({model_name}: {models_vit.shape_text(encoder)})", random_final_norm
     main_print(layouts.load_encoder(encoder, weights, BandAdaptation.of(bands)))
-    return encoder, spec, weights.final_norm
+    # the launchers pass absolute paths; inside the repository the label is the path its docs and users write
+    return encoder, repository_relative(spec) or spec, weights.final_norm
 
 
 def build_segmenter(

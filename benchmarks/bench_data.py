@@ -41,18 +41,24 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# before any third-party import: one error line where this Python lacks the requirements (util/__init__.py)
+import util  # noqa: F401
+
+# isort: split
+
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
+from util.config import Bands, check_ranges, summary
+from util.data import datasets, loaders, transforms
+from util.data.shards import MANIFEST_SUFFIX
+from util.errors import UsageError
+from util.run.process import run_entry_point
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from util.config import Bands, check_ranges, summary  # noqa: E402
-from util.data import datasets, loaders, transforms  # noqa: E402
-from util.data.shards import MANIFEST_SUFFIX  # noqa: E402
-from util.errors import UsageError  # noqa: E402
-from util.run.process import run_entry_point  # noqa: E402
 
 GPU_RATE = 0.45 * 989e12 / 38.45e9  # img/s one H100 trains at 45 % of its bf16 peak (issue 26)
 BANDS = 13

@@ -20,11 +20,16 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# before any third-party import: one error line where this Python lacks the requirements (util/__init__.py)
+import util  # noqa: F401
+
+# isort: split
+
 import torch
 from timm.optim import create_optimizer_v2
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_cross_scale_mae as models_mae
 from util.run.loop import optimizer_step, set_fused_attention, use_sdpa
 from util.run.process import autocast, resolve_amp, resolve_device, set_fp32_precision

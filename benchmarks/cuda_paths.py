@@ -16,10 +16,15 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# before any third-party import: one error line where this Python lacks the requirements (util/__init__.py)
+import util  # noqa: F401
+
+# isort: split
+
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from util.data.transforms import FMOW_RGB_MEAN, FMOW_RGB_STD, BatchAugment
 
 

@@ -17,10 +17,15 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# before any third-party import: one error line where this Python lacks the requirements (util/__init__.py)
+import util  # noqa: F401
+
+# isort: split
+
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from util.errors import DataError
 from util.eval import iou, location_blocks
 from util.run.process import run_entry_point

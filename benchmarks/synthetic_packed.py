@@ -15,15 +15,19 @@ import argparse
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # preprocess
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# before any third-party import: one error line where this Python lacks the requirements (util/__init__.py)
+import util  # noqa: F401
+
+# isort: split
+
 import numpy as np
+import preprocess
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tools")]
-import preprocess  # noqa: E402
-
-from util.config import check_ranges, summary  # noqa: E402
-from util.errors import UsageError  # noqa: E402
-from util.run.process import run_entry_point  # noqa: E402
+from util.config import check_ranges, summary
+from util.errors import UsageError
+from util.run.process import run_entry_point
 
 
 def synthetic_squares(count: int, size: int, bands: int, dtype: str, distinct: int, nodata: int | None):

@@ -11,11 +11,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# before any third-party import: one error line where this Python lacks the requirements (util/__init__.py)
+import util  # noqa: F401
 
-import engine_pretrain  # noqa: E402
-from util.run import loop  # noqa: E402
+# isort: split
+
+import engine_pretrain
+from util.run import loop
+
+REPO = Path(__file__).resolve().parents[1]
 
 files: set[str] = set()
 

@@ -43,12 +43,16 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# before any third-party import: one error line where this Python lacks the requirements (util/__init__.py)
+import util  # noqa: F401
+
+# isort: split
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from util import config
 from util.config import (

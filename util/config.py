@@ -59,16 +59,23 @@ BLOCK_TILES = 3
 BOOTSTRAP = 2000
 
 
+def repository_relative(path: str) -> str | None:
+    """``path`` relative to the repository (POSIX), or None where it is not an absolute path inside it."""
+    if not os.path.isabs(path):
+        return None
+    try:
+        return Path(path).relative_to(REPO).as_posix()
+    except ValueError:
+        return None
+
+
 def shown_path(value: Any) -> Any:
     """A default as ``--help`` shows it: a path inside the repository as ``the repository's data/...`` (the same on
     every clone; the flag's value stays absolute, so it resolves from any folder), anything else as it is."""
     if isinstance(value, list):
         return " ".join(str(shown_path(item)) for item in value)
-    if isinstance(value, str) and os.path.isabs(value):
-        try:
-            return f"the repository's {Path(value).relative_to(REPO)}"
-        except ValueError:
-            return value
+    if isinstance(value, str) and (inside := repository_relative(value)) is not None:
+        return f"the repository's {inside}"
     return value
 
 

@@ -185,3 +185,27 @@ def test_a_missing_input_path_is_named_absolute_before_torch_loads(script, flag,
         line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
     }
     assert "util.config" in imported and "torch" not in imported
+
+
+WITHOUT_TORCH = """
+import importlib.util, runpy, sys
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name.split(".")[0] == "torch" else find_spec(name, *a)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    "argv", [["main_knn.py", "--checkpoints", "none"], ["tools/preprocess.py", "--input", "x", "--output", "y"]]
+)
+def test_a_python_without_the_requirements_is_named_in_one_line(argv):
+    """`bash knn.sh` outside the virtual environment ran the system's python: a ModuleNotFoundError traceback."""
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, *argv], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"error: {sys.executable} has no torch: run with the Python that requirements.txt was installed into "
+        "(activate its virtual environment: . .venv/bin/activate; or set PYTHON=/path/to/python for the launchers)\n"
+    )

@@ -234,3 +234,21 @@ def test_non_finite_weights_are_refused_by_init_and_by_every_encoder_load(tmp_pa
         )
     with pytest.raises(CheckpointError, match=r"ours.pth: non-finite values \(NaN/inf\) in blocks.0.attn.qkv.weight"):
         read_encoder(path)
+
+
+def test_a_knn_label_is_the_checkpoints_path_relative_to_the_repository_where_it_lies_inside_it(tmp_path, monkeypatch):
+    """knn.sh passes absolute paths: the figure's legend showed the author's /work/... paths, which no clone has."""
+    import util.config
+    from util.weights.layouts import read_encoder
+
+    _, path = saved_mae(tmp_path)
+    weights = read_encoder(path)
+
+    def label() -> str:
+        return build_knn_encoder(str(path), weights, "vit_tiny_patch16", input_size=SIZE, patch_size=8, bands=Bands())[
+            1
+        ]
+
+    assert label() == str(path)  # outside the repository: the path as given
+    monkeypatch.setattr(util.config, "REPO", tmp_path.parent)
+    assert label() == f"{tmp_path.name}/{path.name}"
