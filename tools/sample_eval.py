@@ -496,8 +496,9 @@ def write_report(
     fmt = lambda s: f"{s[0]:.1f} [{s[1]:.1f}, {s[2]:.1f}]"
     spread = lambda key: " ".join(f"{v:.1f}" for v in per_seed[key])
     bands = f", bands {' '.join(map(str, flags.bands))}" if flags.bands else ""
+    sample = config.repository_relative(flags.sample) or flags.sample  # the same heading on every clone
     lines = [
-        f"# Pretraining checkpoints vs random init on {flags.sample}{bands}",
+        f"# Pretraining checkpoints vs random init on {sample}{bands}",
         "",
         f"{tiles} tiles in {len(np.unique(tile_block))} location blocks, {FOLDS}-fold spatial cross-validation; "
         f"95 % intervals from {flags.bootstrap} hierarchical bootstrap resamples (blocks, then each model's seeds); "

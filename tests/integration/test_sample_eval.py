@@ -256,7 +256,9 @@ def test_multispectral_checkpoints_on_a_raster_sample(tmp_path):
     )
     results = json.loads((tmp_path / "a" / "sample_eval.json").read_text())
     assert results["sample"] == str(sample) and set(results["reconstruction"]) == {"cross_scale_mae_vit_tiny"}
-    assert "81 tiles in 9 location blocks" in (tmp_path / "a" / "sample_eval.md").read_text()
+    table = (tmp_path / "a" / "sample_eval.md").read_text()
+    assert "81 tiles in 9 location blocks" in table
+    assert table.startswith(f"# Pretraining checkpoints vs random init on {sample}\n")  # outside the repository
     three = raster_checkpoint(tmp_path / "three.pth", 3)  # an RGB-only model on three of the bands
     sample_eval.main(
         sample_eval.get_args_parser().parse_args(
