@@ -34,5 +34,7 @@ pretrain all
 pretrain rgb_half --in_chans 3 --bands 3 2 1 --rgb_bands 0 1 2 --epochs "$HALF"
 pretrain adapted --init "$OUT/rgb_half/checkpoint-last.pth" --rgb_bands 3 2 1 --epochs "$HALF"
 
-$PYTHON tools/sample_eval.py "$OUT/rgb/checkpoint-last.pth" --sample data/sentinel2_ms --bands 3 2 1
-$PYTHON tools/sample_eval.py "$OUT/all/checkpoint-last.pth" "$OUT/adapted/checkpoint-last.pth" --sample data/sentinel2_ms
+# labelled: the all-band and adapted runs are one model name (cross_scale_mae_vit_tiny), not two seeds of it
+$PYTHON tools/sample_eval.py "RGB only=$OUT/rgb/checkpoint-last.pth" --sample data/sentinel2_ms --bands 3 2 1
+$PYTHON tools/sample_eval.py "all bands=$OUT/all/checkpoint-last.pth" "RGB adapted=$OUT/adapted/checkpoint-last.pth" \
+  --sample data/sentinel2_ms

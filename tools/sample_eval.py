@@ -10,10 +10,12 @@ embedded sample.
 Protocol (fixed before looking at any checkpoint; the same for every model):
 
 - **Models and seeds**: checkpoints are grouped by their model (``model_config`` name, or ``LABEL=PATH``); the
-  checkpoints of one model are its seeds. The random baseline is the encoder's own architecture (``models_vit``:
-  width, depth, heads, patch, input size, bands) initialised with ``--init_seeds`` seeds (0, 1, ...): it does not
-  depend on which pretraining model or checkpoint is listed. Its final LayerNorm is treated as the checkpoints'
-  (applied only where pretraining applied it, ``--encoder_norm``).
+  checkpoints of one model are its seeds, and must differ in ``--seed`` and in nothing of the recipe
+  (``RECIPE_FLAGS``: schedule, optimiser, input, masking, losses, ``--init``): else label them apart. The random
+  baseline is the encoder's own architecture (``models_vit``: width, depth, heads, patch, input size, bands)
+  initialised with ``--init_seeds`` seeds (0, 1, ...): it does not depend on which pretraining model or checkpoint is
+  listed. Its final LayerNorm is treated as the checkpoints' (applied only where pretraining applied it,
+  ``--encoder_norm``).
 - **Data**: the 225 labelled tiles of ``--sample`` (train.csv + val.csv; default ``data/sentinel2_rgb``), at the
   checkpoints' input size through the evaluation transform (resize the shorter side to input / 0.875, centre crop).
   A sample with a ``band_stats.json`` (``data/sentinel2_ms``) is read in the files' units and normalised per band by
@@ -123,6 +125,22 @@ def split_spec(spec: str) -> tuple[str, str]:
     return (label, path) if sep and not Path(spec).exists() else ("", spec)
 
 
+# The pretraining flags that make a recipe: the checkpoints of one model must agree on them (``args`` of our
+# checkpoints), or they are not seeds of one model. Paths, workers, devices and logging are not part of it.
+RECIPE_FLAGS = (
+    "epochs", "warmup_epochs", "blr", "min_lr", "weight_decay", "clip_grad", "input_size", "patch_size", "in_chans",
+    "bands", "mask_ratio", "norm_pix_loss", "loss_weights", "scale_range", "crop_mode", "contrastive", "temperature",
+    "encoder_norm", "norm_style", "init",
+)  # fmt: skip
+
+
+def recipe(args: dict) -> dict:
+    """The recipe of a pretraining run (``RECIPE_FLAGS`` and the effective batch) from its checkpoint's ``args``."""
+    out = {flag: args.get(flag) for flag in RECIPE_FLAGS}
+    out["effective batch"] = args.get("batch_size", 0) * args.get("accum_iter", 1) * args.get("world_size", 1)
+    return out
+
+
 @dataclass
 class Model:
     """A model and its seeds: ``encoders`` (float64, eval mode) and what each checkpoint saw of its schedule."""
@@ -133,13 +151,39 @@ class Model:
     schedules: list[str] = field(default_factory=list)
     maes: list = field(default_factory=list)  # for the reconstruction column; none for random init
     partial: bool = False
+    runs: list[tuple[str, dict]] = field(default_factory=list)  # (path, args) of each checkpoint with args
+
+    def check_seed(self, path: str, args: dict) -> None:
+        """Refuse ``path`` as one more seed of this model where an earlier checkpoint of it has the same ``--seed``
+        or another recipe (``RECIPE_FLAGS``): two runs of different recipes averaged as seeds make a table of
+        neither (``all`` and ``adapted`` runs of one model name were).
+
+        Raises:
+            UsageError: naming both checkpoints and what they share or where they differ.
+        """
+        advice = f"label each (LABEL=PATH, e.g. {Path(path).parent.name}={path}) to compare them as models"
+        for other, seen in self.runs:
+            if "seed" in args and args["seed"] == seen.get("seed"):
+                raise config.UsageError(
+                    f"{other} and {path} are both {self.label} with --seed {args.get('seed')}: not two seeds of one "
+                    f"model; {advice}"
+                )
+            differ = [k for k, v in recipe(args).items() if recipe(seen)[k] != v]
+            if differ:
+                shown = ", ".join(f"{k} {recipe(seen)[k]} / {recipe(args)[k]}" for k in differ)
+                raise config.UsageError(
+                    f"{other} and {path} are both {self.label} but pretrained differently ({shown}): not seeds of "
+                    f"one model; {advice}"
+                )
+        self.runs.append((path, args))
 
 
 def load_models(flags: config.Flags) -> list[Model]:
     """The checkpoints grouped by model (``LABEL=PATH`` or the checkpoint's model name), in the order given.
 
     Raises:
-        UsageError: a checkpoint that did not finish its schedule (without --allow_partial).
+        UsageError: a checkpoint that did not finish its schedule (without --allow_partial); two checkpoints of one
+            model with the same seed or different recipes (``Model.check_seed``).
         CheckpointError: unreadable or foreign checkpoints.
     """
     from model_loading import load_mae
@@ -157,6 +201,8 @@ def load_models(flags: config.Flags) -> list[Model]:
             )
         mae, _ = load_mae(path)
         model = models.setdefault(label or mae.model_config["name"], Model(label or mae.model_config["name"]))
+        if isinstance(state.get("args"), dict):  # upstream's checkpoints record no flags
+            model.check_seed(path, state["args"])
         model.encoders.append(copy.deepcopy(mae.encoder).double().eval())  # the MAE stays float32
         model.final_norms.append(mae.encoder_norm)
         model.schedules.append(schedule)

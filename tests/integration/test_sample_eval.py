@@ -16,6 +16,7 @@ import sample_eval
 from util import config
 from util.config import DEFAULT_TRAIN_CSV
 from util.data.datasets import build_dataset
+from util.errors import UsageError
 
 BLOCKS, FOLDS = 25, 5  # 15 x 15 tiles in blocks of 3 x 3; tools/make_sample_data.py's split
 
@@ -91,7 +92,8 @@ def tiny_checkpoint(
 
     torch.manual_seed(seed)
     mae = create_model(name, input_size=32, patch_size=8)
-    state = {"model": mae.state_dict(), "model_config": mae.model_config, "epoch": epoch, "args": {"epochs": epochs}}
+    args = {"epochs": epochs, "seed": seed, "batch_size": 4}
+    state = {"model": mae.state_dict(), "model_config": mae.model_config, "epoch": epoch, "args": args}
     if next_step is not None:
         state["next_step"] = next_step
     checkpoint.save_checkpoint(state, path)
@@ -313,3 +315,23 @@ def test_the_sample_band_statistics_no_data_value_is_applied(tmp_path):
     image = build_dataset(tmp_path / "train.csv", "auto", **sample_eval.sample_reading(args, 40, 2))[0][0]
     np.testing.assert_allclose(image[:, :15].abs().max().item(), 0.0, atol=1e-6)
     np.testing.assert_allclose(image[:, 25:].mean((1, 2)).numpy(), [3.0, -1.0], rtol=1e-6)
+
+
+def test_checkpoints_of_one_model_are_its_seeds_only_with_other_seeds_and_the_same_recipe(tmp_path):
+    """benchmarks/ms_evidence.sh gave the all-band run and the RGB-adapted run (one model name, both seed 0, 60 vs 30
+    epochs and --init) unlabelled: they were averaged as two seeds of one model, exit 0."""
+    first = tiny_checkpoint(tmp_path / "a" / "checkpoint.pth", epoch=1, epochs=2)
+    again = tiny_checkpoint(tmp_path / "b" / "checkpoint.pth", epoch=1, epochs=2)
+    longer = tiny_checkpoint(tmp_path / "c" / "checkpoint.pth", seed=1, epoch=3, epochs=4)
+    load = lambda *specs: sample_eval.load_models(sample_eval.get_args_parser().parse_args(list(map(str, specs))))
+    with pytest.raises(UsageError) as same_seed:
+        load(first, again)
+    assert str(same_seed.value) == (
+        f"{first} and {again} are both cross_scale_mae_vit_tiny with --seed 0: not two seeds of one model; label each "
+        f"(LABEL=PATH, e.g. b={again}) to compare them as models"
+    )
+    with pytest.raises(UsageError, match=r"pretrained differently \(epochs 2 / 4\): not seeds of one model"):
+        load(first, longer)
+    assert [m.label for m in load(f"a={first}", f"b={again}", f"c={longer}")] == ["a", "b", "c"]
+    seeds = tiny_checkpoint(tmp_path / "d" / "checkpoint.pth", seed=1, epoch=1, epochs=2)
+    assert [len(m.encoders) for m in load(first, seeds)] == [2]  # the same recipe, another seed: two seeds
