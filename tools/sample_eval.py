@@ -157,14 +157,16 @@ class Model:
     schedules: list[str] = field(default_factory=list)
     maes: list = field(default_factory=list)  # for the reconstruction column; none for random init
     partial: bool = False
-    runs: list[tuple[str, dict | None]] = field(default_factory=list)  # (path, args or None) of each of ``encoders``
+    # (path, args or None, model_config name) of each of ``encoders``
+    runs: list[tuple[str, dict | None, str]] = field(default_factory=list)
 
-    def check_seed(self, path: str, args: dict | None, encoder) -> None:
+    def check_seed(self, path: str, args: dict | None, encoder, name: str) -> None:
         """Refuse ``path`` (``args``: its run's flags, None for upstream's checkpoints, which record none; ``encoder``:
-        its weights) as one more seed of this model where an earlier checkpoint of it has the same weights (the same
-        file twice, or a copy), the same ``--seed``, or another recipe (``RECIPE_FLAGS``; flags only one of the two
-        records are not compared): two runs of different recipes averaged as seeds make a table of neither (``all``
-        and ``adapted`` runs of one model name were), and one run counted twice narrows the interval.
+        its weights; ``name``: its ``model_config`` name) as one more seed of this model where an earlier checkpoint of
+        it is another model (a ``LABEL`` given to two), has the same weights (the same file twice, or a copy), the same
+        ``--seed``, or another recipe (``RECIPE_FLAGS``; flags only one of the two records are not compared): two runs
+        of different recipes averaged as seeds make a table of neither (``all`` and ``adapted`` runs of one model name
+        were), and one run counted twice narrows the interval.
 
         Raises:
             UsageError: naming both checkpoints and what they share or where they differ.
@@ -176,7 +178,12 @@ class Model:
         label = Path(path).parent.name or Path(path).resolve().parent.name
         advice = f"label each (LABEL=PATH, e.g. {label.replace('=', '-')}={path}) to compare them as models"
         weights = encoder.state_dict()
-        for (other, seen), earlier in zip(self.runs, self.encoders):
+        for (other, seen, other_name), earlier in zip(self.runs, self.encoders):
+            if name != other_name:
+                raise config.UsageError(
+                    f"{other} ({other_name}) and {path} ({name}) are both labelled {self.label}: not seeds of one "
+                    "model; give each model its own label"
+                )
             if args is not None and seen is not None and "seed" in args and args["seed"] == seen.get("seed"):
                 raise config.UsageError(
                     f"{other} and {path} are both {self.label} with --seed {args['seed']}: not two seeds of one "
@@ -196,7 +203,7 @@ class Model:
                     f"{other} and {path} hold the same weights: not two seeds of {self.label} (one checkpoint given "
                     "twice, or a copy of it)"
                 )
-        self.runs.append((path, args))
+        self.runs.append((path, args, name))
 
 
 def load_models(flags: config.Flags) -> list[Model]:
@@ -224,7 +231,8 @@ def load_models(flags: config.Flags) -> list[Model]:
         model = models.setdefault(label or mae.model_config["name"], Model(label or mae.model_config["name"]))
         encoder = copy.deepcopy(mae.encoder).double().eval()  # the MAE stays float32
         args = state.get("args")
-        model.check_seed(path, args if isinstance(args, dict) else None, encoder)  # upstream's record no flags
+        # upstream's checkpoints record no flags
+        model.check_seed(path, args if isinstance(args, dict) else None, encoder, mae.model_config["name"])
         model.encoders.append(encoder)
         model.final_norms.append(mae.encoder_norm)
         model.schedules.append(schedule)

@@ -379,3 +379,16 @@ def test_the_suggested_label_reads_back_as_the_checkpoint_also_where_its_folder_
         sample_eval.load_models(sample_eval.get_args_parser().parse_args([str(first), str(second)]))
     suggested = str(stop.value).split("e.g. ")[1].split(") to compare")[0]
     assert sample_eval.split_spec(suggested) == ("lr-1e-4", str(second))
+
+
+def test_one_label_given_to_two_models_is_refused(tmp_path):
+    """A cross-scale MAE labelled as the plain MAE's model name was averaged with its checkpoints as seeds, exit 0:
+    the recipe flags of the two can agree."""
+    cross_scale = tiny_checkpoint(tmp_path / "a" / "c.pth")
+    plain = tiny_checkpoint(tmp_path / "b" / "c.pth", name="mae_vit_tiny", seed=1)
+    with pytest.raises(UsageError) as stop:
+        sample_eval.load_models(sample_eval.get_args_parser().parse_args([f"mae_vit_tiny={cross_scale}", str(plain)]))
+    assert str(stop.value) == (
+        f"{cross_scale} (cross_scale_mae_vit_tiny) and {plain} (mae_vit_tiny) are both labelled mae_vit_tiny: not "
+        "seeds of one model; give each model its own label"
+    )
