@@ -9,6 +9,8 @@ Writes ``knn_results.csv``, ``knn_results.md`` (table + protocol), ``protocol.js
 
 from __future__ import annotations
 
+import os
+
 from util import config
 from util.errors import UsageError
 
@@ -71,6 +73,12 @@ def check(flags: config.Flags) -> config.Bands:
     """
     config.check_ranges(flags)
     config.check_paths(flags, "checkpoints", "train_path", "test_path", "band_stats")
+    seen = {}
+    for spec in flags.checkpoints:  # one checkpoint twice: one row per checkpoint and label (engine_knn)
+        key = spec if spec == "none" else os.path.realpath(spec)
+        if key in seen:
+            raise UsageError(f"--checkpoints gives {seen[key]} and {spec}: the same checkpoint twice")
+        seen[key] = spec
     config.evaluation_path(flags.train_path, flags.test_path)  # no evaluation set: refused
     bands = config.resolve_bands(flags)
     if any(not 0 < s <= 1 for s in flags.scales):

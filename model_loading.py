@@ -416,7 +416,8 @@ def build_knn_encoder(
     """(encoder, label, whether its final norm is applied) for a checkpoint or 'none' (random init).
 
     The label is the checkpoint's path (relative to the repository where it lies inside it: the legend of the
-    figure and the rows of the table read as the docs write them, on every clone) or the random-init encoder's shape.
+    figure and the rows of the table read as the docs write them, on every clone; else absolute, so that no two
+    checkpoints share one) or the random-init encoder's shape.
 
     A checkpoint's final norm is applied where its pretraining applied it (``weights.final_norm``); a random-init
     encoder's where ``random_final_norm`` says, so that its row is computed as the checkpoints' it is compared with.
@@ -442,8 +443,10 @@ def build_knn_encoder(
     if weights is None:
         return encoder, f"random init ({model_name}: {models_vit.shape_text(encoder)})", random_final_norm
     main_print(layouts.load_encoder(encoder, weights, BandAdaptation.of(bands)))
-    # the launchers pass absolute paths; inside the repository the label is the path its docs and users write
-    return encoder, repository_relative(spec) or spec, weights.final_norm
+    # inside the repository the label is the path its docs and users write; outside, the absolute path: a relative
+    # one could read as a repository path and name another checkpoint's row
+    absolute = os.path.abspath(spec)
+    return encoder, repository_relative(absolute) or absolute, weights.final_norm
 
 
 def build_segmenter(

@@ -86,6 +86,8 @@ case $LAUNCHER in
   *) echo "error: LAUNCHER=$LAUNCHER: expected train.sh, finetune.sh, linprobe.sh, knn.sh or segment.sh" >&2; exit 1 ;;
 esac
 
+# torchrun is a module of torch: a Python without it would fail there, before util's one line naming what it lacks
+$PYTHON -c "import util" >/dev/null || exit 1  # unquoted, as LAUNCH: PYTHON may be a command with arguments
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}  # torchrun --signals_to_handle
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 export LAUNCH="$PYTHON -m torch.distributed.run --nnodes $NNODES --node_rank $NODE_RANK --nproc_per_node $NUM_GPUS --master_addr $MASTER_ADDR --master_port $MASTER_PORT"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -67,21 +68,25 @@ CUDA_TESTS_ON_CPU = os.environ.get("CUDA_TESTS_ON_CPU") == "1"
 DISK_NEEDED_GB = 2.0
 
 
-def pytest_sessionstart(session):
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
     """Refuse to start, in one line, where the temporary folder's disk cannot hold the suite: full disks otherwise
-    show up as hundreds of setup errors (``could not create numbered dir``) far from their cause."""
-    if "PYTEST_XDIST_WORKER" in os.environ:  # the controller checked
-        return
-    where = Path(session.config.option.basetemp or tempfile.gettempdir())
+    show up as hundreds of setup errors (``could not create numbered dir``) far from their cause. Checked before
+    ``pytest_configure`` makes the run's folder (which a full disk refuses) and moves TMPDIR into it, and before
+    pytest starts its session (``pytest.exit`` there prints the line twice, prefixed)."""
+    if "PYTEST_XDIST_WORKER" in os.environ or config.option.help or config.option.version:  # the controller checks
+        return None
+    where = Path(config.option.basetemp or tempfile.gettempdir())
     while not where.exists():
         where = where.parent
     free_gb = shutil.disk_usage(where).free / 1e9
     if free_gb < DISK_NEEDED_GB:
-        pytest.exit(
-            f"error: {where} has {free_gb:.1f} GB free; the suite needs about {DISK_NEEDED_GB:.0f} GB there "
-            "(free some space, or point --basetemp at a disk that has it)",
-            returncode=1,
+        sys.stderr.write(
+            f"error: {where.absolute()} has {free_gb:.1f} GB free; the suite needs about {DISK_NEEDED_GB:.0f} GB "
+            "there (free some space, or point --basetemp at a disk that has it)\n"
         )
+        return 1
+    return None
 
 
 def pytest_configure(config):

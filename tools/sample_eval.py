@@ -11,7 +11,8 @@ Protocol (fixed before looking at any checkpoint; the same for every model):
 
 - **Models and seeds**: checkpoints are grouped by their model (``model_config`` name, or ``LABEL=PATH``); the
   checkpoints of one model are its seeds, and must differ in ``--seed`` and in nothing of the recipe
-  (``RECIPE_FLAGS``: schedule, optimiser, input, masking, losses, ``--init``): else label them apart. The random
+  (``RECIPE_FLAGS``: schedule, learning rate, optimiser, input and its statistics, masking, losses, ``--init``;
+  flags only one of them records are not compared), and hold other weights: else label them apart. The random
   baseline is the encoder's own architecture (``models_vit``: width, depth, heads, patch, input size, bands)
   initialised with ``--init_seeds`` seeds (0, 1, ...): it does not depend on which pretraining model or checkpoint is
   listed. Its final LayerNorm is treated as the checkpoints' (applied only where pretraining applied it,
@@ -126,18 +127,23 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 
 # The pretraining flags that make a recipe: the checkpoints of one model must agree on them (``args`` of our
-# checkpoints), or they are not seeds of one model. Paths, workers, devices and logging are not part of it.
+# checkpoints), or they are not seeds of one model. ``lr`` is the rate used (``--lr``, or ``--blr`` scaled by the
+# effective batch); ``mean`` / ``std`` / ``nodata`` / ``stretch`` how pixels became inputs. Paths, workers, devices,
+# autocast and logging are not part of it.
 RECIPE_FLAGS = (
-    "epochs", "warmup_epochs", "blr", "min_lr", "weight_decay", "clip_grad", "input_size", "patch_size", "in_chans",
-    "bands", "mask_ratio", "norm_pix_loss", "loss_weights", "scale_range", "crop_mode", "contrastive", "temperature",
-    "encoder_norm", "norm_style", "init",
+    "epochs", "warmup_epochs", "lr", "blr", "min_lr", "weight_decay", "clip_grad", "input_size", "patch_size",
+    "in_chans", "bands", "mean", "std", "nodata", "stretch", "mask_ratio", "norm_pix_loss", "loss_weights",
+    "scale_range", "crop_mode", "contrastive", "temperature", "gather_negatives", "sync_bn", "encoder_norm",
+    "norm_style", "init", "checkpoint_rgb_bands",
 )  # fmt: skip
 
 
 def recipe(args: dict) -> dict:
-    """The recipe of a pretraining run (``RECIPE_FLAGS`` and the effective batch) from its checkpoint's ``args``."""
-    out = {flag: args.get(flag) for flag in RECIPE_FLAGS}
-    out["effective batch"] = args.get("batch_size", 0) * args.get("accum_iter", 1) * args.get("world_size", 1)
+    """The recipe of a pretraining run (those of ``RECIPE_FLAGS`` its checkpoint's ``args`` record, and the effective
+    batch) from its checkpoint's ``args``."""
+    out = {flag: args[flag] for flag in RECIPE_FLAGS if flag in args}
+    if "batch_size" in args:
+        out["effective batch"] = args["batch_size"] * args.get("accum_iter", 1) * args.get("world_size", 1)
     return out
 
 
@@ -151,31 +157,53 @@ class Model:
     schedules: list[str] = field(default_factory=list)
     maes: list = field(default_factory=list)  # for the reconstruction column; none for random init
     partial: bool = False
-    runs: list[tuple[str, dict]] = field(default_factory=list)  # (path, args) of each checkpoint with args
+    # (path, args or None, model_config name) of each of ``encoders``
+    runs: list[tuple[str, dict | None, str]] = field(default_factory=list)
 
-    def check_seed(self, path: str, args: dict) -> None:
-        """Refuse ``path`` as one more seed of this model where an earlier checkpoint of it has the same ``--seed``
-        or another recipe (``RECIPE_FLAGS``): two runs of different recipes averaged as seeds make a table of
-        neither (``all`` and ``adapted`` runs of one model name were).
+    def check_seed(self, path: str, args: dict | None, encoder, name: str) -> None:
+        """Refuse ``path`` (``args``: its run's flags, None for upstream's checkpoints, which record none; ``encoder``:
+        its weights; ``name``: its ``model_config`` name) as one more seed of this model where an earlier checkpoint of
+        it is another model (a ``LABEL`` given to two), has the same weights (the same file twice, or a copy), the same
+        ``--seed``, or another recipe (``RECIPE_FLAGS``; flags only one of the two records are not compared): two runs
+        of different recipes averaged as seeds make a table of neither (``all`` and ``adapted`` runs of one model name
+        were), and one run counted twice narrows the interval.
 
         Raises:
             UsageError: naming both checkpoints and what they share or where they differ.
         """
-        advice = f"label each (LABEL=PATH, e.g. {Path(path).parent.name}={path}) to compare them as models"
-        for other, seen in self.runs:
-            if "seed" in args and args["seed"] == seen.get("seed"):
+        import torch
+
+        from util.run.checkpoint import same_flag_value
+
+        label = Path(path).parent.name or Path(path).resolve().parent.name
+        advice = f"label each (LABEL=PATH, e.g. {label.replace('=', '-')}={path}) to compare them as models"
+        weights = encoder.state_dict()
+        for (other, seen, other_name), earlier in zip(self.runs, self.encoders):
+            if name != other_name:
                 raise config.UsageError(
-                    f"{other} and {path} are both {self.label} with --seed {args.get('seed')}: not two seeds of one "
+                    f"{other} ({other_name}) and {path} ({name}) are both labelled {self.label}: not seeds of one "
+                    "model; give each model its own label"
+                )
+            if args is not None and seen is not None and "seed" in args and args["seed"] == seen.get("seed"):
+                raise config.UsageError(
+                    f"{other} and {path} are both {self.label} with --seed {args['seed']}: not two seeds of one "
                     f"model; {advice}"
                 )
-            differ = [k for k, v in recipe(args).items() if recipe(seen)[k] != v]
+            then, now = recipe(seen or {}), recipe(args or {})
+            in_chans = now.get("in_chans", then.get("in_chans"))
+            differ = [k for k in now if k in then and not same_flag_value(k, then[k], now[k], in_chans)]
             if differ:
-                shown = ", ".join(f"{k} {recipe(seen)[k]} / {recipe(args)[k]}" for k in differ)
+                shown = ", ".join(f"{k} {then[k]} / {now[k]}" for k in differ)
                 raise config.UsageError(
                     f"{other} and {path} are both {self.label} but pretrained differently ({shown}): not seeds of "
                     f"one model; {advice}"
                 )
-        self.runs.append((path, args))
+            if all(torch.equal(value, weights[name]) for name, value in earlier.state_dict().items()):
+                raise config.UsageError(
+                    f"{other} and {path} hold the same weights: not two seeds of {self.label} (one checkpoint given "
+                    "twice, or a copy of it)"
+                )
+        self.runs.append((path, args, name))
 
 
 def load_models(flags: config.Flags) -> list[Model]:
@@ -201,9 +229,11 @@ def load_models(flags: config.Flags) -> list[Model]:
             )
         mae, _ = load_mae(path)
         model = models.setdefault(label or mae.model_config["name"], Model(label or mae.model_config["name"]))
-        if isinstance(state.get("args"), dict):  # upstream's checkpoints record no flags
-            model.check_seed(path, state["args"])
-        model.encoders.append(copy.deepcopy(mae.encoder).double().eval())  # the MAE stays float32
+        encoder = copy.deepcopy(mae.encoder).double().eval()  # the MAE stays float32
+        args = state.get("args")
+        # upstream's checkpoints record no flags
+        model.check_seed(path, args if isinstance(args, dict) else None, encoder, mae.model_config["name"])
+        model.encoders.append(encoder)
         model.final_norms.append(mae.encoder_norm)
         model.schedules.append(schedule)
         model.maes.append(mae)

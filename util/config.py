@@ -60,11 +60,17 @@ BOOTSTRAP = 2000
 
 
 def repository_relative(path: str) -> str | None:
-    """``path`` relative to the repository (POSIX), or None where it is not an absolute path inside it."""
+    """``path`` relative to the repository (POSIX), or None where it is not an absolute path inside it.
+
+    Its folder is resolved (symbolic links, ``..``) before it is compared, as ``REPO`` is: a clone reached through a
+    link is inside, ``REPO/output/../../x`` is not, and two files never share an answer. The file's own name is kept
+    (a linked checkpoint keeps its name)."""
     if not os.path.isabs(path):
         return None
+    name = Path(path).name
+    real = Path(path).resolve() if name in ("", "..") else Path(path).parent.resolve() / name
     try:
-        return Path(path).relative_to(REPO).as_posix()
+        return real.relative_to(REPO).as_posix()
     except ValueError:
         return None
 

@@ -187,6 +187,24 @@ def test_a_missing_input_path_is_named_absolute_before_torch_loads(script, flag,
     assert "util.config" in imported and "torch" not in imported
 
 
+def test_knn_refuses_one_checkpoint_given_twice_before_torch_loads(tmp_path):
+    """Its rows are keyed by checkpoint: the same one twice (here through a link) was a KeyError traceback after the
+    first had been scored."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pth").write_bytes(b"not read")
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "main_knn.py"), "--checkpoints", "run/checkpoint.pth", "link/checkpoint.pth"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert result.returncode == 1 and result.stderr == (
+        "error: --checkpoints gives run/checkpoint.pth and link/checkpoint.pth: the same checkpoint twice\n"
+    )
+
+
 WITHOUT_TORCH = """
 import importlib.util, runpy, sys
 find_spec = importlib.util.find_spec

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -604,3 +605,27 @@ def test_help_shows_the_launcher_and_its_script_and_runs_nothing(clone, stub, la
     ]
     assert header.splitlines() == comments  # the whole comment block under the shebang line, its last line too
     assert called.splitlines() == [script, "--help"]  # the stub prints its arguments: the script's help, only that
+
+
+def test_distributed_names_a_python_without_the_requirements_in_one_line(tmp_path):
+    """torchrun is ``python -m torch.distributed.run``: a Python without torch failed there, in Python's own words,
+    before util's line naming the interpreter and what it lacks."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import importlib.util\n"
+        "find_spec = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a: None if name.split('.')[0] == 'torch' else find_spec(name, *a)\n"
+    )
+    python = tmp_path / "python_without_torch"
+    python.write_text(f'#!/usr/bin/env bash\nPYTHONPATH={site} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    result = subprocess.run(
+        ["bash", str(REPO / "train_distributed.sh")],
+        env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), "PYTHON": str(python)},
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"error: {sys.executable} has no torch: ") and result.stderr.count("\n") == 1

@@ -3,6 +3,7 @@ seeds, a random baseline of the encoder's own architecture, float64 features, co
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -83,8 +84,10 @@ def tiny_checkpoint(
     epoch: int = 0,
     epochs: int = 1,
     next_step: int | None = None,
+    args: dict | None = None,
 ) -> Path:
-    """A pretraining checkpoint of ``name`` (32 px, patch 8) whose run planned ``epochs`` and saw ``epoch + 1``."""
+    """A pretraining checkpoint of ``name`` (32 px, patch 8) whose run planned ``epochs`` and saw ``epoch + 1``;
+    ``args``: more of its recorded flags, or {} for none (upstream's checkpoints)."""
     import torch
 
     from models_cross_scale_mae import create_model
@@ -92,8 +95,9 @@ def tiny_checkpoint(
 
     torch.manual_seed(seed)
     mae = create_model(name, input_size=32, patch_size=8)
-    args = {"epochs": epochs, "seed": seed, "batch_size": 4}
-    state = {"model": mae.state_dict(), "model_config": mae.model_config, "epoch": epoch, "args": args}
+    state = {"model": mae.state_dict(), "model_config": mae.model_config, "epoch": epoch}
+    if args != {}:
+        state["args"] = {"epochs": epochs, "seed": seed, "batch_size": 4, **(args or {})}
     if next_step is not None:
         state["next_step"] = next_step
     checkpoint.save_checkpoint(state, path)
@@ -335,3 +339,56 @@ def test_checkpoints_of_one_model_are_its_seeds_only_with_other_seeds_and_the_sa
     assert [m.label for m in load(f"a={first}", f"b={again}", f"c={longer}")] == ["a", "b", "c"]
     seeds = tiny_checkpoint(tmp_path / "d" / "checkpoint.pth", seed=1, epoch=1, epochs=2)
     assert [len(m.encoders) for m in load(first, seeds)] == [2]  # the same recipe, another seed: two seeds
+
+
+def test_seeds_differ_in_the_learning_rate_used_and_the_input_statistics_only_as_recipes_do(tmp_path):
+    """--lr (not --blr) and --band_stats's mean / std make another recipe; a flag an older run did not record, or
+    --bands left out against its default, does not."""
+    load = lambda *specs: sample_eval.load_models(sample_eval.get_args_parser().parse_args(list(map(str, specs))))
+    first = tiny_checkpoint(tmp_path / "a" / "c.pth", args={"lr": 1e-3, "mean": [0.4] * 3, "bands": None})
+    with pytest.raises(UsageError, match=r"pretrained differently \(lr 0.001 / 0.0001\)"):
+        load(first, tiny_checkpoint(tmp_path / "b" / "c.pth", seed=1, args={"lr": 1e-4, "mean": [0.4] * 3}))
+    with pytest.raises(UsageError, match=r"pretrained differently \(mean \[0.4, 0.4, 0.4\] / \[0.5, 0.5, 0.5\]\)"):
+        load(first, tiny_checkpoint(tmp_path / "c" / "c.pth", seed=1, args={"lr": 1e-3, "mean": [0.5] * 3}))
+    newer = {"lr": 1e-3, "mean": [0.4] * 3, "in_chans": 3, "bands": [0, 1, 2], "norm_style": "pre"}
+    assert [len(m.encoders) for m in load(first, tiny_checkpoint(tmp_path / "d" / "c.pth", seed=1, args=newer))] == [2]
+
+
+def test_one_checkpoint_given_twice_is_refused_also_without_recorded_flags(tmp_path):
+    """Upstream's checkpoints record no flags: the same file (or a copy) twice was averaged as two seeds, exit 0."""
+    load = lambda *specs: sample_eval.load_models(sample_eval.get_args_parser().parse_args(list(map(str, specs))))
+    upstream = tiny_checkpoint(tmp_path / "a" / "c.pth", args={})
+    copy = tmp_path / "b" / "c.pth"
+    copy.parent.mkdir()
+    shutil.copy(upstream, copy)
+    for twice in (upstream, copy):
+        with pytest.raises(UsageError) as stop:
+            load(upstream, twice)
+        assert str(stop.value) == (
+            f"{upstream} and {twice} hold the same weights: not two seeds of cross_scale_mae_vit_tiny (one checkpoint "
+            "given twice, or a copy of it)"
+        )
+    other = tiny_checkpoint(tmp_path / "c" / "c.pth", seed=1, args={})
+    assert [len(m.encoders) for m in load(upstream, other)] == [2]
+
+
+def test_the_suggested_label_reads_back_as_the_checkpoint_also_where_its_folder_has_an_equals_sign(tmp_path):
+    first = tiny_checkpoint(tmp_path / "lr=1e-3" / "c.pth")
+    second = tiny_checkpoint(tmp_path / "lr=1e-4" / "c.pth")
+    with pytest.raises(UsageError) as stop:
+        sample_eval.load_models(sample_eval.get_args_parser().parse_args([str(first), str(second)]))
+    suggested = str(stop.value).split("e.g. ")[1].split(") to compare")[0]
+    assert sample_eval.split_spec(suggested) == ("lr-1e-4", str(second))
+
+
+def test_one_label_given_to_two_models_is_refused(tmp_path):
+    """A cross-scale MAE labelled as the plain MAE's model name was averaged with its checkpoints as seeds, exit 0:
+    the recipe flags of the two can agree."""
+    cross_scale = tiny_checkpoint(tmp_path / "a" / "c.pth")
+    plain = tiny_checkpoint(tmp_path / "b" / "c.pth", name="mae_vit_tiny", seed=1)
+    with pytest.raises(UsageError) as stop:
+        sample_eval.load_models(sample_eval.get_args_parser().parse_args([f"mae_vit_tiny={cross_scale}", str(plain)]))
+    assert str(stop.value) == (
+        f"{cross_scale} (cross_scale_mae_vit_tiny) and {plain} (mae_vit_tiny) are both labelled mae_vit_tiny: not "
+        "seeds of one model; give each model its own label"
+    )

@@ -252,3 +252,30 @@ def test_a_knn_label_is_the_checkpoints_path_relative_to_the_repository_where_it
     assert label() == str(path)  # outside the repository: the path as given
     monkeypatch.setattr(util.config, "REPO", tmp_path.parent)
     assert label() == f"{tmp_path.name}/{path.name}"
+
+
+def test_no_two_checkpoints_share_a_knn_label_whatever_the_path_given(tmp_path, monkeypatch):
+    """A relative path from outside the repository read as the repository's own checkpoint of that name, and
+    ``REPO/output/../../x`` as one inside it; a clone reached through a link read as outside."""
+    import util.config
+    from util.weights.layouts import read_encoder
+
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    _, inside = saved_mae(repo / "output")
+    _, outside = saved_mae(elsewhere / "output")
+    (tmp_path / "link").symlink_to(repo)
+    monkeypatch.setattr(util.config, "REPO", repo)
+
+    def label(spec) -> str:
+        weights = read_encoder(spec)
+        return build_knn_encoder(str(spec), weights, "vit_tiny_patch16", input_size=SIZE, patch_size=8, bands=Bands())[
+            1
+        ]
+
+    relative = f"output/{inside.name}"
+    assert label(inside) == label(tmp_path / "link" / relative) == relative
+    monkeypatch.chdir(elsewhere)
+    assert label(relative) == str(outside)  # the other checkpoint of that name: absolute
+    assert label(f"{repo}/output/../../elsewhere/{relative}") == str(outside)
+    monkeypatch.chdir(repo)
+    assert label(relative) == relative
