@@ -86,18 +86,24 @@ def seg_data():
     return images, torch.randint(0, 2, (SGD_STEPS, WORLD * N_SEG, 1, 1), generator=g)
 
 
-def train_seg_head(model: nn.Module, rows: slice) -> tuple[torch.Tensor, dict]:
+def sgd_steps(model: nn.Module, data, loss_fn, rows: slice = slice(None)) -> tuple[torch.Tensor, dict]:
+    """``SGD_STEPS`` steps of SGD (lr 0.1) on ``rows`` of ``data`` (inputs, targets: [SGD_STEPS, N, ...]): the
+    losses [SGD_STEPS] and a copy of the weights (of the module inside DDP)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    images, targets = seg_data()
+    inputs, targets = data
     losses = []
     for step in range(SGD_STEPS):
-        loss = nn.functional.cross_entropy(model(images[step, rows]), targets[step, rows])
+        loss = loss_fn(model(inputs[step, rows]), targets[step, rows])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.detach())
     state = (model.module if hasattr(model, "module") else model).state_dict()
     return torch.stack(losses), {k: v.clone() for k, v in state.items()}
+
+
+def train_seg_head(model: nn.Module, rows: slice) -> tuple[torch.Tensor, dict]:
+    return sgd_steps(model, seg_data(), nn.functional.cross_entropy, rows)
 
 
 def predictor_data():
@@ -176,16 +182,7 @@ def _distributed_cases(rank: int) -> dict:
         results[f"bn/{name}/eval"] = bn(data[rows]).detach()
 
     model = DDP(ops.convert_sync_batchnorm(predictor()))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    inputs, targets = predictor_data()
-    losses = []
-    for step in range(SGD_STEPS):
-        loss = nn.functional.mse_loss(model(inputs[step, rows]), targets[step, rows])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.detach())
-    results["predictor"] = (torch.stack(losses), {k: v.clone() for k, v in model.module.state_dict().items()})
+    results["predictor"] = sgd_steps(model, predictor_data(), nn.functional.mse_loss, rows)
 
     from models_segmentation import SyncBatchNorm2dOfAnyBatch, sync_batch_norms
 
@@ -329,20 +326,11 @@ def test_sync_batchnorm_on_two_processes_equals_batchnorm_on_the_union(ranks, na
 
 
 def test_synced_predictor_trains_like_one_process_on_the_union(ranks):
-    model = predictor()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    inputs, targets = predictor_data()
-    union_losses = []
-    for step in range(SGD_STEPS):
-        loss = nn.functional.mse_loss(model(inputs[step]), targets[step])  # = the mean of the ranks' losses
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        union_losses.append(loss.detach())
-    expected = model.state_dict()
+    # one process on the union of the ranks' rows: its loss is the mean of the ranks' losses
+    union_losses, expected = sgd_steps(predictor(), predictor_data(), nn.functional.mse_loss)
     for result in ranks:
         losses, state = result["predictor"]
-        assert_close(torch.stack([r["predictor"][0] for r in ranks]).mean(0), torch.stack(union_losses))
+        assert_close(torch.stack([r["predictor"][0] for r in ranks]).mean(0), union_losses)
         assert state.keys() == expected.keys()  # nn.BatchNorm1d's keys
         for key, value in expected.items():
             if value.is_floating_point():
