@@ -335,7 +335,7 @@ class ShardDataset(PredecodedDataset):
             DataError: the shard is unreadable, shorter than its header says, or holds another dtype or shape.
         """
         shard, offset, size = self._member(index)
-        position = self.locate(index)[1]
+        position = index - self.shard_starts[shard]  # for the messages: the shard is known, no second search
         data = bytearray(size)  # writable: torch.from_numpy shares it without a copy
         read = os.preadv(self._file(shard), [data], offset)
         path = self.shard_paths[shard]
